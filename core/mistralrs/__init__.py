@@ -1,0 +1,30 @@
+"""mistralrs: a plugin-based LLM inference engine for Python.
+
+Importing this package is cheap: nothing here imports torch. The Python API
+(`Runner`, `Which`, requests) and other heavy parts are loaded on first use.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+from mistralrs.hookspecs import hookimpl  # noqa: E402  (cheap: pluggy only)
+
+# Lazily exported names: module that defines them.
+_LAZY: dict[str, str] = {
+    "get_registry": "mistralrs.plugins",
+    "get_plugin_host": "mistralrs.plugins",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mistralrs' has no attribute {name!r}")
+    return getattr(import_module(module), name)
+
+
+__all__ = ["__version__", "hookimpl", *_LAZY]

@@ -1,0 +1,3 @@
+from mistralrs.cli import console_main
+
+console_main()

@@ -1,0 +1,144 @@
+"""The attention contract between models, the engine and attention-backend plugins.
+
+A step's tokens from many sequences are flattened into one batch of T tokens (vLLM style):
+one code path for prefill, chunked prefill and decode. `AttentionBatch` says which tokens
+belong to which sequence and where their K/V live; models pass it to every attention layer
+and never look inside. The backend owns the KV-cache layout: the engine's block manager only
+hands out block ids.
+
+KV slots: block b, offset o  ->  slot b * block_size + o. Token at position p of sequence i
+lives in slot ``block_tables[i, p // block_size] * block_size + p % block_size``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+if TYPE_CHECKING:
+    import torch
+
+
+@attrs.define(eq=False)
+class AttentionBatch:
+    """Attention metadata of one forward step.
+
+    query_start_loc: S+1 offsets of each sequence's new tokens in the flat batch.
+    seq_lens: per sequence, the total number of tokens whose K/V are visible after this step
+        (cached context + new tokens). Context length = seq_len - query_len.
+    slot_mapping: [T] int64 KV slot per new token, or None when there is no KV cache
+        (the sequences then attend only among their new tokens; context must be 0).
+    block_tables: [S, max_blocks] int32 block ids per sequence, or None without a cache.
+    backend: the attention backend that owns the cache; layers call ``backend.attend``.
+    scratch: per-step values a backend derives once in `prepare` and reuses in every layer.
+    """
+
+    query_start_loc: list[int]
+    seq_lens: list[int]
+    backend: Any
+    slot_mapping: torch.Tensor | None = None
+    block_tables: torch.Tensor | None = None
+    scratch: dict[str, Any] = attrs.field(factory=dict)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.query_start_loc[-1]
+
+    @property
+    def query_lens(self) -> list[int]:
+        q = self.query_start_loc
+        return [q[i + 1] - q[i] for i in range(len(q) - 1)]
+
+    @property
+    def context_lens(self) -> list[int]:
+        return [s - q for s, q in zip(self.seq_lens, self.query_lens)]
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(q == 1 for q in self.query_lens)
+
+
+@attrs.frozen(kw_only=True)
+class KVCacheShape:
+    """What a backend needs to allocate a model's KV cache."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    v_head_dim: int | None = None
+    num_blocks: int = 0
+    block_size: int = 32
+    dtype: Any = None  # torch dtype of the cache
+    device: Any = "cpu"
+
+
+class AttentionBackend:
+    """Base class of attention backends. Subclasses implement `attend`.
+
+    Construct with a `KVCacheShape` (num_blocks=0 means no cache). `prepare(batch)` runs once
+    per step before the model forward; `attend` runs once per attention layer.
+    """
+
+    name = "base"
+    paged = False
+
+    def __init__(self, shape: KVCacheShape) -> None:
+        self.shape = shape
+
+    @property
+    def num_blocks(self) -> int:
+        return self.shape.num_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self.shape.block_size
+
+    def bytes_per_block(self) -> int:
+        import torch
+
+        s = self.shape
+        itemsize = torch.empty((), dtype=s.dtype).element_size()
+        return s.num_layers * s.block_size * s.num_kv_heads * (s.head_dim + (s.v_head_dim or s.head_dim)) * itemsize
+
+    def batch(
+        self,
+        query_start_loc: list[int],
+        seq_lens: list[int],
+        slot_mapping: torch.Tensor | None = None,
+        block_tables: torch.Tensor | None = None,
+    ) -> AttentionBatch:
+        b = AttentionBatch(query_start_loc, seq_lens, self, slot_mapping, block_tables)
+        self.prepare(b)
+        return b
+
+    def prepare(self, batch: AttentionBatch) -> None:  # noqa: B027 - optional hook
+        """Derive per-step values (masks, gathered indices) once; stored in batch.scratch."""
+
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        batch: AttentionBatch,
+        *,
+        scale: float,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
+    ) -> torch.Tensor:
+        """q[T, Hq, D], k[T, Hkv, D], v[T, Hkv, Dv] for the new tokens -> out[T, Hq, Dv].
+
+        Writes k/v into the cache slots first (when there is a cache), then attends each new
+        token to its sequence's visible keys, causally. `sliding_window` W: a query at
+        position p sees keys at positions > p - W. `softcap` c: scores -> c * tanh(scores / c).
+        """
+        raise NotImplementedError
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy whole blocks src -> dst (copy-on-write for forked sequences)."""
+        raise NotImplementedError

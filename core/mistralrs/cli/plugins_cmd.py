@@ -1,0 +1,51 @@
+"""`mistralrs plugins [--json]`: what is installed, where it came from, what it registered."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def collect() -> dict[str, Any]:
+    from mistralrs.plugins import get_plugin_host
+
+    host = get_plugin_host()
+    registry = host.registry()
+    plugins = []
+    for name, info in sorted(host.plugins.items()):
+        plugins.append({
+            "name": name,
+            "module": info.module,
+            "distribution": info.distribution,
+            "version": info.version,
+            "first_party": info.first_party,
+            "hooks": host.hooks_of(name),
+            "registered": registry.registered_by.get(name, {}),
+        })
+    failed = [
+        {"name": f.name, "distribution": f.distribution, "version": f.version, "stage": f.stage, "error": f.error}
+        for f in host.failures
+    ]
+    return {"plugins": plugins, "failed": failed}
+
+
+def run(args: argparse.Namespace) -> int:
+    data = collect()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    for p in data["plugins"]:
+        origin = f"{p['distribution']} {p['version']}" if p["distribution"] else "built in"
+        print(f"{p['name']}  [{origin}]  {p['module']}")
+        print(f"    hooks: {', '.join(p['hooks']) or '-'}")
+        for kind, names in sorted(p["registered"].items()):
+            print(f"    {kind}: {', '.join(names)}")
+    for f in data["failed"]:
+        print(f"{f['name']}  [{f['distribution'] or '?'} {f['version'] or ''}]  FAILED to {f['stage']}: {f['error']}")
+    print(f"{len(data['plugins'])} plugins loaded, {len(data['failed'])} failed")
+    return 0

@@ -1,0 +1,199 @@
+"""What plugins register: small frozen attrs classes, one per plugin kind.
+
+Every spec has a `name` (unique within its kind), a `priority` (higher wins when the core
+selects among candidates), an optional `supports` predicate, and `overrides`: set it to
+True to replace a same-named entry from another plugin on purpose (otherwise two entries
+with one name are an error that names both distributions).
+
+Heavy objects are referenced lazily as ``"package.module:attr"`` strings (or given
+directly as objects); `resolve()` imports them on first use, so registering costs nothing
+and `mistralrs --help` never imports torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib import import_module
+from typing import Any
+
+import attrs
+
+# A lazy reference: either the object itself or "module:attr" (attr may be dotted).
+Ref = Any
+
+
+def resolve(ref: Ref) -> Any:
+    """Return the object a lazy reference names (objects are returned unchanged)."""
+    if not isinstance(ref, str):
+        return ref
+    module_name, sep, attr = ref.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"lazy reference {ref!r} must look like 'package.module:attribute'")
+    obj: Any = import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value)
+
+
+@attrs.frozen(kw_only=True)
+class Spec:
+    """Fields common to every kind of registration."""
+
+    name: str
+    priority: int = 0
+    overrides: bool = False
+    description: str = ""
+    # Predicate over a selection context (keyword arguments such as device="cpu",
+    # dtype="bfloat16"); None means "supports everything". Must be cheap.
+    supports: Callable[..., bool] | None = attrs.field(default=None, eq=False)
+
+    kind: str = attrs.field(init=False, default="")
+
+    def is_supported(self, **context: Any) -> bool:
+        if self.supports is None:
+            return True
+        import inspect
+
+        params = inspect.signature(self.supports).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return bool(self.supports(**context))
+        return bool(self.supports(**{k: v for k, v in context.items() if k in params}))
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-friendly summary (used by `mistralrs plugins --json`)."""
+        out: dict[str, Any] = {"name": self.name}
+        for field in attrs.fields(type(self)):
+            if field.name in ("name", "kind", "supports", "overrides"):
+                continue
+            value = getattr(self, field.name)
+            if callable(value) and not isinstance(value, type):
+                value = getattr(value, "__qualname__", repr(value))
+            elif isinstance(value, type):
+                value = f"{value.__module__}:{value.__qualname__}"
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[field.name] = value
+        return out
+
+
+@attrs.frozen(kw_only=True)
+class ArchitectureSpec(Spec):
+    """A model architecture. `builder` is "module:Class"; the class is constructed from the
+    HF config and a load context and implements the model-forward contract (docs/hooks.md)."""
+
+    builder: Ref
+    kind_of_model: str = "text"  # text | vision | embedding | speech | diffusion
+    hf_architectures: tuple[str, ...] = attrs.field(default=(), converter=_names)
+    model_types: tuple[str, ...] = attrs.field(default=(), converter=_names)
+    gguf_architectures: tuple[str, ...] = attrs.field(default=(), converter=_names)
+    kind: str = attrs.field(init=False, default="architecture")
+
+
+@attrs.frozen(kw_only=True)
+class QuantizerSpec(Spec):
+    """A quantization method. `method` is "module:Class" of a quantize method with the
+    life cycle create_weights -> (loader fills) -> process_after_loading -> apply."""
+
+    method: Ref
+    aliases: tuple[str, ...] = attrs.field(default=(), converter=_names)
+    kind: str = attrs.field(init=False, default="quantizer")
+
+
+@attrs.frozen(kw_only=True)
+class AttentionBackendSpec(Spec):
+    """An attention backend: builds KV-cache storage and attends. `supports(device, dtype,
+    head_dim, ...)` decides whether it can run; the highest-priority supporter is chosen."""
+
+    backend: Ref
+    paged: bool = False
+    kind: str = attrs.field(init=False, default="attention_backend")
+
+
+@attrs.frozen(kw_only=True)
+class DeviceSpec(Spec):
+    """A device backend. `available()` probes the hardware (import torch inside it);
+    `device_type` is the torch device type ("cpu", "cuda", "mps", ...)."""
+
+    device_type: str
+    available: Callable[[], bool] = attrs.field(eq=False)
+    info: Callable[[], dict[str, Any]] | None = attrs.field(default=None, eq=False)
+    kind: str = attrs.field(init=False, default="device")
+
+
+@attrs.frozen(kw_only=True)
+class KernelSpec(Spec):
+    """One implementation of a named op (`rms_norm`, `rotary`, `silu_and_mul`, ...).
+    Names are unique per op. `devices` lists torch device types it runs on."""
+
+    op: str
+    impl: Ref
+    devices: tuple[str, ...] = attrs.field(default=("cpu",), converter=_names)
+    reference: bool = False  # the torch reference that tests compare against
+    kind: str = attrs.field(init=False, default="kernel")
+
+
+@attrs.frozen(kw_only=True)
+class ToolSourceSpec(Spec):
+    """A source of tools the engine can call server-side. `factory()` returns an object with
+    `list_tools() -> list[dict]` (OpenAI function schemas) and `call(name, arguments) -> str`."""
+
+    factory: Ref
+    kind: str = attrs.field(init=False, default="tool_source")
+
+
+@attrs.frozen(kw_only=True)
+class FrontendSpec(Spec):
+    """An API frontend (HTTP server, MCP server, interactive mode, ...). `factory` is called
+    with the engine handle(s) and options and returns something with a `run()`/`serve()`."""
+
+    factory: Ref
+    kind: str = attrs.field(init=False, default="frontend")
+
+
+@attrs.frozen(kw_only=True)
+class ToolCallParserSpec(Spec):
+    """Parses a model family's tool-call syntax out of generated text."""
+
+    parser: Ref
+    model_types: tuple[str, ...] = attrs.field(default=(), converter=_names)
+    kind: str = attrs.field(init=False, default="tool_parser")
+
+
+@attrs.frozen(kw_only=True)
+class ReasoningParserSpec(Spec):
+    """Splits reasoning (`<think>...</think>` and the like) from answer text."""
+
+    parser: Ref
+    model_types: tuple[str, ...] = attrs.field(default=(), converter=_names)
+    kind: str = attrs.field(init=False, default="reasoning_parser")
+
+
+@attrs.frozen(kw_only=True)
+class CommandSpec(Spec):
+    """A `mistralrs` subcommand. `add_arguments(parser)` fills an argparse parser;
+    `run(args) -> int` executes it and returns the exit status. Both may be lazy refs."""
+
+    run: Ref
+    add_arguments: Ref | None = None
+    help: str = ""
+    kind: str = attrs.field(init=False, default="command")
+
+
+SPEC_KINDS: dict[str, type[Spec]] = {
+    "architecture": ArchitectureSpec,
+    "quantizer": QuantizerSpec,
+    "attention_backend": AttentionBackendSpec,
+    "device": DeviceSpec,
+    "kernel": KernelSpec,
+    "tool_source": ToolSourceSpec,
+    "frontend": FrontendSpec,
+    "tool_parser": ToolCallParserSpec,
+    "reasoning_parser": ReasoningParserSpec,
+    "command": CommandSpec,
+}

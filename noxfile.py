@@ -1,0 +1,61 @@
+"""Developer sessions. `nox` runs `tests` by default.
+
+Every session installs torch==2.13.0 first: on CPU-only machines that is the local CPU
+build, and asking pip for plain `torch` would pull a multi-GB CUDA build instead."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+TORCH = "torch==2.13.0"
+
+
+def install(session: nox.Session, *extra: str) -> None:
+    session.install(TORCH)
+    session.install("-e", ".[dev]", *extra)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The fast suite (the default; what CI runs)."""
+    install(session)
+    session.install("-e", "contrib/mistralrs-calculator")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def slow(session: nox.Session) -> None:
+    """The long suites (marked slow)."""
+    install(session)
+    session.run("pytest", "-m", "slow", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", "core", "plugins", "tests", "contrib", "benchmarks", "noxfile.py")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    install(session)
+    session.run("mypy", "core/mistralrs")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks: print tokens/s and GB/s, write JSON under benchmarks/results/."""
+    install(session)
+    for script in ("benchmarks/load_memory.py",):
+        session.run("python", script, *session.posargs)
+
+
+@nox.session
+def contrib(session: nox.Session) -> None:
+    """Install the third-party template plugin with pip and prove it is discovered and used."""
+    install(session)
+    session.install("contrib/mistralrs-calculator")
+    session.run("pytest", "tests/e2e/test_contrib_plugin.py", *session.posargs)

@@ -1,0 +1,24 @@
+"""The torch reference implementation of every named op. Always registered; other kernel
+plugins are tested against these and win by priority where they can run."""
+
+from __future__ import annotations
+
+from mistralrs import hookimpl
+from mistralrs.specs import KernelSpec
+
+OPS = ("rms_norm", "rotary", "silu_and_mul", "gelu_and_mul")
+DEVICES = ("cpu", "cuda", "mps")
+
+
+@hookimpl
+def register_kernels(register):
+    for op in OPS:
+        register(KernelSpec(
+            name="torch",
+            op=op,
+            impl=f"mistralrs_plugins.kernels.torch_ops:{op}",
+            devices=DEVICES,
+            priority=0,
+            reference=True,
+            description=f"torch reference {op}",
+        ))
