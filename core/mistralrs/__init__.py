@@ -17,6 +17,13 @@ from mistralrs.hookspecs import hookimpl  # noqa: E402  (cheap: pluggy only)
 _LAZY: dict[str, str] = {
     "get_registry": "mistralrs.plugins",
     "get_plugin_host": "mistralrs.plugins",
+    "Runner": "mistralrs.api",
+    "Which": "mistralrs.api",
+    "ChatCompletionRequest": "mistralrs.api",
+    "CompletionRequest": "mistralrs.api",
+    "ModelDType": "mistralrs.api",
+    "Architecture": "mistralrs.api",
+    "PagedCacheType": "mistralrs.api",
 }
 
 

@@ -69,3 +69,35 @@ def test_copy_blocks():
     backend.k_cache[0][0:2] = 7.0
     backend.copy_blocks([(0, 2)])
     assert backend.k_cache[0][4:6].eq(7.0).all() and backend.k_cache[0][2:4].eq(0).all()
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_paged_backend_batched_decode_matches_reference(window):
+    from mistralrs_plugins.attention.paged_backend import PagedBackend
+
+    torch.manual_seed(2)
+    bs = 4
+    shape = KVCacheShape(num_layers=1, num_kv_heads=2, head_dim=8, num_blocks=32, block_size=bs, dtype=torch.float32)
+    ref, paged = SdpaBackend(shape), PagedBackend(shape)
+    lens = [5, 9, 2]
+    tables = torch.tensor([[3, 7, 0], [1, 2, 5], [9, 0, 0]], dtype=torch.int32)
+    # Fill the caches with each sequence's context through a prefill.
+    for backend in (ref, paged):
+        for i, n in enumerate(lens):
+            torch.manual_seed(10 + i)
+            k, v, q = torch.randn(n, 2, 8), torch.randn(n, 2, 8), torch.randn(n, 4, 8)
+            pos = torch.arange(n)
+            slots = tables[i, pos // bs].long() * bs + pos % bs
+            backend.attend(0, q, k, v, backend.batch([0, n], [n], slots, tables[i:i + 1]), scale=0.35)
+    # One batched decode step.
+    torch.manual_seed(3)
+    q, k, v = torch.randn(3, 4, 8), torch.randn(3, 2, 8), torch.randn(3, 2, 8)
+    pos = torch.tensor(lens)
+    slots = tables[torch.arange(3), pos // bs].long() * bs + pos % bs
+    new_lens = [n + 1 for n in lens]
+    outs = []
+    for backend in (ref, paged):
+        batch = backend.batch([0, 1, 2, 3], new_lens, slots, tables)
+        outs.append(backend.attend(0, q, k, v, batch, scale=0.35, sliding_window=window))
+    assert "paged_slots" in batch.scratch
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)

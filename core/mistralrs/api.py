@@ -1,0 +1,360 @@
+"""The Python API, with the names and parameters of mistral.rs's Python package.
+
+    from mistralrs import Runner, Which, ChatCompletionRequest
+    runner = Runner(which=Which.Plain(model_id="Qwen/Qwen3-0.6B"))
+    res = runner.send_chat_completion_request(ChatCompletionRequest(
+        model="default", messages=[{"role": "user", "content": "Hello!"}], max_tokens=64))
+    print(res.choices[0].message.content)
+
+Requests go through the same validation and engine as the HTTP server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import uuid
+from typing import Any, AsyncIterator, Iterator
+
+import attrs
+
+from mistralrs import protocol as P
+from mistralrs.errors import ConfigError
+
+
+class ModelDType(enum.Enum):
+    Auto = "auto"
+    BF16 = "bf16"
+    F16 = "f16"
+    F32 = "f32"
+
+
+class PagedCacheType(enum.Enum):
+    Auto = 0
+    F8E4M3 = 1
+
+
+class Architecture(enum.Enum):
+    Mistral = "mistral"
+    Gemma = "gemma"
+    Mixtral = "mixtral"
+    Llama = "llama"
+    Phi2 = "phi2"
+    Phi3 = "phi3"
+    Qwen2 = "qwen2"
+    Gemma2 = "gemma2"
+    Starcoder2 = "starcoder2"
+    Qwen3 = "qwen3"
+    GLM4 = "glm4"
+    Qwen3Moe = "qwen3moe"
+    SmolLm3 = "smollm3"
+
+
+def _enum_value(value: Any) -> Any:
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+class Which:
+    """Model selections (mistral.rs `Which` variants)."""
+
+    @attrs.define(kw_only=True)
+    class Plain:
+        model_id: str
+        arch: Architecture | str | None = None
+        tokenizer_json: str | None = None
+        dtype: ModelDType | str = ModelDType.Auto
+        hf_cache_path: str | None = None
+        revision: str | None = None
+        topology: str | None = None
+        from_uqff: Any = None
+        write_uqff: str | None = None
+        dummy_weights: bool = False
+
+
+@attrs.define(kw_only=True)
+class ChatCompletionRequest:
+    messages: Any
+    model: str = "default"
+    logprobs: bool = False
+    n_choices: int = 1
+    logit_bias: dict[int, float] | None = None
+    top_logprobs: int | None = None
+    max_tokens: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    stop_seqs: list[str] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    stream: bool = False
+    min_p: float | None = None
+    dry_multiplier: float | None = None
+    dry_base: float | None = None
+    dry_allowed_length: int | None = None
+    dry_sequence_breakers: list[str] | None = None
+    enable_thinking: bool | None = None
+    reasoning_effort: str | None = None
+    truncate_sequence: bool = False
+    ignore_eos: bool = False
+    seed: int | None = None
+    tool_schemas: list[str] | None = None
+    grammar: str | None = None
+    grammar_type: str | None = None
+
+    def to_body(self) -> dict[str, Any]:
+        import json
+
+        body = {
+            "messages": self.messages, "model": self.model, "logprobs": self.logprobs, "n": self.n_choices,
+            "logit_bias": self.logit_bias, "top_logprobs": self.top_logprobs, "max_tokens": self.max_tokens,
+            "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty, "stop": self.stop_seqs, "temperature": self.temperature,
+            "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p, "dry_multiplier": self.dry_multiplier,
+            "dry_base": self.dry_base, "dry_allowed_length": self.dry_allowed_length,
+            "dry_sequence_breakers": self.dry_sequence_breakers, "enable_thinking": self.enable_thinking,
+            "reasoning_effort": self.reasoning_effort, "truncate_sequence": self.truncate_sequence,
+            "ignore_eos": self.ignore_eos, "seed": self.seed,
+        }
+        if self.tool_schemas:
+            body["tools"] = [json.loads(s) if isinstance(s, str) else s for s in self.tool_schemas]
+        _reject_unsupported(self.grammar, "grammar")
+        return {k: v for k, v in body.items() if v is not None}
+
+
+@attrs.define(kw_only=True)
+class CompletionRequest:
+    prompt: Any
+    model: str = "default"
+    best_of: int | None = None
+    echo_prompt: bool = False
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[int, float] | None = None
+    max_tokens: int | None = None
+    n_choices: int = 1
+    stop_seqs: list[str] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    suffix: str | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    dry_multiplier: float | None = None
+    dry_base: float | None = None
+    dry_allowed_length: int | None = None
+    dry_sequence_breakers: list[str] | None = None
+    truncate_sequence: bool = False
+    ignore_eos: bool = False
+    seed: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    stream: bool = False
+    grammar: str | None = None
+    grammar_type: str | None = None
+
+    def to_body(self) -> dict[str, Any]:
+        _reject_unsupported(self.grammar, "grammar")
+        body = {
+            "prompt": self.prompt, "model": self.model, "best_of": self.best_of, "echo": self.echo_prompt,
+            "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty, "logit_bias": self.logit_bias,
+            "max_tokens": self.max_tokens, "n": self.n_choices, "stop": self.stop_seqs,
+            "temperature": self.temperature, "top_p": self.top_p, "suffix": self.suffix, "top_k": self.top_k,
+            "min_p": self.min_p, "dry_multiplier": self.dry_multiplier, "dry_base": self.dry_base,
+            "dry_allowed_length": self.dry_allowed_length, "dry_sequence_breakers": self.dry_sequence_breakers,
+            "truncate_sequence": self.truncate_sequence, "ignore_eos": self.ignore_eos, "seed": self.seed,
+            "logprobs": self.logprobs, "top_logprobs": self.top_logprobs,
+        }
+        return {k: v for k, v in body.items() if v is not None}
+
+
+def _reject_unsupported(value: Any, name: str) -> None:
+    if value is not None:
+        raise ConfigError(f"{name} is not supported yet in this build; remove it from the request")
+
+
+class Runner:
+    """Loads one model and serves requests to it (in-process)."""
+
+    def __init__(
+        self,
+        which: Any,
+        max_seqs: int = 16,
+        no_kv_cache: bool = False,
+        prefix_cache_n: int = 16,
+        token_source: str = "cache",
+        chat_template: str | None = None,
+        jinja_explicit: str | None = None,
+        in_situ_quant: str | None = None,
+        pa_gpu_mem: int | None = None,
+        pa_gpu_mem_usage: float | None = None,
+        pa_ctxt_len: int | None = None,
+        pa_blk_size: int | None = None,
+        pa_cache_type: PagedCacheType | None = None,
+        no_paged_attn: bool = False,
+        paged_attn: bool = False,
+        seed: int | None = None,
+        max_num_batched_tokens: int = 4096,
+        cpu: bool = False,
+        attention_backend: str | None = None,
+        **unsupported: Any,
+    ) -> None:
+        from mistralrs.serving import ModelService, ServiceOptions
+
+        if not isinstance(which, Which.Plain):
+            raise ConfigError(f"{type(which).__name__} models are not supported yet; use Which.Plain")
+        if in_situ_quant is not None:
+            raise ConfigError("in_situ_quant (ISQ) is not supported yet in this build; remove it")
+        given = {k for k, v in unsupported.items() if v not in (None, False)}
+        if given:
+            raise ConfigError(f"Runner options not supported yet: {', '.join(sorted(given))}")
+        # mistral.rs priority: ctxt_len > gpu_mem_usage > gpu_mem.
+        if pa_ctxt_len is not None:
+            pa_gpu_mem_usage = pa_gpu_mem = None
+        elif pa_gpu_mem_usage is not None:
+            pa_gpu_mem = None
+        opts = ServiceOptions(
+            model_id=which.model_id,
+            arch=_enum_value(which.arch),
+            dtype=_enum_value(which.dtype),
+            tokenizer_json=which.tokenizer_json,
+            hf_cache=which.hf_cache_path,
+            revision=which.revision,
+            dummy_weights=which.dummy_weights,
+            token_source=token_source,
+            chat_template=chat_template,
+            jinja_explicit=jinja_explicit,
+            max_seqs=max_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            no_kv_cache=no_kv_cache,
+            prefix_cache_n=prefix_cache_n,
+            seed=seed,
+            cpu=cpu,
+            attention_backend=attention_backend,
+            paged_attn="off" if no_paged_attn else ("on" if paged_attn else "auto"),
+            pa_blk_size=pa_blk_size or 32,
+            pa_context_len=pa_ctxt_len,
+            pa_memory_mb=pa_gpu_mem,
+            pa_memory_fraction=pa_gpu_mem_usage,
+            pa_cache_type="f8e4m3" if pa_cache_type == PagedCacheType.F8E4M3 else "auto",
+        )
+        self.service = ModelService(opts)
+        self.model_id = which.model_id
+
+    # -- chat ---------------------------------------------------------------------------------
+    def send_chat_completion_request(self, request: ChatCompletionRequest, model_id: str | None = None) -> Any:
+        """A `ChatCompletionResponse`, or an iterator of `ChatCompletionChunkResponse` when stream=True."""
+        body = request.to_body()
+        gen = P.build_chat_request(self.service, body)
+        handle = self.service.engine.submit(gen)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        if request.stream:
+            return self._stream(handle, P.ChatStream(self.service.tokenizer, id=rid, model=self.model_id,
+                                                    n=gen.n, logprobs=gen.logprobs))
+        done, lps = P.collect(handle)
+        return P.chat_response(self.service.tokenizer, done, id=rid, model=self.model_id,
+                               logprobs=gen.logprobs, token_logprobs=lps)
+
+    def send_completion_request(self, request: CompletionRequest, model_id: str | None = None) -> Any:
+        body = request.to_body()
+        gen = P.build_completion_request(self.service, body)
+        handle = self.service.engine.submit(gen)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        if request.stream:
+            return self._stream(handle, P.ChatStream(self.service.tokenizer, id=rid, model=self.model_id,
+                                                    n=gen.n, logprobs=gen.logprobs, completion=True))
+        done, lps = P.collect(handle)
+        echo = request.prompt if request.echo_prompt and isinstance(request.prompt, str) else ""
+        return P.completion_response(self.service.tokenizer, done, id=rid, model=self.model_id,
+                                     logprobs=gen.logprobs, token_logprobs=lps, echo_prefix=echo,
+                                     suffix=request.suffix or "")
+
+    @staticmethod
+    def _stream(handle: Any, stream: P.ChatStream) -> Iterator[Any]:
+        from mistralrs.engine.engine import RequestDone, RequestFailed
+
+        try:
+            for event in handle:
+                if isinstance(event, RequestFailed):
+                    raise event.error
+                chunk = stream.chunk_for(event)
+                if chunk is not None:
+                    yield chunk
+                if isinstance(event, RequestDone):
+                    yield stream.usage_chunk(event)
+        finally:
+            if not handle.done:
+                handle.cancel()
+
+    # -- asyncio variants (for servers and async apps) -------------------------------------------
+    async def send_chat_completion_request_async(self, request: ChatCompletionRequest) -> Any:
+        gen = P.build_chat_request(self.service, request.to_body())
+        handle = self.service.engine.submit(gen, loop=asyncio.get_running_loop())
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        if request.stream:
+            return self._astream(handle, P.ChatStream(self.service.tokenizer, id=rid, model=self.model_id,
+                                                     n=gen.n, logprobs=gen.logprobs))
+        done, lps = await _acollect(handle)
+        return P.chat_response(self.service.tokenizer, done, id=rid, model=self.model_id,
+                               logprobs=gen.logprobs, token_logprobs=lps)
+
+    async def send_completion_request_async(self, request: CompletionRequest) -> Any:
+        gen = P.build_completion_request(self.service, request.to_body())
+        handle = self.service.engine.submit(gen, loop=asyncio.get_running_loop())
+        done, lps = await _acollect(handle)
+        return P.completion_response(self.service.tokenizer, done, id=f"cmpl-{uuid.uuid4().hex}",
+                                     model=self.model_id, logprobs=gen.logprobs, token_logprobs=lps)
+
+    @staticmethod
+    async def _astream(handle: Any, stream: P.ChatStream) -> AsyncIterator[Any]:
+        from mistralrs.engine.engine import RequestDone, RequestFailed
+
+        async for event in handle:
+            if isinstance(event, RequestFailed):
+                raise event.error
+            chunk = stream.chunk_for(event)
+            if chunk is not None:
+                yield chunk
+            if isinstance(event, RequestDone):
+                yield stream.usage_chunk(event)
+
+    # -- tokenizer and limits -------------------------------------------------------------------
+    def tokenize_text(self, text: str, add_special_tokens: bool = True, enable_thinking: bool | None = None,
+                      model_id: str | None = None) -> list[int]:
+        return self.service.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def detokenize_text(self, tokens: list[int], skip_special_tokens: bool = True, model_id: str | None = None) -> str:
+        return self.service.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    def max_sequence_length(self, model_id: str | None = None) -> int:
+        return self.service.max_model_len
+
+    def list_models(self) -> list[str]:
+        return [self.model_id]
+
+    def get_default_model_id(self) -> str:
+        return self.model_id
+
+    def shutdown(self) -> None:
+        self.service.shutdown()
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+
+async def _acollect(handle: Any) -> tuple[Any, dict[int, list[Any]]]:
+    from mistralrs.engine.engine import RequestDone, RequestFailed, TokenDelta
+
+    logprobs: dict[int, list[Any]] = {}
+    async for event in handle:
+        if isinstance(event, TokenDelta) and event.logprobs:
+            logprobs.setdefault(event.index, []).extend(event.logprobs)
+        elif isinstance(event, RequestDone):
+            return event, logprobs
+        elif isinstance(event, RequestFailed):
+            raise event.error
+    raise RuntimeError("request ended without a result")

@@ -1,0 +1,114 @@
+"""The model-loading flags shared by `run`, `serve`, `bench` and `tune` (names and defaults of
+mistral.rs's CLI), and their translation to `ServiceOptions`. No torch import here."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+MODEL_KINDS = ("auto", "text")  # vision/embedding/speech/diffusion arrive with their plugins
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, *, runtime: bool = True, max_seqs_default: int = 32) -> None:
+    parser.add_argument("kind", nargs="?", choices=MODEL_KINDS, default="auto", help="model type (default: auto)")
+    src = parser.add_argument_group("model source")
+    src.add_argument("-m", "--model-id", required=True,
+                     help="Hugging Face model id, local directory, or `demo` (random-weight offline demo)")
+    src.add_argument("-t", "--tokenizer", help="local tokenizer.json to use instead of the model's")
+    src.add_argument("-a", "--arch", help="architecture (default: from config.json)")
+    src.add_argument("--dtype", default="auto", choices=["auto", "bf16", "f16", "f32"], help="weights dtype")
+    src.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    src.add_argument("--token-source", default="cache",
+                     help="HF token: cache | literal:TOKEN | env:VAR | path:FILE | none (default: cache)")
+    src.add_argument("--dummy-weights", action="store_true",
+                     help="random weights from config.json alone (benchmarks, offline demos)")
+    dev = parser.add_argument_group("device")
+    dev.add_argument("--cpu", action="store_true", help="force the CPU")
+    dev.add_argument("--hf-cache", help="Hugging Face hub cache directory")
+    dev.add_argument("--max-seq-len", type=_positive_int, help="context length (default: from config.json)")
+    pa = parser.add_argument_group("paged attention")
+    pa.add_argument("--paged-attn", default="auto", choices=["auto", "on", "off"])
+    pa.add_argument("--pa-context-len", type=_positive_int, help="size the KV pool for N tokens")
+    pa.add_argument("--pa-memory-mb", type=_positive_int, help="size the KV pool in MB")
+    pa.add_argument("--pa-memory-fraction", type=_fraction, help="size the KV pool as a fraction of memory")
+    pa.add_argument("--pa-block-size", "--pa-blk-size", dest="pa_block_size", type=int, default=32,
+                    choices=[8, 16, 32])
+    pa.add_argument("--pa-cache-type", default="auto", choices=["auto", "f8e4m3"])
+    pa.add_argument("--attention-backend", help="attention backend by name (default: best for the device)")
+    if runtime:
+        rt = parser.add_argument_group("runtime")
+        rt.add_argument("--max-seqs", type=_positive_int, default=max_seqs_default,
+                        help=f"max running sequences (default {max_seqs_default})")
+        rt.add_argument("--max-num-batched-tokens", type=_positive_int, default=4096,
+                        help="token budget per engine step (default 4096)")
+        rt.add_argument("--no-kv-cache", action="store_true")
+        rt.add_argument("--prefix-cache-n", type=_non_negative_int, default=16, help="0 disables prefix caching")
+        rt.add_argument("-c", "--chat-template", help="chat template file (.json or .jinja)")
+        rt.add_argument("-j", "--jinja-explicit", help="a .jinja chat template that overrides all others")
+        rt.add_argument("--seed", type=int, help="sampling seed")
+
+
+def options_from_args(args: argparse.Namespace) -> Any:
+    from mistralrs.serving import ServiceOptions
+
+    given = [f for f in ("pa_context_len", "pa_memory_mb", "pa_memory_fraction") if getattr(args, f, None) is not None]
+    if len(given) > 1:
+        from mistralrs.errors import ConfigError
+
+        raise ConfigError(f"{' and '.join('--' + g.replace('_', '-') for g in given)} are mutually exclusive")
+    return ServiceOptions(
+        model_id=args.model_id,
+        arch=args.arch,
+        dtype=args.dtype,
+        cpu=args.cpu,
+        revision=args.revision,
+        token_source=args.token_source,
+        hf_cache=args.hf_cache,
+        tokenizer_json=args.tokenizer,
+        chat_template=getattr(args, "chat_template", None),
+        jinja_explicit=getattr(args, "jinja_explicit", None),
+        dummy_weights=args.dummy_weights,
+        max_seqs=getattr(args, "max_seqs", 32),
+        max_num_batched_tokens=getattr(args, "max_num_batched_tokens", 4096),
+        max_seq_len=args.max_seq_len,
+        no_kv_cache=getattr(args, "no_kv_cache", False),
+        prefix_cache_n=getattr(args, "prefix_cache_n", 16),
+        seed=getattr(args, "seed", None),
+        attention_backend=args.attention_backend,
+        paged_attn=args.paged_attn,
+        pa_blk_size=args.pa_block_size,
+        pa_context_len=args.pa_context_len,
+        pa_memory_mb=args.pa_memory_mb,
+        pa_memory_fraction=args.pa_memory_fraction,
+        pa_cache_type=args.pa_cache_type,
+    )

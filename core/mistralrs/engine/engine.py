@@ -1,0 +1,540 @@
+"""The engine: one model, many requests, continuous batching in a background thread.
+
+Requests are submitted from any thread or asyncio loop and stream events back through a
+`RequestHandle`. The engine thread loops: take new requests and cancellations, schedule a
+step (chunked prefill + decode under a token budget), run the model, sample, detokenize,
+check stops, emit deltas. If a step raises, every in-flight request fails with the error
+and the engine carries on with a clean state for new requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+import traceback
+from typing import Any, AsyncIterator, Callable, Iterator
+
+import attrs
+
+from mistralrs.engine.kv_cache import BlockPool
+from mistralrs.engine.scheduler import Scheduler
+from mistralrs.engine.sequence import Sequence, Status
+from mistralrs.errors import InvalidRequest, MistralRsError
+
+log = logging.getLogger("mistralrs.engine")
+
+
+# -- requests and events ------------------------------------------------------------------
+@attrs.define(kw_only=True)
+class GenerationRequest:
+    """What the engine needs to generate: already tokenized, already validated."""
+
+    prompt_ids: list[int]
+    sampling: Any  # mistralrs.engine.sampling.SamplingParams
+    max_tokens: int | None = None
+    stop_strings: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    n: int = 1
+    best_of: int | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+    skip_special_tokens: bool = True
+    cache_key: Any = None  # anything else that changes the KV (adapters, images)
+    id: str = attrs.field(factory=lambda: f"req-{next(_request_ids)}")
+
+
+_request_ids = itertools.count()
+
+
+@attrs.frozen
+class TokenDelta:
+    index: int  # choice index
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[Any, ...] = ()  # per token: (token_id, logprob, top: tuple[(id, logprob), ...])
+
+
+@attrs.frozen
+class ChoiceFinished:
+    index: int
+    finish_reason: str  # stop | length | canceled | error
+    text: str
+    token_ids: tuple[int, ...]
+    stop_reason: str | int | None = None  # the stop string or token id that ended it
+    cumulative_logprob: float | None = None
+
+
+@attrs.frozen
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    time_to_first_token: float | None  # seconds
+    prompt_seconds: float | None
+    completion_seconds: float | None
+    total_seconds: float
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def prompt_tok_per_sec(self) -> float | None:
+        if not self.prompt_seconds:
+            return None
+        return (self.prompt_tokens - self.cached_tokens) / self.prompt_seconds
+
+    @property
+    def completion_tok_per_sec(self) -> float | None:
+        if not self.completion_seconds or self.completion_tokens <= 1:
+            return None
+        return (self.completion_tokens - 1) / self.completion_seconds
+
+
+@attrs.frozen
+class RequestDone:
+    usage: Usage
+    choices: tuple[ChoiceFinished, ...]
+
+
+@attrs.frozen
+class RequestFailed:
+    error: BaseException
+
+
+_END = (RequestDone, RequestFailed)
+
+
+class RequestHandle:
+    """The caller's side of a request: iterate (or async-iterate) its events, or cancel it."""
+
+    def __init__(self, engine: Engine, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.engine = engine
+        self.request = request
+        self.id = request.id
+        self._loop = loop
+        self._queue: Any = asyncio.Queue() if loop is not None else queue.SimpleQueue()
+        self.cancelled = False
+        self.done = False
+
+    def _put(self, event: Any) -> None:
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+        else:
+            self._queue.put(event)
+
+    def cancel(self) -> None:
+        """Stop generating; blocks are freed within one engine step."""
+        if not self.done and not self.cancelled:
+            self.cancelled = True
+            self.engine._cancel(self)
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            event = self._queue.get()
+            yield event
+            if isinstance(event, _END):
+                return
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        try:
+            while True:
+                event = await self._queue.get()
+                yield event
+                if isinstance(event, _END):
+                    return
+        finally:
+            if not self.done:
+                self.cancel()
+
+    def result(self) -> RequestDone:
+        """Block until done; raise the engine's error if it failed."""
+        for event in self:
+            if isinstance(event, RequestDone):
+                return event
+            if isinstance(event, RequestFailed):
+                raise event.error
+        raise RuntimeError("request ended without a result")  # pragma: no cover
+
+    async def aresult(self) -> RequestDone:
+        async for event in self:
+            if isinstance(event, RequestDone):
+                return event
+            if isinstance(event, RequestFailed):
+                raise event.error
+        raise RuntimeError("request ended without a result")  # pragma: no cover
+
+
+@attrs.define
+class _RequestState:
+    request: GenerationRequest
+    handle: RequestHandle
+    seqs: list[Sequence]
+    arrival: float
+    cache_key: Any = None
+    first_token: float | None = None
+    prefill_done: float | None = None
+    finished: dict[int, ChoiceFinished] = attrs.field(factory=dict)
+
+
+# -- configuration --------------------------------------------------------------------------
+@attrs.define(kw_only=True)
+class EngineConfig:
+    max_seqs: int = 16
+    max_num_batched_tokens: int = 4096
+    block_size: int = 32
+    num_blocks: int | None = None  # None: sized from the pa_* options / defaults
+    prefix_cache_n: int = 16
+    no_kv_cache: bool = False
+    seed: int | None = None
+    max_model_len: int | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.block_size not in (8, 16, 32):
+            raise InvalidRequest("block size must be 8, 16 or 32", "pa_blk_size")
+        if self.max_seqs < 1:
+            raise InvalidRequest("max_seqs must be at least 1", "max_seqs")
+        if self.max_num_batched_tokens < 1:
+            raise InvalidRequest("max_num_batched_tokens must be at least 1", "max_num_batched_tokens")
+
+
+class EngineError(MistralRsError):
+    """Generation failed inside the engine (a bug or out of memory); the engine recovered."""
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Any,
+        backend: Any,
+        tokenizer: Any,
+        *,
+        config: EngineConfig,
+        eos_token_ids: tuple[int, ...] = (),
+        generation_defaults: Any = None,
+        device: Any = "cpu",
+    ) -> None:
+        from mistralrs.engine.runner import ModelRunner
+        from mistralrs.engine.sampling import Sampler
+
+        self.config = config
+        self.model = model
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.generation_defaults = generation_defaults
+        self.max_model_len = config.max_model_len
+        pool = None if config.no_kv_cache else BlockPool(backend.num_blocks, backend.block_size, config.prefix_cache_n)
+        self.scheduler = Scheduler(pool, max_seqs=config.max_seqs, max_num_batched_tokens=config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, backend, device)
+        self.sampler = Sampler()
+        self._seed_counter = itertools.count()
+        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._states: dict[int, _RequestState] = {}  # seq id -> state
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._thread_lock = threading.Lock()
+        self.fault_hook: Callable[[], None] | None = None  # tests inject failures here
+        self.stats = {"steps": 0, "computed_tokens": 0, "requests": 0, "failures": 0, "recoveries": 0}
+
+    # -- public API ---------------------------------------------------------------------------
+    def submit(self, request: GenerationRequest, *, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+        """Queue a request. Pass the running asyncio loop to consume events with `async for`."""
+        self._validate(request)
+        handle = RequestHandle(self, request, loop)
+        self._ensure_thread()
+        self._inbox.put(("submit", handle))
+        self._wake.set()
+        return handle
+
+    def shutdown(self, timeout: float | None = 10) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting) + self._inbox.qsize()
+
+    def kv_blocks(self) -> tuple[int, int]:
+        """(used, total) KV blocks."""
+        pool = self.scheduler.pool
+        return (pool.num_used(), pool.num_blocks) if pool else (0, 0)
+
+    # -- validation ---------------------------------------------------------------------------
+    def _validate(self, request: GenerationRequest) -> None:
+        if not request.prompt_ids:
+            raise InvalidRequest("the prompt is empty; send at least one token", "prompt")
+        vocab = getattr(self.tokenizer, "vocab_size", None)
+        if vocab and max(request.prompt_ids) >= max(vocab, self.runner_vocab()):
+            raise InvalidRequest("the prompt contains token ids outside the vocabulary", "prompt")
+        if request.n < 1 or (request.best_of is not None and request.best_of < request.n):
+            raise InvalidRequest("n must be >= 1 and best_of >= n", "n")
+        if request.max_tokens is not None and request.max_tokens < 0:
+            raise InvalidRequest("max_tokens must be >= 0", "max_tokens")
+        limit = self.max_model_len
+        if limit is not None and len(request.prompt_ids) >= limit:
+            raise ContextTooLong(len(request.prompt_ids), limit)
+        pool = self.scheduler.pool
+        if pool is not None:
+            need = pool.blocks_for(len(request.prompt_ids) + 1)
+            if need > pool.num_blocks:
+                raise InvalidRequest(
+                    f"the prompt needs {need} KV-cache blocks but the pool has {pool.num_blocks}; "
+                    "raise --pa-context-len / --pa-memory-mb or shorten the prompt",
+                    "messages",
+                )
+
+    def runner_vocab(self) -> int:
+        return int(getattr(self.model, "vocab_size", 0) or 0)
+
+    # -- the engine thread --------------------------------------------------------------------
+    def _ensure_thread(self) -> None:
+        with self._thread_lock:
+            if self._thread is None or not self._thread.is_alive():
+                if self._thread is not None:
+                    log.error("engine thread had died; restarting it")
+                    self._fail_all(EngineError("the engine thread died; the request was dropped"))
+                    self.stats["recoveries"] += 1
+                self._thread = threading.Thread(target=self._loop, name="mistralrs-engine", daemon=True)
+                self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            self._drain_inbox()
+            if not self.scheduler.has_work():
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            try:
+                if self.fault_hook is not None:
+                    self.fault_hook()
+                self.step()
+            except Exception as exc:  # noqa: BLE001 - recover: fail in-flight requests, keep serving
+                log.error("engine step failed; failing in-flight requests and recovering:\n%s", traceback.format_exc())
+                self.stats["failures"] += 1
+                self._fail_all(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
+        self._drain_inbox()
+        self._fail_all(EngineError("the engine is shutting down"))
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, handle = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "submit":
+                self._admit(handle)
+            elif kind == "cancel":
+                self._abort(handle, "canceled")
+
+    def _admit(self, handle: RequestHandle) -> None:
+        from mistralrs.engine.sampling import SequenceSamplingState
+        from mistralrs.tokenization import IncrementalDetokenizer, StopStringMatcher
+
+        req = handle.request
+        if handle.cancelled:
+            handle.done = True
+            handle._put(RequestFailed(EngineError("the request was cancelled")))
+            return
+        state = _RequestState(req, handle, [], time.perf_counter(), cache_key=req.cache_key)
+        params = req.sampling
+        if self.generation_defaults is not None:
+            params = params.with_defaults(self.generation_defaults)
+        count = req.best_of or req.n
+        for i in range(count):
+            seq = Sequence(request=state, prompt_ids=list(req.prompt_ids), index=i, arrival=state.arrival)
+            seed = params.seed
+            if seed is not None and count > 1:
+                seed = seed + 7919 * i  # distinct choices, still reproducible
+            fallback = None if self.config.seed is None else self.config.seed + next(self._seed_counter)
+            seq.params = params if seed == params.seed else attrs.evolve(params, seed=seed)
+            seq.sampling_state = SequenceSamplingState.for_request(
+                seq.params, seq.prompt_ids, fallback_seed=fallback, tokenizer_encode=self._encode_plain,
+            )
+            seq.detok = IncrementalDetokenizer(
+                self.tokenizer, skip_special_tokens=req.skip_special_tokens, prompt_ids=req.prompt_ids
+            )
+            seq.stopper = StopStringMatcher(req.stop_strings) if req.stop_strings else None
+            state.seqs.append(seq)
+            self._states[seq.id] = state
+            self.scheduler.add(seq)
+        self.stats["requests"] += 1
+        if req.max_tokens == 0:
+            for seq in state.seqs:
+                self._finish(seq, "length")
+
+    def _encode_plain(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _cancel(self, handle: RequestHandle) -> None:
+        self._inbox.put(("cancel", handle))
+        self._wake.set()
+
+    def _abort(self, handle: RequestHandle, reason: str) -> None:
+        for seq_id, state in list(self._states.items()):
+            if state.handle is handle:
+                seq = next(s for s in state.seqs if s.id == seq_id)
+                if not seq.finished:
+                    self._finish(seq, reason)
+
+    # -- one step -------------------------------------------------------------------------------
+    def step(self) -> None:
+        step = self.scheduler.schedule()
+        if not step:
+            self._fail_unschedulable()
+            return
+        logits, sampling_idx = self.runner.forward(step)
+        self.stats["steps"] += 1
+        for item in step:
+            item.seq.computed_total += item.num_tokens
+            self.stats["computed_tokens"] += item.num_tokens
+            item.seq.num_computed += item.num_tokens
+            self.scheduler.register_full_blocks(item.seq)
+        if not sampling_idx:
+            return
+        seqs = [step[i].seq for i in sampling_idx]
+        out = self.sampler.sample(
+            logits, [s.params for s in seqs], [s.sampling_state for s in seqs]
+        )
+        now = time.perf_counter()
+        for row, seq in enumerate(seqs):
+            state: _RequestState = seq.request
+            if state.first_token is None:
+                state.first_token = now
+            token = out.token_ids[row]
+            self._append(seq, token, out, row)
+        if self.scheduler.pool is None:
+            for item in step:
+                item.seq.num_computed = 0
+
+    def _append(self, seq: Sequence, token: int, out: Any, row: int) -> None:
+        state: _RequestState = seq.request
+        req = state.request
+        seq.output_ids.append(token)
+        seq.sampling_state.append(token)
+        lp = None
+        if out.logprobs is not None:
+            top = tuple(out.top_logprobs[row]) if out.top_logprobs is not None else ()
+            lp = (token, out.logprobs[row], top)
+            seq.logprobs.append(lp)
+        # Stop tokens end the choice without emitting their text.
+        if token in req.stop_token_ids or (token in self.eos_token_ids and not req.ignore_eos):
+            self._finish(seq, "stop", stop_reason=token)
+            return
+        delta = seq.detok.step(token)
+        stopped = False
+        if seq.stopper is not None and delta:
+            check = seq.stopper.feed(delta)
+            delta, stopped = check.text, check.stopped
+        seq.text += delta
+        if delta or lp is not None:
+            state.handle._put(TokenDelta(seq.index, delta, (token,), (lp,) if lp else ()))
+        if stopped:
+            self._finish(seq, "stop", stop_reason=seq.stopper.stop_string)
+        elif req.max_tokens is not None and len(seq.output_ids) >= req.max_tokens:
+            self._finish(seq, "length")
+        elif self.max_model_len is not None and len(seq) >= self.max_model_len:
+            self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: Any = None) -> None:
+        state: _RequestState = seq.request
+        stopper = seq.stopper
+        if seq.detok is not None and reason in ("length", "stop") and not (stopper and stopper.stopped):
+            # Emit what the detokenizer and the stop matcher were holding back.
+            tail = seq.detok.flush()
+            if stopper is not None:
+                check = stopper.feed(tail) if tail else None
+                tail = (check.text if check else "") + ("" if stopper.stopped else stopper.flush())
+            if tail:
+                seq.text += tail
+                state.handle._put(TokenDelta(seq.index, tail, ()))
+        self.scheduler.finish(seq, reason)
+        self._states.pop(seq.id, None)
+        cum = sum(lp[1] for lp in seq.logprobs) if seq.logprobs else None
+        choice = ChoiceFinished(seq.index, reason, seq.text, tuple(seq.output_ids), stop_reason, cum)
+        state.finished[seq.index] = choice
+        req = state.request
+        best_of = req.best_of or req.n
+        if best_of == req.n:
+            state.handle._put(choice)
+        if len(state.finished) == best_of:
+            self._complete(state)
+
+    def _complete(self, state: _RequestState) -> None:
+        req = state.request
+        choices = sorted(state.finished.values(), key=lambda c: c.index)
+        if req.best_of and req.best_of > req.n:
+            ranked = sorted(choices, key=lambda c: -(c.cumulative_logprob or 0.0))[: req.n]
+            choices = [attrs.evolve(c, index=i) for i, c in enumerate(ranked)]
+            for c in choices:
+                state.handle._put(TokenDelta(c.index, c.text, c.token_ids))
+                state.handle._put(c)
+        now = time.perf_counter()
+        cached = max((s.cached_tokens for s in state.seqs), default=0)
+        usage = Usage(
+            prompt_tokens=len(req.prompt_ids),
+            completion_tokens=sum(len(s.output_ids) for s in state.seqs),
+            cached_tokens=cached,
+            time_to_first_token=None if state.first_token is None else state.first_token - state.arrival,
+            prompt_seconds=None if state.first_token is None else state.first_token - state.arrival,
+            completion_seconds=None if state.first_token is None else now - state.first_token,
+            total_seconds=now - state.arrival,
+        )
+        state.handle.done = True
+        state.handle._put(RequestDone(usage, tuple(choices)))
+
+    def _fail_unschedulable(self) -> None:
+        """Nothing could be scheduled: the head of the queue does not fit even alone."""
+        if self.scheduler.running or not self.scheduler.waiting:
+            return
+        seq = self.scheduler.waiting[0]
+        self._fail_state(seq.request, EngineError("the request does not fit in the KV cache; raise --pa-context-len"))
+
+    def _fail_state(self, state: _RequestState, error: BaseException) -> None:
+        for seq in state.seqs:
+            if not seq.finished:
+                self.scheduler.finish(seq, "error")
+            self._states.pop(seq.id, None)
+        if not state.handle.done:
+            state.handle.done = True
+            state.handle._put(RequestFailed(error))
+
+    def _fail_all(self, error: BaseException) -> None:
+        states = {id(s): s for s in self._states.values()}
+        self.scheduler.clear()
+        self._states.clear()
+        for state in states.values():
+            for seq in state.seqs:
+                seq.status = Status.FINISHED
+            if not state.handle.done:
+                state.handle.done = True
+                state.handle._put(RequestFailed(error))
+
+
+class ContextTooLong(InvalidRequest):
+    """The prompt does not fit the model's context (OpenAI `exceed_context_size_error`)."""
+
+    def __init__(self, n_prompt_tokens: int, n_ctx: int) -> None:
+        super().__init__(
+            f"the prompt has {n_prompt_tokens} tokens but the context holds {n_ctx}; "
+            "shorten the prompt or set truncate_sequence",
+            "messages",
+            code="exceed_context_size_error",
+        )
+        self.n_prompt_tokens = n_prompt_tokens
+        self.n_ctx = n_ctx

@@ -1,0 +1,817 @@
+"""Batched, vectorised token sampling for the engine.
+
+One `Sampler.sample(logits, params, states)` call picks the next token of every sequence
+in a step. `logits` is [S, V] float32 (one row per sequence that needs a token), `params[i]`
+is that row's `SamplingParams` and `states[i]` its `SequenceSamplingState` (token history,
+output counts, random generator). The caller appends the chosen token to the state
+(`state.append(token)`) once it accepts it; `sample` never mutates the states except for
+advancing the random generators of the rows it samples.
+
+Processing order (as mistral.rs, `mistralrs-core/src/sampler.rs`):
+
+1. `allowed_mask` (grammar constraints): disallowed tokens get -inf before anything else.
+2. Penalties on the raw logits: DRY, then frequency/presence (over the *generated* tokens,
+   OpenAI semantics) followed by repetition (llama.cpp style, over prompt + output) in one
+   pass, then `logit_bias` (added).
+3. Greedy rows (temperature < 1e-7 or top_k == 1): argmax of the processed logits.
+4. Other rows: temperature, softmax, then top-k -> top-p -> min-p on the probabilities
+   (top-p sees the distribution renormalised after top-k, as HF/vLLM; min-p is relative to
+   the largest probability so renormalisation does not matter), then one draw.
+
+Vectorisation: the filters run as tensor ops over all rows that use them. A full sort of
+the vocabulary is avoided: the kept set of top-k/top-p/min-p is always a prefix of the
+probabilities sorted in descending order, so each filtered row is resolved on its
+`torch.topk` candidates (256, then 4096, then the whole vocabulary for the rare row whose
+nucleus does not fit). Python loops run over rows only (one generator draw per row).
+
+Randomness: every state owns a `torch.Generator` seeded from the request `seed` (or a
+fallback seed the engine derives from its global seed and a per-sequence counter, see
+`derive_seed`). Each sampled row draws exactly one float64 uniform from its own generator per
+call and inverts the CDF of its (unnormalised) filtered weights, so a row's tokens depend
+only on its own seed, logits and history: the same whether it is sampled alone or in a
+batch of 16 with other parameters. Inverse-CDF sampling replaces gpt-fast's
+`argmax(probs / Exp(1) noise)` trick (which needs V exponential draws per row: ~2-4 ms per
+row at V=128256 on CPU); it is equally free of host syncs. Full-vocabulary rows use a
+two-level CDF (float64 block sums, then a cumsum inside one block), so no float32 cumsum
+over the whole vocabulary biases the draw.
+
+Logprobs follow vLLM's default: `log_softmax` of the RAW logits (before the mask,
+penalties, bias, temperature and filters), for the chosen token and the `top_logprobs`
+most likely tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import attrs
+import torch
+
+__all__ = [
+    "DRY_LOOKBACK",
+    "DRY_MAX_MATCH",
+    "MAX_TOP_LOGPROBS",
+    "SampleOutput",
+    "Sampler",
+    "SamplingParams",
+    "SequenceSamplingState",
+    "derive_seed",
+    "dry_breaker_ids",
+    "processed_probs",
+]
+
+GREEDY_EPS = 1e-7
+"""Temperatures below this (including 0 and negatives) mean greedy decoding."""
+MAX_TOP_LOGPROBS = 20
+DRY_LOOKBACK = 1024
+"""DRY only looks at the last DRY_LOOKBACK tokens of prompt + output."""
+DRY_MAX_MATCH = 50
+"""Longest repeated suffix DRY measures (mistral.rs caps it at 50 against adversarial inputs)."""
+_CANDIDATES = (256, 4096)
+_BLOCK = 512
+_SEED_MASK = (1 << 64) - 1
+
+
+# --------------------------------------------------------------------------- params
+
+
+def _bias_converter(value: Any) -> tuple[tuple[int, float], ...]:
+    """Accept {token: bias} (keys may be strings, as in OpenAI JSON) or (token, bias) pairs."""
+    if value is None:
+        return ()
+    items = value.items() if isinstance(value, Mapping) else value
+    return tuple((int(token), float(bias)) for token, bias in items)
+
+
+def _breakers_converter(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    return tuple(str(v) for v in value)
+
+
+def _check_top_logprobs(_inst: Any, _attr: Any, value: int) -> None:
+    if not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise ValueError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {value}")
+
+
+def _check_repetition_penalty(_inst: Any, _attr: Any, value: float | None) -> None:
+    if value is not None and not value > 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {value}")
+
+
+_DEFAULTED = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+_SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p")
+
+
+@attrs.frozen(kw_only=True)
+class SamplingParams:
+    """Per-request sampling parameters. None means "use the model default" (see `with_defaults`)."""
+
+    temperature: float | None = None
+    """None -> generation_config, else 1.0; below 1e-7 (0 included) -> greedy."""
+    top_k: int | None = None
+    """<= 0 (or >= vocab size) disables; 1 -> greedy."""
+    top_p: float | None = None
+    """Outside (0, 1) disables."""
+    min_p: float | None = None
+    """Outside (0, 1) disables. Keeps tokens with p > min_p * max p (strict, as mistral.rs)."""
+    repetition_penalty: float | None = attrs.field(default=None, validator=_check_repetition_penalty)
+    """llama.cpp style over prompt + output tokens: positive logits /= p, others *= p. 1.0 off."""
+    frequency_penalty: float = 0.0
+    """logit -= count(token in the generated output) * frequency_penalty."""
+    presence_penalty: float = 0.0
+    """logit -= presence_penalty if the token appears in the generated output."""
+    dry_multiplier: float = 0.0
+    """DRY strength; 0 disables DRY."""
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_sequence_breakers: tuple[str, ...] = attrs.field(
+        default=("\n", ":", '"', "*"), converter=_breakers_converter
+    )
+    logit_bias: tuple[tuple[int, float], ...] = attrs.field(default=(), converter=_bias_converter)
+    """(token_id, bias) pairs added to the logits; a dict {token_id: bias} is accepted too."""
+    seed: int | None = None
+    """Per-request seed: the same tokens whatever else is in the batch."""
+    logprobs: bool = False
+    top_logprobs: int = attrs.field(default=0, validator=_check_top_logprobs)
+    """0..20 most likely tokens to report with their logprobs (implies logprobs)."""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SamplingParams:
+        """Build from a mapping (e.g. request fields); None values mean "not set", unknown keys
+        are ignored, `logit_bias` may be a {token_id: bias} dict with string keys."""
+        names = {a.name for a in attrs.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in names and v is not None}
+        return cls(**kwargs)
+
+    def with_defaults(self, defaults: Any) -> SamplingParams:
+        """Fill the unset (None) temperature/top_k/top_p/min_p/repetition_penalty from
+        `defaults` (e.g. a `GenerationDefaults`; any attribute may be missing or None).
+
+        When `defaults.do_sample` is False (generation_config.json asks for greedy decoding,
+        which transformers honours), its temperature/top_k/top_p/min_p are ignored and an
+        unset temperature becomes 0 (greedy)."""
+        if defaults is None:
+            return self
+        greedy_default = getattr(defaults, "do_sample", None) is False
+        changes: dict[str, Any] = {}
+        for name in _DEFAULTED:
+            if getattr(self, name) is not None:
+                continue
+            if greedy_default and name in _SAMPLING_ONLY:
+                continue
+            value = getattr(defaults, name, None)
+            if value is not None:
+                changes[name] = value
+        if greedy_default and self.temperature is None:
+            changes["temperature"] = 0.0
+        return attrs.evolve(self, **changes) if changes else self
+
+    @property
+    def is_greedy(self) -> bool:
+        return (self.temperature is not None and self.temperature < GREEDY_EPS) or self.top_k == 1
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs or self.top_logprobs > 0
+
+    @property
+    def uses_penalties(self) -> bool:
+        return bool(
+            self.dry_multiplier != 0
+            or self.frequency_penalty != 0
+            or self.presence_penalty != 0
+            or (self.repetition_penalty is not None and self.repetition_penalty != 1.0)
+            or self.logit_bias
+        )
+
+
+# --------------------------------------------------------------------------- seeds / DRY ids
+
+
+def derive_seed(engine_seed: int, counter: int) -> int:
+    """A well-mixed 64-bit seed for the `counter`-th sequence of an engine seeded with
+    `engine_seed` (splitmix64), for requests that give no seed of their own."""
+    z = (engine_seed * 0x9E3779B97F4A7C15 + (counter + 1) * 0xBF58476D1CE4E5B9) & _SEED_MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _SEED_MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _SEED_MASK
+    return z ^ (z >> 31)
+
+
+def dry_breaker_ids(tokenizer_encode: Callable[[str], Sequence[int]], breakers: Iterable[str]) -> frozenset[int]:
+    """Token ids of the DRY sequence breakers: every id of every breaker, each encoded on its
+    own. Pass an encode function that adds no special tokens (as mistral.rs does)."""
+    ids: set[int] = set()
+    for breaker in breakers:
+        if breaker:
+            ids.update(int(t) for t in tokenizer_encode(breaker))
+    return frozenset(ids)
+
+
+# --------------------------------------------------------------------------- per-sequence state
+
+
+class _Grow:
+    """An append-only 1-D tensor with amortised O(1) appends."""
+
+    __slots__ = ("data", "n")
+
+    def __init__(self, dtype: torch.dtype, init: Sequence[int] | None = None) -> None:
+        n = len(init) if init is not None else 0
+        self.data = torch.empty(max(16, 2 * n), dtype=dtype)
+        if n:
+            self.data[:n] = torch.as_tensor(init, dtype=dtype)
+        self.n = n
+
+    def append(self, value: int | float) -> None:
+        if self.n == self.data.numel():
+            bigger = torch.empty(2 * self.n, dtype=self.data.dtype)
+            bigger[: self.n] = self.data
+            self.data = bigger
+        self.data[self.n] = value
+        self.n += 1
+
+    def view(self) -> torch.Tensor:
+        return self.data[: self.n]
+
+
+class SequenceSamplingState:
+    """What the sampler needs to remember about one sequence.
+
+    * `tokens`: prompt + output ids (DRY looks at the last `dry_lookback` of them);
+    * the generated-token counts (frequency/presence penalties) and the set of seen tokens
+      (prompt + output, repetition penalty), kept incrementally as tensors;
+    * `generator`: a `torch.Generator` seeded from `seed`, else `fallback_seed` (see
+      `derive_seed`), else a random seed;
+    * `dry_breakers`: the token ids that stop DRY matches (see `dry_breaker_ids`).
+
+    `append(token_id)` is amortised O(1).
+    """
+
+    __slots__ = (
+        "tokens",
+        "num_prompt_tokens",
+        "generator",
+        "seed",
+        "dry_breakers",
+        "dry_lookback",
+        "_breaker_tensor",
+        "_out_slot",
+        "_out_ids",
+        "_out_counts",
+        "_seen",
+        "_seen_ids",
+    )
+
+    def __init__(
+        self,
+        prompt_ids: Iterable[int] = (),
+        *,
+        seed: int | None = None,
+        fallback_seed: int | None = None,
+        dry_breaker_token_ids: Iterable[int] = (),
+        device: torch.device | str = "cpu",
+        dry_lookback: int = DRY_LOOKBACK,
+    ) -> None:
+        self.tokens: list[int] = [int(t) for t in prompt_ids]
+        self.num_prompt_tokens = len(self.tokens)
+        if seed is None:
+            seed = fallback_seed if fallback_seed is not None else secrets.randbits(63)
+        self.seed = int(seed) & _SEED_MASK
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(self.seed)
+        self.dry_breakers = frozenset(int(t) for t in dry_breaker_token_ids)
+        self._breaker_tensor = torch.tensor(sorted(self.dry_breakers), dtype=torch.long)
+        self.dry_lookback = dry_lookback
+        self._out_slot: dict[int, int] = {}
+        self._out_ids = _Grow(torch.long)
+        self._out_counts = _Grow(torch.float32)
+        self._seen: set[int] = set(self.tokens)
+        self._seen_ids = _Grow(torch.long, list(dict.fromkeys(self.tokens)))
+
+    @classmethod
+    def for_request(
+        cls,
+        params: SamplingParams,
+        prompt_ids: Iterable[int],
+        *,
+        fallback_seed: int | None = None,
+        tokenizer_encode: Callable[[str], Sequence[int]] | None = None,
+        device: torch.device | str = "cpu",
+    ) -> SequenceSamplingState:
+        """A state for one sequence of a request; the DRY breakers are tokenized with
+        `tokenizer_encode` when the request uses DRY."""
+        breakers: frozenset[int] = frozenset()
+        if params.dry_multiplier != 0 and tokenizer_encode is not None:
+            breakers = dry_breaker_ids(tokenizer_encode, params.dry_sequence_breakers)
+        return cls(
+            prompt_ids,
+            seed=params.seed,
+            fallback_seed=fallback_seed,
+            dry_breaker_token_ids=breakers,
+            device=device,
+        )
+
+    # -- updates
+
+    def append(self, token_id: int) -> None:
+        token_id = int(token_id)
+        self.tokens.append(token_id)
+        slot = self._out_slot.get(token_id)
+        if slot is None:
+            self._out_slot[token_id] = self._out_ids.n
+            self._out_ids.append(token_id)
+            self._out_counts.append(1.0)
+        else:
+            self._out_counts.data[slot] += 1.0
+        if token_id not in self._seen:
+            self._seen.add(token_id)
+            self._seen_ids.append(token_id)
+
+    def extend(self, token_ids: Iterable[int]) -> None:
+        for t in token_ids:
+            self.append(t)
+
+    # -- queries
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.tokens[self.num_prompt_tokens :]
+
+    def output_count(self, token_id: int) -> int:
+        slot = self._out_slot.get(int(token_id))
+        return 0 if slot is None else int(self._out_counts.data[slot])
+
+    def output_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(distinct generated token ids [U] int64, their counts [U] float32) - views."""
+        return self._out_ids.view(), self._out_counts.view()
+
+    def seen_ids(self) -> torch.Tensor:
+        """Distinct prompt + output token ids [N] int64 (a view)."""
+        return self._seen_ids.view()
+
+    def dry_penalties(self, multiplier: float, base: float, allowed_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """DRY penalties for the next token: (token ids [N] int64, penalties [N] float32).
+
+        The text-generation-webui / koboldcpp algorithm (mistral.rs `apply_dry_penalty`):
+        for every earlier occurrence i of the last token (no penalty if the last token is a
+        breaker), the candidate is the token after it, tokens[i + 1] (skipped if a breaker);
+        the match is extended backwards while tokens[i - k] == tokens[-1 - k] and the tail
+        token is not a breaker, up to DRY_MAX_MATCH. Each candidate keeps its longest match
+        L, and L >= allowed_length costs multiplier * base ** (L - allowed_length).
+        """
+        empty = torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.float32)
+        if multiplier == 0 or len(self.tokens) < 2:
+            return empty
+        window = self.tokens[-self.dry_lookback :] if self.dry_lookback > 0 else self.tokens
+        n = len(window)
+        last = window[-1]
+        breakers = self.dry_breakers
+        if last in breakers:
+            return empty
+        # How far a match can extend backwards: up to the most recent breaker of the tail.
+        max_ext = 0
+        while max_ext < DRY_MAX_MATCH - 1 and max_ext < n - 1 and window[n - 2 - max_ext] not in breakers:
+            max_ext += 1
+        w = torch.tensor(window, dtype=torch.long)
+        occ = (w[:-1] == last).nonzero().squeeze(1)
+        if occ.numel() == 0:
+            return empty
+        nxt = w[occ + 1]
+        if breakers:
+            ok = ~torch.isin(nxt, self._breaker_tensor)
+            occ, nxt = occ[ok], nxt[ok]
+            if occ.numel() == 0:
+                return empty
+        if max_ext > 0:
+            ks = torch.arange(1, max_ext + 1)
+            back = occ[:, None] - ks[None, :]
+            same = (w[back.clamp(min=0)] == w[n - 1 - ks][None, :]) & (back >= 0)
+            length = 1 + same.to(torch.int32).cumprod(dim=1).sum(dim=1)
+        else:
+            length = torch.ones_like(occ)
+        uniq, inverse = torch.unique(nxt, return_inverse=True)
+        best = torch.zeros(uniq.numel(), dtype=torch.long).scatter_reduce(
+            0, inverse, length.to(torch.long), reduce="amax", include_self=False
+        )
+        sel = best >= allowed_length
+        if not bool(sel.any()):
+            return empty
+        exps = (best[sel] - allowed_length).to(torch.float64)
+        penalty = multiplier * torch.pow(torch.tensor(float(base), dtype=torch.float64), exps)
+        return uniq[sel], penalty.to(torch.float32)
+
+
+# --------------------------------------------------------------------------- sampler
+
+
+@attrs.frozen
+class SampleOutput:
+    token_ids: list[int]
+    """The chosen token of every row."""
+    logprobs: list[float | None] | None
+    """log_softmax(raw logits) of the chosen token, per row (None for rows that did not ask
+    for logprobs); None when no row asked."""
+    top_logprobs: list[list[tuple[int, float]]] | None
+    """Per row, its `top_logprobs` most likely (token, logprob) pairs of the raw logits, sorted
+    descending ([] for rows that asked for none); None when no row asked for logprobs."""
+
+
+@attrs.frozen
+class _Group:
+    rows: list[int]  # indices into the sampled rows
+    idx: torch.Tensor | None  # [R, K] vocabulary ids of the candidates; None = whole vocabulary
+    weights: torch.Tensor  # [R, K] (or [R, V]) unnormalised filtered probabilities
+
+
+def _rows_tensor(rows: Sequence[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(list(rows), dtype=torch.long, device=device)
+
+
+def _last_positive(weights: torch.Tensor) -> torch.Tensor:
+    """Index of the last strictly positive entry of every row (the last index if none)."""
+    k = weights.shape[-1]
+    pos = (weights > 0).flip(-1).to(torch.int8).argmax(dim=-1)
+    return (k - 1 - pos).to(torch.long)
+
+
+def _effective(p: SamplingParams, V: int) -> tuple[float, int, float, float]:
+    """(temperature, top_k, top_p, min_p) with disabled filters as 0."""
+    T = p.temperature if p.temperature is not None else 1.0
+    k = p.top_k if p.top_k is not None and 0 < p.top_k < V else 0
+    tp = p.top_p if p.top_p is not None and 0 < p.top_p < 1 else 0.0
+    mp = p.min_p if p.min_p is not None and 0 < p.min_p < 1 else 0.0
+    return T, k, tp, mp
+
+
+class _Plan:
+    """The rows reordered as greedy | unfiltered | top-p without top-k | other filtered, so
+    every kind is a contiguous slice of one working copy of the logits."""
+
+    def __init__(self, params: Sequence[SamplingParams], V: int) -> None:
+        self.eff = [_effective(p, V) for p in params]
+        greedy: list[int] = []
+        plain: list[int] = []
+        p_only: list[int] = []
+        rest: list[int] = []
+        for i, p in enumerate(params):
+            _, k, tp, mp = self.eff[i]
+            if p.is_greedy:
+                greedy.append(i)
+            elif not (k or tp or mp):
+                plain.append(i)
+            elif tp and not k:
+                p_only.append(i)
+            else:
+                rest.append(i)
+        self.order = greedy + plain + p_only + rest
+        self.n_greedy, self.n_plain, self.n_p_only = len(greedy), len(plain), len(p_only)
+
+
+class Sampler:
+    """Stateless batched sampler (see the module docstring for the semantics)."""
+
+    def __init__(self, *, candidate_sizes: Sequence[int] = _CANDIDATES) -> None:
+        self.candidate_sizes = tuple(int(k) for k in candidate_sizes)
+
+    # -- public API
+
+    @torch.no_grad()
+    def sample(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        states: Sequence[SequenceSamplingState],
+        *,
+        allowed_mask: torch.Tensor | None = None,
+    ) -> SampleOutput:
+        """One token per row of `logits` [S, V]. The caller appends the tokens to the states."""
+        self._check(logits, params, states)
+        S, V = logits.shape
+        if S == 0:
+            return SampleOutput([], None, None)
+        plan = _Plan(params, V)
+        G = plan.n_greedy
+        if G == S and allowed_mask is None and not any(p.uses_penalties for p in params):
+            tokens = logits.argmax(dim=-1)
+        else:
+            x = self._process(logits, params, states, allowed_mask, plan.order)
+            ordered = torch.empty(S, dtype=torch.long, device=x.device)
+            if G:
+                ordered[:G] = x[:G].argmax(dim=-1)
+            if G < S:
+                rows = plan.order[G:]
+                generators = [states[i].generator for i in rows]
+                groups = self._filter(x[G:], [plan.eff[i] for i in rows], plan.n_plain, plan.n_p_only)
+                for group in groups:
+                    picked = self._draw(group, [generators[r] for r in group.rows])
+                    ordered[_rows_tensor([G + r for r in group.rows], x.device)] = picked
+            tokens = torch.empty_like(ordered)
+            tokens[_rows_tensor(plan.order, x.device)] = ordered
+        token_ids = [int(t) for t in tokens.tolist()]
+        logprobs, top = self._logprobs(logits, params, tokens)
+        return SampleOutput(token_ids, logprobs, top)
+
+    @torch.no_grad()
+    def processed_logits(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        states: Sequence[SequenceSamplingState] | None = None,
+        *,
+        allowed_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The logits after the mask, DRY, frequency/presence/repetition penalties and
+        logit_bias (before temperature), as a new float32 tensor. `states=None` means
+        empty histories."""
+        states = self._default_states(logits, states)
+        self._check(logits, params, states)
+        return self._process(logits, params, states, allowed_mask, list(range(logits.shape[0])))
+
+    @torch.no_grad()
+    def processed_probs(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        states: Sequence[SequenceSamplingState] | None = None,
+        *,
+        allowed_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The normalised distribution [S, V] each row is sampled from: after penalties,
+        temperature and the top-k/top-p/min-p filters. Greedy rows are one-hot at the argmax."""
+        states = self._default_states(logits, states)
+        self._check(logits, params, states)
+        S, V = logits.shape
+        plan = _Plan(params, V)
+        G = plan.n_greedy
+        x = self._process(logits, params, states, allowed_mask, plan.order)
+        ordered = torch.zeros(S, V, dtype=torch.float32, device=x.device)
+        if G:
+            ordered[torch.arange(G, device=x.device), x[:G].argmax(dim=-1)] = 1.0
+        if G < S:
+            effs = [plan.eff[i] for i in plan.order[G:]]
+            for group in self._filter(x[G:], effs, plan.n_plain, plan.n_p_only):
+                rows = _rows_tensor([G + r for r in group.rows], x.device)
+                w = group.weights.to(torch.float64)
+                w = w / w.sum(dim=-1, keepdim=True)
+                if group.idx is None:
+                    ordered[rows] = w.to(torch.float32)
+                else:
+                    dense = torch.zeros(len(group.rows), V, dtype=torch.float64, device=x.device)
+                    dense.scatter_(1, group.idx, w)
+                    ordered[rows] = dense.to(torch.float32)
+        out = torch.empty_like(ordered)
+        out[_rows_tensor(plan.order, x.device)] = ordered
+        return out
+
+    # -- internals
+
+    @staticmethod
+    def _check(logits: torch.Tensor, params: Sequence[SamplingParams], states: Sequence[Any]) -> None:
+        if logits.dim() != 2:
+            raise ValueError(f"logits must be [S, V], got shape {tuple(logits.shape)}")
+        if len(params) != logits.shape[0] or len(states) != logits.shape[0]:
+            raise ValueError(
+                f"{logits.shape[0]} logit rows but {len(params)} params and {len(states)} states"
+            )
+
+    @staticmethod
+    def _default_states(
+        logits: torch.Tensor, states: Sequence[SequenceSamplingState] | None
+    ) -> Sequence[SequenceSamplingState]:
+        if states is not None:
+            return states
+        return [SequenceSamplingState(fallback_seed=0) for _ in range(logits.shape[0])]
+
+    def _process(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        states: Sequence[SequenceSamplingState],
+        allowed_mask: torch.Tensor | None,
+        order: list[int],
+    ) -> torch.Tensor:
+        """A new float32 tensor: the rows `order` of `logits` with the mask, penalties and
+        bias applied (row j of the result is row order[j] of the input)."""
+        S, V = logits.shape
+        dev = logits.device
+        order_t = _rows_tensor(order, dev)
+        x = logits.index_select(0, order_t).to(torch.float32)
+        if allowed_mask is not None:
+            if allowed_mask.shape != logits.shape:
+                raise ValueError(
+                    f"allowed_mask shape {tuple(allowed_mask.shape)} != logits shape {tuple(logits.shape)}"
+                )
+            allowed_mask = allowed_mask.to(device=dev, dtype=torch.bool)
+            if not bool(allowed_mask.any(dim=-1).all()):
+                bad = (~allowed_mask.any(dim=-1)).nonzero().flatten().tolist()
+                raise ValueError(f"allowed_mask allows no token in row(s) {bad}")
+            x.masked_fill_(~allowed_mask.index_select(0, order_t), -math.inf)
+        rows = [(j, params[i], states[i]) for j, i in enumerate(order) if params[i].uses_penalties]
+        if not rows:
+            return x
+
+        def flat(chunks: list[tuple[int, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+            r = torch.cat([torch.full((ids.numel(),), j, dtype=torch.long) for j, ids, _ in chunks])
+            ids = torch.cat([ids for _, ids, _ in chunks])
+            vals = torch.cat([v for _, _, v in chunks])
+            ok = (ids >= 0) & (ids < V)  # ids past the vocab (e.g. Llama 3.2 hacks) carry no logit
+            return r[ok].to(dev), ids[ok].to(dev), vals[ok].to(dev)
+
+        # 1. DRY
+        dry = []
+        for j, p, s in rows:
+            if p.dry_multiplier != 0:
+                ids, pen = s.dry_penalties(p.dry_multiplier, p.dry_base, p.dry_allowed_length)
+                if ids.numel():
+                    dry.append((j, ids, pen))
+        if dry:
+            r, ids, pen = flat(dry)
+            x.index_put_((r, ids), -pen, accumulate=True)
+
+        # 2a. frequency / presence over the generated tokens: logit -= count * f + p
+        freq = []
+        for j, p, s in rows:
+            if p.frequency_penalty != 0 or p.presence_penalty != 0:
+                ids, counts = s.output_counts()
+                if ids.numel():
+                    freq.append((j, ids, counts * p.frequency_penalty + p.presence_penalty))
+        if freq:
+            r, ids, sub = flat(freq)
+            x.index_put_((r, ids), -sub, accumulate=True)
+
+        # 2b. repetition over prompt + output: positive logits / p, others * p
+        rep = []
+        for j, p, s in rows:
+            if p.repetition_penalty is not None and p.repetition_penalty != 1.0:
+                ids = s.seen_ids()
+                if ids.numel():
+                    rep.append((j, ids, torch.full((ids.numel(),), float(p.repetition_penalty))))
+        if rep:
+            r, ids, rp = flat(rep)
+            vals = x[r, ids]
+            x[r, ids] = torch.where(vals > 0, vals / rp, vals * rp)
+
+        # 3. logit bias (added; a -inf from the mask stays -inf)
+        bias = [
+            (
+                j,
+                torch.tensor([t for t, _ in p.logit_bias], dtype=torch.long),
+                torch.tensor([b for _, b in p.logit_bias], dtype=torch.float32),
+            )
+            for j, p, _ in rows
+            if p.logit_bias
+        ]
+        if bias:
+            r, ids, b = flat(bias)
+            x.index_put_((r, ids), b, accumulate=True)
+        return x
+
+    def _filter(
+        self, w: torch.Tensor, effs: Sequence[tuple[float, int, float, float]], n_plain: int, n_p_only: int
+    ) -> list[_Group]:
+        """Temperature + top-k/top-p/min-p, in place on the non-greedy rows `w` [R, V],
+        ordered unfiltered | top-p without top-k | other filtered. Returns groups of rows
+        with their unnormalised filtered weights (each row's maximum has weight 1)."""
+        R, V = w.shape
+        dev = w.device
+        w.sub_(w.amax(dim=-1, keepdim=True))
+        temps = [e[0] for e in effs]
+        if any(t != 1.0 for t in temps):
+            w.div_(torch.tensor(temps, dtype=torch.float32, device=dev)[:, None])
+        w.exp_()  # exp((x - max) / T): softmax without the normalisation
+
+        groups: list[_Group] = []
+        if n_plain:
+            groups.append(_Group(list(range(n_plain)), None, w[:n_plain]))
+        F = R - n_plain
+        if F == 0:
+            return groups
+        wf = w[n_plain:]
+        feff = effs[n_plain:]
+        k_l = [e[1] for e in feff]
+        k_t = torch.tensor([k or V for k in k_l], dtype=torch.long, device=dev)
+        p_t = torch.tensor([e[2] for e in feff], dtype=torch.float64, device=dev)
+        mp_t = torch.tensor([e[3] for e in feff], dtype=torch.float32, device=dev)
+        has_k = torch.tensor([bool(k) for k in k_l], device=dev)
+        has_p = p_t > 0
+        has_m = mp_t > 0
+        # top-p renormalises over top-k's kept mass (all k candidates are fetched) or, without
+        # top-k, over the whole row.
+        total_full = torch.zeros(F, dtype=torch.float64, device=dev)
+        if n_p_only:
+            total_full[:n_p_only] = wf[:n_p_only].sum(dim=-1, dtype=torch.float64)
+
+        pending = list(range(F))
+        for level, base in enumerate((*self.candidate_sizes, V)):
+            if not pending:
+                break
+            kr = max(k_l[i] if k_l[i] else min(base, V) for i in pending)
+            kr = max(1, min(V, kr))
+            sel = _rows_tensor(pending, dev)
+            sub = wf if len(pending) == F else wf.index_select(0, sel)
+            vals, idx = sub.topk(kr, dim=-1, sorted=True)
+            keep = torch.arange(kr, device=dev)[None, :] < k_t[sel][:, None]
+            v = vals.to(torch.float64) * keep
+            cum = v.cumsum(dim=-1)
+            hk, hp, hm = has_k[sel], has_p[sel], has_m[sel]
+            total = torch.where(hk, cum[:, -1], total_full[sel])
+            threshold = torch.where(hp, p_t[sel] * total, torch.full_like(total, math.inf))
+            keep &= (cum - v) < threshold[:, None]
+            mp = mp_t[sel]
+            keep &= vals > mp[:, None]
+            keep[:, 0] = True  # the most likely token always survives
+            # Resolved when no token past the candidates can be kept: top-k fetched whole,
+            # or the top-p / min-p cut falls inside the candidates.
+            resolved = hk | (kr >= V)
+            resolved |= hp & (cum[:, -1] >= threshold)
+            resolved |= hm & (vals[:, -1] <= mp)
+            if level == len(self.candidate_sizes):
+                resolved[:] = True
+            done = resolved.nonzero().flatten()
+            if done.numel():
+                ids = [pending[i] for i in done.tolist()]
+                groups.append(
+                    _Group(
+                        [n_plain + i for i in ids],
+                        idx.index_select(0, done),
+                        (vals * keep).index_select(0, done),
+                    )
+                )
+            pending = [pending[i] for i in (~resolved).nonzero().flatten().tolist()]
+        return groups
+
+    @staticmethod
+    def _draw(group: _Group, generators: Sequence[torch.Generator]) -> torch.Tensor:
+        """One inverse-CDF draw per row from its own generator."""
+        w = group.weights
+        dev = w.device
+        u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=g.device) for g in generators]).to(dev)
+        R, V = w.shape
+        if group.idx is not None or V <= 2 * _BLOCK:
+            cum = w.to(torch.float64).cumsum(dim=-1)
+            target = u * cum[:, -1]
+            pos = torch.searchsorted(cum, target[:, None], right=True).squeeze(1)
+            pos = torch.minimum(pos, _last_positive(w))
+            return pos if group.idx is None else group.idx.gather(1, pos[:, None]).squeeze(1)
+        # Whole vocabulary: pick a block from float64 block sums, then a token inside it.
+        nb = V // _BLOCK
+        sums = [w[:, : nb * _BLOCK].reshape(R, nb, _BLOCK).sum(dim=-1, dtype=torch.float64)]
+        if V > nb * _BLOCK:
+            sums.append(w[:, nb * _BLOCK :].sum(dim=-1, dtype=torch.float64, keepdim=True))
+        block_sums = torch.cat(sums, dim=1) if len(sums) > 1 else sums[0]
+        cb = block_sums.cumsum(dim=-1)
+        target = u * cb[:, -1]
+        b = torch.searchsorted(cb, target[:, None], right=True).squeeze(1)
+        b = torch.minimum(b, _last_positive(block_sums))
+        before = torch.where(b > 0, cb.gather(1, (b - 1).clamp(min=0)[:, None]).squeeze(1), torch.zeros_like(target))
+        offset = target - before
+        cols = b[:, None] * _BLOCK + torch.arange(_BLOCK, device=dev)[None, :]
+        inside = cols < V
+        blk = w.gather(1, cols.clamp(max=V - 1)).to(torch.float64) * inside
+        pos = torch.searchsorted(blk.cumsum(dim=-1), offset[:, None], right=True).squeeze(1)
+        pos = torch.minimum(pos, _last_positive(blk))
+        return b * _BLOCK + pos
+
+    @staticmethod
+    def _logprobs(
+        logits: torch.Tensor, params: Sequence[SamplingParams], tokens: torch.Tensor
+    ) -> tuple[list[float | None] | None, list[list[tuple[int, float]]] | None]:
+        rows = [i for i, p in enumerate(params) if p.wants_logprobs]
+        if not rows:
+            return None, None
+        S = logits.shape[0]
+        r = _rows_tensor(rows, logits.device)
+        lp = torch.log_softmax(logits.index_select(0, r).to(torch.float32), dim=-1)
+        chosen = lp.gather(1, tokens.to(logits.device).index_select(0, r)[:, None]).squeeze(1).tolist()
+        out: list[float | None] = [None] * S
+        top: list[list[tuple[int, float]]] = [[] for _ in range(S)]
+        for i, value in zip(rows, chosen):
+            out[i] = float(value)
+        n = max(params[i].top_logprobs for i in rows)
+        if n > 0:
+            values, ids = lp.topk(min(n, lp.shape[-1]), dim=-1, sorted=True)
+            values, ids = values.tolist(), ids.tolist()
+            for j, i in enumerate(rows):
+                k = params[i].top_logprobs
+                top[i] = [(int(t), float(v)) for t, v in zip(ids[j][:k], values[j][:k])]
+        return out, top
+
+
+_DEFAULT_SAMPLER = Sampler()
+
+
+def processed_probs(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    states: Sequence[SequenceSamplingState] | None = None,
+    *,
+    allowed_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The distribution [S, V] `Sampler.sample` draws each row from (see `Sampler.processed_probs`)."""
+    return _DEFAULT_SAMPLER.processed_probs(logits, params, states, allowed_mask=allowed_mask)

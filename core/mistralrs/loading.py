@@ -1,0 +1,657 @@
+"""config.json -> architecture spec -> model built on the meta device -> weights streamed in.
+
+    load_model(path_or_model_files, arch=None, dtype="auto", device="cpu") -> LoadedModel
+
+Steps: read config.json; select the architecture through the registry (``arch`` override by spec
+name or HF architecture name, else ``architectures[0]``, else ``model_type``); build the model
+on the meta device (no memory), cast its floating parameters to the dtype, let a quantizer
+swap linear methods (``LoadContext.quant_method_for``), materialise with ``to_empty``; stream
+the safetensors tensors in one at a time (mmap, re-opened every `_MMAP_WINDOW` bytes so the
+mapped pages never pile up in RSS; ``MISTRALRS_NO_MMAP=1`` reads each file's bytes instead);
+check shapes, missing and unexpected tensors; run ``process_after_loading`` on every linear
+method. ``dummy_weights=True`` needs only config.json and fills deterministic random values.
+
+Errors are one-line `ModelLoadError`s naming the file / key / tensor and the fix.
+
+Also here until the engine exists: `build_attention_backend` and `generate_greedy` (a
+single-sequence greedy loop over the KV cache, used by parity tests and the CLI).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+
+import attrs
+
+from mistralrs.errors import MistralRsError, ModelLoadError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from mistralrs.specs import ArchitectureSpec
+
+# Bytes read through one safetensors mmap before it is closed and re-opened (bounds the RSS
+# that mapped checkpoint pages add on top of the weights themselves).
+_MMAP_WINDOW = 16 * 1024 * 1024
+
+# Checkpoint tensors that no model needs, whatever the architecture (HF's saved rotary tables).
+IGNORABLE_CHECKPOINT_KEYS: tuple[str, ...] = (
+    r"(^|\.)rotary_emb\.inv_freq$",
+    r"(^|\.)rotary_emb\.original_inv_freq$",
+    r"(^|\.)rotary_emb\._cos_cached$",
+    r"(^|\.)rotary_emb\._sin_cached$",
+)
+
+
+@attrs.define(kw_only=True)
+class LoadContext:
+    """What a model class receives besides its config: ``Model(config, ctx)``.
+
+    quant_method_for(name, layer) -> a linear method or None: called for every `Linear` after
+    the (meta-device) build, before the weights are read; a quantizer plugin decides there."""
+
+    config: dict
+    dtype: Any  # torch.dtype
+    device: Any  # torch.device
+    registry: Any = None
+    arch: Any = None  # ArchitectureSpec
+    model_dir: Path | None = None
+    quant_method_for: Callable[[str, Any], Any] | None = None
+    extra: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.define(kw_only=True)
+class LoadedModel:
+    model: Any
+    config: dict
+    arch: Any  # ArchitectureSpec
+    dtype: Any
+    device: Any
+    model_dir: Path | None
+    weight_files: tuple[Path, ...] = ()
+    dummy_weights: bool = False
+    load_seconds: float = 0.0
+    weight_bytes: int = 0
+
+    def kv_cache_shape(self) -> dict[str, int]:
+        return self.model.kv_cache_shape()
+
+
+# --------------------------------------------------------------------------------- files
+
+
+def _short(path: Path | str) -> str:
+    return str(path)
+
+
+def read_config(path: Path) -> dict:
+    """Parse config.json; missing / malformed -> one-line ModelLoadError naming the file (and line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{_short(path)}: config.json not found; the model directory must contain the HF config.json")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{_short(path)}: cannot read config.json ({exc}); check the file") from None
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(
+            f"{_short(path)} line {exc.lineno} column {exc.colno}: malformed JSON ({exc.msg}); fix or re-download config.json"
+        ) from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{_short(path)}: config.json must hold a JSON object, not {type(config).__name__}")
+    return config
+
+
+def _resolve_source(source: Any) -> tuple[Path, Path, list[Path]]:
+    """(model_dir, config path, weight files) for a directory path or a hub.ModelFiles-like object."""
+    if isinstance(source, (str, os.PathLike)):
+        root = Path(source).expanduser()
+        if not root.exists():
+            raise ModelLoadError(f"{_short(root)}: model directory does not exist; pass a local model directory or a hub model id")
+        if root.is_file():
+            raise ModelLoadError(f"{_short(root)}: expected a model directory (with config.json), got a file")
+        return root, root / "config.json", []
+    root = getattr(source, "root", None)
+    if root is None:
+        raise ModelLoadError(f"cannot load a model from {type(source).__name__}: pass a directory path or hub.ModelFiles")
+    root = Path(root)
+    config = getattr(source, "config", None)
+    weights = [Path(w) for w in (getattr(source, "weights", None) or ())]
+    return root, Path(config) if config else root / "config.json", weights
+
+
+def find_weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a model directory: the shards of model.safetensors.index.json,
+    else model.safetensors, else every *.safetensors file."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError, OSError) as exc:
+            raise ModelLoadError(
+                f"{_short(index)}: malformed index ({type(exc).__name__}: {exc}); it needs a 'weight_map' object"
+            ) from None
+        files: list[Path] = []
+        for name in weight_map.values():
+            p = model_dir / name
+            if p not in files:
+                files.append(p)
+        for p in files:
+            if not p.is_file():
+                raise ModelLoadError(f"{_short(p)}: shard listed in {index.name} is missing; re-download the model")
+        return files
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    found = sorted(model_dir.glob("*.safetensors"))
+    if found:
+        non_consolidated = [p for p in found if not p.name.startswith("consolidated")]
+        return non_consolidated or found
+    pickles = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.pt"))
+    if pickles:
+        raise ModelLoadError(
+            f"{_short(model_dir)}: only pickle weights ({', '.join(pickles[:3])}); mistralrs loads safetensors only - "
+            "convert them (e.g. transformers save_pretrained(safe_serialization=True))"
+        )
+    raise ModelLoadError(
+        f"{_short(model_dir)}: no *.safetensors weights found; download the weights or use dummy_weights=True"
+    )
+
+
+# ------------------------------------------------------------------------- architecture
+
+
+def select_architecture(config: dict, arch: str | None = None, registry: Any = None, *,
+                        config_path: Path | str = "config.json") -> ArchitectureSpec:
+    """The registered architecture for a config (or an explicit `arch`: spec name, HF
+    architecture name or model_type)."""
+    from mistralrs.errors import NotFoundError
+
+    if registry is None:
+        from mistralrs.plugins import get_registry
+
+        registry = get_registry()
+    if arch:
+        if arch in registry.architectures:
+            return registry.architectures.get(arch)
+        try:
+            return registry.architecture_for(hf_architecture=arch, model_type=arch)
+        except NotFoundError as exc:
+            raise ModelLoadError(f"--arch {arch!r}: {exc}") from None
+    archs = config.get("architectures")
+    hf_arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
+    model_type = config.get("model_type") if isinstance(config.get("model_type"), str) else None
+    if not hf_arch and not model_type:
+        raise ModelLoadError(
+            f"{_short(config_path)}: neither 'architectures' nor 'model_type' is set; add one or choose an architecture "
+            f"with --arch (supported: {', '.join(registry.supported_architecture_names())})"
+        )
+    try:
+        return registry.architecture_for(hf_architecture=hf_arch, model_type=model_type)
+    except NotFoundError as exc:
+        raise ModelLoadError(f"{_short(config_path)}: {exc}") from None
+
+
+# ------------------------------------------------------------------------------- building
+
+
+def _cast_floating_params(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast every floating parameter to `dtype` (unless it sets ``keep_dtype``), keeping shared
+    parameters shared and parameter attributes (weight_loader, ...)."""
+    from torch import nn
+
+    done: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            new = done.get(id(p))
+            if new is None:
+                if p.is_floating_point() and p.dtype != dtype and not getattr(p, "keep_dtype", False):
+                    new = nn.Parameter(p.detach().to(dtype), requires_grad=False)
+                    new.__dict__.update(p.__dict__)
+                else:
+                    p.requires_grad_(False)
+                    new = p
+                done[id(p)] = new
+            module._parameters[name] = new
+
+
+def _shared_param_groups(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    groups: dict[int, list[tuple[Any, str]]] = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                groups.setdefault(id(p), []).append((module, name))
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def materialize(model: nn.Module, device: Any) -> None:
+    """Meta tensors -> uninitialised storage on `device` (``to_empty``). Buffers that were real
+    before (built with an explicit device) are restored; shared parameters stay shared;
+    modules with ``reset_buffers()`` recompute their non-persistent buffers."""
+    import torch
+
+    real_buffers: dict[str, torch.Tensor] = {
+        name: buf for name, buf in model.named_buffers(remove_duplicate=False) if buf is not None and not buf.is_meta
+    }
+    shared = _shared_param_groups(model)
+    model.to_empty(device=device)
+    if real_buffers:
+        for mod_name, module in model.named_modules(remove_duplicate=False):
+            for bname in list(module._buffers):
+                full = f"{mod_name}.{bname}" if mod_name else bname
+                if full in real_buffers:
+                    module._buffers[bname] = real_buffers[full].to(device)
+    for group in shared:
+        first_mod, first_name = group[0]
+        p = first_mod._parameters[first_name]
+        for mod, name in group[1:]:
+            mod._parameters[name] = p
+    for module in model.modules():
+        reset = getattr(module, "reset_buffers", None)
+        if callable(reset):
+            reset()
+
+
+def build_model(spec: ArchitectureSpec, config: dict, ctx: LoadContext) -> nn.Module:
+    """Construct the architecture's model on the meta device (no memory), cast to the dtype and
+    let the quantizer choose per-layer linear methods. Not yet materialised."""
+    import torch
+
+    from mistralrs.nn.linear import linear_layers
+    from mistralrs.specs import resolve
+
+    try:
+        cls = resolve(spec.builder)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ModelLoadError(
+            f"architecture {spec.name!r}: cannot import its model class {spec.builder!r} ({type(exc).__name__}: {exc}); "
+            "reinstall the plugin that provides it"
+        ) from exc
+    try:
+        with torch.device("meta"):
+            model = cls(config, ctx)
+            _cast_floating_params(model, ctx.dtype)
+            if ctx.quant_method_for is not None:
+                for name, layer in linear_layers(model):
+                    method = ctx.quant_method_for(name, layer)
+                    if method is not None:
+                        layer.set_quant_method(method)
+                _cast_floating_params(model, ctx.dtype)
+    except MistralRsError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(
+            f"building architecture {spec.name!r} from config.json failed: {type(exc).__name__}: {exc}; "
+            "check config.json against the architecture"
+        ) from exc
+    return model
+
+
+# -------------------------------------------------------------------------------- weights
+
+
+def _expected_tensors(model: nn.Module) -> dict[str, Any]:
+    """Parameter / persistent-buffer name -> tensor, as the checkpoint names them."""
+    return dict(model.state_dict(keep_vars=True))
+
+
+def _map_name(model: nn.Module, name: str) -> str | None:
+    mapper = getattr(model, "map_checkpoint_name", None)
+    if mapper is not None:
+        mapped = mapper(name)
+        if mapped is None:
+            return None
+        name = mapped
+    else:
+        for pattern, repl in getattr(model, "checkpoint_name_map", ()):
+            name = re.sub(pattern, repl, name)
+        for pattern in getattr(model, "ignored_checkpoint_keys", ()):
+            if re.search(pattern, name):
+                return None
+    for pattern in IGNORABLE_CHECKPOINT_KEYS:
+        if re.search(pattern, name):
+            return None
+    return name
+
+
+def _corrupt(path: Path, exc: BaseException) -> ModelLoadError:
+    return ModelLoadError(
+        f"{_short(path)}: cannot read safetensors file, it is truncated or corrupt ({type(exc).__name__}: "
+        f"{str(exc).splitlines()[0] if str(exc) else ''}); delete it and download it again"
+    )
+
+
+_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+             "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _iter_mmap(path: Path) -> Iterator[tuple[str, tuple[int, ...], Callable[[], Any]]]:
+    """(name, shape, read()) per tensor through safe_open, re-opening the file every
+    `_MMAP_WINDOW` bytes so mapped pages are released as loading proceeds."""
+    from safetensors import safe_open
+
+    def open_() -> Any:
+        try:
+            return safe_open(str(path), framework="pt", device="cpu").__enter__()
+        except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, ...
+            raise _corrupt(path, exc) from None
+
+    handle = open_()
+    try:
+        keys = list(handle.keys())
+        read_since_open = 0
+        for key in keys:
+            try:
+                sl = handle.get_slice(key)
+                shape = tuple(sl.get_shape())
+                itemsize = _ITEMSIZE.get(str(sl.get_dtype()).upper(), 4)
+            except Exception as exc:  # noqa: BLE001
+                raise _corrupt(path, exc) from None
+
+            def read(_key: str = key) -> Any:
+                try:
+                    return handle.get_tensor(_key)
+                except Exception as exc:  # noqa: BLE001
+                    raise _corrupt(path, exc) from None
+
+            yield key, shape, read
+            read_since_open += math.prod(shape) * itemsize
+            if read_since_open >= _MMAP_WINDOW:
+                handle.__exit__(None, None, None)
+                handle = open_()
+                read_since_open = 0
+    finally:
+        try:
+            handle.__exit__(None, None, None)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _iter_bytes(path: Path) -> Iterator[tuple[str, tuple[int, ...], Callable[[], Any]]]:
+    """MISTRALRS_NO_MMAP=1: read the whole file into memory, deserialize, hand tensors out."""
+    from safetensors.torch import load as st_load
+
+    try:
+        tensors = st_load(path.read_bytes())
+    except Exception as exc:  # noqa: BLE001
+        raise _corrupt(path, exc) from None
+    for key in list(tensors):
+        t = tensors.pop(key)
+        yield key, tuple(t.shape), (lambda _t=t: _t)
+        del t
+
+
+def _no_mmap() -> bool:
+    return os.environ.get("MISTRALRS_NO_MMAP", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def load_weights(model: nn.Module, files: Iterable[Path], *, arch_name: str = "model") -> int:
+    """Stream every tensor of `files` into the model's (materialised) parameters; returns the
+    number of bytes copied. Shape mismatch / missing / unexpected tensors -> ModelLoadError."""
+    import torch
+
+    files = [Path(f) for f in files]
+    expected = _expected_tensors(model)
+    filled: set[str] = set()
+    nbytes = 0
+    iterate = _iter_bytes if _no_mmap() else _iter_mmap
+    with torch.no_grad():
+        for path in files:
+            if not path.is_file():
+                raise ModelLoadError(f"{_short(path)}: weights file not found; re-download the model")
+            for key, shape, read in iterate(path):
+                target = _map_name(model, key)
+                if target is None:
+                    continue
+                dest = expected.get(target)
+                if dest is None:
+                    raise ModelLoadError(
+                        f"{_short(path)}: unexpected tensor {key!r} (no such parameter in {arch_name}); the checkpoint "
+                        "does not match config.json or the architecture - check 'architectures' / --arch"
+                    )
+                loader = getattr(dest, "weight_loader", None)
+                if loader is None and tuple(dest.shape) != shape:
+                    raise ModelLoadError(
+                        f"{_short(path)}: tensor {key!r} has shape {list(shape)} but {arch_name} expects "
+                        f"{list(dest.shape)}; config.json does not match the weights"
+                    )
+                tensor = read()
+                if loader is not None:
+                    loader(dest, tensor)
+                else:
+                    dest.copy_(tensor)
+                nbytes += dest.numel() * dest.element_size()
+                filled.add(target)
+                del tensor
+    # Names that alias one tensor (tied parameters) are filled by any one of them.
+    filled_ids = {id(expected[name]) for name in filled}
+    missing = [name for name, t in expected.items() if name not in filled and id(t) not in filled_ids]
+    if missing:
+        where = files[0].name if len(files) == 1 else f"{len(files)} files in {files[0].parent}"
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ModelLoadError(
+            f"{where}: tensor {missing[0]!r}{more} required by {arch_name} is missing from the checkpoint; "
+            "the weights are incomplete or belong to another architecture"
+        )
+    return nbytes
+
+
+def init_dummy_weights(model: nn.Module, seed: int = 0) -> int:
+    """Deterministic stand-in weights: normal(0, 0.02) everywhere, norms' weights 1 (0 for the
+    ``1 + w`` Gemma variant) and their biases 0. Returns the bytes filled."""
+    import torch
+
+    from mistralrs.nn.norm import LayerNorm, RMSNorm
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    nbytes = 0
+    with torch.no_grad():
+        for mod_name, module in model.named_modules():
+            for pname, p in module.named_parameters(recurse=False):
+                if p is None:
+                    continue
+                if isinstance(module, (RMSNorm, LayerNorm)) or "norm" in type(module).__name__.lower():
+                    value = 0.0 if (pname == "bias" or getattr(module, "add_unit_offset", False)) else 1.0
+                    p.fill_(value)
+                elif p.is_floating_point():
+                    # chunked so a huge embedding never needs a second full-size fp32 copy
+                    flat = p.view(-1) if p.is_contiguous() else None
+                    if flat is None:
+                        p.copy_(torch.empty(p.shape).normal_(0.0, 0.02, generator=gen))
+                    else:
+                        step = 1 << 22
+                        for i in range(0, flat.numel(), step):
+                            n = min(step, flat.numel() - i)
+                            flat[i:i + n].copy_(torch.empty(n).normal_(0.0, 0.02, generator=gen))
+                else:
+                    p.zero_()
+                nbytes += p.numel() * p.element_size()
+    return nbytes
+
+
+def _process_after_loading(model: nn.Module) -> None:
+    from mistralrs.nn.linear import Linear
+
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.process_after_loading()
+
+
+# ------------------------------------------------------------------------------- load_model
+
+
+def load_model(
+    source: Any,
+    *,
+    arch: str | None = None,
+    dtype: Any = "auto",
+    device: Any = "cpu",
+    dummy_weights: bool = False,
+    registry: Any = None,
+    quant_method_for: Callable[[str, Any], Any] | None = None,
+    seed: int = 0,
+) -> LoadedModel:
+    """Load a model directory (or hub.ModelFiles) into a ready-to-run model. See the module doc."""
+    import torch
+
+    from mistralrs.dtypes import resolve_dtype
+
+    t0 = time.perf_counter()
+    root, config_path, weight_files = _resolve_source(source)
+    config = read_config(config_path)
+    if registry is None:
+        from mistralrs.plugins import get_registry
+
+        registry = get_registry()
+    spec = select_architecture(config, arch, registry, config_path=config_path)
+    dev = torch.device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    if not dummy_weights and not weight_files:
+        weight_files = find_weight_files(root)
+    ctx = LoadContext(config=config, dtype=torch_dtype, device=dev, registry=registry, arch=spec,
+                      model_dir=root, quant_method_for=quant_method_for)
+    model = build_model(spec, config, ctx)
+    materialize(model, dev)
+    if dummy_weights:
+        nbytes = init_dummy_weights(model, seed)
+        weight_files = []
+    else:
+        nbytes = load_weights(model, weight_files, arch_name=spec.name)
+    _process_after_loading(model)
+    model.eval()
+    return LoadedModel(
+        model=model, config=config, arch=spec, dtype=torch_dtype, device=dev, model_dir=root,
+        weight_files=tuple(weight_files), dummy_weights=dummy_weights,
+        load_seconds=time.perf_counter() - t0, weight_bytes=nbytes,
+    )
+
+
+# ---------------------------------------------------------------------- attention backend
+
+
+def _model_of(model: Any) -> Any:
+    return model.model if isinstance(model, LoadedModel) else model
+
+
+def _model_dtype(model: Any) -> Any:
+    import torch
+
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def build_attention_backend(
+    model: Any,
+    *,
+    name: str | None = None,
+    num_blocks: int = 0,
+    block_size: int = 32,
+    dtype: Any = None,
+    device: Any = "cpu",
+    registry: Any = None,
+) -> Any:
+    """Construct a registered attention backend (by `name`, else the highest-priority one that
+    supports the device/dtype/head_dim) for the model's KV-cache shape. num_blocks=0: no cache."""
+    import torch
+
+    from mistralrs.attention import KVCacheShape
+    from mistralrs.dtypes import resolve_dtype
+    from mistralrs.specs import resolve
+
+    inner = _model_of(model)
+    if registry is None:
+        from mistralrs.plugins import get_registry
+
+        registry = get_registry()
+    dev = torch.device(device)
+    cache_dtype = resolve_dtype(dtype, dev) if dtype is not None else _model_dtype(inner)
+    kv = dict(inner.kv_cache_shape())
+    if name:
+        spec = registry.attention_backends.get(name)
+    else:
+        spec = registry.attention_backends.select(
+            device=dev.type, dtype=str(cache_dtype).removeprefix("torch."), head_dim=kv["head_dim"],
+        )
+    cls = resolve(spec.backend)
+    shape = KVCacheShape(
+        num_layers=kv["num_layers"], num_kv_heads=kv["num_kv_heads"], head_dim=kv["head_dim"],
+        v_head_dim=kv.get("v_head_dim"), num_blocks=num_blocks, block_size=block_size,
+        dtype=cache_dtype, device=dev,
+    )
+    return cls(shape)
+
+
+# ------------------------------------------------------------------------ greedy generation
+
+
+def generate_greedy(
+    loaded: Any,
+    backend: Any,
+    input_ids: list[int],
+    max_new_tokens: int,
+    *,
+    eos_token_ids: Iterable[int] | None = None,
+) -> list[int]:
+    """Greedy decoding of one sequence; returns the new tokens only (stops early at an eos).
+
+    With a cache (``backend.num_blocks > 0``): one prefill step, then one token per step,
+    blocks 0..n-1 in order. Without a cache: the whole sequence is recomputed each step."""
+    import torch
+
+    model = _model_of(loaded)
+    if not input_ids:
+        raise ValueError("generate_greedy needs at least one input token")
+    device = next(iter(model.parameters())).device
+    eos = set(eos_token_ids or ())
+    tokens = list(input_ids)
+    out: list[int] = []
+    if max_new_tokens <= 0:
+        return out
+    cached = backend.num_blocks > 0
+    bs = backend.block_size
+    block_table = None
+    if cached:
+        needed = -(-(len(tokens) + max_new_tokens) // bs)
+        if needed > backend.num_blocks:
+            raise ValueError(
+                f"the KV cache has {backend.num_blocks} blocks of {bs} tokens; {len(tokens) + max_new_tokens} tokens need {needed}"
+            )
+        block_table = torch.arange(needed, dtype=torch.int32, device=device)[None, :]
+
+    def slots(pos: torch.Tensor) -> torch.Tensor:
+        return block_table[0, pos // bs].long() * bs + pos % bs
+
+    with torch.no_grad():
+        done = 0  # tokens whose K/V are in the cache
+        while len(out) < max_new_tokens:
+            if cached:
+                new = tokens[done:]
+                pos = torch.arange(done, len(tokens), dtype=torch.int64, device=device)
+                batch = backend.batch([0, len(new)], [len(tokens)], slot_mapping=slots(pos), block_tables=block_table)
+                ids = torch.tensor(new, dtype=torch.int64, device=device)
+            else:
+                pos = torch.arange(len(tokens), dtype=torch.int64, device=device)
+                batch = backend.batch([0, len(tokens)], [len(tokens)])
+                ids = torch.tensor(tokens, dtype=torch.int64, device=device)
+            hidden = model(ids, pos, batch)
+            logits = model.compute_logits(hidden[-1:])
+            nxt = int(torch.argmax(logits[0]).item())
+            done = len(tokens)
+            tokens.append(nxt)
+            out.append(nxt)
+            if nxt in eos:
+                break
+    return out

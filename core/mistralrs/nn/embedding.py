@@ -1,0 +1,44 @@
+"""Token embeddings and logits through the LM head (tied or not)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Embedding(nn.Module):
+    """weight [num_embeddings, dim]. `scale` multiplies the output (Gemma: sqrt(hidden), rounded
+    to the activation dtype first, as HF does)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, scale: float | None = None) -> None:
+        super().__init__()
+        self.num_embeddings = int(num_embeddings)
+        self.embedding_dim = int(embedding_dim)
+        self.scale = scale
+        self.weight = nn.Parameter(torch.empty(self.num_embeddings, self.embedding_dim), requires_grad=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(input_ids, self.weight)
+        if self.scale is not None:
+            x = x * torch.tensor(self.scale, dtype=x.dtype, device=x.device)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, scale={self.scale}"
+
+
+def compute_logits(hidden: torch.Tensor, lm_head: nn.Module | None, embedding: Embedding | None = None,
+                   *, softcap: float | None = None) -> torch.Tensor:
+    """hidden [S, H] -> float32 logits [S, V] through `lm_head`, or through the embedding's weight
+    when the head is tied (`lm_head` None). `softcap` c: logits -> c * tanh(logits / c)."""
+    if lm_head is not None:
+        logits = lm_head(hidden)
+    elif embedding is not None:
+        logits = F.linear(hidden, embedding.weight)
+    else:
+        raise ValueError("compute_logits needs an lm_head or a tied embedding")
+    logits = logits.float()
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits

@@ -1,0 +1,433 @@
+"""OpenAI-shaped requests and responses shared by the Python API and the HTTP server, and the
+translation between them and the engine.
+
+Requests are validated here (`InvalidRequest(message, param)` names the bad field); responses
+are attrs classes with the field names of mistral.rs's Python package and OpenAI's JSON, turned
+into JSON by `to_json` (one cattrs converter).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping, Sequence
+
+import attrs
+import cattrs
+
+from mistralrs.errors import InvalidRequest
+
+converter = cattrs.Converter(omit_if_default=False)
+
+
+def to_json(obj: Any) -> Any:
+    return converter.unstructure(obj)
+
+
+# -- responses ------------------------------------------------------------------------------
+@attrs.define
+class Usage:
+    completion_tokens: int
+    prompt_tokens: int
+    total_tokens: int
+    avg_tok_per_sec: float = 0.0
+    avg_prompt_tok_per_sec: float = 0.0
+    avg_compl_tok_per_sec: float = 0.0
+    total_time_sec: float = 0.0
+    total_prompt_time_sec: float = 0.0
+    total_completion_time_sec: float = 0.0
+    prompt_tokens_details: dict[str, int] | None = None
+
+    @classmethod
+    def from_engine(cls, u: Any) -> Usage:
+        total = u.total_seconds or 0.0
+        return cls(
+            completion_tokens=u.completion_tokens,
+            prompt_tokens=u.prompt_tokens,
+            total_tokens=u.total_tokens,
+            avg_tok_per_sec=(u.total_tokens / total) if total else 0.0,
+            avg_prompt_tok_per_sec=u.prompt_tok_per_sec or 0.0,
+            avg_compl_tok_per_sec=u.completion_tok_per_sec or 0.0,
+            total_time_sec=total,
+            total_prompt_time_sec=u.prompt_seconds or 0.0,
+            total_completion_time_sec=u.completion_seconds or 0.0,
+            prompt_tokens_details={"cached_tokens": u.cached_tokens},
+        )
+
+
+@attrs.define
+class TopLogprob:
+    token: int  # a token id, as mistral.rs returns it
+    logprob: float
+    bytes: str | None = None
+
+
+@attrs.define
+class ResponseLogprob:
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob] = attrs.field(factory=list)
+
+
+@attrs.define
+class Logprobs:
+    content: list[ResponseLogprob] | None = None
+
+
+@attrs.define
+class ToolCallFunction:
+    name: str
+    arguments: str
+
+
+@attrs.define
+class ToolCallResponse:
+    id: str
+    function: ToolCallFunction
+    type: str = "function"
+    index: int = 0
+
+
+@attrs.define
+class ResponseMessage:
+    content: str | None
+    role: str = "assistant"
+    tool_calls: list[ToolCallResponse] | None = None
+    reasoning_content: str | None = None
+
+
+@attrs.define
+class Choice:
+    finish_reason: str
+    index: int
+    message: ResponseMessage
+    logprobs: Logprobs | None = None
+
+
+@attrs.define
+class ChatCompletionResponse:
+    id: str
+    choices: list[Choice]
+    created: int
+    model: str
+    usage: Usage
+    system_fingerprint: str = "local"
+    object: str = "chat.completion"
+
+
+@attrs.define
+class Delta:
+    content: str | None = None
+    role: str | None = None
+    tool_calls: list[Any] | None = None
+    reasoning_content: str | None = None
+
+
+@attrs.define
+class ChunkChoice:
+    index: int
+    delta: Delta
+    finish_reason: str | None = None
+    logprobs: Logprobs | None = None
+
+
+@attrs.define
+class ChatCompletionChunkResponse:
+    id: str
+    choices: list[ChunkChoice]
+    created: int
+    model: str
+    usage: Usage | None = None
+    system_fingerprint: str = "local"
+    object: str = "chat.completion.chunk"
+
+
+@attrs.define
+class CompletionChoice:
+    finish_reason: str | None
+    index: int
+    text: str
+    logprobs: Any = None
+
+
+@attrs.define
+class CompletionResponse:
+    id: str
+    choices: list[CompletionChoice]
+    created: int
+    model: str
+    usage: Usage | None = None
+    system_fingerprint: str = "local"
+    object: str = "text_completion"
+
+
+# -- request validation ---------------------------------------------------------------------
+def _num(value: Any, param: str, *, lo: float | None = None, hi: float | None = None, integer: bool = False) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise InvalidRequest(f"{param} must be {'an integer' if integer else 'a number'}, got {value!r}", param)
+    if lo is not None and value < lo or hi is not None and value > hi:
+        bounds = f"between {lo} and {hi}" if lo is not None and hi is not None else (f">= {lo}" if lo is not None else f"<= {hi}")
+        raise InvalidRequest(f"{param} must be {bounds}, got {value!r}", param)
+    return value
+
+
+def sampling_from(body: Mapping[str, Any], *, seed: int | None = None) -> Any:
+    """SamplingParams from OpenAI/mistral.rs request fields (validated)."""
+    from mistralrs.engine.sampling import SamplingParams
+
+    bias = body.get("logit_bias") or {}
+    if not isinstance(bias, Mapping):
+        raise InvalidRequest("logit_bias must map token ids to numbers", "logit_bias")
+    try:
+        logit_bias = tuple((int(k), float(v)) for k, v in bias.items())
+    except (TypeError, ValueError):
+        raise InvalidRequest("logit_bias must map token ids to numbers", "logit_bias") from None
+    if any(not -100 <= v <= 100 for _, v in logit_bias):
+        raise InvalidRequest("logit_bias values must be between -100 and 100", "logit_bias")
+    breakers = body.get("dry_sequence_breakers")
+    if breakers is not None and (not isinstance(breakers, list) or not all(isinstance(b, str) for b in breakers)):
+        raise InvalidRequest("dry_sequence_breakers must be a list of strings", "dry_sequence_breakers")
+    top_logprobs = _num(body.get("top_logprobs"), "top_logprobs", lo=0, hi=20, integer=True)
+    kwargs: dict[str, Any] = dict(
+        temperature=_num(body.get("temperature"), "temperature", lo=0, hi=2),
+        top_k=_num(body.get("top_k"), "top_k", integer=True),
+        top_p=_num(body.get("top_p"), "top_p", lo=0, hi=1),
+        min_p=_num(body.get("min_p"), "min_p", lo=0, hi=1),
+        repetition_penalty=_num(body.get("repetition_penalty"), "repetition_penalty", lo=0),
+        frequency_penalty=_num(body.get("frequency_penalty"), "frequency_penalty", lo=-2, hi=2) or 0.0,
+        presence_penalty=_num(body.get("presence_penalty"), "presence_penalty", lo=-2, hi=2) or 0.0,
+        dry_multiplier=_num(body.get("dry_multiplier"), "dry_multiplier", lo=0) or 0.0,
+        logit_bias=logit_bias,
+        seed=_num(body.get("seed"), "seed", integer=True) if body.get("seed") is not None else seed,
+        logprobs=bool(body.get("logprobs")),
+        top_logprobs=top_logprobs if top_logprobs is not None else (1 if body.get("logprobs") else 0),
+    )
+    if body.get("dry_base") is not None:
+        kwargs["dry_base"] = _num(body["dry_base"], "dry_base", lo=1)
+    if body.get("dry_allowed_length") is not None:
+        kwargs["dry_allowed_length"] = _num(body["dry_allowed_length"], "dry_allowed_length", lo=0, integer=True)
+    if breakers is not None:
+        kwargs["dry_sequence_breakers"] = tuple(breakers)
+    return SamplingParams(**kwargs)
+
+
+def stop_strings(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        if len(value) > 32:
+            raise InvalidRequest("stop accepts at most 32 strings", "stop")
+        return tuple(value)
+    raise InvalidRequest("stop must be a string or a list of strings", "stop")
+
+
+def max_tokens_of(body: Mapping[str, Any]) -> int | None:
+    value = body.get("max_completion_tokens", body.get("max_tokens"))
+    param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    return _num(value, param, lo=1, integer=True)
+
+
+def normalize_messages(messages: Any) -> list[dict[str, Any]]:
+    """Messages as plain dicts: a string is one user message; text parts are joined."""
+    if isinstance(messages, str):
+        return [{"role": "user", "content": messages}]
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("messages must be a non-empty list of messages or a string", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
+            raise InvalidRequest(f"messages[{i}] must be an object with a string 'role'", "messages")
+        msg = dict(m)
+        content = msg.get("content")
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+                    raise InvalidRequest(
+                        f"messages[{i}].content has a {kind!r} part; this model takes text parts only", "messages"
+                    )
+                texts.append(part["text"])
+            msg["content"] = " ".join(texts)
+        elif content is None and not msg.get("tool_calls"):
+            if msg["role"] != "assistant":
+                raise InvalidRequest(f"messages[{i}].content is missing", "messages")
+        elif content is not None and not isinstance(content, str):
+            raise InvalidRequest(f"messages[{i}].content must be a string or a list of parts", "messages")
+        out.append(msg)
+    return out
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def logprobs_of(tokenizer: Any, entries: Sequence[Any]) -> Logprobs:
+    """OpenAI chat logprobs from the engine's (token_id, logprob, top) triples."""
+    content = []
+    for token_id, logprob, top in entries:
+        text = tokenizer.decode([token_id], skip_special_tokens=False)
+        content.append(ResponseLogprob(
+            token=text, logprob=float(logprob), bytes=list(text.encode("utf-8")),
+            top_logprobs=[TopLogprob(int(t), float(lp)) for t, lp in top],
+        ))
+    return Logprobs(content=content)
+
+
+# -- requests -> engine ---------------------------------------------------------------------
+CHAT_TEMPLATE_KWARGS = ("enable_thinking", "reasoning_effort")
+
+
+def build_chat_request(service: Any, body: Mapping[str, Any]) -> Any:
+    """A validated `GenerationRequest` from a chat-completions body (dict of OpenAI fields)."""
+    messages = normalize_messages(body.get("messages"))
+    tools = body.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise InvalidRequest("tools must be a list", "tools")
+    kwargs = {k: body.get(k) for k in CHAT_TEMPLATE_KWARGS}
+    extra = body.get("chat_template_kwargs") or {}
+    if isinstance(extra, Mapping):
+        kwargs.update({k: v for k, v in extra.items() if k in CHAT_TEMPLATE_KWARGS})
+    ids = service.encode_chat(messages, tools=tools or None, **kwargs)
+    return _generation_request(service, body, ids)
+
+
+def build_completion_request(service: Any, body: Mapping[str, Any]) -> Any:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, (str, list)) or (isinstance(prompt, str) and not prompt):
+        raise InvalidRequest("prompt must be a non-empty string or a list of token ids", "prompt")
+    ids = service.encode_completion(prompt)
+    return _generation_request(service, body, ids)
+
+
+def _generation_request(service: Any, body: Mapping[str, Any], ids: list[int]) -> Any:
+    from mistralrs.engine.engine import ContextTooLong, GenerationRequest
+
+    max_tokens = max_tokens_of(body)
+    n = _num(body.get("n", 1), "n", lo=1, hi=128, integer=True)
+    best_of = _num(body.get("best_of"), "best_of", lo=1, hi=128, integer=True)
+    if best_of is not None and best_of < n:
+        raise InvalidRequest("best_of must be >= n", "best_of")
+    if body.get("truncate_sequence"):
+        ids = service.truncate(ids, max_tokens)
+    if len(ids) >= service.max_model_len:
+        raise ContextTooLong(len(ids), service.max_model_len)
+    stop_ids = body.get("stop_token_ids") or ()
+    if not isinstance(stop_ids, (list, tuple)) or not all(isinstance(t, int) for t in stop_ids):
+        raise InvalidRequest("stop_token_ids must be a list of integers", "stop_token_ids")
+    sampling = sampling_from(body)
+    return GenerationRequest(
+        prompt_ids=ids,
+        sampling=sampling,
+        max_tokens=max_tokens,
+        stop_strings=stop_strings(body.get("stop")),
+        stop_token_ids=tuple(stop_ids),
+        ignore_eos=bool(body.get("ignore_eos", False)),
+        n=n,
+        best_of=best_of if best_of and best_of > n else None,
+        logprobs=sampling.logprobs,
+        top_logprobs=sampling.top_logprobs,
+    )
+
+
+# -- engine events -> responses ------------------------------------------------------------
+class ChatStream:
+    """Turns engine events into chat-completion chunks: role first, one finish per choice,
+    usage last. Used by the Python API's iterators and the server's SSE stream alike."""
+
+    def __init__(self, tokenizer: Any, *, id: str, model: str, n: int, logprobs: bool, completion: bool = False):
+        self.tokenizer = tokenizer
+        self.id, self.model, self.n, self.logprobs = id, model, n, logprobs
+        self.completion = completion
+        self.created = now()
+        self.started: set[int] = set()
+
+    def chunk_for(self, event: Any) -> Any | None:
+        from mistralrs.engine.engine import ChoiceFinished, RequestDone, TokenDelta
+
+        if isinstance(event, TokenDelta):
+            lp = logprobs_of(self.tokenizer, event.logprobs) if self.logprobs and event.logprobs else None
+            if not event.text and lp is None:
+                return None
+            return self._chunk(event.index, event.text, None, lp)
+        if isinstance(event, ChoiceFinished):
+            return self._chunk(event.index, "" if not self.completion else "", event.finish_reason, None)
+        if isinstance(event, RequestDone):
+            return None
+        return None
+
+    def _chunk(self, index: int, text: str, finish: str | None, lp: Logprobs | None) -> Any:
+        if self.completion:
+            return CompletionResponse(
+                id=self.id, created=self.created, model=self.model,
+                choices=[CompletionChoice(finish_reason=finish, index=index, text=text, logprobs=lp)],
+            )
+        role = None
+        if index not in self.started:
+            self.started.add(index)
+            role = "assistant"
+        return ChatCompletionChunkResponse(
+            id=self.id, created=self.created, model=self.model,
+            choices=[ChunkChoice(index=index, delta=Delta(content=text if text or finish is None else None, role=role),
+                                 finish_reason=finish, logprobs=lp)],
+        )
+
+    def usage_chunk(self, done: Any) -> Any:
+        usage = Usage.from_engine(done.usage)
+        if self.completion:
+            return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=[], usage=usage)
+        return ChatCompletionChunkResponse(id=self.id, created=self.created, model=self.model, choices=[], usage=usage)
+
+
+def chat_response(tokenizer: Any, done: Any, *, id: str, model: str, logprobs: bool,
+                  token_logprobs: dict[int, list[Any]]) -> ChatCompletionResponse:
+    choices = [
+        Choice(
+            finish_reason=c.finish_reason, index=c.index, message=ResponseMessage(content=c.text),
+            logprobs=logprobs_of(tokenizer, token_logprobs.get(c.index, [])) if logprobs else None,
+        )
+        for c in done.choices
+    ]
+    return ChatCompletionResponse(id=id, choices=choices, created=now(), model=model, usage=Usage.from_engine(done.usage))
+
+
+def completion_response(tokenizer: Any, done: Any, *, id: str, model: str, logprobs: bool,
+                        token_logprobs: dict[int, list[Any]], echo_prefix: str = "", suffix: str = "") -> CompletionResponse:
+    choices = [
+        CompletionChoice(
+            finish_reason=c.finish_reason, index=c.index, text=echo_prefix + c.text + suffix,
+            logprobs=_completion_logprobs(tokenizer, token_logprobs.get(c.index, [])) if logprobs else None,
+        )
+        for c in done.choices
+    ]
+    return CompletionResponse(id=id, choices=choices, created=now(), model=model, usage=Usage.from_engine(done.usage))
+
+
+def _completion_logprobs(tokenizer: Any, entries: Sequence[Any]) -> dict[str, Any]:
+    tokens, lps, tops = [], [], []
+    for token_id, logprob, top in entries:
+        tokens.append(tokenizer.decode([token_id], skip_special_tokens=False))
+        lps.append(float(logprob))
+        tops.append({tokenizer.decode([t], skip_special_tokens=False): float(lp) for t, lp in top})
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": []}
+
+
+def collect(events: Any) -> tuple[Any, dict[int, list[Any]]]:
+    """Run a request's events to the end: (RequestDone, per-choice token logprobs)."""
+    from mistralrs.engine.engine import RequestDone, RequestFailed, TokenDelta
+
+    logprobs: dict[int, list[Any]] = {}
+    for event in events:
+        if isinstance(event, TokenDelta) and event.logprobs:
+            logprobs.setdefault(event.index, []).extend(event.logprobs)
+        elif isinstance(event, RequestDone):
+            return event, logprobs
+        elif isinstance(event, RequestFailed):
+            raise event.error
+    raise RuntimeError("request ended without a result")

@@ -1,0 +1,244 @@
+"""One loaded model ready to serve: files, weights, tokenizer, chat template, generation
+defaults and the engine. The Python API, the HTTP server and interactive mode are thin layers
+over this, so a request means the same thing whichever door it came through.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import attrs
+
+from mistralrs.errors import ConfigError, InvalidRequest, ModelLoadError
+
+log = logging.getLogger("mistralrs.serving")
+
+# CPU default for the KV pool when no --pa-* option is given: what fits in this many bytes.
+CPU_DEFAULT_KV_BYTES = 2 * 1024**3
+GPU_DEFAULT_MEMORY_FRACTION = 0.9
+
+
+@attrs.define(kw_only=True)
+class ServiceOptions:
+    """Everything that shapes how a model is loaded and run (CLI flags, Runner kwargs, TOML)."""
+
+    model_id: str
+    arch: str | None = None
+    dtype: str = "auto"
+    device: str | None = None  # None: best available device (cpu unless a GPU is present)
+    cpu: bool = False
+    revision: str | None = None
+    token_source: str = "cache"
+    hf_cache: str | None = None
+    tokenizer_json: str | None = None
+    chat_template: str | None = None
+    jinja_explicit: str | None = None
+    dummy_weights: bool = False
+    # engine
+    max_seqs: int = 16
+    max_num_batched_tokens: int = 4096
+    max_seq_len: int | None = None
+    no_kv_cache: bool = False
+    prefix_cache_n: int = 16
+    seed: int | None = None
+    # KV cache / attention
+    attention_backend: str | None = None
+    paged_attn: str = "auto"  # auto | on | off
+    pa_blk_size: int = 32
+    pa_context_len: int | None = None
+    pa_memory_mb: int | None = None
+    pa_memory_fraction: float | None = None
+    pa_cache_type: str = "auto"  # auto | f8e4m3
+
+    def __attrs_post_init__(self) -> None:
+        given = [n for n in ("pa_context_len", "pa_memory_mb", "pa_memory_fraction") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ConfigError(
+                f"{' and '.join('--' + g.replace('_', '-') for g in given)} are mutually exclusive; give only one"
+            )
+        if self.paged_attn not in ("auto", "on", "off"):
+            raise ConfigError(f"--paged-attn must be auto, on or off, not {self.paged_attn!r}")
+        if self.pa_cache_type not in ("auto", "f8e4m3"):
+            raise ConfigError(f"--pa-cache-type must be auto or f8e4m3, not {self.pa_cache_type!r}")
+        if self.pa_blk_size not in (8, 16, 32):
+            raise ConfigError(f"--pa-blk-size must be 8, 16 or 32, not {self.pa_blk_size}")
+        if self.pa_memory_fraction is not None and not 0 < self.pa_memory_fraction <= 1:
+            raise ConfigError("--pa-memory-fraction must be in (0, 1]")
+
+
+def _pick_device(opts: ServiceOptions, registry: Any) -> str:
+    if opts.cpu:
+        return "cpu"
+    if opts.device:
+        return opts.device
+    for spec in sorted(registry.devices, key=lambda s: -s.priority):
+        try:
+            if spec.available():
+                return spec.device_type
+        except Exception:  # noqa: BLE001 - a broken probe must not stop loading
+            continue
+    return "cpu"
+
+
+def _max_model_len(config: Mapping[str, Any], override: int | None) -> int:
+    if override:
+        return override
+    for key in ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length"):
+        if isinstance(config.get(key), int):
+            return int(config[key])
+    return 4096
+
+
+def kv_cache_blocks(opts: ServiceOptions, *, bytes_per_block: int, device: str, max_model_len: int) -> int:
+    """Blocks in the KV pool, from --pa-context-len / --pa-memory-mb / --pa-memory-fraction or the
+    default: on CPU, enough for max_seqs full contexts capped at 2 GiB; on GPUs 90% of free memory."""
+    bs = opts.pa_blk_size
+    if opts.pa_context_len is not None:
+        return max(1, -(-opts.pa_context_len // bs))
+    if opts.pa_memory_mb is not None:
+        return max(1, opts.pa_memory_mb * 1024 * 1024 // bytes_per_block)
+    if device == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        fraction = opts.pa_memory_fraction or GPU_DEFAULT_MEMORY_FRACTION
+        return max(1, int(free * fraction) // bytes_per_block)
+    if opts.pa_memory_fraction is not None:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        return max(1, int(total * opts.pa_memory_fraction) // bytes_per_block)
+    wanted = opts.max_seqs * -(-max_model_len // bs)
+    return max(1, min(wanted, CPU_DEFAULT_KV_BYTES // bytes_per_block))
+
+
+class ModelService:
+    """A loaded model plus its engine."""
+
+    def __init__(self, opts: ServiceOptions, *, registry: Any = None) -> None:
+        import torch
+
+        from mistralrs.chat_template import ChatTemplate
+        from mistralrs.engine.engine import Engine, EngineConfig
+        from mistralrs.generation_config import load_generation_config, merge_eos
+        from mistralrs.hub import fetch_model
+        from mistralrs.loading import build_attention_backend, load_model
+        from mistralrs.tokenization import Tokenizer
+
+        if registry is None:
+            from mistralrs.plugins import get_registry
+
+            registry = get_registry()
+        self.opts = opts
+        self.registry = registry
+        self.model_id = opts.model_id
+        self.files = resolve_model_files(opts, fetch_model)
+        device = _pick_device(opts, registry)
+        self.loaded = load_model(
+            self.files, arch=opts.arch, dtype=opts.dtype, device=device,
+            dummy_weights=opts.dummy_weights, registry=registry, seed=opts.seed or 0,
+        )
+        root = self.files.root
+        tok_path = Path(opts.tokenizer_json) if opts.tokenizer_json else root / "tokenizer.json"
+        if not tok_path.is_file():
+            raise ModelLoadError(
+                f"no tokenizer.json for {opts.model_id} (looked at {tok_path}); pass one with -t/--tokenizer"
+            )
+        cfg = root / "tokenizer_config.json"
+        self.tokenizer = Tokenizer.from_files(tok_path, cfg if cfg.is_file() else None)
+        self.chat_template = ChatTemplate.load(
+            root, chat_template_file=opts.chat_template, jinja_explicit=opts.jinja_explicit,
+            model_name=opts.model_id,
+        )
+        self.generation_defaults = load_generation_config(root)
+        config = self.loaded.config
+        self.eos_token_ids = merge_eos(
+            config.get("eos_token_id"), self.generation_defaults.eos_token_ids, self.tokenizer.eos_token_id
+        )
+        self.max_model_len = _max_model_len(config, opts.max_seq_len)
+        # Attention backend and KV pool.
+        kv_dtype = torch.float8_e4m3fn if opts.pa_cache_type == "f8e4m3" else None
+        probe = build_attention_backend(
+            self.loaded, name=self._backend_name(), num_blocks=0, block_size=opts.pa_blk_size,
+            dtype=kv_dtype, device=device, registry=registry,
+        )
+        num_blocks = 0 if opts.no_kv_cache else kv_cache_blocks(
+            opts, bytes_per_block=probe.bytes_per_block(), device=device, max_model_len=self.max_model_len
+        )
+        self.backend = build_attention_backend(
+            self.loaded, name=self._backend_name(), num_blocks=num_blocks, block_size=opts.pa_blk_size,
+            dtype=kv_dtype, device=device, registry=registry,
+        ) if num_blocks else probe
+        self.engine = Engine(
+            self.loaded.model, self.backend, self.tokenizer,
+            config=EngineConfig(
+                max_seqs=opts.max_seqs, max_num_batched_tokens=opts.max_num_batched_tokens,
+                block_size=opts.pa_blk_size, prefix_cache_n=0 if opts.no_kv_cache else opts.prefix_cache_n,
+                no_kv_cache=opts.no_kv_cache, seed=opts.seed, max_model_len=self.max_model_len,
+            ),
+            eos_token_ids=self.eos_token_ids,
+            generation_defaults=self.generation_defaults,
+            device=device,
+        )
+        self.device = device
+        log.info(
+            "loaded %s (%s, %s on %s) with the %s attention backend, %d KV blocks of %d tokens",
+            opts.model_id, self.loaded.arch.name, str(self.loaded.dtype).removeprefix("torch."), device,
+            self.backend.name, num_blocks, opts.pa_blk_size,
+        )
+
+    def _backend_name(self) -> str | None:
+        if self.opts.attention_backend:
+            return self.opts.attention_backend
+        if self.opts.paged_attn == "off":
+            return "sdpa"
+        return None  # the highest-priority backend for this device and dtype
+
+    # -- prompts ----------------------------------------------------------------------------
+    def render_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        **template_kwargs: Any,
+    ) -> str:
+        return self.chat_template.render(
+            messages, tools=tools, add_generation_prompt=add_generation_prompt,
+            bos_token=self.tokenizer.bos_token, eos_token=self.tokenizer.eos_token,
+            **{k: v for k, v in template_kwargs.items() if v is not None},
+        )
+
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> list[int]:
+        # Templates write BOS themselves; like transformers, add no special tokens here.
+        return self.tokenizer.encode(self.render_chat(messages, **kwargs), add_special_tokens=False)
+
+    def encode_completion(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        ids = list(prompt)
+        if not all(isinstance(t, int) for t in ids):
+            raise InvalidRequest("prompt must be a string or a list of token ids", "prompt")
+        return ids
+
+    def truncate(self, ids: list[int], max_tokens: int | None) -> list[int]:
+        """Keep the end of a prompt so it and max_tokens fit the context (truncate_sequence)."""
+        room = self.max_model_len - (max_tokens or 1)
+        return ids[-max(room, 1):] if len(ids) > room else ids
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+def resolve_model_files(opts: ServiceOptions, fetch: Any) -> Any:
+    """Model files for an id or directory; `demo` is the packaged offline demo model."""
+    if opts.model_id == "demo":
+        from mistralrs.demo import demo_model_dir
+
+        opts.dummy_weights = True
+        return fetch(str(demo_model_dir()), require_weights=False)
+    return fetch(
+        opts.model_id, revision=opts.revision, token_source=opts.token_source, hf_cache=opts.hf_cache,
+        require_weights=not opts.dummy_weights,
+    )

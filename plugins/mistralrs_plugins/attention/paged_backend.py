@@ -1,0 +1,55 @@
+"""Implementation of the paged torch backend (see paged.py)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mistralrs.attention import AttentionBatch
+from mistralrs_plugins.attention.sdpa_backend import SdpaBackend
+
+
+class PagedBackend(SdpaBackend):
+    """Same slot-indexed cache as the reference backend; decode-only steps are batched:
+    `prepare` builds one padded [S, L] slot index and mask per step, shared by all layers."""
+
+    name = "paged"
+    paged = True
+
+    def prepare(self, batch: AttentionBatch) -> None:
+        super().prepare(batch)
+        if batch.block_tables is None or not batch.is_decode_only or batch.num_seqs < 2:
+            return
+        bs = self.block_size
+        lens = torch.tensor(batch.seq_lens)
+        width = int(lens.max())
+        pos = torch.arange(width)
+        tables = batch.block_tables.long()
+        blk = tables.gather(1, (pos // bs).clamp(max=tables.shape[1] - 1).expand(len(lens), -1))
+        slots = blk * bs + pos % bs
+        valid = pos[None, :] < lens[:, None]
+        batch.scratch["paged_slots"] = slots.masked_fill(~valid, 0).to(batch.block_tables.device)
+        batch.scratch["paged_valid"] = valid.to(batch.block_tables.device)
+        batch.scratch["paged_pos"] = (lens - 1).to(batch.block_tables.device)
+        batch.scratch["paged_kpos"] = pos.to(batch.block_tables.device)
+
+    def attend(self, layer, q, k, v, batch, *, scale, sliding_window=None, softcap=None):
+        slots = batch.scratch.get("paged_slots")
+        if slots is None or softcap is not None:
+            return super().attend(layer, q, k, v, batch, scale=scale, sliding_window=sliding_window, softcap=softcap)
+        kc, vc = self.k_cache[layer], self.v_cache[layer]
+        kc.index_copy_(0, batch.slot_mapping, k.to(kc.dtype))
+        vc.index_copy_(0, batch.slot_mapping, v.to(vc.dtype))
+        S, width = slots.shape
+        hq, hk = q.shape[1], k.shape[1]
+        keys = kc[slots.reshape(-1)].view(S, width, hk, -1).transpose(1, 2).to(q.dtype)  # [S, Hk, L, D]
+        vals = vc[slots.reshape(-1)].view(S, width, hk, -1).transpose(1, 2).to(q.dtype)
+        mask = batch.scratch["paged_valid"]
+        if sliding_window is not None:
+            mask = mask & (batch.scratch["paged_kpos"][None, :] > batch.scratch["paged_pos"][:, None] - sliding_window)
+        qs = q.view(S, 1, hq, -1).transpose(1, 2)  # [S, Hq, 1, D]
+        if hq != hk:
+            keys = keys.repeat_interleave(hq // hk, dim=1)
+            vals = vals.repeat_interleave(hq // hk, dim=1)
+        out = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=mask[:, None, None, :], scale=scale)
+        return out.transpose(1, 2).reshape(S, hq, -1)

@@ -1,0 +1,169 @@
+"""The interactive chat behind `mistralrs run`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, TextIO
+
+from mistralrs.cli.model_options import add_model_arguments
+
+HELP = """Commands:
+  \\help              show this help
+  \\exit              quit
+  \\system <message>  set the system prompt (clears the chat)
+  \\clear             forget the conversation
+  \\temperature <f>   set the sampling temperature
+  \\topk <n>          set top-k
+  \\topp <f>          set top-p
+(`/` works in place of `\\`.) Ctrl-C stops the current answer; Ctrl-D or \\exit quits."""
+
+# mistral.rs's interactive defaults when the model has no generation_config.json.
+FALLBACK_SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser, max_seqs_default=32)
+    parser.add_argument("-i", "--input", help="answer this prompt once and exit")
+    parser.add_argument("--thinking", choices=["true", "false"], help="enable or disable thinking (templates that support it)")
+    parser.add_argument("--enable-thinking", action="store_true", help="same as --thinking true")
+    parser.add_argument("--reasoning-effort", choices=["off", "none", "low", "medium", "high", "xhigh"])
+    parser.add_argument("--max-tokens", type=int, help="cap the answer length")
+    parser.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy)")
+
+
+class InteractiveChat:
+    def __init__(self, service: Any, *, out: TextIO = sys.stdout, sampling: dict | None = None,
+                 template_kwargs: dict | None = None, max_tokens: int | None = None) -> None:
+        self.service = service
+        self.out = out
+        self.system: str | None = None
+        self.history: list[dict[str, str]] = []
+        self.sampling = dict(sampling or {})
+        self.template_kwargs = template_kwargs or {}
+        self.max_tokens = max_tokens
+
+    def _body(self, messages: list[dict[str, str]] | None, prompt: str | None) -> dict:
+        body: dict[str, Any] = {**self.sampling, **self.template_kwargs}
+        if self.max_tokens:
+            body["max_tokens"] = self.max_tokens
+        if messages is not None:
+            body["messages"] = messages
+        else:
+            body["prompt"] = prompt
+        return body
+
+    def answer(self, text: str) -> str:
+        """Stream one answer to `out`; Ctrl-C cancels it. Returns the answer."""
+        from mistralrs import protocol as P
+        from mistralrs.engine.engine import RequestFailed, TokenDelta
+
+        has_template = self.service.chat_template.available
+        if has_template:
+            messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
+            messages.append({"role": "user", "content": text})
+            gen = P.build_chat_request(self.service, self._body(messages, None))
+        else:
+            gen = P.build_completion_request(self.service, self._body(None, text))
+        handle = self.service.engine.submit(gen)
+        parts: list[str] = []
+        try:
+            for event in handle:
+                if isinstance(event, TokenDelta) and event.text:
+                    parts.append(event.text)
+                    self.out.write(event.text)
+                    self.out.flush()
+                elif isinstance(event, RequestFailed):
+                    raise event.error
+        except KeyboardInterrupt:
+            handle.cancel()
+            self.out.write("\n[stopped]")
+        self.out.write("\n")
+        self.out.flush()
+        answer = "".join(parts)
+        if has_template:
+            self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+        return answer
+
+    def command(self, line: str) -> bool:
+        """Handle a \\command; returns False to exit."""
+        name, _, arg = line[1:].partition(" ")
+        arg = arg.strip()
+        try:
+            if name in ("exit", "quit"):
+                return False
+            if name == "help":
+                self.out.write(HELP + "\n")
+            elif name == "clear":
+                self.history.clear()
+                self.out.write("[conversation cleared]\n")
+            elif name == "system":
+                self.system = arg or None
+                self.history.clear()
+                self.out.write("[system prompt set]\n" if arg else "[system prompt removed]\n")
+            elif name == "temperature":
+                self.sampling["temperature"] = float(arg)
+                self.out.write(f"[temperature {float(arg)}]\n")
+            elif name == "topk":
+                self.sampling["top_k"] = int(arg)
+                self.out.write(f"[top-k {int(arg)}]\n")
+            elif name == "topp":
+                self.sampling["top_p"] = float(arg)
+                self.out.write(f"[top-p {float(arg)}]\n")
+            else:
+                self.out.write(f"unknown command \\{name}; type \\help\n")
+        except ValueError:
+            self.out.write(f"\\{name} needs a number, e.g. \\{name} 0.7\n")
+        return True
+
+    def loop(self, inp: TextIO = sys.stdin) -> None:
+        self.out.write("Chat started. Type \\help for commands, \\exit to quit.\n")
+        while True:
+            try:
+                self.out.write("> ")
+                self.out.flush()
+                line = inp.readline()
+            except KeyboardInterrupt:
+                self.out.write("\n")
+                continue
+            if not line:
+                self.out.write("\n")
+                return
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            if line[0] in "\\/" and line[1:2].isalpha():
+                if not self.command(line):
+                    return
+                continue
+            self.answer(line)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mistralrs.cli.model_options import options_from_args
+    from mistralrs.serving import ModelService
+
+    opts = options_from_args(args)
+    service = ModelService(opts)
+    if service.loaded.dummy_weights:
+        print(f"note: {opts.model_id} has random weights: its answers are random text", file=sys.stderr)
+    sampling: dict[str, Any] = {}
+    defaults = service.generation_defaults
+    if all(getattr(defaults, k, None) is None for k in ("temperature", "top_k", "top_p", "do_sample")):
+        sampling.update(FALLBACK_SAMPLING)
+    if args.temperature is not None:
+        sampling["temperature"] = args.temperature
+    kwargs: dict[str, Any] = {}
+    if args.thinking is not None or args.enable_thinking:
+        kwargs["enable_thinking"] = args.enable_thinking or args.thinking == "true"
+    if args.reasoning_effort:
+        kwargs["reasoning_effort"] = args.reasoning_effort
+    chat = InteractiveChat(service, sampling=sampling, template_kwargs=kwargs, max_tokens=args.max_tokens)
+    try:
+        if args.input is not None:
+            chat.answer(args.input)
+        else:
+            chat.loop()
+    finally:
+        service.shutdown()
+    return 0

@@ -1,0 +1,268 @@
+"""Parity helpers: tiny random HF models (transformers is the reference, tests only) against
+mistralrs's own implementation of the same architecture.
+
+    path, hf = make_tiny_hf_model(LlamaConfig, LlamaForCausalLM, tmp_path, rope_parameters=...)
+    assert_logits_match(path, hf)                       # fp32, one sequence, no cache
+    assert_bf16_close(path, hf)                          # bf16 vs transformers-bf16 and vs fp32
+    assert_greedy_match(path, hf, n_tokens=32)          # our KV-cache greedy loop vs hf.generate
+    assert_batched_match(path)                          # flattened multi-sequence steps == per sequence
+
+The tiny models have every parameter re-drawn from a seeded generator (norm weights around 1,
+biases non-zero), so a weight that is loaded into the wrong place, or not at all, shows up.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TINY_DEFAULTS: dict[str, Any] = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=320,
+    max_position_embeddings=256,
+)
+
+# bf16: ours (bf16) vs transformers (bf16), max |logit difference| allowed. Logits of the tiny
+# models span about +-4; measured max differences were 0.023-0.078 (llama, mistral, qwen2,
+# qwen3; two prompts each), i.e. the size of bf16's own error: transformers-bf16 vs fp32 was
+# 0.024-0.082 on the same prompts.
+BF16_ATOL = 0.15
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0, std: float | None = None) -> None:
+    """Redraw every parameter: matrices ~ N(0, std) (std = 1/sqrt(fan_in) by default, so the
+    activations keep their scale and logits are decisive), 1-D "norm" weights ~ 1 + N(0, 0.1),
+    other 1-D parameters (biases) ~ N(0, 0.1)."""
+    gen = torch.Generator().manual_seed(seed)
+    # A tied head scores each token by its own embedding: keep embeddings small next to the
+    # layers' outputs, or greedy decoding just repeats the last token.
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    embed_std = 0.05 if tied else 0.3
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            if p.ndim >= 2:
+                s = std if std is not None else 1.0 / math.sqrt(p.shape[-1])
+                if "embed" in name:
+                    s = std if std is not None else embed_std
+                p.copy_(torch.randn(p.shape, generator=gen) * s)
+            elif "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+
+
+def make_tiny_hf_model(config_cls: Any, model_cls: Any, tmp_dir: Path | str, *, seed: int = 0,
+                       max_shard_size: str | None = None, **config_overrides: Any) -> tuple[Path, Any]:
+    """A tiny fp32 transformers model with seeded random weights, saved as safetensors under
+    `tmp_dir`. Returns (path, model in eval mode)."""
+    kwargs = {**TINY_DEFAULTS, **config_overrides}
+    config = config_cls(**kwargs)
+    torch.manual_seed(seed)
+    model = model_cls(config).to(torch.float32).eval()
+    randomize_(model, seed)
+    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    path = Path(tmp_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    save_kwargs: dict[str, Any] = {}
+    if max_shard_size is not None:
+        save_kwargs["max_shard_size"] = max_shard_size
+    model.save_pretrained(path, **save_kwargs)
+    return path, model
+
+
+def _hf_in(hf_model: Any, path: Path, dtype: torch.dtype) -> Any:
+    if dtype == torch.float32:
+        return hf_model
+    return type(hf_model).from_pretrained(path, dtype=dtype).eval()
+
+
+def _load(path: Path, dtype: torch.dtype, arch: str | None = None) -> Any:
+    from mistralrs.loading import load_model
+
+    return load_model(path, dtype=dtype, arch=arch)
+
+
+def _prompt(vocab: int, n: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n,), generator=gen)
+
+
+def our_logits(loaded: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    """All-position logits of one sequence, no KV cache."""
+    from mistralrs.loading import build_attention_backend
+
+    backend = build_attention_backend(loaded, name="sdpa")
+    n = int(input_ids.shape[0])
+    batch = backend.batch([0, n], [n])
+    with torch.no_grad():
+        hidden = loaded.model(input_ids, torch.arange(n), batch)
+        return loaded.model.compute_logits(hidden)
+
+
+def assert_logits_match(path: Path | str, hf_model: Any, *, dtype: torch.dtype = torch.float32,
+                        atol: float = 1e-4, seq_len: int = 16, seed: int = 1, arch: str | None = None) -> float:
+    """Full-sequence logits: ours (in `dtype`) vs transformers (in `dtype`). Returns max |diff|."""
+    path = Path(path)
+    loaded = _load(path, dtype, arch)
+    ref_model = _hf_in(hf_model, path, dtype)
+    ids = _prompt(ref_model.config.vocab_size, seq_len, seed)
+    ours = our_logits(loaded, ids)
+    with torch.no_grad():
+        ref = ref_model(ids[None]).logits[0].float()
+    assert ours.dtype == torch.float32, f"compute_logits must return float32, got {ours.dtype}"
+    assert ours.shape == ref.shape, f"logits shape {tuple(ours.shape)} != reference {tuple(ref.shape)}"
+    diff = float((ours - ref).abs().max())
+    assert diff <= atol, f"{path.name}: max |logit diff| {diff:.3g} > atol {atol} ({dtype})"
+    return diff
+
+
+def assert_bf16_close(path: Path | str, hf_model: Any, *, atol: float = BF16_ATOL, seq_len: int = 24,
+                      seed: int = 1, arch: str | None = None) -> dict[str, float]:
+    """bf16 parity: (1) ours-bf16 vs transformers-bf16 within `atol`; (2) ours-bf16 is about as
+    close to the fp32 reference as transformers-bf16 is (<= 1.5x its error + 0.02).
+    Returns the three max |diff| values."""
+    path = Path(path)
+    loaded = _load(path, torch.bfloat16, arch)
+    ids = _prompt(hf_model.config.vocab_size, seq_len, seed)
+    ours = our_logits(loaded, ids)
+    with torch.no_grad():
+        ref32 = hf_model(ids[None]).logits[0].float()
+        refbf = _hf_in(hf_model, path, torch.bfloat16)(ids[None]).logits[0].float()
+    d = {
+        "ours_vs_hf_bf16": float((ours - refbf).abs().max()),
+        "ours_bf16_vs_fp32": float((ours - ref32).abs().max()),
+        "hf_bf16_vs_fp32": float((refbf - ref32).abs().max()),
+    }
+    assert d["ours_vs_hf_bf16"] <= atol, f"{path.name}: bf16 max |logit diff| vs transformers {d} > atol {atol}"
+    assert d["ours_bf16_vs_fp32"] <= 1.5 * d["hf_bf16_vs_fp32"] + 0.02, (
+        f"{path.name}: our bf16 logits are further from fp32 than transformers' bf16 logits: {d}"
+    )
+    return d
+
+
+def assert_greedy_match(path: Path | str, hf_model: Any, n_tokens: int = 32, *, prompt_len: int = 16,
+                        dtype: torch.dtype = torch.float32, block_size: int = 8, seed: int = 2,
+                        arch: str | None = None) -> list[int]:
+    """Our greedy loop over the paged KV cache (prefill, then one token per step) produces the
+    same `n_tokens` as transformers' greedy generate. Returns the tokens."""
+    from transformers import GenerationConfig
+
+    from mistralrs.loading import build_attention_backend, generate_greedy
+
+    path = Path(path)
+    loaded = _load(path, dtype, arch)
+    ref_model = _hf_in(hf_model, path, dtype)
+    ids = _prompt(ref_model.config.vocab_size, prompt_len, seed)
+    blocks = -(-(prompt_len + n_tokens) // block_size)
+    backend = build_attention_backend(loaded, name="sdpa", num_blocks=blocks, block_size=block_size)
+    ours = generate_greedy(loaded, backend, ids.tolist(), n_tokens)
+    gen_cfg = GenerationConfig(max_new_tokens=n_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        ref = ref_model.generate(ids[None], attention_mask=torch.ones(1, prompt_len, dtype=torch.long),
+                                 generation_config=gen_cfg)[0, prompt_len:].tolist()
+    assert len(ref) == n_tokens
+    if ours != ref:
+        first = next(i for i, (a, b) in enumerate(zip(ours, ref)) if a != b)
+        raise AssertionError(f"{path.name}: greedy tokens differ from step {first}: ours {ours} vs reference {ref}")
+    return ours
+
+
+def assert_batched_match(path: Path | str, *, dtype: torch.dtype = torch.float32, lengths: tuple[int, ...] = (11, 5),
+                         decode_steps: int = 3, block_size: int = 4, atol: float = 1e-5, seed: int = 3,
+                         arch: str | None = None) -> None:
+    """Sequences of different lengths flattened into one forward give the same logits as each
+    sequence alone: (1) without a cache, all prompts in one step; (2) with a paged cache and
+    shuffled block tables: prefill of all prompts together, then `decode_steps` steps where
+    every sequence adds one token, and one step mixing a decode with a fresh prefill."""
+    from mistralrs.loading import build_attention_backend
+
+    path = Path(path)
+    loaded = _load(path, dtype, arch)
+    model = loaded.model
+
+    def alone(ids: torch.Tensor) -> torch.Tensor:
+        return our_logits(loaded, ids)
+
+    vocab = int(alone(torch.tensor([0])).shape[-1])
+    seqs = [_prompt(vocab, n, seed + i) for i, n in enumerate(lengths)]
+
+    # (1) no cache, one flat step
+    backend = build_attention_backend(loaded, name="sdpa")
+    qsl = [0]
+    for s in seqs:
+        qsl.append(qsl[-1] + len(s))
+    flat = torch.cat(seqs)
+    positions = torch.cat([torch.arange(len(s)) for s in seqs])
+    batch = backend.batch(qsl, [len(s) for s in seqs])
+    with torch.no_grad():
+        logits = model.compute_logits(model(flat, positions, batch))
+    for i, s in enumerate(seqs):
+        ref = alone(s)
+        diff = float((logits[qsl[i]:qsl[i + 1]] - ref).abs().max())
+        assert diff <= atol, f"{path.name}: flattened batch, sequence {i}: max |diff| {diff:.3g} > {atol}"
+
+    # (2) paged cache with shuffled block tables, prefill then decode steps
+    total = [len(s) + decode_steps + 1 for s in seqs]
+    per_seq_blocks = [-(-t // block_size) for t in total]
+    extra = -(-(len(seqs[0]) + 1) // block_size)  # for the late-joining sequence
+    nblocks = sum(per_seq_blocks) + extra
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(nblocks, generator=gen).to(torch.int32)
+    width = max(per_seq_blocks + [extra])
+    tables = torch.zeros(len(seqs) + 1, width, dtype=torch.int32)
+    start = 0
+    for i, nb in enumerate(per_seq_blocks + [extra]):
+        tables[i, :nb] = perm[start:start + nb]
+        start += nb
+    backend = build_attention_backend(loaded, name="sdpa", num_blocks=nblocks, block_size=block_size)
+
+    def slot(i: int, p: int) -> int:
+        return int(tables[i, p // block_size]) * block_size + p % block_size
+
+    tokens = [s.tolist() for s in seqs]
+    done = [0] * len(seqs)
+
+    def step(which: list[int]) -> list[torch.Tensor]:
+        ids, pos, slots, qsl, lens = [], [], [], [0], []
+        for i in which:
+            new = tokens[i][done[i]:]
+            ids += new
+            pos += list(range(done[i], len(tokens[i])))
+            slots += [slot(i, p) for p in range(done[i], len(tokens[i]))]
+            qsl.append(qsl[-1] + len(new))
+            lens.append(len(tokens[i]))
+        b = backend.batch(qsl, lens, slot_mapping=torch.tensor(slots, dtype=torch.int64),
+                          block_tables=tables[which])
+        with torch.no_grad():
+            out = model.compute_logits(model(torch.tensor(ids), torch.tensor(pos), b))
+        for i in which:
+            done[i] = len(tokens[i])
+        return [out[qsl[j]:qsl[j + 1]] for j in range(len(which))]
+
+    active = list(range(len(seqs)))
+    outs = step(active)
+    for j, i in enumerate(active):
+        ref = alone(torch.tensor(tokens[i]))
+        diff = float((outs[j] - ref).abs().max())
+        assert diff <= atol, f"{path.name}: cached prefill, sequence {i}: max |diff| {diff:.3g} > {atol}"
+    for k in range(decode_steps):
+        for j, i in enumerate(active):
+            tokens[i].append(int(outs[j][-1].argmax()))
+        if k == decode_steps - 1:
+            # a new sequence (a copy of prompt 0 plus one token) joins mid-flight: prefill + decodes mixed
+            tokens.append(seqs[0].tolist() + [7])
+            done.append(0)
+            active = active + [len(seqs)]
+        outs = step(active)
+        for j, i in enumerate(active):
+            ref = alone(torch.tensor(tokens[i]))[-outs[j].shape[0]:]
+            diff = float((outs[j] - ref).abs().max())
+            assert diff <= atol, f"{path.name}: decode step {k}, sequence {i}: max |diff| {diff:.3g} > {atol}"

@@ -1,0 +1,101 @@
+"""Parity of the Llama family (llama, mistral, qwen2, qwen3) with transformers.
+
+fp32: all-position logits within 1e-4 of transformers; 32 greedy tokens over the paged KV
+cache identical to ``generate(do_sample=False)``; flattened multi-sequence steps equal the
+per-sequence results.
+bf16: ours in bf16 vs transformers in bf16, max |logit diff| <= BF16_ATOL (0.15), and ours no
+further from the fp32 logits than transformers-bf16 is (<= 1.5x + 0.02). Measured on these tiny
+models (logits span about +-4): 0.023 - 0.078 vs transformers-bf16, while transformers-bf16 itself
+is 0.024 - 0.082 away from fp32. The two differ by design in rounding order (our RMSNorm
+multiplies by the weight in fp32 before its single cast; rotary is applied in fp32), so
+bit-exactness in bf16 is not expected.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers.parity import (
+    assert_batched_match,
+    assert_bf16_close,
+    assert_greedy_match,
+    assert_logits_match,
+    make_tiny_hf_model,
+)
+
+transformers = pytest.importorskip("transformers")
+
+
+def _llama(tmp_path, **kw):
+    return make_tiny_hf_model(transformers.LlamaConfig, transformers.LlamaForCausalLM, tmp_path, **kw)
+
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
+
+CASES = {
+    "llama": lambda p: _llama(p),
+    # llama3 rope scaling, tied embeddings, q/k/v/o and MLP biases, head_dim != hidden / heads
+    "llama3_tied_bias": lambda p: _llama(
+        p, rope_parameters=LLAMA3_ROPE, tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
+        head_dim=32, num_hidden_layers=3,
+    ),
+    # sliding window (8) much shorter than prompt + generation (48)
+    "mistral": lambda p: make_tiny_hf_model(
+        transformers.MistralConfig, transformers.MistralForCausalLM, p, sliding_window=8,
+    ),
+    # q/k/v biases; sliding window on layers >= 1 only
+    "qwen2": lambda p: make_tiny_hf_model(
+        transformers.Qwen2Config, transformers.Qwen2ForCausalLM, p,
+        use_sliding_window=True, sliding_window=8, max_window_layers=1,
+    ),
+    # QK-norm, explicit head_dim, tied embeddings
+    "qwen3": lambda p: make_tiny_hf_model(
+        transformers.Qwen3Config, transformers.Qwen3ForCausalLM, p, head_dim=32, tie_word_embeddings=True,
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def tiny(request, tmp_path_factory):
+    path, hf = CASES[request.param](tmp_path_factory.mktemp(request.param))
+    return request.param, path, hf
+
+
+def test_fp32_logits(tiny):
+    _, path, hf = tiny
+    assert_logits_match(path, hf, atol=1e-4, seq_len=24)
+
+
+def test_greedy_32_tokens(tiny):
+    _, path, hf = tiny
+    tokens = assert_greedy_match(path, hf, n_tokens=32)
+    assert len(set(tokens)) > 1  # not a degenerate repetition: the comparison means something
+
+
+def test_batched_flattened_equals_per_sequence(tiny):
+    _, path, _ = tiny
+    assert_batched_match(path)
+
+
+def test_bf16_logits(tiny):
+    _, path, hf = tiny
+    diffs = assert_bf16_close(path, hf)
+    print("bf16", {k: round(v, 4) for k, v in diffs.items()})
+
+
+def test_architecture_selected_from_config(tiny):
+    from mistralrs.loading import load_model
+
+    name, path, _ = tiny
+    loaded = load_model(path, dtype="f32")
+    expected = {"llama3_tied_bias": "llama"}.get(name, name)
+    assert loaded.arch.name == expected
+    if name in ("llama3_tied_bias", "qwen3"):
+        assert loaded.model.lm_head is None  # tied

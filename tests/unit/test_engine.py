@@ -1,0 +1,253 @@
+"""The engine on a tiny real model: determinism under batching, prefix caching, chunked
+prefill, preemption, cancellation, recovery, stops, choices and the Python API."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from mistralrs import protocol as P
+from mistralrs.engine.engine import (
+    ChoiceFinished,
+    ContextTooLong,
+    EngineError,
+    GenerationRequest,
+    RequestDone,
+    RequestFailed,
+    TokenDelta,
+)
+from mistralrs.engine.sampling import SamplingParams
+from mistralrs.errors import InvalidRequest
+from mistralrs.serving import ModelService, ServiceOptions
+from tests.helpers.tiny_models import write_tiny_llama
+
+GREEDY = SamplingParams(temperature=0)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_tiny_llama(tmp_path_factory.mktemp("llama"))
+
+
+def service(model_dir, **kw) -> ModelService:
+    kw.setdefault("dtype", "f32")
+    kw.setdefault("pa_context_len", 4096)
+    return ModelService(ServiceOptions(model_id=str(model_dir), **kw))
+
+
+@pytest.fixture(scope="module")
+def svc(model_dir):
+    s = service(model_dir, max_seqs=16, pa_blk_size=8)
+    yield s
+    s.shutdown()
+
+
+def prompt(svc, text: str) -> list[int]:
+    return svc.encode_chat([{"role": "user", "content": text}])
+
+
+def gen(svc, ids, **kw) -> tuple[int, ...]:
+    kw.setdefault("sampling", GREEDY)
+    kw.setdefault("max_tokens", 16)
+    kw.setdefault("ignore_eos", True)
+    done, _ = P.collect(svc.engine.submit(GenerationRequest(prompt_ids=ids, **kw)))
+    return done.choices[0].token_ids
+
+
+def reference_greedy(model_dir, ids, n):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir)
+    out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return tuple(out[0, len(ids):].tolist())
+
+
+def test_greedy_matches_transformers(svc, model_dir):
+    ids = prompt(svc, "Tell me about the weather today")
+    assert gen(svc, ids, max_tokens=24) == reference_greedy(model_dir, ids, 24)
+
+
+def test_same_tokens_alone_or_beside_15_others(svc):
+    ids = prompt(svc, "The quick brown fox")
+    alone = gen(svc, ids)
+    handles = []
+    for i in range(15):
+        other = prompt(svc, f"request number {i} " * (i % 4 + 1))
+        sampling = SamplingParams(temperature=0.9, top_k=20, seed=i) if i % 2 else GREEDY
+        handles.append(svc.engine.submit(GenerationRequest(prompt_ids=other, sampling=sampling, max_tokens=12,
+                                                           ignore_eos=True)))
+    mine = svc.engine.submit(GenerationRequest(prompt_ids=ids, sampling=GREEDY, max_tokens=16, ignore_eos=True))
+    results = [P.collect(h)[0] for h in handles]
+    assert all(len(r.choices[0].token_ids) == 12 for r in results)
+    assert P.collect(mine)[0].choices[0].token_ids == alone
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(svc):
+    ids = prompt(svc, "Once upon a time")
+    sampling = SamplingParams(temperature=1.0, top_p=0.9, seed=1234)
+    alone = gen(svc, ids, sampling=sampling)
+    noise = [svc.engine.submit(GenerationRequest(prompt_ids=prompt(svc, f"noise {i}"),
+                                                 sampling=SamplingParams(temperature=1.0, seed=i), max_tokens=10))
+             for i in range(6)]
+    again = gen(svc, ids, sampling=sampling)
+    for h in noise:
+        P.collect(h)
+    assert again == alone
+    assert gen(svc, ids, sampling=SamplingParams(temperature=1.0, top_p=0.9, seed=99)) != alone
+
+
+def test_prefix_cache_skips_the_shared_prefill(svc):
+    system = "You are a meticulous assistant. " * 12
+    first = svc.encode_chat([{"role": "system", "content": system}, {"role": "user", "content": "first question"}])
+    second = svc.encode_chat([{"role": "system", "content": system}, {"role": "user", "content": "second one"}])
+    gen(svc, first, max_tokens=4)
+    before = svc.engine.stats["computed_tokens"]
+    done, _ = P.collect(svc.engine.submit(GenerationRequest(prompt_ids=second, sampling=GREEDY, max_tokens=4,
+                                                            ignore_eos=True)))
+    computed = svc.engine.stats["computed_tokens"] - before
+    assert done.usage.cached_tokens >= len(system) // 8  # many blocks reused
+    assert computed == len(second) - done.usage.cached_tokens + 3  # rest of prompt + 3 decode steps
+
+
+def test_prefix_cache_hit_gives_identical_tokens(model_dir, svc):
+    ids = prompt(svc, "A long shared prompt that fills several blocks of the cache. " * 3)
+    cold = gen(svc, ids)
+    warm = gen(svc, ids)
+    with_no_cache = service(model_dir, no_kv_cache=True)
+    try:
+        assert gen(with_no_cache, ids) == cold == warm
+    finally:
+        with_no_cache.shutdown()
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "paged"])
+def test_backends_and_chunked_prefill_agree(model_dir, svc, backend):
+    ids = prompt(svc, "Chunk me into small pieces, please. " * 4)
+    expected = gen(svc, ids)
+    other = service(model_dir, attention_backend=backend, max_num_batched_tokens=7, pa_blk_size=16)
+    try:
+        assert other.backend.name == backend
+        assert gen(other, ids) == expected
+    finally:
+        other.shutdown()
+
+
+def test_preemption_recomputes_and_still_answers_correctly(model_dir, svc):
+    prompts = [prompt(svc, f"story {i} " * 3) for i in range(4)]
+    expected = [gen(svc, p, max_tokens=20) for p in prompts]
+    small = service(model_dir, pa_context_len=80, pa_blk_size=8, prefix_cache_n=0)
+    try:
+        handles = [small.engine.submit(GenerationRequest(prompt_ids=p, sampling=GREEDY, max_tokens=20,
+                                                         ignore_eos=True)) for p in prompts]
+        got = [P.collect(h)[0].choices[0].token_ids for h in handles]
+        assert small.engine.scheduler.preemptions > 0
+        assert got == expected
+        assert small.engine.kv_blocks()[0] == 0
+    finally:
+        small.shutdown()
+
+
+def test_cancel_frees_blocks_within_a_step(svc):
+    ids = prompt(svc, "cancel me")
+    handle = svc.engine.submit(GenerationRequest(prompt_ids=ids, sampling=GREEDY, max_tokens=400, ignore_eos=True))
+    events = iter(handle)
+    assert isinstance(next(events), TokenDelta)
+    handle.cancel()
+    rest = list(events)
+    assert isinstance(rest[-1], RequestDone)
+    assert rest[-1].choices[0].finish_reason == "canceled"
+    assert len(rest[-1].choices[0].token_ids) < 400
+    assert svc.engine.kv_blocks()[0] == 0
+
+
+def test_engine_recovers_from_a_failed_step(svc):
+    fired = threading.Event()
+
+    def fault():
+        if not fired.is_set():
+            fired.set()
+            raise RuntimeError("injected fault")
+
+    ids = prompt(svc, "survive this")
+    svc.engine.fault_hook = fault
+    try:
+        handle = svc.engine.submit(GenerationRequest(prompt_ids=ids, sampling=GREEDY, max_tokens=8))
+        with pytest.raises(EngineError, match="injected fault"):
+            handle.result()
+    finally:
+        svc.engine.fault_hook = None
+    assert len(gen(svc, ids, max_tokens=8)) == 8
+    assert svc.engine.stats["failures"] >= 1
+
+
+def test_stop_strings_are_never_emitted(svc):
+    ids = prompt(svc, "stop test")
+    full = svc.tokenizer.decode(list(gen(svc, ids, max_tokens=30)))
+    stop = full[10:14]
+    assert stop
+    handle = svc.engine.submit(GenerationRequest(prompt_ids=ids, sampling=GREEDY, max_tokens=30, ignore_eos=True,
+                                                 stop_strings=(stop,)))
+    events = list(handle)
+    streamed = "".join(e.text for e in events if isinstance(e, TokenDelta))
+    finished = [e for e in events if isinstance(e, ChoiceFinished)]
+    assert streamed == full[: full.index(stop)]
+    assert finished[0].finish_reason == "stop" and finished[0].stop_reason == stop
+    assert stop not in streamed
+
+
+def test_eos_and_stop_token_ids_end_the_choice(svc):
+    ids = prompt(svc, "ends")
+    tokens = gen(svc, ids, max_tokens=10)
+    done, _ = P.collect(svc.engine.submit(GenerationRequest(prompt_ids=ids, sampling=GREEDY, max_tokens=10,
+                                                            stop_token_ids=(tokens[3],))))
+    choice = done.choices[0]
+    assert choice.finish_reason == "stop" and choice.token_ids == tokens[: tokens.index(tokens[3]) + 1]
+
+
+def test_n_choices_best_of_and_logprobs(svc):
+    ids = prompt(svc, "choices")
+    req = GenerationRequest(prompt_ids=ids, sampling=SamplingParams(temperature=1.0, seed=5, logprobs=True,
+                                                                     top_logprobs=3),
+                            max_tokens=6, n=3, ignore_eos=True, logprobs=True, top_logprobs=3)
+    done, lps = P.collect(svc.engine.submit(req))
+    assert [c.index for c in done.choices] == [0, 1, 2]
+    assert len({c.token_ids for c in done.choices}) > 1
+    for c in done.choices:
+        entries = lps[c.index]
+        assert [e[0] for e in entries] == list(c.token_ids)
+        assert all(len(e[2]) == 3 and e[2][0][1] >= e[2][-1][1] for e in entries)
+    best = GenerationRequest(prompt_ids=ids, sampling=SamplingParams(temperature=1.0, seed=5), max_tokens=6,
+                             n=1, best_of=3, ignore_eos=True)
+    done, _ = P.collect(svc.engine.submit(best))
+    assert len(done.choices) == 1 and done.usage.completion_tokens == 18
+
+
+def test_bad_requests_fail_fast(svc):
+    with pytest.raises(InvalidRequest, match="prompt is empty"):
+        svc.engine.submit(GenerationRequest(prompt_ids=[], sampling=GREEDY))
+    with pytest.raises(ContextTooLong) as exc:
+        svc.engine.submit(GenerationRequest(prompt_ids=[5] * 600, sampling=GREEDY))
+    assert exc.value.n_prompt_tokens == 600 and exc.value.n_ctx == 512
+
+
+def test_async_submission_from_an_event_loop(svc):
+    async def main():
+        loop = asyncio.get_running_loop()
+        handles = [svc.engine.submit(GenerationRequest(prompt_ids=prompt(svc, f"async {i}"), sampling=GREEDY,
+                                                       max_tokens=5, ignore_eos=True), loop=loop) for i in range(4)]
+        return await asyncio.gather(*(h.aresult() for h in handles))
+
+    results = asyncio.run(main())
+    assert all(len(r.choices[0].token_ids) == 5 for r in results)
+
+
+def test_failed_event_reaches_the_caller(svc):
+    svc.engine.fault_hook = lambda: (_ for _ in ()).throw(RuntimeError("boom"))
+    try:
+        events = list(svc.engine.submit(GenerationRequest(prompt_ids=[3, 4, 5], sampling=GREEDY, max_tokens=2)))
+    finally:
+        svc.engine.fault_hook = None
+    assert isinstance(events[-1], RequestFailed)
