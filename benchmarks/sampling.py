@@ -112,7 +112,9 @@ def main() -> None:
     for name, (params, kind) in SCENARIOS.items():
         results[name] = run(params, kind, args.iters)
         r = results[name]
-        print(f"{name:18s} S={S} V={V}: {r['ms_median']:8.2f} ms/call (median; min {r['ms_min']:.2f}, p90 {r['ms_p90']:.2f})")
+        print(
+            f"{name:18s} S={S} V={V}: {r['ms_median']:8.2f} ms/call (median; min {r['ms_min']:.2f}, p90 {r['ms_p90']:.2f})"
+        )
     payload = {
         "benchmark": "Sampler.sample",
         "S": S,

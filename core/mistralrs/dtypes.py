@@ -1,8 +1,8 @@
 """Dtype names and the "auto" dtype choice.
 
 `resolve_dtype("auto", device)` is bf16 where the device computes bf16 natively (CPUs with
-AVX512-BF16 or AMX, CUDA compute capability 8.0+, Apple MPS) and f32 elsewhere: emulated bf16
-on an older CPU is slower than f32 and no smaller in the places that matter for tests.
+AVX512-BF16 or AMX, CUDA compute capability 8.0+) and f32 elsewhere (older CPUs and GPUs, MPS):
+emulated bf16 is slower than f32. Ask for "f16" explicitly on pre-Ampere GPUs.
 """
 
 from __future__ import annotations
@@ -73,9 +73,7 @@ def auto_dtype(device: Any = "cpu"):
     if kind == "cpu":
         return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     if kind == "cuda":
-        return torch.bfloat16 if _cuda_bf16(device) else torch.float16
-    if kind == "mps":
-        return torch.bfloat16
+        return torch.bfloat16 if _cuda_bf16(device) else torch.float32
     return torch.float32
 
 

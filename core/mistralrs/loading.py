@@ -24,8 +24,9 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -239,7 +240,6 @@ def materialize(model: nn.Module, device: Any) -> None:
     """Meta tensors -> uninitialised storage on `device` (``to_empty``). Buffers that were real
     before (built with an explicit device) are restored; shared parameters stay shared;
     modules with ``reset_buffers()`` recompute their non-persistent buffers."""
-    import torch
 
     real_buffers: dict[str, torch.Tensor] = {
         name: buf for name, buf in model.named_buffers(remove_duplicate=False) if buf is not None and not buf.is_meta
@@ -359,9 +359,9 @@ def _iter_mmap(path: Path) -> Iterator[tuple[str, tuple[int, ...], Callable[[], 
             except Exception as exc:  # noqa: BLE001
                 raise _corrupt(path, exc) from None
 
-            def read(_key: str = key) -> Any:
+            def read(_key: str = key, _handle: Any = handle) -> Any:
                 try:
-                    return handle.get_tensor(_key)
+                    return _handle.get_tensor(_key)
                 except Exception as exc:  # noqa: BLE001
                     raise _corrupt(path, exc) from None
 
@@ -457,7 +457,7 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> int:
     gen = torch.Generator(device="cpu").manual_seed(seed)
     nbytes = 0
     with torch.no_grad():
-        for mod_name, module in model.named_modules():
+        for module in model.modules():
             for pname, p in module.named_parameters(recurse=False):
                 if p is None:
                     continue

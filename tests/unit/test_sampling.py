@@ -24,6 +24,15 @@ from mistralrs.engine.sampling import (
 SAMPLER = Sampler()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: one intra-op thread is faster and immune to CPU contention stalls."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def states_for(n: int, prompt=(), seed0: int = 0, **kw):
     return [SequenceSamplingState(prompt, seed=seed0 + i, **kw) for i in range(n)]
 
@@ -276,6 +285,37 @@ def test_filters_match_sort_reference_on_large_vocab(seed):
         assert torch.allclose(got[i], ref, atol=1e-6, rtol=1e-4), i
 
 
+def test_candidate_escalation_does_not_change_results():
+    """Tiny candidate sets force the filtered rows through the escalation levels and the
+    sort-free wide path: the distributions must not depend on where a row was resolved."""
+    g = torch.Generator().manual_seed(9)
+    logits = torch.randn(6, 700, generator=g) * 2
+    params = [
+        SamplingParams(temperature=1.0, top_p=0.9, seed=1),
+        SamplingParams(temperature=0.7, min_p=0.05, seed=2),
+        SamplingParams(temperature=1.1, top_k=30, top_p=0.8, seed=3),
+        SamplingParams(temperature=1.0, top_p=0.99, min_p=0.01, seed=4),
+        SamplingParams(temperature=0.5, top_k=3, seed=5),
+        SamplingParams(temperature=1.0, seed=6),
+    ]
+    small = Sampler(candidate_sizes=(2, 8))
+    probs = SAMPLER.processed_probs(logits, params)
+    assert torch.allclose(small.processed_probs(logits, params), probs, atol=1e-7)
+    states = states_for(6, seed0=50)
+    for _ in range(10):
+        for i, t in enumerate(small.sample(logits, params, states).token_ids):
+            assert probs[i, t] > 0
+
+
+def test_half_precision_logits():
+    logits = (torch.randn(3, 100) * 3).half()
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_k=5), SamplingParams(logprobs=True)]
+    out = SAMPLER.sample(logits, params, states_for(3))
+    assert out.token_ids[0] == int(logits[0].float().argmax())
+    assert out.token_ids[1] in logits[1].float().topk(5).indices.tolist()
+    assert out.logprobs[2] == pytest.approx(float(torch.log_softmax(logits[2].float(), -1)[out.token_ids[2]]), abs=1e-5)
+
+
 def test_filtered_sampling_distribution():
     torch.manual_seed(3)
     row = torch.randn(40) * 2
@@ -465,7 +505,9 @@ OTHERS = [
 ]
 
 
-def run_stream(target: SamplingParams, logits_row: torch.Tensor, n_others: int, steps: int = 12) -> list[int]:
+def run_stream(
+    target: SamplingParams, logits_row: torch.Tensor, n_others: int, steps: int = 10, sampler: Sampler = SAMPLER
+) -> list[int]:
     V = logits_row.numel()
     g = torch.Generator().manual_seed(n_others)
     others = [OTHERS[i % len(OTHERS)] for i in range(n_others)]
@@ -479,7 +521,7 @@ def run_stream(target: SamplingParams, logits_row: torch.Tensor, n_others: int, 
         logits = torch.cat([other_logits[:n_others], logits_row[None]])
         order = list(range(n_others))
         order.insert(pos, n_others)
-        out = SAMPLER.sample(logits[order], rows, states)
+        out = sampler.sample(logits[order], rows, states)
         for s, t in zip(states, out.token_ids):
             s.append(t)
         stream.append(out.token_ids[pos])
@@ -496,6 +538,18 @@ def test_seed_gives_same_stream_alone_or_batched(target):
     assert alone == run_stream(target, logits_row, 6)
     other_seed = run_stream(attrs_evolve(target, seed=target.seed + 1), logits_row, 0)
     assert other_seed != alone
+
+
+@pytest.mark.parametrize("target", TARGETS[1:4], ids=["top_p", "top_k_p_min_p", "penalties"])
+def test_seed_stream_batch_invariant_through_every_resolution_path(target):
+    """With tiny candidate sets, rows resolve at different levels or on the sort-free wide
+    path depending on their own distribution only - never on the other rows."""
+    small = Sampler(candidate_sizes=(4, 16))
+    torch.manual_seed(43)
+    logits_row = torch.randn(3000) * 1.5
+    alone = run_stream(target, logits_row, 0, sampler=small)
+    assert alone == run_stream(target, logits_row, 15, sampler=small)
+    assert alone == run_stream(target, logits_row, 5, sampler=small)
 
 
 def attrs_evolve(p, **kw):
@@ -539,8 +593,13 @@ def test_allowed_mask_respected_at_high_temperature():
     allowed[[5, 17, 40]] = True
     row = torch.zeros(V)
     row[0] = 50.0  # disallowed, overwhelmingly likely
-    counts = draw_many(row, SamplingParams(temperature=100.0, logit_bias={0: 100}), rows=400, calls=3,
-                       allowed_mask=allowed[None].expand(400, V))
+    counts = draw_many(
+        row,
+        SamplingParams(temperature=100.0, logit_bias={0: 100}),
+        rows=400,
+        calls=3,
+        allowed_mask=allowed[None].expand(400, V),
+    )
     assert set(counts.nonzero().flatten().tolist()) <= {5, 17, 40} and counts.sum() == 1200
     assert (counts[[5, 17, 40]] > 300).all()  # near-uniform at T=100
     row[40] = 1.0

@@ -18,11 +18,14 @@ Processing order (as mistral.rs, `mistralrs-core/src/sampler.rs`):
    (top-p sees the distribution renormalised after top-k, as HF/vLLM; min-p is relative to
    the largest probability so renormalisation does not matter), then one draw.
 
-Vectorisation: the filters run as tensor ops over all rows that use them. A full sort of
-the vocabulary is avoided: the kept set of top-k/top-p/min-p is always a prefix of the
-probabilities sorted in descending order, so each filtered row is resolved on its
-`torch.topk` candidates (256, then 4096, then the whole vocabulary for the rare row whose
-nucleus does not fit). Python loops run over rows only (one generator draw per row).
+Vectorisation: rows are reordered once (greedy | unfiltered | top-p without top-k | other
+filtered) so each kind is a contiguous slice of one working copy, and the filters run as
+tensor ops over all rows that use them. The vocabulary is never fully sorted: the kept set
+of top-k/top-p/min-p is a prefix of the tokens sorted by probability, so a filtered row is
+resolved on its own `torch.topk` candidates (its k; else 256, then 4096). The rare row whose
+top-p nucleus or min-p set is larger goes to a sort-free path (a threshold for min-p; a
+log-weight histogram for top-p, sorting only the bin where the cumulative mass crosses p).
+Where a row is resolved depends on that row only. Python loops run over rows only.
 
 Randomness: every state owns a `torch.Generator` seeded from the request `seed` (or a
 fallback seed the engine derives from its global seed and a per-sequence counter, see
@@ -71,6 +74,8 @@ DRY_LOOKBACK = 1024
 DRY_MAX_MATCH = 50
 """Longest repeated suffix DRY measures (mistral.rs caps it at 50 against adversarial inputs)."""
 _CANDIDATES = (256, 4096)
+_HIST_BINS = 4096
+_HIST_SPAN = 40.0  # log-weight range of the top-p histogram (weights down to e^-40 of the max)
 _BLOCK = 512
 _SEED_MASK = (1 << 64) - 1
 
@@ -130,9 +135,7 @@ class SamplingParams:
     """DRY strength; 0 disables DRY."""
     dry_base: float = 1.75
     dry_allowed_length: int = 2
-    dry_sequence_breakers: tuple[str, ...] = attrs.field(
-        default=("\n", ":", '"', "*"), converter=_breakers_converter
-    )
+    dry_sequence_breakers: tuple[str, ...] = attrs.field(default=("\n", ":", '"', "*"), converter=_breakers_converter)
     logit_bias: tuple[tuple[int, float], ...] = attrs.field(default=(), converter=_bias_converter)
     """(token_id, bias) pairs added to the logits; a dict {token_id: bias} is accepted too."""
     seed: int | None = None
@@ -477,7 +480,12 @@ class Sampler:
     """Stateless batched sampler (see the module docstring for the semantics)."""
 
     def __init__(self, *, candidate_sizes: Sequence[int] = _CANDIDATES) -> None:
-        self.candidate_sizes = tuple(int(k) for k in candidate_sizes)
+        """`candidate_sizes`: the increasing top-k candidate counts tried for rows filtered by
+        top-p/min-p without top-k before the sort-free wide path (tests use tiny ones)."""
+        sizes = tuple(int(k) for k in candidate_sizes)
+        if not sizes or any(k < 1 for k in sizes):
+            raise ValueError(f"candidate_sizes must be positive and non-empty, got {candidate_sizes!r}")
+        self.candidate_sizes = sizes
 
     # -- public API
 
@@ -563,7 +571,7 @@ class Sampler:
                     ordered[rows] = w.to(torch.float32)
                 else:
                     dense = torch.zeros(len(group.rows), V, dtype=torch.float64, device=x.device)
-                    dense.scatter_(1, group.idx, w)
+                    dense.scatter_add_(1, group.idx, w)  # padding entries add 0
                     ordered[rows] = dense.to(torch.float32)
         out = torch.empty_like(ordered)
         out[_rows_tensor(plan.order, x.device)] = ordered
@@ -576,9 +584,7 @@ class Sampler:
         if logits.dim() != 2:
             raise ValueError(f"logits must be [S, V], got shape {tuple(logits.shape)}")
         if len(params) != logits.shape[0] or len(states) != logits.shape[0]:
-            raise ValueError(
-                f"{logits.shape[0]} logit rows but {len(params)} params and {len(states)} states"
-            )
+            raise ValueError(f"{logits.shape[0]} logit rows but {len(params)} params and {len(states)} states")
 
     @staticmethod
     def _default_states(
@@ -695,7 +701,6 @@ class Sampler:
         wf = w[n_plain:]
         feff = effs[n_plain:]
         k_l = [e[1] for e in feff]
-        k_t = torch.tensor([k or V for k in k_l], dtype=torch.long, device=dev)
         p_t = torch.tensor([e[2] for e in feff], dtype=torch.float64, device=dev)
         mp_t = torch.tensor([e[3] for e in feff], dtype=torch.float32, device=dev)
         has_k = torch.tensor([bool(k) for k in k_l], device=dev)
@@ -707,20 +712,24 @@ class Sampler:
         if n_p_only:
             total_full[:n_p_only] = wf[:n_p_only].sum(dim=-1, dtype=torch.float64)
 
+        # Each row looks at a row-local number of candidates (its k, or the level's size), so
+        # where a row is resolved never depends on the rest of the batch.
         pending = list(range(F))
-        for level, base in enumerate((*self.candidate_sizes, V)):
+        for base in self.candidate_sizes:
             if not pending:
                 break
-            kr = max(k_l[i] if k_l[i] else min(base, V) for i in pending)
-            kr = max(1, min(V, kr))
+            lim_l = [k_l[i] if k_l[i] else min(base, V) for i in pending]
+            kr = max(1, min(V, max(lim_l)))
             sel = _rows_tensor(pending, dev)
+            lim = torch.tensor(lim_l, dtype=torch.long, device=dev)
             sub = wf if len(pending) == F else wf.index_select(0, sel)
             vals, idx = sub.topk(kr, dim=-1, sorted=True)
-            keep = torch.arange(kr, device=dev)[None, :] < k_t[sel][:, None]
+            keep = torch.arange(kr, device=dev)[None, :] < lim[:, None]
             v = vals.to(torch.float64) * keep
             cum = v.cumsum(dim=-1)
+            fetched = cum[:, -1]
             hk, hp, hm = has_k[sel], has_p[sel], has_m[sel]
-            total = torch.where(hk, cum[:, -1], total_full[sel])
+            total = torch.where(hk, fetched, total_full[sel])
             threshold = torch.where(hp, p_t[sel] * total, torch.full_like(total, math.inf))
             keep &= (cum - v) < threshold[:, None]
             mp = mp_t[sel]
@@ -728,11 +737,9 @@ class Sampler:
             keep[:, 0] = True  # the most likely token always survives
             # Resolved when no token past the candidates can be kept: top-k fetched whole,
             # or the top-p / min-p cut falls inside the candidates.
-            resolved = hk | (kr >= V)
-            resolved |= hp & (cum[:, -1] >= threshold)
-            resolved |= hm & (vals[:, -1] <= mp)
-            if level == len(self.candidate_sizes):
-                resolved[:] = True
+            resolved = hk | (lim >= V)
+            resolved |= hp & (fetched >= threshold)
+            resolved |= hm & (vals.gather(1, (lim - 1).clamp(max=kr - 1)[:, None]).squeeze(1) <= mp)
             done = resolved.nonzero().flatten()
             if done.numel():
                 ids = [pending[i] for i in done.tolist()]
@@ -744,7 +751,55 @@ class Sampler:
                     )
                 )
             pending = [pending[i] for i in (~resolved).nonzero().flatten().tolist()]
+        if pending:
+            rows = [n_plain + i for i in pending]
+            sel = _rows_tensor(pending, dev)
+            groups.append(self._wide(wf.index_select(0, sel), rows, p_t[sel], total_full[sel], mp_t[sel]))
         return groups
+
+    @staticmethod
+    def _wide(w: torch.Tensor, rows: list[int], p: torch.Tensor, total: torch.Tensor, mp: torch.Tensor) -> _Group:
+        """Rows (without top-k) whose top-p nucleus or min-p set is too large for the
+        candidate sets, resolved without sorting the vocabulary: min-p is a plain threshold;
+        top-p finds the bin of a log-weight histogram where the cumulative mass crosses
+        p * total, and sorts that bin only. Candidates come out in token-id order."""
+        R, V = w.shape
+        dev = w.device
+        keep = w > mp[:, None]  # mp = 0 keeps every token of positive weight
+        top_p_rows = (p > 0).nonzero().flatten().tolist()
+        if top_p_rows:
+            nb = _HIST_BINS
+            sel = _rows_tensor(top_p_rows, dev)
+            ws = w.index_select(0, sel)
+            # bin = floor(-log(w) * nb / span): monotone in w, the row max (w = 1) in bin 0;
+            # weights below exp(-span) (and zeros) share the last bin.
+            bins = ws.log().neg_().mul_(nb / _HIST_SPAN).clamp_(max=nb - 1).to(torch.long)
+            flat = bins + torch.arange(len(top_p_rows), device=dev)[:, None] * nb
+            mass = torch.bincount(
+                flat.flatten(), weights=ws.flatten().to(torch.float64), minlength=len(top_p_rows) * nb
+            )
+            cum = mass.view(len(top_p_rows), nb).cumsum(dim=-1)
+            target = p[sel] * total[sel]
+            cut = torch.searchsorted(cum, target[:, None]).squeeze(1).clamp(max=nb - 1)
+            before = torch.where(cut > 0, cum.gather(1, (cut - 1).clamp(min=0)[:, None]).squeeze(1), 0.0)
+            for j, (row, b, start, goal) in enumerate(zip(top_p_rows, cut.tolist(), before.tolist(), target.tolist())):
+                in_bin = (bins[j] == b).nonzero().flatten()
+                order = torch.argsort(ws[j, in_bin], descending=True, stable=True)
+                in_bin = in_bin[order]
+                v = ws[j, in_bin].to(torch.float64)
+                excl = start + v.cumsum(dim=0) - v
+                nucleus = bins[j] < b
+                nucleus[in_bin[excl < goal]] = True
+                keep[row] &= nucleus
+        counts = keep.sum(dim=-1)
+        kmax = max(1, int(counts.max()))
+        idx = torch.zeros(R, kmax, dtype=torch.long, device=dev)
+        weights = torch.zeros(R, kmax, dtype=w.dtype, device=dev)
+        for i in range(R):
+            ids = keep[i].nonzero().flatten()
+            idx[i, : ids.numel()] = ids
+            weights[i, : ids.numel()] = w[i, ids]
+        return _Group(rows, idx, weights)
 
     @staticmethod
     def _draw(group: _Group, generators: Sequence[torch.Generator]) -> torch.Tensor:
@@ -795,11 +850,11 @@ class Sampler:
             out[i] = float(value)
         n = max(params[i].top_logprobs for i in rows)
         if n > 0:
-            values, ids = lp.topk(min(n, lp.shape[-1]), dim=-1, sorted=True)
-            values, ids = values.tolist(), ids.tolist()
+            top_values, top_ids = lp.topk(min(n, lp.shape[-1]), dim=-1, sorted=True)
+            value_rows, id_rows = top_values.tolist(), top_ids.tolist()
             for j, i in enumerate(rows):
                 k = params[i].top_logprobs
-                top[i] = [(int(t), float(v)) for t, v in zip(ids[j][:k], values[j][:k])]
+                top[i] = [(int(t), float(v)) for t, v in zip(id_rows[j][:k], value_rows[j][:k])]
         return out, top
 
 

@@ -7,7 +7,8 @@ which writes k/v into the cache and attends (GQA included: k/v keep their own he
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn

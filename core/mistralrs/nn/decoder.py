@@ -105,6 +105,7 @@ class DecoderSettings:
     embed_scale: float | None = None
     rotary_dim: int | None = None  # None: head_dim * partial_rotary_factor (from the rope config)
     use_rotary: bool = True
+    config: dict = attrs.field(factory=dict, repr=False)  # the raw config.json, for family-specific keys
 
     @classmethod
     def from_hf(
@@ -152,6 +153,7 @@ class DecoderSettings:
             o_bias=attention_bias,
             mlp_bias=bool(g("mlp_bias", False)),
             sliding_windows=sliding_windows_for(config, layers, policy=sliding_policy),
+            config=config,
         )
         fields.update(overrides)
         return cls(**fields)
@@ -167,7 +169,10 @@ def _ctx_registry(ctx: Any) -> Any:
 
 class DecoderLayer(nn.Module):
     """Pre-norm block: h = x + attn(norm1(x)); out = h + mlp(norm2(h)). Subclasses override
-    `build_attention` / `build_mlp` / `forward` for other layouts."""
+    `build_attention` / `build_mlp` / `forward` for other layouts; `mlp_name` is the feed-forward
+    submodule's checkpoint name ("mlp"; Mixtral: "block_sparse_moe")."""
+
+    mlp_name: ClassVar[str] = "mlp"
 
     def __init__(self, s: DecoderSettings, layer_idx: int, rotary: nn.Module | None, ctx: Any = None) -> None:
         super().__init__()
@@ -178,7 +183,11 @@ class DecoderLayer(nn.Module):
         self.self_attn = self.build_attention(s, layer_idx, rotary, ctx)
         self.post_attention_layernorm = RMSNorm(s.hidden_size, s.norm_eps, add_unit_offset=s.norm_unit_offset,
                                                 device=device, registry=registry)
-        self.mlp = self.build_mlp(s, layer_idx, ctx)
+        setattr(self, self.mlp_name, self.build_mlp(s, layer_idx, ctx))
+
+    @property
+    def ffn(self) -> nn.Module:
+        return getattr(self, self.mlp_name)
 
     def build_attention(self, s: DecoderSettings, layer_idx: int, rotary: nn.Module | None, ctx: Any) -> nn.Module:
         window = s.sliding_windows[layer_idx] if s.sliding_windows else None
@@ -195,7 +204,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, batch: Any) -> torch.Tensor:
         hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), batch)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        return hidden + self.ffn(self.post_attention_layernorm(hidden))
 
 
 def build_rotary(config: dict, s: DecoderSettings) -> nn.Module | None:

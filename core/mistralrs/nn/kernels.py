@@ -4,7 +4,8 @@ entry can be found (e.g. the first-party plugins are blocked)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def device_type_of(device: Any) -> str:
@@ -23,18 +24,31 @@ def lookup_kernel(op: str, device: Any = "cpu", registry: Any = None) -> Callabl
     kind = device_type_of(device)
     if kind == "meta":
         kind = "cpu"
+    from mistralrs.errors import NoCandidateError, NotFoundError
+
+    fallback = _REFERENCE.get(op)
     try:
         if registry is None:
             from mistralrs.plugins import get_registry
 
             registry = get_registry()
-        return resolve(registry.kernel(op, kind).impl)
-    except Exception:  # noqa: BLE001 - no registry / no kernel: the built-in reference
-        from mistralrs.errors import NoCandidateError
-
-        fallback = _REFERENCE.get(op)
+        spec = registry.kernel(op, kind)
+    except (NoCandidateError, NotFoundError):
         if fallback is None:
-            raise NoCandidateError(f"no kernel implements {op!r} on {kind!r}") from None
+            raise
+        return fallback()  # e.g. the torch reference plugin is blocked: use it directly
+    try:
+        return resolve(spec.impl)
+    except Exception as exc:  # noqa: BLE001 - a broken kernel plugin must not break model loading
+        if fallback is None:
+            raise
+        import warnings
+
+        warnings.warn(
+            f"kernel {op}/{spec.name} could not be imported ({type(exc).__name__}: {exc}); using the torch reference",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return fallback()
 
 

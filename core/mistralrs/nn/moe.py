@@ -10,7 +10,7 @@ tokens: simple and exact; fused MoE kernels can replace it later.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
