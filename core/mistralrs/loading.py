@@ -325,6 +325,18 @@ def _map_name(model: nn.Module, name: str) -> str | None:
     return name
 
 
+def _split_parts(model: nn.Module, name: str, shape: tuple[int, ...]) -> list[tuple[str, Callable[[Any], Any]]] | None:
+    """A model's optional ``split_checkpoint_tensor(name, shape)`` hook, asked only for a (mapped)
+    checkpoint name that is no parameter: ``[(parameter name, tensor -> piece), ...]`` when that
+    one tensor fills several parameters (a fused ``experts.gate_up_proj [E, 2I, H]`` into per-expert
+    linears), else None (the tensor is then unexpected, as without the hook)."""
+    splitter = getattr(model, "split_checkpoint_tensor", None)
+    if splitter is None:
+        return None
+    parts = splitter(name, tuple(shape))
+    return list(parts) if parts else None
+
+
 def _corrupt(path: Path, exc: BaseException) -> ModelLoadError:
     return ModelLoadError(
         f"{_short(path)}: cannot read safetensors file, it is truncated or corrupt ({type(exc).__name__}: "
@@ -415,6 +427,24 @@ def load_weights(model: nn.Module, files: Iterable[Path], *, arch_name: str = "m
                 if target is None:
                     continue
                 dest = expected.get(target)
+                parts = _split_parts(model, target, shape) if dest is None else None
+                if parts is not None:
+                    # one checkpoint tensor feeding several parameters (e.g. fused MoE experts)
+                    tensor = read()
+                    for part_name, select in parts:
+                        part_dest, value = expected.get(part_name), select(tensor)
+                        part_loader = getattr(part_dest, "weight_loader", None)
+                        if part_dest is None or (part_loader is None and tuple(part_dest.shape) != tuple(value.shape)):
+                            raise ModelLoadError(
+                                f"{_short(path)}: tensor {key!r} splits into {part_name!r} of shape "
+                                f"{list(value.shape)}, which {arch_name} does not have; config.json does not match "
+                                "the weights"
+                            )
+                        part_loader(part_dest, value) if part_loader is not None else part_dest.copy_(value)
+                        nbytes += part_dest.numel() * part_dest.element_size()
+                        filled.add(part_name)
+                    del tensor
+                    continue
                 if dest is None:
                     raise ModelLoadError(
                         f"{_short(path)}: unexpected tensor {key!r} (no such parameter in {arch_name}); the checkpoint "

@@ -180,6 +180,7 @@ class ModelService:
             eos_token_ids=self.eos_token_ids,
             generation_defaults=self.generation_defaults,
             device=device,
+            vocab_size=config.get("vocab_size"),
         )
         self.device = device
         log.info(

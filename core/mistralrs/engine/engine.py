@@ -221,6 +221,7 @@ class Engine:
         eos_token_ids: tuple[int, ...] = (),
         generation_defaults: Any = None,
         device: Any = "cpu",
+        vocab_size: int | None = None,
     ) -> None:
         from mistralrs.engine.runner import ModelRunner
         from mistralrs.engine.sampling import Sampler
@@ -232,6 +233,7 @@ class Engine:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.generation_defaults = generation_defaults
         self.max_model_len = config.max_model_len
+        self.vocab_size = vocab_size
         pool = None if config.no_kv_cache else BlockPool(backend.num_blocks, backend.block_size, config.prefix_cache_n)
         self.scheduler = Scheduler(pool, max_seqs=config.max_seqs, max_num_batched_tokens=config.max_num_batched_tokens)
         self.runner = ModelRunner(model, backend, device)
@@ -279,9 +281,9 @@ class Engine:
     def _validate(self, request: GenerationRequest) -> None:
         if not request.prompt_ids:
             raise InvalidRequest("the prompt is empty; send at least one token", "prompt")
-        vocab = getattr(self.tokenizer, "vocab_size", None)
-        if vocab and max(request.prompt_ids) >= max(vocab, self.runner_vocab()):
-            raise InvalidRequest("the prompt contains token ids outside the vocabulary", "prompt")
+        vocab = self.vocab_size or getattr(self.tokenizer, "vocab_size", None)
+        if vocab and (max(request.prompt_ids) >= vocab or min(request.prompt_ids) < 0):
+            raise InvalidRequest(f"the prompt contains token ids outside the vocabulary (0..{vocab - 1})", "prompt")
         if request.n < 1 or (request.best_of is not None and request.best_of < request.n):
             raise InvalidRequest("n must be >= 1 and best_of >= n", "n")
         if request.max_tokens is not None and request.max_tokens < 0:
@@ -298,9 +300,6 @@ class Engine:
                     "raise --pa-context-len / --pa-memory-mb or shorten the prompt",
                     "messages",
                 )
-
-    def runner_vocab(self) -> int:
-        return int(getattr(self.model, "vocab_size", 0) or 0)
 
     # -- the engine thread --------------------------------------------------------------------
     def _ensure_thread(self) -> None:
