@@ -251,3 +251,15 @@ def test_failed_event_reaches_the_caller(svc):
     finally:
         svc.engine.fault_hook = None
     assert isinstance(events[-1], RequestFailed)
+
+
+def test_fp8_kv_cache_runs_and_stays_close(model_dir, svc):
+    ids = prompt(svc, "fp8 cache please")
+    fp8 = service(model_dir, pa_cache_type="f8e4m3")
+    try:
+        assert fp8.backend.k_cache[0].dtype == torch.float8_e4m3fn
+        tokens = gen(fp8, ids, max_tokens=8)
+    finally:
+        fp8.shutdown()
+    assert len(tokens) == 8
+    assert tokens[:2] == gen(svc, ids, max_tokens=2)  # lossy storage, same leading choices

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from mistralrs.attention import AttentionBatch
-from mistralrs_plugins.attention.sdpa_backend import SdpaBackend
+from mistralrs_plugins.attention.sdpa_backend import SdpaBackend, read_slots, write_slots
 
 
 class PagedBackend(SdpaBackend):
@@ -38,12 +38,13 @@ class PagedBackend(SdpaBackend):
         if slots is None or softcap is not None:
             return super().attend(layer, q, k, v, batch, scale=scale, sliding_window=sliding_window, softcap=softcap)
         kc, vc = self.k_cache[layer], self.v_cache[layer]
-        kc.index_copy_(0, batch.slot_mapping, k.to(kc.dtype))
-        vc.index_copy_(0, batch.slot_mapping, v.to(vc.dtype))
+        write_slots(kc, batch.slot_mapping, k)
+        write_slots(vc, batch.slot_mapping, v)
         S, width = slots.shape
         hq, hk = q.shape[1], k.shape[1]
-        keys = kc[slots.reshape(-1)].view(S, width, hk, -1).transpose(1, 2).to(q.dtype)  # [S, Hk, L, D]
-        vals = vc[slots.reshape(-1)].view(S, width, hk, -1).transpose(1, 2).to(q.dtype)
+        flat = slots.reshape(-1)
+        keys = read_slots(kc, flat, q.dtype).view(S, width, hk, -1).transpose(1, 2)  # [S, Hk, L, D]
+        vals = read_slots(vc, flat, q.dtype).view(S, width, hk, -1).transpose(1, 2)
         mask = batch.scratch["paged_valid"]
         if sliding_window is not None:
             mask = mask & (batch.scratch["paged_kpos"][None, :] > batch.scratch["paged_pos"][:, None] - sliding_window)

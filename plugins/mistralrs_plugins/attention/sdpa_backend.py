@@ -40,8 +40,8 @@ class SdpaBackend(AttentionBackend):
         cached = batch.slot_mapping is not None and bool(self.k_cache)
         if cached:
             kc, vc = self.k_cache[layer], self.v_cache[layer]
-            kc.index_copy_(0, batch.slot_mapping, k.to(kc.dtype))
-            vc.index_copy_(0, batch.slot_mapping, v.to(vc.dtype))
+            write_slots(kc, batch.slot_mapping, k)
+            write_slots(vc, batch.slot_mapping, v)
         hq, hk = q.shape[1], k.shape[1]
         out = q.new_empty(q.shape[0], hq, v.shape[-1])
         qsl = batch.query_start_loc
@@ -52,7 +52,7 @@ class SdpaBackend(AttentionBackend):
                 continue
             if cached:
                 slots = batch.scratch["sdpa_slots"][i]
-                ks, vs = kc[slots].to(q.dtype), vc[slots].to(q.dtype)
+                ks, vs = read_slots(kc, slots, q.dtype), read_slots(vc, slots, q.dtype)
             else:
                 ks, vs = k[qs:qe], v[qs:qe]
             ctx = sl - ql
@@ -79,3 +79,21 @@ class SdpaBackend(AttentionBackend):
         for src, dst in pairs:
             for cache in (*self.k_cache, *self.v_cache):
                 cache[dst * bs:(dst + 1) * bs] = cache[src * bs:(src + 1) * bs]
+
+
+_FP8 = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)}
+
+
+def write_slots(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
+    """cache[slots] = x, converting to the cache dtype (fp8 caches go through a byte view,
+    since torch has no fp8 index_copy on CPU)."""
+    if cache.dtype in _FP8:
+        cache.view(torch.uint8).index_copy_(0, slots, x.to(cache.dtype).view(torch.uint8))
+    else:
+        cache.index_copy_(0, slots, x.to(cache.dtype))
+
+
+def read_slots(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if cache.dtype in _FP8:
+        return cache.view(torch.uint8)[slots].view(cache.dtype).to(dtype)
+    return cache[slots].to(dtype)

@@ -136,7 +136,10 @@ class InteractiveChat:
                 if not self.command(line):
                     return
                 continue
-            self.answer(line)
+            try:
+                self.answer(line)
+            except KeyboardInterrupt:  # arrived before the answer started streaming
+                self.out.write("\n[stopped]\n")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,65 @@
+"""Native CPU kernels built on the user's machine (torch ``cpp_extension``).
+
+Registration only: importing this module is cheap (no torch, no compiler). The C++ extension is
+built lazily on the first call of an op (see `ops`), cached under the platformdirs user cache,
+and when it cannot be built the op falls back to torch for the rest of the process.
+
+Ops:
+- ``linear_bf16`` (``avx512_bf16``): ``y = x @ W^T (+ b)`` for bf16 with few rows (decode GEMV),
+  fp32 accumulation with ``vdpbf16ps``. Claims ``cpu`` only on x86 with the ``avx512_bf16`` flag.
+
+Set ``MISTRALRS_NO_NATIVE_KERNELS=1`` to never claim a device (and never build).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+
+from mistralrs import hookimpl
+from mistralrs.specs import KernelSpec
+
+DISABLE_ENV = "MISTRALRS_NO_NATIVE_KERNELS"
+
+
+def native_disabled() -> bool:
+    """True when ``MISTRALRS_NO_NATIVE_KERNELS`` is set to anything but ``""``/``0``."""
+    return os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of the first processor in /proc/cpuinfo (empty when unreadable)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def has_avx512_bf16() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    flags = cpu_flags()
+    return {"avx512f", "avx512bw", "avx512_bf16"} <= flags
+
+
+def supports_avx512_bf16(device: str = "cpu", **_context: object) -> bool:
+    return device == "cpu" and not native_disabled() and has_avx512_bf16()
+
+
+@hookimpl
+def register_kernels(register):
+    register(KernelSpec(
+        name="avx512_bf16",
+        op="linear_bf16",
+        impl="mistralrs_plugins.kernels.cpu_native.ops:linear_bf16",
+        devices=("cpu",),
+        priority=10,
+        supports=supports_avx512_bf16,
+        description="AVX-512-BF16 decode GEMV (bf16, <= 8 rows; built on first use)",
+    ))

@@ -1,0 +1,181 @@
+"""Native CPU ops: the C++ extension is built on first use and cached.
+
+Build: ``torch.utils.cpp_extension.load`` on the sources next to this file, with AVX-512-BF16
+flags, into ``<platformdirs user cache>/mistralrs/kernels/<key>`` where ``key`` hashes the sources,
+the flags, the torch version and the Python version. A file lock serialises builds across
+processes; a finished build is marked with ``BUILD_OK`` and later processes import the shared
+library directly (no compiler or ninja needed after the first build).
+
+Failure policy: if the extension cannot be built or imported (no compiler, no ninja, an
+unsupported CPU, ``MISTRALRS_NO_NATIVE_KERNELS`` set), one warning is issued and every op falls
+back to torch for the rest of the process. An op never raises because of the native path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import logging
+import os
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mistralrs_plugins.kernels.cpu_native import native_disabled
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("linear_bf16.cpp",)
+CFLAGS = ("-O3", "-DNDEBUG", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
+MAX_ROWS = 8  # the kernel handles 1..MAX_ROWS rows; more rows are compute-bound: F.linear
+
+_lock = threading.Lock()
+_ext: ModuleType | None = None
+_failed: str | None = None  # why the native path is off for this process (None: not decided / on)
+
+
+class NativeKernelWarning(RuntimeWarning):
+    """The native CPU kernels could not be built or loaded; torch is used instead."""
+
+
+def source_dir() -> Path:
+    return Path(__file__).resolve().parent
+
+
+def build_key() -> str:
+    """Hash of everything the binary depends on: sources, flags, torch and Python versions."""
+    h = hashlib.sha256()
+    for name in SOURCES:
+        h.update(name.encode())
+        h.update((source_dir() / name).read_bytes())
+    h.update(repr((CFLAGS, LDFLAGS, torch.__version__, sys.version_info[:2], sys.platform)).encode())
+    return h.hexdigest()[:16]
+
+
+def cache_root() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("mistralrs")) / "kernels"
+
+
+def _import_built(name: str, build_dir: Path) -> ModuleType:
+    path = build_dir / f"{name}.so"
+    loader = importlib.machinery.ExtensionFileLoader(name, str(path))
+    spec = importlib.util.spec_from_file_location(name, str(path), loader=loader)
+    if spec is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def build(verbose: bool = False) -> ModuleType:
+    """Build (or load the cached build of) the extension. Raises on failure."""
+    import filelock
+    from torch.utils import cpp_extension
+
+    key = build_key()
+    name = f"mistralrs_cpu_native_{key}"
+    build_dir = cache_root() / key
+    build_dir.mkdir(parents=True, exist_ok=True)
+    marker = build_dir / "BUILD_OK"
+    with filelock.FileLock(str(build_dir) + ".lock"):
+        if marker.exists() and (build_dir / f"{name}.so").exists():
+            return _import_built(name, build_dir)
+        # We hold the cross-process lock, so a `lock` baton left in the directory by torch is stale
+        # (a build that was killed); torch would otherwise wait for it forever.
+        (build_dir / "lock").unlink(missing_ok=True)
+        log.warning("building native CPU kernels in %s (once; this takes about a minute)", build_dir)
+        t0 = time.perf_counter()
+        module = cpp_extension.load(
+            name=name,
+            sources=[str(source_dir() / s) for s in SOURCES],
+            extra_cflags=list(CFLAGS),
+            extra_ldflags=list(LDFLAGS),
+            build_directory=str(build_dir),
+            verbose=verbose,
+        )
+        marker.write_text(f"torch {torch.__version__}\n")
+        log.info("native CPU kernels built in %.1f s", time.perf_counter() - t0)
+        return module
+
+
+def _builder() -> ModuleType:
+    """Indirection so tests can make the build fail."""
+    return build()
+
+
+def extension() -> ModuleType | None:
+    """The loaded extension, building it on first call; None when the native path is off."""
+    global _ext, _failed
+    if _ext is not None or _failed is not None:
+        return _ext
+    with _lock:
+        if _ext is not None or _failed is not None:
+            return _ext
+        if native_disabled():
+            _failed = "disabled by MISTRALRS_NO_NATIVE_KERNELS"
+        else:
+            try:
+                _ext = _builder()
+            except BaseException as exc:  # noqa: BLE001 - a compiler problem must never break inference
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+                detail = " | ".join(lines[-3:]) if lines else ""
+                _failed = f"{type(exc).__name__}: {detail}"
+                log.debug("native CPU kernel build failed", exc_info=True)
+        if _failed is not None:
+            warnings.warn(
+                f"mistralrs native CPU kernels unavailable ({_failed}); using torch for the rest of this process",
+                NativeKernelWarning,
+                stacklevel=4,
+            )
+        return _ext
+
+
+def status() -> dict[str, Any]:
+    """For diagnostics: whether the native path is on, and why not."""
+    return {"loaded": _ext is not None, "failed": _failed, "cache": str(cache_root())}
+
+
+def _reset_for_tests() -> None:
+    global _ext, _failed
+    with _lock:
+        _ext = None
+        _failed = None
+
+
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; bf16 inputs with 1..8 rows on CPU use the AVX-512-BF16 GEMV.
+    Anything else (other dtypes, more rows, autograd, compiling, no native build) is F.linear."""
+    ext = _ext if _ext is not None else (None if _failed is not None else extension())
+    if (
+        ext is None
+        or x.dtype is not torch.bfloat16
+        or weight.dtype is not torch.bfloat16
+        or x.device.type != "cpu"
+        or weight.dim() != 2
+        or x.dim() == 0
+        or x.requires_grad
+        or weight.requires_grad
+        or not weight.is_contiguous()
+    ):
+        return F.linear(x, weight, bias)
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    if rows < 1 or rows > MAX_ROWS or k != weight.shape[1] or torch.compiler.is_compiling():
+        return F.linear(x, weight, bias)
+    if bias is not None and (bias.device.type != "cpu" or bias.requires_grad):
+        return F.linear(x, weight, bias)
+    y = ext.linear_bf16(x.reshape(rows, k), weight, bias)
+    return y.view(*x.shape[:-1], weight.shape[0]) if x.dim() != 2 else y
