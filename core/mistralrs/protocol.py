@@ -266,16 +266,42 @@ def now() -> int:
     return int(time.time())
 
 
+def _entry_text(tokenizer: Any, entry: Sequence[Any]) -> str:
+    """The text of one logprob entry: the text the token released into the output when known
+    (4th element, recorded by `collect`/`ChatStream`), else the token decoded alone.
+
+    Using the released text makes the entries' `token` strings concatenate to the content
+    exactly, even when a character spans several byte-level tokens or a stop string was cut."""
+    if len(entry) > 3 and entry[3] is not None:
+        return entry[3]
+    return tokenizer.decode([entry[0]], skip_special_tokens=False)
+
+
+def finite_logprob(value: Any) -> float:
+    """A logprob JSON can carry: -inf (a banned token) and NaN become -9999.0, as OpenAI does."""
+    value = float(value)
+    return value if value > -9999.0 else -9999.0  # also catches NaN (comparisons are False)
+
+
 def logprobs_of(tokenizer: Any, entries: Sequence[Any]) -> Logprobs:
-    """OpenAI chat logprobs from the engine's (token_id, logprob, top) triples."""
+    """OpenAI chat logprobs from the engine's (token_id, logprob, top[, text]) entries."""
     content = []
-    for token_id, logprob, top in entries:
-        text = tokenizer.decode([token_id], skip_special_tokens=False)
+    for entry in entries:
+        logprob, top = entry[1], entry[2]
+        text = _entry_text(tokenizer, entry)
         content.append(ResponseLogprob(
-            token=text, logprob=float(logprob), bytes=list(text.encode("utf-8")),
-            top_logprobs=[TopLogprob(int(t), float(lp)) for t, lp in top],
+            token=text, logprob=finite_logprob(logprob), bytes=list(text.encode("utf-8")),
+            top_logprobs=[TopLogprob(int(t), finite_logprob(lp)) for t, lp in top],
         ))
     return Logprobs(content=content)
+
+
+def _with_text(event: Any) -> list[Any]:
+    """A TokenDelta's logprob entries with the released text attached (one token per delta,
+    which is how the engine emits them; otherwise the tokens are decoded alone)."""
+    if len(event.logprobs) == 1:
+        return [(*event.logprobs[0][:3], event.text)]
+    return list(event.logprobs)
 
 
 # -- requests -> engine ---------------------------------------------------------------------
@@ -297,6 +323,11 @@ def build_chat_request(service: Any, body: Mapping[str, Any]) -> Any:
 
 
 def build_completion_request(service: Any, body: Mapping[str, Any]) -> Any:
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        # Legacy completions: `logprobs` is the number of top logprobs per token (0-20).
+        top = _num(logprobs, "logprobs", lo=0, hi=20, integer=True)
+        body = {**body, "logprobs": True, "top_logprobs": top}
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
@@ -339,7 +370,11 @@ def _generation_request(service: Any, body: Mapping[str, Any], ids: list[int]) -
 # -- engine events -> responses ------------------------------------------------------------
 class ChatStream:
     """Turns engine events into chat-completion chunks: role first, one finish per choice,
-    usage last. Used by the Python API's iterators and the server's SSE stream alike."""
+    usage last. Used by the Python API's iterators and the server's SSE stream alike.
+
+    With logprobs, a token that released no text yet (an incomplete UTF-8 sequence, a possible
+    stop string) is held back and sent with the chunk that carries its text, so the streamed
+    `token` strings concatenate to the streamed content."""
 
     def __init__(self, tokenizer: Any, *, id: str, model: str, n: int, logprobs: bool, completion: bool = False):
         self.tokenizer = tokenizer
@@ -347,22 +382,50 @@ class ChatStream:
         self.completion = completion
         self.created = now()
         self.started: set[int] = set()
+        # Completions: where each choice's text starts (after an echoed prompt), for text_offset.
+        self.text_offset_start = 0
+        self.text_offsets: dict[int, int] = {}
+        self._pending: dict[int, list[Any]] = {}  # logprob entries whose text has not come out yet
+
+    def _logprobs(self, index: int, entries: list[Any]) -> Any:
+        if not entries:
+            return None
+        if self.completion:
+            return _completion_logprobs(self.tokenizer, entries, offset=self.text_offsets.get(index, self.text_offset_start))
+        return logprobs_of(self.tokenizer, entries)
 
     def chunk_for(self, event: Any) -> Any | None:
         from mistralrs.engine.engine import ChoiceFinished, RequestDone, TokenDelta
 
         if isinstance(event, TokenDelta):
-            lp = logprobs_of(self.tokenizer, event.logprobs) if self.logprobs and event.logprobs else None
-            if not event.text and lp is None:
+            i = event.index
+            entries: list[Any] = []
+            if self.logprobs:
+                pending = self._pending.pop(i, [])
+                if event.logprobs:
+                    entries = pending + _with_text(event)
+                    if not event.text and len(event.logprobs) == 1:
+                        self._pending[i] = entries  # wait for the text this token will release
+                        return None
+                elif pending and event.text:
+                    last = pending[-1]
+                    entries = pending[:-1] + [(*last[:3], (last[3] if len(last) > 3 else "") + event.text)]
+                else:
+                    entries = pending
+            if not event.text and not entries:
                 return None
-            return self._chunk(event.index, event.text, None, lp)
+            lp = self._logprobs(i, entries)
+            if self.completion:
+                self.text_offsets[i] = self.text_offsets.get(i, self.text_offset_start) + len(event.text)
+            return self._chunk(i, event.text, None, lp)
         if isinstance(event, ChoiceFinished):
-            return self._chunk(event.index, "" if not self.completion else "", event.finish_reason, None)
+            lp = self._logprobs(event.index, self._pending.pop(event.index, [])) if self.logprobs else None
+            return self._chunk(event.index, "", event.finish_reason, lp)
         if isinstance(event, RequestDone):
             return None
         return None
 
-    def _chunk(self, index: int, text: str, finish: str | None, lp: Logprobs | None) -> Any:
+    def _chunk(self, index: int, text: str, finish: str | None, lp: Any) -> Any:
         if self.completion:
             return CompletionResponse(
                 id=self.id, created=self.created, model=self.model,
@@ -402,32 +465,60 @@ def completion_response(tokenizer: Any, done: Any, *, id: str, model: str, logpr
     choices = [
         CompletionChoice(
             finish_reason=c.finish_reason, index=c.index, text=echo_prefix + c.text + suffix,
-            logprobs=_completion_logprobs(tokenizer, token_logprobs.get(c.index, [])) if logprobs else None,
+            logprobs=_completion_logprobs(tokenizer, token_logprobs.get(c.index, []), offset=len(echo_prefix))
+            if logprobs else None,
         )
         for c in done.choices
     ]
     return CompletionResponse(id=id, choices=choices, created=now(), model=model, usage=Usage.from_engine(done.usage))
 
 
-def _completion_logprobs(tokenizer: Any, entries: Sequence[Any]) -> dict[str, Any]:
-    tokens, lps, tops = [], [], []
-    for token_id, logprob, top in entries:
-        tokens.append(tokenizer.decode([token_id], skip_special_tokens=False))
-        lps.append(float(logprob))
-        tops.append({tokenizer.decode([t], skip_special_tokens=False): float(lp) for t, lp in top})
-    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": []}
+def _completion_logprobs(tokenizer: Any, entries: Sequence[Any], *, offset: int = 0) -> dict[str, Any]:
+    """Legacy-completions logprobs: parallel lists; `text_offset` is each token's start in the
+    choice's text (`offset` = where generated text starts, e.g. after an echoed prompt)."""
+    tokens, lps, tops, offsets = [], [], [], []
+    for entry in entries:
+        text = _entry_text(tokenizer, entry)
+        tokens.append(text)
+        lps.append(finite_logprob(entry[1]))
+        tops.append({tokenizer.decode([t], skip_special_tokens=False): finite_logprob(lp) for t, lp in entry[2]})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+class LogprobCollector:
+    """Gathers per-choice logprob entries `(token_id, logprob, top, text)` from TokenDeltas.
+
+    Text the engine releases without a token (held back by the detokenizer or a stop-string
+    check and flushed when the choice ends) is added to the choice's last entry, so the
+    entries' texts always concatenate to the choice's text."""
+
+    def __init__(self) -> None:
+        self.entries: dict[int, list[Any]] = {}
+
+    def add(self, event: Any) -> None:
+        if event.logprobs:
+            self.entries.setdefault(event.index, []).extend(_with_text(event))
+        elif event.text and self.entries.get(event.index):
+            last = self.entries[event.index][-1]
+            text = last[3] if len(last) > 3 and last[3] is not None else ""
+            self.entries[event.index][-1] = (*last[:3], text + event.text)
 
 
 def collect(events: Any) -> tuple[Any, dict[int, list[Any]]]:
-    """Run a request's events to the end: (RequestDone, per-choice token logprobs)."""
+    """Run a request's events to the end: (RequestDone, per-choice token logprobs).
+
+    Each logprob entry is `(token_id, logprob, top, text)`; `text` is what that token added to
+    the output (see `LogprobCollector`)."""
     from mistralrs.engine.engine import RequestDone, RequestFailed, TokenDelta
 
-    logprobs: dict[int, list[Any]] = {}
+    lps = LogprobCollector()
     for event in events:
-        if isinstance(event, TokenDelta) and event.logprobs:
-            logprobs.setdefault(event.index, []).extend(event.logprobs)
+        if isinstance(event, TokenDelta):
+            lps.add(event)
         elif isinstance(event, RequestDone):
-            return event, logprobs
+            return event, lps.entries
         elif isinstance(event, RequestFailed):
             raise event.error
     raise RuntimeError("request ended without a result")

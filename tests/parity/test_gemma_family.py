@@ -69,11 +69,10 @@ def _smollm3(p, **kw):
 
 
 CASES = {
-    # tied head (Gemma's default), head_dim 32 != hidden / heads (16)
-    "gemma": lambda p: _gemma(p, head_dim=32),
-    # untied head, q/k/v/o biases, MQA, linear rope scaling
-    "gemma_untied_bias": lambda p: _gemma(
-        p, head_dim=32, tie_word_embeddings=False, attention_bias=True, num_key_value_heads=1,
+    # tied head (Gemma's default), head_dim 32 != hidden / heads (16), q/k/v/o biases, MQA,
+    # linear rope scaling (untied heads: the gemma2 and smollm3 cases below)
+    "gemma": lambda p: _gemma(
+        p, head_dim=32, attention_bias=True, num_key_value_heads=1,
         rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
     ),
     # default layer pattern (layers 0 and 2 sliding, window 8), query_pre_attn_scalar != head_dim,
@@ -99,7 +98,7 @@ CASES = {
         tie_word_embeddings=False, attention_bias=True, mlp_bias=True,
     ),
 }
-EXPECTED_ARCH = {"gemma_untied_bias": "gemma", "gemma2_layer_types": "gemma2", "smollm3_explicit": "smollm3"}
+EXPECTED_ARCH = {"gemma2_layer_types": "gemma2", "smollm3_explicit": "smollm3"}
 TIED = {"gemma", "gemma2", "smollm3"}
 
 
@@ -197,8 +196,7 @@ def _no_rope_scaling(m):
 
 
 MUTATIONS = {
-    "gemma": [_no_embed_scale],
-    "gemma_untied_bias": [_no_embed_scale, _no_rope_scaling],
+    "gemma": [_no_embed_scale, _no_rope_scaling],
     "gemma2": [_no_final_softcap, _no_attn_softcap, _no_sliding, _head_dim_scale, _no_sandwich],
     "gemma2_layer_types": [_no_attn_softcap, _no_sliding, _head_dim_scale],
     "smollm3": [_no_sliding, _rope_everywhere],

@@ -27,6 +27,16 @@ class Embedding(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, scale={self.scale}"
 
+    _small_m_kernel = None
+
+    def small_m_kernel(self):
+        """The `linear_bf16` kernel for the tied LM head at decode (looked up once per module)."""
+        if self._small_m_kernel is None:
+            from mistralrs.nn.linear import small_m_linear_bf16
+
+            self._small_m_kernel = small_m_linear_bf16()
+        return self._small_m_kernel
+
 
 def compute_logits(hidden: torch.Tensor, lm_head: nn.Module | None, embedding: Embedding | None = None,
                    *, softcap: float | None = None) -> torch.Tensor:
@@ -34,6 +44,11 @@ def compute_logits(hidden: torch.Tensor, lm_head: nn.Module | None, embedding: E
     when the head is tied (`lm_head` None). `softcap` c: logits -> c * tanh(logits / c)."""
     if lm_head is not None:
         logits = lm_head(hidden)
+    elif embedding is not None and hidden.dtype is torch.bfloat16 and hidden.device.type == "cpu":
+        from mistralrs.nn.linear import SMALL_M_ROWS
+
+        small = hidden.numel() <= SMALL_M_ROWS * hidden.shape[-1]
+        logits = (embedding.small_m_kernel() if small else F.linear)(hidden, embedding.weight)
     elif embedding is not None:
         logits = F.linear(hidden, embedding.weight)
     else:

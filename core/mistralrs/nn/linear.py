@@ -50,10 +50,34 @@ class UnquantizedLinearMethod(LinearMethodBase):
             layer.register_parameter("bias", None)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype is torch.bfloat16 and x.device.type == "cpu" and x.numel() <= SMALL_M_ROWS * x.shape[-1]:
+            kernel = self._small_m_kernel or self._lookup_small_m_kernel()
+            return kernel(x, layer.weight, layer.bias)  # decode: a GEMV kernel
         return F.linear(x, layer.weight, layer.bias)
+
+    _small_m_kernel: Any = None  # the `linear_bf16` kernel, looked up on first small-M bf16 call
+
+    def _lookup_small_m_kernel(self) -> Any:
+        self._small_m_kernel = small_m_linear_bf16()
+        return self._small_m_kernel
 
     def describe(self) -> str:
         return "unquantized"
+
+
+# bf16 CPU matmuls with at most this many rows (decode) go through the best registered
+# `linear_bf16` kernel (e.g. the native AVX-512-BF16 GEMV); more rows are compute-bound: F.linear.
+SMALL_M_ROWS = 8
+
+
+def small_m_linear_bf16() -> Any:
+    """The best registered `linear_bf16` kernel for CPU (F.linear when none). Callers cache it."""
+    try:
+        from mistralrs.nn.kernels import lookup_kernel
+
+        return lookup_kernel("linear_bf16", "cpu")
+    except Exception:  # noqa: BLE001 - no kernel registered (plugins blocked): plain torch
+        return F.linear
 
 
 class Linear(nn.Module):

@@ -50,3 +50,8 @@ def gelu_and_mul(x: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
     """GeGLU: gelu(gate) * up for x = [gate | up] along the last dim."""
     gate, up = x.chunk(2, dim=-1)
     return F.gelu(gate, approximate=approximate) * up
+
+
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ weight.T (+ bias): the reference for the bf16 decode GEMV kernels."""
+    return F.linear(x, weight, bias)

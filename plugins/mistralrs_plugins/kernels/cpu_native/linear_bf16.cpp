@@ -10,9 +10,14 @@
 // read exactly once per call, in sequential order per thread. K tails use masked (zeroing) loads, so
 // any K works; N tails are handled one row at a time.
 
-#include <torch/extension.h>
+// Only light headers (no <torch/extension.h>, no Python): the op is registered with the dispatcher
+// under the namespace TORCH_EXTENSION_NAME (set by cpp_extension) and called as
+// torch.ops.<namespace>.linear_bf16.
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
+#include <torch/library.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -127,7 +132,7 @@ const GemvFn kGemv[kMaxRows + 1] = {nullptr,        gemv_rows<1>, gemv_rows<2>, 
                                     gemv_rows<5>, gemv_rows<6>, gemv_rows<7>, gemv_rows<8>};
 
 // x: [M, K] bf16 (M <= 8, last dim contiguous), weight: [N, K] bf16 contiguous, bias: [N] (any float dtype).
-at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2, "linear_bf16: x must be 2-D [M, K]");
   TORCH_CHECK(weight.dim() == 2, "linear_bf16: weight must be 2-D [N, K]");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16,
@@ -160,8 +165,8 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight, const c10:
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear_bf16", &linear_bf16, "y = x @ W^T (+ bias) for bf16 x[M<=8, K], W[N, K] (AVX-512-BF16)",
-        py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
-  m.attr("MAX_ROWS") = kMaxRows;
+TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
+  m.def("linear_bf16(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
 }
+
+TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) { m.impl("linear_bf16", &linear_bf16); }

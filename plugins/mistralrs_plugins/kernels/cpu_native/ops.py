@@ -3,8 +3,10 @@
 Build: ``torch.utils.cpp_extension.load`` on the sources next to this file, with AVX-512-BF16
 flags, into ``<platformdirs user cache>/mistralrs/kernels/<key>`` where ``key`` hashes the sources,
 the flags, the torch version and the Python version. A file lock serialises builds across
-processes; a finished build is marked with ``BUILD_OK`` and later processes import the shared
-library directly (no compiler or ninja needed after the first build).
+processes; a finished build is marked with ``BUILD_OK`` and later processes load the shared
+library directly (no compiler or ninja needed after the first build). The library registers its
+ops with torch's dispatcher under a namespace named after the build key (no Python bindings,
+so it compiles in seconds).
 
 Failure policy: if the extension cannot be built or imported (no compiler, no ninja, an
 unsupported CPU, ``MISTRALRS_NO_NATIVE_KERNELS`` set), one warning is issued and every op falls
@@ -14,16 +16,15 @@ back to torch for the rest of the process. An op never raises because of the nat
 from __future__ import annotations
 
 import hashlib
-import importlib.machinery
-import importlib.util
 import logging
 import os
+import shlex
+import shutil
 import sys
 import threading
 import time
 import warnings
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
@@ -39,7 +40,7 @@ LDFLAGS = ("-fopenmp",)
 MAX_ROWS = 8  # the kernel handles 1..MAX_ROWS rows; more rows are compute-bound: F.linear
 
 _lock = threading.Lock()
-_ext: ModuleType | None = None
+_ext: NativeOps | None = None
 _failed: str | None = None  # why the native path is off for this process (None: not decided / on)
 
 
@@ -67,18 +68,22 @@ def cache_root() -> Path:
     return Path(platformdirs.user_cache_dir("mistralrs")) / "kernels"
 
 
-def _import_built(name: str, build_dir: Path) -> ModuleType:
-    path = build_dir / f"{name}.so"
-    loader = importlib.machinery.ExtensionFileLoader(name, str(path))
-    spec = importlib.util.spec_from_file_location(name, str(path), loader=loader)
-    if spec is None:
-        raise ImportError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
+class NativeOps:
+    """The ops of a loaded build (dispatcher ops under the build's own namespace)."""
+
+    def __init__(self, namespace: str, library: Path) -> None:
+        self.namespace = namespace
+        self.library = library
+        ns = getattr(torch.ops, namespace)
+        self.linear_bf16 = ns.linear_bf16.default
 
 
-def build(verbose: bool = False) -> ModuleType:
+def _load_built(name: str, library: Path) -> NativeOps:
+    torch.ops.load_library(str(library))
+    return NativeOps(name, library)
+
+
+def build(verbose: bool = False) -> NativeOps:
     """Build (or load the cached build of) the extension. Raises on failure."""
     import filelock
     from torch.utils import cpp_extension
@@ -89,32 +94,40 @@ def build(verbose: bool = False) -> ModuleType:
     build_dir.mkdir(parents=True, exist_ok=True)
     marker = build_dir / "BUILD_OK"
     with filelock.FileLock(str(build_dir) + ".lock"):
-        if marker.exists() and (build_dir / f"{name}.so").exists():
-            return _import_built(name, build_dir)
+        library = build_dir / f"{name}.so"
+        if marker.exists() and library.exists():
+            return _load_built(name, library)
+        compiler = os.environ.get("CXX", "c++")
+        if shutil.which((shlex.split(compiler) or ["c++"])[0]) is None:
+            raise RuntimeError(f"no C++ compiler: {compiler!r} was not found (set CXX or install g++)")
+        if not cpp_extension.is_ninja_available():
+            raise RuntimeError("ninja was not found (pip install ninja)")
         # We hold the cross-process lock, so a `lock` baton left in the directory by torch is stale
         # (a build that was killed); torch would otherwise wait for it forever.
         (build_dir / "lock").unlink(missing_ok=True)
-        log.warning("building native CPU kernels in %s (once; this takes about a minute)", build_dir)
+        log.warning("building native CPU kernels in %s (once; this takes a few seconds)", build_dir)
         t0 = time.perf_counter()
-        module = cpp_extension.load(
+        path = cpp_extension.load(
             name=name,
             sources=[str(source_dir() / s) for s in SOURCES],
             extra_cflags=list(CFLAGS),
             extra_ldflags=list(LDFLAGS),
             build_directory=str(build_dir),
             verbose=verbose,
+            is_python_module=False,  # loads the library into torch.ops; returns its path
         )
+        ops = NativeOps(name, Path(path))
         marker.write_text(f"torch {torch.__version__}\n")
         log.info("native CPU kernels built in %.1f s", time.perf_counter() - t0)
-        return module
+        return ops
 
 
-def _builder() -> ModuleType:
+def _builder() -> NativeOps:
     """Indirection so tests can make the build fail."""
     return build()
 
 
-def extension() -> ModuleType | None:
+def extension() -> NativeOps | None:
     """The loaded extension, building it on first call; None when the native path is off."""
     global _ext, _failed
     if _ext is not None or _failed is not None:
@@ -131,7 +144,7 @@ def extension() -> ModuleType | None:
                 if isinstance(exc, KeyboardInterrupt):
                     raise
                 lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-                detail = " | ".join(lines[-3:]) if lines else ""
+                detail = " | ".join(ln.strip()[:200] for ln in lines[-2:])
                 _failed = f"{type(exc).__name__}: {detail}"
                 log.debug("native CPU kernel build failed", exc_info=True)
         if _failed is not None:

@@ -1,0 +1,79 @@
+"""`mistralrs serve [auto|text] -m MODEL`: the command-line side of the HTTP server.
+
+Building the parser imports nothing heavy (`mistralrs --help` stays fast); `run` imports
+aiohttp, and the model loads in the background once the socket is listening.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from mistralrs.cli.model_options import add_model_arguments
+
+DEFAULT_PORT = 1234
+DEFAULT_HOST = "0.0.0.0"
+API_KEY_ENV = "MISTRALRS_API_KEY"
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is between 0 and 65535, not {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser, max_seqs_default=32)
+    srv = parser.add_argument_group("server")
+    srv.add_argument("-p", "--port", type=_port, default=DEFAULT_PORT,
+                     help=f"port to listen on (default {DEFAULT_PORT}; 0 picks a free port)")
+    srv.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST})")
+    srv.add_argument("--api-key", metavar="KEY",
+                     help=f"require `Authorization: Bearer KEY` on every route but /health (env {API_KEY_ENV})")
+    srv.add_argument("--shutdown-timeout", type=_seconds, default=30.0, metavar="SECONDS",
+                     help="on SIGINT/SIGTERM, how long to let in-flight requests finish (default 30)")
+    srv.add_argument("--disable-metrics", action="store_true", help="answer 503 on /metrics")
+    srv.add_argument("--disable-request-id-header", action="store_true",
+                     help="do not echo x-request-id in responses")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mistralrs.cli.model_options import options_from_args
+    from mistralrs.plugins import get_registry
+    from mistralrs.specs import resolve
+
+    opts = options_from_args(args)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+
+    def load() -> Any:
+        from mistralrs.serving import ModelService
+
+        return ModelService(opts)
+
+    factory = resolve(get_registry().frontends.get("openai_server").factory)
+    server = factory(
+        loader=load,
+        model_id=opts.model_id,
+        host=args.host,
+        port=args.port,
+        api_key=api_key,
+        shutdown_timeout=args.shutdown_timeout,
+        enable_metrics=not args.disable_metrics,
+        request_id_header=not args.disable_request_id_header,
+    )
+    return server.run()
