@@ -23,7 +23,7 @@ ARCHITECTURES = {
     "qwen3": ("qwen3", "Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
     "gemma": ("gemma", "GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}),
     "gemma2": ("gemma2", "Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "sliding_window": 8}),
-    "smollm3": ("smollm3", "SmolLM3Config", "SmolLM3ForCausalLM", {}),
+    "smollm3": ("smollm3", "SmolLM3Config", "SmolLM3ForCausalLM", {"pad_token_id": None}),
     "phi2": ("phi", "PhiConfig", "PhiForCausalLM", {}),
     "phi3": ("phi3", "Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0}),
     "starcoder2": ("starcoder2", "Starcoder2Config", "Starcoder2ForCausalLM", {}),

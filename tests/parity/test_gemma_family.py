@@ -174,11 +174,11 @@ def _no_embed_scale(m):
 
 
 def _no_sandwich(m):
+    """Gemma 1's block instead of Gemma 2's: post_attention_layernorm as the pre-MLP norm."""
+    from mistralrs.nn.decoder import DecoderLayer
+
     for layer in m.model.layers:
-        layer.forward = lambda positions, hidden, batch, layer=layer: (
-            hidden + layer.self_attn(positions, layer.input_layernorm(hidden), batch)
-        ) + layer.ffn(layer.post_attention_layernorm(
-            hidden + layer.self_attn(positions, layer.input_layernorm(hidden), batch)))
+        layer.forward = DecoderLayer.forward.__get__(layer)
 
 
 def _rope_everywhere(m):

@@ -117,6 +117,10 @@ class ServerState:
 
 
 STATE: web.AppKey[ServerState] = web.AppKey("mistralrs_state", ServerState)
+# Per-request values (typed keys where this aiohttp has them).
+_RequestKey = getattr(web, "RequestKey", None)
+REQUEST_ID: Any = _RequestKey("mistralrs_request_id", str) if _RequestKey else "mistralrs_request_id"
+ARRIVAL: Any = _RequestKey("mistralrs_arrival", float) if _RequestKey else "mistralrs_arrival"
 
 
 # -- middleware -------------------------------------------------------------------------------
@@ -131,8 +135,8 @@ def _route_label(request: web.Request) -> str:
 @web.middleware
 async def main_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
     state = request.app[STATE]
-    request["request_id"] = request.headers.get("x-request-id") or uuid.uuid4().hex
-    request["arrival"] = time.perf_counter()
+    request[REQUEST_ID] = request.headers.get("x-request-id") or uuid.uuid4().hex
+    request[ARRIVAL] = time.perf_counter()
     if request.method == "OPTIONS":  # CORS preflight (headers are added in on_prepare)
         return web.Response(status=204, headers={"Access-Control-Max-Age": "3600"})
     path = request.path
@@ -171,7 +175,7 @@ async def main_middleware(request: web.Request, handler: Callable) -> web.Stream
         if metered:
             state.metrics.in_flight -= 1
             state.metrics.observe_request(request.method, _route_label(request), status,
-                                          time.perf_counter() - request["arrival"])
+                                          time.perf_counter() - request[ARRIVAL])
         if api:
             state.active -= 1
 
@@ -204,7 +208,7 @@ async def _on_prepare(request: web.Request, response: web.StreamResponse) -> Non
     if request.method == "OPTIONS":
         response.headers["Access-Control-Allow-Methods"] = CORS_ALLOW_METHODS
         response.headers["Access-Control-Allow-Headers"] = CORS_ALLOW_HEADERS
-    rid = request.get("request_id")
+    rid = request.get(REQUEST_ID)
     if rid and state.request_id_header:
         response.headers["x-request-id"] = rid
 
@@ -386,7 +390,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     gen = P.build_chat_request(service, body)
     _check_best_of(gen, stream)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    tracker = state.metrics.tracker(request["arrival"])
+    tracker = state.metrics.tracker(request[ARRIVAL])
     handle = state.submit(service, gen)
     if not stream:
         done, lps = await collect_events(state, handle, tracker)
@@ -432,7 +436,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
             prompt = prompt[0]
         echo_text = prompt if isinstance(prompt, str) else service.tokenizer.decode(gen.prompt_ids)
     rid = f"cmpl-{uuid.uuid4().hex}"
-    tracker = state.metrics.tracker(request["arrival"])
+    tracker = state.metrics.tracker(request[ARRIVAL])
     handle = state.submit(service, gen)
     if not stream:
         done, lps = await collect_events(state, handle, tracker)

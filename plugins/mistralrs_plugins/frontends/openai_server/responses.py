@@ -277,7 +277,7 @@ class ResponseBuilder:
 
 # -- handlers -----------------------------------------------------------------------------------
 async def create_response(request: web.Request) -> web.StreamResponse:
-    from mistralrs_plugins.frontends.openai_server.app import STATE, collect_events, stream_events
+    from mistralrs_plugins.frontends.openai_server.app import ARRIVAL, STATE, collect_events, stream_events
 
     state = request.app[STATE]
     service = state.require_service()
@@ -298,7 +298,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     gen = P.build_chat_request(service, chat_body(body, system + history + new_messages))
     builder = ResponseBuilder(body, model=state.model_id, previous_id=prev_id, gen=gen)
     store = flag(body, "store", True)
-    tracker = state.metrics.tracker(request["arrival"])
+    tracker = state.metrics.tracker(request[ARRIVAL])
     handle = state.submit(service, gen)
 
     def save() -> None:
