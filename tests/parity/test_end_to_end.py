@@ -30,7 +30,7 @@ ARCHITECTURES = {
     "mixtral": ("mixtral", "MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
     "qwen3moe": ("qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeForCausalLM",
                  {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "head_dim": 16}),
-    "glm4": ("glm4", "Glm4Config", "Glm4ForCausalLM", {"head_dim": 16}),
+    "glm4": ("glm4", "Glm4Config", "Glm4ForCausalLM", {"head_dim": 16, "pad_token_id": 0}),
 }
 
 PROMPT = "Write a haiku about the sea"

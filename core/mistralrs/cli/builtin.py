@@ -20,3 +20,39 @@ def register_commands(cli):
         add_arguments="mistralrs.cli.tools_cmd:add_arguments",
         run="mistralrs.cli.tools_cmd:run",
     ))
+    cli.add_command(CommandSpec(
+        name="doctor",
+        help="Run system diagnostics and environment checks",
+        add_arguments="mistralrs.cli.doctor_cmd:add_arguments",
+        run="mistralrs.cli.doctor_cmd:run",
+    ))
+    cli.add_command(CommandSpec(
+        name="login",
+        help="Save a Hugging Face token for gated and private models",
+        add_arguments="mistralrs.cli.login_cmd:add_arguments",
+        run="mistralrs.cli.login_cmd:run",
+    ))
+    cli.add_command(CommandSpec(
+        name="cache",
+        help="List or delete models in the Hugging Face cache",
+        add_arguments="mistralrs.cli.cache_cmd:add_arguments",
+        run="mistralrs.cli.cache_cmd:run",
+    ))
+    cli.add_command(CommandSpec(
+        name="bench",
+        help="Benchmark prefill and decode speed of a model",
+        add_arguments="mistralrs.cli.bench_cmd:add_arguments",
+        run="mistralrs.cli.bench_cmd:run",
+    ))
+    cli.add_command(CommandSpec(
+        name="tune",
+        help="Recommend a quantization for a model on this machine (from config.json alone)",
+        add_arguments="mistralrs.cli.tune_cmd:add_arguments",
+        run="mistralrs.cli.tune_cmd:run",
+    ))
+    cli.add_command(CommandSpec(
+        name="completions",
+        help="Print a shell completion script (bash, zsh, fish, elvish, powershell)",
+        add_arguments="mistralrs.cli.completions_cmd:add_arguments",
+        run="mistralrs.cli.completions_cmd:run",
+    ))

@@ -1,0 +1,13 @@
+"""First-party tool-call and reasoning parsers.
+
+Each parser is a registration module (cheap: imports only `mistralrs.specs` /
+`mistralrs.parsing`) with its implementation in a sibling ``*_impl`` module that the core
+imports on first use:
+
+- ``hermes``   `<tool_call>{json}</tool_call>` (Qwen 2/2.5/3, Hermes, SmolLM3)
+- ``llama3``   bare JSON / ``<|python_tag|>`` JSON, ``;``-separated (Llama 3.1+)
+- ``mistral``  ``[TOOL_CALLS][...]`` and ``[TOOL_CALLS]name[ARGS]{...}``
+- ``deepseek`` ``<｜tool▁calls▁begin｜>...`` (DeepSeek V3 / V3.1)
+- ``json_fallback`` (spec name ``json``) a JSON call as the whole output; the fallback
+- ``think``    ``<think>...</think>`` reasoning (Qwen3, DeepSeek-R1, SmolLM3, QwQ, GLM)
+"""

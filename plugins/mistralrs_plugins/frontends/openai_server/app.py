@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from aiohttp import web
 
@@ -33,7 +33,6 @@ from mistralrs_plugins.frontends.openai_server.common import (
     SSEWriter,
     api_error_from,
     dumps,
-    error_body,
     flag,
     read_json,
     reject_unsupported,
@@ -140,12 +139,10 @@ async def main_middleware(request: web.Request, handler: Callable) -> web.Stream
     if request.method == "OPTIONS":  # CORS preflight (headers are added in on_prepare)
         return web.Response(status=204, headers={"Access-Control-Max-Age": "3600"})
     path = request.path
-    metered = path not in UNMETERED_PATHS
-    api = path not in UNMETERED_PATHS
+    metered = path not in UNMETERED_PATHS  # API routes: counted in metrics and waited for when draining
     status = 500
     if metered:
         state.metrics.in_flight += 1
-    if api:
         state.active += 1
     try:
         if state.api_key and path not in OPEN_PATHS and not _authorized(request, state.api_key):
@@ -174,10 +171,9 @@ async def main_middleware(request: web.Request, handler: Callable) -> web.Stream
     finally:
         if metered:
             state.metrics.in_flight -= 1
+            state.active -= 1
             state.metrics.observe_request(request.method, _route_label(request), status,
                                           time.perf_counter() - request[ARRIVAL])
-        if api:
-            state.active -= 1
 
 
 def _authorized(request: web.Request, key: str) -> bool:
@@ -338,7 +334,7 @@ async def collect_events(state: ServerState, handle: Any, tracker: GenerationTra
 
 
 async def stream_events(request: web.Request, state: ServerState, handle: Any,
-                        convert: Callable[[Any], list[Any]], *, head: list[Any] = (),
+                        convert: Callable[[Any], list[Any]], *, head: Sequence[Any] = (),
                         done_line: bool = True, on_error: Callable[[BaseException], list[bytes]] | None = None
                         ) -> web.StreamResponse:
     """Send a request's events as SSE: `convert(event)` gives the payloads (dicts, or bytes
@@ -376,6 +372,18 @@ async def stream_events(request: web.Request, state: ServerState, handle: Any,
         # The client went away: stop generating for it.
         handle.cancel()
         return writer.response or web.Response(status=499)
+    except Exception as exc:
+        if not writer.started:
+            raise  # still a plain HTTP error
+        log.exception("streaming failed")
+        handle.cancel()
+        try:
+            await send(on_error(exc) if on_error else [stream_error_payload(exc)])
+            if done_line:
+                await writer.write(DONE_LINE)
+            return await writer.finish()
+        except ConnectionResetError:
+            return writer.response or web.Response(status=499)
     finally:
         await source.close()
 
@@ -571,6 +579,8 @@ class OpenAIServer:
 
     def _start_loading(self, loop: asyncio.AbstractEventLoop) -> None:
         fut = self._loaded
+        loader = self.loader
+        assert fut is not None and loader is not None
 
         def finish(result: Any, error: BaseException | None) -> None:
             if fut.done():
@@ -590,7 +600,7 @@ class OpenAIServer:
 
         def work() -> None:
             try:
-                result, error = self.loader(), None
+                result, error = loader(), None
             except BaseException as exc:  # noqa: BLE001 - reported to the loop
                 result, error = None, exc
             if self._closed:
@@ -649,14 +659,16 @@ class OpenAIServer:
         """Start, serve until SIGINT/SIGTERM (or `request_stop()`), drain; the exit status."""
         loop = asyncio.get_running_loop()
         await self.start()
+        stop = self._stop
+        assert stop is not None
         installed = []
 
         def on_signal(signame: str) -> None:
-            if self._stop.is_set():
+            if stop.is_set():
                 print(f"mistralrs: {signame} again; exiting now", file=sys.stderr, flush=True)
                 os._exit(130)
             self._say(f"{signame} received; shutting down")
-            self._stop.set()
+            stop.set()
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -665,7 +677,7 @@ class OpenAIServer:
             except (NotImplementedError, RuntimeError, ValueError):  # not the main thread / Windows
                 pass
         try:
-            await self._stop.wait()
+            await stop.wait()
         finally:
             await self.shutdown()
             for sig in installed:

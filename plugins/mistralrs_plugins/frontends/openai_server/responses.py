@@ -99,11 +99,11 @@ def input_to_messages(value: Any) -> list[dict[str, Any]]:
             messages.append({"role": "system" if role == "developer" else role,
                              "content": _text_of(item.get("content"), where)})
         elif kind == "function_call":
-            call = {"id": item.get("call_id") or item.get("id") or f"call_{uuid.uuid4().hex[:24]}",
-                    "type": "function",
-                    "function": {"name": item.get("name"), "arguments": item.get("arguments") or "{}"}}
-            if not isinstance(call["function"]["name"], str):
+            name = item.get("name")
+            if not isinstance(name, str):
                 raise ApiError(400, f"{where}.name must be a string", param="input")
+            call = {"id": item.get("call_id") or item.get("id") or f"call_{uuid.uuid4().hex[:24]}",
+                    "type": "function", "function": {"name": name, "arguments": item.get("arguments") or "{}"}}
             last = messages[-1] if messages else None
             if last is not None and last["role"] == "assistant" and last.get("tool_calls") and not last.get("content"):
                 last["tool_calls"].append(call)
@@ -304,7 +304,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     def save() -> None:
         if store:
             conversation = history + new_messages + [{"role": "assistant", "content": builder.text}]
-            input_items = body.get("input")
+            input_items: Any = body.get("input") or []
             if isinstance(input_items, str):
                 input_items = [{"type": "message", "role": "user",
                                 "content": [{"type": "input_text", "text": input_items}]}]

@@ -1,0 +1,292 @@
+"""Time `batch_masks` (structured-output masks) for a decode step: 16 sequences, each
+constrained by a JSON schema, at a realistic vocabulary size.
+
+The tokenizer is a Qwen2-style byte-level BPE (NFC, Qwen split regex, byte-level) trained
+offline with `tokenizers` on this machine's Python standard library sources plus generated
+JSON documents (default 32k tokens; `--vocab`), cached under the temp directory. The logits
+width is padded to a multiple of 128 above the tokenizer vocabulary, like real checkpoints.
+
+Each step: `batch_masks` for the 16 states (the timed part), then one token per row drawn
+uniformly from its allowed set (the worst case for llguidance: the walk spends most steps
+inside free-form strings, numbers and whitespace), then `advance`. A state that finishes is
+replaced by a fresh one, so the batch always holds 16 sequences at mixed grammar positions.
+Also timed: the same step with `fill_mask` row by row (no executor), the bitmask fill alone
+and the int32 -> bool expansion alone.
+
+Usage: python benchmarks/constraints.py [--steps N] [--vocab V] [--seqs S]
+Prints ms per step and writes benchmarks/results/constraints.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "core"))
+sys.path.insert(0, str(ROOT))
+
+from mistralrs.engine import constraints as C  # noqa: E402
+from mistralrs.tokenization import Tokenizer  # noqa: E402
+
+QWEN2_PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer", "minimum": 0},
+        "name": {"type": "string"},
+        "email": {"type": "string", "format": "email"},
+        "role": {"enum": ["admin", "editor", "viewer"]},
+        "score": {"type": "number", "minimum": 0, "maximum": 100},
+        "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 8},
+        "address": {
+            "type": "object",
+            "properties": {
+                "street": {"type": "string"},
+                "city": {"type": "string"},
+                "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+            },
+            "required": ["street", "city", "zip"],
+            "additionalProperties": False,
+        },
+        "active": {"type": "boolean"},
+    },
+    "required": ["id", "name", "role", "address", "active"],
+    "additionalProperties": False,
+}
+
+WORDS = (
+    "alpha beta gamma delta user admin name city street score value data model token request "
+    "response stream batch engine cache layer weight tensor matrix vector paris london berlin "
+    "tokyo madrid rome lisbon vienna prague dublin oslo quick brown fox lazy dog hello world"
+).split()
+
+
+def _generated_json(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        doc = {
+            "id": i,
+            "name": " ".join(rng.choice(WORDS).title() for _ in range(2)),
+            "email": f"{rng.choice(WORDS)}.{rng.choice(WORDS)}@example.com",
+            "role": rng.choice(["admin", "editor", "viewer"]),
+            "score": round(rng.uniform(0, 100), 2),
+            "tags": rng.sample(WORDS, rng.randint(0, 4)),
+            "address": {"street": f"{rng.randint(1, 999)} {rng.choice(WORDS).title()} St", "city": rng.choice(WORDS)},
+            "active": rng.random() < 0.5,
+        }
+        docs.append(json.dumps(doc, indent=rng.choice([None, 2])))
+    return docs
+
+
+def _corpus() -> list[str]:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts = []
+    for f in sorted(stdlib.rglob("*.py")):
+        if "test" in f.parts or "site-packages" in f.parts:
+            continue
+        try:
+            texts.append(f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError):
+            continue
+    return texts + _generated_json(20000)
+
+
+def build_tokenizer(vocab: int) -> Path:
+    """A byte-level BPE tokenizer directory with `vocab` tokens (cached)."""
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer as Backend
+
+    directory = Path(tempfile.gettempdir()) / f"mistralrs-bench-tokenizer-{vocab}"
+    if (directory / "tokenizer.json").is_file():
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>"]
+    tok = Backend(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        min_frequency=2,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    t0 = time.perf_counter()
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    print(f"trained a {tok.get_vocab_size()}-token BPE in {time.perf_counter() - t0:.1f} s", flush=True)
+    (directory / "tokenizer.json").write_text(tok.to_str(), encoding="utf-8")
+    config = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "additional_special_tokens": specials[1:]}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return directory
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def _summary(ms: list[float]) -> dict[str, float]:
+    return {
+        "mean_ms": round(statistics.fmean(ms), 3),
+        "p50_ms": round(_pct(ms, 0.5), 3),
+        "p95_ms": round(_pct(ms, 0.95), 3),
+        "max_ms": round(max(ms), 3),
+    }
+
+
+def run(factory: C.ConstraintFactory, compiled: C.CompiledGrammar, seqs: int, steps: int, mode: str) -> dict:
+    """Drive `seqs` random walks for `steps` steps, timing the mask computation."""
+    V = factory.vocab_size
+    rng = torch.Generator().manual_seed(0)
+    states = [factory.new_state(compiled) for _ in range(seqs)]
+    # Spread the sequences over the grammar: advance each by a different number of tokens.
+    warm = 0
+    for i, st in enumerate(states):
+        for _ in range(i * 7):
+            m = C.batch_masks([st], V)
+            tok = int(torch.multinomial(m[0].float(), 1, generator=rng))
+            if tok in factory.eos_token_ids:
+                break
+            st.advance(tok)
+            warm += 1
+            if st.is_finished():
+                break
+    times: list[float] = []
+    fill_ms: list[float] = []
+    expand_ms: list[float] = []
+    restarts = 0
+    allowed_counts: list[int] = []
+    bitmask = torch.empty(seqs, factory.mask_words, dtype=torch.int32)
+    row_out = torch.empty(seqs, V, dtype=torch.bool)
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        if mode == "batch_masks":
+            mask = C.batch_masks(states, V)
+        else:  # row by row through ConstraintState.fill_mask
+            mask = torch.ones(seqs, V, dtype=torch.bool)
+            for i, st in enumerate(states):
+                st.fill_mask(mask[i])
+        times.append((time.perf_counter() - t0) * 1e3)
+        if mode == "batch_masks":  # breakdown: fill only, expansion only
+            t1 = time.perf_counter()
+            C._executor().unsafe_compute_mask_ptr(
+                [(st.matcher, k) for k, st in enumerate(states)], bitmask.data_ptr(), factory.mask_words * 4, seqs
+            )
+            t2 = time.perf_counter()
+            C._write_rows(row_out, bitmask, factory)
+            t3 = time.perf_counter()
+            fill_ms.append((t2 - t1) * 1e3)
+            expand_ms.append((t3 - t2) * 1e3)
+        allowed_counts.extend(mask.sum(dim=1).tolist())
+        toks = torch.multinomial(mask.float(), 1, generator=rng).flatten().tolist()
+        for i, (st, tok) in enumerate(zip(states, toks)):
+            if tok in factory.eos_token_ids or st.is_finished():
+                states[i] = factory.new_state(compiled)
+                restarts += 1
+                continue
+            st.advance(tok)
+            if st.is_finished():
+                states[i] = factory.new_state(compiled)
+                restarts += 1
+    out = {"mode": mode, **_summary(times), "restarts": restarts, "median_allowed_tokens": int(_pct(allowed_counts, 0.5))}
+    if fill_ms:
+        out["fill_bitmask"] = _summary(fill_ms)
+        out["expand_to_bool"] = _summary(expand_ms)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--seqs", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=None, help="llguidance executor threads (default: all CPUs)")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "constraints.json")
+    args = ap.parse_args()
+    if args.threads:
+        os.environ["MISTRALRS_GRAMMAR_THREADS"] = str(args.threads)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+    tok = Tokenizer.from_dir(build_tokenizer(args.vocab))
+    V = ((tok.vocab_size + 127) // 128) * 128 + 128  # padded logits width, like real checkpoints
+    t0 = time.perf_counter()
+    factory = C.ConstraintFactory(tok, V)
+    _ = factory.ll_tokenizer
+    trie_s = time.perf_counter() - t0
+    spec = C.grammar_from_request(
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "user", "schema": SCHEMA}}}
+    )
+    t0 = time.perf_counter()
+    compiled = factory.compile(spec)
+    compile_ms = (time.perf_counter() - t0) * 1e3
+    t0 = time.perf_counter()
+    factory.compile(spec)
+    cached_ms = (time.perf_counter() - t0) * 1e3
+    t0 = time.perf_counter()
+    for _ in range(100):
+        factory.new_state(compiled)
+    new_state_ms = (time.perf_counter() - t0) * 1e3 / 100
+
+    results = {
+        "tokenizer_vocab": tok.vocab_size,
+        "logits_vocab": V,
+        "seqs": args.seqs,
+        "steps": args.steps,
+        "token_trie_build_s": round(trie_s, 3),
+        "compile_ms": round(compile_ms, 2),
+        "compile_cached_ms": round(cached_ms, 4),
+        "new_state_ms": round(new_state_ms, 4),
+        "scenarios": {},
+    }
+    for mode in ("batch_masks", "fill_mask_per_row"):
+        r = run(factory, compiled, args.seqs, args.steps, mode)
+        results["scenarios"][mode] = r
+        line = f"{mode:>18}: {r['mean_ms']:7.3f} ms/step (p50 {r['p50_ms']:.3f}, p95 {r['p95_ms']:.3f})"
+        if "fill_bitmask" in r:
+            line += f"  [fill {r['fill_bitmask']['mean_ms']:.3f} + expand {r['expand_to_bool']['mean_ms']:.3f}]"
+        print(line, flush=True)
+
+    import llguidance
+
+    results["env"] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "llguidance": llguidance.__version__,
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "executor_threads": os.environ.get("MISTRALRS_GRAMMAR_THREADS", str(os.cpu_count())),
+        "machine": platform.machine(),
+    }
+    print(
+        f"vocab {tok.vocab_size} (logits {V}), {args.seqs} JSON-schema sequences: "
+        f"token trie {trie_s:.2f} s, compile {compile_ms:.1f} ms (cached {cached_ms:.3f} ms), "
+        f"new_state {new_state_ms:.3f} ms"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

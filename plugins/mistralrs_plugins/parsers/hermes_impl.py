@@ -1,0 +1,25 @@
+"""Implementation of the Hermes / Qwen tool-call parser (see hermes.py).
+
+Format: any number of ``<tool_call>{"name": "f", "arguments": {...}}</tool_call>`` blocks,
+usually one per line, optionally after some text. The closing tag may be missing at the
+very end of the output.
+"""
+
+from __future__ import annotations
+
+from mistralrs.parsing import Cursor, ToolCallParser
+
+
+class HermesToolParser(ToolCallParser):
+    name = "hermes"
+    open_tag = "<tool_call>"
+    close_tag = "</tool_call>"
+    start_markers = (open_tag,)
+
+    def parse_region(self, marker: str, cur: Cursor) -> list[tuple[str, str]]:
+        cur.ws()
+        calls = cur.json_calls(require_arguments=False)
+        cur.ws()
+        if not cur.match(self.close_tag):
+            cur.expect_end()
+        return calls
