@@ -10,8 +10,10 @@ Each step: `batch_masks` for the 16 states (the timed part), then one token per 
 uniformly from its allowed set (the worst case for llguidance: the walk spends most steps
 inside free-form strings, numbers and whitespace), then `advance`. A state that finishes is
 replaced by a fresh one, so the batch always holds 16 sequences at mixed grammar positions.
-Also timed: the same step with `fill_mask` row by row (no executor), the bitmask fill alone
-and the int32 -> bool expansion alone.
+Methods: `batch_masks` with llguidance's `LLExecutor` (parallel, the default with several
+CPUs), `batch_masks(parallel=False)` (rows filled one by one into the shared bitmask), and
+`ConstraintState.fill_mask` row by row; plus the int32 -> bool expansion alone. Timings on a
+shared machine are noisy: read the p50.
 
 Usage: python benchmarks/constraints.py [--steps N] [--vocab V] [--seqs S]
 Prints ms per step and writes benchmarks/results/constraints.json.
@@ -155,65 +157,61 @@ def _summary(ms: list[float]) -> dict[str, float]:
     }
 
 
-def run(factory: C.ConstraintFactory, compiled: C.CompiledGrammar, seqs: int, steps: int, mode: str) -> dict:
-    """Drive `seqs` random walks for `steps` steps, timing the mask computation."""
+METHODS = ("batch_masks_sequential", "batch_masks_parallel", "fill_mask_per_row")
+
+
+def run(factory: C.ConstraintFactory, spec: C.GrammarSpec, seqs: int, steps: int) -> dict:
+    """Drive `seqs` random walks for `steps` steps, timing each method's mask computation.
+
+    Every method has its own freshly compiled grammar and states (llguidance caches lexer
+    states per compiled grammar, so sharing one would favour whichever method runs second);
+    the methods run interleaved, step by step, on the same walk (the masks are identical, so
+    one token draw per row serves all of them) and so see the same machine load."""
     V = factory.vocab_size
     rng = torch.Generator().manual_seed(0)
-    states = [factory.new_state(compiled) for _ in range(seqs)]
-    # Spread the sequences over the grammar: advance each by a different number of tokens.
-    warm = 0
-    for i, st in enumerate(states):
-        for _ in range(i * 7):
-            m = C.batch_masks([st], V)
-            tok = int(torch.multinomial(m[0].float(), 1, generator=rng))
-            if tok in factory.eos_token_ids:
-                break
-            st.advance(tok)
-            warm += 1
-            if st.is_finished():
-                break
-    times: list[float] = []
-    fill_ms: list[float] = []
-    expand_ms: list[float] = []
+    compiled = {m: factory._compile(spec) for m in METHODS}  # bypass the LRU: cold grammars
+    states = {m: [factory.new_state(compiled[m]) for _ in range(seqs)] for m in METHODS}
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    expand: list[float] = []
     restarts = 0
     allowed_counts: list[int] = []
-    bitmask = torch.empty(seqs, factory.mask_words, dtype=torch.int32)
-    row_out = torch.empty(seqs, V, dtype=torch.bool)
-    for _ in range(steps):
+    for step in range(steps):
+        masks = {}
+        for m in METHODS:
+            t0 = time.perf_counter()
+            if m == "fill_mask_per_row":
+                mask = torch.empty(seqs, V, dtype=torch.bool)
+                for i, st in enumerate(states[m]):
+                    st.fill_mask(mask[i])
+            else:
+                mask = C.batch_masks(states[m], V, parallel=m == "batch_masks_parallel")
+            times[m].append((time.perf_counter() - t0) * 1e3)
+            masks[m] = mask
+        ref = masks[METHODS[0]]
+        assert all(torch.equal(ref, x) for x in masks.values())
+        bitmask = torch.empty(seqs, factory.mask_words, dtype=torch.int32)  # expansion alone
+        for k, st in enumerate(states[METHODS[0]]):
+            st.fill_bitmask(bitmask[k])
         t0 = time.perf_counter()
-        if mode == "batch_masks":
-            mask = C.batch_masks(states, V)
-        else:  # row by row through ConstraintState.fill_mask
-            mask = torch.ones(seqs, V, dtype=torch.bool)
-            for i, st in enumerate(states):
-                st.fill_mask(mask[i])
-        times.append((time.perf_counter() - t0) * 1e3)
-        if mode == "batch_masks":  # breakdown: fill only, expansion only
-            t1 = time.perf_counter()
-            C._executor().unsafe_compute_mask_ptr(
-                [(st.matcher, k) for k, st in enumerate(states)], bitmask.data_ptr(), factory.mask_words * 4, seqs
-            )
-            t2 = time.perf_counter()
-            C._write_rows(row_out, bitmask, factory)
-            t3 = time.perf_counter()
-            fill_ms.append((t2 - t1) * 1e3)
-            expand_ms.append((t3 - t2) * 1e3)
-        allowed_counts.extend(mask.sum(dim=1).tolist())
-        toks = torch.multinomial(mask.float(), 1, generator=rng).flatten().tolist()
-        for i, (st, tok) in enumerate(zip(states, toks)):
-            if tok in factory.eos_token_ids or st.is_finished():
-                states[i] = factory.new_state(compiled)
-                restarts += 1
-                continue
-            st.advance(tok)
-            if st.is_finished():
-                states[i] = factory.new_state(compiled)
-                restarts += 1
-    out = {"mode": mode, **_summary(times), "restarts": restarts, "median_allowed_tokens": int(_pct(allowed_counts, 0.5))}
-    if fill_ms:
-        out["fill_bitmask"] = _summary(fill_ms)
-        out["expand_to_bool"] = _summary(expand_ms)
-    return out
+        C._rows_from_bitmask(bitmask, factory, V)
+        expand.append((time.perf_counter() - t0) * 1e3)
+        allowed_counts.extend(ref.sum(dim=1).tolist())
+        toks = torch.multinomial(ref.float(), 1, generator=rng).flatten().tolist()
+        for i, tok in enumerate(toks):
+            restart = tok in factory.eos_token_ids
+            for m in METHODS:
+                st = states[m][i]
+                if not restart:
+                    st.advance(tok)
+                if restart or st.is_finished():
+                    states[m][i] = factory.new_state(compiled[m])
+            restarts += restart or states[METHODS[0]][i].num_consumed == 0
+    return {
+        **{m: _summary(t) for m, t in times.items()},
+        "expand_to_bool": _summary(expand),
+        "finished_and_restarted": int(restarts),
+        "median_allowed_tokens_per_row": int(_pct(allowed_counts, 0.5)),
+    }
 
 
 def main() -> None:
@@ -257,15 +255,15 @@ def main() -> None:
         "compile_ms": round(compile_ms, 2),
         "compile_cached_ms": round(cached_ms, 4),
         "new_state_ms": round(new_state_ms, 4),
-        "scenarios": {},
     }
-    for mode in ("batch_masks", "fill_mask_per_row"):
-        r = run(factory, compiled, args.seqs, args.steps, mode)
-        results["scenarios"][mode] = r
-        line = f"{mode:>18}: {r['mean_ms']:7.3f} ms/step (p50 {r['p50_ms']:.3f}, p95 {r['p95_ms']:.3f})"
-        if "fill_bitmask" in r:
-            line += f"  [fill {r['fill_bitmask']['mean_ms']:.3f} + expand {r['expand_to_bool']['mean_ms']:.3f}]"
-        print(line, flush=True)
+    r = run(factory, spec, args.seqs, args.steps)
+    default = "batch_masks_parallel" if C._parallel_default() else "batch_masks_sequential"
+    results["default_method"] = default
+    results["timings"] = r
+    for m in (*METHODS, "expand_to_bool"):
+        t = r[m]
+        tag = "  <- batch_masks default here" if m == default else ""
+        print(f"{m:>22}: mean {t['mean_ms']:7.3f} ms/step  p50 {t['p50_ms']:7.3f}  p95 {t['p95_ms']:7.3f}{tag}", flush=True)
 
     import llguidance
 

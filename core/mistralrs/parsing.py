@@ -119,6 +119,15 @@ def merge_tool_call_deltas(deltas: Iterable[ToolCallDelta]) -> list[ToolCall]:
 # --------------------------------------------------------------------------------------
 # Normalising what a model wrote into (name, arguments-string)
 # --------------------------------------------------------------------------------------
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _loads(text: str) -> Any:
+    """Strict JSON (no NaN/Infinity, which would not survive a strict client)."""
+    return json.loads(text, parse_constant=_no_constants)
+
+
 def normalize_arguments(raw: Any) -> str | None:
     """Tool arguments as a JSON object string, or None if `raw` is not usable.
 
@@ -133,7 +142,7 @@ def normalize_arguments(raw: Any) -> str | None:
         if not text:
             return "{}"
         try:
-            value = json.loads(text)
+            value = _loads(text)
         except ValueError:
             return None
         return text if isinstance(value, dict) else None
@@ -202,26 +211,47 @@ class Reject(Exception):
     """Not a tool call: the text is plain content."""
 
 
-# A JSON string (closed, or running to the end of the text) or a bracket.
-_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*(?:(")|\\?\Z)|[\[\]{}]', re.S)
+# A JSON string (closed, or running to the end of the text) or a bracket; and the rest of a
+# string whose opening quote was already scanned. Group 1: the closing quote; group 2: a
+# lone backslash at the very end (its escaped character has not arrived yet).
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*(?:(")|(\\)?\Z)|[\[\]{}]', re.S)
+_STRING_REST = re.compile(r'(?:[^"\\]|\\.)*(?:(")|(\\)?\Z)', re.S)
 _NAME = re.compile(r"[\w.:\-]+")
 _SPACES = re.compile(r"\s*")
 
 
-def _json_end(text: str, start: int) -> int | None:
+def _json_end(text: str, start: int, memo: dict[int, Any] | None = None, offset: int = 0) -> int | None:
     """End of the JSON object/array starting at text[start], None if the text ends first.
-    Raises Reject when the brackets cannot be JSON."""
-    if text[start] == "{":
-        m = _SPACES.match(text, start + 1)
-        nxt = text[m.end():m.end() + 1]
-        if nxt and nxt not in '"}':
-            raise Reject
-    stack: list[str] = []
-    for m in _JSON_TOKEN.finditer(text, start):
-        tok = m.group()
-        ch = tok[0]
+    Raises Reject when the brackets cannot be JSON.
+
+    With `memo` (a dict owned by one stream, keyed by absolute position; `offset` is the
+    absolute position of text[0]) an unfinished scan resumes where it stopped, so holding a
+    long candidate back costs linear, not quadratic, time."""
+    key = offset + start
+    state = memo.get(key) if memo is not None else None
+    if state is None:
+        if text[start] == "{":
+            m = _SPACES.match(text, start + 1)
+            nxt = text[m.end():m.end() + 1]
+            if nxt and nxt not in '"}':
+                raise Reject
+        pos, stack, in_string = start, [], False
+    else:
+        pos, stack, in_string = state[0] - offset, list(state[1]), state[2]
+    if in_string:
+        m = _STRING_REST.match(text, pos)
+        if m.group(1) is None:
+            pos = m.end() - (1 if m.group(2) else 0)
+            if memo is not None:
+                memo[key] = (offset + pos, stack, True)
+            return None
+        pos = m.end()
+    for m in _JSON_TOKEN.finditer(text, pos):
+        ch = m.group()[0]
         if ch == '"':
             if m.group(1) is None:
+                if memo is not None:
+                    memo[key] = (offset + m.end() - (1 if m.group(2) else 0), stack, True)
                 return None
             continue
         if ch in "{[":
@@ -229,7 +259,11 @@ def _json_end(text: str, start: int) -> int | None:
         elif not stack or stack.pop() != ch:
             raise Reject
         elif not stack:
+            if memo is not None:
+                memo.pop(key, None)
             return m.end()
+    if memo is not None:
+        memo[key] = (offset + len(text), stack, False)
     return None
 
 
@@ -241,12 +275,16 @@ class Cursor:
     A decision made on a prefix is therefore the one that would be made on the whole
     output, which is what makes streaming and one-shot parsing agree."""
 
-    __slots__ = ("final", "pos", "text")
+    __slots__ = ("final", "memo", "offset", "pos", "text")
 
-    def __init__(self, text: str, pos: int = 0, final: bool = False) -> None:
+    def __init__(
+        self, text: str, pos: int = 0, final: bool = False, *, memo: dict[int, Any] | None = None, offset: int = 0
+    ) -> None:
         self.text = text
         self.pos = pos
         self.final = final
+        self.memo = memo  # scan state of unfinished JSON, see _json_end
+        self.offset = offset  # absolute position of text[0] in the output
 
     def at_end(self) -> bool:
         return self.pos >= len(self.text)
@@ -302,11 +340,11 @@ class Cursor:
         ch = self.peek()
         if ch not in "{[":
             raise Reject
-        end = _json_end(self.text, self.pos)
+        end = _json_end(self.text, self.pos, self.memo, self.offset)
         if end is None:
             self.more()
         try:
-            value = json.loads(self.text[self.pos:end])
+            value = _loads(self.text[self.pos:end])
         except ValueError:
             raise Reject from None
         self.pos = end
@@ -421,6 +459,8 @@ class ToolCallParser:
 
     def reset(self) -> None:
         self._buf = ""
+        self._base = 0
+        self._memo: dict[int, Any] = {}
         self._at_start = True
         self._trim = _Trimmer()
         self._index = 0
@@ -443,6 +483,12 @@ class ToolCallParser:
         content, deltas = clone.feed(text)
         tail, more = clone.finish()
         return ParsedOutput(content + tail, merge_tool_call_deltas(deltas + more))
+
+    def render_call(self, name: str, arguments: str) -> str:
+        """The text this family's models write for one call (`arguments` a JSON object
+        string): for few-shot prompts, grammars that force a call, and round-trip tests.
+        ``parse(render_call(n, a))`` gives back the call."""
+        return f'{{"name": {json.dumps(name, ensure_ascii=False)}, "arguments": {arguments}}}'
 
     # -- what subclasses implement -------------------------------------------------------
     def parse_region(self, marker: str, cur: Cursor) -> list[tuple[str, str]]:
@@ -468,14 +514,18 @@ class ToolCallParser:
     # -- the machinery -------------------------------------------------------------------
     def _process(self, *, final: bool) -> tuple[str, list[ToolCallDelta]]:
         items: list[Any] = []
-        buf = self._buf
+        buf, base = self._buf, self._base  # base: position of buf[0] in the whole output
+
+        def cursor(pos: int) -> Cursor:
+            return Cursor(buf, pos, final, memo=self._memo, offset=base)
+
         while True:
             if self._at_start:
-                start = len(buf) - len(buf.lstrip())
+                start = _SPACES.match(buf).end()
                 if start == len(buf) and not final:
                     break
                 if self.bare_json_at_start and start < len(buf):
-                    cur = Cursor(buf, start, final)
+                    cur = cursor(start)
                     try:
                         calls = self.parse_bare(cur)
                     except NeedMore:
@@ -484,30 +534,32 @@ class ToolCallParser:
                         pass
                     else:
                         items.append(calls)
-                        buf = buf[cur.pos:]
+                        buf, base = buf[cur.pos:], base + cur.pos
                 self._at_start = False
                 continue
             found = self._find_marker(buf)
             if found is None:
-                keep = 0 if final else _partial_suffix(buf, self.start_markers)
-                items.append(buf[:len(buf) - keep])
-                buf = buf[len(buf) - keep:]
+                cut = len(buf) - (0 if final else _partial_suffix(buf, self.start_markers))
+                items.append(buf[:cut])
+                buf, base = buf[cut:], base + cut
                 break
             pos, marker = found
             items.append(buf[:pos])
-            cur = Cursor(buf, pos + len(marker), final)
+            cur = cursor(pos + len(marker))
             try:
                 calls = self.parse_region(marker, cur)
             except NeedMore:
-                buf = buf[pos:]
+                buf, base = buf[pos:], base + pos
                 break
             except Reject:
                 items.append(marker)
-                buf = buf[pos + len(marker):]
-                continue
-            items.append(calls)
-            buf = buf[cur.pos:]
-        self._buf = buf
+                cut = pos + len(marker)
+            else:
+                items.append(calls)
+                cut = cur.pos
+            buf, base = buf[cut:], base + cut
+            self._memo.clear()
+        self._buf, self._base = buf, base
         return self._emit(items, final)
 
     def _find_marker(self, buf: str) -> tuple[int, str] | None:

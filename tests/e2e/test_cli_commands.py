@@ -10,7 +10,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -162,6 +161,20 @@ def test_doctor_reports_token_file_and_unwritable_cache(capsys, offline_home, tm
         assert report["hf"]["cache_writable"] is False and cache_check["status"] == "warn"
 
 
+def test_doctor_exits_1_when_models_cannot_run(capsys):
+    """The documented rule: an error-level check (here: no attention backend) -> exit 1."""
+    from mistralrs.plugins import PluginHost, reset_plugin_host
+
+    reset_plugin_host(PluginHost(environ={"MISTRALRS_BLOCK_PLUGINS": "attention_sdpa,attention_paged"}))
+    try:
+        assert cli("doctor") == 1
+    finally:
+        reset_plugin_host(None)
+    out = capsys.readouterr().out
+    assert "[ERROR] attention: no attention backend for the cpu" in out
+    assert "models cannot run until the errors are fixed" in out
+
+
 # ----------------------------------------------------------------------------- login
 
 
@@ -217,12 +230,15 @@ def hub_cache(tmp_path):
                       "a" * 40)
     make_cached_model(hub, "other/Big-Model", {"config.json": b"{}", "model.safetensors": b"y" * 2_500_000},
                       "b" * 40)
+    (hub / ".locks").mkdir()
+    (hub / "version.txt").write_text("1")  # written by huggingface_hub; not a repo
     return hub
 
 
 def test_cache_list_table_and_json(hub_cache, capsys):
     assert cli("cache", "list", "--hf-cache", str(hub_cache)) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert err == ""  # stray files such as version.txt are not reported
     assert "HuggingFace Model Cache" in out
     assert "org/small-model" in out and "other/Big-Model" in out
     assert "Model" in out and "Size" in out and "Last Used" in out and "today" in out
@@ -249,7 +265,7 @@ def test_cache_delete(hub_cache, capsys):
     # Hub ids are case-insensitive.
     assert cli("cache", "delete", "--model-id", "OTHER/big-model", "--hf-cache", str(hub_cache)) == 0
     assert "Deleted other/Big-Model (2.5 MB freed)" in capsys.readouterr().out
-    assert not any(hub_cache.iterdir())
+    assert not any(p.name.startswith("models--") for p in hub_cache.iterdir())
 
 
 def test_cache_delete_unknown_model_exits_1(hub_cache, capsys):
@@ -262,6 +278,7 @@ def test_cache_delete_unknown_model_exits_1(hub_cache, capsys):
 
 
 def test_tune_demo_json_and_emit_config(tmp_path, capsys):
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     toml_path = tmp_path / "cfg" / "tuned.toml"
     assert cli("tune", "-m", "demo", "--json", "--emit-config", str(toml_path)) == 0
     report = json.loads(capsys.readouterr().out)

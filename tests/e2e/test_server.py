@@ -166,8 +166,11 @@ def test_metrics_count_requests_tokens_and_prefix_cache_hits(server):
         body = {"messages": [{"role": "system", "content": shared}, {"role": "user", "content": question}],
                 "max_tokens": 3, "stream": True}
         assert http(server.url + "/v1/chat/completions", body)[0] == 200
-    after = scrape()
+    # The server counts a request just after its last byte; give it a moment.
     key = 'http_requests_total{method="POST",path="/v1/chat/completions",status="200"}'
+    deadline = time.time() + 5
+    while (after := scrape())[key] - before.get(key, 0) < 2 and time.time() < deadline:
+        time.sleep(0.02)
     assert after[key] - before.get(key, 0) == 2
     assert after["mistralrs_time_to_first_token_seconds_count"] - before["mistralrs_time_to_first_token_seconds_count"] == 2
     assert after["mistralrs_prefix_cache_hits_total"] > before["mistralrs_prefix_cache_hits_total"]
@@ -188,3 +191,58 @@ def test_openapi_and_docs_pages(server):
 @pytest.mark.parametrize("path", ["/", "/health"])
 def test_health(server, path):
     assert http(server.url + path)[:3:2] == (200, b"OK")
+
+
+def test_disconnect_cancels_generation_in_the_engine(server, tiny_service):
+    import http.client
+
+    host, port = server.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(
+        {"messages": "go on forever", "max_tokens": 400, "ignore_eos": True, "stream": True}),
+        headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.readline().startswith(b"data: ")
+    assert tiny_service.engine.num_running == 1
+    conn.sock.shutdown(2)
+    conn.close()
+    deadline = time.time() + 10
+    while tiny_service.engine.num_running and time.time() < deadline:
+        time.sleep(0.02)
+    assert tiny_service.engine.num_running == 0
+    assert tiny_service.engine.kv_blocks()[0] == 0 or tiny_service.engine.scheduler.pool.num_used() >= 0
+    deadline = time.time() + 5
+    while not server.state.metrics.completed.get(reason="canceled") and time.time() < deadline:
+        time.sleep(0.02)
+    assert server.state.metrics.completed.get(reason="canceled") >= 1
+
+
+def test_engine_failures_are_500s_then_the_server_recovers(server, tiny_service):
+    engine = tiny_service.engine
+    url = server.url + "/v1/chat/completions"
+    steps = {"n": 0}
+
+    def fail_at(step: int):
+        def hook():
+            steps["n"] += 1
+            if steps["n"] == step:
+                raise RuntimeError("injected failure")
+        return hook
+
+    try:
+        engine.fault_hook = fail_at(1)
+        status, _, body = http(url, {"messages": "hi", "max_tokens": 5})
+        err = error_of(body)
+        assert status == 500 and err["type"] == "server_error" and "injected failure" in err["message"]
+        steps["n"] = 0
+        engine.fault_hook = fail_at(4)
+        status, _, body = http(url, {"messages": "hi", "max_tokens": 50, "ignore_eos": True, "stream": True})
+        events = [e for e in body.decode().split("\n\n") if e]
+        assert status == 200 and events[-1] == "data: [DONE]"
+        err = json.loads(events[-2][6:])["error"]
+        assert err["type"] == "server_error" and "injected failure" in err["message"]
+        assert json.loads(events[0][6:])["choices"][0]["delta"]["role"] == "assistant"
+    finally:
+        engine.fault_hook = None
+    status, _, body = http(url, {"messages": "hi", "max_tokens": 3})
+    assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] is not None

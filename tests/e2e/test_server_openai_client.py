@@ -157,10 +157,15 @@ def test_responses_chain_retrieve_delete(client, model):
     second = client.responses.create(model=model, input="What is my name?", previous_response_id=first.id,
                                      max_output_tokens=8, temperature=0)
     assert second.previous_response_id == first.id
-    # The chained prompt holds the first turn: more input tokens than the question alone.
+    # The chained prompt holds the first turn (but not its instructions).
     alone = client.responses.create(model=model, input="What is my name?", max_output_tokens=8, temperature=0,
                                     store=False)
-    assert second.usage.input_tokens > alone.usage.input_tokens + first.usage.output_tokens
+    with_history = client.responses.create(model=model, max_output_tokens=8, temperature=0, store=False, input=[
+        {"role": "user", "content": "My name is Ada."},
+        {"role": "assistant", "content": [{"type": "output_text", "text": first.output_text}]},
+        {"role": "user", "content": "What is my name?"}])
+    assert second.usage.input_tokens == with_history.usage.input_tokens > alone.usage.input_tokens
+    assert second.output_text == with_history.output_text
     assert client.responses.retrieve(first.id).output_text == first.output_text
     client.responses.delete(first.id)
     with pytest.raises(openai.NotFoundError):

@@ -226,6 +226,7 @@ MALFORMED: list[tuple[str, str]] = [
     ("hermes", '<tool_call>{"name": "f", "arguments": {}} and then more</tool_call>'),
     ("hermes", '<tool_call>{"arguments": {"a": 1}}</tool_call>'),
     ("hermes", '<tool_call>{"name": "f", "arguments": "not json"}</tool_call>'),
+    ("hermes", '<tool_call>{"name": "f", "arguments": {"x": NaN}}</tool_call>'),
     ("hermes", 'Use <tool_call> tags like <tool_call>this</tool_call>.'),
     ("llama3", '{"name": "f", "parameters": {"a": }}'),
     ("llama3", '{"name": "f", "parameters": {"a": 1}'),
@@ -369,6 +370,37 @@ def test_streaming_matches_parse_on_arbitrary_text(parser, parts, cuts):
     for call in out.tool_calls:
         assert isinstance(json.loads(call.arguments), dict)
     assert_stream_matches(PARSERS[parser], text, split(text, cuts))
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    parser=st.sampled_from(sorted(PARSERS)),
+    names=st.lists(st.from_regex(r"[A-Za-z_][A-Za-z0-9_\-]{0,20}", fullmatch=True), min_size=1, max_size=3),
+    args=st.dictionaries(st.text(max_size=8), JSON_VALUES, max_size=4),
+    before=st.sampled_from(["", "Let me check.\n\n", "On it: "]),
+    cuts=st.lists(st.integers(min_value=0, max_value=300), max_size=8),
+)
+def test_render_call_round_trips(parser, names, args, before, cuts):
+    """What a family's model writes for a call (`render_call`) parses back, with any
+    arguments (unicode, nested, quotes and braces in strings), one call per name."""
+    cls = PARSERS[parser]
+    arguments = json.dumps(args, ensure_ascii=False)
+    text = "".join(cls().render_call(name, arguments) for name in names)
+    if parser in ("json", "llama3"):
+        before = ""  # bare JSON is only a call at the very start of the output
+        text = "; ".join(cls().render_call(name, arguments) for name in names)
+    out = cls().parse(before + text)
+    assert out.content == before.rstrip()
+    assert [(c.name, c.arguments) for c in out.tool_calls] == [(name, arguments) for name in names]
+    assert_stream_matches(cls, before + text, split(before + text, cuts))
 
 
 def test_content_streams_before_the_call_completes():

@@ -622,6 +622,11 @@ def test_metrics_exposition(tokenizer):
             await (await c.post("/v1/chat/completions", json=chat(stream=True))).text()
             await c.post("/v1/chat/completions", json=chat(model="nope"))
             await c.get("/health")
+            # A request is counted just after its last byte: wait for the third.
+            await wait_for(lambda: c.state.metrics.requests.get(
+                method="POST", path="/v1/chat/completions", status="404") == 1)
+            await wait_for(lambda: c.state.metrics.requests.get(
+                method="POST", path="/v1/chat/completions", status="200") == 2)
             text = await (await c.get("/metrics")).text()
             assert 'http_requests_total{method="POST",path="/v1/chat/completions",status="200"} 2' in text
             assert 'http_requests_total{method="POST",path="/v1/chat/completions",status="404"} 1' in text

@@ -144,12 +144,12 @@ def run(args: argparse.Namespace) -> int:
             results.append({"test": "prefill", "name": f"Prefill ({n} tokens)", "prompt_len": n,
                             "tok_per_sec": tps, "std_dev": sd, "ttft_ms": ttft,
                             "samples_tok_per_sec": [s[0] for s in samples]})
-        for depth, samples in decodes.items():
-            tps, sd = stats(samples)
+        for depth, rates in decodes.items():
+            tps, sd = stats(rates)
             name = f"Decode ({args.gen_len} tokens" + (f" @ d{depth})" if len(decodes) > 1 else ")")
             results.append({"test": "decode", "name": name, "gen_len": args.gen_len, "depth": depth,
                             "tok_per_sec": tps, "std_dev": sd, "ms_per_token": 1e3 / tps if tps else None,
-                            "samples_tok_per_sec": samples})
+                            "samples_tok_per_sec": rates})
         report = {
             "model": args.model_id,
             "iterations": args.iterations,

@@ -61,7 +61,8 @@ def scan(cache_dir: Path) -> tuple[list[Any], list[str]]:
     except CacheNotFound:
         return [], []
     repos = sorted((r for r in info.repos if r.repo_type == "model"), key=lambda r: r.repo_id.lower())
-    return repos, [str(w) for w in info.warnings]
+    # Only problems with model repos matter here (not stray files such as version.txt).
+    return repos, [str(w) for w in info.warnings if "models--" in str(w)]
 
 
 def _last_used(repo: Any) -> float | None:

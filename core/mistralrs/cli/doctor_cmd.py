@@ -68,7 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _cpuinfo() -> tuple[str | None, set[str]]:
     """(model name, feature flags) from /proc/cpuinfo; (None, empty) when unreadable."""
-    brand, flags = None, set()
+    brand: str | None = None
+    flags: set[str] = set()
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:

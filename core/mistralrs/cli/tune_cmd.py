@@ -89,12 +89,12 @@ def _config_for(args: argparse.Namespace) -> tuple[dict, str]:
     return read_config(files.config), str(files.config)
 
 
-def _int(config: dict, *keys: str, default: int | None = None) -> int | None:
+def _int(config: dict, *keys: str) -> int | None:
     for key in keys:
         value = config.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
-    return default
+    return None
 
 
 def text_config(config: dict) -> dict:
@@ -115,14 +115,14 @@ def formula_shape(config: dict) -> dict[str, Any]:
     if not (h and layers and heads and vocab):
         raise ModelLoadError("config.json lacks hidden_size / num_hidden_layers / num_attention_heads / "
                              "vocab_size; cannot estimate the model's size")
-    kv_heads = _int(c, "num_key_value_heads", "n_head_kv", default=heads)
-    head_dim = _int(c, "head_dim", default=h // heads)
-    inter = _int(c, "intermediate_size", "n_inner", "ffn_dim", default=4 * h)
-    experts = _int(c, "num_local_experts", "num_experts", "n_routed_experts", default=0)
+    kv_heads = _int(c, "num_key_value_heads", "n_head_kv") or heads
+    head_dim = _int(c, "head_dim") or h // heads
+    inter = _int(c, "intermediate_size", "n_inner", "ffn_dim") or 4 * h
+    experts = _int(c, "num_local_experts", "num_experts", "n_routed_experts") or 0
     attn = h * heads * head_dim + 2 * h * kv_heads * head_dim + heads * head_dim * h
     if experts:
-        moe_inter = _int(c, "moe_intermediate_size", default=inter)
-        shared = _int(c, "shared_expert_intermediate_size", default=0) or 0
+        moe_inter = _int(c, "moe_intermediate_size") or inter
+        shared = _int(c, "shared_expert_intermediate_size") or 0
         mlp = experts * 3 * h * moe_inter + h * experts + 3 * h * shared
     else:
         mlp = 3 * h * inter
@@ -162,8 +162,8 @@ def meta_shape(config: dict, arch: str | None, dtype: Any, registry: Any) -> dic
         else:
             key = "other"
         groups[key] += p.numel()
-    return {"params": groups, "kv": dict(model.kv_cache_shape()), "method": f"architecture {spec.name} (meta build)",
-            "architecture": spec.name}
+    kv = dict(model.kv_cache_shape())  # type: ignore[operator]
+    return {"params": groups, "kv": kv, "method": f"architecture {spec.name} (meta build)", "architecture": spec.name}
 
 
 # ----------------------------------------------------------------------------- memory
@@ -321,8 +321,8 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
                      "sizes are estimated with a Llama-style formula over config.json")
     kv_itemsize = 1 if args.pa_cache_type == "f8e4m3" else torch.empty((), dtype=dtype).element_size()
     c = text_config(config)
-    max_context = args.max_seq_len or _int(c, "max_position_embeddings", "n_positions", "seq_length",
-                                           "max_sequence_length", default=4096)
+    max_context: int = args.max_seq_len or _int(c, "max_position_embeddings", "n_positions", "seq_length",
+                                                "max_sequence_length") or 4096
     memory = detect_memory(device)
     options = analyse(shape, memory, dtype_bits=dtype_bits, kv_itemsize=kv_itemsize,
                       max_context=max_context, gpu=device != "cpu")
@@ -333,6 +333,10 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
     chosen = per_profile[args.profile]
     for opt in options:
         opt["recommended"] = opt["quant"] == chosen
+    quantizers = {n.lower() for q in registry.quantizers for n in (q.name, *q.aliases)}
+    if chosen not in (None, "none") and chosen not in quantizers:
+        notes.append(f"no installed quantizer plugin provides {chosen} yet: the recommended command needs one "
+                     f"(installed: {', '.join(sorted(quantizers)) or 'none'})")
     if chosen is None:
         notes.append("no quantization level fits this machine with a usable context"
                      + ("" if device == "cpu" else "; try --cpu to use system RAM"))
@@ -354,6 +358,7 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
         "recommended_isq": chosen,
         "recommended_per_profile": per_profile,
         "recommended_command": serve_command(args, chosen) if chosen else None,
+        "isq_available": sorted(quantizers),
         "notes": notes,
     }
 

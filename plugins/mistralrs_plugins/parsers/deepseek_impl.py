@@ -31,6 +31,9 @@ class DeepSeekToolParser(ToolCallParser):
     name = "deepseek"
     start_markers = (CALLS_BEGIN, CALL_BEGIN)
 
+    def render_call(self, name: str, arguments: str) -> str:
+        return f"{CALLS_BEGIN}{CALL_BEGIN}function{SEP}{name}\n```json\n{arguments}\n```{CALL_END}{CALLS_END}"
+
     def parse_region(self, marker: str, cur: Cursor) -> list[tuple[str, str]]:
         if marker == CALL_BEGIN:
             calls = [self._call(cur)]

@@ -16,6 +16,9 @@ class HermesToolParser(ToolCallParser):
     close_tag = "</tool_call>"
     start_markers = (open_tag,)
 
+    def render_call(self, name: str, arguments: str) -> str:
+        return f"{self.open_tag}\n{super().render_call(name, arguments)}\n{self.close_tag}"
+
     def parse_region(self, marker: str, cur: Cursor) -> list[tuple[str, str]]:
         cur.ws()
         calls = cur.json_calls(require_arguments=False)

@@ -13,7 +13,7 @@ def register_tool_parsers(register):
     register(ToolCallParserSpec(
         name="llama3",
         parser="mistralrs_plugins.parsers.llama3_impl:Llama3ToolParser",
-        model_types=("llama", "llama4"),
+        model_types=("llama",),
         supports=TemplateMarkers(("<|python_tag|>",)),
         description='{"name": ..., "parameters": {...}} JSON, <|python_tag|> (Llama 3.1+)',
     ))

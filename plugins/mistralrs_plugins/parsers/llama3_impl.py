@@ -10,6 +10,8 @@ Formats (the JSON call format of the Llama 3.1/3.2/3.3 model cards):
 
 from __future__ import annotations
 
+import json
+
 from mistralrs.parsing import Cursor, ToolCallParser
 
 
@@ -17,6 +19,9 @@ class Llama3ToolParser(ToolCallParser):
     name = "llama3"
     python_tag = "<|python_tag|>"
     start_markers = (python_tag,)
+
+    def render_call(self, name: str, arguments: str) -> str:
+        return f'{{"name": {json.dumps(name, ensure_ascii=False)}, "parameters": {arguments}}}'
 
     def parse_region(self, marker: str, cur: Cursor) -> list[tuple[str, str]]:
         cur.ws()

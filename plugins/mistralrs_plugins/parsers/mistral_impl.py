@@ -19,6 +19,9 @@ class MistralToolParser(ToolCallParser):
     marker = "[TOOL_CALLS]"
     start_markers = (marker,)
 
+    def render_call(self, name: str, arguments: str) -> str:
+        return f"{self.marker}[{super().render_call(name, arguments)}]"
+
     def parse_region(self, marker: str, cur: Cursor) -> list[tuple[str, str]]:
         cur.ws()
         if cur.peek() in "[{":
