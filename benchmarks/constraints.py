@@ -69,6 +69,26 @@ SCHEMA = {
     "additionalProperties": False,
 }
 
+
+def _bounded(schema):
+    """The same schema with short strings and arrays, so that uniform random walks leave
+    free-form strings quickly and spend their steps on keys, numbers, enums and separators
+    (the positions where llguidance's masks cost the most), finishing and restarting often."""
+    if isinstance(schema, dict):
+        out = {k: _bounded(v) for k, v in schema.items()}
+        if out.get("type") == "string" and "pattern" not in out and "format" not in out:
+            out["maxLength"] = 6
+        if out.get("type") == "array":
+            out["maxItems"] = 2
+        return out
+    return schema
+
+
+SCENARIOS = {
+    "free_strings": SCHEMA,  # uniform walks spend most steps inside unbounded strings
+    "structural": _bounded(SCHEMA),
+}
+
 WORDS = (
     "alpha beta gamma delta user admin name city street score value data model token request "
     "response stream batch engine cache layer weight tensor matrix vector paris london berlin "
@@ -175,7 +195,7 @@ def run(factory: C.ConstraintFactory, spec: C.GrammarSpec, seqs: int, steps: int
     expand: list[float] = []
     restarts = 0
     allowed_counts: list[int] = []
-    for step in range(steps):
+    for _ in range(steps):
         masks = {}
         for m in METHODS:
             t0 = time.perf_counter()
@@ -246,6 +266,7 @@ def main() -> None:
         factory.new_state(compiled)
     new_state_ms = (time.perf_counter() - t0) * 1e3 / 100
 
+    default = "batch_masks_parallel" if C._parallel_default() else "batch_masks_sequential"
     results = {
         "tokenizer_vocab": tok.vocab_size,
         "logits_vocab": V,
@@ -255,15 +276,28 @@ def main() -> None:
         "compile_ms": round(compile_ms, 2),
         "compile_cached_ms": round(cached_ms, 4),
         "new_state_ms": round(new_state_ms, 4),
+        "default_method": default,
+        "scenarios": {},
     }
-    r = run(factory, spec, args.seqs, args.steps)
-    default = "batch_masks_parallel" if C._parallel_default() else "batch_masks_sequential"
-    results["default_method"] = default
-    results["timings"] = r
-    for m in (*METHODS, "expand_to_bool"):
-        t = r[m]
-        tag = "  <- batch_masks default here" if m == default else ""
-        print(f"{m:>22}: mean {t['mean_ms']:7.3f} ms/step  p50 {t['p50_ms']:7.3f}  p95 {t['p95_ms']:7.3f}{tag}", flush=True)
+    print(
+        f"vocab {tok.vocab_size} (logits {V}), {args.seqs} JSON-schema sequences: "
+        f"token trie {trie_s:.2f} s, compile {compile_ms:.1f} ms (cached {cached_ms:.3f} ms), "
+        f"new_state {new_state_ms:.3f} ms"
+    )
+    for name, schema in SCENARIOS.items():
+        r = run(factory, C.GrammarSpec("json_schema", schema, "response_format"), args.seqs, args.steps)
+        results["scenarios"][name] = r
+        print(
+            f"[{name}] median allowed tokens/row {r['median_allowed_tokens_per_row']}, "
+            f"{r['finished_and_restarted']} sequences finished"
+        )
+        for m in (*METHODS, "expand_to_bool"):
+            t = r[m]
+            tag = "  <- batch_masks default here" if m == default else ""
+            print(
+                f"  {m:>22}: mean {t['mean_ms']:7.3f} ms/step  p50 {t['p50_ms']:7.3f}  p95 {t['p95_ms']:7.3f}{tag}",
+                flush=True,
+            )
 
     import llguidance
 
@@ -276,11 +310,6 @@ def main() -> None:
         "executor_threads": os.environ.get("MISTRALRS_GRAMMAR_THREADS", str(os.cpu_count())),
         "machine": platform.machine(),
     }
-    print(
-        f"vocab {tok.vocab_size} (logits {V}), {args.seqs} JSON-schema sequences: "
-        f"token trie {trie_s:.2f} s, compile {compile_ms:.1f} ms (cached {cached_ms:.3f} ms), "
-        f"new_state {new_state_ms:.3f} ms"
-    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")

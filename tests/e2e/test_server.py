@@ -197,6 +197,8 @@ def test_disconnect_cancels_generation_in_the_engine(server, tiny_service):
     import http.client
 
     host, port = server.url.removeprefix("http://").split(":")
+    used_before = tiny_service.engine.kv_blocks()[0]
+    cancelled_before = server.state.metrics.cancelled.get()
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     conn.request("POST", "/v1/chat/completions", body=json.dumps(
         {"messages": "go on forever", "max_tokens": 400, "ignore_eos": True, "stream": True}),
@@ -210,11 +212,8 @@ def test_disconnect_cancels_generation_in_the_engine(server, tiny_service):
     while tiny_service.engine.num_running and time.time() < deadline:
         time.sleep(0.02)
     assert tiny_service.engine.num_running == 0
-    assert tiny_service.engine.kv_blocks()[0] == 0 or tiny_service.engine.scheduler.pool.num_used() >= 0
-    deadline = time.time() + 5
-    while not server.state.metrics.completed.get(reason="canceled") and time.time() < deadline:
-        time.sleep(0.02)
-    assert server.state.metrics.completed.get(reason="canceled") >= 1
+    assert tiny_service.engine.kv_blocks()[0] <= used_before + 1  # its blocks went back (one may stay cached)
+    assert server.state.metrics.cancelled.get() == cancelled_before + 1
 
 
 def test_engine_failures_are_500s_then_the_server_recovers(server, tiny_service):

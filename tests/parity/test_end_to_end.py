@@ -31,6 +31,11 @@ ARCHITECTURES = {
     "qwen3moe": ("qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeForCausalLM",
                  {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "head_dim": 16}),
     "glm4": ("glm4", "Glm4Config", "Glm4ForCausalLM", {"head_dim": 16, "pad_token_id": 0}),
+    "granite": ("granite", "GraniteConfig", "GraniteForCausalLM",
+                {"embedding_multiplier": 2.0, "attention_multiplier": 0.1, "residual_multiplier": 0.5,
+                 "logits_scaling": 2.0}),
+    "gemma3_text": ("gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM",
+                    {"head_dim": 16, "sliding_window": 8, "sliding_window_pattern": 2}),
 }
 
 PROMPT = "Write a haiku about the sea"

@@ -79,10 +79,12 @@ CASES = {
         attention_bias=True, mlp_bias=True,
         rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
     ),
-    # tied head (Granite 3.x), MQA, head_dim != hidden / heads, integer multipliers as in the releases
+    # tied head (Granite 3.x), MQA, head_dim != hidden / heads, multipliers on the other side of 1
+    # (Granite 3.x's own values, e.g. embedding 12 / residual 0.22, make a tied random tiny
+    # model repeat one token forever: its residual stream is all embedding)
     "granite_tied": lambda p: _granite(
         p, tie_word_embeddings=True, num_key_value_heads=1, head_dim=32, num_hidden_layers=3,
-        embedding_multiplier=12, attention_multiplier=0.0625, residual_multiplier=0.22, logits_scaling=8,
+        embedding_multiplier=0.25, attention_multiplier=0.0625, residual_multiplier=4, logits_scaling=0.5,
     ),
     # sliding_window_pattern 2 (layers 0, 2 sliding with window 6; layer 1 global), separate
     # global / local rope, query_pre_attn_scalar 20 != head_dim 32, final softcap 3, tied
@@ -124,9 +126,14 @@ def test_greedy_32_tokens(tiny):
     assert len(set(tokens)) > 1  # not a degenerate repetition: the comparison means something
 
 
+# The untied Gemma 3 case has logits up to ~9 (no final softcap, (1 + w) norms around 2):
+# float32 rounding of differently shaped attention calls reaches ~1e-5 there (1e-6 relative).
+BATCHED_ATOL = {"gemma3_layer_types": 3e-5}
+
+
 def test_batched_flattened_equals_per_sequence(tiny):
-    _, path, _ = tiny
-    assert_batched_match(path)
+    name, path, _ = tiny
+    assert_batched_match(path, atol=BATCHED_ATOL.get(name, 1e-5))
 
 
 def test_bf16_logits(tiny):

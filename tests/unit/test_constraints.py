@@ -19,6 +19,7 @@ import re
 import jsonschema
 import pytest
 import torch
+
 from mistralrs.engine import constraints as C
 from mistralrs.engine.constraints import (
     ConstraintError,
@@ -32,7 +33,6 @@ from mistralrs.engine.constraints import (
 from mistralrs.engine.sampling import Sampler, SamplingParams, SequenceSamplingState
 from mistralrs.errors import InvalidRequest
 from mistralrs.tokenization import Tokenizer
-
 from tests.helpers.tiny_tokenizer import write_byte_fallback_tokenizer, write_tiny_tokenizer
 
 pytest.importorskip("llguidance")
@@ -177,7 +177,9 @@ def decoded(factory: ConstraintFactory, tokens: list[int]) -> str:
 
 
 def test_json_schema_walks_validate(factory):
-    spec = grammar_from_request({"response_format": {"type": "json_schema", "json_schema": {"name": "pet", "schema": SCHEMA, "strict": True}}})
+    spec = grammar_from_request(
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "pet", "schema": SCHEMA, "strict": True}}}
+    )
     outs = random_walks(factory, spec)
     kinds = set()
     for tokens in outs:
@@ -272,17 +274,32 @@ def test_several_eos_ids(byte_level):
     assert not set(byte_level.special_ids) - {eos, im_end} & set(row)
 
 
-def test_padding_ids_never_allowed_even_for_wider_rows(byte_fallback):
+@pytest.fixture(params=["numpy", "torch"])
+def expansion(request, monkeypatch):
+    """Run a test with the numpy mask expansion and with the torch-only fallback."""
+    if request.param == "torch":
+        monkeypatch.setattr(C, "_np", None)
+    return request.param
+
+
+def test_padding_ids_never_allowed_even_for_wider_rows(byte_fallback, expansion):
     tok = byte_fallback
     f = ConstraintFactory(tok, tok.vocab_size + 100)
     st = f.new_state(GrammarSpec("regex", "(.|\n)*"))  # allows (nearly) every real token
-    mask = batch_masks([st, None], tok.vocab_size + 164)  # caller's logits wider still
-    assert not mask[0, tok.vocab_size :].any()
-    assert mask[0, : tok.vocab_size].sum() > tok.vocab_size // 2
-    assert mask[1].all()
+    for width in (f.vocab_size, tok.vocab_size + 164, tok.vocab_size + 500):  # caller's logits wider still
+        mask = batch_masks([st, None], width)
+        assert mask.shape == (2, width)
+        assert not mask[0, tok.vocab_size :].any()
+        assert mask[0, : tok.vocab_size].sum() > tok.vocab_size // 2
+        assert mask[1].all()
+        row = torch.ones(width, dtype=torch.bool)
+        st.fill_mask(row)
+        assert torch.equal(row, mask[0])
+        assert torch.equal(batch_masks([st], width)[0], mask[0])
 
 
-def test_batch_masks_unconstrained_rows_and_none(byte_level):
+@pytest.mark.parametrize("parallel", [None, False, True])
+def test_batch_masks_unconstrained_rows_and_none(byte_level, expansion, parallel):
     f = ConstraintFactory(byte_level, byte_level.vocab_size + 3)
     V = f.vocab_size
     assert batch_masks([None, None], V) is None
@@ -290,8 +307,8 @@ def test_batch_masks_unconstrained_rows_and_none(byte_level):
     compiled = f.compile(GrammarSpec("regex", "[0-9]+"))
     s1, s2 = f.new_state(compiled), f.new_state(compiled)
     s2.advance(byte_level.encode("7", add_special_tokens=False)[0])
-    for layout in ([None, s1, None, s2], [s1, s2, None], [None, s1, s2], [s2]):
-        mask = batch_masks(layout, V)
+    for layout in ([None, s1, None, s2], [s1, s2, None], [None, s1, s2], [s2], [s1, s2, s1]):
+        mask = batch_masks(layout, V, parallel=parallel)
         assert mask.shape == (len(layout), V)
         for i, st in enumerate(layout):
             if st is None:
@@ -300,7 +317,7 @@ def test_batch_masks_unconstrained_rows_and_none(byte_level):
                 row = torch.zeros(V, dtype=torch.bool)
                 st.fill_mask(row)
                 assert torch.equal(mask[i], row)
-    m = batch_masks([s1, s2], V)
+    m = batch_masks([s1, s2], V, parallel=parallel)
     eos = byte_level.eos_token_id
     assert not m[0, eos] and m[1, eos]
 
@@ -310,7 +327,11 @@ def test_masks_feed_the_sampler(byte_level):
     V = f.vocab_size
     compiled = f.compile(GrammarSpec("regex", "(yes|no|maybe)"))
     cstates = [f.new_state(compiled), None, f.new_state(compiled)]
-    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0), SamplingParams(temperature=0.8, top_p=0.9)]
+    params = [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=0.8, top_p=0.9),
+    ]
     sstates = [SequenceSamplingState([1, 2, 3], seed=i) for i in range(3)]
     texts = ["", "", ""]
     g = torch.Generator().manual_seed(0)
@@ -410,14 +431,30 @@ def test_state_from_another_factory_is_rejected(byte_level, byte_fallback):
 @pytest.mark.parametrize(
     ("body", "param", "needle"),
     [
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}}, "response_format", "foo"),
-        ({"grammar": {"type": "json_schema", "value": {"type": "object", "properties": {"a": {"$ref": "#/nope"}}}}}, "grammar", "nope"),
-        ({"grammar": {"type": "json_schema", "value": {"type": "integer", "minimum": 5, "maximum": 1}}}, "grammar", "minimum"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}},
+            "response_format",
+            "foo",
+        ),
+        (
+            {"grammar": {"type": "json_schema", "value": {"type": "object", "properties": {"a": {"$ref": "#/nope"}}}}},
+            "grammar",
+            "nope",
+        ),
+        (
+            {"grammar": {"type": "json_schema", "value": {"type": "integer", "minimum": 5, "maximum": 1}}},
+            "grammar",
+            "minimum",
+        ),
         ({"grammar": {"type": "regex", "value": "[a-"}}, "grammar", "unclosed character class"),
         ({"grammar": {"type": "regex", "value": "(ab"}}, "grammar", "unclosed group"),
         ({"grammar": {"type": "lark", "value": "start: foo"}}, "grammar", "foo"),
         ({"grammar": {"type": "lark", "value": "start: /[/"}}, "grammar", "regex"),
-        ({"grammar": {"type": "llguidance", "value": {"grammars": [{"lark_grammar": "start: @missing"}]}}}, "grammar", "missing"),
+        (
+            {"grammar": {"type": "llguidance", "value": {"grammars": [{"lark_grammar": "start: @missing"}]}}},
+            "grammar",
+            "missing",
+        ),
     ],
 )
 def test_invalid_grammars_raise_one_line_errors(byte_level, body, param, needle):
@@ -439,7 +476,10 @@ def test_invalid_grammars_raise_one_line_errors(byte_level, body, param, needle)
         ({"response_format": {"type": "json_schema"}}, "response_format"),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": 3}}}, "response_format"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": "{oops"}}}, "response_format"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": "{oops"}}},
+            "response_format",
+        ),
         ({"response_format": {"type": "yaml"}}, "response_format"),
         ({"response_format": ["json_object"]}, "response_format"),
         ({"grammar": {"type": "ebnf", "value": "x"}}, "grammar"),
@@ -477,9 +517,13 @@ def test_request_parsing():
     assert grammar_from_request({"grammar": None}) is None
     spec = grammar_from_request({"response_format": {"type": "json_object"}})
     assert spec == GrammarSpec("json_object", {"type": "object"}, "response_format")
-    spec = grammar_from_request({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": SCHEMA}}})
+    spec = grammar_from_request(
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": SCHEMA}}}
+    )
     assert spec.kind == "json_schema" and spec.value == SCHEMA and spec.param == "response_format"
-    spec = grammar_from_request({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": json.dumps(SCHEMA)}}})
+    spec = grammar_from_request(
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": json.dumps(SCHEMA)}}}
+    )
     assert spec.value == SCHEMA
     spec = grammar_from_request({"grammar": {"type": "json_schema", "value": SCHEMA}})
     assert (spec.kind, spec.param) == ("json_schema", "grammar")
@@ -513,7 +557,9 @@ def test_python_api_parsing():
 def test_bool_schema_and_json_object_compile(byte_level):
     f = ConstraintFactory(byte_level, byte_level.vocab_size)
     assert f.compile(grammar_from_python("true", "json_schema")).spec.value is True
-    outs = random_walks(f, GrammarSpec("json_schema", {"type": "array", "items": {"type": "integer"}, "maxItems": 3}), range(5))
+    outs = random_walks(
+        f, GrammarSpec("json_schema", {"type": "array", "items": {"type": "integer"}, "maxItems": 3}), range(5)
+    )
     for tokens in outs:
         value = json.loads(byte_level.decode(tokens))
         assert isinstance(value, list) and len(value) <= 3 and all(type(v) is int for v in value)

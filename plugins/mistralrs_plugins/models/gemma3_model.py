@@ -107,14 +107,11 @@ def gemma3_rope_parameters(config: dict) -> dict[str, dict]:
         if not isinstance(scaling, dict):
             raise ModelLoadError(f"config.json rope_scaling must be an object, got {type(scaling).__name__}")
         nested[FULL].update(scaling)
-    global_theta = config.get("rope_theta")
-    local_theta = config.get("rope_local_base_freq")
-    nested[FULL].setdefault("rope_theta", _DEFAULT_GLOBAL_THETA if global_theta is None else global_theta)
-    nested[SLIDING].setdefault("rope_theta", _DEFAULT_LOCAL_THETA if local_theta is None else local_theta)
-    for t in LAYER_TYPES:  # transformers' standardisation: an explicit null theta is not a value
-        if nested[t].get("rope_theta") is None:
-            nested[t]["rope_theta"] = global_theta if global_theta is not None else (
-                _DEFAULT_GLOBAL_THETA if t == FULL else _DEFAULT_LOCAL_THETA)
+    thetas = {FULL: (config.get("rope_theta"), _DEFAULT_GLOBAL_THETA),
+              SLIDING: (config.get("rope_local_base_freq"), _DEFAULT_LOCAL_THETA)}
+    for t, (theta, default) in thetas.items():
+        if nested[t].get("rope_theta") is None:  # absent (or null: transformers would fail on it)
+            nested[t]["rope_theta"] = default if theta is None else theta
     return nested
 
 

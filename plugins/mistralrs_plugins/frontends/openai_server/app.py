@@ -112,7 +112,11 @@ class ServerState:
         return handle
 
     def release(self, handle: Any) -> None:
-        self.handles.discard(handle)
+        """The server is done with an engine request (finished, or cancelled)."""
+        if handle in self.handles:
+            self.handles.discard(handle)
+            if getattr(handle, "cancelled", False):
+                self.metrics.cancelled.inc()
 
 
 STATE: web.AppKey[ServerState] = web.AppKey("mistralrs_state", ServerState)
@@ -302,6 +306,16 @@ async def docs(request: web.Request) -> web.Response:
 
 
 # -- generation --------------------------------------------------------------------------------
+OFFLOAD_BYTES = 64 * 1024  # prompts bigger than this are templated/tokenized off the event loop
+
+
+async def build_request(request: web.Request, build: Callable[..., Any], *args: Any) -> Any:
+    """Run a `protocol.build_*_request`; big prompts in a thread so streams keep flowing."""
+    if (request.content_length or 0) > OFFLOAD_BYTES:
+        return await asyncio.to_thread(build, *args)
+    return build(*args)
+
+
 def _check_best_of(gen: Any, stream: bool) -> None:
     if gen.best_of is not None and gen.best_of > gen.n:
         if stream:
@@ -395,7 +409,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     state.check_model(body)
     reject_unsupported(body)
     stream, include_usage = stream_settings(body)
-    gen = P.build_chat_request(service, body)
+    gen = await build_request(request, P.build_chat_request, service, body)
     _check_best_of(gen, stream)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     tracker = state.metrics.tracker(request[ARRIVAL])
@@ -435,7 +449,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     suffix = body.get("suffix")
     if suffix is not None and not isinstance(suffix, str):
         raise ApiError(400, "suffix must be a string", param="suffix")
-    gen = P.build_completion_request(service, body)
+    gen = await build_request(request, P.build_completion_request, service, body)
     _check_best_of(gen, stream)
     echo_text = ""
     if echo:
@@ -658,7 +672,14 @@ class OpenAIServer:
     async def serve(self) -> int:
         """Start, serve until SIGINT/SIGTERM (or `request_stop()`), drain; the exit status."""
         loop = asyncio.get_running_loop()
-        await self.start()
+        try:
+            await self.start()
+        except OSError as exc:
+            print(f"mistralrs: error: cannot listen on {self.host}:{self.port}: {exc.strerror or exc}",
+                  file=sys.stderr, flush=True)
+            if self._runner is not None:
+                await self._runner.cleanup()
+            return 1
         stop = self._stop
         assert stop is not None
         installed = []

@@ -128,6 +128,8 @@ class Metrics:
         self.prompt_tokens = Counter("mistralrs_prompt_tokens_total", "Prompt tokens of finished requests.")
         self.generation_tokens = Counter("mistralrs_generation_tokens_total", "Tokens generated.")
         self.completed = Counter("mistralrs_sequences_completed_total", "Finished choices by finish reason.")
+        self.cancelled = Counter("mistralrs_requests_cancelled_total",
+                                 "Requests cancelled before the end (client gone, or cut off by a shutdown).")
 
         def engine(attr: str) -> Callable[[], float | None]:
             def read() -> float | None:
@@ -171,7 +173,7 @@ class Metrics:
     def render(self) -> str:
         lines: list[str] = []
         for metric in (self.requests, self.duration, self.ttft, self.itl, self.prompt_tokens,
-                       self.generation_tokens, self.completed):
+                       self.generation_tokens, self.completed, self.cancelled):
             lines.extend(metric.render())
         for gauge in self.gauges:
             lines.extend(gauge.render())

@@ -277,7 +277,13 @@ class ResponseBuilder:
 
 # -- handlers -----------------------------------------------------------------------------------
 async def create_response(request: web.Request) -> web.StreamResponse:
-    from mistralrs_plugins.frontends.openai_server.app import ARRIVAL, STATE, collect_events, stream_events
+    from mistralrs_plugins.frontends.openai_server.app import (
+        ARRIVAL,
+        STATE,
+        build_request,
+        collect_events,
+        stream_events,
+    )
 
     state = request.app[STATE]
     service = state.require_service()
@@ -295,7 +301,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         history = list(prev["conversation"])
     new_messages = input_to_messages(body.get("input"))
     system = [{"role": "system", "content": body["instructions"]}] if body.get("instructions") else []
-    gen = P.build_chat_request(service, chat_body(body, system + history + new_messages))
+    gen = await build_request(request, P.build_chat_request, service, chat_body(body, system + history + new_messages))
     builder = ResponseBuilder(body, model=state.model_id, previous_id=prev_id, gen=gen)
     store = flag(body, "store", True)
     tracker = state.metrics.tracker(request[ARRIVAL])
