@@ -263,3 +263,32 @@ def test_fp8_kv_cache_runs_and_stays_close(model_dir, svc):
         fp8.shutdown()
     assert len(tokens) == 8
     assert tokens[:2] == gen(svc, ids, max_tokens=2)  # lossy storage, same leading choices
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_grammar_constrains_what_a_random_model_writes(svc, seed):
+    import json
+    import re
+
+    import jsonschema
+
+    from mistralrs.engine.constraints import GrammarSpec
+
+    ids = prompt(svc, "give me data")
+    sampling = SamplingParams(temperature=1.0, seed=seed)
+    done, _ = P.collect(svc.engine.submit(GenerationRequest(
+        prompt_ids=ids, sampling=sampling, max_tokens=60, grammar=GrammarSpec("regex", r"[a-c]{3}-[0-9]{2,4}"))))
+    assert re.fullmatch(r"[a-c]{3}-[0-9]{2,4}", done.choices[0].text)
+    assert done.choices[0].finish_reason == "stop"
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "ok": {"type": "boolean"}},
+              "required": ["n", "ok"], "additionalProperties": False}
+    done, _ = P.collect(svc.engine.submit(GenerationRequest(
+        prompt_ids=ids, sampling=sampling, max_tokens=200, grammar=GrammarSpec("json_schema", schema))))
+    jsonschema.validate(json.loads(done.choices[0].text), schema)
+
+
+def test_invalid_grammar_is_rejected_at_submission(svc):
+    from mistralrs.engine.constraints import ConstraintError, GrammarSpec
+
+    with pytest.raises(ConstraintError):
+        svc.engine.submit(GenerationRequest(prompt_ids=[3, 4], sampling=GREEDY, grammar=GrammarSpec("regex", "([a-")))

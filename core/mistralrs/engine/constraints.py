@@ -277,10 +277,7 @@ def grammar_from_python(grammar: str | None, grammar_type: str | None) -> Gramma
             f"grammar_type must be one of {', '.join(repr(k) for k in _GRAMMAR_TYPES)}, got {grammar_type!r}",
             param="grammar_type",
         )
-    if grammar_type in ("json_schema", "llguidance") and not isinstance(grammar, str):
-        # Be lenient with Python callers passing the object itself.
-        if isinstance(grammar, (Mapping, bool)):
-            grammar = json.dumps(grammar)
+    # (a dict passed for json_schema / llguidance is accepted as the parsed JSON)
     return _spec_for(grammar_type, grammar, param="grammar", what=f"grammar ({_KIND_LABELS[grammar_type]})")
 
 
@@ -345,8 +342,9 @@ def _one_line_error(text: str, kind: str) -> str:
     """llguidance errors are multi-line (message, then an indented excerpt with a caret):
     keep the unindented lines, joined. For regex / JSON schema the "at L(C)" position refers
     to llguidance's generated wrapper grammar, so it is dropped."""
-    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip() and not _INDENTED.match(ln)]
-    msg = " ".join(lines) if lines else " ".join(str(text).split())
+    text = re.split(r"<state>|<non-verbose/>|<grammar>", str(text))[0]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not _INDENTED.match(ln)]
+    msg = " ".join(lines) if lines else " ".join(text.split())
     if kind != "lark":
         msg = _POSITION.sub("", msg)
     msg = msg.rstrip(":; ")
@@ -479,7 +477,9 @@ class ConstraintFactory:
         grammar = _top_level_grammar(spec)
         lltok = self.ll_tokenizer
         # The matcher constructor never raises for grammar errors: it enters an error state.
-        matcher = llg.LLMatcher(lltok, grammar, log_level=0)
+        # verbose_errors=False: runtime errors must not echo the parser state and the whole
+        # grammar (which may be a user's private schema) into messages and logs.
+        matcher = llg.LLMatcher(lltok, grammar, log_level=0, limits=llg.LLParserLimits(verbose_errors=False))
         if matcher.is_error():
             raise _invalid(spec, matcher.get_error())
         warnings = tuple(matcher.get_grammar_warnings())
@@ -641,9 +641,11 @@ class ConstraintState:
 
     @property
     def error(self) -> str | None:
-        """llguidance's error message when the matcher is in its error state, else None."""
+        """llguidance's error (one line) when the matcher is in its error state, else None.
+        A matcher in error (a rejected token, or a parser limit hit at run time) is finished
+        and its mask allows only EOS, so the sequence ends; the engine may log this."""
         err = self._matcher.get_error()
-        return err or None
+        return _one_line_error(err, "lark") if err else None
 
     def copy(self) -> ConstraintState:
         """An independent copy (e.g. for `n` > 1 choices forked after the prompt)."""

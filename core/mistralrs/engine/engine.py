@@ -45,6 +45,8 @@ class GenerationRequest:
     top_logprobs: int = 0
     skip_special_tokens: bool = True
     cache_key: Any = None  # anything else that changes the KV (adapters, images)
+    grammar: Any = None  # constraints.GrammarSpec: output must match it (structured output, forced tool calls)
+    compiled_grammar: Any = attrs.field(default=None, repr=False)  # set by Engine.submit
     id: str = attrs.field(factory=lambda: f"req-{next(_request_ids)}")
 
 
@@ -245,6 +247,7 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._thread_lock = threading.Lock()
+        self._constraints: Any = None
         self.fault_hook: Callable[[], None] | None = None  # tests inject failures here
         self.stats = {"steps": 0, "computed_tokens": 0, "requests": 0, "failures": 0, "recoveries": 0}
 
@@ -252,11 +255,24 @@ class Engine:
     def submit(self, request: GenerationRequest, *, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
         """Queue a request. Pass the running asyncio loop to consume events with `async for`."""
         self._validate(request)
+        if request.grammar is not None and request.compiled_grammar is None:
+            # Compile in the caller's thread: a bad grammar is the caller's 400, and the
+            # engine thread never stalls on compilation.
+            request.compiled_grammar = self.constraint_factory().compile(request.grammar)
         handle = RequestHandle(self, request, loop)
         self._ensure_thread()
         self._inbox.put(("submit", handle))
         self._wake.set()
         return handle
+
+    def constraint_factory(self) -> Any:
+        with self._thread_lock:
+            if self._constraints is None:
+                from mistralrs.engine.constraints import ConstraintFactory
+
+                vocab = self.vocab_size or self.tokenizer.vocab_size
+                self._constraints = ConstraintFactory(self.tokenizer, vocab, eos_token_ids=sorted(self.eos_token_ids) or None)
+            return self._constraints
 
     def shutdown(self, timeout: float | None = 10) -> None:
         self._stopping = True
@@ -369,6 +385,8 @@ class Engine:
                 self.tokenizer, skip_special_tokens=req.skip_special_tokens, prompt_ids=req.prompt_ids
             )
             seq.stopper = StopStringMatcher(req.stop_strings) if req.stop_strings else None
+            if req.compiled_grammar is not None:
+                seq.constraint = self.constraint_factory().new_state(req.compiled_grammar)
             state.seqs.append(seq)
             self._states[seq.id] = state
             self.scheduler.add(seq)
@@ -407,8 +425,13 @@ class Engine:
         if not sampling_idx:
             return
         seqs = [step[i].seq for i in sampling_idx]
+        mask = None
+        if any(s.constraint is not None for s in seqs):
+            from mistralrs.engine.constraints import batch_masks
+
+            mask = batch_masks([s.constraint for s in seqs], logits.shape[1])
         out = self.sampler.sample(
-            logits, [s.params for s in seqs], [s.sampling_state for s in seqs]
+            logits, [s.params for s in seqs], [s.sampling_state for s in seqs], allowed_mask=mask
         )
         now = time.perf_counter()
         for row, seq in enumerate(seqs):
@@ -435,6 +458,10 @@ class Engine:
         if token in req.stop_token_ids or (token in self.eos_token_ids and not req.ignore_eos):
             self._finish(seq, "stop", stop_reason=token)
             return
+        grammar_done = False
+        if seq.constraint is not None:
+            seq.constraint.advance(token)
+            grammar_done = seq.constraint.is_finished()
         delta = seq.detok.step(token)
         stopped = False
         if seq.stopper is not None and delta:
@@ -445,6 +472,8 @@ class Engine:
             state.handle._put(TokenDelta(seq.index, delta, (token,), (lp,) if lp else ()))
         if stopped:
             self._finish(seq, "stop", stop_reason=seq.stopper.stop_string)
+        elif grammar_done:
+            self._finish(seq, "stop")
         elif req.max_tokens is not None and len(seq.output_ids) >= req.max_tokens:
             self._finish(seq, "length")
         elif self.max_model_len is not None and len(seq) >= self.max_model_len:

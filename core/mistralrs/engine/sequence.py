@@ -38,6 +38,7 @@ class Sequence:
     sampling_state: Any = attrs.field(default=None, repr=False)
     detok: Any = attrs.field(default=None, repr=False)
     stopper: Any = attrs.field(default=None, repr=False)
+    constraint: Any = attrs.field(default=None, repr=False)  # constraints.ConstraintState
     text: str = ""
     logprobs: list[Any] = attrs.field(factory=list)
     arrival: float = 0.0
