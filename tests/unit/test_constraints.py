@@ -375,8 +375,12 @@ def test_advance_rejects_disallowed_token(byte_level):
     f = ConstraintFactory(byte_level, byte_level.vocab_size)
     st = f.new_state(GrammarSpec("regex", "[0-9]+"))
     letter = byte_level.encode("a", add_special_tokens=False)[0]
-    with pytest.raises(ConstraintError, match="internal error"):
+    with pytest.raises(ConstraintError, match="internal error") as exc:
         st.advance(letter)
+    assert "\n" not in str(exc.value) and "<state>" not in str(exc.value)
+    # the state is then finished with an error, and its mask allows only EOS (the sequence ends)
+    assert st.is_finished() and st.error and "\n" not in st.error
+    assert st.allowed_tokens().tolist() == [byte_level.eos_token_id]
     with pytest.raises(ConstraintError):
         f.new_state(GrammarSpec("regex", "x")).advance(10**7)
 
@@ -563,3 +567,15 @@ def test_bool_schema_and_json_object_compile(byte_level):
     for tokens in outs:
         value = json.loads(byte_level.decode(tokens))
         assert isinstance(value, list) and len(value) <= 3 and all(type(v) is int for v in value)
+
+
+def test_parallel_default_follows_env_and_cpu_count(monkeypatch):
+    monkeypatch.delenv("MISTRALRS_GRAMMAR_THREADS", raising=False)
+    monkeypatch.setattr(C.os, "cpu_count", lambda: 2)
+    assert not C._parallel_default()
+    monkeypatch.setattr(C.os, "cpu_count", lambda: 64)
+    assert C._parallel_default() and C._executor_threads() == 32
+    monkeypatch.setenv("MISTRALRS_GRAMMAR_THREADS", "1")
+    assert not C._parallel_default()
+    monkeypatch.setenv("MISTRALRS_GRAMMAR_THREADS", "4")
+    assert C._parallel_default() and C._executor_threads() == 4

@@ -302,9 +302,10 @@ _EXECUTOR_LOCK = threading.Lock()
 
 PARALLEL_MIN_CPUS = 8
 """`batch_masks` uses llguidance's thread pool by default only on machines with at least this
-many CPUs. Filling the 16 masks of a JSON-schema batch takes ~0.1 ms sequentially at a 32k
-vocabulary; on a small, busy machine waking pool threads costs more than it saves (2 CPUs:
-p50 0.2-0.3 ms, p95 12 ms with the pool; see benchmarks/constraints.py)."""
+many CPUs. Filling the 16 masks of a JSON-schema batch takes ~0.1-0.3 ms sequentially at a
+32k vocabulary; on a small, busy machine waking the pool's threads costs more than it saves
+(2 CPUs: p95 3-17 ms with the pool, by load, against 0.5-0.8 ms without; see
+benchmarks/constraints.py)."""
 
 
 def _executor_threads() -> int:
@@ -513,6 +514,7 @@ _LITTLE_ENDIAN = sys.byteorder == "little"
 # _BYTE_BITS[b] = the 8 bits of byte value b, least significant first.
 _BYTE_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()
 
+_np: Any
 try:  # numpy's unpackbits is the fastest expansion (~30 us for 16 x 32k); torch is the fallback
     import numpy as _np
 except ImportError:  # pragma: no cover - numpy is optional
