@@ -740,3 +740,41 @@ def test_keep_alive_interval_env(monkeypatch):
     assert server_app.keep_alive_seconds() == 0.25
     monkeypatch.delenv("KEEP_ALIVE_INTERVAL")
     assert server_app.keep_alive_seconds() == 10.0
+
+
+def test_a_busy_port_is_a_clear_error(tokenizer, capsys):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        srv = OpenAIServer(FakeService(tokenizer), host="127.0.0.1", port=port)
+        assert run(srv.serve()) == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_openapi_document_validates():
+    validator = pytest.importorskip("openapi_spec_validator")
+    from mistralrs_plugins.frontends.openai_server.openapi import openapi_document
+
+    validator.validate(openapi_document())
+
+
+def test_responses_logprobs_streamed_and_not(tokenizer):
+    async def body():
+        svc = FakeService(tokenizer, lambda req: script_for([["Hel", "", "lo"]], logprobs=True))
+        async with client_for(svc) as c:
+            r = await c.post("/v1/responses", json={"input": "Hi", "top_logprobs": 2})
+            part = (await r.json())["output"][0]["content"][0]
+            assert [lp["token"] for lp in part["logprobs"]] == ["Hel", "", "lo"]
+            assert part["logprobs"][0]["top_logprobs"][0]["logprob"] == -0.5
+            r = await c.post("/v1/responses", json={"input": "Hi", "top_logprobs": 2, "stream": True})
+            events = data_events(await r.text())
+            deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+            assert "".join(lp["token"] for d in deltas for lp in d["logprobs"]) == "Hello"
+            assert "".join(d["delta"] for d in deltas) == "Hello"
+            done = next(e for e in events if e["type"] == "response.output_text.done")
+            assert len(done["logprobs"]) == 3
+
+    run(body())

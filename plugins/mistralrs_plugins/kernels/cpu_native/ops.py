@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 SOURCES = ("linear_bf16.cpp",)
 CFLAGS = ("-O3", "-DNDEBUG", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
+BUILD_LOCK_TIMEOUT_S = 900.0
 MAX_ROWS = 8  # the kernel handles 1..MAX_ROWS rows; more rows are compute-bound: F.linear
 
 _lock = threading.Lock()
@@ -93,7 +94,8 @@ def build(verbose: bool = False) -> NativeOps:
     build_dir = cache_root() / key
     build_dir.mkdir(parents=True, exist_ok=True)
     marker = build_dir / "BUILD_OK"
-    with filelock.FileLock(str(build_dir) + ".lock"):
+    # Another process may be building the same key: wait for it (bounded), then use its build.
+    with filelock.FileLock(str(build_dir) + ".lock", timeout=BUILD_LOCK_TIMEOUT_S):
         library = build_dir / f"{name}.so"
         if marker.exists() and library.exists():
             return _load_built(name, library)
