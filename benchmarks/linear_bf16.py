@@ -81,7 +81,7 @@ def main() -> int:
             err = (impls["native"](x, weights[0]).float() - ref).abs().max().item()
             times: dict[str, list[float]] = {key: [] for key in impls}
             with torch.inference_mode():
-                for key, fn in impls.items():  # warm-up pass
+                for fn in impls.values():  # warm-up pass
                     for w in weights:
                         fn(x, w)
                 for _ in range(args.passes):

@@ -52,6 +52,7 @@ class ServiceOptions:
     pa_memory_mb: int | None = None
     pa_memory_fraction: float | None = None
     pa_cache_type: str = "auto"  # auto | f8e4m3
+    log_file: str | None = None  # -l/--log: requests and responses as JSON lines
 
     def __attrs_post_init__(self) -> None:
         given = [n for n in ("pa_context_len", "pa_memory_mb", "pa_memory_fraction") if getattr(self, n) is not None]
@@ -181,6 +182,7 @@ class ModelService:
             generation_defaults=self.generation_defaults,
             device=device,
             vocab_size=config.get("vocab_size"),
+            request_log=_request_log(opts.log_file, self.tokenizer),
         )
         self.device = device
         log.info(
@@ -230,6 +232,14 @@ class ModelService:
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+
+
+def _request_log(path: str | None, tokenizer: Any) -> Any:
+    if not path:
+        return None
+    from mistralrs.engine.request_log import RequestLog
+
+    return RequestLog(path, tokenizer)
 
 
 def resolve_model_files(opts: ServiceOptions, fetch: Any) -> Any:

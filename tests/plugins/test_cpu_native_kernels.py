@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+
 from mistralrs_plugins.kernels import cpu_native, torch_ops
 from mistralrs_plugins.kernels.cpu_native import ops
 
@@ -187,6 +188,7 @@ def test_linear_and_tied_lm_head_use_the_kernel(native, monkeypatch):
 def _fresh_state(monkeypatch):
     monkeypatch.setattr(ops, "_ext", None)
     monkeypatch.setattr(ops, "_failed", None)
+    monkeypatch.setattr(ops, "has_avx512_bf16", lambda: True)  # reach the build on any CPU
 
 
 def _two_calls_one_warning():
@@ -222,6 +224,14 @@ def test_fallback_when_the_build_raises(monkeypatch):
     monkeypatch.setattr(ops, "_builder", broken)
     message = _two_calls_one_warning()
     assert "no such compiler" in message
+
+
+def test_fallback_on_a_cpu_without_avx512_bf16(monkeypatch):
+    _fresh_state(monkeypatch)
+    monkeypatch.delenv(cpu_native.DISABLE_ENV, raising=False)
+    monkeypatch.setattr(ops, "has_avx512_bf16", lambda: False)
+    monkeypatch.setattr(ops, "_builder", lambda: pytest.fail("must not build for a CPU without avx512_bf16"))
+    assert "avx512_bf16" in _two_calls_one_warning()
 
 
 def test_fallback_when_there_is_no_compiler(monkeypatch, tmp_path):

@@ -292,3 +292,34 @@ def test_invalid_grammar_is_rejected_at_submission(svc):
 
     with pytest.raises(ConstraintError):
         svc.engine.submit(GenerationRequest(prompt_ids=[3, 4], sampling=GREEDY, grammar=GrammarSpec("regex", "([a-")))
+
+
+def test_a_request_that_cannot_start_fails_alone(svc, monkeypatch):
+    ids = prompt(svc, "admission")
+    real = svc.engine._encode_plain
+
+    def broken(text):
+        raise RuntimeError("tokenizer exploded")
+
+    monkeypatch.setattr(svc.engine, "_encode_plain", broken)
+    bad = svc.engine.submit(GenerationRequest(prompt_ids=ids, sampling=SamplingParams(dry_multiplier=0.5),
+                                              max_tokens=4))
+    with pytest.raises(EngineError, match="could not start generation"):
+        bad.result()
+    monkeypatch.setattr(svc.engine, "_encode_plain", real)
+    assert len(gen(svc, ids, max_tokens=4)) == 4
+
+
+def test_request_log_records_requests_and_responses(model_dir, tmp_path):
+    import json
+
+    from mistralrs.cli import main
+
+    log = tmp_path / "requests.jsonl"
+    assert main(["--log", str(log), "--seed", "3", "run", "-m", str(model_dir), "--dtype", "f32",
+                 "--max-tokens", "5", "-i", "hello"]) == 0
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["type"] for r in lines] == ["request", "response"]
+    assert lines[0]["request_id"] == lines[1]["request_id"] and "hello" in lines[0]["prompt"]
+    assert 1 <= lines[1]["usage"]["completion_tokens"] <= 5
+    assert lines[1]["choices"][0]["finish_reason"] in ("stop", "length")

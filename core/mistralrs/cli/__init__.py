@@ -25,6 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-V", "--version", action="version", version=f"mistralrs {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="-v for debug logs, -vv for trace")
+    # Global options (also accepted before any subcommand, as in mistral.rs).
+    parser.add_argument("--seed", dest="global_seed", type=int, help="sampling seed for the engine")
+    parser.add_argument("-l", "--log", dest="global_log", metavar="FILE",
+                        help="append every request and response to FILE as JSON lines")
+    parser.add_argument("--token-source", dest="global_token_source", metavar="SOURCE",
+                        help="Hugging Face token: cache | literal:TOKEN | env:VAR | path:FILE | none")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for spec in sorted(get_registry().commands, key=lambda s: s.name):
         cmd = sub.add_parser(spec.name, help=spec.help, description=spec.description or spec.help)
@@ -47,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level={0: logging.WARNING, 1: logging.DEBUG}.get(args.verbose, 5),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    _apply_global_options(args)
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 0
@@ -57,6 +64,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+
+
+def _apply_global_options(args: argparse.Namespace) -> None:
+    """Global options fill the subcommand's own when it did not set them."""
+    if args.global_seed is not None and getattr(args, "seed", None) is None:
+        args.seed = args.global_seed
+    if args.global_log is not None:
+        args.log = args.global_log
+    if args.global_token_source is not None and getattr(args, "token_source", "cache") == "cache":
+        args.token_source = args.global_token_source
 
 
 def console_main() -> None:

@@ -111,4 +111,5 @@ def options_from_args(args: argparse.Namespace) -> Any:
         pa_memory_mb=args.pa_memory_mb,
         pa_memory_fraction=args.pa_memory_fraction,
         pa_cache_type=args.pa_cache_type,
+        log_file=getattr(args, "log", None),
     )

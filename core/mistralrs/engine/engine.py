@@ -224,6 +224,7 @@ class Engine:
         generation_defaults: Any = None,
         device: Any = "cpu",
         vocab_size: int | None = None,
+        request_log: Any = None,
     ) -> None:
         from mistralrs.engine.runner import ModelRunner
         from mistralrs.engine.sampling import Sampler
@@ -248,6 +249,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._thread_lock = threading.Lock()
         self._constraints: Any = None
+        self.request_log = request_log  # request_log.RequestLog or None
         self.fault_hook: Callable[[], None] | None = None  # tests inject failures here
         self.stats = {"steps": 0, "computed_tokens": 0, "requests": 0, "failures": 0, "recoveries": 0}
 
@@ -260,6 +262,8 @@ class Engine:
             # engine thread never stalls on compilation.
             request.compiled_grammar = self.constraint_factory().compile(request.grammar)
         handle = RequestHandle(self, request, loop)
+        if self.request_log is not None:
+            self.request_log.request(request)
         self._ensure_thread()
         self._inbox.put(("submit", handle))
         self._wake.set()
@@ -353,7 +357,11 @@ class Engine:
             except queue.Empty:
                 return
             if kind == "submit":
-                self._admit(handle)
+                try:
+                    self._admit(handle)
+                except Exception as exc:  # noqa: BLE001 - this request's problem only
+                    log.error("could not admit request %s:\n%s", handle.id, traceback.format_exc())
+                    self._fail_handle(handle, EngineError(f"could not start generation: {type(exc).__name__}: {exc}"))
             elif kind == "cancel":
                 self._abort(handle, "canceled")
 
@@ -524,7 +532,10 @@ class Engine:
             total_seconds=now - state.arrival,
         )
         state.handle.done = True
-        state.handle._put(RequestDone(usage, tuple(choices)))
+        done = RequestDone(usage, tuple(choices))
+        if self.request_log is not None:
+            self.request_log.response(req, done)
+        state.handle._put(done)
 
     def _fail_unschedulable(self) -> None:
         """Nothing could be scheduled: the head of the queue does not fit even alone."""
@@ -533,6 +544,14 @@ class Engine:
         seq = self.scheduler.waiting[0]
         self._fail_state(seq.request, EngineError("the request does not fit in the KV cache; raise --pa-context-len"))
 
+    def _fail_handle(self, handle: RequestHandle, error: BaseException) -> None:
+        state = next((st for st in self._states.values() if st.handle is handle), None)
+        if state is not None:
+            self._fail_state(state, error)
+        elif not handle.done:
+            handle.done = True
+            handle._put(RequestFailed(error))
+
     def _fail_state(self, state: _RequestState, error: BaseException) -> None:
         for seq in state.seqs:
             if not seq.finished:
@@ -540,6 +559,8 @@ class Engine:
             self._states.pop(seq.id, None)
         if not state.handle.done:
             state.handle.done = True
+            if self.request_log is not None:
+                self.request_log.error(state.request, error)
             state.handle._put(RequestFailed(error))
 
     def _fail_all(self, error: BaseException) -> None:
@@ -551,6 +572,8 @@ class Engine:
                 seq.status = Status.FINISHED
             if not state.handle.done:
                 state.handle.done = True
+                if self.request_log is not None:
+                    self.request_log.error(state.request, error)
                 state.handle._put(RequestFailed(error))
 
 

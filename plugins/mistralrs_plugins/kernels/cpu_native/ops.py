@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mistralrs_plugins.kernels.cpu_native import native_disabled
+from mistralrs_plugins.kernels.cpu_native import has_avx512_bf16, native_disabled
 
 log = logging.getLogger(__name__)
 
@@ -139,12 +139,12 @@ def extension() -> NativeOps | None:
             return _ext
         if native_disabled():
             _failed = "disabled by MISTRALRS_NO_NATIVE_KERNELS"
+        elif not has_avx512_bf16():
+            _failed = "this CPU has no avx512_bf16"
         else:
             try:
                 _ext = _builder()
-            except BaseException as exc:  # noqa: BLE001 - a compiler problem must never break inference
-                if isinstance(exc, KeyboardInterrupt):
-                    raise
+            except Exception as exc:  # noqa: BLE001 - a compiler problem must never break inference
                 lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
                 detail = " | ".join(ln.strip()[:200] for ln in lines[-2:])
                 _failed = f"{type(exc).__name__}: {detail}"
@@ -173,10 +173,8 @@ def _reset_for_tests() -> None:
 def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; bf16 inputs with 1..8 rows on CPU use the AVX-512-BF16 GEMV.
     Anything else (other dtypes, more rows, autograd, compiling, no native build) is F.linear."""
-    ext = _ext if _ext is not None else (None if _failed is not None else extension())
     if (
-        ext is None
-        or x.dtype is not torch.bfloat16
+        x.dtype is not torch.bfloat16
         or weight.dtype is not torch.bfloat16
         or x.device.type != "cpu"
         or weight.dim() != 2
@@ -191,6 +189,9 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if rows < 1 or rows > MAX_ROWS or k != weight.shape[1] or torch.compiler.is_compiling():
         return F.linear(x, weight, bias)
     if bias is not None and (bias.device.type != "cpu" or bias.requires_grad):
+        return F.linear(x, weight, bias)
+    ext = _ext if _ext is not None else (None if _failed is not None else extension())
+    if ext is None:
         return F.linear(x, weight, bias)
     y = ext.linear_bf16(x.reshape(rows, k), weight, bias)
     return y.view(*x.shape[:-1], weight.shape[0]) if x.dim() != 2 else y
