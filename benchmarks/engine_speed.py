@@ -37,6 +37,9 @@ def main() -> int:
     ap.add_argument("--out", default="benchmarks/results/engine_speed.json")
     args = ap.parse_args()
 
+    import os
+
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the CLI does; before torch allocates
     import torch
 
     torch.set_num_threads(args.threads)

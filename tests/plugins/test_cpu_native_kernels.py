@@ -36,6 +36,7 @@ def test_registration_module_does_not_import_torch():
 
 
 def test_registers_linear_bf16_for_cpu_only(monkeypatch):
+    monkeypatch.delenv(cpu_native.DISABLE_ENV, raising=False)
     specs = []
     cpu_native.register_kernels(specs.append)
     (spec,) = specs
@@ -62,6 +63,7 @@ def test_torch_reference_is_registered_and_is_f_linear():
 def test_registry_picks_native_kernel_on_avx512_bf16(monkeypatch):
     from mistralrs.plugins import PluginHost
 
+    monkeypatch.delenv(cpu_native.DISABLE_ENV, raising=False)
     host = PluginHost(environ={})
     host.load()
     if "kernels_cpu_native" not in host.plugins:  # entry point not installed: register by hand
@@ -80,6 +82,8 @@ def native():
     """The native ops, built (or loaded from the cache) once for this module."""
     if not cpu_native.has_avx512_bf16():
         pytest.skip("no avx512_bf16")
+    if cpu_native.native_disabled():
+        pytest.skip(f"native kernels disabled by {cpu_native.DISABLE_ENV}")
     saved = (ops._ext, ops._failed)
     ops._reset_for_tests()
     with warnings.catch_warnings():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -41,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Weights on transparent huge pages: ~9% faster CPU decode (fewer TLB misses). Must be set
+    # before torch allocates; an explicit user setting wins.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     from mistralrs.specs import resolve
 
     try:
