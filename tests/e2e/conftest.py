@@ -87,3 +87,40 @@ def keyed_server(tiny_service):
     srv = start_server(tiny_service, api_key="sekrit")
     yield srv
     srv.stop()
+
+
+# A ChatML template whose generation prompt opens a reasoning block (Qwen3-Thinking style) unless
+# enable_thinking is false, and which drops the reasoning of earlier assistant turns.
+THINKING_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' + (message['content'] or '').split('</think>')[-1].lstrip('\\n') + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is not defined or enable_thinking %}{{- '<think>\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def thinking_service(tiny_model_dir, tmp_path_factory):
+    """The tiny model again, with `THINKING_TEMPLATE` (the `think` reasoning parser is picked
+    from the `</think>` in the template)."""
+    from mistralrs.serving import ModelService, ServiceOptions
+
+    template = tmp_path_factory.mktemp("thinking-template") / "thinking.jinja"
+    template.write_text(THINKING_TEMPLATE)
+    service = ModelService(ServiceOptions(model_id=str(tiny_model_dir), dtype="f32", max_seqs=8, pa_blk_size=16,
+                                          pa_context_len=4096, chat_template=str(template)))
+    yield service
+    service.shutdown()
+
+
+@pytest.fixture(scope="session")
+def thinking_server(thinking_service):
+    srv = start_server(thinking_service)
+    yield srv
+    srv.stop()

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
+
 from mistralrs.plugins import PluginHost
 
 

@@ -153,8 +153,9 @@ def assert_greedy_match(path: Path | str, hf_model: Any, n_tokens: int = 32, *, 
                         arch: str | None = None) -> list[int]:
     """Our greedy loop over the paged KV cache (prefill, then one token per step) produces the
     same `n_tokens` as transformers' greedy generate. Returns the tokens."""
-    from mistralrs.loading import build_attention_backend, generate_greedy
     from transformers import GenerationConfig
+
+    from mistralrs.loading import build_attention_backend, generate_greedy
 
     path = Path(path)
     loaded = _load(path, dtype, arch)

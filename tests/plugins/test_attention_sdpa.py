@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from mistralrs.attention import KVCacheShape
 from mistralrs_plugins.attention.sdpa_backend import SdpaBackend
 

@@ -12,6 +12,7 @@ import warnings
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from mistralrs.errors import NotFoundError
 from mistralrs.parsing import (
     ParsedOutput,
@@ -33,7 +34,6 @@ from mistralrs_plugins.parsers.json_fallback_impl import JsonToolParser
 from mistralrs_plugins.parsers.llama3_impl import Llama3ToolParser
 from mistralrs_plugins.parsers.mistral_impl import MistralToolParser
 from mistralrs_plugins.parsers.think_impl import ThinkReasoningParser
-
 from tests.helpers.fake_plugins import dist
 
 PARSERS: dict[str, type[ToolCallParser]] = {

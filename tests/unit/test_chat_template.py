@@ -9,10 +9,10 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+
 from mistralrs import chat_template as chat_template_module
 from mistralrs.chat_template import ChatTemplate, render_template
 from mistralrs.errors import ModelLoadError, TemplateError
-
 from tests.helpers.tiny_tokenizer import CHATML_TEMPLATE, write_tiny_tokenizer
 
 # ----------------------------------------------------------------------------- templates

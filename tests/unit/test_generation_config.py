@@ -6,6 +6,7 @@ import json
 
 import attrs
 import pytest
+
 from mistralrs.errors import ModelLoadError
 from mistralrs.generation_config import GenerationDefaults, load_generation_config, merge_eos
 

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from mistralrs import hookimpl, hookspecs
 from mistralrs.plugins import PluginHost, reset_plugin_host
 from mistralrs.specs import (
@@ -20,7 +21,6 @@ from mistralrs.specs import (
     ToolSourceSpec,
     resolve,
 )
-
 from tests.helpers.fake_plugins import plugin_module
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,11 +10,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
 from mistralrs.dtypes import resolve_dtype
 from mistralrs.errors import ConfigError, ModelLoadError
 from mistralrs.loading import build_attention_backend, generate_greedy, load_model
-from safetensors.torch import load_file, save_file
-
 from tests.helpers.parity import assert_logits_match, make_tiny_hf_model, our_logits
 
 transformers = pytest.importorskip("transformers")

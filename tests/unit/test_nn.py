@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from mistralrs.nn.activation import get_activation
 from mistralrs.nn.attention import Attention
 from mistralrs.nn.embedding import Embedding, compute_logits

@@ -8,11 +8,11 @@ import sys
 import warnings
 
 import pytest
+
 from mistralrs import hookimpl
 from mistralrs.errors import NoCandidateError, NotFoundError, PluginConflictError
 from mistralrs.plugins import PluginLoadWarning
 from mistralrs.specs import ArchitectureSpec, AttentionBackendSpec, DeviceSpec, KernelSpec
-
 from tests.helpers.fake_plugins import dist, host_with, plugin_module
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+
 from mistralrs.errors import ModelLoadError
 from mistralrs.nn.rotary import SUPPORTED_ROPE_TYPES, RotaryEmbedding, resolve_rope_parameters
 

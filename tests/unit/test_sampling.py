@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from mistralrs.engine.sampling import (
     DRY_MAX_MATCH,
     Sampler,

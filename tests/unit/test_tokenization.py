@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from mistralrs.errors import ModelLoadError
 from mistralrs.tokenization import (
     IncrementalDetokenizer,
@@ -16,7 +17,6 @@ from mistralrs.tokenization import (
     Tokenizer,
     special_tokens_map,
 )
-
 from tests.helpers.tiny_tokenizer import write_byte_fallback_tokenizer, write_tiny_tokenizer
 
 TEXTS = [
