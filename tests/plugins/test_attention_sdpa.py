@@ -102,3 +102,23 @@ def test_paged_backend_batched_decode_matches_reference(window):
         outs.append(backend.attend(0, q, k, v, batch, scale=0.35, sliding_window=window))
     assert "paged_slots" in batch.scratch
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+
+
+def test_paged_backend_single_sequence_decode_matches_reference():
+    from mistralrs_plugins.attention.paged_backend import PagedBackend
+
+    torch.manual_seed(4)
+    shape = KVCacheShape(num_layers=1, num_kv_heads=2, head_dim=8, num_blocks=8, block_size=4, dtype=torch.float32)
+    ref, paged = SdpaBackend(shape), PagedBackend(shape)
+    table = torch.tensor([[5, 2, 7]], dtype=torch.int32)
+    k, v, q = torch.randn(10, 2, 8), torch.randn(10, 2, 8), torch.randn(10, 4, 8)
+    outs = []
+    for backend in (ref, paged):
+        pos = torch.arange(9)
+        backend.attend(0, q[:9], k[:9], v[:9], backend.batch([0, 9], [9], table[0, pos // 4].long() * 4 + pos % 4, table),
+                       scale=0.3)
+        slot = table[0, 9 // 4].long().view(1) * 4 + 9 % 4
+        batch = backend.batch([0, 1], [10], slot, table)
+        outs.append(backend.attend(0, q[9:], k[9:], v[9:], batch, scale=0.3))
+    assert batch.scratch["paged_full"]
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
