@@ -50,6 +50,15 @@ class Architecture(enum.Enum):
     SmolLm3 = "smollm3"
 
 
+class ToolChoice(enum.Enum):
+    """`tool_choice` values (mistral.rs names `NoTools` and `Auto`, plus `Required`). A
+    request may also pass the OpenAI strings or a named-function dict."""
+
+    NoTools = "none"
+    Auto = "auto"
+    Required = "required"
+
+
 def _enum_value(value: Any) -> Any:
     return value.value if isinstance(value, enum.Enum) else value
 
@@ -99,6 +108,11 @@ class ChatCompletionRequest:
     ignore_eos: bool = False
     seed: int | None = None
     tool_schemas: list[str] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    max_tool_rounds: int | None = None
+    response_format: Any = None
+    chat_template_kwargs: dict[str, Any] | None = None
     grammar: str | None = None
     grammar_type: str | None = None
 
@@ -116,9 +130,15 @@ class ChatCompletionRequest:
             "reasoning_effort": self.reasoning_effort, "truncate_sequence": self.truncate_sequence,
             "ignore_eos": self.ignore_eos, "seed": self.seed,
         }
-        if self.tool_schemas:
-            body["tools"] = [json.loads(s) if isinstance(s, str) else s for s in self.tool_schemas]
-        _reject_unsupported(self.grammar, "grammar")
+        tools = [json.loads(s) if isinstance(s, str) else s for s in self.tool_schemas or ()]
+        tools += list(self.tools or ())
+        if tools:
+            body["tools"] = tools
+        body["tool_choice"] = _enum_value(self.tool_choice)
+        body["max_tool_rounds"] = self.max_tool_rounds
+        body["response_format"] = self.response_format
+        body["chat_template_kwargs"] = self.chat_template_kwargs
+        body["grammar"] = _grammar_field(self.grammar, self.grammar_type)
         return {k: v for k, v in body.items() if v is not None}
 
 
@@ -154,7 +174,6 @@ class CompletionRequest:
     grammar_type: str | None = None
 
     def to_body(self) -> dict[str, Any]:
-        _reject_unsupported(self.grammar, "grammar")
         body = {
             "prompt": self.prompt, "model": self.model, "best_of": self.best_of, "echo": self.echo_prompt,
             "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
@@ -165,13 +184,18 @@ class CompletionRequest:
             "dry_allowed_length": self.dry_allowed_length, "dry_sequence_breakers": self.dry_sequence_breakers,
             "truncate_sequence": self.truncate_sequence, "ignore_eos": self.ignore_eos, "seed": self.seed,
             "logprobs": self.logprobs, "top_logprobs": self.top_logprobs,
+            "grammar": _grammar_field(self.grammar, self.grammar_type),
         }
         return {k: v for k, v in body.items() if v is not None}
 
 
-def _reject_unsupported(value: Any, name: str) -> None:
-    if value is not None:
-        raise ConfigError(f"{name} is not supported yet in this build; remove it from the request")
+def _grammar_field(grammar: Any, grammar_type: Any) -> dict[str, Any] | None:
+    """The HTTP `grammar` field of the Python API's `grammar` / `grammar_type` pair
+    (validated here so errors name `grammar_type`)."""
+    from mistralrs.engine.constraints import grammar_from_python
+
+    spec = grammar_from_python(grammar, _enum_value(grammar_type))
+    return None if spec is None else {"type": spec.kind, "value": spec.value}
 
 
 class Runner:
@@ -198,9 +222,15 @@ class Runner:
         max_num_batched_tokens: int = 4096,
         cpu: bool = False,
         attention_backend: str | None = None,
+        tool_callbacks: dict[str, Any] | None = None,
+        tool_parser: str | None = None,
+        reasoning_parser: str | None = None,
+        enable_tool_sources: bool | list[str] = False,
+        max_tool_rounds: int = 8,
         **unsupported: Any,
     ) -> None:
         from mistralrs.serving import ModelService, ServiceOptions
+        from mistralrs.tool_calling import ToolConfig
 
         if not isinstance(which, Which.Plain):
             raise ConfigError(f"{type(which).__name__} models are not supported yet; use Which.Plain")
@@ -239,22 +269,47 @@ class Runner:
             pa_memory_fraction=pa_gpu_mem_usage,
             pa_cache_type="f8e4m3" if pa_cache_type == PagedCacheType.F8E4M3 else "auto",
         )
+        toolbox = None
+        if enable_tool_sources:
+            from mistralrs.plugins import get_registry
+            from mistralrs.tools import Toolbox
+
+            registry = get_registry()
+            sources = None if enable_tool_sources is True else list(enable_tool_sources)
+            unknown = [n for n in sources or () if n not in registry.tool_sources.names()]
+            if unknown:
+                raise ConfigError(f"enable_tool_sources: no tool source named {', '.join(unknown)}; "
+                                  f"available: {', '.join(registry.tool_sources.names()) or 'none'}")
+            toolbox = Toolbox(registry, sources)
+        self.tools = ToolConfig(tool_parser=tool_parser, reasoning_parser=reasoning_parser,
+                                callbacks=dict(tool_callbacks or {}), toolbox=toolbox, max_tool_rounds=max_tool_rounds)
         self.service = ModelService(opts)
         self.model_id = which.model_id
 
     # -- chat ---------------------------------------------------------------------------------
+    def _chat(self, request: ChatCompletionRequest, loop: asyncio.AbstractEventLoop | None = None) -> Any:
+        from mistralrs.tool_calling import ToolLoop, prepare_chat
+
+        plan = prepare_chat(self.service, request.to_body(), self.tools)
+        handle = ToolLoop(plan, lambda gen: self.service.engine.submit(gen, loop=loop))
+        stream = P.ChatStream(self.service.tokenizer, id=f"chatcmpl-{uuid.uuid4().hex}", model=self.model_id,
+                              n=plan.request.n, logprobs=plan.request.logprobs, plan=plan)
+        return plan, handle, stream
+
+    def _chat_response(self, plan: Any, stream: P.ChatStream, done: Any, lps: Any) -> Any:
+        return P.chat_response(self.service.tokenizer, done, id=stream.id, model=self.model_id,
+                               logprobs=plan.request.logprobs, token_logprobs=lps, plan=plan, records=plan.records)
+
     def send_chat_completion_request(self, request: ChatCompletionRequest, model_id: str | None = None) -> Any:
-        """A `ChatCompletionResponse`, or an iterator of `ChatCompletionChunkResponse` when stream=True."""
-        body = request.to_body()
-        gen = P.build_chat_request(self.service, body)
-        handle = self.service.engine.submit(gen)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        """A `ChatCompletionResponse`, or an iterator of `ChatCompletionChunkResponse` when stream=True.
+
+        Tool calls come back in `message.tool_calls`; calls to `tool_callbacks` and to tool
+        sources run here and generation goes on (`agentic_tool_calls` lists them)."""
+        plan, handle, stream = self._chat(request)
         if request.stream:
-            return self._stream(handle, P.ChatStream(self.service.tokenizer, id=rid, model=self.model_id,
-                                                    n=gen.n, logprobs=gen.logprobs))
+            return self._stream(handle, stream)
         done, lps = P.collect(handle)
-        return P.chat_response(self.service.tokenizer, done, id=rid, model=self.model_id,
-                               logprobs=gen.logprobs, token_logprobs=lps)
+        return self._chat_response(plan, stream, done, lps)
 
     def send_completion_request(self, request: CompletionRequest, model_id: str | None = None) -> Any:
         body = request.to_body()
@@ -278,9 +333,7 @@ class Runner:
             for event in handle:
                 if isinstance(event, RequestFailed):
                     raise event.error
-                chunk = stream.chunk_for(event)
-                if chunk is not None:
-                    yield chunk
+                yield from stream.chunks_for(event)
                 if isinstance(event, RequestDone):
                     yield stream.usage_chunk(event)
         finally:
@@ -289,15 +342,11 @@ class Runner:
 
     # -- asyncio variants (for servers and async apps) -------------------------------------------
     async def send_chat_completion_request_async(self, request: ChatCompletionRequest) -> Any:
-        gen = P.build_chat_request(self.service, request.to_body())
-        handle = self.service.engine.submit(gen, loop=asyncio.get_running_loop())
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        plan, handle, stream = self._chat(request, loop=asyncio.get_running_loop())
         if request.stream:
-            return self._astream(handle, P.ChatStream(self.service.tokenizer, id=rid, model=self.model_id,
-                                                     n=gen.n, logprobs=gen.logprobs))
+            return self._astream(handle, stream)
         done, lps = await _acollect(handle)
-        return P.chat_response(self.service.tokenizer, done, id=rid, model=self.model_id,
-                               logprobs=gen.logprobs, token_logprobs=lps)
+        return self._chat_response(plan, stream, done, lps)
 
     async def send_completion_request_async(self, request: CompletionRequest) -> Any:
         gen = P.build_completion_request(self.service, request.to_body())
@@ -313,8 +362,7 @@ class Runner:
         async for event in handle:
             if isinstance(event, RequestFailed):
                 raise event.error
-            chunk = stream.chunk_for(event)
-            if chunk is not None:
+            for chunk in stream.chunks_for(event):
                 yield chunk
             if isinstance(event, RequestDone):
                 yield stream.usage_chunk(event)
@@ -349,12 +397,14 @@ class Runner:
 async def _acollect(handle: Any) -> tuple[Any, dict[int, list[Any]]]:
     from mistralrs.engine.engine import RequestDone, RequestFailed, TokenDelta
 
-    logprobs: dict[int, list[Any]] = {}
+    lps = P.LogprobCollector()
     async for event in handle:
-        if isinstance(event, TokenDelta) and event.logprobs:
-            logprobs.setdefault(event.index, []).extend(event.logprobs)
+        if isinstance(event, TokenDelta):
+            lps.add(event)
+        elif type(event).__name__ == "RoundBoundary":
+            lps.entries.pop(event.index, None)
         elif isinstance(event, RequestDone):
-            return event, logprobs
+            return event, lps.entries
         elif isinstance(event, RequestFailed):
             raise event.error
     raise RuntimeError("request ended without a result")

@@ -105,6 +105,16 @@ class Choice:
 
 
 @attrs.define
+class AgenticToolCallRecord:
+    """One server-side tool call the tool loop ran (`round` counts from 0)."""
+
+    round: int
+    name: str
+    arguments: str
+    result_content: str
+
+
+@attrs.define
 class ChatCompletionResponse:
     id: str
     choices: list[Choice]
@@ -113,6 +123,7 @@ class ChatCompletionResponse:
     usage: Usage
     system_fingerprint: str = "local"
     object: str = "chat.completion"
+    agentic_tool_calls: list[AgenticToolCallRecord] | None = None  # omitted from JSON when None
 
 
 @attrs.define
@@ -140,6 +151,20 @@ class ChatCompletionChunkResponse:
     usage: Usage | None = None
     system_fingerprint: str = "local"
     object: str = "chat.completion.chunk"
+    agentic_tool_calls: list[AgenticToolCallRecord] | None = None  # omitted from JSON when None
+
+
+def _omit_none(cls: type, *fields: str) -> None:
+    """JSON for `cls` leaves out `fields` when they are None (optional extensions)."""
+    from cattrs.gen import make_dict_unstructure_fn, override
+
+    overrides: dict[str, Any] = {f: override(omit_if_default=True) for f in fields}
+    fn: Any = make_dict_unstructure_fn(cls, converter, **overrides)
+    converter.register_unstructure_hook(cls, fn)
+
+
+_omit_none(ChatCompletionResponse, "agentic_tool_calls")
+_omit_none(ChatCompletionChunkResponse, "agentic_tool_calls")
 
 
 @attrs.define
@@ -231,8 +256,47 @@ def max_tokens_of(body: Mapping[str, Any]) -> int | None:
     return _num(value, param, lo=1, integer=True)
 
 
+def _render_tool_calls(calls: Any, i: int) -> list[dict[str, Any]]:
+    """An assistant message's `tool_calls` in the form chat templates expect: `{"id", "type":
+    "function", "function": {"name", "arguments"}}` with `arguments` a dict (requests carry
+    it as a JSON string; HF templates iterate or `tojson` it). A string that is not a JSON
+    object stays a string."""
+    import json
+
+    if not isinstance(calls, list):
+        raise InvalidRequest(f"messages[{i}].tool_calls must be a list", "messages")
+    out = []
+    for j, call in enumerate(calls):
+        if not isinstance(call, Mapping):
+            raise InvalidRequest(f"messages[{i}].tool_calls[{j}] must be an object", "messages")
+        nested = call.get("function")
+        fn: Mapping[str, Any] = nested if isinstance(nested, Mapping) else call
+        name = fn.get("name")
+        if not isinstance(name, str) or not name:
+            raise InvalidRequest(f"messages[{i}].tool_calls[{j}] needs a function name", "messages")
+        args = fn.get("arguments", fn.get("parameters"))
+        if isinstance(args, str):
+            try:
+                parsed = json.loads(args) if args.strip() else {}
+            except ValueError:
+                parsed = None
+            if isinstance(parsed, dict):
+                args = parsed
+        elif args is None:
+            args = {}
+        elif not isinstance(args, Mapping):
+            raise InvalidRequest(f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON string "
+                                 "or an object", "messages")
+        rendered: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": args}}
+        if call.get("id") is not None:
+            rendered["id"] = call["id"]
+        out.append(rendered)
+    return out
+
+
 def normalize_messages(messages: Any) -> list[dict[str, Any]]:
-    """Messages as plain dicts: a string is one user message; text parts are joined."""
+    """Messages as plain dicts ready for the chat template: a string is one user message;
+    text parts are joined; assistant `tool_calls` get their arguments as objects."""
     if isinstance(messages, str):
         return [{"role": "user", "content": messages}]
     if not isinstance(messages, list) or not messages:
@@ -258,6 +322,12 @@ def normalize_messages(messages: Any) -> list[dict[str, Any]]:
                 raise InvalidRequest(f"messages[{i}].content is missing", "messages")
         elif content is not None and not isinstance(content, str):
             raise InvalidRequest(f"messages[{i}].content must be a string or a list of parts", "messages")
+        if msg.get("tool_calls") is not None:
+            if msg["role"] != "assistant":
+                raise InvalidRequest(f"messages[{i}]: only assistant messages carry tool_calls", "messages")
+            msg["tool_calls"] = _render_tool_calls(msg["tool_calls"], i)
+        if "reasoning" in msg and "reasoning_content" not in msg:
+            msg["reasoning_content"] = msg.pop("reasoning")
         out.append(msg)
     return out
 
@@ -308,18 +378,12 @@ def _with_text(event: Any) -> list[Any]:
 CHAT_TEMPLATE_KWARGS = ("enable_thinking", "reasoning_effort")
 
 
-def build_chat_request(service: Any, body: Mapping[str, Any]) -> Any:
-    """A validated `GenerationRequest` from a chat-completions body (dict of OpenAI fields)."""
-    messages = normalize_messages(body.get("messages"))
-    tools = body.get("tools")
-    if tools is not None and not isinstance(tools, list):
-        raise InvalidRequest("tools must be a list", "tools")
-    kwargs = {k: body.get(k) for k in CHAT_TEMPLATE_KWARGS}
-    extra = body.get("chat_template_kwargs") or {}
-    if isinstance(extra, Mapping):
-        kwargs.update({k: v for k, v in extra.items() if k in CHAT_TEMPLATE_KWARGS})
-    ids = service.encode_chat(messages, tools=tools or None, **kwargs)
-    return _generation_request(service, body, ids)
+def build_chat_request(service: Any, body: Mapping[str, Any], config: Any = None) -> Any:
+    """A validated `GenerationRequest` from a chat-completions body (dict of OpenAI fields).
+    Use `mistralrs.tool_calling.prepare_chat` to also get the output parsers."""
+    from mistralrs.tool_calling import prepare_chat
+
+    return prepare_chat(service, body, config).request
 
 
 def build_completion_request(service: Any, body: Mapping[str, Any]) -> Any:
@@ -337,8 +401,16 @@ def build_completion_request(service: Any, body: Mapping[str, Any]) -> Any:
     return _generation_request(service, body, ids)
 
 
-def _generation_request(service: Any, body: Mapping[str, Any], ids: list[int]) -> Any:
+_FROM_BODY: Any = object()
+
+
+def _generation_request(service: Any, body: Mapping[str, Any], ids: list[int], *, grammar: Any = _FROM_BODY,
+                        skip_special_tokens: bool = True) -> Any:
+    from mistralrs.engine.constraints import grammar_from_request
     from mistralrs.engine.engine import ContextTooLong, GenerationRequest
+
+    if grammar is _FROM_BODY:
+        grammar = grammar_from_request(body)
 
     max_tokens = max_tokens_of(body)
     n = _num(body.get("n", 1), "n", lo=1, hi=128, integer=True)
@@ -364,6 +436,8 @@ def _generation_request(service: Any, body: Mapping[str, Any], ids: list[int]) -
         best_of=best_of if best_of and best_of > n else None,
         logprobs=sampling.logprobs,
         top_logprobs=sampling.top_logprobs,
+        grammar=grammar,
+        skip_special_tokens=skip_special_tokens,
     )
 
 
@@ -374,18 +448,31 @@ class ChatStream:
 
     With logprobs, a token that released no text yet (an incomplete UTF-8 sequence, a possible
     stop string) is held back and sent with the chunk that carries its text, so the streamed
-    `token` strings concatenate to the streamed content."""
+    `token` strings concatenate to the streamed content.
 
-    def __init__(self, tokenizer: Any, *, id: str, model: str, n: int, logprobs: bool, completion: bool = False):
+    With a `plan` (`tool_calling.ChatPlan`) whose outputs need parsing, each choice's text goes
+    through its `OutputPipeline`: chunks carry `delta.reasoning_content`, `delta.content` and
+    `delta.tool_calls` (`{index, id, type, function: {name, arguments}}`), the finish chunk
+    says "tool_calls" when the choice called a tool, and a `RoundBoundary` of the tool loop
+    flushes the choice's parsers and starts fresh ones for the next round. Logprobs then
+    ride on the chunk of the event that produced them."""
+
+    def __init__(self, tokenizer: Any, *, id: str, model: str, n: int, logprobs: bool, completion: bool = False,
+                 plan: Any = None):
         self.tokenizer = tokenizer
         self.id, self.model, self.n, self.logprobs = id, model, n, logprobs
         self.completion = completion
+        self.plan = plan if plan is not None and plan.active and not completion else None
         self.created = now()
         self.started: set[int] = set()
         # Completions: where each choice's text starts (after an echoed prompt), for text_offset.
         self.text_offset_start = 0
         self.text_offsets: dict[int, int] = {}
         self._pending: dict[int, list[Any]] = {}  # logprob entries whose text has not come out yet
+        self._pipes: dict[int, Any] = {}
+        self._called: set[int] = set()  # choices that returned tool calls
+        self._wrote: set[int] = set()  # choices that streamed some content
+        self._separate: set[int] = set()  # choices whose next content starts a new round
 
     def _logprobs(self, index: int, entries: list[Any]) -> Any:
         if not entries:
@@ -394,7 +481,35 @@ class ChatStream:
             return _completion_logprobs(self.tokenizer, entries, offset=self.text_offsets.get(index, self.text_offset_start))
         return logprobs_of(self.tokenizer, entries)
 
+    def _pipe(self, index: int) -> Any:
+        pipe = self._pipes.get(index)
+        if pipe is None:
+            assert self.plan is not None
+            pipe = self._pipes[index] = self.plan.new_pipeline()
+        return pipe
+
     def chunk_for(self, event: Any) -> Any | None:
+        """The last chunk `chunks_for(event)` gives, or None (compatibility)."""
+        chunks = self.chunks_for(event)
+        return chunks[-1] if chunks else None
+
+    def chunks_for(self, event: Any) -> list[Any]:
+        """The chunks one engine event (or tool-loop `RoundBoundary`) produces, in order.
+
+        Choices start in index order (OpenAI's stream does, and its client's stream helper
+        relies on it): before the first chunk of choice i, a role-only chunk is sent for every
+        lower index that has not started yet (its text may be held back by a parser)."""
+        chunks = self._chunks_for(event)
+        if not chunks or self.completion:
+            return chunks
+        index = chunks[0].choices[0].index if chunks[0].choices else 0
+        late = [j for j in range(min(index, self.n)) if j not in self.started]
+        head = [ChatCompletionChunkResponse(
+            id=self.id, created=self.created, model=self.model,
+            choices=[ChunkChoice(index=j, delta=Delta(role=self._role(j)))]) for j in late]
+        return head + chunks
+
+    def _chunks_for(self, event: Any) -> list[Any]:
         from mistralrs.engine.engine import ChoiceFinished, RequestDone, TokenDelta
 
         if isinstance(event, TokenDelta):
@@ -406,24 +521,71 @@ class ChatStream:
                     entries = pending + _with_text(event)
                     if not event.text and len(event.logprobs) == 1:
                         self._pending[i] = entries  # wait for the text this token will release
-                        return None
+                        return []
                 elif pending and event.text:
                     last = pending[-1]
                     entries = pending[:-1] + [(*last[:3], (last[3] if len(last) > 3 else "") + event.text)]
                 else:
                     entries = pending
+            if self.plan is not None:
+                parsed = self._pipe(i).feed(event.text) if event.text else ("", "", [])
+                return self._parsed_chunks(i, parsed, self._logprobs(i, entries))
             if not event.text and not entries:
-                return None
+                return []
             lp = self._logprobs(i, entries)
             if self.completion:
                 self.text_offsets[i] = self.text_offsets.get(i, self.text_offset_start) + len(event.text)
-            return self._chunk(i, event.text, None, lp)
+            return [self._chunk(i, event.text, None, lp)]
         if isinstance(event, ChoiceFinished):
             lp = self._logprobs(event.index, self._pending.pop(event.index, [])) if self.logprobs else None
-            return self._chunk(event.index, "", event.finish_reason, lp)
+            if self.plan is None:
+                return [self._chunk(event.index, "", event.finish_reason, lp)]
+            out = self._parsed_chunks(event.index, self._pipe(event.index).finish(), lp)
+            reason = event.finish_reason
+            if event.index in self._called and reason in ("stop", "length"):
+                reason = "tool_calls"
+            last = self._chunk(event.index, "", reason, None)
+            if event.index == 0 and self.plan.records:
+                last.agentic_tool_calls = list(self.plan.records)
+            return out + [last]
+        if type(event).__name__ == "RoundBoundary":
+            if self.plan is None:
+                return []
+            out = self._parsed_chunks(event.index, self._pipe(event.index).finish(), None)
+            self._pipes[event.index] = self.plan.new_pipeline()
+            if event.index in self._wrote:
+                self._separate.add(event.index)
+            return out
         if isinstance(event, RequestDone):
+            return []
+        return []
+
+    def _parsed_chunks(self, index: int, parsed: tuple[str, str, list[Any]], lp: Any) -> list[Any]:
+        reasoning, content, deltas = parsed
+        if content:
+            if index in self._separate:
+                from mistralrs.tool_calling import ROUND_SEPARATOR
+
+                self._separate.discard(index)
+                content = ROUND_SEPARATOR + content
+            self._wrote.add(index)
+        if not reasoning and not content and not deltas and lp is None:
+            return []
+        calls = None
+        if deltas:
+            self._called.add(index)
+            calls = [{"index": d.index, "id": d.id, "type": "function",
+                      "function": {"name": d.name, "arguments": d.arguments}} for d in deltas]
+        delta = Delta(content=content or None, role=self._role(index), tool_calls=calls,
+                      reasoning_content=reasoning or None)
+        return [ChatCompletionChunkResponse(id=self.id, created=self.created, model=self.model,
+                                            choices=[ChunkChoice(index=index, delta=delta, logprobs=lp)])]
+
+    def _role(self, index: int) -> str | None:
+        if index in self.started:
             return None
-        return None
+        self.started.add(index)
+        return "assistant"
 
     def _chunk(self, index: int, text: str, finish: str | None, lp: Any) -> Any:
         if self.completion:
@@ -431,13 +593,10 @@ class ChatStream:
                 id=self.id, created=self.created, model=self.model,
                 choices=[CompletionChoice(finish_reason=finish, index=index, text=text, logprobs=lp)],
             )
-        role = None
-        if index not in self.started:
-            self.started.add(index)
-            role = "assistant"
         return ChatCompletionChunkResponse(
             id=self.id, created=self.created, model=self.model,
-            choices=[ChunkChoice(index=index, delta=Delta(content=text if text or finish is None else None, role=role),
+            choices=[ChunkChoice(index=index, delta=Delta(content=text if text or finish is None else None,
+                                                          role=self._role(index)),
                                  finish_reason=finish, logprobs=lp)],
         )
 
@@ -448,16 +607,35 @@ class ChatStream:
         return ChatCompletionChunkResponse(id=self.id, created=self.created, model=self.model, choices=[], usage=usage)
 
 
+def message_for(plan: Any, text: str) -> tuple[ResponseMessage, bool]:
+    """The assistant message of one choice's text (parsed with `plan` when it needs it), and
+    whether it calls tools."""
+    if plan is None or not plan.active:
+        return ResponseMessage(content=text), False
+    parsed = plan.parse(text)
+    if plan.round_contents:
+        parsed = attrs.evolve(parsed, content=plan.full_content(parsed.content))
+    calls = [ToolCallResponse(id=c.id, function=ToolCallFunction(name=c.name, arguments=c.arguments), index=k)
+             for k, c in enumerate(parsed.calls)]
+    content: str | None = parsed.content
+    if calls and not content:
+        content = None
+    return ResponseMessage(content=content, tool_calls=calls or None, reasoning_content=parsed.reasoning), bool(calls)
+
+
 def chat_response(tokenizer: Any, done: Any, *, id: str, model: str, logprobs: bool,
-                  token_logprobs: dict[int, list[Any]]) -> ChatCompletionResponse:
-    choices = [
-        Choice(
-            finish_reason=c.finish_reason, index=c.index, message=ResponseMessage(content=c.text),
+                  token_logprobs: dict[int, list[Any]], plan: Any = None,
+                  records: list[Any] | None = None) -> ChatCompletionResponse:
+    choices = []
+    for c in done.choices:
+        message, called = message_for(plan, c.text)
+        reason = "tool_calls" if called and c.finish_reason in ("stop", "length") else c.finish_reason
+        choices.append(Choice(
+            finish_reason=reason, index=c.index, message=message,
             logprobs=logprobs_of(tokenizer, token_logprobs.get(c.index, [])) if logprobs else None,
-        )
-        for c in done.choices
-    ]
-    return ChatCompletionResponse(id=id, choices=choices, created=now(), model=model, usage=Usage.from_engine(done.usage))
+        ))
+    return ChatCompletionResponse(id=id, choices=choices, created=now(), model=model, usage=Usage.from_engine(done.usage),
+                                  agentic_tool_calls=list(records) if records else None)
 
 
 def completion_response(tokenizer: Any, done: Any, *, id: str, model: str, logprobs: bool,
@@ -517,6 +695,8 @@ def collect(events: Any) -> tuple[Any, dict[int, list[Any]]]:
     for event in events:
         if isinstance(event, TokenDelta):
             lps.add(event)
+        elif type(event).__name__ == "RoundBoundary":
+            lps.entries.pop(event.index, None)  # the response describes the last round
         elif isinstance(event, RequestDone):
             return event, lps.entries
         elif isinstance(event, RequestFailed):

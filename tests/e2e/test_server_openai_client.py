@@ -205,7 +205,7 @@ def test_errors(client, model):
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
     assert nf.value.body["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError) as rf:
-        greedy(client, model, "hi", response_format={"type": "json_object"})
+        greedy(client, model, "hi", response_format={"type": "hiccup"})
     assert rf.value.body["param"] == "response_format"
     with pytest.raises(openai.BadRequestError) as so:
         greedy(client, model, "hi", stream_options={"include_usage": True})

@@ -408,8 +408,17 @@ def test_engine_failures(tokenizer):
     (chat(logit_bias={"a": 1}), 400, "logit_bias", None),
     (chat(top_logprobs=50, logprobs=True), 400, "top_logprobs", None),
     (chat(stream="yes"), 400, "stream", None),
-    (chat(response_format={"type": "json_object"}), 400, "response_format", "not_supported_yet"),
-    (chat(grammar={"type": "regex", "value": "a+"}), 400, "grammar", "not_supported_yet"),
+    (chat(response_format={"type": "hiccup"}), 400, "response_format", None),
+    (chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": 123}}), 400,
+     "response_format", None),
+    (chat(grammar={"type": "regex", "value": "a+"}, response_format={"type": "text"}), 400, "grammar", None),
+    (chat(grammar={"type": "sound", "value": "a+"}), 400, "grammar", None),
+    (chat(tool_choice="required"), 400, "tool_choice", None),
+    (chat(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice={"type": "function",
+                                                                              "function": {"name": "g"}}),
+     400, "tool_choice", None),
+    (chat(tools=[{"type": "code_interpreter"}]), 400, "tools", None),
+    (chat(max_tool_rounds=-1), 400, "max_tool_rounds", None),
     (chat(messages="x " * 200), 400, "messages", "exceed_context_size_error"),
 ])
 def test_invalid_requests_are_400s_naming_the_param(tokenizer, payload, status, param, code):
@@ -580,7 +589,7 @@ def test_responses_create_chain_get_delete(tokenizer):
             assert (await c.get(f"/v1/responses/{(await r.json())['id']}")).status == 404
             for bad, param in (({"input": []}, "input"), ({"input": [{"role": "user", "content": [
                     {"type": "input_image", "image_url": "x"}]}]}, "input"),
-                    ({"input": "x", "text": {"format": {"type": "json_object"}}}, "text.format"),
+                    ({"input": "x", "text": {"format": {"type": "yaml"}}}, "text.format"),
                     ({"input": "x", "n": 2}, "n")):
                 r = await c.post("/v1/responses", json=bad)
                 assert r.status == 400 and (await r.json())["error"]["param"] == param

@@ -30,18 +30,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reasoning-effort", choices=["off", "none", "low", "medium", "high", "xhigh"])
     parser.add_argument("--max-tokens", type=int, help="cap the answer length")
     parser.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy)")
+    from mistralrs_plugins.frontends.openai_server.cli import add_tool_arguments
+
+    add_tool_arguments(parser)
+
+
+DIM = "\x1b[2m"
+RESET = "\x1b[0m"
 
 
 class InteractiveChat:
-    def __init__(self, service: Any, *, out: TextIO = sys.stdout, sampling: dict | None = None,
-                 template_kwargs: dict | None = None, max_tokens: int | None = None) -> None:
+    """The chat loop. Reasoning (`<think>...</think>`, split by the model's reasoning parser)
+    is shown dimmed when `out` is a terminal (`color=None`) or `color=True`, and is not kept
+    in the history; tool calls are shown as `[tool call] name {arguments}`, server-side tool
+    rounds (tool-source plugins enabled with --enable-tool-sources) as `[name(...) -> result]`."""
+
+    def __init__(self, service: Any, *, out: TextIO | None = None, sampling: dict | None = None,
+                 template_kwargs: dict | None = None, max_tokens: int | None = None, tools: Any = None,
+                 color: bool | None = None) -> None:
         self.service = service
-        self.out = out
+        self.out = out if out is not None else sys.stdout  # looked up now: stdout may be replaced
         self.system: str | None = None
         self.history: list[dict[str, str]] = []
         self.sampling = dict(sampling or {})
         self.template_kwargs = template_kwargs or {}
         self.max_tokens = max_tokens
+        self.tools = tools
+        if color is None:
+            isatty = getattr(out, "isatty", None)
+            color = bool(isatty()) if callable(isatty) else False
+        self.color = color
 
     def _body(self, messages: list[dict[str, str]] | None, prompt: str | None) -> dict:
         body: dict[str, Any] = {**self.sampling, **self.template_kwargs}
@@ -53,26 +71,55 @@ class InteractiveChat:
             body["prompt"] = prompt
         return body
 
+    def _dim(self, text: str) -> str:
+        return f"{DIM}{text}{RESET}" if self.color and text else text
+
+    def _show(self, parsed: tuple[str, str, list[Any]], parts: list[str]) -> None:
+        reasoning, content, calls = parsed
+        if reasoning:
+            self.out.write(self._dim(reasoning))
+        if content:
+            if self._in_reasoning:
+                self.out.write("\n")
+            parts.append(content)
+            self.out.write(content)
+        self._in_reasoning = bool(reasoning) or (self._in_reasoning and not content)
+        for call in calls:
+            self.out.write(f"\n[tool call] {call.name} {call.arguments}\n")
+        self.out.flush()
+
     def answer(self, text: str) -> str:
-        """Stream one answer to `out`; Ctrl-C cancels it. Returns the answer."""
+        """Stream one answer to `out`; Ctrl-C cancels it. Returns the answer (without reasoning)."""
         from mistralrs import protocol as P
         from mistralrs.engine.engine import RequestFailed, TokenDelta
+        from mistralrs.tool_calling import ToolLoop, prepare_chat
 
         has_template = self.service.chat_template.available
+        plan = pipe = None
         if has_template:
             messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
             messages.append({"role": "user", "content": text})
-            gen = P.build_chat_request(self.service, self._body(messages, None))
+            plan = prepare_chat(self.service, self._body(messages, None), self.tools)
+            handle: Any = ToolLoop(plan, self.service.engine.submit)
+            pipe = plan.new_pipeline() if plan.active else None
         else:
             gen = P.build_completion_request(self.service, self._body(None, text))
-        handle = self.service.engine.submit(gen)
+            handle = self.service.engine.submit(gen)
         parts: list[str] = []
+        self._in_reasoning = False
         try:
             for event in handle:
+                name = type(event).__name__
                 if isinstance(event, TokenDelta) and event.text:
-                    parts.append(event.text)
-                    self.out.write(event.text)
-                    self.out.flush()
+                    self._show(pipe.feed(event.text) if pipe is not None else ("", event.text, []), parts)
+                elif name == "RoundBoundary" and plan is not None:
+                    if pipe is not None:
+                        self._show(pipe.finish(), parts)
+                        pipe = plan.new_pipeline()
+                    rec = event.record
+                    self.out.write(self._dim(f"\n[{rec.name}({rec.arguments}) -> {rec.result_content}]") + "\n")
+                elif name == "ChoiceFinished" and pipe is not None:
+                    self._show(pipe.finish(), parts)
                 elif isinstance(event, RequestFailed):
                     raise event.error
         except KeyboardInterrupt:
@@ -116,7 +163,8 @@ class InteractiveChat:
             self.out.write(f"\\{name} needs a number, e.g. \\{name} 0.7\n")
         return True
 
-    def loop(self, inp: TextIO = sys.stdin) -> None:
+    def loop(self, inp: TextIO | None = None) -> None:
+        inp = inp if inp is not None else sys.stdin
         self.out.write("Chat started. Type \\help for commands, \\exit to quit.\n")
         while True:
             try:
@@ -145,8 +193,10 @@ class InteractiveChat:
 def run(args: argparse.Namespace) -> int:
     from mistralrs.cli.model_options import options_from_args
     from mistralrs.serving import ModelService
+    from mistralrs_plugins.frontends.openai_server.cli import tool_config_from_args
 
     opts = options_from_args(args)
+    tools = tool_config_from_args(args)
     service = ModelService(opts)
     if service.loaded.dummy_weights:
         print(f"note: {opts.model_id} has random weights: its answers are random text", file=sys.stderr)
@@ -161,7 +211,8 @@ def run(args: argparse.Namespace) -> int:
         kwargs["enable_thinking"] = args.enable_thinking or args.thinking == "true"
     if args.reasoning_effort:
         kwargs["reasoning_effort"] = args.reasoning_effort
-    chat = InteractiveChat(service, sampling=sampling, template_kwargs=kwargs, max_tokens=args.max_tokens)
+    chat = InteractiveChat(service, sampling=sampling, template_kwargs=kwargs, max_tokens=args.max_tokens,
+                           tools=tools)
     try:
         if args.input is not None:
             chat.answer(args.input)

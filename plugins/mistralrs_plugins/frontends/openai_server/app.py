@@ -35,7 +35,6 @@ from mistralrs_plugins.frontends.openai_server.common import (
     dumps,
     flag,
     read_json,
-    reject_unsupported,
     sse_data,
     stream_error_payload,
     stream_settings,
@@ -69,10 +68,12 @@ class ServerState:
 
     def __init__(self, *, model_id: str, service: Any = None, api_key: str | None = None,
                  keep_alive: float | None = None, enable_metrics: bool = True, request_id_header: bool = True,
-                 max_stored_responses: int = 1024) -> None:
+                 max_stored_responses: int = 1024, tools: Any = None) -> None:
+        from mistralrs.tool_calling import ToolConfig
         from mistralrs_plugins.frontends.openai_server.responses import ResponseStore
 
         self.model_id = model_id
+        self.tools = tools if tools is not None else ToolConfig()
         self.service = service
         self.api_key = api_key or None
         self.keep_alive = keep_alive_seconds() if keep_alive is None else keep_alive
@@ -108,6 +109,15 @@ class ServerState:
 
     def submit(self, service: Any, gen: Any) -> Any:
         handle = service.engine.submit(gen, loop=asyncio.get_running_loop())
+        self.handles.add(handle)
+        return handle
+
+    def submit_chat(self, service: Any, plan: Any) -> Any:
+        """Start a planned chat request: a `ToolLoop` handle (server-side tools run in it)."""
+        from mistralrs.tool_calling import ToolLoop
+
+        loop = asyncio.get_running_loop()
+        handle = ToolLoop(plan, lambda gen: service.engine.submit(gen, loop=loop))
         self.handles.add(handle)
         return handle
 
@@ -338,6 +348,8 @@ async def collect_events(state: ServerState, handle: Any, tracker: GenerationTra
                 if event.token_ids:
                     tracker.token(event.index, len(event.token_ids))
                 lps.add(event)
+            elif name == "RoundBoundary":
+                lps.entries.pop(event.index, None)  # the response describes the last round
             elif name == "RequestDone":
                 tracker.done(event)
                 return event, lps.entries
@@ -403,32 +415,31 @@ async def stream_events(request: web.Request, state: ServerState, handle: Any,
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
+    from mistralrs.tool_calling import prepare_chat
+
     state = request.app[STATE]
     service = state.require_service()
     body = await read_json(request)
     state.check_model(body)
-    reject_unsupported(body)
     stream, include_usage = stream_settings(body)
-    gen = await build_request(request, P.build_chat_request, service, body)
+    plan = await build_request(request, prepare_chat, service, body, state.tools)
+    gen = plan.request
     _check_best_of(gen, stream)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     tracker = state.metrics.tracker(request[ARRIVAL])
-    handle = state.submit(service, gen)
+    handle = state.submit_chat(service, plan)
     if not stream:
         done, lps = await collect_events(state, handle, tracker)
         resp = P.chat_response(service.tokenizer, done, id=rid, model=state.model_id, logprobs=gen.logprobs,
-                               token_logprobs=lps)
+                               token_logprobs=lps, plan=plan, records=plan.records)
         return web.json_response(P.to_json(resp), dumps=dumps)
-    conv = P.ChatStream(service.tokenizer, id=rid, model=state.model_id, n=gen.n, logprobs=gen.logprobs)
+    conv = P.ChatStream(service.tokenizer, id=rid, model=state.model_id, n=gen.n, logprobs=gen.logprobs, plan=plan)
 
     def convert(event: Any) -> list[Any]:
         name = type(event).__name__
         if name == "TokenDelta" and event.token_ids:
             tracker.token(event.index, len(event.token_ids))
-        out = []
-        chunk = conv.chunk_for(event)
-        if chunk is not None:
-            out.append(P.to_json(chunk))
+        out = [P.to_json(chunk) for chunk in conv.chunks_for(event)]
         if name == "RequestDone":
             tracker.done(event)
             if include_usage:
@@ -443,7 +454,6 @@ async def completions(request: web.Request) -> web.StreamResponse:
     service = state.require_service()
     body = await read_json(request)
     state.check_model(body)
-    reject_unsupported(body)
     stream, include_usage = stream_settings(body)
     echo = flag(body, "echo")
     suffix = body.get("suffix")
@@ -484,9 +494,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         out = []
         if name == "ChoiceFinished" and suffix:
             out.append(text_chunk(event.index, suffix))
-        chunk = conv.chunk_for(event)
-        if chunk is not None:
-            out.append(P.to_json(chunk))
+        out += [P.to_json(chunk) for chunk in conv.chunks_for(event)]
         if name == "RequestDone":
             tracker.done(event)
             if include_usage:
@@ -537,7 +545,8 @@ class OpenAIServer:
     def __init__(self, service: Any = None, *, loader: Callable[[], Any] | None = None, model_id: str | None = None,
                  host: str = "0.0.0.0", port: int = 1234, api_key: str | None = None,
                  shutdown_timeout: float = 30.0, keep_alive_ms: float | None = None, enable_metrics: bool = True,
-                 request_id_header: bool = True, owns_service: bool = True, announce: bool = True) -> None:
+                 request_id_header: bool = True, owns_service: bool = True, announce: bool = True,
+                 tools: Any = None) -> None:
         if service is None and loader is None:
             raise ValueError("OpenAIServer needs a service or a loader")
         model_id = model_id or getattr(service, "model_id", None)
@@ -551,7 +560,7 @@ class OpenAIServer:
         self.state = ServerState(
             model_id=model_id, service=service, api_key=api_key,
             keep_alive=None if keep_alive_ms is None else keep_alive_ms / 1000.0,
-            enable_metrics=enable_metrics, request_id_header=request_id_header,
+            enable_metrics=enable_metrics, request_id_header=request_id_header, tools=tools,
         )
         self.app = create_app(self.state)
         self._runner: web.AppRunner | None = None

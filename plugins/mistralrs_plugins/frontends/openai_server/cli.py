@@ -50,6 +50,62 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     srv.add_argument("--disable-metrics", action="store_true", help="answer 503 on /metrics")
     srv.add_argument("--disable-request-id-header", action="store_true",
                      help="do not echo x-request-id in responses")
+    add_tool_arguments(parser)
+
+
+def _rounds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of rounds, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of rounds >= 0, got {text!r}")
+    return value
+
+
+def add_tool_arguments(parser: argparse.ArgumentParser) -> None:
+    """Tool-calling and reasoning flags (shared by `serve` and `run`)."""
+    grp = parser.add_argument_group("tool calling and reasoning")
+    grp.add_argument("--tool-parser", metavar="NAME",
+                     help="tool-call parser to use (hermes, llama3, mistral, deepseek, json, or a plugin's); "
+                          "default: chosen from the chat template and model type")
+    grp.add_argument("--reasoning-parser", metavar="NAME",
+                     help="reasoning parser (think, or a plugin's; `none` turns reasoning parsing off); "
+                          "default: chosen from the chat template and model type")
+    grp.add_argument("--enable-tool-sources", nargs="?", const="all", default=None, metavar="NAMES",
+                     help="offer the tools of tool-source plugins (see `mistralrs tools list`) to the model and "
+                          "run them server-side; optionally a comma-separated list of sources (default: off)")
+    grp.add_argument("--max-tool-rounds", type=_rounds, default=8, metavar="N",
+                     help="server-side tool calls per request before the answer is returned "
+                          "(requests may set max_tool_rounds; capped at 256; default 8)")
+
+
+def tool_config_from_args(args: argparse.Namespace) -> Any:
+    """The `ToolConfig` of the tool flags; unknown parser or source names are a ConfigError."""
+    from mistralrs.errors import ConfigError
+    from mistralrs.plugins import get_registry
+    from mistralrs.tool_calling import ToolConfig
+
+    registry = get_registry()
+    for flag, value, catalogue in (("--tool-parser", args.tool_parser, registry.tool_parsers),
+                                   ("--reasoning-parser", args.reasoning_parser, registry.reasoning_parsers)):
+        if value and not (flag == "--reasoning-parser" and value.lower() in ("none", "off")) \
+                and value not in catalogue.names():
+            raise ConfigError(f"{flag}: no parser named {value!r}; available: {', '.join(catalogue.names())}")
+    toolbox = None
+    if getattr(args, "enable_tool_sources", None):
+        from mistralrs.tools import Toolbox
+
+        names = None if args.enable_tool_sources == "all" else [
+            n.strip() for n in args.enable_tool_sources.split(",") if n.strip()]
+        if names:
+            unknown = [n for n in names if n not in registry.tool_sources.names()]
+            if unknown:
+                raise ConfigError(f"--enable-tool-sources: no tool source named {', '.join(unknown)}; "
+                                  f"available: {', '.join(registry.tool_sources.names()) or 'none'}")
+        toolbox = Toolbox(registry, names)
+    return ToolConfig(tool_parser=args.tool_parser, reasoning_parser=args.reasoning_parser, toolbox=toolbox,
+                      max_tool_rounds=args.max_tool_rounds)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
 
     opts = options_from_args(args)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    tools = tool_config_from_args(args)
 
     def load() -> Any:
         from mistralrs.serving import ModelService
@@ -75,5 +132,6 @@ def run(args: argparse.Namespace) -> int:
         shutdown_timeout=args.shutdown_timeout,
         enable_metrics=not args.disable_metrics,
         request_id_header=not args.disable_request_id_header,
+        tools=tools,
     )
     return server.run()

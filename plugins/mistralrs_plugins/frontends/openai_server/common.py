@@ -107,18 +107,6 @@ def flag(body: Mapping[str, Any], name: str, default: bool = False) -> bool:
     return value
 
 
-def reject_unsupported(body: Mapping[str, Any]) -> None:
-    """Fields whose features arrive in a later release: say so instead of ignoring them."""
-    fmt = body.get("response_format")
-    if fmt is not None:
-        kind = fmt.get("type") if isinstance(fmt, Mapping) else None
-        if kind != "text":
-            raise ApiError(400, f"response_format {kind or fmt!r} is not supported yet; only {{\"type\": \"text\"}}",
-                           param="response_format", code="not_supported_yet")
-    if body.get("grammar") is not None:
-        raise ApiError(400, "grammar is not supported yet", param="grammar", code="not_supported_yet")
-
-
 def stream_settings(body: Mapping[str, Any]) -> tuple[bool, bool]:
     """(stream, include_usage), validated as OpenAI does."""
     stream = flag(body, "stream")

@@ -59,7 +59,11 @@ SAMPLING = {
                           "description": "keep the end of a prompt that does not fit instead of failing"},
     "stream": {**BOOL, "default": False},
     "stream_options": {"type": "object", "properties": {"include_usage": BOOL}},
-    "response_format": {"type": "object", "description": "only {\"type\": \"text\"} for now"},
+    "response_format": {"type": "object", "description": "{\"type\": \"text\" | \"json_object\" | \"json_schema\", "
+                                                         "\"json_schema\": {\"name\", \"schema\", \"strict\"}}: "
+                                                         "the output follows the schema (see structured-output.md)"},
+    "grammar": {"type": "object", "description": "mistral.rs extension: {\"type\": \"regex\" | \"json_schema\" | "
+                                                 "\"lark\" | \"llguidance\", \"value\": ...}; not with response_format"},
 }
 
 MESSAGE = {
@@ -88,7 +92,13 @@ SCHEMAS: dict[str, Any] = {
             "logprobs": {**BOOL, "default": False},
             "top_logprobs": {**INT, "minimum": 0, "maximum": 20},
             "tools": {"type": "array", "items": {"type": "object"},
-                      "description": "rendered into the chat template; tool-call parsing comes later"},
+                      "description": "function tools: rendered into the chat template; calls come back in "
+                                     "message.tool_calls (see tool-calling.md)"},
+            "tool_choice": {"oneOf": [{"enum": ["none", "auto", "required"]}, {"type": "object"}],
+                            "description": "\"required\", a named function and strict functions are enforced "
+                                           "with a grammar"},
+            "max_tool_rounds": {**INT, "minimum": 0, "maximum": 256,
+                                "description": "server-side tool calls before the answer is returned"},
             "enable_thinking": BOOL,
             "reasoning_effort": STR,
             "chat_template_kwargs": {"type": "object"},

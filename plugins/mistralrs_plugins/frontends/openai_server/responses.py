@@ -21,7 +21,6 @@ from mistralrs_plugins.frontends.openai_server.common import (
     dumps,
     flag,
     read_json,
-    reject_unsupported,
     sse_data,
     stream_error_payload,
 )
@@ -31,6 +30,7 @@ PASSTHROUGH = (
     "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
     "stop", "logit_bias", "seed", "ignore_eos", "dry_multiplier", "dry_base", "dry_allowed_length",
     "dry_sequence_breakers", "truncate_sequence", "enable_thinking", "reasoning_effort",
+    "tool_choice", "max_tool_rounds", "response_format", "grammar", "chat_template_kwargs", "n",
 )
 TEXT_PART_TYPES = ("input_text", "output_text", "text")
 
@@ -138,6 +138,30 @@ def _tools(value: Any) -> list[dict[str, Any]] | None:
     return out or None
 
 
+def text_format(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """`text.format` as a chat `response_format` (None for plain text)."""
+    text = body.get("text")
+    if text is None:
+        return None
+    if not isinstance(text, Mapping):
+        raise ApiError(400, "text must be an object like {\"format\": {...}}", param="text")
+    fmt = text.get("format")
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, Mapping) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema":
+        if fmt.get("schema") is None:
+            raise ApiError(400, 'text.format of type "json_schema" needs a "schema"', param="text.format")
+        return {"type": "json_schema", "json_schema": {k: fmt[k] for k in ("name", "schema", "strict", "description")
+                                                      if k in fmt}}
+    raise ApiError(400, f"text.format.type must be \"text\", \"json_object\" or \"json_schema\", got {kind!r}",
+                   param="text.format")
+
+
 def chat_body(body: Mapping[str, Any], messages: list[dict[str, Any]]) -> dict[str, Any]:
     """The chat-completions body a Responses request means."""
     out: dict[str, Any] = {"messages": messages}
@@ -157,20 +181,21 @@ def chat_body(body: Mapping[str, Any], messages: list[dict[str, Any]]) -> dict[s
         if top is not None:
             out["top_logprobs"] = top
     tools = _tools(body.get("tools"))
-    if tools and body.get("tool_choice") != "none":
+    if tools:
         out["tools"] = tools
+    fmt = text_format(body)
+    if fmt is not None:
+        if body.get("response_format") is not None or body.get("grammar") is not None:
+            raise ApiError(400, "send text.format or response_format / grammar, not both", param="text.format")
+        out["response_format"] = fmt
+    reasoning = body.get("reasoning")
+    if isinstance(reasoning, Mapping) and reasoning.get("effort") is not None and "reasoning_effort" not in out:
+        out["reasoning_effort"] = reasoning["effort"]
     return out
 
 
 def _validate(body: Mapping[str, Any]) -> None:
-    reject_unsupported(body)
-    text = body.get("text")
-    if text is not None:
-        fmt = text.get("format") if isinstance(text, Mapping) else None
-        if fmt is not None and (not isinstance(fmt, Mapping) or fmt.get("type") != "text"):
-            kind = fmt.get("type") if isinstance(fmt, Mapping) else fmt
-            raise ApiError(400, f"text.format {kind!r} is not supported yet; only {{\"type\": \"text\"}}",
-                           param="text.format", code="not_supported_yet")
+    text_format(body)
     if flag(body, "background"):
         raise ApiError(400, "background responses are not supported yet", param="background",
                        code="not_supported_yet")
@@ -212,9 +237,15 @@ def _logprobs(tokenizer: Any, entries: list[Any]) -> list[dict[str, Any]]:
 
 
 class ResponseBuilder:
-    """One response's object, in its streaming states and final form."""
+    """One response's object, in its streaming states and final form.
 
-    def __init__(self, body: Mapping[str, Any], *, model: str, previous_id: str | None, gen: Any) -> None:
+    Output items, in the order the model produced them: a `reasoning` item (when the model
+    reasons), the assistant `message` (its text; always present unless the output is only
+    function calls) and one `function_call` item per tool call. For streaming, `reasoning`,
+    `text`, `call` and `close` return the events of each step as (type, data) pairs."""
+
+    def __init__(self, body: Mapping[str, Any], *, model: str, previous_id: str | None, gen: Any,
+                 plan: Any = None) -> None:
         self.id = f"resp_{uuid.uuid4().hex}"
         self.message_id = f"msg_{uuid.uuid4().hex}"
         self.created_at = int(time.time())
@@ -222,13 +253,19 @@ class ResponseBuilder:
         self.model = model
         self.previous_id = previous_id
         self.gen = gen
+        self.plan = plan
         self.text = ""
         self.logprobs: list[dict[str, Any]] = []
+        self.items: list[dict[str, Any]] = []  # {"kind", "id", ...} in output order
+        self.calls: list[Any] = []
+        self._open: dict[str, Any] | None = None
+        self._separate = False
         self.status = "in_progress"
         self.usage: dict[str, Any] | None = None
         self.incomplete: dict[str, Any] | None = None
         self.error: dict[str, Any] | None = None
 
+    # -- items ---------------------------------------------------------------------------------
     def part(self, done: bool) -> dict[str, Any]:
         return {"type": "output_text", "text": self.text if done else "", "annotations": [],
                 "logprobs": self.logprobs if done else []}
@@ -237,29 +274,151 @@ class ResponseBuilder:
         return {"type": "message", "id": self.message_id, "status": "completed" if done else "in_progress",
                 "role": "assistant", "content": [self.part(True)] if done else []}
 
+    def _render(self, rec: dict[str, Any], done: bool) -> dict[str, Any]:
+        status = "completed" if done else "in_progress"
+        if rec["kind"] == "message":
+            return self.item(done)
+        if rec["kind"] == "reasoning":
+            return {"type": "reasoning", "id": rec["id"], "status": status, "summary": [],
+                    "content": [{"type": "reasoning_text", "text": rec["text"]}] if done else []}
+        call = rec["call"]
+        return {"type": "function_call", "id": rec["id"], "call_id": call.id, "name": call.name,
+                "arguments": call.arguments if done else "", "status": status}
+
+    def output(self) -> list[dict[str, Any]]:
+        return [self._render(rec, True) for rec in self.items]
+
+    def _add(self, rec: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        events = self.close_open()
+        rec["index"] = len(self.items)
+        self.items.append(rec)
+        events.append(("response.output_item.added", {"output_index": rec["index"], "item": self._render(rec, False)}))
+        if rec["kind"] == "message":
+            events.append(("response.content_part.added", {**self._ref(rec), "part": self.part(False)}))
+        self._open = rec
+        return events
+
+    def _ref(self, rec: dict[str, Any]) -> dict[str, Any]:
+        return {"item_id": rec["id"], "output_index": rec["index"], "content_index": 0}
+
+    def close_open(self) -> list[tuple[str, dict[str, Any]]]:
+        rec, self._open = self._open, None
+        if rec is None:
+            return []
+        if rec["kind"] == "message":
+            return [("response.output_text.done", {**self._ref(rec), "text": self.text, "logprobs": self.logprobs}),
+                    ("response.content_part.done", {**self._ref(rec), "part": self.part(True)}),
+                    ("response.output_item.done", {"output_index": rec["index"], "item": self._render(rec, True)})]
+        return [("response.reasoning_text.done", {**self._ref(rec), "text": rec["text"]}),
+                ("response.output_item.done", {"output_index": rec["index"], "item": self._render(rec, True)})]
+
+    # -- streaming steps -----------------------------------------------------------------------
+    def reasoning(self, delta: str) -> list[tuple[str, dict[str, Any]]]:
+        events: list[tuple[str, dict[str, Any]]] = []
+        if self._open is None or self._open["kind"] != "reasoning":
+            events += self._add({"kind": "reasoning", "id": f"rs_{uuid.uuid4().hex}", "text": ""})
+        rec = self._open
+        assert rec is not None
+        rec["text"] += delta
+        return events + [("response.reasoning_text.delta", {**self._ref(rec), "delta": delta})]
+
+    def _message(self) -> tuple[list[tuple[str, dict[str, Any]]], dict[str, Any]]:
+        rec = next((r for r in self.items if r["kind"] == "message"), None)
+        if rec is not None and self._open is rec:
+            return [], rec
+        if rec is not None:  # text after a call: the message item is re-opened in place
+            events = self.close_open()
+            self._open = rec
+            return events, rec
+        events = self._add({"kind": "message", "id": self.message_id})
+        return events, self._open  # type: ignore[return-value]
+
+    def new_round(self) -> None:
+        """The tool loop ran a server-side call: the next text is a new paragraph."""
+        self._separate = bool(self.text)
+
+    def text_delta(self, delta: str, logprobs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+        from mistralrs.tool_calling import ROUND_SEPARATOR
+
+        if self._separate:
+            self._separate = False
+            delta = ROUND_SEPARATOR + delta
+        events, rec = self._message()
+        self.text += delta
+        self.logprobs.extend(logprobs)
+        return events + [("response.output_text.delta", {**self._ref(rec), "delta": delta, "logprobs": logprobs})]
+
+    def call(self, call: Any) -> list[tuple[str, dict[str, Any]]]:
+        self.calls.append(call)
+        rec = {"kind": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call": call}
+        events = self._add(rec)
+        self._open = None
+        ref = {"item_id": rec["id"], "output_index": rec["index"]}
+        return events + [
+            ("response.function_call_arguments.delta", {**ref, "delta": call.arguments}),
+            ("response.function_call_arguments.done", {**ref, "arguments": call.arguments}),
+            ("response.output_item.done", {"output_index": rec["index"], "item": self._render(rec, True)}),
+        ]
+
+    def close(self) -> list[tuple[str, dict[str, Any]]]:
+        """End of the output: close what is open; an output with nothing gets an empty message."""
+        events = self.close_open()
+        if not self.items:
+            events += self._add({"kind": "message", "id": self.message_id}) + self.close_open()
+        return events
+
+    # -- the whole output at once ---------------------------------------------------------------
+    def set_output(self, text: str) -> None:
+        from mistralrs.tool_calling import ParsedChoice
+
+        parsed = self.plan.parse(text) if self.plan is not None and self.plan.active else ParsedChoice(text, None)
+        if self.plan is not None and self.plan.round_contents:
+            parsed = ParsedChoice(self.plan.full_content(parsed.content), parsed.reasoning, parsed.calls)
+        if parsed.reasoning:
+            self.items.append({"kind": "reasoning", "id": f"rs_{uuid.uuid4().hex}", "text": parsed.reasoning,
+                               "index": len(self.items)})
+        self.text = parsed.content
+        if parsed.content or not parsed.calls:
+            self.items.append({"kind": "message", "id": self.message_id, "index": len(self.items)})
+        for call in parsed.calls:
+            self.calls.append(call)
+            self.items.append({"kind": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call": call,
+                               "index": len(self.items)})
+
+    def assistant_message(self) -> dict[str, Any]:
+        """The turn as a chat message (for chaining with previous_response_id)."""
+        if not self.calls:
+            return {"role": "assistant", "content": self.text}
+        return {"role": "assistant", "content": self.text or None,
+                "tool_calls": [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                               for c in self.calls]}
+
     def obj(self) -> dict[str, Any]:
         finished = self.status in ("completed", "incomplete")
         sampling = self.gen.sampling
+        fmt = (self.body.get("text") or {}).get("format") if isinstance(self.body.get("text"), Mapping) else None
+        reasoning = self.body.get("reasoning") if isinstance(self.body.get("reasoning"), Mapping) else {}
         return {
             "id": self.id, "object": "response", "created_at": self.created_at, "status": self.status,
             "completed_at": int(time.time()) if finished else None,
             "error": self.error, "incomplete_details": self.incomplete,
             "instructions": self.body.get("instructions"),
             "max_output_tokens": self.gen.max_tokens, "model": self.model,
-            "output": [self.item(True)] if finished else [],
+            "output": self.output() if finished else [],
             "parallel_tool_calls": True, "previous_response_id": self.previous_id,
-            "reasoning": {"effort": None, "summary": None},
+            "reasoning": {"effort": reasoning.get("effort"), "summary": reasoning.get("summary")},
             "store": self.body.get("store", True) is not False,
             "temperature": getattr(sampling, "temperature", None), "top_p": getattr(sampling, "top_p", None),
-            "text": {"format": {"type": "text"}}, "tool_choice": self.body.get("tool_choice", "auto"),
+            "text": {"format": fmt or {"type": "text"}}, "tool_choice": self.body.get("tool_choice", "auto"),
             "tools": self.body.get("tools") or [], "truncation": "disabled",
             "usage": self.usage, "user": self.body.get("user"), "metadata": self.body.get("metadata") or {},
             "output_text": self.text if finished else "",
         }
 
-    def finish(self, done: Any) -> None:
+    def finish(self, done: Any, *, streamed: bool = False) -> None:
         choice = done.choices[0]
-        self.text = choice.text
+        if not streamed:
+            self.set_output(choice.text)
         self.usage = _usage(done.usage)
         if choice.finish_reason == "length":
             self.status = "incomplete"
@@ -277,6 +436,7 @@ class ResponseBuilder:
 
 # -- handlers -----------------------------------------------------------------------------------
 async def create_response(request: web.Request) -> web.StreamResponse:
+    from mistralrs.tool_calling import prepare_chat
     from mistralrs_plugins.frontends.openai_server.app import (
         ARRIVAL,
         STATE,
@@ -301,15 +461,19 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         history = list(prev["conversation"])
     new_messages = input_to_messages(body.get("input"))
     system = [{"role": "system", "content": body["instructions"]}] if body.get("instructions") else []
-    gen = await build_request(request, P.build_chat_request, service, chat_body(body, system + history + new_messages))
-    builder = ResponseBuilder(body, model=state.model_id, previous_id=prev_id, gen=gen)
+    chat = chat_body(body, system + history + new_messages)
+    plan = await build_request(request, prepare_chat, service, chat, state.tools)
+    gen = plan.request
+    builder = ResponseBuilder(body, model=state.model_id, previous_id=prev_id, gen=gen, plan=plan)
     store = flag(body, "store", True)
     tracker = state.metrics.tracker(request[ARRIVAL])
-    handle = state.submit(service, gen)
+    handle = state.submit_chat(service, plan)
+    first_round = len(system) + len(history) + len(new_messages)
 
     def save() -> None:
         if store:
-            conversation = history + new_messages + [{"role": "assistant", "content": builder.text}]
+            rounds = [m for m in plan.messages[first_round:]]
+            conversation = history + new_messages + rounds + [builder.assistant_message()]
             input_items: Any = body.get("input") or []
             if isinstance(input_items, str):
                 input_items = [{"type": "message", "role": "user",
@@ -329,6 +493,8 @@ async def create_response(request: web.Request) -> web.StreamResponse:
 
     seq = 0
     lp_stream = P.ChatStream(service.tokenizer, id=builder.id, model=state.model_id, n=1, logprobs=gen.logprobs)
+    pipe = plan.new_pipeline() if plan.active else None
+    pending_lps: list[dict[str, Any]] = []
 
     def ev(kind: str, **data: Any) -> bytes:
         nonlocal seq
@@ -336,44 +502,62 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         seq += 1
         return sse_data(payload, event=kind)
 
-    item_ref = {"item_id": builder.message_id, "output_index": 0, "content_index": 0}
-    head = [
-        ev("response.created", response=builder.obj()),
-        ev("response.in_progress", response=builder.obj()),
-        ev("response.output_item.added", output_index=0, item=builder.item(False)),
-        ev("response.content_part.added", **item_ref, part=builder.part(False)),
-    ]
+    def emit(steps: list[tuple[str, dict[str, Any]]]) -> list[bytes]:
+        return [ev(kind, **data) for kind, data in steps]
+
+    def output(parsed: tuple[str, str, list[Any]]) -> list[bytes]:
+        nonlocal pending_lps
+        reasoning, content, deltas = parsed
+        steps: list[tuple[str, dict[str, Any]]] = []
+        if reasoning:
+            steps += builder.reasoning(reasoning)
+        if content:
+            steps += builder.text_delta(content, pending_lps)
+            pending_lps = []
+        for d in deltas:
+            from mistralrs.parsing import ToolCall
+
+            steps += builder.call(ToolCall(id=d.id or "", name=d.name or "", arguments=d.arguments))
+        return emit(steps)
+
+    head = [ev("response.created", response=builder.obj()), ev("response.in_progress", response=builder.obj())]
 
     def convert(event: Any) -> list[bytes]:
+        nonlocal pipe, pending_lps
         name = type(event).__name__
-        if name in ("TokenDelta", "ChoiceFinished"):
-            text = event.text if name == "TokenDelta" else ""
-            if name == "TokenDelta" and event.token_ids:
+        if gen.logprobs and name in ("TokenDelta", "ChoiceFinished"):
+            for chunk in lp_stream.chunks_for(event):
+                entries = chunk.choices[0].logprobs.content if chunk.choices[0].logprobs else []
+                pending_lps += [{"token": e.token, "logprob": e.logprob, "bytes": e.bytes,
+                                 "top_logprobs": [{"token": service.tokenizer.decode([t.token],
+                                                                                    skip_special_tokens=False),
+                                                   "logprob": t.logprob} for t in e.top_logprobs]}
+                                for e in entries]
+        if name == "TokenDelta":
+            if event.token_ids:
                 tracker.token(event.index, len(event.token_ids))
-            lps: list[dict[str, Any]] = []
-            if gen.logprobs:
-                chunk = lp_stream.chunk_for(event)
-                entries = chunk.choices[0].logprobs.content if chunk is not None and chunk.choices[0].logprobs else []
-                lps = [{"token": e.token, "logprob": e.logprob, "bytes": e.bytes,
-                        "top_logprobs": [{"token": service.tokenizer.decode([t.token], skip_special_tokens=False),
-                                          "logprob": t.logprob} for t in e.top_logprobs]} for e in entries]
-                builder.logprobs.extend(lps)
-            if not text and not lps:
-                return []
-            builder.text += text
-            return [ev("response.output_text.delta", **item_ref, delta=text, logprobs=lps)]
+            if pipe is not None:
+                return output(pipe.feed(event.text)) if event.text else []
+            return output(("", event.text, [])) if event.text else []
+        if name == "RoundBoundary":
+            out = output(pipe.finish()) if pipe is not None else []
+            pipe = plan.new_pipeline()
+            builder.new_round()
+            return out
+        if name == "ChoiceFinished":
+            out = output(pipe.finish()) if pipe is not None else []
+            if pending_lps:
+                builder.logprobs.extend(pending_lps)
+                pending_lps = []
+            return out
         if name == "RequestDone":
             tracker.done(event)
-            builder.finish(event)
+            builder.finish(event, streamed=True)
+            steps = builder.close()
             save()
             terminal = {"completed": "response.completed", "incomplete": "response.incomplete",
                         "cancelled": "response.cancelled"}.get(builder.status, "response.completed")
-            return [
-                ev("response.output_text.done", **item_ref, text=builder.text, logprobs=builder.logprobs),
-                ev("response.content_part.done", **item_ref, part=builder.part(True)),
-                ev("response.output_item.done", output_index=0, item=builder.item(True)),
-                ev(terminal, response=builder.obj()),
-            ]
+            return emit(steps) + [ev(terminal, response=builder.obj())]
         return []
 
     def on_error(exc: BaseException) -> list[bytes]:
