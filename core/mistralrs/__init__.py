@@ -24,6 +24,7 @@ _LAZY: dict[str, str] = {
     "ModelDType": "mistralrs.api",
     "Architecture": "mistralrs.api",
     "PagedCacheType": "mistralrs.api",
+    "ToolChoice": "mistralrs.api",
 }
 
 

@@ -164,7 +164,7 @@ def test_metrics_count_requests_tokens_and_prefix_cache_hits(server):
     shared = "A long shared system prompt that fills more than a couple of KV blocks. " * 3
     for question in ("one?", "two?"):
         body = {"messages": [{"role": "system", "content": shared}, {"role": "user", "content": question}],
-                "max_tokens": 3, "stream": True}
+                "max_tokens": 3, "stream": True, "ignore_eos": True}  # EOS first would send no token
         assert http(server.url + "/v1/chat/completions", body)[0] == 200
     # The server counts a request just after its last byte; give it a moment.
     key = 'http_requests_total{method="POST",path="/v1/chat/completions",status="200"}'

@@ -323,3 +323,15 @@ def test_request_log_records_requests_and_responses(model_dir, tmp_path):
     assert lines[0]["request_id"] == lines[1]["request_id"] and "hello" in lines[0]["prompt"]
     assert 1 <= lines[1]["usage"]["completion_tokens"] <= 5
     assert lines[1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_a_grammar_that_rejects_its_own_token_ends_only_that_choice(svc):
+    from mistralrs.engine.constraints import GrammarSpec
+
+    ids = prompt(svc, "grammar edge")
+    other = svc.engine.submit(GenerationRequest(prompt_ids=ids, sampling=GREEDY, max_tokens=12, ignore_eos=True))
+    odd = svc.engine.submit(GenerationRequest(prompt_ids=ids, sampling=SamplingParams(temperature=1.0, seed=1),
+                                              max_tokens=12, grammar=GrammarSpec("lark", 'start: "<think>" /[a-z]+/')))
+    done = odd.result()
+    assert done.choices[0].finish_reason in ("stop", "length")
+    assert len(other.result().choices[0].token_ids) == 12

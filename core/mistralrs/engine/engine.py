@@ -468,8 +468,14 @@ class Engine:
             return
         grammar_done = False
         if seq.constraint is not None:
-            seq.constraint.advance(token)
-            grammar_done = seq.constraint.is_finished()
+            try:
+                seq.constraint.advance(token)
+                grammar_done = seq.constraint.is_finished()
+            except Exception as exc:  # noqa: BLE001 - the grammar engine disagreed with its own mask
+                # End this choice only; the batch goes on.
+                log.warning("request %s: grammar rejected token %d it had allowed (%s); ending the choice",
+                            req.id, token, exc)
+                grammar_done = True
         delta = seq.detok.step(token)
         stopped = False
         if seq.stopper is not None and delta:
