@@ -56,3 +56,9 @@ def register_commands(cli):
         add_arguments="mistralrs.cli.completions_cmd:add_arguments",
         run="mistralrs.cli.completions_cmd:run",
     ))
+    cli.add_command(CommandSpec(
+        name="from-config",
+        help="Run or serve models from a TOML configuration file (several models at once)",
+        add_arguments="mistralrs.cli.from_config_cmd:add_arguments",
+        run="mistralrs.cli.from_config_cmd:run",
+    ))

@@ -197,25 +197,34 @@ def run(args: argparse.Namespace) -> int:
 
     opts = options_from_args(args)
     tools = tool_config_from_args(args)
-    service = ModelService(opts)
+    thinking = None
+    if args.thinking is not None or args.enable_thinking:
+        thinking = args.enable_thinking or args.thinking == "true"
+    return chat_with(ModelService(opts), tools=tools, prompt=args.input, temperature=args.temperature,
+                     enable_thinking=thinking, reasoning_effort=args.reasoning_effort, max_tokens=args.max_tokens)
+
+
+def chat_with(service: Any, *, tools: Any = None, prompt: str | None = None, temperature: float | None = None,
+              enable_thinking: bool | None = None, reasoning_effort: str | None = None,
+              max_tokens: int | None = None) -> int:
+    """Chat with a loaded service in the terminal (or answer `prompt` once); shuts it down after."""
     if service.loaded.dummy_weights:
-        print(f"note: {opts.model_id} has random weights: its answers are random text", file=sys.stderr)
+        print(f"note: {service.model_id} has random weights: its answers are random text", file=sys.stderr)
     sampling: dict[str, Any] = {}
     defaults = service.generation_defaults
     if all(getattr(defaults, k, None) is None for k in ("temperature", "top_k", "top_p", "do_sample")):
         sampling.update(FALLBACK_SAMPLING)
-    if args.temperature is not None:
-        sampling["temperature"] = args.temperature
+    if temperature is not None:
+        sampling["temperature"] = temperature
     kwargs: dict[str, Any] = {}
-    if args.thinking is not None or args.enable_thinking:
-        kwargs["enable_thinking"] = args.enable_thinking or args.thinking == "true"
-    if args.reasoning_effort:
-        kwargs["reasoning_effort"] = args.reasoning_effort
-    chat = InteractiveChat(service, sampling=sampling, template_kwargs=kwargs, max_tokens=args.max_tokens,
-                           tools=tools)
+    if enable_thinking is not None:
+        kwargs["enable_thinking"] = enable_thinking
+    if reasoning_effort:
+        kwargs["reasoning_effort"] = reasoning_effort
+    chat = InteractiveChat(service, sampling=sampling, template_kwargs=kwargs, max_tokens=max_tokens, tools=tools)
     try:
-        if args.input is not None:
-            chat.answer(args.input)
+        if prompt is not None:
+            chat.answer(prompt)
         else:
             chat.loop()
     finally:

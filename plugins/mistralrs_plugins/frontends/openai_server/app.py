@@ -68,11 +68,15 @@ class ServerState:
 
     def __init__(self, *, model_id: str, service: Any = None, api_key: str | None = None,
                  keep_alive: float | None = None, enable_metrics: bool = True, request_id_header: bool = True,
-                 max_stored_responses: int = 1024, tools: Any = None) -> None:
+                 max_stored_responses: int = 1024, tools: Any = None, model_ids: list[str] | None = None) -> None:
         from mistralrs.tool_calling import ToolConfig
         from mistralrs_plugins.frontends.openai_server.responses import ResponseStore
 
-        self.model_id = model_id
+        self.model_id = model_id  # the default model ("model": "default" or absent)
+        self.model_ids = list(model_ids or [model_id])  # every model this server serves (from-config)
+        if model_id not in self.model_ids:
+            self.model_ids.insert(0, model_id)
+        self.services: dict[str, Any] = {}
         self.tools = tools if tools is not None else ToolConfig()
         self.service = service
         self.api_key = api_key or None
@@ -87,25 +91,46 @@ class ServerState:
         self.metrics = Metrics(lambda: self.service)
         self.responses = ResponseStore(max_stored_responses)
 
-    def require_service(self) -> Any:
-        if self.draining:
-            raise ApiError(503, "the server is shutting down", code="shutting_down")
-        if self.service is None:
-            if self.load_error is not None:
-                raise ApiError(503, f"the model failed to load: {self.load_error}", code="model_load_failed")
-            raise ApiError(503, f"the model {self.model_id} is still loading; retry shortly",
-                           code="model_loading", headers={"Retry-After": "1"})
-        return self.service
+    @property
+    def service(self) -> Any:
+        """The default model's service (None while it loads)."""
+        return self.services.get(self.model_id)
 
-    def check_model(self, body: dict[str, Any]) -> None:
-        model = body.get("model")
-        if model is None:
-            return
+    @service.setter
+    def service(self, value: Any) -> None:
+        if value is None:
+            self.services.pop(self.model_id, None)
+        else:
+            self.services[self.model_id] = value
+
+    def resolve_name(self, body: dict[str, Any] | None = None) -> str:
+        """The served model a request names: its `model` field, "default" or absent = the default."""
+        model = (body or {}).get("model")
+        if model is None or model == "default":
+            return self.model_id
         if not isinstance(model, str):
             raise ApiError(400, f"model must be a string, got {model!r}", param="model")
-        if model not in ("default", self.model_id):
-            raise ApiError(404, f"the model {model!r} does not exist; this server serves {self.model_id!r} "
+        if model not in self.model_ids:
+            served = ", ".join(repr(m) for m in self.model_ids)
+            raise ApiError(404, f"the model {model!r} does not exist; this server serves {served} "
                                 '(or use "default")', param="model", code="model_not_found")
+        return model
+
+    def require_service(self, body: dict[str, Any] | None = None) -> Any:
+        """The service for the request's model; 404 for an unknown model, 503 while loading."""
+        if self.draining:
+            raise ApiError(503, "the server is shutting down", code="shutting_down")
+        name = self.resolve_name(body)
+        service = self.services.get(name)
+        if service is None:
+            if self.load_error is not None:
+                raise ApiError(503, f"the model failed to load: {self.load_error}", code="model_load_failed")
+            raise ApiError(503, f"the model {name} is still loading; retry shortly",
+                           code="model_loading", headers={"Retry-After": "1"})
+        return service
+
+    def check_model(self, body: dict[str, Any]) -> None:
+        self.resolve_name(body)
 
     def submit(self, service: Any, gen: Any) -> Any:
         handle = service.engine.submit(gen, loop=asyncio.get_running_loop())
@@ -229,10 +254,11 @@ async def health(request: web.Request) -> web.Response:
 
 
 def _model_card(state: ServerState, model_id: str) -> dict[str, Any]:
-    svc = state.service
+    name = state.resolve_name({"model": model_id})
+    svc = state.services.get(name)
     return {
         "id": model_id, "object": "model", "created": state.created, "owned_by": "local",
-        "root": state.model_id, "status": "loaded",
+        "root": name, "status": "loaded" if svc is not None else "loading",
         "max_model_len": getattr(svc, "max_model_len", None),
     }
 
@@ -240,7 +266,7 @@ def _model_card(state: ServerState, model_id: str) -> dict[str, Any]:
 async def list_models(request: web.Request) -> web.Response:
     state = request.app[STATE]
     state.require_service()
-    data = [_model_card(state, "default"), _model_card(state, state.model_id)]
+    data = [_model_card(state, "default")] + [_model_card(state, m) for m in state.model_ids]
     return web.json_response({"object": "list", "data": data}, dumps=dumps)
 
 
@@ -248,9 +274,7 @@ async def get_model(request: web.Request) -> web.Response:
     state = request.app[STATE]
     state.require_service()
     model = request.match_info["model"]
-    if model not in ("default", state.model_id):
-        raise ApiError(404, f"the model {model!r} does not exist; this server serves {state.model_id!r}",
-                       param="model", code="model_not_found")
+    state.resolve_name({"model": model})
     return web.json_response(_model_card(state, model), dumps=dumps)
 
 
@@ -264,9 +288,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def tokenize(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    service = state.require_service()
     body = await read_json(request)
-    state.check_model(body)
+    service = state.require_service(body)
     tok = service.tokenizer
     special = body.get("add_special_tokens")
     if special is not None and not isinstance(special, bool):
@@ -289,9 +312,8 @@ async def tokenize(request: web.Request) -> web.Response:
 
 async def detokenize(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    service = state.require_service()
     body = await read_json(request)
-    state.check_model(body)
+    service = state.require_service(body)
     ids = body.get("tokens")
     vocab = int(getattr(service.tokenizer, "vocab_size", 0) or 0)
     if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
@@ -418,9 +440,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     from mistralrs.tool_calling import prepare_chat
 
     state = request.app[STATE]
-    service = state.require_service()
     body = await read_json(request)
-    state.check_model(body)
+    service = state.require_service(body)
+    model_name = state.resolve_name(body)
     stream, include_usage = stream_settings(body)
     plan = await build_request(request, prepare_chat, service, body, state.tools)
     gen = plan.request
@@ -430,10 +452,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     handle = state.submit_chat(service, plan)
     if not stream:
         done, lps = await collect_events(state, handle, tracker)
-        resp = P.chat_response(service.tokenizer, done, id=rid, model=state.model_id, logprobs=gen.logprobs,
+        resp = P.chat_response(service.tokenizer, done, id=rid, model=model_name, logprobs=gen.logprobs,
                                token_logprobs=lps, plan=plan, records=plan.records)
         return web.json_response(P.to_json(resp), dumps=dumps)
-    conv = P.ChatStream(service.tokenizer, id=rid, model=state.model_id, n=gen.n, logprobs=gen.logprobs, plan=plan)
+    conv = P.ChatStream(service.tokenizer, id=rid, model=model_name, n=gen.n, logprobs=gen.logprobs, plan=plan)
 
     def convert(event: Any) -> list[Any]:
         name = type(event).__name__
@@ -451,9 +473,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    service = state.require_service()
     body = await read_json(request)
-    state.check_model(body)
+    service = state.require_service(body)
+    model_name = state.resolve_name(body)
     stream, include_usage = stream_settings(body)
     echo = flag(body, "echo")
     suffix = body.get("suffix")
@@ -472,16 +494,16 @@ async def completions(request: web.Request) -> web.StreamResponse:
     handle = state.submit(service, gen)
     if not stream:
         done, lps = await collect_events(state, handle, tracker)
-        resp = P.completion_response(service.tokenizer, done, id=rid, model=state.model_id, logprobs=gen.logprobs,
+        resp = P.completion_response(service.tokenizer, done, id=rid, model=model_name, logprobs=gen.logprobs,
                                      token_logprobs=lps, echo_prefix=echo_text, suffix=suffix or "")
         return web.json_response(P.to_json(resp), dumps=dumps)
-    conv = P.ChatStream(service.tokenizer, id=rid, model=state.model_id, n=gen.n, logprobs=gen.logprobs,
+    conv = P.ChatStream(service.tokenizer, id=rid, model=model_name, n=gen.n, logprobs=gen.logprobs,
                         completion=True)
     conv.text_offset_start = len(echo_text)
 
     def text_chunk(index: int, text: str) -> dict[str, Any]:
         return P.to_json(P.CompletionResponse(
-            id=rid, created=conv.created, model=state.model_id,
+            id=rid, created=conv.created, model=model_name,
             choices=[P.CompletionChoice(finish_reason=None, index=index, text=text)],
         ))
 
@@ -546,7 +568,7 @@ class OpenAIServer:
                  host: str = "0.0.0.0", port: int = 1234, api_key: str | None = None,
                  shutdown_timeout: float = 30.0, keep_alive_ms: float | None = None, enable_metrics: bool = True,
                  request_id_header: bool = True, owns_service: bool = True, announce: bool = True,
-                 tools: Any = None) -> None:
+                 tools: Any = None, model_ids: list[str] | None = None) -> None:
         if service is None and loader is None:
             raise ValueError("OpenAIServer needs a service or a loader")
         model_id = model_id or getattr(service, "model_id", None)
@@ -561,6 +583,7 @@ class OpenAIServer:
             model_id=model_id, service=service, api_key=api_key,
             keep_alive=None if keep_alive_ms is None else keep_alive_ms / 1000.0,
             enable_metrics=enable_metrics, request_id_header=request_id_header, tools=tools,
+            model_ids=model_ids,
         )
         self.app = create_app(self.state)
         self._runner: web.AppRunner | None = None
@@ -617,9 +640,13 @@ class OpenAIServer:
                 if self._stop is not None:
                     self._stop.set()
             else:
-                self.state.service = result
-                self._say(f"model {self.state.model_id} loaded; ready")
-                fut.set_result(result)
+                # A loader returns one service, or {model_id: service} for several (from-config).
+                if isinstance(result, dict):
+                    self.state.services.update(result)
+                else:
+                    self.state.service = result
+                self._say(f"model(s) {', '.join(self.state.services)} loaded; ready")
+                fut.set_result(self.state.service)
 
         def work() -> None:
             try:
@@ -628,7 +655,8 @@ class OpenAIServer:
                 result, error = None, exc
             if self._closed:
                 if result is not None and self.owns_service:
-                    result.shutdown()
+                    for svc in (result.values() if isinstance(result, dict) else [result]):
+                        svc.shutdown()
                 return
             try:
                 loop.call_soon_threadsafe(finish, result, error)
@@ -673,9 +701,9 @@ class OpenAIServer:
                 await asyncio.sleep(0.02)
         if self._runner is not None:
             await self._runner.cleanup()
-        service = state.service
-        if service is not None and self.owns_service:
-            await loop.run_in_executor(None, service.shutdown)
+        if self.owns_service:
+            for service in list(state.services.values()):
+                await loop.run_in_executor(None, service.shutdown)
         self._say("stopped")
 
     async def serve(self) -> int:

@@ -446,9 +446,9 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     )
 
     state = request.app[STATE]
-    service = state.require_service()
     body = await read_json(request)
-    state.check_model(body)
+    service = state.require_service(body)
+    model_name = state.resolve_name(body)
     _validate(body)
     stream = flag(body, "stream")
     prev_id = body.get("previous_response_id")
@@ -464,7 +464,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     chat = chat_body(body, system + history + new_messages)
     plan = await build_request(request, prepare_chat, service, chat, state.tools)
     gen = plan.request
-    builder = ResponseBuilder(body, model=state.model_id, previous_id=prev_id, gen=gen, plan=plan)
+    builder = ResponseBuilder(body, model=model_name, previous_id=prev_id, gen=gen, plan=plan)
     store = flag(body, "store", True)
     tracker = state.metrics.tracker(request[ARRIVAL])
     handle = state.submit_chat(service, plan)
@@ -492,7 +492,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         return web.json_response(builder.obj(), dumps=dumps)
 
     seq = 0
-    lp_stream = P.ChatStream(service.tokenizer, id=builder.id, model=state.model_id, n=1, logprobs=gen.logprobs)
+    lp_stream = P.ChatStream(service.tokenizer, id=builder.id, model=model_name, n=1, logprobs=gen.logprobs)
     pipe = plan.new_pipeline() if plan.active else None
     pending_lps: list[dict[str, Any]] = []
 

@@ -1,0 +1,62 @@
+"""`mistralrs from-config -f config.toml`: run or serve from mistral.rs's TOML format, with
+several models behind one server (routed by the request's `model` field)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-f", "--file", required=True, metavar="FILE", help="the TOML configuration file")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mistralrs.config import load_config, service_options
+    from mistralrs.plugins import get_registry
+    from mistralrs.serving import ModelService
+    from mistralrs.specs import resolve
+    from mistralrs.tool_calling import ToolConfig
+
+    cfg = load_config(args.file)
+    if cfg.global_.seed is None and getattr(args, "global_seed", None) is not None:
+        cfg.global_.seed = args.global_seed
+    if cfg.global_.log is None and getattr(args, "global_log", None):
+        cfg.global_.log = args.global_log
+    options = {m.model_id: service_options(cfg, m) for m in cfg.models}
+    tools = ToolConfig(max_tool_rounds=cfg.server.max_tool_rounds if cfg.server.max_tool_rounds is not None else 8)
+    if cfg.command == "run":
+        from mistralrs_plugins.frontends.interactive_mode import chat_with
+
+        thinking = cfg.enable_thinking if cfg.enable_thinking is not None else cfg.thinking
+        (opts,) = options.values()
+        return chat_with(ModelService(opts), tools=tools, enable_thinking=thinking,
+                         reasoning_effort=cfg.reasoning_effort)
+
+    default = cfg.default_model_id or cfg.models[0].model_id
+
+    def load_all() -> dict[str, Any]:
+        loaded: dict[str, Any] = {}
+        try:
+            for model_id, opts in options.items():
+                loaded[model_id] = ModelService(opts)
+        except BaseException:
+            for svc in loaded.values():
+                svc.shutdown()
+            raise
+        return loaded
+
+    factory = resolve(get_registry().frontends.get("openai_server").factory)
+    server = factory(
+        loader=load_all,
+        model_id=default,
+        model_ids=list(options),
+        host=cfg.server.host,
+        port=cfg.server.port,
+        api_key=cfg.server.api_key or os.environ.get("MISTRALRS_API_KEY") or None,
+        enable_metrics=not cfg.server.disable_metrics,
+        request_id_header=not cfg.server.disable_request_id_header,
+        tools=tools,
+    )
+    return server.run()
