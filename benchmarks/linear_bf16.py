@@ -1,13 +1,14 @@
-"""bf16 decode GEMV bandwidth: the native AVX-512-BF16 `linear_bf16` kernel vs torch's F.linear.
+"""bf16 decode GEMV/GEMM bandwidth: the native AVX-512-BF16 `linear_bf16` kernel vs torch's F.linear.
 
 For each weight matrix of Llama-3.2-1B (2048x2048 q/o, 512x2048 k/v, 8192x2048 gate/up, 2048x8192
-down, 128256x2048 tied lm_head) and M = 1 and 4 rows, reports the achieved weight-read bandwidth
-(weight bytes / time per call). Enough copies of each weight are cycled through that every call
-reads its weights from DRAM, as in decode, not from the last-level cache. The two implementations
-are timed in alternating passes so machine noise hits both alike; the median pass is reported.
-A float32 ``sum`` over 1 GiB gives the host's plain read bandwidth for comparison.
+down, 128256x2048 tied lm_head) and M = 1, 4, 8, 16 and 32 rows (batch-1 decode up to 32 concurrent
+decode requests), reports the achieved weight-read bandwidth (weight bytes / time per call). Enough
+copies of each weight are cycled through that every call reads its weights from DRAM, as in decode,
+not from the last-level cache. The two implementations are timed in alternating passes so machine
+noise hits both alike; the median pass is reported. A float32 ``sum`` over 1 GiB gives the host's
+plain read bandwidth for comparison.
 
-    python benchmarks/linear_bf16.py [--threads 2] [--out benchmarks/results/linear_bf16.json]
+    python benchmarks/linear_bf16.py [--threads 2] [--rows 1,4,8,16,32] [--out benchmarks/results/linear_bf16.json]
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ SHAPES = [  # (name, N = out features, K = in features)
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rows", default="1,4", help="comma-separated M values")
+    ap.add_argument("--rows", default="1,4,8,16,32", help="comma-separated M values (at most ops.MAX_ROWS)")
     ap.add_argument("--passes", type=int, default=7)
     ap.add_argument("--min-bytes", type=float, default=384e6, help="weight bytes cycled per pass (> LLC)")
     ap.add_argument("--out", default="benchmarks/results/linear_bf16.json")

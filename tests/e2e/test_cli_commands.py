@@ -429,4 +429,6 @@ def test_bash_completion_script_works(tmp_path):
     assert _bash_complete(script, "mistralrs", "tune", "--profile", "") == ["quality", "balanced", "fast"]
     assert _bash_complete(script, "mistralrs", "completions", "z") == ["zsh"]
     assert _bash_complete(script, "mistralrs", "bench", "--prompt-l") == ["--prompt-len"]
-    assert sorted(_bash_complete(script, "mistralrs", "bench", "")) == ["auto", "text"]
+    from mistralrs.cli.model_options import MODEL_KINDS
+
+    assert sorted(_bash_complete(script, "mistralrs", "bench", "")) == sorted(MODEL_KINDS)

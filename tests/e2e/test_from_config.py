@@ -106,3 +106,18 @@ def test_bad_config_exits_2_naming_file_and_key(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert str(cfg) in result.stderr and "[runtime] max_seqs" in result.stderr
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["run", "vision", "-m", "demo", "-i", "x"], "vision models need an architecture plugin"),
+    (["serve", "-m", "demo", "--isq", "q4k"], "--isq is not supported yet"),
+    (["run", "-m", "demo", "--from-uqff", "x.uqff", "-i", "x"], "--from-uqff is not supported yet"),
+    (["run", "-m", "demo", "-n", "0:4", "-i", "x"], "--device-layers is not supported yet"),
+    (["run", "-m", "demo", "--lora", "a=b", "-i", "x"], "--lora is not supported yet"),
+    (["quantize", "-m", "demo", "--isq", "q4k"], "quantize (writing UQFF files) is not supported yet"),
+    (["serve", "-m", "demo", "--pa-context-len", "10", "--pa-memory-mb", "5"], "mutually exclusive"),
+])
+def test_pending_capabilities_fail_clearly(argv, needle):
+    result = subprocess.run([sys.executable, "-m", "mistralrs", *argv], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert needle in result.stderr and result.stderr.count("\n") == 1

@@ -62,3 +62,15 @@ def register_commands(cli):
         add_arguments="mistralrs.cli.from_config_cmd:add_arguments",
         run="mistralrs.cli.from_config_cmd:run",
     ))
+    cli.add_command(CommandSpec(
+        name="quantize",
+        help="Write a UQFF quantized model (not supported yet in this build)",
+        add_arguments="mistralrs.cli.pending_cmd:add_quantize_arguments",
+        run="mistralrs.cli.pending_cmd:quantize",
+    ))
+    cli.add_command(CommandSpec(
+        name="uqff",
+        help="Report, verify or inspect UQFF files (not supported yet in this build)",
+        add_arguments="mistralrs.cli.pending_cmd:add_uqff_arguments",
+        run="mistralrs.cli.pending_cmd:uqff",
+    ))

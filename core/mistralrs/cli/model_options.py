@@ -6,7 +6,27 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-MODEL_KINDS = ("auto", "text")  # vision/embedding/speech/diffusion arrive with their plugins
+MODEL_KINDS = ("auto", "text", "multimodal", "vision", "embedding", "speech", "diffusion")
+
+# Flags of mistral.rs's CLI whose capability this build does not have yet: they parse, and
+# using one is a clear "not supported yet" error naming what it waits for.
+PENDING_FLAGS: dict[str, str] = {
+    "format": "GGUF/GGML loading",
+    "quantized_file": "GGUF/GGML loading",
+    "tok_model_id": "GGUF/GGML loading",
+    "gqa": "GGML loading",
+    "quant": "quantization (ISQ/UQFF)",
+    "isq": "in-situ quantization",
+    "from_uqff": "UQFF loading",
+    "isq_organization": "in-situ quantization",
+    "imatrix": "in-situ quantization",
+    "calibration_file": "in-situ quantization",
+    "device_layers": "device mapping",
+    "topology": "device mapping",
+    "enable_lora": "LoRA adapters",
+    "lora": "LoRA adapters",
+    "xlora": "X-LoRA adapters",
+}
 
 
 def _positive_int(text: str) -> int:
@@ -56,6 +76,24 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, runtime: bool = True
     dev.add_argument("--cpu", action="store_true", help="force the CPU")
     dev.add_argument("--hf-cache", help="Hugging Face hub cache directory")
     dev.add_argument("--max-seq-len", type=_positive_int, help="context length (default: from config.json)")
+    dev.add_argument("--max-batch-size", type=_positive_int, default=1, help="device-map planning (default 1)")
+    dev.add_argument("-n", "--device-layers", help="manual layer split ORD:NUM;... (not supported yet)")
+    dev.add_argument("--topology", help="per-layer device/ISQ YAML (not supported yet)")
+    fmt = parser.add_argument_group("format and quantization (not supported yet in this build)")
+    fmt.add_argument("--format", choices=["plain", "gguf", "ggml"], help="weights format (default: plain)")
+    fmt.add_argument("-f", "--quantized-file", help="GGUF/GGML file(s), ;-separated")
+    fmt.add_argument("--tok-model-id", help="source of config/tokenizer for a quantized model")
+    fmt.add_argument("--gqa", type=_positive_int, help="GGML GQA")
+    fmt.add_argument("--quant", help="select a GGUF/UQFF artifact or ISQ level")
+    fmt.add_argument("--isq", help="in-situ quantization type (q4k, q8_0, ...)")
+    fmt.add_argument("--from-uqff", help="load a UQFF file")
+    fmt.add_argument("--isq-organization", choices=["default", "moqe"])
+    fmt.add_argument("--imatrix", help=".imatrix or .cimatrix file")
+    fmt.add_argument("--calibration-file", help="generate an imatrix at load")
+    ad = parser.add_argument_group("adapters (not supported yet in this build)")
+    ad.add_argument("--enable-lora", action="store_true")
+    ad.add_argument("--lora", action="append", metavar="ALIAS=SOURCE")
+    ad.add_argument("--xlora", help="X-LoRA model id")
     pa = parser.add_argument_group("paged attention")
     pa.add_argument("--paged-attn", default="auto", choices=["auto", "on", "off"])
     pa.add_argument("--pa-context-len", type=_positive_int, help="size the KV pool for N tokens")
@@ -78,8 +116,31 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, runtime: bool = True
         rt.add_argument("--seed", type=int, help="sampling seed")
 
 
+def check_supported(args: argparse.Namespace) -> None:
+    """Reject model kinds whose plugins are missing and flags whose capability is pending."""
+    from mistralrs.errors import ConfigError
+
+    kind = getattr(args, "kind", "auto") or "auto"
+    if kind not in ("auto", "text"):
+        from mistralrs.plugins import get_registry
+
+        wanted = "vision" if kind == "multimodal" else kind
+        if not any(s.kind_of_model == wanted for s in get_registry().architectures):
+            raise ConfigError(
+                f"{kind} models need an architecture plugin for {wanted} models, and none is installed "
+                f"(`mistralrs plugins` lists what is); install one, or use `auto`/`text`"
+            )
+    for dest, capability in PENDING_FLAGS.items():
+        value = getattr(args, dest, None)
+        if value and not (dest == "format" and value == "plain"):
+            flag = "--" + dest.replace("_", "-")
+            raise ConfigError(f"{flag} is not supported yet in this build ({capability} is not implemented yet)")
+
+
 def options_from_args(args: argparse.Namespace) -> Any:
     from mistralrs.serving import ServiceOptions
+
+    check_supported(args)
 
     given = [f for f in ("pa_context_len", "pa_memory_mb", "pa_memory_fraction") if getattr(args, f, None) is not None]
     if len(given) > 1:

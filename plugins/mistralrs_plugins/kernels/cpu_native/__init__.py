@@ -5,7 +5,7 @@ built lazily on the first call of an op (see `ops`), cached under the platformdi
 and when it cannot be built the op falls back to torch for the rest of the process.
 
 Ops:
-- ``linear_bf16`` (``avx512_bf16``): ``y = x @ W^T (+ b)`` for bf16 with few rows (decode GEMV),
+- ``linear_bf16`` (``avx512_bf16``): ``y = x @ W^T (+ b)`` for bf16 with few rows (decode, <= 32),
   fp32 accumulation with ``vdpbf16ps``. Claims ``cpu`` only on x86 with the ``avx512_bf16`` flag.
 
 Set ``MISTRALRS_NO_NATIVE_KERNELS=1`` to never claim a device (and never build).
@@ -61,5 +61,5 @@ def register_kernels(register):
         devices=("cpu",),
         priority=10,
         supports=supports_avx512_bf16,
-        description="AVX-512-BF16 decode GEMV (bf16, <= 8 rows; built on first use)",
+        description="AVX-512-BF16 decode GEMV/GEMM (bf16, <= 32 rows; built on first use)",
     ))

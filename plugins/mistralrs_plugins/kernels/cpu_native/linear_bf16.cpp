@@ -1,22 +1,30 @@
-// Decode GEMV for bf16 on AVX-512-BF16 CPUs.
+// Decode GEMV / small-M GEMM for bf16 on AVX-512-BF16 CPUs.
 //
 //   y[M, N] = x[M, K] @ W[N, K]^T (+ bias[N]),  bf16 in, fp32 accumulation, bf16 out (round to nearest even)
 //
-// For small M (1..8 rows: batch-1 decode and small decode batches) the product is bound by reading W
-// once. W stays in its original row-major [N, K] layout (nothing is repacked):
-// - "row" schedule (M == 1, or when x is small enough to stay in L1): one row of W at a time, U
-//   independent accumulators over K, every row of x multiplied into each 64-byte line of W with
-//   `vdpbf16ps` (pairs of K accumulated into 16 fp32 lanes). Consecutive rows are adjacent, so each
-//   thread reads one strictly sequential stream, which the hardware prefetcher likes best.
-// - "tile" schedule (several rows of x too big for L1, e.g. M=4 and K=8192): R rows of W at once, so
-//   every line of x loaded is used R times.
-// Each accumulator is reduced horizontally once at the end of K. Every line of W is also prefetched
-// `prefetch` bytes ahead in software. Threads split N into contiguous ranges (at::parallel_for with
-// torch's thread count), so W is read exactly once per call. K tails use masked (zeroing) loads, so any
-// K works; N tails are handled one row at a time.
+// For small M (1..32 rows: batch-1 decode and decode batches) W is read from memory exactly once per call
+// and stays in its original row-major [N, K] layout (nothing is repacked). All products run along K with
+// `vdpbf16ps` (32 bf16 of x times 32 bf16 of W, pairwise accumulated into 16 fp32 lanes); each fp32
+// accumulator is reduced horizontally once per K block.
 //
-// Measured on a 2-core AMD EPYC (Zen 5) VM, M=1: 40-55 GB/s of weights vs 20-25 GB/s for torch's
-// bf16 F.linear (benchmarks/linear_bf16.py).
+// - M == 1 ("row" schedule): one row of W at a time, U = 4 independent accumulators over K, every line
+//   of W software-prefetched `kRowPrefetch` bytes ahead. Consecutive rows are adjacent, so each thread
+//   reads one strictly sequential stream (bound by memory bandwidth).
+// - 2 <= M <= 32 ("blocked" schedule): register tiles of MB rows of x by R rows of W (MB * R <= 24 fp32
+//   accumulators + R weight registers + 1 x register in the 32 zmm registers), so each 64-byte line of W
+//   loaded is used MB times and each line of x R times. A thread walks its range of N in panels of
+//   ~kPanelRows rows; for each K block (kKBlock) of a panel it runs the M rows in ceil(M / MB) passes
+//   over the panel's tiles. The x block of a pass (MB x kKBlock bf16 <= 24-32 KiB) stays in L1 across
+//   the panel's tiles; the first pass pulls the panel's W block into the caches, the later passes re-read
+//   it from L2. DRAM traffic is decoupled from the passes: while a work item (panel, K block) computes,
+//   the W of the next work item is software-prefetched at an even pace spread over all its passes.
+//   At M = 16-32 the kernel is compute-bound-ish (2 x vdpbf16ps per cycle per core peak).
+// Threads split N into contiguous ranges (at::parallel_for with torch's thread count), so W is read
+// exactly once per call. K tails use masked (zeroing) loads, so any K works; N tails (N % R rows) are
+// handled one row of W at a time.
+//
+// Measured on a 2-core AMD EPYC (Zen 5) VM, weight-read bandwidth vs torch's bf16 F.linear (oneDNN):
+// M=1 40-50 GB/s vs 15-20, M=8 ~35 vs ~16, M=16 ~25 vs ~14, M=32 ~16 vs ~11 (benchmarks/linear_bf16.py).
 
 // Only light headers (no <torch/extension.h>, no Python): the op is registered with the dispatcher
 // under the namespace TORCH_EXTENSION_NAME (set by cpp_extension) and called as
@@ -35,32 +43,115 @@ namespace {
 
 inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
 
-// Dot products of M rows of x (row stride ldx) with R rows of W (starting at w, row stride ldw) over
-// K, U lines of K per step per row. Writes out[m * R + r].
-template <int M, int R, int U>
-inline void tile_dot(const uint16_t* __restrict x, int64_t ldx, const uint16_t* __restrict w, int64_t ldw,
-                     int64_t K, int64_t prefetch, float* __restrict out) {
-  __m512 acc[M][R][U];
+inline uint16_t to_bf16_bits(float v) {
+  // Round to nearest even, as torch does (NaN stays NaN).
+  return c10::BFloat16(v).x;
+}
+
+inline __mmask32 tail_mask(int64_t left) {
+  return left >= 32 ? static_cast<__mmask32>(0xffffffffu) : static_cast<__mmask32>((1ull << left) - 1ull);
+}
+
+// ---- M == 1: row schedule --------------------------------------------------------------------------
+
+constexpr int kRowU = 4;                // lines of K per step (independent accumulators)
+constexpr int64_t kRowPrefetch = 1024;  // bytes ahead in the stream of W
+
+// Dot product of x[0, K) with one row of W.
+inline float row_dot(const uint16_t* __restrict x, const uint16_t* __restrict w, int64_t K) {
+  __m512 acc[kRowU];
 #pragma GCC unroll 8
-  for (int m = 0; m < M; ++m)
+  for (int u = 0; u < kRowU; ++u) acc[u] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 * kRowU <= K; k += 32 * kRowU) {
+#pragma GCC unroll 8
+    for (int u = 0; u < kRowU; ++u) {
+      const uint16_t* p = w + k + 32 * u;
+      _mm_prefetch(reinterpret_cast<const char*>(p) + kRowPrefetch, _MM_HINT_T0);
+      const __m512i wv = _mm512_loadu_si512(reinterpret_cast<const void*>(p));
+      const __m512i xv = _mm512_loadu_si512(reinterpret_cast<const void*>(x + k + 32 * u));
+      acc[u] = _mm512_dpbf16_ps(acc[u], as_bh(xv), as_bh(wv));
+    }
+  }
+  for (; k < K; k += 32) {  // the last < U lines, the final one possibly partial (masked)
+    const __mmask32 mask = tail_mask(K - k);
+    const __m512i wv = _mm512_maskz_loadu_epi16(mask, w + k);
+    const __m512i xv = _mm512_maskz_loadu_epi16(mask, x + k);
+    acc[0] = _mm512_dpbf16_ps(acc[0], as_bh(xv), as_bh(wv));
+  }
+  __m512 sum = acc[0];
+#pragma GCC unroll 8
+  for (int u = 1; u < kRowU; ++u) sum = _mm512_add_ps(sum, acc[u]);
+  return _mm512_reduce_add_ps(sum);
+}
+
+void gemv_1row(const uint16_t* x, const uint16_t* w, int64_t N, int64_t K, const float* bias, uint16_t* y) {
+  // Enough work per thread chunk that the fork/join is amortised (~512 KiB of weights).
+  const int64_t grain = std::max<int64_t>(1, (int64_t(512) << 10) / std::max<int64_t>(1, K * 2));
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      float v = row_dot(x, w + n * K, K);
+      if (bias) v += bias[n];
+      y[n] = to_bf16_bits(v);
+    }
+  });
+}
+
+// ---- 2 <= M <= 32: blocked schedule ------------------------------------------------------------------
+
+// Walks a strided set of byte ranges (`rows` ranges of `seg` bytes, `stride` apart) one 64-byte line per
+// step, prefetching each line; does nothing once done (or when `row` is null).
+struct Prefetcher {
+  const char* row = nullptr;
+  int64_t col = 0, seg = 0, stride = 0, rows = 0;
+  inline void step() {
+    if (!row) return;
+    _mm_prefetch(row + col, _MM_HINT_T0);
+    col += 64;
+    if (col >= seg) {
+      col = 0;
+      row += stride;
+      if (--rows == 0) row = nullptr;
+    }
+  }
+};
+
+// [sum(a0), sum(a1), sum(a2), sum(a3)]
+inline __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+  const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+  const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+  const __m512d d01 = _mm512_castps_pd(s01), d23 = _mm512_castps_pd(s23);
+  const __m512 v = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(d01, d23)),
+                                 _mm512_castpd_ps(_mm512_unpackhi_pd(d01, d23)));
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// Dot products of MB rows of x (row stride ldx) with R rows of W (row stride ldw) over klen elements of K
+// (both pointers at the start of the K block), U lines of K per step. Stores (or, when `accumulate`,
+// adds) the results into out[m * ldo + r]. Each step advances the prefetcher `npf` lines.
+template <int MB, int R, int U>
+void block_dot(const uint16_t* __restrict x, int64_t ldx, const uint16_t* __restrict w, int64_t ldw,
+               int64_t klen, Prefetcher& pf, int npf, float* __restrict out, int64_t ldo, bool accumulate) {
+  __m512 acc[MB][R][U];
+#pragma GCC unroll 8
+  for (int m = 0; m < MB; ++m)
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
       for (int u = 0; u < U; ++u) acc[m][r][u] = _mm512_setzero_ps();
-
   int64_t k = 0;
-  for (; k + 32 * U <= K; k += 32 * U) {
+  for (; k + 32 * U <= klen; k += 32 * U) {
+    for (int i = 0; i < npf * U; ++i) pf.step();
     __m512i wv[R][U];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-      for (int u = 0; u < U; ++u) {
-        const uint16_t* p = w + r * ldw + k + 32 * u;
-        _mm_prefetch(reinterpret_cast<const char*>(p) + prefetch, _MM_HINT_T0);
-        wv[r][u] = _mm512_loadu_si512(reinterpret_cast<const void*>(p));
-      }
+      for (int u = 0; u < U; ++u)
+        wv[r][u] = _mm512_loadu_si512(reinterpret_cast<const void*>(w + r * ldw + k + 32 * u));
 #pragma GCC unroll 8
-    for (int m = 0; m < M; ++m)
+    for (int m = 0; m < MB; ++m)
 #pragma GCC unroll 8
       for (int u = 0; u < U; ++u) {
         const __m512i xv = _mm512_loadu_si512(reinterpret_cast<const void*>(x + m * ldx + k + 32 * u));
@@ -68,102 +159,141 @@ inline void tile_dot(const uint16_t* __restrict x, int64_t ldx, const uint16_t* 
         for (int r = 0; r < R; ++r) acc[m][r][u] = _mm512_dpbf16_ps(acc[m][r][u], as_bh(xv), as_bh(wv[r][u]));
       }
   }
-  for (; k < K; k += 32) {  // the last < U lines, the final one possibly partial (masked)
-    const __mmask32 mask = K - k >= 32 ? static_cast<__mmask32>(0xffffffffu)
-                                       : static_cast<__mmask32>((1ull << (K - k)) - 1ull);
+  for (; k < klen; k += 32) {  // the last < U lines, the final one possibly partial (masked)
+    const __mmask32 mask = tail_mask(klen - k);
     __m512i wv[R];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) wv[r] = _mm512_maskz_loadu_epi16(mask, w + r * ldw + k);
 #pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) {
+    for (int m = 0; m < MB; ++m) {
       const __m512i xv = _mm512_maskz_loadu_epi16(mask, x + m * ldx + k);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) acc[m][r][0] = _mm512_dpbf16_ps(acc[m][r][0], as_bh(xv), as_bh(wv[r]));
     }
   }
 #pragma GCC unroll 8
-  for (int m = 0; m < M; ++m)
+  for (int m = 0; m < MB; ++m)
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      __m512 sum = acc[m][r][0];
+    for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-      for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[m][r][u]);
-      out[m * R + r] = _mm512_reduce_add_ps(sum);
+      for (int u = 1; u < U; ++u) acc[m][r][0] = _mm512_add_ps(acc[m][r][0], acc[m][r][u]);
+  if constexpr (R == 4) {
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) {
+      __m128 v = reduce4(acc[m][0][0], acc[m][1][0], acc[m][2][0], acc[m][3][0]);
+      if (accumulate) v = _mm_add_ps(v, _mm_loadu_ps(out + m * ldo));
+      _mm_storeu_ps(out + m * ldo, v);
     }
+  } else {
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m)
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const float v = _mm512_reduce_add_ps(acc[m][r][0]);
+        out[m * ldo + r] = accumulate ? out[m * ldo + r] + v : v;
+      }
+  }
 }
 
-inline uint16_t to_bf16_bits(float v) {
-  // Round to nearest even, as torch does (NaN stays NaN).
-  return c10::BFloat16(v).x;
-}
+using BlockFn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, Prefetcher&, int, float*,
+                         int64_t, bool);
 
-// Schedules: rows per tile R and lines per step U (M*R*U accumulators + R*U weight registers must fit
-// in the 32 zmm registers).
-template <int M>
-struct RowSchedule {  // one row of W at a time
-  static constexpr int R = 1;
-  static constexpr int U = M == 1 ? 4 : 2;
+// block_dot<MB, R, U> for MB = 1..MBMAX (index MB). A single row of x gets U = 2 (latency-bound otherwise
+// with few accumulators); more rows have enough independent accumulators with U = 1.
+template <int R, int MBMAX>
+struct BlockTable {
+  BlockFn f[9] = {};
+  constexpr BlockTable() {
+    f[1] = block_dot<1, R, (R >= 4 ? 1 : 2)>;
+    if constexpr (MBMAX >= 2) f[2] = block_dot<2, R, 1>;
+    if constexpr (MBMAX >= 3) f[3] = block_dot<3, R, 1>;
+    if constexpr (MBMAX >= 4) f[4] = block_dot<4, R, 1>;
+    if constexpr (MBMAX >= 5) f[5] = block_dot<5, R, 1>;
+    if constexpr (MBMAX >= 6) f[6] = block_dot<6, R, 1>;
+    if constexpr (MBMAX >= 7) f[7] = block_dot<7, R, 1>;
+    if constexpr (MBMAX >= 8) f[8] = block_dot<8, R, 1>;
+  }
 };
-template <int M>
-struct TileSchedule {  // several rows of W per line of x
-  static constexpr int R = M <= 4 ? 4 : (M <= 6 ? 3 : 2);
-  static constexpr int U = 1;
-};
 
-template <int M, template <int> class Schedule>
-void gemv(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t N, int64_t K, const float* bias,
-          uint16_t* y, int64_t ldy, int64_t prefetch) {
-  constexpr int R = Schedule<M>::R;
-  constexpr int U = Schedule<M>::U;
-  const int64_t full_tiles = N / R;
-  const int64_t tiles = full_tiles + (N % R ? 1 : 0);
-  // Enough work per thread chunk that the fork/join is amortised (~512 KiB of weights).
-  const int64_t bytes_per_tile = static_cast<int64_t>(R) * K * 2;
-  const int64_t grain = std::max<int64_t>(1, (int64_t(512) << 10) / std::max<int64_t>(1, bytes_per_tile));
+constexpr int kMaxRows = 32;
+constexpr int64_t kPanelRows = 48;  // rows of W per panel (a multiple of every R)
+constexpr int64_t kKBlock = 2048;   // elements of K per block: MB x kKBlock of x stays in L1
 
-  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-    float acc[M * R];
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n0 = t * R;
-      if (t < full_tiles) {
-        tile_dot<M, R, U>(x, ldx, w + n0 * K, K, K, prefetch, acc);
-        for (int m = 0; m < M; ++m)
-          for (int r = 0; r < R; ++r) {
-            float v = acc[m * R + r];
-            if (bias) v += bias[n0 + r];
-            y[m * ldy + n0 + r] = to_bf16_bits(v);
-          }
-      } else {
-        for (int64_t n = n0; n < N; ++n) {
-          tile_dot<M, 1, 1>(x, ldx, w + n * K, K, K, prefetch, acc);
-          for (int m = 0; m < M; ++m) {
-            float v = acc[m];
-            if (bias) v += bias[n];
-            y[m * ldy + n] = to_bf16_bits(v);
-          }
+// y[M, N] for 2 <= M <= kMaxRows with R rows of W and up to MBMAX rows of x per register tile.
+template <int R, int MBMAX>
+void gemm_blocked(const uint16_t* x, int64_t ldx, int64_t M, const uint16_t* w, int64_t N, int64_t K,
+                  const float* bias, uint16_t* y, int64_t ldy) {
+  static constexpr BlockTable<R, MBMAX> table{};
+  static constexpr BlockTable<1, 8> tail_table{};
+  static_assert(kPanelRows % R == 0, "panels hold whole tiles");
+  // Row blocks of x, as even as possible (e.g. M = 16, MBMAX = 6: 6 + 5 + 5).
+  const int64_t nb = (M + MBMAX - 1) / MBMAX;
+  int64_t mbs[kMaxRows], m0s[kMaxRows];
+  for (int64_t b = 0, m0 = 0; b < nb; ++b) {
+    mbs[b] = M / nb + (b < M % nb ? 1 : 0);
+    m0s[b] = m0;
+    m0 += mbs[b];
+  }
+  // Lines of the next work item's W to prefetch per step: a work item has R / nb lines of W per step of
+  // its passes.
+  const int npf = static_cast<int>((R + nb - 1) / nb);
+  const int64_t Kc = std::min(K, kKBlock);
+  constexpr int64_t tiles_per_panel = kPanelRows / R;
+  const int64_t full = N / R;  // whole tiles; the N % R last rows are one extra work unit
+  // Enough work per thread chunk that the fork/join is amortised (~256 KiB of weights).
+  const int64_t grain = std::max<int64_t>(1, (int64_t(256) << 10) / std::max<int64_t>(1, int64_t(R) * K * 2));
+
+  at::parallel_for(0, full + (N % R ? 1 : 0), grain, [&](int64_t begin, int64_t end) {
+    float out[kMaxRows * kPanelRows];
+    constexpr int64_t ldo = kPanelRows;
+    const int64_t tend = std::min(end, full);
+    for (int64_t p = begin; p < tend; p += tiles_per_panel) {
+      const int64_t np = std::min(tiles_per_panel, tend - p);  // tiles in this panel
+      const uint16_t* wp = w + p * R * K;
+      for (int64_t kb = 0; kb < K; kb += Kc) {
+        const int64_t klen = std::min(Kc, K - kb);
+        // The next work item: this panel's next K block, or the next panel's first.
+        Prefetcher pf;
+        pf.stride = K * 2;
+        if (kb + Kc < K) {
+          pf.row = reinterpret_cast<const char*>(wp + kb + Kc);
+          pf.seg = std::min(Kc, K - kb - Kc) * 2;
+          pf.rows = np * R;
+        } else if (p + np < tend) {
+          pf.row = reinterpret_cast<const char*>(wp + np * R * K);
+          pf.seg = Kc * 2;
+          pf.rows = std::min(tiles_per_panel, tend - p - np) * R;
+        }
+        for (int64_t b = 0; b < nb; ++b)
+          for (int64_t j = 0; j < np; ++j)
+            table.f[mbs[b]](x + m0s[b] * ldx + kb, ldx, wp + j * R * K + kb, K, klen, pf, npf,
+                            out + m0s[b] * ldo + j * R, ldo, kb > 0);
+      }
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t c = 0; c < np * R; ++c) {
+          float v = out[m * ldo + c];
+          if (bias) v += bias[p * R + c];
+          y[m * ldy + p * R + c] = to_bf16_bits(v);
+        }
+    }
+    if (end > full) {  // the N % R last rows, one at a time
+      Prefetcher none;
+      for (int64_t n = full * R; n < N; ++n) {
+        for (int64_t m0 = 0; m0 < M; m0 += 8) {
+          const int64_t mb = std::min<int64_t>(8, M - m0);
+          tail_table.f[mb](x + m0 * ldx, ldx, w + n * K, K, K, none, 0, out + m0, 1, false);
+        }
+        for (int64_t m = 0; m < M; ++m) {
+          float v = out[m];
+          if (bias) v += bias[n];
+          y[m * ldy + n] = to_bf16_bits(v);
         }
       }
     }
   });
 }
 
-using GemvFn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, const float*, uint16_t*,
-                        int64_t, int64_t);
-
-constexpr int kMaxRows = 8;
-const GemvFn kRowGemv[kMaxRows + 1] = {nullptr,
-                                       gemv<1, RowSchedule>, gemv<2, RowSchedule>, gemv<3, RowSchedule>,
-                                       gemv<4, RowSchedule>, gemv<5, RowSchedule>, gemv<6, RowSchedule>,
-                                       gemv<7, RowSchedule>, gemv<8, RowSchedule>};
-const GemvFn kTileGemv[kMaxRows + 1] = {nullptr,
-                                        gemv<1, RowSchedule>,  gemv<2, TileSchedule>, gemv<3, TileSchedule>,
-                                        gemv<4, TileSchedule>, gemv<5, TileSchedule>, gemv<6, TileSchedule>,
-                                        gemv<7, TileSchedule>, gemv<8, TileSchedule>};
-
-// x rows up to this many bytes stay in L1 next to the weight stream: use the row schedule.
-constexpr int64_t kRowScheduleMaxXBytes = 32 << 10;
-
-// x: [M, K] bf16 (M <= 8, last dim contiguous), weight: [N, K] bf16 contiguous, bias: [N] (any float dtype).
+// x: [M, K] bf16 (M <= kMaxRows, last dim contiguous), weight: [N, K] bf16 contiguous, bias: [N] (any float dtype).
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2, "linear_bf16: x must be 2-D [M, K]");
   TORCH_CHECK(weight.dim() == 2, "linear_bf16: weight must be 2-D [N, K]");
@@ -189,12 +319,16 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight, const std:
     if (bias_ptr) return bias_f.to(at::kBFloat16).unsqueeze(0).expand({M, N}).contiguous();
     return y.zero_();
   }
-  const bool row_schedule = M * K * 2 <= kRowScheduleMaxXBytes;
-  const GemvFn fn = row_schedule ? kRowGemv[M] : kTileGemv[M];
-  const int64_t prefetch = M == 1 ? 1024 : 2048;  // bytes ahead; more work per line wants more distance
-  fn(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), xc.stride(0),
-     reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()), N, K, bias_ptr,
-     reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()), N, prefetch);
+  const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+  const auto* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
+  auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  if (M == 1) {
+    gemv_1row(xp, wp, N, K, bias_ptr, yp);
+  } else if (M <= 8) {
+    gemm_blocked<3, 8>(xp, xc.stride(0), M, wp, N, K, bias_ptr, yp, N);  // one pass: 3 x M tiles
+  } else {
+    gemm_blocked<4, 6>(xp, xc.stride(0), M, wp, N, K, bias_ptr, yp, N);  // 4 x (<= 6) tiles
+  }
   return y;
 }
 

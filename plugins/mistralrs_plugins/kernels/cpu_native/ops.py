@@ -38,7 +38,7 @@ SOURCES = ("linear_bf16.cpp",)
 CFLAGS = ("-O3", "-DNDEBUG", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 BUILD_LOCK_TIMEOUT_S = 900.0
-MAX_ROWS = 8  # the kernel handles 1..MAX_ROWS rows; more rows are compute-bound: F.linear
+MAX_ROWS = 32  # the kernel handles 1..MAX_ROWS rows; more rows (prefill) are compute-bound: F.linear
 
 _lock = threading.Lock()
 _ext: NativeOps | None = None
@@ -171,7 +171,7 @@ def _reset_for_tests() -> None:
 
 
 def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; bf16 inputs with 1..8 rows on CPU use the AVX-512-BF16 GEMV.
+    """``F.linear(x, weight, bias)``; bf16 inputs with 1..MAX_ROWS rows on CPU use the AVX-512-BF16 kernel.
     Anything else (other dtypes, more rows, autograd, compiling, no native build) is F.linear."""
     if (
         x.dtype is not torch.bfloat16

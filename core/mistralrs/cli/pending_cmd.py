@@ -1,0 +1,28 @@
+"""Commands of mistral.rs's CLI whose capability this build does not have yet. They exist so
+that scripts and users get a clear answer instead of "invalid choice"."""
+
+from __future__ import annotations
+
+import argparse
+
+from mistralrs.cli.model_options import add_model_arguments
+from mistralrs.errors import ConfigError
+
+
+def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser, runtime=False)
+    parser.add_argument("-o", "--output", help="where to write the UQFF file(s)")
+
+
+def quantize(args: argparse.Namespace) -> int:
+    raise ConfigError("quantize (writing UQFF files) is not supported yet in this build: "
+                      "quantization plugins (ISQ/UQFF) are not implemented yet")
+
+
+def add_uqff_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["report", "verify", "inspect"])
+    parser.add_argument("path", nargs="?", help="a UQFF file or directory")
+
+
+def uqff(args: argparse.Namespace) -> int:
+    raise ConfigError(f"uqff {args.action} is not supported yet in this build: UQFF support is not implemented yet")
