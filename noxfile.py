@@ -49,7 +49,7 @@ def typecheck(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks: print tokens/s and GB/s, write JSON under benchmarks/results/."""
     install(session)
-    for script in ("load_memory.py", "sampling.py", "constraints.py", "linear_bf16.py", "engine_speed.py"):
+    for script in ("load_memory.py", "sampling.py", "constraints.py", "linear_bf16.py", "constrained_decode.py", "engine_speed.py"):
         session.run("python", f"benchmarks/{script}", *session.posargs)
 
 
