@@ -26,7 +26,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import attrs
 
@@ -121,10 +121,10 @@ def _resolve_source(source: Any) -> tuple[Path, Path, list[Path]]:
         if root.is_file():
             raise ModelLoadError(f"{_short(root)}: expected a model directory (with config.json), got a file")
         return root, root / "config.json", []
-    root = getattr(source, "root", None)
-    if root is None:
+    source_root = getattr(source, "root", None)
+    if source_root is None:
         raise ModelLoadError(f"cannot load a model from {type(source).__name__}: pass a directory path or hub.ModelFiles")
-    root = Path(root)
+    root = Path(source_root)
     config = getattr(source, "config", None)
     weights = [Path(w) for w in (getattr(source, "weights", None) or ())]
     return root, Path(config) if config else root / "config.json", weights
@@ -400,7 +400,7 @@ def _iter_bytes(path: Path) -> Iterator[tuple[str, tuple[int, ...], Callable[[],
         raise _corrupt(path, exc) from None
     for key in list(tensors):
         t = tensors.pop(key)
-        yield key, tuple(t.shape), (lambda _t=t: _t)
+        yield key, tuple(t.shape), cast("Callable[[], Any]", lambda _t=t: _t)
         del t
 
 
@@ -662,6 +662,7 @@ def generate_greedy(
         block_table = torch.arange(needed, dtype=torch.int32, device=device)[None, :]
 
     def slots(pos: torch.Tensor) -> torch.Tensor:
+        assert block_table is not None  # only called when cached
         return block_table[0, pos // bs].long() * bs + pos % bs
 
     with torch.no_grad():

@@ -34,7 +34,7 @@ import json
 import re
 import uuid
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NoReturn
 
 import attrs
 
@@ -91,10 +91,14 @@ class ToolCallDelta:
     arguments: str
 
 
+def _tool_call_list(calls: Iterable[ToolCall]) -> list[ToolCall]:
+    return list(calls)
+
+
 @attrs.frozen
 class ParsedOutput:
     content: str
-    tool_calls: list[ToolCall] = attrs.field(factory=list, converter=list)
+    tool_calls: list[ToolCall] = attrs.field(factory=list, converter=_tool_call_list)
 
 
 def new_tool_call_id() -> str:
@@ -232,6 +236,7 @@ def _json_end(text: str, start: int, memo: dict[int, Any] | None = None, offset:
     if state is None:
         if text[start] == "{":
             m = _SPACES.match(text, start + 1)
+            assert m is not None  # \s* always matches
             nxt = text[m.end():m.end() + 1]
             if nxt and nxt not in '"}':
                 raise Reject
@@ -240,6 +245,7 @@ def _json_end(text: str, start: int, memo: dict[int, Any] | None = None, offset:
         pos, stack, in_string = state[0] - offset, list(state[1]), state[2]
     if in_string:
         m = _STRING_REST.match(text, pos)
+        assert m is not None  # always matches: up to a closing quote or the end of the text
         if m.group(1) is None:
             pos = m.end() - (1 if m.group(2) else 0)
             if memo is not None:
@@ -289,7 +295,7 @@ class Cursor:
     def at_end(self) -> bool:
         return self.pos >= len(self.text)
 
-    def more(self) -> None:
+    def more(self) -> NoReturn:
         """The text ended before a decision: wait, or (final) give up."""
         raise Reject if self.final else NeedMore
 
@@ -332,6 +338,7 @@ class Cursor:
             raise NeedMore
         if end == self.pos:
             raise Reject
+        assert m is not None  # no match leaves end == self.pos, rejected above
         self.pos = end
         return self.text[m.start():end]
 
@@ -521,7 +528,9 @@ class ToolCallParser:
 
         while True:
             if self._at_start:
-                start = _SPACES.match(buf).end()
+                spaces = _SPACES.match(buf)
+                assert spaces is not None  # \s* always matches
+                start = spaces.end()
                 if start == len(buf) and not final:
                     break
                 if self.bare_json_at_start and start < len(buf):

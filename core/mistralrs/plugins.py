@@ -22,7 +22,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import pluggy
@@ -209,7 +209,7 @@ class PluginHost:
                 return False
             self.plugins[name] = PluginInfo(
                 name=name,
-                module=module or getattr(plugin, "__name__", type(plugin).__qualname__),
+                module=module or cast(str, getattr(plugin, "__name__", type(plugin).__qualname__)),
                 distribution=distribution,
                 version=version,
                 first_party=first_party,

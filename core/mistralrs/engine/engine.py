@@ -50,7 +50,7 @@ class GenerationRequest:
     id: str = attrs.field(factory=lambda: f"req-{next(_request_ids)}")
 
 
-_request_ids = itertools.count()
+_request_ids: Iterator[int] = itertools.count()
 
 
 @attrs.frozen

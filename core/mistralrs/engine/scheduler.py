@@ -83,7 +83,8 @@ class Scheduler:
             seq = self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
-        out, budget = [], self.budget
+        out: list[Scheduled] = []
+        budget = self.budget
         for seq in self.running:
             seq.num_computed = 0
             n = len(seq)

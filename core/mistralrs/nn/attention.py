@@ -8,7 +8,7 @@ which writes k/v into the cache and attends (GQA included: k/v keep their own he
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -92,7 +92,8 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:
-            q, k = self.rotary(q, k, positions)
+            # set with object.__setattr__, so mypy sees nn.Module.__getattr__'s Tensor | Module
+            q, k = cast(nn.Module, self.rotary)(q, k, positions)
         out = batch.backend.attend(
             self.layer_idx, q, k, v, batch,
             scale=self.scale, sliding_window=self.sliding_window, softcap=self.softcap,
