@@ -418,7 +418,9 @@ def load_weights(model: nn.Module, files: Iterable[Path], *, arch_name: str = "m
     filled: set[str] = set()
     nbytes = 0
     iterate = _iter_bytes if _no_mmap() else _iter_mmap
-    with torch.no_grad():
+    from mistralrs.progress import progress
+
+    with torch.no_grad(), progress(len(expected), f"loading {arch_name} weights") as bar:
         for path in files:
             if not path.is_file():
                 raise ModelLoadError(f"{_short(path)}: weights file not found; re-download the model")
@@ -457,6 +459,7 @@ def load_weights(model: nn.Module, files: Iterable[Path], *, arch_name: str = "m
                         f"{list(dest.shape)}; config.json does not match the weights"
                     )
                 tensor = read()
+                bar.update()
                 if loader is not None:
                     loader(dest, tensor)
                 else:

@@ -382,3 +382,14 @@ def test_error_missing_shard(tmp_path):
     with pytest.raises(ModelLoadError) as exc:
         load_model(path, dtype="f32")
     assert shard.name in _one_line(exc) and "index" in str(exc.value)
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch):
+    import io
+
+    from mistralrs.progress import progress
+
+    monkeypatch.setattr("sys.stderr", io.StringIO())  # a pipe: nothing is drawn
+    with progress(3, "loading") as bar:
+        bar.update()
+    assert type(bar).__name__ == "_Silent"
