@@ -11,7 +11,6 @@ This module must not import torch or transformers.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -125,16 +124,9 @@ def load_generation_config(path_or_dir: str | Path) -> GenerationDefaults:
         path = path / GENERATION_CONFIG_FILE
     if not path.is_file():
         return GenerationDefaults()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"cannot read {path}: {' '.join(str(exc).split())}; check the file") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(
-            f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); fix or delete the file"
-        ) from None
+    from mistralrs.tokenization import read_json_file
+
+    data = read_json_file(path, what="generation config")
     if not isinstance(data, dict):
         raise ModelLoadError(f"{path} must hold a JSON object; fix or delete the file")
     return _convert(data, path)
