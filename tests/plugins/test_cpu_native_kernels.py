@@ -112,11 +112,16 @@ def _check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | 
     assert bool(((y.double() - ref).abs() <= 2.0**-7 * exact.abs() + 1e-4 * scale + 1e-30).all())
 
 
-SHAPES = [(1, 1), (7, 17), (37, 100), (64, 64), (130, 2048), (300, 96), (19, 1000), (16, 8200)]
+# (N, K): K tails (K % 32), K blocks (K > 2048, with a tail), N tails for the 3- and 4-row weight
+# tiles (N % 3, N % 4), several 48-row panels per thread, and tiny shapes.
+SHAPES = [(1, 1), (7, 17), (37, 100), (64, 64), (130, 2048), (300, 96), (19, 1000), (16, 8200), (101, 4133),
+          (2, 2049)]
+# Rows: 1 (row GEMV), 2..8 (one pass of 3-row tiles), 9..32 (passes of <= 6 rows with 4-row tiles).
+ROWS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 13, 16, 19, 24, 29, 32]
 
 
 @requires_avx512_bf16
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("m", ROWS)
 @pytest.mark.parametrize("n,k", SHAPES)
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 def test_linear_bf16_matches_reference(native, m, n, k, bias):
@@ -129,23 +134,47 @@ def test_linear_bf16_matches_reference(native, m, n, k, bias):
 
 
 @requires_avx512_bf16
+@pytest.mark.parametrize("m", [8, 16, 32])
+def test_linear_bf16_many_panels_and_threads(native, m):
+    """Enough rows of W for several panels per thread (the next panel is prefetched while one computes)
+    and an N tail, with 2 threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(77 + m)
+        x = torch.randn(m, 256, generator=g).to(torch.bfloat16)
+        w = (torch.randn(1001, 256, generator=g) / 16).to(torch.bfloat16)
+        b = torch.randn(1001, generator=g).to(torch.bfloat16)
+        _check(native.linear_bf16(x, w, b), x, w, b)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@requires_avx512_bf16
 def test_linear_bf16_shapes_strides_and_fallbacks(native):
     g = torch.Generator().manual_seed(5)
     w = (torch.randn(48, 72, generator=g) / 8).to(torch.bfloat16)
     b = torch.randn(48, generator=g).to(torch.bfloat16)
-    # Leading dims are flattened: [B, T, K] with B*T <= 8 goes native.
+    # Leading dims are flattened: [B, T, K] with B*T <= MAX_ROWS goes native.
     x3 = torch.randn(2, 3, 72, generator=g).to(torch.bfloat16)
     y3 = native.linear_bf16(x3, w, b)
     assert y3.shape == (2, 3, 48)
     _check(y3, x3, w, b)
-    # Non-contiguous rows (a strided view).
-    xs = torch.randn(4, 144, generator=g).to(torch.bfloat16)[:, ::2]
-    _check(native.linear_bf16(xs, w, b), xs, w, b)
+    x4 = torch.randn(4, 5, 72, generator=g).to(torch.bfloat16)
+    _check(native.linear_bf16(x4, w, b), x4, w, b)
+    # Non-contiguous rows: a strided view (copied), and rows further apart than K (used in place).
+    for m in (4, 20):
+        xs = torch.randn(m, 144, generator=g).to(torch.bfloat16)[:, ::2]
+        _check(native.linear_bf16(xs, w, b), xs, w, b)
+        xr = torch.randn(m, 100, generator=g).to(torch.bfloat16)[:, 10:82]
+        assert xr.stride() == (100, 1)
+        _check(native.linear_bf16(xr, w, b), xr, w, b)
     x1 = torch.randn(1, 72, generator=g).to(torch.bfloat16)
     _check(native.linear_bf16(x1, w), x1, w, None)
-    # More than 8 rows, other dtypes, and autograd are plain F.linear.
-    x9 = torch.randn(9, 72, generator=g).to(torch.bfloat16)
-    assert torch.equal(native.linear_bf16(x9, w, b), F.linear(x9, w, b))
+    # More than MAX_ROWS rows, other dtypes, and autograd are plain F.linear.
+    assert native.MAX_ROWS == 32
+    x33 = torch.randn(33, 72, generator=g).to(torch.bfloat16)
+    assert torch.equal(native.linear_bf16(x33, w, b), F.linear(x33, w, b))
     xf, wf = x1.float(), w.float()
     assert torch.equal(native.linear_bf16(xf, wf), F.linear(xf, wf))
     wg = w.clone().requires_grad_(True)
@@ -155,7 +184,7 @@ def test_linear_bf16_shapes_strides_and_fallbacks(native):
 @requires_avx512_bf16
 def test_linear_and_tied_lm_head_use_the_kernel(native, monkeypatch):
     from mistralrs.nn.embedding import Embedding, compute_logits
-    from mistralrs.nn.linear import Linear
+    from mistralrs.nn.linear import SMALL_M_ROWS, Linear
     from mistralrs.plugins import PluginHost, reset_plugin_host
 
     host = PluginHost(environ={})
@@ -174,14 +203,18 @@ def test_linear_and_tied_lm_head_use_the_kernel(native, monkeypatch):
         layer.process_after_loading()
         x = torch.randn(2, 64, generator=g).to(torch.bfloat16)
         _check(layer(x), x, layer.weight, layer.bias)
-        xp = torch.randn(20, 64, generator=g).to(torch.bfloat16)  # prefill-sized: F.linear
+        xb = torch.randn(SMALL_M_ROWS, 64, generator=g).to(torch.bfloat16)  # a decode batch: native
+        _check(layer(xb), xb, layer.weight, layer.bias)
+        xp = torch.randn(SMALL_M_ROWS + 1, 64, generator=g).to(torch.bfloat16)  # prefill-sized: F.linear
         assert torch.equal(layer(xp), F.linear(xp, layer.weight, layer.bias))
         emb = Embedding(50, 64)
         emb.weight.data = (torch.randn(50, 64, generator=g) / 8).to(torch.bfloat16)
         logits = compute_logits(x, None, emb)
         assert logits.dtype == torch.float32
         _check(logits.to(torch.bfloat16), x, emb.weight, None)
-        assert calls == [(2, 64), (2, 64)]
+        _check(compute_logits(xb, None, emb).to(torch.bfloat16), xb, emb.weight, None)
+        assert compute_logits(xp, None, emb).shape == (SMALL_M_ROWS + 1, 50)
+        assert calls == [(2, 64), (SMALL_M_ROWS, 64), (2, 64), (SMALL_M_ROWS, 64)]
     finally:
         reset_plugin_host(None)
 

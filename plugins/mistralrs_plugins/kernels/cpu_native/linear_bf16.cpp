@@ -2,29 +2,35 @@
 //
 //   y[M, N] = x[M, K] @ W[N, K]^T (+ bias[N]),  bf16 in, fp32 accumulation, bf16 out (round to nearest even)
 //
-// For small M (1..32 rows: batch-1 decode and decode batches) W is read from memory exactly once per call
-// and stays in its original row-major [N, K] layout (nothing is repacked). All products run along K with
-// `vdpbf16ps` (32 bf16 of x times 32 bf16 of W, pairwise accumulated into 16 fp32 lanes); each fp32
-// accumulator is reduced horizontally once per K block.
+// For small M (1..32 rows: batch-1 decode up to 32 concurrent decode requests) W is read from memory
+// exactly once per call and stays in its original row-major [N, K] layout (nothing is repacked). All
+// products run along K with `vdpbf16ps` (32 bf16 of x times 32 bf16 of W, pairwise accumulated into 16
+// fp32 lanes); each fp32 accumulator is reduced horizontally once per K (block).
 //
-// - M == 1 ("row" schedule): one row of W at a time, U = 4 independent accumulators over K, every line
-//   of W software-prefetched `kRowPrefetch` bytes ahead. Consecutive rows are adjacent, so each thread
-//   reads one strictly sequential stream (bound by memory bandwidth).
-// - 2 <= M <= 32 ("blocked" schedule): register tiles of MB rows of x by R rows of W (MB * R <= 24 fp32
-//   accumulators + R weight registers + 1 x register in the 32 zmm registers), so each 64-byte line of W
-//   loaded is used MB times and each line of x R times. A thread walks its range of N in panels of
-//   ~kPanelRows rows; for each K block (kKBlock) of a panel it runs the M rows in ceil(M / MB) passes
-//   over the panel's tiles. The x block of a pass (MB x kKBlock bf16 <= 24-32 KiB) stays in L1 across
-//   the panel's tiles; the first pass pulls the panel's W block into the caches, the later passes re-read
-//   it from L2. DRAM traffic is decoupled from the passes: while a work item (panel, K block) computes,
-//   the W of the next work item is software-prefetched at an even pace spread over all its passes.
-//   At M = 16-32 the kernel is compute-bound-ish (2 x vdpbf16ps per cycle per core peak).
+// - M <= 4, memory-bound:
+//   - "row" schedule (x small enough to stay in L1): one row of W at a time, U independent
+//     accumulators over K, every row of x multiplied into each 64-byte line of W. Consecutive rows are
+//     adjacent, so each thread reads one strictly sequential stream, which the hardware prefetcher likes
+//     best.
+//   - "tile" schedule (x too big for L1, e.g. M=4 and K=8192): 4 rows of W at once, so every line of x
+//     loaded is used 4 times.
+//   Every line of W is also prefetched `prefetch` bytes ahead in its row in software.
+// - 5 <= M <= 32 ("blocked" schedule, compute matters): register tiles of MB rows of x by R rows of W
+//   (MB * R <= 24 fp32 accumulators + R weight registers + 1 x register in the 32 zmm registers: 3 x 8
+//   for M <= 8, else 4 x 6), so each line of W loaded is used MB times and each line of x R times. A
+//   thread walks its range of N in panels of kPanelRows rows; for each K block (kKBlock) of a panel it
+//   runs the M rows in ceil(M / MB) passes over the panel's tiles: the x block of a pass (<= 32 KiB)
+//   stays in L1 across the tiles, the first pass pulls the panel's W block into the caches and the later
+//   passes re-read it from L2. While a work item (panel, K block) computes, the W of the next one is
+//   software-prefetched, a few lines per step, spread over all its passes.
 // Threads split N into contiguous ranges (at::parallel_for with torch's thread count), so W is read
-// exactly once per call. K tails use masked (zeroing) loads, so any K works; N tails (N % R rows) are
+// from memory exactly once per call. K tails use masked (zeroing) loads, so any K works; N tails are
 // handled one row of W at a time.
 //
-// Measured on a 2-core AMD EPYC (Zen 5) VM, weight-read bandwidth vs torch's bf16 F.linear (oneDNN):
-// M=1 40-50 GB/s vs 15-20, M=8 ~35 vs ~16, M=16 ~25 vs ~14, M=32 ~16 vs ~11 (benchmarks/linear_bf16.py).
+// Measured on a 2-core AMD EPYC (Zen 5) VM (benchmarks/linear_bf16.py), GB/s of weights read, native
+// vs torch's bf16 F.linear (oneDNN): M=1 35-50 vs 15-20, M=8 25-32 vs 16-20, M=16 20-27 vs 13-16,
+// M=32 13-17 vs 9-12. At M=16-32 the kernel is close to compute-bound (2 x vdpbf16ps per cycle per
+// core peak; ~60% of it is reached while streaming W from DRAM, ~90% from L2).
 
 // Only light headers (no <torch/extension.h>, no Python): the op is registered with the dispatcher
 // under the namespace TORCH_EXTENSION_NAME (set by cpp_extension) and called as
@@ -52,52 +58,128 @@ inline __mmask32 tail_mask(int64_t left) {
   return left >= 32 ? static_cast<__mmask32>(0xffffffffu) : static_cast<__mmask32>((1ull << left) - 1ull);
 }
 
-// ---- M == 1: row schedule --------------------------------------------------------------------------
+// ---- M <= 4: row and tile schedules ---------------------------------------------------------------
 
-constexpr int kRowU = 4;                // lines of K per step (independent accumulators)
-constexpr int64_t kRowPrefetch = 1024;  // bytes ahead in the stream of W
-
-// Dot product of x[0, K) with one row of W.
-inline float row_dot(const uint16_t* __restrict x, const uint16_t* __restrict w, int64_t K) {
-  __m512 acc[kRowU];
+// Dot products of M rows of x (row stride ldx) with R rows of W (starting at w, row stride ldw) over
+// K, U lines of K per step per row. Writes out[m * R + r].
+template <int M, int R, int U>
+inline void tile_dot(const uint16_t* __restrict x, int64_t ldx, const uint16_t* __restrict w, int64_t ldw,
+                     int64_t K, int64_t prefetch, float* __restrict out) {
+  __m512 acc[M][R][U];
 #pragma GCC unroll 8
-  for (int u = 0; u < kRowU; ++u) acc[u] = _mm512_setzero_ps();
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int u = 0; u < U; ++u) acc[m][r][u] = _mm512_setzero_ps();
+
   int64_t k = 0;
-  for (; k + 32 * kRowU <= K; k += 32 * kRowU) {
+  for (; k + 32 * U <= K; k += 32 * U) {
+    __m512i wv[R][U];
 #pragma GCC unroll 8
-    for (int u = 0; u < kRowU; ++u) {
-      const uint16_t* p = w + k + 32 * u;
-      _mm_prefetch(reinterpret_cast<const char*>(p) + kRowPrefetch, _MM_HINT_T0);
-      const __m512i wv = _mm512_loadu_si512(reinterpret_cast<const void*>(p));
-      const __m512i xv = _mm512_loadu_si512(reinterpret_cast<const void*>(x + k + 32 * u));
-      acc[u] = _mm512_dpbf16_ps(acc[u], as_bh(xv), as_bh(wv));
-    }
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int u = 0; u < U; ++u) {
+        const uint16_t* p = w + r * ldw + k + 32 * u;
+        _mm_prefetch(reinterpret_cast<const char*>(p) + prefetch, _MM_HINT_T0);
+        wv[r][u] = _mm512_loadu_si512(reinterpret_cast<const void*>(p));
+      }
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+      for (int u = 0; u < U; ++u) {
+        const __m512i xv = _mm512_loadu_si512(reinterpret_cast<const void*>(x + m * ldx + k + 32 * u));
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) acc[m][r][u] = _mm512_dpbf16_ps(acc[m][r][u], as_bh(xv), as_bh(wv[r][u]));
+      }
   }
   for (; k < K; k += 32) {  // the last < U lines, the final one possibly partial (masked)
-    const __mmask32 mask = tail_mask(K - k);
-    const __m512i wv = _mm512_maskz_loadu_epi16(mask, w + k);
-    const __m512i xv = _mm512_maskz_loadu_epi16(mask, x + k);
-    acc[0] = _mm512_dpbf16_ps(acc[0], as_bh(xv), as_bh(wv));
-  }
-  __m512 sum = acc[0];
+    const __mmask32 mask = K - k >= 32 ? static_cast<__mmask32>(0xffffffffu)
+                                       : static_cast<__mmask32>((1ull << (K - k)) - 1ull);
+    __m512i wv[R];
 #pragma GCC unroll 8
-  for (int u = 1; u < kRowU; ++u) sum = _mm512_add_ps(sum, acc[u]);
-  return _mm512_reduce_add_ps(sum);
+    for (int r = 0; r < R; ++r) wv[r] = _mm512_maskz_loadu_epi16(mask, w + r * ldw + k);
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      const __m512i xv = _mm512_maskz_loadu_epi16(mask, x + m * ldx + k);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[m][r][0] = _mm512_dpbf16_ps(acc[m][r][0], as_bh(xv), as_bh(wv[r]));
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      __m512 sum = acc[m][r][0];
+#pragma GCC unroll 8
+      for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[m][r][u]);
+      out[m * R + r] = _mm512_reduce_add_ps(sum);
+    }
 }
 
-void gemv_1row(const uint16_t* x, const uint16_t* w, int64_t N, int64_t K, const float* bias, uint16_t* y) {
+// Schedules: rows per tile R and lines per step U (M*R*U accumulators + R*U weight registers must fit
+// in the 32 zmm registers).
+template <int M>
+struct RowSchedule {  // one row of W at a time
+  static constexpr int R = 1;
+  static constexpr int U = M == 1 ? 4 : 2;
+};
+template <int M>
+struct TileSchedule {  // several rows of W per line of x
+  static constexpr int R = 4;
+  static constexpr int U = 1;
+};
+
+template <int M, template <int> class Schedule>
+void gemv(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t N, int64_t K, const float* bias,
+          uint16_t* y, int64_t ldy, int64_t prefetch) {
+  constexpr int R = Schedule<M>::R;
+  constexpr int U = Schedule<M>::U;
+  const int64_t full_tiles = N / R;
+  const int64_t tiles = full_tiles + (N % R ? 1 : 0);
   // Enough work per thread chunk that the fork/join is amortised (~512 KiB of weights).
-  const int64_t grain = std::max<int64_t>(1, (int64_t(512) << 10) / std::max<int64_t>(1, K * 2));
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      float v = row_dot(x, w + n * K, K);
-      if (bias) v += bias[n];
-      y[n] = to_bf16_bits(v);
+  const int64_t bytes_per_tile = static_cast<int64_t>(R) * K * 2;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(512) << 10) / std::max<int64_t>(1, bytes_per_tile));
+
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+    float acc[M * R];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n0 = t * R;
+      if (t < full_tiles) {
+        tile_dot<M, R, U>(x, ldx, w + n0 * K, K, K, prefetch, acc);
+        for (int m = 0; m < M; ++m)
+          for (int r = 0; r < R; ++r) {
+            float v = acc[m * R + r];
+            if (bias) v += bias[n0 + r];
+            y[m * ldy + n0 + r] = to_bf16_bits(v);
+          }
+      } else {
+        for (int64_t n = n0; n < N; ++n) {
+          tile_dot<M, 1, 1>(x, ldx, w + n * K, K, K, prefetch, acc);
+          for (int m = 0; m < M; ++m) {
+            float v = acc[m];
+            if (bias) v += bias[n];
+            y[m * ldy + n] = to_bf16_bits(v);
+          }
+        }
+      }
     }
   });
 }
 
-// ---- 2 <= M <= 32: blocked schedule ------------------------------------------------------------------
+using GemvFn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, const float*, uint16_t*,
+                        int64_t, int64_t);
+
+constexpr int kMaxGemvRows = 4;  // the row / tile schedules serve M = 1..4
+const GemvFn kRowGemv[kMaxGemvRows + 1] = {nullptr, gemv<1, RowSchedule>, gemv<2, RowSchedule>,
+                                           gemv<3, RowSchedule>, gemv<4, RowSchedule>};
+const GemvFn kTileGemv[kMaxGemvRows + 1] = {nullptr, gemv<1, RowSchedule>, gemv<2, TileSchedule>,
+                                            gemv<3, TileSchedule>, gemv<4, TileSchedule>};
+
+// x rows up to this many bytes stay in L1 next to the weight stream: use the row schedule.
+constexpr int64_t kRowScheduleMaxXBytes = 32 << 10;
+
+// ---- 5 <= M <= 32: blocked schedule ------------------------------------------------------------------
 
 // Walks a strided set of byte ranges (`rows` ranges of `seg` bytes, `stride` apart) one 64-byte line per
 // step, prefetching each line; does nothing once done (or when `row` is null).
@@ -219,7 +301,8 @@ constexpr int kMaxRows = 32;
 constexpr int64_t kPanelRows = 48;  // rows of W per panel (a multiple of every R)
 constexpr int64_t kKBlock = 2048;   // elements of K per block: MB x kKBlock of x stays in L1
 
-// y[M, N] for 2 <= M <= kMaxRows with R rows of W and up to MBMAX rows of x per register tile.
+// y[M, N] (any 1 <= M <= kMaxRows; used for M >= 5) with R rows of W and up to MBMAX rows of x per
+// register tile.
 template <int R, int MBMAX>
 void gemm_blocked(const uint16_t* x, int64_t ldx, int64_t M, const uint16_t* w, int64_t N, int64_t K,
                   const float* bias, uint16_t* y, int64_t ldy) {
@@ -322,8 +405,11 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight, const std:
   const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
   const auto* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
   auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-  if (M == 1) {
-    gemv_1row(xp, wp, N, K, bias_ptr, yp);
+  if (M <= kMaxGemvRows) {
+    const bool row_schedule = M * K * 2 <= kRowScheduleMaxXBytes;
+    const GemvFn fn = row_schedule ? kRowGemv[M] : kTileGemv[M];
+    const int64_t prefetch = M == 1 ? 1024 : 2048;  // bytes ahead; more work per line wants more distance
+    fn(xp, xc.stride(0), wp, N, K, bias_ptr, yp, N, prefetch);
   } else if (M <= 8) {
     gemm_blocked<3, 8>(xp, xc.stride(0), M, wp, N, K, bias_ptr, yp, N);  // one pass: 3 x M tiles
   } else {
