@@ -66,8 +66,8 @@ class UnquantizedLinearMethod(LinearMethodBase):
 
 
 # bf16 CPU matmuls with at most this many rows (decode, up to 32 concurrent requests) go through the
-# best registered `linear_bf16` kernel (e.g. the native AVX-512-BF16 GEMV/GEMM: 1.4-3x F.linear's
-# bandwidth up to 32 rows); more rows (prefill) are compute-bound: F.linear.
+# best registered `linear_bf16` kernel (e.g. the native AVX-512-BF16 GEMV/GEMM: 1.1-3x F.linear's
+# speed up to 32 rows); more rows (prefill) are compute-bound: F.linear.
 SMALL_M_ROWS = 32
 
 

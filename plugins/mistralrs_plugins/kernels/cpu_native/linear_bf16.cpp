@@ -28,8 +28,8 @@
 // handled one row of W at a time.
 //
 // Measured on a 2-core AMD EPYC (Zen 5) VM (benchmarks/linear_bf16.py), GB/s of weights read, native
-// vs torch's bf16 F.linear (oneDNN): M=1 35-50 vs 15-20, M=8 25-32 vs 16-20, M=16 20-27 vs 13-16,
-// M=32 13-17 vs 9-12. At M=16-32 the kernel is close to compute-bound (2 x vdpbf16ps per cycle per
+// vs torch's bf16 F.linear (oneDNN): M=1 35-50 vs 13-23, M=8 24-31 vs 13-20, M=16 21-28 vs 12-17,
+// M=32 14-17 vs 9-13. At M=16-32 the kernel is close to compute-bound (2 x vdpbf16ps per cycle per
 // core peak; ~60% of it is reached while streaming W from DRAM, ~90% from L2).
 
 // Only light headers (no <torch/extension.h>, no Python): the op is registered with the dispatcher
