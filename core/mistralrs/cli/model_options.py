@@ -4,7 +4,7 @@ mistral.rs's CLI), and their translation to `ServiceOptions`. No torch import he
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, Callable
 
 MODEL_KINDS = ("auto", "text", "multimodal", "vision", "embedding", "speech", "diffusion")
 
@@ -29,34 +29,24 @@ PENDING_FLAGS: dict[str, str] = {
 }
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def number(convert: Callable[[str], Any], valid: Callable[[Any], bool], expected: str) -> Callable[[str], Any]:
+    """An argparse `type=` that converts and checks a value; a bad one names what was expected."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not valid(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
+_positive_int = number(int, lambda v: v >= 1, "a positive integer")
+_non_negative_int = number(int, lambda v: v >= 0, "an integer >= 0")
+_fraction = number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, runtime: bool = True, max_seqs_default: int = 32) -> None:
