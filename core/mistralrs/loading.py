@@ -239,7 +239,8 @@ def _shared_param_groups(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
 def materialize(model: nn.Module, device: Any) -> None:
     """Meta tensors -> uninitialised storage on `device` (``to_empty``). Buffers that were real
     before (built with an explicit device) are restored; shared parameters stay shared;
-    modules with ``reset_buffers()`` recompute their non-persistent buffers."""
+    modules with ``reset_buffers()`` recompute their non-persistent buffers, and modules with
+    ``after_materialize()`` may re-lay out their parameters (before any weight is loaded)."""
 
     real_buffers: dict[str, torch.Tensor] = {
         name: buf for name, buf in model.named_buffers(remove_duplicate=False) if buf is not None and not buf.is_meta
@@ -261,6 +262,10 @@ def materialize(model: nn.Module, device: Any) -> None:
         reset = getattr(module, "reset_buffers", None)
         if callable(reset):
             reset()
+        # Modules may re-lay out their (still empty) storage, e.g. GatedMLP's one gate+up tensor.
+        relayout = getattr(module, "after_materialize", None)
+        if callable(relayout):
+            relayout()
 
 
 def build_model(spec: ArchitectureSpec, config: dict, ctx: LoadContext) -> nn.Module:

@@ -100,7 +100,7 @@ def test_paged_backend_batched_decode_matches_reference(window):
     for backend in (ref, paged):
         batch = backend.batch([0, 1, 2, 3], new_lens, slots, tables)
         outs.append(backend.attend(0, q, k, v, batch, scale=0.35, sliding_window=window))
-    assert "paged_slots" in batch.scratch
+    assert batch.scratch["paged_decode"][0] is None  # decode-only: the kernel takes the whole batch
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
 
 
@@ -120,5 +120,40 @@ def test_paged_backend_single_sequence_decode_matches_reference():
         slot = table[0, 9 // 4].long().view(1) * 4 + 9 % 4
         batch = backend.batch([0, 1], [10], slot, table)
         outs.append(backend.attend(0, q[9:], k[9:], v[9:], batch, scale=0.3))
-    assert batch.scratch["paged_full"]
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("softcap", [None, 20.0])
+def test_paged_backend_mixed_step_matches_reference(softcap):
+    """A step with prefill chunks and decode tokens together: decode rows go through the decode
+    kernel, prefill rows through the per-sequence path, and all match the reference backend."""
+    from mistralrs_plugins.attention.paged_backend import PagedBackend
+
+    torch.manual_seed(5)
+    bs = 4
+    shape = KVCacheShape(num_layers=1, num_kv_heads=2, head_dim=8, num_blocks=32, block_size=bs, dtype=torch.float32)
+    ref, paged = SdpaBackend(shape), PagedBackend(shape)
+    tables = torch.tensor([[3, 7, 0, 11], [1, 2, 5, 12], [9, 4, 6, 13]], dtype=torch.long)
+    ctx = [6, 0, 9]  # sequence 1 starts its prefill in the mixed step
+    for backend in (ref, paged):
+        for i, n in enumerate(ctx):
+            if n:
+                torch.manual_seed(20 + i)
+                k, v, q = torch.randn(n, 2, 8), torch.randn(n, 2, 8), torch.randn(n, 4, 8)
+                pos = torch.arange(n)
+                backend.attend(0, q, k, v, backend.batch([0, n], [n], tables[i, pos // bs] * bs + pos % bs,
+                                                         tables[i:i + 1]), scale=0.35, softcap=softcap)
+    new = [1, 5, 1]  # decode, prefill chunk, decode
+    qsl = [0, 1, 6, 7]
+    positions = torch.cat([torch.arange(c, c + n) for c, n in zip(ctx, new)])
+    seq_index = torch.repeat_interleave(torch.arange(3), torch.tensor(new))
+    slots = tables[seq_index, positions // bs] * bs + positions % bs
+    torch.manual_seed(6)
+    q, k, v = torch.randn(7, 4, 8), torch.randn(7, 2, 8), torch.randn(7, 2, 8)
+    outs = []
+    for backend in (ref, paged):
+        batch = backend.batch(qsl, [c + n for c, n in zip(ctx, new)], slots, tables)
+        outs.append(backend.attend(0, q, k, v, batch, scale=0.35, softcap=softcap))
+    rows, _, _ = batch.scratch["paged_decode"]
+    assert rows.tolist() == [0, 6] and batch.scratch["paged_prefill"] == [1]
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)

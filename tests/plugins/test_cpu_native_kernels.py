@@ -35,19 +35,21 @@ def test_registration_module_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
-def test_registers_linear_bf16_for_cpu_only(monkeypatch):
+def test_registers_every_op_for_cpu_only(monkeypatch):
     monkeypatch.delenv(cpu_native.DISABLE_ENV, raising=False)
     specs = []
     cpu_native.register_kernels(specs.append)
-    (spec,) = specs
-    assert (spec.name, spec.op, spec.devices, spec.priority) == ("avx512_bf16", "linear_bf16", ("cpu",), 10)
-    assert spec.impl == "mistralrs_plugins.kernels.cpu_native.ops:linear_bf16"
-    assert not spec.is_supported(device="cuda")
-    assert spec.is_supported(device="cpu") == cpu_native.has_avx512_bf16()
+    assert [s.op for s in specs] == ["linear_bf16", "rms_norm", "silu_and_mul", "paged_attention_decode"]
+    for spec in specs:
+        assert (spec.name, spec.devices, spec.priority) == ("avx512_bf16", ("cpu",), 10)
+        assert spec.impl == f"mistralrs_plugins.kernels.cpu_native.ops:{spec.op}"
+        assert callable(getattr(ops, spec.op)) and callable(getattr(torch_ops, spec.op))  # native + reference
+        assert not spec.is_supported(device="cuda")
+        assert spec.is_supported(device="cpu") == cpu_native.has_avx512_bf16()
     monkeypatch.setenv(cpu_native.DISABLE_ENV, "1")
-    assert not spec.is_supported(device="cpu")
+    assert not any(spec.is_supported(device="cpu") for spec in specs)
     monkeypatch.setenv(cpu_native.DISABLE_ENV, "0")
-    assert spec.is_supported(device="cpu") == cpu_native.has_avx512_bf16()
+    assert all(spec.is_supported(device="cpu") == cpu_native.has_avx512_bf16() for spec in specs)
 
 
 def test_torch_reference_is_registered_and_is_f_linear():
@@ -112,6 +114,14 @@ def _check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | 
     assert bool(((y.double() - ref).abs() <= 2.0**-7 * exact.abs() + 1e-4 * scale + 1e-30).all())
 
 
+def _check_f32(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
+    """y (fp32 output) is the exact product up to fp32 summation noise: no bf16 rounding."""
+    exact = x.double() @ w.double().T + (0 if b is None else b.double())
+    scale = x.double().abs() @ w.double().abs().T + (0 if b is None else b.double().abs())
+    assert y.dtype == torch.float32 and y.shape == (*x.shape[:-1], w.shape[0])
+    assert bool(((y.double() - exact).abs() <= 1e-5 * scale + 1e-30).all())
+
+
 # (N, K): K tails (K % 32), K blocks (K > 2048, with a tail), N tails for the 3- and 4-row weight
 # tiles (N % 3, N % 4), several 48-row panels per thread, and tiny shapes.
 SHAPES = [(1, 1), (7, 17), (37, 100), (64, 64), (130, 2048), (300, 96), (19, 1000), (16, 8200), (101, 4133),
@@ -131,6 +141,23 @@ def test_linear_bf16_matches_reference(native, m, n, k, bias):
     b = torch.randn(n, generator=g).to(torch.bfloat16) if bias else None
     y = native.linear_bf16(x, w, b)
     _check(y, x, w, b)
+
+
+@requires_avx512_bf16
+@pytest.mark.parametrize("m", [1, 3, 4, 7, 16, 32])
+@pytest.mark.parametrize("n,k", [(37, 100), (130, 2048), (101, 4133)])
+def test_linear_bf16_fp32_output(native, m, n, k):
+    """`out_f32` (the LM head): the same kernel schedules, written without bf16 rounding."""
+    g = torch.Generator().manual_seed(31 * m + n + k)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(torch.bfloat16)
+    b = torch.randn(n, generator=g).to(torch.bfloat16)
+    _check_f32(native.linear_bf16(x, w, out_f32=True), x, w, None)
+    _check_f32(native.linear_bf16(x, w, b, out_f32=True), x, w, b)
+    assert torch.equal(native.linear_bf16(x, w, b, out_f32=True).to(torch.bfloat16), native.linear_bf16(x, w, b))
+    # the fallbacks honour it too: more rows than the kernel takes, and fp32 inputs
+    xp = torch.randn(40, k, generator=g).to(torch.bfloat16)
+    assert native.linear_bf16(xp, w, out_f32=True).dtype == torch.float32
 
 
 @requires_avx512_bf16
@@ -195,7 +222,7 @@ def test_linear_and_tied_lm_head_use_the_kernel(native, monkeypatch):
     try:
         calls = []
         real = ops.linear_bf16
-        monkeypatch.setattr(ops, "linear_bf16", lambda *a: calls.append(a[0].shape) or real(*a))
+        monkeypatch.setattr(ops, "linear_bf16", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
         g = torch.Generator().manual_seed(3)
         layer = Linear(64, 40, bias=True)
         layer.weight.data = (torch.randn(40, 64, generator=g) / 8).to(torch.bfloat16)
@@ -209,12 +236,12 @@ def test_linear_and_tied_lm_head_use_the_kernel(native, monkeypatch):
         assert torch.equal(layer(xp), F.linear(xp, layer.weight, layer.bias))
         emb = Embedding(50, 64)
         emb.weight.data = (torch.randn(50, 64, generator=g) / 8).to(torch.bfloat16)
-        logits = compute_logits(x, None, emb)
-        assert logits.dtype == torch.float32
-        _check(logits.to(torch.bfloat16), x, emb.weight, None)
-        _check(compute_logits(xb, None, emb).to(torch.bfloat16), xb, emb.weight, None)
+        logits = compute_logits(x, None, emb)  # tied head: fp32 straight from the kernel
+        _check_f32(logits, x, emb.weight, None)
+        _check_f32(compute_logits(xb, None, emb), xb, emb.weight, None)
         assert compute_logits(xp, None, emb).shape == (SMALL_M_ROWS + 1, 50)
-        assert calls == [(2, 64), (SMALL_M_ROWS, 64), (2, 64), (SMALL_M_ROWS, 64)]
+        _check_f32(compute_logits(x, layer, emb), x, layer.weight, layer.bias)  # untied head with a bias
+        assert calls == [(2, 64), (SMALL_M_ROWS, 64), (2, 64), (SMALL_M_ROWS, 64), (2, 64)]
     finally:
         reset_plugin_host(None)
 
@@ -280,3 +307,123 @@ def test_fallback_when_there_is_no_compiler(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "torch_extensions"))
     _two_calls_one_warning()
     assert ops.status()["failed"]
+
+
+# -- rms_norm, silu_and_mul ------------------------------------------------------------------------
+
+
+def _no_worse_than_reference(native_out, ref_out, exact, ulp_slack):
+    """The native op (fp32 math, one rounding) is at least as close to the exact value as the torch
+    reference, up to `ulp_slack` of the output dtype."""
+    err_native = (native_out.double() - exact).abs()
+    err_ref = (ref_out.double() - exact).abs()
+    eps = torch.finfo(native_out.dtype).eps
+    assert native_out.dtype == ref_out.dtype and native_out.shape == ref_out.shape
+    assert bool((err_native <= err_ref + ulp_slack * eps * exact.abs() + 1e-6).all())
+
+
+@requires_avx512_bf16
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("h", [1, 15, 64, 2048, 2053])
+@pytest.mark.parametrize("unit_offset", [False, True])
+def test_rms_norm_matches_reference(native, dtype, h, unit_offset):
+    g = torch.Generator().manual_seed(h + unit_offset)
+    x = (torch.randn(3, 5, h, generator=g) * 3).to(dtype)
+    w = torch.randn(h, generator=g).to(dtype)
+    y = native.rms_norm(x, w, 1e-6, unit_offset)
+    ref = torch_ops.rms_norm(x, w, 1e-6, unit_offset)
+    xd, wd = x.double(), w.double() + (1.0 if unit_offset else 0.0)
+    exact = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6) * wd
+    _no_worse_than_reference(y, ref, exact, ulp_slack=1)
+    if dtype is torch.bfloat16:  # same fp32 math and one rounding: nearly always the same bits
+        assert (y != ref).float().mean().item() < 0.01
+
+
+@requires_avx512_bf16
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("i", [1, 16, 100, 8192])
+def test_silu_and_mul_matches_reference(native, dtype, i):
+    g = torch.Generator().manual_seed(i)
+    x = (torch.randn(4, 2 * i, generator=g) * 4).to(dtype)
+    x[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0]).to(dtype)[: min(4, 2 * i)][:4]  # saturation and zero
+    y = native.silu_and_mul(x)
+    xd = x.double()
+    gate, up = xd[:, :i], xd[:, i:]
+    exact = gate * torch.sigmoid(gate) * up
+    _no_worse_than_reference(y, torch_ops.silu_and_mul(x), exact, ulp_slack=1)
+
+
+@requires_avx512_bf16
+def test_decode_ops_fall_back_for_other_dtypes(native):
+    x = torch.randn(2, 8, dtype=torch.float64)
+    w = torch.randn(8, dtype=torch.float64)
+    assert torch.equal(native.rms_norm(x, w, 1e-5), torch_ops.rms_norm(x, w, 1e-5))
+    assert torch.equal(native.silu_and_mul(x), torch_ops.silu_and_mul(x))
+
+
+# -- paged_attention_decode ---------------------------------------------------------------------------
+
+
+def _paged_case(seed, lens, *, hq, hk, d, dv, bs, dtype, blocks=64):
+    """Random K/V in a cache of `blocks` blocks, and sequences whose blocks are scattered through it."""
+    g = torch.Generator().manual_seed(seed)
+    k_cache = torch.randn(blocks * bs, hk, d, generator=g).to(dtype)
+    v_cache = torch.randn(blocks * bs, hk, dv, generator=g).to(dtype)
+    q = torch.randn(len(lens), hq, d, generator=g).to(dtype)
+    width = max(-(-n // bs) for n in lens)
+    order = torch.randperm(blocks, generator=g)
+    tables = torch.zeros(len(lens), width, dtype=torch.long)
+    used = 0
+    for i, n in enumerate(lens):
+        nb = -(-n // bs)
+        tables[i, :nb] = order[used:used + nb]
+        used += nb
+    return q, k_cache, v_cache, tables, torch.tensor(lens)
+
+
+PAGED_CASES = [
+    # lens, Hq, Hk, D, Dv, block size, window, softcap
+    ([1, 37, 100], 8, 2, 64, 64, 16, None, None),
+    ([5, 70], 6, 6, 40, 24, 8, 17, None),  # MHA, head dims that are not multiples of 16, Dv != D
+    ([33, 2, 64, 200], 12, 2, 128, 128, 32, None, 30.0),  # groups of 6 query heads, softcap
+    ([513], 32, 8, 64, 64, 32, 100, 50.0),  # Llama-3.2-1B heads, window + softcap
+    ([3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 300], 32, 8, 64, 64, 32, None, None),  # 16-way
+    ([1], 4, 1, 256, 256, 8, None, None),  # Gemma's head dim
+]
+
+
+@requires_avx512_bf16
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", PAGED_CASES, ids=lambda c: f"S{len(c[0])}-H{c[1]}/{c[2]}-D{c[3]}")
+def test_paged_attention_decode_matches_reference(native, dtype, case):
+    lens, hq, hk, d, dv, bs, window, softcap = case
+    q, kc, vc, tables, seq_lens = _paged_case(sum(lens) + hq, lens, hq=hq, hk=hk, d=d, dv=dv, bs=bs, dtype=dtype)
+    scale = d ** -0.5
+    out = native.paged_attention_decode(q, kc, vc, tables, seq_lens, bs, scale, window, softcap)
+    ref = torch_ops.paged_attention_decode(q, kc, vc, tables, seq_lens, bs, scale, window, softcap)
+    exact = torch_ops.paged_attention_decode(q.double(), kc.double(), vc.double(), tables, seq_lens, bs, scale,
+                                             window, softcap)
+    assert out.dtype == dtype and out.shape == (len(lens), hq, dv)
+    tol = 2e-6 if dtype is torch.float32 else 2.0**-8
+    assert (out.double() - exact).abs().max().item() <= max(tol, (ref.double() - exact).abs().max().item())
+
+
+@requires_avx512_bf16
+def test_paged_attention_decode_input_checks_and_fallbacks(native):
+    q, kc, vc, tables, lens = _paged_case(1, [9, 20], hq=4, hk=2, d=16, dv=16, bs=4, dtype=torch.float32, blocks=8)
+    ok = native.paged_attention_decode(q, kc, vc, tables, lens, 4, 0.25)
+    # int32 block tables and a non-contiguous q are accepted
+    torch.testing.assert_close(native.paged_attention_decode(q.transpose(0, 1).contiguous().transpose(0, 1), kc, vc,
+                                                             tables.int(), lens, 4, 0.25), ok)
+    # a table pointing outside the cache, and a sequence longer than its table, are errors, not reads
+    bad = tables.clone()
+    bad[0, 0] = 8
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        native.paged_attention_decode(q, kc, vc, bad, lens, 4, 0.25)
+    with pytest.raises(RuntimeError, match="does not fit its block table"):
+        native.paged_attention_decode(q, kc, vc, tables, torch.tensor([9, 21]), 4, 0.25)
+    # an fp8 cache (no native path) uses the reference
+    if hasattr(torch, "float8_e4m3fn"):
+        k8, v8 = kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn)
+        out = native.paged_attention_decode(q, k8, v8, tables, lens, 4, 0.25)
+        torch.testing.assert_close(out, torch_ops.paged_attention_decode(q, k8, v8, tables, lens, 4, 0.25))

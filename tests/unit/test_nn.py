@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -170,6 +172,74 @@ def test_gated_mlp_matches_llama_mlp(act):
     ours.load_state_dict(ref.state_dict())
     x = torch.randn(6, 32)
     torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def _materialized_mlp(act: str, bias: bool, dtype: torch.dtype = torch.float32) -> GatedMLP:
+    """A GatedMLP built on the meta device and materialised as the loader does it."""
+    from mistralrs.loading import materialize
+
+    with torch.device("meta"):
+        mlp = GatedMLP(32, 48, act, bias=bias).to(dtype)
+    materialize(mlp, "cpu")
+    return mlp
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_mlp_fuses_gate_and_up_after_materialize(act, dtype):
+    """After materialisation gate and up are halves of one tensor under their own names; loading
+    into them and running the fused path gives the unfused result."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    ref = LlamaMLP(transformers.LlamaConfig(hidden_size=32, intermediate_size=48, hidden_act=act, mlp_bias=True))
+    _fill_(ref)
+    ref = ref.to(dtype)
+    mlp = _materialized_mlp(act, bias=True, dtype=dtype)
+    assert set(dict(mlp.named_parameters())) == set(ref.state_dict())  # no new names
+    with torch.no_grad():  # what the loader does: copy into each parameter in place
+        params = dict(mlp.named_parameters())
+        for name, value in ref.state_dict().items():
+            params[name].copy_(value)
+    fused = mlp._fused()
+    assert fused is not None
+    assert mlp.gate_proj.weight.data_ptr() == fused.weight.data_ptr()
+    assert fused.weight.dtype is dtype and torch.equal(fused.weight[48:], ref.up_proj.weight)
+    exact_mlp = copy.deepcopy(ref).double()
+    for rows in (1, 5, 40):  # decode-sized and prefill-sized
+        x = torch.randn(rows, 32).to(dtype)
+        unfused = mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+        if dtype is torch.float32:
+            torch.testing.assert_close(mlp(x), unfused, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(mlp(x), ref(x), atol=1e-5, rtol=1e-5)
+        else:  # bf16: the fused kernel rounds once where the unfused path rounds twice; both near exact
+            exact = exact_mlp(x.double())
+            bound = 2.0**-5 * exact.abs().max()
+            assert (mlp(x).double() - exact).abs().max() <= bound
+            assert (unfused.double() - exact).abs().max() <= bound
+
+
+def test_gated_mlp_fusion_ends_when_a_weight_is_replaced():
+    mlp = _materialized_mlp("silu", bias=False)
+    _fill_(mlp)
+    assert mlp._fused() is not None
+    mlp.up_proj.weight = torch.nn.Parameter(torch.randn(48, 32), requires_grad=False)  # e.g. a repack
+    x = torch.randn(3, 32)
+    expected = mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+    torch.testing.assert_close(mlp(x), expected)
+    assert mlp._fused() is None
+
+
+def test_gated_mlp_does_not_fuse_quantized_layers():
+    class Method(UnquantizedLinearMethod):
+        pass
+
+    from mistralrs.loading import materialize
+
+    with torch.device("meta"):
+        mlp = GatedMLP(8, 16)
+        mlp.gate_proj.set_quant_method(Method())
+    materialize(mlp, "cpu")
+    assert mlp._fused() is None
 
 
 def test_gated_mlp_custom_names():

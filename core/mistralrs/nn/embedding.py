@@ -41,18 +41,28 @@ class Embedding(nn.Module):
 def compute_logits(hidden: torch.Tensor, lm_head: nn.Module | None, embedding: Embedding | None = None,
                    *, softcap: float | None = None) -> torch.Tensor:
     """hidden [S, H] -> float32 logits [S, V] through `lm_head`, or through the embedding's weight
-    when the head is tied (`lm_head` None). `softcap` c: logits -> c * tanh(logits / c)."""
-    if lm_head is not None:
-        logits = lm_head(hidden)
-    elif embedding is not None and hidden.dtype is torch.bfloat16 and hidden.device.type == "cpu":
-        from mistralrs.nn.linear import SMALL_M_ROWS
+    when the head is tied (`lm_head` None). `softcap` c: logits -> c * tanh(logits / c).
 
-        small = hidden.numel() <= SMALL_M_ROWS * hidden.shape[-1]
-        logits = (embedding.small_m_kernel() if small else F.linear)(hidden, embedding.weight)
-    elif embedding is not None:
-        logits = F.linear(hidden, embedding.weight)
-    else:
+    Decode-sized bf16 batches on the CPU go through the `linear_bf16` kernel with fp32 output: the
+    logits are never rounded to bf16, and no separate conversion pass runs over [S, vocab]."""
+    from mistralrs.nn.linear import SMALL_M_ROWS, Linear, UnquantizedLinearMethod, small_m_linear_bf16
+
+    if lm_head is None and embedding is None:
         raise ValueError("compute_logits needs an lm_head or a tied embedding")
+    weight = bias = None
+    if lm_head is None:
+        weight = embedding.weight  # type: ignore[union-attr]
+    elif isinstance(lm_head, Linear) and type(lm_head.quant_method) is UnquantizedLinearMethod:
+        weight, bias = lm_head.weight, lm_head.bias
+    small = hidden.numel() <= SMALL_M_ROWS * hidden.shape[-1]
+    if weight is not None and small and hidden.dtype is torch.bfloat16 and hidden.device.type == "cpu":
+        kernel = embedding.small_m_kernel() if embedding is not None else small_m_linear_bf16()
+        logits = kernel(hidden, weight, bias, out_f32=True)
+    elif lm_head is not None:
+        logits = lm_head(hidden)
+    else:
+        assert weight is not None  # the tied embedding's
+        logits = F.linear(hidden, weight)
     logits = logits.float()
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap

@@ -16,7 +16,7 @@ unless they carry ``keep_dtype = True`` (e.g. fp32 scales).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +53,8 @@ class UnquantizedLinearMethod(LinearMethodBase):
         if x.dtype is torch.bfloat16 and x.device.type == "cpu" and x.numel() <= SMALL_M_ROWS * x.shape[-1]:
             kernel = self._small_m_kernel or self._lookup_small_m_kernel()
             return kernel(x, layer.weight, layer.bias)  # decode: a GEMV kernel
-        return F.linear(x, layer.weight, layer.bias)
+        weight, bias = cast(torch.Tensor, layer.weight), cast("torch.Tensor | None", layer.bias)
+        return F.linear(x, weight, bias)
 
     _small_m_kernel: Any = None  # the `linear_bf16` kernel, looked up on first small-M bf16 call
 
@@ -72,13 +73,11 @@ SMALL_M_ROWS = 32
 
 
 def small_m_linear_bf16() -> Any:
-    """The best registered `linear_bf16` kernel for CPU (F.linear when none). Callers cache it."""
-    try:
-        from mistralrs.nn.kernels import lookup_kernel
+    """The best registered `linear_bf16` kernel for CPU (the torch reference when none is registered):
+    ``kernel(x, weight, bias, out_f32=False)``. Callers cache it."""
+    from mistralrs.nn.kernels import lookup_kernel
 
-        return lookup_kernel("linear_bf16", "cpu")
-    except Exception:  # noqa: BLE001 - no kernel registered (plugins blocked): plain torch
-        return F.linear
+    return lookup_kernel("linear_bf16", "cpu")
 
 
 class Linear(nn.Module):

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mistralrs.nn.activation import get_activation
-from mistralrs.nn.linear import Linear
+from mistralrs.nn.linear import Linear, UnquantizedLinearMethod
 
 
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)). `names` = (gate, up, down) submodule names:
-    ("gate_proj", "up_proj", "down_proj") for HF Llama/Qwen, ("w1", "w3", "w2") for Mixtral experts."""
+    ("gate_proj", "up_proj", "down_proj") for HF Llama/Qwen, ("w1", "w3", "w2") for Mixtral experts.
+
+    Once materialised (`after_materialize`), plain weights of gate and up share one [2I, H] tensor:
+    they stay parameters under their own names (views into it, so loading is unchanged) while the
+    forward runs one matmul and a fused activation-and-multiply kernel (``silu_and_mul``)."""
 
     def __init__(
         self,
@@ -30,10 +36,70 @@ class GatedMLP(nn.Module):
         setattr(self, gate, Linear(hidden_size, intermediate_size, bias=bias))
         setattr(self, up, Linear(hidden_size, intermediate_size, bias=bias))
         setattr(self, down, Linear(intermediate_size, hidden_size, bias=bias))
+        self.hidden_act = str(hidden_act).lower()
         self.act_fn = get_activation(hidden_act)
+        self._gate_up: Linear | None = None  # not a submodule: its parameters are gate's and up's
+        self._act_and_mul: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def after_materialize(self) -> None:
+        """Re-lay out gate's and up's (empty) weights as halves of one tensor; plain weights only."""
+        gate, up, _ = (getattr(self, n) for n in self.names)
+        plain = all(type(m.quant_method) is UnquantizedLinearMethod for m in (gate, up))
+        if not plain or gate.weight.shape != up.weight.shape or gate.weight.dtype != up.weight.dtype:
+            return
+        if gate.weight.is_meta or (gate.bias is None) != (up.bias is None):
+            return
+        inter, hidden = gate.weight.shape
+        with torch.device("meta"):
+            fused = Linear(hidden, 2 * inter, bias=gate.bias is not None)
+        for name in ("weight", "bias"):
+            halves = getattr(gate, name), getattr(up, name)
+            if halves[0] is None:
+                continue
+            whole = nn.Parameter(torch.empty((2 * inter, *halves[0].shape[1:]), dtype=halves[0].dtype,
+                                             device=halves[0].device), requires_grad=False)
+            setattr(fused, name, whole)
+            for module, old, part in ((gate, halves[0], whole[:inter]), (up, halves[1], whole[inter:])):
+                view = nn.Parameter(part, requires_grad=False)
+                view.__dict__.update(old.__dict__)  # keep loader attributes
+                setattr(module, name, view)
+        from mistralrs.nn.kernels import lookup_kernel
+
+        if self.act_fn is F.silu:
+            act_and_mul = lookup_kernel("silu_and_mul", gate.weight.device)
+        else:
+            act = self.act_fn
+
+            def act_and_mul(gu: torch.Tensor) -> torch.Tensor:
+                g, u = gu.chunk(2, dim=-1)
+                return act(g) * u
+
+        object.__setattr__(self, "_gate_up", fused)  # not registered: no new state_dict names
+        self._act_and_mul = act_and_mul
+
+    def _fused(self) -> Linear | None:
+        """The fused gate/up layer while gate and up still are its halves (a quantizer or a caller
+        replacing either weight ends the fusion)."""
+        fused = self._gate_up
+        if fused is None:
+            return None
+        gate, up = getattr(self, self.names[0]), getattr(self, self.names[1])
+        w, gw, uw = (cast(torch.Tensor, t) for t in (fused.weight, gate.weight, up.weight))
+        if (
+            type(gate.quant_method) is not UnquantizedLinearMethod
+            or type(up.quant_method) is not UnquantizedLinearMethod
+            or gw.data_ptr() != w.data_ptr()
+            or uw.data_ptr() != w.data_ptr() + gw.numel() * w.element_size()
+        ):
+            self._gate_up = self._act_and_mul = None
+            return None
+        return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = (getattr(self, n) for n in self.names)
+        fused = self._fused()
+        if fused is not None and self._act_and_mul is not None:
+            return down(self._act_and_mul(fused(x)))
         return down(self.act_fn(gate(x)) * up(x))
 
 

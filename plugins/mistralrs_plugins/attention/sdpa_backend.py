@@ -26,54 +26,64 @@ class SdpaBackend(AttentionBackend):
                 )
 
     def prepare(self, batch: AttentionBatch) -> None:
-        if batch.block_tables is None:
-            if any(batch.context_lens):
-                raise ValueError("a batch without a KV cache cannot have cached context")
-            return
-        bs = self.block_size
-        slots = []
-        for i, sl in enumerate(batch.seq_lens):
-            pos = torch.arange(sl, device=batch.block_tables.device)
-            slots.append(batch.block_tables[i, pos // bs].long() * bs + pos % bs)
-        batch.scratch["sdpa_slots"] = slots
+        if batch.block_tables is None and any(batch.context_lens):
+            raise ValueError("a batch without a KV cache cannot have cached context")
+
+    def seq_slots(self, batch: AttentionBatch, i: int) -> torch.Tensor:
+        """The cache slots of sequence i's first seq_lens[i] positions (computed once per step)."""
+        slots = batch.scratch.setdefault("sdpa_slots", {})
+        if i not in slots:
+            bs = self.block_size
+            pos = torch.arange(batch.seq_lens[i], device=batch.block_tables.device)
+            slots[i] = batch.block_tables[i, pos // bs].long() * bs + pos % bs
+        return slots[i]
 
     def attend(self, layer, q, k, v, batch, *, scale, sliding_window=None, softcap=None):
-        cached = batch.slot_mapping is not None and bool(self.k_cache)
-        if cached:
-            kc, vc = self.k_cache[layer], self.v_cache[layer]
-            write_slots(kc, batch.slot_mapping, k)
-            write_slots(vc, batch.slot_mapping, v)
-        hq, hk = q.shape[1], k.shape[1]
-        out = q.new_empty(q.shape[0], hq, v.shape[-1])
-        qsl = batch.query_start_loc
-        for i, sl in enumerate(batch.seq_lens):
-            qs, qe = qsl[i], qsl[i + 1]
-            ql = qe - qs
-            if ql == 0:
-                continue
-            if cached:
-                slots = batch.scratch["sdpa_slots"][i]
-                ks, vs = read_slots(kc, slots, q.dtype), read_slots(vc, slots, q.dtype)
-            else:
-                ks, vs = k[qs:qe], v[qs:qe]
-            ctx = sl - ql
-            qpos = torch.arange(ctx, sl, device=q.device)[:, None]
-            kpos = torch.arange(sl, device=q.device)[None, :]
-            allowed = kpos <= qpos
-            if sliding_window is not None:
-                allowed &= kpos > qpos - sliding_window
-            qi = q[qs:qe].transpose(0, 1)  # [Hq, ql, D]
-            ki = ks.transpose(0, 1).repeat_interleave(hq // hk, dim=0)
-            vi = vs.transpose(0, 1).repeat_interleave(hq // hk, dim=0)
-            if softcap is None:
-                oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=allowed, scale=scale)
-            else:
-                scores = (qi @ ki.transpose(-1, -2)).float() * scale
-                scores = softcap * torch.tanh(scores / softcap)
-                scores = scores.masked_fill(~allowed, float("-inf"))
-                oi = torch.softmax(scores, dim=-1).to(vi.dtype) @ vi
-            out[qs:qe] = oi.transpose(0, 1)
+        cached = self.write_kv(layer, k, v, batch)
+        out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+        for i in range(batch.num_seqs):
+            self.attend_seq(i, layer, q, k, v, batch, out, cached=cached, scale=scale,
+                            sliding_window=sliding_window, softcap=softcap)
         return out
+
+    def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch) -> bool:
+        """Store the step's new K/V in their slots; False when the batch runs without a cache."""
+        if batch.slot_mapping is None or not self.k_cache:
+            return False
+        write_slots(self.k_cache[layer], batch.slot_mapping, k)
+        write_slots(self.v_cache[layer], batch.slot_mapping, v)
+        return True
+
+    def attend_seq(self, i, layer, q, k, v, batch, out, *, cached, scale, sliding_window=None, softcap=None):
+        """out[sequence i's new tokens] = their causal attention over the sequence's visible keys."""
+        hq, hk = q.shape[1], k.shape[1]
+        qsl, sl = batch.query_start_loc, batch.seq_lens[i]
+        qs, qe = qsl[i], qsl[i + 1]
+        ql = qe - qs
+        if ql == 0:
+            return
+        if cached:
+            slots = self.seq_slots(batch, i)
+            ks, vs = read_slots(self.k_cache[layer], slots, q.dtype), read_slots(self.v_cache[layer], slots, q.dtype)
+        else:
+            ks, vs = k[qs:qe], v[qs:qe]
+        ctx = sl - ql
+        qpos = torch.arange(ctx, sl, device=q.device)[:, None]
+        kpos = torch.arange(sl, device=q.device)[None, :]
+        allowed = kpos <= qpos
+        if sliding_window is not None:
+            allowed &= kpos > qpos - sliding_window
+        qi = q[qs:qe].transpose(0, 1)  # [Hq, ql, D]
+        ki = ks.transpose(0, 1).repeat_interleave(hq // hk, dim=0)
+        vi = vs.transpose(0, 1).repeat_interleave(hq // hk, dim=0)
+        if softcap is None:
+            oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=allowed, scale=scale)
+        else:
+            scores = (qi @ ki.transpose(-1, -2)).float() * scale
+            scores = softcap * torch.tanh(scores / softcap)
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            oi = torch.softmax(scores, dim=-1).to(vi.dtype) @ vi
+        out[qs:qe] = oi.transpose(0, 1)
 
     def copy_blocks(self, pairs):
         bs = self.block_size

@@ -4,9 +4,11 @@ Registration only: importing this module is cheap (no torch, no compiler). The C
 built lazily on the first call of an op (see `ops`), cached under the platformdirs user cache,
 and when it cannot be built the op falls back to torch for the rest of the process.
 
-Ops:
-- ``linear_bf16`` (``avx512_bf16``): ``y = x @ W^T (+ b)`` for bf16 with few rows (decode, <= 32),
-  fp32 accumulation with ``vdpbf16ps``. Claims ``cpu`` only on x86 with the ``avx512_bf16`` flag.
+Ops (all named ``avx512_bf16``; they claim ``cpu`` only on x86 with the ``avx512_bf16`` flag):
+- ``linear_bf16``: ``y = x @ W^T (+ b)`` for bf16 with few rows (decode, <= 32), fp32 accumulation
+  with ``vdpbf16ps``; ``out_f32=True`` writes fp32 (the LM head's logits).
+- ``rms_norm``, ``silu_and_mul``: the per-token ops of a decoder layer, fp32 math in one pass.
+- ``paged_attention_decode``: decode attention that reads K/V in place through the block tables.
 
 Set ``MISTRALRS_NO_NATIVE_KERNELS=1`` to never claim a device (and never build).
 """
@@ -52,14 +54,24 @@ def supports_avx512_bf16(device: str = "cpu", **_context: object) -> bool:
     return device == "cpu" and not native_disabled() and has_avx512_bf16()
 
 
+# op -> description; every op is a function of the same name in `ops`, in the one native build.
+OPS = {
+    "linear_bf16": "AVX-512-BF16 decode GEMV/GEMM (bf16, <= 32 rows; fp32 output for logits)",
+    "rms_norm": "AVX-512 RMSNorm (bf16/fp32, fp32 math)",
+    "silu_and_mul": "AVX-512 SwiGLU silu(gate) * up (bf16/fp32)",
+    "paged_attention_decode": "AVX-512 decode attention reading the paged KV cache in place (bf16/fp32)",
+}
+
+
 @hookimpl
 def register_kernels(register):
-    register(KernelSpec(
-        name="avx512_bf16",
-        op="linear_bf16",
-        impl="mistralrs_plugins.kernels.cpu_native.ops:linear_bf16",
-        devices=("cpu",),
-        priority=10,
-        supports=supports_avx512_bf16,
-        description="AVX-512-BF16 decode GEMV/GEMM (bf16, <= 32 rows; built on first use)",
-    ))
+    for op, description in OPS.items():
+        register(KernelSpec(
+            name="avx512_bf16",
+            op=op,
+            impl=f"mistralrs_plugins.kernels.cpu_native.ops:{op}",
+            devices=("cpu",),
+            priority=10,
+            supports=supports_avx512_bf16,
+            description=f"{description}; built on first use",
+        ))

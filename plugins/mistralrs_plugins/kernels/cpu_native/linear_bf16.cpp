@@ -54,6 +54,11 @@ inline uint16_t to_bf16_bits(float v) {
   return c10::BFloat16(v).x;
 }
 
+// Output element stores: bf16 (the usual) or fp32 (LM-head logits, which sampling wants in fp32: no
+// bf16 rounding and no separate conversion pass over [M, vocab]).
+inline void store_out(uint16_t* y, float v) { *y = to_bf16_bits(v); }
+inline void store_out(float* y, float v) { *y = v; }
+
 inline __mmask32 tail_mask(int64_t left) {
   return left >= 32 ? static_cast<__mmask32>(0xffffffffu) : static_cast<__mmask32>((1ull << left) - 1ull);
 }
@@ -130,9 +135,9 @@ struct TileSchedule {  // several rows of W per line of x
   static constexpr int U = 1;
 };
 
-template <int M, template <int> class Schedule>
+template <int M, template <int> class Schedule, typename OutT>
 void gemv(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t N, int64_t K, const float* bias,
-          uint16_t* y, int64_t ldy, int64_t prefetch) {
+          OutT* y, int64_t ldy, int64_t prefetch) {
   constexpr int R = Schedule<M>::R;
   constexpr int U = Schedule<M>::U;
   const int64_t full_tiles = N / R;
@@ -151,7 +156,7 @@ void gemv(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t N, int64_t 
           for (int r = 0; r < R; ++r) {
             float v = acc[m * R + r];
             if (bias) v += bias[n0 + r];
-            y[m * ldy + n0 + r] = to_bf16_bits(v);
+            store_out(y + m * ldy + n0 + r, v);
           }
       } else {
         for (int64_t n = n0; n < N; ++n) {
@@ -159,7 +164,7 @@ void gemv(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t N, int64_t 
           for (int m = 0; m < M; ++m) {
             float v = acc[m];
             if (bias) v += bias[n];
-            y[m * ldy + n] = to_bf16_bits(v);
+            store_out(y + m * ldy + n, v);
           }
         }
       }
@@ -167,14 +172,20 @@ void gemv(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t N, int64_t 
   });
 }
 
-using GemvFn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, const float*, uint16_t*,
+template <typename OutT>
+using GemvFn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, const float*, OutT*,
                         int64_t, int64_t);
 
 constexpr int kMaxGemvRows = 4;  // the row / tile schedules serve M = 1..4
-const GemvFn kRowGemv[kMaxGemvRows + 1] = {nullptr, gemv<1, RowSchedule>, gemv<2, RowSchedule>,
-                                           gemv<3, RowSchedule>, gemv<4, RowSchedule>};
-const GemvFn kTileGemv[kMaxGemvRows + 1] = {nullptr, gemv<1, RowSchedule>, gemv<2, TileSchedule>,
-                                            gemv<3, TileSchedule>, gemv<4, TileSchedule>};
+template <typename OutT>
+struct GemvTables {
+  static constexpr GemvFn<OutT> row[kMaxGemvRows + 1] = {
+      nullptr, gemv<1, RowSchedule, OutT>, gemv<2, RowSchedule, OutT>, gemv<3, RowSchedule, OutT>,
+      gemv<4, RowSchedule, OutT>};
+  static constexpr GemvFn<OutT> tile[kMaxGemvRows + 1] = {
+      nullptr, gemv<1, RowSchedule, OutT>, gemv<2, TileSchedule, OutT>, gemv<3, TileSchedule, OutT>,
+      gemv<4, TileSchedule, OutT>};
+};
 
 // x rows up to this many bytes stay in L1 next to the weight stream: use the row schedule.
 constexpr int64_t kRowScheduleMaxXBytes = 32 << 10;
@@ -303,9 +314,9 @@ constexpr int64_t kKBlock = 2048;   // elements of K per block: MB x kKBlock of 
 
 // y[M, N] (any 1 <= M <= kMaxRows; used for M >= 5) with R rows of W and up to MBMAX rows of x per
 // register tile.
-template <int R, int MBMAX>
+template <int R, int MBMAX, typename OutT>
 void gemm_blocked(const uint16_t* x, int64_t ldx, int64_t M, const uint16_t* w, int64_t N, int64_t K,
-                  const float* bias, uint16_t* y, int64_t ldy) {
+                  const float* bias, OutT* y, int64_t ldy) {
   static constexpr BlockTable<R, MBMAX> table{};
   static constexpr BlockTable<1, 8> tail_table{};
   static_assert(kPanelRows % R == 0, "panels hold whole tiles");
@@ -356,7 +367,7 @@ void gemm_blocked(const uint16_t* x, int64_t ldx, int64_t M, const uint16_t* w, 
         for (int64_t c = 0; c < np * R; ++c) {
           float v = out[m * ldo + c];
           if (bias) v += bias[p * R + c];
-          y[m * ldy + p * R + c] = to_bf16_bits(v);
+          store_out(y + m * ldy + p * R + c, v);
         }
     }
     if (end > full) {  // the N % R last rows, one at a time
@@ -369,15 +380,32 @@ void gemm_blocked(const uint16_t* x, int64_t ldx, int64_t M, const uint16_t* w, 
         for (int64_t m = 0; m < M; ++m) {
           float v = out[m];
           if (bias) v += bias[n];
-          y[m * ldy + n] = to_bf16_bits(v);
+          store_out(y + m * ldy + n, v);
         }
       }
     }
   });
 }
 
-// x: [M, K] bf16 (M <= kMaxRows, last dim contiguous), weight: [N, K] bf16 contiguous, bias: [N] (any float dtype).
-at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+template <typename OutT>
+void run_linear(const uint16_t* xp, int64_t ldx, int64_t M, const uint16_t* wp, int64_t N, int64_t K,
+                const float* bias_ptr, OutT* yp) {
+  if (M <= kMaxGemvRows) {
+    const bool row_schedule = M * K * 2 <= kRowScheduleMaxXBytes;
+    const GemvFn<OutT> fn = row_schedule ? GemvTables<OutT>::row[M] : GemvTables<OutT>::tile[M];
+    const int64_t prefetch = M == 1 ? 1024 : 2048;  // bytes ahead; more work per line wants more distance
+    fn(xp, ldx, wp, N, K, bias_ptr, yp, N, prefetch);
+  } else if (M <= 8) {
+    gemm_blocked<3, 8>(xp, ldx, M, wp, N, K, bias_ptr, yp, N);  // one pass: 3 x M tiles
+  } else {
+    gemm_blocked<4, 6>(xp, ldx, M, wp, N, K, bias_ptr, yp, N);  // 4 x (<= 6) tiles
+  }
+}
+
+// x: [M, K] bf16 (M <= kMaxRows, last dim contiguous), weight: [N, K] bf16 contiguous, bias: [N] (any float
+// dtype). The result is bf16, or fp32 with `out_f32`.
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       bool out_f32) {
   TORCH_CHECK(x.dim() == 2, "linear_bf16: x must be 2-D [M, K]");
   TORCH_CHECK(weight.dim() == 2, "linear_bf16: weight must be 2-D [N, K]");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16,
@@ -396,32 +424,26 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight, const std:
     bias_f = bias->to(at::kFloat).contiguous();
     bias_ptr = bias_f.data_ptr<float>();
   }
-  at::Tensor y = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  const auto out_type = out_f32 ? at::kFloat : at::kBFloat16;
+  at::Tensor y = at::empty({M, N}, x.options().dtype(out_type).memory_format(at::MemoryFormat::Contiguous));
   if (N == 0) return y;
   if (K == 0) {
-    if (bias_ptr) return bias_f.to(at::kBFloat16).unsqueeze(0).expand({M, N}).contiguous();
+    if (bias_ptr) return bias_f.to(out_type).unsqueeze(0).expand({M, N}).contiguous();
     return y.zero_();
   }
   const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
   const auto* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
-  auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-  if (M <= kMaxGemvRows) {
-    const bool row_schedule = M * K * 2 <= kRowScheduleMaxXBytes;
-    const GemvFn fn = row_schedule ? kRowGemv[M] : kTileGemv[M];
-    const int64_t prefetch = M == 1 ? 1024 : 2048;  // bytes ahead; more work per line wants more distance
-    fn(xp, xc.stride(0), wp, N, K, bias_ptr, yp, N, prefetch);
-  } else if (M <= 8) {
-    gemm_blocked<3, 8>(xp, xc.stride(0), M, wp, N, K, bias_ptr, yp, N);  // one pass: 3 x M tiles
-  } else {
-    gemm_blocked<4, 6>(xp, xc.stride(0), M, wp, N, K, bias_ptr, yp, N);  // 4 x (<= 6) tiles
-  }
+  if (out_f32)
+    run_linear(xp, xc.stride(0), M, wp, N, K, bias_ptr, y.data_ptr<float>());
+  else
+    run_linear(xp, xc.stride(0), M, wp, N, K, bias_ptr, reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()));
   return y;
 }
 
 }  // namespace
 
 TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
-  m.def("linear_bf16(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+  m.def("linear_bf16(Tensor x, Tensor weight, Tensor? bias=None, bool out_f32=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) { m.impl("linear_bf16", &linear_bf16); }

@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from mistralrs_plugins.kernels import torch_ops
 from mistralrs_plugins.kernels.cpu_native import has_avx512_bf16, native_disabled
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("linear_bf16.cpp",)
+SOURCES = ("linear_bf16.cpp", "decode_ops.cpp")
 CFLAGS = ("-O3", "-DNDEBUG", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 BUILD_LOCK_TIMEOUT_S = 900.0
@@ -77,6 +77,9 @@ class NativeOps:
         self.library = library
         ns = getattr(torch.ops, namespace)
         self.linear_bf16 = ns.linear_bf16.default
+        self.rms_norm = ns.rms_norm.default
+        self.silu_and_mul = ns.silu_and_mul.default
+        self.paged_attention_decode = ns.paged_attention_decode.default
 
 
 def _load_built(name: str, library: Path) -> NativeOps:
@@ -170,9 +173,27 @@ def _reset_for_tests() -> None:
         _failed = None
 
 
-def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; bf16 inputs with 1..MAX_ROWS rows on CPU use the AVX-512-BF16 kernel.
-    Anything else (other dtypes, more rows, autograd, compiling, no native build) is F.linear."""
+def _native() -> NativeOps | None:
+    """The loaded extension (building it on first use), or None when the native path is off."""
+    return _ext if _ext is not None else (None if _failed is not None else extension())
+
+
+def _plain_cpu(*tensors: torch.Tensor) -> bool:
+    """CPU tensors outside autograd and compilation: what every native op needs."""
+    return (
+        all(t.device.type == "cpu" and not t.requires_grad for t in tensors)
+        and not torch.compiler.is_compiling()
+    )
+
+
+_FLOAT_KINDS = (torch.bfloat16, torch.float32)
+
+
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                out_f32: bool = False) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` (as float32 with `out_f32`); bf16 inputs with 1..MAX_ROWS rows on CPU
+    use the AVX-512-BF16 kernel. Anything else (other dtypes, more rows, autograd, compiling, no native
+    build) is the torch reference."""
     if (
         x.dtype is not torch.bfloat16
         or weight.dtype is not torch.bfloat16
@@ -183,15 +204,53 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         or weight.requires_grad
         or not weight.is_contiguous()
     ):
-        return F.linear(x, weight, bias)
+        return torch_ops.linear_bf16(x, weight, bias, out_f32=out_f32)
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
     if rows < 1 or rows > MAX_ROWS or k != weight.shape[1] or torch.compiler.is_compiling():
-        return F.linear(x, weight, bias)
+        return torch_ops.linear_bf16(x, weight, bias, out_f32=out_f32)
     if bias is not None and (bias.device.type != "cpu" or bias.requires_grad):
-        return F.linear(x, weight, bias)
-    ext = _ext if _ext is not None else (None if _failed is not None else extension())
+        return torch_ops.linear_bf16(x, weight, bias, out_f32=out_f32)
+    ext = _native()
     if ext is None:
-        return F.linear(x, weight, bias)
-    y = ext.linear_bf16(x.reshape(rows, k), weight, bias)
+        return torch_ops.linear_bf16(x, weight, bias, out_f32=out_f32)
+    y = ext.linear_bf16(x.reshape(rows, k), weight, bias, out_f32)
     return y.view(*x.shape[:-1], weight.shape[0]) if x.dim() != 2 else y
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, add_unit_offset: bool = False) -> torch.Tensor:
+    """`torch_ops.rms_norm` with AVX-512 for bf16/fp32 CPU tensors (fp32 math, one rounding)."""
+    if x.dtype in _FLOAT_KINDS and x.dim() >= 1 and x.shape[-1] == weight.numel() and _plain_cpu(x, weight):
+        ext = _native()
+        if ext is not None:
+            return ext.rms_norm(x, weight, float(eps), bool(add_unit_offset))
+    return torch_ops.rms_norm(x, weight, eps, add_unit_offset)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """`torch_ops.silu_and_mul` (``silu(gate) * up`` for ``x = [gate | up]``) with AVX-512 for bf16/fp32."""
+    if x.dtype in _FLOAT_KINDS and x.dim() >= 1 and x.shape[-1] % 2 == 0 and _plain_cpu(x):
+        ext = _native()
+        if ext is not None:
+            return ext.silu_and_mul(x)
+    return torch_ops.silu_and_mul(x)
+
+
+def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int, scale: float,
+                           sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """`torch_ops.paged_attention_decode` reading K/V in place through the block tables (bf16/fp32 caches;
+    fp8 caches use the reference)."""
+    if (
+        q.dtype in _FLOAT_KINDS
+        and k_cache.dtype is q.dtype
+        and v_cache.dtype is q.dtype
+        and q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+        and _plain_cpu(q, k_cache, v_cache, block_tables, seq_lens)
+    ):
+        ext = _native()
+        if ext is not None:
+            return ext.paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, int(block_size),
+                                              float(scale), int(sliding_window or 0), float(softcap or 0.0))
+    return torch_ops.paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale,
+                                            sliding_window, softcap)

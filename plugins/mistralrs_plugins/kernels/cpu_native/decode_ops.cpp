@@ -1,0 +1,360 @@
+// Per-token ops of a decode step on AVX-512 CPUs, fp32 math on bf16 or fp32 tensors:
+//
+//   rms_norm(x, weight, eps, add_unit_offset)   y = x * rsqrt(mean(x^2) + eps) * w   (w + 1: Gemma)
+//   silu_and_mul(x)                             y = silu(x[..., :I]) * x[..., I:]
+//   paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, window, softcap)
+//
+// Their torch references are in mistralrs_plugins/kernels/torch_ops.py; they compute in the same
+// order (fp32, then one rounding to the output dtype) but may sum in another order.
+//
+// paged_attention_decode: one query token per sequence (the last of its seq_len tokens) attends to
+// that sequence's keys in the paged cache, read in place through its block table (no gather copy).
+// Work items are (sequence, KV head) pairs; each computes the scores of its group of query heads
+// (grouped-query attention without repeating K/V), a softmax and the weighted sum of V, all in fp32.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace {
+
+// ---- loads and stores of 16 lanes as fp32 ----------------------------------------------------------
+
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
+  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));  // bf16 -> fp32 is exact
+}
+inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+inline void store16(c10::BFloat16* p, __m512 v, __mmask16 m) {
+  // vcvtneps2bf16 rounds to nearest even, as torch's float -> bfloat16 conversion.
+  _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+inline __mmask16 mask16(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
+}
+
+// exp(x) for fp32 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-6 polynomial (Cephes expf
+// coefficients, ~1 ulp), times 2^n. Inputs below -87.3 give 0 (softmax of masked / far-below-max scores).
+inline __m512 exp512(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.3f), hi = _mm512_set1_ps(88.7f);
+  x = _mm512_max_ps(_mm512_min_ps(x, hi), lo);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512 out = _mm512_scalef_ps(p, n);
+  // exp(-87.3) is still a normal float; below it softmax weights are zero for every purpose.
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, lo, _CMP_LE_OQ), out, _mm512_setzero_ps());
+}
+
+// [sum(a0), sum(a1), sum(a2), sum(a3)]
+inline __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+  const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+  const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+  const __m512d d01 = _mm512_castps_pd(s01), d23 = _mm512_castps_pd(s23);
+  const __m512 v = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(d01, d23)),
+                                 _mm512_castpd_ps(_mm512_unpackhi_pd(d01, d23)));
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// ---- rms_norm --------------------------------------------------------------------------------------
+
+template <typename T>
+void rms_norm_rows(const T* x, int64_t ldx, const float* w, float w_offset, T* y, int64_t rows, int64_t H,
+                   float eps) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, H));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * ldx;
+      T* yr = y + r * H;
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t i = 0; i < H; i += 16) {
+        const __m512 v = load16(xr + i, mask16(H - i));
+        acc = _mm512_fmadd_ps(v, v, acc);
+      }
+      const float inv = 1.0f / std::sqrt(_mm512_reduce_add_ps(acc) / static_cast<float>(H) + eps);
+      const __m512 s = _mm512_set1_ps(inv), off = _mm512_set1_ps(w_offset);
+      for (int64_t i = 0; i < H; i += 16) {
+        const __mmask16 m = mask16(H - i);
+        store16(yr + i, _mm512_mul_ps(_mm512_mul_ps(load16(xr + i, m), s), _mm512_add_ps(_mm512_maskz_loadu_ps(m, w + i), off)), m);
+      }
+    }
+  });
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, bool add_unit_offset) {
+  TORCH_CHECK(x.dim() >= 1 && x.device().is_cpu(), "rms_norm: x must be a CPU tensor with a last dim");
+  const int64_t H = x.size(-1);
+  TORCH_CHECK(weight.numel() == H, "rms_norm: weight has ", weight.numel(), " elements, x has ", H, " features");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "rms_norm: bf16 or fp32 x");
+  at::Tensor xc = x.contiguous().view({-1, H});
+  at::Tensor w = weight.to(at::kFloat).contiguous();
+  const float w_offset = add_unit_offset ? 1.0f : 0.0f;  // Gemma: x * (1 + w)
+  at::Tensor y = at::empty_like(xc);
+  const int64_t rows = xc.size(0);
+  if (rows == 0 || H == 0) return y.view(x.sizes());
+  if (x.scalar_type() == at::kFloat)
+    rms_norm_rows(xc.data_ptr<float>(), H, w.data_ptr<float>(), w_offset, y.data_ptr<float>(), rows, H, float(eps));
+  else
+    rms_norm_rows(xc.data_ptr<c10::BFloat16>(), H, w.data_ptr<float>(), w_offset, y.data_ptr<c10::BFloat16>(), rows, H,
+                  float(eps));
+  return y.view(x.sizes());
+}
+
+// ---- silu_and_mul ----------------------------------------------------------------------------------
+
+template <typename T>
+void silu_mul_rows(const T* x, T* y, int64_t rows, int64_t I) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, I));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* g = x + r * 2 * I;
+      const T* u = g + I;
+      T* yr = y + r * I;
+      for (int64_t i = 0; i < I; i += 16) {
+        const __mmask16 m = mask16(I - i);
+        const __m512 gv = load16(g + i, m);
+        // silu(g) = g / (1 + exp(-g)); the product with up rounds once to T.
+        const __m512 s = _mm512_div_ps(gv, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+        store16(yr + i, _mm512_mul_ps(s, load16(u + i, m)), m);
+      }
+    }
+  });
+}
+
+at::Tensor silu_and_mul(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() >= 1 && x.device().is_cpu(), "silu_and_mul: x must be a CPU tensor with a last dim");
+  TORCH_CHECK(x.size(-1) % 2 == 0, "silu_and_mul: the last dim must be even ([gate | up])");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "silu_and_mul: bf16 or fp32 x");
+  const int64_t I = x.size(-1) / 2;
+  at::Tensor xc = x.contiguous();
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = I;
+  at::Tensor y = at::empty(shape, xc.options());
+  const int64_t rows = I ? xc.numel() / (2 * I) : 0;
+  if (rows == 0) return y;
+  if (x.scalar_type() == at::kFloat)
+    silu_mul_rows(xc.data_ptr<float>(), y.data_ptr<float>(), rows, I);
+  else
+    silu_mul_rows(xc.data_ptr<c10::BFloat16>(), y.data_ptr<c10::BFloat16>(), rows, I);
+  return y;
+}
+
+// ---- paged_attention_decode ------------------------------------------------------------------------
+
+constexpr int kGroupBlock = 4;  // query heads per register block (4 x 4 key accumulators)
+constexpr int kKeyBlock = 4;    // keys per score reduction
+
+struct DecodeParams {
+  int64_t Hq, Hk, D, Dv, G, block_size, table_width, window;
+  int64_t q_s0, q_s1, k_s0, k_s1, v_s0, v_s1, o_s0, o_s1;
+  float scale, softcap;
+};
+
+// One (sequence, KV head): scores of its G query heads against the visible keys, softmax, P @ V.
+template <typename T>
+void decode_one(const T* q, const T* kc, const T* vc, const int64_t* table, int64_t seq_len, int64_t h,
+                const DecodeParams& p, T* out, std::vector<float>& scratch, std::vector<int64_t>& slots) {
+  const int64_t start = (p.window > 0 && seq_len > p.window) ? seq_len - p.window : 0;
+  const int64_t n = seq_len - start;
+  const int64_t G = p.G, D = p.D, Dv = p.Dv, bs = p.block_size;
+  if (n <= 0) {  // nothing visible (cannot happen for a well-formed batch): zeros, as an empty softmax sum
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t d = 0; d < Dv; d += 16) store16(out + (h * G + g) * p.o_s1 + d, _mm512_setzero_ps(), mask16(Dv - d));
+    return;
+  }
+  scratch.resize(static_cast<size_t>(G * n + G * D));
+  float* scores = scratch.data();  // [G, n]
+  float* qf = scores + G * n;      // [G, D] fp32 query, pre-scaled
+  // The cache slot of each visible key, computed once.
+  slots.resize(static_cast<size_t>(n));
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t pos = start + j;
+    slots[j] = table[pos / bs] * bs + pos % bs;
+  }
+  const bool capped = p.softcap > 0.0f;
+  for (int64_t g = 0; g < G; ++g) {
+    const T* qr = q + (h * G + g) * p.q_s1;
+    for (int64_t d = 0; d < D; d += 16) {
+      const __mmask16 m = mask16(D - d);
+      _mm512_mask_storeu_ps(qf + g * D + d, m, _mm512_mul_ps(load16(qr + d, m), _mm512_set1_ps(p.scale)));
+    }
+  }
+  // Scores: blocks of kGroupBlock query heads x kKeyBlock keys, reduced four keys at a time.
+  for (int64_t g0 = 0; g0 < G; g0 += kGroupBlock) {
+    const int64_t gb = std::min<int64_t>(kGroupBlock, G - g0);
+    int64_t j = 0;
+    for (; j + kKeyBlock <= n; j += kKeyBlock) {
+      const T* kr[kKeyBlock];
+      for (int t = 0; t < kKeyBlock; ++t) kr[t] = kc + slots[j + t] * p.k_s0 + h * p.k_s1;
+      __m512 acc[kGroupBlock][kKeyBlock];
+      for (int a = 0; a < kGroupBlock; ++a)
+        for (int t = 0; t < kKeyBlock; ++t) acc[a][t] = _mm512_setzero_ps();
+      for (int64_t d = 0; d < D; d += 16) {
+        const __mmask16 m = mask16(D - d);
+        __m512 kv[kKeyBlock];
+        for (int t = 0; t < kKeyBlock; ++t) kv[t] = load16(kr[t] + d, m);
+        for (int a = 0; a < gb; ++a) {
+          const __m512 qv = _mm512_maskz_loadu_ps(m, qf + (g0 + a) * D + d);
+          for (int t = 0; t < kKeyBlock; ++t) acc[a][t] = _mm512_fmadd_ps(qv, kv[t], acc[a][t]);
+        }
+      }
+      for (int a = 0; a < gb; ++a)
+        _mm_storeu_ps(scores + (g0 + a) * n + j, reduce4(acc[a][0], acc[a][1], acc[a][2], acc[a][3]));
+    }
+    for (; j < n; ++j) {  // the last n % 4 keys
+      const T* kr = kc + slots[j] * p.k_s0 + h * p.k_s1;
+      for (int a = 0; a < gb; ++a) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16) {
+          const __mmask16 m = mask16(D - d);
+          acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, qf + (g0 + a) * D + d), load16(kr + d, m), acc);
+        }
+        scores[(g0 + a) * n + j] = _mm512_reduce_add_ps(acc);
+      }
+    }
+  }
+  // Softmax per query head (softcap c first: c * tanh(s / c)).
+  for (int64_t g = 0; g < G; ++g) {
+    float* s = scores + g * n;
+    if (capped)
+      for (int64_t j = 0; j < n; ++j) s[j] = p.softcap * std::tanh(s[j] / p.softcap);
+    __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t j = 0; j < n; j += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, mask16(n - j), s + j));
+    const __m512 vmax = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 m = mask16(n - j);
+      const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), vmax));
+      _mm512_mask_storeu_ps(s + j, m, e);
+      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
+    }
+    const float inv = 1.0f / _mm512_reduce_add_ps(sum);
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 m = mask16(n - j);
+      _mm512_mask_storeu_ps(s + j, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + j), _mm512_set1_ps(inv)));
+    }
+  }
+  // out[g] = sum_j P[g, j] V[j]: blocks of kGroupBlock heads x 64 output dims in registers.
+  for (int64_t g0 = 0; g0 < G; g0 += kGroupBlock) {
+    const int64_t gb = std::min<int64_t>(kGroupBlock, G - g0);
+    for (int64_t d0 = 0; d0 < Dv; d0 += 64) {
+      __m512 acc[kGroupBlock][4];
+      for (int a = 0; a < kGroupBlock; ++a)
+        for (int c = 0; c < 4; ++c) acc[a][c] = _mm512_setzero_ps();
+      const int nc = static_cast<int>(std::min<int64_t>(4, (Dv - d0 + 15) / 16));
+      for (int64_t j = 0; j < n; ++j) {
+        const T* vr = vc + slots[j] * p.v_s0 + h * p.v_s1 + d0;
+        __m512 vv[4];
+        for (int c = 0; c < nc; ++c) vv[c] = load16(vr + 16 * c, mask16(Dv - d0 - 16 * c));
+        for (int a = 0; a < gb; ++a) {
+          const __m512 pw = _mm512_set1_ps(scores[(g0 + a) * n + j]);
+          for (int c = 0; c < nc; ++c) acc[a][c] = _mm512_fmadd_ps(pw, vv[c], acc[a][c]);
+        }
+      }
+      for (int a = 0; a < gb; ++a)
+        for (int c = 0; c < nc; ++c)
+          store16(out + (h * G + g0 + a) * p.o_s1 + d0 + 16 * c, acc[a][c], mask16(Dv - d0 - 16 * c));
+    }
+  }
+}
+
+template <typename T>
+void decode_all(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const int64_t* tables,
+                const int64_t* lens, int64_t S, const DecodeParams& p, at::Tensor& out) {
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k_cache.data_ptr<T>();
+  const T* vp = v_cache.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, S * p.Hk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch;
+    std::vector<int64_t> slots;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t s = item / p.Hk, h = item % p.Hk;
+      decode_one<T>(qp + s * p.q_s0, kp, vp, tables + s * p.table_width, lens[s], h, p, op + s * p.o_s0, scratch, slots);
+    }
+  });
+}
+
+at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& seq_lens, int64_t block_size,
+                                  double scale, int64_t sliding_window, double softcap) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.dim() == 3,
+              "paged_attention_decode: q [S, Hq, D], k_cache [slots, Hk, D], v_cache [slots, Hk, Dv]");
+  TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(),
+              "paged_attention_decode: CPU tensors only");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
+              "paged_attention_decode: q, k_cache and v_cache must share a dtype");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat,
+              "paged_attention_decode: bf16 or fp32 only");
+  TORCH_CHECK(q.stride(2) == 1 && k_cache.stride(2) == 1 && v_cache.stride(2) == 1,
+              "paged_attention_decode: the head dim must be contiguous");
+  const int64_t S = q.size(0), Hq = q.size(1), D = q.size(2), Hk = k_cache.size(1), Dv = v_cache.size(2);
+  TORCH_CHECK(k_cache.size(2) == D && v_cache.size(1) == Hk, "paged_attention_decode: cache shapes disagree with q");
+  TORCH_CHECK(Hk > 0 && Hq % Hk == 0, "paged_attention_decode: query heads must be a multiple of KV heads");
+  TORCH_CHECK(block_size > 0, "paged_attention_decode: block_size must be positive");
+  at::Tensor tables = block_tables.to(at::kLong).contiguous();
+  at::Tensor lens = seq_lens.to(at::kLong).contiguous();
+  TORCH_CHECK(tables.dim() == 2 && tables.size(0) == S && lens.numel() == S,
+              "paged_attention_decode: block_tables [S, W] and seq_lens [S] must match q's S");
+  const int64_t width = tables.size(1);
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  const int64_t slots = k_cache.size(0);
+  for (int64_t s = 0; s < S; ++s) {  // every slot read must exist: a bad table must not read out of bounds
+    TORCH_CHECK(lp[s] >= 1 && lp[s] <= width * block_size, "paged_attention_decode: seq_lens[", s, "] = ", lp[s],
+                " does not fit its block table (", width, " blocks of ", block_size, ")");
+    const int64_t used = (lp[s] + block_size - 1) / block_size;
+    for (int64_t b = 0; b < used; ++b)
+      TORCH_CHECK(tp[s * width + b] >= 0 && (tp[s * width + b] + 1) * block_size <= slots,
+                  "paged_attention_decode: block id ", tp[s * width + b], " is outside the cache");
+  }
+  at::Tensor out = at::empty({S, Hq, Dv}, q.options());
+  if (S == 0 || Hq == 0) return out;
+  DecodeParams p{Hq, Hk, D, Dv, Hq / Hk, block_size, width, sliding_window > 0 ? sliding_window : 0,
+                 q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
+                 v_cache.stride(1), out.stride(0), out.stride(1), static_cast<float>(scale),
+                 softcap > 0 ? static_cast<float>(softcap) : 0.0f};
+  if (q.scalar_type() == at::kFloat)
+    decode_all<float>(q, k_cache, v_cache, tp, lp, S, p, out);
+  else
+    decode_all<c10::BFloat16>(q, k_cache, v_cache, tp, lp, S, p, out);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(TORCH_EXTENSION_NAME, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps, bool add_unit_offset=False) -> Tensor");
+  m.def("silu_and_mul(Tensor x) -> Tensor");
+  m.def(
+      "paged_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
+      "int block_size, float scale, int sliding_window=0, float softcap=0.0) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
+  m.impl("rms_norm", &rms_norm);
+  m.impl("silu_and_mul", &silu_and_mul);
+  m.impl("paged_attention_decode", &paged_attention_decode);
+}
