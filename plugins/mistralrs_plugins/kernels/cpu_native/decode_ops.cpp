@@ -9,8 +9,9 @@
 //
 // paged_attention_decode: one query token per sequence (the last of its seq_len tokens) attends to
 // that sequence's keys in the paged cache, read in place through its block table (no gather copy).
-// Work items are (sequence, KV head) pairs; each computes the scores of its group of query heads
-// (grouped-query attention without repeating K/V), a softmax and the weighted sum of V, all in fp32.
+// A work item is one sequence (or, at batch 1, a group of its KV heads); it computes the scores of each KV
+// head's group of query heads (grouped-query attention without repeating K/V), a softmax and the weighted
+// sum of V, all in fp32, walking the cache rows front to back.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -163,8 +164,9 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
 
 // ---- paged_attention_decode ------------------------------------------------------------------------
 
-constexpr int kGroupBlock = 4;  // query heads per register block (4 x 4 key accumulators)
-constexpr int kKeyBlock = 4;    // keys per score reduction
+constexpr int kGroupBlock = 4;      // query heads per register block
+constexpr int kKeyBlock = 4;        // keys per score block (reduced together)
+constexpr int64_t kValueChunk = 8;  // keys per P @ V register pass
 
 struct DecodeParams {
   int64_t Hq, Hk, D, Dv, G, block_size, table_width, window;
@@ -172,112 +174,212 @@ struct DecodeParams {
   float scale, softcap;
 };
 
-// One (sequence, KV head): scores of its G query heads against the visible keys, softmax, P @ V.
+struct DecodeScratch {
+  std::vector<float> scores, qf, acc;  // [R, ld] probabilities, [R, D] scaled queries, [R, Dv] outputs
+  std::vector<int64_t> slots;          // cache slot of each visible key
+};
+
+// Prefetch `bytes` bytes at each of `rows` row starts (the next block's segment of one head).
 template <typename T>
-void decode_one(const T* q, const T* kc, const T* vc, const int64_t* table, int64_t seq_len, int64_t h,
-                const DecodeParams& p, T* out, std::vector<float>& scratch, std::vector<int64_t>& slots) {
+inline void prefetch_segments(const T* const* rows, int nrows, int64_t bytes) {
+  for (int t = 0; t < nrows; ++t)
+    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(rows[t]) + b, _MM_HINT_T0);
+}
+
+// Scores of GB query rows (qf, stride D) against kKeyBlock keys (kr[t]) -> out[a * ld + t].
+// GB is a compile-time constant so that the GB x 4 accumulators stay in registers.
+template <int GB, typename T>
+inline void qk_block(const float* qf, int64_t D, const T* const* kr, float* out, int64_t ld) {
+  __m512 acc[GB][kKeyBlock];
+#pragma GCC unroll 4
+  for (int a = 0; a < GB; ++a)
+#pragma GCC unroll 4
+    for (int t = 0; t < kKeyBlock; ++t) acc[a][t] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 16) {
+    const __mmask16 m = mask16(D - d);
+    __m512 kv[kKeyBlock];
+#pragma GCC unroll 4
+    for (int t = 0; t < kKeyBlock; ++t) kv[t] = load16(kr[t] + d, m);
+#pragma GCC unroll 4
+    for (int a = 0; a < GB; ++a) {
+      const __m512 qv = _mm512_maskz_loadu_ps(m, qf + a * D + d);
+#pragma GCC unroll 4
+      for (int t = 0; t < kKeyBlock; ++t) acc[a][t] = _mm512_fmadd_ps(qv, kv[t], acc[a][t]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int a = 0; a < GB; ++a) _mm_storeu_ps(out + a * ld, reduce4(acc[a][0], acc[a][1], acc[a][2], acc[a][3]));
+}
+
+// acc_out[a, d0 : d0 + 16 NC] += sum_j P[a, j] V_j[d0 : ...] for GB rows and keys [c0, c1): the GB x NC
+// accumulators live in registers for the whole chunk.
+template <int GB, int NC, typename T>
+inline void pv_block(const float* P, int64_t ld, const T* vc, const int64_t* slots, int64_t c0, int64_t c1,
+                     int64_t v_off, int64_t v_s0, int64_t Dv, int64_t d0, float* acc_out) {
+  __m512 acc[GB][NC];
+  __mmask16 m[NC];
+#pragma GCC unroll 4
+  for (int c = 0; c < NC; ++c) m[c] = mask16(Dv - d0 - 16 * c);
+#pragma GCC unroll 4
+  for (int a = 0; a < GB; ++a)
+#pragma GCC unroll 4
+    for (int c = 0; c < NC; ++c) acc[a][c] = _mm512_maskz_loadu_ps(m[c], acc_out + a * Dv + d0 + 16 * c);
+  for (int64_t j = c0; j < c1; ++j) {
+    const T* vr = vc + slots[j] * v_s0 + v_off + d0;
+    __m512 vv[NC];
+#pragma GCC unroll 4
+    for (int c = 0; c < NC; ++c) vv[c] = load16(vr + 16 * c, m[c]);
+#pragma GCC unroll 4
+    for (int a = 0; a < GB; ++a) {
+      const __m512 pw = _mm512_set1_ps(P[a * ld + j]);
+#pragma GCC unroll 4
+      for (int c = 0; c < NC; ++c) acc[a][c] = _mm512_fmadd_ps(pw, vv[c], acc[a][c]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int a = 0; a < GB; ++a)
+#pragma GCC unroll 4
+    for (int c = 0; c < NC; ++c) _mm512_mask_storeu_ps(acc_out + a * Dv + d0 + 16 * c, m[c], acc[a][c]);
+}
+
+template <typename T>
+using QkFn = void (*)(const float*, int64_t, const T* const*, float*, int64_t);
+template <typename T>
+using PvFn = void (*)(const float*, int64_t, const T*, const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                      int64_t, float*);
+
+template <typename T>
+struct AttnTables {
+  static constexpr QkFn<T> qk[kGroupBlock + 1] = {nullptr, qk_block<1, T>, qk_block<2, T>, qk_block<3, T>,
+                                                  qk_block<4, T>};
+  static constexpr PvFn<T> pv[kGroupBlock + 1][5] = {
+      {nullptr, nullptr, nullptr, nullptr, nullptr},
+      {nullptr, pv_block<1, 1, T>, pv_block<1, 2, T>, pv_block<1, 3, T>, pv_block<1, 4, T>},
+      {nullptr, pv_block<2, 1, T>, pv_block<2, 2, T>, pv_block<2, 3, T>, pv_block<2, 4, T>},
+      {nullptr, pv_block<3, 1, T>, pv_block<3, 2, T>, pv_block<3, 3, T>, pv_block<3, 4, T>},
+      {nullptr, pv_block<4, 1, T>, pv_block<4, 2, T>, pv_block<4, 3, T>, pv_block<4, 4, T>}};
+};
+
+// One sequence, KV heads [h0, h1): the scores of their query heads (R = (h1 - h0) * G rows) against the
+// visible keys, a softmax per row, and P @ V. Keys are walked front to back in small blocks, every head of a
+// block before the next block, so each slot's row (all KV heads side by side) is read once, while the next
+// block's rows are prefetched.
+template <typename T>
+void decode_heads(const T* q, const T* kc, const T* vc, const int64_t* table, int64_t seq_len, int64_t h0,
+                  int64_t h1, const DecodeParams& p, T* out, DecodeScratch& sc) {
   const int64_t start = (p.window > 0 && seq_len > p.window) ? seq_len - p.window : 0;
   const int64_t n = seq_len - start;
   const int64_t G = p.G, D = p.D, Dv = p.Dv, bs = p.block_size;
+  const int64_t nh = h1 - h0, R = nh * G;
+  auto out_row = [&](int64_t r) { return out + (h0 * G + r) * p.o_s1; };
   if (n <= 0) {  // nothing visible (cannot happen for a well-formed batch): zeros, as an empty softmax sum
-    for (int64_t g = 0; g < G; ++g)
-      for (int64_t d = 0; d < Dv; d += 16) store16(out + (h * G + g) * p.o_s1 + d, _mm512_setzero_ps(), mask16(Dv - d));
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t d = 0; d < Dv; d += 16) store16(out_row(r) + d, _mm512_setzero_ps(), mask16(Dv - d));
     return;
   }
-  scratch.resize(static_cast<size_t>(G * n + G * D));
-  float* scores = scratch.data();  // [G, n]
-  float* qf = scores + G * n;      // [G, D] fp32 query, pre-scaled
-  // The cache slot of each visible key, computed once.
-  slots.resize(static_cast<size_t>(n));
+  // Row stride of the scores: padded off multiples of 1 KiB, so that the rows of a register block do not
+  // all map to the same cache sets.
+  int64_t ld = (n + 15) / 16 * 16;
+  if (ld % 256 == 0) ld += 16;
+  sc.scores.resize(static_cast<size_t>(R * ld));
+  sc.qf.resize(static_cast<size_t>(R * D));
+  sc.acc.assign(static_cast<size_t>(R * Dv), 0.0f);
+  sc.slots.resize(static_cast<size_t>(n));
+  float* scores = sc.scores.data();  // [R, ld]
+  float* qf = sc.qf.data();
+  float* acc_out = sc.acc.data();
+  int64_t* slots = sc.slots.data();
   for (int64_t j = 0; j < n; ++j) {
     const int64_t pos = start + j;
     slots[j] = table[pos / bs] * bs + pos % bs;
   }
-  const bool capped = p.softcap > 0.0f;
-  for (int64_t g = 0; g < G; ++g) {
-    const T* qr = q + (h * G + g) * p.q_s1;
+  for (int64_t r = 0; r < R; ++r) {
+    const T* qr = q + (h0 * G + r) * p.q_s1;
     for (int64_t d = 0; d < D; d += 16) {
       const __mmask16 m = mask16(D - d);
-      _mm512_mask_storeu_ps(qf + g * D + d, m, _mm512_mul_ps(load16(qr + d, m), _mm512_set1_ps(p.scale)));
+      _mm512_mask_storeu_ps(qf + r * D + d, m, _mm512_mul_ps(load16(qr + d, m), _mm512_set1_ps(p.scale)));
     }
   }
-  // Scores: blocks of kGroupBlock query heads x kKeyBlock keys, reduced four keys at a time.
-  for (int64_t g0 = 0; g0 < G; g0 += kGroupBlock) {
-    const int64_t gb = std::min<int64_t>(kGroupBlock, G - g0);
-    int64_t j = 0;
-    for (; j + kKeyBlock <= n; j += kKeyBlock) {
+  const int64_t k_seg = D * static_cast<int64_t>(sizeof(T)), v_seg = Dv * static_cast<int64_t>(sizeof(T));
+
+  // Pass 1, scores: per block of kKeyBlock keys, every head, kGroupBlock query heads at a time.
+  int64_t j = 0;
+  for (; j + kKeyBlock <= n; j += kKeyBlock) {
+    const bool has_next = j + 2 * kKeyBlock <= n;
+    for (int64_t h = h0; h < h1; ++h) {
       const T* kr[kKeyBlock];
       for (int t = 0; t < kKeyBlock; ++t) kr[t] = kc + slots[j + t] * p.k_s0 + h * p.k_s1;
-      __m512 acc[kGroupBlock][kKeyBlock];
-      for (int a = 0; a < kGroupBlock; ++a)
-        for (int t = 0; t < kKeyBlock; ++t) acc[a][t] = _mm512_setzero_ps();
+      if (has_next) {
+        const T* nxt[kKeyBlock];
+        for (int t = 0; t < kKeyBlock; ++t) nxt[t] = kc + slots[j + kKeyBlock + t] * p.k_s0 + h * p.k_s1;
+        prefetch_segments(nxt, kKeyBlock, k_seg);
+      }
+      const int64_t rh = (h - h0) * G;  // the head's first row
+      for (int64_t g0 = 0; g0 < G; g0 += kGroupBlock) {
+        const int64_t gb = std::min<int64_t>(kGroupBlock, G - g0);
+        AttnTables<T>::qk[gb](qf + (rh + g0) * D, D, kr, scores + (rh + g0) * ld + j, ld);
+      }
+    }
+  }
+  for (; j < n; ++j) {  // the last n % 4 keys, one at a time
+    for (int64_t r = 0; r < R; ++r) {
+      const T* kh = kc + slots[j] * p.k_s0 + (h0 + r / G) * p.k_s1;
+      __m512 acc = _mm512_setzero_ps();
       for (int64_t d = 0; d < D; d += 16) {
         const __mmask16 m = mask16(D - d);
-        __m512 kv[kKeyBlock];
-        for (int t = 0; t < kKeyBlock; ++t) kv[t] = load16(kr[t] + d, m);
-        for (int a = 0; a < gb; ++a) {
-          const __m512 qv = _mm512_maskz_loadu_ps(m, qf + (g0 + a) * D + d);
-          for (int t = 0; t < kKeyBlock; ++t) acc[a][t] = _mm512_fmadd_ps(qv, kv[t], acc[a][t]);
-        }
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, qf + r * D + d), load16(kh + d, m), acc);
       }
-      for (int a = 0; a < gb; ++a)
-        _mm_storeu_ps(scores + (g0 + a) * n + j, reduce4(acc[a][0], acc[a][1], acc[a][2], acc[a][3]));
-    }
-    for (; j < n; ++j) {  // the last n % 4 keys
-      const T* kr = kc + slots[j] * p.k_s0 + h * p.k_s1;
-      for (int a = 0; a < gb; ++a) {
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t d = 0; d < D; d += 16) {
-          const __mmask16 m = mask16(D - d);
-          acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, qf + (g0 + a) * D + d), load16(kr + d, m), acc);
-        }
-        scores[(g0 + a) * n + j] = _mm512_reduce_add_ps(acc);
-      }
+      scores[r * ld + j] = _mm512_reduce_add_ps(acc);
     }
   }
-  // Softmax per query head (softcap c first: c * tanh(s / c)).
-  for (int64_t g = 0; g < G; ++g) {
-    float* s = scores + g * n;
-    if (capped)
-      for (int64_t j = 0; j < n; ++j) s[j] = p.softcap * std::tanh(s[j] / p.softcap);
+  // Softmax per row (softcap c first: c * tanh(s / c)).
+  for (int64_t r = 0; r < R; ++r) {
+    float* s = scores + r * ld;
+    if (p.softcap > 0.0f)
+      for (int64_t jj = 0; jj < n; ++jj) s[jj] = p.softcap * std::tanh(s[jj] / p.softcap);
     __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int64_t j = 0; j < n; j += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, mask16(n - j), s + j));
+    for (int64_t jj = 0; jj < n; jj += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, mask16(n - jj), s + jj));
     const __m512 vmax = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
     __m512 sum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < n; j += 16) {
-      const __mmask16 m = mask16(n - j);
-      const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), vmax));
-      _mm512_mask_storeu_ps(s + j, m, e);
+    for (int64_t jj = 0; jj < n; jj += 16) {
+      const __mmask16 m = mask16(n - jj);
+      const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + jj), vmax));
+      _mm512_mask_storeu_ps(s + jj, m, e);
       sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
     }
-    const float inv = 1.0f / _mm512_reduce_add_ps(sum);
-    for (int64_t j = 0; j < n; j += 16) {
-      const __mmask16 m = mask16(n - j);
-      _mm512_mask_storeu_ps(s + j, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + j), _mm512_set1_ps(inv)));
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+    for (int64_t jj = 0; jj < n; jj += 16) {
+      const __mmask16 m = mask16(n - jj);
+      _mm512_mask_storeu_ps(s + jj, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + jj), inv));
     }
   }
-  // out[g] = sum_j P[g, j] V[j]: blocks of kGroupBlock heads x 64 output dims in registers.
-  for (int64_t g0 = 0; g0 < G; g0 += kGroupBlock) {
-    const int64_t gb = std::min<int64_t>(kGroupBlock, G - g0);
-    for (int64_t d0 = 0; d0 < Dv; d0 += 64) {
-      __m512 acc[kGroupBlock][4];
-      for (int a = 0; a < kGroupBlock; ++a)
-        for (int c = 0; c < 4; ++c) acc[a][c] = _mm512_setzero_ps();
-      const int nc = static_cast<int>(std::min<int64_t>(4, (Dv - d0 + 15) / 16));
-      for (int64_t j = 0; j < n; ++j) {
-        const T* vr = vc + slots[j] * p.v_s0 + h * p.v_s1 + d0;
-        __m512 vv[4];
-        for (int c = 0; c < nc; ++c) vv[c] = load16(vr + 16 * c, mask16(Dv - d0 - 16 * c));
-        for (int a = 0; a < gb; ++a) {
-          const __m512 pw = _mm512_set1_ps(scores[(g0 + a) * n + j]);
-          for (int c = 0; c < nc; ++c) acc[a][c] = _mm512_fmadd_ps(pw, vv[c], acc[a][c]);
+  // Pass 2, out = P @ V: chunks of kValueChunk keys; per head, register blocks of kGroupBlock rows x 64
+  // output dims over the chunk, accumulated into the fp32 rows of acc_out.
+  for (int64_t c0 = 0; c0 < n; c0 += kValueChunk) {
+    const int64_t c1 = std::min(n, c0 + kValueChunk);
+    const int64_t next = std::min(n, c1 + kValueChunk) - c1;
+    for (int64_t h = h0; h < h1; ++h) {
+      if (next > 0) {
+        const T* nxt[kValueChunk];
+        for (int64_t t = 0; t < next; ++t) nxt[t] = vc + slots[c1 + t] * p.v_s0 + h * p.v_s1;
+        prefetch_segments(nxt, static_cast<int>(next), v_seg);
+      }
+      const int64_t rh = (h - h0) * G;
+      for (int64_t g0 = 0; g0 < G; g0 += kGroupBlock) {
+        const int64_t gb = std::min<int64_t>(kGroupBlock, G - g0);
+        for (int64_t d0 = 0; d0 < Dv; d0 += 64) {
+          const int64_t nc = std::min<int64_t>(4, (Dv - d0 + 15) / 16);
+          AttnTables<T>::pv[gb][nc](scores + (rh + g0) * ld, ld, vc, slots, c0, c1, h * p.v_s1, p.v_s0, Dv, d0,
+                                    acc_out + (rh + g0) * Dv);
         }
       }
-      for (int a = 0; a < gb; ++a)
-        for (int c = 0; c < nc; ++c)
-          store16(out + (h * G + g0 + a) * p.o_s1 + d0 + 16 * c, acc[a][c], mask16(Dv - d0 - 16 * c));
     }
   }
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t d = 0; d < Dv; d += 16) {
+      const __mmask16 m = mask16(Dv - d);
+      store16(out_row(r) + d, _mm512_maskz_loadu_ps(m, acc_out + r * Dv + d), m);
+    }
 }
 
 template <typename T>
@@ -287,12 +389,19 @@ void decode_all(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
   const T* kp = k_cache.data_ptr<T>();
   const T* vp = v_cache.data_ptr<T>();
   T* op = out.data_ptr<T>();
-  at::parallel_for(0, S * p.Hk, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch;
-    std::vector<int64_t> slots;
+  // Work items: a sequence with all its KV heads (whole cache rows), split into head groups only when there
+  // are too few sequences to keep every thread busy (batch-1 decode).
+  const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());
+  int64_t split = 1;
+  while (split < p.Hk && S * split < want) ++split;
+  while (p.Hk % split) ++split;  // equal head groups
+  const int64_t per = p.Hk / split;
+  at::parallel_for(0, S * split, 1, [&](int64_t begin, int64_t end) {
+    static thread_local DecodeScratch scratch;  // reused across calls: no allocation (or page faults) per step
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t s = item / p.Hk, h = item % p.Hk;
-      decode_one<T>(qp + s * p.q_s0, kp, vp, tables + s * p.table_width, lens[s], h, p, op + s * p.o_s0, scratch, slots);
+      const int64_t s = item / split, h0 = (item % split) * per;
+      decode_heads<T>(qp + s * p.q_s0, kp, vp, tables + s * p.table_width, lens[s], h0, h0 + per, p,
+                      op + s * p.o_s0, scratch);
     }
   });
 }
