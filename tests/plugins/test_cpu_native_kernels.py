@@ -39,7 +39,7 @@ def test_registers_every_op_for_cpu_only(monkeypatch):
     monkeypatch.delenv(cpu_native.DISABLE_ENV, raising=False)
     specs = []
     cpu_native.register_kernels(specs.append)
-    assert [s.op for s in specs] == ["linear_bf16", "rms_norm", "silu_and_mul", "paged_attention_decode"]
+    assert [s.op for s in specs] == ["linear_bf16", "rms_norm", "silu_and_mul", "rotary", "paged_attention_decode"]
     for spec in specs:
         assert (spec.name, spec.devices, spec.priority) == ("avx512_bf16", ("cpu",), 10)
         assert spec.impl == f"mistralrs_plugins.kernels.cpu_native.ops:{spec.op}"
@@ -351,6 +351,27 @@ def test_silu_and_mul_matches_reference(native, dtype, i):
     gate, up = xd[:, :i], xd[:, i:]
     exact = gate * torch.sigmoid(gate) * up
     _no_worse_than_reference(y, torch_ops.silu_and_mul(x), exact, ulp_slack=1)
+
+
+@requires_avx512_bf16
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("d,rotary_dim,interleaved", [(64, None, False), (128, None, False), (80, 32, False),
+                                                       (72, 40, False), (64, None, True), (96, 48, True)])
+@pytest.mark.parametrize("t", [1, 16, 300])
+def test_rotary_matches_reference(native, dtype, d, rotary_dim, interleaved, t):
+    g = torch.Generator().manual_seed(t + d)
+    half = (rotary_dim or d) // 2
+    angles = torch.rand(t, half, generator=g) * 100
+    cos, sin = angles.cos(), angles.sin()
+    x = (torch.randn(t, 6, d, generator=g) * 3).to(dtype)
+    for xv in (x, torch.randn(t, 12, d, generator=g).to(dtype)[:, ::2]):  # contiguous, and strided heads
+        y = native.rotary(xv, cos, sin, rotary_dim, interleaved)
+        ref = torch_ops.rotary(xv, cos, sin, rotary_dim, interleaved)
+        exact = torch_ops.rotary(xv.double(), cos.double(), sin.double(), rotary_dim, interleaved)
+        assert y.dtype == dtype and y.shape == xv.shape
+        _no_worse_than_reference(y, ref, exact, ulp_slack=1)
+        if rotary_dim:  # the dims past rotary_dim pass through unchanged
+            assert torch.equal(y[..., rotary_dim:], xv[..., rotary_dim:])
 
 
 @requires_avx512_bf16

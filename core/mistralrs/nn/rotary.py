@@ -356,10 +356,11 @@ def compute_inv_freq(
 # --------------------------------------------------------------------------------------------
 
 
-def _rotary_kernel() -> Callable[..., torch.Tensor]:
-    from mistralrs_plugins.kernels.torch_ops import rotary
+def _rotary_kernel(device: Any = "cpu") -> Callable[..., torch.Tensor]:
+    """The registered ``rotary`` kernel for the device (the torch reference when none is)."""
+    from mistralrs.nn.kernels import lookup_kernel
 
-    return rotary
+    return lookup_kernel("rotary", device)
 
 
 class RotaryEmbedding(nn.Module):
@@ -555,7 +556,7 @@ class RotaryEmbedding(nn.Module):
         cos, sin = self.cos_sin(positions, seq_len)
         kernel = self._kernel
         if kernel is None:
-            kernel = self._kernel = _rotary_kernel()
+            kernel = self._kernel = _rotary_kernel(q.device)
         return (
             kernel(q, cos, sin, self.rotary_dim, self.interleaved),
             kernel(k, cos, sin, self.rotary_dim, self.interleaved),

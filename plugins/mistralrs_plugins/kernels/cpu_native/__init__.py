@@ -7,7 +7,7 @@ and when it cannot be built the op falls back to torch for the rest of the proce
 Ops (all named ``avx512_bf16``; they claim ``cpu`` only on x86 with the ``avx512_bf16`` flag):
 - ``linear_bf16``: ``y = x @ W^T (+ b)`` for bf16 with few rows (decode, <= 32), fp32 accumulation
   with ``vdpbf16ps``; ``out_f32=True`` writes fp32 (the LM head's logits).
-- ``rms_norm``, ``silu_and_mul``: the per-token ops of a decoder layer, fp32 math in one pass.
+- ``rms_norm``, ``silu_and_mul``, ``rotary``: the per-token ops of a decoder layer, fp32 math in one pass.
 - ``paged_attention_decode``: decode attention that reads K/V in place through the block tables.
 
 Set ``MISTRALRS_NO_NATIVE_KERNELS=1`` to never claim a device (and never build).
@@ -59,6 +59,7 @@ OPS = {
     "linear_bf16": "AVX-512-BF16 decode GEMV/GEMM (bf16, <= 32 rows; fp32 output for logits)",
     "rms_norm": "AVX-512 RMSNorm (bf16/fp32, fp32 math)",
     "silu_and_mul": "AVX-512 SwiGLU silu(gate) * up (bf16/fp32)",
+    "rotary": "AVX-512 rotary embedding (bf16/fp32, NeoX or GPT-J pairs, partial rotary)",
     "paged_attention_decode": "AVX-512 decode attention reading the paged KV cache in place (bf16/fp32)",
 }
 

@@ -79,6 +79,7 @@ class NativeOps:
         self.linear_bf16 = ns.linear_bf16.default
         self.rms_norm = ns.rms_norm.default
         self.silu_and_mul = ns.silu_and_mul.default
+        self.rotary = ns.rotary.default
         self.paged_attention_decode = ns.paged_attention_decode.default
 
 
@@ -234,6 +235,25 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         if ext is not None:
             return ext.silu_and_mul(x)
     return torch_ops.silu_and_mul(x)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int | None = None,
+           interleaved: bool = False) -> torch.Tensor:
+    """`torch_ops.rotary` with AVX-512 for bf16/fp32 ``x [T, H, D]`` (fp32 math, one rounding)."""
+    d = rotary_dim or (x.shape[-1] if x.dim() else 0)
+    if (
+        x.dtype in _FLOAT_KINDS
+        and x.dim() == 3
+        and x.stride(-1) == 1
+        and d % 2 == 0
+        and 0 < d <= x.shape[-1]
+        and cos.numel() == x.shape[0] * (d // 2) == sin.numel()
+        and _plain_cpu(x, cos, sin)
+    ):
+        ext = _native()
+        if ext is not None:
+            return ext.rotary(x, cos, sin, int(d), bool(interleaved))
+    return torch_ops.rotary(x, cos, sin, rotary_dim, interleaved)
 
 
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
