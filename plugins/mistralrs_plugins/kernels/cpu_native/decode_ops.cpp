@@ -21,6 +21,8 @@
 #include <torch/library.h>
 #include <immintrin.h>
 
+#include "simd.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -28,6 +30,8 @@
 #include <vector>
 
 namespace {
+
+using mistralrs_native::reduce4;
 
 // ---- loads and stores of 16 lanes as fp32 ----------------------------------------------------------
 
@@ -65,18 +69,6 @@ inline __m512 exp512(__m512 x) {
   const __m512 out = _mm512_scalef_ps(p, n);
   // exp(-87.3) is still a normal float; below it softmax weights are zero for every purpose.
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, lo, _CMP_LE_OQ), out, _mm512_setzero_ps());
-}
-
-// [sum(a0), sum(a1), sum(a2), sum(a3)]
-inline __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
-  const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
-  const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
-  const __m512d d01 = _mm512_castps_pd(s01), d23 = _mm512_castps_pd(s23);
-  const __m512 v = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(d01, d23)),
-                                 _mm512_castpd_ps(_mm512_unpackhi_pd(d01, d23)));
-  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v),
-                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
 // Element-wise ops on up to this many elements run on the calling thread: a decode step's tensors (e.g.

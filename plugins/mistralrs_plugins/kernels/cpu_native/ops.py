@@ -1,7 +1,7 @@
 """Native CPU ops: the C++ extension is built on first use and cached.
 
 Build: ``torch.utils.cpp_extension.load`` on the sources next to this file, with AVX-512-BF16
-flags, into ``<platformdirs user cache>/mistralrs/kernels/<key>`` where ``key`` hashes the sources,
+flags, into ``<platformdirs user cache>/mistralrs/kernels/<key>`` where ``key`` hashes the sources and headers,
 the flags, the torch version and the Python version. A file lock serialises builds across
 processes; a finished build is marked with ``BUILD_OK`` and later processes load the shared
 library directly (no compiler or ninja needed after the first build). The library registers its
@@ -35,6 +35,7 @@ from mistralrs_plugins.kernels.cpu_native import has_avx512_bf16, native_disable
 log = logging.getLogger(__name__)
 
 SOURCES = ("linear_bf16.cpp", "decode_ops.cpp")
+HEADERS = ("simd.h",)  # not compiled on their own, but part of the build key
 CFLAGS = ("-O3", "-DNDEBUG", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 BUILD_LOCK_TIMEOUT_S = 900.0
@@ -56,7 +57,7 @@ def source_dir() -> Path:
 def build_key() -> str:
     """Hash of everything the binary depends on: sources, flags, torch and Python versions."""
     h = hashlib.sha256()
-    for name in SOURCES:
+    for name in SOURCES + HEADERS:
         h.update(name.encode())
         h.update((source_dir() / name).read_bytes())
     h.update(repr((CFLAGS, LDFLAGS, torch.__version__, sys.version_info[:2], sys.platform)).encode())
