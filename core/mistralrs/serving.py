@@ -185,11 +185,30 @@ class ModelService:
             request_log=_request_log(opts.log_file, self.tokenizer),
         )
         self.device = device
+        self._warm_up()
         log.info(
             "loaded %s (%s, %s on %s) with the %s attention backend, %d KV blocks of %d tokens",
             opts.model_id, self.loaded.arch.name, str(self.loaded.dtype).removeprefix("torch."), device,
             self.backend.name, num_blocks, opts.pa_blk_size,
         )
+
+    def _warm_up(self) -> None:
+        """One 1-token forward (no KV cache) before serving: the first use of the kernels builds or
+        loads the native ones (seconds, once per machine), so the first request does not wait for it.
+        A model that cannot run one token fails here, at load, with its error."""
+        import torch
+
+        dev = self.device
+        try:
+            with torch.inference_mode():
+                zero = torch.zeros(1, dtype=torch.long, device=dev)
+                hidden = self.loaded.model.forward(zero, zero, self.backend.batch([0, 1], [1]))
+                self.loaded.model.compute_logits(hidden)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"{self.opts.model_id}: a one-token test forward failed ({type(exc).__name__}: {exc}); "
+                "the model or its plugin is broken"
+            ) from exc
 
     def _backend_name(self) -> str | None:
         if self.opts.attention_backend:

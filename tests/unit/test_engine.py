@@ -335,3 +335,33 @@ def test_a_grammar_that_rejects_its_own_token_ends_only_that_choice(svc):
     done = odd.result()
     assert done.choices[0].finish_reason in ("stop", "length")
     assert len(other.result().choices[0].token_ids) == 12
+
+
+def test_service_runs_a_warm_up_forward_at_load(model_dir, monkeypatch):
+    """Loading ends with a one-token forward (kernels built or loaded before the first request); a model
+    that cannot run one fails at load with a one-line ModelLoadError, not at the first request."""
+    from mistralrs.errors import ModelLoadError
+    from mistralrs.nn.decoder import CausalLM
+
+    calls = []
+    real = CausalLM.forward
+
+    def counting(self, input_ids, positions, batch):
+        calls.append((input_ids.tolist(), batch.slot_mapping))
+        return real(self, input_ids, positions, batch)
+
+    monkeypatch.setattr(CausalLM, "forward", counting)
+    s = service(model_dir, max_seqs=2)
+    try:
+        assert calls == [([0], None)]  # one token, no KV cache touched
+        assert s.engine.kv_blocks()[0] == 0  # no KV block used
+    finally:
+        s.shutdown()
+
+    def broken(self, input_ids, positions, batch):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(CausalLM, "forward", broken)
+    with pytest.raises(ModelLoadError, match="one-token test forward failed .RuntimeError: kernel exploded") as exc:
+        service(model_dir, max_seqs=2)
+    assert "\n" not in str(exc.value)
