@@ -77,8 +77,8 @@ constexpr int64_t kSerialElements = 1 << 18;
 
 // ---- rms_norm --------------------------------------------------------------------------------------
 
-template <typename T>
-void rms_norm_rows(const T* x, int64_t ldx, const float* w, float w_offset, T* y, int64_t rows, int64_t H,
+template <typename T, typename W>
+void rms_norm_rows(const T* x, int64_t ldx, const W* w, float w_offset, T* y, int64_t rows, int64_t H,
                    float eps) {
   const int64_t grain = std::max<int64_t>(1, kSerialElements / std::max<int64_t>(1, H));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
@@ -94,7 +94,7 @@ void rms_norm_rows(const T* x, int64_t ldx, const float* w, float w_offset, T* y
       const __m512 s = _mm512_set1_ps(inv), off = _mm512_set1_ps(w_offset);
       for (int64_t i = 0; i < H; i += 16) {
         const __mmask16 m = mask16(H - i);
-        store16(yr + i, _mm512_mul_ps(_mm512_mul_ps(load16(xr + i, m), s), _mm512_add_ps(_mm512_maskz_loadu_ps(m, w + i), off)), m);
+        store16(yr + i, _mm512_mul_ps(_mm512_mul_ps(load16(xr + i, m), s), _mm512_add_ps(load16(w + i, m), off)), m);
       }
     }
   });
@@ -106,16 +106,24 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, b
   TORCH_CHECK(weight.numel() == H, "rms_norm: weight has ", weight.numel(), " elements, x has ", H, " features");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "rms_norm: bf16 or fp32 x");
   at::Tensor xc = x.contiguous().view({-1, H});
-  at::Tensor w = weight.to(at::kFloat).contiguous();
+  // The weight is read in its own dtype (bf16 or fp32): no conversion copy per call.
+  at::Tensor w = (weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kFloat)
+                     ? weight.contiguous()
+                     : weight.to(at::kFloat).contiguous();
   const float w_offset = add_unit_offset ? 1.0f : 0.0f;  // Gemma: x * (1 + w)
   at::Tensor y = at::empty_like(xc);
   const int64_t rows = xc.size(0);
   if (rows == 0 || H == 0) return y.view(x.sizes());
-  if (x.scalar_type() == at::kFloat)
-    rms_norm_rows(xc.data_ptr<float>(), H, w.data_ptr<float>(), w_offset, y.data_ptr<float>(), rows, H, float(eps));
+  auto run = [&](auto* wp) {
+    if (x.scalar_type() == at::kFloat)
+      rms_norm_rows(xc.data_ptr<float>(), H, wp, w_offset, y.data_ptr<float>(), rows, H, float(eps));
+    else
+      rms_norm_rows(xc.data_ptr<c10::BFloat16>(), H, wp, w_offset, y.data_ptr<c10::BFloat16>(), rows, H, float(eps));
+  };
+  if (w.scalar_type() == at::kBFloat16)
+    run(w.data_ptr<c10::BFloat16>());
   else
-    rms_norm_rows(xc.data_ptr<c10::BFloat16>(), H, w.data_ptr<float>(), w_offset, y.data_ptr<c10::BFloat16>(), rows, H,
-                  float(eps));
+    run(w.data_ptr<float>());
   return y.view(x.sizes());
 }
 
@@ -224,6 +232,7 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
 constexpr int kGroupBlock = 4;      // query heads per register block
 constexpr int kKeyBlock = 4;        // keys per score block (reduced together)
 constexpr int64_t kValueChunk = 8;  // keys per P @ V register pass
+constexpr int64_t kSerialKeyHeads = 1024;  // (key, KV head) pairs below which one thread does all the work
 
 struct DecodeParams {
   int64_t Hq, Hk, D, Dv, G, block_size, table_width, window;
@@ -453,7 +462,12 @@ void decode_all(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
   while (split < p.Hk && S * split < want) ++split;
   while (p.Hk % split) ++split;  // equal head groups
   const int64_t per = p.Hk / split;
-  at::parallel_for(0, S * split, 1, [&](int64_t begin, int64_t end) {
+  // Little work (short contexts) runs on the calling thread: a parallel region inside a decode step costs
+  // more than a few thousand keys take.
+  int64_t keys = 0;
+  for (int64_t s = 0; s < S; ++s) keys += std::min(lens[s], p.window > 0 ? p.window : lens[s]);
+  const int64_t grain = keys * p.Hk <= kSerialKeyHeads ? S * split : 1;
+  at::parallel_for(0, S * split, grain, [&](int64_t begin, int64_t end) {
     static thread_local DecodeScratch scratch;  // reused across calls: no allocation (or page faults) per step
     for (int64_t item = begin; item < end; ++item) {
       const int64_t s = item / split, h0 = (item % split) * per;
