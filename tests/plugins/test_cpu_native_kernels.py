@@ -161,6 +161,23 @@ def test_linear_bf16_fp32_output(native, m, n, k):
 
 
 @requires_avx512_bf16
+@pytest.mark.parametrize("n,k", [(7, 17), (37, 100), (101, 4133), (130, 2048), (19, 1000), (64, 6200)])
+@pytest.mark.parametrize("out_f32", [False, True])
+def test_linear_bf16_rows_do_not_depend_on_the_batch(native, n, k, out_f32):
+    """Batch invariance: a row's output is bit-identical whether computed alone, in any batch size (every
+    schedule: 1-4 rows, 5-8, 9-64, several 64-row chunks) or at any position in the batch."""
+    g = torch.Generator().manual_seed(n * k)
+    x = torch.randn(150, k, generator=g).to(torch.bfloat16)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(torch.bfloat16)
+    b = torch.randn(n, generator=g).to(torch.bfloat16)
+    full = native.linear_bf16(x, w, b, out_f32=out_f32)
+    for m in (1, 2, 3, 4, 5, 7, 8, 9, 16, 31, 64, 65, 130):
+        for start in (0, 150 - m):
+            part = native.linear_bf16(x[start:start + m], w, b, out_f32=out_f32)
+            assert torch.equal(part, full[start:start + m]), (m, start)
+
+
+@requires_avx512_bf16
 @pytest.mark.parametrize("m", [8, 16, 32])
 def test_linear_bf16_many_panels_and_threads(native, m):
     """Enough rows of W for several panels per thread (the next panel is prefetched while one computes)
@@ -182,7 +199,7 @@ def test_linear_bf16_shapes_strides_and_fallbacks(native):
     g = torch.Generator().manual_seed(5)
     w = (torch.randn(48, 72, generator=g) / 8).to(torch.bfloat16)
     b = torch.randn(48, generator=g).to(torch.bfloat16)
-    # Leading dims are flattened: [B, T, K] with B*T <= MAX_ROWS goes native.
+    # Leading dims are flattened: [B, T, K] goes native as B*T rows.
     x3 = torch.randn(2, 3, 72, generator=g).to(torch.bfloat16)
     y3 = native.linear_bf16(x3, w, b)
     assert y3.shape == (2, 3, 48)
@@ -198,10 +215,9 @@ def test_linear_bf16_shapes_strides_and_fallbacks(native):
         _check(native.linear_bf16(xr, w, b), xr, w, b)
     x1 = torch.randn(1, 72, generator=g).to(torch.bfloat16)
     _check(native.linear_bf16(x1, w), x1, w, None)
-    # More than MAX_ROWS rows, other dtypes, and autograd are plain F.linear.
-    assert native.MAX_ROWS == 32
-    x33 = torch.randn(33, 72, generator=g).to(torch.bfloat16)
-    assert torch.equal(native.linear_bf16(x33, w, b), F.linear(x33, w, b))
+    # Prefill-sized row counts (several row chunks) are native too; other dtypes and autograd are F.linear.
+    x200 = torch.randn(200, 72, generator=g).to(torch.bfloat16)
+    _check(native.linear_bf16(x200, w, b), x200, w, b)
     xf, wf = x1.float(), w.float()
     assert torch.equal(native.linear_bf16(xf, wf), F.linear(xf, wf))
     wg = w.clone().requires_grad_(True)
@@ -211,7 +227,7 @@ def test_linear_bf16_shapes_strides_and_fallbacks(native):
 @requires_avx512_bf16
 def test_linear_and_tied_lm_head_use_the_kernel(native, monkeypatch):
     from mistralrs.nn.embedding import Embedding, compute_logits
-    from mistralrs.nn.linear import SMALL_M_ROWS, Linear
+    from mistralrs.nn.linear import Linear
     from mistralrs.plugins import PluginHost, reset_plugin_host
 
     host = PluginHost(environ={})
@@ -230,18 +246,18 @@ def test_linear_and_tied_lm_head_use_the_kernel(native, monkeypatch):
         layer.process_after_loading()
         x = torch.randn(2, 64, generator=g).to(torch.bfloat16)
         _check(layer(x), x, layer.weight, layer.bias)
-        xb = torch.randn(SMALL_M_ROWS, 64, generator=g).to(torch.bfloat16)  # a decode batch: native
+        xb = torch.randn(32, 64, generator=g).to(torch.bfloat16)  # a decode batch
         _check(layer(xb), xb, layer.weight, layer.bias)
-        xp = torch.randn(SMALL_M_ROWS + 1, 64, generator=g).to(torch.bfloat16)  # prefill-sized: F.linear
-        assert torch.equal(layer(xp), F.linear(xp, layer.weight, layer.bias))
+        xp = torch.randn(100, 64, generator=g).to(torch.bfloat16)  # a prefill
+        _check(layer(xp), xp, layer.weight, layer.bias)
         emb = Embedding(50, 64)
         emb.weight.data = (torch.randn(50, 64, generator=g) / 8).to(torch.bfloat16)
         logits = compute_logits(x, None, emb)  # tied head: fp32 straight from the kernel
         _check_f32(logits, x, emb.weight, None)
         _check_f32(compute_logits(xb, None, emb), xb, emb.weight, None)
-        assert compute_logits(xp, None, emb).shape == (SMALL_M_ROWS + 1, 50)
+        _check_f32(compute_logits(xp, None, emb), xp, emb.weight, None)
         _check_f32(compute_logits(x, layer, emb), x, layer.weight, layer.bias)  # untied head with a bias
-        assert calls == [(2, 64), (SMALL_M_ROWS, 64), (2, 64), (SMALL_M_ROWS, 64), (2, 64)]
+        assert calls == [(2, 64), (32, 64), (100, 64), (2, 64), (32, 64), (100, 64), (2, 64)]
     finally:
         reset_plugin_host(None)
 

@@ -22,6 +22,7 @@ from mistralrs.engine.engine import (
 from mistralrs.engine.sampling import SamplingParams
 from mistralrs.errors import InvalidRequest
 from mistralrs.serving import ModelService, ServiceOptions
+from mistralrs_plugins.kernels import cpu_native
 from tests.helpers.tiny_models import write_tiny_llama
 
 GREEDY = SamplingParams(temperature=0)
@@ -365,3 +366,31 @@ def test_service_runs_a_warm_up_forward_at_load(model_dir, monkeypatch):
     with pytest.raises(ModelLoadError, match="one-token test forward failed .RuntimeError: kernel exploded") as exc:
         service(model_dir, max_seqs=2)
     assert "\n" not in str(exc.value)
+
+
+@pytest.mark.skipif(not cpu_native.supports_avx512_bf16(),
+                    reason="bf16 batch invariance comes from the native CPU kernels (avx512_bf16, not disabled)")
+def test_bf16_tokens_do_not_depend_on_the_batch():
+    """In bf16 (the default dtype on such CPUs) a greedy request gives the same tokens alone, beside 15
+    others (prompts prefilled together, decode batched) and after a prefix-cache hit. The random demo
+    model has many near-ties, so any batch-dependent rounding shows up (it did before the kernels were
+    made batch-invariant)."""
+    s = ModelService(ServiceOptions(model_id="demo", dtype="bf16", max_seqs=16, pa_blk_size=8))
+    try:
+        def prompt(seed, n=20):
+            g = torch.Generator().manual_seed(seed)
+            return torch.randint(10, 880, (n,), generator=g).tolist()
+
+        def run(prompts):
+            handles = [s.engine.submit(GenerationRequest(prompt_ids=p, sampling=GREEDY, max_tokens=32,
+                                                         ignore_eos=True)) for p in prompts]
+            return [P.collect(h)[0].choices[0].token_ids for h in handles]
+
+        for k in range(6):
+            target = prompt(k)
+            alone = run([target])[0]
+            crowd = run([target] + [prompt(1000 + 20 * k + i, 10 + i) for i in range(15)])[0]
+            assert crowd == alone, f"prompt {k}: tokens changed when batched"
+            assert run([target])[0] == alone, f"prompt {k}: tokens changed with a prefix-cache hit"
+    finally:
+        s.shutdown()

@@ -27,15 +27,15 @@ class Embedding(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, scale={self.scale}"
 
-    _small_m_kernel = None
+    _bf16_kernel = None
 
-    def small_m_kernel(self):
-        """The `linear_bf16` kernel for the tied LM head at decode (looked up once per module)."""
-        if self._small_m_kernel is None:
-            from mistralrs.nn.linear import small_m_linear_bf16
+    def bf16_kernel(self):
+        """The `linear_bf16` kernel for the tied LM head on the CPU (looked up once per module)."""
+        if self._bf16_kernel is None:
+            from mistralrs.nn.linear import cpu_linear_bf16
 
-            self._small_m_kernel = small_m_linear_bf16()
-        return self._small_m_kernel
+            self._bf16_kernel = cpu_linear_bf16()
+        return self._bf16_kernel
 
 
 def compute_logits(hidden: torch.Tensor, lm_head: nn.Module | None, embedding: Embedding | None = None,
@@ -43,9 +43,9 @@ def compute_logits(hidden: torch.Tensor, lm_head: nn.Module | None, embedding: E
     """hidden [S, H] -> float32 logits [S, V] through `lm_head`, or through the embedding's weight
     when the head is tied (`lm_head` None). `softcap` c: logits -> c * tanh(logits / c).
 
-    Decode-sized bf16 batches on the CPU go through the `linear_bf16` kernel with fp32 output: the
-    logits are never rounded to bf16, and no separate conversion pass runs over [S, vocab]."""
-    from mistralrs.nn.linear import SMALL_M_ROWS, Linear, UnquantizedLinearMethod, small_m_linear_bf16
+    bf16 on the CPU goes through the `linear_bf16` kernel with fp32 output: the logits are never
+    rounded to bf16, and no separate conversion pass runs over [S, vocab]."""
+    from mistralrs.nn.linear import Linear, UnquantizedLinearMethod, cpu_linear_bf16
 
     if lm_head is None and embedding is None:
         raise ValueError("compute_logits needs an lm_head or a tied embedding")
@@ -54,9 +54,8 @@ def compute_logits(hidden: torch.Tensor, lm_head: nn.Module | None, embedding: E
         weight = embedding.weight  # type: ignore[union-attr]
     elif isinstance(lm_head, Linear) and type(lm_head.quant_method) is UnquantizedLinearMethod:
         weight, bias = lm_head.weight, lm_head.bias
-    small = hidden.numel() <= SMALL_M_ROWS * hidden.shape[-1]
-    if weight is not None and small and hidden.dtype is torch.bfloat16 and hidden.device.type == "cpu":
-        kernel = embedding.small_m_kernel() if embedding is not None else small_m_linear_bf16()
+    if weight is not None and hidden.dtype is torch.bfloat16 and hidden.device.type == "cpu":
+        kernel = embedding.bf16_kernel() if embedding is not None else cpu_linear_bf16()
         logits = kernel(hidden, weight, bias, out_f32=True)
     elif lm_head is not None:
         logits = lm_head(hidden)

@@ -50,31 +50,27 @@ class UnquantizedLinearMethod(LinearMethodBase):
             layer.register_parameter("bias", None)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype is torch.bfloat16 and x.device.type == "cpu" and x.numel() <= SMALL_M_ROWS * x.shape[-1]:
-            kernel = self._small_m_kernel or self._lookup_small_m_kernel()
-            return kernel(x, layer.weight, layer.bias)  # decode: a GEMV kernel
+        if x.dtype is torch.bfloat16 and x.device.type == "cpu":
+            kernel = self._bf16_kernel or self._lookup_bf16_kernel()
+            return kernel(x, layer.weight, layer.bias)
         weight, bias = cast(torch.Tensor, layer.weight), cast("torch.Tensor | None", layer.bias)
         return F.linear(x, weight, bias)
 
-    _small_m_kernel: Any = None  # the `linear_bf16` kernel, looked up on first small-M bf16 call
+    _bf16_kernel: Any = None  # the `linear_bf16` kernel, looked up on the first bf16 CPU call
 
-    def _lookup_small_m_kernel(self) -> Any:
-        self._small_m_kernel = small_m_linear_bf16()
-        return self._small_m_kernel
+    def _lookup_bf16_kernel(self) -> Any:
+        self._bf16_kernel = cpu_linear_bf16()
+        return self._bf16_kernel
 
     def describe(self) -> str:
         return "unquantized"
 
 
-# bf16 CPU matmuls with at most this many rows (decode, up to 32 concurrent requests) go through the
-# best registered `linear_bf16` kernel (e.g. the native AVX-512-BF16 GEMV/GEMM: 1.1-3x F.linear's
-# speed up to 32 rows); more rows (prefill) are compute-bound: F.linear.
-SMALL_M_ROWS = 32
-
-
-def small_m_linear_bf16() -> Any:
+def cpu_linear_bf16() -> Any:
     """The best registered `linear_bf16` kernel for CPU (the torch reference when none is registered):
-    ``kernel(x, weight, bias, out_f32=False)``. Callers cache it."""
+    ``kernel(x, weight, bias, out_f32=False)``. Every bf16 CPU matmul goes through it: the native one
+    (docs/kernels.md) is faster than F.linear for decode and gives each row the same result whatever
+    else is in the batch. Callers cache it."""
     from mistralrs.nn.kernels import lookup_kernel
 
     return lookup_kernel("linear_bf16", "cpu")

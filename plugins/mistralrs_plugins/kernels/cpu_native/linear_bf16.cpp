@@ -1,36 +1,39 @@
-// Decode GEMV / small-M GEMM for bf16 on AVX-512-BF16 CPUs.
+// bf16 matmul on AVX-512-BF16 CPUs, for any number of rows, with batch-invariant results.
 //
-//   y[M, N] = x[M, K] @ W[N, K]^T (+ bias[N]),  bf16 in, fp32 accumulation, bf16 out (round to nearest even)
+//   y[M, N] = x[M, K] @ W[N, K]^T (+ bias[N]),  bf16 in, fp32 accumulation, bf16 (or fp32) out
 //
-// For small M (1..32 rows: batch-1 decode up to 32 concurrent decode requests) W is read from memory
-// exactly once per call and stays in its original row-major [N, K] layout (nothing is repacked). All
-// products run along K with `vdpbf16ps` (32 bf16 of x times 32 bf16 of W, pairwise accumulated into 16
-// fp32 lanes); each fp32 accumulator is reduced horizontally once per K (block).
+// W stays in its original row-major [N, K] layout (nothing is repacked). All products run along K with
+// `vdpbf16ps` (32 bf16 of x times 32 bf16 of W, pairwise accumulated into 16 fp32 lanes).
 //
-// - M <= 4, memory-bound:
-//   - "row" schedule (x small enough to stay in L1): one row of W at a time, U independent
-//     accumulators over K, every row of x multiplied into each 64-byte line of W. Consecutive rows are
-//     adjacent, so each thread reads one strictly sequential stream, which the hardware prefetcher likes
-//     best.
+// Batch invariance: every output element is computed by the same arithmetic whatever M, the schedule or
+// the row's position in the batch: for each K block of kKBlock elements in order, one accumulator over the
+// block's 64-byte lines in order (the last one masked), reduced by one fixed horizontal tree (hsum /
+// reduce4), the block sums added in order, then the bias. So a request's tokens do not depend on what else
+// is batched with it (decode beside 15 others, or its prompt prefilled with others).
+//
+// - M <= 4, memory-bound (decode):
+//   - "row" schedule (x small enough to stay in L1): one row of W at a time, every row of x multiplied into
+//     each 64-byte line of W. Consecutive rows are adjacent, so each thread reads one strictly sequential
+//     stream, which the hardware prefetcher likes best.
 //   - "tile" schedule (x too big for L1, e.g. M=4 and K=8192): 4 rows of W at once, so every line of x
 //     loaded is used 4 times.
 //   Every line of W is also prefetched `prefetch` bytes ahead in its row in software.
-// - 5 <= M <= 32 ("blocked" schedule, compute matters): register tiles of MB rows of x by R rows of W
-//   (MB * R <= 24 fp32 accumulators + R weight registers + 1 x register in the 32 zmm registers: 3 x 8
-//   for M <= 8, else 4 x 6), so each line of W loaded is used MB times and each line of x R times. A
-//   thread walks its range of N in panels of kPanelRows rows; for each K block (kKBlock) of a panel it
-//   runs the M rows in ceil(M / MB) passes over the panel's tiles: the x block of a pass (<= 32 KiB)
-//   stays in L1 across the tiles, the first pass pulls the panel's W block into the caches and the later
-//   passes re-read it from L2. While a work item (panel, K block) computes, the W of the next one is
-//   software-prefetched, a few lines per step, spread over all its passes.
-// Threads split N into contiguous ranges (at::parallel_for with torch's thread count), so W is read
-// from memory exactly once per call. K tails use masked (zeroing) loads, so any K works; N tails are
-// handled one row of W at a time.
+// - M >= 5 ("blocked" schedule, compute matters): register tiles of MB rows of x by R rows of W (MB * R <=
+//   24 fp32 accumulators + R weight registers + 1 x register in the 32 zmm registers: 3 x 8 for M <= 8,
+//   else 4 x 6), so each line of W loaded is used MB times and each line of x R times. A thread walks its
+//   range of N in panels of kPanelRows rows; for each K block of a panel it runs the rows in passes of MB
+//   over the panel's tiles: the x block of a pass (<= 32 KiB) stays in L1 across the tiles, the first pass
+//   pulls the panel's W block into the caches and the later passes re-read it from L2. While a work item
+//   (panel, K block) computes, the W of the next one is software-prefetched, a few lines per step, spread
+//   over all its passes. Rows beyond kMChunk (prefill) are done in chunks of kMChunk rows, so that a chunk's
+//   x stays in L2 while W streams.
+// Threads split N into contiguous ranges (at::parallel_for with torch's thread count), so W is read from
+// memory once per call (per row chunk). N tails are handled one row of W at a time.
 //
-// Measured on a 2-core AMD EPYC (Zen 5) VM (benchmarks/linear_bf16.py), GB/s of weights read, native
-// vs torch's bf16 F.linear (oneDNN): M=1 35-50 vs 13-23, M=8 24-31 vs 13-20, M=16 21-28 vs 12-17,
-// M=32 14-17 vs 9-13. At M=16-32 the kernel is close to compute-bound (2 x vdpbf16ps per cycle per
-// core peak; ~60% of it is reached while streaming W from DRAM, ~90% from L2).
+// Measured on a 2-core AMD EPYC (Zen 5) VM (benchmarks/linear_bf16.py), GB/s of weights read, native vs
+// torch's bf16 F.linear (oneDNN): M=1 35-50 vs 13-23, M=8 24-31 vs 13-20, M=16 21-28 vs 12-17, M=32 14-17
+// vs 9-13. At M=16-32 the kernel is close to compute-bound (~60% of the vdpbf16ps peak is reached while
+// streaming W from DRAM, ~90% from L2).
 
 // Only light headers (no <torch/extension.h>, no Python): the op is registered with the dispatcher
 // under the namespace TORCH_EXTENSION_NAME (set by cpp_extension) and called as
@@ -67,83 +70,69 @@ inline __mmask32 tail_mask(int64_t left) {
   return left >= 32 ? static_cast<__mmask32>(0xffffffffu) : static_cast<__mmask32>((1ull << left) - 1ull);
 }
 
+// The sum of a's 16 lanes by reduce4's tree (lane 0 of reduce4 depends on its first argument only): every
+// schedule reduces with this one tree, so results do not depend on the schedule.
+inline float hsum(__m512 a) {
+  const __m512 z = _mm512_setzero_ps();
+  return _mm_cvtss_f32(reduce4(a, z, z, z));
+}
+
+constexpr int64_t kKBlock = 2048;  // elements of K per block: every output sums its K blocks in order
+
 // ---- M <= 4: row and tile schedules ---------------------------------------------------------------
 
-// Dot products of M rows of x (row stride ldx) with R rows of W (starting at w, row stride ldw) over
-// K, U lines of K per step per row. Writes out[m * R + r].
-template <int M, int R, int U>
+// Dot products of M rows of x (row stride ldx) with R rows of W (starting at w, row stride ldw) over K,
+// K block by K block (see the batch-invariance note at the top). Writes out[m * R + r].
+template <int M, int R>
 inline void tile_dot(const uint16_t* __restrict x, int64_t ldx, const uint16_t* __restrict w, int64_t ldw,
                      int64_t K, int64_t prefetch, float* __restrict out) {
-  __m512 acc[M][R][U];
-#pragma GCC unroll 8
-  for (int m = 0; m < M; ++m)
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-      for (int u = 0; u < U; ++u) acc[m][r][u] = _mm512_setzero_ps();
-
-  int64_t k = 0;
-  for (; k + 32 * U <= K; k += 32 * U) {
-    __m512i wv[R][U];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-      for (int u = 0; u < U; ++u) {
-        const uint16_t* p = w + r * ldw + k + 32 * u;
-        _mm_prefetch(reinterpret_cast<const char*>(p) + prefetch, _MM_HINT_T0);
-        wv[r][u] = _mm512_loadu_si512(reinterpret_cast<const void*>(p));
-      }
+  for (int64_t kb = 0; kb < K; kb += kKBlock) {
+    const int64_t kend = std::min(K, kb + kKBlock);
+    __m512 acc[M][R];
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m)
 #pragma GCC unroll 8
-      for (int u = 0; u < U; ++u) {
-        const __m512i xv = _mm512_loadu_si512(reinterpret_cast<const void*>(x + m * ldx + k + 32 * u));
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+    for (int64_t k = kb; k < kend; k += 32) {
+      const __mmask32 mask = tail_mask(kend - k);
+      __m512i wv[R];
 #pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) acc[m][r][u] = _mm512_dpbf16_ps(acc[m][r][u], as_bh(xv), as_bh(wv[r][u]));
+      for (int r = 0; r < R; ++r) {
+        const uint16_t* p = w + r * ldw + k;
+        _mm_prefetch(reinterpret_cast<const char*>(p) + prefetch, _MM_HINT_T0);
+        wv[r] = _mm512_maskz_loadu_epi16(mask, p);
+      }
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        const __m512i xv = _mm512_maskz_loadu_epi16(mask, x + m * ldx + k);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], as_bh(xv), as_bh(wv[r]));
+      }
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const float v = hsum(acc[m][r]);
+        out[m * R + r] = kb == 0 ? v : out[m * R + r] + v;
       }
   }
-  for (; k < K; k += 32) {  // the last < U lines, the final one possibly partial (masked)
-    const __mmask32 mask = K - k >= 32 ? static_cast<__mmask32>(0xffffffffu)
-                                       : static_cast<__mmask32>((1ull << (K - k)) - 1ull);
-    __m512i wv[R];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) wv[r] = _mm512_maskz_loadu_epi16(mask, w + r * ldw + k);
-#pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) {
-      const __m512i xv = _mm512_maskz_loadu_epi16(mask, x + m * ldx + k);
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) acc[m][r][0] = _mm512_dpbf16_ps(acc[m][r][0], as_bh(xv), as_bh(wv[r]));
-    }
-  }
-#pragma GCC unroll 8
-  for (int m = 0; m < M; ++m)
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      __m512 sum = acc[m][r][0];
-#pragma GCC unroll 8
-      for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[m][r][u]);
-      out[m * R + r] = _mm512_reduce_add_ps(sum);
-    }
 }
 
-// Schedules: rows per tile R and lines per step U (M*R*U accumulators + R*U weight registers must fit
-// in the 32 zmm registers).
+// Schedules: rows of W per tile R (M * R accumulators + R weight registers fit in the 32 zmm registers).
 template <int M>
 struct RowSchedule {  // one row of W at a time
   static constexpr int R = 1;
-  static constexpr int U = M == 1 ? 4 : 2;
 };
 template <int M>
 struct TileSchedule {  // several rows of W per line of x
   static constexpr int R = 4;
-  static constexpr int U = 1;
 };
 
 template <int M, template <int> class Schedule, typename OutT>
 void gemv(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t N, int64_t K, const float* bias,
           OutT* y, int64_t ldy, int64_t prefetch) {
   constexpr int R = Schedule<M>::R;
-  constexpr int U = Schedule<M>::U;
   const int64_t full_tiles = N / R;
   const int64_t tiles = full_tiles + (N % R ? 1 : 0);
   // Enough work per thread chunk that the fork/join is amortised (~512 KiB of weights).
@@ -155,7 +144,7 @@ void gemv(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t N, int64_t 
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n0 = t * R;
       if (t < full_tiles) {
-        tile_dot<M, R, U>(x, ldx, w + n0 * K, K, K, prefetch, acc);
+        tile_dot<M, R>(x, ldx, w + n0 * K, K, K, prefetch, acc);
         for (int m = 0; m < M; ++m)
           for (int r = 0; r < R; ++r) {
             float v = acc[m * R + r];
@@ -164,7 +153,7 @@ void gemv(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t N, int64_t 
           }
       } else {
         for (int64_t n = n0; n < N; ++n) {
-          tile_dot<M, 1, 1>(x, ldx, w + n * K, K, K, prefetch, acc);
+          tile_dot<M, 1>(x, ldx, w + n * K, K, K, prefetch, acc);
           for (int m = 0; m < M; ++m) {
             float v = acc[m];
             if (bias) v += bias[n];
@@ -214,37 +203,18 @@ struct Prefetcher {
 };
 
 // Dot products of MB rows of x (row stride ldx) with R rows of W (row stride ldw) over klen elements of K
-// (both pointers at the start of the K block), U lines of K per step. Stores (or, when `accumulate`,
-// adds) the results into out[m * ldo + r]. Each step advances the prefetcher `npf` lines.
-template <int MB, int R, int U>
+// (both pointers at the start of the K block), one line per step. Stores (or, when `accumulate`, adds)
+// the block sums into out[m * ldo + r]. Each step advances the prefetcher `npf` lines.
+template <int MB, int R>
 void block_dot(const uint16_t* __restrict x, int64_t ldx, const uint16_t* __restrict w, int64_t ldw,
                int64_t klen, Prefetcher& pf, int npf, float* __restrict out, int64_t ldo, bool accumulate) {
-  __m512 acc[MB][R][U];
+  __m512 acc[MB][R];
 #pragma GCC unroll 8
   for (int m = 0; m < MB; ++m)
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-      for (int u = 0; u < U; ++u) acc[m][r][u] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 32 * U <= klen; k += 32 * U) {
-    for (int i = 0; i < npf * U; ++i) pf.step();
-    __m512i wv[R][U];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-      for (int u = 0; u < U; ++u)
-        wv[r][u] = _mm512_loadu_si512(reinterpret_cast<const void*>(w + r * ldw + k + 32 * u));
-#pragma GCC unroll 8
-    for (int m = 0; m < MB; ++m)
-#pragma GCC unroll 8
-      for (int u = 0; u < U; ++u) {
-        const __m512i xv = _mm512_loadu_si512(reinterpret_cast<const void*>(x + m * ldx + k + 32 * u));
-#pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) acc[m][r][u] = _mm512_dpbf16_ps(acc[m][r][u], as_bh(xv), as_bh(wv[r][u]));
-      }
-  }
-  for (; k < klen; k += 32) {  // the last < U lines, the final one possibly partial (masked)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < klen; k += 32) {
+    for (int i = 0; i < npf; ++i) pf.step();
     const __mmask32 mask = tail_mask(klen - k);
     __m512i wv[R];
 #pragma GCC unroll 8
@@ -253,20 +223,14 @@ void block_dot(const uint16_t* __restrict x, int64_t ldx, const uint16_t* __rest
     for (int m = 0; m < MB; ++m) {
       const __m512i xv = _mm512_maskz_loadu_epi16(mask, x + m * ldx + k);
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) acc[m][r][0] = _mm512_dpbf16_ps(acc[m][r][0], as_bh(xv), as_bh(wv[r]));
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], as_bh(xv), as_bh(wv[r]));
     }
   }
-#pragma GCC unroll 8
-  for (int m = 0; m < MB; ++m)
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-      for (int u = 1; u < U; ++u) acc[m][r][0] = _mm512_add_ps(acc[m][r][0], acc[m][r][u]);
   if constexpr (R == 4) {
 #pragma GCC unroll 8
-    for (int m = 0; m < MB; ++m) {
-      __m128 v = reduce4(acc[m][0][0], acc[m][1][0], acc[m][2][0], acc[m][3][0]);
-      if (accumulate) v = _mm_add_ps(v, _mm_loadu_ps(out + m * ldo));
+    for (int m = 0; m < MB; ++m) {  // reduce4 = hsum of each accumulator, four at once
+      __m128 v = reduce4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]);
+      if (accumulate) v = _mm_add_ps(_mm_loadu_ps(out + m * ldo), v);
       _mm_storeu_ps(out + m * ldo, v);
     }
   } else {
@@ -274,7 +238,7 @@ void block_dot(const uint16_t* __restrict x, int64_t ldx, const uint16_t* __rest
     for (int m = 0; m < MB; ++m)
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
-        const float v = _mm512_reduce_add_ps(acc[m][r][0]);
+        const float v = hsum(acc[m][r]);
         out[m * ldo + r] = accumulate ? out[m * ldo + r] + v : v;
       }
   }
@@ -283,29 +247,26 @@ void block_dot(const uint16_t* __restrict x, int64_t ldx, const uint16_t* __rest
 using BlockFn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, Prefetcher&, int, float*,
                          int64_t, bool);
 
-// block_dot<MB, R, U> for MB = 1..MBMAX (index MB). A single row of x gets U = 2 (latency-bound otherwise
-// with few accumulators); more rows have enough independent accumulators with U = 1.
+// block_dot<MB, R> for MB = 1..MBMAX (index MB).
 template <int R, int MBMAX>
 struct BlockTable {
   BlockFn f[9] = {};
   constexpr BlockTable() {
-    f[1] = block_dot<1, R, (R >= 4 ? 1 : 2)>;
-    if constexpr (MBMAX >= 2) f[2] = block_dot<2, R, 1>;
-    if constexpr (MBMAX >= 3) f[3] = block_dot<3, R, 1>;
-    if constexpr (MBMAX >= 4) f[4] = block_dot<4, R, 1>;
-    if constexpr (MBMAX >= 5) f[5] = block_dot<5, R, 1>;
-    if constexpr (MBMAX >= 6) f[6] = block_dot<6, R, 1>;
-    if constexpr (MBMAX >= 7) f[7] = block_dot<7, R, 1>;
-    if constexpr (MBMAX >= 8) f[8] = block_dot<8, R, 1>;
+    f[1] = block_dot<1, R>;
+    if constexpr (MBMAX >= 2) f[2] = block_dot<2, R>;
+    if constexpr (MBMAX >= 3) f[3] = block_dot<3, R>;
+    if constexpr (MBMAX >= 4) f[4] = block_dot<4, R>;
+    if constexpr (MBMAX >= 5) f[5] = block_dot<5, R>;
+    if constexpr (MBMAX >= 6) f[6] = block_dot<6, R>;
+    if constexpr (MBMAX >= 7) f[7] = block_dot<7, R>;
+    if constexpr (MBMAX >= 8) f[8] = block_dot<8, R>;
   }
 };
 
-constexpr int kMaxRows = 32;
+constexpr int64_t kMChunk = 64;     // rows per gemm_blocked call: their x block stays in L2 while W streams
 constexpr int64_t kPanelRows = 48;  // rows of W per panel (a multiple of every R)
-constexpr int64_t kKBlock = 2048;   // elements of K per block: MB x kKBlock of x stays in L1
 
-// y[M, N] (any 1 <= M <= kMaxRows; used for M >= 5) with R rows of W and up to MBMAX rows of x per
-// register tile.
+// y[M, N] (1 <= M <= kMChunk; used for M >= 5) with R rows of W and up to MBMAX rows of x per register tile.
 template <int R, int MBMAX, typename OutT>
 void gemm_blocked(const uint16_t* x, int64_t ldx, int64_t M, const uint16_t* w, int64_t N, int64_t K,
                   const float* bias, OutT* y, int64_t ldy) {
@@ -314,7 +275,7 @@ void gemm_blocked(const uint16_t* x, int64_t ldx, int64_t M, const uint16_t* w, 
   static_assert(kPanelRows % R == 0, "panels hold whole tiles");
   // Row blocks of x, as even as possible (e.g. M = 16, MBMAX = 6: 6 + 5 + 5).
   const int64_t nb = (M + MBMAX - 1) / MBMAX;
-  int64_t mbs[kMaxRows], m0s[kMaxRows];
+  int64_t mbs[kMChunk], m0s[kMChunk];
   for (int64_t b = 0, m0 = 0; b < nb; ++b) {
     mbs[b] = M / nb + (b < M % nb ? 1 : 0);
     m0s[b] = m0;
@@ -330,7 +291,7 @@ void gemm_blocked(const uint16_t* x, int64_t ldx, int64_t M, const uint16_t* w, 
   const int64_t grain = std::max<int64_t>(1, (int64_t(256) << 10) / std::max<int64_t>(1, int64_t(R) * K * 2));
 
   at::parallel_for(0, full + (N % R ? 1 : 0), grain, [&](int64_t begin, int64_t end) {
-    float out[kMaxRows * kPanelRows];
+    float out[kMChunk * kPanelRows];
     constexpr int64_t ldo = kPanelRows;
     const int64_t tend = std::min(end, full);
     for (int64_t p = begin; p < tend; p += tiles_per_panel) {
@@ -367,7 +328,9 @@ void gemm_blocked(const uint16_t* x, int64_t ldx, int64_t M, const uint16_t* w, 
       for (int64_t n = full * R; n < N; ++n) {
         for (int64_t m0 = 0; m0 < M; m0 += 8) {
           const int64_t mb = std::min<int64_t>(8, M - m0);
-          tail_table.f[mb](x + m0 * ldx, ldx, w + n * K, K, K, none, 0, out + m0, 1, false);
+          for (int64_t kb = 0; kb < K; kb += Kc)  // K block by K block, as every other output
+            tail_table.f[mb](x + m0 * ldx + kb, ldx, w + n * K + kb, K, std::min(Kc, K - kb), none, 0, out + m0, 1,
+                             kb > 0);
         }
         for (int64_t m = 0; m < M; ++m) {
           float v = out[m];
@@ -382,20 +345,25 @@ void gemm_blocked(const uint16_t* x, int64_t ldx, int64_t M, const uint16_t* w, 
 template <typename OutT>
 void run_linear(const uint16_t* xp, int64_t ldx, int64_t M, const uint16_t* wp, int64_t N, int64_t K,
                 const float* bias_ptr, OutT* yp) {
-  if (M <= kMaxGemvRows) {
-    const bool row_schedule = M * K * 2 <= kRowScheduleMaxXBytes;
-    const GemvFn<OutT> fn = row_schedule ? GemvTables<OutT>::row[M] : GemvTables<OutT>::tile[M];
-    const int64_t prefetch = M == 1 ? 1024 : 2048;  // bytes ahead; more work per line wants more distance
-    fn(xp, ldx, wp, N, K, bias_ptr, yp, N, prefetch);
-  } else if (M <= 8) {
-    gemm_blocked<3, 8>(xp, ldx, M, wp, N, K, bias_ptr, yp, N);  // one pass: 3 x M tiles
-  } else {
-    gemm_blocked<4, 6>(xp, ldx, M, wp, N, K, bias_ptr, yp, N);  // 4 x (<= 6) tiles
+  for (int64_t m0 = 0; m0 < M; m0 += kMChunk) {  // prefill: chunks of rows (results do not depend on it)
+    const int64_t mc = std::min(kMChunk, M - m0);
+    const uint16_t* xc = xp + m0 * ldx;
+    OutT* yc = yp + m0 * N;
+    if (mc <= kMaxGemvRows) {
+      const bool row_schedule = mc * K * 2 <= kRowScheduleMaxXBytes;
+      const GemvFn<OutT> fn = row_schedule ? GemvTables<OutT>::row[mc] : GemvTables<OutT>::tile[mc];
+      const int64_t prefetch = mc == 1 ? 1024 : 2048;  // bytes ahead; more work per line wants more distance
+      fn(xc, ldx, wp, N, K, bias_ptr, yc, N, prefetch);
+    } else if (mc <= 8) {
+      gemm_blocked<3, 8>(xc, ldx, mc, wp, N, K, bias_ptr, yc, N);  // one pass: 3 x M tiles
+    } else {
+      gemm_blocked<4, 6>(xc, ldx, mc, wp, N, K, bias_ptr, yc, N);  // 4 x (<= 6) tiles
+    }
   }
 }
 
-// x: [M, K] bf16 (M <= kMaxRows, last dim contiguous), weight: [N, K] bf16 contiguous, bias: [N] (any float
-// dtype). The result is bf16, or fp32 with `out_f32`.
+// x: [M, K] bf16 (last dim contiguous), weight: [N, K] bf16 contiguous, bias: [N] (any float dtype). The
+// result is bf16, or fp32 with `out_f32`.
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                        bool out_f32) {
   TORCH_CHECK(x.dim() == 2, "linear_bf16: x must be 2-D [M, K]");
@@ -405,7 +373,7 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight, const std:
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "linear_bf16: CPU tensors only");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   TORCH_CHECK(weight.size(1) == K, "linear_bf16: x has ", K, " features but weight has ", weight.size(1));
-  TORCH_CHECK(M >= 1 && M <= kMaxRows, "linear_bf16: 1..", kMaxRows, " rows supported, got ", M);
+  TORCH_CHECK(M >= 1, "linear_bf16: x has no rows");
   TORCH_CHECK(weight.is_contiguous(), "linear_bf16: weight must be contiguous");
 
   at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();

@@ -39,7 +39,6 @@ HEADERS = ("simd.h",)  # not compiled on their own, but part of the build key
 CFLAGS = ("-O3", "-DNDEBUG", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 BUILD_LOCK_TIMEOUT_S = 900.0
-MAX_ROWS = 32  # the kernel handles 1..MAX_ROWS rows; more rows (prefill) are compute-bound: F.linear
 
 _lock = threading.Lock()
 _ext: NativeOps | None = None
@@ -193,9 +192,9 @@ _FLOAT_KINDS = (torch.bfloat16, torch.float32)
 
 def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                 out_f32: bool = False) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` (as float32 with `out_f32`); bf16 inputs with 1..MAX_ROWS rows on CPU
-    use the AVX-512-BF16 kernel. Anything else (other dtypes, more rows, autograd, compiling, no native
-    build) is the torch reference."""
+    """``F.linear(x, weight, bias)`` (as float32 with `out_f32`); bf16 inputs on CPU use the AVX-512-BF16
+    kernel, whose rows come out the same whatever else is in the batch (decode and prefill alike).
+    Anything else (other dtypes, autograd, compiling, no native build) is the torch reference."""
     if (
         x.dtype is not torch.bfloat16
         or weight.dtype is not torch.bfloat16
@@ -209,7 +208,7 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         return torch_ops.linear_bf16(x, weight, bias, out_f32=out_f32)
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
-    if rows < 1 or rows > MAX_ROWS or k != weight.shape[1] or torch.compiler.is_compiling():
+    if rows < 1 or k != weight.shape[1] or torch.compiler.is_compiling():
         return torch_ops.linear_bf16(x, weight, bias, out_f32=out_f32)
     if bias is not None and (bias.device.type != "cpu" or bias.requires_grad):
         return torch_ops.linear_bf16(x, weight, bias, out_f32=out_f32)
