@@ -34,7 +34,7 @@ SHAPES = [  # (name, N = out features, K = in features)
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rows", default="1,4,8,16,32", help="comma-separated M values (at most ops.MAX_ROWS)")
+    ap.add_argument("--rows", default="1,4,8,16,32", help="comma-separated M values")
     ap.add_argument("--passes", type=int, default=7)
     ap.add_argument("--min-bytes", type=float, default=384e6, help="weight bytes cycled per pass (> LLC)")
     ap.add_argument("--out", default="benchmarks/results/linear_bf16.json")

@@ -5,8 +5,8 @@ built lazily on the first call of an op (see `ops`), cached under the platformdi
 and when it cannot be built the op falls back to torch for the rest of the process.
 
 Ops (all named ``avx512_bf16``; they claim ``cpu`` only on x86 with the ``avx512_bf16`` flag):
-- ``linear_bf16``: ``y = x @ W^T (+ b)`` for bf16 with few rows (decode, <= 32), fp32 accumulation
-  with ``vdpbf16ps``; ``out_f32=True`` writes fp32 (the LM head's logits).
+- ``linear_bf16``: ``y = x @ W^T (+ b)`` for bf16, fp32 accumulation with ``vdpbf16ps``, each row's
+  result independent of the batch; ``out_f32=True`` writes fp32 (the LM head's logits).
 - ``rms_norm``, ``silu_and_mul``, ``rotary``: the per-token ops of a decoder layer, fp32 math in one pass.
 - ``paged_attention_decode``: decode attention that reads K/V in place through the block tables.
 
@@ -56,7 +56,7 @@ def supports_avx512_bf16(device: str = "cpu", **_context: object) -> bool:
 
 # op -> description; every op is a function of the same name in `ops`, in the one native build.
 OPS = {
-    "linear_bf16": "AVX-512-BF16 decode GEMV/GEMM (bf16, <= 32 rows; fp32 output for logits)",
+    "linear_bf16": "AVX-512-BF16 batch-invariant GEMV/GEMM (bf16, any rows; fp32 output for logits)",
     "rms_norm": "AVX-512 RMSNorm (bf16/fp32, fp32 math)",
     "silu_and_mul": "AVX-512 SwiGLU silu(gate) * up (bf16/fp32)",
     "rotary": "AVX-512 rotary embedding (bf16/fp32, NeoX or GPT-J pairs, partial rotary)",
