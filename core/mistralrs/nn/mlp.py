@@ -36,7 +36,6 @@ class GatedMLP(nn.Module):
         setattr(self, gate, Linear(hidden_size, intermediate_size, bias=bias))
         setattr(self, up, Linear(hidden_size, intermediate_size, bias=bias))
         setattr(self, down, Linear(intermediate_size, hidden_size, bias=bias))
-        self.hidden_act = str(hidden_act).lower()
         self.act_fn = get_activation(hidden_act)
         self._gate_up: Linear | None = None  # not a submodule: its parameters are gate's and up's
         self._act_and_mul: Callable[[torch.Tensor], torch.Tensor] | None = None
