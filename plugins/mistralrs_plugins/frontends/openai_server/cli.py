@@ -10,31 +10,16 @@ import argparse
 import os
 from typing import Any
 
-from mistralrs.cli.model_options import add_model_arguments
+from mistralrs.cli.model_options import add_model_arguments, number
 
 DEFAULT_PORT = 1234
 DEFAULT_HOST = "0.0.0.0"
 API_KEY_ENV = "MISTRALRS_API_KEY"
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is between 0 and 65535, not {value}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
-    return value
+_port = number(int, lambda v: 0 <= v <= 65535, "a port number (0-65535)")
+_seconds = number(float, lambda v: v >= 0, "a number of seconds >= 0")
+_rounds = number(int, lambda v: v >= 0, "a number of rounds >= 0")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,16 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     srv.add_argument("--disable-request-id-header", action="store_true",
                      help="do not echo x-request-id in responses")
     add_tool_arguments(parser)
-
-
-def _rounds(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of rounds, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of rounds >= 0, got {text!r}")
-    return value
 
 
 def add_tool_arguments(parser: argparse.ArgumentParser) -> None:
