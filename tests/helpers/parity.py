@@ -266,3 +266,33 @@ def assert_batched_match(path: Path | str, *, dtype: torch.dtype = torch.float32
             ref = alone(torch.tensor(tokens[i]))[-outs[j].shape[0]:]
             diff = float((outs[j] - ref).abs().max())
             assert diff <= atol, f"{path.name}: decode step {k}, sequence {i}: max |diff| {diff:.3g} > {atol}"
+
+
+class ParitySuite:
+    """The checks every architecture family runs against transformers. A parity test module
+    subclasses it (``class TestParity(ParitySuite)``) beside its module-scoped ``tiny`` fixture,
+    which yields (case name, checkpoint directory, transformers model)."""
+
+    batched_atol: dict[str, float] = {}  # case name -> tolerance of the batched check (default 1e-5)
+
+    def bf16_close(self, name: str, path: Path, hf: Any) -> dict:
+        return assert_bf16_close(path, hf)
+
+    def test_fp32_logits(self, tiny):
+        name, path, hf = tiny
+        diff = assert_logits_match(path, hf, atol=1e-4, seq_len=24)
+        print(name, "fp32 max diff", f"{diff:.3g}")
+
+    def test_greedy_32_tokens(self, tiny):
+        _, path, hf = tiny
+        tokens = assert_greedy_match(path, hf, n_tokens=32)
+        assert len(set(tokens)) > 1  # not a degenerate repetition: the comparison means something
+
+    def test_batched_flattened_equals_per_sequence(self, tiny):
+        name, path, _ = tiny
+        assert_batched_match(path, atol=self.batched_atol.get(name, 1e-5))
+
+    def test_bf16_logits(self, tiny):
+        name, path, hf = tiny
+        diffs = self.bf16_close(name, path, hf)
+        print(name, "bf16", {k: round(v, 4) for k, v in diffs.items()})

@@ -28,10 +28,8 @@ from safetensors import safe_open
 
 from tests.helpers.parity import (
     BF16_ATOL,
-    assert_batched_match,
+    ParitySuite,
     assert_bf16_close,
-    assert_greedy_match,
-    assert_logits_match,
     make_tiny_hf_model,
     our_logits,
 )
@@ -114,23 +112,6 @@ def tiny(request, tmp_path_factory):
     return request.param, path, hf
 
 
-def test_fp32_logits(tiny):
-    name, path, hf = tiny
-    diff = assert_logits_match(path, hf, atol=1e-4, seq_len=24)
-    print(name, "fp32 max diff", diff)
-
-
-def test_greedy_32_tokens(tiny):
-    _, path, hf = tiny
-    tokens = assert_greedy_match(path, hf, n_tokens=32)
-    assert len(set(tokens)) > 1  # not a degenerate repetition: the comparison means something
-
-
-def test_batched_flattened_equals_per_sequence(tiny):
-    _, path, _ = tiny
-    assert_batched_match(path)
-
-
 # A routing flip needs a top-k margin within bf16 noise: measured max |router logit| error of
 # transformers-bf16 vs fp32 on these models is ~0.045, so a flip at a wider fp32 margin is a bug.
 NEAR_TIE = 0.2
@@ -198,11 +179,10 @@ def assert_moe_bf16_close(path, hf, *, seq_len: int = 24, seed: int = 1) -> dict
     return d
 
 
-def test_bf16_logits(tiny):
-    name, path, hf = tiny
-    moe = name.startswith(("mixtral", "qwen3moe"))
-    diffs = assert_moe_bf16_close(path, hf) if moe else assert_bf16_close(path, hf)
-    print(name, "bf16", {k: round(v, 4) for k, v in diffs.items()})
+class TestParity(ParitySuite):
+    def bf16_close(self, name, path, hf):
+        moe = name.startswith(("mixtral", "qwen3moe"))
+        return assert_moe_bf16_close(path, hf) if moe else assert_bf16_close(path, hf)
 
 
 def test_architecture_and_layout(tiny):

@@ -24,9 +24,7 @@ import json
 import pytest
 
 from tests.helpers.parity import (
-    assert_batched_match,
-    assert_bf16_close,
-    assert_greedy_match,
+    ParitySuite,
     assert_logits_match,
     make_tiny_hf_model,
 )
@@ -110,27 +108,8 @@ def tiny(request, tmp_path_factory):
     return request.param, path, hf
 
 
-def test_fp32_logits(tiny):
-    name, path, hf = tiny
-    diff = assert_logits_match(path, hf, atol=1e-4, seq_len=24)
-    print(name, "fp32 max diff", f"{diff:.3g}")
-
-
-def test_greedy_32_tokens(tiny):
-    _, path, hf = tiny
-    tokens = assert_greedy_match(path, hf, n_tokens=32)
-    assert len(set(tokens)) > 1  # not a degenerate repetition: the comparison means something
-
-
-def test_batched_flattened_equals_per_sequence(tiny):
-    _, path, _ = tiny
-    assert_batched_match(path)
-
-
-def test_bf16_logits(tiny):
-    name, path, hf = tiny
-    diffs = assert_bf16_close(path, hf)
-    print(name, "bf16", {k: round(v, 4) for k, v in diffs.items()})
+class TestParity(ParitySuite):
+    pass
 
 
 def test_architecture_selected_from_config(tiny):
