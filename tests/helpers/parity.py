@@ -268,12 +268,43 @@ def assert_batched_match(path: Path | str, *, dtype: torch.dtype = torch.float32
             assert diff <= atol, f"{path.name}: decode step {k}, sequence {i}: max |diff| {diff:.3g} > {atol}"
 
 
+def tiny_fixture(cases: dict[str, Any]) -> Any:
+    """The module-scoped ``tiny`` fixture of a parity module: one case of `cases` (name -> function
+    of a directory returning (checkpoint directory, transformers model)) per parameter, yielding
+    (case name, checkpoint directory, transformers model)."""
+    import pytest
+
+    @pytest.fixture(scope="module", params=sorted(cases))
+    def tiny(request, tmp_path_factory):
+        path, hf = cases[request.param](tmp_path_factory.mktemp(request.param))
+        # generate() fills an unset eos_token_id from the model's generation config, and a tiny
+        # random model may well emit it: never stop early.
+        hf.generation_config.eos_token_id = None
+        return request.param, path, hf
+
+    return tiny
+
+
 class ParitySuite:
     """The checks every architecture family runs against transformers. A parity test module
-    subclasses it (``class TestParity(ParitySuite)``) beside its module-scoped ``tiny`` fixture,
-    which yields (case name, checkpoint directory, transformers model)."""
+    subclasses it (``class TestParity(ParitySuite)``) beside its ``tiny = tiny_fixture(CASES)``."""
 
     batched_atol: dict[str, float] = {}  # case name -> tolerance of the batched check (default 1e-5)
+    expected_arch: dict[str, str] = {}  # case name -> architecture name (default: the case name)
+    tied: frozenset[str] = frozenset()  # cases with tied embeddings
+
+    def is_tied(self, model: Any) -> bool:
+        return model.lm_head is None
+
+    def check_layout(self, name: str, path: Path, model: Any) -> None:
+        """Family-specific checks of a loaded case (none by default)."""
+
+    def test_architecture_selected_from_config(self, tiny):
+        name, path, _ = tiny
+        loaded = _load(path, torch.float32)
+        assert loaded.arch.name == self.expected_arch.get(name, name)
+        assert self.is_tied(loaded.model) == (name in self.tied)
+        self.check_layout(name, path, loaded.model)
 
     def bf16_close(self, name: str, path: Path, hf: Any) -> dict:
         return assert_bf16_close(path, hf)

@@ -18,6 +18,7 @@ import pytest
 from tests.helpers.parity import (
     ParitySuite,
     make_tiny_hf_model,
+    tiny_fixture,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -59,22 +60,11 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
-def tiny(request, tmp_path_factory):
-    path, hf = CASES[request.param](tmp_path_factory.mktemp(request.param))
-    return request.param, path, hf
+tiny = tiny_fixture(CASES)
 
 
 class TestParity(ParitySuite):
-    pass
+    expected_arch = {"llama3_tied_bias": "llama"}
+    tied = frozenset({"llama3_tied_bias", "qwen3"})
 
 
-def test_architecture_selected_from_config(tiny):
-    from mistralrs.loading import load_model
-
-    name, path, _ = tiny
-    loaded = load_model(path, dtype="f32")
-    expected = {"llama3_tied_bias": "llama"}.get(name, name)
-    assert loaded.arch.name == expected
-    if name in ("llama3_tied_bias", "qwen3"):
-        assert loaded.model.lm_head is None  # tied

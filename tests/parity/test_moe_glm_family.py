@@ -32,6 +32,7 @@ from tests.helpers.parity import (
     assert_bf16_close,
     make_tiny_hf_model,
     our_logits,
+    tiny_fixture,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -106,10 +107,7 @@ CASES = {
 EXPECTED_ARCH = {"mixtral": "mixtral", "qwen3moe": "qwen3moe", "glm4": "glm4"}
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
-def tiny(request, tmp_path_factory):
-    path, hf = CASES[request.param](tmp_path_factory.mktemp(request.param))
-    return request.param, path, hf
+tiny = tiny_fixture(CASES)
 
 
 # A routing flip needs a top-k margin within bf16 noise: measured max |router logit| error of
@@ -180,30 +178,26 @@ def assert_moe_bf16_close(path, hf, *, seq_len: int = 24, seed: int = 1) -> dict
 
 
 class TestParity(ParitySuite):
+    expected_arch = {name: EXPECTED_ARCH[name.split("_")[0]] for name in CASES}
+    tied = frozenset(name for name in CASES if "tied" in name)
+
     def bf16_close(self, name, path, hf):
         moe = name.startswith(("mixtral", "qwen3moe"))
         return assert_moe_bf16_close(path, hf) if moe else assert_bf16_close(path, hf)
 
+    def check_layout(self, name, path, model):
+        from mistralrs.nn.moe import SparseMoE
 
-def test_architecture_and_layout(tiny):
-    from mistralrs.loading import load_model
-    from mistralrs.nn.moe import SparseMoE
-
-    name, path, _ = tiny
-    with safe_open(str(path / "model.safetensors"), "pt") as f:
-        keys = list(f.keys())
-    fused = any(k.endswith("experts.gate_up_proj") for k in keys)
-    assert fused == ("fused" in name), f"{name}: the checkpoint layout is not the one the case means to test"
-    loaded = load_model(path, dtype="f32")
-    assert loaded.arch.name == EXPECTED_ARCH[name.split("_")[0]]
-    model = loaded.model
-    assert (model.lm_head is None) == ("tied" in name)
-    moe = [type(layer.ffn) is SparseMoE for layer in model.model.layers]
-    expected_moe = {
-        "mixtral": [True, True], "mixtral_fused_tied": [True, True],
-        "qwen3moe": [False, True, True], "qwen3moe_step_fused_tied": [False, True, False],
-    }.get(name, [False, False])
-    assert moe == expected_moe
-    if name.startswith("glm4"):
-        rotary = model.model.rotary_emb
-        assert rotary.interleaved and rotary.rotary_dim == (8 if "linear" in name else 16)
+        with safe_open(str(path / "model.safetensors"), "pt") as f:
+            keys = list(f.keys())
+        fused = any(k.endswith("experts.gate_up_proj") for k in keys)
+        assert fused == ("fused" in name), f"{name}: the checkpoint layout is not the one the case means to test"
+        moe = [type(layer.ffn) is SparseMoE for layer in model.model.layers]
+        expected_moe = {
+            "mixtral": [True, True], "mixtral_fused_tied": [True, True],
+            "qwen3moe": [False, True, True], "qwen3moe_step_fused_tied": [False, True, False],
+        }.get(name, [False, False])
+        assert moe == expected_moe
+        if name.startswith("glm4"):
+            rotary = model.model.rotary_emb
+            assert rotary.interleaved and rotary.rotary_dim == (8 if "linear" in name else 16)

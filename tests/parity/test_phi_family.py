@@ -27,6 +27,7 @@ from tests.helpers.parity import (
     ParitySuite,
     assert_logits_match,
     make_tiny_hf_model,
+    tiny_fixture,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -102,34 +103,27 @@ EXPECTED_ARCH = {"phi2": "phi2", "phi2_tied": "phi2", "phi3": "phi3", "phi3_long
 TIED = {"phi2_tied", "phi3_long_partial_tied", "starcoder2"}
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
-def tiny(request, tmp_path_factory):
-    path, hf = CASES[request.param](tmp_path_factory.mktemp(request.param))
-    return request.param, path, hf
+tiny = tiny_fixture(CASES)
 
 
 class TestParity(ParitySuite):
-    pass
+    expected_arch = EXPECTED_ARCH
+    tied = frozenset(TIED)
 
+    def is_tied(self, model):
+        return model.tied_embeddings  # the tied Phi-2 head keeps a Linear for its bias
 
-def test_architecture_selected_from_config(tiny):
-    from mistralrs.loading import load_model
-
-    name, path, _ = tiny
-    loaded = load_model(path, dtype="f32")
-    assert loaded.arch.name == EXPECTED_ARCH[name]
-    model = loaded.model
-    assert model.tied_embeddings == (name in TIED)
-    if name == "phi2_tied":
-        assert model.lm_head.bias is not None  # the tied Phi head keeps its own bias
-    if name.startswith("phi3"):
-        attn = model.model.layers[0].self_attn
-        assert hasattr(attn, "qkv_proj") and hasattr(model.model.layers[0].mlp, "gate_up_proj")  # kept fused
-    rotary = model.model.rotary_emb
-    expected_rotary = {"phi2": 8, "phi2_tied": 4, "phi3_long_partial_tied": 12}.get(name, 16)
-    assert rotary.rotary_dim == expected_rotary
-    if name == "phi3" or name == "starcoder2":
-        assert model.model.layers[0].self_attn.sliding_window == 8
+    def check_layout(self, name, path, model):
+        if name == "phi2_tied":
+            assert model.lm_head.bias is not None  # the tied Phi head keeps its own bias
+        if name.startswith("phi3"):
+            attn = model.model.layers[0].self_attn
+            assert hasattr(attn, "qkv_proj") and hasattr(model.model.layers[0].mlp, "gate_up_proj")  # kept fused
+        rotary = model.model.rotary_emb
+        expected_rotary = {"phi2": 8, "phi2_tied": 4, "phi3_long_partial_tied": 12}.get(name, 16)
+        assert rotary.rotary_dim == expected_rotary
+        if name == "phi3" or name == "starcoder2":
+            assert model.model.layers[0].self_attn.sliding_window == 8
 
 
 def _legacy_config(cfg: dict) -> dict:
