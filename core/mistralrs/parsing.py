@@ -38,6 +38,7 @@ from typing import Any, NoReturn
 
 import attrs
 
+from mistralrs import json_input
 from mistralrs.errors import NoCandidateError
 from mistralrs.specs import ReasoningParserSpec, ToolCallParserSpec, resolve
 
@@ -129,7 +130,7 @@ def _no_constants(name: str) -> Any:
 
 def _loads(text: str) -> Any:
     """Strict JSON (no NaN/Infinity, which would not survive a strict client)."""
-    return json.loads(text, parse_constant=_no_constants)
+    return json_input.loads(text, parse_constant=_no_constants)
 
 
 def normalize_arguments(raw: Any) -> str | None:

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 import attrs
 import cattrs
 
+from mistralrs import json_input
 from mistralrs.errors import InvalidRequest
 
 converter = cattrs.Converter(omit_if_default=False)
@@ -188,51 +189,61 @@ class CompletionResponse:
 
 # -- request validation ---------------------------------------------------------------------
 def _num(value: Any, param: str, *, lo: float | None = None, hi: float | None = None, integer: bool = False) -> Any:
+    from mistralrs.engine.sampling_params import Bounds
+
+    return _checked(value, param, Bounds(lo, hi, integer=integer))
+
+
+def _checked(value: Any, param: str, bounds: Any) -> Any:
+    """`value` if `bounds` (a `sampling_params.Bounds`) accepts it (None passes), else a 400."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-        raise InvalidRequest(f"{param} must be {'an integer' if integer else 'a number'}, got {value!r}", param)
-    if lo is not None and value < lo or hi is not None and value > hi:
-        bounds = f"between {lo} and {hi}" if lo is not None and hi is not None else (f">= {lo}" if lo is not None else f"<= {hi}")
-        raise InvalidRequest(f"{param} must be {bounds}, got {value!r}", param)
+    problem = bounds.problem(value)
+    if problem:
+        raise InvalidRequest(f"{param} {problem}, got {value!r}", param)
     return value
 
 
+def _flag(body: Mapping[str, Any], name: str) -> bool:
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise InvalidRequest(f"{name} must be true or false, got {value!r}", name)
+    return bool(value)
+
+
 def sampling_from(body: Mapping[str, Any], *, seed: int | None = None) -> Any:
-    """SamplingParams from OpenAI/mistral.rs request fields (validated)."""
-    from mistralrs.engine.sampling import SamplingParams
+    """SamplingParams from OpenAI/mistral.rs request fields, each checked against its
+    documented range (`sampling_params.FIELD_BOUNDS`)."""
+    from mistralrs.engine.sampling_params import FIELD_BOUNDS, LOGIT_BIAS_BOUNDS, SamplingParams
 
     bias = body.get("logit_bias") or {}
     if not isinstance(bias, Mapping):
         raise InvalidRequest("logit_bias must map token ids to numbers", "logit_bias")
-    try:
-        logit_bias = tuple((int(k), float(v)) for k, v in bias.items())
-    except (TypeError, ValueError):
-        raise InvalidRequest("logit_bias must map token ids to numbers", "logit_bias") from None
-    if any(not -100 <= v <= 100 for _, v in logit_bias):
-        raise InvalidRequest("logit_bias values must be between -100 and 100", "logit_bias")
+    logit_bias = []
+    for key, value in bias.items():
+        token = key if isinstance(key, int) and not isinstance(key, bool) else None
+        if isinstance(key, str) and key.strip().isdigit():
+            token = int(key)
+        if token is None or token < 0:
+            raise InvalidRequest(f"logit_bias keys must be token ids (non-negative integers), got {key!r}",
+                                 "logit_bias")
+        if LOGIT_BIAS_BOUNDS.problem(value):
+            raise InvalidRequest(f"logit_bias values {LOGIT_BIAS_BOUNDS.problem(value)}, got {value!r}",
+                                 "logit_bias")
+        logit_bias.append((token, float(value)))
     breakers = body.get("dry_sequence_breakers")
     if breakers is not None and (not isinstance(breakers, list) or not all(isinstance(b, str) for b in breakers)):
         raise InvalidRequest("dry_sequence_breakers must be a list of strings", "dry_sequence_breakers")
-    top_logprobs = _num(body.get("top_logprobs"), "top_logprobs", lo=0, hi=20, integer=True)
-    kwargs: dict[str, Any] = dict(
-        temperature=_num(body.get("temperature"), "temperature", lo=0, hi=2),
-        top_k=_num(body.get("top_k"), "top_k", integer=True),
-        top_p=_num(body.get("top_p"), "top_p", lo=0, hi=1),
-        min_p=_num(body.get("min_p"), "min_p", lo=0, hi=1),
-        repetition_penalty=_num(body.get("repetition_penalty"), "repetition_penalty", lo=0),
-        frequency_penalty=_num(body.get("frequency_penalty"), "frequency_penalty", lo=-2, hi=2) or 0.0,
-        presence_penalty=_num(body.get("presence_penalty"), "presence_penalty", lo=-2, hi=2) or 0.0,
-        dry_multiplier=_num(body.get("dry_multiplier"), "dry_multiplier", lo=0) or 0.0,
-        logit_bias=logit_bias,
-        seed=_num(body.get("seed"), "seed", integer=True) if body.get("seed") is not None else seed,
-        logprobs=bool(body.get("logprobs")),
-        top_logprobs=top_logprobs if top_logprobs is not None else (1 if body.get("logprobs") else 0),
+    fields = {name: _checked(body.get(name), name, bounds) for name, bounds in FIELD_BOUNDS.items()}
+    logprobs = _flag(body, "logprobs")
+    top_logprobs = fields.pop("top_logprobs")
+    kwargs: dict[str, Any] = {k: v for k, v in fields.items() if v is not None}
+    kwargs.update(
+        logit_bias=tuple(logit_bias),
+        seed=fields["seed"] if fields["seed"] is not None else seed,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs if top_logprobs is not None else (1 if logprobs else 0),
     )
-    if body.get("dry_base") is not None:
-        kwargs["dry_base"] = _num(body["dry_base"], "dry_base", lo=1)
-    if body.get("dry_allowed_length") is not None:
-        kwargs["dry_allowed_length"] = _num(body["dry_allowed_length"], "dry_allowed_length", lo=0, integer=True)
     if breakers is not None:
         kwargs["dry_sequence_breakers"] = tuple(breakers)
     return SamplingParams(**kwargs)
@@ -261,7 +272,6 @@ def _render_tool_calls(calls: Any, i: int) -> list[dict[str, Any]]:
     "function", "function": {"name", "arguments"}}` with `arguments` a dict (requests carry
     it as a JSON string; HF templates iterate or `tojson` it). A string that is not a JSON
     object stays a string."""
-    import json
 
     if not isinstance(calls, list):
         raise InvalidRequest(f"messages[{i}].tool_calls must be a list", "messages")
@@ -277,7 +287,7 @@ def _render_tool_calls(calls: Any, i: int) -> list[dict[str, Any]]:
         args = fn.get("arguments", fn.get("parameters"))
         if isinstance(args, str):
             try:
-                parsed = json.loads(args) if args.strip() else {}
+                parsed = json_input.loads(args) if args.strip() else {}
             except ValueError:
                 parsed = None
             if isinstance(parsed, dict):
@@ -397,7 +407,7 @@ def build_completion_request(service: Any, body: Mapping[str, Any]) -> Any:
         prompt = prompt[0]
     if not isinstance(prompt, (str, list)) or (isinstance(prompt, str) and not prompt):
         raise InvalidRequest("prompt must be a non-empty string or a list of token ids", "prompt")
-    ids = service.encode_completion(prompt)
+    ids = service.encode_completion(prompt, truncating=bool(body.get("truncate_sequence")))
     return _generation_request(service, body, ids)
 
 

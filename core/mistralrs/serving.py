@@ -236,9 +236,21 @@ class ModelService:
         # Templates write BOS themselves; like transformers, add no special tokens here.
         return self.tokenizer.encode(self.render_chat(messages, **kwargs), add_special_tokens=False)
 
-    def encode_completion(self, prompt: str | Sequence[int]) -> list[int]:
+    def encode_prompt(self, text: str, *, add_special_tokens: bool, truncating: bool = False) -> list[int]:
+        """A request's prompt as token ids. Unless it is to be truncated, a prompt that cannot
+        fit the context even at the vocabulary's longest tokens is refused before tokenizing:
+        a 40 MB prompt would otherwise keep a core busy for a minute."""
+        if not truncating:
+            least = self.tokenizer.min_tokens(text) if hasattr(self.tokenizer, "min_tokens") else 0
+            if least >= self.max_model_len:
+                from mistralrs.engine.engine import ContextTooLong
+
+                raise ContextTooLong(least, self.max_model_len, at_least=True)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def encode_completion(self, prompt: str | Sequence[int], *, truncating: bool = False) -> list[int]:
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_special_tokens=True)
+            return self.encode_prompt(prompt, add_special_tokens=True, truncating=truncating)
         ids = list(prompt)
         if not all(isinstance(t, int) for t in ids):
             raise InvalidRequest("prompt must be a string or a list of token ids", "prompt")

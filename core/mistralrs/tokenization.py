@@ -151,6 +151,9 @@ def _added_token(value: Any, *, special: bool | None = None, normalized: bool | 
     return AddedToken(value["content"], **flags)
 
 
+_GIL_FREE_CHARS = 16384
+
+
 class Tokenizer:
     """A tokenizer.json + tokenizer_config.json pair, behaving like transformers'
     fast tokenizer for the same files."""
@@ -278,6 +281,7 @@ class Tokenizer:
         self._special_ids = frozenset(i for i, t in added.items() if t.special)
         self._added_tokens = {t.content: i for i, t in added.items()}
         self._vocab_size = self._backend.get_vocab_size(with_added_tokens=True)
+        self._max_token_chars: int | None = None
         self._model_type = type(self._backend.model).__name__
 
     # ----------------------------------------------------------------- encoding
@@ -287,7 +291,19 @@ class Tokenizer:
         return self._backend
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if len(text) > _GIL_FREE_CHARS:
+            # `encode_batch` releases the GIL (`encode` does not): a long prompt must not stop
+            # the server's event loop, or the engine thread, while it is tokenized.
+            return list(self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
         return list(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on the tokens `text` encodes to, without tokenizing it: no token
+        covers more characters than the longest vocabulary entry (4x that here, for normalizers
+        that drop characters and unknown-word tokens)."""
+        if self._max_token_chars is None:
+            self._max_token_chars = max((len(t) for t in self._backend.get_vocab(with_added_tokens=True)), default=1)
+        return len(text) // (4 * max(self._max_token_chars, 1))
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
         return [list(e.ids) for e in self._backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]

@@ -37,6 +37,7 @@ from typing import Any, AsyncIterator
 
 import attrs
 
+from mistralrs import json_input
 from mistralrs.errors import InvalidRequest
 
 log = logging.getLogger("mistralrs.tools")
@@ -83,7 +84,7 @@ class ToolConfig:
     def call(self, name: str, arguments: str) -> str:
         """Run a server-side tool; errors become the result text (the model sees them)."""
         try:
-            args = json.loads(arguments) if arguments.strip() else {}
+            args = json_input.loads(arguments) if arguments.strip() else {}
         except json.JSONDecodeError as exc:
             return f"error: the arguments are not valid JSON ({exc.msg})"
         try:
@@ -603,7 +604,8 @@ class ChatPlan:
         service = self.service
         tools = self.tools or None
         self.prompt = service.render_chat(self.messages, tools=tools, **self.template_kwargs)
-        ids = service.tokenizer.encode(self.prompt, add_special_tokens=False)
+        ids = service.encode_prompt(self.prompt, add_special_tokens=False,
+                                    truncating=bool(self.body.get("truncate_sequence")))
         self.starts_in_reasoning = False
         reasoning_close = None
         if self.reasoning_spec is not None:
@@ -668,7 +670,7 @@ class ChatPlan:
         if parsed.content:
             self.round_contents.append(parsed.content)
         try:
-            args: Any = json.loads(call.arguments)
+            args: Any = json_input.loads(call.arguments)
         except ValueError:
             args = call.arguments
         self.messages = self.messages + [

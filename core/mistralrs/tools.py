@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from mistralrs import json_input
 from mistralrs.errors import InvalidRequest, NotFoundError, PluginConflictError
 from mistralrs.specs import resolve
 
@@ -47,7 +48,7 @@ class Toolbox:
             raise NotFoundError(f"unknown tool {name!r}; available: {', '.join(sorted(self._tools)) or 'none'}")
         if isinstance(arguments, str):
             try:
-                arguments = json.loads(arguments) if arguments.strip() else {}
+                arguments = json_input.loads(arguments) if arguments.strip() else {}
             except json.JSONDecodeError as exc:
                 raise InvalidRequest(
                     f"tool arguments are not valid JSON ({exc.msg}); pass a JSON object", "arguments"

@@ -394,3 +394,78 @@ def test_bf16_tokens_do_not_depend_on_the_batch():
             assert run([target])[0] == alone, f"prompt {k}: tokens changed with a prefix-cache hit"
     finally:
         s.shutdown()
+
+
+# -- one request's trouble stays with that request (issue 11) -------------------------------------
+@pytest.mark.timeout(120)  # before the fix the plain request was never answered
+def test_logprobs_and_plain_rows_share_a_step(svc):
+    """A row that asked for logprobs beside one that did not: both finish (this crashed the step)."""
+    with_lp = GenerationRequest(prompt_ids=prompt(svc, "with logprobs"), max_tokens=12, ignore_eos=True,
+                                sampling=SamplingParams(temperature=0, logprobs=True, top_logprobs=2))
+    plain = GenerationRequest(prompt_ids=prompt(svc, "plain"), sampling=GREEDY, max_tokens=6, ignore_eos=True)
+    a, b = svc.engine.submit(with_lp), svc.engine.submit(plain)  # admitted together: one step
+    (done_a, lps_a), (done_b, lps_b) = P.collect(a), P.collect(b)
+    assert [e[0] for e in lps_a[0]] == list(done_a.choices[0].token_ids) and all(len(e[2]) == 2 for e in lps_a[0])
+    assert done_a.choices[0].cumulative_logprob == pytest.approx(sum(e[1] for e in lps_a[0]))
+    assert lps_b.get(0, []) == [] and len(done_b.choices[0].token_ids) == 6
+
+
+@pytest.mark.timeout(120)
+def test_cancelling_a_logprobs_request_beside_a_plain_one(svc):
+    """A client disconnect finishes the choice from the inbox; that must not kill the engine thread."""
+    with_lp = GenerationRequest(prompt_ids=prompt(svc, "cancel me"), max_tokens=400, ignore_eos=True,
+                                sampling=SamplingParams(temperature=0, logprobs=True))
+    plain = GenerationRequest(prompt_ids=prompt(svc, "keep me"), sampling=GREEDY, max_tokens=40, ignore_eos=True)
+    failures = svc.engine.stats["failures"]
+    a, b = svc.engine.submit(with_lp), svc.engine.submit(plain)
+    for event in a:
+        if isinstance(event, TokenDelta):
+            a.cancel()
+            break
+    done, _ = P.collect(b)
+    assert len(done.choices[0].token_ids) == 40
+    assert svc.engine._thread.is_alive() and svc.engine.stats["failures"] == failures
+    assert gen(svc, prompt(svc, "after"), max_tokens=3)
+
+
+def _unchecked(params: SamplingParams, **values) -> SamplingParams:
+    """Params carrying values the validators refuse, as a buggy caller or plugin might build."""
+    for name, value in values.items():
+        object.__setattr__(params, name, value)
+    return params
+
+
+@pytest.mark.parametrize("bad", [
+    {"temperature": float("nan")},
+    {"presence_penalty": float("nan")},
+    {"repetition_penalty": 1e300},
+], ids=["temperature-nan", "presence-nan", "repetition-1e300"])
+@pytest.mark.timeout(120)
+def test_a_request_that_breaks_sampling_fails_alone(svc, bad):
+    ids = prompt(svc, "a good neighbour")
+    alone = gen(svc, ids, max_tokens=10)
+    used_before = svc.engine.kv_blocks()[0]
+    failures = svc.engine.stats["failures"]
+    broken = GenerationRequest(prompt_ids=prompt(svc, "broken"), max_tokens=10,
+                               sampling=_unchecked(SamplingParams(temperature=0.8, seed=1), **bad))
+    good = GenerationRequest(prompt_ids=ids, sampling=GREEDY, max_tokens=10, ignore_eos=True)
+    h_bad, h_good = svc.engine.submit(broken), svc.engine.submit(good)
+    with pytest.raises(EngineError, match="sampling failed"):
+        h_bad.result()
+    assert P.collect(h_good)[0].choices[0].token_ids == alone
+    assert svc.engine.stats["failures"] == failures  # no step failed: only that request did
+    assert svc.engine.kv_blocks()[0] <= used_before
+
+
+def test_sampling_values_that_cannot_be_sampled_are_refused():
+    for bad in ({"temperature": float("nan")}, {"top_p": float("inf")}, {"frequency_penalty": float("nan")},
+                {"repetition_penalty": 0}, {"dry_base": 0.5}, {"logit_bias": {"5": float("nan")}}):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+
+
+def test_logit_bias_outside_the_vocabulary_is_refused_at_submission(svc):
+    with pytest.raises(InvalidRequest, match="logit_bias") as exc:
+        svc.engine.submit(GenerationRequest(prompt_ids=prompt(svc, "x"),
+                                            sampling=SamplingParams(logit_bias={10**20: 1.0})))
+    assert exc.value.param == "logit_bias"

@@ -15,7 +15,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from mistralrs.engine.engine import ChoiceFinished, EngineError, RequestDone, RequestFailed, TokenDelta, Usage
-from mistralrs.errors import InvalidRequest
+from mistralrs.serving import ModelService
 from mistralrs.tokenization import Tokenizer
 from mistralrs_plugins.frontends.openai_server import app as server_app
 from mistralrs_plugins.frontends.openai_server.app import OpenAIServer, ServerState, create_app
@@ -150,16 +150,10 @@ class FakeService:
     def encode_chat(self, messages, **kwargs) -> list[int]:
         return self.tokenizer.encode(self.render_chat(messages, **kwargs), add_special_tokens=False)
 
-    def encode_completion(self, prompt) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
-        if not all(isinstance(t, int) for t in prompt):
-            raise InvalidRequest("prompt must be a string or a list of token ids", "prompt")
-        return list(prompt)
-
-    def truncate(self, ids, max_tokens):
-        room = self.max_model_len - (max_tokens or 1)
-        return ids[-max(room, 1):] if len(ids) > room else ids
+    # The real service's prompt handling (it needs only the tokenizer and max_model_len).
+    encode_prompt = ModelService.encode_prompt
+    encode_completion = ModelService.encode_completion
+    truncate = ModelService.truncate
 
     def shutdown(self) -> None:
         self.shut_down = True

@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import torch
 
+from mistralrs import json_input
 from mistralrs.errors import InvalidRequest
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -143,7 +144,7 @@ def _type_name(value: Any) -> str:
 
 def _parse_json_text(text: str, what: str, param: str) -> Any:
     try:
-        return json.loads(text)
+        return json_input.loads(text)
     except json.JSONDecodeError as exc:
         raise ConstraintError(
             f"{what} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); pass a JSON document",

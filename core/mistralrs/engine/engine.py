@@ -304,6 +304,9 @@ class Engine:
         vocab = self.vocab_size or getattr(self.tokenizer, "vocab_size", None)
         if vocab and (max(request.prompt_ids) >= vocab or min(request.prompt_ids) < 0):
             raise InvalidRequest(f"the prompt contains token ids outside the vocabulary (0..{vocab - 1})", "prompt")
+        bias = getattr(request.sampling, "logit_bias", ())
+        if vocab and any(not 0 <= token < vocab for token, _ in bias):
+            raise InvalidRequest(f"logit_bias names token ids outside the vocabulary (0..{vocab - 1})", "logit_bias")
         if request.n < 1 or (request.best_of is not None and request.best_of < request.n):
             raise InvalidRequest("n must be >= 1 and best_of >= n", "n")
         if request.max_tokens is not None and request.max_tokens < 0:
@@ -334,7 +337,12 @@ class Engine:
 
     def _loop(self) -> None:
         while not self._stopping:
-            self._drain_inbox()
+            try:
+                self._drain_inbox()
+            except Exception as exc:  # noqa: BLE001 - never let the engine thread die
+                log.error("engine inbox handling failed; failing in-flight requests:\n%s", traceback.format_exc())
+                self.stats["failures"] += 1
+                self._fail_all(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
             if not self.scheduler.has_work():
                 self._wake.wait(0.5)
                 self._wake.clear()
@@ -363,7 +371,11 @@ class Engine:
                     log.error("could not admit request %s:\n%s", handle.id, traceback.format_exc())
                     self._fail_handle(handle, EngineError(f"could not start generation: {type(exc).__name__}: {exc}"))
             elif kind == "cancel":
-                self._abort(handle, "canceled")
+                try:
+                    self._abort(handle, "canceled")
+                except Exception as exc:  # noqa: BLE001 - this request's problem only
+                    log.error("could not cancel request %s:\n%s", handle.id, traceback.format_exc())
+                    self._fail_handle(handle, EngineError(f"cancellation failed: {type(exc).__name__}: {exc}"))
 
     def _admit(self, handle: RequestHandle) -> None:
         from mistralrs.engine.sampling import SequenceSamplingState
@@ -378,6 +390,9 @@ class Engine:
         params = req.sampling
         if self.generation_defaults is not None:
             params = params.with_defaults(self.generation_defaults)
+        if _ranks_candidates(req) or _reports_logprobs(req):
+            # best_of ranks its candidates by cumulative logprob, so they need one per token.
+            params = attrs.evolve(params, logprobs=True, top_logprobs=max(params.top_logprobs, req.top_logprobs))
         count = req.best_of or req.n
         for i in range(count):
             seq = Sequence(request=state, prompt_ids=list(req.prompt_ids), index=i, arrival=state.arrival)
@@ -433,6 +448,53 @@ class Engine:
         if not sampling_idx:
             return
         seqs = [step[i].seq for i in sampling_idx]
+        results = self._sample(logits, seqs)
+        now = time.perf_counter()
+        for seq, result in zip(seqs, results):
+            state: _RequestState = seq.request
+            if seq.finished:  # another choice of its request failed earlier in this loop
+                continue
+            if isinstance(result, BaseException):
+                self._fail_state(state, result)
+                continue
+            if state.first_token is None:
+                state.first_token = now
+            try:
+                self._append(seq, *result)
+            except Exception as exc:  # noqa: BLE001 - this request's problem only
+                log.error("request %s failed after sampling:\n%s", state.request.id, traceback.format_exc())
+                self._fail_state(state, EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
+        if self.scheduler.pool is None:
+            for item in step:
+                item.seq.num_computed = 0
+
+    def _sample(self, logits: Any, seqs: list[Sequence]) -> list[Any]:
+        """(token, logprob or None, top logprobs) per row, sampled as one batch. If the batch
+        fails, row by row: a row that still fails becomes its request's error, so values that
+        break sampling (or a broken grammar) fail only the request that sent them."""
+        try:
+            return self._sample_batch(logits, seqs)
+        except Exception:  # noqa: BLE001 - find the row at fault below
+            if len(seqs) == 1:
+                log.error("request %s: sampling failed:\n%s", seqs[0].request.request.id, traceback.format_exc())
+            else:
+                log.warning("batched sampling failed; sampling row by row:\n%s", traceback.format_exc())
+        if len(seqs) == 1:
+            results: list[Any] = [None]
+        else:
+            results = []
+            for row, seq in enumerate(seqs):
+                try:
+                    results += self._sample_batch(logits[row : row + 1], [seq])
+                except Exception:  # noqa: BLE001 - this request's problem only
+                    log.error("request %s: sampling failed:\n%s", seq.request.request.id, traceback.format_exc())
+                    results.append(None)
+        return [
+            EngineError("sampling failed for this request (see the server log)") if r is None else r
+            for r in results
+        ]
+
+    def _sample_batch(self, logits: Any, seqs: list[Sequence]) -> list[tuple[int, float | None, tuple]]:
         mask = None
         if any(s.constraint is not None for s in seqs):
             from mistralrs.engine.constraints import batch_masks
@@ -441,26 +503,19 @@ class Engine:
         out = self.sampler.sample(
             logits, [s.params for s in seqs], [s.sampling_state for s in seqs], allowed_mask=mask
         )
-        now = time.perf_counter()
-        for row, seq in enumerate(seqs):
-            state: _RequestState = seq.request
-            if state.first_token is None:
-                state.first_token = now
-            token = out.token_ids[row]
-            self._append(seq, token, out, row)
-        if self.scheduler.pool is None:
-            for item in step:
-                item.seq.num_computed = 0
+        # Rows that did not ask for logprobs get None even when another row did.
+        logprobs = out.logprobs or [None] * len(seqs)
+        tops = out.top_logprobs or [()] * len(seqs)
+        return [(token, lp, tuple(top)) for token, lp, top in zip(out.token_ids, logprobs, tops)]
 
-    def _append(self, seq: Sequence, token: int, out: Any, row: int) -> None:
+    def _append(self, seq: Sequence, token: int, logprob: float | None, top: tuple) -> None:
         state: _RequestState = seq.request
         req = state.request
         seq.output_ids.append(token)
         seq.sampling_state.append(token)
         lp = None
-        if out.logprobs is not None:
-            top = tuple(out.top_logprobs[row]) if out.top_logprobs is not None else ()
-            lp = (token, out.logprobs[row], top)
+        if logprob is not None:
+            lp = (token, logprob, top)
             seq.logprobs.append(lp)
         # Stop tokens end the choice without emitting their text.
         if token in req.stop_token_ids or (token in self.eos_token_ids and not req.ignore_eos):
@@ -482,8 +537,9 @@ class Engine:
             check = seq.stopper.feed(delta)
             delta, stopped = check.text, check.stopped
         seq.text += delta
-        if delta or lp is not None:
-            state.handle._put(TokenDelta(seq.index, delta, (token,), (lp,) if lp else ()))
+        # best_of candidates stay hidden: the winners are sent whole when all are done.
+        if (delta or lp is not None) and not _ranks_candidates(req):
+            state.handle._put(TokenDelta(seq.index, delta, (token,), (lp,) if lp and _reports_logprobs(req) else ()))
         if stopped:
             self._finish(seq, "stop", stop_reason=seq.stopper.stop_string)
         elif grammar_done:
@@ -504,7 +560,8 @@ class Engine:
                 tail = (check.text if check else "") + ("" if stopper.stopped else stopper.flush())
             if tail:
                 seq.text += tail
-                state.handle._put(TokenDelta(seq.index, tail, ()))
+                if not _ranks_candidates(state.request):
+                    state.handle._put(TokenDelta(seq.index, tail, ()))
         self.scheduler.finish(seq, reason)
         self._states.pop(seq.id, None)
         cum = sum(lp[1] for lp in seq.logprobs) if seq.logprobs else None
@@ -512,7 +569,7 @@ class Engine:
         state.finished[seq.index] = choice
         req = state.request
         best_of = req.best_of or req.n
-        if best_of == req.n:
+        if not _ranks_candidates(req):
             state.handle._put(choice)
         if len(state.finished) == best_of:
             self._complete(state)
@@ -570,7 +627,9 @@ class Engine:
             state.handle._put(RequestFailed(error))
 
     def _fail_all(self, error: BaseException) -> None:
-        states = {id(s): s for s in self._states.values()}
+        # Every request with a sequence anywhere, even one whose bookkeeping a failure left half done.
+        seqs = [*self._states.values(), *(s.request for s in (*self.scheduler.running, *self.scheduler.waiting))]
+        states = {id(s): s for s in seqs}
         self.scheduler.clear()
         self._states.clear()
         for state in states.values():
@@ -583,12 +642,21 @@ class Engine:
                 state.handle._put(RequestFailed(error))
 
 
+def _ranks_candidates(req: GenerationRequest) -> bool:
+    """best_of > n: candidates are generated hidden and the best n returned at the end."""
+    return req.best_of is not None and req.best_of > req.n
+
+
+def _reports_logprobs(req: GenerationRequest) -> bool:
+    return req.logprobs or req.top_logprobs > 0 or req.sampling.wants_logprobs
+
+
 class ContextTooLong(InvalidRequest):
     """The prompt does not fit the model's context (OpenAI `exceed_context_size_error`)."""
 
-    def __init__(self, n_prompt_tokens: int, n_ctx: int) -> None:
+    def __init__(self, n_prompt_tokens: int, n_ctx: int, *, at_least: bool = False) -> None:
         super().__init__(
-            f"the prompt has {n_prompt_tokens} tokens but the context holds {n_ctx}; "
+            f"the prompt has {'at least ' if at_least else ''}{n_prompt_tokens} tokens but the context holds {n_ctx}; "
             "shorten the prompt or set truncate_sequence",
             "messages",
             code="exceed_context_size_error",

@@ -47,11 +47,13 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import attrs
 import torch
+
+from mistralrs.engine.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 
 __all__ = [
     "DRY_LOOKBACK",
@@ -66,9 +68,6 @@ __all__ = [
     "processed_probs",
 ]
 
-GREEDY_EPS = 1e-7
-"""Temperatures below this (including 0 and negatives) mean greedy decoding."""
-MAX_TOP_LOGPROBS = 20
 DRY_LOOKBACK = 1024
 """DRY only looks at the last DRY_LOOKBACK tokens of prompt + output."""
 DRY_MAX_MATCH = 50
@@ -78,120 +77,6 @@ _HIST_BINS = 4096
 _HIST_SPAN = 40.0  # log-weight range of the top-p histogram (weights down to e^-40 of the max)
 _BLOCK = 512
 _SEED_MASK = (1 << 64) - 1
-
-
-# --------------------------------------------------------------------------- params
-
-
-def _bias_converter(value: Any) -> tuple[tuple[int, float], ...]:
-    """Accept {token: bias} (keys may be strings, as in OpenAI JSON) or (token, bias) pairs."""
-    if value is None:
-        return ()
-    items = value.items() if isinstance(value, Mapping) else value
-    return tuple((int(token), float(bias)) for token, bias in items)
-
-
-def _breakers_converter(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value,)
-    return tuple(str(v) for v in value)
-
-
-def _check_top_logprobs(_inst: Any, _attr: Any, value: int) -> None:
-    if not 0 <= value <= MAX_TOP_LOGPROBS:
-        raise ValueError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {value}")
-
-
-def _check_repetition_penalty(_inst: Any, _attr: Any, value: float | None) -> None:
-    if value is not None and not value > 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {value}")
-
-
-_DEFAULTED = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
-_SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p")
-
-
-@attrs.frozen(kw_only=True)
-class SamplingParams:
-    """Per-request sampling parameters. None means "use the model default" (see `with_defaults`)."""
-
-    temperature: float | None = None
-    """None -> generation_config, else 1.0; below 1e-7 (0 included) -> greedy."""
-    top_k: int | None = None
-    """<= 0 (or >= vocab size) disables; 1 -> greedy."""
-    top_p: float | None = None
-    """Outside (0, 1) disables."""
-    min_p: float | None = None
-    """Outside (0, 1) disables. Keeps tokens with p > min_p * max p (strict, as mistral.rs)."""
-    repetition_penalty: float | None = attrs.field(default=None, validator=_check_repetition_penalty)
-    """llama.cpp style over prompt + output tokens: positive logits /= p, others *= p. 1.0 off."""
-    frequency_penalty: float = 0.0
-    """logit -= count(token in the generated output) * frequency_penalty."""
-    presence_penalty: float = 0.0
-    """logit -= presence_penalty if the token appears in the generated output."""
-    dry_multiplier: float = 0.0
-    """DRY strength; 0 disables DRY."""
-    dry_base: float = 1.75
-    dry_allowed_length: int = 2
-    dry_sequence_breakers: tuple[str, ...] = attrs.field(default=("\n", ":", '"', "*"), converter=_breakers_converter)
-    logit_bias: tuple[tuple[int, float], ...] = attrs.field(default=(), converter=_bias_converter)
-    """(token_id, bias) pairs added to the logits; a dict {token_id: bias} is accepted too."""
-    seed: int | None = None
-    """Per-request seed: the same tokens whatever else is in the batch."""
-    logprobs: bool = False
-    top_logprobs: int = attrs.field(default=0, validator=_check_top_logprobs)
-    """0..20 most likely tokens to report with their logprobs (implies logprobs)."""
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> SamplingParams:
-        """Build from a mapping (e.g. request fields); None values mean "not set", unknown keys
-        are ignored, `logit_bias` may be a {token_id: bias} dict with string keys."""
-        names = {a.name for a in attrs.fields(cls)}
-        kwargs = {k: v for k, v in data.items() if k in names and v is not None}
-        return cls(**kwargs)
-
-    def with_defaults(self, defaults: Any) -> SamplingParams:
-        """Fill the unset (None) temperature/top_k/top_p/min_p/repetition_penalty from
-        `defaults` (e.g. a `GenerationDefaults`; any attribute may be missing or None).
-
-        When `defaults.do_sample` is False (generation_config.json asks for greedy decoding,
-        which transformers honours), its temperature/top_k/top_p/min_p are ignored and an
-        unset temperature becomes 0 (greedy)."""
-        if defaults is None:
-            return self
-        greedy_default = getattr(defaults, "do_sample", None) is False
-        changes: dict[str, Any] = {}
-        for name in _DEFAULTED:
-            if getattr(self, name) is not None:
-                continue
-            if greedy_default and name in _SAMPLING_ONLY:
-                continue
-            value = getattr(defaults, name, None)
-            if value is not None:
-                changes[name] = value
-        if greedy_default and self.temperature is None:
-            changes["temperature"] = 0.0
-        return attrs.evolve(self, **changes) if changes else self
-
-    @property
-    def is_greedy(self) -> bool:
-        return (self.temperature is not None and self.temperature < GREEDY_EPS) or self.top_k == 1
-
-    @property
-    def wants_logprobs(self) -> bool:
-        return self.logprobs or self.top_logprobs > 0
-
-    @property
-    def uses_penalties(self) -> bool:
-        return bool(
-            self.dry_multiplier != 0
-            or self.frequency_penalty != 0
-            or self.presence_penalty != 0
-            or (self.repetition_penalty is not None and self.repetition_penalty != 1.0)
-            or self.logit_bias
-        )
 
 
 # --------------------------------------------------------------------------- seeds / DRY ids
@@ -407,7 +292,7 @@ class SequenceSamplingState:
             return empty
         exps = (best[sel] - allowed_length).to(torch.float64)
         penalty = multiplier * torch.pow(torch.tensor(float(base), dtype=torch.float64), exps)
-        return uniq[sel], penalty.to(torch.float32)
+        return uniq[sel], penalty.clamp(max=1e30).to(torch.float32)  # a ban, but finite in float32
 
 
 # --------------------------------------------------------------------------- sampler
@@ -802,6 +687,13 @@ class Sampler:
         return _Group(rows, idx, weights)
 
     @staticmethod
+    def _check_mass(total: torch.Tensor) -> None:
+        """A row with NaN weights (or none above zero) has no distribution to draw from; without
+        this it would silently yield its last token."""
+        if not bool((total > 0).all()) or not bool(torch.isfinite(total).all()):
+            raise ValueError("a row's sampling weights are NaN, infinite or all zero (non-finite sampling values?)")
+
+    @staticmethod
     def _draw(group: _Group, generators: Sequence[torch.Generator]) -> torch.Tensor:
         """One inverse-CDF draw per row from its own generator."""
         w = group.weights
@@ -810,6 +702,7 @@ class Sampler:
         R, V = w.shape
         if group.idx is not None or V <= 2 * _BLOCK:
             cum = w.to(torch.float64).cumsum(dim=-1)
+            Sampler._check_mass(cum[:, -1])
             target = u * cum[:, -1]
             pos = torch.searchsorted(cum, target[:, None], right=True).squeeze(1)
             pos = torch.minimum(pos, _last_positive(w))
@@ -821,6 +714,7 @@ class Sampler:
             sums.append(w[:, nb * _BLOCK :].sum(dim=-1, dtype=torch.float64, keepdim=True))
         block_sums = torch.cat(sums, dim=1) if len(sums) > 1 else sums[0]
         cb = block_sums.cumsum(dim=-1)
+        Sampler._check_mass(cb[:, -1])
         target = u * cb[:, -1]
         b = torch.searchsorted(cb, target[:, None], right=True).squeeze(1)
         b = torch.minimum(b, _last_positive(block_sums))

@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 from aiohttp import web
 
+from mistralrs import json_input
 from mistralrs.errors import InvalidRequest, MistralRsError, NotFoundError
 
 BODY_LIMIT = 50 * 1024 * 1024  # mistral.rs's DefaultBodyLimit
@@ -87,7 +88,7 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     if not raw.strip():
         raise ApiError(400, "the request body is empty; send a JSON object", code="invalid_json")
     try:
-        body = json.loads(raw)
+        body = json_input.loads(raw)
     except UnicodeDecodeError:
         raise ApiError(400, "the request body is not UTF-8 JSON", code="invalid_json") from None
     except ValueError as exc:

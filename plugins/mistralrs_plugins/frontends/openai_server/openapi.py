@@ -7,6 +7,7 @@ import html
 from typing import Any
 
 from mistralrs import __version__
+from mistralrs.engine.sampling_params import FIELD_BOUNDS, LOGIT_BIAS_BOUNDS
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -40,20 +41,11 @@ SAMPLING = {
     "n": {**INT, "default": 1, "minimum": 1, "maximum": 128},
     "stop": {"oneOf": [STR, {"type": "array", "items": STR, "maxItems": 32}]},
     "stop_token_ids": {"type": "array", "items": INT},
-    "temperature": {**NUM, "minimum": 0, "maximum": 2},
-    "top_p": {**NUM, "minimum": 0, "maximum": 1},
-    "top_k": INT,
-    "min_p": {**NUM, "minimum": 0, "maximum": 1},
-    "presence_penalty": {**NUM, "minimum": -2, "maximum": 2},
-    "frequency_penalty": {**NUM, "minimum": -2, "maximum": 2},
-    "repetition_penalty": {**NUM, "minimum": 0},
-    "dry_multiplier": {**NUM, "minimum": 0},
-    "dry_base": {**NUM, "minimum": 1},
-    "dry_allowed_length": {**INT, "minimum": 0},
+    **{name: bounds.schema() for name, bounds in FIELD_BOUNDS.items() if name != "top_logprobs"},
     "dry_sequence_breakers": {"type": "array", "items": STR},
-    "logit_bias": {"type": "object", "additionalProperties": {**NUM, "minimum": -100, "maximum": 100},
+    "logit_bias": {"type": "object", "additionalProperties": LOGIT_BIAS_BOUNDS.schema(),
+                   "propertyNames": {"pattern": "^[0-9]+$"},
                    "description": "token id (as a string key) -> bias"},
-    "seed": INT,
     "ignore_eos": {**BOOL, "default": False},
     "truncate_sequence": {**BOOL, "default": False,
                           "description": "keep the end of a prompt that does not fit instead of failing"},
@@ -90,7 +82,7 @@ SCHEMAS: dict[str, Any] = {
                                    {"type": "string", "description": "one user message"}]},
             **SAMPLING,
             "logprobs": {**BOOL, "default": False},
-            "top_logprobs": {**INT, "minimum": 0, "maximum": 20},
+            "top_logprobs": FIELD_BOUNDS["top_logprobs"].schema(),
             "tools": {"type": "array", "items": {"type": "object"},
                       "description": "function tools: rendered into the chat template; calls come back in "
                                      "message.tool_calls (see tool-calling.md)"},
@@ -128,7 +120,7 @@ SCHEMAS: dict[str, Any] = {
             "stream": {**BOOL, "default": False},
             "max_output_tokens": {**NULLABLE_INT, "minimum": 1},
             "metadata": {"type": "object"},
-            "top_logprobs": {**INT, "minimum": 0, "maximum": 20},
+            "top_logprobs": FIELD_BOUNDS["top_logprobs"].schema(),
             **{k: SAMPLING[k] for k in ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
                                         "frequency_penalty", "repetition_penalty", "stop", "seed", "logit_bias")},
         },
