@@ -13,9 +13,9 @@ nox.options.reuse_existing_virtualenvs = True
 TORCH = "torch==2.13.0"
 
 
-def install(session: nox.Session, *extra: str) -> None:
+def install(session: nox.Session, *extra: str, extras: str = "dev") -> None:
     session.install(TORCH)
-    session.install("-e", ".[dev]", *extra)
+    session.install("-e", f".[{extras}]", *extra)
 
 
 @nox.session
@@ -28,8 +28,8 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def slow(session: nox.Session) -> None:
-    """The long suites (marked slow)."""
-    install(session)
+    """The long suites (marked slow): full-size models, the server soak and the API fuzzer."""
+    install(session, extras="dev,stress")
     session.run("pytest", "-m", "slow", *session.posargs)
 
 

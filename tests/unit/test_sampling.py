@@ -349,6 +349,22 @@ def test_repetition_penalty_over_prompt_and_output():
     assert torch.equal(penalised(LOG6, SamplingParams(repetition_penalty=1.0), hist_state()), LOG6)
 
 
+def test_a_tiny_repetition_penalty_stays_finite_and_samples():
+    # logit / 1e-88 is past float32's range; it must not turn the row into NaN.
+    params = SamplingParams(repetition_penalty=1e-88, temperature=0.7, seed=3)
+    got = penalised(LOG6, params, hist_state())
+    assert bool(torch.isfinite(got).all())
+    out = SAMPLER.sample(LOG6[None].clone(), [params], [hist_state()])
+    assert out.token_ids[0] in range(6)
+
+
+def test_a_row_with_no_distribution_fails_instead_of_returning_a_token():
+    bad = SamplingParams(temperature=0.7, seed=1)
+    object.__setattr__(bad, "temperature", float("nan"))  # past the validators, as a buggy caller might
+    with pytest.raises(ValueError, match="NaN"):
+        SAMPLER.sample(LOG6[None].clone(), [bad], states_for(1))
+
+
 def test_frequency_and_presence_count_generated_tokens_only():
     got = penalised(LOG6, SamplingParams(frequency_penalty=0.5), hist_state())
     assert got.tolist() == [2.0, -1.5, 2.0, 0.5, -2.0, 1.0]  # token 0 is prompt-only: untouched

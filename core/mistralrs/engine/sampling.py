@@ -76,6 +76,7 @@ _CANDIDATES = (256, 4096)
 _HIST_BINS = 4096
 _HIST_SPAN = 40.0  # log-weight range of the top-p histogram (weights down to e^-40 of the max)
 _BLOCK = 512
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 _SEED_MASK = (1 << 64) - 1
 
 
@@ -546,7 +547,8 @@ class Sampler:
         if rep:
             r, ids, rp = flat(rep)
             vals = x[r, ids]
-            x[r, ids] = torch.where(vals > 0, vals / rp, vals * rp)
+            # A tiny penalty divides a logit past float32's range: keep it finite (the most likely).
+            x[r, ids] = torch.where(vals > 0, vals / rp, vals * rp).clamp(max=_FLOAT32_MAX)
 
         # 3. logit bias (added; a -inf from the mask stays -inf)
         bias = [
