@@ -62,16 +62,17 @@ def test_mistralrs_serve_subprocess_end_to_end(tiny_model_dir):
         assert m, f"unexpected first line {line!r}"
         url = f"http://127.0.0.1:{m.group(2)}"
         threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
-        assert http(url + "/health")[0] == 200
+        assert http(url + "/")[0] == 200  # alive while loading
         auth = {"Authorization": "Bearer k3y"}
         deadline = time.time() + 60
         while True:  # 503 while loading, then 200
-            status, _, body = http(url + "/v1/models", headers=auth)
+            status, _, body = http(url + "/health")
             if status == 200:
                 break
             assert status == 503 and error_of(body)["code"] == "model_loading"
             assert time.time() < deadline
             time.sleep(0.1)
+        status, _, body = http(url + "/v1/models", headers=auth)
         assert [m["id"] for m in json.loads(body)["data"]] == ["default", str(tiny_model_dir)]
         chat = {"model": "default", "messages": "hi", "max_tokens": 4}
         status, _, body = http(url + "/v1/chat/completions", chat)

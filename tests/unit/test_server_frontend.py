@@ -679,7 +679,9 @@ def test_503_while_loading_then_ready_and_load_failure(tokenizer):
         srv = OpenAIServer(loader=loader, model_id=MODEL, host="127.0.0.1", port=0, announce=False)
         await srv.start()
         async with aiohttp.ClientSession() as s:
-            assert (await s.get(srv.url + "/health")).status == 200
+            r = await s.get(srv.url + "/health")
+            assert r.status == 503 and (await r.json())["error"]["code"] == "model_loading"
+            assert (await s.get(srv.url + "/")).status == 200  # alive, not ready
             r = await s.post(srv.url + "/v1/chat/completions", json=chat())
             assert r.status == 503
             err = (await r.json())["error"]
@@ -689,6 +691,7 @@ def test_503_while_loading_then_ready_and_load_failure(tokenizer):
             await srv.wait_loaded()
             r = await s.post(srv.url + "/v1/chat/completions", json=chat())
             assert r.status == 200
+            assert (await s.get(srv.url + "/health")).status == 200
         await srv.shutdown()
         assert srv.state.service.shut_down
 

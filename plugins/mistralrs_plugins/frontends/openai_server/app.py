@@ -249,7 +249,15 @@ async def _on_prepare(request: web.Request, response: web.StreamResponse) -> Non
 
 
 # -- simple routes ---------------------------------------------------------------------------
+async def alive(request: web.Request) -> web.Response:
+    return web.Response(text="OK")
+
+
 async def health(request: web.Request) -> web.Response:
+    """Readiness (llama.cpp's convention): 503 `model_loading` until every model is loaded."""
+    state: ServerState = request.app[STATE]
+    for name in state.model_ids:
+        state.require_service({"model": name})  # the 503 while loading, failed or draining
     return web.Response(text="OK")
 
 
@@ -534,7 +542,7 @@ def create_app(state: ServerState) -> web.Application:
     app[STATE] = state
     app.on_response_prepare.append(_on_prepare)
     r = app.router
-    r.add_get("/", health)
+    r.add_get("/", alive)
     r.add_get("/health", health)
     r.add_get("/metrics", metrics)
     r.add_get("/v1/models", list_models)
