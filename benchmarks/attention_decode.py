@@ -35,7 +35,7 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from mistralrs_plugins.kernels import torch_ops
+    from mistralrs.nn import torch_ops
     from mistralrs_plugins.kernels.cpu_native import ops
 
     if ops.extension() is None:

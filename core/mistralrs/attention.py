@@ -142,3 +142,28 @@ class AttentionBackend:
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole blocks src -> dst (copy-on-write for forked sequences)."""
         raise NotImplementedError
+
+
+# -- KV slot I/O: the cache layout every backend and reference op shares -------------------------
+def _fp8(dtype: Any) -> bool:
+    return "float8" in str(dtype)
+
+
+def write_slots(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
+    """cache[slots] = x, converting to the cache dtype (fp8 caches go through a byte view,
+    since torch has no fp8 index_copy on CPU)."""
+    import torch
+
+    if _fp8(cache.dtype):
+        cache.view(torch.uint8).index_copy_(0, slots, x.to(cache.dtype).view(torch.uint8))
+    else:
+        cache.index_copy_(0, slots, x.to(cache.dtype))
+
+
+def read_slots(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """cache[slots] as `dtype` (fp8 caches are read through a byte view, as written)."""
+    import torch
+
+    if _fp8(cache.dtype):
+        return cache.view(torch.uint8)[slots].view(cache.dtype).to(dtype)
+    return cache[slots].to(dtype)

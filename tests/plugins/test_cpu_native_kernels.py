@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mistralrs_plugins.kernels import cpu_native, torch_ops
+from mistralrs.nn import torch_ops
+from mistralrs_plugins.kernels import cpu_native
 from mistralrs_plugins.kernels.cpu_native import ops
 
 requires_avx512_bf16 = pytest.mark.skipif(

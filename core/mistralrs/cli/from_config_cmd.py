@@ -27,12 +27,10 @@ def run(args: argparse.Namespace) -> int:
     options = {m.model_id: service_options(cfg, m) for m in cfg.models}
     tools = ToolConfig(max_tool_rounds=cfg.server.max_tool_rounds if cfg.server.max_tool_rounds is not None else 8)
     if cfg.command == "run":
-        from mistralrs_plugins.frontends.interactive_mode import chat_with
-
         thinking = cfg.enable_thinking if cfg.enable_thinking is not None else cfg.thinking
         (opts,) = options.values()
-        return chat_with(ModelService(opts), tools=tools, enable_thinking=thinking,
-                         reasoning_effort=cfg.reasoning_effort)
+        chat = resolve(get_registry().frontends.get("interactive").factory)
+        return chat(ModelService(opts), tools=tools, enable_thinking=thinking, reasoning_effort=cfg.reasoning_effort).run()
 
     default = cfg.default_model_id or cfg.models[0].model_id
 

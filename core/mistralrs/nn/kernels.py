@@ -54,7 +54,7 @@ def lookup_kernel(op: str, device: Any = "cpu", registry: Any = None) -> Callabl
 
 def _ref(name: str) -> Callable[[], Callable[..., Any]]:
     def get() -> Callable[..., Any]:
-        from mistralrs_plugins.kernels import torch_ops
+        from mistralrs.nn import torch_ops
 
         return getattr(torch_ops, name)
 

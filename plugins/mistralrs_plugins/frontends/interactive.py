@@ -10,7 +10,7 @@ from mistralrs.specs import CommandSpec, FrontendSpec
 def register_frontends(register):
     register(FrontendSpec(
         name="interactive",
-        factory="mistralrs_plugins.frontends.interactive_mode:InteractiveChat",
+        factory="mistralrs_plugins.frontends.interactive_mode:interactive_chat",
         description="chat in the terminal with streamed output",
     ))
 

@@ -163,6 +163,17 @@ class InteractiveChat:
             self.out.write(f"\\{name} needs a number, e.g. \\{name} 0.7\n")
         return True
 
+    def run(self, prompt: str | None = None) -> int:
+        """Answer `prompt` once, or chat until EOF/\\exit; the service is shut down after."""
+        try:
+            if prompt is not None:
+                self.answer(prompt)
+            else:
+                self.loop()
+        finally:
+            self.service.shutdown()
+        return 0
+
     def loop(self, inp: TextIO | None = None) -> None:
         inp = inp if inp is not None else sys.stdin
         self.out.write("Chat started. Type \\help for commands, \\exit to quit.\n")
@@ -204,10 +215,11 @@ def run(args: argparse.Namespace) -> int:
                      enable_thinking=thinking, reasoning_effort=args.reasoning_effort, max_tokens=args.max_tokens)
 
 
-def chat_with(service: Any, *, tools: Any = None, prompt: str | None = None, temperature: float | None = None,
-              enable_thinking: bool | None = None, reasoning_effort: str | None = None,
-              max_tokens: int | None = None) -> int:
-    """Chat with a loaded service in the terminal (or answer `prompt` once); shuts it down after."""
+def interactive_chat(service: Any, *, tools: Any = None, temperature: float | None = None,
+                     enable_thinking: bool | None = None, reasoning_effort: str | None = None,
+                     max_tokens: int | None = None) -> InteractiveChat:
+    """The `interactive` frontend's factory: a terminal chat over a loaded service; `.run()`
+    chats (or answers one prompt) and shuts the service down after."""
     if service.loaded.dummy_weights:
         print(f"note: {service.model_id} has random weights: its answers are random text", file=sys.stderr)
     sampling: dict[str, Any] = {}
@@ -221,12 +233,9 @@ def chat_with(service: Any, *, tools: Any = None, prompt: str | None = None, tem
         kwargs["enable_thinking"] = enable_thinking
     if reasoning_effort:
         kwargs["reasoning_effort"] = reasoning_effort
-    chat = InteractiveChat(service, sampling=sampling, template_kwargs=kwargs, max_tokens=max_tokens, tools=tools)
-    try:
-        if prompt is not None:
-            chat.answer(prompt)
-        else:
-            chat.loop()
-    finally:
-        service.shutdown()
-    return 0
+    return InteractiveChat(service, sampling=sampling, template_kwargs=kwargs, max_tokens=max_tokens, tools=tools)
+
+
+def chat_with(service: Any, *, prompt: str | None = None, **options: Any) -> int:
+    """Chat with a loaded service in the terminal (or answer `prompt` once); shuts it down after."""
+    return interactive_chat(service, **options).run(prompt)

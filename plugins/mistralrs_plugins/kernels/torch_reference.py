@@ -1,5 +1,6 @@
-"""The torch reference implementation of every named op. Always registered; other kernel
-plugins are tested against these and win by priority where they can run."""
+"""Registers the torch reference implementation of every named op (`mistralrs.nn.torch_ops`).
+Always registered; other kernel plugins are tested against these and win by priority where
+they can run."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ def register_kernels(register):
         register(KernelSpec(
             name="torch",
             op=op,
-            impl=f"mistralrs_plugins.kernels.torch_ops:{op}",
+            impl=f"mistralrs.nn.torch_ops:{op}",
             devices=DEVICES,
             priority=0,
             reference=True,

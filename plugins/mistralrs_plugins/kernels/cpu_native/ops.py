@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from mistralrs_plugins.kernels import torch_ops
+from mistralrs.nn import torch_ops
 from mistralrs_plugins.kernels.cpu_native import has_avx512_bf16, native_disabled
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,7 @@
-"""Torch reference ops. Plain, readable, and what every faster kernel is compared against."""
+"""Torch reference ops: plain, readable, and what every faster kernel is compared against.
+
+Part of the kernel contract, so they live in the core: the `kernels_torch` plugin registers
+them, and `nn.kernels.lookup_kernel` falls back to them when no kernel plugin is loaded."""
 
 from __future__ import annotations
 
@@ -72,7 +75,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     reads KV head j // (Hq / Hk). `sliding_window` W: only keys at positions > p - W. `softcap` c:
     scores -> c * tanh(scores / c).
     """
-    from mistralrs_plugins.attention.sdpa_backend import read_slots
+    from mistralrs.attention import read_slots
 
     S, hq, _ = q.shape
     hk = k_cache.shape[1]
