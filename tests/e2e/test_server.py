@@ -98,6 +98,7 @@ def test_mistralrs_serve_subprocess_end_to_end(tiny_model_dir):
             proc.wait()
     text = "".join(lines)
     assert "loaded; ready" in text and "SIGINT received" in text and "stopped" in text
+    assert "warning" not in text.lower(), text  # e.g. torch's "Failed to initialize NumPy"
 
 
 def test_serve_reports_a_model_that_cannot_load(tmp_path):

@@ -393,3 +393,31 @@ def test_progress_bar_only_on_a_terminal(monkeypatch):
     with progress(3, "loading") as bar:
         bar.update()
     assert type(bar).__name__ == "_Silent"
+
+
+def test_spinner_for_steps_of_unknown_length(monkeypatch):
+    """Compiling the native kernels shows a spinner with the elapsed time on a terminal only."""
+    import io
+    import time
+
+    from mistralrs.progress import spinner
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.delenv("MISTRALRS_NO_PROGRESS", raising=False)
+    term = Terminal()
+    with spinner("building native CPU kernels", term, interval=0.01):
+        time.sleep(0.1)
+    drawn = term.getvalue()
+    assert drawn.count("building native CPU kernels (0 s)") >= 2 and drawn.endswith("\r\033[K")  # erased at the end
+    pipe = io.StringIO()
+    with spinner("building native CPU kernels", pipe):
+        pass
+    assert pipe.getvalue() == ""
+    monkeypatch.setenv("MISTRALRS_NO_PROGRESS", "1")
+    quiet = Terminal()
+    with spinner("building", quiet):
+        pass
+    assert quiet.getvalue() == ""

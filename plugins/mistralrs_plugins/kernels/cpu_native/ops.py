@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from mistralrs.nn import torch_ops
+from mistralrs.progress import spinner
 from mistralrs_plugins.kernels.cpu_native import has_avx512_bf16, native_disabled
 
 log = logging.getLogger(__name__)
@@ -111,17 +112,19 @@ def build(verbose: bool = False) -> NativeOps:
         # We hold the cross-process lock, so a `lock` baton left in the directory by torch is stale
         # (a build that was killed); torch would otherwise wait for it forever.
         (build_dir / "lock").unlink(missing_ok=True)
-        log.warning("building native CPU kernels in %s (once; this takes a few seconds)", build_dir)
+        # A terminal shows a spinner meanwhile; logs get an INFO line (this is no problem to warn about).
+        log.info("building native CPU kernels in %s (once; this takes a few seconds)", build_dir)
         t0 = time.perf_counter()
-        path = cpp_extension.load(
-            name=name,
-            sources=[str(source_dir() / s) for s in SOURCES],
-            extra_cflags=list(CFLAGS),
-            extra_ldflags=list(LDFLAGS),
-            build_directory=str(build_dir),
-            verbose=verbose,
-            is_python_module=False,  # loads the library into torch.ops; returns its path
-        )
+        with spinner("building native CPU kernels (once per machine)"):
+            path = cpp_extension.load(
+                name=name,
+                sources=[str(source_dir() / s) for s in SOURCES],
+                extra_cflags=list(CFLAGS),
+                extra_ldflags=list(LDFLAGS),
+                build_directory=str(build_dir),
+                verbose=verbose,
+                is_python_module=False,  # loads the library into torch.ops; returns its path
+            )
         ops = NativeOps(name, Path(path))
         marker.write_text(f"torch {torch.__version__}\n")
         log.info("native CPU kernels built in %.1f s", time.perf_counter() - t0)
