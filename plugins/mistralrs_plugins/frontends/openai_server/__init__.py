@@ -1,8 +1,11 @@
 """The OpenAI-compatible HTTP server (`mistralrs serve`).
 
 This module only registers the frontend and the `serve` command; it imports neither aiohttp
-nor torch. The server lives in `app.py` (routes, SSE), `responses.py` (the Responses API),
-`metrics.py` (Prometheus), `openapi.py` (the OpenAPI document and /docs) and `cli.py`.
+nor torch. The server lives in `app.py` (the application and the `OpenAIServer` runner),
+`state.py` (what handlers share), `middleware.py` (auth, CORS, errors), `routes.py` (the
+handlers), `generation.py` (collecting and streaming engine requests as SSE), `responses*.py`
+(the Responses API), `common.py` (errors, JSON bodies, SSE framing), `metrics.py`
+(Prometheus), `openapi.py` (the OpenAPI document and /docs) and `cli.py`.
 """
 
 from __future__ import annotations
