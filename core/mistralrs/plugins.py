@@ -24,42 +24,21 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
 
-import attrs
 import pluggy
 
 from mistralrs import hookspecs
+from mistralrs.plugin_records import PluginFailure, PluginInfo, PluginLoadWarning
+from mistralrs.registry import Registry
+
+__all__ = [
+    "ENTRY_POINT_GROUP", "FIRST_PARTY_DISTRIBUTION", "INTERNAL_PLUGINS", "PluginFailure", "PluginHost",
+    "PluginInfo", "PluginLoadWarning", "get_plugin_host", "get_registry", "reset_plugin_host",
+]
 
 ENTRY_POINT_GROUP = "mistralrs"
 FIRST_PARTY_DISTRIBUTION = "mistralrs"
 # Core modules that are always registered (not entry points): the CLI's own commands.
 INTERNAL_PLUGINS: tuple[str, ...] = ("mistralrs.cli.builtin",)
-
-
-class PluginLoadWarning(UserWarning):
-    """A plugin could not be loaded or could not register; it was skipped."""
-
-
-@attrs.define
-class PluginInfo:
-    name: str
-    module: str
-    distribution: str | None
-    version: str | None
-    first_party: bool
-    plugin: Any = attrs.field(repr=False, default=None)
-
-
-@attrs.define
-class PluginFailure:
-    name: str
-    distribution: str | None
-    version: str | None
-    stage: str  # "import" | "validate" | "register"
-    error: str
-
-    def message(self) -> str:
-        dist = f"{self.distribution} {self.version or ''}".strip() if self.distribution else "no distribution"
-        return f"mistralrs plugin {self.name!r} ({dist}) failed to {self.stage} and was skipped: {self.error}"
 
 
 def _env_list(environ: Mapping[str, str], key: str) -> set[str] | None:
@@ -242,8 +221,6 @@ class PluginHost:
 
     def registry(self) -> Any:
         """The registry built from every loaded plugin's hooks (built once, then cached)."""
-        from mistralrs.registry import Registry
-
         with self._lock:
             self.load()
             if self._registry is None:

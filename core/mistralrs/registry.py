@@ -10,16 +10,23 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import attrs
 
 from mistralrs import specs as S
 from mistralrs.errors import NoCandidateError, NotFoundError, PluginConflictError
 from mistralrs.hookspecs import CATALOGUE_HOOKS
+from mistralrs.plugin_records import PluginFailure, PluginInfo, PluginLoadWarning
 
-if TYPE_CHECKING:
-    from mistralrs.plugins import PluginHost
+
+class HookHost(Protocol):
+    """What `Registry.build` needs of the plugin host (`mistralrs.plugins.PluginHost`)."""
+
+    pm: Any  # the pluggy PluginManager
+    plugins: dict[str, PluginInfo]
+    failures: list[PluginFailure]
+    tracing: bool
 
 
 @attrs.define
@@ -134,11 +141,9 @@ class Registry:
     reasoning_parsers = property(lambda self: self.catalogues["reasoning_parser"])
 
     @classmethod
-    def build(cls, host: PluginHost) -> Registry:
+    def build(cls, host: HookHost) -> Registry:
         """Call every catalogue hook of every plugin, one plugin at a time, so a plugin that
         raises is skipped (with a warning) without losing the others' registrations."""
-        from mistralrs.plugins import PluginFailure
-
         registry = cls()
         for hook_name, kind in CATALOGUE_HOOKS.items():
             spec_type = S.SPEC_KINDS[kind]
@@ -163,7 +168,7 @@ class Registry:
                         f"{hook_name} raised {type(exc).__name__}: {exc}",
                     )
                     host.failures.append(failure)
-                    warnings.warn(failure.message(), stacklevel=2, category=_warning_category())
+                    warnings.warn(failure.message(), stacklevel=2, category=PluginLoadWarning)
                     continue
                 for spec in pending:
                     registry.catalogues[kind].add(Entry(spec, impl.plugin_name, dist))
@@ -222,9 +227,3 @@ class Registry:
             if spec.op == op and spec.reference:
                 return spec
         raise NotFoundError(f"no reference kernel registered for op {op!r}")
-
-
-def _warning_category() -> type[Warning]:
-    from mistralrs.plugins import PluginLoadWarning
-
-    return PluginLoadWarning
