@@ -230,7 +230,7 @@ class Runner:
         **unsupported: Any,
     ) -> None:
         from mistralrs.serving import ModelService, ServiceOptions
-        from mistralrs.tool_calling import ToolConfig
+        from mistralrs.tool_choice import ToolConfig
 
         if not isinstance(which, Which.Plain):
             raise ConfigError(f"{type(which).__name__} models are not supported yet; use Which.Plain")
@@ -288,7 +288,8 @@ class Runner:
 
     # -- chat ---------------------------------------------------------------------------------
     def _chat(self, request: ChatCompletionRequest, loop: asyncio.AbstractEventLoop | None = None) -> Any:
-        from mistralrs.tool_calling import ToolLoop, prepare_chat
+        from mistralrs.chat_plan import prepare_chat
+        from mistralrs.tool_loop import ToolLoop
 
         plan = prepare_chat(self.service, request.to_body(), self.tools)
         handle = ToolLoop(plan, lambda gen: self.service.engine.submit(gen, loop=loop))

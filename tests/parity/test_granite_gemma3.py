@@ -259,7 +259,7 @@ def test_gemma3_defaults_from_pattern_only(tmp_path):
 
 def test_gemma3_rejects_bidirectional(tmp_path):
     from mistralrs.errors import ModelLoadError
-    from mistralrs_plugins.models.gemma3_model import Gemma3ForCausalLM
+    from mistralrs_plugins.models.gemma3.model import Gemma3ForCausalLM
 
     cfg = {"model_type": "gemma3_text", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
            "num_hidden_layers": 2, "num_attention_heads": 2, "head_dim": 8, "use_bidirectional_attention": True}

@@ -160,8 +160,8 @@ def test_config_defaults_follow_transformers(tmp_path):
     factor 0.5, layer_norm_eps 1e-5 and gelu_new; StarCoder2's 2 KV heads, tied head and biases."""
     import torch
 
-    from mistralrs_plugins.models.phi2_model import PhiForCausalLM
-    from mistralrs_plugins.models.starcoder2_model import Starcoder2ForCausalLM
+    from mistralrs_plugins.models.phi2.model import PhiForCausalLM
+    from mistralrs_plugins.models.starcoder2.model import Starcoder2ForCausalLM
 
     base = dict(vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4)
     with torch.device("meta"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mistralrs.attention import KVCacheShape
-from mistralrs_plugins.attention.sdpa_backend import SdpaBackend
+from mistralrs_plugins.attention.sdpa.backend import SdpaBackend
 
 
 def naive(q, k, v, *, scale, window=None, softcap=None):
@@ -74,7 +74,7 @@ def test_copy_blocks():
 
 @pytest.mark.parametrize("window", [None, 3])
 def test_paged_backend_batched_decode_matches_reference(window):
-    from mistralrs_plugins.attention.paged_backend import PagedBackend
+    from mistralrs_plugins.attention.paged.backend import PagedBackend
 
     torch.manual_seed(2)
     bs = 4
@@ -105,7 +105,7 @@ def test_paged_backend_batched_decode_matches_reference(window):
 
 
 def test_paged_backend_single_sequence_decode_matches_reference():
-    from mistralrs_plugins.attention.paged_backend import PagedBackend
+    from mistralrs_plugins.attention.paged.backend import PagedBackend
 
     torch.manual_seed(4)
     shape = KVCacheShape(num_layers=1, num_kv_heads=2, head_dim=8, num_blocks=8, block_size=4, dtype=torch.float32)
@@ -127,7 +127,7 @@ def test_paged_backend_single_sequence_decode_matches_reference():
 def test_paged_backend_mixed_step_matches_reference(softcap):
     """A step with prefill chunks and decode tokens together: decode rows go through the decode
     kernel, prefill rows through the per-sequence path, and all match the reference backend."""
-    from mistralrs_plugins.attention.paged_backend import PagedBackend
+    from mistralrs_plugins.attention.paged.backend import PagedBackend
 
     torch.manual_seed(5)
     bs = 4

@@ -28,12 +28,12 @@ from mistralrs.parsing import (
 )
 from mistralrs.plugins import PluginHost
 from mistralrs_plugins.parsers import deepseek, hermes, json_fallback, llama3, mistral, think
-from mistralrs_plugins.parsers.deepseek_impl import DeepSeekToolParser
-from mistralrs_plugins.parsers.hermes_impl import HermesToolParser
-from mistralrs_plugins.parsers.json_fallback_impl import JsonToolParser
-from mistralrs_plugins.parsers.llama3_impl import Llama3ToolParser
-from mistralrs_plugins.parsers.mistral_impl import MistralToolParser
-from mistralrs_plugins.parsers.think_impl import ThinkReasoningParser
+from mistralrs_plugins.parsers.deepseek.parser import DeepSeekToolParser
+from mistralrs_plugins.parsers.hermes.parser import HermesToolParser
+from mistralrs_plugins.parsers.json_fallback.parser import JsonToolParser
+from mistralrs_plugins.parsers.llama3.parser import Llama3ToolParser
+from mistralrs_plugins.parsers.mistral.parser import MistralToolParser
+from mistralrs_plugins.parsers.think.parser import ThinkReasoningParser
 from tests.helpers.fake_plugins import dist
 
 PARSERS: dict[str, type[ToolCallParser]] = {
@@ -568,7 +568,7 @@ def test_registration_modules_import_nothing_heavy():
         "import mistralrs_plugins.parsers.hermes, mistralrs_plugins.parsers.llama3, mistralrs_plugins.parsers.mistral\n"
         "import mistralrs_plugins.parsers.deepseek, mistralrs_plugins.parsers.json_fallback\n"
         "import mistralrs_plugins.parsers.think\n"
-        "heavy = [m for m in sys.modules if m == 'torch' or (m.startswith('mistralrs') and m.endswith('_impl'))]\n"
+        "heavy = [m for m in sys.modules if m == 'torch' or (m.startswith('mistralrs_plugins.parsers.') and m.endswith('.parser'))]\n"
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

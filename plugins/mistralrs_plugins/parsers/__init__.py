@@ -1,8 +1,8 @@
 """First-party tool-call and reasoning parsers.
 
-Each parser is a registration module (cheap: imports only `mistralrs.specs` /
-`mistralrs.parsing`) with its implementation in a sibling ``*_impl`` module that the core
-imports on first use:
+Each parser is one package: its ``__init__`` registers it (cheap: imports only
+`mistralrs.specs` / `mistralrs.parsing`) and its implementation lives in the package's
+``parser`` module, which the core imports on first use:
 
 - ``hermes``   `<tool_call>{json}</tool_call>` (Qwen 2/2.5/3, Hermes, SmolLM3)
 - ``llama3``   bare JSON / ``<|python_tag|>`` JSON, ``;``-separated (Llama 3.1+)

@@ -59,7 +59,7 @@ def tool_config_from_args(args: argparse.Namespace) -> Any:
     """The `ToolConfig` of the tool flags; unknown parser or source names are a ConfigError."""
     from mistralrs.errors import ConfigError
     from mistralrs.plugins import get_registry
-    from mistralrs.tool_calling import ToolConfig
+    from mistralrs.tool_choice import ToolConfig
 
     registry = get_registry()
     for flag, value, catalogue in (("--tool-parser", args.tool_parser, registry.tool_parsers),

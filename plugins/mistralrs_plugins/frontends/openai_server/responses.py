@@ -45,7 +45,7 @@ __all__ = [
 
 # -- handlers -----------------------------------------------------------------------------------
 async def create_response(request: web.Request) -> web.StreamResponse:
-    from mistralrs.tool_calling import prepare_chat
+    from mistralrs.chat_plan import prepare_chat
 
     state = request.app[STATE]
     body = await read_json(request)

@@ -9,6 +9,8 @@ import uuid
 from typing import Any, Mapping
 
 from mistralrs import protocol as P
+from mistralrs.output_pipeline import ParsedChoice
+from mistralrs.response_types import ROUND_SEPARATOR
 from mistralrs_plugins.frontends.openai_server.common import stream_error_payload
 
 
@@ -139,8 +141,6 @@ class ResponseBuilder:
         self._separate = bool(self.text)
 
     def text_delta(self, delta: str, logprobs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
-        from mistralrs.tool_calling import ROUND_SEPARATOR
-
         if self._separate:
             self._separate = False
             delta = ROUND_SEPARATOR + delta
@@ -170,8 +170,6 @@ class ResponseBuilder:
 
     # -- the whole output at once ---------------------------------------------------------------
     def set_output(self, text: str) -> None:
-        from mistralrs.tool_calling import ParsedChoice
-
         parsed = self.plan.parse(text) if self.plan is not None and self.plan.active else ParsedChoice(text, None)
         if self.plan is not None and self.plan.round_contents:
             parsed = ParsedChoice(self.plan.full_content(parsed.content), parsed.reasoning, parsed.calls)

@@ -119,7 +119,7 @@ async def docs(request: web.Request) -> web.Response:
 
 # -- completions -----------------------------------------------------------------------------
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    from mistralrs.tool_calling import prepare_chat
+    from mistralrs.chat_plan import prepare_chat
 
     state = request.app[STATE]
     body = await read_json(request)

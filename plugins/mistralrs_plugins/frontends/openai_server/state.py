@@ -62,7 +62,7 @@ class ServerState:
     def __init__(self, *, model_id: str, service: Any = None, api_key: str | None = None,
                  keep_alive: float | None = None, enable_metrics: bool = True, request_id_header: bool = True,
                  max_stored_responses: int = 1024, tools: Any = None, model_ids: list[str] | None = None) -> None:
-        from mistralrs.tool_calling import ToolConfig
+        from mistralrs.tool_choice import ToolConfig
 
         self.model_id = model_id  # the default model ("model": "default" or absent)
         self.model_ids = list(model_ids or [model_id])  # every model this server serves (from-config)
@@ -131,7 +131,7 @@ class ServerState:
 
     def submit_chat(self, service: Any, plan: Any) -> Any:
         """Start a planned chat request: a `ToolLoop` handle (server-side tools run in it)."""
-        from mistralrs.tool_calling import ToolLoop
+        from mistralrs.tool_loop import ToolLoop
 
         loop = asyncio.get_running_loop()
         handle = ToolLoop(plan, lambda gen: service.engine.submit(gen, loop=loop))

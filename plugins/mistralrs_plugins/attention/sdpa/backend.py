@@ -1,0 +1,92 @@
+"""Implementation of the reference SDPA backend (see sdpa.py for the registration)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mistralrs.attention import AttentionBackend, AttentionBatch, KVCacheShape, read_slots, write_slots
+
+
+class SdpaBackend(AttentionBackend):
+    name = "sdpa"
+    paged = False
+
+    def __init__(self, shape: KVCacheShape) -> None:
+        super().__init__(shape)
+        s = shape
+        slots = s.num_blocks * s.block_size
+        self.k_cache: list[torch.Tensor] = []
+        self.v_cache: list[torch.Tensor] = []
+        if slots:
+            for _ in range(s.num_layers):
+                self.k_cache.append(torch.zeros(slots, s.num_kv_heads, s.head_dim, dtype=s.dtype, device=s.device))
+                self.v_cache.append(
+                    torch.zeros(slots, s.num_kv_heads, s.v_head_dim or s.head_dim, dtype=s.dtype, device=s.device)
+                )
+
+    def prepare(self, batch: AttentionBatch) -> None:
+        if batch.block_tables is None and any(batch.context_lens):
+            raise ValueError("a batch without a KV cache cannot have cached context")
+
+    def seq_slots(self, batch: AttentionBatch, i: int) -> torch.Tensor:
+        """The cache slots of sequence i's first seq_lens[i] positions (computed once per step)."""
+        slots = batch.scratch.setdefault("sdpa_slots", {})
+        if i not in slots:
+            bs = self.block_size
+            pos = torch.arange(batch.seq_lens[i], device=batch.block_tables.device)
+            slots[i] = batch.block_tables[i, pos // bs].long() * bs + pos % bs
+        return slots[i]
+
+    def attend(self, layer, q, k, v, batch, *, scale, sliding_window=None, softcap=None):
+        cached = self.write_kv(layer, k, v, batch)
+        out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+        for i in range(batch.num_seqs):
+            self.attend_seq(i, layer, q, k, v, batch, out, cached=cached, scale=scale,
+                            sliding_window=sliding_window, softcap=softcap)
+        return out
+
+    def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch) -> bool:
+        """Store the step's new K/V in their slots; False when the batch runs without a cache."""
+        if batch.slot_mapping is None or not self.k_cache:
+            return False
+        write_slots(self.k_cache[layer], batch.slot_mapping, k)
+        write_slots(self.v_cache[layer], batch.slot_mapping, v)
+        return True
+
+    def attend_seq(self, i, layer, q, k, v, batch, out, *, cached, scale, sliding_window=None, softcap=None):
+        """out[sequence i's new tokens] = their causal attention over the sequence's visible keys."""
+        hq, hk = q.shape[1], k.shape[1]
+        qsl, sl = batch.query_start_loc, batch.seq_lens[i]
+        qs, qe = qsl[i], qsl[i + 1]
+        ql = qe - qs
+        if ql == 0:
+            return
+        if cached:
+            slots = self.seq_slots(batch, i)
+            ks, vs = read_slots(self.k_cache[layer], slots, q.dtype), read_slots(self.v_cache[layer], slots, q.dtype)
+        else:
+            ks, vs = k[qs:qe], v[qs:qe]
+        ctx = sl - ql
+        qpos = torch.arange(ctx, sl, device=q.device)[:, None]
+        kpos = torch.arange(sl, device=q.device)[None, :]
+        allowed = kpos <= qpos
+        if sliding_window is not None:
+            allowed &= kpos > qpos - sliding_window
+        qi = q[qs:qe].transpose(0, 1)  # [Hq, ql, D]
+        ki = ks.transpose(0, 1).repeat_interleave(hq // hk, dim=0)
+        vi = vs.transpose(0, 1).repeat_interleave(hq // hk, dim=0)
+        if softcap is None:
+            oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=allowed, scale=scale)
+        else:
+            scores = (qi @ ki.transpose(-1, -2)).float() * scale
+            scores = softcap * torch.tanh(scores / softcap)
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            oi = torch.softmax(scores, dim=-1).to(vi.dtype) @ vi
+        out[qs:qe] = oi.transpose(0, 1)
+
+    def copy_blocks(self, pairs):
+        bs = self.block_size
+        for src, dst in pairs:
+            for cache in (*self.k_cache, *self.v_cache):
+                cache[dst * bs:(dst + 1) * bs] = cache[src * bs:(src + 1) * bs]
