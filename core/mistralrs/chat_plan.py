@@ -79,7 +79,7 @@ def _template_text(service: Any) -> str | None:
 
 def parser_specs(service: Any, config: ToolConfig | None) -> tuple[Any, Any]:
     """(tool-call parser spec, reasoning parser spec or None) for a model."""
-    from mistralrs.parsing import select_reasoning_parser, select_tool_parser
+    from mistralrs.parser_selection import select_reasoning_parser, select_tool_parser
 
     registry = _registry_of(service)
     kw = dict(model_type=_model_type(service), chat_template=_template_text(service))
@@ -94,7 +94,7 @@ class ChatPlan:
 
     def __init__(self, service: Any, body: Mapping[str, Any], config: ToolConfig | None = None) -> None:
         from mistralrs.engine.constraints import grammar_from_request
-        from mistralrs.parsing import make_tool_parser
+        from mistralrs.parser_selection import make_tool_parser
 
         self.service = service
         self.body = body
@@ -227,7 +227,7 @@ class ChatPlan:
 
     # -- parsing --------------------------------------------------------------------------
     def new_pipeline(self) -> OutputPipeline:
-        from mistralrs.parsing import make_reasoning_parser, make_tool_parser
+        from mistralrs.parser_selection import make_reasoning_parser, make_tool_parser
 
         reasoning = None
         if self.reasoning_spec is not None:

@@ -9,6 +9,8 @@ from typing import Any
 
 import attrs
 
+from mistralrs.parsed_calls import ToolCall, ToolCallDelta
+
 log = logging.getLogger("mistralrs.tools")
 
 
@@ -49,8 +51,6 @@ class OutputPipeline:
         return self.reasoning is not None or self.tools is not None
 
     def _filter(self, deltas: Sequence[Any]) -> list[Any]:
-        from mistralrs.parsing import ToolCall, ToolCallDelta
-
         out = []
         for d in deltas:
             if self.server_call is not None:

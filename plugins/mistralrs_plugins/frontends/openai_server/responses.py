@@ -17,6 +17,7 @@ from typing import Any, Mapping
 from aiohttp import web
 
 from mistralrs import protocol as P
+from mistralrs.parsed_calls import ToolCall
 from mistralrs_plugins.frontends.openai_server.common import (
     ApiError,
     dumps,
@@ -117,8 +118,6 @@ async def create_response(request: web.Request) -> web.StreamResponse:
             steps += builder.text_delta(content, pending_lps)
             pending_lps = []
         for d in deltas:
-            from mistralrs.parsing import ToolCall
-
             steps += builder.call(ToolCall(id=d.id or "", name=d.name or "", arguments=d.arguments))
         return emit(steps)
 
