@@ -39,7 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "core"))
 sys.path.insert(0, str(ROOT))
 
+from mistralrs.engine import constraint_masks  # noqa: E402
 from mistralrs.engine import constraints as C  # noqa: E402
+from mistralrs.engine.bitmask import rows_from_bitmask  # noqa: E402
 from mistralrs.tokenization import Tokenizer  # noqa: E402
 
 QWEN2_PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -213,7 +215,7 @@ def run(factory: C.ConstraintFactory, spec: C.GrammarSpec, seqs: int, steps: int
         for k, st in enumerate(states[METHODS[0]]):
             st.fill_bitmask(bitmask[k])
         t0 = time.perf_counter()
-        C._rows_from_bitmask(bitmask, factory, V)
+        rows_from_bitmask(bitmask, factory, V)
         expand.append((time.perf_counter() - t0) * 1e3)
         allowed_counts.extend(ref.sum(dim=1).tolist())
         toks = torch.multinomial(ref.float(), 1, generator=rng).flatten().tolist()
@@ -266,7 +268,7 @@ def main() -> None:
         factory.new_state(compiled)
     new_state_ms = (time.perf_counter() - t0) * 1e3 / 100
 
-    default = "batch_masks_parallel" if C._parallel_default() else "batch_masks_sequential"
+    default = "batch_masks_parallel" if constraint_masks._parallel_default() else "batch_masks_sequential"
     results = {
         "tokenizer_vocab": tok.vocab_size,
         "logits_vocab": V,

@@ -192,7 +192,7 @@ class CompletionRequest:
 def _grammar_field(grammar: Any, grammar_type: Any) -> dict[str, Any] | None:
     """The HTTP `grammar` field of the Python API's `grammar` / `grammar_type` pair
     (validated here so errors name `grammar_type`)."""
-    from mistralrs.engine.constraints import grammar_from_python
+    from mistralrs.engine.grammar_specs import grammar_from_python
 
     spec = grammar_from_python(grammar, _enum_value(grammar_type))
     return None if spec is None else {"type": spec.kind, "value": spec.value}

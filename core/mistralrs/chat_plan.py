@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from mistralrs import json_input
+from mistralrs.engine.grammar_specs import GrammarSpec, grammar_from_request
 from mistralrs.errors import InvalidRequest
 from mistralrs.output_pipeline import OutputPipeline, ParsedChoice
 from mistralrs.request_validation import CHAT_TEMPLATE_KWARGS, generation_request, normalize_messages
@@ -93,7 +94,6 @@ class ChatPlan:
     """Everything one chat request needs beyond the engine request (see the module doc)."""
 
     def __init__(self, service: Any, body: Mapping[str, Any], config: ToolConfig | None = None) -> None:
-        from mistralrs.engine.constraints import grammar_from_request
         from mistralrs.parser_selection import make_tool_parser
 
         self.service = service
@@ -163,8 +163,6 @@ class ChatPlan:
 
     def _check_tool_schemas(self) -> None:
         """A bad schema of a function that a grammar will enforce is the client's 400."""
-        from mistralrs.engine.constraints import GrammarSpec
-
         engine = getattr(self.service, "engine", None)
         factory = getattr(engine, "constraint_factory", None)
         if factory is None:
@@ -179,8 +177,6 @@ class ChatPlan:
 
     # -- the engine request ---------------------------------------------------------------
     def _grammar(self, reasoning_close: str | None) -> Any:
-        from mistralrs.engine.constraints import GrammarSpec
-
         if self.user_grammar is not None or not self.parsing_tools:
             return self.user_grammar
         tokenizer = self.service.tokenizer

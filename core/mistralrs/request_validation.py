@@ -190,8 +190,8 @@ def generation_request(service: Any, body: Mapping[str, Any], ids: list[int], *,
                        skip_special_tokens: bool = True) -> Any:
     """The engine's `GenerationRequest` for prompt `ids` and the body's sampling, stop and length
     fields; `grammar` defaults to the body's `response_format` / `grammar`."""
-    from mistralrs.engine.constraints import grammar_from_request
     from mistralrs.engine.engine import ContextTooLong, GenerationRequest
+    from mistralrs.engine.grammar_specs import grammar_from_request
 
     if grammar is _FROM_BODY:
         grammar = grammar_from_request(body)

@@ -20,6 +20,7 @@ import jsonschema
 import pytest
 import torch
 
+from mistralrs.engine import bitmask, constraint_masks
 from mistralrs.engine import constraints as C
 from mistralrs.engine.constraints import (
     ConstraintError,
@@ -278,7 +279,7 @@ def test_several_eos_ids(byte_level):
 def expansion(request, monkeypatch):
     """Run a test with the numpy mask expansion and with the torch-only fallback."""
     if request.param == "torch":
-        monkeypatch.setattr(C, "_np", None)
+        monkeypatch.setattr(bitmask, "_np", None)
     return request.param
 
 
@@ -367,7 +368,7 @@ def test_expand_bitmask_matches_bit_arithmetic():
 
 
 def test_expand_bitmask_without_numpy(monkeypatch):
-    monkeypatch.setattr(C, "_np", None)
+    monkeypatch.setattr(bitmask, "_np", None)
     test_expand_bitmask_matches_bit_arithmetic()
 
 
@@ -571,11 +572,11 @@ def test_bool_schema_and_json_object_compile(byte_level):
 
 def test_parallel_default_follows_env_and_cpu_count(monkeypatch):
     monkeypatch.delenv("MISTRALRS_GRAMMAR_THREADS", raising=False)
-    monkeypatch.setattr(C.os, "cpu_count", lambda: 2)
-    assert not C._parallel_default()
-    monkeypatch.setattr(C.os, "cpu_count", lambda: 64)
-    assert C._parallel_default() and C._executor_threads() == 32
+    monkeypatch.setattr(constraint_masks.os, "cpu_count", lambda: 2)
+    assert not constraint_masks._parallel_default()
+    monkeypatch.setattr(constraint_masks.os, "cpu_count", lambda: 64)
+    assert constraint_masks._parallel_default() and constraint_masks._executor_threads() == 32
     monkeypatch.setenv("MISTRALRS_GRAMMAR_THREADS", "1")
-    assert not C._parallel_default()
+    assert not constraint_masks._parallel_default()
     monkeypatch.setenv("MISTRALRS_GRAMMAR_THREADS", "4")
-    assert C._parallel_default() and C._executor_threads() == 4
+    assert constraint_masks._parallel_default() and constraint_masks._executor_threads() == 4

@@ -272,7 +272,7 @@ class Engine:
     def constraint_factory(self) -> Any:
         with self._thread_lock:
             if self._constraints is None:
-                from mistralrs.engine.constraints import ConstraintFactory
+                from mistralrs.engine.constraint_factory import ConstraintFactory
 
                 vocab = self.vocab_size or self.tokenizer.vocab_size
                 self._constraints = ConstraintFactory(self.tokenizer, vocab, eos_token_ids=sorted(self.eos_token_ids) or None)
@@ -497,7 +497,7 @@ class Engine:
     def _sample_batch(self, logits: Any, seqs: list[Sequence]) -> list[tuple[int, float | None, tuple]]:
         mask = None
         if any(s.constraint is not None for s in seqs):
-            from mistralrs.engine.constraints import batch_masks
+            from mistralrs.engine.constraint_masks import batch_masks
 
             mask = batch_masks([s.constraint for s in seqs], logits.shape[1])
         out = self.sampler.sample(
