@@ -89,7 +89,6 @@ def parser_specs(service: Any, config: ToolConfig | None) -> tuple[Any, Any]:
     return tool, reasoning
 
 
-
 class ChatPlan:
     """Everything one chat request needs beyond the engine request (see the module doc)."""
 

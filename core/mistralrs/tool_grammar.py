@@ -133,7 +133,6 @@ def tool_call_grammar(
     return "\n".join(lines)
 
 
-
 def is_special_token(tokenizer: Any, text: str) -> bool:
     """Whether `text` is an added token that is also special (detokenization would drop it)."""
     added = added_tokens(tokenizer)

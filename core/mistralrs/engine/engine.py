@@ -378,7 +378,7 @@ class Engine:
                     self._fail_handle(handle, EngineError(f"cancellation failed: {type(exc).__name__}: {exc}"))
 
     def _admit(self, handle: RequestHandle) -> None:
-        from mistralrs.engine.sampling import SequenceSamplingState
+        from mistralrs.engine.sampling_state import SequenceSamplingState
         from mistralrs.tokenization import IncrementalDetokenizer, StopStringMatcher
 
         req = handle.request

@@ -37,7 +37,6 @@ class ConstraintError(InvalidRequest):
         super().__init__(message, param=param, code=code)
 
 
-
 def _canonical_value(kind: str, value: Any) -> str:
     if isinstance(value, str):
         return value

@@ -41,19 +41,29 @@ over the whole vocabulary biases the draw.
 Logprobs follow vLLM's default: `log_softmax` of the RAW logits (before the mask,
 penalties, bias, temperature and filters), for the chosen token and the `top_logprobs`
 most likely tokens.
+
+The per-sequence state and DRY live in `sampling_state`, the draw in `sampling_draw`, the
+parameters in `sampling_params`; the names are re-exported here.
 """
 
 from __future__ import annotations
 
 import math
-import secrets
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
 import torch
 
+from mistralrs.engine.sampling_draw import Group, draw, rows_tensor, wide_group
 from mistralrs.engine.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
+from mistralrs.engine.sampling_state import (
+    DRY_LOOKBACK,
+    DRY_MAX_MATCH,
+    SequenceSamplingState,
+    derive_seed,
+    dry_breaker_ids,
+)
 
 __all__ = [
     "DRY_LOOKBACK",
@@ -68,235 +78,8 @@ __all__ = [
     "processed_probs",
 ]
 
-DRY_LOOKBACK = 1024
-"""DRY only looks at the last DRY_LOOKBACK tokens of prompt + output."""
-DRY_MAX_MATCH = 50
-"""Longest repeated suffix DRY measures (mistral.rs caps it at 50 against adversarial inputs)."""
 _CANDIDATES = (256, 4096)
-_HIST_BINS = 4096
-_HIST_SPAN = 40.0  # log-weight range of the top-p histogram (weights down to e^-40 of the max)
-_BLOCK = 512
 _FLOAT32_MAX = torch.finfo(torch.float32).max
-_SEED_MASK = (1 << 64) - 1
-
-
-# --------------------------------------------------------------------------- seeds / DRY ids
-
-
-def derive_seed(engine_seed: int, counter: int) -> int:
-    """A well-mixed 64-bit seed for the `counter`-th sequence of an engine seeded with
-    `engine_seed` (splitmix64), for requests that give no seed of their own."""
-    z = (engine_seed * 0x9E3779B97F4A7C15 + (counter + 1) * 0xBF58476D1CE4E5B9) & _SEED_MASK
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _SEED_MASK
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _SEED_MASK
-    return z ^ (z >> 31)
-
-
-def dry_breaker_ids(tokenizer_encode: Callable[[str], Sequence[int]], breakers: Iterable[str]) -> frozenset[int]:
-    """Token ids of the DRY sequence breakers: every id of every breaker, each encoded on its
-    own. Pass an encode function that adds no special tokens (as mistral.rs does)."""
-    ids: set[int] = set()
-    for breaker in breakers:
-        if breaker:
-            ids.update(int(t) for t in tokenizer_encode(breaker))
-    return frozenset(ids)
-
-
-# --------------------------------------------------------------------------- per-sequence state
-
-
-class _Grow:
-    """An append-only 1-D tensor with amortised O(1) appends."""
-
-    __slots__ = ("data", "n")
-
-    def __init__(self, dtype: torch.dtype, init: Sequence[int] | None = None) -> None:
-        n = len(init) if init is not None else 0
-        self.data = torch.empty(max(16, 2 * n), dtype=dtype)
-        if n:
-            self.data[:n] = torch.as_tensor(init, dtype=dtype)
-        self.n = n
-
-    def append(self, value: int | float) -> None:
-        if self.n == self.data.numel():
-            bigger = torch.empty(2 * self.n, dtype=self.data.dtype)
-            bigger[: self.n] = self.data
-            self.data = bigger
-        self.data[self.n] = value
-        self.n += 1
-
-    def view(self) -> torch.Tensor:
-        return self.data[: self.n]
-
-
-class SequenceSamplingState:
-    """What the sampler needs to remember about one sequence.
-
-    * `tokens`: prompt + output ids (DRY looks at the last `dry_lookback` of them);
-    * the generated-token counts (frequency/presence penalties) and the set of seen tokens
-      (prompt + output, repetition penalty), kept incrementally as tensors;
-    * `generator`: a `torch.Generator` seeded from `seed`, else `fallback_seed` (see
-      `derive_seed`), else a random seed;
-    * `dry_breakers`: the token ids that stop DRY matches (see `dry_breaker_ids`).
-
-    `append(token_id)` is amortised O(1).
-    """
-
-    __slots__ = (
-        "tokens",
-        "num_prompt_tokens",
-        "generator",
-        "seed",
-        "dry_breakers",
-        "dry_lookback",
-        "_breaker_tensor",
-        "_out_slot",
-        "_out_ids",
-        "_out_counts",
-        "_seen",
-        "_seen_ids",
-    )
-
-    def __init__(
-        self,
-        prompt_ids: Iterable[int] = (),
-        *,
-        seed: int | None = None,
-        fallback_seed: int | None = None,
-        dry_breaker_token_ids: Iterable[int] = (),
-        device: torch.device | str = "cpu",
-        dry_lookback: int = DRY_LOOKBACK,
-    ) -> None:
-        self.tokens: list[int] = [int(t) for t in prompt_ids]
-        self.num_prompt_tokens = len(self.tokens)
-        if seed is None:
-            seed = fallback_seed if fallback_seed is not None else secrets.randbits(63)
-        self.seed = int(seed) & _SEED_MASK
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(self.seed)
-        self.dry_breakers = frozenset(int(t) for t in dry_breaker_token_ids)
-        self._breaker_tensor = torch.tensor(sorted(self.dry_breakers), dtype=torch.long)
-        self.dry_lookback = dry_lookback
-        self._out_slot: dict[int, int] = {}
-        self._out_ids = _Grow(torch.long)
-        self._out_counts = _Grow(torch.float32)
-        self._seen: set[int] = set(self.tokens)
-        self._seen_ids = _Grow(torch.long, list(dict.fromkeys(self.tokens)))
-
-    @classmethod
-    def for_request(
-        cls,
-        params: SamplingParams,
-        prompt_ids: Iterable[int],
-        *,
-        fallback_seed: int | None = None,
-        tokenizer_encode: Callable[[str], Sequence[int]] | None = None,
-        device: torch.device | str = "cpu",
-    ) -> SequenceSamplingState:
-        """A state for one sequence of a request; the DRY breakers are tokenized with
-        `tokenizer_encode` when the request uses DRY."""
-        breakers: frozenset[int] = frozenset()
-        if params.dry_multiplier != 0 and tokenizer_encode is not None:
-            breakers = dry_breaker_ids(tokenizer_encode, params.dry_sequence_breakers)
-        return cls(
-            prompt_ids,
-            seed=params.seed,
-            fallback_seed=fallback_seed,
-            dry_breaker_token_ids=breakers,
-            device=device,
-        )
-
-    # -- updates
-
-    def append(self, token_id: int) -> None:
-        token_id = int(token_id)
-        self.tokens.append(token_id)
-        slot = self._out_slot.get(token_id)
-        if slot is None:
-            self._out_slot[token_id] = self._out_ids.n
-            self._out_ids.append(token_id)
-            self._out_counts.append(1.0)
-        else:
-            self._out_counts.data[slot] += 1.0
-        if token_id not in self._seen:
-            self._seen.add(token_id)
-            self._seen_ids.append(token_id)
-
-    def extend(self, token_ids: Iterable[int]) -> None:
-        for t in token_ids:
-            self.append(t)
-
-    # -- queries
-
-    @property
-    def output_ids(self) -> list[int]:
-        return self.tokens[self.num_prompt_tokens :]
-
-    def output_count(self, token_id: int) -> int:
-        slot = self._out_slot.get(int(token_id))
-        return 0 if slot is None else int(self._out_counts.data[slot])
-
-    def output_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(distinct generated token ids [U] int64, their counts [U] float32) - views."""
-        return self._out_ids.view(), self._out_counts.view()
-
-    def seen_ids(self) -> torch.Tensor:
-        """Distinct prompt + output token ids [N] int64 (a view)."""
-        return self._seen_ids.view()
-
-    def dry_penalties(self, multiplier: float, base: float, allowed_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """DRY penalties for the next token: (token ids [N] int64, penalties [N] float32).
-
-        The text-generation-webui / koboldcpp algorithm (mistral.rs `apply_dry_penalty`):
-        for every earlier occurrence i of the last token (no penalty if the last token is a
-        breaker), the candidate is the token after it, tokens[i + 1] (skipped if a breaker);
-        the match is extended backwards while tokens[i - k] == tokens[-1 - k] and the tail
-        token is not a breaker, up to DRY_MAX_MATCH. Each candidate keeps its longest match
-        L, and L >= allowed_length costs multiplier * base ** (L - allowed_length).
-        """
-        empty = torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.float32)
-        if multiplier == 0 or len(self.tokens) < 2:
-            return empty
-        window = self.tokens[-self.dry_lookback :] if self.dry_lookback > 0 else self.tokens
-        n = len(window)
-        last = window[-1]
-        breakers = self.dry_breakers
-        if last in breakers:
-            return empty
-        # How far a match can extend backwards: up to the most recent breaker of the tail.
-        max_ext = 0
-        while max_ext < DRY_MAX_MATCH - 1 and max_ext < n - 1 and window[n - 2 - max_ext] not in breakers:
-            max_ext += 1
-        w = torch.tensor(window, dtype=torch.long)
-        occ = (w[:-1] == last).nonzero().squeeze(1)
-        if occ.numel() == 0:
-            return empty
-        nxt = w[occ + 1]
-        if breakers:
-            ok = ~torch.isin(nxt, self._breaker_tensor)
-            occ, nxt = occ[ok], nxt[ok]
-            if occ.numel() == 0:
-                return empty
-        if max_ext > 0:
-            ks = torch.arange(1, max_ext + 1)
-            back = occ[:, None] - ks[None, :]
-            same = (w[back.clamp(min=0)] == w[n - 1 - ks][None, :]) & (back >= 0)
-            length = 1 + same.to(torch.int32).cumprod(dim=1).sum(dim=1)
-        else:
-            length = torch.ones_like(occ)
-        uniq, inverse = torch.unique(nxt, return_inverse=True)
-        best = torch.zeros(uniq.numel(), dtype=torch.long).scatter_reduce(
-            0, inverse, length.to(torch.long), reduce="amax", include_self=False
-        )
-        sel = best >= allowed_length
-        if not bool(sel.any()):
-            return empty
-        exps = (best[sel] - allowed_length).to(torch.float64)
-        penalty = multiplier * torch.pow(torch.tensor(float(base), dtype=torch.float64), exps)
-        return uniq[sel], penalty.clamp(max=1e30).to(torch.float32)  # a ban, but finite in float32
-
-
-# --------------------------------------------------------------------------- sampler
 
 
 @attrs.frozen
@@ -309,24 +92,6 @@ class SampleOutput:
     top_logprobs: list[list[tuple[int, float]]] | None
     """Per row, its `top_logprobs` most likely (token, logprob) pairs of the raw logits, sorted
     descending ([] for rows that asked for none); None when no row asked for logprobs."""
-
-
-@attrs.frozen
-class _Group:
-    rows: list[int]  # indices into the sampled rows
-    idx: torch.Tensor | None  # [R, K] vocabulary ids of the candidates; None = whole vocabulary
-    weights: torch.Tensor  # [R, K] (or [R, V]) unnormalised filtered probabilities
-
-
-def _rows_tensor(rows: Sequence[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(list(rows), dtype=torch.long, device=device)
-
-
-def _last_positive(weights: torch.Tensor) -> torch.Tensor:
-    """Index of the last strictly positive entry of every row (the last index if none)."""
-    k = weights.shape[-1]
-    pos = (weights > 0).flip(-1).to(torch.int8).argmax(dim=-1)
-    return (k - 1 - pos).to(torch.long)
 
 
 def _effective(p: SamplingParams, V: int) -> tuple[float, int, float, float]:
@@ -403,10 +168,10 @@ class Sampler:
                 generators = [states[i].generator for i in rows]
                 groups = self._filter(x[G:], [plan.eff[i] for i in rows], plan.n_plain, plan.n_p_only)
                 for group in groups:
-                    picked = self._draw(group, [generators[r] for r in group.rows])
-                    ordered[_rows_tensor([G + r for r in group.rows], x.device)] = picked
+                    picked = draw(group, [generators[r] for r in group.rows])
+                    ordered[rows_tensor([G + r for r in group.rows], x.device)] = picked
             tokens = torch.empty_like(ordered)
-            tokens[_rows_tensor(plan.order, x.device)] = ordered
+            tokens[rows_tensor(plan.order, x.device)] = ordered
         token_ids = [int(t) for t in tokens.tolist()]
         logprobs, top = self._logprobs(logits, params, tokens)
         return SampleOutput(token_ids, logprobs, top)
@@ -450,7 +215,7 @@ class Sampler:
         if G < S:
             effs = [plan.eff[i] for i in plan.order[G:]]
             for group in self._filter(x[G:], effs, plan.n_plain, plan.n_p_only):
-                rows = _rows_tensor([G + r for r in group.rows], x.device)
+                rows = rows_tensor([G + r for r in group.rows], x.device)
                 w = group.weights.to(torch.float64)
                 w = w / w.sum(dim=-1, keepdim=True)
                 if group.idx is None:
@@ -460,7 +225,7 @@ class Sampler:
                     dense.scatter_add_(1, group.idx, w)  # padding entries add 0
                     ordered[rows] = dense.to(torch.float32)
         out = torch.empty_like(ordered)
-        out[_rows_tensor(plan.order, x.device)] = ordered
+        out[rows_tensor(plan.order, x.device)] = ordered
         return out
 
     # -- internals
@@ -492,7 +257,7 @@ class Sampler:
         bias applied (row j of the result is row order[j] of the input)."""
         S, V = logits.shape
         dev = logits.device
-        order_t = _rows_tensor(order, dev)
+        order_t = rows_tensor(order, dev)
         x = logits.index_select(0, order_t).to(torch.float32)
         if allowed_mask is not None:
             if allowed_mask.shape != logits.shape:
@@ -567,7 +332,7 @@ class Sampler:
 
     def _filter(
         self, w: torch.Tensor, effs: Sequence[tuple[float, int, float, float]], n_plain: int, n_p_only: int
-    ) -> list[_Group]:
+    ) -> list[Group]:
         """Temperature + top-k/top-p/min-p, in place on the non-greedy rows `w` [R, V],
         ordered unfiltered | top-p without top-k | other filtered. Returns groups of rows
         with their unnormalised filtered weights (each row's maximum has weight 1)."""
@@ -579,9 +344,9 @@ class Sampler:
             w.div_(torch.tensor(temps, dtype=torch.float32, device=dev)[:, None])
         w.exp_()  # exp((x - max) / T): softmax without the normalisation
 
-        groups: list[_Group] = []
+        groups: list[Group] = []
         if n_plain:
-            groups.append(_Group(list(range(n_plain)), None, w[:n_plain]))
+            groups.append(Group(list(range(n_plain)), None, w[:n_plain]))
         F = R - n_plain
         if F == 0:
             return groups
@@ -607,7 +372,7 @@ class Sampler:
                 break
             lim_l = [k_l[i] if k_l[i] else min(base, V) for i in pending]
             kr = max(1, min(V, max(lim_l)))
-            sel = _rows_tensor(pending, dev)
+            sel = rows_tensor(pending, dev)
             lim = torch.tensor(lim_l, dtype=torch.long, device=dev)
             sub = wf if len(pending) == F else wf.index_select(0, sel)
             vals, idx = sub.topk(kr, dim=-1, sorted=True)
@@ -631,7 +396,7 @@ class Sampler:
             if done.numel():
                 ids = [pending[i] for i in done.tolist()]
                 groups.append(
-                    _Group(
+                    Group(
                         [n_plain + i for i in ids],
                         idx.index_select(0, done),
                         (vals * keep).index_select(0, done),
@@ -640,94 +405,10 @@ class Sampler:
             pending = [pending[i] for i in (~resolved).nonzero().flatten().tolist()]
         if pending:
             rows = [n_plain + i for i in pending]
-            sel = _rows_tensor(pending, dev)
-            groups.append(self._wide(wf.index_select(0, sel), rows, p_t[sel], total_full[sel], mp_t[sel]))
+            sel = rows_tensor(pending, dev)
+            groups.append(wide_group(wf.index_select(0, sel), rows, p_t[sel], total_full[sel], mp_t[sel]))
         return groups
 
-    @staticmethod
-    def _wide(w: torch.Tensor, rows: list[int], p: torch.Tensor, total: torch.Tensor, mp: torch.Tensor) -> _Group:
-        """Rows (without top-k) whose top-p nucleus or min-p set is too large for the
-        candidate sets, resolved without sorting the vocabulary: min-p is a plain threshold;
-        top-p finds the bin of a log-weight histogram where the cumulative mass crosses
-        p * total, and sorts that bin only. Candidates come out in token-id order."""
-        R, V = w.shape
-        dev = w.device
-        keep = w > mp[:, None]  # mp = 0 keeps every token of positive weight
-        top_p_rows = (p > 0).nonzero().flatten().tolist()
-        if top_p_rows:
-            nb = _HIST_BINS
-            sel = _rows_tensor(top_p_rows, dev)
-            ws = w.index_select(0, sel)
-            # bin = floor(-log(w) * nb / span): monotone in w, the row max (w = 1) in bin 0;
-            # weights below exp(-span) (and zeros) share the last bin.
-            bins = ws.log().neg_().mul_(nb / _HIST_SPAN).clamp_(max=nb - 1).to(torch.long)
-            flat = bins + torch.arange(len(top_p_rows), device=dev)[:, None] * nb
-            mass = torch.bincount(
-                flat.flatten(), weights=ws.flatten().to(torch.float64), minlength=len(top_p_rows) * nb
-            )
-            cum = mass.view(len(top_p_rows), nb).cumsum(dim=-1)
-            target = p[sel] * total[sel]
-            cut = torch.searchsorted(cum, target[:, None]).squeeze(1).clamp(max=nb - 1)
-            before = torch.where(cut > 0, cum.gather(1, (cut - 1).clamp(min=0)[:, None]).squeeze(1), 0.0)
-            for j, (row, b, start, goal) in enumerate(zip(top_p_rows, cut.tolist(), before.tolist(), target.tolist())):
-                in_bin = (bins[j] == b).nonzero().flatten()
-                order = torch.argsort(ws[j, in_bin], descending=True, stable=True)
-                in_bin = in_bin[order]
-                v = ws[j, in_bin].to(torch.float64)
-                excl = start + v.cumsum(dim=0) - v
-                nucleus = bins[j] < b
-                nucleus[in_bin[excl < goal]] = True
-                keep[row] &= nucleus
-        counts = keep.sum(dim=-1)
-        kmax = max(1, int(counts.max()))
-        idx = torch.zeros(R, kmax, dtype=torch.long, device=dev)
-        weights = torch.zeros(R, kmax, dtype=w.dtype, device=dev)
-        for i in range(R):
-            ids = keep[i].nonzero().flatten()
-            idx[i, : ids.numel()] = ids
-            weights[i, : ids.numel()] = w[i, ids]
-        return _Group(rows, idx, weights)
-
-    @staticmethod
-    def _check_mass(total: torch.Tensor) -> None:
-        """A row with NaN weights (or none above zero) has no distribution to draw from; without
-        this it would silently yield its last token."""
-        if not bool((total > 0).all()) or not bool(torch.isfinite(total).all()):
-            raise ValueError("a row's sampling weights are NaN, infinite or all zero (non-finite sampling values?)")
-
-    @staticmethod
-    def _draw(group: _Group, generators: Sequence[torch.Generator]) -> torch.Tensor:
-        """One inverse-CDF draw per row from its own generator."""
-        w = group.weights
-        dev = w.device
-        u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=g.device) for g in generators]).to(dev)
-        R, V = w.shape
-        if group.idx is not None or V <= 2 * _BLOCK:
-            cum = w.to(torch.float64).cumsum(dim=-1)
-            Sampler._check_mass(cum[:, -1])
-            target = u * cum[:, -1]
-            pos = torch.searchsorted(cum, target[:, None], right=True).squeeze(1)
-            pos = torch.minimum(pos, _last_positive(w))
-            return pos if group.idx is None else group.idx.gather(1, pos[:, None]).squeeze(1)
-        # Whole vocabulary: pick a block from float64 block sums, then a token inside it.
-        nb = V // _BLOCK
-        sums = [w[:, : nb * _BLOCK].reshape(R, nb, _BLOCK).sum(dim=-1, dtype=torch.float64)]
-        if V > nb * _BLOCK:
-            sums.append(w[:, nb * _BLOCK :].sum(dim=-1, dtype=torch.float64, keepdim=True))
-        block_sums = torch.cat(sums, dim=1) if len(sums) > 1 else sums[0]
-        cb = block_sums.cumsum(dim=-1)
-        Sampler._check_mass(cb[:, -1])
-        target = u * cb[:, -1]
-        b = torch.searchsorted(cb, target[:, None], right=True).squeeze(1)
-        b = torch.minimum(b, _last_positive(block_sums))
-        before = torch.where(b > 0, cb.gather(1, (b - 1).clamp(min=0)[:, None]).squeeze(1), torch.zeros_like(target))
-        offset = target - before
-        cols = b[:, None] * _BLOCK + torch.arange(_BLOCK, device=dev)[None, :]
-        inside = cols < V
-        blk = w.gather(1, cols.clamp(max=V - 1)).to(torch.float64) * inside
-        pos = torch.searchsorted(blk.cumsum(dim=-1), offset[:, None], right=True).squeeze(1)
-        pos = torch.minimum(pos, _last_positive(blk))
-        return b * _BLOCK + pos
 
     @staticmethod
     def _logprobs(
@@ -737,7 +418,7 @@ class Sampler:
         if not rows:
             return None, None
         S = logits.shape[0]
-        r = _rows_tensor(rows, logits.device)
+        r = rows_tensor(rows, logits.device)
         lp = torch.log_softmax(logits.index_select(0, r).to(torch.float32), dim=-1)
         chosen = lp.gather(1, tokens.to(logits.device).index_select(0, r)[:, None]).squeeze(1).tolist()
         out: list[float | None] = [None] * S

@@ -116,7 +116,6 @@ async def docs(request: web.Request) -> web.Response:
     return web.Response(text=docs_html(openapi_document(request.app[STATE])), content_type="text/html")
 
 
-
 # -- completions -----------------------------------------------------------------------------
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     from mistralrs.chat_plan import prepare_chat
