@@ -160,7 +160,11 @@ def test_soak_64_streaming_clients(served):
                     failures.append(f"{where}: no usage chunk")
                     continue
                 if body.get("logprobs") and not body.get("tools"):
-                    if sum(seen["logprob_tokens"].values()) != usage["completion_tokens"]:
+                    # One logprob per token, except an EOS/stop token that ends a choice: it is
+                    # counted in usage but has no text to carry a logprob.
+                    stops = sum(r == "stop" for r in seen["finish"].values())
+                    streamed = sum(seen["logprob_tokens"].values())
+                    if not usage["completion_tokens"] - stops <= streamed <= usage["completion_tokens"]:
                         failures.append(f"{where}: {seen['logprob_tokens']} logprob tokens, usage {usage}")
                 if all(r == "length" for r in seen["finish"].values()) and not body.get("tools"):
                     if usage["completion_tokens"] != body["max_tokens"] * n:
@@ -171,6 +175,7 @@ def test_soak_64_streaming_clients(served):
         stop_at = time.monotonic() + SOAK_SECONDS
         await asyncio.gather(*(client(k, stop_at) for k in range(CLIENTS)))
 
+    before = gauges(served)  # (the 503s of the load wait are not the soak's)
     asyncio.run(main())
     assert not failures, f"{len(failures)} bad streams, e.g.:\n" + "\n".join(failures[:10])
     assert finished >= CLIENTS  # every client completed at least one stream on average
@@ -179,8 +184,9 @@ def test_soak_64_streaming_clients(served):
         assert time.time() < deadline, f"the engine did not return to idle: {g}"
         time.sleep(0.2)
     assert g["mistralrs_sequences_waiting"] == 0
-    errors = sum(v for k, v in g.items() if k.startswith("http_requests_total") and 'status="5' in k)
-    assert errors == 0, "a 5xx was answered"
+    errors = {k: v - before.get(k, 0) for k, v in g.items()
+              if k.startswith("http_requests_total") and 'status="5' in k and v > before.get(k, 0)}
+    assert not errors, f"5xx answered: {errors}"
 
 
 def test_schemathesis_finds_no_server_error(served, tmp_path):
@@ -188,7 +194,11 @@ def test_schemathesis_finds_no_server_error(served, tmp_path):
     st = shutil.which("st") or shutil.which("schemathesis")
     assert st, "schemathesis is installed but its command is not on PATH"
     seconds = os.environ.get("MISTRALRS_FUZZ_SECONDS", "120")
-    out = subprocess.run([st, "run", served + "/openapi.json", "--checks", "not_a_server_error", "--max-time", seconds,
-                          "--request-timeout", "120", "--workers", "2", "--seed", "1"],
-                         capture_output=True, text=True, timeout=float(seconds) + 600, cwd=tmp_path)
-    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
+    command = [st, "run", served + "/openapi.json", "--checks", "not_a_server_error", "--max-time", seconds,
+               "--request-timeout", "120", "--workers", "2", "--seed", "1"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=float(seconds) + 600, cwd=tmp_path)
+    report = out.stdout + out.stderr
+    # Judge the checks, not the exit code: schemathesis also exits non-zero for its own runtime
+    # errors (e.g. CPython 3.11's "AST constructor recursion depth mismatch" inside hypothesis).
+    assert re.search(r"\d+ generated", report), report[-4000:]
+    assert "Failures:" not in report and "Server error" not in report, report[-8000:]
