@@ -1,10 +1,11 @@
 """The engine: one model, many requests, continuous batching in a background thread.
 
 Requests are submitted from any thread or asyncio loop and stream events back through a
-`RequestHandle`. The engine thread loops: take new requests and cancellations, schedule a
-step (chunked prefill + decode under a token budget), run the model, sample, detokenize,
-check stops, emit deltas. If a step raises, every in-flight request fails with the error
-and the engine carries on with a clean state for new requests.
+`RequestHandle` (the request and event types are in `engine.requests`). The engine thread
+loops: take new requests and cancellations, schedule a step (chunked prefill + decode under a
+token budget), run the model, sample, detokenize, check stops, emit deltas. A failure stays
+with the request that caused it where it can (docs/engine.md, "Recovery"); if the forward pass
+itself raises, every in-flight request fails and the engine carries on with a clean state.
 """
 
 from __future__ import annotations
@@ -16,163 +17,26 @@ import queue
 import threading
 import time
 import traceback
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, Callable
 
 import attrs
 
 from mistralrs.engine.kv_cache import BlockPool
+from mistralrs.engine.requests import (  # noqa: F401 - re-exported: the engine's public request/event types
+    ChoiceFinished,
+    ContextTooLong,
+    GenerationRequest,
+    RequestDone,
+    RequestFailed,
+    RequestHandle,
+    TokenDelta,
+    Usage,
+)
 from mistralrs.engine.scheduler import Scheduler
 from mistralrs.engine.sequence import Sequence, Status
 from mistralrs.errors import InvalidRequest, MistralRsError
 
 log = logging.getLogger("mistralrs.engine")
-
-
-# -- requests and events ------------------------------------------------------------------
-@attrs.define(kw_only=True)
-class GenerationRequest:
-    """What the engine needs to generate: already tokenized, already validated."""
-
-    prompt_ids: list[int]
-    sampling: Any  # mistralrs.engine.sampling.SamplingParams
-    max_tokens: int | None = None
-    stop_strings: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    n: int = 1
-    best_of: int | None = None
-    logprobs: bool = False
-    top_logprobs: int = 0
-    skip_special_tokens: bool = True
-    cache_key: Any = None  # anything else that changes the KV (adapters, images)
-    grammar: Any = None  # constraints.GrammarSpec: output must match it (structured output, forced tool calls)
-    compiled_grammar: Any = attrs.field(default=None, repr=False)  # set by Engine.submit
-    id: str = attrs.field(factory=lambda: f"req-{next(_request_ids)}")
-
-
-_request_ids: Iterator[int] = itertools.count()
-
-
-@attrs.frozen
-class TokenDelta:
-    index: int  # choice index
-    text: str
-    token_ids: tuple[int, ...]
-    logprobs: tuple[Any, ...] = ()  # per token: (token_id, logprob, top: tuple[(id, logprob), ...])
-
-
-@attrs.frozen
-class ChoiceFinished:
-    index: int
-    finish_reason: str  # stop | length | canceled | error
-    text: str
-    token_ids: tuple[int, ...]
-    stop_reason: str | int | None = None  # the stop string or token id that ended it
-    cumulative_logprob: float | None = None
-
-
-@attrs.frozen
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-    time_to_first_token: float | None  # seconds
-    prompt_seconds: float | None
-    completion_seconds: float | None
-    total_seconds: float
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-    @property
-    def prompt_tok_per_sec(self) -> float | None:
-        if not self.prompt_seconds:
-            return None
-        return (self.prompt_tokens - self.cached_tokens) / self.prompt_seconds
-
-    @property
-    def completion_tok_per_sec(self) -> float | None:
-        if not self.completion_seconds or self.completion_tokens <= 1:
-            return None
-        return (self.completion_tokens - 1) / self.completion_seconds
-
-
-@attrs.frozen
-class RequestDone:
-    usage: Usage
-    choices: tuple[ChoiceFinished, ...]
-
-
-@attrs.frozen
-class RequestFailed:
-    error: BaseException
-
-
-_END = (RequestDone, RequestFailed)
-
-
-class RequestHandle:
-    """The caller's side of a request: iterate (or async-iterate) its events, or cancel it."""
-
-    def __init__(self, engine: Engine, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None) -> None:
-        self.engine = engine
-        self.request = request
-        self.id = request.id
-        self._loop = loop
-        self._queue: Any = asyncio.Queue() if loop is not None else queue.SimpleQueue()
-        self.cancelled = False
-        self.done = False
-
-    def _put(self, event: Any) -> None:
-        if self._loop is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                pass
-        else:
-            self._queue.put(event)
-
-    def cancel(self) -> None:
-        """Stop generating; blocks are freed within one engine step."""
-        if not self.done and not self.cancelled:
-            self.cancelled = True
-            self.engine._cancel(self)
-
-    def __iter__(self) -> Iterator[Any]:
-        while True:
-            event = self._queue.get()
-            yield event
-            if isinstance(event, _END):
-                return
-
-    async def __aiter__(self) -> AsyncIterator[Any]:
-        try:
-            while True:
-                event = await self._queue.get()
-                yield event
-                if isinstance(event, _END):
-                    return
-        finally:
-            if not self.done:
-                self.cancel()
-
-    def result(self) -> RequestDone:
-        """Block until done; raise the engine's error if it failed."""
-        for event in self:
-            if isinstance(event, RequestDone):
-                return event
-            if isinstance(event, RequestFailed):
-                raise event.error
-        raise RuntimeError("request ended without a result")  # pragma: no cover
-
-    async def aresult(self) -> RequestDone:
-        async for event in self:
-            if isinstance(event, RequestDone):
-                return event
-            if isinstance(event, RequestFailed):
-                raise event.error
-        raise RuntimeError("request ended without a result")  # pragma: no cover
 
 
 @attrs.define
@@ -390,7 +254,7 @@ class Engine:
         params = req.sampling
         if self.generation_defaults is not None:
             params = params.with_defaults(self.generation_defaults)
-        if _ranks_candidates(req) or _reports_logprobs(req):
+        if req.ranks_candidates or req.reports_logprobs:
             # best_of ranks its candidates by cumulative logprob, so they need one per token.
             params = attrs.evolve(params, logprobs=True, top_logprobs=max(params.top_logprobs, req.top_logprobs))
         count = req.best_of or req.n
@@ -538,8 +402,8 @@ class Engine:
             delta, stopped = check.text, check.stopped
         seq.text += delta
         # best_of candidates stay hidden: the winners are sent whole when all are done.
-        if (delta or lp is not None) and not _ranks_candidates(req):
-            state.handle._put(TokenDelta(seq.index, delta, (token,), (lp,) if lp and _reports_logprobs(req) else ()))
+        if (delta or lp is not None) and not req.ranks_candidates:
+            state.handle._put(TokenDelta(seq.index, delta, (token,), (lp,) if lp and req.reports_logprobs else ()))
         if stopped:
             self._finish(seq, "stop", stop_reason=seq.stopper.stop_string)
         elif grammar_done:
@@ -560,7 +424,7 @@ class Engine:
                 tail = (check.text if check else "") + ("" if stopper.stopped else stopper.flush())
             if tail:
                 seq.text += tail
-                if not _ranks_candidates(state.request):
+                if not state.request.ranks_candidates:
                     state.handle._put(TokenDelta(seq.index, tail, ()))
         self.scheduler.finish(seq, reason)
         self._states.pop(seq.id, None)
@@ -569,7 +433,7 @@ class Engine:
         state.finished[seq.index] = choice
         req = state.request
         best_of = req.best_of or req.n
-        if not _ranks_candidates(req):
+        if not req.ranks_candidates:
             state.handle._put(choice)
         if len(state.finished) == best_of:
             self._complete(state)
@@ -640,26 +504,3 @@ class Engine:
                 if self.request_log is not None:
                     self.request_log.error(state.request, error)
                 state.handle._put(RequestFailed(error))
-
-
-def _ranks_candidates(req: GenerationRequest) -> bool:
-    """best_of > n: candidates are generated hidden and the best n returned at the end."""
-    return req.best_of is not None and req.best_of > req.n
-
-
-def _reports_logprobs(req: GenerationRequest) -> bool:
-    return req.logprobs or req.top_logprobs > 0 or req.sampling.wants_logprobs
-
-
-class ContextTooLong(InvalidRequest):
-    """The prompt does not fit the model's context (OpenAI `exceed_context_size_error`)."""
-
-    def __init__(self, n_prompt_tokens: int, n_ctx: int, *, at_least: bool = False) -> None:
-        super().__init__(
-            f"the prompt has {'at least ' if at_least else ''}{n_prompt_tokens} tokens but the context holds {n_ctx}; "
-            "shorten the prompt or set truncate_sequence",
-            "messages",
-            code="exceed_context_size_error",
-        )
-        self.n_prompt_tokens = n_prompt_tokens
-        self.n_ctx = n_ctx
