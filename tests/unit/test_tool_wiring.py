@@ -450,7 +450,7 @@ def test_python_api_request_fields():
 # -- CLI flags ----------------------------------------------------------------------------------------------
 def test_cli_tool_flags():
     from mistralrs.errors import ConfigError
-    from mistralrs_plugins.frontends import interactive_mode
+    from mistralrs_plugins.frontends.interactive import chat as interactive_mode
     from mistralrs_plugins.frontends.openai_server import cli
 
     parser = argparse.ArgumentParser()
@@ -484,7 +484,7 @@ class SyncHandle:
 
 
 def test_interactive_mode_shows_thinking_dimmed(tokenizer):
-    from mistralrs_plugins.frontends.interactive_mode import DIM, RESET, InteractiveChat
+    from mistralrs_plugins.frontends.interactive.chat import DIM, RESET, InteractiveChat
 
     svc = ToolService(tokenizer)
     parts = ["<think>", "Hmm", "</think>", "\n\nHello!"]

@@ -1,4 +1,4 @@
-"""Implementation of the paged torch backend (see paged.py)."""
+"""Implementation of the paged torch backend (registered in `__init__.py`)."""
 
 from __future__ import annotations
 

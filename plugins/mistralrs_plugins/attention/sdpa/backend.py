@@ -1,4 +1,4 @@
-"""Implementation of the reference SDPA backend (see sdpa.py for the registration)."""
+"""Implementation of the reference SDPA backend (registered in `__init__.py`)."""
 
 from __future__ import annotations
 

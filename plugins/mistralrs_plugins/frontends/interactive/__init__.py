@@ -10,7 +10,7 @@ from mistralrs.specs import CommandSpec, FrontendSpec
 def register_frontends(register):
     register(FrontendSpec(
         name="interactive",
-        factory="mistralrs_plugins.frontends.interactive_mode:interactive_chat",
+        factory="mistralrs_plugins.frontends.interactive.chat:interactive_chat",
         description="chat in the terminal with streamed output",
     ))
 
@@ -20,6 +20,6 @@ def register_commands(cli):
     cli.add_command(CommandSpec(
         name="run",
         help="Chat with a model in the terminal, or answer one prompt with -i",
-        add_arguments="mistralrs_plugins.frontends.interactive_mode:add_arguments",
-        run="mistralrs_plugins.frontends.interactive_mode:run",
+        add_arguments="mistralrs_plugins.frontends.interactive.chat:add_arguments",
+        run="mistralrs_plugins.frontends.interactive.chat:run",
     ))

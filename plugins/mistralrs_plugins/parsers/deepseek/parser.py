@@ -1,4 +1,4 @@
-"""Implementation of the DeepSeek tool-call parser (see deepseek.py).
+"""Implementation of the DeepSeek tool-call parser (registered in `__init__.py`).
 
 Formats (``｜`` is U+FF5C, ``▁`` is U+2581, as in DeepSeek's tokenizer):
 - V3 / R1::

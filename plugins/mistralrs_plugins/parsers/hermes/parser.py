@@ -1,4 +1,4 @@
-"""Implementation of the Hermes / Qwen tool-call parser (see hermes.py).
+"""Implementation of the Hermes / Qwen tool-call parser (registered in `__init__.py`).
 
 Format: any number of ``<tool_call>{"name": "f", "arguments": {...}}</tool_call>`` blocks,
 usually one per line, optionally after some text. The closing tag may be missing at the

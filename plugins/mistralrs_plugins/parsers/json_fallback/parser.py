@@ -1,4 +1,4 @@
-"""Implementation of the generic JSON tool-call parser (see json_fallback.py).
+"""Implementation of the generic JSON tool-call parser (registered in `__init__.py`).
 
 A call is ``{"name": "f", "arguments": {...}}`` (aliases ``function`` for the name and
 ``parameters`` for the arguments; arguments may be a JSON string; the nested OpenAI form

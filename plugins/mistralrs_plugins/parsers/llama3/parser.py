@@ -1,4 +1,4 @@
-"""Implementation of the Llama 3.1+ tool-call parser (see llama3.py).
+"""Implementation of the Llama 3.1+ tool-call parser (registered in `__init__.py`).
 
 Formats (the JSON call format of the Llama 3.1/3.2/3.3 model cards):
 - the whole output is ``{"name": "f", "parameters": {...}}`` (``{"type": "function", ...}``

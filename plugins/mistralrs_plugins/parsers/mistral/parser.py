@@ -1,4 +1,4 @@
-"""Implementation of the Mistral tool-call parser (see mistral.py).
+"""Implementation of the Mistral tool-call parser (registered in `__init__.py`).
 
 Formats:
 - v3 tokenizers (Mistral 7B v0.3, Mixtral 8x22B, Nemo):

@@ -1,4 +1,4 @@
-"""Implementation of the ``<think>`` reasoning parser (see think.py)."""
+"""Implementation of the ``<think>`` reasoning parser (registered in `__init__.py`)."""
 
 from __future__ import annotations
 
