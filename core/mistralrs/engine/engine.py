@@ -368,8 +368,8 @@ class Engine:
             logits, [s.params for s in seqs], [s.sampling_state for s in seqs], allowed_mask=mask
         )
         # Rows that did not ask for logprobs get None even when another row did.
-        logprobs = out.logprobs or [None] * len(seqs)
-        tops = out.top_logprobs or [()] * len(seqs)
+        logprobs: list[float | None] = out.logprobs or [None] * len(seqs)
+        tops: list[Any] = out.top_logprobs or [[] for _ in seqs]
         return [(token, lp, tuple(top)) for token, lp, top in zip(out.token_ids, logprobs, tops)]
 
     def _append(self, seq: Sequence, token: int, logprob: float | None, top: tuple) -> None:
