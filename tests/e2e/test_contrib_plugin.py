@@ -47,7 +47,8 @@ def test_contrib_tool_is_called_end_to_end():
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "-1006"
     listed = json.loads(mistralrs("tools", "list", "--json").stdout)
-    assert [t["function"]["name"] for t in listed] == ["calculate"]
+    # Other installed tool sources (the examples/ plugin in CI) list theirs too.
+    assert "calculate" in [t["function"]["name"] for t in listed]
 
 
 def test_contrib_tool_rejects_code():
