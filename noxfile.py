@@ -23,6 +23,7 @@ def tests(session: nox.Session) -> None:
     """The fast suite (the default; what CI runs)."""
     install(session)
     session.install("-e", "contrib/mistralrs-calculator")
+    session.install("-e", "examples/mistralrs-example-plugin")
     session.run("pytest", *session.posargs)
 
 
