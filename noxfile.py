@@ -37,7 +37,7 @@ def slow(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff")
-    session.run("ruff", "check", "core", "plugins", "tests", "contrib", "benchmarks", "noxfile.py")
+    session.run("ruff", "check", "core", "plugins", "tests", "contrib", "examples", "benchmarks", "noxfile.py")
 
 
 @nox.session
