@@ -130,3 +130,34 @@ def test_the_server_answers_while_a_long_prompt_is_tokenized(server):
     total = time.perf_counter() - start
     # Relative, not absolute: the slowest health check took a small part of the long request.
     assert len(latencies) >= 3 and max(latencies) < 0.5 * total, (max(latencies), total)
+
+
+def test_the_openapi_document_and_the_validator_agree(server):
+    """Every numeric bound the served document states is the one the server enforces."""
+    doc = json.loads(http(server.url + "/openapi.json")[2])
+    props = doc["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    checked = 0
+    for field, schema in props.items():
+        if schema.get("type") not in ("number", "integer") or field in ("n", "max_tokens", "max_completion_tokens"):
+            continue
+        step = 1 if schema["type"] == "integer" else 0.5
+        inside, outside = [], []
+        if "minimum" in schema:
+            inside.append(schema["minimum"])
+            outside.append(schema["minimum"] - step)
+        if "exclusiveMinimum" in schema:
+            inside.append(schema["exclusiveMinimum"] + (1 if schema["type"] == "integer" else 0.01))
+            outside.append(schema["exclusiveMinimum"])
+        if "maximum" in schema:
+            inside.append(schema["maximum"])
+            outside.append(schema["maximum"] + step)
+        for value in inside:
+            status, _, body = http(server.url + "/v1/chat/completions",
+                                   {"messages": "hi", "max_tokens": 1, field: value})
+            assert status == 200, (field, value, body)
+        for value in outside:
+            status, _, body = http(server.url + "/v1/chat/completions",
+                                   {"messages": "hi", "max_tokens": 1, field: value})
+            assert status == 400 and error_of(body)["param"] == field, (field, value, body)
+        checked += bool(inside or outside)
+    assert checked >= 10  # temperature, top_p, min_p, the penalties, DRY, top_logprobs ...

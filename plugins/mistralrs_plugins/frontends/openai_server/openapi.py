@@ -89,8 +89,9 @@ SCHEMAS: dict[str, Any] = {
             "tool_choice": {"oneOf": [{"enum": ["none", "auto", "required"]}, {"type": "object"}],
                             "description": "\"required\", a named function and strict functions are enforced "
                                            "with a grammar"},
-            "max_tool_rounds": {**INT, "minimum": 0, "maximum": 256,
-                                "description": "server-side tool calls before the answer is returned"},
+            "max_tool_rounds": {**INT, "minimum": 0,
+                                "description": "server-side tool calls before the answer is returned (more than "
+                                               "256 is taken as 256)"},
             "enable_thinking": BOOL,
             "reasoning_effort": STR,
             "chat_template_kwargs": {"type": "object"},
