@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator, Iterator
 import attrs
 
 from mistralrs import protocol as P
-from mistralrs.errors import ConfigError
+from mistralrs.errors import ConfigError, NotFoundError
 
 
 class ModelDType(enum.Enum):
@@ -301,11 +301,18 @@ class Runner:
         return P.chat_response(self.service.tokenizer, done, id=stream.id, model=self.model_id,
                                logprobs=plan.request.logprobs, token_logprobs=lps, plan=plan, records=plan.records)
 
+    def _check_model(self, model_id: str | None) -> None:
+        """A Runner serves one model: naming another is an error, not silently ignored."""
+        if model_id is not None and model_id not in (self.model_id, "default"):
+            raise NotFoundError(f"this Runner serves {self.model_id!r}, not {model_id!r}; "
+                                "make a Runner per model (or omit model_id)")
+
     def send_chat_completion_request(self, request: ChatCompletionRequest, model_id: str | None = None) -> Any:
         """A `ChatCompletionResponse`, or an iterator of `ChatCompletionChunkResponse` when stream=True.
 
         Tool calls come back in `message.tool_calls`; calls to `tool_callbacks` and to tool
         sources run here and generation goes on (`agentic_tool_calls` lists them)."""
+        self._check_model(model_id)
         plan, handle, stream = self._chat(request)
         if request.stream:
             return self._stream(handle, stream)
@@ -313,6 +320,7 @@ class Runner:
         return self._chat_response(plan, stream, done, lps)
 
     def send_completion_request(self, request: CompletionRequest, model_id: str | None = None) -> Any:
+        self._check_model(model_id)
         body = request.to_body()
         gen = P.build_completion_request(self.service, body)
         handle = self.service.engine.submit(gen)
@@ -371,12 +379,15 @@ class Runner:
     # -- tokenizer and limits -------------------------------------------------------------------
     def tokenize_text(self, text: str, add_special_tokens: bool = True, enable_thinking: bool | None = None,
                       model_id: str | None = None) -> list[int]:
+        self._check_model(model_id)
         return self.service.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def detokenize_text(self, tokens: list[int], skip_special_tokens: bool = True, model_id: str | None = None) -> str:
+        self._check_model(model_id)
         return self.service.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
     def max_sequence_length(self, model_id: str | None = None) -> int:
+        self._check_model(model_id)
         return self.service.max_model_len
 
     def list_models(self) -> list[str]:

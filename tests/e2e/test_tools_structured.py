@@ -365,3 +365,16 @@ def test_reasoning_split_with_explicit_tags(thinking_server):
         extra_body={"grammar": {"type": "regex", "value": "[a-z]{2,6}"}, "enable_thinking": False})
     assert plain.choices[0].message.reasoning_content is None
     assert re.fullmatch("[a-z]{2,6}", plain.choices[0].message.content)
+
+
+def test_runner_refuses_a_model_it_does_not_serve(runner):
+    from mistralrs.api import ChatCompletionRequest
+    from mistralrs.errors import NotFoundError
+
+    req = ChatCompletionRequest(messages="hi", max_tokens=2)
+    with pytest.raises(NotFoundError, match="this Runner serves"):
+        runner.send_chat_completion_request(req, model_id="some/other-model")
+    with pytest.raises(NotFoundError):
+        runner.max_sequence_length(model_id="some/other-model")
+    assert runner.send_chat_completion_request(req, model_id=runner.get_default_model_id()).choices
+    assert runner.send_chat_completion_request(req, model_id="default").choices
