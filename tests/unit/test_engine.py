@@ -443,12 +443,13 @@ def _unchecked(params: SamplingParams, **values) -> SamplingParams:
 @pytest.mark.timeout(120)
 def test_a_request_that_breaks_sampling_fails_alone(svc, bad):
     ids = prompt(svc, "a good neighbour")
-    alone = gen(svc, ids, max_tokens=10)
+    seeded = SamplingParams(temperature=0.9, seed=7)  # sampled, so a failed batch draw would show
+    alone = gen(svc, ids, max_tokens=10, sampling=seeded)
     used_before = svc.engine.kv_blocks()[0]
     failures = svc.engine.stats["failures"]
     broken = GenerationRequest(prompt_ids=prompt(svc, "broken"), max_tokens=10,
                                sampling=_unchecked(SamplingParams(temperature=0.8, seed=1), **bad))
-    good = GenerationRequest(prompt_ids=ids, sampling=GREEDY, max_tokens=10, ignore_eos=True)
+    good = GenerationRequest(prompt_ids=ids, sampling=seeded, max_tokens=10, ignore_eos=True)
     h_bad, h_good = svc.engine.submit(broken), svc.engine.submit(good)
     with pytest.raises(EngineError, match="sampling failed"):
         h_bad.result()

@@ -336,6 +336,9 @@ class Engine:
         """(token, logprob or None, top logprobs) per row, sampled as one batch. If the batch
         fails, row by row: a row that still fails becomes its request's error, so values that
         break sampling (or a broken grammar) fail only the request that sent them."""
+        # The batch may draw from some rows' generators before it fails; the retry restores them,
+        # so a seeded request's tokens do not depend on a neighbour failing.
+        rng = [s.sampling_state.generator.get_state() for s in seqs] if len(seqs) > 1 else []
         try:
             return self._sample_batch(logits, seqs)
         except Exception:  # noqa: BLE001 - find the row at fault below
@@ -347,6 +350,8 @@ class Engine:
             results: list[Any] = [None]
         else:
             results = []
+            for seq, state in zip(seqs, rng):
+                seq.sampling_state.generator.set_state(state)
             for row, seq in enumerate(seqs):
                 try:
                     results += self._sample_batch(logits[row : row + 1], [seq])
