@@ -190,6 +190,21 @@ def test_responses_stream(client, model):
     assert client.responses.retrieve(final.id).output_text == deltas
 
 
+def test_a_response_cut_by_max_output_tokens_marks_its_message_incomplete(client, model):
+    cut = client.responses.create(model=model, input="Go on", max_output_tokens=4, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert cut.status == "incomplete" and cut.incomplete_details.reason == "max_output_tokens"
+    assert cut.output[-1].status == "incomplete"
+    events = list(client.responses.create(model=model, input="Go on", max_output_tokens=4, temperature=0,
+                                          stream=True, extra_body={"ignore_eos": True}))
+    done = [e for e in events if e.type == "response.output_item.done"]
+    assert events[-1].type == "response.incomplete" and done[-1].item.status == "incomplete"
+    whole = client.responses.create(model=model, input="Go on", max_output_tokens=64, temperature=0,
+                                    extra_body={"ignore_eos": False, "stop": ["a", "e", "o", " "]})
+    if whole.status == "completed":
+        assert all(item.status == "completed" for item in whole.output)
+
+
 # -- errors ---------------------------------------------------------------------------------------
 def test_errors(client, model):
     with pytest.raises(openai.BadRequestError) as bad:

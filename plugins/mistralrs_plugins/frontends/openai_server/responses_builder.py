@@ -73,14 +73,18 @@ class ResponseBuilder:
         return {"type": "output_text", "text": self.text if done else "", "annotations": [],
                 "logprobs": self.logprobs if done else []}
 
-    def item(self, done: bool) -> dict[str, Any]:
-        return {"type": "message", "id": self.message_id, "status": "completed" if done else "in_progress",
+    def item(self, done: bool, status: str | None = None) -> dict[str, Any]:
+        return {"type": "message", "id": self.message_id, "status": status or ("completed" if done else "in_progress"),
                 "role": "assistant", "content": [self.part(True)] if done else []}
 
     def _render(self, rec: dict[str, Any], done: bool) -> dict[str, Any]:
-        status = "completed" if done else "in_progress"
+        status = "in_progress"
+        if done:
+            # The item max_output_tokens cut off is incomplete, as OpenAI reports it.
+            cut = self.status == "incomplete" and rec is self.items[-1]
+            status = "incomplete" if cut else "completed"
         if rec["kind"] == "message":
-            return self.item(done)
+            return self.item(done, status)
         if rec["kind"] == "reasoning":
             return {"type": "reasoning", "id": rec["id"], "status": status, "summary": [],
                     "content": [{"type": "reasoning_text", "text": rec["text"]}] if done else []}
