@@ -75,6 +75,7 @@ class Which:
         hf_cache_path: str | None = None
         revision: str | None = None
         topology: str | None = None
+        organization: str | None = None  # ISQ organization: "default" | "moqe"
         from_uqff: Any = None
         write_uqff: str | None = None
         dummy_weights: bool = False
@@ -234,8 +235,9 @@ class Runner:
 
         if not isinstance(which, Which.Plain):
             raise ConfigError(f"{type(which).__name__} models are not supported yet; use Which.Plain")
-        if in_situ_quant is not None:
-            raise ConfigError("in_situ_quant (ISQ) is not supported yet in this build; remove it")
+        for field in ("from_uqff", "write_uqff"):
+            if getattr(which, field, None):
+                raise ConfigError(f"Which.Plain({field}=...) is not supported yet in this build (UQFF files); remove it")
         given = {k for k, v in unsupported.items() if v not in (None, False)}
         if given:
             raise ConfigError(f"Runner options not supported yet: {', '.join(sorted(given))}")
@@ -252,6 +254,9 @@ class Runner:
             hf_cache=which.hf_cache_path,
             revision=which.revision,
             dummy_weights=which.dummy_weights,
+            isq=None if in_situ_quant is None else str(_enum_value(in_situ_quant)),
+            isq_organization=which.organization,
+            topology=which.topology,
             token_source=token_source,
             chat_template=chat_template,
             jinja_explicit=jinja_explicit,

@@ -277,9 +277,17 @@ def validate(cfg: FromConfig) -> None:
         for section, obj in (("format", m.format), ("quantization", m.quantization)):
             for f in attrs.fields(type(obj)):
                 value = getattr(obj, f.name)
-                if value is not None and not (section == "format" and f.name == "format" and value == "plain"):
-                    fail(f"{label} {section}.{f.name} is not supported yet in this build; remove it")
-        for key in ("device_layers", "topology"):
+                if value is None or (section == "format" and f.name == "format" and value == "plain"):
+                    continue
+                if section == "quantization" and f.name in ("isq", "in_situ_quant", "isq_organization"):
+                    continue
+                fail(f"{label} {section}.{f.name} is not supported yet in this build; remove it")
+        q = m.quantization
+        if q.isq and q.in_situ_quant and q.isq.lower() != q.in_situ_quant.lower():
+            fail(f"{label} quantization.isq and quantization.in_situ_quant disagree; give one")
+        if q.isq_organization not in (None, "default", "moqe"):
+            fail(f"{label} quantization.isq_organization must be default or moqe, not {q.isq_organization!r}")
+        for key in ("device_layers",):
             if getattr(m.device, key) is not None:
                 fail(f"{label} device.{key} is not supported yet in this build; remove it")
         if m.adapter or m.multimodal:
@@ -303,6 +311,9 @@ def service_options(cfg: FromConfig, model: ModelEntry) -> Any:
         chat_template=model.chat_template or rt.chat_template,
         jinja_explicit=model.jinja_explicit or rt.jinja_explicit,
         dummy_weights=model.dummy_weights,
+        isq=model.quantization.isq or model.quantization.in_situ_quant,
+        isq_organization=model.quantization.isq_organization,
+        topology=model.device.topology,
         max_seqs=rt.max_seqs,
         max_num_batched_tokens=rt.max_num_batched_tokens,
         max_seq_len=model.device.max_seq_len,

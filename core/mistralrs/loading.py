@@ -246,7 +246,17 @@ def materialize(model: nn.Module, device: Any) -> None:
         name: buf for name, buf in model.named_buffers(remove_duplicate=False) if buf is not None and not buf.is_meta
     }
     shared = _shared_param_groups(model)
+    # to_empty makes new Parameter objects off the meta device: keep their attributes (weight_loader, ...)
+    attributes = {
+        (id(module), name): dict(p.__dict__)
+        for module in model.modules() for name, p in module._parameters.items() if p is not None and p.__dict__
+    }
     model.to_empty(device=device)
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            extra = attributes.get((id(module), name))
+            if p is not None and extra:
+                p.__dict__.update(extra)
     if real_buffers:
         for mod_name, module in model.named_modules(remove_duplicate=False):
             for bname in list(module._buffers):
@@ -496,26 +506,68 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> int:
     nbytes = 0
     with torch.no_grad():
         for module in model.modules():
-            for pname, p in module.named_parameters(recurse=False):
+            for pname, p in list(module.named_parameters(recurse=False)):
                 if p is None:
+                    continue
+                loader = getattr(p, "weight_loader", None)
+                if loader is not None and p.is_floating_point():
+                    # e.g. ISQ: the loader quantizes; give it the values the plain model would get
+                    value = torch.empty(p.shape, dtype=p.dtype)
+                    _fill_normal(value.view(-1), gen)
+                    loader(p, value)
+                    nbytes += p.numel() * p.element_size()
                     continue
                 if isinstance(module, (RMSNorm, LayerNorm)) or "norm" in type(module).__name__.lower():
                     value = 0.0 if (pname == "bias" or getattr(module, "add_unit_offset", False)) else 1.0
                     p.fill_(value)
                 elif p.is_floating_point():
                     # chunked so a huge embedding never needs a second full-size fp32 copy
-                    flat = p.view(-1) if p.is_contiguous() else None
-                    if flat is None:
-                        p.copy_(torch.empty(p.shape).normal_(0.0, 0.02, generator=gen))
+                    if p.is_contiguous():
+                        _fill_normal(p.view(-1), gen)
                     else:
-                        step = 1 << 22
-                        for i in range(0, flat.numel(), step):
-                            n = min(step, flat.numel() - i)
-                            flat[i:i + n].copy_(torch.empty(n).normal_(0.0, 0.02, generator=gen))
+                        p.copy_(torch.empty(p.shape).normal_(0.0, 0.02, generator=gen))
                 else:
                     p.zero_()
                 nbytes += p.numel() * p.element_size()
     return nbytes
+
+
+def _fill_normal(flat: torch.Tensor, gen: Any) -> None:
+    """normal(0, 0.02) in 4M-element chunks, so a huge tensor never needs a full fp32 copy."""
+    import torch
+
+    step = 1 << 22
+    for i in range(0, flat.numel(), step):
+        n = min(step, flat.numel() - i)
+        flat[i:i + n].copy_(torch.empty(n).normal_(0.0, 0.02, generator=gen))
+
+
+def quantize_tied_head(model: nn.Module, quant_method_for: Callable[[str, Any], Any]) -> None:
+    """A model whose logits come from its token embedding (tied, no ``lm_head`` module) gets the
+    LM head's quantizer too: the table is quantized once and serves both the logits and the
+    embedding lookups (as a GGUF ``token_embd`` does), so no full-precision copy stays."""
+    import torch
+
+    from mistralrs.nn.embedding import Embedding
+    from mistralrs.nn.linear import Linear
+
+    tied = getattr(model, "tied_embeddings", False)
+    if callable(tied):
+        tied = tied()
+    if getattr(model, "lm_head", "absent") is not None or not tied:
+        return
+    embeddings = [m for m in model.modules() if isinstance(m, Embedding)]
+    if len(embeddings) != 1 or embeddings[0].weight is None:
+        return
+    emb = embeddings[0]
+    with torch.device("meta"):
+        head = Linear(emb.embedding_dim, emb.num_embeddings)
+        method = quant_method_for("lm_head", head)
+        if method is None:
+            return
+        head.set_quant_method(method)
+    method.load_float(head, emb.weight.detach())
+    emb.set_quantized_head(head)
 
 
 def _process_after_loading(model: nn.Module) -> None:
@@ -567,6 +619,8 @@ def load_model(
     else:
         nbytes = load_weights(model, weight_files, arch_name=spec.name)
     _process_after_loading(model)
+    if quant_method_for is not None:
+        quantize_tied_head(model, quant_method_for)
     model.eval()
     return LoadedModel(
         model=model, config=config, arch=spec, dtype=torch_dtype, device=dev, model_dir=root,

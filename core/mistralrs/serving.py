@@ -37,6 +37,10 @@ class ServiceOptions:
     chat_template: str | None = None
     jinja_explicit: str | None = None
     dummy_weights: bool = False
+    # quantization (docs/quantization.md)
+    isq: str | None = None  # --isq / in_situ_quant: a type name or a bit count
+    isq_organization: str | None = None  # default | moqe
+    topology: str | None = None  # --topology YAML: per-layer isq (and device, once device mapping exists)
     # engine
     max_seqs: int = 16
     max_num_batched_tokens: int = 4096
@@ -70,7 +74,7 @@ class ServiceOptions:
             raise ConfigError("--pa-memory-fraction must be in (0, 1]")
 
 
-def _pick_device(opts: ServiceOptions, registry: Any) -> str:
+def pick_device(opts: ServiceOptions, registry: Any) -> str:
     if opts.cpu:
         return "cpu"
     if opts.device:
@@ -82,6 +86,39 @@ def _pick_device(opts: ServiceOptions, registry: Any) -> str:
         except Exception:  # noqa: BLE001 - a broken probe must not stop loading
             continue
     return "cpu"
+
+
+def isq_plan(opts: ServiceOptions, device: str, registry: Any) -> Any:
+    """The per-layer quantizer choice for --isq / --topology (None: nothing to quantize).
+    Bad types and topology files fail here, before any weight is read."""
+    if not opts.isq and not opts.topology:
+        return None
+    from mistralrs.nn.kernels import device_type_of
+    from mistralrs.quantization import IsqPlan, resolve_isq_type
+
+    kind = device_type_of(device)
+    topology = None
+    if opts.topology:
+        from mistralrs.topology import load_topology
+
+        def validate(name: str) -> str | None:
+            try:
+                resolve_isq_type(name, device_type=kind, registry=registry, source="isq")
+            except ConfigError as exc:
+                return str(exc)
+            return None
+
+        topology = load_topology(opts.topology, validate_isq=validate)
+        if any(t.device for t in topology_entries(topology)):
+            log.warning("%s: device placement is parsed and checked, but device mapping is not implemented yet: "
+                        "every layer runs on %s", opts.topology, device)
+    plan = IsqPlan(opts.isq, device_type=kind, registry=registry, topology=topology,
+                   organization=opts.isq_organization)
+    return plan if plan.active else None
+
+
+def topology_entries(topology: Any) -> list[Any]:
+    return [r[2] for r in topology.ranges] + [p[1] for p in topology.patterns]
 
 
 def _max_model_len(config: Mapping[str, Any], override: int | None) -> int:
@@ -135,11 +172,21 @@ class ModelService:
         self.registry = registry
         self.model_id = opts.model_id
         self.files = resolve_model_files(opts, fetch_model)
-        device = _pick_device(opts, registry)
+        device = pick_device(opts, registry)
+        plan = isq_plan(opts, device, registry)
+        if plan is not None and plan.topology is not None and self.files.config is not None:
+            from mistralrs.loading import read_config
+
+            layers = read_config(self.files.config).get("num_hidden_layers")
+            if isinstance(layers, int):
+                plan.topology.check_layers(layers)
         self.loaded = load_model(
             self.files, arch=opts.arch, dtype=opts.dtype, device=device,
             dummy_weights=opts.dummy_weights, registry=registry, seed=opts.seed or 0,
+            quant_method_for=plan.method_for if plan is not None else None,
         )
+        if plan is not None:
+            plan.log_summary()
         root = self.files.root
         tok_path = Path(opts.tokenizer_json) if opts.tokenizer_json else root / "tokenizer.json"
         if not tok_path.is_file():

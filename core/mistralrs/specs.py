@@ -97,11 +97,26 @@ class ArchitectureSpec(Spec):
 
 @attrs.frozen(kw_only=True)
 class QuantizerSpec(Spec):
-    """A quantization method. `method` is "module:Class" of a quantize method with the
-    life cycle create_weights -> (loader fills) -> process_after_loading -> apply."""
+    """A quantization method. `method` is "module:Class" of a linear method with the life cycle
+    create_weights -> (loader fills) -> process_after_loading -> apply; it is constructed as
+    ``method(qtype=<name>)``.
+
+    The ISQ fields are data the core selects by, so the core never names a format:
+    `isq` marks a type that can quantize float weights at load (``--isq``); `bits_per_weight`
+    sizes it (tune, doctor); `shorthand` is the ``--isq N`` number it answers to on
+    `shorthand_devices`; `sensitive` is the type token embeddings and the LM head are promoted
+    to; `fallback` is the type a layer whose shape this one cannot take gets instead (None:
+    left unquantized); `devices` are the torch device types it runs on."""
 
     method: Ref
     aliases: tuple[str, ...] = attrs.field(default=(), converter=_names)
+    isq: bool = False
+    bits_per_weight: float | None = None
+    shorthand: int | None = None
+    shorthand_devices: tuple[str, ...] = attrs.field(default=(), converter=_names)
+    sensitive: str | None = None
+    fallback: str | None = None
+    devices: tuple[str, ...] = attrs.field(default=("cpu",), converter=_names)
     kind: str = attrs.field(init=False, default="quantizer")
 
 

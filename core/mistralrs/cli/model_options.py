@@ -16,13 +16,10 @@ PENDING_FLAGS: dict[str, str] = {
     "tok_model_id": "GGUF/GGML loading",
     "gqa": "GGML loading",
     "quant": "quantization (ISQ/UQFF)",
-    "isq": "in-situ quantization",
     "from_uqff": "UQFF loading",
-    "isq_organization": "in-situ quantization",
     "imatrix": "in-situ quantization",
     "calibration_file": "in-situ quantization",
     "device_layers": "device mapping",
-    "topology": "device mapping",
     "enable_lora": "LoRA adapters",
     "lora": "LoRA adapters",
     "xlora": "X-LoRA adapters",
@@ -68,16 +65,18 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, runtime: bool = True
     dev.add_argument("--max-seq-len", type=_positive_int, help="context length (default: from config.json)")
     dev.add_argument("--max-batch-size", type=_positive_int, default=1, help="device-map planning (default 1)")
     dev.add_argument("-n", "--device-layers", help="manual layer split ORD:NUM;... (not supported yet)")
-    dev.add_argument("--topology", help="per-layer device/ISQ YAML (not supported yet)")
-    fmt = parser.add_argument_group("format and quantization (not supported yet in this build)")
+    dev.add_argument("--topology", help="per-layer ISQ (and device) YAML: ranges, indices, /regex/ selectors")
+    fmt = parser.add_argument_group("format and quantization")
     fmt.add_argument("--format", choices=["plain", "gguf", "ggml"], help="weights format (default: plain)")
     fmt.add_argument("-f", "--quantized-file", help="GGUF/GGML file(s), ;-separated")
     fmt.add_argument("--tok-model-id", help="source of config/tokenizer for a quantized model")
     fmt.add_argument("--gqa", type=_positive_int, help="GGML GQA")
     fmt.add_argument("--quant", help="select a GGUF/UQFF artifact or ISQ level")
-    fmt.add_argument("--isq", help="in-situ quantization type (q4k, q8_0, ...)")
+    fmt.add_argument("--isq", help="in-situ quantization at load: q4_0 q4_1 q5_0 q5_1 q8_0 q8_1 q2k..q6k q8k hqq4 "
+                                   "hqq8 afq2..afq8 fp8 f8q8, or a bit count 2 3 4 5 6 8 (case-insensitive)")
     fmt.add_argument("--from-uqff", help="load a UQFF file")
-    fmt.add_argument("--isq-organization", choices=["default", "moqe"])
+    fmt.add_argument("--isq-organization", choices=["default", "moqe"],
+                     help="moqe: quantize only the routed experts of MoE models")
     fmt.add_argument("--imatrix", help=".imatrix or .cimatrix file")
     fmt.add_argument("--calibration-file", help="generate an imatrix at load")
     ad = parser.add_argument_group("adapters (not supported yet in this build)")
@@ -137,7 +136,7 @@ def options_from_args(args: argparse.Namespace) -> Any:
         from mistralrs.errors import ConfigError
 
         raise ConfigError(f"{' and '.join('--' + g.replace('_', '-') for g in given)} are mutually exclusive")
-    return ServiceOptions(
+    opts = ServiceOptions(
         model_id=args.model_id,
         arch=args.arch,
         dtype=args.dtype,
@@ -149,6 +148,9 @@ def options_from_args(args: argparse.Namespace) -> Any:
         chat_template=getattr(args, "chat_template", None),
         jinja_explicit=getattr(args, "jinja_explicit", None),
         dummy_weights=args.dummy_weights,
+        isq=args.isq,
+        isq_organization=args.isq_organization,
+        topology=args.topology,
         max_seqs=getattr(args, "max_seqs", 32),
         max_num_batched_tokens=getattr(args, "max_num_batched_tokens", 4096),
         max_seq_len=args.max_seq_len,
@@ -164,3 +166,11 @@ def options_from_args(args: argparse.Namespace) -> Any:
         pa_cache_type=args.pa_cache_type,
         log_file=getattr(args, "log", None),
     )
+    if opts.isq or opts.topology:
+        # A bad type or topology file fails now, with exit code 2, before anything loads.
+        from mistralrs.plugins import get_registry
+        from mistralrs.serving import isq_plan, pick_device
+
+        registry = get_registry()
+        isq_plan(opts, pick_device(opts, registry), registry)
+    return opts

@@ -17,9 +17,24 @@ class Embedding(nn.Module):
         self.embedding_dim = int(embedding_dim)
         self.scale = scale
         self.weight = nn.Parameter(torch.empty(self.num_embeddings, self.embedding_dim), requires_grad=False)
+        # A quantized LM head made from this (tied) table: it serves the logits, and the lookups
+        # when its method can dequantize single rows (then the float table is dropped).
+        self.quantized_head: nn.Module | None = None
+        self.out_dtype: torch.dtype | None = None
+
+    def set_quantized_head(self, head: nn.Module) -> None:
+        self.quantized_head = head  # a registered submodule: its state is in state_dict()
+        if callable(getattr(head.quant_method, "dequantize_rows", None)):
+            self.out_dtype = self.weight.dtype
+            del self._parameters["weight"]
+            self.weight = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = F.embedding(input_ids, self.weight)
+        if self.weight is None:
+            head = self.quantized_head
+            x = head.quant_method.dequantize_rows(head, input_ids).to(self.out_dtype)  # type: ignore[union-attr]
+        else:
+            x = F.embedding(input_ids, self.weight)
         if self.scale is not None:
             x = x * torch.tensor(self.scale, dtype=x.dtype, device=x.device)
         return x
@@ -49,7 +64,15 @@ def compute_logits(hidden: torch.Tensor, lm_head: nn.Module | None, embedding: E
 
     if lm_head is None and embedding is None:
         raise ValueError("compute_logits needs an lm_head or a tied embedding")
+    from mistralrs.nn.quantized import QuantizedLinearMethod
+
     weight = bias = None
+    head = lm_head if lm_head is not None else embedding.quantized_head  # type: ignore[union-attr]
+    if isinstance(head, Linear) and isinstance(head.quant_method, QuantizedLinearMethod):
+        logits = head.quant_method.apply(head, hidden, out_f32=True)
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
     if lm_head is None:
         weight = embedding.weight  # type: ignore[union-attr]
     elif isinstance(lm_head, Linear) and type(lm_head.quant_method) is UnquantizedLinearMethod:

@@ -1,0 +1,142 @@
+"""The base of every linear method that stores its weight quantized.
+
+A quantizer plugin subclasses `QuantizedLinearMethod` and implements four things:
+
+- ``quantize(weight[out, in] float) -> {name: tensor}``: the state tensors of the format
+  (e.g. ``{"qweight": uint8[out, row_bytes]}`` for GGML blocks, scales and zeros for HQQ).
+- ``dequantize(layer) -> float32[out, in]``: the reference view of the weight (tests, the
+  reference matmul, re-quantization).
+- ``matmul(layer, x2d, out_f32) -> [rows, out]``: the forward without bias; the default is
+  the reference (dequantize, then ``F.linear``); formats with kernels look them up instead.
+- ``check_shape(out_features, in_features) -> reason | None``: whether a layer shape can take
+  this format (GGML k-quants need ``in % 256 == 0``); the ISQ plan falls back per layer.
+
+The life cycle (docs/quantization.md): at build time `create_weights` registers the float
+``weight`` (on the meta device, costing nothing) with a ``weight_loader``, so when the loader
+streams the checkpoint tensor in, it is quantized at once and the float copy is dropped: a
+model is never held in full precision and quantized at the same time (peak memory stays near
+the quantized size, one layer's float weight above it). ``process_after_loading`` quantizes a
+weight that was filled in place instead (dummy weights). The state tensors become buffers of
+the layer under their names, so ``state_dict()`` holds the quantized form.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mistralrs.nn.linear import Linear, LinearMethodBase
+
+
+class QuantizedLinearMethod(LinearMethodBase):
+    """A method whose weight is quantized to the type `qtype` (ISQ: from float weights at load)."""
+
+    def __init__(self, qtype: str, **options: Any) -> None:
+        self.qtype = qtype.lower()
+        self.options = options
+
+    # -- what a format implements -------------------------------------------------------------
+    def check_shape(self, out_features: int, in_features: int) -> str | None:
+        """Why a [out, in] weight cannot take this format (None: it can)."""
+        return None
+
+    def quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def dequantize(self, layer: Linear) -> torch.Tensor:
+        raise NotImplementedError
+
+    def matmul(self, layer: Linear, x: torch.Tensor, out_f32: bool = False) -> torch.Tensor:
+        """x [rows, in] -> [rows, out] (no bias). Reference: dequantize, then F.linear in fp32."""
+        y = F.linear(x.float(), self.dequantize(layer))
+        return y if out_f32 else y.to(x.dtype)
+
+    def state_bytes(self, layer: Linear) -> int:
+        return sum(b.numel() * b.element_size() for b in self.state(layer).values())
+
+    # -- the life cycle -----------------------------------------------------------------------
+    def create_weights(self, layer: Linear) -> None:
+        weight = nn.Parameter(torch.empty(layer.out_features, layer.in_features), requires_grad=False)
+        weight.weight_loader = _Loader(self, layer)  # type: ignore[attr-defined]
+        layer.weight = weight
+        if layer.has_bias:
+            layer.bias = nn.Parameter(torch.empty(layer.out_features), requires_grad=False)
+        else:
+            layer.register_parameter("bias", None)
+        layer._quant_state_names = ()  # type: ignore[assignment]
+
+    def load_float(self, layer: Linear, tensor: torch.Tensor) -> None:
+        """Quantize a float [out, in] weight into `layer` and drop the float parameter."""
+        expected = (layer.out_features, layer.in_features)
+        if tuple(tensor.shape) != expected:
+            from mistralrs.errors import ModelLoadError
+
+            raise ModelLoadError(
+                f"weight of shape {list(tensor.shape)} given to a {self.qtype} layer of shape {list(expected)}; "
+                "config.json does not match the weights"
+            )
+        with isq_threads():
+            state = self.quantize(tensor)
+        self.set_state(layer, state)
+
+    def set_state(self, layer: Linear, state: dict[str, torch.Tensor]) -> None:
+        """Install the quantized state tensors as buffers (dropping the float weight)."""
+        if "weight" in layer._parameters:
+            del layer._parameters["weight"]
+        for name, tensor in state.items():
+            layer.register_buffer(name, tensor, persistent=True)
+        layer._quant_state_names = tuple(state)  # type: ignore[assignment]
+
+    def state(self, layer: Linear) -> dict[str, torch.Tensor]:
+        return {name: getattr(layer, name) for name in getattr(layer, "_quant_state_names", ())}
+
+    def is_quantized(self, layer: Linear) -> bool:
+        return bool(getattr(layer, "_quant_state_names", ()))
+
+    def process_after_loading(self, layer: Linear) -> None:
+        weight = layer._parameters.get("weight")
+        if weight is not None and not self.is_quantized(layer):
+            if weight.is_meta:
+                raise RuntimeError(f"{self.qtype} layer was never filled")
+            self.load_float(layer, weight.detach())
+
+    def apply(self, layer: Linear, x: torch.Tensor, out_f32: bool = False) -> torch.Tensor:
+        shape = x.shape
+        y = self.matmul(layer, x.reshape(-1, shape[-1]), out_f32)
+        if layer.bias is not None:
+            y = y + layer.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+    def describe(self) -> str:
+        return self.qtype
+
+
+class _Loader:
+    """The float weight's ``weight_loader``: quantize as the tensor streams in."""
+
+    def __init__(self, method: QuantizedLinearMethod, layer: Linear) -> None:
+        self.method = method
+        # A weak reference would do, but the layer owns the parameter that owns this object,
+        # so the cycle is collected with the layer.
+        self.layer = layer
+
+    def __call__(self, param: torch.Tensor, tensor: torch.Tensor) -> None:
+        self.method.load_float(self.layer, tensor)
+
+
+class isq_threads:
+    """Quantize on one thread when ``MISTRALRS_ISQ_SINGLETHREAD`` is set (as mistral.rs does)."""
+
+    def __enter__(self) -> None:
+        self.saved = None
+        if os.environ.get("MISTRALRS_ISQ_SINGLETHREAD", "").strip().lower() not in ("", "0", "false", "no"):
+            self.saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.saved is not None:
+            torch.set_num_threads(self.saved)

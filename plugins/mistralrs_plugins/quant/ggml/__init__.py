@@ -1,0 +1,72 @@
+"""GGML block quantization (llama.cpp's formats): ISQ types q4_0 ... q8k.
+
+Weights are held as the raw llama.cpp block bytes (``qweight``: uint8 [out, row_bytes]), so a
+row quantized here is a valid GGUF tensor row of that type (``formats``). The forward is the op
+``qmatmul_<type>``: native kernels claim it where they can run (the ``cpu_quant`` plugin); this
+plugin registers the torch reference of every type (dequantize, then matmul), which is what
+the kernels are tested against and what the types without a native kernel run on.
+
+Registration only: no torch import here.
+"""
+
+from __future__ import annotations
+
+from mistralrs import hookimpl
+from mistralrs.specs import KernelSpec, QuantizerSpec
+
+METHOD = "mistralrs_plugins.quant.ggml.method:GgmlLinearMethod"
+
+# name: (bits per weight, --isq shorthand on cpu/cuda, sensitive-tensor type, shape fallback, devices)
+# bits per weight = block bytes * 8 / block elements. Fallbacks follow llama.cpp's quantizer
+# (a k-quant needs in_features % 256 == 0): q2k/q3k -> q4_0, q4k -> q5_0, q5k -> q5_1, q6k -> q8_0.
+TYPES: dict[str, tuple[float, int | None, str, str | None, tuple[str, ...]]] = {
+    "q4_0": (4.5, None, "q6k", None, ("cpu", "cuda")),
+    "q4_1": (5.0, None, "q6k", None, ("cpu", "cuda")),
+    "q5_0": (5.5, None, "q8_0", None, ("cpu", "cuda")),
+    "q5_1": (6.0, None, "q8_0", None, ("cpu", "cuda")),
+    "q8_0": (8.5, 8, "q8_0", None, ("cpu", "cuda")),
+    "q8_1": (9.0, None, "q8_0", None, ("cpu",)),
+    "q2k": (2.625, 2, "q6k", "q4_0", ("cpu", "cuda")),
+    "q3k": (3.4375, 3, "q6k", "q4_0", ("cpu", "cuda")),
+    "q4k": (4.5, 4, "q6k", "q5_0", ("cpu", "cuda")),
+    "q5k": (5.5, 5, "q8_0", "q5_1", ("cpu", "cuda")),
+    "q6k": (6.5625, 6, "q8_0", "q8_0", ("cpu", "cuda")),
+    "q8k": (9.125, None, "q8_0", "q8_0", ("cpu",)),
+}
+
+
+def _aliases(name: str) -> tuple[str, ...]:
+    # q4k is also spelled q4_k (GGUF) ; upper case is handled by the case-insensitive lookup
+    return (f"{name[:-1]}_k",) if name.endswith("k") else ()
+
+
+@hookimpl
+def register_quantizers(register):
+    for name, (bpw, shorthand, sensitive, fallback, devices) in TYPES.items():
+        register(QuantizerSpec(
+            name=name,
+            method=METHOD,
+            aliases=_aliases(name),
+            isq=True,
+            bits_per_weight=bpw,
+            shorthand=shorthand,
+            shorthand_devices=("cpu", "cuda") if shorthand is not None else (),
+            sensitive=sensitive,
+            fallback=fallback,
+            devices=devices,
+            description=f"GGML {name} blocks ({bpw} bits per weight)",
+        ))
+
+
+@hookimpl
+def register_kernels(register):
+    for name in TYPES:
+        register(KernelSpec(
+            name="torch",
+            op=f"qmatmul_{name}",
+            impl=f"mistralrs_plugins.quant.ggml.reference:qmatmul_{name}",
+            devices=("cpu", "cuda", "mps"),
+            priority=0,
+            reference=True,
+            description=f"torch reference: dequantize {name}, then matmul in fp32",
+        ))
