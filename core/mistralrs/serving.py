@@ -74,11 +74,12 @@ class ServiceOptions:
             raise ConfigError("--pa-memory-fraction must be in (0, 1]")
 
 
-def pick_device(opts: ServiceOptions, registry: Any) -> str:
-    if opts.cpu:
+def pick_device(registry: Any, *, cpu: bool = False, device: str | None = None) -> str:
+    """`--cpu`, else an explicit device, else the highest-priority device plugin that is available."""
+    if cpu:
         return "cpu"
-    if opts.device:
-        return opts.device
+    if device:
+        return device
     for spec in sorted(registry.devices, key=lambda s: -s.priority):
         try:
             if spec.available():
@@ -172,7 +173,7 @@ class ModelService:
         self.registry = registry
         self.model_id = opts.model_id
         self.files = resolve_model_files(opts, fetch_model)
-        device = pick_device(opts, registry)
+        device = pick_device(registry, cpu=opts.cpu, device=opts.device)
         plan = isq_plan(opts, device, registry)
         if plan is not None and plan.topology is not None and self.files.config is not None:
             from mistralrs.loading import read_config

@@ -437,6 +437,23 @@ def collect() -> dict[str, Any]:
                        "reinstall mistralrs (the torch reference kernels are missing)")
         else:
             checks.add("kernels", "ok", "cpu: " + ", ".join(f"{op}={name}" for op, name in kernels.items()))
+        quant: dict[str, dict[str, Any]] = {}
+        for spec in sorted((q for q in registry.quantizers if q.isq), key=lambda q: q.name):
+            kernel = kernels.get(f"qmatmul_{spec.name}")
+            native = kernel is not None and not registry.kernel(f"qmatmul_{spec.name}", "cpu").reference
+            quant[spec.name] = {"bits_per_weight": spec.bits_per_weight, "devices": list(spec.devices),
+                                "cpu_kernel": kernel if native else None}
+        report["quantization"] = quant
+        if quant:
+            native_types = [n for n, q in quant.items() if q["cpu_kernel"]]
+            checks.add("quantization", "ok" if native_types else "info",
+                       f"{len(quant)} ISQ types; native cpu kernels for "
+                       f"{', '.join(native_types) if native_types else 'none'}"
+                       + ("; the others run the slower dequantize-then-matmul path" if native_types else ""),
+                       None if native_types else "a CPU with AVX2, FMA and F16C and a C++ compiler run the "
+                       "q4_0/q8_0/q4k/q5k/q6k kernels")
+        else:
+            checks.add("quantization", "info", "no quantizer plugin installed: --isq is unavailable")
         try:
             backend = registry.attention_backends.select(device="cpu", dtype=str(dt).removeprefix("torch."))
             report["attention_backend"] = backend.name

@@ -172,5 +172,5 @@ def options_from_args(args: argparse.Namespace) -> Any:
         from mistralrs.serving import isq_plan, pick_device
 
         registry = get_registry()
-        isq_plan(opts, pick_device(opts, registry), registry)
+        isq_plan(opts, pick_device(registry, cpu=opts.cpu, device=opts.device), registry)
     return opts

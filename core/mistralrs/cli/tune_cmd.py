@@ -7,9 +7,10 @@ config.json alone: no weights are downloaded (`-m` may be a Hub id, a local dire
 - **Est. Size**: the weights' bytes. The model is built on torch's meta device (no memory) to
   count its parameters exactly; when no installed architecture serves the config, a
   Llama-style formula over config.json is used instead. Matrices (ndim >= 2) are quantized at
-  the level's bits per weight (llama.cpp block sizes: q8_0 8.5, q6k 6.5625, q5k 5.5, q4k 4.5,
-  q3k 3.4375, q2k 2.625); token embeddings and an untied lm_head follow mistral.rs's
-  sensitive-tensor policy (q2k-q4k -> q6k, q5k-q8_0 -> q8_0); norms and biases keep the dtype.
+  the level's bits per weight as its quantizer plugin registers it (GGML blocks: q8_0 8.5, q6k
+  6.5625, q5k 5.5, q4k 4.5, q3k 3.4375, q2k 2.625); token embeddings and an untied lm_head take
+  the level's sensitive-tensor type (q2k-q4k -> q6k, q5k-q8_0 -> q8_0); norms and biases keep the
+  dtype. Levels no installed quantizer provides are left out.
   "None" keeps every weight in the dtype (`--dtype`, auto = what the device computes natively).
 - **RAM % / VRAM %**: size / total memory of the device (RAM on the CPU, VRAM on CUDA, 75% of
   RAM on MPS, overridable with MISTRALRS_IGPU_MEMORY_FRACTION).
@@ -37,19 +38,17 @@ from typing import Any
 from mistralrs.cli.model_options import add_model_arguments
 
 PROFILES = ("quality", "balanced", "fast")
-# (name, label, bits per weight, quality note). "none" uses the dtype's bits.
-LEVELS: tuple[tuple[str, str, float | None, str], ...] = (
-    ("none", "None", None, "Baseline"),
-    ("q8_0", "Q8_0", 8.5, "Near-lossless"),
-    ("q6k", "Q6K", 6.5625, "Good"),
-    ("q5k", "Q5K", 5.5, "Good"),
-    ("q4k", "Q4K", 4.5, "Acceptable"),
-    ("q3k", "Q3K", 3.4375, "Degraded"),
-    ("q2k", "Q2K", 2.625, "Degraded"),
+# (name, label, quality note): the levels tune weighs, most precise first. "none" keeps the dtype.
+# Bits per weight and the sensitive-tensor type come from the installed quantizers' specs.
+LEVELS: tuple[tuple[str, str, str], ...] = (
+    ("none", "None", "Baseline"),
+    ("q8_0", "Q8_0", "Near-lossless"),
+    ("q6k", "Q6K", "Good"),
+    ("q5k", "Q5K", "Good"),
+    ("q4k", "Q4K", "Acceptable"),
+    ("q3k", "Q3K", "Degraded"),
+    ("q2k", "Q2K", "Degraded"),
 )
-BPW = {name: bits for name, _, bits, _ in LEVELS if bits is not None}
-# Sensitive tensors (token embeddings, lm_head) are kept at a higher precision.
-SENSITIVE = {"q2k": "q6k", "q3k": "q6k", "q4k": "q6k", "q5k": "q8_0", "q6k": "q8_0", "q8_0": "q8_0"}
 RUNTIME_RESERVE_BYTES = 512 * 1024**2
 BUDGET_FRACTION = 0.9
 MIN_CONTEXT = 4096
@@ -194,39 +193,44 @@ def detect_memory(device: str) -> dict[str, Any]:
             "budget_bytes": int(ram_avail * BUDGET_FRACTION), "ram_budget_bytes": 0}
 
 
-def _pick_device(args: argparse.Namespace, registry: Any) -> str:
-    if args.cpu:
-        return "cpu"
-    for spec in sorted(registry.devices, key=lambda s: -s.priority):
-        try:
-            if spec.available():
-                return spec.device_type
-        except Exception:  # noqa: BLE001 - a broken probe must not stop the analysis
-            continue
-    return "cpu"
-
 
 # ----------------------------------------------------------------------------- analysis
 
 
-def weight_bytes(params: dict[str, int], level: str, dtype_bits: float) -> int:
-    if level == "none":
+def level_bits(registry: Any) -> dict[str, tuple[float, float]]:
+    """{level: (bits per weight, bits of its sensitive-tensor type)} for the installed levels."""
+    specs = {s.name: s for s in registry.quantizers if s.isq and s.bits_per_weight}
+    out = {}
+    for name, *_ in LEVELS:
+        spec = specs.get(name)
+        if spec is not None:
+            sensitive = specs.get(spec.sensitive or name, spec)
+            out[name] = (float(spec.bits_per_weight), float(sensitive.bits_per_weight))
+    return out
+
+
+def weight_bytes(params: dict[str, int], bits: tuple[float, float] | None, dtype_bits: float) -> int:
+    """Bytes of the weights: matrices at `bits` = (bpw, sensitive bpw), or all in the dtype (None)."""
+    if bits is None:
         return int(sum(params.values()) * dtype_bits / 8)
-    bits = (params["linear"] * BPW[level]
-            + (params["embedding"] + params["lm_head"]) * BPW[SENSITIVE[level]]
-            + params["other"] * dtype_bits)
-    return int(bits / 8)
+    total = (params["linear"] * bits[0]
+             + (params["embedding"] + params["lm_head"]) * bits[1]
+             + params["other"] * dtype_bits)
+    return int(total / 8)
 
 
 def analyse(shape: dict[str, Any], memory: dict[str, Any], *, dtype_bits: float, kv_itemsize: int,
-            max_context: int, gpu: bool) -> list[dict[str, Any]]:
+            max_context: int, gpu: bool, bits: dict[str, tuple[float, float]]) -> list[dict[str, Any]]:
     kv = shape["kv"]
     kv_per_token = kv["num_layers"] * kv["num_kv_heads"] * (kv["head_dim"] + (kv.get("v_head_dim") or kv["head_dim"]))
     kv_per_token *= kv_itemsize
     need_ctx = min(MIN_CONTEXT, max_context)
     options = []
-    for name, label, bits, quality in LEVELS:
-        size = weight_bytes(shape["params"], name, dtype_bits)
+    for name, label, quality in LEVELS:
+        if name != "none" and name not in bits:
+            continue  # no installed quantizer provides it
+        level = bits.get(name)
+        size = weight_bytes(shape["params"], level, dtype_bits)
         room_bytes = memory["budget_bytes"] - size - RUNTIME_RESERVE_BYTES
         tokens = max(0, room_bytes // kv_per_token) if kv_per_token else max_context
         room = int(min(tokens, max_context))
@@ -240,7 +244,7 @@ def analyse(shape: dict[str, Any], memory: dict[str, Any], *, dtype_bits: float,
         options.append({
             "quant": name,
             "label": label,
-            "bits_per_weight": bits if bits is not None else dtype_bits,
+            "bits_per_weight": level[0] if level is not None else dtype_bits,
             "size_bytes": size,
             "memory_share": size / memory["total_bytes"] if memory["total_bytes"] else None,
             "context_room": room,
@@ -305,10 +309,11 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
     from mistralrs.dtypes import dtype_name, resolve_dtype
     from mistralrs.errors import MistralRsError
     from mistralrs.plugins import get_registry
+    from mistralrs.serving import pick_device
 
     registry = get_registry()
     config, source = _config_for(args)
-    device = _pick_device(args, registry)
+    device = pick_device(registry, cpu=args.cpu)
     dtype = resolve_dtype(args.dtype, device)
     dtype_bits = DTYPE_BITS.get(str(dtype).removeprefix("torch."), 16)
     notes: list[str] = []
@@ -325,7 +330,7 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
                                                 "max_sequence_length") or 4096
     memory = detect_memory(device)
     options = analyse(shape, memory, dtype_bits=dtype_bits, kv_itemsize=kv_itemsize,
-                      max_context=max_context, gpu=device != "cpu")
+                      max_context=max_context, gpu=device != "cpu", bits=level_bits(registry))
     for opt in options:
         if opt["quant"] == "none":
             opt["label"] = f"None ({dtype_name(dtype).upper()})"
