@@ -101,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
     from mistralrs import protocol as P
     from mistralrs.engine.engine import GenerationRequest
     from mistralrs.engine.sampling import SamplingParams
+    from mistralrs.nn.linear import describe_methods
     from mistralrs.serving import ModelService
 
     if args.seed is not None:
@@ -158,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
             "dtype": str(svc.loaded.dtype).removeprefix("torch."),
             "attention_backend": svc.backend.name,
             "weight_bytes": svc.loaded.weight_bytes,
+            "linear_methods": describe_methods(svc.loaded.model),
             "threads": torch.get_num_threads(),
             "results": results,
         }
@@ -179,6 +181,8 @@ def run(args: argparse.Namespace) -> int:
     print("=================")
     print()
     print(f"Model: {args.model_id}")
+    methods = report["linear_methods"]
+    print("Weights: " + ", ".join(f"{n} x {m}" for m, n in sorted(methods.items(), key=lambda kv: -kv[1])))
     print(f"Iterations: {args.iterations}")
     print(f"Device: {report['device']} ({report['dtype']}, {report['attention_backend']} attention, "
           f"{report['threads']} threads)")
