@@ -1,53 +1,41 @@
 """Native CPU ops: the C++ extension is built on first use and cached.
 
-Build: ``torch.utils.cpp_extension.load`` on the sources next to this file, with AVX-512-BF16
-flags, into ``<platformdirs user cache>/mistralrs/kernels/<key>`` where ``key`` hashes the sources and headers,
-the flags, the torch version and the Python version. A file lock serialises builds across
-processes; a finished build is marked with ``BUILD_OK`` and later processes load the shared
-library directly (no compiler or ninja needed after the first build). The library registers its
-ops with torch's dispatcher under a namespace named after the build key (no Python bindings,
-so it compiles in seconds).
+Build: `native_build.build_library` on the sources next to this file, with AVX-512-BF16 flags, into
+``<platformdirs user cache>/mistralrs/kernels/<key>`` where ``key`` hashes the sources and headers,
+the flags, the torch version and the Python version (file lock, ``BUILD_OK`` marker, cached
+library loaded directly by later processes). The library registers its ops with torch's
+dispatcher under a namespace named after the build key (no Python bindings, so it compiles in
+seconds).
 
-Failure policy: if the extension cannot be built or imported (no compiler, no ninja, an
-unsupported CPU, ``MISTRALRS_NO_NATIVE_KERNELS`` set), one warning is issued and every op falls
-back to torch for the rest of the process. An op never raises because of the native path.
+Failure policy (`native_build.resolve`): if the extension cannot be built or imported (no
+compiler, no ninja, an unsupported CPU, ``MISTRALRS_NO_NATIVE_KERNELS`` set), one warning is
+issued and every op falls back to torch for the rest of the process. An op never raises because
+of the native path.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
-import shlex
-import shutil
-import sys
 import threading
-import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mistralrs.nn import torch_ops
-from mistralrs.progress import spinner
+from mistralrs_plugins.kernels import native_build
 from mistralrs_plugins.kernels.cpu_native import has_avx512_bf16, native_disabled
-
-log = logging.getLogger(__name__)
+from mistralrs_plugins.kernels.native_build import NativeKernelWarning as NativeKernelWarning  # re-export
+from mistralrs_plugins.kernels.native_build import cache_root  # looked up here: tests monkeypatch it
 
 SOURCES = ("linear_bf16.cpp", "decode_ops.cpp")
 HEADERS = ("simd.h",)  # not compiled on their own, but part of the build key
 CFLAGS = ("-O3", "-DNDEBUG", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
-BUILD_LOCK_TIMEOUT_S = 900.0
+WHAT = "native CPU kernels"  # in the spinner, the log and the warning
 
 _lock = threading.Lock()
 _ext: NativeOps | None = None
 _failed: str | None = None  # why the native path is off for this process (None: not decided / on)
-
-
-class NativeKernelWarning(RuntimeWarning):
-    """The native CPU kernels could not be built or loaded; torch is used instead."""
 
 
 def source_dir() -> Path:
@@ -56,18 +44,7 @@ def source_dir() -> Path:
 
 def build_key() -> str:
     """Hash of everything the binary depends on: sources, flags, torch and Python versions."""
-    h = hashlib.sha256()
-    for name in SOURCES + HEADERS:
-        h.update(name.encode())
-        h.update((source_dir() / name).read_bytes())
-    h.update(repr((CFLAGS, LDFLAGS, torch.__version__, sys.version_info[:2], sys.platform)).encode())
-    return h.hexdigest()[:16]
-
-
-def cache_root() -> Path:
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("mistralrs")) / "kernels"
+    return native_build.build_key(source_dir(), SOURCES + HEADERS, CFLAGS, LDFLAGS)
 
 
 class NativeOps:
@@ -84,56 +61,26 @@ class NativeOps:
         self.paged_attention_decode = ns.paged_attention_decode.default
 
 
-def _load_built(name: str, library: Path) -> NativeOps:
-    torch.ops.load_library(str(library))
-    return NativeOps(name, library)
-
-
 def build(verbose: bool = False) -> NativeOps:
     """Build (or load the cached build of) the extension. Raises on failure."""
-    import filelock
-    from torch.utils import cpp_extension
-
-    key = build_key()
-    name = f"mistralrs_cpu_native_{key}"
-    build_dir = cache_root() / key
-    build_dir.mkdir(parents=True, exist_ok=True)
-    marker = build_dir / "BUILD_OK"
-    # Another process may be building the same key: wait for it (bounded), then use its build.
-    with filelock.FileLock(str(build_dir) + ".lock", timeout=BUILD_LOCK_TIMEOUT_S):
-        library = build_dir / f"{name}.so"
-        if marker.exists() and library.exists():
-            return _load_built(name, library)
-        compiler = os.environ.get("CXX", "c++")
-        if shutil.which((shlex.split(compiler) or ["c++"])[0]) is None:
-            raise RuntimeError(f"no C++ compiler: {compiler!r} was not found (set CXX or install g++)")
-        if not cpp_extension.is_ninja_available():
-            raise RuntimeError("ninja was not found (pip install ninja)")
-        # We hold the cross-process lock, so a `lock` baton left in the directory by torch is stale
-        # (a build that was killed); torch would otherwise wait for it forever.
-        (build_dir / "lock").unlink(missing_ok=True)
-        # A terminal shows a spinner meanwhile; logs get an INFO line (this is no problem to warn about).
-        log.info("building native CPU kernels in %s (once; this takes a few seconds)", build_dir)
-        t0 = time.perf_counter()
-        with spinner("building native CPU kernels (once per machine)"):
-            path = cpp_extension.load(
-                name=name,
-                sources=[str(source_dir() / s) for s in SOURCES],
-                extra_cflags=list(CFLAGS),
-                extra_ldflags=list(LDFLAGS),
-                build_directory=str(build_dir),
-                verbose=verbose,
-                is_python_module=False,  # loads the library into torch.ops; returns its path
-            )
-        ops = NativeOps(name, Path(path))
-        marker.write_text(f"torch {torch.__version__}\n")
-        log.info("native CPU kernels built in %.1f s", time.perf_counter() - t0)
-        return ops
+    name, library = native_build.build_library(
+        prefix="mistralrs_cpu_native", source_dir=source_dir(), sources=SOURCES, headers=HEADERS,
+        cflags=CFLAGS, ldflags=LDFLAGS, root=cache_root(), what=WHAT, verbose=verbose,
+    )
+    return NativeOps(name, library)
 
 
 def _builder() -> NativeOps:
     """Indirection so tests can make the build fail."""
     return build()
+
+
+def _unavailable() -> str | None:
+    if native_disabled():
+        return "disabled by MISTRALRS_NO_NATIVE_KERNELS"
+    if not has_avx512_bf16():
+        return "this CPU has no avx512_bf16"
+    return None
 
 
 def extension() -> NativeOps | None:
@@ -144,24 +91,8 @@ def extension() -> NativeOps | None:
     with _lock:
         if _ext is not None or _failed is not None:
             return _ext
-        if native_disabled():
-            _failed = "disabled by MISTRALRS_NO_NATIVE_KERNELS"
-        elif not has_avx512_bf16():
-            _failed = "this CPU has no avx512_bf16"
-        else:
-            try:
-                _ext = _builder()
-            except Exception as exc:  # noqa: BLE001 - a compiler problem must never break inference
-                lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-                detail = " | ".join(ln.strip()[:200] for ln in lines[-2:])
-                _failed = f"{type(exc).__name__}: {detail}"
-                log.debug("native CPU kernel build failed", exc_info=True)
-        if _failed is not None:
-            warnings.warn(
-                f"mistralrs native CPU kernels unavailable ({_failed}); using torch for the rest of this process",
-                NativeKernelWarning,
-                stacklevel=4,
-            )
+        # stacklevel: the warning points at the caller of the op (op -> _native -> extension).
+        _ext, _failed = native_build.resolve(_builder, _unavailable(), WHAT, stacklevel=4)
         return _ext
 
 

@@ -1,0 +1,56 @@
+"""Native AVX2 quantized matmuls for GGML block formats (llama.cpp's q4_0, q8_0, q4_K, q5_K, q6_K).
+
+Registration only: importing this module is cheap (no torch, no compiler). The C++ extension is
+built lazily on the first call of an op (see `ops`, and `kernels.native_build` for the build and
+failure policy), cached under the platformdirs user cache; when it cannot be built the ops fall
+back to the torch reference (registered by the GGML quantizer plugin) for the rest of the process.
+
+Ops (all named ``avx2_q8``; they claim ``cpu`` only on x86-64 with avx2, fma and f16c):
+``qmatmul_q4_0``, ``qmatmul_q8_0``, ``qmatmul_q4k``, ``qmatmul_q5k``, ``qmatmul_q6k`` —
+``(x[M, K], qweight uint8[N, row_bytes], bias[N] | None, *, out_f32=False) -> y[M, N]``: the rows of
+x are quantized to 8-bit blocks as llama.cpp does (q8_0, or q8_K for the k-quants), then int8 dot
+products per block, scaled in fp32. Each row's result is bit-identical whatever else is in the batch.
+
+Set ``MISTRALRS_NO_NATIVE_KERNELS=1`` to never claim a device (and never build).
+"""
+
+from __future__ import annotations
+
+from mistralrs import hookimpl
+from mistralrs.specs import KernelSpec
+from mistralrs_plugins.kernels.native_build import DISABLE_ENV, cpu_flags, is_x86_64, native_disabled
+
+__all__ = ["DISABLE_ENV", "FORMATS", "has_avx2", "register_kernels", "supports_avx2"]
+
+# op suffix -> (block elements, block bytes, activation blocks, C++ qtype id)
+FORMATS: dict[str, tuple[int, int, str, int]] = {
+    "q4_0": (32, 18, "q8_0", 0),
+    "q8_0": (32, 34, "q8_0", 1),
+    "q4k": (256, 144, "q8_K", 2),
+    "q5k": (256, 176, "q8_K", 3),
+    "q6k": (256, 210, "q8_K", 4),
+}
+
+
+def has_avx2() -> bool:
+    """x86-64 with the instructions the kernels are compiled for (avx2, fma, f16c)."""
+    return is_x86_64() and {"avx2", "fma", "f16c"} <= cpu_flags()
+
+
+def supports_avx2(device: str = "cpu", **_context: object) -> bool:
+    return device == "cpu" and not native_disabled() and has_avx2()
+
+
+@hookimpl
+def register_kernels(register):
+    for name, (elems, nbytes, act, _qtype) in FORMATS.items():
+        register(KernelSpec(
+            name="avx2_q8",
+            op=f"qmatmul_{name}",
+            impl=f"mistralrs_plugins.kernels.cpu_quant.ops:qmatmul_{name}",
+            devices=("cpu",),
+            priority=10,
+            supports=supports_avx2,
+            description=(f"AVX2 {name} x {act} int8 GEMV/GEMM ({elems}-element blocks of {nbytes} bytes), "
+                         "batch-invariant; built on first use"),
+        ))

@@ -1,0 +1,185 @@
+"""The AVX2 quantized matmul ops: the C++ extension (``qmatmul.cpp``) is built on first use and cached.
+
+Build and failure policy are `kernels.native_build`'s (shared with `cpu_native`): compiled with
+``-O3 -mavx2 -mfma -mf16c -fopenmp`` (and ``-ffp-contract=off``: every fused multiply-add is written
+out, so the arithmetic of an output is the same in every schedule) into the platformdirs cache,
+under a file lock, marked ``BUILD_OK``; when it cannot be built one `NativeKernelWarning` is
+issued and every op uses the torch reference for the rest of the process. An op never raises
+because of the native path.
+
+Every op is ``qmatmul_<type>(x[..., K], qweight uint8[N, K / block * bytes], bias[N] | None, *,
+out_f32=False) -> y[..., N]`` in x's dtype (fp32 with `out_f32`); x is bf16 or fp32. Inputs the
+kernel does not take (other dtypes, autograd, other devices, torch.compile tracing, shapes that
+do not match the blocks) go to the reference registered for the op (the GGML quantizer plugin's
+dequantize-then-matmul).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mistralrs_plugins.kernels import native_build
+from mistralrs_plugins.kernels.cpu_quant import FORMATS, has_avx2
+from mistralrs_plugins.kernels.native_build import NativeKernelWarning as NativeKernelWarning  # re-export
+from mistralrs_plugins.kernels.native_build import cache_root, native_disabled  # looked up here (tests patch)
+
+SOURCES = ("qmatmul.cpp",)
+HEADERS: tuple[str, ...] = ()
+CFLAGS = ("-O3", "-DNDEBUG", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
+WHAT = "native quantized CPU kernels"  # in the spinner, the log and the warning
+
+_lock = threading.Lock()
+_ext: QuantOps | None = None
+_failed: str | None = None  # why the native path is off for this process (None: not decided / on)
+_references: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def source_dir() -> Path:
+    return Path(__file__).resolve().parent
+
+
+def build_key() -> str:
+    return native_build.build_key(source_dir(), SOURCES + HEADERS, CFLAGS, LDFLAGS)
+
+
+class QuantOps:
+    """The ops of a loaded build (dispatcher ops under the build's own namespace)."""
+
+    def __init__(self, namespace: str, library: Path) -> None:
+        self.namespace = namespace
+        self.library = library
+        ns = getattr(torch.ops, namespace)
+        self.qmatmul = ns.qmatmul.default  # (x, qweight, bias, qtype, out_f32)
+        self.quantize_act = ns.quantize_act.default  # (x fp32 [M, K], k_blocks) -> (qs, d, bsums16)
+
+
+def build(verbose: bool = False) -> QuantOps:
+    """Build (or load the cached build of) the extension. Raises on failure."""
+    name, library = native_build.build_library(
+        prefix="mistralrs_cpu_quant", source_dir=source_dir(), sources=SOURCES, headers=HEADERS,
+        cflags=CFLAGS, ldflags=LDFLAGS, root=cache_root(), what=WHAT, verbose=verbose,
+    )
+    return QuantOps(name, library)
+
+
+def _builder() -> QuantOps:
+    """Indirection so tests can make the build fail."""
+    return build()
+
+
+def _unavailable() -> str | None:
+    if native_disabled():
+        return f"disabled by {native_build.DISABLE_ENV}"
+    if not has_avx2():
+        return "this CPU lacks avx2/fma/f16c"
+    return None
+
+
+def extension() -> QuantOps | None:
+    """The loaded extension, building it on first call; None when the native path is off."""
+    global _ext, _failed
+    if _ext is not None or _failed is not None:
+        return _ext
+    with _lock:
+        if _ext is not None or _failed is not None:
+            return _ext
+        # stacklevel: the warning points at the caller of the op (op -> _qmatmul -> _native -> extension).
+        _ext, _failed = native_build.resolve(_builder, _unavailable(), WHAT, stacklevel=5)
+        return _ext
+
+
+def status() -> dict[str, Any]:
+    """For diagnostics: whether the native path is on, and why not."""
+    return {"loaded": _ext is not None, "failed": _failed, "cache": str(cache_root())}
+
+
+def _reset_for_tests() -> None:
+    global _ext, _failed
+    with _lock:
+        _ext = None
+        _failed = None
+
+
+def _native() -> QuantOps | None:
+    return _ext if _ext is not None else (None if _failed is not None else extension())
+
+
+def reference(op: str) -> Callable[..., torch.Tensor]:
+    """The reference implementation registered for `op` (the GGML quantizer plugin's)."""
+    fn = _references.get(op)
+    if fn is None:
+        from mistralrs.plugins import get_registry
+        from mistralrs.specs import resolve
+
+        fn = _references[op] = resolve(get_registry().reference_kernel(op).impl)
+    return fn
+
+
+def _kernel_takes(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None, elems: int,
+                  nbytes: int) -> bool:
+    if (
+        x.dtype not in (torch.float32, torch.bfloat16)
+        or x.dim() == 0
+        or x.device.type != "cpu"
+        or x.requires_grad
+        or qweight.dtype is not torch.uint8
+        or qweight.dim() != 2
+        or qweight.device.type != "cpu"
+        or not qweight.is_contiguous()
+    ):
+        return False
+    k = x.shape[-1]
+    if k == 0 or k % elems or qweight.shape[1] != k // elems * nbytes or x.numel() == 0:
+        return False
+    if bias is not None and (bias.device.type != "cpu" or bias.requires_grad or bias.numel() != qweight.shape[0]):
+        return False
+    return not torch.compiler.is_compiling()
+
+
+def _qmatmul(name: str, x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None,
+             out_f32: bool) -> torch.Tensor:
+    elems, nbytes, _act, qtype = FORMATS[name]
+    if _kernel_takes(x, qweight, bias, elems, nbytes):
+        ext = _native()
+        if ext is not None:
+            k = x.shape[-1]
+            x2 = x.reshape(-1, k)
+            y = ext.qmatmul(x2, qweight, bias, qtype, bool(out_f32))
+            return y.view(*x.shape[:-1], qweight.shape[0]) if x.dim() != 2 else y
+    return reference(f"qmatmul_{name}")(x, qweight, bias, out_f32=out_f32)
+
+
+def qmatmul_q4_0(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 out_f32: bool = False) -> torch.Tensor:
+    """``x @ dequant(W).T + b`` for q4_0 weights (x quantized to q8_0 per row, int8 dot products)."""
+    return _qmatmul("q4_0", x, qweight, bias, out_f32)
+
+
+def qmatmul_q8_0(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 out_f32: bool = False) -> torch.Tensor:
+    """``x @ dequant(W).T + b`` for q8_0 weights (x quantized to q8_0 per row, int8 dot products)."""
+    return _qmatmul("q8_0", x, qweight, bias, out_f32)
+
+
+def qmatmul_q4k(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                out_f32: bool = False) -> torch.Tensor:
+    """``x @ dequant(W).T + b`` for q4_K weights (x quantized to q8_K per row, int8 dot products)."""
+    return _qmatmul("q4k", x, qweight, bias, out_f32)
+
+
+def qmatmul_q5k(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                out_f32: bool = False) -> torch.Tensor:
+    """``x @ dequant(W).T + b`` for q5_K weights (x quantized to q8_K per row, int8 dot products)."""
+    return _qmatmul("q5k", x, qweight, bias, out_f32)
+
+
+def qmatmul_q6k(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                out_f32: bool = False) -> torch.Tensor:
+    """``x @ dequant(W).T + b`` for q6_K weights (x quantized to q8_K per row, int8 dot products)."""
+    return _qmatmul("q6k", x, qweight, bias, out_f32)

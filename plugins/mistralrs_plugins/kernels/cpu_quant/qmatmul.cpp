@@ -1,0 +1,645 @@
+// Quantized matmul on AVX2 CPUs for llama.cpp's GGML block formats (q4_0, q8_0, q4_K, q5_K, q6_K).
+//
+//   y[M, N] = x[M, K] @ dequant(W)[N, K]^T (+ bias[N]),  x bf16/fp32, W the canonical block bytes
+//
+// As llama.cpp computes it: every row of x is first quantized to 8-bit blocks (q8_0 blocks of 32 for
+// q4_0/q8_0 weights, q8_K blocks of 256 for the k-quants, exactly as quantize_row_q8_0_ref /
+// quantize_row_q8_K_ref do), then each output is a sum over blocks of integer dot products (AVX2
+// maddubs/madd, exact) scaled in fp32. The block layouts are llama.cpp's (ggml-common.h); the dot
+// products follow the structure of its AVX2 ggml_vec_dot_*_q8_* (an fp32 lane accumulator per output,
+// one fused multiply-add per block with the fp32 product of the two scales, a horizontal sum at the end),
+// with one change for q4_0/q8_0: two rows of W share a 256-bit vector (4 lanes each), so each block's
+// int-to-float conversion, scale product and fmadd serve two outputs.
+//
+// Batch invariance: every output element (m, n) is computed by one arithmetic sequence that depends on
+// nothing but row m of x and row n of W: its lane accumulator gets one fmadd per block (32 elements for
+// q4_0/q8_0, 256 for the k-quants) in block order, from the block's integer lanes (exact, so the order in
+// which they are formed does not matter) and the fp32 product of the two scales; then one fixed
+// horizontal-sum tree, then the bias. The register tiles below (MR rows of x against G rows of W) only
+// share loads and weight unpacking between outputs and every vector operation is lane-wise per output,
+// so a row's result is bit-identical alone, in any batch, at any tile position, on any number of threads.
+// Nothing relies on the compiler's FP contraction (the build passes -ffp-contract=off; every fmadd is
+// explicit).
+//
+// Schedules (threads always split N into contiguous ranges of whole 8-row groups; at::parallel_for with
+// torch's thread count; little work runs on the calling thread):
+// - M <= kGemvRows (decode): tiles of all M rows against 2-8 rows of W (more rows of W for fewer rows of x,
+//   so that enough independent accumulator chains hide the fmadd latency) over each thread's range: every
+//   weight byte is read from memory once, in one sequential stream per thread, and used for all M rows.
+// - M > kGemvRows (prefill, batched decode): each thread walks its range in panels of weight rows sized
+//   for L2; for every panel, the rows of x go by in tiles of kGemmRows, so each weight block is unpacked
+//   once per tile and used kGemmRows times, and W is read from memory once per call.
+// The activations are quantized once up front (in parallel over rows when there are many).
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <tuple>
+#include <type_traits>
+
+namespace {
+
+#define ALWAYS_INLINE __attribute__((always_inline))
+
+// ---- formats --------------------------------------------------------------------------------------
+
+enum QType : int64_t { kQ4_0 = 0, kQ8_0 = 1, kQ4_K = 2, kQ5_K = 3, kQ6_K = 4 };
+
+constexpr int64_t kQK = 32;    // q4_0 / q8_0 block
+constexpr int64_t kQKK = 256;  // k-quant super-block
+
+ALWAYS_INLINE inline int64_t block_elems(int64_t t) { return t <= kQ8_0 ? kQK : kQKK; }
+ALWAYS_INLINE inline int64_t block_bytes(int64_t t) {
+  switch (t) {
+    case kQ4_0: return 18;   // fp16 d, 16 bytes of nibbles
+    case kQ8_0: return 34;   // fp16 d, 32 int8
+    case kQ4_K: return 144;  // fp16 d, fp16 dmin, 12 bytes of 6-bit scales/mins, 128 bytes of nibbles
+    case kQ5_K: return 176;  // as q4_K + 32 bytes of high bits (before the nibbles)
+    case kQ6_K: return 210;  // 128 bytes low nibbles, 64 bytes 2-bit highs, 16 int8 scales, fp16 d
+    default: return 0;
+  }
+}
+
+ALWAYS_INLINE inline float fp16_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+// ---- reductions (one fixed tree each: every schedule uses these) -----------------------------------
+
+ALWAYS_INLINE inline float hsum8(__m256 v) {
+  __m128 r = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+  r = _mm_add_ss(r, _mm_movehdup_ps(r));
+  return _mm_cvtss_f32(r);
+}
+
+ALWAYS_INLINE inline float hsum4(__m128 r) {
+  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+  r = _mm_add_ss(r, _mm_movehdup_ps(r));
+  return _mm_cvtss_f32(r);
+}
+
+// ---- quantized activations -------------------------------------------------------------------------
+
+// All rows of x, quantized. q8_0 (q4_0/q8_0 weights): qs [M][K], d [M][nb] (the fp16-rounded scale as
+// fp32), c [M][nb][8] (q4_0 only: c[i] = 8 * (y[2i] + y[2i+1] + y[16+2i] + y[17+2i]), the q4_0 offset
+// times the pairs of pairs that the q4_0 tile sums in int16).
+// q8_K (k-quants): qs [M][K], d [M][nb], bs16 [M][nb][16] (sums of 16), bs32 [M][nb][8] (sums of 32).
+struct Act {
+  int64_t K = 0, nb = 0;
+  const int8_t* qs = nullptr;
+  const float* d = nullptr;
+  const int16_t* c = nullptr;     // q4_0
+  const int16_t* bs16 = nullptr;  // k-quants
+  const int16_t* bs32 = nullptr;  // k-quants
+};
+
+// Rounds half away from zero, like C's roundf (exactly: the fraction is computed exactly).
+ALWAYS_INLINE inline __m256 roundf_ps(__m256 v) {
+  const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+  const __m256 t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+  const __m256 frac = _mm256_andnot_ps(sign_bit, _mm256_sub_ps(v, t));
+  const __m256 step = _mm256_or_ps(_mm256_set1_ps(1.0f), _mm256_and_ps(v, sign_bit));  // +-1 as v
+  const __m256 up = _mm256_cmp_ps(frac, _mm256_set1_ps(0.5f), _CMP_GE_OQ);
+  return _mm256_add_ps(t, _mm256_and_ps(up, step));
+}
+
+// 4 x 8 int32 (elements 0..31 in order) -> 32 int8 in order, saturating to [-128, 127].
+ALWAYS_INLINE inline __m256i pack_i8(__m256i i0, __m256i i1, __m256i i2, __m256i i3) {
+  const __m256i a = _mm256_packs_epi32(i0, i1);  // 0-3 8-11 | 4-7 12-15
+  const __m256i b = _mm256_packs_epi32(i2, i3);
+  const __m256i c = _mm256_packs_epi16(a, b);    // 0-3 8-11 16-19 24-27 | 4-7 12-15 20-23 28-31
+  return _mm256_permutevar8x32_epi32(c, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+ALWAYS_INLINE inline __m256 abs_ps(__m256 v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
+
+ALWAYS_INLINE inline float hmax8(__m256 v) {
+  __m128 r = _mm_max_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+  r = _mm_max_ps(r, _mm_movehl_ps(r, r));
+  r = _mm_max_ss(r, _mm_movehdup_ps(r));
+  return _mm_cvtss_f32(r);
+}
+
+// quantize_row_q8_0_ref: d = amax / 127 (stored as fp16), q = roundf(x * (1 / d)).
+void quantize_row_q8_0(const float* x, int64_t K, int8_t* qs, float* d, int16_t* c) {
+  const __m256i eights = _mm256_set1_epi8(8);
+  for (int64_t b = 0; b < K / kQK; ++b) {
+    const float* xb = x + b * kQK;
+    __m256 v[4];
+    __m256 amax = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm256_loadu_ps(xb + 8 * i);
+      amax = _mm256_max_ps(amax, abs_ps(v[i]));
+    }
+    const float dd = hmax8(amax) / 127.0f;
+    const float id = dd != 0.0f ? 1.0f / dd : 0.0f;
+    d[b] = _cvtsh_ss(_cvtss_sh(dd, _MM_FROUND_TO_NEAREST_INT));
+    const __m256 mul = _mm256_set1_ps(id);
+    __m256i q[4];
+    for (int i = 0; i < 4; ++i) q[i] = _mm256_cvttps_epi32(roundf_ps(_mm256_mul_ps(v[i], mul)));
+    const __m256i packed = pack_i8(q[0], q[1], q[2], q[3]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(qs + b * kQK), packed);
+    if (c) {
+      const __m256i p = _mm256_maddubs_epi16(eights, packed);  // 8 (y[2i] + y[2i+1]) for i = 0..15
+      const __m128i s = _mm_add_epi16(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(c + b * 8), s);
+    }
+  }
+}
+
+// quantize_row_q8_K_ref: max = the first element of largest magnitude, iscale = -127 / max,
+// q = min(127, nearest_int(iscale * x)) (round half to even), d = 1 / iscale, plus the sums of 16.
+void quantize_row_q8_K(const float* x, int64_t K, int8_t* qs, float* d, int16_t* bs16, int16_t* bs32) {
+  for (int64_t b = 0; b < K / kQKK; ++b) {
+    const float* xb = x + b * kQKK;
+    int8_t* qb = qs + b * kQKK;
+    __m256 amaxv = _mm256_setzero_ps();
+    for (int i = 0; i < kQKK; i += 8) amaxv = _mm256_max_ps(amaxv, abs_ps(_mm256_loadu_ps(xb + i)));
+    const float amax = hmax8(amaxv);
+    if (!(amax > 0.0f)) {  // all zeros (or NaN: the reference's comparison never fires then either)
+      d[b] = 0.0f;
+      std::memset(qb, 0, kQKK);
+      std::memset(bs16 + b * 16, 0, 16 * sizeof(int16_t));
+      std::memset(bs32 + b * 8, 0, 8 * sizeof(int16_t));
+      continue;
+    }
+    int j = 0;
+    while (std::fabs(xb[j]) != amax) ++j;
+    const float iscale = -127.0f / xb[j];
+    const __m256 mul = _mm256_set1_ps(iscale);
+    for (int i = 0; i < kQKK; i += 32) {
+      __m256i q[4];
+      for (int t = 0; t < 4; ++t)  // cvtps rounds to nearest even (MXCSR default), as nearest_int does
+        q[t] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + i + 8 * t), mul));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb + i), pack_i8(q[0], q[1], q[2], q[3]));
+    }
+    for (int g = 0; g < 16; ++g) {
+      int s = 0;
+      for (int i = 0; i < 16; ++i) s += qb[g * 16 + i];
+      bs16[b * 16 + g] = static_cast<int16_t>(s);
+    }
+    for (int g = 0; g < 8; ++g) bs32[b * 8 + g] = static_cast<int16_t>(bs16[b * 16 + 2 * g] + bs16[b * 16 + 2 * g + 1]);
+    d[b] = 1.0f / iscale;
+  }
+}
+
+// ---- tiles: MR rows of x (m0 ..) against G rows of W --------------------------------------------------
+// A tile gets the G row pointers of W (a tail repeats the last row; its results are not stored) and writes
+// the raw sums (before bias) to out[m * G + g]. What is computed for one output never depends on MR, G or
+// the other rows in the tile: every vector operation below is lane-wise per output, and each output's
+// lanes are reduced by the same fixed tree.
+
+#define UNROLL _Pragma("GCC unroll 16")
+
+// An opaque identity: keeps the compiler from reassociating integer sums across it (GCC otherwise turns a
+// tile's per-row chains of adds into wide trees of partial sums, which spill).
+template <typename V>
+ALWAYS_INLINE inline V keep(V v) {
+  asm("" : "+x"(v));
+  return v;
+}
+
+// 16 bytes of each, one per 128-bit half.
+ALWAYS_INLINE inline __m256i load_pair(const uint8_t* lo, const uint8_t* hi) {
+  return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lo))),
+                                 _mm_loadu_si128(reinterpret_cast<const __m128i*>(hi)), 1);
+}
+
+// 16 bytes into both 128-bit halves.
+ALWAYS_INLINE inline __m256i bcast16(const void* p) {
+  return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// The fp16 scales at r0 and r1 as fp32, r0's in lanes 0..3, r1's in lanes 4..7.
+ALWAYS_INLINE inline __m256 pair_scales(const uint8_t* r0, const uint8_t* r1) {
+  uint16_t h0, h1;
+  std::memcpy(&h0, r0, 2);
+  std::memcpy(&h1, r1, 2);
+  const __m128i h = _mm_cvtsi32_si128(static_cast<int>(h0 | (static_cast<uint32_t>(h1) << 16)));
+  return _mm256_cvtph_ps(_mm_shuffle_epi8(h, _mm_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3)));
+}
+
+// q4_0 (Q4) and q8_0 weights against q8_0 activations, two rows of W per 256-bit vector: the 128-bit half h
+// holds row 2p + h, its 4 lanes each the integer sum of 8 products of a block (elements 4i..4i+3 and
+// 16+4i..16+4i+3), scaled by fp32(d_w) * fp32(d_x) and accumulated with one fmadd per block. An output is
+// the sum of its half's 4 lanes (hsum4) at the end.
+template <int MR, int NP, bool Q4>
+void tile_q0(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
+  constexpr int64_t BB = Q4 ? 18 : 34;
+  constexpr int G = 2 * NP;
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t nb = a.nb, K = a.K;
+  __m256 acc[MR][NP];
+  UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int p = 0; p < NP; ++p) acc[m][p] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    UNROLL for (int p = 0; p < NP; ++p) {
+      const uint8_t* r0 = w[2 * p] + b * BB;
+      const uint8_t* r1 = w[2 * p + 1] + b * BB;
+      const __m256 dx = pair_scales(r0, r1);
+      __m256i A, B;  // elements 0..15 and 16..31 of the block, of both rows
+      if constexpr (Q4) {
+        const __m256i t = load_pair(r0 + 2, r1 + 2);
+        A = _mm256_and_si256(t, m4);
+        B = _mm256_and_si256(_mm256_srli_epi16(t, 4), m4);
+      } else {
+        A = load_pair(r0 + 2, r1 + 2);
+        B = load_pair(r0 + 18, r1 + 18);
+      }
+      const __m256i aA = Q4 ? A : _mm256_sign_epi8(A, A);
+      const __m256i aB = Q4 ? B : _mm256_sign_epi8(B, B);
+      UNROLL for (int m = 0; m < MR; ++m) {
+        const int64_t row = m0 + m;
+        const int8_t* y = a.qs + row * K + b * kQK;
+        const __m256i yA = bcast16(y), yB = bcast16(y + 16);
+        __m256i i32;
+        if constexpr (Q4) {  // (q - 8) . y exactly: maddubs(q, y) - 8 * y, pairs of pairs in int16
+          const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(A, yA), _mm256_maddubs_epi16(B, yB));
+          i32 = _mm256_madd_epi16(_mm256_sub_epi16(p16, bcast16(a.c + (row * nb + b) * 8)), ones);
+        } else {  // |q| . (y * sign(q)); int16 pairs can reach 32512, so widen before adding A and B
+          i32 = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(aA, _mm256_sign_epi8(yA, A)), ones),
+                                 _mm256_madd_epi16(_mm256_maddubs_epi16(aB, _mm256_sign_epi8(yB, B)), ones));
+        }
+        const __m256 dd = _mm256_mul_ps(dx, _mm256_set1_ps(a.d[row * nb + b]));
+        acc[m][p] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(i32), acc[m][p]);
+      }
+    }
+  }
+  UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int p = 0; p < NP; ++p) {
+    out[m * G + 2 * p] = hsum4(_mm256_castps256_ps128(acc[m][p]));
+    out[m * G + 2 * p + 1] = hsum4(_mm256_extractf128_ps(acc[m][p], 1));
+  }
+}
+
+// The 8 6-bit scales (bytes 0..7 of the result) and 8 6-bit mins (bytes 8..15) of a q4_K/q5_K block.
+ALWAYS_INLINE inline __m128i kquant_scales_mins(const uint8_t* s12) {
+  uint32_t u[4];
+  std::memcpy(u, s12, 12);
+  constexpr uint32_t k1 = 0x3f3f3f3f, k2 = 0x0f0f0f0f, k3 = 0x03030303;
+  u[3] = ((u[2] >> 4) & k2) | (((u[1] >> 6) & k3) << 4);
+  const uint32_t mins_lo = u[1] & k1;
+  u[1] = (u[2] & k2) | (((u[0] >> 6) & k3) << 4);
+  u[2] = mins_lo;
+  u[0] &= k1;
+  const uint64_t lo = u[0] | (static_cast<uint64_t>(u[1]) << 32), hi = u[2] | (static_cast<uint64_t>(u[3]) << 32);
+  return _mm_set_epi64x(static_cast<long long>(hi), static_cast<long long>(lo));
+}
+
+// The int16 scale of sub-block s (0..7) in every lane, from the 8 scales as int16 in both halves.
+ALWAYS_INLINE inline __m256i scale_lanes(__m256i scales16, int s) {
+  return _mm256_shuffle_epi8(scales16, _mm256_set1_epi16(static_cast<int16_t>((2 * s) | ((2 * s + 1) << 8))));
+}
+
+// q4_K (HB = false) and q5_K (HB = true): x = d * sc * q - dmin * m per sub-block of 32. Per block and output:
+// sumi (8 int32 lanes) = sum over sub-blocks of sc * (q . y) (exact), one fmadd of fp32(d_x * d_w) into acc;
+// the mins' term (4 int32 lanes of m * bsum) one fmadd of fp32(-d_x * dmin_w) into accm. The output is
+// hsum8(acc) + hsum4(accm).
+template <int MR, int NR, bool HB>
+void tile_q45_K(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
+  constexpr int64_t kBytes = HB ? 176 : 144;
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const __m256i hbit = _mm256_set1_epi8(0x10);
+  __m256 acc[MR][NR];
+  __m128 accm[MR][NR];
+  UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int r = 0; r < NR; ++r) {
+    acc[m][r] = _mm256_setzero_ps();
+    accm[m][r] = _mm_setzero_ps();
+  }
+  const int64_t nb = a.nb, K = a.K;
+  for (int64_t b = 0; b < nb; ++b) {
+    UNROLL for (int r = 0; r < NR; ++r) {
+      const uint8_t* blk = w[r] + b * kBytes;
+      const float dx = fp16_at(blk), dmx = fp16_at(blk + 2);
+      const __m256i sm = _mm256_cvtepu8_epi16(kquant_scales_mins(blk + 4));  // 8 scales, 8 mins (int16)
+      const __m128i mins = _mm256_extracti128_si256(sm, 1);
+      const __m256i scales = _mm256_permute2x128_si256(sm, sm, 0x00);
+      const uint8_t* qs = blk + (HB ? 48 : 16);
+      __m256i hbits = _mm256_setzero_si256();
+      if constexpr (HB) hbits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16));
+      __m256i sumi[MR];
+      UNROLL for (int m = 0; m < MR; ++m) sumi[m] = _mm256_setzero_si256();
+      UNROLL for (int j = 0; j < 4; ++j) {  // 64 elements: the low nibbles of 32 bytes, then their high nibbles
+        const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * j));
+        __m256i ql = _mm256_and_si256(bits, m4);
+        __m256i qh = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
+        if constexpr (HB) {  // bit 2j of qh[l] is element l's 5th bit, bit 2j+1 element 32+l's: move them to bit 4
+          const int lo = 2 * j, hi = 2 * j + 1;
+          const __m256i hl = lo <= 4 ? _mm256_slli_epi16(hbits, 4 - lo) : _mm256_srli_epi16(hbits, lo - 4);
+          const __m256i hh = hi <= 4 ? _mm256_slli_epi16(hbits, 4 - hi) : _mm256_srli_epi16(hbits, hi - 4);
+          ql = _mm256_or_si256(ql, _mm256_and_si256(hl, hbit));
+          qh = _mm256_or_si256(qh, _mm256_and_si256(hh, hbit));
+        }
+        const __m256i sl = scale_lanes(scales, 2 * j), sh = scale_lanes(scales, 2 * j + 1);
+        UNROLL for (int m = 0; m < MR; ++m) {
+          const int8_t* y = a.qs + (m0 + m) * K + b * kQKK + 64 * j;
+          const __m256i pl = _mm256_madd_epi16(
+              sl, _mm256_maddubs_epi16(ql, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y))));
+          const __m256i ph = _mm256_madd_epi16(
+              sh, _mm256_maddubs_epi16(qh, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y + 32))));
+          sumi[m] = keep(_mm256_add_epi32(sumi[m], _mm256_add_epi32(pl, ph)));
+        }
+      }
+      UNROLL for (int m = 0; m < MR; ++m) {
+        const int64_t ab = (m0 + m) * nb + b;
+        const float dy = a.d[ab];
+        acc[m][r] = _mm256_fmadd_ps(_mm256_set1_ps(dy * dx), _mm256_cvtepi32_ps(sumi[m]), acc[m][r]);
+        const __m128i prod = _mm_madd_epi16(mins, _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.bs32 + ab * 8)));
+        accm[m][r] = _mm_fmadd_ps(_mm_set1_ps(-dy * dmx), _mm_cvtepi32_ps(prod), accm[m][r]);
+      }
+    }
+  }
+  UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int r = 0; r < NR; ++r)
+    out[m * NR + r] = hsum8(acc[m][r]) + hsum4(accm[m][r]);
+}
+
+// q6_K: x = d * sc * (q - 32) per sub-block of 16, q 6-bit unsigned (the -32 through the sums of 16). Per
+// block and output: sumi = sum sc * (q . y) - 32 * sum sc * bsum16 (exact int32 lanes), one fmadd of
+// fp32(d_x * d_w) into acc; the output is hsum8(acc).
+template <int MR, int NR>
+void tile_q6_K(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
+  const __m256i m15 = _mm256_set1_epi8(0x0F);
+  const __m256i m3 = _mm256_set1_epi8(0x30);
+  __m256 acc[MR][NR];
+  UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
+  const int64_t nb = a.nb, K = a.K;
+  for (int64_t b = 0; b < nb; ++b) {
+    UNROLL for (int r = 0; r < NR; ++r) {
+      const uint8_t* blk = w[r] + b * 210;
+      const uint8_t* ql = blk;
+      const uint8_t* qh = blk + 128;
+      const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192)));
+      const float dx = fp16_at(blk + 208);
+      __m256i sumi[MR];
+      UNROLL for (int m = 0; m < MR; ++m) {  // - 32 * sum_g sc[g] * bsum16[g]
+        const __m256i bs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.bs16 + ((m0 + m) * nb + b) * 16));
+        sumi[m] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(_mm256_madd_epi16(bs, sc16), 5));
+      }
+      UNROLL for (int j = 0; j < 2; ++j) {  // 128 elements: 4 vectors of 32
+        const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 64 * j));
+        const __m256i l2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 64 * j + 32));
+        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh + 32 * j));
+        __m256i q[4];
+        q[0] = _mm256_or_si256(_mm256_and_si256(l1, m15), _mm256_and_si256(_mm256_slli_epi16(h, 4), m3));
+        q[1] = _mm256_or_si256(_mm256_and_si256(l2, m15), _mm256_and_si256(_mm256_slli_epi16(h, 2), m3));
+        q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m15), _mm256_and_si256(h, m3));
+        q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l2, 4), m15),
+                               _mm256_and_si256(_mm256_srli_epi16(h, 2), m3));
+        // The 8 scales of these 128 elements as int16, in both 128-bit halves.
+        const __m256i sc = j == 0 ? _mm256_permute2x128_si256(sc16, sc16, 0x00)
+                                  : _mm256_permute2x128_si256(sc16, sc16, 0x11);
+        __m256i s[4];
+        UNROLL for (int v = 0; v < 4; ++v) {  // vector v: sub-blocks 8j + 2v (lanes 0..7) and 8j + 2v + 1
+          const int g = 2 * v;
+          const __m128i lo = _mm_set1_epi16(static_cast<int16_t>((2 * g) | ((2 * g + 1) << 8)));
+          const __m128i hi = _mm_set1_epi16(static_cast<int16_t>((2 * g + 2) | ((2 * g + 3) << 8)));
+          s[v] = _mm256_shuffle_epi8(sc, _mm256_set_m128i(hi, lo));
+        }
+        UNROLL for (int m = 0; m < MR; ++m) {
+          const int8_t* y = a.qs + (m0 + m) * K + b * kQKK + 128 * j;
+          __m256i t = sumi[m];
+          UNROLL for (int v = 0; v < 4; ++v) {
+            const __m256i yv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y + 32 * v));
+            t = keep(_mm256_add_epi32(t, _mm256_madd_epi16(s[v], _mm256_maddubs_epi16(q[v], yv))));
+          }
+          sumi[m] = t;
+        }
+      }
+      UNROLL for (int m = 0; m < MR; ++m) {
+        const float dy = a.d[(m0 + m) * nb + b];
+        acc[m][r] = _mm256_fmadd_ps(_mm256_set1_ps(dy * dx), _mm256_cvtepi32_ps(sumi[m]), acc[m][r]);
+      }
+    }
+  }
+  UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int r = 0; r < NR; ++r) out[m * NR + r] = hsum8(acc[m][r]);
+}
+
+// ---- driver -----------------------------------------------------------------------------------------
+
+constexpr int kGemvRows = 4;  // M up to this: one pass over W with all rows in the tile
+constexpr int kGemmRows = 6;  // M above: tiles of this many rows over L2-sized panels of W
+constexpr int kMaxGroup = 8;  // rows of W per tile call, at most
+constexpr int64_t kPanelBytes = 192 * 1024;
+constexpr int64_t kInlineMacs = int64_t(1) << 18;  // less work than this runs on the calling thread
+
+using TileFn = void (*)(const Act&, int64_t, const uint8_t* const*, float*);
+struct Tile {
+  TileFn fn;
+  int rows;  // rows of W per call
+};
+
+// Rows of W per tile: enough independent accumulators for few rows of x (latency), few for many (registers).
+template <int MR>
+Tile tile_for(int64_t t) {
+  constexpr int NP = MR == 1 ? 4 : MR == 2 ? 2 : 1;  // pairs of rows, q4_0 / q8_0
+  constexpr int NR = MR == 1 ? 2 : 1;                // rows, k-quants
+  switch (t) {
+    case kQ4_0: return {&tile_q0<MR, NP, true>, 2 * NP};
+    case kQ8_0: return {&tile_q0<MR, NP, false>, 2 * NP};
+    case kQ4_K: return {&tile_q45_K<MR, NR, false>, NR};
+    case kQ5_K: return {&tile_q45_K<MR, NR, true>, NR};
+    default: return {&tile_q6_K<MR, NR>, NR};
+  }
+}
+
+Tile tile_fn(int64_t t, int64_t mr) {
+  switch (mr) {
+    case 1: return tile_for<1>(t);
+    case 2: return tile_for<2>(t);
+    case 3: return tile_for<3>(t);
+    case 4: return tile_for<4>(t);
+    case 5: return tile_for<5>(t);
+    default: return tile_for<6>(t);
+  }
+}
+static_assert(kGemmRows <= 6 && kGemvRows <= 6, "tile_fn instantiates tiles of up to 6 rows");
+
+ALWAYS_INLINE inline void store_out(float* y, float v) { *y = v; }
+ALWAYS_INLINE inline void store_out(at::BFloat16* y, float v) { *y = c10::BFloat16(v); }
+
+template <typename OutT>
+void run(int64_t qtype, const Act& act, int64_t M, const uint8_t* w, int64_t ldw, int64_t N,
+         const float* bias, OutT* y) {
+  const int64_t K = act.K;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const bool gemv = M <= kGemvRows;
+  // Rows of W per work item: the whole range of one thread for the GEMV (one sequential stream), an L2-sized
+  // panel for the GEMM (re-read from L2 by each tile of rows); and at least one item per thread. Items are
+  // whole groups of 8 rows, so that tails (tiles with repeated rows) only happen at the end of W.
+  const int64_t per_thread = (N + threads - 1) / threads;
+  int64_t panel = gemv ? per_thread : std::max<int64_t>(kMaxGroup, kPanelBytes / std::max<int64_t>(1, ldw));
+  panel = std::min(panel, per_thread);
+  panel = std::max<int64_t>(kMaxGroup, (panel + kMaxGroup - 1) / kMaxGroup * kMaxGroup);
+  const int64_t items = (N + panel - 1) / panel;
+
+  auto work = [&](int64_t i0, int64_t i1) {
+    float out[kGemmRows * kMaxGroup];
+    const uint8_t* rows[kMaxGroup];
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t n0 = it * panel, n1 = std::min(N, n0 + panel);
+      const int64_t mt = gemv ? M : kGemmRows;
+      for (int64_t m0 = 0; m0 < M; m0 += mt) {
+        const int64_t mr = std::min(mt, M - m0);
+        const Tile tile = tile_fn(qtype, mr);
+        const int g = tile.rows;
+        for (int64_t n = n0; n < n1; n += g) {
+          for (int r = 0; r < g; ++r) rows[r] = w + std::min(n + r, n1 - 1) * ldw;
+          tile.fn(act, m0, rows, out);
+          const int valid = static_cast<int>(std::min<int64_t>(g, n1 - n));
+          for (int r = 0; r < valid; ++r) {
+            const float bv = bias ? bias[n + r] : 0.0f;
+            for (int64_t m = 0; m < mr; ++m) {
+              const float v = out[m * g + r];
+              store_out(y + (m0 + m) * N + n + r, bias ? v + bv : v);
+            }
+          }
+        }
+      }
+    }
+  };
+  if (threads == 1 || items == 1 || M * N * K < kInlineMacs) {
+    work(0, items);
+  } else {
+    at::parallel_for(0, items, 1, work);
+  }
+}
+
+struct ActBuffers {
+  std::unique_ptr<int8_t[]> qs;
+  std::unique_ptr<float[]> d;
+  std::unique_ptr<int16_t[]> c, bs16, bs32;
+};
+
+// Quantize every row of x (fp32 or bf16, row stride ldx) to 8-bit blocks.
+template <typename InT>
+Act quantize_rows(const InT* x, int64_t ldx, int64_t M, int64_t K, int64_t qtype, ActBuffers& buf) {
+  Act a;
+  a.K = K;
+  const bool kq = qtype >= kQ4_K;
+  a.nb = K / (kq ? kQKK : kQK);
+  buf.qs.reset(new int8_t[M * K]);
+  buf.d.reset(new float[M * a.nb]);
+  if (qtype == kQ4_0) buf.c.reset(new int16_t[M * a.nb * 8]);
+  if (kq) {
+    buf.bs16.reset(new int16_t[M * a.nb * 16]);
+    buf.bs32.reset(new int16_t[M * a.nb * 8]);
+  }
+  a.qs = buf.qs.get();
+  a.d = buf.d.get();
+  a.c = buf.c.get();
+  a.bs16 = buf.bs16.get();
+  a.bs32 = buf.bs32.get();
+  auto rows = [&](int64_t r0, int64_t r1) {
+    std::unique_ptr<float[]> tmp;
+    if constexpr (!std::is_same_v<InT, float>) tmp.reset(new float[K]);
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr;
+      if constexpr (std::is_same_v<InT, float>) {
+        xr = x + r * ldx;
+      } else {
+        const uint16_t* src = reinterpret_cast<const uint16_t*>(x + r * ldx);
+        for (int64_t k = 0; k < K; ++k) {
+          const uint32_t bits = static_cast<uint32_t>(src[k]) << 16;
+          std::memcpy(&tmp[k], &bits, 4);
+        }
+        xr = tmp.get();
+      }
+      if (kq)
+        quantize_row_q8_K(xr, K, buf.qs.get() + r * K, buf.d.get() + r * a.nb, buf.bs16.get() + r * a.nb * 16,
+                          buf.bs32.get() + r * a.nb * 8);
+      else
+        quantize_row_q8_0(xr, K, buf.qs.get() + r * K, buf.d.get() + r * a.nb,
+                          buf.c ? buf.c.get() + r * a.nb * 8 : nullptr);
+    }
+  };
+  if (M >= 16 && M * K >= (int64_t(1) << 16))
+    at::parallel_for(0, M, 1, rows);
+  else
+    rows(0, M);
+  return a;
+}
+
+// x: [M, K] bf16 or fp32 (rows contiguous); qweight: uint8 [N, K / block_elems * block_bytes] contiguous;
+// bias: [N] or None. Returns [M, N] in x's dtype, or fp32 with out_f32.
+at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& qweight, const std::optional<at::Tensor>& bias,
+                   int64_t qtype, bool out_f32) {
+  TORCH_CHECK(qtype >= kQ4_0 && qtype <= kQ6_K, "qmatmul: unknown qtype ", qtype);
+  TORCH_CHECK(x.dim() == 2, "qmatmul: x must be 2-D [M, K]");
+  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kByte, "qmatmul: qweight must be uint8 [N, bytes]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "qmatmul: x must be fp32 or bf16");
+  TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu(), "qmatmul: CPU tensors only");
+  TORCH_CHECK(qweight.is_contiguous(), "qmatmul: qweight must be contiguous");
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
+  const int64_t be = block_elems(qtype), bb = block_bytes(qtype);
+  TORCH_CHECK(K % be == 0, "qmatmul: K = ", K, " is not a multiple of the block size ", be);
+  TORCH_CHECK(qweight.size(1) == K / be * bb, "qmatmul: qweight has ", qweight.size(1), " bytes per row, expected ",
+              K / be * bb, " for K = ", K);
+
+  at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
+  at::Tensor bias_f;
+  const float* bias_ptr = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == N, "qmatmul: bias has ", bias->numel(), " elements, expected ", N);
+    bias_f = bias->to(at::kFloat).contiguous();
+    bias_ptr = bias_f.data_ptr<float>();
+  }
+  const auto out_type = out_f32 ? at::kFloat : x.scalar_type();
+  at::Tensor y = at::empty({M, N}, x.options().dtype(out_type).memory_format(at::MemoryFormat::Contiguous));
+  if (M == 0 || N == 0) return y;
+  if (K == 0) {
+    if (bias_ptr) return bias_f.to(out_type).unsqueeze(0).expand({M, N}).contiguous();
+    return y.zero_();
+  }
+  ActBuffers buf;
+  const Act act = xc.scalar_type() == at::kFloat
+                      ? quantize_rows(xc.data_ptr<float>(), xc.stride(0), M, K, qtype, buf)
+                      : quantize_rows(xc.data_ptr<at::BFloat16>(), xc.stride(0), M, K, qtype, buf);
+  const uint8_t* w = qweight.data_ptr<uint8_t>();
+  const int64_t ldw = qweight.size(1);
+  if (out_type == at::kFloat)
+    run(qtype, act, M, w, ldw, N, bias_ptr, y.data_ptr<float>());
+  else
+    run(qtype, act, M, w, ldw, N, bias_ptr, y.data_ptr<at::BFloat16>());
+  return y;
+}
+
+// The activation quantization alone, for tests: q8_0 -> (qs int8 [M, K], d fp32 [M, K/32]);
+// q8_K -> (qs, d [M, K/256], bsums int16 [M, K/16]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act(const at::Tensor& x, bool k_blocks) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "quantize_act: fp32 [M, K]");
+  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t qtype = k_blocks ? kQ4_K : kQ8_0;
+  TORCH_CHECK(K % block_elems(qtype) == 0, "quantize_act: K must be a multiple of ", block_elems(qtype));
+  ActBuffers buf;
+  const Act a = quantize_rows(x.data_ptr<float>(), K, M, K, qtype, buf);
+  at::Tensor qs = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor d = at::empty({M, a.nb}, x.options());
+  at::Tensor bs = at::empty({M, k_blocks ? K / 16 : 0}, x.options().dtype(at::kShort));
+  std::memcpy(qs.data_ptr<int8_t>(), a.qs, M * K);
+  std::memcpy(d.data_ptr<float>(), a.d, M * a.nb * sizeof(float));
+  if (k_blocks) std::memcpy(bs.data_ptr<int16_t>(), a.bs16, M * (K / 16) * sizeof(int16_t));
+  return {qs, d, bs};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
+  m.def("qmatmul(Tensor x, Tensor qweight, Tensor? bias, int qtype, bool out_f32=False) -> Tensor");
+  m.def("quantize_act(Tensor x, bool k_blocks) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
+  m.impl("qmatmul", &qmatmul);
+  m.impl("quantize_act", &quantize_act);
+}
