@@ -135,8 +135,11 @@ def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
 
 def _qh_bytes(q: torch.Tensor) -> torch.Tensor:
     """Bit 4 of value j goes to bit j of a little-endian uint32: uint8 [N, 32] -> [N, 4]."""
-    bits = ((q >> 4) & 1).reshape(-1, 4, 8).to(torch.int32)
-    return (bits << torch.arange(8, dtype=torch.int32)).sum(-1).to(torch.uint8)
+    bits = ((q >> 4) & 1).reshape(-1, 4, 8)
+    out = bits[:, :, 0].clone()
+    for k in range(1, 8):
+        out |= bits[:, :, k] << k
+    return out
 
 
 def _unpack_nibbles(qs: torch.Tensor) -> torch.Tensor:

@@ -242,8 +242,8 @@ def make_q3_quants_rmse(xg: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torc
     # The refinement visits the elements in order, each update changing the sums the next one
     # sees. Groups where a whole pass changes nothing are finished (another pass would repeat
     # it), so each pass runs only on the groups still changing.
-    active = torch.arange(B)
-    aL, ax, aw, awx, slx_a, sl2_a = L.clone(), xT, w, wx, sumlx, suml2
+    active = None  # all groups (the first pass works on L and the sums in place)
+    aL, ax, aw, awx, slx_a, sl2_a = L, xT, w, wx, sumlx, suml2
     for _itry in range(5):
         changed = torch.zeros(aL.shape[1], dtype=torch.bool)
         for i in range(n):
@@ -258,14 +258,16 @@ def make_q3_quants_rmse(xg: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torc
             slx_a = torch.where(upd, nslx, slx_a)
             sl2_a = torch.where(upd, nsl2, sl2_a)
             changed |= upd
-        # write back, then keep only the groups that changed
-        L[:, active] = aL
-        sumlx[active] = slx_a
-        suml2[active] = sl2_a
+        if active is None:
+            sumlx, suml2 = slx_a, sl2_a
+            active = torch.arange(B)
+        else:  # write back
+            L[:, active] = aL
+            sumlx[active] = slx_a
+            suml2[active] = sl2_a
         if not bool(changed.any()):
             break
-        keep = changed.nonzero()[:, 0]
-        active = active[keep]
+        active = active[changed]
         aL, ax, aw, awx = L[:, active], xT[:, active], w[:, active], wx[:, active]
         slx_a, sl2_a = sumlx[active], suml2[active]
     scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(suml2))
@@ -277,6 +279,14 @@ def make_q3_quants_rmse(xg: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torc
 
 
 # ---------------------------------------------------------------------------- packing helpers
+
+
+def _bitplanes(bits: torch.Tensor) -> torch.Tensor:
+    """OR of ``bits[:, k] << k`` over dim 1 (0/1 values, uint8 [N, 8, M] -> [N, M])."""
+    out = bits[:, 0].clone()
+    for k in range(1, 8):
+        out |= bits[:, k] << k
+    return out
 
 
 def _pack_2bit(L: torch.Tensor) -> torch.Tensor:
@@ -358,11 +368,11 @@ def quantize_q3_k(x: torch.Tensor) -> torch.Tensor:
     L = _requant(x.reshape(N, 16, 16), d, None, -4, 3, L - 4) + 4
     L = L.reshape(N, 256)
     # hmask: element j's bit 2 goes to hmask[j % 32], bit j / 32
-    high = (L > 3).to(torch.int32).reshape(N, 8, 32)
-    hmask = (high << torch.arange(8, dtype=torch.int32)[None, :, None]).sum(1)
-    L = torch.where(L > 3, L - 4, L)
+    high = L > 3
+    hmask = _bitplanes(high.to(torch.uint8).reshape(N, 8, 32))
+    L = torch.where(high, L - 4, L)
     out = torch.empty(N, 110, dtype=torch.uint8)
-    out[:, 0:32] = hmask.to(torch.uint8)
+    out[:, 0:32] = hmask
     out[:, 32:96] = _pack_2bit(L.to(torch.uint8))
     lu = ls.to(torch.uint8)
     sc = torch.empty(N, 12, dtype=torch.uint8)
@@ -417,14 +427,13 @@ def quantize_q5_k(x: torch.Tensor) -> torch.Tensor:
     N = x.shape[0]
     L, sc, d16, m16 = _quantize_q45_k(x, 31, -0.5, 15)
     q = L.to(torch.uint8).reshape(N, 8, 32)  # sub-block j = 2*(n/64) + half
-    high = (q >> 4).to(torch.int32)
-    qh = (high << torch.arange(8, dtype=torch.int32)[None, :, None]).sum(1)
+    qh = _bitplanes(q >> 4)
     lo = (q & 0xF).reshape(N, 4, 2, 32)
     out = torch.empty(N, 176, dtype=torch.uint8)
     out[:, 0:2] = _fp16_bytes(d16)
     out[:, 2:4] = _fp16_bytes(m16)
     out[:, 4:16] = sc
-    out[:, 16:48] = qh.to(torch.uint8)
+    out[:, 16:48] = qh
     out[:, 48:176] = (lo[:, :, 0] | (lo[:, :, 1] << 4)).reshape(N, 128)
     return out
 
