@@ -8,7 +8,9 @@ quantizes the same fixed-seed matrix with the C reference (``quantize_row_*_ref`
 - how many blocks differ (0 = the bytes are identical),
 - the RMSE of both round trips (each dequantized by our `dequantize`, which matches
   ``dequantize_row_*`` bit for bit; checked here too),
-- the time of both on the matrix (C is one thread; ours uses torch's intra-op threads).
+- the time of both on the matrix: wall seconds, and CPU seconds (all threads; unlike wall time,
+  barely moved by other processes on a busy machine). C is one thread; ours uses
+  ``torch.get_num_threads()`` worker threads.
 
 ``--pin`` prints the constants of ``tests/unit/quant/test_ggml_formats.py`` (the sha256 of the C
 reference's bytes and its RMSE on the test's deterministic matrix) instead.
@@ -157,17 +159,17 @@ def main() -> int:
     print(f"matrix {args.rows}x{args.cols} gaussian*{args.scale} (bf16 values), seed {args.seed}; "
           f"torch threads {torch.get_num_threads()}")
     print(f"{'type':6}{'blocks differing':>18}{'dequant==C':>11}{'RMSE C':>12}{'RMSE ours':>12}{'ratio':>8}"
-          f"{'C s (1 thr)':>12}{'ours s':>9}{'ours dq s':>10}" + ("  native-vs-plain" if native else ""))
+          f"{'C s':>7}{'ours s':>8}{'C cpu':>7}{'ours cpu':>9}{'ours dq s':>10}" + ("  native-vs-plain" if native else ""))
     results = []
     for name in names:
         f = FORMATS[name]
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         ref = c_quantize(lib, name, x, f.type_size, f.block_size)
-        t_c = time.perf_counter() - t
+        t_c, cpu_c = time.perf_counter() - t, time.process_time() - c
         quantize(name, xt[:256])  # warm-up
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         ours = quantize(name, xt).numpy()
-        t_ours = time.perf_counter() - t
+        t_ours, cpu_ours = time.perf_counter() - t, time.process_time() - c
         t = time.perf_counter()
         dq = dequantize(name, torch.from_numpy(ref), args.cols).numpy()
         t_dq = time.perf_counter() - t
@@ -179,7 +181,8 @@ def main() -> int:
         r_ours = rmse(dequantize(name, torch.from_numpy(ours), args.cols).numpy(), x)
         row = {"type": name, "ggml_type": f.ggml_type, "blocks": nblocks, "blocks_differing": differ,
                "dequant_matches_c": dq_same, "rmse_c": r_c, "rmse_ours": r_ours,
-               "c_seconds_1_thread": t_c, "ours_quantize_seconds": t_ours, "ours_dequantize_seconds": t_dq}
+               "c_seconds_1_thread": t_c, "c_cpu_seconds": cpu_c, "ours_quantize_seconds": t_ours,
+               "ours_quantize_cpu_seconds": cpu_ours, "ours_dequantize_seconds": t_dq}
         extra = ""
         if native is not None:
             nat = c_quantize(native, name, x, f.type_size, f.block_size)
@@ -187,7 +190,7 @@ def main() -> int:
             extra = f"  {row['native_blocks_differing']}/{nblocks}"
         results.append(row)
         print(f"{name:6}{f'{differ}/{nblocks}':>18}{dq_same:>11}{r_c:12.4e}{r_ours:12.4e}{r_ours / r_c:8.4f}"
-              f"{t_c:12.2f}{t_ours:9.2f}{t_dq:10.3f}{extra}", flush=True)
+              f"{t_c:7.2f}{t_ours:8.2f}{cpu_c:7.2f}{cpu_ours:9.2f}{t_dq:10.3f}{extra}", flush=True)
     out = {"rows": args.rows, "cols": args.cols, "seed": args.seed, "scale": args.scale,
            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
            "results": results}

@@ -21,6 +21,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import attrs
 import numpy as np
 import pytest
 import torch
@@ -181,14 +182,8 @@ def test_formats_match_ggml():
             assert (fmt.block_size, fmt.type_size) == (32, 2 + 2 + 32)
         else:
             assert (fmt.block_size, fmt.type_size) == gguf.GGML_QUANT_SIZES[GT(fmt.ggml_type)]
-    with pytest.raises(attrs_frozen_error()):
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
         FORMATS["q4k"].block_size = 1  # type: ignore[misc]
-
-
-def attrs_frozen_error():
-    import attrs
-
-    return attrs.exceptions.FrozenInstanceError
 
 
 def test_row_bytes_and_errors():
