@@ -135,6 +135,7 @@ def make_qkx2_quants(xT: torch.Tensor, wT: torch.Tensor, nmax: int, rmin: float,
     l_isc, l_min = iscale, mn
     terms = torch.empty(n, 3, B, dtype=torch.float32)
     acc = torch.empty(3, B, dtype=torch.float32)
+    term_rows, la_rows = terms.unbind(0), la.unbind(0)  # views made once: the buffers are reused
     for s in range(nstep + 1):
         c = float(np.float32(rmin) + np.float32(rdelta) * np.float32(s) + np.float32(nmax))
         isc = _rdiv(c, mx - mn)
@@ -148,10 +149,10 @@ def make_qkx2_quants(xT: torch.Tensor, wT: torch.Tensor, nmax: int, rmin: float,
         torch.mul(la, wT, out=wl)
         torch.mul(wl, la, out=terms[:, 1])
         torch.mul(wl, xT, out=terms[:, 2])
-        torch.add(terms[0], 0.0, out=acc)
-        for i in range(1, n):
-            acc += terms[i]
-        sum_l, sum_l2, sum_xl = acc[0], acc[1], acc[2]
+        torch.add(term_rows[0], 0.0, out=acc)
+        for t in term_rows[1:]:
+            acc += t
+        sum_l, sum_l2, sum_xl = acc.unbind(0)
         D = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
@@ -166,7 +167,9 @@ def make_qkx2_quants(xT: torch.Tensor, wT: torch.Tensor, nmax: int, rmin: float,
         else:
             la *= la
         la *= wT
-        cur = _seqsum(la)
+        cur = la_rows[0] + 0.0
+        for t in la_rows[1:]:
+            cur += t
         win = (D > 0) & (cur < best)
         best = torch.where(win, cur, best)
         scale = torch.where(win, this_scale, scale)
