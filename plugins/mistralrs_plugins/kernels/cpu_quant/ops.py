@@ -121,23 +121,28 @@ def reference(op: str) -> Callable[..., torch.Tensor]:
     return fn
 
 
+_X_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def _kernel_takes(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None, elems: int,
                   nbytes: int) -> bool:
+    """Whether the kernel computes this call (cheap checks only: this runs for every decode matmul)."""
+    shape = x.shape
     if (
-        x.dtype not in (torch.float32, torch.bfloat16)
-        or x.dim() == 0
-        or x.device.type != "cpu"
+        not shape
+        or x.dtype not in _X_DTYPES
+        or not x.is_cpu
         or x.requires_grad
         or qweight.dtype is not torch.uint8
+        or not qweight.is_cpu
         or qweight.dim() != 2
-        or qweight.device.type != "cpu"
         or not qweight.is_contiguous()
     ):
         return False
-    k = x.shape[-1]
-    if k == 0 or k % elems or qweight.shape[1] != k // elems * nbytes or x.numel() == 0:
+    k = shape[-1]
+    if k == 0 or k % elems or qweight.shape[1] != k // elems * nbytes:
         return False
-    if bias is not None and (bias.device.type != "cpu" or bias.requires_grad or bias.numel() != qweight.shape[0]):
+    if bias is not None and (not bias.is_cpu or bias.requires_grad or bias.numel() != qweight.shape[0]):
         return False
     return not torch.compiler.is_compiling()
 
@@ -146,12 +151,13 @@ def _qmatmul(name: str, x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tens
              out_f32: bool) -> torch.Tensor:
     elems, nbytes, _act, qtype = FORMATS[name]
     if _kernel_takes(x, qweight, bias, elems, nbytes):
-        ext = _native()
+        ext = _ext if _ext is not None else _native()
         if ext is not None:
-            k = x.shape[-1]
-            x2 = x.reshape(-1, k)
-            y = ext.qmatmul(x2, qweight, bias, qtype, bool(out_f32))
-            return y.view(*x.shape[:-1], qweight.shape[0]) if x.dim() != 2 else y
+            if x.dim() == 2:
+                return ext.qmatmul(x, qweight, bias, qtype, out_f32)
+            shape = x.shape
+            y = ext.qmatmul(x.reshape(-1, shape[-1]), qweight, bias, qtype, out_f32)
+            return y.view(*shape[:-1], qweight.shape[0])
     return reference(f"qmatmul_{name}")(x, qweight, bias, out_f32=out_f32)
 
 

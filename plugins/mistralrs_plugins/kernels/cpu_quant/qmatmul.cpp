@@ -261,18 +261,18 @@ void tile_q0(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
       const __m256i aA = Q4 ? A : _mm256_sign_epi8(A, A);
       const __m256i aB = Q4 ? B : _mm256_sign_epi8(B, B);
       UNROLL for (int m = 0; m < MR; ++m) {
-        const int64_t row = m0 + m;
-        const int8_t* y = a.qs + row * K + b * kQK;
+        const int64_t ab = (m0 + m) * nb + b;
+        const int8_t* y = a.qs + (m0 + m) * K + b * kQK;
         const __m256i yA = bcast16(y), yB = bcast16(y + 16);
         __m256i i32;
         if constexpr (Q4) {  // (q - 8) . y exactly: maddubs(q, y) - 8 * y, pairs of pairs in int16
           const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(A, yA), _mm256_maddubs_epi16(B, yB));
-          i32 = _mm256_madd_epi16(_mm256_sub_epi16(p16, bcast16(a.c + (row * nb + b) * 8)), ones);
+          i32 = _mm256_madd_epi16(_mm256_sub_epi16(p16, bcast16(a.c + ab * 8)), ones);
         } else {  // |q| . (y * sign(q)); int16 pairs can reach 32512, so widen before adding A and B
           i32 = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(aA, _mm256_sign_epi8(yA, A)), ones),
                                  _mm256_madd_epi16(_mm256_maddubs_epi16(aB, _mm256_sign_epi8(yB, B)), ones));
         }
-        const __m256 dd = _mm256_mul_ps(dx, _mm256_set1_ps(a.d[row * nb + b]));
+        const __m256 dd = _mm256_mul_ps(dx, _mm256_broadcast_ss(a.d + ab));
         acc[m][p] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(i32), acc[m][p]);
       }
     }
@@ -283,18 +283,19 @@ void tile_q0(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
   }
 }
 
-// The 8 6-bit scales (bytes 0..7 of the result) and 8 6-bit mins (bytes 8..15) of a q4_K/q5_K block.
+// The 8 6-bit scales (bytes 0..7 of the result) and 8 6-bit mins (bytes 8..15) of a q4_K/q5_K block from
+// its 12 scale bytes s (llama.cpp's get_scale_min_k4): scale j < 4 is s[j] & 63, min j < 4 is s[j+4] & 63;
+// scale j >= 4 is (s[j+4] & 15) | (s[j-4] >> 6) << 4, min j >= 4 is (s[j+4] >> 4) | (s[j] >> 6) << 4.
+// Reads 16 bytes at s12 (the 4 after the scales are the block's next field).
 ALWAYS_INLINE inline __m128i kquant_scales_mins(const uint8_t* s12) {
-  uint32_t u[4];
-  std::memcpy(u, s12, 12);
-  constexpr uint32_t k1 = 0x3f3f3f3f, k2 = 0x0f0f0f0f, k3 = 0x03030303;
-  u[3] = ((u[2] >> 4) & k2) | (((u[1] >> 6) & k3) << 4);
-  const uint32_t mins_lo = u[1] & k1;
-  u[1] = (u[2] & k2) | (((u[0] >> 6) & k3) << 4);
-  u[2] = mins_lo;
-  u[0] &= k1;
-  const uint64_t lo = u[0] | (static_cast<uint64_t>(u[1]) << 32), hi = u[2] | (static_cast<uint64_t>(u[3]) << 32);
-  return _mm_set_epi64x(static_cast<long long>(hi), static_cast<long long>(lo));
+  const __m128i s = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s12));
+  // low parts: [s0..s3 | s8..s11 | s4..s7 | s8..s11], the last group's taken from its high nibbles
+  const __m128i a = _mm_shuffle_epi8(s, _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11));
+  const __m128i lo = _mm_and_si128(_mm_blend_epi32(a, _mm_srli_epi16(a, 4), 0x8),
+                                   _mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 15, 15, 15, 15));
+  // high parts of scales/mins 4..7: the top 2 bits of s0..s3 / s4..s7, to bits 4..5
+  const __m128i b = _mm_shuffle_epi8(s, _mm_setr_epi8(-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7));
+  return _mm_or_si128(lo, _mm_and_si128(_mm_srli_epi16(b, 2), _mm_set1_epi8(0x30)));
 }
 
 // The int16 scale of sub-block s (0..7) in every lane, from the 8 scales as int16 in both halves.
@@ -430,10 +431,10 @@ void tile_q6_K(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
 constexpr int kGemvRows = 4;  // M up to this: one pass over W with all rows in the tile
 constexpr int kGemmRows = 6;  // M above: tiles of this many rows over L2-sized panels of W
 constexpr int kMaxGroup = 8;  // rows of W per tile call, at most
-constexpr int64_t kPanelBytes = 192 * 1024;
+constexpr int64_t kPanelBytes = 192 * 1024;  // bytes of W per GEMM work item (kept in L2 while x goes by)
 constexpr int64_t kInlineMacs = int64_t(1) << 18;  // less work than this runs on the calling thread
 
-using TileFn = void (*)(const Act&, int64_t, const uint8_t* const*, float*);
+using TileFn = void (*)(const Act&, int64_t m0, const uint8_t* const* w, float* out);
 struct Tile {
   TileFn fn;
   int rows;  // rows of W per call
@@ -443,7 +444,7 @@ struct Tile {
 template <int MR>
 Tile tile_for(int64_t t) {
   constexpr int NP = MR == 1 ? 4 : MR == 2 ? 2 : 1;  // pairs of rows, q4_0 / q8_0
-  constexpr int NR = MR == 1 ? 2 : 1;                // rows, k-quants
+  constexpr int NR = 1;  // rows, k-quants (their fmadd is per 256 elements: no latency to hide)
   switch (t) {
     case kQ4_0: return {&tile_q0<MR, NP, true>, 2 * NP};
     case kQ8_0: return {&tile_q0<MR, NP, false>, 2 * NP};
@@ -538,6 +539,7 @@ Act quantize_rows(const InT* x, int64_t ldx, int64_t M, int64_t K, int64_t qtype
   a.qs = buf.qs.get();
   a.d = buf.d.get();
   a.c = buf.c.get();
+
   a.bs16 = buf.bs16.get();
   a.bs32 = buf.bs32.get();
   auto rows = [&](int64_t r0, int64_t r1) {
