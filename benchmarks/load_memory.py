@@ -14,6 +14,7 @@ ru_maxrss survives fork+exec, so a big parent would inflate the loader's baselin
     python benchmarks/load_memory.py                       # ~535 MB bf16 checkpoint, loaded as bf16
     python benchmarks/load_memory.py --ckpt-dtype f32      # fp32 checkpoint -> bf16 model
     python benchmarks/load_memory.py --no-mmap             # MISTRALRS_NO_MMAP=1
+    python benchmarks/load_memory.py --isq q4k             # ISQ: peak relative to the quantized size
 """
 
 from __future__ import annotations
@@ -35,7 +36,11 @@ import torch
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 from mistralrs.loading import load_model
 t0 = time.perf_counter()
-loaded = load_model(sys.argv[1], dtype=sys.argv[2], device="cpu")
+plan = None
+if sys.argv[3]:
+    from mistralrs.quantization import IsqPlan
+    plan = IsqPlan(sys.argv[3])
+loaded = load_model(sys.argv[1], dtype=sys.argv[2], device="cpu", quant_method_for=plan.method_for if plan else None)
 seconds = time.perf_counter() - t0
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 hwm = None
@@ -45,7 +50,8 @@ try:
             hwm = int(line.split()[1]) * 1024
 except OSError:
     pass
-weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+weight_bytes = sum(t.numel() * t.element_size() for t in [*loaded.model.parameters(), *loaded.model.buffers()]
+                   if t.dtype != torch.float32 or t.ndim > 1)  # weights and quantized state, not rope tables
 print(json.dumps({"rss_after_import_torch": base, "peak_rss": peak, "vm_hwm": hwm, "weight_bytes": weight_bytes,
                   "load_seconds": round(seconds, 3), "loaded_dtype": str(loaded.dtype)}))
 """
@@ -101,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ckpt-dtype", choices=("bf16", "f16", "f32"), default="bf16")
     ap.add_argument("--dtype", default="bf16", help="dtype to load into (default bf16)")
     ap.add_argument("--no-mmap", action="store_true", help="set MISTRALRS_NO_MMAP=1 in the loading process")
+    ap.add_argument("--isq", default="", help="quantize while loading (e.g. q4k): the ratio is then to the quantized size")
     ap.add_argument("--dir", type=Path, default=None, help="where to write the checkpoint (default: a temp dir)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--write-only", action="store_true", help=argparse.SUPPRESS)  # the writer subprocess
@@ -128,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             env["MISTRALRS_NO_MMAP"] = "1"
         else:
             env.pop("MISTRALRS_NO_MMAP", None)
-        proc = subprocess.run([sys.executable, "-c", CHILD, str(ckpt), args.dtype], env=env,
+        proc = subprocess.run([sys.executable, "-c", CHILD, str(ckpt), args.dtype, args.isq], env=env,
                               capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             sys.stderr.write(proc.stderr)
@@ -145,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint_bytes": ckpt_bytes,
         "loaded_dtype": child["loaded_dtype"],
         "mmap": not args.no_mmap,
+        "isq": args.isq or None,
         "weight_bytes": child["weight_bytes"],
         "rss_after_import_torch": child["rss_after_import_torch"],
         "peak_rss": child["peak_rss"],
@@ -157,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         "meets_target": ratio <= TARGET,
         "load_seconds": child["load_seconds"],
     }
+    if args.isq and args.out == RESULTS:
+        args.out = RESULTS.with_name(f"load_memory_isq_{args.isq}.json")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
