@@ -621,6 +621,11 @@ def load_model(
     _process_after_loading(model)
     if quant_method_for is not None:
         quantize_tied_head(model, quant_method_for)
+    for module in model.modules():
+        # e.g. fusing quantized projections that share an input (GatedMLP, Attention)
+        after_loading = getattr(module, "after_loading", None)
+        if callable(after_loading):
+            after_loading()
     model.eval()
     return LoadedModel(
         model=model, config=config, arch=spec, dtype=torch_dtype, device=dev, model_dir=root,

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.helpers.tiny_models import write_tiny_llama
 
@@ -101,3 +102,22 @@ def test_from_config_and_server_with_isq(model_dir, tmp_path):
     finally:
         srv.stop()
         service.shutdown()
+
+
+def test_quantized_projections_sharing_an_input_are_fused_without_copies(model_dir):
+    from mistralrs.loading import load_model
+    from mistralrs.quantization import IsqPlan
+
+    loaded = load_model(model_dir, dtype="f32", quant_method_for=IsqPlan("q4_0").method_for)
+    layer = loaded.model.model.layers[0]
+    mlp, attn = layer.mlp, layer.self_attn
+    assert mlp._gate_up_q is not None and attn._qkv is not None
+    # the halves are views of the fused state: no second copy of the weights
+    assert mlp.gate_proj.qweight.data_ptr() == mlp._gate_up_q.qweight.data_ptr()
+    assert attn.v_proj.qweight.untyped_storage().data_ptr() == attn._qkv.qweight.untyped_storage().data_ptr()
+    x = torch.randn(5, 256)
+    fused_mlp, fused_qkv = mlp(x), attn._project(x)
+    mlp._gate_up_q = attn._qkv = None  # the per-layer path
+    assert torch.equal(fused_mlp, mlp(x))
+    for a, b in zip(fused_qkv, attn._project(x)):
+        assert torch.equal(a, b)

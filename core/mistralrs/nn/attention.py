@@ -78,12 +78,32 @@ class Attention(nn.Module):
             raise ValueError(f"qk_norm must be None, 'head' or 'full', not {qk_norm!r}")
         object.__setattr__(self, "rotary", rotary)
 
+    _qkv: Linear | None = None  # quantized q/k/v fused after loading (not a submodule)
+
+    def after_loading(self) -> None:
+        """Quantized q, k and v of one type become one matmul (their states are views of it)."""
+        from mistralrs.nn.quantized import fuse_rows
+
+        fused = fuse_rows([getattr(self, n) for n in self.names[:3]])
+        if fused is not None:
+            object.__setattr__(self, "_qkv", fused)
+
+    def _project(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q_proj, k_proj, v_proj = (getattr(self, n) for n in self.names[:3])
+        fused = self._qkv
+        if fused is not None:
+            from mistralrs.nn.quantized import still_fused
+
+            if still_fused(fused, [q_proj, k_proj, v_proj]):
+                q, k, v = fused(hidden).split([q_proj.out_features, k_proj.out_features, v_proj.out_features], -1)
+                return q, k, v
+            self._qkv = None
+        return q_proj(hidden), k_proj(hidden), v_proj(hidden)
+
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, batch: Any) -> torch.Tensor:
-        q_proj, k_proj, v_proj, o_proj = (getattr(self, n) for n in self.names)
+        o_proj = getattr(self, self.names[3])
         t = hidden.shape[0]
-        q = q_proj(hidden)
-        k = k_proj(hidden)
-        v = v_proj(hidden)
+        q, k, v = self._project(hidden)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(t, self.num_heads, self.head_dim)

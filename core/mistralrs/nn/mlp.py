@@ -76,6 +76,33 @@ class GatedMLP(nn.Module):
         object.__setattr__(self, "_gate_up", fused)  # not registered: no new state_dict names
         self._act_and_mul = act_and_mul
 
+    def after_loading(self) -> None:
+        """Quantized gate and up of one type become one matmul (their states are views of the
+        fused layer's); the plain-weight fusion happens at materialisation instead."""
+        if self._gate_up is not None:
+            return
+        from mistralrs.nn.quantized import fuse_rows
+
+        gate, up = getattr(self, self.names[0]), getattr(self, self.names[1])
+        fused = fuse_rows([gate, up])
+        if fused is None:
+            return
+        object.__setattr__(self, "_gate_up_q", fused)
+        if self.act_fn is F.silu:
+            from mistralrs.nn.kernels import lookup_kernel
+
+            self._act_and_mul = lookup_kernel("silu_and_mul", next(iter(fused.buffers())).device)
+        else:
+            act = self.act_fn
+
+            def act_and_mul(gu: torch.Tensor) -> torch.Tensor:
+                g, u = gu.chunk(2, dim=-1)
+                return act(g) * u
+
+            self._act_and_mul = act_and_mul
+
+    _gate_up_q: Linear | None = None  # quantized gate+up fused after loading (not a submodule)
+
     def _fused(self) -> Linear | None:
         """The fused gate/up layer while gate and up still are its halves (a quantizer or a caller
         replacing either weight ends the fusion)."""
@@ -99,6 +126,13 @@ class GatedMLP(nn.Module):
         fused = self._fused()
         if fused is not None and self._act_and_mul is not None:
             return down(self._act_and_mul(fused(x)))
+        quantized = self._gate_up_q
+        if quantized is not None and self._act_and_mul is not None:
+            from mistralrs.nn.quantized import still_fused
+
+            if still_fused(quantized, [gate, up]):
+                return down(self._act_and_mul(quantized(x)))
+            self._gate_up_q = None
         return down(self.act_fn(gate(x)) * up(x))
 
 

@@ -35,6 +35,10 @@ from mistralrs.nn.linear import Linear, LinearMethodBase
 class QuantizedLinearMethod(LinearMethodBase):
     """A method whose weight is quantized to the type `qtype` (ISQ: from float weights at load)."""
 
+    # Every state tensor has one row per output feature (dim 0), so layers sharing an input can
+    # be fused by concatenating their states (`fuse_rows`); GGML blocks and AFQ groups are.
+    rows_state = False
+
     def __init__(self, qtype: str, **options: Any) -> None:
         self.qtype = qtype.lower()
         self.options = options
@@ -113,6 +117,64 @@ class QuantizedLinearMethod(LinearMethodBase):
 
     def describe(self) -> str:
         return self.qtype
+
+
+def fuse_rows(layers: list[Linear]) -> Linear | None:
+    """One layer computing ``cat([layer(x) for layer in layers], -1)`` in a single matmul, when
+    every layer has the same quantized type whose state is laid out per output row
+    (`QuantizedLinearMethod.rows_state`, e.g. GGML blocks). The layers' state tensors become views
+    of the fused ones, so no memory is added; None when the layers cannot be fused."""
+    methods = [layer.quant_method for layer in layers]
+    first = methods[0]
+    if not isinstance(first, QuantizedLinearMethod) or not first.rows_state or len(layers) < 2:
+        return None
+    if any(type(m) is not type(first) or m.qtype != first.qtype or not m.is_quantized(layer)  # type: ignore[attr-defined]
+           for m, layer in zip(methods, layers)):
+        return None
+    if len({layer.in_features for layer in layers}) != 1 or len({layer.bias is None for layer in layers}) != 1:
+        return None
+    states = [m.state(layer) for m, layer in zip(methods, layers)]  # type: ignore[attr-defined]
+    names = list(states[0])
+    if any(list(st) != names for st in states):
+        return None
+    fused_state = {name: torch.cat([st[name] for st in states], dim=0) for name in names}
+    with torch.device("meta"):
+        fused = Linear(layers[0].in_features, sum(layer.out_features for layer in layers),
+                       bias=layers[0].bias is not None, quant_method=type(first)(first.qtype, **first.options))
+    fused.quant_method.set_state(fused, fused_state)  # type: ignore[attr-defined]
+    start = 0
+    for layer in layers:
+        stop = start + layer.out_features
+        for name in names:
+            layer._buffers[name] = fused_state[name][start:stop]
+        start = stop
+    if layers[0].bias is not None:
+        bias = torch.cat([layer.bias for layer in layers])  # type: ignore[misc]
+        fused.bias = nn.Parameter(bias, requires_grad=False)
+        start = 0
+        for layer in layers:
+            stop = start + layer.out_features
+            layer.bias = nn.Parameter(bias[start:stop], requires_grad=False)
+            start = stop
+    return fused
+
+
+def still_fused(fused: Linear | None, layers: list[Linear]) -> bool:
+    """Whether the layers' first state tensor still is a view of the fused layer's (a re-quantized
+    or replaced layer ends a fusion)."""
+    if fused is None:
+        return False
+    names = getattr(fused, "_quant_state_names", ())
+    if not names:
+        return False
+    base = getattr(fused, names[0])
+    offset = 0
+    for layer in layers:
+        t = layer._buffers.get(names[0])
+        if t is None or t.data_ptr() != base.data_ptr() + offset:
+            return False
+        offset += t.numel() * t.element_size()
+    return True
 
 
 class _Loader:

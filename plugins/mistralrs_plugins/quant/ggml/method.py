@@ -15,6 +15,8 @@ from mistralrs_plugins.quant.ggml.formats import FORMATS, dequantize, quantize
 class GgmlLinearMethod(QuantizedLinearMethod):
     """State: ``qweight`` uint8 [out, in / block_size * type_size], row n = output feature n."""
 
+    rows_state = True
+
     def __init__(self, qtype: str, **options: Any) -> None:
         super().__init__(qtype, **options)
         if self.qtype not in FORMATS:
