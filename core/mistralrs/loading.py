@@ -423,7 +423,8 @@ def _no_mmap() -> bool:
     return os.environ.get("MISTRALRS_NO_MMAP", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def load_weights(model: nn.Module, files: Iterable[Path], *, arch_name: str = "model") -> int:
+def load_weights(model: nn.Module, files: Iterable[Path], *, arch_name: str = "model",
+                 action: str = "loading") -> int:
     """Stream every tensor of `files` into the model's (materialised) parameters; returns the
     number of bytes copied. Shape mismatch / missing / unexpected tensors -> ModelLoadError."""
     import torch
@@ -435,7 +436,7 @@ def load_weights(model: nn.Module, files: Iterable[Path], *, arch_name: str = "m
     iterate = _iter_bytes if _no_mmap() else _iter_mmap
     from mistralrs.progress import progress
 
-    with torch.no_grad(), progress(len(expected), f"loading {arch_name} weights") as bar:
+    with torch.no_grad(), progress(len(expected), f"{action} {arch_name} weights") as bar:
         for path in files:
             if not path.is_file():
                 raise ModelLoadError(f"{_short(path)}: weights file not found; re-download the model")
@@ -495,17 +496,21 @@ def load_weights(model: nn.Module, files: Iterable[Path], *, arch_name: str = "m
     return nbytes
 
 
-def init_dummy_weights(model: nn.Module, seed: int = 0) -> int:
+def init_dummy_weights(model: nn.Module, seed: int = 0, *, action: str | None = None) -> int:
     """Deterministic stand-in weights: normal(0, 0.02) everywhere, norms' weights 1 (0 for the
     ``1 + w`` Gemma variant) and their biases 0. Returns the bytes filled."""
     import torch
 
     from mistralrs.nn.norm import LayerNorm, RMSNorm
+    from mistralrs.progress import no_progress, progress
 
     gen = torch.Generator(device="cpu").manual_seed(seed)
     nbytes = 0
-    with torch.no_grad():
-        for module in model.modules():
+    modules = list(model.modules())
+    bar = progress(len(modules), f"{action} dummy weights") if action else no_progress()
+    with torch.no_grad(), bar:
+        for module in modules:
+            bar.update()
             for pname, p in list(module.named_parameters(recurse=False)):
                 if p is None:
                     continue
@@ -614,10 +619,11 @@ def load_model(
     model = build_model(spec, config, ctx)
     materialize(model, dev)
     if dummy_weights:
-        nbytes = init_dummy_weights(model, seed)
+        nbytes = init_dummy_weights(model, seed, action="quantizing" if quant_method_for is not None else None)
         weight_files = []
     else:
-        nbytes = load_weights(model, weight_files, arch_name=spec.name)
+        nbytes = load_weights(model, weight_files, arch_name=spec.name,
+                              action="loading and quantizing" if quant_method_for is not None else "loading")
     _process_after_loading(model)
     if quant_method_for is not None:
         quantize_tied_head(model, quant_method_for)

@@ -29,6 +29,11 @@ def progress(total: int, desc: str) -> Any:
     return tqdm(total=total, desc=desc, unit="tensor", leave=False, dynamic_ncols=True)
 
 
+def no_progress() -> Any:
+    """The no-op bar: for callers that show a bar only sometimes."""
+    return _Silent()
+
+
 class _Silent:
     def update(self, n: int = 1) -> None:
         pass
