@@ -338,9 +338,11 @@ class ParitySuite:
 
 
 # Cosine similarity of ISQ logits to fp32 logits (tiny random models, 20 positions). Measured
-# over the 26 parity cases: q8_0 0.9981-0.99998; q4k (q5_0 on these widths, q6k tied heads)
-# 0.926 (gemma3: embedding scale and softcaps) and 0.970-0.9997 for the rest.
-ISQ_MIN_COSINE = {"q8_0": 0.997, "q4k": 0.9}
+# over the 26 parity cases with the native kernels (which quantize activations to 8 bits, as
+# llama.cpp does): q8_0 0.9957 (mixtral) to 0.99998; q4k (q5_0 on these widths, q6k tied heads)
+# 0.926 (gemma3: embedding scale and softcaps) and 0.970-0.9997 for the rest. The weights-only
+# reference path gives the same q4k figures and q8_0 >= 0.998.
+ISQ_MIN_COSINE = {"q8_0": 0.99, "q4k": 0.9}
 
 
 def assert_isq_close(path: Path | str, *, arch: str | None = None, seq_len: int = 20) -> dict[str, float]:
