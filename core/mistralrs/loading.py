@@ -537,6 +537,15 @@ def init_dummy_weights(model: nn.Module, seed: int = 0, *, action: str | None = 
     return nbytes
 
 
+def resident_weight_bytes(model: nn.Module) -> int:
+    """Bytes the model's weights occupy as loaded (quantized state included; shared storage once)."""
+    seen: dict[int, int] = {}
+    for t in model.state_dict().values():
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
 def _fill_normal(flat: torch.Tensor, gen: Any) -> None:
     """normal(0, 0.02) in 4M-element chunks, so a huge tensor never needs a full fp32 copy."""
     import torch
@@ -636,7 +645,7 @@ def load_model(
     return LoadedModel(
         model=model, config=config, arch=spec, dtype=torch_dtype, device=dev, model_dir=root,
         weight_files=tuple(weight_files), dummy_weights=dummy_weights,
-        load_seconds=time.perf_counter() - t0, weight_bytes=nbytes,
+        load_seconds=time.perf_counter() - t0, weight_bytes=resident_weight_bytes(model) if quant_method_for else nbytes,
     )
 
 
