@@ -365,6 +365,18 @@ def test_matches_the_exact_emulation(native, name, n, k, rng):
 
 
 @requires_avx2
+@pytest.mark.parametrize("k", [32, 96])
+@pytest.mark.parametrize("name", ["q4_0", "q8_0"])
+def test_rows_of_one_and_three_blocks(native, name, k, rng):
+    qw = random_qweight(name, 11, k, rng)
+    x = randn(rng, 9, k)
+    exact, mag = emulate(name, x, qw)
+    for m in (1, 2, 4, 9):
+        _check_exact(getattr(ops, f"qmatmul_{name}")(x[:m], qw, out_f32=True), x[:m], qw, name,
+                     emulated=(exact[:m], mag[:m]))
+
+
+@requires_avx2
 @pytest.mark.parametrize("name", TYPES)
 def test_prefill_sized_batch_matches_the_emulation(native, name, rng):
     qw = random_qweight(name, 45, 512, rng)

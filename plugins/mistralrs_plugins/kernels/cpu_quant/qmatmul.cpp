@@ -21,11 +21,13 @@
 // Nothing relies on the compiler's FP contraction (the build passes -ffp-contract=off; every fmadd is
 // explicit).
 //
-// Schedules (threads always split N into contiguous ranges of whole 8-row groups; at::parallel_for with
-// torch's thread count; little work runs on the calling thread):
+// Schedules (threads split N into contiguous ranges of whole 8-row groups; at::parallel_for with torch's
+// thread count; little work runs on the calling thread):
 // - M <= kGemvRows (decode): tiles of all M rows against 2-8 rows of W (more rows of W for fewer rows of x,
-//   so that enough independent accumulator chains hide the fmadd latency) over each thread's range: every
-//   weight byte is read from memory once, in one sequential stream per thread, and used for all M rows.
+//   so that enough independent accumulator chains hide the fmadd latency). The rows of a tile come from
+//   equal parts of the thread's range, so each is one long sequential stream through W, which the
+//   hardware prefetchers follow (consecutive rows, i.e. streams of one row each, ran at half the speed
+//   when W comes from DRAM). Every weight byte is read from memory once and used for all M rows.
 // - M > kGemvRows (prefill, batched decode): each thread walks its range in panels of weight rows sized
 //   for L2; for every panel, the rows of x go by in tiles of kGemmRows, so each weight block is unpacked
 //   once per tile and used kGemmRows times, and W is read from memory once per call.
