@@ -70,3 +70,12 @@ def register_kernels(register):
             reference=True,
             description=f"torch reference: dequantize {name}, then matmul in fp32",
         ))
+    register(KernelSpec(
+        name="torch",
+        op="ggml_quantize",
+        impl="mistralrs_plugins.quant.ggml.formats:quantize",
+        devices=("cpu", "cuda", "mps"),
+        priority=0,
+        reference=True,
+        description="torch reference: quantize(qtype, weight) -> GGML block bytes, vectorized torch (bit-exact with llama.cpp)",
+    ))

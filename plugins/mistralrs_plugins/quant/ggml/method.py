@@ -9,7 +9,7 @@ import torch
 from mistralrs.nn.kernels import lookup_kernel
 from mistralrs.nn.linear import Linear
 from mistralrs.nn.quantized import QuantizedLinearMethod
-from mistralrs_plugins.quant.ggml.formats import FORMATS, dequantize, quantize
+from mistralrs_plugins.quant.ggml.formats import FORMATS, dequantize
 
 
 class GgmlLinearMethod(QuantizedLinearMethod):
@@ -23,6 +23,7 @@ class GgmlLinearMethod(QuantizedLinearMethod):
             raise ValueError(f"not a GGML block type: {qtype!r}")
         self.format = FORMATS[self.qtype]
         self._kernel: Any = None
+        self._quantizer: Any = None
 
     def check_shape(self, out_features: int, in_features: int) -> str | None:
         bs = self.format.block_size
@@ -31,7 +32,12 @@ class GgmlLinearMethod(QuantizedLinearMethod):
         return None
 
     def quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"qweight": quantize(self.qtype, weight)}
+        # The op ggml_quantize: a native quantizer where one is registered (the cpu_ggml_quantize plugin),
+        # else the torch reference (formats.quantize); llama.cpp's block bytes either way.
+        quantizer = self._quantizer
+        if quantizer is None:
+            quantizer = self._quantizer = lookup_kernel("ggml_quantize", weight.device)
+        return {"qweight": quantizer(self.qtype, weight)}
 
     def dequantize(self, layer: Linear) -> torch.Tensor:
         return dequantize(self.qtype, layer.qweight, layer.in_features)
