@@ -405,3 +405,22 @@ def test_bit_exact_with_llama_cpp_c_code(name, llama_cpp_reference):
         cdq = mod.c_dequantize(lib, name, ref, x.shape[1])
         if cdq is not None:
             assert _same_bits(dequantize(name, torch.from_numpy(ref), x.shape[1]).numpy(), cdq), label
+
+
+def test_dequantize_on_worker_threads_under_inference_mode():
+    """The engine runs forwards under torch.inference_mode: a quantized embedding's row lookup
+    (many rows, several tiles on worker threads) must work there."""
+    import torch
+
+    from mistralrs_plugins.quant.ggml.formats import dequantize, quantize
+
+    w = torch.randn(4096, 256)
+    q = quantize("q4_0", w)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            got = dequantize("q4_0", q, 256)
+    finally:
+        torch.set_num_threads(saved)
+    assert torch.equal(got, dequantize("q4_0", q, 256))

@@ -376,10 +376,18 @@ def _tile_threads() -> Iterator[int]:
 
 
 def _run_tiles(tiles: list, work: Callable[[tuple], None]) -> None:
+    # Inference mode is per thread: the workers take the caller's, or writing into an output made
+    # under the engine's inference_mode would be refused.
+    inference = torch.is_inference_mode_enabled()
+
+    def run(tile: tuple) -> None:
+        with torch.inference_mode(inference):
+            work(tile)
+
     with _tile_threads() as n:
         if n > 1 and len(tiles) > 1:
             with ThreadPoolExecutor(min(n, len(tiles)), thread_name_prefix="ggml-quant") as pool:
-                for _ in pool.map(work, tiles):
+                for _ in pool.map(run, tiles):
                     pass
         else:
             for t in tiles:
