@@ -205,6 +205,12 @@ class Registry:
             " (choose one with -a/--arch, or install a plugin that adds it)"
         )
 
+    def quantizer_for_ggml_type(self, ggml_type: int) -> S.QuantizerSpec | None:
+        """The quantizer that stores GGML tensors of type id `ggml_type` as they are (None: none does)."""
+        found = [s for s in self.quantizers if s.ggml_type == ggml_type]
+        found.sort(key=lambda s: (-s.priority, s.name))
+        return found[0] if found else None
+
     def supported_architecture_names(self) -> list[str]:
         names: set[str] = set()
         for spec in self.architectures:

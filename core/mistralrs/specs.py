@@ -117,6 +117,9 @@ class QuantizerSpec(Spec):
     sensitive: str | None = None
     fallback: str | None = None
     devices: tuple[str, ...] = attrs.field(default=("cpu",), converter=_names)
+    # The GGML tensor type id (GGUF ``ggml_type``) whose block bytes this format stores as they
+    # are: GGUF tensors of that type load into it without re-quantizing (`ggml_state`).
+    ggml_type: int | None = None
     kind: str = attrs.field(init=False, default="quantizer")
 
 

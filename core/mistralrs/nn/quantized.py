@@ -59,6 +59,15 @@ class QuantizedLinearMethod(LinearMethodBase):
         y = F.linear(x.float(), self.dequantize(layer))
         return y if out_f32 else y.to(x.dtype)
 
+    def ggml_state(self, raw: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The state of a weight that arrives already quantized as GGML block bytes (uint8
+        [out, row_bytes]: a GGUF tensor of the spec's ``ggml_type``), taken as it is."""
+        raise NotImplementedError(f"{self.qtype} does not store GGML blocks")
+
+    def load_ggml(self, layer: Linear, raw: torch.Tensor) -> None:
+        """Install GGML block bytes (a GGUF tensor) as the layer's state, dropping the float weight."""
+        self.set_state(layer, self.ggml_state(raw))
+
     def state_bytes(self, layer: Linear) -> int:
         return sum(b.numel() * b.element_size() for b in self.state(layer).values())
 

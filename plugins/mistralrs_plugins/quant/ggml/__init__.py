@@ -35,6 +35,13 @@ TYPES: dict[str, tuple[float, int | None, str, str | None, tuple[str, ...]]] = {
 }
 
 
+# GGML tensor type ids (ggml.h `enum ggml_type`; a GGUF tensor's type field).
+GGML_TYPE_IDS: dict[str, int] = {
+    "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q8_1": 9,
+    "q2k": 10, "q3k": 11, "q4k": 12, "q5k": 13, "q6k": 14, "q8k": 15,
+}
+
+
 def _aliases(name: str) -> tuple[str, ...]:
     # q4k is also spelled q4_k (GGUF) ; upper case is handled by the case-insensitive lookup
     return (f"{name[:-1]}_k",) if name.endswith("k") else ()
@@ -54,6 +61,7 @@ def register_quantizers(register):
             sensitive=sensitive,
             fallback=fallback,
             devices=devices,
+            ggml_type=GGML_TYPE_IDS[name],
             description=f"GGML {name} blocks ({bpw} bits per weight)",
         ))
 

@@ -39,6 +39,9 @@ class GgmlLinearMethod(QuantizedLinearMethod):
             quantizer = self._quantizer = lookup_kernel("ggml_quantize", weight.device)
         return {"qweight": quantizer(self.qtype, weight)}
 
+    def ggml_state(self, raw: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"qweight": raw}
+
     def dequantize(self, layer: Linear) -> torch.Tensor:
         return dequantize(self.qtype, layer.qweight, layer.in_features)
 
