@@ -1,4 +1,5 @@
-"""GGML block quantization (llama.cpp's formats): ISQ types q4_0 ... q8k.
+"""GGML block quantization (llama.cpp's formats): ISQ types q4_0 ... q8k, and the types of GGUF
+files we only dequantize (i-quants, TQ1_0/TQ2_0, MXFP4: `DEQUANT_ONLY_TYPES`, ``isq=False``).
 
 Weights are held as the raw llama.cpp block bytes (``qweight``: uint8 [out, row_bytes]), so a
 row quantized here is a valid GGUF tensor row of that type (``formats``). The forward is the op
@@ -35,16 +36,42 @@ TYPES: dict[str, tuple[float, int | None, str, str | None, tuple[str, ...]]] = {
 }
 
 
+# Types whose blocks GGUF files hold and we dequantize but never quantize to (they need llama.cpp's
+# importance-matrix lattice searches): name (the GGUF spelling, lower case): (bits per weight, ggml
+# type id, block size). They load as they are (`load_ggml`) and run the reference path (dequantize,
+# then matmul); `--isq` does not offer them. Block layouts and tables: `iquants`, `iq_tables`.
+DEQUANT_ONLY_TYPES: dict[str, tuple[float, int, int]] = {
+    "iq1_s": (1.5625, 19, 256),
+    "iq1_m": (1.75, 29, 256),
+    "tq1_0": (1.6875, 34, 256),
+    "iq2_xxs": (2.0625, 16, 256),
+    "tq2_0": (2.0625, 35, 256),
+    "iq2_xs": (2.3125, 17, 256),
+    "iq2_s": (2.5625, 22, 256),
+    "iq3_xxs": (3.0625, 18, 256),
+    "iq3_s": (3.4375, 21, 256),
+    "iq4_xs": (4.25, 23, 256),
+    "mxfp4": (4.25, 39, 32),
+    "iq4_nl": (4.5, 20, 32),
+}
+
+
 # GGML tensor type ids (ggml.h `enum ggml_type`; a GGUF tensor's type field).
 GGML_TYPE_IDS: dict[str, int] = {
     "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q8_1": 9,
     "q2k": 10, "q3k": 11, "q4k": 12, "q5k": 13, "q6k": 14, "q8k": 15,
+    **{name: type_id for name, (_bpw, type_id, _block) in DEQUANT_ONLY_TYPES.items()},
 }
 
 
 def _aliases(name: str) -> tuple[str, ...]:
     # q4k is also spelled q4_k (GGUF) ; upper case is handled by the case-insensitive lookup
     return (f"{name[:-1]}_k",) if name.endswith("k") else ()
+
+
+def _dequant_only_aliases(name: str) -> tuple[str, ...]:
+    # iq2_xxs is also spelled iq2xxs (as q4_k is q4k); tq1_0, tq2_0 and mxfp4 have one spelling
+    return (name.replace("_", ""),) if name.startswith("iq") else ()
 
 
 @hookimpl
@@ -64,11 +91,23 @@ def register_quantizers(register):
             ggml_type=GGML_TYPE_IDS[name],
             description=f"GGML {name} blocks ({bpw} bits per weight)",
         ))
+    for name, (bpw, type_id, block) in DEQUANT_ONLY_TYPES.items():
+        register(QuantizerSpec(
+            name=name,
+            method=METHOD,
+            aliases=_dequant_only_aliases(name),
+            isq=False,
+            bits_per_weight=bpw,
+            devices=("cpu", "cuda", "mps"),
+            ggml_type=type_id,
+            description=f"GGML {name} blocks of {block} ({bpw} bits per weight), from GGUF files; "
+                        "dequantize-only (reference dequantize-then-matmul path)",
+        ))
 
 
 @hookimpl
 def register_kernels(register):
-    for name in TYPES:
+    for name in (*TYPES, *DEQUANT_ONLY_TYPES):
         register(KernelSpec(
             name="torch",
             op=f"qmatmul_{name}",

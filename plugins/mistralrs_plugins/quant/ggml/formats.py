@@ -4,7 +4,8 @@ A quantized row is a GGUF tensor row of that type: blocks laid out as llama.cpp'
 structs (ggml-common.h), little-endian. Quantization follows llama.cpp's reference C code
 (``quantize_row_*_ref`` in ggml-quants.c, no importance matrix) in float32, operation for
 operation, so the bytes match; the k-quant searches live in `kquants`. Dequantization matches
-llama.cpp's ``dequantize_row_*`` (and gguf-py's numpy version) bit for bit.
+llama.cpp's ``dequantize_row_*`` (and gguf-py's numpy version) bit for bit. The types we only
+dequantize (GGUF files' i-quants, TQ1_0/TQ2_0, MXFP4: `DEQUANT_ONLY_FORMATS`) live in `iquants`.
 
 Everything is vectorized torch on the CPU. Rows are processed a tile at a time (whole blocks,
 a bounded number of elements) so the float32 temporaries stay within a few tens of MB whatever
@@ -25,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import attrs
 import torch
 
+from . import iquants as IQ
 from . import kquants as K
 
 
@@ -57,11 +59,29 @@ FORMATS: dict[str, BlockFormat] = {
 }
 
 
+# Types we only dequantize (GGUF files): the i-quants, TQ1_0/TQ2_0 and MXFP4 (`iquants`).
+DEQUANT_ONLY_FORMATS: dict[str, BlockFormat] = {
+    name: BlockFormat(name, ggml_type, block_size, type_size)
+    for name, (ggml_type, block_size, type_size) in IQ.IQ_TYPES.items()
+}
+
+# Every block format `dequantize` and `row_bytes` take: FORMATS (quantize too) and the dequantize-only ones.
+ALL_FORMATS: dict[str, BlockFormat] = {**FORMATS, **DEQUANT_ONLY_FORMATS}
+
+
 def _format(name: str) -> BlockFormat:
     try:
-        return FORMATS[name]
+        return ALL_FORMATS[name]
     except KeyError:
-        raise ValueError(f"unknown GGML block format {name!r}; known: {', '.join(FORMATS)}") from None
+        raise ValueError(f"unknown GGML block format {name!r}; known: {', '.join(ALL_FORMATS)}") from None
+
+
+def check_quantizable(name: str) -> None:
+    """Raise a ValueError naming the type when `name` is a dequantize-only (or unknown) format."""
+    if name in DEQUANT_ONLY_FORMATS:
+        raise ValueError(f"GGML type {name} is dequantize-only: its blocks load as they are from GGUF files, "
+                         f"but float weights cannot be quantized to it (quantizable types: {', '.join(FORMATS)})")
+    _format(name)
 
 
 def _check_cols(fmt: BlockFormat, cols: int) -> None:
@@ -321,6 +341,7 @@ _QUANTIZE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 _DEQUANTIZE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "q4_0": _dq4_0, "q4_1": _dq4_1, "q5_0": _dq5_0, "q5_1": _dq5_1, "q8_0": _dq8_0, "q8_1": _dq8_1,
     "q2k": _dq2_k, "q3k": _dq3_k, "q4k": _dq4_k, "q5k": _dq5_k, "q6k": _dq6_k, "q8k": _dq8_k,
+    **IQ.DEQUANTIZE,
 }
 
 # Values per tile: bounds the temporaries (measured peak, all workers together: under ~64 MB).
@@ -400,6 +421,7 @@ def quantize(name: str, weight: torch.Tensor) -> torch.Tensor:
     dimensions beyond two are kept (``[..., cols]`` -> ``[..., row_bytes]``). Computed on the CPU
     (on up to ``torch.get_num_threads()`` worker threads, see `_tile_threads`); the result is put
     on `weight`'s device."""
+    check_quantizable(name)
     fmt = _format(name)
     if weight.dim() < 1 or not weight.is_floating_point():
         raise ValueError(f"{name}: expected a floating-point tensor [rows, cols], got {weight.dtype} {tuple(weight.shape)}")

@@ -9,19 +9,23 @@ import torch
 from mistralrs.nn.kernels import lookup_kernel
 from mistralrs.nn.linear import Linear
 from mistralrs.nn.quantized import QuantizedLinearMethod
-from mistralrs_plugins.quant.ggml.formats import FORMATS, dequantize
+from mistralrs_plugins.quant.ggml.formats import ALL_FORMATS, DEQUANT_ONLY_FORMATS, check_quantizable, dequantize
 
 
 class GgmlLinearMethod(QuantizedLinearMethod):
-    """State: ``qweight`` uint8 [out, in / block_size * type_size], row n = output feature n."""
+    """State: ``qweight`` uint8 [out, in / block_size * type_size], row n = output feature n.
+
+    The dequantize-only types (`formats.DEQUANT_ONLY_FORMATS`: i-quants, TQ1_0/TQ2_0, MXFP4) take
+    their blocks from a GGUF file (`load_ggml`) and refuse `quantize`."""
 
     rows_state = True
 
     def __init__(self, qtype: str, **options: Any) -> None:
         super().__init__(qtype, **options)
-        if self.qtype not in FORMATS:
+        if self.qtype not in ALL_FORMATS:
             raise ValueError(f"not a GGML block type: {qtype!r}")
-        self.format = FORMATS[self.qtype]
+        self.format = ALL_FORMATS[self.qtype]
+        self.dequantize_only = self.qtype in DEQUANT_ONLY_FORMATS
         self._kernel: Any = None
         self._quantizer: Any = None
 
@@ -34,6 +38,7 @@ class GgmlLinearMethod(QuantizedLinearMethod):
     def quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         # The op ggml_quantize: a native quantizer where one is registered (the cpu_ggml_quantize plugin),
         # else the torch reference (formats.quantize); llama.cpp's block bytes either way.
+        check_quantizable(self.qtype)  # a dequantize-only type: a ValueError naming it
         quantizer = self._quantizer
         if quantizer is None:
             quantizer = self._quantizer = lookup_kernel("ggml_quantize", weight.device)

@@ -2,7 +2,8 @@
 
 ``qmatmul_<type>(x[M, K], qweight uint8[N, row_bytes], bias[N] | None, *, out_f32=False)``
 returns ``x @ W.T + b`` in x's dtype (fp32 with `out_f32`). Correct for every type and slow
-(it dequantizes the whole weight per call); native kernels replace it where they run.
+(it dequantizes the whole weight per call); native kernels replace it where they run. The
+dequantize-only GGUF types (i-quants, TQ1_0/TQ2_0, MXFP4) have only this path.
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from mistralrs_plugins.quant.ggml import TYPES
-from mistralrs_plugins.quant.ggml.formats import FORMATS, dequantize
+from mistralrs_plugins.quant.ggml import DEQUANT_ONLY_TYPES, TYPES
+from mistralrs_plugins.quant.ggml.formats import ALL_FORMATS, dequantize
 
 
 def in_features(name: str, qweight: torch.Tensor) -> int:
-    fmt = FORMATS[name]
+    fmt = ALL_FORMATS[name]
     return qweight.shape[-1] // fmt.type_size * fmt.block_size
 
 
@@ -32,5 +33,5 @@ def _make(name: str) -> Callable[..., torch.Tensor]:
     return qmatmul
 
 
-for _name in TYPES:
+for _name in (*TYPES, *DEQUANT_ONLY_TYPES):
     globals()[f"qmatmul_{_name}"] = _make(_name)
