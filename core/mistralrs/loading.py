@@ -80,6 +80,7 @@ class LoadedModel:
     dummy_weights: bool = False
     load_seconds: float = 0.0
     weight_bytes: int = 0
+    gguf: Any = None  # the parsed GGUF file(s) of a GGUF model (its tokenizer, chat template)
 
     def kv_cache_shape(self) -> dict[str, int]:
         return self.model.kv_cache_shape()
@@ -425,69 +426,84 @@ def _no_mmap() -> bool:
 
 def load_weights(model: nn.Module, files: Iterable[Path], *, arch_name: str = "model",
                  action: str = "loading") -> int:
-    """Stream every tensor of `files` into the model's (materialised) parameters; returns the
-    number of bytes copied. Shape mismatch / missing / unexpected tensors -> ModelLoadError."""
-    import torch
-
+    """Stream every tensor of the safetensors `files` into the model's (materialised) parameters;
+    returns the number of bytes copied. Shape mismatch / missing / unexpected tensors -> ModelLoadError."""
     files = [Path(f) for f in files]
-    expected = _expected_tensors(model)
-    filled: set[str] = set()
-    nbytes = 0
     iterate = _iter_bytes if _no_mmap() else _iter_mmap
-    from mistralrs.progress import progress
 
-    with torch.no_grad(), progress(len(expected), f"{action} {arch_name} weights") as bar:
+    def stream() -> Iterator[tuple[Path, str, tuple[int, ...], Callable[[], Any]]]:
         for path in files:
             if not path.is_file():
                 raise ModelLoadError(f"{_short(path)}: weights file not found; re-download the model")
             for key, shape, read in iterate(path):
-                target = _map_name(model, key)
-                if target is None:
-                    continue
-                dest = expected.get(target)
-                parts = _split_parts(model, target, shape) if dest is None else None
-                if parts is not None:
-                    # one checkpoint tensor feeding several parameters (e.g. fused MoE experts)
-                    tensor = read()
-                    for part_name, select in parts:
-                        part_dest, value = expected.get(part_name), select(tensor)
-                        part_loader = getattr(part_dest, "weight_loader", None)
-                        if part_dest is None or (part_loader is None and tuple(part_dest.shape) != tuple(value.shape)):
-                            raise ModelLoadError(
-                                f"{_short(path)}: tensor {key!r} splits into {part_name!r} of shape "
-                                f"{list(value.shape)}, which {arch_name} does not have; config.json does not match "
-                                "the weights"
-                            )
-                        part_loader(part_dest, value) if part_loader is not None else part_dest.copy_(value)
-                        nbytes += part_dest.numel() * part_dest.element_size()
-                        filled.add(part_name)
-                    del tensor
-                    continue
-                if dest is None:
-                    raise ModelLoadError(
-                        f"{_short(path)}: unexpected tensor {key!r} (no such parameter in {arch_name}); the checkpoint "
-                        "does not match config.json or the architecture - check 'architectures' / --arch"
-                    )
-                loader = getattr(dest, "weight_loader", None)
-                if loader is None and tuple(dest.shape) != shape:
-                    raise ModelLoadError(
-                        f"{_short(path)}: tensor {key!r} has shape {list(shape)} but {arch_name} expects "
-                        f"{list(dest.shape)}; config.json does not match the weights"
-                    )
+                yield path, key, shape, read
+
+    where = files[0].name if len(files) == 1 else f"{len(files)} files in {files[0].parent}" if files else "no files"
+    return load_tensor_stream(model, stream(), where=where, arch_name=arch_name, action=action)
+
+
+def load_tensor_stream(model: nn.Module, tensors: Iterable[tuple[Path, str, tuple[int, ...], Callable[[], Any]]], *,
+                       where: str, arch_name: str = "model", action: str = "loading") -> int:
+    """Fill the model's (materialised) parameters from ``(file, checkpoint name, shape, read())``
+    items (safetensors, or a GGUF file's tensors under their HF names); returns the bytes filled.
+    A parameter with a ``weight_loader`` takes the value itself (ISQ quantizes it, a GGUF block
+    tensor is installed as it is); else shapes must match. Missing / unexpected tensors and shape
+    mismatches are one-line `ModelLoadError`s naming the file."""
+    import torch
+
+    expected = _expected_tensors(model)
+    filled: set[str] = set()
+    nbytes = 0
+    from mistralrs.progress import progress
+
+    with torch.no_grad(), progress(len(expected), f"{action} {arch_name} weights") as bar:
+        for path, key, shape, read in tensors:
+            target = _map_name(model, key)
+            if target is None:
+                continue
+            dest = expected.get(target)
+            parts = _split_parts(model, target, shape) if dest is None else None
+            if parts is not None:
+                # one checkpoint tensor feeding several parameters (e.g. fused MoE experts)
                 tensor = read()
-                bar.update()
-                if loader is not None:
-                    loader(dest, tensor)
-                else:
-                    dest.copy_(tensor)
-                nbytes += dest.numel() * dest.element_size()
-                filled.add(target)
+                for part_name, select in parts:
+                    part_dest, value = expected.get(part_name), select(tensor)
+                    part_loader = getattr(part_dest, "weight_loader", None)
+                    if part_dest is None or (part_loader is None and tuple(part_dest.shape) != tuple(value.shape)):
+                        raise ModelLoadError(
+                            f"{_short(path)}: tensor {key!r} splits into {part_name!r} of shape "
+                            f"{list(value.shape)}, which {arch_name} does not have; config.json does not match "
+                            "the weights"
+                        )
+                    part_loader(part_dest, value) if part_loader is not None else part_dest.copy_(value)
+                    nbytes += part_dest.numel() * part_dest.element_size()
+                    filled.add(part_name)
                 del tensor
+                continue
+            if dest is None:
+                raise ModelLoadError(
+                    f"{_short(path)}: unexpected tensor {key!r} (no such parameter in {arch_name}); the checkpoint "
+                    "does not match config.json or the architecture - check 'architectures' / --arch"
+                )
+            loader = getattr(dest, "weight_loader", None)
+            if loader is None and tuple(dest.shape) != shape:
+                raise ModelLoadError(
+                    f"{_short(path)}: tensor {key!r} has shape {list(shape)} but {arch_name} expects "
+                    f"{list(dest.shape)}; config.json does not match the weights"
+                )
+            tensor = read()
+            bar.update()
+            if loader is not None:
+                loader(dest, tensor)
+            else:
+                dest.copy_(tensor)
+            nbytes += dest.numel() * dest.element_size()
+            filled.add(target)
+            del tensor
     # Names that alias one tensor (tied parameters) are filled by any one of them.
     filled_ids = {id(expected[name]) for name in filled}
     missing = [name for name, t in expected.items() if name not in filled and id(t) not in filled_ids]
     if missing:
-        where = files[0].name if len(files) == 1 else f"{len(files)} files in {files[0].parent}"
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ModelLoadError(
             f"{where}: tensor {missing[0]!r}{more} required by {arch_name} is missing from the checkpoint; "
@@ -592,6 +608,20 @@ def _process_after_loading(model: nn.Module) -> None:
             module.process_after_loading()
 
 
+def finish_loading(model: nn.Module, quant_method_for: Callable[[str, Any], Any] | None) -> None:
+    """After every tensor is in: methods' post-processing (ISQ of dummy weights), the tied head's
+    quantization, modules' ``after_loading`` hooks (fusing quantized projections that share an
+    input: GatedMLP, Attention), eval mode."""
+    _process_after_loading(model)
+    if quant_method_for is not None:
+        quantize_tied_head(model, quant_method_for)
+    for module in model.modules():
+        after_loading = getattr(module, "after_loading", None)
+        if callable(after_loading):
+            after_loading()
+    model.eval()
+
+
 # ------------------------------------------------------------------------------- load_model
 
 
@@ -633,15 +663,7 @@ def load_model(
     else:
         nbytes = load_weights(model, weight_files, arch_name=spec.name,
                               action="loading and quantizing" if quant_method_for is not None else "loading")
-    _process_after_loading(model)
-    if quant_method_for is not None:
-        quantize_tied_head(model, quant_method_for)
-    for module in model.modules():
-        # e.g. fusing quantized projections that share an input (GatedMLP, Attention)
-        after_loading = getattr(module, "after_loading", None)
-        if callable(after_loading):
-            after_loading()
-    model.eval()
+    finish_loading(model, quant_method_for)
     return LoadedModel(
         model=model, config=config, arch=spec, dtype=torch_dtype, device=dev, model_dir=root,
         weight_files=tuple(weight_files), dummy_weights=dummy_weights,

@@ -92,6 +92,9 @@ class ArchitectureSpec(Spec):
     hf_architectures: tuple[str, ...] = attrs.field(default=(), converter=_names)
     model_types: tuple[str, ...] = attrs.field(default=(), converter=_names)
     gguf_architectures: tuple[str, ...] = attrs.field(default=(), converter=_names)
+    # "module:function": (GgufModel) -> mistralrs.gguf.convert.GgufConversion, the HF config and
+    # checkpoint names of a GGUF file of one of `gguf_architectures` (docs/gguf.md).
+    gguf_converter: Ref | None = None
     kind: str = attrs.field(init=False, default="architecture")
 
 

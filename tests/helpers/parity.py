@@ -336,6 +336,27 @@ class ParitySuite:
 
     arch_override: dict[str, str] = {}  # case name -> --arch, for cases not detected from config.json
 
+    def test_gguf_f32_and_q8_0(self, tiny, tmp_path):
+        """The checkpoint converted to GGUF the way llama.cpp's converter does loads into the same
+        model: F32 gives the safetensors model's logits and greedy tokens, Q8_0 its argmax."""
+        import pytest
+
+        name, path, _ = tiny
+        if name in self.gguf_unsupported:
+            pytest.skip(self.gguf_unsupported[name])
+        print(name, assert_gguf_matches(path, tmp_path, arch=self.arch_override.get(name),
+                                         ref_arch=self.gguf_as.get(name), ref_config=self.gguf_config.get(name)))
+
+    # case name -> config.json changes that make the safetensors reference what llama.cpp runs
+    # (e.g. no sliding window: its llama/qwen2/qwen3moe graphs have none); None deletes a key.
+    gguf_config: dict[str, dict] = {}
+    # case name -> why no GGUF file of it can exist (llama.cpp's graph lacks a feature it uses)
+    gguf_unsupported: dict[str, str] = {}
+
+    # case name -> the architecture its GGUF file runs as (llama.cpp writes Mistral as Llama and
+    # drops its sliding window); the safetensors reference is loaded as that architecture too.
+    gguf_as: dict[str, str] = {}
+
 
 # Cosine similarity of ISQ logits to fp32 logits (tiny random models, 20 positions). Measured
 # over the 26 parity cases with the native kernels (which quantize activations to 8 bits, as
@@ -366,4 +387,67 @@ def assert_isq_close(path: Path | str, *, arch: str | None = None, seq_len: int 
         cos = float(torch.nn.functional.cosine_similarity(our_logits(loaded, ids).flatten(), ref, dim=0))
         assert cos >= floor, f"{path.name} --isq {isq}: cosine {cos:.5f} < {floor}"
         out[isq] = cos
+    return out
+
+
+
+
+def assert_gguf_matches(path: Path | str, tmp: Path, *, arch: str | None = None, seq_len: int = 32,
+                        writer: Any = None, ref_arch: str | None = None,
+                        ref_config: dict | None = None) -> dict[str, float]:
+    from mistralrs.gguf.loading import load_gguf
+    from mistralrs.loading import build_attention_backend, generate_greedy
+    from tests.helpers.gguf_writer import write_gguf
+
+    writer = writer or write_gguf
+    import json
+    import shutil
+
+    path = Path(path)
+    arch = ref_arch or arch
+    ref_path = path
+    if ref_config:
+        ref_path = tmp / "reference"
+        shutil.copytree(path, ref_path)
+        cfg = json.loads((ref_path / "config.json").read_text())
+        for key, value in ref_config.items():
+            if value is None:
+                cfg.pop(key, None)
+            else:
+                cfg[key] = value
+        (ref_path / "config.json").write_text(json.dumps(cfg))
+    ref = _load(ref_path, torch.float32, arch)
+    ids = _prompt(int(ref.config["vocab_size"]), seq_len, 5)
+    ref_logits = our_logits(ref, ids)
+    out: dict[str, float] = {}
+    f32 = load_gguf(writer(path, tmp / "model-f32.gguf", outtype="f32"), dtype=torch.float32)
+    assert f32.arch.name == ref.arch.name, f"{path.name}: GGUF selected {f32.arch.name}, safetensors {ref.arch.name}"
+    diff = float((our_logits(f32, ids) - ref_logits).abs().max())
+    assert diff <= 1e-4, f"{path.name}: F32 GGUF logits differ from safetensors by {diff:.3g}"
+    out["f32_max_diff"] = diff
+    greedy = []
+    for loaded in (ref, f32):
+        backend = build_attention_backend(loaded, name="paged", num_blocks=8, block_size=16)
+        greedy.append(generate_greedy(loaded, backend, ids[:8].tolist(), 16))
+    assert greedy[0] == greedy[1], f"{path.name}: F32 GGUF greedy tokens {greedy[1]} != safetensors {greedy[0]}"
+    from mistralrs.loading import load_model
+    from mistralrs.quantization import IsqPlan
+
+    q8 = load_gguf(writer(path, tmp / "model-q8_0.gguf", outtype="q8_0"), dtype=torch.float32)
+    q8_logits = our_logits(q8, ids)
+    cos = float(torch.nn.functional.cosine_similarity(q8_logits.flatten(), ref_logits.flatten(), dim=0))
+    assert cos >= ISQ_MIN_COSINE["q8_0"], f"{path.name}: Q8_0 GGUF logits cosine {cos:.5f} to fp32"
+    # The same block bytes as quantizing the checkpoint here (--isq q8_0): names, Q/K row order,
+    # expert split and fusion all undone exactly.
+    isq = load_model(ref_path, dtype=torch.float32, arch=arch, quant_method_for=IsqPlan("q8_0").method_for)
+    ours, theirs = q8.model.state_dict(), isq.model.state_dict()
+    compared = 0
+    for key, value in theirs.items():
+        if key.endswith("qweight") and key in ours:
+            assert torch.equal(ours[key], value), f"{path.name}: Q8_0 GGUF {key} differs from --isq q8_0"
+            compared += 1
+    assert compared, f"{path.name}: no quantized weight to compare"
+    out.update(q8_0_cosine=cos, q8_0_weights_equal_isq=compared)
+    for loaded in (f32, q8):
+        loaded.gguf.close()
     return out

@@ -66,5 +66,7 @@ tiny = tiny_fixture(CASES)
 class TestParity(ParitySuite):
     expected_arch = {"llama3_tied_bias": "llama"}
     tied = frozenset({"llama3_tied_bias", "qwen3"})
+    gguf_as = {"mistral": "llama"}
+    gguf_config = {"mistral": {"sliding_window": None}, "qwen2": {"use_sliding_window": False}}
 
 

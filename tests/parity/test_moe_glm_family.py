@@ -95,6 +95,8 @@ CASES = {
     # decoder_sparse_step 2 (layer 1 sparse, 0 and 2 dense), renormalised, tied; fused layout
     "qwen3moe_step_fused_tied": lambda p: _fused(*_qwen3moe(p, decoder_sparse_step=2, norm_topk_prob=True,
                                                             tie_word_embeddings=True)),
+    # every layer sparse and renormalised: what a GGUF qwen3moe file can hold
+    "qwen3moe_sparse": lambda p: _qwen3moe(p, norm_topk_prob=True, num_hidden_layers=2, seed=1),
     # q/k/v biases, partial rotary 0.5 (Glm4Config default), pairwise rotation, head_dim 32
     "glm4": lambda p: _glm4(p, head_dim=32),
     # no biases, rotary on a quarter of the head with linear scaling, tied embeddings
@@ -180,6 +182,13 @@ def assert_moe_bf16_close(path, hf, *, seq_len: int = 24, seed: int = 1) -> dict
 class TestParity(ParitySuite):
     expected_arch = {name: EXPECTED_ARCH[name.split("_")[0]] for name in CASES}
     tied = frozenset(name for name in CASES if "tied" in name)
+    # llama.cpp's llama (Mixtral) and qwen3moe graphs have no sliding window
+    gguf_config = {name: {"sliding_window": None, "use_sliding_window": False} for name in CASES
+                   if name.startswith(("mixtral", "qwen3moe"))}
+    gguf_unsupported = {
+        "qwen3moe": "llama.cpp's qwen3moe has no dense layers and always renormalises the top-k weights",
+        "qwen3moe_step_fused_tied": "llama.cpp's qwen3moe has no dense layers",
+    }
 
     def bf16_close(self, name, path, hf):
         moe = name.startswith(("mixtral", "qwen3moe"))
@@ -196,6 +205,7 @@ class TestParity(ParitySuite):
         expected_moe = {
             "mixtral": [True, True], "mixtral_fused_tied": [True, True],
             "qwen3moe": [False, True, True], "qwen3moe_step_fused_tied": [False, True, False],
+            "qwen3moe_sparse": [True, True],
         }.get(name, [False, False])
         assert moe == expected_moe
         if name.startswith("glm4"):

@@ -64,9 +64,17 @@ class QuantizedLinearMethod(LinearMethodBase):
         [out, row_bytes]: a GGUF tensor of the spec's ``ggml_type``), taken as it is."""
         raise NotImplementedError(f"{self.qtype} does not store GGML blocks")
 
-    def load_ggml(self, layer: Linear, raw: torch.Tensor) -> None:
+    def load_ggml(self, layer: Linear, blocks: GgmlBlocks) -> None:
         """Install GGML block bytes (a GGUF tensor) as the layer's state, dropping the float weight."""
-        self.set_state(layer, self.ggml_state(raw))
+        expected = (layer.out_features, layer.in_features)
+        if tuple(blocks.shape) != expected or blocks.data.shape[0] != layer.out_features:
+            from mistralrs.errors import ModelLoadError
+
+            raise ModelLoadError(
+                f"a {self.qtype} tensor of shape {list(blocks.shape)} given to a layer of shape {list(expected)}; "
+                "the model file does not match its metadata"
+            )
+        self.set_state(layer, self.ggml_state(blocks.data))
 
     def state_bytes(self, layer: Linear) -> int:
         return sum(b.numel() * b.element_size() for b in self.state(layer).values())
@@ -186,8 +194,20 @@ def still_fused(fused: Linear | None, layers: list[Linear]) -> bool:
     return True
 
 
+class GgmlBlocks:
+    """A weight that arrives already quantized: GGML block bytes (uint8 [out, row_bytes]) of
+    type id `ggml_type`, for a [out, in] weight `shape`. A quantized layer's ``weight_loader``
+    installs them as they are (`QuantizedLinearMethod.load_ggml`) instead of quantizing."""
+
+    __slots__ = ("data", "ggml_type", "shape")
+
+    def __init__(self, data: torch.Tensor, ggml_type: int, shape: tuple[int, ...]) -> None:
+        self.data, self.ggml_type, self.shape = data, ggml_type, tuple(shape)
+
+
 class _Loader:
-    """The float weight's ``weight_loader``: quantize as the tensor streams in."""
+    """The float weight's ``weight_loader``: quantize as the tensor streams in (or install GGML
+    blocks that arrive quantized)."""
 
     def __init__(self, method: QuantizedLinearMethod, layer: Linear) -> None:
         self.method = method
@@ -195,8 +215,11 @@ class _Loader:
         # so the cycle is collected with the layer.
         self.layer = layer
 
-    def __call__(self, param: torch.Tensor, tensor: torch.Tensor) -> None:
-        self.method.load_float(self.layer, tensor)
+    def __call__(self, param: torch.Tensor, tensor: torch.Tensor | GgmlBlocks) -> None:
+        if isinstance(tensor, GgmlBlocks):
+            self.method.load_ggml(self.layer, tensor)
+        else:
+            self.method.load_float(self.layer, tensor)
 
 
 class isq_threads:

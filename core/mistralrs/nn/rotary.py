@@ -47,7 +47,7 @@ __all__ = [
     "resolve_rope_parameters",
 ]
 
-SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
+SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "dynamic", "yarn", "longrope", "llama3", "freq_factors")
 
 # transformers' family defaults, applied when config.json omits the key (as HF's config classes do).
 _DEFAULT_THETA = {"smollm3": 2_000_000.0}
@@ -62,6 +62,8 @@ _REQUIRED_KEYS = {
     "yarn": (),  # factor falls back to max_position_embeddings / original_max_position_embeddings
     "longrope": ("short_factor", "long_factor"),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+    # GGUF files: llama.cpp's per-frequency divisors (the `rope_freqs` tensor of Llama 3.x files)
+    "freq_factors": ("freq_factors",),
 }
 
 
@@ -187,6 +189,12 @@ def resolve_rope_parameters(config: dict, *, layer_type: str | None = None) -> d
             f"config.json {source_key}.high_freq_factor must be greater than low_freq_factor, "
             f"got {params['high_freq_factor']!r} <= {params['low_freq_factor']!r}"
         )
+    if rope_type == "freq_factors":
+        value = params["freq_factors"]
+        if not isinstance(value, (list, tuple)) or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in value
+        ):
+            raise _err(f"{source_key}.freq_factors must be a list of positive numbers")
     if rope_type == "longrope":
         for key in ("short_factor", "long_factor"):
             value = params[key]
@@ -331,6 +339,14 @@ def _llama3(p: dict, dim: int, mpe: int | None, seq_len: int | None) -> tuple[to
     return inv_freq_llama, 1.0
 
 
+def _freq_factors(p: dict, dim: int, mpe: int | None, seq_len: int | None) -> tuple[torch.Tensor, float]:
+    # llama.cpp: theta_i / freq_factors[i] (how GGUF files carry Llama 3.x rope scaling)
+    factors = torch.tensor(p["freq_factors"], dtype=torch.float32)
+    if factors.numel() != dim // 2:
+        raise _err(f"rope freq_factors has {factors.numel()} entries; the rotary dim {dim} needs {dim // 2}")
+    return _default_inv_freq(p["rope_theta"], dim) / factors, 1.0
+
+
 _INIT_FUNCTIONS: dict[str, Callable[[dict, int, int | None, int | None], tuple[torch.Tensor, float]]] = {
     "default": _default,
     "linear": _linear,
@@ -338,6 +354,7 @@ _INIT_FUNCTIONS: dict[str, Callable[[dict, int, int | None, int | None], tuple[t
     "yarn": _yarn,
     "longrope": _longrope,
     "llama3": _llama3,
+    "freq_factors": _freq_factors,
 }
 
 

@@ -15,5 +15,6 @@ def register_architectures(register):
         hf_architectures=("LlamaForCausalLM",),
         model_types=("llama",),
         gguf_architectures=("llama",),
+        gguf_converter="mistralrs_plugins.models.llama.gguf:convert",
         description="Llama 1/2/3.x (GQA, llama3/linear/dynamic/yarn rope scaling, optional biases, tied embeddings)",
     ))

@@ -14,5 +14,6 @@ def register_architectures(register):
         hf_architectures=("Qwen2ForCausalLM",),
         model_types=("qwen2",),
         gguf_architectures=("qwen2",),
+        gguf_converter="mistralrs_plugins.models.qwen2.gguf:convert",
         description="Qwen2 / Qwen2.5 (q/k/v biases, optional sliding window on layers >= max_window_layers)",
     ))

@@ -14,5 +14,6 @@ def register_architectures(register):
         hf_architectures=("Qwen3ForCausalLM",),
         model_types=("qwen3",),
         gguf_architectures=("qwen3",),
+        gguf_converter="mistralrs_plugins.models.qwen3.gguf:convert",
         description="Qwen3 dense (per-head QK RMSNorm, explicit head_dim)",
     ))

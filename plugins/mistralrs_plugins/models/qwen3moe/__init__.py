@@ -15,5 +15,6 @@ def register_architectures(register):
         hf_architectures=("Qwen3MoeForCausalLM",),
         model_types=("qwen3_moe",),
         gguf_architectures=("qwen3moe",),
+        gguf_converter="mistralrs_plugins.models.qwen3moe.gguf:convert",
         description="Qwen3 sparse MoE (per-head QK RMSNorm, top-k experts, optional dense layers)",
     ))

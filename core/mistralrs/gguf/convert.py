@@ -1,0 +1,367 @@
+"""A GGUF model as the HF checkpoint it was converted from: config.json and tensor names.
+
+llama.cpp's converter (``convert_hf_to_gguf.py``) renames every tensor (``model.layers.3.
+self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight``), moves config.json into ``{arch}.*``
+metadata and rewrites a few tensors (Llama's Q/K rows permuted for its rotary layout, Gemma's
+norms stored as ``1 + w``, experts stacked into one 3-D tensor, Llama 3's rope scaling as a
+``rope_freqs`` tensor). Undoing that here lets a GGUF file load into the same model plugin as
+the safetensors checkpoint, so both run the same code.
+
+An architecture plugin names its converter in ``ArchitectureSpec.gguf_converter``: a function
+``(GgufModel) -> GgufConversion``. Most are a few lines over `convert_standard` (the common
+hyper-parameters and llama.cpp's common tensor names); see the first-party models.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+
+from mistralrs.errors import ModelLoadError
+
+# Transforms work on (data, logical shape): data is a float tensor, or GGML block bytes
+# (uint8 [..., row_bytes]) for which only whole-row operations are possible.
+Transform = Callable[[Any, tuple[int, ...]], tuple[Any, tuple[int, ...]]]
+
+
+@attrs.frozen
+class TensorPart:
+    """One HF checkpoint tensor made from (part of) a GGUF tensor."""
+
+    hf_name: str
+    gguf_name: str
+    transform: Transform | None = None
+
+
+@attrs.define
+class GgufConversion:
+    """config.json (HF keys) and the checkpoint tensors, each from a GGUF tensor."""
+
+    config: dict
+    parts: list[TensorPart]
+
+
+# ------------------------------------------------------------------------- tensor transforms
+
+
+def take_rows(start: int, stop: int) -> Transform:
+    """Rows [start, stop) of a 2-D weight or a 1-D bias (a fused ``attn_qkv`` split)."""
+
+    def f(data: Any, shape: tuple[int, ...]) -> tuple[Any, tuple[int, ...]]:
+        return data[start:stop], (stop - start, *shape[1:])
+
+    return f
+
+
+def take_expert(index: int) -> Transform:
+    """Expert `index` of a stacked ``[experts, out, in]`` tensor (``ffn_*_exps``)."""
+
+    def f(data: Any, shape: tuple[int, ...]) -> tuple[Any, tuple[int, ...]]:
+        return data[index], shape[1:]
+
+    return f
+
+
+def unpermute_rows(n_head: int) -> Transform:
+    """Undo llama.cpp's `LlamaModel.permute` of Q/K rows (its rotary pairs adjacent values; HF
+    rotates halves): GGUF rows are [head, dim/2, 2], HF's [head, 2, dim/2]. Whole rows move,
+    so it works on GGML block bytes as on floats."""
+
+    def f(data: Any, shape: tuple[int, ...]) -> tuple[Any, tuple[int, ...]]:
+        rows = data.shape[0]
+        if rows % (2 * n_head):
+            raise ModelLoadError(f"cannot un-permute {rows} rows over {n_head} heads; the GGUF metadata is inconsistent")
+        rest = tuple(data.shape[1:])
+        out = data.reshape(n_head, rows // n_head // 2, 2, *rest).transpose(1, 2).reshape(rows, *rest)
+        return out.contiguous(), shape
+
+    return f
+
+
+def add_value(value: float) -> Transform:
+    """w + value (float tensors only): e.g. Gemma's norms, which the converter stored as 1 + w."""
+
+    def f(data: Any, shape: tuple[int, ...]) -> tuple[Any, tuple[int, ...]]:
+        return data.float() + value, shape
+
+    return f
+
+
+def chain(*transforms: Transform | None) -> Transform | None:
+    steps = [t for t in transforms if t is not None]
+    if not steps:
+        return None
+    if len(steps) == 1:
+        return steps[0]
+
+    def f(data: Any, shape: tuple[int, ...]) -> tuple[Any, tuple[int, ...]]:
+        for t in steps:
+            data, shape = t(data, shape)
+        return data, shape
+
+    return f
+
+
+# -------------------------------------------------------------------------- metadata access
+
+
+class Hparams:
+    """``{arch}.<key>`` metadata of a GGUF model, with the file named in errors."""
+
+    def __init__(self, gguf: Any, arch: str | None = None) -> None:
+        self.gguf = gguf
+        self.metadata: Mapping[str, Any] = gguf.metadata
+        self.arch = arch or gguf.architecture
+        self.where = str(gguf.path)
+
+    def has(self, key: str) -> bool:
+        return f"{self.arch}.{key}" in self.metadata
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self.metadata.get(f"{self.arch}.{key}", default)
+        return _plain(value)
+
+    def require(self, key: str) -> Any:
+        full = f"{self.arch}.{key}"
+        if full not in self.metadata:
+            raise ModelLoadError(f"{self.where}: metadata {full!r} is missing; the GGUF file is incomplete")
+        return _plain(self.metadata[full])
+
+    def scalar(self, key: str, default: Any = None) -> Any:
+        """A per-model number; a per-layer array whose entries all agree counts as one."""
+        value = self.get(key, default)
+        if isinstance(value, list):
+            if not value:
+                return default
+            if len(set(value)) != 1:
+                raise ModelLoadError(
+                    f"{self.where}: metadata '{self.arch}.{key}' varies per layer ({value[:4]}...), which this "
+                    "architecture does not support"
+                )
+            return value[0]
+        return value
+
+
+def _plain(value: Any) -> Any:
+    tolist = getattr(value, "tolist", None)
+    return tolist() if callable(tolist) else value
+
+
+# --------------------------------------------------------------------------- standard layout
+
+# llama.cpp's per-block tensor names (gguf-py `TensorNameMap`) -> the HF Llama-style names.
+STANDARD_BLOCK_NAMES: dict[str, str] = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.{e}.gate_proj",
+    "ffn_up_exps": "mlp.experts.{e}.up_proj",
+    "ffn_down_exps": "mlp.experts.{e}.down_proj",
+}
+STANDARD_TOP_NAMES: dict[str, str] = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+# Tensors llama.cpp adds that no HF checkpoint has (their content goes into the config).
+CONSUMED_TENSORS = ("rope_freqs.weight",)
+
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([A-Za-z0-9_]+)\.(weight|bias)$")
+_TOP_RE = re.compile(r"^([A-Za-z0-9_]+)\.(weight|bias)$")
+
+
+def map_tensors(gguf: Any, *, block_names: Mapping[str, str] = STANDARD_BLOCK_NAMES,
+                top_names: Mapping[str, str] = STANDARD_TOP_NAMES,
+                layer_prefix: str = "model.layers",
+                transforms: Callable[[str, Any], Transform | None] | None = None,
+                split: Mapping[str, list[tuple[str, int]]] | None = None,
+                skip: tuple[str, ...] = CONSUMED_TENSORS) -> list[TensorPart]:
+    """Every tensor of `gguf` under its HF name. `block_names` maps ``blk.N.<key>`` (``{e}`` in
+    a value: one tensor per expert of a stacked 3-D tensor), `top_names` the rest. `split`
+    cuts a fused GGUF tensor into HF tensors by rows: ``{"attn_qkv": [("self_attn.q_proj", rows),
+    ...]}``. `transforms(hf_name, info)` may rewrite a tensor (e.g. `unpermute_rows`). A tensor
+    with no mapping is an error naming it."""
+    parts: list[TensorPart] = []
+    split = split or {}
+    for info in gguf:
+        name = info.name
+        if name in skip:
+            continue
+        m = _BLOCK_RE.match(name)
+        if m:
+            layer, key, kind = m.groups()
+            prefix = f"{layer_prefix}.{layer}"
+            if key in split:
+                start = 0
+                for hf_key, n in split[key]:
+                    hf_name = f"{prefix}.{hf_key}.{kind}"
+                    extra = transforms(hf_name, info) if transforms else None
+                    parts.append(TensorPart(hf_name, name, chain(take_rows(start, start + n), extra)))
+                    start += n
+                if start != info.shape[0]:
+                    raise ModelLoadError(
+                        f"{gguf.path}: tensor {name!r} has {info.shape[0]} rows, but the heads in the metadata "
+                        f"make {start}; the GGUF file is inconsistent"
+                    )
+                continue
+            hf_key = block_names.get(key)
+            if hf_key is None:
+                raise _unknown(gguf, name)
+            if "{e}" in hf_key:
+                for e in range(info.shape[0]):
+                    hf_name = f"{prefix}.{hf_key.format(e=e)}.{kind}"
+                    extra = transforms(hf_name, info) if transforms else None
+                    parts.append(TensorPart(hf_name, name, chain(take_expert(e), extra)))
+                continue
+            hf_name = f"{prefix}.{hf_key}.{kind}"
+        else:
+            m = _TOP_RE.match(name)
+            hf_key = top_names.get(m.group(1)) if m else None
+            if m is None or hf_key is None:
+                raise _unknown(gguf, name)
+            hf_name = f"{hf_key}.{m.group(2)}"
+        parts.append(TensorPart(hf_name, name, transforms(hf_name, info) if transforms else None))
+    return parts
+
+
+def _unknown(gguf: Any, name: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"{gguf.path}: tensor {name!r} is not part of a {gguf.architecture!r} model as this version knows it; "
+        "the file may need a newer mistralrs or another architecture plugin"
+    )
+
+
+def qk_unpermute(hp: Hparams) -> Callable[[str, Any], Transform | None]:
+    """The `transforms` that undo llama.cpp's Q/K permutation (Llama-family converters)."""
+    n_head = int(hp.scalar("attention.head_count"))
+    n_kv = int(hp.scalar("attention.head_count_kv", n_head))
+
+    def f(hf_name: str, info: Any) -> Transform | None:
+        if re.search(r"\.q_proj\.(weight|bias)$", hf_name):
+            return unpermute_rows(n_head)
+        if re.search(r"\.k_proj\.(weight|bias)$", hf_name):
+            return unpermute_rows(n_kv)
+        return None
+
+    return f
+
+
+def standard_config(gguf: Any, *, hf_architecture: str, model_type: str, hp: Hparams | None = None) -> dict:
+    """config.json from llama.cpp's common hyper-parameters (``set_gguf_parameters``)."""
+    hp = hp or Hparams(gguf)
+    n_head = int(hp.scalar("attention.head_count"))
+    hidden = int(hp.require("embedding_length"))
+    config: dict[str, Any] = {
+        "architectures": [hf_architecture],
+        "model_type": model_type,
+        "hidden_size": hidden,
+        "num_hidden_layers": int(hp.require("block_count")),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": int(hp.scalar("attention.head_count_kv", n_head)),
+        "max_position_embeddings": int(hp.get("context_length", 4096)),
+        "rope_theta": float(hp.get("rope.freq_base", 10000.0)),
+        "tie_word_embeddings": "output.weight" not in gguf.tensors,
+    }
+    ff = hp.scalar("feed_forward_length")
+    if ff is not None:
+        config["intermediate_size"] = int(ff)
+    key_length = hp.get("attention.key_length")
+    if key_length is not None:
+        config["head_dim"] = int(key_length)
+    eps = hp.get("attention.layer_norm_rms_epsilon")
+    if eps is not None:
+        config["rms_norm_eps"] = float(eps)
+    ln_eps = hp.get("attention.layer_norm_epsilon")
+    if ln_eps is not None:
+        config["layer_norm_eps"] = float(ln_eps)
+    embd = gguf.tensors.get("token_embd.weight")
+    vocab = hp.get("vocab_size")
+    config["vocab_size"] = int(embd.shape[0]) if embd is not None else int(vocab or len(gguf.metadata.get("tokenizer.ggml.tokens", ())))
+    window = hp.get("attention.sliding_window")
+    if window:
+        config["sliding_window"] = int(window)
+    for meta_key, hf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                             ("padding_token_id", "pad_token_id")):
+        value = gguf.metadata.get(f"tokenizer.ggml.{meta_key}")
+        if value is not None:
+            config[hf_key] = int(value)
+    # Llama-style optional biases (config.json's attention_bias / mlp_bias), seen in the tensors
+    config["attention_bias"] = "blk.0.attn_q.bias" in gguf.tensors or "blk.0.attn_qkv.bias" in gguf.tensors
+    config["mlp_bias"] = "blk.0.ffn_down.bias" in gguf.tensors
+    rope = _rope_scaling(gguf, hp, config)
+    if rope is not None:
+        config["rope_scaling"] = rope
+    return config
+
+
+def _rope_scaling(gguf: Any, hp: Hparams, config: dict) -> dict | None:
+    kind = hp.get("rope.scaling.type")
+    factor = hp.get("rope.scaling.factor")
+    if kind == "linear" and factor:
+        return {"rope_type": "linear", "factor": float(factor)}
+    if kind == "yarn" and factor:
+        out: dict[str, Any] = {"rope_type": "yarn", "factor": float(factor)}
+        orig = hp.get("rope.scaling.original_context_length")
+        if orig:
+            out["original_max_position_embeddings"] = int(orig)
+        for meta_key, hf_key in (("yarn_ext_factor", "extrapolation_factor"), ("yarn_attn_factor", "attention_factor"),
+                                 ("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+            value = hp.get(f"rope.scaling.{meta_key}")
+            if value is not None:
+                out[hf_key] = float(value)
+        return out
+    freqs = gguf.tensors.get("rope_freqs.weight")
+    if freqs is not None:
+        # Llama 3.x: the converter wrote the per-frequency divisors of its llama3 scaling as a tensor.
+        factors = gguf.tensor("rope_freqs.weight").float().reshape(-1).tolist()
+        if not all(math.isfinite(v) and v > 0 for v in factors):
+            raise ModelLoadError(f"{gguf.path}: rope_freqs.weight holds non-positive values; the file is corrupt")
+        return {"rope_type": "freq_factors", "freq_factors": factors}
+    return None
+
+
+def convert_standard(gguf: Any, *, hf_architecture: str, model_type: str, permute_qk: bool = False,
+                     block_names: Mapping[str, str] | None = None, top_names: Mapping[str, str] | None = None,
+                     split_qkv: bool = True, extra_config: Mapping[str, Any] | None = None,
+                     transforms: Callable[[str, Any], Transform | None] | None = None) -> GgufConversion:
+    """The conversion of a Llama-shaped GGUF model: `standard_config` plus `extra_config`, the
+    standard tensor names (overridden by `block_names` / `top_names`), Q/K un-permuted when
+    the converter permuted them, and a fused ``attn_qkv`` split into q/k/v when `split_qkv`."""
+    hp = Hparams(gguf)
+    config = standard_config(gguf, hf_architecture=hf_architecture, model_type=model_type, hp=hp)
+    config.update(extra_config or {})
+    names = dict(STANDARD_BLOCK_NAMES)
+    names.update(block_names or {})
+    tops = dict(STANDARD_TOP_NAMES)
+    tops.update(top_names or {})
+    split = None
+    if split_qkv and "attn_qkv" not in names:
+        head_dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+        q_rows = config["num_attention_heads"] * head_dim
+        kv_rows = config["num_key_value_heads"] * head_dim
+        split = {"attn_qkv": [(names["attn_q"], q_rows), (names["attn_k"], kv_rows), (names["attn_v"], kv_rows)]}
+    steps: list[Callable[[str, Any], Transform | None]] = []
+    if permute_qk:
+        steps.append(qk_unpermute(hp))
+    if transforms is not None:
+        steps.append(transforms)
+
+    def combined(hf_name: str, info: Any) -> Transform | None:
+        return chain(*(s(hf_name, info) for s in steps))
+
+    parts = map_tensors(gguf, block_names=names, top_names=tops, split=split,
+                        transforms=combined if steps else None)
+    return GgufConversion(config=config, parts=parts)

@@ -1,0 +1,270 @@
+"""A GGUF model into the model plugin that loads the safetensors version of its architecture.
+
+    load_gguf(paths, arch=None, dtype="auto", device="cpu") -> LoadedModel
+
+1. Parse the file(s) (`reader.GgufModel`; split parts found from the first).
+2. The architecture plugin that lists ``general.architecture`` in its ``gguf_architectures``
+   converts the metadata into an HF config and the tensors into HF checkpoint names
+   (`convert.GgufConversion`); the config then selects the model class as config.json would
+   (a Llama file with experts becomes Mixtral).
+3. Build on the meta device. Every `Linear` whose weight is a GGML block type gets the linear
+   method of the quantizer registered for that type id (``QuantizerSpec.ggml_type``): its bytes
+   are installed as they are, views of the read-only mapped file where no row had to move. A
+   quantized token embedding keeps its blocks too and dequantizes the rows it looks up. A block
+   type no quantizer stores is an error naming the tensor and its type.
+4. Stream the tensors in through the safetensors path (`loading.load_tensor_stream`): shape
+   checks, missing tensors, the same post-loading steps (fusing quantized projections ...).
+
+``MISTRALRS_DEBUG=1`` writes ``mistralrs_gguf_tensors.txt`` (name, shape, type of every tensor).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from mistralrs.errors import ModelLoadError
+from mistralrs.gguf.convert import GgufConversion, TensorPart
+from mistralrs.gguf.reader import GgufModel, GgufTensorInfo
+
+
+def _debug() -> bool:
+    return os.environ.get("MISTRALRS_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def write_tensor_list(gguf: GgufModel, path: Path | str = "mistralrs_gguf_tensors.txt") -> Path:
+    """name, shape and type of every tensor, one per line (``MISTRALRS_DEBUG=1``)."""
+    path = Path(path)
+    lines = [f"{info.name}: shape={list(info.shape)} type={info.type_name}" for info in gguf]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def gguf_architecture_spec(gguf: GgufModel, registry: Any) -> Any:
+    """The architecture plugin serving the file's ``general.architecture`` (with a converter)."""
+    name = gguf.architecture
+    if not name:
+        raise ModelLoadError(f"{gguf.path}: metadata 'general.architecture' is missing; the GGUF file is incomplete")
+    found = [s for s in registry.architectures if name in s.gguf_architectures and s.gguf_converter]
+    if not found:
+        supported = sorted({g for s in registry.architectures if s.gguf_converter for g in s.gguf_architectures})
+        raise ModelLoadError(
+            f"{gguf.path}: GGUF architecture {name!r} is not supported (supported: {', '.join(supported)}); an "
+            "architecture plugin adds one by listing it in gguf_architectures with a gguf_converter (docs/gguf.md)"
+        )
+    found.sort(key=lambda s: (-s.priority, s.name))
+    return found[0]
+
+
+def convert(gguf: GgufModel, registry: Any) -> GgufConversion:
+    from mistralrs.specs import resolve
+
+    spec = gguf_architecture_spec(gguf, registry)
+    try:
+        converter = resolve(spec.gguf_converter)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ModelLoadError(
+            f"architecture {spec.name!r}: cannot import its GGUF converter {spec.gguf_converter!r} ({exc}); "
+            "reinstall the plugin that provides it"
+        ) from exc
+    return converter(gguf)
+
+
+def _quantizer_method(registry: Any, info: GgufTensorInfo, gguf: GgufModel) -> Any:
+    from mistralrs.specs import resolve
+
+    qspec = registry.quantizer_for_ggml_type(info.ggml_type)
+    if qspec is None:
+        raise ModelLoadError(
+            f"{info.path}: tensor {info.name!r} has type {info.type_name}, which no installed quantizer stores; "
+            "use a GGUF file quantized to a supported type (docs/quantization.md lists them)"
+        )
+    return resolve(qspec.method)(qtype=qspec.name)
+
+
+class _Parts:
+    """The conversion's tensors keyed by the model's own parameter names."""
+
+    def __init__(self, model: Any, conversion: GgufConversion, gguf: GgufModel) -> None:
+        from mistralrs.loading import _map_name
+
+        self.by_target: dict[str, TensorPart] = {}
+        for part in conversion.parts:
+            target = _map_name(model, part.hf_name)
+            if target is not None:
+                self.by_target[target] = part
+        self.gguf = gguf
+
+    def info(self, target: str) -> GgufTensorInfo | None:
+        part = self.by_target.get(target)
+        return self.gguf.tensors[part.gguf_name] if part is not None else None
+
+
+def _assign_quant_methods(model: Any, parts: _Parts, registry: Any, dtype: Any) -> None:
+    """Linear layers (and token embeddings) whose GGUF weight is a block type get its quantizer."""
+    import torch
+
+    from mistralrs.loading import _cast_floating_params
+    from mistralrs.nn.embedding import Embedding
+    from mistralrs.nn.linear import linear_layers
+
+    with torch.device("meta"):
+        for name, layer in linear_layers(model):
+            info = parts.info(f"{name}.weight" if name else "weight")
+            if info is not None and not info.is_plain:
+                layer.set_quant_method(_quantizer_method(registry, info, parts.gguf))
+        for name, module in model.named_modules():
+            if not isinstance(module, Embedding) or module.weight is None:
+                continue
+            info = parts.info(f"{name}.weight")
+            if info is not None and not info.is_plain:
+                method = _quantizer_method(registry, info, parts.gguf)
+                if callable(getattr(method, "dequantize_rows", None)):
+                    module.weight.weight_loader = _QuantizedTable(module, method)
+        _cast_floating_params(model, dtype)
+
+
+class _QuantizedTable:
+    """weight_loader of a token embedding stored as GGML blocks: keep the blocks, look rows up."""
+
+    def __init__(self, embedding: Any, method: Any) -> None:
+        self.embedding, self.method = embedding, method
+
+    def __call__(self, param: Any, value: Any) -> None:
+        import torch
+
+        from mistralrs.nn.linear import Linear
+        from mistralrs.nn.quantized import GgmlBlocks
+
+        emb = self.embedding
+        if not isinstance(value, GgmlBlocks):
+            param.copy_(value)
+            return
+        with torch.device("meta"):
+            table = Linear(emb.embedding_dim, emb.num_embeddings, quant_method=self.method)
+        self.method.load_ggml(table, value)
+        emb.set_quantized_head(table)
+
+
+def _read_part(gguf: GgufModel, part: TensorPart, cache: dict[str, Any]) -> Any:
+    """The tensor of a part: a float tensor, or GgmlBlocks for a block type."""
+    from mistralrs.nn.quantized import GgmlBlocks
+
+    info = gguf.tensors[part.gguf_name]
+    data = cache.get(part.gguf_name)
+    if data is None:
+        data = gguf.tensor(part.gguf_name)
+        if _no_mmap():
+            data = data.clone()
+        cache.clear()  # parts of one tensor come together (experts, fused qkv)
+        cache[part.gguf_name] = data
+    shape = info.shape
+    if part.transform is not None:
+        data, shape = part.transform(data, shape)
+    if info.is_plain:
+        return data
+    return GgmlBlocks(data, info.ggml_type, shape)
+
+
+def _no_mmap() -> bool:
+    return os.environ.get("MISTRALRS_NO_MMAP", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _dequantizing(registry: Any, gguf: GgufModel) -> Callable[[Any, Any], Any]:
+    """For a float parameter fed GGML blocks (no quantized form there): dequantize them."""
+    import torch
+
+    from mistralrs.nn.linear import Linear
+    from mistralrs.nn.quantized import GgmlBlocks
+
+    def to_float(value: Any, info: GgufTensorInfo) -> Any:
+        if not isinstance(value, GgmlBlocks):
+            return value
+        method = _quantizer_method(registry, info, gguf)
+        out, inner = value.shape[0], value.shape[-1]
+        with torch.device("meta"):
+            tmp = Linear(inner, out, quant_method=method)
+        method.load_ggml(tmp, value)
+        return method.dequantize(tmp).reshape(value.shape)
+
+    return to_float
+
+
+def load_gguf(
+    paths: Any,
+    *,
+    arch: str | None = None,
+    dtype: Any = "auto",
+    device: Any = "cpu",
+    registry: Any = None,
+    tokenizer_dir: Path | None = None,
+) -> Any:
+    """Load GGUF file(s) into a ready-to-run `LoadedModel` (see the module doc). The parsed
+    file stays reachable as ``loaded.gguf`` (tokenizer, chat template)."""
+    import torch
+
+    from mistralrs.dtypes import resolve_dtype
+    from mistralrs.loading import (
+        LoadContext,
+        LoadedModel,
+        build_model,
+        finish_loading,
+        load_tensor_stream,
+        materialize,
+        resident_weight_bytes,
+        select_architecture,
+    )
+
+    t0 = time.perf_counter()
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    if registry is None:
+        from mistralrs.plugins import get_registry
+
+        registry = get_registry()
+    gguf = GgufModel.open([Path(p) for p in paths])
+    try:
+        if _debug():
+            write_tensor_list(gguf)
+        conversion = convert(gguf, registry)
+        config = conversion.config
+        spec = select_architecture(config, arch, registry, config_path=gguf.path)
+        dev = torch.device(device)
+        torch_dtype = resolve_dtype(dtype, dev)
+        ctx = LoadContext(config=config, dtype=torch_dtype, device=dev, registry=registry, arch=spec,
+                          model_dir=tokenizer_dir or gguf.path.parent)
+        model = build_model(spec, config, ctx)
+        parts = _Parts(model, conversion, gguf)
+        _assign_quant_methods(model, parts, registry, torch_dtype)
+        materialize(model, dev)
+        expected = dict(model.state_dict(keep_vars=True))
+        to_float = _dequantizing(registry, gguf)
+
+        def stream() -> Iterator[tuple[Path, str, tuple[int, ...], Callable[[], Any]]]:
+            from mistralrs.loading import _map_name
+
+            cache: dict[str, Any] = {}
+            for part in conversion.parts:
+                info = gguf.tensors[part.gguf_name]
+                target = _map_name(model, part.hf_name)
+                dest = expected.get(target) if target is not None else None
+                value = _read_part(gguf, part, cache)  # a view (or one transformed tensor): cheap
+                if dest is None or getattr(dest, "weight_loader", None) is None:
+                    value = to_float(value, info)
+                yield info.path, part.hf_name, tuple(value.shape), (lambda _v=value: _v)
+                del value
+
+        nbytes = load_tensor_stream(model, stream(), where=str(gguf.path), arch_name=spec.name, action="loading")
+        finish_loading(model, None)
+    except BaseException:
+        gguf.close()
+        raise
+    loaded = LoadedModel(
+        model=model, config=config, arch=spec, dtype=torch_dtype, device=dev, model_dir=tokenizer_dir or gguf.path.parent,
+        weight_files=tuple(gf.path for gf in gguf.files), load_seconds=time.perf_counter() - t0,
+        weight_bytes=resident_weight_bytes(model) or nbytes, gguf=gguf,
+    )
+    return loaded
