@@ -80,6 +80,21 @@ class Which:
         write_uqff: str | None = None
         dummy_weights: bool = False
 
+    @attrs.define(kw_only=True)
+    class GGUF:
+        """A GGUF model: `quantized_filename` (one name, a ;-separated string or a list) inside
+        `quantized_model_id` (a Hub repo or directory; or a path to the .gguf itself); the
+        tokenizer and chat template from `tok_model_id` when given, else the file's metadata."""
+
+        quantized_model_id: str
+        quantized_filename: str | list[str] | None = None
+        tok_model_id: str | None = None
+        tokenizer_json: str | None = None
+        dtype: ModelDType | str = ModelDType.Auto
+        topology: str | None = None
+        hf_cache_path: str | None = None
+        revision: str | None = None
+
 
 @attrs.define(kw_only=True)
 class ChatCompletionRequest:
@@ -233,11 +248,14 @@ class Runner:
         from mistralrs.serving import ModelService, ServiceOptions
         from mistralrs.tool_choice import ToolConfig
 
-        if not isinstance(which, Which.Plain):
-            raise ConfigError(f"{type(which).__name__} models are not supported yet; use Which.Plain")
+        if not isinstance(which, (Which.Plain, Which.GGUF)):
+            raise ConfigError(f"{type(which).__name__} models are not supported yet; use Which.Plain or Which.GGUF")
         for field in ("from_uqff", "write_uqff"):
             if getattr(which, field, None):
                 raise ConfigError(f"Which.Plain({field}=...) is not supported yet in this build (UQFF files); remove it")
+        gguf = isinstance(which, Which.GGUF)
+        if gguf and which.topology:
+            raise ConfigError("Which.GGUF(topology=...): device mapping is not implemented yet; remove it")
         given = {k for k, v in unsupported.items() if v not in (None, False)}
         if given:
             raise ConfigError(f"Runner options not supported yet: {', '.join(sorted(given))}")
@@ -246,17 +264,24 @@ class Runner:
             pa_gpu_mem_usage = pa_gpu_mem = None
         elif pa_gpu_mem_usage is not None:
             pa_gpu_mem = None
+        if gguf:
+            files = which.quantized_filename
+            source = dict(
+                model_id=which.quantized_model_id, format="gguf", tok_model_id=which.tok_model_id,
+                quantized_files=tuple(files) if isinstance(files, (list, tuple)) else (files or ()),
+            )
+        else:
+            source = dict(
+                model_id=which.model_id, arch=_enum_value(which.arch), dummy_weights=which.dummy_weights,
+                isq_organization=which.organization, topology=which.topology,
+            )
         opts = ServiceOptions(
-            model_id=which.model_id,
-            arch=_enum_value(which.arch),
+            **source,
             dtype=_enum_value(which.dtype),
             tokenizer_json=which.tokenizer_json,
             hf_cache=which.hf_cache_path,
             revision=which.revision,
-            dummy_weights=which.dummy_weights,
             isq=None if in_situ_quant is None else str(_enum_value(in_situ_quant)),
-            isq_organization=which.organization,
-            topology=which.topology,
             token_source=token_source,
             chat_template=chat_template,
             jinja_explicit=jinja_explicit,
@@ -289,7 +314,7 @@ class Runner:
         self.tools = ToolConfig(tool_parser=tool_parser, reasoning_parser=reasoning_parser,
                                 callbacks=dict(tool_callbacks or {}), toolbox=toolbox, max_tool_rounds=max_tool_rounds)
         self.service = ModelService(opts)
-        self.model_id = which.model_id
+        self.model_id = opts.model_id
 
     # -- chat ---------------------------------------------------------------------------------
     def _chat(self, request: ChatCompletionRequest, loop: asyncio.AbstractEventLoop | None = None) -> Any:

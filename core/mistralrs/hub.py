@@ -693,3 +693,37 @@ def _fetch_online(
         require_weights=require_weights,
         extra=extra_paths,
     )
+
+
+def gguf_file_names(
+    model_id: str,
+    *,
+    revision: str | None = None,
+    token_source: str = "cache",
+    hf_cache: str | os.PathLike[str] | None = None,
+) -> list[str]:
+    """The ``.gguf`` files of a local directory or a Hub repository (names relative to its root),
+    without downloading them: the choice `--quant` makes among them comes first."""
+    local = Path(model_id).expanduser()
+    if local.is_dir():
+        return sorted(str(p.relative_to(local)) for p in local.rglob("*.gguf"))
+    _validate_repo_id(model_id)
+    cache = hub_cache_dir(hf_cache)
+    if is_offline():
+        repo_dir = _repo_folder(cache, model_id)
+        commit = _cached_commit(repo_dir, revision or "main") if repo_dir.is_dir() else None
+        snapshot = repo_dir / "snapshots" / commit if commit else None
+        if snapshot is None or not snapshot.is_dir():
+            raise ModelLoadError(
+                f"model {model_id} is not in the Hugging Face cache at {cache} and HF_HUB_OFFLINE is set; "
+                "unset HF_HUB_OFFLINE or download the model first"
+            )
+        return sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*.gguf"))
+    import huggingface_hub as hf
+
+    hf_token = _hf_token_arg(resolve_token(token_source))
+    try:
+        listing = hf.HfApi(token=hf_token).list_repo_files(model_id, revision=revision, token=hf_token)
+    except Exception as exc:  # noqa: BLE001
+        raise _hub_error(exc, model_id, revision) from exc
+    return sorted(f for f in listing if f.endswith(".gguf"))

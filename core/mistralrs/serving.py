@@ -37,6 +37,12 @@ class ServiceOptions:
     chat_template: str | None = None
     jinja_explicit: str | None = None
     dummy_weights: bool = False
+    # GGUF (docs/gguf.md): --format, -f/--quantized-file, --tok-model-id, --quant
+    format: str | None = None  # None: GGUF when -m is a .gguf file or -f / --quant names one
+    quantized_files: tuple[str, ...] = attrs.field(default=(), converter=lambda v: tuple(
+        p for item in ([v] if isinstance(v, str) else (v or ())) for p in str(item).split(";") if p.strip()))
+    tok_model_id: str | None = None
+    quant: str | None = None
     # quantization (docs/quantization.md)
     isq: str | None = None  # --isq / in_situ_quant: a type name or a bit count
     isq_organization: str | None = None  # default | moqe
@@ -72,6 +78,13 @@ class ServiceOptions:
             raise ConfigError(f"--pa-blk-size must be 8, 16 or 32, not {self.pa_blk_size}")
         if self.pa_memory_fraction is not None and not 0 < self.pa_memory_fraction <= 1:
             raise ConfigError("--pa-memory-fraction must be in (0, 1]")
+        if self.format not in (None, "plain", "gguf", "ggml"):
+            raise ConfigError(f"--format must be plain, gguf or ggml, not {self.format!r}")
+        if self.format == "ggml":
+            raise ConfigError("--format ggml: legacy GGML (ggjt) files are not supported yet; convert them with "
+                              "llama.cpp's convert_llama_ggml_to_gguf.py and load the GGUF")
+        if self.quant and self.isq:
+            raise ConfigError("--quant and --isq conflict; give one")
 
 
 def pick_device(registry: Any, *, cpu: bool = False, device: str | None = None) -> str:
@@ -156,14 +169,8 @@ class ModelService:
     """A loaded model plus its engine."""
 
     def __init__(self, opts: ServiceOptions, *, registry: Any = None) -> None:
-        import torch
-
-        from mistralrs.chat_template import ChatTemplate
-        from mistralrs.engine.engine import Engine, EngineConfig
-        from mistralrs.generation_config import load_generation_config, merge_eos
-        from mistralrs.hub import fetch_model
-        from mistralrs.loading import build_attention_backend, load_model
-        from mistralrs.tokenization import Tokenizer
+        from mistralrs.gguf.files import resolve_gguf_source
+        from mistralrs.hub import fetch_model, gguf_file_names
 
         if registry is None:
             from mistralrs.plugins import get_registry
@@ -172,8 +179,24 @@ class ModelService:
         self.opts = opts
         self.registry = registry
         self.model_id = opts.model_id
-        self.files = resolve_model_files(opts, fetch_model)
+
+        self.gguf_source = None if opts.model_id == "demo" else resolve_gguf_source(opts, fetch_model, gguf_file_names)
+        if self.gguf_source is None and opts.quant and not opts.isq:
+            opts.isq = opts.quant  # --quant on a safetensors model: in-situ quantization to that level
         device = pick_device(registry, cpu=opts.cpu, device=opts.device)
+        if self.gguf_source is not None:
+            self._init_gguf(opts, registry, device)
+        else:
+            self._init_plain(opts, registry, device, fetch_model)
+        self._init_engine(opts, registry, device)
+
+    def _init_plain(self, opts: ServiceOptions, registry: Any, device: str, fetch_model: Any) -> None:
+        from mistralrs.chat_template import ChatTemplate
+        from mistralrs.generation_config import load_generation_config
+        from mistralrs.loading import load_model
+        from mistralrs.tokenization import Tokenizer
+
+        self.files = resolve_model_files(opts, fetch_model)
         plan = isq_plan(opts, device, registry)
         if plan is not None and plan.topology is not None and self.files.config is not None:
             from mistralrs.loading import read_config
@@ -201,6 +224,54 @@ class ModelService:
             model_name=opts.model_id,
         )
         self.generation_defaults = load_generation_config(root)
+
+    def _init_gguf(self, opts: ServiceOptions, registry: Any, device: str) -> None:
+        """A GGUF model: weights from the file(s); tokenizer and chat template from --tok-model-id,
+        else from the GGUF metadata."""
+        from mistralrs.chat_template import ChatTemplate
+        from mistralrs.generation_config import GenerationDefaults, load_generation_config
+        from mistralrs.gguf.loading import load_gguf
+        from mistralrs.tokenization import Tokenizer
+
+        source = self.gguf_source
+        assert source is not None
+        if opts.isq or opts.topology:
+            raise ConfigError("--isq/--topology apply to safetensors models; a GGUF file is already quantized")
+        self.files = None
+        self.loaded = load_gguf(source.paths, arch=opts.arch, dtype=opts.dtype, device=device, registry=registry,
+                                tokenizer_dir=source.tok_root)
+        tok_dir = source.tok_root
+        if opts.tokenizer_json or tok_dir is not None:
+            tok_path = Path(opts.tokenizer_json) if opts.tokenizer_json else tok_dir / "tokenizer.json"  # type: ignore[operator]
+            cfg = tok_path.parent / "tokenizer_config.json"
+            self.tokenizer = Tokenizer.from_files(tok_path, cfg if cfg.is_file() else None)
+            gguf_template = None
+        else:
+            from mistralrs.gguf.tokenizer import tokenizer_from_gguf
+
+            built = tokenizer_from_gguf(self.loaded.gguf.metadata, source=str(source.paths[0]))
+            self.tokenizer = Tokenizer(built.tokenizer, built.tokenizer_config(), name=source.paths[0].name)
+            gguf_template = built.chat_template
+        self.chat_template = ChatTemplate.load(
+            tok_dir, chat_template_file=opts.chat_template, jinja_explicit=opts.jinja_explicit,
+            model_name=opts.model_id,
+        )
+        if not self.chat_template.available and gguf_template:
+            # the last source in mistral.rs's precedence: tokenizer.chat_template in the GGUF metadata
+            specials = {k: v for k, v in (("bos_token", self.tokenizer.bos_token),
+                                          ("eos_token", self.tokenizer.eos_token)) if v}
+            self.chat_template = ChatTemplate(gguf_template, source=f"{source.paths[0]} (GGUF metadata)",
+                                              special_tokens=specials, model_name=opts.model_id)
+        gen_dir = tok_dir or source.root
+        self.generation_defaults = load_generation_config(gen_dir) if gen_dir else GenerationDefaults()
+
+    def _init_engine(self, opts: ServiceOptions, registry: Any, device: str) -> None:
+        import torch
+
+        from mistralrs.engine.engine import Engine, EngineConfig
+        from mistralrs.generation_config import merge_eos
+        from mistralrs.loading import build_attention_backend
+
         config = self.loaded.config
         self.eos_token_ids = merge_eos(
             config.get("eos_token_id"), self.generation_defaults.eos_token_ids, self.tokenizer.eos_token_id

@@ -11,11 +11,7 @@ MODEL_KINDS = ("auto", "text", "multimodal", "vision", "embedding", "speech", "d
 # Flags of mistral.rs's CLI whose capability this build does not have yet: they parse, and
 # using one is a clear "not supported yet" error naming what it waits for.
 PENDING_FLAGS: dict[str, str] = {
-    "format": "GGUF/GGML loading",
-    "quantized_file": "GGUF/GGML loading",
-    "tok_model_id": "GGUF/GGML loading",
-    "gqa": "GGML loading",
-    "quant": "quantization (ISQ/UQFF)",
+    "gqa": "legacy GGML (ggjt) loading",
     "from_uqff": "UQFF loading",
     "imatrix": "in-situ quantization",
     "calibration_file": "in-situ quantization",
@@ -67,11 +63,14 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, runtime: bool = True
     dev.add_argument("-n", "--device-layers", help="manual layer split ORD:NUM;... (not supported yet)")
     dev.add_argument("--topology", help="per-layer ISQ (and device) YAML: ranges, indices, /regex/ selectors")
     fmt = parser.add_argument_group("format and quantization")
-    fmt.add_argument("--format", choices=["plain", "gguf", "ggml"], help="weights format (default: plain)")
-    fmt.add_argument("-f", "--quantized-file", help="GGUF/GGML file(s), ;-separated")
-    fmt.add_argument("--tok-model-id", help="source of config/tokenizer for a quantized model")
-    fmt.add_argument("--gqa", type=_positive_int, help="GGML GQA")
-    fmt.add_argument("--quant", help="select a GGUF/UQFF artifact or ISQ level")
+    fmt.add_argument("--format", choices=["plain", "gguf", "ggml"],
+                     help="weights format (default: gguf when -m is a .gguf file or -f names one, else plain)")
+    fmt.add_argument("-f", "--quantized-file", help="GGUF file(s) in the -m repository/directory, ;-separated")
+    fmt.add_argument("--tok-model-id", help="HF repo/directory whose tokenizer and chat template a GGUF model uses "
+                                            "(default: the GGUF metadata)")
+    fmt.add_argument("--gqa", type=_positive_int, help="GGML GQA (legacy GGML files; not supported yet)")
+    fmt.add_argument("--quant", help="pick a GGUF file of the -m repository by level (4, q8, Q4_K_M ...); "
+                                     "for a safetensors model, the --isq level")
     fmt.add_argument("--isq", help="in-situ quantization at load: q4_0 q4_1 q5_0 q5_1 q8_0 q8_1 q2k..q6k q8k hqq4 "
                                    "hqq8 afq2..afq8 fp8 f8q8, or a bit count 2 3 4 5 6 8 (case-insensitive)")
     fmt.add_argument("--from-uqff", help="load a UQFF file")
@@ -121,7 +120,7 @@ def check_supported(args: argparse.Namespace) -> None:
             )
     for dest, capability in PENDING_FLAGS.items():
         value = getattr(args, dest, None)
-        if value and not (dest == "format" and value == "plain"):
+        if value:
             flag = "--" + dest.replace("_", "-")
             raise ConfigError(f"{flag} is not supported yet in this build ({capability} is not implemented yet)")
 
@@ -148,6 +147,10 @@ def options_from_args(args: argparse.Namespace) -> Any:
         chat_template=getattr(args, "chat_template", None),
         jinja_explicit=getattr(args, "jinja_explicit", None),
         dummy_weights=args.dummy_weights,
+        format=args.format,
+        quantized_files=args.quantized_file or (),
+        tok_model_id=args.tok_model_id,
+        quant=args.quant,
         isq=args.isq,
         isq_organization=args.isq_organization,
         topology=args.topology,
@@ -166,6 +169,10 @@ def options_from_args(args: argparse.Namespace) -> Any:
         pa_cache_type=args.pa_cache_type,
         log_file=getattr(args, "log", None),
     )
+    if opts.quant:
+        from mistralrs.gguf.files import preference
+
+        preference(opts.quant)  # --quant auto / IQ levels: refused now, exit code 2
     if opts.isq or opts.topology:
         # A bad type or topology file fails now, with exit code 2, before anything loads.
         from mistralrs.plugins import get_registry
