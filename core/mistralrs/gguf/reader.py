@@ -257,7 +257,10 @@ class GgufFile:
         n_tensors = cur.u64("the tensor count")
         n_kv = cur.u64("the metadata count")
         if n_tensors > len(buf) // 16 or n_kv > len(buf) // 12:
-            raise ModelLoadError(f"{path}: corrupt GGUF header ({n_tensors} tensors, {n_kv} metadata entries)")
+            raise ModelLoadError(
+                f"{path}: truncated or corrupt GGUF file (its header claims {n_tensors} tensors and {n_kv} metadata "
+                f"entries in {len(buf)} bytes); download the file again"
+            )
         metadata: dict[str, Any] = {}
         for i in range(n_kv):
             key = cur.string(f"metadata key {i}")
