@@ -279,7 +279,9 @@ def validate(cfg: FromConfig) -> None:
                 value = getattr(obj, f.name)
                 if value is None or (section == "format" and f.name == "format" and value == "plain"):
                     continue
-                if section == "quantization" and f.name in ("isq", "in_situ_quant", "isq_organization"):
+                if section == "quantization" and f.name in ("isq", "in_situ_quant", "isq_organization", "quant"):
+                    continue
+                if section == "format" and f.name in ("format", "quantized_file", "tok_model_id"):
                     continue
                 fail(f"{label} {section}.{f.name} is not supported yet in this build; remove it")
         q = m.quantization
@@ -311,6 +313,10 @@ def service_options(cfg: FromConfig, model: ModelEntry) -> Any:
         chat_template=model.chat_template or rt.chat_template,
         jinja_explicit=model.jinja_explicit or rt.jinja_explicit,
         dummy_weights=model.dummy_weights,
+        format=model.format.format,
+        quantized_files=model.format.quantized_file or (),
+        tok_model_id=model.format.tok_model_id,
+        quant=model.quantization.quant,
         isq=model.quantization.isq or model.quantization.in_situ_quant,
         isq_organization=model.quantization.isq_organization,
         topology=model.device.topology,

@@ -71,7 +71,12 @@ def resolve_isq_type(name: str | int, *, device_type: str = "cpu", registry: Any
         spec = sorted(found, key=lambda s: (-s.priority, s.name))[0]
     else:
         spec = _find(text, registry)
-        if spec is None or not spec.isq:
+        if spec is not None and not spec.isq:
+            raise ConfigError(
+                f"{source} {text!r}: {spec.name} is a storage type that loads from GGUF files but cannot be made "
+                f"at load; choose one of {', '.join(isq_type_names(registry))}"
+            )
+        if spec is None:
             valid = isq_type_names(registry)
             raise ConfigError(
                 f"{source} {text!r} is not a quantization type; choose one of {', '.join(valid) or '(none installed)'}"

@@ -338,7 +338,7 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
     chosen = per_profile[args.profile]
     for opt in options:
         opt["recommended"] = opt["quant"] == chosen
-    quantizers = {n.lower() for q in registry.quantizers for n in (q.name, *q.aliases)}
+    quantizers = {n.lower() for q in registry.quantizers if q.isq for n in (q.name, *q.aliases)}
     if chosen not in (None, "none") and chosen not in quantizers:
         notes.append(f"no installed quantizer plugin provides {chosen} yet: the recommended command needs one "
                      f"(installed: {', '.join(sorted(quantizers)) or 'none'})")
