@@ -196,6 +196,7 @@ class ModelService:
         from mistralrs.loading import load_model
         from mistralrs.tokenization import Tokenizer
 
+        self._gguf_eog: tuple[int, ...] = ()
         self.files = resolve_model_files(opts, fetch_model)
         plan = isq_plan(opts, device, registry)
         if plan is not None and plan.topology is not None and self.files.config is not None:
@@ -235,6 +236,7 @@ class ModelService:
 
         source = self.gguf_source
         assert source is not None
+        self._gguf_eog = ()
         if opts.isq or opts.topology:
             raise ConfigError("--isq/--topology apply to safetensors models; a GGUF file is already quantized")
         self.files = None
@@ -252,6 +254,9 @@ class ModelService:
             built = tokenizer_from_gguf(self.loaded.gguf.metadata, source=str(source.paths[0]))
             self.tokenizer = Tokenizer(built.tokenizer, built.tokenizer_config(), name=source.paths[0].name)
             gguf_template = built.chat_template
+            # llama.cpp's end-of-generation set (eos, eot, eom ...): a Llama 3 file whose eos is
+            # <|end_of_text|> still stops at <|eot_id|>
+            self._gguf_eog = tuple(int(i) for i in built.eog_token_ids)
         self.chat_template = ChatTemplate.load(
             tok_dir, chat_template_file=opts.chat_template, jinja_explicit=opts.jinja_explicit,
             model_name=opts.model_id,
@@ -276,6 +281,7 @@ class ModelService:
         self.eos_token_ids = merge_eos(
             config.get("eos_token_id"), self.generation_defaults.eos_token_ids, self.tokenizer.eos_token_id
         )
+        self.eos_token_ids += tuple(i for i in self._gguf_eog if i not in self.eos_token_ids)
         self.max_model_len = _max_model_len(config, opts.max_seq_len)
         # Attention backend and KV pool.
         kv_dtype = torch.float8_e4m3fn if opts.pa_cache_type == "f8e4m3" else None
