@@ -123,13 +123,18 @@ def prompt_ids(seed: int, n: int) -> list[int]:
 # our side
 
 
-def open_ours(qtype: str, args: argparse.Namespace, model_dir: Path):
+def open_ours(qtype: str, args: argparse.Namespace, model_dir: Path, gguf: Path | None = None):
     """A ModelService for `qtype`: bf16 weights, quantized at load (ISQ) for the other types.
-    The same code path as benchmarks/engine_speed.py."""
+    The same code path as benchmarks/engine_speed.py. With `gguf` (``--source gguf``): the very
+    file llama.cpp runs, loaded as a GGUF model."""
     import attrs
 
     from mistralrs.serving import ModelService, ServiceOptions
 
+    ctx = (args.prompt_len + args.gen_len + 64) * (args.concurrency + 1)
+    if gguf is not None:
+        return ModelService(ServiceOptions(model_id=str(gguf), dtype="bf16", max_seqs=args.concurrency,
+                                           pa_context_len=ctx))
     extra = {}
     if qtype != "bf16":
         names = {f.name for f in attrs.fields(ServiceOptions)}
@@ -137,7 +142,6 @@ def open_ours(qtype: str, args: argparse.Namespace, model_dir: Path):
         if field is None:
             raise NotAvailable("this build has no ISQ (ServiceOptions has no isq field)")
         extra[field] = qtype
-    ctx = (args.prompt_len + args.gen_len + 64) * (args.concurrency + 1)
     try:
         return ModelService(ServiceOptions(
             model_id=str(model_dir), dtype="bf16", dummy_weights=True, max_seqs=args.concurrency,
@@ -206,10 +210,10 @@ def _model_bytes(model) -> int:
     return total
 
 
-def run_ours(qtype: str, args: argparse.Namespace, model_dir: Path, aggregate: bool) -> dict:
+def run_ours(qtype: str, args: argparse.Namespace, model_dir: Path, aggregate: bool, gguf: Path | None = None) -> dict:
     try:
         t = time.perf_counter()
-        svc = open_ours(qtype, args, model_dir)
+        svc = open_ours(qtype, args, model_dir, gguf)
     except NotAvailable as e:
         print(f"  ours {qtype}: not available ({e})", flush=True)
         return {"available": False, "error": f"not available: {e}"}
@@ -465,6 +469,37 @@ def llama_server_aggregate(llama_dir: Path, model: Path, threads: int, concurren
             proc.wait()
 
 
+def llama_load_seconds(llama_dir: Path, model: Path, threads: int, log_path: Path) -> float:
+    """Seconds from starting ``llama-server`` on `model` to its /health answering 200 (its load
+    time, with the page cache as warm as ours)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [str(llama_bin(llama_dir, "llama-server")), "-m", str(model), "-t", str(threads), "-c", "2048",
+           "--host", "127.0.0.1", "--port", str(port)]
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited with {proc.returncode}; see {log_path}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return time.perf_counter() - start
+            except OSError:
+                pass
+            time.sleep(0.05)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def llama_batched_bench(llama_dir: Path, model: Path, threads: int, concurrency: int, gen_len: int) -> dict:
     """`llama-batched-bench -npp 16 -ntg GEN_LEN -npl CONCURRENCY`: S_TG, the aggregate
     generation rate with no server in between."""
@@ -482,6 +517,9 @@ def llama_batched_bench(llama_dir: Path, model: Path, threads: int, concurrency:
 
 def run_llama(qtype: str, args: argparse.Namespace, llama_dir: Path, model: Path, aggregate: bool) -> dict:
     out = {"type": LLAMA_TYPES[qtype], "gguf": str(model), "file_bytes": model.stat().st_size}
+    if args.source == "gguf":
+        out["load_seconds"] = llama_load_seconds(llama_dir, model, args.threads,
+                                                 Path(args.cache_dir) / f"llama-server-load-{qtype}.log")
     bench = llama_bench(llama_dir, model, args.threads, args.prompt_len, args.gen_len, args.reps)
     out.update(bench)
     if aggregate:
@@ -526,6 +564,10 @@ def print_table(results: dict) -> None:
                 print(f"{qtype:6} {label:30} {f(c['ours'], 10)} {f(c['llama_cpp'], 10)} {f(c['ratio'], 7)}")
         if not r["ours"].get("available"):
             print(f"{'':6} ours: {r['ours']['error']}")
+        ll_load = (r.get("llama_cpp") or {}).get("load_seconds")
+        if ll_load is not None and r["ours"].get("load_seconds") is not None:
+            print(f"{qtype:6} {'load seconds':30} {f(r['ours']['load_seconds'], 10)} {f(ll_load, 10)} "
+                  f"{f(r['ours']['load_seconds'] / ll_load, 7)}")
         bb = (r.get("llama_cpp") or {}).get("aggregate_batched_bench")
         if bb and "tok_per_s" in bb:
             print(f"{'':6} {'  llama-batched-bench S_TG':30} {'':>10} {bb['tok_per_s']:10.2f}")
@@ -546,8 +588,14 @@ def main() -> int:
     ap.add_argument("--cache-dir", default=os.environ.get("QUANT_SPEED_CACHE",
                                                          str(Path(tempfile.gettempdir()) / "mistralrs-quant-speed")),
                     help="where the GGUF files and server logs go (not the repo)")
-    ap.add_argument("--out", default="benchmarks/results/quant_speed.json")
+    ap.add_argument("--source", choices=["isq", "gguf"], default="isq",
+                    help="our side: the bf16 model quantized at load (isq), or the same GGUF files llama.cpp runs")
+    ap.add_argument("--out", default=None, help="default benchmarks/results/quant_speed[_gguf].json")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = "benchmarks/results/quant_speed.json" if args.source == "isq" else "benchmarks/results/gguf_speed.json"
+    if args.source == "gguf" and (args.skip_llama or not os.environ.get("LLAMA_CPP_DIR")):
+        ap.error("--source gguf loads the GGUF files llama.cpp makes: set LLAMA_CPP_DIR")
     types = [t.strip() for t in args.types.split(",") if t.strip()]
     if bad := [t for t in types if t not in TYPES]:
         ap.error(f"unknown type(s) {bad}; choose from {', '.join(TYPES)}")
@@ -589,7 +637,7 @@ def main() -> int:
             print(f"== {qtype}", flush=True)
             llama = run_llama(qtype, args, llama_dir, ggufs[qtype], agg) if llama_dir else None
             ours = {"available": False, "error": "skipped (--skip-ours)"} if args.skip_ours else \
-                run_ours(qtype, args, model_dir, agg)
+                run_ours(qtype, args, model_dir, agg, ggufs[qtype] if args.source == "gguf" else None)
             results[qtype] = {"concurrency": args.concurrency if agg else None, "ours": ours, "llama_cpp": llama,
                               "compare": compare(ours, llama, agg)}
             print_table({qtype: results[qtype]})
@@ -600,7 +648,7 @@ def main() -> int:
         "model": {k: CONFIG[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                                           "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings",
                                           "rope_theta", "rope_scaling")},
-        "settings": {"prompt_len": args.prompt_len, "gen_len": args.gen_len, "agg_gen_len": args.agg_gen_len,
+        "settings": {"source": args.source, "prompt_len": args.prompt_len, "gen_len": args.gen_len, "agg_gen_len": args.agg_gen_len,
                      "concurrency": args.concurrency, "reps": args.reps, "decode_prompt_len": SHORT_PROMPT,
                      "aggregate_llama_cpp": "llama-server -np CONCURRENCY, concurrent /completion requests "
                                             "(llama-batched-bench S_TG beside it)",
