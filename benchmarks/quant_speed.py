@@ -413,32 +413,54 @@ def _post(url: str, body: dict, timeout: float) -> dict:
         return json.loads(r.read())
 
 
-def llama_server_aggregate(llama_dir: Path, model: Path, threads: int, concurrency: int, gen_len: int,
-                           log_path: Path) -> dict:
-    """`llama-server -np CONCURRENCY` and CONCURRENCY concurrent /completion requests."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = concurrency * (SHORT_PROMPT + gen_len + 64)
-    cmd = [str(llama_bin(llama_dir, "llama-server")), "-m", str(model), "-t", str(threads), "-tb", str(threads),
-           "-np", str(concurrency), "-c", str(ctx), "--host", "127.0.0.1", "--port", str(port)]
-    base = f"http://127.0.0.1:{port}"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 300
+class _LlamaServer:
+    """``llama-server`` on a free port, up once /health answers 200; stopped on exit."""
+
+    def __init__(self, llama_dir: Path, model: Path, threads: int, log_path: Path, *extra: str,
+                 poll: float = 0.5, deadline: float = 300) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.cmd = [str(llama_bin(llama_dir, "llama-server")), "-m", str(model), "-t", str(threads), *extra,
+                    "--host", "127.0.0.1", "--port", str(port)]
+        self.base = f"http://127.0.0.1:{port}"
+        self.log_path, self.poll, self.deadline = log_path, poll, deadline
+
+    def __enter__(self) -> _LlamaServer:
+        self.started = time.perf_counter()
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + self.deadline
         while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {proc.returncode}; see {log_path}")
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited with {self.proc.returncode}; see {self.log_path}")
             try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                with urllib.request.urlopen(self.base + "/health", timeout=2) as r:
                     if r.status == 200:
-                        break
+                        self.ready_seconds = time.perf_counter() - self.started
+                        return self
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"llama-server did not become healthy; see {log_path}")
-            time.sleep(0.5)
+                raise RuntimeError(f"llama-server did not become healthy; see {self.log_path}")
+            time.sleep(self.poll)
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def llama_server_aggregate(llama_dir: Path, model: Path, threads: int, concurrency: int, gen_len: int,
+                           log_path: Path) -> dict:
+    """`llama-server -np CONCURRENCY` and CONCURRENCY concurrent /completion requests."""
+    ctx = concurrency * (SHORT_PROMPT + gen_len + 64)
+    with _LlamaServer(llama_dir, model, threads, log_path, "-tb", str(threads), "-np", str(concurrency),
+                      "-c", str(ctx)) as server:
+        base, cmd = server.base, server.cmd
 
         def complete(seed: int, n: int) -> tuple[dict, float]:
             body = {"prompt": prompt_ids(seed, SHORT_PROMPT), "n_predict": n, "ignore_eos": True,
@@ -460,44 +482,13 @@ def llama_server_aggregate(llama_dir: Path, model: Path, threads: int, concurren
             "per_request_tok_per_s": [r["timings"]["predicted_per_second"] for r, _ in results],
             "concurrency": concurrency, "gen_len": gen_len, "command": " ".join(cmd[1:]),
         }
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def llama_load_seconds(llama_dir: Path, model: Path, threads: int, log_path: Path) -> float:
     """Seconds from starting ``llama-server`` on `model` to its /health answering 200 (its load
     time, with the page cache as warm as ours)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [str(llama_bin(llama_dir, "llama-server")), "-m", str(model), "-t", str(threads), "-c", "2048",
-           "--host", "127.0.0.1", "--port", str(port)]
-    start = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {proc.returncode}; see {log_path}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return time.perf_counter() - start
-            except OSError:
-                pass
-            time.sleep(0.05)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with _LlamaServer(llama_dir, model, threads, log_path, "-c", "2048", poll=0.05) as server:
+        return server.ready_seconds
 
 
 def llama_batched_bench(llama_dir: Path, model: Path, threads: int, concurrency: int, gen_len: int) -> dict:
