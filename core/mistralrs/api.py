@@ -95,6 +95,28 @@ class Which:
         hf_cache_path: str | None = None
         revision: str | None = None
 
+    @attrs.define(kw_only=True)
+    class GGML:
+        """A legacy GGML (ggml/ggmf/ggjt) Llama file: `quantized_filename` inside `quantized_model_id`
+        (a Hub repo or directory; or a path to the file itself). `gqa` is its grouped-query factor
+        (n_head / n_kv_head: 8 for Llama 2 70B), which the file does not store. The tokenizer comes
+        from `tok_model_id` when given (mistral.rs requires it), else from the file's vocabulary."""
+
+        quantized_model_id: str
+        quantized_filename: str | None = None
+        tok_model_id: str | None = None
+        tokenizer_json: str | None = None
+        gqa: int = attrs.field(default=1)
+        topology: str | None = None
+        dtype: ModelDType | str = ModelDType.Auto
+        hf_cache_path: str | None = None
+        revision: str | None = None
+
+        @gqa.validator
+        def _check_gqa(self, _attribute: Any, value: Any) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"Which.GGML(gqa=...) must be a positive integer, not {value!r}")
+
 
 @attrs.define(kw_only=True)
 class ChatCompletionRequest:
@@ -248,14 +270,16 @@ class Runner:
         from mistralrs.serving import ModelService, ServiceOptions
         from mistralrs.tool_choice import ToolConfig
 
-        if not isinstance(which, (Which.Plain, Which.GGUF)):
-            raise ConfigError(f"{type(which).__name__} models are not supported yet; use Which.Plain or Which.GGUF")
+        if not isinstance(which, (Which.Plain, Which.GGUF, Which.GGML)):
+            raise ConfigError(f"{type(which).__name__} models are not supported yet; use Which.Plain, Which.GGUF "
+                              "or Which.GGML")
         for field in ("from_uqff", "write_uqff"):
             if getattr(which, field, None):
                 raise ConfigError(f"Which.Plain({field}=...) is not supported yet in this build (UQFF files); remove it")
-        gguf = isinstance(which, Which.GGUF)
+        gguf = isinstance(which, (Which.GGUF, Which.GGML))
         if gguf and which.topology:
-            raise ConfigError("Which.GGUF(topology=...): device mapping is not implemented yet; remove it")
+            raise ConfigError(f"Which.{type(which).__name__}(topology=...): device mapping is not implemented yet; "
+                              "remove it")
         given = {k for k, v in unsupported.items() if v not in (None, False)}
         if given:
             raise ConfigError(f"Runner options not supported yet: {', '.join(sorted(given))}")
@@ -266,9 +290,11 @@ class Runner:
             pa_gpu_mem = None
         if gguf:
             files = which.quantized_filename
+            legacy = isinstance(which, Which.GGML)
             source = dict(
-                model_id=which.quantized_model_id, format="gguf", tok_model_id=which.tok_model_id,
+                model_id=which.quantized_model_id, format="ggml" if legacy else "gguf", tok_model_id=which.tok_model_id,
                 quantized_files=tuple(files) if isinstance(files, (list, tuple)) else (files or ()),
+                gqa=getattr(which, "gqa", 1),
             )
         else:
             source = dict(

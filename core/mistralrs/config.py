@@ -281,9 +281,11 @@ def validate(cfg: FromConfig) -> None:
                     continue
                 if section == "quantization" and f.name in ("isq", "in_situ_quant", "isq_organization", "quant"):
                     continue
-                if section == "format" and f.name in ("format", "quantized_file", "tok_model_id"):
+                if section == "format" and f.name in ("format", "quantized_file", "tok_model_id", "gqa"):
                     continue
                 fail(f"{label} {section}.{f.name} is not supported yet in this build; remove it")
+        if m.format.gqa is not None and m.format.gqa < 1:
+            fail(f"{label} format.gqa must be a positive integer, not {m.format.gqa}")
         q = m.quantization
         if q.isq and q.in_situ_quant and q.isq.lower() != q.in_situ_quant.lower():
             fail(f"{label} quantization.isq and quantization.in_situ_quant disagree; give one")
@@ -316,6 +318,7 @@ def service_options(cfg: FromConfig, model: ModelEntry) -> Any:
         format=model.format.format,
         quantized_files=model.format.quantized_file or (),
         tok_model_id=model.format.tok_model_id,
+        gqa=model.format.gqa if model.format.gqa is not None else 1,
         quant=model.quantization.quant,
         isq=model.quantization.isq or model.quantization.in_situ_quant,
         isq_organization=model.quantization.isq_organization,

@@ -263,7 +263,8 @@ def _repo_folder(cache: Path, repo_id: str) -> Path:
 
 def _is_pickle_weight(name: str) -> bool:
     base = name.rsplit("/", 1)[-1]
-    return base.endswith(PICKLE_SUFFIXES) and not base.startswith(_NON_WEIGHT_PICKLES)
+    # legacy GGML files are *.bin too (llama-2-7b.ggmlv3.q4_0.bin); their loader checks the magic
+    return base.endswith(PICKLE_SUFFIXES) and not base.startswith(_NON_WEIGHT_PICKLES) and "ggml" not in base.lower()
 
 
 def _default_shards(safetensors: Iterable[str]) -> list[str]:
@@ -366,11 +367,13 @@ def _collect(
 
 
 def _check_extra(root: Path, extra_files: Sequence[str], where: str, hint: str) -> list[Path]:
+    from mistralrs.gguf.ggml_legacy import is_legacy_ggml
+
     paths = []
     for name in extra_files:
-        if _is_pickle_weight(name):
-            raise ModelLoadError(f"{name} in {where} is a PyTorch pickle file; mistralrs never loads pickle")
         path = root / name
+        if _is_pickle_weight(name) and not is_legacy_ggml(path):
+            raise ModelLoadError(f"{name} in {where} is a PyTorch pickle file; mistralrs never loads pickle")
         if not path.is_file():
             raise ModelLoadError(f"file {name} is not in {where} ({root}); {hint}")
         paths.append(path)

@@ -38,11 +38,12 @@ class ServiceOptions:
     jinja_explicit: str | None = None
     dummy_weights: bool = False
     # GGUF (docs/gguf.md): --format, -f/--quantized-file, --tok-model-id, --quant
-    format: str | None = None  # None: GGUF when -m is a .gguf file or -f / --quant names one
+    format: str | None = None  # None: GGUF when -m is a .gguf (or legacy GGML) file or -f / --quant names one
     quantized_files: tuple[str, ...] = attrs.field(default=(), converter=lambda v: tuple(
         p for item in ([v] if isinstance(v, str) else (v or ())) for p in str(item).split(";") if p.strip()))
     tok_model_id: str | None = None
     quant: str | None = None
+    gqa: int = 1  # --gqa: a legacy GGML file's grouped-query factor (its KV heads are n_head / gqa)
     # quantization (docs/quantization.md)
     isq: str | None = None  # --isq / in_situ_quant: a type name or a bit count
     isq_organization: str | None = None  # default | moqe
@@ -80,9 +81,8 @@ class ServiceOptions:
             raise ConfigError("--pa-memory-fraction must be in (0, 1]")
         if self.format not in (None, "plain", "gguf", "ggml"):
             raise ConfigError(f"--format must be plain, gguf or ggml, not {self.format!r}")
-        if self.format == "ggml":
-            raise ConfigError("--format ggml: legacy GGML (ggjt) files are not supported yet; convert them with "
-                              "llama.cpp's convert_llama_ggml_to_gguf.py and load the GGUF")
+        if isinstance(self.gqa, bool) or not isinstance(self.gqa, int) or self.gqa < 1:
+            raise ConfigError(f"--gqa must be a positive integer, not {self.gqa!r}")
         if self.quant and self.isq:
             raise ConfigError("--quant and --isq conflict; give one")
 
@@ -183,6 +183,8 @@ class ModelService:
         self.gguf_source = None if opts.model_id == "demo" else resolve_gguf_source(opts, fetch_model, gguf_file_names)
         if self.gguf_source is None and opts.quant and not opts.isq:
             opts.isq = opts.quant  # --quant on a safetensors model: in-situ quantization to that level
+        if self.gguf_source is None and opts.gqa != 1:
+            log.warning("--gqa %d is ignored: it applies to legacy GGML files only", opts.gqa)
         device = pick_device(registry, cpu=opts.cpu, device=opts.device)
         if self.gguf_source is not None:
             self._init_gguf(opts, registry, device)
@@ -241,7 +243,7 @@ class ModelService:
             raise ConfigError("--isq/--topology apply to safetensors models; a GGUF file is already quantized")
         self.files = None
         self.loaded = load_gguf(source.paths, arch=opts.arch, dtype=opts.dtype, device=device, registry=registry,
-                                tokenizer_dir=source.tok_root)
+                                tokenizer_dir=source.tok_root, gqa=opts.gqa)
         tok_dir = source.tok_root
         if opts.tokenizer_json or tok_dir is not None:
             tok_path = Path(opts.tokenizer_json) if opts.tokenizer_json else tok_dir / "tokenizer.json"  # type: ignore[operator]

@@ -11,7 +11,6 @@ MODEL_KINDS = ("auto", "text", "multimodal", "vision", "embedding", "speech", "d
 # Flags of mistral.rs's CLI whose capability this build does not have yet: they parse, and
 # using one is a clear "not supported yet" error naming what it waits for.
 PENDING_FLAGS: dict[str, str] = {
-    "gqa": "legacy GGML (ggjt) loading",
     "from_uqff": "UQFF loading",
     "imatrix": "in-situ quantization",
     "calibration_file": "in-situ quantization",
@@ -68,7 +67,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, runtime: bool = True
     fmt.add_argument("-f", "--quantized-file", help="GGUF file(s) in the -m repository/directory, ;-separated")
     fmt.add_argument("--tok-model-id", help="HF repo/directory whose tokenizer and chat template a GGUF model uses "
                                             "(default: the GGUF metadata)")
-    fmt.add_argument("--gqa", type=_positive_int, help="GGML GQA (legacy GGML files; not supported yet)")
+    fmt.add_argument("--gqa", type=_positive_int, default=1,
+                     help="grouped-query factor of a legacy GGML file: n_head / n_kv_head (8 for Llama 2 70B; "
+                          "default 1)")
     fmt.add_argument("--quant", help="pick a GGUF file of the -m repository by level (4, q8, Q4_K_M ...); "
                                      "for a safetensors model, the --isq level")
     fmt.add_argument("--isq", help="in-situ quantization at load: q4_0 q4_1 q5_0 q5_1 q8_0 q8_1 q2k..q6k q8k hqq4 "
@@ -151,6 +152,7 @@ def options_from_args(args: argparse.Namespace) -> Any:
         quantized_files=args.quantized_file or (),
         tok_model_id=args.tok_model_id,
         quant=args.quant,
+        gqa=getattr(args, "gqa", None) or 1,
         isq=args.isq,
         isq_organization=args.isq_organization,
         topology=args.topology,

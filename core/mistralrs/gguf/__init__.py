@@ -8,4 +8,6 @@ carry, and the mapping of llama.cpp's tensor names onto an architecture's checkp
   architecture plugins name their converter in `ArchitectureSpec.gguf_converter`.
 - `loading`: a GGUF model into the model plugin that loads the safetensors version, its
   quantized tensors installed as they are through the quantizer registered for their type.
+- `ggml_legacy`: llama.cpp's legacy GGML Llama files (``ggml``/``ggmf``/``ggjt``) read into the
+  same `GgufModel` shape, as llama.cpp's GGML-to-GGUF converter would write them.
 """

@@ -1,6 +1,7 @@
 """Which GGUF file(s) a command means: ``-m``, ``-f``, ``--quant`` and ``--tok-model-id``.
 
-- ``-m model.gguf`` (a file path): that file (split parts are found from the first).
+- ``-m model.gguf`` (a file path): that file (split parts are found from the first); a file
+  of another name with ``--format gguf``/``ggml``, or one that starts with a legacy GGML magic.
 - ``-m REPO_OR_DIR -f NAME[;NAME2...]``: names inside the repository / directory (a path that
   exists as given is taken as it is).
 - ``-m REPO_OR_DIR --quant LEVEL``: one file of many, chosen by mistral.rs's preference order
@@ -98,13 +99,17 @@ def resolve_gguf_source(opts: Any, fetch: Callable[..., Any], list_ggufs: Callab
                          hf_cache=opts.hf_cache, require_weights=False).root
     as_file = Path(model_id).expanduser()
     if as_file.is_file():
-        if as_file.suffix.lower() != ".gguf" and fmt not in ("gguf", "ggml"):
+        from mistralrs.gguf.ggml_legacy import is_legacy_ggml
+
+        if as_file.suffix.lower() != ".gguf" and fmt not in ("gguf", "ggml") and not is_legacy_ggml(as_file):
             raise ModelLoadError(f"model path {model_id} is a file but not a .gguf; pass a model directory, "
                                  "or a GGUF file with --format gguf")
         return GgufSource(paths=(as_file.resolve(),), root=as_file.resolve().parent, tok_root=tok_root)
     if fmt == "plain" or (not files and fmt is None and not opts.quant):
         return None
     kw = dict(revision=opts.revision, token_source=opts.token_source, hf_cache=opts.hf_cache)
+    if not files and fmt == "ggml":
+        raise ModelLoadError(f"--format ggml: name the legacy GGML file in {model_id} with -f, or pass its path to -m")
     if not files:
         names = list_ggufs(model_id, **kw)
         if not names:

@@ -2,7 +2,9 @@
 
     load_gguf(paths, arch=None, dtype="auto", device="cpu") -> LoadedModel
 
-1. Parse the file(s) (`reader.GgufModel`; split parts found from the first).
+1. Parse the file(s) (`reader.GgufModel`; split parts found from the first). A legacy GGML
+   file (``ggml``/``ggmf``/``ggjt`` magic) is read by `ggml_legacy.open_ggml` into the same
+   `GgufModel` shape, its KV head count from `gqa`.
 2. The architecture plugin that lists ``general.architecture`` in its ``gguf_architectures``
    converts the metadata into an HF config and the tensors into HF checkpoint names
    (`convert.GgufConversion`); the config then selects the model class as config.json would
@@ -20,6 +22,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +32,24 @@ from typing import Any
 from mistralrs.errors import ModelLoadError
 from mistralrs.gguf.convert import GgufConversion, TensorPart
 from mistralrs.gguf.reader import GgufModel, GgufTensorInfo
+
+log = logging.getLogger("mistralrs.gguf")
+
+
+def open_model(paths: Any, *, gqa: int = 1) -> GgufModel:
+    """The model in `paths`, by magic: a legacy GGML file (one file; `gqa` gives its KV heads)
+    or GGUF file(s)."""
+    from mistralrs.gguf.ggml_legacy import is_legacy_ggml, open_ggml
+
+    paths = [Path(p) for p in paths]
+    if any(is_legacy_ggml(p) for p in paths):
+        if len(paths) > 1:
+            raise ModelLoadError(f"{paths[0]}: a legacy GGML model is one file; pass only that file")
+        return open_ggml(paths[0], gqa=gqa)
+    if gqa != 1:
+        log.warning("--gqa %s is ignored: %s is a GGUF file, whose metadata gives the KV head count", gqa,
+                    paths[0] if paths else "the model")
+    return GgufModel.open(paths)
 
 
 def _debug() -> bool:
@@ -201,9 +222,11 @@ def load_gguf(
     device: Any = "cpu",
     registry: Any = None,
     tokenizer_dir: Path | None = None,
+    gqa: int = 1,
 ) -> Any:
-    """Load GGUF file(s) into a ready-to-run `LoadedModel` (see the module doc). The parsed
-    file stays reachable as ``loaded.gguf`` (tokenizer, chat template)."""
+    """Load GGUF file(s), or one legacy GGML file (`gqa`: its grouped-query factor), into a
+    ready-to-run `LoadedModel` (see the module doc). The parsed file stays reachable as
+    ``loaded.gguf`` (tokenizer, chat template)."""
     import torch
 
     from mistralrs.dtypes import resolve_dtype
@@ -225,7 +248,7 @@ def load_gguf(
         from mistralrs.plugins import get_registry
 
         registry = get_registry()
-    gguf = GgufModel.open([Path(p) for p in paths])
+    gguf = open_model(paths, gqa=gqa)
     try:
         if _debug():
             write_tensor_list(gguf)
