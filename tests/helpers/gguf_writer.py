@@ -48,32 +48,80 @@ def plain_modify(name: str, t: torch.Tensor, cfg: dict) -> list[tuple[str, torch
     return [(name, t)]
 
 
+def _find(cfg: dict, keys: tuple[str, ...]) -> Any:
+    """ModelBase.find_hparam(keys, optional=True): the first key present (its value may be None)."""
+    return next((cfg[k] for k in keys if k in cfg), None)
+
+
+def rope_parameters(cfg: dict) -> dict:
+    """TextModel.__init__'s ``self.rope_parameters``: rope_parameters (or rope_scaling), with the
+    top-level theta / local theta / partial rotary factor / original context mirrored in."""
+    rope = dict(cfg.get("rope_parameters", cfg.get("rope_scaling")) or {})
+    if "full_attention" not in rope and "sliding_attention" not in rope:
+        theta = _find(cfg, ("global_rope_theta", "rope_global_theta", "rope_theta_global", "rope_theta",
+                            "rotary_emb_base"))
+        local = _find(cfg, ("local_rope_theta", "rope_local_theta", "rope_theta_local", "swa_rope_theta",
+                            "rope_local_base_freq"))
+        prf = _find(cfg, ("partial_rotary_factor", "rope_pct", "rope_percent"))
+        orig = _find(cfg, ("original_max_position_embeddings",))
+        if local is not None:
+            rope["sliding_attention"] = {"rope_theta": local}
+        if "rope_theta" not in rope and theta is not None:
+            rope["rope_theta"] = theta
+        if "rope_type" not in rope and rope.get("type") is not None:
+            rope["rope_type"] = rope["type"]
+        if "partial_rotary_factor" not in rope and prf is not None:
+            rope["partial_rotary_factor"] = prf
+        if "original_max_position_embeddings" not in rope and orig is not None:
+            rope["original_max_position_embeddings"] = orig
+    return rope
+
+
 def base_hparams(w: Any, cfg: dict) -> None:
-    """TextModel.set_gguf_parameters (the common part)."""
+    """TextModel.set_gguf_parameters (the parts these checkpoints reach)."""
+    import gguf
+
     w.add_block_count(cfg["num_hidden_layers"])
-    if cfg.get("max_position_embeddings") is not None:
-        w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    if cfg.get("intermediate_size") is not None:
-        w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(cfg["num_attention_heads"])
-    if cfg.get("num_key_value_heads") is not None:
-        w.add_head_count_kv(cfg["num_key_value_heads"])
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    theta = cfg.get("rope_theta", rope.get("rope_theta"))
-    if theta is not None:
+    if (n_ctx := _find(cfg, ("max_position_embeddings", "n_ctx", "n_positions", "max_length",
+                             "max_sequence_length", "model_max_length"))) is not None:
+        w.add_context_length(n_ctx)
+    if (n_embd := _find(cfg, ("hidden_size", "n_embd", "dim"))) is not None:
+        w.add_embedding_length(n_embd)
+    if (n_ff := _find(cfg, ("prefix_dense_intermediate_size", "dense_intermediate_size", "intermediate_size",
+                            "n_inner", "hidden_dim"))) is not None:
+        w.add_feed_forward_length(n_ff)
+    if (n_head := _find(cfg, ("num_attention_heads", "n_head", "n_heads"))) is not None:
+        w.add_head_count(n_head)
+    if (n_kv := _find(cfg, ("num_key_value_heads", "n_kv_heads"))) is not None:
+        w.add_head_count_kv(n_kv)
+    rope_all = rope_parameters(cfg)
+    rope = rope_all.get("full_attention", rope_all)
+    if (rope_type := rope.get("rope_type")) is not None:
+        factor = rope.get("factor")
+        if rope_type == "linear" and factor is not None:
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(factor)
+        elif rope_type == "yarn" and factor is not None:
+            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            w.add_rope_scaling_factor(factor)
+            w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        elif rope_type in ("su", "longrope"):
+            w.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
+    if (theta := rope.get("rope_theta")) is not None:
         w.add_rope_freq_base(theta)
-    if cfg.get("rms_norm_eps") is not None:
-        w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    if cfg.get("layer_norm_eps") is not None:
-        w.add_layer_norm_eps(cfg["layer_norm_eps"])
-    if cfg.get("head_dim"):
-        w.add_key_length(cfg["head_dim"])
-        w.add_value_length(cfg["head_dim"])
-    if cfg.get("num_local_experts") or cfg.get("num_experts"):
-        w.add_expert_count(cfg.get("num_local_experts") or cfg.get("num_experts"))
-    if cfg.get("num_experts_per_tok"):
-        w.add_expert_used_count(cfg["num_experts_per_tok"])
+    if (local := rope_all.get("sliding_attention", {}).get("rope_theta")) is not None:
+        w.add_rope_freq_base_swa(local)
+    if (eps := _find(cfg, ("rms_norm_eps", "norm_eps"))) is not None:
+        w.add_layer_norm_rms_eps(eps)
+    if (eps := _find(cfg, ("layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"))) is not None:
+        w.add_layer_norm_eps(eps)
+    if (n_experts := _find(cfg, ("num_local_experts", "num_experts", "n_routed_experts"))) is not None:
+        w.add_expert_count(n_experts)
+    if (n_used := _find(cfg, ("num_experts_per_tok", "num_experts_per_token", "top_k_experts"))) is not None:
+        w.add_expert_used_count(n_used)
+    if (head_dim := cfg.get("head_dim")) is not None:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
 
 
 def llama_hparams(w: Any, cfg: dict) -> None:
@@ -86,6 +134,142 @@ def llama_hparams(w: Any, cfg: dict) -> None:
 def qwen3moe_hparams(w: Any, cfg: dict) -> None:
     base_hparams(w, cfg)
     w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+
+
+def phi2_hparams(w: Any, cfg: dict) -> None:
+    """Phi2Model.set_gguf_parameters: feed_forward_length 4 * hidden, head_count_kv = head_count
+    (whatever the checkpoint says), no rope theta, the partial rotary as rotated dims per head."""
+    rot_pct = rope_parameters(cfg)["partial_rotary_factor"]
+    n_embd, n_head = _find(cfg, ("hidden_size", "n_embd")), _find(cfg, ("num_attention_heads", "n_head"))
+    w.add_context_length(_find(cfg, ("n_positions", "max_position_embeddings")))
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(4 * n_embd)
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head)
+    w.add_layer_norm_eps(_find(cfg, ("layer_norm_epsilon", "layer_norm_eps")))
+    w.add_rope_dimension_count(int(rot_pct * n_embd) // n_head)
+    w.add_add_bos_token(False)
+
+
+def _phi3_rope(cfg: dict) -> tuple[dict, int, int]:
+    rope = rope_parameters(cfg)
+    n_embd, n_head = _find(cfg, ("hidden_size", "n_embd")), _find(cfg, ("num_attention_heads", "n_head"))
+    return rope, n_embd, int(rope.get("partial_rotary_factor", 1.0) * n_embd) // n_head
+
+
+def phi3_hparams(w: Any, cfg: dict) -> None:
+    """Phi3MiniModel.set_gguf_parameters (+ the attn_factor its generate_extra_tensors writes)."""
+    import math
+
+    rope, n_embd, rope_dims = _phi3_rope(cfg)
+    max_pos = _find(cfg, ("n_positions", "max_position_embeddings"))
+    orig = rope["original_max_position_embeddings"]
+    w.add_context_length(max_pos)
+    w.add_rope_scaling_orig_ctx_len(orig)
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(_find(cfg, ("num_key_value_heads", "n_head_kv")))
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_dimension_count(rope_dims)
+    w.add_rope_freq_base(rope.get("full_attention", rope)["rope_theta"])
+    w.add_sliding_window(cfg.get("sliding_window") or 0)
+    if rope.get("long_factor"):
+        scale = max_pos / orig
+        kind = rope.get("rope_type", "").lower()
+        if kind in ("su", "longrope"):
+            attn_factor = math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0
+        else:  # yarn
+            attn_factor = 0.1 * math.log(scale) + 1.0 if scale > 1.0 else 1.0
+        w.add_rope_scaling_attn_factors(attn_factor)
+
+
+def phi3_extra(cfg: dict) -> list[tuple[str, torch.Tensor]]:
+    """Phi3MiniModel.generate_extra_tensors: longrope's factors as two tensors."""
+    rope, _, rope_dims = _phi3_rope(cfg)
+    long, short = rope.get("long_factor"), rope.get("short_factor")
+    if not long:
+        return []
+    assert len(long) == len(short) == rope_dims // 2
+    return [("rope_factors_long.weight", torch.tensor(long, dtype=torch.float32)),
+            ("rope_factors_short.weight", torch.tensor(short, dtype=torch.float32))]
+
+
+def gemma_hparams(w: Any, cfg: dict) -> None:
+    """GemmaModel.set_gguf_parameters (no TextModel part: no rope theta or scaling)."""
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg.get("num_key_value_heads", cfg["num_attention_heads"]))
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_key_length(cfg["head_dim"])
+    w.add_value_length(cfg["head_dim"])
+
+
+def gemma2_hparams(w: Any, cfg: dict) -> None:
+    """Gemma2Model.set_gguf_parameters: Gemma's plus the softcaps and the window."""
+    gemma_hparams(w, cfg)
+    w.add_attn_logit_softcapping(cfg["attn_logit_softcapping"])
+    w.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+    w.add_sliding_window(cfg["sliding_window"])
+
+
+def gemma3_hparams(w: Any, cfg: dict) -> None:
+    """Gemma3Model.set_gguf_parameters: TextModel's, then its own defaults and overrides."""
+    base_hparams(w, cfg)
+    rope = rope_parameters(cfg)
+    w.add_context_length(cfg.get("max_position_embeddings", 131072))
+    w.add_head_count(cfg.get("num_attention_heads", 8))
+    w.add_layer_norm_rms_eps(cfg.get("rms_norm_eps", 1e-6))
+    w.add_key_length(cfg.get("head_dim", 256))
+    w.add_value_length(cfg.get("head_dim", 256))
+    w.add_rope_freq_base(rope.get("full_attention", rope).get("rope_theta", 1_000_000.0))
+    assert cfg.get("attn_logit_softcapping") is None, "the converter refuses Gemma 3 with an attention softcap"
+    if cfg.get("final_logit_softcapping"):
+        w.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+    if cfg.get("sliding_window_pattern") != 1:
+        w.add_sliding_window(cfg["sliding_window"])
+    w.add_head_count_kv(cfg.get("num_key_value_heads", 4))
+
+
+def gemma_modify(name: str, t: torch.Tensor, cfg: dict) -> list[tuple[str, torch.Tensor]]:
+    """Gemma/Gemma2Model: lm_head.weight skipped (the graph reuses the embeddings), norms + 1."""
+    if name == "lm_head.weight":
+        return []
+    return gemma3_modify(name, t, cfg)
+
+
+def gemma3_modify(name: str, t: torch.Tensor, cfg: dict) -> list[tuple[str, torch.Tensor]]:
+    """Gemma3Model.modify_tensors: every ``*norm.weight`` (QK-norms too) stored as 1 + w. (Its
+    cut of out-of-vocabulary embedding rows needs a tokenizer; the test checkpoints have none.)"""
+    if name.endswith("norm.weight"):
+        t = t + 1
+    return [(name, t)]
+
+
+def glm4_hparams(w: Any, cfg: dict) -> None:
+    """Glm4Model.set_gguf_parameters: TextModel's plus the rotated dims (partial rotary)."""
+    base_hparams(w, cfg)
+    rope_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    w.add_rope_dimension_count(int(rope_dim * rope_parameters(cfg).get("partial_rotary_factor", 0.5)))
+
+
+def granite_hparams(w: Any, cfg: dict) -> None:
+    """GraniteModel.set_gguf_parameters: LlamaModel's without head_dim, plus the multipliers."""
+    cfg = {k: v for k, v in cfg.items() if k != "head_dim"}
+    llama_hparams(w, cfg)
+    if cfg.get("attention_multiplier"):
+        w.add_attention_scale(cfg["attention_multiplier"])
+    if cfg.get("embedding_multiplier"):
+        w.add_embedding_scale(cfg["embedding_multiplier"])
+    if cfg.get("residual_multiplier"):
+        w.add_residual_scale(cfg["residual_multiplier"])
+    if cfg.get("logits_scaling"):
+        w.add_logit_scale(cfg["logits_scaling"])
 
 
 def llama_extra(cfg: dict) -> list[tuple[str, torch.Tensor]]:
@@ -131,6 +315,15 @@ RECIPES: dict[str, Recipe] = {
     "Qwen2ForCausalLM": Recipe("QWEN2"),
     "Qwen3ForCausalLM": Recipe("QWEN3"),
     "Qwen3MoeForCausalLM": Recipe("QWEN3MOE", qwen3moe_hparams, f32=("ffn_gate_inp",)),
+    "PhiForCausalLM": Recipe("PHI2", phi2_hparams),
+    "Phi3ForCausalLM": Recipe("PHI3", phi3_hparams, extra=phi3_extra),
+    "Starcoder2ForCausalLM": Recipe("STARCODER2"),
+    "GemmaForCausalLM": Recipe("GEMMA", gemma_hparams, gemma_modify),
+    "Gemma2ForCausalLM": Recipe("GEMMA2", gemma2_hparams, gemma_modify),
+    "Gemma3ForCausalLM": Recipe("GEMMA3", gemma3_hparams, gemma3_modify),
+    "Glm4ForCausalLM": Recipe("GLM4", glm4_hparams),
+    "SmolLM3ForCausalLM": Recipe("SMOLLM3", llama_hparams, llama_modify, extra=llama_extra),
+    "GraniteForCausalLM": Recipe("GRANITE", granite_hparams, llama_modify, extra=llama_extra),
 }
 
 _EXPERT_RE = re.compile(r"^(?P<pre>.*)\.experts\.(?P<e>\d+)\.(?P<w>\w+)\.weight$")
@@ -258,6 +451,11 @@ base.TextModel.get_vocab_base_pre = lambda self, tok: "qwen2"  # the tiny tokeni
 def _no_spm(self, *a, **k):
     raise FileNotFoundError("no sentencepiece model")
 base.TextModel._set_vocab_sentencepiece = _no_spm
+# converters that read only a sentencepiece tokenizer.model: the tiny tokenizers are byte-level BPE
+import conversion.gemma as gemma, conversion.phi as phi
+def _gpt2_vocab(self):
+    self._set_vocab_gpt2()
+gemma.GemmaModel.set_vocab = gemma.Gemma2Model.set_vocab = phi.Phi3MiniModel.set_vocab = _gpt2_vocab
 sys.argv = ["convert_hf_to_gguf.py"] + sys.argv[2:]
 runpy.run_path(src + "/convert_hf_to_gguf.py", run_name="__main__")
 """
@@ -272,3 +470,29 @@ def convert_with_llama_cpp(hf_dir: Path | str, out: Path | str, *, outtype: str 
     if proc.returncode:
         raise RuntimeError(f"convert_hf_to_gguf.py failed:\n{proc.stderr[-3000:]}")
     return Path(out)
+
+
+def gguf_differences(a: Path | str, b: Path | str) -> list[str]:
+    """What differs between two GGUF files: every metadata value but ``general.*`` (name, size
+    label) and ``tokenizer.*``, and every tensor's name, type, shape and bytes."""
+    import gguf
+
+    readers = gguf.GGUFReader(a), gguf.GGUFReader(b)
+    meta = [{k: f.contents() for k, f in r.fields.items() if not k.startswith(("GGUF.", "general.", "tokenizer."))}
+            for r in readers]
+    out = []
+    for key in sorted(set(meta[0]) | set(meta[1])):
+        va, vb = (m.get(key, "<absent>") for m in meta)
+        if va != vb:
+            out.append(f"metadata {key}: {va!r} != {vb!r}")
+    tensors = [{t.name: t for t in r.tensors} for r in readers]
+    for name in sorted(set(tensors[0]) | set(tensors[1])):
+        if name not in tensors[0] or name not in tensors[1]:
+            out.append(f"tensor {name}: only in {'the first' if name in tensors[0] else 'the second'} file")
+            continue
+        x, y = tensors[0][name], tensors[1][name]
+        if x.tensor_type != y.tensor_type or list(x.shape) != list(y.shape):
+            out.append(f"tensor {name}: {x.tensor_type.name}{list(x.shape)} != {y.tensor_type.name}{list(y.shape)}")
+        elif not np.array_equal(np.asarray(x.data).view(np.uint8), np.asarray(y.data).view(np.uint8)):
+            out.append(f"tensor {name}: bytes differ")
+    return out

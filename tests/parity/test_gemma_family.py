@@ -74,6 +74,9 @@ CASES = {
         p, head_dim=32, attention_bias=True, num_key_value_heads=1,
         rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
     ),
+    # what a GGUF gemma file can hold: no biases (llama.cpp's gemma has no attn_output bias), no
+    # rope scaling (its converter writes none); head_dim 32, tied
+    "gemma_nobias": lambda p: _gemma(p, head_dim=32),
     # default layer pattern (layers 0 and 2 sliding, window 8), query_pre_attn_scalar != head_dim,
     # attention softcap 5 and final softcap 3 (both small enough to change the logits), tied
     "gemma2": lambda p: _gemma2(
@@ -97,8 +100,8 @@ CASES = {
         tie_word_embeddings=False, attention_bias=True, mlp_bias=True,
     ),
 }
-EXPECTED_ARCH = {"gemma2_layer_types": "gemma2", "smollm3_explicit": "smollm3"}
-TIED = {"gemma", "gemma2", "smollm3"}
+EXPECTED_ARCH = {"gemma_nobias": "gemma", "gemma2_layer_types": "gemma2", "smollm3_explicit": "smollm3"}
+TIED = {"gemma", "gemma_nobias", "gemma2", "smollm3"}
 
 
 tiny = tiny_fixture(CASES)
@@ -107,6 +110,22 @@ tiny = tiny_fixture(CASES)
 class TestParity(ParitySuite):
     expected_arch = EXPECTED_ARCH
     tied = frozenset(TIED)
+    gguf_config = {
+        # llama.cpp's gemma2 scales queries by head_dim ** -0.5 (hidden / heads for the 46-layer 27B),
+        # not by query_pre_attn_scalar, which its converter does not write
+        "gemma2": {"query_pre_attn_scalar": 32},
+        # llama.cpp's smollm3 hard-codes NoPE on every 4th layer and has no sliding window; the
+        # converter writes neither no_rope_layers nor the window
+        "smollm3": {"no_rope_layers": [1, 1, 1, 0], "no_rope_layer_interval": 4, "use_sliding_window": False,
+                    "sliding_window": None, "layer_types": None},
+    }
+    gguf_unsupported = {
+        "gemma": "llama.cpp's gemma loads no attn_output bias (and its converter writes no rope scaling)",
+        "gemma2_layer_types": "llama.cpp's gemma2 loads no attn_output bias and always reuses the embeddings as "
+                              "the head (the converter drops lm_head.weight); its converter also fails on "
+                              "final_logit_softcapping null",
+        "smollm3_explicit": "llama.cpp's smollm3 loads no attn_output or MLP biases",
+    }
 
 
 # ---- every exercised feature changes the logits ---------------------------------------------
@@ -163,6 +182,7 @@ def _no_rope_scaling(m):
 
 MUTATIONS = {
     "gemma": [_no_embed_scale, _no_rope_scaling],
+    "gemma_nobias": [_no_embed_scale],
     "gemma2": [_no_final_softcap, _no_attn_softcap, _no_sliding, _head_dim_scale, _no_sandwich],
     "gemma2_layer_types": [_no_attn_softcap, _no_sliding, _head_dim_scale],
     "smollm3": [_no_sliding, _rope_everywhere],

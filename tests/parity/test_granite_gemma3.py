@@ -27,6 +27,7 @@ import torch
 
 from tests.helpers.parity import (
     ParitySuite,
+    assert_gguf_matches,
     assert_logits_match,
     make_tiny_hf_model,
     our_logits,
@@ -106,6 +107,20 @@ TIED = {"granite_tied", "gemma3"}
 
 tiny = tiny_fixture(CASES)
 
+# GGUF-only cases (`test_gemma3_gguf_default_pattern`; tests/parity/test_gguf_llama_cpp.py runs
+# llama.cpp's converter on them too).
+GGUF_CASES = {
+    # what a GGUF gemma3 file can hold with a global layer in it: Gemma 3's default pattern
+    # (sliding_window_pattern 6, which llama.cpp hard-codes: layer 5 global, the others sliding
+    # with window 4), query_pre_attn_scalar = head_dim, separate global (linear-scaled) / local
+    # rope, final softcap 3, untied, no biases. Seven random layers are too deep for the suite's
+    # bf16 check (transformers-bf16 alone is ~0.35 from fp32 here), so it runs only the GGUF check.
+    "gemma3_default_pattern": lambda p: _gemma3(
+        p, head_dim=16, num_hidden_layers=7, sliding_window=4, query_pre_attn_scalar=16,
+        final_logit_softcapping=3.0, tie_word_embeddings=False, rope_parameters=GEMMA3_ROPE,
+    ),
+}
+
 
 class TestParity(ParitySuite):
     # The untied Gemma 3 case has logits up to ~9 (no final softcap, (1 + w) norms around 2):
@@ -113,6 +128,15 @@ class TestParity(ParitySuite):
     batched_atol = {"gemma3_layer_types": 3e-5}
     expected_arch = EXPECTED_ARCH
     tied = frozenset(TIED)
+    # llama.cpp's gemma3 scales queries by head_dim ** -0.5 (hidden / heads for the 62-layer 27B)
+    # and runs the layer pattern of its default sliding_window_pattern 6 (all of these 3 layers
+    # sliding): its converter writes neither query_pre_attn_scalar nor the pattern
+    gguf_config = {"gemma3": {"query_pre_attn_scalar": 32, "layer_types": ["sliding_attention"] * 3}}
+    gguf_unsupported = {
+        "granite_tied": "llama.cpp's granite converter drops head_dim (32 here, not hidden / heads = 16)",
+        "gemma3_layer_types": "llama.cpp's gemma3 loads no attn_output bias, and its converter refuses an "
+                              "attn_logit_softcapping",
+    }
 
 
 # ---- every exercised feature changes the logits ---------------------------------------------
@@ -208,6 +232,20 @@ def test_features_matter(tiny):
         mutate(loaded.model)
         diff = float((our_logits(loaded, ids) - ref).abs().max())
         assert diff > 1e-2, f"{name}: {mutate.__name__} changes the logits by only {diff:.3g}; the test config does not exercise it"
+
+
+def test_gemma3_gguf_default_pattern(tmp_path):
+    """A GGUF gemma3 file runs llama.cpp's layer pattern (5 of every 6 layers sliding) with the
+    local rope base on the sliding layers and the global base + scaling on the global one: the
+    same logits as the safetensors model, whose config says the same in its own keys."""
+    from mistralrs.gguf.loading import load_gguf
+    from tests.helpers.gguf_writer import write_gguf
+
+    path, _ = GGUF_CASES["gemma3_default_pattern"](tmp_path / "gemma3")
+    print(assert_gguf_matches(path, tmp_path))
+    loaded = load_gguf(write_gguf(path, tmp_path / "model.gguf"), dtype=torch.float32)
+    assert [layer.self_attn.sliding_window for layer in loaded.model.model.layers] == [4, 4, 4, 4, 4, None, 4]
+    loaded.gguf.close()
 
 
 # ---- Gemma 3's legacy config keys ------------------------------------------------------------

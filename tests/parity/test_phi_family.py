@@ -67,10 +67,13 @@ def _starcoder2(p, **kw):
     return make_tiny_hf_model(transformers.Starcoder2Config, transformers.Starcoder2ForCausalLM, p, **kw)
 
 
-# head_dim 16 in every case (hidden 64, 4 heads); GQA 4:2 from the tiny defaults.
+# head_dim 16 in every case (hidden 64, 4 heads); GQA 4:2 from the tiny defaults (phi2_mha: MHA).
 CASES = {
     # default partial rotary 0.5, QK LayerNorm, untied head with bias
     "phi2": lambda p: _phi(p, qk_layernorm=True),
+    # what a GGUF phi2 file can hold (Phi-2's own layout): MHA, MLP 4 x hidden, theta 10000,
+    # no QK LayerNorm, untied head with bias
+    "phi2_mha": lambda p: _phi(p, num_key_value_heads=4, intermediate_size=256),
     # tied embeddings (the head keeps its bias), partial rotary 0.25, other theta, 3 layers
     "phi2_tied": lambda p: _phi(
         p, tie_word_embeddings=True, num_hidden_layers=3,
@@ -98,8 +101,8 @@ CASES = {
     ),
 }
 
-EXPECTED_ARCH = {"phi2": "phi2", "phi2_tied": "phi2", "phi3": "phi3", "phi3_long_partial_tied": "phi3",
-                 "starcoder2": "starcoder2", "starcoder2_nobias_untied": "starcoder2"}
+EXPECTED_ARCH = {"phi2": "phi2", "phi2_mha": "phi2", "phi2_tied": "phi2", "phi3": "phi3",
+                 "phi3_long_partial_tied": "phi3", "starcoder2": "starcoder2", "starcoder2_nobias_untied": "starcoder2"}
 TIED = {"phi2_tied", "phi3_long_partial_tied", "starcoder2"}
 
 
@@ -109,6 +112,16 @@ tiny = tiny_fixture(CASES)
 class TestParity(ParitySuite):
     expected_arch = EXPECTED_ARCH
     tied = frozenset(TIED)
+    # llama.cpp's phi3 graph disables the sliding window ("Phi SWA is currently disabled"); its
+    # starcoder2 converter writes none and its graph has none
+    gguf_config = {"phi3": {"sliding_window": None}, "starcoder2": {"sliding_window": None}}
+    gguf_unsupported = {
+        "phi2": "llama.cpp's phi2 has no QK LayerNorm (its converter cannot map q_layernorm), and the converter "
+                "writes head_count_kv = head_count, so GQA (4:2) does not fit",
+        "phi2_tied": "llama.cpp's phi2 converter writes head_count_kv = head_count (GQA 4:2 does not fit) and no "
+                     "rope theta (500 here), and its graph requires output.weight (a tied Phi has only its bias)",
+        "starcoder2_nobias_untied": "llama.cpp's starcoder2 requires the attn_output / ffn_up / ffn_down biases",
+    }
 
     def is_tied(self, model):
         return model.tied_embeddings  # the tied Phi-2 head keeps a Linear for its bias
@@ -120,7 +133,7 @@ class TestParity(ParitySuite):
             attn = model.model.layers[0].self_attn
             assert hasattr(attn, "qkv_proj") and hasattr(model.model.layers[0].mlp, "gate_up_proj")  # kept fused
         rotary = model.model.rotary_emb
-        expected_rotary = {"phi2": 8, "phi2_tied": 4, "phi3_long_partial_tied": 12}.get(name, 16)
+        expected_rotary = {"phi2": 8, "phi2_mha": 8, "phi2_tied": 4, "phi3_long_partial_tied": 12}.get(name, 16)
         assert rotary.rotary_dim == expected_rotary
         if name == "phi3" or name == "starcoder2":
             assert model.model.layers[0].self_attn.sliding_window == 8

@@ -259,6 +259,42 @@ def qk_unpermute(hp: Hparams) -> Callable[[str, Any], Transform | None]:
     return f
 
 
+def partial_rotary_factor(hp: Hparams, head_dim: int) -> float | None:
+    """``rope.dimension_count`` / head_dim: the rotated share of each head (the converters of
+    partial-rotary families store the rotated dimension count, not the factor); None when the
+    file does not say."""
+    n_rot = hp.scalar("rope.dimension_count")
+    if n_rot is None:
+        return None
+    n_rot = int(n_rot)
+    if not 0 < n_rot <= head_dim or n_rot % 2:
+        raise ModelLoadError(
+            f"{hp.where}: metadata '{hp.arch}.rope.dimension_count' is {n_rot}, which does not fit a head of "
+            f"{head_dim} dimensions; the GGUF file is inconsistent"
+        )
+    return n_rot / head_dim
+
+
+def sliding_window_layers(hp: Hparams, num_layers: int, default_pattern: int, *,
+                          dense_first: bool = False) -> list[bool]:
+    """Which layers use the sliding window, as llama.cpp's ``load_swa_pattern`` decides:
+    ``attention.sliding_window_pattern`` as one flag per layer, or as n (of every n layers the
+    last is global; with `dense_first` the first), else the architecture's `default_pattern`
+    (0: every layer sliding)."""
+    pattern = hp.get("attention.sliding_window_pattern")
+    if isinstance(pattern, list):
+        if len(pattern) < num_layers:
+            raise ModelLoadError(
+                f"{hp.where}: metadata '{hp.arch}.attention.sliding_window_pattern' has {len(pattern)} entries for "
+                f"{num_layers} layers; the GGUF file is inconsistent"
+            )
+        return [bool(p) for p in pattern[:num_layers]]
+    n = default_pattern if pattern is None else int(pattern)
+    if dense_first:
+        return [n == 0 or i % n != 0 for i in range(num_layers)]
+    return [n == 0 or i % n < n - 1 for i in range(num_layers)]
+
+
 def standard_config(gguf: Any, *, hf_architecture: str, model_type: str, hp: Hparams | None = None) -> dict:
     """config.json from llama.cpp's common hyper-parameters (``set_gguf_parameters``)."""
     hp = hp or Hparams(gguf)

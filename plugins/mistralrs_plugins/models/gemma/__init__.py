@@ -15,5 +15,6 @@ def register_architectures(register):
         hf_architectures=("GemmaForCausalLM",),
         model_types=("gemma",),
         gguf_architectures=("gemma",),
+        gguf_converter="mistralrs_plugins.models.gemma.gguf:convert",
         description="Gemma 1 (RMSNorm (1 + w), sqrt(hidden)-scaled embeddings, GeGLU MLP, tied embeddings)",
     ))

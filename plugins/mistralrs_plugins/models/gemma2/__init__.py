@@ -15,6 +15,7 @@ def register_architectures(register):
         hf_architectures=("Gemma2ForCausalLM",),
         model_types=("gemma2",),
         gguf_architectures=("gemma2",),
+        gguf_converter="mistralrs_plugins.models.gemma2.gguf:convert",
         description="Gemma 2 (sandwich norms, attention and final logit softcapping, "
                     "query_pre_attn_scalar, alternating sliding-window layers)",
     ))

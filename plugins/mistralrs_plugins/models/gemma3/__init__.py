@@ -16,6 +16,7 @@ def register_architectures(register):
         hf_architectures=("Gemma3ForCausalLM",),
         model_types=("gemma3_text",),
         gguf_architectures=("gemma3",),
+        gguf_converter="mistralrs_plugins.models.gemma3.gguf:convert",
         description="Gemma 3 text (sandwich norms, (1 + w) QK-norm, query_pre_attn_scalar, "
                     "sliding/global layer pattern with separate local and global rope, optional softcaps)",
     ))

@@ -15,5 +15,6 @@ def register_architectures(register):
         hf_architectures=("Glm4ForCausalLM",),
         model_types=("glm4",),
         gguf_architectures=("glm4",),
+        gguf_converter="mistralrs_plugins.models.glm4.gguf:convert",
         description="GLM-4 (sandwich norms, fused gate_up MLP, partial pairwise rotary, q/k/v biases)",
     ))

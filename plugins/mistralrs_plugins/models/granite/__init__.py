@@ -15,6 +15,7 @@ def register_architectures(register):
         hf_architectures=("GraniteForCausalLM",),
         model_types=("granite",),
         gguf_architectures=("granite",),
+        gguf_converter="mistralrs_plugins.models.granite.gguf:convert",
         description="Granite (Llama layout with embedding / attention / residual multipliers and "
                     "logits scaling)",
     ))

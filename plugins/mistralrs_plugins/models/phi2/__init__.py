@@ -15,6 +15,7 @@ def register_architectures(register):
         hf_architectures=("PhiForCausalLM",),
         model_types=("phi",),
         gguf_architectures=("phi2",),
+        gguf_converter="mistralrs_plugins.models.phi2.gguf:convert",
         description="Phi-1/1.5/2 (parallel attention + MLP from one LayerNorm, partial rotary, biases, "
                     "optional QK LayerNorm)",
     ))

@@ -15,6 +15,7 @@ def register_architectures(register):
         hf_architectures=("Phi3ForCausalLM",),
         model_types=("phi3",),
         gguf_architectures=("phi3",),
+        gguf_converter="mistralrs_plugins.models.phi3.gguf:convert",
         description="Phi-3 / Phi-4 (fused qkv_proj and gate_up_proj, longrope, sliding window, "
                     "partial rotary, tied or untied embeddings)",
     ))

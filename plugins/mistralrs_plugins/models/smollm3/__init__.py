@@ -15,5 +15,6 @@ def register_architectures(register):
         hf_architectures=("SmolLM3ForCausalLM",),
         model_types=("smollm3",),
         gguf_architectures=("smollm3",),
+        gguf_converter="mistralrs_plugins.models.smollm3.gguf:convert",
         description="SmolLM3 (Llama layout with NoPE layers: no_rope_layers / no_rope_layer_interval)",
     ))

@@ -15,6 +15,7 @@ def register_architectures(register):
         hf_architectures=("Starcoder2ForCausalLM",),
         model_types=("starcoder2",),
         gguf_architectures=("starcoder2",),
+        gguf_converter="mistralrs_plugins.models.starcoder2.gguf:convert",
         description="StarCoder2 (LayerNorm with bias, GELU MLP c_fc/c_proj, biases, sliding window, "
                     "tied embeddings)",
     ))
