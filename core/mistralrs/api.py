@@ -118,6 +118,24 @@ class Which:
                 raise ConfigError(f"Which.GGML(gqa=...) must be a positive integer, not {value!r}")
 
 
+def _source_options(which: Any) -> dict[str, Any]:
+    """The ServiceOptions fields that say where a `Which` model comes from."""
+    if isinstance(which, (Which.GGUF, Which.GGML)):
+        if which.topology:
+            raise ConfigError(f"Which.{type(which).__name__}(topology=...): device mapping is not implemented yet; "
+                              "remove it")
+        files = which.quantized_filename
+        return dict(
+            model_id=which.quantized_model_id, format="ggml" if isinstance(which, Which.GGML) else "gguf",
+            tok_model_id=which.tok_model_id, gqa=getattr(which, "gqa", 1),
+            quantized_files=tuple(files) if isinstance(files, (list, tuple)) else (files or ()),
+        )
+    return dict(
+        model_id=which.model_id, arch=_enum_value(which.arch), dummy_weights=which.dummy_weights,
+        isq_organization=which.organization, topology=which.topology,
+    )
+
+
 @attrs.define(kw_only=True)
 class ChatCompletionRequest:
     messages: Any
@@ -276,10 +294,6 @@ class Runner:
         for field in ("from_uqff", "write_uqff"):
             if getattr(which, field, None):
                 raise ConfigError(f"Which.Plain({field}=...) is not supported yet in this build (UQFF files); remove it")
-        gguf = isinstance(which, (Which.GGUF, Which.GGML))
-        if gguf and which.topology:
-            raise ConfigError(f"Which.{type(which).__name__}(topology=...): device mapping is not implemented yet; "
-                              "remove it")
         given = {k for k, v in unsupported.items() if v not in (None, False)}
         if given:
             raise ConfigError(f"Runner options not supported yet: {', '.join(sorted(given))}")
@@ -288,19 +302,7 @@ class Runner:
             pa_gpu_mem_usage = pa_gpu_mem = None
         elif pa_gpu_mem_usage is not None:
             pa_gpu_mem = None
-        if gguf:
-            files = which.quantized_filename
-            legacy = isinstance(which, Which.GGML)
-            source = dict(
-                model_id=which.quantized_model_id, format="ggml" if legacy else "gguf", tok_model_id=which.tok_model_id,
-                quantized_files=tuple(files) if isinstance(files, (list, tuple)) else (files or ()),
-                gqa=getattr(which, "gqa", 1),
-            )
-        else:
-            source = dict(
-                model_id=which.model_id, arch=_enum_value(which.arch), dummy_weights=which.dummy_weights,
-                isq_organization=which.organization, topology=which.topology,
-            )
+        source = _source_options(which)
         opts = ServiceOptions(
             **source,
             dtype=_enum_value(which.dtype),

@@ -539,8 +539,7 @@ def init_dummy_weights(model: nn.Module, seed: int = 0, *, action: str | None = 
                     nbytes += p.numel() * p.element_size()
                     continue
                 if isinstance(module, (RMSNorm, LayerNorm)) or "norm" in type(module).__name__.lower():
-                    value = 0.0 if (pname == "bias" or getattr(module, "add_unit_offset", False)) else 1.0
-                    p.fill_(value)
+                    p.fill_(0.0 if (pname == "bias" or getattr(module, "add_unit_offset", False)) else 1.0)
                 elif p.is_floating_point():
                     # chunked so a huge embedding never needs a second full-size fp32 copy
                     if p.is_contiguous():

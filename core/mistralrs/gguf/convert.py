@@ -206,8 +206,8 @@ def map_tensors(gguf: Any, *, block_names: Mapping[str, str] = STANDARD_BLOCK_NA
             prefix = f"{layer_prefix}.{layer}"
             if key in split:
                 start = 0
-                for hf_key, n in split[key]:
-                    hf_name = f"{prefix}.{hf_key}.{kind}"
+                for split_key, n in split[key]:
+                    hf_name = f"{prefix}.{split_key}.{kind}"
                     extra = transforms(hf_name, info) if transforms else None
                     parts.append(TensorPart(hf_name, name, chain(take_rows(start, start + n), extra)))
                     start += n
@@ -217,7 +217,7 @@ def map_tensors(gguf: Any, *, block_names: Mapping[str, str] = STANDARD_BLOCK_NA
                         f"make {start}; the GGUF file is inconsistent"
                     )
                 continue
-            hf_key = block_names.get(key)
+            hf_key: str | None = block_names.get(key)
             if hf_key is None:
                 raise _unknown(gguf, name)
             if "{e}" in hf_key:

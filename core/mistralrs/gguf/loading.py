@@ -144,7 +144,7 @@ def _assign_quant_methods(model: Any, parts: _Parts, registry: Any, dtype: Any) 
             if info is not None and not info.is_plain:
                 method = _quantizer_method(registry, info, parts.gguf)
                 if callable(getattr(method, "dequantize_rows", None)):
-                    module.weight.weight_loader = _QuantizedTable(module, method)
+                    setattr(module.weight, "weight_loader", _QuantizedTable(module, method))  # noqa: B010
         _cast_floating_params(model, dtype)
 
 
@@ -277,7 +277,7 @@ def load_gguf(
                 value = _read_part(gguf, part, cache)  # a view (or one transformed tensor): cheap
                 if dest is None or getattr(dest, "weight_loader", None) is None:
                     value = to_float(value, info)
-                yield info.path, part.hf_name, tuple(value.shape), (lambda _v=value: _v)
+                yield info.path, part.hf_name, tuple(value.shape), _constant(value)
                 del value
 
         nbytes = load_tensor_stream(model, stream(), where=str(gguf.path), arch_name=spec.name, action="loading")
@@ -291,3 +291,7 @@ def load_gguf(
         weight_bytes=resident_weight_bytes(model) or nbytes, gguf=gguf,
     )
     return loaded
+
+
+def _constant(value: Any) -> Callable[[], Any]:
+    return lambda: value

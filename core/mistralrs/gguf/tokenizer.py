@@ -524,10 +524,11 @@ def _post_processor(backend: Any, add_bos: bool, add_eos: bool, bos: str | None,
 
     add_bos = add_bos and bos is not None
     add_eos = add_eos and eos is not None
-    steps = [processors.ByteLevel(trim_offsets=False)] if byte_level else []
+    steps: list[Any] = [processors.ByteLevel(trim_offsets=False)] if byte_level else []
     if add_bos or add_eos:
-        single = f"{(bos + ':0 ') if add_bos else ''}$A:0{(' ' + eos + ':0') if add_eos else ''}"
-        pair = f"{single}{(' ' + bos + ':1') if add_bos and not bert_pairs else ''} $B:1{(' ' + eos + ':1') if add_eos else ''}"
+        b, e = bos or "", eos or ""
+        single = f"{(b + ':0 ') if add_bos else ''}$A:0{(' ' + e + ':0') if add_eos else ''}"
+        pair = f"{single}{(' ' + b + ':1') if add_bos and not bert_pairs else ''} $B:1{(' ' + e + ':1') if add_eos else ''}"
         specials = []
         if add_bos:
             specials.append((bos, backend.token_to_id(bos)))
@@ -626,10 +627,10 @@ def _bpe_model(vocab: Mapping[str, int], raw_merges: Sequence[Any], source: str,
     from tokenizers import models
 
     try:
-        return models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in raw_merges], **kwargs)
+        return models.BPE(vocab=dict(vocab), merges=[tuple(m.split(" ", 1)) for m in raw_merges], **kwargs)
     except Exception:  # noqa: BLE001 - tokenizers raises plain Exception / TypeError
         merges = _valid_merges(_split_merges(raw_merges), vocab, source)
-        return models.BPE(vocab=vocab, merges=merges, **kwargs)
+        return models.BPE(vocab=dict(vocab), merges=merges, **kwargs)
 
 
 def _pre_tokenizer_for(pre: str | None, source: str) -> tuple[str, PreTokenizer]:

@@ -27,7 +27,7 @@ class Embedding(nn.Module):
         if callable(getattr(head.quant_method, "dequantize_rows", None)):
             self.out_dtype = self.weight.dtype
             del self._parameters["weight"]
-            self.weight = None
+            self.weight = None  # type: ignore[assignment]
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.weight is None:

@@ -128,8 +128,9 @@ class QuantizedLinearMethod(LinearMethodBase):
     def apply(self, layer: Linear, x: torch.Tensor, out_f32: bool = False) -> torch.Tensor:
         shape = x.shape
         y = self.matmul(layer, x.reshape(-1, shape[-1]), out_f32)
-        if layer.bias is not None:
-            y = y + layer.bias.to(y.dtype)
+        bias = layer.bias
+        if isinstance(bias, torch.Tensor):
+            y = y + bias.to(y.dtype)
         return y.reshape(*shape[:-1], y.shape[-1])
 
     def describe(self) -> str:
