@@ -202,13 +202,14 @@ def _does_token_look_special(token: str) -> bool:
     )
 
 
-def _vocab_base(directory: Path) -> tuple[list[str], list[int]]:
-    """convert_hf_to_gguf.py's `TextModel.get_vocab_base` (GPT-2 BPE and WordPiece)."""
+def vocab_base(directory: Path, vocab_size: int | None = None) -> tuple[list[str], list[int]]:
+    """convert_hf_to_gguf.py's `TextModel.get_vocab_base` (GPT-2 BPE and WordPiece); `vocab_size`
+    as config.json's (ids without a token become [PADi])."""
     import gguf
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    vocab_size = len(tokenizer.vocab)
+    vocab_size = vocab_size or len(tokenizer.vocab)
     reverse = {i: t for t, i in tokenizer.vocab.items()}
     added_vocab = tokenizer.get_added_vocab()
     added_decoder = tokenizer.added_tokens_decoder
@@ -296,7 +297,7 @@ def convert_to_gguf(
     writer = gguf.GGUFWriter(out, arch)
     writer.add_name(directory.name)
     if kind == "gpt2":
-        tokens, types = _vocab_base(directory)
+        tokens, types = vocab_base(directory)
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(pre or "default")
         writer.add_token_list(tokens)
@@ -320,7 +321,7 @@ def convert_to_gguf(
         writer.add_token_types(types)
         special = gguf.SpecialVocab(directory, n_vocab=len(tokens))
     elif kind == "bert":
-        tokens, types = _vocab_base(directory)
+        tokens, types = vocab_base(directory)
 
         def phantom(tok: str, kind: int) -> str:
             if kind == gguf.TokenType.CONTROL:

@@ -332,27 +332,10 @@ _EXPERT_RE = re.compile(r"^(?P<pre>.*)\.experts\.(?P<e>\d+)\.(?P<w>\w+)\.weight$
 def _tokenizer_metadata(w: Any, hf_dir: Path, vocab_size: int) -> None:
     """_set_vocab_gpt2: tokens by id with their types, merges and special ids (gguf.SpecialVocab)."""
     import gguf
-    from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(hf_dir)
-    reverse = {i: t for t, i in tok.vocab.items()}
-    added = tok.get_added_vocab()
-    decoder = tok.added_tokens_decoder
-    tokens, types = [], []
-    for i in range(vocab_size):
-        if i not in reverse:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-            continue
-        token = reverse[i]
-        if token in added:
-            if not decoder[i].normalized:
-                token = tok.decode(tok.encode(token, add_special_tokens=False))
-            looks_special = token.startswith(("<|", "<", "[")) and token.endswith(("|>", ">", "]"))
-            types.append(gguf.TokenType.CONTROL if decoder[i].special or looks_special else gguf.TokenType.USER_DEFINED)
-        else:
-            types.append(gguf.TokenType.NORMAL)
-        tokens.append(token)
+    from tests.helpers.gguf_vocab import vocab_base
+
+    tokens, types = vocab_base(hf_dir, vocab_size)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2")
     w.add_token_list(tokens)

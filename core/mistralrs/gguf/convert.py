@@ -311,18 +311,14 @@ def standard_config(gguf: Any, *, hf_architecture: str, model_type: str, hp: Hpa
         "rope_theta": float(hp.get("rope.freq_base", 10000.0)),
         "tie_word_embeddings": "output.weight" not in gguf.tensors,
     }
-    ff = hp.scalar("feed_forward_length")
-    if ff is not None:
-        config["intermediate_size"] = int(ff)
-    key_length = hp.get("attention.key_length")
-    if key_length is not None:
-        config["head_dim"] = int(key_length)
-    eps = hp.get("attention.layer_norm_rms_epsilon")
-    if eps is not None:
-        config["rms_norm_eps"] = float(eps)
-    ln_eps = hp.get("attention.layer_norm_epsilon")
-    if ln_eps is not None:
-        config["layer_norm_eps"] = float(ln_eps)
+    # optional hyper-parameters: metadata key -> (config.json key, type)
+    for meta_key, (hf_key, kind) in {"feed_forward_length": ("intermediate_size", int),
+                                     "attention.key_length": ("head_dim", int),
+                                     "attention.layer_norm_rms_epsilon": ("rms_norm_eps", float),
+                                     "attention.layer_norm_epsilon": ("layer_norm_eps", float)}.items():
+        value = hp.scalar(meta_key)
+        if value is not None:
+            config[hf_key] = kind(value)
     embd = gguf.tensors.get("token_embd.weight")
     vocab = hp.get("vocab_size")
     config["vocab_size"] = int(embd.shape[0]) if embd is not None else int(vocab or len(gguf.metadata.get("tokenizer.ggml.tokens", ())))

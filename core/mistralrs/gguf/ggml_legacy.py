@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from mistralrs.errors import ConfigError, ModelLoadError
-from mistralrs.gguf.reader import GGML_TYPES, PLAIN_TYPES, GgufFile, GgufModel, GgufTensorInfo, type_name
+from mistralrs.gguf.reader import GGML_TYPES, PLAIN_TYPES, GgufFile, GgufModel, GgufTensorInfo, map_file, type_name
 
 # File magic (the u32 as it lies on disk) -> container name.
 MAGICS: dict[bytes, str] = {b"lmgg": "ggml", b"fmgg": "ggmf", b"tjgg": "ggjt"}
@@ -154,16 +154,7 @@ class GgmlFile(GgufFile):
         path = Path(path)
         if isinstance(gqa, bool) or not isinstance(gqa, int) or gqa < 1:
             raise ConfigError(f"--gqa must be a positive integer, not {gqa!r}")
-        if not path.is_file():
-            raise ModelLoadError(f"{path}: GGML file not found; check the path given to -m/-f")
-        try:
-            with open(path, "rb") as f:
-                size = f.seek(0, 2)
-                if size < 4:
-                    raise ModelLoadError(f"{path}: not a GGML file (only {size} bytes); download the file again")
-                mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        except OSError as exc:
-            raise ModelLoadError(f"{path}: cannot read the GGML file ({exc})") from None
+        mapping = map_file(path, "GGML", "-m/-f")
         try:
             return cls._parse_legacy(path, mapping, gqa=gqa, rms_norm_eps=rms_norm_eps,
                                      context_length=context_length)

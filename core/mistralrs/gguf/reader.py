@@ -212,17 +212,7 @@ class GgufFile:
     @classmethod
     def open(cls, path: Path | str) -> GgufFile:
         path = Path(path)
-        if not path.is_file():
-            raise ModelLoadError(f"{path}: GGUF file not found; check the path given to -f/--quantized-file")
-        try:
-            with open(path, "rb") as f:
-                size = f.seek(0, 2)
-                if size < 4:
-                    raise ModelLoadError(f"{path}: not a GGUF file (only {size} bytes); download the file again")
-                # Copy-on-write: torch gets writable views, the file is never modified.
-                mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        except OSError as exc:
-            raise ModelLoadError(f"{path}: cannot read the GGUF file ({exc})") from None
+        mapping = map_file(path, "GGUF", "-f/--quantized-file")
         try:
             return cls._parse(path, mapping)
         except BaseException:
@@ -337,6 +327,21 @@ class GgufFile:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def map_file(path: Path, kind: str, flag: str) -> mmap.mmap:
+    """A copy-on-write mapping of a model file (torch gets writable views; the file is never
+    modified); missing, empty or unreadable files are one-line errors naming `kind` and `flag`."""
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: {kind} file not found; check the path given to {flag}")
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            if size < 4:
+                raise ModelLoadError(f"{path}: not a {kind} file (only {size} bytes); download the file again")
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read the {kind} file ({exc})") from None
 
 
 def split_siblings(path: Path) -> list[Path]:
