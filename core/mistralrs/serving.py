@@ -249,13 +249,14 @@ class ModelService:
             tok_path = Path(opts.tokenizer_json) if opts.tokenizer_json else tok_dir / "tokenizer.json"  # type: ignore[operator]
             cfg = tok_path.parent / "tokenizer_config.json"
             self.tokenizer = Tokenizer.from_files(tok_path, cfg if cfg.is_file() else None)
-            gguf_template = None
+            gguf_templates: dict[str, str] = {}
         else:
             from mistralrs.gguf.tokenizer import tokenizer_from_gguf
 
             built = tokenizer_from_gguf(self.loaded.gguf.metadata, source=str(source.paths[0]))
             self.tokenizer = Tokenizer(built.tokenizer, built.tokenizer_config(), name=source.paths[0].name)
-            gguf_template = built.chat_template
+            # the default template and the named ones (tokenizer.chat_template.<name>, e.g. tool_use)
+            gguf_templates = {**built.chat_templates, **({"default": built.chat_template} if built.chat_template else {})}
             # llama.cpp's end-of-generation set (eos, eot, eom ...): a Llama 3 file whose eos is
             # <|end_of_text|> still stops at <|eot_id|>
             self._gguf_eog = tuple(int(i) for i in built.eog_token_ids)
@@ -263,11 +264,11 @@ class ModelService:
             tok_dir, chat_template_file=opts.chat_template, jinja_explicit=opts.jinja_explicit,
             model_name=opts.model_id,
         )
-        if not self.chat_template.available and gguf_template:
+        if not self.chat_template.available and gguf_templates:
             # the last source in mistral.rs's precedence: tokenizer.chat_template in the GGUF metadata
             specials = {k: v for k, v in (("bos_token", self.tokenizer.bos_token),
                                           ("eos_token", self.tokenizer.eos_token)) if v}
-            self.chat_template = ChatTemplate(gguf_template, source=f"{source.paths[0]} (GGUF metadata)",
+            self.chat_template = ChatTemplate(gguf_templates, source=f"{source.paths[0]} (GGUF metadata)",
                                               special_tokens=specials, model_name=opts.model_id)
         gen_dir = tok_dir or source.root
         self.generation_defaults = load_generation_config(gen_dir) if gen_dir else GenerationDefaults()

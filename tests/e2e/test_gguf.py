@@ -124,3 +124,19 @@ def test_debug_env_writes_the_tensor_list(gguf_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     listing = (tmp_path / "mistralrs_gguf_tensors.txt").read_text()
     assert "blk.0.attn_q.weight: shape=[64, 64] type=F16" in listing
+
+
+def test_named_chat_templates_come_from_the_metadata(gguf_dir, tmp_path):
+    from mistralrs import Runner, Which
+    from tests.helpers.gguf_writer import write_gguf
+
+    src, _ = gguf_dir
+    path = write_gguf(src, tmp_path / "named.gguf", outtype="f16",
+                      extra_strings={"tokenizer.chat_template.tool_use": "{{ 'TOOLS:' + messages[0]['content'] }}"})
+    runner = Runner(Which.GGUF(quantized_model_id=str(path)))
+    try:
+        template = runner.service.chat_template
+        assert set(template.names) == {"default", "tool_use"}
+        assert template.select(tools=[{"type": "function"}]).startswith("{{ 'TOOLS:'")
+    finally:
+        runner.service.shutdown()

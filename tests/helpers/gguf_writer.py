@@ -343,8 +343,10 @@ def _tokenizer_metadata(w: Any, hf_dir: Path, vocab_size: int) -> None:
     gguf.SpecialVocab(hf_dir, load_merges=True).add_to_gguf(w)
 
 
-def write_gguf(hf_dir: Path | str, out: Path | str, *, outtype: str = "f32") -> Path:
-    """Convert the checkpoint in `hf_dir` to GGUF `out` (outtype f32, f16, bf16 or q8_0)."""
+def write_gguf(hf_dir: Path | str, out: Path | str, *, outtype: str = "f32",
+               extra_strings: dict[str, str] | None = None) -> Path:
+    """Convert the checkpoint in `hf_dir` to GGUF `out` (outtype f32, f16, bf16 or q8_0);
+    `extra_strings` adds string metadata (e.g. a named chat template)."""
     import gguf
     from safetensors.torch import load_file
 
@@ -361,6 +363,8 @@ def write_gguf(hf_dir: Path | str, out: Path | str, *, outtype: str = "f32") -> 
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if (hf_dir / "tokenizer.json").is_file():  # parity checkpoints have none: weights only
         _tokenizer_metadata(w, hf_dir, cfg["vocab_size"])
+    for key, value in (extra_strings or {}).items():
+        w.add_string(key, value)
 
     names = gguf.TensorNameMap(arch, cfg["num_hidden_layers"])
     tensors: dict[str, torch.Tensor] = {}
