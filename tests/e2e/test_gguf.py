@@ -140,3 +140,14 @@ def test_named_chat_templates_come_from_the_metadata(gguf_dir, tmp_path):
         assert template.select(tools=[{"type": "function"}]).startswith("{{ 'TOOLS:'")
     finally:
         runner.service.shutdown()
+
+
+def test_the_format_is_the_files_magic_not_its_name(gguf_dir, tmp_path):
+    _, repo = gguf_dir
+    renamed = tmp_path / "model.bin"
+    shutil.copy(repo / "tiny-llama-F16.gguf", renamed)
+    assert _run("-m", str(renamed)).stdout == _run("-m", str(repo / "tiny-llama-F16.gguf")).stdout
+    other = tmp_path / "notes.txt"
+    other.write_text("hello")
+    r = _run("-m", str(other))
+    assert r.returncode != 0 and "neither GGUF nor GGML" in r.stderr

@@ -100,10 +100,13 @@ def resolve_gguf_source(opts: Any, fetch: Callable[..., Any], list_ggufs: Callab
     as_file = Path(model_id).expanduser()
     if as_file.is_file():
         from mistralrs.gguf.ggml_legacy import is_legacy_ggml
+        from mistralrs.gguf.reader import is_gguf
 
-        if as_file.suffix.lower() != ".gguf" and fmt not in ("gguf", "ggml") and not is_legacy_ggml(as_file):
-            raise ModelLoadError(f"model path {model_id} is a file but not a .gguf; pass a model directory, "
-                                 "or a GGUF file with --format gguf")
+        # the format is the file's magic, whatever its name (a .gguf suffix alone proves nothing)
+        if as_file.suffix.lower() != ".gguf" and fmt not in ("gguf", "ggml") and not (
+                is_gguf(as_file) or is_legacy_ggml(as_file)):
+            raise ModelLoadError(f"model path {model_id} is a file but neither GGUF nor GGML; pass a model "
+                                 "directory (config.json and safetensors weights) or a .gguf file")
         return GgufSource(paths=(as_file.resolve(),), root=as_file.resolve().parent, tok_root=tok_root)
     if fmt == "plain" or (not files and fmt is None and not opts.quant):
         return None
