@@ -41,7 +41,16 @@ from typing import Any
 import numpy as np
 
 from mistralrs.errors import ConfigError, ModelLoadError
-from mistralrs.gguf.reader import GGML_TYPES, PLAIN_TYPES, GgufFile, GgufModel, GgufTensorInfo, map_file, type_name
+from mistralrs.gguf.reader import (
+    GGML_TYPES,
+    PLAIN_TYPES,
+    GgufFile,
+    GgufModel,
+    GgufTensorInfo,
+    _Cursor,
+    map_file,
+    type_name,
+)
 
 # File magic (the u32 as it lies on disk) -> container name.
 MAGICS: dict[bytes, str] = {b"lmgg": "ggml", b"fmgg": "ggmf", b"tjgg": "ggjt"}
@@ -104,24 +113,11 @@ def is_legacy_ggml(path: Path | str) -> bool:
     return legacy_magic(path) is not None
 
 
-class _Reader:
-    """Sequential little-endian reads; running off the end of the file is 'truncated'."""
+class _Reader(_Cursor):
+    """Sequential little-endian reads (u32 counts); running off the end of the file is 'truncated'."""
 
     def __init__(self, buf: Any, path: Path) -> None:
-        self.buf, self.path, self.pos, self.size = buf, path, 0, len(buf)
-
-    def need(self, n: int, what: str) -> None:
-        if self.pos + n > self.size:
-            raise ModelLoadError(
-                f"{self.path}: truncated GGML file (it ends inside {what} at byte {self.pos} of {self.size}); "
-                "download the file again"
-            )
-
-    def u32(self, what: str) -> int:
-        self.need(4, what)
-        (v,) = _U32.unpack_from(self.buf, self.pos)
-        self.pos += 4
-        return v
+        super().__init__(buf, path, wide=False, kind="GGML")
 
     def u32s(self, n: int, what: str) -> tuple[int, ...]:
         self.need(4 * n, what)

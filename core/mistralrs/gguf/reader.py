@@ -107,14 +107,14 @@ class GgufTensorInfo:
 class _Cursor:
     """Sequential little-endian reads over the mapped file; running off its end is 'truncated'."""
 
-    def __init__(self, buf: Any, path: Path, wide: bool) -> None:
-        self.buf, self.pos, self.path, self.wide = buf, 0, path, wide
+    def __init__(self, buf: Any, path: Path, wide: bool, kind: str = "GGUF") -> None:
+        self.buf, self.pos, self.path, self.wide, self.kind = buf, 0, path, wide, kind
         self.size = len(buf)
 
     def need(self, n: int, what: str) -> None:
         if n < 0 or self.pos + n > self.size:
             raise ModelLoadError(
-                f"{self.path}: truncated GGUF file (it ends inside {what} at byte {self.pos} of {self.size}); "
+                f"{self.path}: truncated {self.kind} file (it ends inside {what} at byte {self.pos} of {self.size}); "
                 "download the file again"
             )
 
