@@ -71,7 +71,12 @@ def test_registry_picks_native_kernel_on_avx512_bf16(monkeypatch):
     host.load()
     if "kernels_cpu_native" not in host.plugins:  # entry point not installed: register by hand
         host.register(cpu_native, name="kernels_cpu_native", first_party=True)
-    expected = "avx512_bf16" if cpu_native.has_avx512_bf16() else "torch"
+    if cpu_native.has_avx512_bf16():
+        expected = "avx512_bf16"
+    else:  # cpu_quant's AVX2 kernel (priority 5) where it is installed and the CPU has AVX2, else torch
+        from mistralrs_plugins.kernels import cpu_quant
+
+        expected = "avx2" if "kernels_cpu_quant" in host.plugins and cpu_quant.has_avx2() else "torch"
     assert host.registry().kernel("linear_bf16", "cpu").name == expected
     monkeypatch.setenv(cpu_native.DISABLE_ENV, "1")
     assert host.registry().kernel("linear_bf16", "cpu").name == "torch"

@@ -11,6 +11,10 @@ Ops (all named ``avx2_q8``; they claim ``cpu`` only on x86-64 with avx2, fma and
 x are quantized to 8-bit blocks as llama.cpp does (q8_0, or q8_K for the k-quants), then int8 dot
 products per block, scaled in fp32. Each row's result is bit-identical whatever else is in the batch.
 
+Also ``linear_bf16`` (named ``avx2``, priority 5: above the torch reference, below cpu_native's AVX-512-BF16
+kernel, which wins where it runs): ``(x[M, K], weight bf16[N, K], bias, *, out_f32=False)`` with the weights
+widened to fp32 in registers and FMA accumulation, batch-invariant.
+
 Set ``MISTRALRS_NO_NATIVE_KERNELS=1`` to never claim a device (and never build).
 """
 
@@ -20,7 +24,7 @@ from mistralrs import hookimpl
 from mistralrs.specs import KernelSpec
 from mistralrs_plugins.kernels.native_build import DISABLE_ENV, cpu_flags, is_x86_64, native_disabled
 
-__all__ = ["DISABLE_ENV", "FORMATS", "has_avx2", "register_kernels", "supports_avx2"]
+__all__ = ["DISABLE_ENV", "FORMATS", "LINEAR_BF16_PRIORITY", "has_avx2", "register_kernels", "supports_avx2"]
 
 # op suffix -> (block elements, block bytes, activation blocks, C++ qtype id)
 FORMATS: dict[str, tuple[int, int, str, int]] = {
@@ -30,6 +34,9 @@ FORMATS: dict[str, tuple[int, int, str, int]] = {
     "q5k": (256, 176, "q8_K", 3),
     "q6k": (256, 210, "q8_K", 4),
 }
+
+# Above the torch reference (0), below cpu_native's AVX-512-BF16 linear_bf16 (10).
+LINEAR_BF16_PRIORITY = 5
 
 
 def has_avx2() -> bool:
@@ -54,3 +61,13 @@ def register_kernels(register):
             description=(f"AVX2 {name} x {act} int8 GEMV/GEMM ({elems}-element blocks of {nbytes} bytes), "
                          "batch-invariant; built on first use"),
         ))
+    register(KernelSpec(
+        name="avx2",
+        op="linear_bf16",
+        impl="mistralrs_plugins.kernels.cpu_quant.ops:linear_bf16",
+        devices=("cpu",),
+        priority=LINEAR_BF16_PRIORITY,
+        supports=supports_avx2,
+        description="AVX2/FMA bf16 GEMV/GEMM in fp32 (bf16 weights widened in registers), batch-invariant; "
+                    "built on first use",
+    ))

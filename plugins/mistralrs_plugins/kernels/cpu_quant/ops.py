@@ -7,6 +7,10 @@ under a file lock, marked ``BUILD_OK``; when it cannot be built one `NativeKerne
 issued and every op uses the torch reference for the rest of the process. An op never raises
 because of the native path.
 
+``linear_bf16(x[..., K], weight bf16[N, K], bias[N] | None, *, out_f32=False)`` is the bf16 linear for
+AVX2 CPUs (fp32 arithmetic, batch-invariant); what it does not take (other dtypes, non-contiguous
+weights, K not a multiple of 16, autograd) goes to the torch reference (`nn.torch_ops.linear_bf16`).
+
 Every op is ``qmatmul_<type>(x[..., K], qweight uint8[N, K / block * bytes], bias[N] | None, *,
 out_f32=False) -> y[..., N]`` in x's dtype (fp32 with `out_f32`); x is bf16 or fp32. Inputs the
 kernel does not take (other dtypes, autograd, other devices, torch.compile tracing, shapes that
@@ -23,12 +27,13 @@ from typing import Any
 
 import torch
 
+from mistralrs.nn import torch_ops
 from mistralrs_plugins.kernels import native_build
 from mistralrs_plugins.kernels.cpu_quant import FORMATS, has_avx2
 from mistralrs_plugins.kernels.native_build import NativeKernelWarning as NativeKernelWarning  # re-export
 from mistralrs_plugins.kernels.native_build import cache_root, native_disabled  # looked up here (tests patch)
 
-SOURCES = ("qmatmul.cpp",)
+SOURCES = ("qmatmul.cpp", "linear_bf16.cpp")
 HEADERS: tuple[str, ...] = ()
 CFLAGS = ("-O3", "-DNDEBUG", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
@@ -57,6 +62,7 @@ class QuantOps:
         ns = getattr(torch.ops, namespace)
         self.qmatmul = ns.qmatmul.default  # (x, qweight, bias, qtype, out_f32)
         self.quantize_act = ns.quantize_act.default  # (x fp32 [M, K], k_blocks) -> (qs, d, bsums16)
+        self.linear_bf16 = ns.linear_bf16.default  # (x [M, K], weight bf16 [N, K], bias, out_f32)
 
 
 def build(verbose: bool = False) -> QuantOps:
@@ -189,3 +195,48 @@ def qmatmul_q6k(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | Non
                 out_f32: bool = False) -> torch.Tensor:
     """``x @ dequant(W).T + b`` for q6_K weights (x quantized to q8_K per row, int8 dot products)."""
     return _qmatmul("q6k", x, qweight, bias, out_f32)
+
+
+def _linear_takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether the bf16 linear kernel computes this call (cheap checks: this runs for every matmul)."""
+    shape = x.shape
+    if (
+        not shape
+        or x.dtype not in _X_DTYPES
+        or weight.dtype is not torch.bfloat16
+        or not x.is_cpu
+        or not weight.is_cpu
+        or x.requires_grad
+        or weight.requires_grad
+        or weight.dim() != 2
+        or not weight.is_contiguous()
+    ):
+        return False
+    k = shape[-1]
+    if k == 0 or k % 16 or weight.shape[1] != k:
+        return False
+    if bias is not None and (
+        not bias.is_cpu or bias.requires_grad or bias.dtype not in _X_DTYPES or bias.numel() != weight.shape[0]
+    ):
+        return False
+    return not torch.compiler.is_compiling()
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_f32: bool) -> torch.Tensor:
+    # Same call depth as _qmatmul, so that the build warning points at the caller of the op.
+    if _linear_takes(x, weight, bias):
+        ext = _ext if _ext is not None else _native()
+        if ext is not None:
+            if x.dim() == 2:
+                return ext.linear_bf16(x, weight, bias, out_f32)
+            shape = x.shape
+            y = ext.linear_bf16(x.reshape(-1, shape[-1]), weight, bias, out_f32)
+            return y.view(*shape[:-1], weight.shape[0])
+    return torch_ops.linear_bf16(x, weight, bias, out_f32=out_f32)
+
+
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                out_f32: bool = False) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` (float32 with `out_f32`) for bf16 weights on AVX2 CPUs: fp32 arithmetic,
+    each row's result the same whatever else is in the batch. Anything else is the torch reference."""
+    return _linear(x, weight, bias, out_f32)
