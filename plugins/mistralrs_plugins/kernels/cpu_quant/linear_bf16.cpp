@@ -35,10 +35,11 @@
 #include <memory>
 #include <vector>
 
+#include "avx2_common.h"
+
 namespace {
 
-#define ALWAYS_INLINE __attribute__((always_inline))
-#define UNROLL _Pragma("GCC unroll 16")
+using cpu_quant::hsum8;
 
 constexpr int64_t kKB = 2048;                       // K block (elements): the unit of the reduction order
 constexpr int kGemvRows = 4;                        // M up to this: one pass over W
@@ -47,12 +48,6 @@ constexpr int kGemmNR = 2;                          // GEMM tile rows of W
 constexpr int64_t kPanelBytes = 256 * 1024;         // bytes of a K-block slice of a GEMM panel of W (L2)
 constexpr int64_t kInlineMacs = int64_t(1) << 18;   // less work than this runs on the calling thread
 
-ALWAYS_INLINE inline float hsum8(__m256 v) {
-  __m128 r = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
-  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-  r = _mm_add_ss(r, _mm_movehdup_ps(r));
-  return _mm_cvtss_f32(r);
-}
 
 // MR rows of (permuted fp32) x against NR rows of bf16 W over [k0, k1): part[m * ldp + r] += hsum8(acc).
 // Per 16 elements and output: acc = fmadd(w_even, x_even, acc), then acc = fmadd(w_odd, x_odd, acc). The

@@ -48,9 +48,12 @@
 #include <tuple>
 #include <type_traits>
 
+#include "avx2_common.h"
+
 namespace {
 
-#define ALWAYS_INLINE __attribute__((always_inline))
+using cpu_quant::hsum4;
+using cpu_quant::hsum8;
 
 // ---- formats --------------------------------------------------------------------------------------
 
@@ -79,18 +82,6 @@ ALWAYS_INLINE inline float fp16_at(const uint8_t* p) {
 
 // ---- reductions (one fixed tree each: every schedule uses these) -----------------------------------
 
-ALWAYS_INLINE inline float hsum8(__m256 v) {
-  __m128 r = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
-  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-  r = _mm_add_ss(r, _mm_movehdup_ps(r));
-  return _mm_cvtss_f32(r);
-}
-
-ALWAYS_INLINE inline float hsum4(__m128 r) {
-  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-  r = _mm_add_ss(r, _mm_movehdup_ps(r));
-  return _mm_cvtss_f32(r);
-}
 
 // ---- quantized activations -------------------------------------------------------------------------
 
@@ -202,8 +193,6 @@ void quantize_row_q8_K(const float* x, int64_t K, int8_t* qs, float* d, int16_t*
 // the raw sums (before bias) to out[m * G + g]. What is computed for one output never depends on MR, G or
 // the other rows in the tile: every vector operation below is lane-wise per output, and each output's
 // lanes are reduced by the same fixed tree.
-
-#define UNROLL _Pragma("GCC unroll 16")
 
 // An opaque identity: keeps the compiler from reassociating integer sums across it (GCC otherwise turns a
 // tile's per-row chains of adds into wide trees of partial sums, which spill).
