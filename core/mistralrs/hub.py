@@ -698,18 +698,19 @@ def _fetch_online(
     )
 
 
-def gguf_file_names(
+def repo_file_names(
     model_id: str,
+    suffix: str,
     *,
     revision: str | None = None,
     token_source: str = "cache",
     hf_cache: str | os.PathLike[str] | None = None,
 ) -> list[str]:
-    """The ``.gguf`` files of a local directory or a Hub repository (names relative to its root),
-    without downloading them: the choice `--quant` makes among them comes first."""
+    """The files ending in `suffix` (``.gguf``, ``.uqff``) of a local directory or a Hub repository
+    (names relative to its root), without downloading them: the choice among them comes first."""
     local = Path(model_id).expanduser()
     if local.is_dir():
-        return sorted(str(p.relative_to(local)) for p in local.rglob("*.gguf"))
+        return sorted(str(p.relative_to(local)) for p in local.rglob("*" + suffix))
     _validate_repo_id(model_id)
     cache = hub_cache_dir(hf_cache)
     if is_offline():
@@ -721,7 +722,7 @@ def gguf_file_names(
                 f"model {model_id} is not in the Hugging Face cache at {cache} and HF_HUB_OFFLINE is set; "
                 "unset HF_HUB_OFFLINE or download the model first"
             )
-        return sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*.gguf"))
+        return sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*" + suffix))
     import huggingface_hub as hf
 
     hf_token = _hf_token_arg(resolve_token(token_source))
@@ -729,4 +730,15 @@ def gguf_file_names(
         listing = hf.HfApi(token=hf_token).list_repo_files(model_id, revision=revision, token=hf_token)
     except Exception as exc:  # noqa: BLE001
         raise _hub_error(exc, model_id, revision) from exc
-    return sorted(f for f in listing if f.endswith(".gguf"))
+    return sorted(f for f in listing if f.endswith(suffix))
+
+
+def gguf_file_names(
+    model_id: str,
+    *,
+    revision: str | None = None,
+    token_source: str = "cache",
+    hf_cache: str | os.PathLike[str] | None = None,
+) -> list[str]:
+    """The ``.gguf`` files of a local directory or a Hub repository (`repo_file_names`)."""
+    return repo_file_names(model_id, ".gguf", revision=revision, token_source=token_source, hf_cache=hf_cache)

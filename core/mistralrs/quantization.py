@@ -42,7 +42,9 @@ def isq_type_names(registry: Any = None) -> list[str]:
     return [s.name for s in isq_specs(registry)]
 
 
-def _find(name: str, registry: Any) -> Any | None:
+def find_quantizer(name: str, registry: Any = None) -> Any | None:
+    """The QuantizerSpec named `name` (case-insensitive, or an alias); None when there is none."""
+    registry = _registry(registry)
     key = name.strip().lower()
     for spec in _registry(registry).quantizers:
         if key == spec.name.lower() or key in (a.lower() for a in spec.aliases):
@@ -70,7 +72,7 @@ def resolve_isq_type(name: str | int, *, device_type: str = "cpu", registry: Any
             )
         spec = sorted(found, key=lambda s: (-s.priority, s.name))[0]
     else:
-        spec = _find(text, registry)
+        spec = find_quantizer(text, registry)
         if spec is not None and not spec.isq:
             raise ConfigError(
                 f"{source} {text!r}: {spec.name} is a storage type that loads from GGUF files but cannot be made "
@@ -140,7 +142,7 @@ class IsqPlan:
         if self.organization == "moqe" and _ROUTED_EXPERT.search(name + ".") is None:
             return None
         if is_sensitive(name) and spec.sensitive:
-            promoted = _find(spec.sensitive, self.registry)
+            promoted = find_quantizer(spec.sensitive, self.registry)
             if promoted is not None:
                 return promoted
         return spec
@@ -157,7 +159,7 @@ class IsqPlan:
                     self.fallbacks.setdefault((wanted.name, spec.name), []).append(name)
                 self.counts[spec.name] = self.counts.get(spec.name, 0) + 1
                 return method
-            spec = _find(spec.fallback, self.registry) if spec.fallback else None
+            spec = find_quantizer(spec.fallback, self.registry) if spec.fallback else None
         if wanted is not None:
             self.fallbacks.setdefault((wanted.name, "unquantized"), []).append(name)
         return None
@@ -182,7 +184,7 @@ def bits_per_weight(names: Iterable[str], registry: Any = None) -> dict[str, flo
     registry = _registry(registry)
     out = {}
     for name in names:
-        spec = _find(name, registry)
+        spec = find_quantizer(name, registry)
         if spec is not None and spec.bits_per_weight:
             out[spec.name] = float(spec.bits_per_weight)
     return out

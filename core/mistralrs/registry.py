@@ -211,6 +211,12 @@ class Registry:
         found.sort(key=lambda s: (-s.priority, s.name))
         return found[0] if found else None
 
+    def quantizers_for_uqff_format(self, tag: int) -> list[S.QuantizerSpec]:
+        """The quantizers whose layers UQFF records of family `tag` hold (``weight.format``)."""
+        found = [s for s in self.quantizers if s.uqff_format == tag]
+        found.sort(key=lambda s: (-s.priority, s.name))
+        return found
+
     def supported_architecture_names(self) -> list[str]:
         names: set[str] = set()
         for spec in self.architectures:

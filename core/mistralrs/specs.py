@@ -123,6 +123,9 @@ class QuantizerSpec(Spec):
     # The GGML tensor type id (GGUF ``ggml_type``) whose block bytes this format stores as they
     # are: GGUF tensors of that type load into it without re-quantizing (`ggml_state`).
     ggml_type: int | None = None
+    # The UQFF record family (``<key>.weight.format`` tag, docs/uqff.md) this format's layers are
+    # written as and read from; the method class implements the record (``uqff_entries`` ...).
+    uqff_format: int | None = None
     kind: str = attrs.field(init=False, default="quantizer")
 
 

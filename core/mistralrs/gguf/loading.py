@@ -131,6 +131,7 @@ def _assign_quant_methods(model: Any, parts: _Parts, registry: Any, dtype: Any) 
     from mistralrs.loading import _cast_floating_params
     from mistralrs.nn.embedding import Embedding
     from mistralrs.nn.linear import linear_layers
+    from mistralrs.nn.quantized import QuantizedTableLoader
 
     with torch.device("meta"):
         for name, layer in linear_layers(model):
@@ -144,30 +145,8 @@ def _assign_quant_methods(model: Any, parts: _Parts, registry: Any, dtype: Any) 
             if info is not None and not info.is_plain:
                 method = _quantizer_method(registry, info, parts.gguf)
                 if callable(getattr(method, "dequantize_rows", None)):
-                    setattr(module.weight, "weight_loader", _QuantizedTable(module, method))  # noqa: B010
+                    setattr(module.weight, "weight_loader", QuantizedTableLoader(module, method))  # noqa: B010
         _cast_floating_params(model, dtype)
-
-
-class _QuantizedTable:
-    """weight_loader of a token embedding stored as GGML blocks: keep the blocks, look rows up."""
-
-    def __init__(self, embedding: Any, method: Any) -> None:
-        self.embedding, self.method = embedding, method
-
-    def __call__(self, param: Any, value: Any) -> None:
-        import torch
-
-        from mistralrs.nn.linear import Linear
-        from mistralrs.nn.quantized import GgmlBlocks
-
-        emb = self.embedding
-        if not isinstance(value, GgmlBlocks):
-            param.copy_(value)
-            return
-        with torch.device("meta"):
-            table = Linear(emb.embedding_dim, emb.num_embeddings, quant_method=self.method)
-        self.method.load_ggml(table, value)
-        emb.set_quantized_head(table)
 
 
 def _read_part(gguf: GgufModel, part: TensorPart, cache: dict[str, Any]) -> Any:

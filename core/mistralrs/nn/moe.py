@@ -62,10 +62,18 @@ class SparseMoE(nn.Module):
         self.gate_name = gate_name
         self.experts_name = experts_name
         self.routing_weights_in_model_dtype = routing_weights_in_model_dtype
+        self.expert_names = tuple(expert_names)  # (gate, up, down) projections of each expert
         setattr(self, gate_name, Linear(hidden_size, self.num_experts, bias=gate_bias))
         setattr(self, experts_name, nn.ModuleList(
             GatedMLP(hidden_size, intermediate_size, hidden_act, names=expert_names) for _ in range(self.num_experts)
         ))
+
+    def stacked_expert_keys(self) -> list[tuple[str, list[str]]]:
+        """[(stacked key, [per-expert names])] relative to this module: mistral.rs stores each
+        projection of all experts as one ``experts.gate_proj|up_proj|down_proj`` [E, out, in]."""
+        e = self.experts_name
+        return [(f"{e}.{canonical}", [f"{e}.{i}.{name}" for i in range(self.num_experts)])
+                for canonical, name in zip(QWEN_EXPERT_NAMES, self.expert_names)]
 
     @property
     def router(self) -> Linear:

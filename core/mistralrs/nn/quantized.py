@@ -76,6 +76,48 @@ class QuantizedLinearMethod(LinearMethodBase):
             )
         self.set_state(layer, self.ggml_state(blocks.data))
 
+    # -- UQFF records (docs/uqff.md): the family is the spec's ``uqff_format`` tag ---------------
+    def uqff_entries(self, layer: Linear) -> dict[str, torch.Tensor]:
+        """The layer's UQFF record besides ``weight.format`` and ``bias``: {suffix: tensor} with
+        suffixes ``weight`` and ``weight.<field>``, laid out as mistral.rs writes this family."""
+        raise NotImplementedError(f"{self.qtype} has no UQFF record")
+
+    @classmethod
+    def uqff_qtype(cls, entries: dict[str, torch.Tensor]) -> str | None:
+        """The type name a record of this family holds; None for a float weight the family
+        stores (``uqff_float_weight``). Raise ValueError for a record that is not valid."""
+        raise NotImplementedError(f"{cls.__name__} reads no UQFF records")
+
+    @classmethod
+    def uqff_float_weight(cls, entries: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError(f"{cls.__name__} stores no float weights in UQFF records")
+
+    @classmethod
+    def uqff_split(cls, entries: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
+        """A record of stacked MoE experts ([E, out, in]) as `parts` records, one per expert."""
+        raise ValueError(f"{cls.__name__} cannot read stacked expert records")
+
+    @classmethod
+    def uqff_stack(cls, records: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor] | None:
+        """Per-expert records as one stacked record (mistral.rs's layout for MoE experts); None
+        when this family does not stack."""
+        return None
+
+    def uqff_state(self, entries: dict[str, torch.Tensor], out_features: int,
+                   in_features: int) -> dict[str, torch.Tensor]:
+        """The layer state from a record of this type. Raise ValueError naming what does not fit."""
+        raise NotImplementedError(f"{self.qtype} reads no UQFF records")
+
+    def load_uqff(self, layer: Linear, entries: dict[str, torch.Tensor]) -> None:
+        """Install a UQFF record as the layer's state, dropping the float weight."""
+        try:
+            state = self.uqff_state(entries, layer.out_features, layer.in_features)
+        except ValueError as exc:
+            from mistralrs.errors import ModelLoadError
+
+            raise ModelLoadError(f"{exc}; the UQFF file does not match config.json") from None
+        self.set_state(layer, state)
+
     def state_bytes(self, layer: Linear) -> int:
         return sum(b.numel() * b.element_size() for b in self.state(layer).values())
 
@@ -195,15 +237,59 @@ def still_fused(fused: Linear | None, layers: list[Linear]) -> bool:
     return True
 
 
-class GgmlBlocks:
-    """A weight that arrives already quantized: GGML block bytes (uint8 [out, row_bytes]) of
-    type id `ggml_type`, for a [out, in] weight `shape`. A quantized layer's ``weight_loader``
-    installs them as they are (`QuantizedLinearMethod.load_ggml`) instead of quantizing."""
+class Prequantized:
+    """A weight that arrives already quantized (a GGUF block tensor, a UQFF record): a quantized
+    layer's ``weight_loader`` installs it as it is instead of quantizing."""
+
+    __slots__ = ()
+    shape: tuple[int, ...]
+
+    def install(self, method: QuantizedLinearMethod, layer: Linear) -> None:
+        raise NotImplementedError
+
+
+class GgmlBlocks(Prequantized):
+    """GGML block bytes (uint8 [out, row_bytes]) of type id `ggml_type`, for a [out, in] weight
+    `shape` (`QuantizedLinearMethod.load_ggml`)."""
 
     __slots__ = ("data", "ggml_type", "shape")
 
     def __init__(self, data: torch.Tensor, ggml_type: int, shape: tuple[int, ...]) -> None:
         self.data, self.ggml_type, self.shape = data, ggml_type, tuple(shape)
+
+    def install(self, method: QuantizedLinearMethod, layer: Linear) -> None:
+        method.load_ggml(layer, self)
+
+
+class UqffRecord(Prequantized):
+    """A UQFF layer record: {suffix: tensor} (`QuantizedLinearMethod.load_uqff`), for a [out, in]
+    weight `shape`."""
+
+    __slots__ = ("entries", "shape")
+
+    def __init__(self, entries: dict[str, torch.Tensor], shape: tuple[int, ...]) -> None:
+        self.entries, self.shape = entries, tuple(shape)
+
+    def install(self, method: QuantizedLinearMethod, layer: Linear) -> None:
+        method.load_uqff(layer, self.entries)
+
+
+class QuantizedTableLoader:
+    """``weight_loader`` of a token embedding whose table arrives quantized (a GGUF block tensor,
+    a UQFF record): the table becomes the embedding's quantized head, which looks rows up."""
+
+    def __init__(self, embedding: nn.Module, method: QuantizedLinearMethod) -> None:
+        self.embedding, self.method = embedding, method
+
+    def __call__(self, param: torch.Tensor, value: torch.Tensor | Prequantized) -> None:
+        emb = self.embedding
+        if not isinstance(value, Prequantized):
+            param.copy_(value)
+            return
+        with torch.device("meta"):
+            table = Linear(emb.embedding_dim, emb.num_embeddings, quant_method=self.method)  # type: ignore[arg-type]
+        value.install(self.method, table)
+        emb.set_quantized_head(table)  # type: ignore[operator]
 
 
 class _Loader:
@@ -216,9 +302,9 @@ class _Loader:
         # so the cycle is collected with the layer.
         self.layer = layer
 
-    def __call__(self, param: torch.Tensor, tensor: torch.Tensor | GgmlBlocks) -> None:
-        if isinstance(tensor, GgmlBlocks):
-            self.method.load_ggml(self.layer, tensor)
+    def __call__(self, param: torch.Tensor, tensor: torch.Tensor | Prequantized) -> None:
+        if isinstance(tensor, Prequantized):
+            tensor.install(self.method, self.layer)
         else:
             self.method.load_float(self.layer, tensor)
 

@@ -249,7 +249,7 @@ def test_topology_pins_refuse_them():
 
 def test_names_are_case_insensitive_and_have_gguf_spelling():
     registry = get_registry()
-    from mistralrs.quantization import _find
+    from mistralrs.quantization import find_quantizer as _find
 
     for name in NAMES:
         assert _find(name.upper(), registry).name == name

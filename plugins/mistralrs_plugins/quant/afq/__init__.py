@@ -36,5 +36,6 @@ def register_quantizers(register):
             sensitive=sensitive,
             fallback=None,
             devices=("cpu", "cuda", "mps"),
+            uqff_format=4,  # mistral.rs QuantizedSerdeType::Afq
             description=f"MLX affine {bits}-bit, group {GROUP_SIZE}, 16-bit scale+bias ({bpw} bits per weight)",
         ))

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from mistralrs.nn.linear import Linear
 from mistralrs.nn.quantized import QuantizedLinearMethod
+from mistralrs.uqff import records as R
 
 BITS = (2, 3, 4, 6, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -154,6 +155,43 @@ class AfqLinearMethod(QuantizedLinearMethod):
     def matmul(self, layer: Linear, x: torch.Tensor, out_f32: bool = False) -> torch.Tensor:
         y = chunked_reference_matmul(x, layer.out_features, layer.in_features, lambda a, b: self._rows(layer, a, b))
         return y if out_f32 else y.to(x.dtype)
+
+
+    # -- UQFF (family 4, mistral.rs's AfqLayer): the codes as U32 words, bits and group size as U8
+    _UQFF_SUFFIXES = ("weight", "weight.bits", "weight.group_size", "weight.scales", "weight.biases")
+
+    def uqff_entries(self, layer: Linear) -> dict[str, torch.Tensor]:
+        return {
+            "weight": layer.qweight.view(torch.uint32),
+            "weight.bits": R.u8(self.bits),
+            "weight.group_size": R.u8(self.group_size),
+            "weight.scales": layer.scales,
+            "weight.biases": layer.biases,
+        }
+
+    @classmethod
+    def uqff_qtype(cls, entries: dict[str, torch.Tensor]) -> str | None:
+        R.require_exactly(entries, cls._UQFF_SUFFIXES)
+        bits = R.scalar(entries, "weight.bits")
+        if bits not in BITS:
+            raise ValueError(f"AFQ bits {bits} is not one of {', '.join(map(str, BITS))}")
+        return f"afq{bits}"
+
+    def uqff_state(self, entries: dict[str, torch.Tensor], out_features: int,
+                   in_features: int) -> dict[str, torch.Tensor]:
+        group_size = R.scalar(entries, "weight.group_size")
+        if group_size not in GROUP_SIZES:
+            raise ValueError(f"AFQ group size {group_size} is not one of {', '.join(map(str, GROUP_SIZES))}")
+        self.group_size = group_size
+        words = R.tensor(entries, "weight")
+        qweight = words.contiguous().view(torch.uint8) if words.element_size() != 1 else words
+        scales, biases = R.tensor(entries, "weight.scales"), R.tensor(entries, "weight.biases")
+        want = (out_features, in_features * self.bits // 8)
+        groups = (out_features, in_features // group_size)
+        if tuple(qweight.shape) != want or tuple(scales.shape) != groups or tuple(biases.shape) != groups:
+            raise ValueError(f"an {self.qtype} record with codes {list(words.shape)} and scales {list(scales.shape)} "
+                             f"given to a layer of shape [{out_features}, {in_features}]")
+        return {"qweight": qweight, "scales": scales, "biases": biases}
 
 
 def chunked_reference_matmul(x: torch.Tensor, out_features: int, in_features: int, rows: Any) -> torch.Tensor:

@@ -30,6 +30,7 @@ def register_quantizers(register):
         sensitive=None,
         fallback=None,
         devices=("cpu", "cuda", "mps"),
+        uqff_format=3,  # mistral.rs QuantizedSerdeType::Fp8
         description="FP8 E4M3 weights with one float32 scale per tensor (8 bits per weight)",
     ))
     register(QuantizerSpec(
@@ -40,5 +41,6 @@ def register_quantizers(register):
         sensitive=None,
         fallback=None,
         devices=("cpu",),
+        uqff_format=5,  # mistral.rs QuantizedSerdeType::F8Q8
         description="int8 blocks of 32 with an FP8 E4M3 block scale, 33 bytes per 32 weights (8.25 bits per weight)",
     ))

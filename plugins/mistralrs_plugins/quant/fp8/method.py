@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from mistralrs.nn.linear import Linear
 from mistralrs.nn.quantized import QuantizedLinearMethod
+from mistralrs.uqff import records as R
 
 E4M3_MAX = 448.0
 QK = 32          # f8q8 block size (mistral.rs QK8_0)
@@ -124,6 +125,44 @@ class Fp8LinearMethod(QuantizedLinearMethod):
         return y if out_f32 else y.to(x.dtype)
 
 
+    # -- UQFF (family 3, mistral.rs's FP8Linear): the E4M3 weight, its scale three ways, and the
+    # dtype code of the weight (9: F8E4M3)
+    _UQFF_SUFFIXES = ("weight", "weight.dequant_w_scale", "weight.dequant_x_scale", "weight.quant_scale",
+                      "weight.dtype")
+
+    def uqff_entries(self, layer: Linear) -> dict[str, torch.Tensor]:
+        scale = layer.scale.to(torch.float32).reshape(())
+        return {
+            "weight": layer.qweight.view(torch.float8_e4m3fn),
+            "weight.dequant_w_scale": scale,
+            "weight.dequant_x_scale": scale,
+            "weight.quant_scale": 1.0 / scale,
+            "weight.dtype": R.u32(FP8_DTYPE_CODE),
+        }
+
+    @classmethod
+    def uqff_qtype(cls, entries: dict[str, torch.Tensor]) -> str | None:
+        R.require_exactly(entries, cls._UQFF_SUFFIXES)
+        if R.scalar(entries, "weight.dtype") != FP8_DTYPE_CODE:
+            raise ValueError(f"an FP8 record of dtype code {R.scalar(entries, 'weight.dtype')}; this build reads "
+                             f"F8E4M3 ({FP8_DTYPE_CODE})")
+        return "fp8"
+
+    def uqff_state(self, entries: dict[str, torch.Tensor], out_features: int,
+                   in_features: int) -> dict[str, torch.Tensor]:
+        weight = R.tensor(entries, "weight")
+        if weight.dtype != torch.float8_e4m3fn or tuple(weight.shape) != (out_features, in_features):
+            raise ValueError(f"an fp8 weight {weight.dtype} {list(weight.shape)} given to a layer of shape "
+                             f"[{out_features}, {in_features}]")
+        scale = R.tensor(entries, "weight.dequant_w_scale")
+        if scale.numel() != 1:
+            raise ValueError(f"an fp8 record whose dequant_w_scale has {scale.numel()} values (expected one)")
+        return {"qweight": weight.view(torch.uint8), "scale": scale.to(torch.float32).reshape(())}
+
+
+FP8_DTYPE_CODE = 9  # mistral.rs utils/uqff.rs: F8E4M3
+
+
 # ----------------------------------------------------------------------------------- f8q8
 
 
@@ -202,3 +241,28 @@ class F8Q8LinearMethod(QuantizedLinearMethod):
     def matmul(self, layer: Linear, x: torch.Tensor, out_f32: bool = False) -> torch.Tensor:
         y = _chunked_reference_matmul(x, layer.out_features, layer.in_features, lambda a, b: self._rows(layer, a, b))
         return y if out_f32 else y.to(x.dtype)
+
+    # -- UQFF (family 5, mistral.rs's F8Q8Linear): the blocks' bytes, their count and the dims
+    _UQFF_SUFFIXES = ("weight", "weight.num_blocks", "weight.shape")
+
+    def uqff_entries(self, layer: Linear) -> dict[str, torch.Tensor]:
+        return {
+            "weight": layer.qweight.reshape(-1),
+            "weight.num_blocks": R.u32(layer.qweight.shape[0]),
+            "weight.shape": R.u32_vec((layer.out_features, layer.in_features)),
+        }
+
+    @classmethod
+    def uqff_qtype(cls, entries: dict[str, torch.Tensor]) -> str | None:
+        R.require_exactly(entries, cls._UQFF_SUFFIXES)
+        return "f8q8"
+
+    def uqff_state(self, entries: dict[str, torch.Tensor], out_features: int,
+                   in_features: int) -> dict[str, torch.Tensor]:
+        R.check_shape(R.vector(entries, "weight.shape"), out_features, in_features)
+        nblocks = -(-out_features * in_features // QK)
+        data = R.tensor(entries, "weight")
+        if R.scalar(entries, "weight.num_blocks") != nblocks or data.dtype != torch.uint8 or data.numel() != nblocks * BLOCK_BYTES:
+            raise ValueError(f"an f8q8 record of {data.numel()} bytes given to a [{out_features}, {in_features}] layer "
+                             f"({nblocks} blocks of {BLOCK_BYTES} bytes)")
+        return {"qweight": data.reshape(nblocks, BLOCK_BYTES)}

@@ -16,6 +16,7 @@ from mistralrs import hookimpl
 from mistralrs.specs import KernelSpec, QuantizerSpec
 
 METHOD = "mistralrs_plugins.quant.ggml.method:GgmlLinearMethod"
+UQFF_FORMAT = 0  # UQFF records of GGML blocks (mistral.rs QuantizedSerdeType::Gguf)
 
 # name: (bits per weight, --isq shorthand on cpu/cuda, sensitive-tensor type, shape fallback, devices)
 # bits per weight = block bytes * 8 / block elements. Fallbacks follow llama.cpp's quantizer
@@ -89,6 +90,7 @@ def register_quantizers(register):
             fallback=fallback,
             devices=devices,
             ggml_type=GGML_TYPE_IDS[name],
+            uqff_format=UQFF_FORMAT,
             description=f"GGML {name} blocks ({bpw} bits per weight)",
         ))
     for name, (bpw, type_id, block) in DEQUANT_ONLY_TYPES.items():
@@ -100,6 +102,7 @@ def register_quantizers(register):
             bits_per_weight=bpw,
             devices=("cpu", "cuda", "mps"),
             ggml_type=type_id,
+            uqff_format=UQFF_FORMAT,
             description=f"GGML {name} blocks of {block} ({bpw} bits per weight), from GGUF files; "
                         "dequantize-only (reference dequantize-then-matmul path)",
         ))

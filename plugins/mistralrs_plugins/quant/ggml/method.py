@@ -9,7 +9,15 @@ import torch
 from mistralrs.nn.kernels import lookup_kernel
 from mistralrs.nn.linear import Linear
 from mistralrs.nn.quantized import QuantizedLinearMethod
+from mistralrs.uqff import records as R
+from mistralrs_plugins.quant.ggml import GGML_TYPE_IDS
 from mistralrs_plugins.quant.ggml.formats import ALL_FORMATS, DEQUANT_ONLY_FORMATS, check_quantizable, dequantize
+
+# UQFF records of GGML blocks (family 0): the raw bytes, the ggml type id and the dims (mistral.rs's
+# GgufMatMul). Ids 0, 1 and 30 are F32, F16 and BF16 weights stored the same way.
+_UQFF_SUFFIXES = ("weight", "weight.dtype", "weight.shape")
+_FLOAT_IDS = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}
+_NAME_OF_ID = {type_id: name for name, type_id in GGML_TYPE_IDS.items()}
 
 
 class GgmlLinearMethod(QuantizedLinearMethod):
@@ -60,3 +68,61 @@ class GgmlLinearMethod(QuantizedLinearMethod):
         if kernel is None:
             kernel = self._kernel = lookup_kernel(f"qmatmul_{self.qtype}", layer.qweight.device)
         return kernel(x, layer.qweight, None, out_f32=out_f32)
+
+    # -- UQFF (family 0) -----------------------------------------------------------------------
+    def uqff_entries(self, layer: Linear) -> dict[str, torch.Tensor]:
+        return {
+            "weight": layer.qweight.reshape(-1),
+            "weight.dtype": R.u32(GGML_TYPE_IDS[self.qtype]),
+            "weight.shape": R.u32_vec((layer.out_features, layer.in_features)),
+        }
+
+    @classmethod
+    def uqff_qtype(cls, entries: dict[str, torch.Tensor]) -> str | None:
+        R.require_exactly(entries, _UQFF_SUFFIXES)
+        type_id = R.scalar(entries, "weight.dtype")
+        if type_id in _FLOAT_IDS:
+            return None
+        name = _NAME_OF_ID.get(type_id)
+        if name is None:
+            raise ValueError(f"GGML type id {type_id} is not a block type this build knows")
+        return name
+
+    @classmethod
+    def uqff_float_weight(cls, entries: dict[str, torch.Tensor]) -> torch.Tensor:
+        dtype = _FLOAT_IDS[R.scalar(entries, "weight.dtype")]
+        shape = R.vector(entries, "weight.shape")
+        return R.tensor(entries, "weight").view(dtype).reshape(shape)
+
+    @classmethod
+    def uqff_split(cls, entries: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
+        shape = R.vector(entries, "weight.shape")
+        data = R.tensor(entries, "weight")
+        if len(shape) != 3 or shape[0] != parts or data.numel() % parts:
+            raise ValueError(f"a stacked expert record of shape {shape} does not hold {parts} experts")
+        step = data.numel() // parts
+        return [{"weight": data[i * step:(i + 1) * step], "weight.dtype": entries["weight.dtype"],
+                 "weight.shape": R.u32_vec(shape[1:])} for i in range(parts)]
+
+    @classmethod
+    def uqff_stack(cls, records: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor] | None:
+        first = records[0]
+        shape = R.vector(first, "weight.shape")
+        type_id = R.scalar(first, "weight.dtype")
+        if any(R.vector(r, "weight.shape") != shape or R.scalar(r, "weight.dtype") != type_id for r in records):
+            return None
+        return {"weight": torch.cat([r["weight"] for r in records]), "weight.dtype": R.u32(type_id),
+                "weight.shape": R.u32_vec([len(records), *shape])}
+
+    def uqff_state(self, entries: dict[str, torch.Tensor], out_features: int,
+                   in_features: int) -> dict[str, torch.Tensor]:
+        R.check_shape(R.vector(entries, "weight.shape"), out_features, in_features)
+        fmt = self.format
+        if in_features % fmt.block_size:
+            raise ValueError(f"{self.qtype} rows of {in_features} are not whole blocks of {fmt.block_size}")
+        row_bytes = in_features // fmt.block_size * fmt.type_size
+        data = R.tensor(entries, "weight")
+        if data.dtype != torch.uint8 or data.numel() != out_features * row_bytes:
+            raise ValueError(f"{self.qtype} weight of {data.numel()} bytes for a [{out_features}, {in_features}] "
+                             f"layer, which needs {out_features * row_bytes}")
+        return {"qweight": data.reshape(out_features, row_bytes)}

@@ -32,5 +32,6 @@ def register_quantizers(register):
             sensitive=None,
             fallback=None,
             devices=("cpu", "cuda", "mps"),
+            uqff_format=2,  # mistral.rs QuantizedSerdeType::Hqq
             description=f"HQQ {bits}-bit, group {GROUP_SIZE}, f32 scale+zero ({bpw} bits per weight)",
         ))

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from mistralrs.nn.linear import Linear
 from mistralrs.nn.quantized import QuantizedLinearMethod
+from mistralrs.uqff import records as R
 
 BITS = (4, 8)
 DEFAULT_GROUP_SIZE = 64        # mistral.rs ISQ_HQQ_GROUP_SIZE
@@ -206,3 +207,50 @@ class HqqLinearMethod(QuantizedLinearMethod):
                 r1 = min(n_out, r0 + step)
                 y[:, r0:r1] = F.linear(xf, self._rows(layer, r0, r1))
         return y if out_f32 else y.to(x.dtype)
+
+    # -- UQFF (family 2, mistral.rs's HqqLayer): axis 0, channel-wise, zeros not rounded --------
+    _UQFF_SUFFIXES = ("weight", "weight.scales", "weight.zeros", "weight.shape", "weight.bits", "weight.group_size",
+                      "weight.axis", "weight.optimization_steps", "weight.round_zeros", "weight.channel_wise")
+
+    def uqff_entries(self, layer: Linear) -> dict[str, torch.Tensor]:
+        return {
+            "weight": layer.qweight,
+            "weight.scales": layer.scales,
+            "weight.zeros": layer.zeros,
+            "weight.shape": R.u32_vec((layer.out_features, layer.in_features)),
+            "weight.bits": R.u8(self.bits),
+            "weight.group_size": R.u32(self.group_size),
+            "weight.axis": R.u8(0),
+            "weight.optimization_steps": R.u32(self.optimization_steps),
+            "weight.round_zeros": R.u8(0),
+            "weight.channel_wise": R.u8(1),
+        }
+
+    @classmethod
+    def uqff_qtype(cls, entries: dict[str, torch.Tensor]) -> str | None:
+        R.require_exactly(entries, cls._UQFF_SUFFIXES)
+        bits = R.scalar(entries, "weight.bits")
+        if bits not in BITS:
+            raise ValueError(f"HQQ bits {bits}: this build reads {' and '.join(map(str, BITS))}-bit HQQ")
+        return f"hqq{bits}"
+
+    def uqff_state(self, entries: dict[str, torch.Tensor], out_features: int,
+                   in_features: int) -> dict[str, torch.Tensor]:
+        R.check_shape(R.vector(entries, "weight.shape"), out_features, in_features)
+        if R.scalar(entries, "weight.axis") != 0 or R.scalar(entries, "weight.channel_wise") != 1:
+            raise ValueError("an HQQ record with axis != 0 or not channel-wise; this build reads axis-0, "
+                             "channel-wise HQQ (mistral.rs's ISQ layout)")
+        group_size = R.scalar(entries, "weight.group_size")
+        if group_size < 2 or group_size % 2 or (out_features * in_features) % group_size:
+            raise ValueError(f"HQQ group size {group_size} does not divide a [{out_features}, {in_features}] weight")
+        self.group_size = group_size
+        self.optimization_steps = R.scalar(entries, "weight.optimization_steps")
+        m = out_features * in_features // group_size
+        rows = group_size if self.bits == 8 else group_size // 2
+        qweight = R.tensor(entries, "weight")
+        scales, zeros = R.tensor(entries, "weight.scales"), R.tensor(entries, "weight.zeros")
+        if (qweight.dtype != torch.uint8 or tuple(qweight.shape) != (rows, m)
+                or scales.numel() != m or zeros.numel() != m):
+            raise ValueError(f"an {self.qtype} record with codes {list(qweight.shape)} given to a layer of shape "
+                             f"[{out_features}, {in_features}] (expected [{rows}, {m}])")
+        return {"qweight": qweight, "scales": scales.float().reshape(1, m), "zeros": zeros.float().reshape(1, m)}
