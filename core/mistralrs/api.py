@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import os
 import uuid
 from typing import Any, AsyncIterator, Iterator
 
@@ -133,7 +134,17 @@ def _source_options(which: Any) -> dict[str, Any]:
     return dict(
         model_id=which.model_id, arch=_enum_value(which.arch), dummy_weights=which.dummy_weights,
         isq_organization=which.organization, topology=which.topology,
+        from_uqff=_uqff_files(which.from_uqff), write_uqff=str(which.write_uqff) if which.write_uqff else None,
     )
+
+
+def _uqff_files(value: Any) -> tuple[str, ...]:
+    """`from_uqff`: one path, a ;-separated string, or a list of paths."""
+    if not value:
+        return ()
+    if isinstance(value, (str, os.PathLike)):
+        return (str(value),)
+    return tuple(str(v) for v in value)
 
 
 @attrs.define(kw_only=True)
@@ -291,9 +302,6 @@ class Runner:
         if not isinstance(which, (Which.Plain, Which.GGUF, Which.GGML)):
             raise ConfigError(f"{type(which).__name__} models are not supported yet; use Which.Plain, Which.GGUF "
                               "or Which.GGML")
-        for field in ("from_uqff", "write_uqff"):
-            if getattr(which, field, None):
-                raise ConfigError(f"Which.Plain({field}=...) is not supported yet in this build (UQFF files); remove it")
         given = {k for k, v in unsupported.items() if v not in (None, False)}
         if given:
             raise ConfigError(f"Runner options not supported yet: {', '.join(sorted(given))}")

@@ -279,7 +279,8 @@ def validate(cfg: FromConfig) -> None:
                 value = getattr(obj, f.name)
                 if value is None or (section == "format" and f.name == "format" and value == "plain"):
                     continue
-                if section == "quantization" and f.name in ("isq", "in_situ_quant", "isq_organization", "quant"):
+                if section == "quantization" and f.name in ("isq", "in_situ_quant", "isq_organization", "quant",
+                                                            "from_uqff"):
                     continue
                 if section == "format" and f.name in ("format", "quantized_file", "tok_model_id", "gqa"):
                     continue
@@ -322,6 +323,7 @@ def service_options(cfg: FromConfig, model: ModelEntry) -> Any:
         quant=model.quantization.quant,
         isq=model.quantization.isq or model.quantization.in_situ_quant,
         isq_organization=model.quantization.isq_organization,
+        from_uqff=model.quantization.from_uqff or (),
         topology=model.device.topology,
         max_seqs=rt.max_seqs,
         max_num_batched_tokens=rt.max_num_batched_tokens,

@@ -147,6 +147,11 @@ class IsqPlan:
                 return promoted
         return spec
 
+    def target_name(self, name: str) -> str | None:
+        """The type name wanted for a layer (None: not an ISQ target); for reports."""
+        spec = self.type_for(name)
+        return spec.name if spec is not None else None
+
     def method_for(self, name: str, layer: Any) -> Any | None:
         wanted = self.type_for(name)
         spec = wanted

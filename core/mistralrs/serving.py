@@ -48,6 +48,11 @@ class ServiceOptions:
     isq: str | None = None  # --isq / in_situ_quant: a type name or a bit count
     isq_organization: str | None = None  # default | moqe
     topology: str | None = None  # --topology YAML: per-layer isq (and device, once device mapping exists)
+    # UQFF (docs/uqff.md): --from-uqff shards (;-separated) instead of the weights; write_uqff: after an
+    # ISQ load, save the quantized model as UQFF (a .uqff path or a directory)
+    from_uqff: tuple[str, ...] = attrs.field(default=(), converter=lambda v: tuple(
+        p for item in ([v] if isinstance(v, str) else (v or ())) for p in str(item).split(";") if p.strip()))
+    write_uqff: str | None = None
     # engine
     max_seqs: int = 16
     max_num_batched_tokens: int = 4096
@@ -85,6 +90,11 @@ class ServiceOptions:
             raise ConfigError(f"--gqa must be a positive integer, not {self.gqa!r}")
         if self.quant and self.isq:
             raise ConfigError("--quant and --isq conflict; give one")
+        if self.from_uqff and (self.isq or self.quant or self.topology):
+            flag = "--isq" if self.isq else "--quant" if self.quant else "--topology"
+            raise ConfigError(f"--from-uqff and {flag} conflict: a UQFF file is already quantized; give one")
+        if self.from_uqff and self.write_uqff:
+            raise ConfigError("--from-uqff and write_uqff conflict: the model is already a UQFF file")
 
 
 def pick_device(registry: Any, *, cpu: bool = False, device: str | None = None) -> str:
@@ -180,7 +190,8 @@ class ModelService:
         self.registry = registry
         self.model_id = opts.model_id
 
-        self.gguf_source = None if opts.model_id == "demo" else resolve_gguf_source(opts, fetch_model, gguf_file_names)
+        self.gguf_source = (None if opts.model_id == "demo" or opts.from_uqff
+                            else resolve_gguf_source(opts, fetch_model, gguf_file_names))
         if self.gguf_source is None and opts.quant and not opts.isq:
             opts.isq = opts.quant  # --quant on a safetensors model: in-situ quantization to that level
         if self.gguf_source is None and opts.gqa != 1:
@@ -188,15 +199,14 @@ class ModelService:
         device = pick_device(registry, cpu=opts.cpu, device=opts.device)
         if self.gguf_source is not None:
             self._init_gguf(opts, registry, device)
+        elif opts.from_uqff:
+            self._init_uqff(opts, registry, device, fetch_model)
         else:
             self._init_plain(opts, registry, device, fetch_model)
         self._init_engine(opts, registry, device)
 
     def _init_plain(self, opts: ServiceOptions, registry: Any, device: str, fetch_model: Any) -> None:
-        from mistralrs.chat_template import ChatTemplate
-        from mistralrs.generation_config import load_generation_config
         from mistralrs.loading import load_model
-        from mistralrs.tokenization import Tokenizer
 
         self._gguf_eog: tuple[int, ...] = ()
         self.files = resolve_model_files(opts, fetch_model)
@@ -214,7 +224,50 @@ class ModelService:
         )
         if plan is not None:
             plan.log_summary()
-        root = self.files.root
+        if opts.write_uqff:
+            self.write_uqff(opts.write_uqff, plan)
+        self._init_tokenizer(opts, self.files.root)
+
+    def write_uqff(self, output: str, plan: Any) -> Path:
+        """Save the ISQ-loaded model as UQFF (`output`: a .uqff path or a directory)."""
+        from mistralrs.uqff.writer import plan_output, write_metadata, write_shards
+
+        if plan is None or plan.default is None:
+            raise ConfigError("write_uqff needs in-situ quantization: give --isq / in_situ_quant with it")
+        label = plan.default.name
+        out = plan_output(output, [label])
+        report = write_shards(self.loaded.model, out.directory, out.stems[label], quant=label, registry=self.registry,
+                              targeted=plan.target_name)
+        path = write_metadata(self.loaded.model, out.directory, self.files.root, outputs=[report],
+                              base_model=self.model_id)
+        log.info("UQFF %s written to %s (%s)", label, out.directory, ", ".join(report["shards"]))
+        return path
+
+    def _init_uqff(self, opts: ServiceOptions, registry: Any, device: str, fetch_model: Any) -> None:
+        """A UQFF model: config, tokenizer and the residual from the -m directory or repository,
+        the layers from the --from-uqff shards (docs/uqff.md)."""
+        from mistralrs.nn.kernels import device_type_of
+        from mistralrs.uqff.loading import load_uqff, resolve_uqff_files
+
+        self._gguf_eog = ()
+        kind = device_type_of(device)
+        local = Path(opts.model_id).expanduser()
+        if local.is_dir():
+            self.files = fetch_model(opts.model_id, require_weights=False)
+        else:
+            names = hub_uqff_names(opts, registry, kind)
+            self.files = fetch_model(opts.model_id, revision=opts.revision, token_source=opts.token_source,
+                                     hf_cache=opts.hf_cache, require_weights=False, extra_files=names)
+        files = resolve_uqff_files(opts.from_uqff, self.files.root, device_type=kind, registry=registry)
+        self.loaded = load_uqff(files, config_dir=self.files.root, arch=opts.arch, dtype=opts.dtype, device=device,
+                                registry=registry)
+        self._init_tokenizer(opts, self.files.root)
+
+    def _init_tokenizer(self, opts: ServiceOptions, root: Path) -> None:
+        from mistralrs.chat_template import ChatTemplate
+        from mistralrs.generation_config import load_generation_config
+        from mistralrs.tokenization import Tokenizer
+
         tok_path = Path(opts.tokenizer_json) if opts.tokenizer_json else root / "tokenizer.json"
         if not tok_path.is_file():
             raise ModelLoadError(
@@ -399,6 +452,17 @@ def _request_log(path: str | None, tokenizer: Any) -> Any:
     from mistralrs.engine.request_log import RequestLog
 
     return RequestLog(path, tokenizer)
+
+
+def hub_uqff_names(opts: ServiceOptions, registry: Any, device_type: str) -> list[str]:
+    """The files of a Hub repository a --from-uqff load needs (shards, siblings, the residual)."""
+    from mistralrs.hub import repo_file_names
+    from mistralrs.uqff.loading import shards_in_listing
+
+    listing = repo_file_names(opts.model_id, ".uqff", revision=opts.revision, token_source=opts.token_source,
+                              hf_cache=opts.hf_cache)
+    return shards_in_listing(opts.from_uqff, listing, device_type=device_type, registry=registry,
+                             where=f"repository {opts.model_id}")
 
 
 def resolve_model_files(opts: ServiceOptions, fetch: Any) -> Any:

@@ -336,6 +336,12 @@ class ParitySuite:
 
     arch_override: dict[str, str] = {}  # case name -> --arch, for cases not detected from config.json
 
+    def test_uqff_round_trip(self, tiny, tmp_path):
+        """--isq q4k / q8_0 written as UQFF and loaded back (no original weights read) gives the ISQ
+        load's logits exactly: every layer record, MoE experts and tied heads included."""
+        name, path, _ = tiny
+        assert_uqff_round_trip(path, tmp_path, arch=self.arch_override.get(name))
+
     def test_gguf_f32_and_q8_0(self, tiny, tmp_path):
         """The checkpoint converted to GGUF the way llama.cpp's converter does loads into the same
         model: F32 gives the safetensors model's logits and greedy tokens, Q8_0 its argmax."""
@@ -390,6 +396,28 @@ def assert_isq_close(path: Path | str, *, arch: str | None = None, seq_len: int 
     return out
 
 
+
+
+def assert_uqff_round_trip(path: Path | str, tmp: Path, *, arch: str | None = None, seq_len: int = 16,
+                           types: tuple[str, ...] = ("q4k", "q8_0")) -> None:
+    from mistralrs.loading import load_model
+    from mistralrs.quantization import IsqPlan
+    from mistralrs.uqff.loading import load_uqff, resolve_uqff_files
+    from mistralrs.uqff.writer import write_metadata, write_shards
+
+    path = Path(path)
+    for isq in types:
+        plan = IsqPlan(isq)
+        loaded = load_model(path, dtype=torch.float32, arch=arch, quant_method_for=plan.method_for)
+        ids = _prompt(int(loaded.config["vocab_size"]), seq_len, 5)
+        want = our_logits(loaded, ids)
+        out = tmp / f"uqff-{isq}"
+        report = write_shards(loaded.model, out, isq, quant=isq, targeted=plan.target_name)
+        write_metadata(loaded.model, out, path, outputs=[report])
+        del loaded
+        got = load_uqff(resolve_uqff_files(isq, out), arch=arch, dtype=torch.float32)
+        assert all(f.parent == out for f in got.weight_files), "the original weights were read"
+        assert torch.equal(our_logits(got, ids), want), f"{path.name} UQFF {isq}: logits differ from the ISQ load"
 
 
 def assert_gguf_matches(path: Path | str, tmp: Path, *, arch: str | None = None, seq_len: int = 32,

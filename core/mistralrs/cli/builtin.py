@@ -64,9 +64,9 @@ def register_commands(cli):
     ))
     cli.add_command(CommandSpec(
         name="quantize",
-        help="Write a UQFF quantized model (not supported yet in this build)",
-        add_arguments="mistralrs.cli.pending_cmd:add_quantize_arguments",
-        run="mistralrs.cli.pending_cmd:quantize",
+        help="Write UQFF quantized model files (one type or several)",
+        add_arguments="mistralrs.cli.quantize_cmd:add_arguments",
+        run="mistralrs.cli.quantize_cmd:run",
     ))
     cli.add_command(CommandSpec(
         name="uqff",

@@ -11,7 +11,6 @@ MODEL_KINDS = ("auto", "text", "multimodal", "vision", "embedding", "speech", "d
 # Flags of mistral.rs's CLI whose capability this build does not have yet: they parse, and
 # using one is a clear "not supported yet" error naming what it waits for.
 PENDING_FLAGS: dict[str, str] = {
-    "from_uqff": "UQFF loading",
     "imatrix": "in-situ quantization",
     "calibration_file": "in-situ quantization",
     "device_layers": "device mapping",
@@ -41,7 +40,8 @@ _non_negative_int = number(int, lambda v: v >= 0, "an integer >= 0")
 _fraction = number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, *, runtime: bool = True, max_seqs_default: int = 32) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, *, runtime: bool = True, max_seqs_default: int = 32,
+                        several_isq: bool = False) -> None:
     parser.add_argument("kind", nargs="?", choices=MODEL_KINDS, default="auto", help="model type (default: auto)")
     src = parser.add_argument_group("model source")
     src.add_argument("-m", "--model-id", required=True,
@@ -72,9 +72,15 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, runtime: bool = True
                           "default 1)")
     fmt.add_argument("--quant", help="pick a GGUF file of the -m repository by level (4, q8, Q4_K_M ...); "
                                      "for a safetensors model, the --isq level")
-    fmt.add_argument("--isq", help="in-situ quantization at load: q4_0 q4_1 q5_0 q5_1 q8_0 q8_1 q2k..q6k q8k hqq4 "
-                                   "hqq8 afq2..afq8 fp8 f8q8, or a bit count 2 3 4 5 6 8 (case-insensitive)")
-    fmt.add_argument("--from-uqff", help="load a UQFF file")
+    isq_help = ("in-situ quantization at load: q4_0 q4_1 q5_0 q5_1 q8_0 q8_1 q2k..q6k q8k hqq4 hqq8 afq2..afq8 fp8 "
+                "f8q8, or a bit count 2 3 4 5 6 8 (case-insensitive)")
+    if several_isq:
+        fmt.add_argument("--isq", action="append", help=isq_help + "; several comma-separated or repeated")
+    else:
+        fmt.add_argument("--isq", help=isq_help)
+    fmt.add_argument("--from-uqff", help="load UQFF shard(s) instead of the weights: a .uqff file in the -m "
+                                         "directory/repository or a path (its -1, -2 ... siblings come along), "
+                                         "a type such as q4k, or several ;-separated")
     fmt.add_argument("--isq-organization", choices=["default", "moqe"],
                      help="moqe: quantize only the routed experts of MoE models")
     fmt.add_argument("--imatrix", help=".imatrix or .cimatrix file")
@@ -156,6 +162,7 @@ def options_from_args(args: argparse.Namespace) -> Any:
         isq=args.isq,
         isq_organization=args.isq_organization,
         topology=args.topology,
+        from_uqff=getattr(args, "from_uqff", None) or (),
         max_seqs=getattr(args, "max_seqs", 32),
         max_num_batched_tokens=getattr(args, "max_num_batched_tokens", 4096),
         max_seq_len=args.max_seq_len,

@@ -5,18 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from mistralrs.cli.model_options import add_model_arguments
 from mistralrs.errors import ConfigError
-
-
-def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser, runtime=False)
-    parser.add_argument("-o", "--output", help="where to write the UQFF file(s)")
-
-
-def quantize(args: argparse.Namespace) -> int:
-    raise ConfigError("quantize (writing UQFF files) is not supported yet in this build: "
-                      "quantization plugins (ISQ/UQFF) are not implemented yet")
 
 
 def add_uqff_arguments(parser: argparse.ArgumentParser) -> None:

@@ -84,6 +84,38 @@ def resolve_uqff_files(values: Any, root: Path | None = None, *, device_type: st
     return found
 
 
+def shards_in_listing(values: Any, listing: list[str], *, device_type: str = "cpu", registry: Any = None,
+                      where: str = "the repository") -> list[str]:
+    """The repository files (of `listing`, the ``.uqff`` names) a ``--from-uqff`` load needs:
+    the named shards with their siblings, and ``residual.safetensors`` beside them."""
+    names: list[str] = []
+    for value in uqff_file_names(values):
+        name = value if value in listing else _shorthand_name(value, device_type, registry)
+        if name is None or name not in listing:
+            shown = ", ".join(listing[:8]) or "none"
+            raise ModelLoadError(f"--from-uqff {value}: {where} has no such UQFF file (it has: {shown})")
+        parsed = C.parse_shard_name(Path(name).name)
+        group = [name]
+        if parsed is not None:
+            parent = str(Path(name).parent)
+            prefix = "" if parent == "." else parent + "/"
+            group = []
+            i = 0
+            while f"{prefix}{C.shard_name(parsed[0], i)}" in listing:
+                group.append(f"{prefix}{C.shard_name(parsed[0], i)}")
+                i += 1
+            if name not in group:
+                group.append(name)
+        for n in group:
+            if n not in names:
+                names.append(n)
+        parent = str(Path(name).parent)
+        residual = C.RESIDUAL if parent == "." else f"{parent}/{C.RESIDUAL}"
+        if residual not in names:
+            names.append(residual)
+    return names
+
+
 def _with_siblings(path: Path) -> list[Path]:
     parsed = C.parse_shard_name(path.name)
     if parsed is None:

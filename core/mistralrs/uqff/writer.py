@@ -282,19 +282,20 @@ mistralrs run -m <this repo> --from-uqff {first}
 """
 
 
-def write_metadata(model: torch.nn.Module, directory: Path, source_root: Path | None, *,
-                   outputs: list[dict[str, Any]], base_model: str | None = None, readme: bool = False,
-                   tool: str = "mistralrs quantize") -> Path:
-    """``residual.safetensors`` (what no record of any output holds), the copied assets,
-    ``uqff_report.json`` and, with `readme`, the model card. Returns the report's path."""
+def write_residual(model: torch.nn.Module, directory: Path, source_root: Path | None, covered: set[str]) -> None:
+    """``residual.safetensors`` (every tensor no record holds) and the copied assets."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    C.write_safetensors(directory / C.RESIDUAL, residual_tensors(model, covered), C.producer_metadata())
+    _copy_assets(source_root, directory)
+
+
+def write_report(directory: Path, outputs: list[dict[str, Any]], *, base_model: str | None = None,
+                 readme: bool = False, tool: str = "mistralrs quantize") -> Path:
+    """``uqff_report.json`` and, with `readme`, the README model card. Returns the report's path."""
     from mistralrs import __version__
 
     directory = Path(directory)
-    covered: set[str] = set()
-    for out in outputs:
-        covered.update(out.get("_covered", ()))
-    C.write_safetensors(directory / C.RESIDUAL, residual_tensors(model, covered), C.producer_metadata())
-    _copy_assets(source_root, directory)
     report = {
         "schema": 1,
         "generated_by": {"tool": tool, "mistralrs_version": __version__},
@@ -307,3 +308,14 @@ def write_metadata(model: torch.nn.Module, directory: Path, source_root: Path | 
     if readme:
         (directory / "README.md").write_text(_model_card(base_model, outputs, directory), encoding="utf-8")
     return path
+
+
+def write_metadata(model: torch.nn.Module, directory: Path, source_root: Path | None, *,
+                   outputs: list[dict[str, Any]], base_model: str | None = None, readme: bool = False,
+                   tool: str = "mistralrs") -> Path:
+    """`write_residual` for what no output's records hold, then `write_report`."""
+    covered: set[str] = set()
+    for out in outputs:
+        covered.update(out.get("_covered", ()))
+    write_residual(model, directory, source_root, covered)
+    return write_report(directory, outputs, base_model=base_model, readme=readme, tool=tool)
