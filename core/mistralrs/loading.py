@@ -443,12 +443,14 @@ def load_weights(model: nn.Module, files: Iterable[Path], *, arch_name: str = "m
 
 
 def load_tensor_stream(model: nn.Module, tensors: Iterable[tuple[Path, str, tuple[int, ...], Callable[[], Any]]], *,
-                       where: str, arch_name: str = "model", action: str = "loading") -> int:
+                       where: str, arch_name: str = "model", action: str = "loading", adopt: bool = False) -> int:
     """Fill the model's (materialised) parameters from ``(file, checkpoint name, shape, read())``
     items (safetensors, or a GGUF file's tensors under their HF names); returns the bytes filled.
     A parameter with a ``weight_loader`` takes the value itself (ISQ quantizes it, a GGUF block
     tensor is installed as it is); else shapes must match. Missing / unexpected tensors and shape
-    mismatches are one-line `ModelLoadError`s naming the file."""
+    mismatches are one-line `ModelLoadError`s naming the file. With `adopt`, a tensor of the
+    parameter's dtype becomes its storage instead of being copied (the tensors are views of a
+    copy-on-write mapping that outlives the load: UQFF files)."""
     import torch
 
     expected = _expected_tensors(model)
@@ -495,6 +497,8 @@ def load_tensor_stream(model: nn.Module, tensors: Iterable[tuple[Path, str, tupl
             bar.update()
             if loader is not None:
                 loader(dest, tensor)
+            elif adopt and tensor.dtype == dest.dtype and tensor.device == dest.device and _owns_storage(dest):
+                dest.data = tensor
             else:
                 dest.copy_(tensor)
             nbytes += dest.numel() * dest.element_size()
@@ -510,6 +514,11 @@ def load_tensor_stream(model: nn.Module, tensors: Iterable[tuple[Path, str, tupl
             "the weights are incomplete or belong to another architecture"
         )
     return nbytes
+
+
+def _owns_storage(t: torch.Tensor) -> bool:
+    """Whether `t` is all of its storage (not a view into a fused parameter, e.g. GatedMLP's gate+up)."""
+    return t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
 def init_dummy_weights(model: nn.Module, seed: int = 0, *, action: str | None = None) -> int:

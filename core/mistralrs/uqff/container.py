@@ -76,7 +76,8 @@ def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor]],
     items = []
     header: dict[str, object] = {}
     offset = 0
-    for name, t in tensors:
+    # Wider elements first (as safetensors orders them): every tensor's data stays aligned to its element size.
+    for name, t in sorted(tensors, key=lambda item: -item[1].element_size()):
         if name in header:
             raise ValueError(f"duplicate tensor name {name!r}")
         dtype = _DTYPES.get(t.dtype)

@@ -18,7 +18,8 @@
 4. The residual tensors and the records stream in through `loading.load_tensor_stream`
    (missing tensors are errors, as for safetensors), then the usual post-loading steps.
 
-Files are read through safetensors' mmap, re-opened every 16 MiB so mapped pages do not pile up.
+The layers' tensors are views of the mapped files: loading reads little, and the pages come in on
+first use (``MISTRALRS_NO_MMAP=1`` copies them into memory instead).
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from mistralrs.errors import ModelLoadError
 from mistralrs.uqff import container as C
 from mistralrs.uqff.records import FORMAT
 
-_WINDOW = 16 * 1024 * 1024
 _SMALL = 64  # entries of at most this many elements are read when choosing a layer's type
 
 
@@ -129,53 +129,69 @@ def _with_siblings(path: Path) -> list[Path]:
     return out if path in out else [*out, path]
 
 
+_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+           "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8",
+           "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
 class _Mapped:
-    """One safetensors file through safe_open, re-opened every `_WINDOW` bytes read."""
+    """One safetensors file, mapped copy-on-write (`gguf.reader.map_file`): its tensors are
+    writable views of the mapping, whose pages are read on first use and shared with the page
+    cache (as for GGUF files); ``MISTRALRS_NO_MMAP=1`` copies each into memory instead. The header
+    is checked against the file size, so a truncated file is an error before any weight is used."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, kind: str = "UQFF") -> None:
+        import json
+        import struct
+
+        from mistralrs.gguf.reader import map_file
+        from mistralrs.loading import _no_mmap
+
         self.path = path
-        self.handle: Any = None
-        self.read_since_open = 0
-        self._open()
+        self.copy = _no_mmap()
+        self.mm: Any = map_file(path, kind, "--from-uqff")
         try:
-            self.keys = list(self.handle.keys())
-            self.shapes = {k: tuple(self.handle.get_slice(k).get_shape()) for k in self.keys}
-        except Exception as exc:  # noqa: BLE001
+            size = len(self.mm)
+            if size < 8:
+                raise ValueError("shorter than a safetensors header")
+            (n,) = struct.unpack("<Q", self.mm[:8])
+            if 8 + n > size:
+                raise ValueError(f"a header of {n} bytes in a file of {size}")
+            header = json.loads(bytes(self.mm[8:8 + n]))
+            header.pop("__metadata__", None)
+            self.start = 8 + n
+            self.infos: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+            for name, info in header.items():
+                dtype = _DTYPES.get(info["dtype"])
+                shape = tuple(int(d) for d in info["shape"])
+                begin, end = (int(v) for v in info["data_offsets"])
+                if dtype is None:
+                    raise ValueError(f"tensor {name!r} has dtype {info['dtype']}")
+                itemsize = getattr(__import__("torch"), dtype).itemsize
+                if end - begin != _numel(shape) * itemsize or self.start + end > size:
+                    raise ValueError(f"tensor {name!r} lies beyond the end of the file")
+                self.infos[name] = (dtype, shape, begin, end)
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
             self.close()
-            raise self._corrupt(exc) from None
-
-    def _corrupt(self, exc: BaseException) -> ModelLoadError:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return ModelLoadError(f"{self.path}: not a readable UQFF/safetensors file, it is truncated or corrupt "
-                              f"({first}); write or download it again")
-
-    def _open(self) -> None:
-        from safetensors import safe_open
-
-        try:
-            self.handle = safe_open(str(self.path), framework="pt", device="cpu").__enter__()
-        except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError ...
-            raise self._corrupt(exc) from None
+            raise ModelLoadError(f"{path}: not a readable {kind}/safetensors file, it is truncated or corrupt "
+                                 f"({exc}); write or download it again") from None
+        self.keys = list(self.infos)
+        self.shapes = {k: v[1] for k, v in self.infos.items()}
 
     def get(self, key: str) -> Any:
-        try:
-            t = self.handle.get_tensor(key)
-        except Exception as exc:  # noqa: BLE001
-            raise self._corrupt(exc) from None
-        self.read_since_open += t.numel() * t.element_size()
-        if self.read_since_open >= _WINDOW:
-            self.handle.__exit__(None, None, None)
-            self._open()
-            self.read_since_open = 0
-        return t
+        import torch
+
+        dtype_name, shape, begin, end = self.infos[key]
+        dtype = getattr(torch, dtype_name)
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        raw = torch.frombuffer(self.mm, dtype=torch.uint8, count=end - begin, offset=self.start + begin)
+        if self.copy or (self.start + begin) % dtype.itemsize:
+            raw = raw.clone()  # (a misaligned tensor is copied: views need aligned elements)
+        return raw.view(dtype).view(shape)
 
     def close(self) -> None:
-        if self.handle is not None:
-            try:
-                self.handle.__exit__(None, None, None)
-            except Exception:  # noqa: BLE001
-                pass
-            self.handle = None
+        self.mm = None  # the views keep the mapping alive as long as they live
 
 
 class UqffSet:
@@ -383,13 +399,13 @@ class _ShapeOnly:
 
 
 def _stream(uq: UqffSet, plan: _Plan) -> Iterator[tuple[Path, str, tuple[int, ...], Callable[[], Any]]]:
-    from mistralrs.loading import _iter_bytes, _iter_mmap, _no_mmap
     from mistralrs.nn.quantized import UqffRecord
 
     assert uq.residual is not None
-    iterate = _iter_bytes if _no_mmap() else _iter_mmap
-    for key, shape, read in iterate(uq.residual):
-        yield uq.residual, key, shape, read
+    residual = _Mapped(uq.residual, "residual")
+    for key in residual.keys:
+        yield uq.residual, key, residual.shapes[key], _constant(residual.get(key))
+    residual.close()
 
     def value(key: str, entries: dict[str, Any], layer_shape: tuple[int, ...] | None) -> Any:
         if key in plan.floats:
@@ -480,7 +496,7 @@ def load_uqff(
         plan = _assign(model, uq, registry, torch_dtype)
         materialize(model, dev)
         nbytes = load_tensor_stream(model, _stream(uq, plan), where=f"{paths[0]} and {C.RESIDUAL}",
-                                    arch_name=spec.name, action="loading UQFF")
+                                    arch_name=spec.name, action="loading UQFF", adopt=True)
         finish_loading(model, None)
     finally:
         uq.close()
