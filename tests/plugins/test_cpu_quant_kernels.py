@@ -1,6 +1,7 @@
-"""The AVX2 quantized matmul plugin (`mistralrs_plugins.kernels.cpu_quant`): ``qmatmul_<type>`` for the GGML
-block formats q4_0, q8_0, q4_K, q5_K, q6_K against an exact emulation of llama.cpp's arithmetic, against
-``F.linear`` on the dequantized weights, batch and thread-count invariance, fallbacks, registration.
+"""The quantized matmul plugin (`mistralrs_plugins.kernels.cpu_quant`): ``qmatmul_<type>`` for the GGML block
+formats q4_0, q8_0, q4_K, q5_K, q6_K, with its AVX2 tiles and (where the CPU has avx512f/bw/vl/vnni; skipped
+elsewhere) its AVX-512 VNNI tiles, against an exact emulation of llama.cpp's arithmetic, against ``F.linear`` on
+the dequantized weights, batch and thread-count invariance, fallbacks, registration.
 
 Oracles: ``gguf.quants`` (numpy, llama.cpp's reference formats) dequantizes the weights and quantizes
 q8_0 activations; the emulation below decodes the blocks into integers and scales (checked against
@@ -32,6 +33,14 @@ gguf_quants = pytest.importorskip("gguf.quants")
 from gguf import GGMLQuantizationType  # noqa: E402 - after the importorskip
 
 requires_avx2 = pytest.mark.skipif(not cpu_quant.has_avx2(), reason="the kernels need x86-64 with avx2, fma, f16c")
+requires_vnni = pytest.mark.skipif(not cpu_quant.has_avx512_vnni(),
+                                   reason="the VNNI tiles need avx512f, avx512bw, avx512vl, avx512_vnni")
+# The instruction sets every numerical test runs with: the op of the AVX2 tiles and that of the VNNI tiles.
+ISAS = [pytest.param("avx2", id="avx2"), pytest.param("vnni", id="vnni", marks=requires_vnni)]
+
+
+def kernel(name: str, isa: str):
+    return getattr(ops, f"qmatmul_{name}" + ("_vnni" if isa == "vnni" else ""))
 
 TYPES = list(FORMATS)
 GGML = {"q4_0": GGMLQuantizationType.Q4_0, "q8_0": GGMLQuantizationType.Q8_0, "q4k": GGMLQuantizationType.Q4_K,
@@ -230,17 +239,35 @@ def test_registers_every_op_for_cpu_only(monkeypatch):
     specs = []
     cpu_quant.register_kernels(specs.append)
     specs = [s for s in specs if s.op.startswith("qmatmul_")]  # linear_bf16: test_cpu_linear_bf16_avx2.py
-    assert [s.op for s in specs] == ["qmatmul_q4_0", "qmatmul_q8_0", "qmatmul_q4k", "qmatmul_q5k", "qmatmul_q6k"]
-    for spec in specs:
-        assert (spec.name, spec.devices, spec.priority) == ("avx2_q8", ("cpu",), 10)
-        assert spec.impl == f"mistralrs_plugins.kernels.cpu_quant.ops:{spec.op}"
-        assert callable(getattr(ops, spec.op))
-        assert not spec.is_supported(device="cuda")
-        assert spec.is_supported(device="cpu") == cpu_quant.has_avx2()
+    avx2 = [s for s in specs if s.name == "avx2_q8"]
+    vnni = [s for s in specs if s.name == "avx512_vnni"]
+    assert len(avx2) + len(vnni) == len(specs)
+    for group, suffix, priority, has in ((avx2, "", 10, cpu_quant.has_avx2()),
+                                         (vnni, "_vnni", 20, cpu_quant.has_avx512_vnni())):
+        assert [s.op for s in group] == ["qmatmul_q4_0", "qmatmul_q8_0", "qmatmul_q4k", "qmatmul_q5k", "qmatmul_q6k"]
+        for spec in group:
+            assert (spec.devices, spec.priority) == (("cpu",), priority)
+            assert spec.impl == f"mistralrs_plugins.kernels.cpu_quant.ops:{spec.op}{suffix}"
+            assert callable(getattr(ops, spec.op + suffix))
+            assert not spec.is_supported(device="cuda")
+            assert spec.is_supported(device="cpu") == has
+    assert cpu_quant.VNNI_PRIORITY > 10
     monkeypatch.setenv(cpu_quant.DISABLE_ENV, "1")
     assert not any(spec.is_supported(device="cpu") for spec in specs)
     monkeypatch.setenv(cpu_quant.DISABLE_ENV, "0")
-    assert all(spec.is_supported(device="cpu") == cpu_quant.has_avx2() for spec in specs)
+    assert all(spec.is_supported(device="cpu") == cpu_quant.has_avx2() for spec in avx2)
+    assert all(spec.is_supported(device="cpu") == cpu_quant.has_avx512_vnni() for spec in vnni)
+
+
+def test_vnni_needs_every_avx512_flag(monkeypatch):
+    """The VNNI tiles claim the CPU only with avx2/fma/f16c and all of avx512f, bw, vl, vnni."""
+    monkeypatch.setattr(cpu_quant, "is_x86_64", lambda: True)
+    full = {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
+    monkeypatch.setattr(cpu_quant, "cpu_flags", lambda: frozenset(full))
+    assert cpu_quant.has_avx512_vnni()
+    for missing in ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx2"):
+        monkeypatch.setattr(cpu_quant, "cpu_flags", lambda m=missing: frozenset(full - {m}))
+        assert not cpu_quant.has_avx512_vnni(), missing
 
 
 def test_registry_picks_the_native_kernel(monkeypatch):
@@ -253,7 +280,9 @@ def test_registry_picks_the_native_kernel(monkeypatch):
         host.register(cpu_quant, name="kernels_cpu_quant", first_party=True)
     registry = host.registry()
     for name in TYPES:
-        if cpu_quant.has_avx2():
+        if cpu_quant.has_avx512_vnni():
+            assert registry.kernel(f"qmatmul_{name}", "cpu").name == "avx512_vnni"
+        elif cpu_quant.has_avx2():
             assert registry.kernel(f"qmatmul_{name}", "cpu").name == "avx2_q8"
     monkeypatch.setenv(cpu_quant.DISABLE_ENV, "1")
     references = [s for s in registry.kernels if s.op == "qmatmul_q4_0" and s.reference]
@@ -350,15 +379,16 @@ def _check_exact(y: torch.Tensor, x: torch.Tensor, qw: torch.Tensor, name: str, 
 
 
 @requires_avx2
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("n,k", SHAPES)
 @pytest.mark.parametrize("name", TYPES)
-def test_matches_the_exact_emulation(native, name, n, k, rng):
+def test_matches_the_exact_emulation(native, name, n, k, isa, rng):
     """Every schedule (1..4 rows: GEMV tiles; more: GEMM tiles of 6 rows and their tails) agrees with
     llama.cpp's arithmetic done exactly, to fp32 rounding."""
     qw = random_qweight(name, n, k, rng)
     x = randn(rng, max(ROWS), k)
     exact, mag = emulate(name, x, qw)
-    fn = getattr(ops, f"qmatmul_{name}")
+    fn = kernel(name, isa)
     for m in ROWS:
         y = fn(x[:m], qw, out_f32=True)
         assert y.dtype == torch.float32 and y.shape == (m, n)
@@ -366,42 +396,65 @@ def test_matches_the_exact_emulation(native, name, n, k, rng):
 
 
 @requires_avx2
-@pytest.mark.parametrize("k", [32, 96])
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("k", [32, 64, 96, 160, 224])
 @pytest.mark.parametrize("name", ["q4_0", "q8_0"])
-def test_rows_of_one_and_three_blocks(native, name, k, rng):
+def test_rows_of_few_blocks(native, name, k, isa, rng):
+    """1..7 blocks: the VNNI tiles' groups of 4 blocks and their partial last group (masked loads)."""
     qw = random_qweight(name, 11, k, rng)
     x = randn(rng, 9, k)
     exact, mag = emulate(name, x, qw)
     for m in (1, 2, 4, 9):
-        _check_exact(getattr(ops, f"qmatmul_{name}")(x[:m], qw, out_f32=True), x[:m], qw, name,
-                     emulated=(exact[:m], mag[:m]))
+        _check_exact(kernel(name, isa)(x[:m], qw, out_f32=True), x[:m], qw, name, emulated=(exact[:m], mag[:m]))
+
+
+@requires_vnni
+@pytest.mark.parametrize("name", ["q4k", "q5k", "q6k"])
+def test_vnni_k_quants_are_the_avx2_results_bit_for_bit(native, name, rng):
+    """Same integer lanes, folded to the AVX2 tile's 8 before the same fp32 steps: identical outputs."""
+    qw = random_qweight(name, 45, 1024, rng)
+    x = randn(rng, 37, 1024)
+    for m in (1, 3, 4, 5, 37):
+        assert torch.equal(kernel(name, "vnni")(x[:m], qw, out_f32=True), kernel(name, "avx2")(x[:m], qw, out_f32=True))
+
+
+@requires_vnni
+@pytest.mark.parametrize("name", ["q4_0", "q8_0"])
+def test_vnni_q0_agree_with_avx2_to_rounding(native, name, rng):
+    qw = random_qweight(name, 45, 1024, rng)
+    x = randn(rng, 9, 1024)
+    torch.testing.assert_close(kernel(name, "vnni")(x, qw, out_f32=True), kernel(name, "avx2")(x, qw, out_f32=True),
+                               rtol=1e-5, atol=1e-5)
 
 
 @requires_avx2
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("name", TYPES)
-def test_prefill_sized_batch_matches_the_emulation(native, name, rng):
+def test_prefill_sized_batch_matches_the_emulation(native, name, isa, rng):
     qw = random_qweight(name, 45, 512, rng)
     x = randn(rng, 512, 512, scale=2.0)
     b = randn(rng, 45)
-    _check_exact(getattr(ops, f"qmatmul_{name}")(x, qw, b, out_f32=True), x, qw, name, b)
+    _check_exact(kernel(name, isa)(x, qw, b, out_f32=True), x, qw, name, b)
 
 
 @requires_avx2
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("name", TYPES)
-def test_close_to_f_linear_on_the_dequantized_weights(native, name, rng):
+def test_close_to_f_linear_on_the_dequantized_weights(native, name, isa, rng):
     """The error of 8-bit activations only: q8_0 blocks of 32 (step amax/127) or q8_K blocks of 256."""
     qw = random_qweight(name, 96, 2048, rng)
     x = randn(rng, 24, 2048)
-    y = getattr(ops, f"qmatmul_{name}")(x, qw, out_f32=True)
+    y = kernel(name, isa)(x, qw, out_f32=True)
     ref = F.linear(x, gguf_dequant(name, qw))
     rel = ((y - ref).norm() / ref.norm()).item()
     assert rel < (0.015 if FORMATS[name][2] == "q8_0" else 0.025), rel
 
 
 @requires_avx2
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("name", TYPES)
-def test_bias_dtypes_and_out_f32(native, name, rng):
-    fn = getattr(ops, f"qmatmul_{name}")
+def test_bias_dtypes_and_out_f32(native, name, isa, rng):
+    fn = kernel(name, isa)
     qw = random_qweight(name, 37, 512, rng)
     x = randn(rng, 5, 512)
     for b in (randn(rng, 37), randn(rng, 37).to(torch.bfloat16)):
@@ -423,9 +476,10 @@ def test_bias_dtypes_and_out_f32(native, name, rng):
 
 
 @requires_avx2
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("name", TYPES)
-def test_leading_dims_and_strides(native, name, rng):
-    fn = getattr(ops, f"qmatmul_{name}")
+def test_leading_dims_and_strides(native, name, isa, rng):
+    fn = kernel(name, isa)
     qw = random_qweight(name, 19, 256, rng)
     x3 = randn(rng, 2, 3, 256)
     y3 = fn(x3, qw)
@@ -439,13 +493,14 @@ def test_leading_dims_and_strides(native, name, rng):
 
 
 @requires_avx2
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("n,k", [(67, 512), (21, 4608)])
 @pytest.mark.parametrize("out_f32", [False, True])
 @pytest.mark.parametrize("name", TYPES)
-def test_rows_do_not_depend_on_the_batch(native, name, out_f32, n, k, rng):
+def test_rows_do_not_depend_on_the_batch(native, name, out_f32, n, k, isa, rng):
     """A row's output is bit-identical alone (GEMV), in small batches (GEMV with 2-4 rows), in any position
     of a larger batch (GEMM tiles of 6 rows and their tails) and in a 512-row prefill."""
-    fn = getattr(ops, f"qmatmul_{name}")
+    fn = kernel(name, isa)
     qw = random_qweight(name, n, k, rng)
     b = randn(rng, n)
     x = randn(rng, 512, k)
@@ -458,10 +513,11 @@ def test_rows_do_not_depend_on_the_batch(native, name, out_f32, n, k, rng):
 
 
 @requires_avx2
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("name", TYPES)
-def test_results_do_not_depend_on_the_thread_count(native, name, rng):
+def test_results_do_not_depend_on_the_thread_count(native, name, isa, rng):
     """Work big enough to be split between threads (GEMV and GEMM) gives the same bits on 1 and 2 threads."""
-    fn = getattr(ops, f"qmatmul_{name}")
+    fn = kernel(name, isa)
     qw = random_qweight(name, 515, 1024, rng)
     x = randn(rng, 40, 1024)
     threads = torch.get_num_threads()
@@ -501,6 +557,17 @@ def test_inputs_the_kernel_does_not_take_go_to_the_reference(native, monkeypatch
     assert len(calls) == 5
     ops.qmatmul_q4_0(randn(rng, 2, 256), qw)
     assert len(calls) == 5
+
+
+@requires_avx2
+def test_vnni_op_without_the_flags_is_the_reference(native, monkeypatch, rng):
+    """The VNNI op never runs its tiles where the CPU lacks them: it is the reference there."""
+    calls: list = []
+    _fake_reference(monkeypatch, calls)
+    monkeypatch.setattr(ops, "has_avx512_vnni", lambda: False)
+    qw = random_qweight("q4k", 8, 256, rng)
+    ops.qmatmul_q4k_vnni(randn(rng, 2, 256), qw)
+    assert calls == [(2, 256)]
 
 
 def _fresh_state(monkeypatch):

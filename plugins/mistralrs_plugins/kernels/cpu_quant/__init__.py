@@ -1,4 +1,5 @@
-"""Native AVX2 quantized matmuls for GGML block formats (llama.cpp's q4_0, q8_0, q4_K, q5_K, q6_K).
+"""Native AVX2 and AVX-512 VNNI quantized matmuls for GGML block formats (llama.cpp's q4_0, q8_0, q4_K, q5_K,
+q6_K).
 
 Registration only: importing this module is cheap (no torch, no compiler). The C++ extension is
 built lazily on the first call of an op (see `ops`, and `kernels.native_build` for the build and
@@ -10,6 +11,12 @@ Ops (all named ``avx2_q8``; they claim ``cpu`` only on x86-64 with avx2, fma and
 ``(x[M, K], qweight uint8[N, row_bytes], bias[N] | None, *, out_f32=False) -> y[M, N]``: the rows of
 x are quantized to 8-bit blocks as llama.cpp does (q8_0, or q8_K for the k-quants), then int8 dot
 products per block, scaled in fp32. Each row's result is bit-identical whatever else is in the batch.
+
+The same ops named ``avx512_vnni`` (priority 20, above ``avx2_q8``; they claim ``cpu`` only where the CPU also
+has avx512f, avx512bw, avx512vl and avx512_vnni): the same extension and activation quantization, 512-bit
+``vpdpbusd`` tiles (``qmatmul_avx512.cpp``, compiled for AVX-512 by a pragma and called only on such CPUs, so
+the one library still loads on AVX2-only CPUs). The k-quants give the AVX2 results bit for bit; q4_0/q8_0 agree
+with them to fp32 rounding (another float accumulation order), and are batch-invariant in the same way.
 
 Also ``linear_bf16`` (named ``avx2``, priority 5: above the torch reference, below cpu_native's AVX-512-BF16
 kernel, which wins where it runs): ``(x[M, K], weight bf16[N, K], bias, *, out_f32=False)`` with the weights
@@ -24,7 +31,8 @@ from mistralrs import hookimpl
 from mistralrs.specs import KernelSpec
 from mistralrs_plugins.kernels.native_build import DISABLE_ENV, cpu_flags, is_x86_64, native_disabled
 
-__all__ = ["DISABLE_ENV", "FORMATS", "LINEAR_BF16_PRIORITY", "has_avx2", "register_kernels", "supports_avx2"]
+__all__ = ["DISABLE_ENV", "FORMATS", "LINEAR_BF16_PRIORITY", "VNNI_PRIORITY", "has_avx2", "has_avx512_vnni",
+           "register_kernels", "supports_avx2", "supports_avx512_vnni"]
 
 # op suffix -> (block elements, block bytes, activation blocks, C++ qtype id)
 FORMATS: dict[str, tuple[int, int, str, int]] = {
@@ -37,6 +45,8 @@ FORMATS: dict[str, tuple[int, int, str, int]] = {
 
 # Above the torch reference (0), below cpu_native's AVX-512-BF16 linear_bf16 (10).
 LINEAR_BF16_PRIORITY = 5
+# The AVX-512 VNNI qmatmul tiles: above the AVX2 ones (10).
+VNNI_PRIORITY = 20
 
 
 def has_avx2() -> bool:
@@ -46,6 +56,15 @@ def has_avx2() -> bool:
 
 def supports_avx2(device: str = "cpu", **_context: object) -> bool:
     return device == "cpu" and not native_disabled() and has_avx2()
+
+
+def has_avx512_vnni() -> bool:
+    """has_avx2() and the AVX-512 subsets the VNNI tiles are compiled for (f, bw, vl, vnni)."""
+    return has_avx2() and {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= cpu_flags()
+
+
+def supports_avx512_vnni(device: str = "cpu", **_context: object) -> bool:
+    return device == "cpu" and not native_disabled() and has_avx512_vnni()
 
 
 @hookimpl
@@ -59,6 +78,16 @@ def register_kernels(register):
             priority=10,
             supports=supports_avx2,
             description=(f"AVX2 {name} x {act} int8 GEMV/GEMM ({elems}-element blocks of {nbytes} bytes), "
+                         "batch-invariant; built on first use"),
+        ))
+        register(KernelSpec(
+            name="avx512_vnni",
+            op=f"qmatmul_{name}",
+            impl=f"mistralrs_plugins.kernels.cpu_quant.ops:qmatmul_{name}_vnni",
+            devices=("cpu",),
+            priority=VNNI_PRIORITY,
+            supports=supports_avx512_vnni,
+            description=(f"AVX-512 VNNI {name} x {act} int8 GEMV/GEMM (vpdpbusd on the canonical blocks), "
                          "batch-invariant; built on first use"),
         ))
     register(KernelSpec(

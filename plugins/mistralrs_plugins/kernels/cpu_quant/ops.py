@@ -29,12 +29,12 @@ import torch
 
 from mistralrs.nn import torch_ops
 from mistralrs_plugins.kernels import native_build
-from mistralrs_plugins.kernels.cpu_quant import FORMATS, has_avx2
+from mistralrs_plugins.kernels.cpu_quant import FORMATS, has_avx2, has_avx512_vnni
 from mistralrs_plugins.kernels.native_build import NativeKernelWarning as NativeKernelWarning  # re-export
 from mistralrs_plugins.kernels.native_build import cache_root, native_disabled  # looked up here (tests patch)
 
-SOURCES = ("qmatmul.cpp", "linear_bf16.cpp")
-HEADERS = ("avx2_common.h",)
+SOURCES = ("qmatmul.cpp", "qmatmul_avx512.cpp", "linear_bf16.cpp")
+HEADERS = ("avx2_common.h", "qmatmul.h")
 CFLAGS = ("-O3", "-DNDEBUG", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 WHAT = "native quantized CPU kernels"  # in the spinner, the log and the warning
@@ -61,6 +61,7 @@ class QuantOps:
         self.library = library
         ns = getattr(torch.ops, namespace)
         self.qmatmul = ns.qmatmul.default  # (x, qweight, bias, qtype, out_f32)
+        self.qmatmul_vnni = ns.qmatmul_vnni.default  # the same with the AVX-512 VNNI tiles (raises without them)
         self.quantize_act = ns.quantize_act.default  # (x fp32 [M, K], k_blocks) -> (qs, d, bsums16)
         self.linear_bf16 = ns.linear_bf16.default  # (x [M, K], weight bf16 [N, K], bias, out_f32)
 
@@ -154,15 +155,16 @@ def _kernel_takes(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | N
 
 
 def _qmatmul(name: str, x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None,
-             out_f32: bool) -> torch.Tensor:
+             out_f32: bool, vnni: bool = False) -> torch.Tensor:
     elems, nbytes, _act, qtype = FORMATS[name]
-    if _kernel_takes(x, qweight, bias, elems, nbytes):
+    if _kernel_takes(x, qweight, bias, elems, nbytes) and (not vnni or has_avx512_vnni()):
         ext = _ext if _ext is not None else _native()
         if ext is not None:
+            op = ext.qmatmul_vnni if vnni else ext.qmatmul
             if x.dim() == 2:
-                return ext.qmatmul(x, qweight, bias, qtype, out_f32)
+                return op(x, qweight, bias, qtype, out_f32)
             shape = x.shape
-            y = ext.qmatmul(x.reshape(-1, shape[-1]), qweight, bias, qtype, out_f32)
+            y = op(x.reshape(-1, shape[-1]), qweight, bias, qtype, out_f32)
             return y.view(*shape[:-1], qweight.shape[0])
     return reference(f"qmatmul_{name}")(x, qweight, bias, out_f32=out_f32)
 
@@ -195,6 +197,36 @@ def qmatmul_q6k(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | Non
                 out_f32: bool = False) -> torch.Tensor:
     """``x @ dequant(W).T + b`` for q6_K weights (x quantized to q8_K per row, int8 dot products)."""
     return _qmatmul("q6k", x, qweight, bias, out_f32)
+
+
+def qmatmul_q4_0_vnni(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                      out_f32: bool = False) -> torch.Tensor:
+    """`qmatmul_q4_0` with the AVX-512 VNNI tiles (the reference on CPUs without them)."""
+    return _qmatmul("q4_0", x, qweight, bias, out_f32, vnni=True)
+
+
+def qmatmul_q8_0_vnni(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                      out_f32: bool = False) -> torch.Tensor:
+    """`qmatmul_q8_0` with the AVX-512 VNNI tiles (the reference on CPUs without them)."""
+    return _qmatmul("q8_0", x, qweight, bias, out_f32, vnni=True)
+
+
+def qmatmul_q4k_vnni(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                     out_f32: bool = False) -> torch.Tensor:
+    """`qmatmul_q4k` with the AVX-512 VNNI tiles (bit-identical to it; the reference on CPUs without them)."""
+    return _qmatmul("q4k", x, qweight, bias, out_f32, vnni=True)
+
+
+def qmatmul_q5k_vnni(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                     out_f32: bool = False) -> torch.Tensor:
+    """`qmatmul_q5k` with the AVX-512 VNNI tiles (bit-identical to it; the reference on CPUs without them)."""
+    return _qmatmul("q5k", x, qweight, bias, out_f32, vnni=True)
+
+
+def qmatmul_q6k_vnni(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                     out_f32: bool = False) -> torch.Tensor:
+    """`qmatmul_q6k` with the AVX-512 VNNI tiles (bit-identical to it; the reference on CPUs without them)."""
+    return _qmatmul("q6k", x, qweight, bias, out_f32, vnni=True)
 
 
 def _linear_takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:

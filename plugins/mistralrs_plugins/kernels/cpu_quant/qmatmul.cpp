@@ -32,6 +32,11 @@
 //   for L2; for every panel, the rows of x go by in tiles of kGemmRows, so each weight block is unpacked
 //   once per tile and used kGemmRows times, and W is read from memory once per call.
 // The activations are quantized once up front (in parallel over rows when there are many).
+//
+// Instruction sets: this file has the AVX2 tiles, the activation quantization and the driver (run) and
+// registers the ops; qmatmul_avx512.cpp has the AVX-512 VNNI tiles (vpdpbusd), which the op qmatmul_vnni runs
+// through the same driver and quantization (plus a regrouped copy of the quantized activations, struct Act in
+// qmatmul.h), after checking the CPU at run time. The shared types are in qmatmul.h.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -48,55 +53,13 @@
 #include <tuple>
 #include <type_traits>
 
-#include "avx2_common.h"
+#include "qmatmul.h"
 
 namespace {
 
-using cpu_quant::hsum4;
-using cpu_quant::hsum8;
-
-// ---- formats --------------------------------------------------------------------------------------
-
-enum QType : int64_t { kQ4_0 = 0, kQ8_0 = 1, kQ4_K = 2, kQ5_K = 3, kQ6_K = 4 };
-
-constexpr int64_t kQK = 32;    // q4_0 / q8_0 block
-constexpr int64_t kQKK = 256;  // k-quant super-block
-
-ALWAYS_INLINE inline int64_t block_elems(int64_t t) { return t <= kQ8_0 ? kQK : kQKK; }
-ALWAYS_INLINE inline int64_t block_bytes(int64_t t) {
-  switch (t) {
-    case kQ4_0: return 18;   // fp16 d, 16 bytes of nibbles
-    case kQ8_0: return 34;   // fp16 d, 32 int8
-    case kQ4_K: return 144;  // fp16 d, fp16 dmin, 12 bytes of 6-bit scales/mins, 128 bytes of nibbles
-    case kQ5_K: return 176;  // as q4_K + 32 bytes of high bits (before the nibbles)
-    case kQ6_K: return 210;  // 128 bytes low nibbles, 64 bytes 2-bit highs, 16 int8 scales, fp16 d
-    default: return 0;
-  }
-}
-
-ALWAYS_INLINE inline float fp16_at(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return _cvtsh_ss(h);
-}
-
-// ---- reductions (one fixed tree each: every schedule uses these) -----------------------------------
-
+using namespace cpu_quant;
 
 // ---- quantized activations -------------------------------------------------------------------------
-
-// All rows of x, quantized. q8_0 (q4_0/q8_0 weights): qs [M][K], d [M][nb] (the fp16-rounded scale as
-// fp32), c [M][nb][8] (q4_0 only: c[i] = 8 * (y[2i] + y[2i+1] + y[16+2i] + y[17+2i]), the q4_0 offset
-// times the pairs of pairs that the q4_0 tile sums in int16).
-// q8_K (k-quants): qs [M][K], d [M][nb], bs16 [M][nb][16] (sums of 16), bs32 [M][nb][8] (sums of 32).
-struct Act {
-  int64_t K = 0, nb = 0;
-  const int8_t* qs = nullptr;
-  const float* d = nullptr;
-  const int16_t* c = nullptr;     // q4_0
-  const int16_t* bs16 = nullptr;  // k-quants
-  const int16_t* bs32 = nullptr;  // k-quants
-};
 
 // Rounds half away from zero, like C's roundf (exactly: the fraction is computed exactly).
 ALWAYS_INLINE inline __m256 roundf_ps(__m256 v) {
@@ -274,21 +237,6 @@ void tile_q0(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
   }
 }
 
-// The 8 6-bit scales (bytes 0..7 of the result) and 8 6-bit mins (bytes 8..15) of a q4_K/q5_K block from
-// its 12 scale bytes s (llama.cpp's get_scale_min_k4): scale j < 4 is s[j] & 63, min j < 4 is s[j+4] & 63;
-// scale j >= 4 is (s[j+4] & 15) | (s[j-4] >> 6) << 4, min j >= 4 is (s[j+4] >> 4) | (s[j] >> 6) << 4.
-// Reads 16 bytes at s12 (the 4 after the scales are the block's next field).
-ALWAYS_INLINE inline __m128i kquant_scales_mins(const uint8_t* s12) {
-  const __m128i s = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s12));
-  // low parts: [s0..s3 | s8..s11 | s4..s7 | s8..s11], the last group's taken from its high nibbles
-  const __m128i a = _mm_shuffle_epi8(s, _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11));
-  const __m128i lo = _mm_and_si128(_mm_blend_epi32(a, _mm_srli_epi16(a, 4), 0x8),
-                                   _mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 15, 15, 15, 15));
-  // high parts of scales/mins 4..7: the top 2 bits of s0..s3 / s4..s7, to bits 4..5
-  const __m128i b = _mm_shuffle_epi8(s, _mm_setr_epi8(-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7));
-  return _mm_or_si128(lo, _mm_and_si128(_mm_srli_epi16(b, 2), _mm_set1_epi8(0x30)));
-}
-
 // The int16 scale of sub-block s (0..7) in every lane, from the 8 scales as int16 in both halves.
 ALWAYS_INLINE inline __m256i scale_lanes(__m256i scales16, int s) {
   return _mm256_shuffle_epi8(scales16, _mm256_set1_epi16(static_cast<int16_t>((2 * s) | ((2 * s + 1) << 8))));
@@ -423,17 +371,10 @@ void tile_q6_K(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
 
 // ---- driver -----------------------------------------------------------------------------------------
 
-constexpr int kGemvRows = 4;  // M up to this: one pass over W with all rows in the tile
-constexpr int kGemmRows = 6;  // M above: tiles of this many rows over L2-sized panels of W
-constexpr int kMaxGroup = 8;  // rows of W per tile call, at most
+constexpr int kGemvRows = 4;  // AVX2: M up to this: one pass over W with all rows in the tile
+constexpr int kGemmRows = 6;  // AVX2: M above: tiles of this many rows over L2-sized panels of W
 constexpr int64_t kPanelBytes = 192 * 1024;  // bytes of W per GEMM work item (kept in L2 while x goes by)
 constexpr int64_t kInlineMacs = int64_t(1) << 18;  // less work than this runs on the calling thread
-
-using TileFn = void (*)(const Act&, int64_t m0, const uint8_t* const* w, float* out);
-struct Tile {
-  TileFn fn;
-  int rows;  // rows of W per call
-};
 
 // Rows of W per tile: for few rows of x, several (enough independent accumulators to hide the fmadd latency,
 // and several streams through W in the GEMV); for many, few (registers). Measured on a 2-core Zen 3.
@@ -460,17 +401,19 @@ Tile tile_fn(int64_t t, int64_t mr) {
     default: return tile_for<6>(t);
   }
 }
-static_assert(kGemmRows <= 6 && kGemvRows <= 6, "tile_fn instantiates tiles of up to 6 rows");
+static_assert(kGemmRows <= kMaxTileRowsOfX && kGemvRows <= kMaxTileRowsOfX, "tile_fn has tiles of up to 6 rows");
+
+constexpr Kernels kAvx2{&tile_fn, kGemvRows, kGemmRows, false};
 
 ALWAYS_INLINE inline void store_out(float* y, float v) { *y = v; }
 ALWAYS_INLINE inline void store_out(at::BFloat16* y, float v) { *y = c10::BFloat16(v); }
 
 template <typename OutT>
-void run(int64_t qtype, const Act& act, int64_t M, const uint8_t* w, int64_t ldw, int64_t N,
+void run(const Kernels& kern, int64_t qtype, const Act& act, int64_t M, const uint8_t* w, int64_t ldw, int64_t N,
          const float* bias, OutT* y) {
   const int64_t K = act.K;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const bool gemv = M <= kGemvRows;
+  const bool gemv = M <= kern.gemv_rows;
   // Rows of W per work item: the whole range of one thread for the GEMV (one sequential stream), an L2-sized
   // panel for the GEMM (re-read from L2 by each tile of rows); and at least one item per thread. Items are
   // whole groups of 8 rows, so that tails (tiles with repeated rows) only happen at the end of W.
@@ -481,14 +424,14 @@ void run(int64_t qtype, const Act& act, int64_t M, const uint8_t* w, int64_t ldw
   const int64_t items = (N + panel - 1) / panel;
 
   auto work = [&](int64_t i0, int64_t i1) {
-    float out[kGemmRows * kMaxGroup];
+    float out[kMaxTileRowsOfX * kMaxGroup];
     const uint8_t* rows[kMaxGroup];
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t n0 = it * panel, n1 = std::min(N, n0 + panel);
-      const int64_t mt = gemv ? M : kGemmRows;
+      const int64_t mt = gemv ? M : kern.gemm_rows;
       for (int64_t m0 = 0; m0 < M; m0 += mt) {
         const int64_t mr = std::min(mt, M - m0);
-        const Tile tile = tile_fn(qtype, mr);
+        const Tile tile = kern.tile(qtype, mr);
         const int g = tile.rows;
         // GEMV: the g rows of a tile come from g equal parts of the range, so that each is one long sequential
         // stream through W (what hardware prefetchers follow best); GEMM: g consecutive rows.
@@ -523,21 +466,53 @@ void run(int64_t qtype, const Act& act, int64_t M, const uint8_t* w, int64_t ldw
 }
 
 struct ActBuffers {
-  std::unique_ptr<int8_t[]> qs;
-  std::unique_ptr<float[]> d;
+  std::unique_ptr<int8_t[]> qs, vq;
+  std::unique_ptr<float[]> d, dexp;
   std::unique_ptr<int16_t[]> c, bs16, bs32;
+  std::unique_ptr<int32_t[]> negc;
 };
 
-// Quantize every row of x (fp32 or bf16, row stride ldx) to 8-bit blocks.
+// Row r of the AVX-512 VNNI layout (struct Act) from its quantized row (qs, d: the common layout).
+void vnni_layout_row(int64_t qtype, const Act& a, int64_t r, int8_t* vq, int32_t* negc, float* dexp) {
+  const int8_t* q = a.qs + r * a.K;
+  if (qtype == kQ4_K || qtype == kQ5_K) {  // sub-blocks of 32 in the order 0 2 1 3 4 6 5 7
+    static constexpr int kOrder[8] = {0, 2, 1, 3, 4, 6, 5, 7};
+    for (int64_t b = 0; b < a.nb; ++b)
+      for (int i = 0; i < 8; ++i) std::memcpy(vq + b * kQKK + 32 * i, q + b * kQKK + 32 * kOrder[i], 32);
+    return;
+  }
+  const int64_t lanes = qtype == kQ4_0 ? 4 : 8;
+  std::memset(vq, 0, a.ldv);
+  std::memset(negc, 0, a.nbp * lanes * sizeof(int32_t));
+  std::memset(dexp, 0, a.nbp * lanes * sizeof(float));
+  for (int64_t b = 0; b < a.nb; ++b) {
+    const int8_t* y = q + b * kQK;
+    const int64_t g = b / 4, j = b % 4;
+    if (qtype == kQ4_0) {
+      std::memcpy(vq + g * 128 + 16 * j, y, 16);
+      std::memcpy(vq + g * 128 + 64 + 16 * j, y + 16, 16);
+    } else {
+      std::memcpy(vq + b * kQK, y, kQK);
+    }
+    for (int64_t l = 0; l < lanes; ++l) {
+      int32_t s = 0;
+      for (int i = 0; i < 4; ++i) s += qtype == kQ4_0 ? y[4 * l + i] + y[16 + 4 * l + i] : y[4 * l + i];
+      negc[b * lanes + l] = (qtype == kQ4_0 ? -8 : -128) * s;
+      dexp[b * lanes + l] = a.d[r * a.nb + b];
+    }
+  }
+}
+
+// Quantize every row of x (fp32 or bf16, row stride ldx) to 8-bit blocks; `vnni`: also the AVX-512 VNNI layout.
 template <typename InT>
-Act quantize_rows(const InT* x, int64_t ldx, int64_t M, int64_t K, int64_t qtype, ActBuffers& buf) {
+Act quantize_rows(const InT* x, int64_t ldx, int64_t M, int64_t K, int64_t qtype, ActBuffers& buf, bool vnni = false) {
   Act a;
   a.K = K;
   const bool kq = qtype >= kQ4_K;
   a.nb = K / (kq ? kQKK : kQK);
   buf.qs.reset(new int8_t[M * K]);
   buf.d.reset(new float[M * a.nb]);
-  if (qtype == kQ4_0) buf.c.reset(new int16_t[M * a.nb * 8]);
+  if (qtype == kQ4_0 && !vnni) buf.c.reset(new int16_t[M * a.nb * 8]);
   if (kq) {
     buf.bs16.reset(new int16_t[M * a.nb * 16]);
     buf.bs32.reset(new int16_t[M * a.nb * 8]);
@@ -545,9 +520,22 @@ Act quantize_rows(const InT* x, int64_t ldx, int64_t M, int64_t K, int64_t qtype
   a.qs = buf.qs.get();
   a.d = buf.d.get();
   a.c = buf.c.get();
-
   a.bs16 = buf.bs16.get();
   a.bs32 = buf.bs32.get();
+  const bool own_vq = vnni && qtype != kQ6_K;
+  if (vnni) {
+    a.nbp = kq ? a.nb : (a.nb + 3) / 4 * 4;
+    a.ldv = a.nbp * block_elems(qtype);
+    if (own_vq) buf.vq.reset(new int8_t[M * a.ldv]);
+    a.vq = own_vq ? buf.vq.get() : a.qs;
+    if (!kq) {
+      const int64_t lanes = qtype == kQ4_0 ? 4 : 8;
+      buf.negc.reset(new int32_t[M * a.nbp * lanes]);
+      buf.dexp.reset(new float[M * a.nbp * lanes]);
+      a.negc = buf.negc.get();
+      a.dexp = buf.dexp.get();
+    }
+  }
   auto rows = [&](int64_t r0, int64_t r1) {
     std::unique_ptr<float[]> tmp;
     if constexpr (!std::is_same_v<InT, float>) tmp.reset(new float[K]);
@@ -569,6 +557,11 @@ Act quantize_rows(const InT* x, int64_t ldx, int64_t M, int64_t K, int64_t qtype
       else
         quantize_row_q8_0(xr, K, buf.qs.get() + r * K, buf.d.get() + r * a.nb,
                           buf.c ? buf.c.get() + r * a.nb * 8 : nullptr);
+      if (own_vq) {
+        const int64_t lanes = qtype == kQ4_0 ? 4 : 8;
+        vnni_layout_row(qtype, a, r, buf.vq.get() + r * a.ldv, kq ? nullptr : buf.negc.get() + r * a.nbp * lanes,
+                        kq ? nullptr : buf.dexp.get() + r * a.nbp * lanes);
+      }
     }
   };
   if (M >= 16 && M * K >= (int64_t(1) << 16))
@@ -580,8 +573,8 @@ Act quantize_rows(const InT* x, int64_t ldx, int64_t M, int64_t K, int64_t qtype
 
 // x: [M, K] bf16 or fp32 (rows contiguous); qweight: uint8 [N, K / block_elems * block_bytes] contiguous;
 // bias: [N] or None. Returns [M, N] in x's dtype, or fp32 with out_f32.
-at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& qweight, const std::optional<at::Tensor>& bias,
-                   int64_t qtype, bool out_f32) {
+at::Tensor qmatmul_with(const Kernels& kern, const at::Tensor& x, const at::Tensor& qweight,
+                        const std::optional<at::Tensor>& bias, int64_t qtype, bool out_f32) {
   TORCH_CHECK(qtype >= kQ4_0 && qtype <= kQ6_K, "qmatmul: unknown qtype ", qtype);
   TORCH_CHECK(x.dim() == 2, "qmatmul: x must be 2-D [M, K]");
   TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kByte, "qmatmul: qweight must be uint8 [N, bytes]");
@@ -611,15 +604,35 @@ at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& qweight, const std::op
   }
   ActBuffers buf;
   const Act act = xc.scalar_type() == at::kFloat
-                      ? quantize_rows(xc.data_ptr<float>(), xc.stride(0), M, K, qtype, buf)
-                      : quantize_rows(xc.data_ptr<at::BFloat16>(), xc.stride(0), M, K, qtype, buf);
+                      ? quantize_rows(xc.data_ptr<float>(), xc.stride(0), M, K, qtype, buf, kern.vnni)
+                      : quantize_rows(xc.data_ptr<at::BFloat16>(), xc.stride(0), M, K, qtype, buf, kern.vnni);
   const uint8_t* w = qweight.data_ptr<uint8_t>();
   const int64_t ldw = qweight.size(1);
   if (out_type == at::kFloat)
-    run(qtype, act, M, w, ldw, N, bias_ptr, y.data_ptr<float>());
+    run(kern, qtype, act, M, w, ldw, N, bias_ptr, y.data_ptr<float>());
   else
-    run(qtype, act, M, w, ldw, N, bias_ptr, y.data_ptr<at::BFloat16>());
+    run(kern, qtype, act, M, w, ldw, N, bias_ptr, y.data_ptr<at::BFloat16>());
   return y;
+}
+
+at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& qweight, const std::optional<at::Tensor>& bias,
+                   int64_t qtype, bool out_f32) {
+  return qmatmul_with(kAvx2, x, qweight, bias, qtype, out_f32);
+}
+
+// What the AVX-512 VNNI tiles need (checked here, at run time: the library itself loads on any AVX2 CPU).
+bool cpu_has_avx512_vnni() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  return has;
+}
+
+// As qmatmul, with the AVX-512 VNNI tiles (same activation quantization; see qmatmul_avx512.cpp).
+at::Tensor qmatmul_vnni(const at::Tensor& x, const at::Tensor& qweight, const std::optional<at::Tensor>& bias,
+                        int64_t qtype, bool out_f32) {
+  TORCH_CHECK(cpu_has_avx512_vnni(), "qmatmul_vnni: this CPU lacks avx512f/bw/vl/vnni");
+  static const Kernels kern = avx512_vnni_kernels();
+  return qmatmul_with(kern, x, qweight, bias, qtype, out_f32);
 }
 
 // The activation quantization alone, for tests: q8_0 -> (qs int8 [M, K], d fp32 [M, K/32]);
@@ -644,10 +657,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act(const at::Tensor& x,
 
 TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def("qmatmul(Tensor x, Tensor qweight, Tensor? bias, int qtype, bool out_f32=False) -> Tensor");
+  m.def("qmatmul_vnni(Tensor x, Tensor qweight, Tensor? bias, int qtype, bool out_f32=False) -> Tensor");
   m.def("quantize_act(Tensor x, bool k_blocks) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
   m.impl("qmatmul", &qmatmul);
+  m.impl("qmatmul_vnni", &qmatmul_vnni);
   m.impl("quantize_act", &quantize_act);
 }

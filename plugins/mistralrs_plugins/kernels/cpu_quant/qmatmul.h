@@ -1,0 +1,112 @@
+// Shared by the quantized matmul's two instruction sets (qmatmul.cpp: AVX2, the activation quantization and
+// the driver; qmatmul_avx512.cpp: the AVX-512 VNNI tiles): the block formats, the quantized activations
+// handed to a tile, and what a tile is. Included before any `#pragma GCC target`, so that everything defined
+// here is compiled for AVX2 in both translation units (one definition, never AVX-512 code on an AVX2 CPU).
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "avx2_common.h"
+
+namespace cpu_quant {
+
+// ---- formats --------------------------------------------------------------------------------------
+
+enum QType : int64_t { kQ4_0 = 0, kQ8_0 = 1, kQ4_K = 2, kQ5_K = 3, kQ6_K = 4 };
+
+constexpr int64_t kQK = 32;    // q4_0 / q8_0 block
+constexpr int64_t kQKK = 256;  // k-quant super-block
+
+ALWAYS_INLINE inline int64_t block_elems(int64_t t) { return t <= kQ8_0 ? kQK : kQKK; }
+ALWAYS_INLINE inline int64_t block_bytes(int64_t t) {
+  switch (t) {
+    case kQ4_0: return 18;   // fp16 d, 16 bytes of nibbles
+    case kQ8_0: return 34;   // fp16 d, 32 int8
+    case kQ4_K: return 144;  // fp16 d, fp16 dmin, 12 bytes of 6-bit scales/mins, 128 bytes of nibbles
+    case kQ5_K: return 176;  // as q4_K + 32 bytes of high bits (before the nibbles)
+    case kQ6_K: return 210;  // 128 bytes low nibbles, 64 bytes 2-bit highs, 16 int8 scales, fp16 d
+    default: return 0;
+  }
+}
+
+ALWAYS_INLINE inline float fp16_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+// ---- quantized activations ---------------------------------------------------------------------------
+
+// All rows of x, quantized (the same values for both instruction sets; what differs is only the layout the
+// tiles read them in).
+// q8_0 (q4_0/q8_0 weights): qs [M][K], d [M][nb] (the fp16-rounded scale as fp32), c [M][nb][8] (AVX2 q4_0:
+// c[i] = 8 * (y[2i] + y[2i+1] + y[16+2i] + y[17+2i]), the q4_0 offset times the pairs of pairs that the AVX2
+// q4_0 tile sums in int16).
+// q8_K (k-quants): qs [M][K], d [M][nb], bs16 [M][nb][16] (sums of 16), bs32 [M][nb][8] (sums of 32).
+// The AVX-512 VNNI layout (vnni = true) adds, for q4_0/q8_0, blocks padded with zeros to groups of 4 (nbp
+// blocks, vq rows of ldv = 32 * nbp bytes): vq the quants regrouped per 4 blocks (q4_0: the first 16 bytes
+// of the 4 blocks, then their last 16; q8_0: as they are), negc [M][nbp][L] the offsets the unsigned
+// dot products start from (q4_0, L = 4: -8 times the sums of the 8 quants lane l of a block meets,
+// y[4l..4l+3] and y[16+4l..16+4l+3]; q8_0, L = 8: -128 times the sums of 4, y[4l..4l+3]), dexp [M][nbp][L]
+// the block scales repeated per lane. For q4_K/q5_K, vq has each super-block's sub-blocks of 32 in the order
+// 0 2 1 3 4 6 5 7 (the order the nibbles of 64 consecutive bytes hold them); q6_K reads qs.
+struct Act {
+  int64_t K = 0, nb = 0;
+  const int8_t* qs = nullptr;
+  const float* d = nullptr;
+  const int16_t* c = nullptr;     // AVX2 q4_0
+  const int16_t* bs16 = nullptr;  // k-quants
+  const int16_t* bs32 = nullptr;  // k-quants
+  // AVX-512 VNNI layout
+  int64_t nbp = 0, ldv = 0;
+  const int8_t* vq = nullptr;
+  const int32_t* negc = nullptr;  // q4_0, q8_0
+  const float* dexp = nullptr;    // q4_0, q8_0
+};
+
+// The 8 6-bit scales (bytes 0..7 of the result) and 8 6-bit mins (bytes 8..15) of a q4_K/q5_K block from
+// its 12 scale bytes s (llama.cpp's get_scale_min_k4): scale j < 4 is s[j] & 63, min j < 4 is s[j+4] & 63;
+// scale j >= 4 is (s[j+4] & 15) | (s[j-4] >> 6) << 4, min j >= 4 is (s[j+4] >> 4) | (s[j] >> 6) << 4.
+// Reads 16 bytes at s12 (the 4 after the scales are the block's next field).
+ALWAYS_INLINE inline __m128i kquant_scales_mins(const uint8_t* s12) {
+  const __m128i s = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s12));
+  // low parts: [s0..s3 | s8..s11 | s4..s7 | s8..s11], the last group's taken from its high nibbles
+  const __m128i a = _mm_shuffle_epi8(s, _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11));
+  const __m128i lo = _mm_and_si128(_mm_blend_epi32(a, _mm_srli_epi16(a, 4), 0x8),
+                                   _mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 15, 15, 15, 15));
+  // high parts of scales/mins 4..7: the top 2 bits of s0..s3 / s4..s7, to bits 4..5
+  const __m128i b = _mm_shuffle_epi8(s, _mm_setr_epi8(-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7));
+  return _mm_or_si128(lo, _mm_and_si128(_mm_srli_epi16(b, 2), _mm_set1_epi8(0x30)));
+}
+
+// ---- tiles ------------------------------------------------------------------------------------------
+
+// A tile: MR rows of x (m0 ..) against `rows` rows of W. It gets the row pointers of W (a tail repeats the
+// last row; its results are not stored) and writes the raw sums (before bias) to out[m * rows + g]. What is
+// computed for one output never depends on MR, the rows of W or the other rows in the tile.
+using TileFn = void (*)(const Act&, int64_t m0, const uint8_t* const* w, float* out);
+struct Tile {
+  TileFn fn;
+  int rows;  // rows of W per call
+};
+
+// One instruction set's tiles and schedule: `tile(qtype, mr)` for mr = 1..max(gemv_rows, gemm_rows); M up to
+// gemv_rows is one pass over W with all rows of x in the tile (decode), larger M goes in tiles of gemm_rows
+// over L2-sized panels of W (prefill). `vnni`: the tiles read the AVX-512 VNNI layout of the activations.
+struct Kernels {
+  Tile (*tile)(int64_t qtype, int64_t mr);
+  int gemv_rows;
+  int gemm_rows;
+  bool vnni;
+};
+
+constexpr int kMaxTileRowsOfX = 6;  // the largest mr any instruction set's tile() takes
+constexpr int kMaxGroup = 8;        // rows of W per tile call, at most
+
+// qmatmul_avx512.cpp: the AVX-512 VNNI tiles. Only call them where cpu_has_avx512_vnni() is true.
+Kernels avx512_vnni_kernels();
+
+}  // namespace cpu_quant

@@ -1,0 +1,316 @@
+// The quantized matmul's tiles for AVX-512 VNNI CPUs (avx512f, avx512bw, avx512vl, avx512vnni): 512-bit vpdpbusd
+// (unsigned 8-bit x signed 8-bit dot products of 4, accumulated in int32) on llama.cpp's canonical block bytes,
+// against the same quantized activations as the AVX2 tiles (qmatmul.cpp quantizes them and runs the driver;
+// this file only has tiles, compiled for AVX-512 by the pragma below and called only where the CPU has it).
+//
+// The batch-invariance contract is qmatmul.cpp's: every output's arithmetic depends only on its row of x and
+// its row of W (integer lanes, exact; one fmadd per block or group of blocks in a fixed order; one fixed
+// horizontal-sum tree), never on the tile, the batch or the thread count; -ffp-contract=off, explicit fmadds.
+//
+// - q4_0 / q8_0: one row of W, 4 consecutive blocks per step. The blocks' 16 (q4_0) or 32 (q8_0) quant bytes
+//   are gathered out of their 18- or 34-byte blocks with vpermt2w (the blocks are word-aligned), and so are
+//   their fp16 scales. vpdpbusd multiplies unsigned by signed bytes: q4_0's nibbles are unsigned (0..15) and
+//   the -8 is added back through the activations' sums (the dot products start from -8 * sum(y) of their
+//   lane); q8_0's quants are made unsigned by flipping the sign bit (q + 128) and the dot products start from
+//   -128 * sum(y). A step gives 16 int32 lanes, 4 per block (q4_0) or 8 per block (2 vectors, q8_0), scaled by
+//   fp32(d_w) * fp32(d_x) per lane and accumulated with one fmadd per vector; the output is the sum of the
+//   16 lanes at the end. (The int lanes are the AVX2 tile's, the float accumulation order is not: results
+//   agree with the AVX2 path to fp32 rounding, not bit for bit.)
+// - q4_K / q5_K / q6_K: as the AVX2 tiles, with 64 quants per vpdpbusd (two sub-blocks, each int32 lane the dot
+//   product of 4, which fits in int16) and the sub-block scales applied with vpdpwssd (int16 pairs: the lane
+//   times its scale, plus its zero high half times 0). Each super-block's 16 lanes are folded to the AVX2
+//   tile's 8 (lane i and i + 8 are the AVX2 lane i's two halves; integers, exact) before the same fp32
+//   scaling, accumulation and sums: the k-quants give the AVX2 path's results bit for bit.
+//
+// Nothing here runs at load time (no static constructors): the library loads on AVX2-only CPUs.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "qmatmul.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
+
+namespace {
+
+using namespace cpu_quant;
+
+ALWAYS_INLINE inline float hsum16(__m512 v) {
+  return hsum8(_mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+}
+
+ALWAYS_INLINE inline __m512i load_idx(const uint16_t* p) { return _mm512_loadu_si512(p); }
+
+// The first n bytes at p, at most 64 (the rest zero; nothing past them is read).
+ALWAYS_INLINE inline __m512i load_first(const uint8_t* p, int64_t n) {
+  if (n <= 0) return _mm512_setzero_si512();
+  return _mm512_maskz_loadu_epi8(n >= 64 ? ~__mmask64(0) : static_cast<__mmask64>((uint64_t(1) << n) - 1), p);
+}
+
+// vpermt2w indices (word w of the result = word idx[w] of the 128 bytes of two registers).
+// q4_0, 4 blocks of 18 bytes: the quants of block j (words 9j+1 .. 9j+8) to 128-bit lane j; the scales
+// (word 9j) to words 4j .. 4j+3.
+alignas(64) const uint16_t kQ4Quants[32] = {1,  2,  3,  4,  5,  6,  7,  8,  10, 11, 12, 13, 14, 15, 16, 17,
+                                            19, 20, 21, 22, 23, 24, 25, 26, 28, 29, 30, 31, 32, 33, 34, 35};
+alignas(64) const uint16_t kQ4Scales[32] = {0, 0, 0, 0, 9, 9, 9, 9, 18, 18, 18, 18, 27, 27, 27, 27,
+                                            0, 0, 0, 0, 0, 0, 0, 0, 0,  0,  0,  0,  0,  0,  0,  0};
+// q8_0, 4 blocks of 34 bytes: blocks 0, 1 (words 17j+1 .. 17j+16) from the first two registers, blocks 2, 3
+// from the second and third (word 32 onwards); the scales (word 17j) to words 8j .. 8j+7.
+alignas(64) const uint16_t kQ8Quants01[32] = {1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15, 16,
+                                              18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33};
+alignas(64) const uint16_t kQ8Quants23[32] = {3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15, 16, 17, 18,
+                                              20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35};
+alignas(64) const uint16_t kQ8Scales[32] = {0,  0,  0,  0,  0,  0,  0,  0,  17, 17, 17, 17, 17, 17, 17, 17,
+                                            34, 34, 34, 34, 34, 34, 34, 34, 51, 51, 51, 51, 51, 51, 51, 51};
+// vpermw indices spreading int16 scales over int32 lanes (even words; the odd ones are zeroed by the mask):
+// q4_K/q5_K, the 4 vectors of a super-block hold sub-blocks (0, 2), (1, 3), (4, 6), (5, 7) (lanes 0..7, 8..15);
+// q6_K, half h's vectors hold sub-blocks of 16 8h + i/4 (low nibbles) and 8h + 4 + i/4 (high) in lane i.
+alignas(64) const uint16_t kKScales[4][32] = {
+    {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0},
+    {1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 3, 0, 3, 0, 3, 0, 3, 0, 3, 0, 3, 0, 3, 0, 3, 0},
+    {4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 6, 0, 6, 0, 6, 0, 6, 0, 6, 0, 6, 0, 6, 0, 6, 0},
+    {5, 0, 5, 0, 5, 0, 5, 0, 5, 0, 5, 0, 5, 0, 5, 0, 7, 0, 7, 0, 7, 0, 7, 0, 7, 0, 7, 0, 7, 0, 7, 0}};
+alignas(64) const uint16_t kQ6Scales[4][32] = {
+    {0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1, 0, 1, 0, 1, 0, 2, 0, 2, 0, 2, 0, 2, 0, 3, 0, 3, 0, 3, 0, 3, 0},
+    {4, 0, 4, 0, 4, 0, 4, 0, 5, 0, 5, 0, 5, 0, 5, 0, 6, 0, 6, 0, 6, 0, 6, 0, 7, 0, 7, 0, 7, 0, 7, 0},
+    {8, 0, 8, 0, 8, 0, 8, 0, 9, 0, 9, 0, 9, 0, 9, 0, 10, 0, 10, 0, 10, 0, 10, 0, 11, 0, 11, 0, 11, 0, 11, 0},
+    {12, 0, 12, 0, 12, 0, 12, 0, 13, 0, 13, 0, 13, 0, 13, 0, 14, 0, 14, 0, 14, 0, 14, 0, 15, 0, 15, 0, 15, 0, 15, 0}};
+constexpr __mmask32 kEvenWords = 0x55555555u;
+
+// The int16 value of each int32 lane (it fits) times the int16 scale in the lane's low half, added to acc.
+ALWAYS_INLINE inline __m512i add_scaled(__m512i acc, __m512i dots, __m512i scales) {
+  return _mm512_dpwssd_epi32(acc, dots, scales);
+}
+
+// A 16-lane int32 sum folded to 8 lanes: lane i + lane i + 8.
+ALWAYS_INLINE inline __m256i fold8(__m512i v) {
+  return _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+}
+
+// ---- q4_0 / q8_0 ----------------------------------------------------------------------------------------
+
+// MR rows of x against NR rows of W, 4 blocks per step (a last group of fewer blocks is read with masked
+// loads and meets zero activations, so it adds exact zeros).
+template <int MR, int NR, bool Q4>
+void tile_q0(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
+  constexpr int64_t BB = Q4 ? 18 : 34;
+  constexpr int L = Q4 ? 4 : 8;  // int32 lanes per block
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __m512i iq0 = load_idx(Q4 ? kQ4Quants : kQ8Quants01), iq1 = load_idx(kQ8Quants23);
+  const __m512i isc = load_idx(Q4 ? kQ4Scales : kQ8Scales);
+  const int64_t nb = a.nb, groups = a.nbp / 4;
+  __m512 acc[MR][NR];
+  UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t avail = std::min<int64_t>(4, nb - 4 * g) * BB;  // bytes of this group
+    UNROLL for (int r = 0; r < NR; ++r) {
+      const uint8_t* p = w[r] + 4 * g * BB;
+      __m512i z0, z1, z2 = _mm512_setzero_si512();
+      if (avail == 4 * BB) {
+        z0 = _mm512_loadu_si512(p);
+        if constexpr (Q4) {
+          z1 = _mm512_castsi128_si512(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 64)));
+        } else {
+          z1 = _mm512_loadu_si512(p + 64);
+          z2 = _mm512_castsi128_si512(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 128)));
+        }
+      } else {
+        z0 = load_first(p, std::min<int64_t>(avail, 64));
+        z1 = load_first(p + 64, avail - 64);
+      }
+      const __m512i sc = _mm512_permutex2var_epi16(z0, isc, z1);
+      if constexpr (Q4) {
+        const __m512i nib = _mm512_permutex2var_epi16(z0, iq0, z1);
+        const __m512i lo = _mm512_and_si512(nib, m4), hi = _mm512_and_si512(_mm512_srli_epi16(nib, 4), m4);
+        const __m512 dw = _mm512_cvtph_ps(_mm512_castsi512_si256(sc));
+        UNROLL for (int m = 0; m < MR; ++m) {
+          const int64_t row = m0 + m, at = (row * a.nbp + 4 * g) * L;
+          const int8_t* y = a.vq + row * a.ldv + g * 128;
+          __m512i s = _mm512_dpbusd_epi32(_mm512_loadu_si512(a.negc + at), lo, _mm512_loadu_si512(y));
+          s = _mm512_dpbusd_epi32(s, hi, _mm512_loadu_si512(y + 64));
+          acc[m][r] = _mm512_fmadd_ps(_mm512_mul_ps(dw, _mm512_loadu_ps(a.dexp + at)), _mm512_cvtepi32_ps(s), acc[m][r]);
+        }
+      } else {
+        const __m512i u01 = _mm512_xor_si512(_mm512_permutex2var_epi16(z0, iq0, z1), sign);
+        const __m512i u23 = _mm512_xor_si512(_mm512_permutex2var_epi16(z1, iq1, z2), sign);
+        const __m512 dw01 = _mm512_cvtph_ps(_mm512_castsi512_si256(sc));
+        const __m512 dw23 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(sc, 1));
+        UNROLL for (int m = 0; m < MR; ++m) {
+          const int64_t row = m0 + m, at = (row * a.nbp + 4 * g) * L;
+          const int8_t* y = a.vq + row * a.ldv + g * 128;
+          const __m512i s01 = _mm512_dpbusd_epi32(_mm512_loadu_si512(a.negc + at), u01, _mm512_loadu_si512(y));
+          const __m512i s23 = _mm512_dpbusd_epi32(_mm512_loadu_si512(a.negc + at + 16), u23, _mm512_loadu_si512(y + 64));
+          acc[m][r] = _mm512_fmadd_ps(_mm512_mul_ps(dw01, _mm512_loadu_ps(a.dexp + at)), _mm512_cvtepi32_ps(s01), acc[m][r]);
+          acc[m][r] = _mm512_fmadd_ps(_mm512_mul_ps(dw23, _mm512_loadu_ps(a.dexp + at + 16)), _mm512_cvtepi32_ps(s23),
+                                      acc[m][r]);
+        }
+      }
+    }
+  }
+  UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int r = 0; r < NR; ++r) out[m * NR + r] = hsum16(acc[m][r]);
+}
+
+// ---- q4_K / q5_K ----------------------------------------------------------------------------------------
+
+// x = d * sc * q - dmin * m per sub-block of 32 (as the AVX2 tile). The 128 nibble bytes as two 64-byte
+// vectors: their low nibbles are sub-blocks (0, 2) and (4, 6), their high nibbles (1, 3) and (5, 7), which is
+// the order of the activations' vq. q5_K's fifth bit of sub-block s is bit s of its 32 high-bit bytes.
+template <int MR, int NR, bool HB>
+void tile_q45_K(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
+  constexpr int64_t kBytes = HB ? 176 : 144;
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  const __m512i bit4 = _mm512_set1_epi8(0x10);
+  __m512i sidx[4], hshift[4];
+  UNROLL for (int v = 0; v < 4; ++v) {
+    sidx[v] = load_idx(kKScales[v]);
+    static constexpr int kBit[4][2] = {{0, 2}, {1, 3}, {4, 6}, {5, 7}};
+    hshift[v] = _mm512_inserti64x4(_mm512_set1_epi16(static_cast<int16_t>(kBit[v][0])),
+                                   _mm256_set1_epi16(static_cast<int16_t>(kBit[v][1])), 1);
+  }
+  __m256 acc[MR][NR];
+  __m128 accm[MR][NR];
+  UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int r = 0; r < NR; ++r) {
+    acc[m][r] = _mm256_setzero_ps();
+    accm[m][r] = _mm_setzero_ps();
+  }
+  const int64_t nb = a.nb, K = a.K;
+  for (int64_t b = 0; b < nb; ++b) {
+    UNROLL for (int r = 0; r < NR; ++r) {
+      const uint8_t* blk = w[r] + b * kBytes;
+      _mm_prefetch(reinterpret_cast<const char*>(blk + 1024), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(blk + 1088), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(blk + 1152), _MM_HINT_T0);
+      const float dx = fp16_at(blk), dmx = fp16_at(blk + 2);
+      const __m256i sm = _mm256_cvtepu8_epi16(kquant_scales_mins(blk + 4));  // 8 scales, 8 mins (int16)
+      const __m128i mins = _mm256_extracti128_si256(sm, 1);
+      const __m512i sm512 = _mm512_castsi256_si512(sm);
+      const uint8_t* qs = blk + (HB ? 48 : 16);
+      const __m512i z0 = _mm512_loadu_si512(qs), z1 = _mm512_loadu_si512(qs + 64);
+      __m512i q[4] = {_mm512_and_si512(z0, m4), _mm512_and_si512(_mm512_srli_epi16(z0, 4), m4),
+                      _mm512_and_si512(z1, m4), _mm512_and_si512(_mm512_srli_epi16(z1, 4), m4)};
+      if constexpr (HB) {
+        const __m512i hb = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16)));
+        UNROLL for (int v = 0; v < 4; ++v)  // q | ((hb >> bit) << 4) & 0x10
+          q[v] = _mm512_ternarylogic_epi32(q[v], _mm512_slli_epi16(_mm512_srlv_epi16(hb, hshift[v]), 4), bit4, 0xF8);
+      }
+      __m512i sc[4];
+      UNROLL for (int v = 0; v < 4; ++v) sc[v] = _mm512_maskz_permutexvar_epi16(kEvenWords, sidx[v], sm512);
+      UNROLL for (int m = 0; m < MR; ++m) {
+        const int64_t ab = (m0 + m) * nb + b;
+        const int8_t* y = a.vq + (m0 + m) * K + b * kQKK;
+        __m512i s = _mm512_setzero_si512();
+        UNROLL for (int v = 0; v < 4; ++v) {
+          const __m512i dots = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[v], _mm512_loadu_si512(y + 64 * v));
+          s = add_scaled(s, dots, sc[v]);
+        }
+        const float dy = a.d[ab];
+        acc[m][r] = _mm256_fmadd_ps(_mm256_set1_ps(dy * dx), _mm256_cvtepi32_ps(fold8(s)), acc[m][r]);
+        const __m128i prod = _mm_madd_epi16(mins, _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.bs32 + ab * 8)));
+        accm[m][r] = _mm_fmadd_ps(_mm_set1_ps(-dy * dmx), _mm_cvtepi32_ps(prod), accm[m][r]);
+      }
+    }
+  }
+  UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int r = 0; r < NR; ++r)
+    out[m * NR + r] = hsum8(acc[m][r]) + hsum4(accm[m][r]);
+}
+
+// ---- q6_K -----------------------------------------------------------------------------------------------
+
+// x = d * sc * (q - 32) per sub-block of 16 (as the AVX2 tile: the -32 through the sums of 16). Half h of a
+// super-block: 64 low-nibble bytes (elements 128h + 0..63, their 2 high bits in bits 0-1 / 2-3 of the 32
+// high-bit bytes) and their high nibbles (elements 128h + 64..127, bits 4-5 / 6-7).
+template <int MR, int NR>
+void tile_q6_K(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
+  const __m512i m15 = _mm512_set1_epi8(0x0F);
+  const __m512i m30 = _mm512_set1_epi8(0x30);
+  const __m512i shl_lo = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
+  const __m512i shr_hi = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1);
+  __m512i sidx[4];
+  UNROLL for (int v = 0; v < 4; ++v) sidx[v] = load_idx(kQ6Scales[v]);
+  __m256 acc[MR][NR];
+  UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
+  const int64_t nb = a.nb, K = a.K;
+  for (int64_t b = 0; b < nb; ++b) {
+    UNROLL for (int r = 0; r < NR; ++r) {
+      const uint8_t* blk = w[r] + b * 210;
+      const uint8_t* ql = blk;
+      const uint8_t* qh = blk + 128;
+      const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192)));
+      const __m512i sc512 = _mm512_castsi256_si512(sc16);
+      const float dx = fp16_at(blk + 208);
+      __m512i s[MR];
+      __m256i init[MR];
+      UNROLL for (int m = 0; m < MR; ++m) {  // - 32 * sum_g sc[g] * bsum16[g]
+        const __m256i bs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.bs16 + ((m0 + m) * nb + b) * 16));
+        init[m] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(_mm256_madd_epi16(bs, sc16), 5));
+        s[m] = _mm512_setzero_si512();
+      }
+      UNROLL for (int h = 0; h < 2; ++h) {
+        const __m512i l = _mm512_loadu_si512(ql + 64 * h);
+        const __m512i hb = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh + 32 * h)));
+        // (A & B) | C: the nibbles and the two high bits (masked to bits 4-5 first)
+        const __m512i lo = _mm512_ternarylogic_epi32(l, m15, _mm512_and_si512(_mm512_sllv_epi16(hb, shl_lo), m30), 0xEA);
+        const __m512i hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(l, 4), m15,
+                                                     _mm512_and_si512(_mm512_srlv_epi16(hb, shr_hi), m30), 0xEA);
+        const __m512i slo = _mm512_maskz_permutexvar_epi16(kEvenWords, sidx[2 * h], sc512);
+        const __m512i shi = _mm512_maskz_permutexvar_epi16(kEvenWords, sidx[2 * h + 1], sc512);
+        UNROLL for (int m = 0; m < MR; ++m) {
+          const int8_t* y = a.qs + (m0 + m) * K + b * kQKK + 128 * h;
+          s[m] = add_scaled(s[m], _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(y)), slo);
+          s[m] = add_scaled(s[m], _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, _mm512_loadu_si512(y + 64)), shi);
+        }
+      }
+      UNROLL for (int m = 0; m < MR; ++m) {
+        const float dy = a.d[(m0 + m) * nb + b];
+        const __m256i sumi = _mm256_add_epi32(init[m], fold8(s[m]));
+        acc[m][r] = _mm256_fmadd_ps(_mm256_set1_ps(dy * dx), _mm256_cvtepi32_ps(sumi), acc[m][r]);
+      }
+    }
+  }
+  UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int r = 0; r < NR; ++r) out[m * NR + r] = hsum8(acc[m][r]);
+}
+
+// ---- schedule -------------------------------------------------------------------------------------------
+
+constexpr int kGemvRows = 4;  // M up to this: one pass over W with all rows of x in the tile
+constexpr int kGemmRows = 6;  // M above: tiles of this many rows over L2-sized panels of W
+
+template <int MR>
+Tile tile_for(int64_t t) {
+  constexpr int NQ = MR == 1 ? 8 : 2;  // rows of W, q4_0 / q8_0
+  constexpr int NK = MR == 1 ? 4 : 1;  // rows of W, k-quants
+  switch (t) {
+    case kQ4_0: return {&tile_q0<MR, NQ, true>, NQ};
+    case kQ8_0: return {&tile_q0<MR, NQ, false>, NQ};
+    case kQ4_K: return {&tile_q45_K<MR, NK, false>, NK};
+    case kQ5_K: return {&tile_q45_K<MR, NK, true>, NK};
+    default: return {&tile_q6_K<MR, NK>, NK};
+  }
+}
+
+Tile tile_fn(int64_t t, int64_t mr) {
+  switch (mr) {
+    case 1: return tile_for<1>(t);
+    case 2: return tile_for<2>(t);
+    case 3: return tile_for<3>(t);
+    case 4: return tile_for<4>(t);
+    case 5: return tile_for<5>(t);
+    default: return tile_for<6>(t);
+  }
+}
+static_assert(kGemmRows <= kMaxTileRowsOfX && kGemvRows <= kMaxTileRowsOfX, "tile_fn has tiles of up to 6 rows");
+
+}  // namespace
+
+namespace cpu_quant {
+
+Kernels avx512_vnni_kernels() { return {&tile_fn, kGemvRows, kGemmRows, true}; }
+
+}  // namespace cpu_quant
+
+#pragma GCC pop_options
