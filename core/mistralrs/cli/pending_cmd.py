@@ -14,4 +14,5 @@ def add_uqff_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def uqff(args: argparse.Namespace) -> int:
-    raise ConfigError(f"uqff {args.action} is not supported yet in this build: UQFF support is not implemented yet")
+    raise ConfigError(f"uqff {args.action} is not supported yet in this build (UQFF files load with --from-uqff and "
+                      "are written with `mistralrs quantize`; their uqff_report.json lists what they hold)")

@@ -99,6 +99,6 @@ def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor]],
         f.write(raw)
         for t in items:
             if t.numel():
-                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
     tmp.replace(path)
     return 8 + len(raw) + offset

@@ -238,7 +238,7 @@ def residual_tensors(model: torch.nn.Module, covered: set[str]) -> list[tuple[st
 
 
 def _copy_assets(source_root: Path | None, directory: Path) -> list[str]:
-    copied = []
+    copied: list[str] = []
     if source_root is None:
         return copied
     for name in C.ASSETS:
