@@ -442,6 +442,13 @@ class Runner:
             if isinstance(event, RequestDone):
                 yield stream.usage_chunk(event)
 
+    # -- re-quantization --------------------------------------------------------------------------
+    def send_re_isq(self, dtype: Any, model_id: str | None = None) -> dict[str, int]:
+        """Re-quantize the model in place to `dtype` (an ISQ type name or bit count), between two
+        engine steps: requests in flight continue with the new weights. Returns {type: layers}."""
+        self._check_model(model_id)
+        return self.service.re_isq(str(_enum_value(dtype)))
+
     # -- tokenizer and limits -------------------------------------------------------------------
     def tokenize_text(self, text: str, add_special_tokens: bool = True, enable_thinking: bool | None = None,
                       model_id: str | None = None) -> list[int]:

@@ -109,10 +109,10 @@ class IsqPlan:
     the `--isq` type), then per-layer shape fallbacks."""
 
     def __init__(self, isq: str | None, *, device_type: str = "cpu", registry: Any = None,
-                 topology: Any = None, organization: str | None = None) -> None:
+                 topology: Any = None, organization: str | None = None, source: str = "--isq") -> None:
         self.registry = _registry(registry)
         self.device_type = device_type
-        self.default = resolve_isq_type(isq, device_type=device_type, registry=self.registry) if isq else None
+        self.default = resolve_isq_type(isq, device_type=device_type, registry=self.registry, source=source) if isq else None
         self.topology = topology
         self.organization = organization or "default"
         if self.organization not in ORGANIZATIONS:

@@ -442,6 +442,20 @@ class ModelService:
         room = self.max_model_len - (max_tokens or 1)
         return ids[-max(room, 1):] if len(ids) > room else ids
 
+    def re_isq(self, isq: str) -> dict[str, int]:
+        """Re-quantize the loaded model to `isq` between two engine steps (`requantize`); the type is
+        checked here first (a ConfigError naming it). Returns {type: layers}."""
+        from mistralrs.nn.kernels import device_type_of
+        from mistralrs.quantization import IsqPlan
+        from mistralrs.requantize import requantize
+
+        plan = IsqPlan(isq, device_type=device_type_of(str(self.loaded.device)), registry=self.registry,
+                       organization=self.opts.isq_organization, source="ggml_type")
+        counts = self.engine.call_between_steps(lambda: requantize(self.loaded.model, plan)).result()
+        plan.log_summary()
+        log.info("re-ISQ to %s: %s", isq, ", ".join(f"{n} layers {t}" for t, n in sorted(counts.items())))
+        return counts
+
     def shutdown(self) -> None:
         self.engine.shutdown()
 

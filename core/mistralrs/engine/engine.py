@@ -11,6 +11,7 @@ itself raises, every in-flight request fails and the engine carries on with a cl
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import queue
@@ -133,6 +134,15 @@ class Engine:
         self._wake.set()
         return handle
 
+    def call_between_steps(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run `fn` on the engine thread between two steps (e.g. re-quantizing the model): queued
+        and running requests wait for it and then continue. The future holds its result."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._ensure_thread()
+        self._inbox.put(("call", (fn, future)))
+        self._wake.set()
+        return future
+
     def constraint_factory(self) -> Any:
         with self._thread_lock:
             if self._constraints is None:
@@ -234,6 +244,13 @@ class Engine:
                 except Exception as exc:  # noqa: BLE001 - this request's problem only
                     log.error("could not admit request %s:\n%s", handle.id, traceback.format_exc())
                     self._fail_handle(handle, EngineError(f"could not start generation: {type(exc).__name__}: {exc}"))
+            elif kind == "call":
+                fn, future = handle
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except Exception as exc:  # noqa: BLE001 - the caller's problem, reported to it
+                        future.set_exception(exc)
             elif kind == "cancel":
                 try:
                     self._abort(handle, "canceled")

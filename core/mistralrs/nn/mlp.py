@@ -78,8 +78,9 @@ class GatedMLP(nn.Module):
 
     def after_loading(self) -> None:
         """Quantized gate and up of one type become one matmul (their states are views of the
-        fused layer's); the plain-weight fusion happens at materialisation instead."""
-        if self._gate_up is not None:
+        fused layer's); the plain-weight fusion happens at materialisation instead (and ends when
+        either weight is replaced, e.g. re-quantized)."""
+        if self._fused() is not None:
             return
         from mistralrs.nn.quantized import fuse_rows
 
@@ -110,12 +111,11 @@ class GatedMLP(nn.Module):
         if fused is None:
             return None
         gate, up = getattr(self, self.names[0]), getattr(self, self.names[1])
-        w, gw, uw = (cast(torch.Tensor, t) for t in (fused.weight, gate.weight, up.weight))
         if (
             type(gate.quant_method) is not UnquantizedLinearMethod
             or type(up.quant_method) is not UnquantizedLinearMethod
-            or gw.data_ptr() != w.data_ptr()
-            or uw.data_ptr() != w.data_ptr() + gw.numel() * w.element_size()
+            or not _halves_of(cast(torch.Tensor, fused.weight), cast(torch.Tensor, gate.weight),
+                              cast(torch.Tensor, up.weight))
         ):
             self._gate_up = self._act_and_mul = None
             return None
@@ -134,6 +134,10 @@ class GatedMLP(nn.Module):
                 return down(self._act_and_mul(quantized(x)))
             self._gate_up_q = None
         return down(self.act_fn(gate(x)) * up(x))
+
+
+def _halves_of(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == w.data_ptr() and b.data_ptr() == w.data_ptr() + a.numel() * w.element_size()
 
 
 class MLP(nn.Module):

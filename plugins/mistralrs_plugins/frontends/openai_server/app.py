@@ -62,6 +62,7 @@ def create_app(state: ServerState) -> web.Application:
     r.add_get("/v1/responses/{response_id}/input_items", R.list_input_items)
     r.add_post("/tokenize", routes.tokenize)
     r.add_post("/detokenize", routes.detokenize)
+    r.add_post("/re_isq", routes.re_isq)
     r.add_get("/openapi.json", routes.openapi_json)
     r.add_get("/api-doc/openapi.json", routes.openapi_json)
     r.add_get("/docs", routes.docs)

@@ -207,6 +207,12 @@ def openapi_document(state: Any = None) -> dict[str, Any]:
         "/tokenize": _post("Tokenize a prompt or chat messages", "TokenizeRequest", "TokenizeResponse",
                            streams=False),
         "/detokenize": _post("Token ids back to text", "DetokenizeRequest", "DetokenizeResponse", streams=False),
+        "/re_isq": {"post": {
+            "summary": "Re-quantize the model in place (mistral.rs): between two engine steps, requests continue",
+            "requestBody": {"required": True, **_json({"type": "object", "required": ["ggml_type"], "properties": {
+                "ggml_type": {**STR, "description": "an ISQ type (Q4K, Q8_0, ...) or a bit count"}, "model": STR}})},
+            "responses": {"200": {"description": "Done: `Re ISQ: \"Q4K\"`",
+                                  "content": {"text/plain": {"schema": STR}}}, **ERRORS}}},
         "/metrics": {"get": {"summary": "Prometheus metrics (text format 0.0.4)",
                              "responses": {"200": {"description": "OK", "content": {"text/plain": {"schema": STR}}}}}},
         "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OK"}}}},

@@ -104,6 +104,26 @@ async def detokenize(request: web.Request) -> web.Response:
     return web.json_response({"prompt": text, "content": text}, dumps=dumps)
 
 
+async def re_isq(request: web.Request) -> web.Response:
+    """mistral.rs's ``POST /re_isq {"ggml_type": "Q4K"}``: re-quantize the served model in place
+    between two engine steps; answers (as mistral.rs does) ``Re ISQ: "Q4K"`` once it is done."""
+    import asyncio
+
+    from mistralrs.errors import ConfigError
+
+    state = request.app[STATE]
+    body = await read_json(request)
+    value = body.get("ggml_type")
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
+        raise ApiError(400, 'send `ggml_type`: an ISQ type such as "Q4K" or "Q8_0", or a bit count', param="ggml_type")
+    service = state.require_service(body)
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, service.re_isq, str(value))
+    except ConfigError as exc:
+        raise ApiError(400, str(exc), param="ggml_type") from None
+    return web.Response(text=f'Re ISQ: "{value}"')
+
+
 async def openapi_json(request: web.Request) -> web.Response:
     from mistralrs_plugins.frontends.openai_server.openapi import openapi_document
 
