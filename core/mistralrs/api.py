@@ -79,6 +79,8 @@ class Which:
         organization: str | None = None  # ISQ organization: "default" | "moqe"
         from_uqff: Any = None
         write_uqff: str | None = None
+        imatrix: str | None = None  # importance matrix for in_situ_quant (.imatrix / GGUF imatrix / .cimatrix)
+        calibration_file: str | None = None  # a text run through the model at load to make the imatrix
         dummy_weights: bool = False
 
     @attrs.define(kw_only=True)
@@ -135,6 +137,7 @@ def _source_options(which: Any) -> dict[str, Any]:
         model_id=which.model_id, arch=_enum_value(which.arch), dummy_weights=which.dummy_weights,
         isq_organization=which.organization, topology=which.topology,
         from_uqff=_uqff_files(which.from_uqff), write_uqff=str(which.write_uqff) if which.write_uqff else None,
+        imatrix=which.imatrix, calibration_file=which.calibration_file,
     )
 
 

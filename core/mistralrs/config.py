@@ -280,7 +280,7 @@ def validate(cfg: FromConfig) -> None:
                 if value is None or (section == "format" and f.name == "format" and value == "plain"):
                     continue
                 if section == "quantization" and f.name in ("isq", "in_situ_quant", "isq_organization", "quant",
-                                                            "from_uqff"):
+                                                            "from_uqff", "imatrix", "calibration_file"):
                     continue
                 if section == "format" and f.name in ("format", "quantized_file", "tok_model_id", "gqa"):
                     continue
@@ -324,6 +324,8 @@ def service_options(cfg: FromConfig, model: ModelEntry) -> Any:
         isq=model.quantization.isq or model.quantization.in_situ_quant,
         isq_organization=model.quantization.isq_organization,
         from_uqff=model.quantization.from_uqff or (),
+        imatrix=model.quantization.imatrix,
+        calibration_file=model.quantization.calibration_file,
         topology=model.device.topology,
         max_seqs=rt.max_seqs,
         max_num_batched_tokens=rt.max_num_batched_tokens,

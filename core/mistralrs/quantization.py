@@ -117,6 +117,7 @@ class IsqPlan:
         self.organization = organization or "default"
         if self.organization not in ORGANIZATIONS:
             raise ConfigError(f"--isq-organization {self.organization!r}: expected one of {', '.join(ORGANIZATIONS)}")
+        self.importance: Any = None  # an imatrix.Imatrix: each quantized layer's method gets its row
         self.fallbacks: dict[tuple[str, str], list[str]] = {}  # (wanted, got) -> layer names
         self.counts: dict[str, int] = {}
 
@@ -160,6 +161,8 @@ class IsqPlan:
             seen.add(spec.name)
             method = make_method(spec)
             if method.check_shape(layer.out_features, layer.in_features) is None:
+                if self.importance is not None:
+                    method.importance = self.importance.for_layer(name, layer.in_features)
                 if wanted is not None and spec is not wanted:
                     self.fallbacks.setdefault((wanted.name, spec.name), []).append(name)
                 self.counts[spec.name] = self.counts.get(spec.name, 0) + 1

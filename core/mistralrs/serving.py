@@ -53,6 +53,9 @@ class ServiceOptions:
     from_uqff: tuple[str, ...] = attrs.field(default=(), converter=lambda v: tuple(
         p for item in ([v] if isinstance(v, str) else (v or ())) for p in str(item).split(";") if p.strip()))
     write_uqff: str | None = None
+    # imatrix (docs/quantization.md): importance-weighted ISQ from a file or from calibration text
+    imatrix: str | None = None
+    calibration_file: str | None = None
     # engine
     max_seqs: int = 16
     max_num_batched_tokens: int = 4096
@@ -93,6 +96,11 @@ class ServiceOptions:
         if self.from_uqff and (self.isq or self.quant or self.topology):
             flag = "--isq" if self.isq else "--quant" if self.quant else "--topology"
             raise ConfigError(f"--from-uqff and {flag} conflict: a UQFF file is already quantized; give one")
+        if self.imatrix and self.calibration_file:
+            raise ConfigError("--imatrix and --calibration-file conflict: the calibration text makes an imatrix; give one")
+        if (self.imatrix or self.calibration_file) and not (self.isq or self.quant or self.topology):
+            flag = "--imatrix" if self.imatrix else "--calibration-file"
+            raise ConfigError(f"{flag} guides in-situ quantization; give --isq TYPE with it")
         if self.from_uqff and self.write_uqff:
             raise ConfigError("--from-uqff and write_uqff conflict: the model is already a UQFF file")
 
@@ -206,8 +214,6 @@ class ModelService:
         self._init_engine(opts, registry, device)
 
     def _init_plain(self, opts: ServiceOptions, registry: Any, device: str, fetch_model: Any) -> None:
-        from mistralrs.loading import load_model
-
         self._gguf_eog: tuple[int, ...] = ()
         self.files = resolve_model_files(opts, fetch_model)
         plan = isq_plan(opts, device, registry)
@@ -217,11 +223,8 @@ class ModelService:
             layers = read_config(self.files.config).get("num_hidden_layers")
             if isinstance(layers, int):
                 plan.topology.check_layers(layers)
-        self.loaded = load_model(
-            self.files, arch=opts.arch, dtype=opts.dtype, device=device,
-            dummy_weights=opts.dummy_weights, registry=registry, seed=opts.seed or 0,
-            quant_method_for=plan.method_for if plan is not None else None,
-        )
+        self.loaded = load_quantized(self.files, opts, plan, device, registry,
+                                     tokenizer=lambda: tokenizer_of(opts, self.files.root))
         if plan is not None:
             plan.log_summary()
         if opts.write_uqff:
@@ -266,15 +269,8 @@ class ModelService:
     def _init_tokenizer(self, opts: ServiceOptions, root: Path) -> None:
         from mistralrs.chat_template import ChatTemplate
         from mistralrs.generation_config import load_generation_config
-        from mistralrs.tokenization import Tokenizer
 
-        tok_path = Path(opts.tokenizer_json) if opts.tokenizer_json else root / "tokenizer.json"
-        if not tok_path.is_file():
-            raise ModelLoadError(
-                f"no tokenizer.json for {opts.model_id} (looked at {tok_path}); pass one with -t/--tokenizer"
-            )
-        cfg = root / "tokenizer_config.json"
-        self.tokenizer = Tokenizer.from_files(tok_path, cfg if cfg.is_file() else None)
+        self.tokenizer = tokenizer_of(opts, root)
         self.chat_template = ChatTemplate.load(
             root, chat_template_file=opts.chat_template, jinja_explicit=opts.jinja_explicit,
             model_name=opts.model_id,
@@ -466,6 +462,49 @@ def _request_log(path: str | None, tokenizer: Any) -> Any:
     from mistralrs.engine.request_log import RequestLog
 
     return RequestLog(path, tokenizer)
+
+
+def tokenizer_of(opts: ServiceOptions, root: Path) -> Any:
+    """The model's tokenizer: -t/--tokenizer, else ``tokenizer.json`` (and its config) in `root`."""
+    from mistralrs.tokenization import Tokenizer
+
+    tok_path = Path(opts.tokenizer_json) if opts.tokenizer_json else root / "tokenizer.json"
+    if not tok_path.is_file():
+        raise ModelLoadError(f"no tokenizer.json for {opts.model_id} (looked at {tok_path}); pass one with -t/--tokenizer")
+    cfg = root / "tokenizer_config.json"
+    return Tokenizer.from_files(tok_path, cfg if cfg.is_file() else None)
+
+
+def load_quantized(files: Any, opts: ServiceOptions, plan: Any, device: str, registry: Any, *,
+                   tokenizer: Any = None) -> Any:
+    """`load_model` with the ISQ plan (None: float). ``--imatrix``: the plan's quantizers get each
+    layer's importance. ``--calibration-file``: the model loads in float, the text runs through it
+    to collect the imatrix, then every layer is quantized in place (`requantize`); `tokenizer` is
+    a function giving the tokenizer for the text."""
+    from mistralrs.loading import load_model
+
+    calibrate = plan is not None and bool(opts.calibration_file)
+    if plan is not None and opts.imatrix:
+        from mistralrs.imatrix import read_imatrix
+
+        plan.importance = read_imatrix(opts.imatrix)
+    loaded = load_model(
+        files, arch=opts.arch, dtype=opts.dtype, device=device, dummy_weights=opts.dummy_weights, registry=registry,
+        seed=opts.seed or 0, quant_method_for=plan.method_for if plan is not None and not calibrate else None,
+    )
+    if calibrate:
+        from mistralrs.imatrix import calibration_ids, collect_imatrix
+        from mistralrs.requantize import requantize
+
+        assert tokenizer is not None and opts.calibration_file
+        ids = calibration_ids(tokenizer(), opts.calibration_file)
+        plan.importance = collect_imatrix(loaded.model, ids, source=f"--calibration-file {opts.calibration_file}")
+        log.info("imatrix from %d calibration tokens over %d layers", len(ids), len(plan.importance))
+        requantize(loaded.model, plan)
+    if plan is not None and plan.importance is not None:
+        log.info("imatrix: %d of %d quantized layers weighted by importance (%s)", len(plan.importance.used),
+                 sum(plan.counts.values()), plan.importance.source)
+    return loaded
 
 
 def hub_uqff_names(opts: ServiceOptions, registry: Any, device_type: str) -> list[str]:

@@ -11,8 +11,6 @@ MODEL_KINDS = ("auto", "text", "multimodal", "vision", "embedding", "speech", "d
 # Flags of mistral.rs's CLI whose capability this build does not have yet: they parse, and
 # using one is a clear "not supported yet" error naming what it waits for.
 PENDING_FLAGS: dict[str, str] = {
-    "imatrix": "in-situ quantization",
-    "calibration_file": "in-situ quantization",
     "device_layers": "device mapping",
     "enable_lora": "LoRA adapters",
     "lora": "LoRA adapters",
@@ -83,8 +81,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, runtime: bool = True
                                          "a type such as q4k, or several ;-separated")
     fmt.add_argument("--isq-organization", choices=["default", "moqe"],
                      help="moqe: quantize only the routed experts of MoE models")
-    fmt.add_argument("--imatrix", help=".imatrix or .cimatrix file")
-    fmt.add_argument("--calibration-file", help="generate an imatrix at load")
+    fmt.add_argument("--imatrix", help="importance matrix for --isq: llama.cpp .imatrix / GGUF imatrix, or .cimatrix")
+    fmt.add_argument("--calibration-file", help="a text run through the model at load to make the imatrix for --isq")
     ad = parser.add_argument_group("adapters (not supported yet in this build)")
     ad.add_argument("--enable-lora", action="store_true")
     ad.add_argument("--lora", action="append", metavar="ALIAS=SOURCE")
@@ -163,6 +161,8 @@ def options_from_args(args: argparse.Namespace) -> Any:
         isq_organization=args.isq_organization,
         topology=args.topology,
         from_uqff=getattr(args, "from_uqff", None) or (),
+        imatrix=getattr(args, "imatrix", None),
+        calibration_file=getattr(args, "calibration_file", None),
         max_seqs=getattr(args, "max_seqs", 32),
         max_num_batched_tokens=getattr(args, "max_num_batched_tokens", 4096),
         max_seq_len=args.max_seq_len,

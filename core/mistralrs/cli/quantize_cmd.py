@@ -48,10 +48,9 @@ def run(args: argparse.Namespace) -> int:
 
     from mistralrs.cli.model_options import options_from_args
     from mistralrs.hub import fetch_model
-    from mistralrs.loading import load_model
     from mistralrs.nn.kernels import device_type_of
     from mistralrs.plugins import get_registry
-    from mistralrs.serving import isq_plan, pick_device, resolve_model_files
+    from mistralrs.serving import isq_plan, load_quantized, pick_device, resolve_model_files, tokenizer_of
     from mistralrs.uqff.writer import plan_output, write_report, write_residual, write_shards
 
     registry = get_registry()
@@ -66,8 +65,7 @@ def run(args: argparse.Namespace) -> int:
         opts = options_from_args(args)
         files = resolve_model_files(opts, fetch_model)
         plan = isq_plan(opts, device, registry)
-        loaded = load_model(files, arch=opts.arch, dtype=opts.dtype, device=device, dummy_weights=opts.dummy_weights,
-                            registry=registry, seed=opts.seed or 0, quant_method_for=plan.method_for)
+        loaded = load_quantized(files, opts, plan, device, registry, tokenizer=lambda o=opts, f=files: tokenizer_of(o, f.root))
         plan.log_summary()
         report = write_shards(loaded.model, out.directory, out.stems[qtype], quant=qtype, registry=registry,
                               targeted=plan.target_name)

@@ -38,6 +38,10 @@ class QuantizedLinearMethod(LinearMethodBase):
     # Every state tensor has one row per output feature (dim 0), so layers sharing an input can
     # be fused by concatenating their states (`fuse_rows`); GGML blocks and AFQ groups are.
     rows_state = False
+    # The layer's importance (an imatrix row: mean squared activation per input column, float32
+    # [in_features]) when ISQ has one (``--imatrix`` / ``--calibration-file``): a quantizer may
+    # weight its rounding error by it; formats that do not ignore it.
+    importance: torch.Tensor | None = None
 
     def __init__(self, qtype: str, **options: Any) -> None:
         self.qtype = qtype.lower()

@@ -11,7 +11,16 @@ from mistralrs.nn.linear import Linear
 from mistralrs.nn.quantized import QuantizedLinearMethod
 from mistralrs.uqff import records as R
 from mistralrs_plugins.quant.ggml import GGML_TYPE_IDS
-from mistralrs_plugins.quant.ggml.formats import ALL_FORMATS, DEQUANT_ONLY_FORMATS, check_quantizable, dequantize
+from mistralrs_plugins.quant.ggml.formats import (
+    ALL_FORMATS,
+    DEQUANT_ONLY_FORMATS,
+    check_quantizable,
+    dequantize,
+    quantize,
+)
+
+# The types whose llama.cpp quantizers weight their rounding by an imatrix (q8_* ignore it).
+IMPORTANCE_TYPES = frozenset({"q2k", "q3k", "q4k", "q5k", "q6k", "q4_0", "q4_1", "q5_0", "q5_1"})
 
 # UQFF records of GGML blocks (family 0): the raw bytes, the ggml type id and the dims (mistral.rs's
 # GgufMatMul). Ids 0, 1 and 30 are F32, F16 and BF16 weights stored the same way.
@@ -47,6 +56,9 @@ class GgmlLinearMethod(QuantizedLinearMethod):
         # The op ggml_quantize: a native quantizer where one is registered (the cpu_ggml_quantize plugin),
         # else the torch reference (formats.quantize); llama.cpp's block bytes either way.
         check_quantizable(self.qtype)  # a dequantize-only type: a ValueError naming it
+        if self.importance is not None and self.qtype in IMPORTANCE_TYPES:
+            # llama.cpp's importance-weighted searches (the torch implementation)
+            return {"qweight": quantize(self.qtype, weight, importance=self.importance.to(weight.device))}
         quantizer = self._quantizer
         if quantizer is None:
             quantizer = self._quantizer = lookup_kernel("ggml_quantize", weight.device)
