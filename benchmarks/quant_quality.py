@@ -284,11 +284,11 @@ def kernel_label(fn: Any) -> str:
 
 
 def model_logprobs(path: Path, windows: list[list[int]], isq: str | None, dtype: Any,
-                   reference_kernels: bool = False) -> tuple[Any, dict]:
+                   reference_kernels: bool = False, importance: Any = None) -> tuple[Any, dict]:
     """Log-softmax of every position of every window ([W, T, V]) and what the load did.
     `reference_kernels`: quantized matmuls through the registered torch reference of their op
     (dequantize, then matmul) instead of the best kernel, i.e. without a native kernel's
-    activation quantization."""
+    activation quantization. `importance`: an imatrix for the quantizers."""
     import torch
 
     from mistralrs.loading import load_model
@@ -298,6 +298,8 @@ def model_logprobs(path: Path, windows: list[list[int]], isq: str | None, dtype:
     from mistralrs.specs import resolve
 
     plan = IsqPlan(isq) if isq else None
+    if plan is not None:
+        plan.importance = importance  # an imatrix.Imatrix (benchmarks/imatrix_quality.py), or None
     t0 = time.perf_counter()
     loaded = load_model(path, dtype=dtype, quant_method_for=plan.method_for if plan else None)
     load_s = time.perf_counter() - t0
