@@ -48,6 +48,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <tuple>
@@ -465,40 +466,62 @@ void run(const Kernels& kern, int64_t qtype, const Act& act, int64_t M, const ui
   }
 }
 
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+using AlignedBytes = std::unique_ptr<uint8_t[], FreeDeleter>;
+
+// n zero bytes, 64-byte aligned.
+AlignedBytes aligned_zeros(int64_t n) {
+  const size_t size = static_cast<size_t>((n + 63) / 64 * 64);
+  void* p = std::aligned_alloc(64, size == 0 ? 64 : size);
+  TORCH_CHECK(p != nullptr, "qmatmul: out of memory");
+  std::memset(p, 0, size);
+  return AlignedBytes(static_cast<uint8_t*>(p));
+}
+
 struct ActBuffers {
-  std::unique_ptr<int8_t[]> qs, vq;
-  std::unique_ptr<float[]> d, dexp;
+  std::unique_ptr<int8_t[]> qs;
+  std::unique_ptr<float[]> d;
   std::unique_ptr<int16_t[]> c, bs16, bs32;
-  std::unique_ptr<int32_t[]> negc;
+  AlignedBytes vq, vaux;
 };
 
-// Row r of the AVX-512 VNNI layout (struct Act) from its quantized row (qs, d: the common layout).
-void vnni_layout_row(int64_t qtype, const Act& a, int64_t r, int8_t* vq, int32_t* negc, float* dexp) {
+// Row r of the AVX-512 VNNI layout (struct Act) from its quantized row (qs, d, bs16, bs32). The buffers start
+// zeroed (the padding blocks of q4_0/q8_0 stay zero).
+void vnni_layout_row(int64_t qtype, const Act& a, int64_t r, int8_t* vq, uint8_t* vaux) {
   const int8_t* q = a.qs + r * a.K;
-  if (qtype == kQ4_K || qtype == kQ5_K) {  // sub-blocks of 32 in the order 0 2 1 3 4 6 5 7
-    static constexpr int kOrder[8] = {0, 2, 1, 3, 4, 6, 5, 7};
-    for (int64_t b = 0; b < a.nb; ++b)
-      for (int i = 0; i < 8; ++i) std::memcpy(vq + b * kQKK + 32 * i, q + b * kQKK + 32 * kOrder[i], 32);
+  const int64_t gb = vnni_group_bytes(qtype), ab = vnni_aux_bytes(qtype);
+  if (qtype >= kQ4_K) {
+    static constexpr int kOrder[8] = {0, 2, 1, 3, 4, 6, 5, 7};  // q4_K/q5_K; q6_K keeps 0..7
+    for (int64_t b = 0; b < a.nb; ++b) {
+      int8_t* dst = vq + (b * a.M + r) * gb;
+      for (int i = 0; i < 8; ++i) std::memcpy(dst + 32 * i, q + b * kQKK + 32 * (qtype == kQ6_K ? i : kOrder[i]), 32);
+      uint8_t* aux = vaux + (b * a.M + r) * ab;
+      std::memcpy(aux, a.d + r * a.nb + b, 4);
+      std::memcpy(aux + 16, a.bs32 + (r * a.nb + b) * 8, 16);
+      std::memcpy(aux + 32, a.bs16 + (r * a.nb + b) * 16, 32);
+    }
     return;
   }
   const int64_t lanes = qtype == kQ4_0 ? 4 : 8;
-  std::memset(vq, 0, a.ldv);
-  std::memset(negc, 0, a.nbp * lanes * sizeof(int32_t));
-  std::memset(dexp, 0, a.nbp * lanes * sizeof(float));
   for (int64_t b = 0; b < a.nb; ++b) {
     const int8_t* y = q + b * kQK;
-    const int64_t g = b / 4, j = b % 4;
+    const int64_t g = b / kVnniQ0Blocks, j = b % kVnniQ0Blocks;
+    int8_t* dst = vq + (g * a.M + r) * gb;
     if (qtype == kQ4_0) {
-      std::memcpy(vq + g * 128 + 16 * j, y, 16);
-      std::memcpy(vq + g * 128 + 64 + 16 * j, y + 16, 16);
+      std::memcpy(dst + 16 * j, y, 16);
+      std::memcpy(dst + 64 + 16 * j, y + 16, 16);
     } else {
-      std::memcpy(vq + b * kQK, y, kQK);
+      std::memcpy(dst + 32 * j, y, 32);
     }
+    int32_t* negc = reinterpret_cast<int32_t*>(vaux + (g * a.M + r) * ab) + lanes * j;
+    float* dexp = reinterpret_cast<float*>(vaux + (g * a.M + r) * ab) + kVnniQ0Blocks * lanes + lanes * j;
     for (int64_t l = 0; l < lanes; ++l) {
       int32_t s = 0;
       for (int i = 0; i < 4; ++i) s += qtype == kQ4_0 ? y[4 * l + i] + y[16 + 4 * l + i] : y[4 * l + i];
-      negc[b * lanes + l] = (qtype == kQ4_0 ? -8 : -128) * s;
-      dexp[b * lanes + l] = a.d[r * a.nb + b];
+      negc[l] = (qtype == kQ4_0 ? -8 : -128) * s;
+      dexp[l] = a.d[r * a.nb + b];
     }
   }
 }
@@ -522,19 +545,13 @@ Act quantize_rows(const InT* x, int64_t ldx, int64_t M, int64_t K, int64_t qtype
   a.c = buf.c.get();
   a.bs16 = buf.bs16.get();
   a.bs32 = buf.bs32.get();
-  const bool own_vq = vnni && qtype != kQ6_K;
   if (vnni) {
-    a.nbp = kq ? a.nb : (a.nb + 3) / 4 * 4;
-    a.ldv = a.nbp * block_elems(qtype);
-    if (own_vq) buf.vq.reset(new int8_t[M * a.ldv]);
-    a.vq = own_vq ? buf.vq.get() : a.qs;
-    if (!kq) {
-      const int64_t lanes = qtype == kQ4_0 ? 4 : 8;
-      buf.negc.reset(new int32_t[M * a.nbp * lanes]);
-      buf.dexp.reset(new float[M * a.nbp * lanes]);
-      a.negc = buf.negc.get();
-      a.dexp = buf.dexp.get();
-    }
+    a.M = M;
+    a.ngroups = kq ? a.nb : (a.nb + kVnniQ0Blocks - 1) / kVnniQ0Blocks;
+    buf.vq = aligned_zeros(a.ngroups * M * vnni_group_bytes(qtype));
+    buf.vaux = aligned_zeros(a.ngroups * M * vnni_aux_bytes(qtype));
+    a.vq = reinterpret_cast<const int8_t*>(buf.vq.get());
+    a.vaux = buf.vaux.get();
   }
   auto rows = [&](int64_t r0, int64_t r1) {
     std::unique_ptr<float[]> tmp;
@@ -557,11 +574,7 @@ Act quantize_rows(const InT* x, int64_t ldx, int64_t M, int64_t K, int64_t qtype
       else
         quantize_row_q8_0(xr, K, buf.qs.get() + r * K, buf.d.get() + r * a.nb,
                           buf.c ? buf.c.get() + r * a.nb * 8 : nullptr);
-      if (own_vq) {
-        const int64_t lanes = qtype == kQ4_0 ? 4 : 8;
-        vnni_layout_row(qtype, a, r, buf.vq.get() + r * a.ldv, kq ? nullptr : buf.negc.get() + r * a.nbp * lanes,
-                        kq ? nullptr : buf.dexp.get() + r * a.nbp * lanes);
-      }
+      if (vnni) vnni_layout_row(qtype, a, r, reinterpret_cast<int8_t*>(buf.vq.get()), buf.vaux.get());
     }
   };
   if (M >= 16 && M * K >= (int64_t(1) << 16))

@@ -46,13 +46,17 @@ ALWAYS_INLINE inline float fp16_at(const uint8_t* p) {
 // c[i] = 8 * (y[2i] + y[2i+1] + y[16+2i] + y[17+2i]), the q4_0 offset times the pairs of pairs that the AVX2
 // q4_0 tile sums in int16).
 // q8_K (k-quants): qs [M][K], d [M][nb], bs16 [M][nb][16] (sums of 16), bs32 [M][nb][8] (sums of 32).
-// The AVX-512 VNNI layout (vnni = true) adds, for q4_0/q8_0, blocks padded with zeros to groups of 4 (nbp
-// blocks, vq rows of ldv = 32 * nbp bytes): vq the quants regrouped per 4 blocks (q4_0: the first 16 bytes
-// of the 4 blocks, then their last 16; q8_0: as they are), negc [M][nbp][L] the offsets the unsigned
-// dot products start from (q4_0, L = 4: -8 times the sums of the 8 quants lane l of a block meets,
-// y[4l..4l+3] and y[16+4l..16+4l+3]; q8_0, L = 8: -128 times the sums of 4, y[4l..4l+3]), dexp [M][nbp][L]
-// the block scales repeated per lane. For q4_K/q5_K, vq has each super-block's sub-blocks of 32 in the order
-// 0 2 1 3 4 6 5 7 (the order the nibbles of 64 consecutive bytes hold them); q6_K reads qs.
+// The AVX-512 VNNI layout (vnni = true) is group-major (the rows of x next to each other for each group of
+// blocks, so that a tile reaches all its rows through one pointer) and 64-byte aligned; ngroups groups of
+// kVnniGroup[t] blocks (q4_0/q8_0: 4 blocks, the last group padded with zero blocks; k-quants: 1 super-block):
+// - vq [ngroups][M][128 or 256]: the quants. q4_0: the first 16 bytes of the group's 4 blocks, then their last
+//   16; q8_0: as they are; q4_K/q5_K: the super-block's sub-blocks of 32 in the order 0 2 1 3 4 6 5 7 (the
+//   order the nibbles of 64 consecutive bytes hold them); q6_K: as they are.
+// - vaux [ngroups][M][kVnniAux[t] bytes]. q4_0/q8_0: L int32 offsets per block that the unsigned dot products
+//   start from (q4_0, L = 4: -8 times the sums of the 8 quants lane l of a block meets, y[4l..4l+3] and
+//   y[16+4l..16+4l+3]; q8_0, L = 8: -128 times the sums of 4, y[4l..4l+3]), then the block scales repeated L
+//   times (fp32). k-quants: d (fp32, bytes 0..3), the 8 sums of 32 (int16, bytes 16..31), the 16 sums of 16
+//   (int16, bytes 32..63).
 struct Act {
   int64_t K = 0, nb = 0;
   const int8_t* qs = nullptr;
@@ -61,11 +65,14 @@ struct Act {
   const int16_t* bs16 = nullptr;  // k-quants
   const int16_t* bs32 = nullptr;  // k-quants
   // AVX-512 VNNI layout
-  int64_t nbp = 0, ldv = 0;
+  int64_t M = 0, ngroups = 0;
   const int8_t* vq = nullptr;
-  const int32_t* negc = nullptr;  // q4_0, q8_0
-  const float* dexp = nullptr;    // q4_0, q8_0
+  const uint8_t* vaux = nullptr;
 };
+
+constexpr int64_t kVnniQ0Blocks = 4;  // q4_0/q8_0 blocks per group of the VNNI layout
+ALWAYS_INLINE inline int64_t vnni_group_bytes(int64_t t) { return t <= kQ8_0 ? 128 : 256; }
+ALWAYS_INLINE inline int64_t vnni_aux_bytes(int64_t t) { return t == kQ4_0 ? 128 : t == kQ8_0 ? 256 : 64; }
 
 // The 8 6-bit scales (bytes 0..7 of the result) and 8 6-bit mins (bytes 8..15) of a q4_K/q5_K block from
 // its 12 scale bytes s (llama.cpp's get_scale_min_k4): scale j < 4 is s[j] & 63, min j < 4 is s[j+4] & 63;

@@ -98,16 +98,20 @@ ALWAYS_INLINE inline __m256i fold8(__m512i v) {
 template <int MR, int NR, bool Q4>
 void tile_q0(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
   constexpr int64_t BB = Q4 ? 18 : 34;
-  constexpr int L = Q4 ? 4 : 8;  // int32 lanes per block
+  constexpr int64_t GB = Q4 ? 128 : 128, AB = Q4 ? 128 : 256;  // vq and vaux bytes per group and row
   const __m512i m4 = _mm512_set1_epi8(0x0F);
   const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
   const __m512i iq0 = load_idx(Q4 ? kQ4Quants : kQ8Quants01), iq1 = load_idx(kQ8Quants23);
   const __m512i isc = load_idx(Q4 ? kQ4Scales : kQ8Scales);
-  const int64_t nb = a.nb, groups = a.nbp / 4;
+  const int64_t nb = a.nb, M = a.M;
   __m512 acc[MR][NR];
   UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
+  for (int64_t g = 0; g < a.ngroups; ++g) {
     const int64_t avail = std::min<int64_t>(4, nb - 4 * g) * BB;  // bytes of this group
+    // Every row of W's group, unpacked: q4_0's low and high nibbles, q8_0's blocks 0-1 and 2-3 made unsigned;
+    // the scales as fp32 per lane (q8_0: two vectors).
+    __m512i v0[NR], v1[NR];
+    __m512 dw0[NR], dw1[NR];
     UNROLL for (int r = 0; r < NR; ++r) {
       const uint8_t* p = w[r] + 4 * g * BB;
       __m512i z0, z1, z2 = _mm512_setzero_si512();
@@ -126,28 +130,32 @@ void tile_q0(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
       const __m512i sc = _mm512_permutex2var_epi16(z0, isc, z1);
       if constexpr (Q4) {
         const __m512i nib = _mm512_permutex2var_epi16(z0, iq0, z1);
-        const __m512i lo = _mm512_and_si512(nib, m4), hi = _mm512_and_si512(_mm512_srli_epi16(nib, 4), m4);
-        const __m512 dw = _mm512_cvtph_ps(_mm512_castsi512_si256(sc));
-        UNROLL for (int m = 0; m < MR; ++m) {
-          const int64_t row = m0 + m, at = (row * a.nbp + 4 * g) * L;
-          const int8_t* y = a.vq + row * a.ldv + g * 128;
-          __m512i s = _mm512_dpbusd_epi32(_mm512_loadu_si512(a.negc + at), lo, _mm512_loadu_si512(y));
-          s = _mm512_dpbusd_epi32(s, hi, _mm512_loadu_si512(y + 64));
-          acc[m][r] = _mm512_fmadd_ps(_mm512_mul_ps(dw, _mm512_loadu_ps(a.dexp + at)), _mm512_cvtepi32_ps(s), acc[m][r]);
-        }
+        v0[r] = _mm512_and_si512(nib, m4);
+        v1[r] = _mm512_and_si512(_mm512_srli_epi16(nib, 4), m4);
+        dw0[r] = dw1[r] = _mm512_cvtph_ps(_mm512_castsi512_si256(sc));
       } else {
-        const __m512i u01 = _mm512_xor_si512(_mm512_permutex2var_epi16(z0, iq0, z1), sign);
-        const __m512i u23 = _mm512_xor_si512(_mm512_permutex2var_epi16(z1, iq1, z2), sign);
-        const __m512 dw01 = _mm512_cvtph_ps(_mm512_castsi512_si256(sc));
-        const __m512 dw23 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(sc, 1));
-        UNROLL for (int m = 0; m < MR; ++m) {
-          const int64_t row = m0 + m, at = (row * a.nbp + 4 * g) * L;
-          const int8_t* y = a.vq + row * a.ldv + g * 128;
-          const __m512i s01 = _mm512_dpbusd_epi32(_mm512_loadu_si512(a.negc + at), u01, _mm512_loadu_si512(y));
-          const __m512i s23 = _mm512_dpbusd_epi32(_mm512_loadu_si512(a.negc + at + 16), u23, _mm512_loadu_si512(y + 64));
-          acc[m][r] = _mm512_fmadd_ps(_mm512_mul_ps(dw01, _mm512_loadu_ps(a.dexp + at)), _mm512_cvtepi32_ps(s01), acc[m][r]);
-          acc[m][r] = _mm512_fmadd_ps(_mm512_mul_ps(dw23, _mm512_loadu_ps(a.dexp + at + 16)), _mm512_cvtepi32_ps(s23),
-                                      acc[m][r]);
+        v0[r] = _mm512_xor_si512(_mm512_permutex2var_epi16(z0, iq0, z1), sign);
+        v1[r] = _mm512_xor_si512(_mm512_permutex2var_epi16(z1, iq1, z2), sign);
+        dw0[r] = _mm512_cvtph_ps(_mm512_castsi512_si256(sc));
+        dw1[r] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(sc, 1));
+      }
+    }
+    const int8_t* yg = a.vq + (g * M + m0) * GB;
+    const uint8_t* ag = a.vaux + (g * M + m0) * AB;
+    UNROLL for (int m = 0; m < MR; ++m) {
+      const int8_t* y = yg + m * GB;
+      const int32_t* c = reinterpret_cast<const int32_t*>(ag + m * AB);  // offsets, then the scales
+      const float* dx = reinterpret_cast<const float*>(c) + (Q4 ? 16 : 32);
+      UNROLL for (int r = 0; r < NR; ++r) {
+        if constexpr (Q4) {
+          __m512i s = _mm512_dpbusd_epi32(_mm512_load_si512(c), v0[r], _mm512_load_si512(y));
+          s = _mm512_dpbusd_epi32(s, v1[r], _mm512_load_si512(y + 64));
+          acc[m][r] = _mm512_fmadd_ps(_mm512_mul_ps(dw0[r], _mm512_load_ps(dx)), _mm512_cvtepi32_ps(s), acc[m][r]);
+        } else {
+          const __m512i s01 = _mm512_dpbusd_epi32(_mm512_load_si512(c), v0[r], _mm512_load_si512(y));
+          const __m512i s23 = _mm512_dpbusd_epi32(_mm512_load_si512(c + 16), v1[r], _mm512_load_si512(y + 64));
+          acc[m][r] = _mm512_fmadd_ps(_mm512_mul_ps(dw0[r], _mm512_load_ps(dx)), _mm512_cvtepi32_ps(s01), acc[m][r]);
+          acc[m][r] = _mm512_fmadd_ps(_mm512_mul_ps(dw1[r], _mm512_load_ps(dx + 16)), _mm512_cvtepi32_ps(s23), acc[m][r]);
         }
       }
     }
@@ -178,8 +186,7 @@ void tile_q45_K(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
     acc[m][r] = _mm256_setzero_ps();
     accm[m][r] = _mm_setzero_ps();
   }
-  const int64_t nb = a.nb, K = a.K;
-  for (int64_t b = 0; b < nb; ++b) {
+  for (int64_t b = 0; b < a.nb; ++b) {
     UNROLL for (int r = 0; r < NR; ++r) {
       const uint8_t* blk = w[r] + b * kBytes;
       _mm_prefetch(reinterpret_cast<const char*>(blk + 1024), _MM_HINT_T0);
@@ -200,17 +207,19 @@ void tile_q45_K(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
       }
       __m512i sc[4];
       UNROLL for (int v = 0; v < 4; ++v) sc[v] = _mm512_maskz_permutexvar_epi16(kEvenWords, sidx[v], sm512);
+      const int8_t* yb = a.vq + (b * a.M + m0) * 256;
+      const uint8_t* xb = a.vaux + (b * a.M + m0) * 64;
       UNROLL for (int m = 0; m < MR; ++m) {
-        const int64_t ab = (m0 + m) * nb + b;
-        const int8_t* y = a.vq + (m0 + m) * K + b * kQKK;
+        const int8_t* y = yb + m * 256;
+        const uint8_t* aux = xb + m * 64;  // d, sums of 32, sums of 16
         __m512i s = _mm512_setzero_si512();
         UNROLL for (int v = 0; v < 4; ++v) {
-          const __m512i dots = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[v], _mm512_loadu_si512(y + 64 * v));
+          const __m512i dots = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[v], _mm512_load_si512(y + 64 * v));
           s = add_scaled(s, dots, sc[v]);
         }
-        const float dy = a.d[ab];
+        const float dy = *reinterpret_cast<const float*>(aux);
         acc[m][r] = _mm256_fmadd_ps(_mm256_set1_ps(dy * dx), _mm256_cvtepi32_ps(fold8(s)), acc[m][r]);
-        const __m128i prod = _mm_madd_epi16(mins, _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.bs32 + ab * 8)));
+        const __m128i prod = _mm_madd_epi16(mins, _mm_load_si128(reinterpret_cast<const __m128i*>(aux + 16)));
         accm[m][r] = _mm_fmadd_ps(_mm_set1_ps(-dy * dmx), _mm_cvtepi32_ps(prod), accm[m][r]);
       }
     }
@@ -234,8 +243,7 @@ void tile_q6_K(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
   UNROLL for (int v = 0; v < 4; ++v) sidx[v] = load_idx(kQ6Scales[v]);
   __m256 acc[MR][NR];
   UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
-  const int64_t nb = a.nb, K = a.K;
-  for (int64_t b = 0; b < nb; ++b) {
+  for (int64_t b = 0; b < a.nb; ++b) {
     UNROLL for (int r = 0; r < NR; ++r) {
       const uint8_t* blk = w[r] + b * 210;
       const uint8_t* ql = blk;
@@ -245,8 +253,10 @@ void tile_q6_K(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
       const float dx = fp16_at(blk + 208);
       __m512i s[MR];
       __m256i init[MR];
+      const int8_t* yb = a.vq + (b * a.M + m0) * 256;
+      const uint8_t* xb = a.vaux + (b * a.M + m0) * 64;
       UNROLL for (int m = 0; m < MR; ++m) {  // - 32 * sum_g sc[g] * bsum16[g]
-        const __m256i bs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.bs16 + ((m0 + m) * nb + b) * 16));
+        const __m256i bs = _mm256_load_si256(reinterpret_cast<const __m256i*>(xb + m * 64 + 32));
         init[m] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(_mm256_madd_epi16(bs, sc16), 5));
         s[m] = _mm512_setzero_si512();
       }
@@ -260,13 +270,13 @@ void tile_q6_K(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
         const __m512i slo = _mm512_maskz_permutexvar_epi16(kEvenWords, sidx[2 * h], sc512);
         const __m512i shi = _mm512_maskz_permutexvar_epi16(kEvenWords, sidx[2 * h + 1], sc512);
         UNROLL for (int m = 0; m < MR; ++m) {
-          const int8_t* y = a.qs + (m0 + m) * K + b * kQKK + 128 * h;
-          s[m] = add_scaled(s[m], _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(y)), slo);
-          s[m] = add_scaled(s[m], _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, _mm512_loadu_si512(y + 64)), shi);
+          const int8_t* y = yb + m * 256 + 128 * h;
+          s[m] = add_scaled(s[m], _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_load_si512(y)), slo);
+          s[m] = add_scaled(s[m], _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, _mm512_load_si512(y + 64)), shi);
         }
       }
       UNROLL for (int m = 0; m < MR; ++m) {
-        const float dy = a.d[(m0 + m) * nb + b];
+        const float dy = *reinterpret_cast<const float*>(xb + m * 64);
         const __m256i sumi = _mm256_add_epi32(init[m], fold8(s[m]));
         acc[m][r] = _mm256_fmadd_ps(_mm256_set1_ps(dy * dx), _mm256_cvtepi32_ps(sumi), acc[m][r]);
       }
