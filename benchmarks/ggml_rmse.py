@@ -12,6 +12,12 @@ quantizes the same fixed-seed matrix with the C reference (``quantize_row_*_ref`
   barely moved by other processes on a busy machine). C is one thread; ours uses
   ``torch.get_num_threads()`` worker threads.
 
+``--imatrix`` does the same with an importance vector (a fixed-seed log-normal ``[cols]``, as
+llama.cpp's imatrix): the C code's ``quantize_<type>(src, dst, nrow, n_per_row, quant_weights)``
+(``quantize_row_*_impl``) against ``quantize(name, x, importance=...)``, plus the
+importance-weighted RMSE of both and of the unweighted reference; results in
+``benchmarks/results/ggml_rmse_imatrix.json``.
+
 ``--pin`` prints the constants of ``tests/unit/quant/test_ggml_formats.py`` (the sha256 of the C
 reference's bytes and its RMSE on the test's deterministic matrix) instead.
 
@@ -47,7 +53,15 @@ STUBS = r"""
 #include <stdlib.h>
 #include <stddef.h>
 void ggml_abort(const char * file, int line, const char * fmt, ...) { fprintf(stderr, "ggml_abort %s:%d\n", file, line); abort(); }
-size_t ggml_row_size(int type, long long ne) { abort(); }
+size_t ggml_row_size(int type, long long ne) {  /* quantize_<type> (the quant_weights entry points) needs it */
+    switch (type) {
+        case 2: return ne / 32 * 18;  case 3: return ne / 32 * 20;  case 6: return ne / 32 * 22;
+        case 7: return ne / 32 * 24;  case 8: return ne / 32 * 34;
+        case 10: return ne / 256 * 84; case 11: return ne / 256 * 110; case 12: return ne / 256 * 144;
+        case 13: return ne / 256 * 176; case 14: return ne / 256 * 210;
+    }
+    abort();
+}
 const char * ggml_type_name(int type) { return "?"; }
 size_t ggml_type_size(int type) { abort(); }
 """
@@ -88,6 +102,22 @@ def c_quantize(lib: ctypes.CDLL, name: str, x: np.ndarray, type_size: int, block
     return out
 
 
+def c_quantize_imatrix(lib: ctypes.CDLL, name: str, x: np.ndarray, importance: np.ndarray, type_size: int,
+                       block: int) -> np.ndarray:
+    """llama.cpp's ``quantize_<type>(src, dst, nrow, n_per_row, quant_weights)`` with `importance` ``[cols]``
+    (q8_0 ignores it; there is no such entry point for q8_1/q8_k)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    imp = np.ascontiguousarray(importance, dtype=np.float32)
+    rows, cols = x.shape
+    assert imp.shape == (cols,)
+    out = np.zeros((rows, cols // block * type_size), np.uint8)
+    fn = getattr(lib, f"quantize_{C_NAMES[name]}")
+    fn.restype = ctypes.c_size_t
+    fn(x.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(rows),
+       ctypes.c_int64(cols), imp.ctypes.data_as(ctypes.c_void_p))
+    return out
+
+
 def c_dequantize(lib: ctypes.CDLL, name: str, data: np.ndarray, cols: int) -> np.ndarray | None:
     fn = getattr(lib, f"dequantize_row_{C_NAMES[name]}", None)
     if fn is None:  # llama.cpp has no dequantize_row_q8_1
@@ -120,10 +150,15 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--native", action="store_true", help="also compare with a -march=native build of the C code")
     ap.add_argument("--pin", action="store_true", help="print the test's pinned constants and exit")
-    ap.add_argument("--out", default="benchmarks/results/ggml_rmse.json")
+    ap.add_argument("--imatrix", action="store_true", help="compare the importance-weighted quantizers instead")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/ggml_rmse[_imatrix].json")
     args = ap.parse_args()
     if not args.llama_src:
         ap.error("point --llama-src or LLAMA_CPP_SRC at a llama.cpp source tree")
+    if args.out is None:
+        args.out = "benchmarks/results/ggml_rmse_imatrix.json" if args.imatrix else "benchmarks/results/ggml_rmse.json"
+    if args.imatrix:
+        return imatrix_main(args)
 
     import torch
 
@@ -192,6 +227,62 @@ def main() -> int:
         print(f"{name:6}{f'{differ}/{nblocks}':>18}{dq_same:>11}{r_c:12.4e}{r_ours:12.4e}{r_ours / r_c:8.4f}"
               f"{t_c:7.2f}{t_ours:8.2f}{cpu_c:7.2f}{cpu_ours:9.2f}{t_dq:10.3f}{extra}", flush=True)
     out = {"rows": args.rows, "cols": args.cols, "seed": args.seed, "scale": args.scale,
+           "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
+           "results": results}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def imatrix_main(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(ROOT / "plugins"))
+    from mistralrs_plugins.quant.ggml.formats import FORMATS, dequantize, quantize
+
+    lib = build_reference(args.llama_src, tempfile.mkdtemp(prefix="ggmlq-"))
+    names = [n for n in args.types.split(",") if n not in ("q8_1", "q8k")]  # no quantize_q8_1/q8_K entry point
+    rng = np.random.default_rng(args.seed)
+    xt = torch.from_numpy((rng.standard_normal((args.rows, args.cols)) * args.scale).astype(np.float32)).to(torch.bfloat16)
+    x = xt.float().numpy()
+    imp = np.exp(rng.standard_normal(args.cols) * 1.5).astype(np.float32)  # mean squared activations: skewed
+    impt = torch.from_numpy(imp)
+    w = imp.astype(np.float64) / imp.mean()
+
+    def wrmse(d: np.ndarray) -> float:
+        return float(np.sqrt(np.mean((d.astype(np.float64) - x) ** 2 * w)))
+
+    print(f"matrix {args.rows}x{args.cols} gaussian*{args.scale} (bf16 values), importance exp(1.5 N(0,1)), "
+          f"seed {args.seed}; torch threads {torch.get_num_threads()}")
+    print(f"{'type':6}{'blocks identical':>18}{'RMSE C':>12}{'RMSE ours':>12}{'wRMSE C':>12}{'wRMSE ours':>12}"
+          f"{'wRMSE ref':>12}{'C s':>7}{'ours s':>8}{'ours cpu':>9}")
+    results = []
+    for name in names:
+        f = FORMATS[name]
+        t = time.perf_counter()
+        ref = c_quantize_imatrix(lib, name, x, imp, f.type_size, f.block_size)
+        t_c = time.perf_counter() - t
+        quantize(name, xt[:16], importance=impt)  # warm-up
+        t, c = time.perf_counter(), time.process_time()
+        ours = quantize(name, xt, importance=impt).numpy()
+        t_ours, cpu_ours = time.perf_counter() - t, time.process_time() - c
+        nblocks = ours.size // f.type_size
+        same = nblocks - int((ours.reshape(-1, f.type_size) != ref.reshape(-1, f.type_size)).any(1).sum())
+        dq_c = dequantize(name, torch.from_numpy(ref), args.cols).numpy()
+        dq_o = dequantize(name, torch.from_numpy(ours), args.cols).numpy()
+        dq_r = dequantize(name, quantize(name, xt), args.cols).numpy()
+        row = {"type": name, "blocks": nblocks, "blocks_identical": same, "rmse_c": rmse(dq_c, x),
+               "rmse_ours": rmse(dq_o, x), "weighted_rmse_c": wrmse(dq_c), "weighted_rmse_ours": wrmse(dq_o),
+               "weighted_rmse_unweighted_reference": wrmse(dq_r), "c_seconds_1_thread": t_c,
+               "ours_quantize_seconds": t_ours, "ours_quantize_cpu_seconds": cpu_ours}
+        results.append(row)
+        print(f"{name:6}{f'{same}/{nblocks}':>18}{row['rmse_c']:12.4e}{row['rmse_ours']:12.4e}"
+              f"{row['weighted_rmse_c']:12.4e}{row['weighted_rmse_ours']:12.4e}{row['weighted_rmse_unweighted_reference']:12.4e}"
+              f"{t_c:7.2f}{t_ours:8.2f}{cpu_ours:9.2f}", flush=True)
+    out = {"rows": args.rows, "cols": args.cols, "seed": args.seed, "scale": args.scale, "importance": "exp(1.5 N(0,1))",
            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
            "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,9 @@
 A quantized row is a GGUF tensor row of that type: blocks laid out as llama.cpp's ``block_*``
 structs (ggml-common.h), little-endian. Quantization follows llama.cpp's reference C code
 (``quantize_row_*_ref`` in ggml-quants.c, no importance matrix) in float32, operation for
-operation, so the bytes match; the k-quant searches live in `kquants`. Dequantization matches
+operation, so the bytes match; the k-quant searches live in `kquants`. With an importance vector
+(an imatrix entry, ``quantize(name, w, importance=v)``) the types llama.cpp weights run its
+``quantize_row_*_impl`` searches instead (`imatrix_quants`). Dequantization matches
 llama.cpp's ``dequantize_row_*`` (and gguf-py's numpy version) bit for bit. The types we only
 dequantize (GGUF files' i-quants, TQ1_0/TQ2_0, MXFP4: `DEQUANT_ONLY_FORMATS`) live in `iquants`.
 
@@ -13,6 +15,7 @@ the matrix size. The input is only read (it may be a read-only memory map) and m
 float dtype and any strides.
 
     data = quantize("q4k", weight)          # uint8 [rows, row_bytes("q4k", cols)]
+    data = quantize("q4k", weight, importance=imatrix_row)   # float32 [cols] >= 0
     w = dequantize("q4k", data, cols)       # float32 [rows, cols]
 """
 
@@ -26,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 import attrs
 import torch
 
+from . import imatrix_quants as IM
 from . import iquants as IQ
 from . import kquants as K
 
@@ -349,6 +353,9 @@ _DEQUANTIZE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 # larger tiles amortize their thousands of small per-element-position ops.
 _QUANT_TILE = {"q2k": 1 << 18, "q3k": 1 << 18, "q4k": 1 << 18, "q5k": 1 << 18, "q6k": 1 << 17, "q8k": 1 << 19}
 _DEFAULT_QUANT_TILE = 1 << 19
+# With an importance vector: make_qx_quants (q4_0, q5_0, q3k, q6k) holds 19 copies of a tile.
+_IMATRIX_TILE = {"q4_0": 1 << 17, "q5_0": 1 << 17, "q4_1": 1 << 17, "q5_1": 1 << 17, "q2k": 1 << 18,
+                 "q3k": 1 << 17, "q4k": 1 << 18, "q5k": 1 << 18, "q6k": 1 << 17}
 _DEQUANT_TILE = 1 << 19
 
 
@@ -415,12 +422,32 @@ def _run_tiles(tiles: list, work: Callable[[tuple], None]) -> None:
                 work(t)
 
 
-def quantize(name: str, weight: torch.Tensor) -> torch.Tensor:
+def _check_importance(name: str, importance: torch.Tensor, cols: int) -> torch.Tensor:
+    """The importance vector as float32 [cols] on the CPU, or a ValueError naming what is wrong."""
+    if not isinstance(importance, torch.Tensor) or importance.dim() != 1 or importance.shape[0] != cols \
+            or not (importance.is_floating_point() or importance.dtype in (torch.int32, torch.int64)):
+        shape = tuple(importance.shape) if isinstance(importance, torch.Tensor) else type(importance).__name__
+        raise ValueError(f"{name}: the importance vector must be a float tensor [{cols}] (one value per "
+                         f"input column), got {shape}")
+    imp = importance.detach().to("cpu", torch.float32).contiguous()
+    if not bool(torch.isfinite(imp).all()) or bool((imp < 0).any()):
+        raise ValueError(f"{name}: the importance vector must be finite and >= 0 (mean squared activations)")
+    return imp
+
+
+def quantize(name: str, weight: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
     """Quantize `weight` ``[rows, cols]`` (any float dtype, any strides; only read) to GGML type
     `name`: ``uint8 [rows, row_bytes(name, cols)]``, each row a valid GGUF tensor row. Leading
     dimensions beyond two are kept (``[..., cols]`` -> ``[..., row_bytes]``). Computed on the CPU
     (on up to ``torch.get_num_threads()`` worker threads, see `_tile_threads`); the result is put
-    on `weight`'s device."""
+    on `weight`'s device.
+
+    `importance`: an importance matrix entry, float ``[cols]`` >= 0 (llama.cpp's imatrix: the mean
+    squared activation of each input column). Given, the types llama.cpp quantizes with
+    ``quant_weights`` (q2k..q6k, q4_0, q4_1, q5_0, q5_1) run its weighted searches
+    (``quantize_row_*_impl``, `imatrix_quants`): value j of every row is weighted by
+    ``importance[j]``. q8_0, q8_1 and q8k ignore it, as llama.cpp does. None: the reference
+    quantizers, unchanged."""
     check_quantizable(name)
     fmt = _format(name)
     if weight.dim() < 1 or not weight.is_floating_point():
@@ -434,6 +461,11 @@ def quantize(name: str, weight: torch.Tensor) -> torch.Tensor:
     rows = w2.shape[0]
     bs, ts = fmt.block_size, fmt.type_size
     out = torch.empty(rows, cols // bs * ts, dtype=torch.uint8)
+    imp = None if importance is None else _check_importance(name, importance, cols)
+    if imp is not None and name in IM.WEIGHTED_TYPES:
+        with torch.no_grad():
+            _quantize_weighted(name, w2, imp, out)
+        return out.reshape(*lead, -1).to(weight.device)
     fn = _QUANTIZE[name]
 
     def work(tile: tuple) -> None:
@@ -444,6 +476,28 @@ def quantize(name: str, weight: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         _run_tiles(list(_tiles(rows, cols, bs, _QUANT_TILE.get(name, _DEFAULT_QUANT_TILE))), work)
     return out.reshape(*lead, -1).to(weight.device)
+
+
+def _quantize_weighted(name: str, w2: torch.Tensor, imp: torch.Tensor, out: torch.Tensor) -> None:
+    """`quantize` with an importance vector (float32 [cols]) for a type of `IM.WEIGHTED_TYPES`."""
+    fmt = _format(name)
+    rows, cols = w2.shape
+    bs, ts = fmt.block_size, fmt.type_size
+    # The 32-block types weight by the whole row's mean square (~0.15 s per 16M values, one thread).
+    sigma2 = IM.row_sigma2(w2) if name in IM.ROW_SIGMA2 else None
+
+    def work(tile: tuple) -> None:
+        r0, r1, c0, c1 = tile
+        x = w2[r0:r1, c0:c1].to(torch.float32).reshape(-1, bs)
+        qw = imp[c0:c1].expand(r1 - r0, c1 - c0).reshape(-1, bs)
+        if sigma2 is None:
+            b = IM.SUPERBLOCK[name](x, qw)
+        else:
+            s2 = sigma2[r0:r1, None].expand(r1 - r0, (c1 - c0) // bs).reshape(-1, 1)
+            b = IM.ROW_SIGMA2[name](x, qw, s2)
+        out[r0:r1, c0 // bs * ts:c1 // bs * ts] = b.reshape(r1 - r0, -1)
+
+    _run_tiles(list(_tiles(rows, cols, bs, _IMATRIX_TILE[name])), work)
 
 
 def dequantize(name: str, data: torch.Tensor, cols: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -186,9 +186,9 @@ def make_qkx2_quants(xT: torch.Tensor, wT: torch.Tensor, nmax: int, rmin: float,
     return L, scale, -mn
 
 
-def make_qx_quants_rmse1(xg: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``make_qx_quants(n, nmax, x, L, rmse_type=1, NULL)`` over many groups (`xg`: ``[B, n]``).
-    Returns ``(L [n, B] float in [0, 2*nmax), scale [B])``."""
+def make_qx_quants_rmse1(xg: torch.Tensor, nmax: int, qw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``make_qx_quants(n, nmax, x, L, rmse_type=1, qw)`` over many groups (`xg`: ``[B, n]``; `qw`:
+    the weights ``[B, n]``, or None for C's NULL: ``x*x``). Returns ``(L [n, B] float in [0, 2*nmax), scale [B])``."""
     amax, mx = _first_absmax(xg)
     xT = xg.t().contiguous()
     n = xT.shape[0]
@@ -196,7 +196,7 @@ def make_qx_quants_rmse1(xg: torch.Tensor, nmax: int) -> tuple[torch.Tensor, tor
     consts = [np.float32(-nmax)] + [-(np.float32(nmax) + np.float32(0.1) * np.float32(s)) for s in range(-9, 10) if s]
     consts_t = torch.from_numpy(np.array(consts, dtype=np.float32))
     isc = consts_t[:, None] / mx[None, :]  # [S, B]
-    w = xT * xT
+    w = xT * xT if qw is None else qw.t().contiguous()
     wx = w * xT
     Ls = torch.empty((n,) + tuple(isc.shape), dtype=torch.float32)
     sumlx = torch.zeros_like(isc)
@@ -441,10 +441,12 @@ def quantize_q5_k(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def quantize_q6_k(x: torch.Tensor) -> torch.Tensor:
-    """quantize_row_q6_K_ref: [N, 256] float32 -> uint8 [N, 210] (ql[128], qh[64], scales[16] int8, d)."""
+def quantize_q6_k(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
+    """quantize_row_q6_K_ref: [N, 256] float32 -> uint8 [N, 210] (ql[128], qh[64], scales[16] int8, d).
+    With `qw` (the importance of each value, [N, 256]): quantize_row_q6_K_impl, which only passes it
+    to the sub-block search as its weights."""
     N = x.shape[0]
-    L, scales = make_qx_quants_rmse1(x.reshape(-1, 16), 32)
+    L, scales = make_qx_quants_rmse1(x.reshape(-1, 16), 32, None if qw is None else qw.reshape(-1, 16))
     L = L.t().reshape(N, 16, 16).to(torch.int32)
     scales = scales.reshape(N, 16)
     amax, max_scale = _first_absmax(scales)
