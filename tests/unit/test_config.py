@@ -65,7 +65,7 @@ def test_defaults_follow_mistralrs(tmp_path):
     ('default_model_id = "x"\n[[models]]\nmodel_id = "m"\n', "default_model_id 'x' is not one of"),
     ('[paged_attn]\ncontext_len = 1\nmemory_mb = 2\n[[models]]\nmodel_id = "m"\n', "mutually exclusive"),
     ('[[models]]\nmodel_id = "m"\nkind = "vision"\n', "needs a plugin that is not installed"),
-    ('[[models]]\nmodel_id = "m"\n[models.quantization]\nimatrix = "x.imatrix"\n', "quantization.imatrix is not supported yet"),
+    ('[[models]]\nmodel_id = "m"\n[models.format]\nmmproj = "x.gguf"\n', "format.mmproj is not supported yet"),
     ('[[models]]\nmodel_id = "m"\n[models.quantization]\nisq_organization = "x"\n', "isq_organization must be default or moqe"),
     ('command = "run"\n[[models]]\nmodel_id = "a"\n[[models]]\nmodel_id = "b"\n', "exactly one"),
     ('[[models]]\nmodel_id = "a"\n[[models]]\nmodel_id = "a"\n', "appears more than once"),
