@@ -491,19 +491,20 @@ struct ActBuffers {
 // zeroed (the padding blocks of q4_0/q8_0 stay zero).
 void vnni_layout_row(int64_t qtype, const Act& a, int64_t r, int8_t* vq, uint8_t* vaux) {
   const int8_t* q = a.qs + r * a.K;
-  const int64_t gb = vnni_group_bytes(qtype), ab = vnni_aux_bytes(qtype);
+  const int64_t gb = vnni_group_bytes(qtype);
   if (qtype >= kQ4_K) {
     static constexpr int kOrder[8] = {0, 2, 1, 3, 4, 6, 5, 7};  // q4_K/q5_K; q6_K keeps 0..7
     for (int64_t b = 0; b < a.nb; ++b) {
       int8_t* dst = vq + (b * a.M + r) * gb;
       for (int i = 0; i < 8; ++i) std::memcpy(dst + 32 * i, q + b * kQKK + 32 * (qtype == kQ6_K ? i : kOrder[i]), 32);
-      uint8_t* aux = vaux + (b * a.M + r) * ab;
-      std::memcpy(aux, a.d + r * a.nb + b, 4);
-      std::memcpy(aux + 16, a.bs32 + (r * a.nb + b) * 8, 16);
-      std::memcpy(aux + 32, a.bs16 + (r * a.nb + b) * 16, 32);
+      uint8_t* aux = vaux + b * a.vaux_stride;
+      std::memcpy(aux + r * 4, a.d + r * a.nb + b, 4);
+      std::memcpy(aux + a.kaux_bs32 + r * 16, a.bs32 + (r * a.nb + b) * 8, 16);
+      std::memcpy(aux + a.kaux_bs16 + r * 32, a.bs16 + (r * a.nb + b) * 16, 32);
     }
     return;
   }
+  const int64_t ab = a.vaux_stride / a.M;
   const int64_t lanes = qtype == kQ4_0 ? 4 : 8;
   for (int64_t b = 0; b < a.nb; ++b) {
     const int8_t* y = q + b * kQK;
@@ -549,7 +550,10 @@ Act quantize_rows(const InT* x, int64_t ldx, int64_t M, int64_t K, int64_t qtype
     a.M = M;
     a.ngroups = kq ? a.nb : (a.nb + kVnniQ0Blocks - 1) / kVnniQ0Blocks;
     buf.vq = aligned_zeros(a.ngroups * M * vnni_group_bytes(qtype));
-    buf.vaux = aligned_zeros(a.ngroups * M * vnni_aux_bytes(qtype));
+    a.vaux_stride = vnni_aux_stride(qtype, M);
+    a.kaux_bs32 = vnni_bs32_offset(M);
+    a.kaux_bs16 = vnni_bs16_offset(M);
+    buf.vaux = aligned_zeros(a.ngroups * a.vaux_stride);
     a.vq = reinterpret_cast<const int8_t*>(buf.vq.get());
     a.vaux = buf.vaux.get();
   }

@@ -52,11 +52,11 @@ ALWAYS_INLINE inline float fp16_at(const uint8_t* p) {
 // - vq [ngroups][M][128 or 256]: the quants. q4_0: the first 16 bytes of the group's 4 blocks, then their last
 //   16; q8_0: as they are; q4_K/q5_K: the super-block's sub-blocks of 32 in the order 0 2 1 3 4 6 5 7 (the
 //   order the nibbles of 64 consecutive bytes hold them); q6_K: as they are.
-// - vaux [ngroups][M][kVnniAux[t] bytes]. q4_0/q8_0: L int32 offsets per block that the unsigned dot products
-//   start from (q4_0, L = 4: -8 times the sums of the 8 quants lane l of a block meets, y[4l..4l+3] and
-//   y[16+4l..16+4l+3]; q8_0, L = 8: -128 times the sums of 4, y[4l..4l+3]), then the block scales repeated L
-//   times (fp32). k-quants: d (fp32, bytes 0..3), the 8 sums of 32 (int16, bytes 16..31), the 16 sums of 16
-//   (int16, bytes 32..63).
+// - vaux, per group (vaux_stride bytes): q4_0/q8_0, [M][128 or 256 bytes]: L int32 offsets per block that the
+//   unsigned dot products start from (q4_0, L = 4: -8 times the sums of the 8 quants lane l of a block meets,
+//   y[4l..4l+3] and y[16+4l..16+4l+3]; q8_0, L = 8: -128 times the sums of 4, y[4l..4l+3]), then the block
+//   scales repeated L times (fp32). k-quants, so that a tile loads several rows' values at once: d [M] (fp32),
+//   from byte kaux_bs32 the 8 sums of 32 [M][8] (int16), from byte kaux_bs16 the 16 sums of 16 [M][16].
 struct Act {
   int64_t K = 0, nb = 0;
   const int8_t* qs = nullptr;
@@ -68,11 +68,17 @@ struct Act {
   int64_t M = 0, ngroups = 0;
   const int8_t* vq = nullptr;
   const uint8_t* vaux = nullptr;
+  int64_t vaux_stride = 0, kaux_bs32 = 0, kaux_bs16 = 0;
 };
 
 constexpr int64_t kVnniQ0Blocks = 4;  // q4_0/q8_0 blocks per group of the VNNI layout
 ALWAYS_INLINE inline int64_t vnni_group_bytes(int64_t t) { return t <= kQ8_0 ? 128 : 256; }
-ALWAYS_INLINE inline int64_t vnni_aux_bytes(int64_t t) { return t == kQ4_0 ? 128 : t == kQ8_0 ? 256 : 64; }
+// vaux bytes per group for M rows of x, and the offsets of the k-quants' sums (see Act).
+ALWAYS_INLINE inline int64_t vnni_bs32_offset(int64_t M) { return (M * 4 + 63) / 64 * 64; }
+ALWAYS_INLINE inline int64_t vnni_bs16_offset(int64_t M) { return vnni_bs32_offset(M) + M * 16; }
+ALWAYS_INLINE inline int64_t vnni_aux_stride(int64_t t, int64_t M) {
+  return t == kQ4_0 ? 128 * M : t == kQ8_0 ? 256 * M : (vnni_bs16_offset(M) + M * 32 + 63) / 64 * 64;
+}
 
 // The 8 6-bit scales (bytes 0..7 of the result) and 8 6-bit mins (bytes 8..15) of a q4_K/q5_K block from
 // its 12 scale bytes s (llama.cpp's get_scale_min_k4): scale j < 4 is s[j] & 63, min j < 4 is s[j+4] & 63;
@@ -110,7 +116,7 @@ struct Kernels {
   bool vnni;
 };
 
-constexpr int kMaxTileRowsOfX = 6;  // the largest mr any instruction set's tile() takes
+constexpr int kMaxTileRowsOfX = 8;  // the largest mr any instruction set's tile() takes
 constexpr int kMaxGroup = 8;        // rows of W per tile call, at most
 
 // qmatmul_avx512.cpp: the AVX-512 VNNI tiles. Only call them where cpu_has_avx512_vnni() is true.

@@ -22,6 +22,11 @@
 //   tile's 8 (lane i and i + 8 are the AVX2 lane i's two halves; integers, exact) before the same fp32
 //   scaling, accumulation and sums: the k-quants give the AVX2 path's results bit for bit.
 //
+// The activations come in the VNNI layout of qmatmul.h (struct Act): group-major and 64-byte aligned, so a
+// tile reaches all its rows of x through one pointer per group (GCC otherwise runs out of general registers
+// and moves pointers through vector registers) and no load splits a cache line (which cost 20% alone).
+// Per group and row of W, the weight bytes are unpacked once and used for every row of x in the tile.
+//
 // Nothing here runs at load time (no static constructors): the library loads on AVX2-only CPUs.
 
 #include <immintrin.h>
@@ -98,7 +103,7 @@ ALWAYS_INLINE inline __m256i fold8(__m512i v) {
 template <int MR, int NR, bool Q4>
 void tile_q0(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
   constexpr int64_t BB = Q4 ? 18 : 34;
-  constexpr int64_t GB = Q4 ? 128 : 128, AB = Q4 ? 128 : 256;  // vq and vaux bytes per group and row
+  constexpr int64_t GB = 128, AB = Q4 ? 128 : 256;  // vq and vaux bytes per group and row
   const __m512i m4 = _mm512_set1_epi8(0x0F);
   const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
   const __m512i iq0 = load_idx(Q4 ? kQ4Quants : kQ8Quants01), iq1 = load_idx(kQ8Quants23);
@@ -141,7 +146,7 @@ void tile_q0(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
       }
     }
     const int8_t* yg = a.vq + (g * M + m0) * GB;
-    const uint8_t* ag = a.vaux + (g * M + m0) * AB;
+    const uint8_t* ag = a.vaux + g * a.vaux_stride + m0 * AB;
     UNROLL for (int m = 0; m < MR; ++m) {
       const int8_t* y = yg + m * GB;
       const int32_t* c = reinterpret_cast<const int32_t*>(ag + m * AB);  // offsets, then the scales
@@ -163,14 +168,69 @@ void tile_q0(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
   UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int r = 0; r < NR; ++r) out[m * NR + r] = hsum16(acc[m][r]);
 }
 
-// ---- q4_K / q5_K ----------------------------------------------------------------------------------------
+// ---- q4_K / q5_K / q6_K ---------------------------------------------------------------------------------
 
-// x = d * sc * q - dmin * m per sub-block of 32 (as the AVX2 tile). The 128 nibble bytes as two 64-byte
-// vectors: their low nibbles are sub-blocks (0, 2) and (4, 6), their high nibbles (1, 3) and (5, 7), which is
-// the order of the activations' vq. q5_K's fifth bit of sub-block s is bit s of its 32 high-bit bytes.
+// The k-quant tiles keep the AVX2 tile's per-output arithmetic (8 int32 lanes per super-block, one fmadd of
+// fp32(d_x * d_w), a 4-lane accumulator of the q4_K/q5_K mins' term, hsum8 + hsum4) but hold two rows of x per
+// 512-bit accumulator (lanes 0..7 row 2p, lanes 8..15 row 2p + 1) and four rows' mins terms per 512-bit
+// vector (lanes 4i..4i+3 row 4q + i), so that the conversion, scaling and accumulation of a super-block are
+// one instruction per 2 (or 4) rows. Every lane's operations are those of the AVX2 tile for its row and the
+// scale products are the same fp32 products, computed for several rows at once.
+
+// The 16-lane sums s0 (row 2p) and s1 (row 2p + 1) folded to 8 lanes each: [lo(s0) + hi(s0) | lo(s1) + hi(s1)].
+ALWAYS_INLINE inline __m512i fold_pair(__m512i s0, __m512i s1) {
+  return _mm512_add_epi32(_mm512_shuffle_i64x2(s0, s1, 0x44), _mm512_shuffle_i64x2(s0, s1, 0xEE));
+}
+
+// Lanes 0..7 value v[2p], lanes 8..15 v[2p + 1].
+ALWAYS_INLINE inline __m512 spread_pair(__m512 v, int p) {
+  return _mm512_permutexvar_ps(_mm512_inserti64x4(_mm512_set1_epi32(2 * p), _mm256_set1_epi32(2 * p + 1), 1), v);
+}
+
+// Lanes 4i..4i+3 value v[4q + i].
+ALWAYS_INLINE inline __m512 spread_quad(__m512 v, int q) {
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(4 * q, 4 * q, 4 * q, 4 * q, 4 * q + 1, 4 * q + 1, 4 * q + 1,
+                                                 4 * q + 1, 4 * q + 2, 4 * q + 2, 4 * q + 2, 4 * q + 2, 4 * q + 3,
+                                                 4 * q + 3, 4 * q + 3, 4 * q + 3), v);
+}
+
+// n (<= 16) fp32 at p, the rest zero.
+ALWAYS_INLINE inline __m512 load_floats(const void* p, int n) {
+  return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
+}
+
+// The tiles' outputs: row m's 8-lane sum from the pair accumulators, plus (q4_K/q5_K) its 4-lane mins term.
+template <int MR, int NR, bool MINS>
+ALWAYS_INLINE inline void store_k(const __m512 (&acc)[(MR + 1) / 2][NR], const __m512 (&accm)[(MR + 3) / 4][NR],
+                                  float* out) {
+  UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int r = 0; r < NR; ++r) {
+    const __m512 pa = acc[m / 2][r];
+    const __m256 half = m % 2 ? _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(pa), 1))
+                              : _mm512_castps512_ps256(pa);
+    float v = hsum8(half);
+    if constexpr (MINS) {
+      const __m512 qa = accm[m / 4][r];
+      __m128 quarter;
+      switch (m % 4) {
+        case 0: quarter = _mm512_castps512_ps128(qa); break;
+        case 1: quarter = _mm512_extractf32x4_ps(qa, 1); break;
+        case 2: quarter = _mm512_extractf32x4_ps(qa, 2); break;
+        default: quarter = _mm512_extractf32x4_ps(qa, 3); break;
+      }
+      v += hsum4(quarter);
+    }
+    out[m * NR + r] = v;
+  }
+}
+
+// q4_K (HB = false) and q5_K (HB = true): x = d * sc * q - dmin * m per sub-block of 32. The 128 nibble bytes as
+// two 64-byte vectors: their low nibbles are sub-blocks (0, 2) and (4, 6), their high nibbles (1, 3) and (5, 7),
+// which is the order of the activations' vq (struct Act). q5_K's fifth bit of sub-block s is bit s of its 32
+// high-bit bytes.
 template <int MR, int NR, bool HB>
 void tile_q45_K(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
   constexpr int64_t kBytes = HB ? 176 : 144;
+  constexpr int P = (MR + 1) / 2, Q = (MR + 3) / 4;
   const __m512i m4 = _mm512_set1_epi8(0x0F);
   const __m512i bit4 = _mm512_set1_epi8(0x10);
   __m512i sidx[4], hshift[4];
@@ -180,13 +240,15 @@ void tile_q45_K(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
     hshift[v] = _mm512_inserti64x4(_mm512_set1_epi16(static_cast<int16_t>(kBit[v][0])),
                                    _mm256_set1_epi16(static_cast<int16_t>(kBit[v][1])), 1);
   }
-  __m256 acc[MR][NR];
-  __m128 accm[MR][NR];
-  UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int r = 0; r < NR; ++r) {
-    acc[m][r] = _mm256_setzero_ps();
-    accm[m][r] = _mm_setzero_ps();
+  __m512 acc[P][NR], accm[Q][NR];
+  UNROLL for (int r = 0; r < NR; ++r) {
+    UNROLL for (int p = 0; p < P; ++p) acc[p][r] = _mm512_setzero_ps();
+    UNROLL for (int q = 0; q < Q; ++q) accm[q][r] = _mm512_setzero_ps();
   }
   for (int64_t b = 0; b < a.nb; ++b) {
+    const int8_t* yb = a.vq + (b * a.M + m0) * 256;
+    const uint8_t* xb = a.vaux + b * a.vaux_stride;
+    const __m512 dy = load_floats(xb + m0 * 4, MR);  // d of the tile's rows
     UNROLL for (int r = 0; r < NR; ++r) {
       const uint8_t* blk = w[r] + b * kBytes;
       _mm_prefetch(reinterpret_cast<const char*>(blk + 1024), _MM_HINT_T0);
@@ -194,7 +256,7 @@ void tile_q45_K(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
       _mm_prefetch(reinterpret_cast<const char*>(blk + 1152), _MM_HINT_T0);
       const float dx = fp16_at(blk), dmx = fp16_at(blk + 2);
       const __m256i sm = _mm256_cvtepu8_epi16(kquant_scales_mins(blk + 4));  // 8 scales, 8 mins (int16)
-      const __m128i mins = _mm256_extracti128_si256(sm, 1);
+      const __m512i mins = _mm512_broadcast_i32x4(_mm256_extracti128_si256(sm, 1));
       const __m512i sm512 = _mm512_castsi256_si512(sm);
       const uint8_t* qs = blk + (HB ? 48 : 16);
       const __m512i z0 = _mm512_loadu_si512(qs), z1 = _mm512_loadu_si512(qs + 64);
@@ -207,88 +269,100 @@ void tile_q45_K(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
       }
       __m512i sc[4];
       UNROLL for (int v = 0; v < 4; ++v) sc[v] = _mm512_maskz_permutexvar_epi16(kEvenWords, sidx[v], sm512);
-      const int8_t* yb = a.vq + (b * a.M + m0) * 256;
-      const uint8_t* xb = a.vaux + (b * a.M + m0) * 64;
-      UNROLL for (int m = 0; m < MR; ++m) {
-        const int8_t* y = yb + m * 256;
-        const uint8_t* aux = xb + m * 64;  // d, sums of 32, sums of 16
-        __m512i s = _mm512_setzero_si512();
-        UNROLL for (int v = 0; v < 4; ++v) {
-          const __m512i dots = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[v], _mm512_load_si512(y + 64 * v));
-          s = add_scaled(s, dots, sc[v]);
+      const __m512 dd = _mm512_mul_ps(dy, _mm512_set1_ps(dx));      // d_y * d_x per row, as the AVX2 tile
+      const __m512 ddm = _mm512_mul_ps(dy, _mm512_set1_ps(-dmx));  // -d_y * dmin_x per row
+      UNROLL for (int p = 0; p < P; ++p) {
+        __m512i s[2];
+        UNROLL for (int h = 0; h < 2; ++h) {
+          s[h] = _mm512_setzero_si512();
+          if (2 * p + h >= MR) continue;
+          const int8_t* y = yb + (2 * p + h) * 256;
+          UNROLL for (int v = 0; v < 4; ++v)
+            s[h] = add_scaled(s[h], _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[v], _mm512_load_si512(y + 64 * v)),
+                              sc[v]);
         }
-        const float dy = *reinterpret_cast<const float*>(aux);
-        acc[m][r] = _mm256_fmadd_ps(_mm256_set1_ps(dy * dx), _mm256_cvtepi32_ps(fold8(s)), acc[m][r]);
-        const __m128i prod = _mm_madd_epi16(mins, _mm_load_si128(reinterpret_cast<const __m128i*>(aux + 16)));
-        accm[m][r] = _mm_fmadd_ps(_mm_set1_ps(-dy * dmx), _mm_cvtepi32_ps(prod), accm[m][r]);
+        acc[p][r] = _mm512_fmadd_ps(spread_pair(dd, p), _mm512_cvtepi32_ps(fold_pair(s[0], s[1])), acc[p][r]);
+      }
+      UNROLL for (int qd = 0; qd < Q; ++qd) {  // mins . sums of 32, 4 int32 lanes per row (as the AVX2 tile)
+        const int rows = MR - 4 * qd < 4 ? MR - 4 * qd : 4;
+        const __m512i bs = _mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << (4 * rows)) - 1),
+                                                    xb + a.kaux_bs32 + (m0 + 4 * qd) * 16);
+        accm[qd][r] = _mm512_fmadd_ps(spread_quad(ddm, qd), _mm512_cvtepi32_ps(_mm512_madd_epi16(mins, bs)), accm[qd][r]);
       }
     }
   }
-  UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int r = 0; r < NR; ++r)
-    out[m * NR + r] = hsum8(acc[m][r]) + hsum4(accm[m][r]);
+  store_k<MR, NR, true>(acc, accm, out);
 }
 
-// ---- q6_K -----------------------------------------------------------------------------------------------
-
-// x = d * sc * (q - 32) per sub-block of 16 (as the AVX2 tile: the -32 through the sums of 16). Half h of a
+// q6_K: x = d * sc * (q - 32) per sub-block of 16 (as the AVX2 tile: the -32 through the sums of 16). Half h of a
 // super-block: 64 low-nibble bytes (elements 128h + 0..63, their 2 high bits in bits 0-1 / 2-3 of the 32
 // high-bit bytes) and their high nibbles (elements 128h + 64..127, bits 4-5 / 6-7).
 template <int MR, int NR>
 void tile_q6_K(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
+  constexpr int P = (MR + 1) / 2;
   const __m512i m15 = _mm512_set1_epi8(0x0F);
   const __m512i m30 = _mm512_set1_epi8(0x30);
   const __m512i shl_lo = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
   const __m512i shr_hi = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1);
   __m512i sidx[4];
   UNROLL for (int v = 0; v < 4; ++v) sidx[v] = load_idx(kQ6Scales[v]);
-  __m256 acc[MR][NR];
-  UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
+  __m512 acc[P][NR];
+  const __m512 accm[(MR + 3) / 4][NR] = {};  // no mins term
+  UNROLL for (int p = 0; p < P; ++p) UNROLL for (int r = 0; r < NR; ++r) acc[p][r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < a.nb; ++b) {
+    const int8_t* yb = a.vq + (b * a.M + m0) * 256;
+    const uint8_t* xb = a.vaux + b * a.vaux_stride;
+    const __m512 dy = load_floats(xb + m0 * 4, MR);
     UNROLL for (int r = 0; r < NR; ++r) {
       const uint8_t* blk = w[r] + b * 210;
       const uint8_t* ql = blk;
       const uint8_t* qh = blk + 128;
       const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192)));
       const __m512i sc512 = _mm512_castsi256_si512(sc16);
+      const __m512i sc16x2 = _mm512_broadcast_i64x4(sc16);
       const float dx = fp16_at(blk + 208);
-      __m512i s[MR];
-      __m256i init[MR];
-      const int8_t* yb = a.vq + (b * a.M + m0) * 256;
-      const uint8_t* xb = a.vaux + (b * a.M + m0) * 64;
-      UNROLL for (int m = 0; m < MR; ++m) {  // - 32 * sum_g sc[g] * bsum16[g]
-        const __m256i bs = _mm256_load_si256(reinterpret_cast<const __m256i*>(xb + m * 64 + 32));
-        init[m] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(_mm256_madd_epi16(bs, sc16), 5));
-        s[m] = _mm512_setzero_si512();
-      }
+      __m512i lo[2], hi[2], slo[2], shi[2];
       UNROLL for (int h = 0; h < 2; ++h) {
         const __m512i l = _mm512_loadu_si512(ql + 64 * h);
         const __m512i hb = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh + 32 * h)));
         // (A & B) | C: the nibbles and the two high bits (masked to bits 4-5 first)
-        const __m512i lo = _mm512_ternarylogic_epi32(l, m15, _mm512_and_si512(_mm512_sllv_epi16(hb, shl_lo), m30), 0xEA);
-        const __m512i hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(l, 4), m15,
-                                                     _mm512_and_si512(_mm512_srlv_epi16(hb, shr_hi), m30), 0xEA);
-        const __m512i slo = _mm512_maskz_permutexvar_epi16(kEvenWords, sidx[2 * h], sc512);
-        const __m512i shi = _mm512_maskz_permutexvar_epi16(kEvenWords, sidx[2 * h + 1], sc512);
-        UNROLL for (int m = 0; m < MR; ++m) {
-          const int8_t* y = yb + m * 256 + 128 * h;
-          s[m] = add_scaled(s[m], _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_load_si512(y)), slo);
-          s[m] = add_scaled(s[m], _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, _mm512_load_si512(y + 64)), shi);
-        }
+        lo[h] = _mm512_ternarylogic_epi32(l, m15, _mm512_and_si512(_mm512_sllv_epi16(hb, shl_lo), m30), 0xEA);
+        hi[h] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(l, 4), m15,
+                                          _mm512_and_si512(_mm512_srlv_epi16(hb, shr_hi), m30), 0xEA);
+        slo[h] = _mm512_maskz_permutexvar_epi16(kEvenWords, sidx[2 * h], sc512);
+        shi[h] = _mm512_maskz_permutexvar_epi16(kEvenWords, sidx[2 * h + 1], sc512);
       }
-      UNROLL for (int m = 0; m < MR; ++m) {
-        const float dy = *reinterpret_cast<const float*>(xb + m * 64);
-        const __m256i sumi = _mm256_add_epi32(init[m], fold8(s[m]));
-        acc[m][r] = _mm256_fmadd_ps(_mm256_set1_ps(dy * dx), _mm256_cvtepi32_ps(sumi), acc[m][r]);
+      const __m512 dd = _mm512_mul_ps(dy, _mm512_set1_ps(dx));
+      UNROLL for (int p = 0; p < P; ++p) {
+        __m512i s[2];
+        UNROLL for (int e = 0; e < 2; ++e) {
+          s[e] = _mm512_setzero_si512();
+          if (2 * p + e >= MR) continue;
+          const int8_t* y = yb + (2 * p + e) * 256;
+          UNROLL for (int h = 0; h < 2; ++h) {
+            s[e] = add_scaled(s[e], _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[h], _mm512_load_si512(y + 128 * h)),
+                              slo[h]);
+            s[e] = add_scaled(s[e], _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi[h],
+                                                        _mm512_load_si512(y + 128 * h + 64)), shi[h]);
+          }
+        }
+        // - 32 * sum_g sc[g] * bsum16[g] of both rows (8 lanes each), as the AVX2 tile
+        const int rows = MR - 2 * p < 2 ? 1 : 2;
+        const __m512i bs = _mm512_maskz_loadu_epi32(static_cast<__mmask16>(rows == 2 ? 0xFFFF : 0x00FF),
+                                                    xb + a.kaux_bs16 + (m0 + 2 * p) * 32);
+        const __m512i init = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(_mm512_madd_epi16(bs, sc16x2), 5));
+        const __m512i sumi = _mm512_add_epi32(init, fold_pair(s[0], s[1]));
+        acc[p][r] = _mm512_fmadd_ps(spread_pair(dd, p), _mm512_cvtepi32_ps(sumi), acc[p][r]);
       }
     }
   }
-  UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int r = 0; r < NR; ++r) out[m * NR + r] = hsum8(acc[m][r]);
+  store_k<MR, NR, false>(acc, accm, out);
 }
 
 // ---- schedule -------------------------------------------------------------------------------------------
 
 constexpr int kGemvRows = 4;  // M up to this: one pass over W with all rows of x in the tile
-constexpr int kGemmRows = 6;  // M above: tiles of this many rows over L2-sized panels of W
+constexpr int kGemmRows = 8;  // M above: tiles of this many rows over L2-sized panels of W
 
 template <int MR>
 Tile tile_for(int64_t t) {
@@ -310,10 +384,12 @@ Tile tile_fn(int64_t t, int64_t mr) {
     case 3: return tile_for<3>(t);
     case 4: return tile_for<4>(t);
     case 5: return tile_for<5>(t);
-    default: return tile_for<6>(t);
+    case 6: return tile_for<6>(t);
+    case 7: return tile_for<7>(t);
+    default: return tile_for<8>(t);
   }
 }
-static_assert(kGemmRows <= kMaxTileRowsOfX && kGemvRows <= kMaxTileRowsOfX, "tile_fn has tiles of up to 6 rows");
+static_assert(kGemmRows <= kMaxTileRowsOfX && kGemvRows <= kMaxTileRowsOfX, "tile_fn has tiles of up to 8 rows");
 
 }  // namespace
 
