@@ -505,22 +505,18 @@ void vnni_layout_row(int64_t qtype, const Act& a, int64_t r, int8_t* vq, uint8_t
     return;
   }
   const int64_t ab = a.vaux_stride / a.M;
-  const int64_t lanes = qtype == kQ4_0 ? 4 : 8;
+  constexpr int64_t lanes = 4;
   for (int64_t b = 0; b < a.nb; ++b) {
     const int8_t* y = q + b * kQK;
     const int64_t g = b / kVnniQ0Blocks, j = b % kVnniQ0Blocks;
     int8_t* dst = vq + (g * a.M + r) * gb;
-    if (qtype == kQ4_0) {
-      std::memcpy(dst + 16 * j, y, 16);
-      std::memcpy(dst + 64 + 16 * j, y + 16, 16);
-    } else {
-      std::memcpy(dst + 32 * j, y, 32);
-    }
+    std::memcpy(dst + 16 * j, y, 16);
+    std::memcpy(dst + 64 + 16 * j, y + 16, 16);
     int32_t* negc = reinterpret_cast<int32_t*>(vaux + (g * a.M + r) * ab) + lanes * j;
     float* dexp = reinterpret_cast<float*>(vaux + (g * a.M + r) * ab) + kVnniQ0Blocks * lanes + lanes * j;
     for (int64_t l = 0; l < lanes; ++l) {
       int32_t s = 0;
-      for (int i = 0; i < 4; ++i) s += qtype == kQ4_0 ? y[4 * l + i] + y[16 + 4 * l + i] : y[4 * l + i];
+      for (int i = 0; i < 4; ++i) s += y[4 * l + i] + y[16 + 4 * l + i];
       negc[l] = (qtype == kQ4_0 ? -8 : -128) * s;
       dexp[l] = a.d[r * a.nb + b];
     }

@@ -49,14 +49,14 @@ ALWAYS_INLINE inline float fp16_at(const uint8_t* p) {
 // The AVX-512 VNNI layout (vnni = true) is group-major (the rows of x next to each other for each group of
 // blocks, so that a tile reaches all its rows through one pointer) and 64-byte aligned; ngroups groups of
 // kVnniGroup[t] blocks (q4_0/q8_0: 4 blocks, the last group padded with zero blocks; k-quants: 1 super-block):
-// - vq [ngroups][M][128 or 256]: the quants. q4_0: the first 16 bytes of the group's 4 blocks, then their last
-//   16; q8_0: as they are; q4_K/q5_K: the super-block's sub-blocks of 32 in the order 0 2 1 3 4 6 5 7 (the
-//   order the nibbles of 64 consecutive bytes hold them); q6_K: as they are.
-// - vaux, per group (vaux_stride bytes): q4_0/q8_0, [M][128 or 256 bytes]: L int32 offsets per block that the
-//   unsigned dot products start from (q4_0, L = 4: -8 times the sums of the 8 quants lane l of a block meets,
-//   y[4l..4l+3] and y[16+4l..16+4l+3]; q8_0, L = 8: -128 times the sums of 4, y[4l..4l+3]), then the block
-//   scales repeated L times (fp32). k-quants, so that a tile loads several rows' values at once: d [M] (fp32),
-//   from byte kaux_bs32 the 8 sums of 32 [M][8] (int16), from byte kaux_bs16 the 16 sums of 16 [M][16].
+// - vq [ngroups][M][128 or 256]: the quants. q4_0/q8_0: the first 16 bytes of the group's 4 blocks, then their
+//   last 16; q4_K/q5_K: the super-block's sub-blocks of 32 in the order 0 2 1 3 4 6 5 7 (the order the nibbles
+//   of 64 consecutive bytes hold them); q6_K: as they are.
+// - vaux, per group (vaux_stride bytes): q4_0/q8_0, [M][128 bytes]: 4 int32 offsets per block that the unsigned
+//   dot products start from (lane l meets y[4l..4l+3] and y[16+4l..16+4l+3]: -8 (q4_0) or -128 (q8_0) times
+//   their sum), then the block scales repeated 4 times (fp32). k-quants, so that a tile loads several rows'
+//   values at once: d [M] (fp32), from byte kaux_bs32 the 8 sums of 32 [M][8] (int16), from byte kaux_bs16 the
+//   16 sums of 16 [M][16].
 struct Act {
   int64_t K = 0, nb = 0;
   const int8_t* qs = nullptr;
@@ -77,7 +77,7 @@ ALWAYS_INLINE inline int64_t vnni_group_bytes(int64_t t) { return t <= kQ8_0 ? 1
 ALWAYS_INLINE inline int64_t vnni_bs32_offset(int64_t M) { return (M * 4 + 63) / 64 * 64; }
 ALWAYS_INLINE inline int64_t vnni_bs16_offset(int64_t M) { return vnni_bs32_offset(M) + M * 16; }
 ALWAYS_INLINE inline int64_t vnni_aux_stride(int64_t t, int64_t M) {
-  return t == kQ4_0 ? 128 * M : t == kQ8_0 ? 256 * M : (vnni_bs16_offset(M) + M * 32 + 63) / 64 * 64;
+  return t <= kQ8_0 ? 128 * M : (vnni_bs16_offset(M) + M * 32 + 63) / 64 * 64;
 }
 
 // The 8 6-bit scales (bytes 0..7 of the result) and 8 6-bit mins (bytes 8..15) of a q4_K/q5_K block from

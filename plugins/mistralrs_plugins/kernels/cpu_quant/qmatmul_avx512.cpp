@@ -63,14 +63,15 @@ alignas(64) const uint16_t kQ4Quants[32] = {1,  2,  3,  4,  5,  6,  7,  8,  10, 
                                             19, 20, 21, 22, 23, 24, 25, 26, 28, 29, 30, 31, 32, 33, 34, 35};
 alignas(64) const uint16_t kQ4Scales[32] = {0, 0, 0, 0, 9, 9, 9, 9, 18, 18, 18, 18, 27, 27, 27, 27,
                                             0, 0, 0, 0, 0, 0, 0, 0, 0,  0,  0,  0,  0,  0,  0,  0};
-// q8_0, 4 blocks of 34 bytes: blocks 0, 1 (words 17j+1 .. 17j+16) from the first two registers, blocks 2, 3
-// from the second and third (word 32 onwards); the scales (word 17j) to words 8j .. 8j+7.
-alignas(64) const uint16_t kQ8Quants01[32] = {1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15, 16,
-                                              18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33};
-alignas(64) const uint16_t kQ8Quants23[32] = {3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15, 16, 17, 18,
-                                              20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35};
-alignas(64) const uint16_t kQ8Scales[32] = {0,  0,  0,  0,  0,  0,  0,  0,  17, 17, 17, 17, 17, 17, 17, 17,
-                                            34, 34, 34, 34, 34, 34, 34, 34, 51, 51, 51, 51, 51, 51, 51, 51};
+// q8_0, 4 blocks of 34 bytes: the first 16 quants of block j (words 17j+1 .. 17j+8 of the 128 bytes from the
+// group's start) and its last 16 (words 17j+5 .. 17j+12 of the 128 bytes from byte 8) to 128-bit lane j; the
+// scales (word 17j) to words 4j .. 4j+3.
+alignas(64) const uint16_t kQ8Lo[32] = {1,  2,  3,  4,  5,  6,  7,  8,  18, 19, 20, 21, 22, 23, 24, 25,
+                                        35, 36, 37, 38, 39, 40, 41, 42, 52, 53, 54, 55, 56, 57, 58, 59};
+alignas(64) const uint16_t kQ8Hi[32] = {5,  6,  7,  8,  9,  10, 11, 12, 22, 23, 24, 25, 26, 27, 28, 29,
+                                        39, 40, 41, 42, 43, 44, 45, 46, 56, 57, 58, 59, 60, 61, 62, 63};
+alignas(64) const uint16_t kQ8Scales[32] = {0, 0, 0, 0, 17, 17, 17, 17, 34, 34, 34, 34, 51, 51, 51, 51,
+                                            0, 0, 0, 0, 0,  0,  0,  0,  0,  0,  0,  0,  0,  0,  0,  0};
 // vpermw indices spreading int16 scales over int32 lanes (even words; the odd ones are zeroed by the mask):
 // q4_K/q5_K, the 4 vectors of a super-block hold sub-blocks (0, 2), (1, 3), (4, 6), (5, 7) (lanes 0..7, 8..15);
 // q6_K, half h's vectors hold sub-blocks of 16 8h + i/4 (low nibbles) and 8h + 4 + i/4 (high) in lane i.
@@ -99,50 +100,48 @@ ALWAYS_INLINE inline __m256i fold8(__m512i v) {
 // ---- q4_0 / q8_0 ----------------------------------------------------------------------------------------
 
 // MR rows of x against NR rows of W, 4 blocks per step (a last group of fewer blocks is read with masked
-// loads and meets zero activations, so it adds exact zeros).
+// loads and meets zero activations, so it adds exact zeros). Both formats end up as two 64-byte vectors per
+// row of W and group, the first 16 and the last 16 quants of the 4 blocks (128-bit lane j: block j), so the
+// dot products, scales and accumulation are one code: lane l of block j is the dot product of its quants
+// 4l..4l+3 and 16+4l..16+4l+3, started from the activations' offset for that lane.
 template <int MR, int NR, bool Q4>
 void tile_q0(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
   constexpr int64_t BB = Q4 ? 18 : 34;
-  constexpr int64_t GB = 128, AB = Q4 ? 128 : 256;  // vq and vaux bytes per group and row
+  constexpr int64_t GB = 128, AB = 128;  // vq and vaux bytes per group and row
   const __m512i m4 = _mm512_set1_epi8(0x0F);
   const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
-  const __m512i iq0 = load_idx(Q4 ? kQ4Quants : kQ8Quants01), iq1 = load_idx(kQ8Quants23);
+  const __m512i ilo = load_idx(Q4 ? kQ4Quants : kQ8Lo), ihi = load_idx(kQ8Hi);
   const __m512i isc = load_idx(Q4 ? kQ4Scales : kQ8Scales);
   const int64_t nb = a.nb, M = a.M;
   __m512 acc[MR][NR];
   UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < a.ngroups; ++g) {
     const int64_t avail = std::min<int64_t>(4, nb - 4 * g) * BB;  // bytes of this group
-    // Every row of W's group, unpacked: q4_0's low and high nibbles, q8_0's blocks 0-1 and 2-3 made unsigned;
-    // the scales as fp32 per lane (q8_0: two vectors).
+    // Every row of W's group, unpacked: the first and last 16 quants of each block as unsigned bytes (q4_0's
+    // nibbles; q8_0's quants + 128), the scales as fp32 per lane.
     __m512i v0[NR], v1[NR];
-    __m512 dw0[NR], dw1[NR];
+    __m512 dw[NR];
     UNROLL for (int r = 0; r < NR; ++r) {
       const uint8_t* p = w[r] + 4 * g * BB;
-      __m512i z0, z1, z2 = _mm512_setzero_si512();
-      if (avail == 4 * BB) {
-        z0 = _mm512_loadu_si512(p);
-        if constexpr (Q4) {
-          z1 = _mm512_castsi128_si512(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 64)));
-        } else {
-          z1 = _mm512_loadu_si512(p + 64);
-          z2 = _mm512_castsi128_si512(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 128)));
-        }
-      } else {
-        z0 = load_first(p, std::min<int64_t>(avail, 64));
-        z1 = load_first(p + 64, avail - 64);
-      }
-      const __m512i sc = _mm512_permutex2var_epi16(z0, isc, z1);
+      const bool full = avail == 4 * BB;
+      const __m512i z0 = full ? _mm512_loadu_si512(p) : load_first(p, std::min<int64_t>(avail, 64));
+      __m512i z1;
       if constexpr (Q4) {
-        const __m512i nib = _mm512_permutex2var_epi16(z0, iq0, z1);
+        z1 = full ? _mm512_castsi128_si512(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 64)))
+                  : load_first(p + 64, avail - 64);
+      } else {
+        z1 = full ? _mm512_loadu_si512(p + 64) : load_first(p + 64, avail - 64);
+      }
+      dw[r] = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi16(z0, isc, z1)));
+      if constexpr (Q4) {
+        const __m512i nib = _mm512_permutex2var_epi16(z0, ilo, z1);
         v0[r] = _mm512_and_si512(nib, m4);
         v1[r] = _mm512_and_si512(_mm512_srli_epi16(nib, 4), m4);
-        dw0[r] = dw1[r] = _mm512_cvtph_ps(_mm512_castsi512_si256(sc));
-      } else {
-        v0[r] = _mm512_xor_si512(_mm512_permutex2var_epi16(z0, iq0, z1), sign);
-        v1[r] = _mm512_xor_si512(_mm512_permutex2var_epi16(z1, iq1, z2), sign);
-        dw0[r] = _mm512_cvtph_ps(_mm512_castsi512_si256(sc));
-        dw1[r] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(sc, 1));
+      } else {  // the last 16 quants from the 128 bytes at byte 8 (the group's 136 bytes end there)
+        const __m512i z2 = full ? _mm512_loadu_si512(p + 8) : load_first(p + 8, std::min<int64_t>(avail - 8, 64));
+        const __m512i z3 = full ? _mm512_loadu_si512(p + 72) : load_first(p + 72, avail - 72);
+        v0[r] = _mm512_xor_si512(_mm512_permutex2var_epi16(z0, ilo, z1), sign);
+        v1[r] = _mm512_xor_si512(_mm512_permutex2var_epi16(z2, ihi, z3), sign);
       }
     }
     const int8_t* yg = a.vq + (g * M + m0) * GB;
@@ -150,18 +149,11 @@ void tile_q0(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
     UNROLL for (int m = 0; m < MR; ++m) {
       const int8_t* y = yg + m * GB;
       const int32_t* c = reinterpret_cast<const int32_t*>(ag + m * AB);  // offsets, then the scales
-      const float* dx = reinterpret_cast<const float*>(c) + (Q4 ? 16 : 32);
+      const float* dx = reinterpret_cast<const float*>(c) + 16;
       UNROLL for (int r = 0; r < NR; ++r) {
-        if constexpr (Q4) {
-          __m512i s = _mm512_dpbusd_epi32(_mm512_load_si512(c), v0[r], _mm512_load_si512(y));
-          s = _mm512_dpbusd_epi32(s, v1[r], _mm512_load_si512(y + 64));
-          acc[m][r] = _mm512_fmadd_ps(_mm512_mul_ps(dw0[r], _mm512_load_ps(dx)), _mm512_cvtepi32_ps(s), acc[m][r]);
-        } else {
-          const __m512i s01 = _mm512_dpbusd_epi32(_mm512_load_si512(c), v0[r], _mm512_load_si512(y));
-          const __m512i s23 = _mm512_dpbusd_epi32(_mm512_load_si512(c + 16), v1[r], _mm512_load_si512(y + 64));
-          acc[m][r] = _mm512_fmadd_ps(_mm512_mul_ps(dw0[r], _mm512_load_ps(dx)), _mm512_cvtepi32_ps(s01), acc[m][r]);
-          acc[m][r] = _mm512_fmadd_ps(_mm512_mul_ps(dw1[r], _mm512_load_ps(dx + 16)), _mm512_cvtepi32_ps(s23), acc[m][r]);
-        }
+        __m512i s = _mm512_dpbusd_epi32(_mm512_load_si512(c), v0[r], _mm512_load_si512(y));
+        s = _mm512_dpbusd_epi32(s, v1[r], _mm512_load_si512(y + 64));
+        acc[m][r] = _mm512_fmadd_ps(_mm512_mul_ps(dw[r], _mm512_load_ps(dx)), _mm512_cvtepi32_ps(s), acc[m][r]);
       }
     }
   }
