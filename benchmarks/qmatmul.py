@@ -1,4 +1,8 @@
-"""GGML quantized matmul speed: the native AVX2 ``qmatmul_<type>`` kernels vs torch's bf16 F.linear.
+"""GGML quantized matmul speed: the native ``qmatmul_<type>`` kernels (AVX2 or AVX-512 VNNI tiles) vs torch's bf16
+F.linear.
+
+``--isa`` picks the tiles: ``auto`` (default) those the registry picks on this CPU (AVX-512 VNNI where the CPU
+has avx512f/bw/vl/vnni, else AVX2), or ``avx2`` / ``vnni``; the JSON records which.
 
 Decode (M = 1 rows, ``--rows``): for each weight matrix of Llama-3.2-1B (2048x2048 q/o, 512x2048 k/v,
 8192x2048 gate/up, 2048x8192 down, 128256x2048 tied lm_head) and each type, the time per call and the
@@ -13,7 +17,8 @@ Prefill (M = 512, ``--prefill-rows``): GFLOP/s on the gate/up and down shapes, a
 (a lower bound for "dequantize, then bf16 matmul") and, when the GGML quantizer plugin is installed,
 its torch reference (dequantize, then fp32 matmul).
 
-    python benchmarks/qmatmul.py [--threads 2] [--types q4_0,q8_0,q4k,q5k,q6k] [--out benchmarks/results/qmatmul.json]
+    python benchmarks/qmatmul.py [--threads 2] [--types q4_0,q8_0,q4k,q5k,q6k] [--isa auto|avx2|vnni]
+        [--out benchmarks/results/qmatmul.json]
 """
 
 from __future__ import annotations
@@ -79,6 +84,7 @@ def main() -> int:
     ap.add_argument("--passes", type=int, default=7)
     ap.add_argument("--prefill-passes", type=int, default=3)
     ap.add_argument("--min-bytes", type=float, default=256e6, help="weight bytes cycled per pass (> LLC)")
+    ap.add_argument("--isa", choices=("auto", "avx2", "vnni"), default="auto")
     ap.add_argument("--out", default="benchmarks/results/qmatmul.json")
     args = ap.parse_args()
 
@@ -87,18 +93,23 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from mistralrs_plugins.kernels.cpu_quant import FORMATS, has_avx2, ops
+    from mistralrs_plugins.kernels.cpu_quant import FORMATS, has_avx2, has_avx512_vnni, ops
 
     if not has_avx2():
         print("this CPU lacks avx2/fma/f16c: the native kernels do not run here")
         return 1
+    isa = ("vnni" if has_avx512_vnni() else "avx2") if args.isa == "auto" else args.isa
+    if isa == "vnni" and not has_avx512_vnni():
+        print("this CPU lacks avx512f/bw/vl/vnni: the VNNI tiles do not run here")
+        return 1
+    print(f"tiles: {isa}")
     t = time.perf_counter()
     if ops.extension() is None:
         print(f"native kernels unavailable: {ops.status()['failed']}")
         return 1
     print(f"native kernels ready in {time.perf_counter() - t:.1f} s (build or cache load)")
     types = [s.strip() for s in args.types.split(",") if s.strip()]
-    kernels = {name: getattr(ops, f"qmatmul_{name}") for name in types}
+    kernels = {name: getattr(ops, f"qmatmul_{name}" + ("_vnni" if isa == "vnni" else "")) for name in types}
     try:
         from mistralrs_plugins.quant.ggml import reference
     except Exception:  # noqa: BLE001 - the GGML quantizer plugin is optional here
@@ -211,6 +222,7 @@ def main() -> int:
 
     out = {
         "threads": args.threads,
+        "isa": isa,
         "torch": torch.__version__,
         "machine": platform.machine(),
         "host_read_gb_per_s_fp32_sum": read_gbs,

@@ -199,6 +199,17 @@ def ours_aggregate(svc, concurrency: int, gen_len: int) -> dict:
     }
 
 
+def _our_kernels() -> dict[str, str]:
+    """Which registered kernel our side runs for each quantized matmul op on this CPU."""
+    try:
+        from mistralrs.plugins import get_registry
+
+        reg = get_registry()
+        return {op: reg.kernel(op, "cpu").name for op in ("qmatmul_q4_0", "qmatmul_q8_0", "qmatmul_q4k", "qmatmul_q6k")}
+    except Exception as e:  # noqa: BLE001 - informational only
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
 def _model_bytes(model) -> int:
     """Bytes of the model's parameters and buffers as loaded (after ISQ), shared storage once."""
     seen, total = set(), 0
@@ -644,7 +655,10 @@ def main() -> int:
                      "aggregate_llama_cpp": "llama-server -np CONCURRENCY, concurrent /completion requests "
                                             "(llama-batched-bench S_TG beside it)",
                      "ratio": "ours / llama.cpp"},
-        "llama_cpp": {"dir": str(llama_dir), "gguf": {t: str(p) for t, p in ggufs.items()}} if llama_dir
+        "our_kernels": _our_kernels(),
+        "llama_cpp": {"dir": str(llama_dir), "gguf": {t: str(p) for t, p in ggufs.items()},
+                      # a libggml-cpu of another build (e.g. without AMX) shadows the one in dir/bin
+                      "ld_library_path": os.environ.get("LD_LIBRARY_PATH")} if llama_dir
         else {"note": llama_note},
         "results": results,
     }
