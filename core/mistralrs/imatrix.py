@@ -19,7 +19,7 @@ llama.cpp's names (``blk.3.attn_q.weight``, ``output.weight``) are mapped to our
 (`llama_cpp_names`); a layer with no entry is quantized without importance.
 
 ``--calibration-file TEXT``: `collect_imatrix` runs the tokenized text through the loaded float
-model in windows of 512 tokens, observing every `Linear`'s input (fused projections are unfused
+model (`serving.load_quantized` then loads with ``--isq`` and the result) in windows of 512 tokens, observing every `Linear`'s input (fused projections are unfused
 for the run so each layer sees its own input) and the final hidden states as the LM head's
 (``lm_head``, also for a tied head; the logits are not computed).
 """

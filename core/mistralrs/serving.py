@@ -478,29 +478,33 @@ def tokenizer_of(opts: ServiceOptions, root: Path) -> Any:
 def load_quantized(files: Any, opts: ServiceOptions, plan: Any, device: str, registry: Any, *,
                    tokenizer: Any = None) -> Any:
     """`load_model` with the ISQ plan (None: float). ``--imatrix``: the plan's quantizers get each
-    layer's importance. ``--calibration-file``: the model loads in float, the text runs through it
-    to collect the imatrix, then every layer is quantized in place (`requantize`); `tokenizer` is
-    a function giving the tokenizer for the text."""
+    layer's importance. ``--calibration-file``: the model first loads in float and the text runs
+    through it to collect the imatrix; that model is dropped and the ISQ load runs with the
+    imatrix, quantizing from the checkpoint's tensors as a plain ``--isq`` load does (peak memory:
+    the float model, then the quantized one). `tokenizer` is a function giving the tokenizer."""
     from mistralrs.loading import load_model
 
-    calibrate = plan is not None and bool(opts.calibration_file)
+    def load(quant_method_for: Any) -> Any:
+        return load_model(files, arch=opts.arch, dtype=opts.dtype, device=device, dummy_weights=opts.dummy_weights,
+                          registry=registry, seed=opts.seed or 0, quant_method_for=quant_method_for)
+
     if plan is not None and opts.imatrix:
         from mistralrs.imatrix import read_imatrix
 
         plan.importance = read_imatrix(opts.imatrix)
-    loaded = load_model(
-        files, arch=opts.arch, dtype=opts.dtype, device=device, dummy_weights=opts.dummy_weights, registry=registry,
-        seed=opts.seed or 0, quant_method_for=plan.method_for if plan is not None and not calibrate else None,
-    )
-    if calibrate:
-        from mistralrs.imatrix import calibration_ids, collect_imatrix
-        from mistralrs.requantize import requantize
+    elif plan is not None and opts.calibration_file:
+        import gc
 
-        assert tokenizer is not None and opts.calibration_file
+        from mistralrs.imatrix import calibration_ids, collect_imatrix
+
+        assert tokenizer is not None
         ids = calibration_ids(tokenizer(), opts.calibration_file)
-        plan.importance = collect_imatrix(loaded.model, ids, source=f"--calibration-file {opts.calibration_file}")
+        float_model = load(None)
+        plan.importance = collect_imatrix(float_model.model, ids, source=f"--calibration-file {opts.calibration_file}")
+        del float_model
+        gc.collect()
         log.info("imatrix from %d calibration tokens over %d layers", len(ids), len(plan.importance))
-        requantize(loaded.model, plan)
+    loaded = load(plan.method_for if plan is not None else None)
     if plan is not None and plan.importance is not None:
         log.info("imatrix: %d of %d quantized layers weighted by importance (%s)", len(plan.importance.used),
                  sum(plan.counts.values()), plan.importance.source)

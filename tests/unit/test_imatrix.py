@@ -122,9 +122,9 @@ def test_the_plan_hands_each_method_its_importance(llama, tmp_path):
     assert torch.equal(q.quant_method.importance, vec)
     assert loaded.model.model.layers[0].self_attn.k_proj.quant_method.importance is None
     assert plan.importance.used == {"model.layers.0.self_attn.q_proj"}
-    from mistralrs_plugins.quant.ggml.formats import quantize
-
     from safetensors.torch import load_file
+
+    from mistralrs_plugins.quant.ggml.formats import quantize
 
     weight = load_file(str(llama / "model.safetensors"))["model.layers.0.self_attn.q_proj.weight"]
     assert torch.equal(q.qweight, quantize("q4k", weight.float(), importance=vec))
