@@ -111,6 +111,8 @@ class Imatrix:
         if vec.numel() != in_features:
             raise ConfigError(f"{self.source}: the importance of {name} has {vec.numel()} values, the layer takes "
                               f"{in_features} inputs; the imatrix was made for another model")
+        if not bool((vec > 0).any()):
+            return None  # all zeros (a layer that saw nothing): weighting by it would zero the weights
         self.used.add(name)
         return vec.reshape(in_features).to(torch.float32)
 

@@ -49,7 +49,9 @@ def test_legacy_file_values_divided_by_ncall(tmp_path):
         "blk.0.attn_q.weight": (2, [2.0, 4.0, 6.0, 8.0]),
         "blk.0.ffn_gate_exps.weight": (1, [1.0, 1.0, 5.0, 5.0, 9.0, 9.0]),
         "output.weight": (0, [3.0, 3.0]),
+        "blk.1.attn_q.weight": (1, [0.0, 0.0]),
     }))
+    assert im.for_layer("model.layers.1.self_attn.q_proj", 2) is None  # all zeros: no weighting
     assert im.for_layer("model.layers.0.self_attn.q_proj", 4).tolist() == [1.0, 2.0, 3.0, 4.0]
     assert im.for_layer("model.layers.0.self_attn.k_proj", 4) is None  # no attn_k, no attn_qkv
     assert im.for_layer("model.layers.0.mlp.experts.1.gate_proj", 2).tolist() == [5.0, 5.0]
