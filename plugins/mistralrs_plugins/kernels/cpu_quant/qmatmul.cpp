@@ -404,7 +404,7 @@ Tile tile_fn(int64_t t, int64_t mr) {
 }
 static_assert(kGemmRows <= kMaxTileRowsOfX && kGemvRows <= kMaxTileRowsOfX, "tile_fn has tiles of up to 6 rows");
 
-constexpr Kernels kAvx2{&tile_fn, kGemvRows, kGemmRows, false};
+constexpr Kernels kAvx2{&tile_fn, kGemvRows, {kGemmRows, kGemmRows, kGemmRows, kGemmRows, kGemmRows}, false};
 
 ALWAYS_INLINE inline void store_out(float* y, float v) { *y = v; }
 ALWAYS_INLINE inline void store_out(at::BFloat16* y, float v) { *y = c10::BFloat16(v); }
@@ -429,7 +429,7 @@ void run(const Kernels& kern, int64_t qtype, const Act& act, int64_t M, const ui
     const uint8_t* rows[kMaxGroup];
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t n0 = it * panel, n1 = std::min(N, n0 + panel);
-      const int64_t mt = gemv ? M : kern.gemm_rows;
+      const int64_t mt = gemv ? M : kern.gemm_rows[qtype];
       for (int64_t m0 = 0; m0 < M; m0 += mt) {
         const int64_t mr = std::min(mt, M - m0);
         const Tile tile = kern.tile(qtype, mr);

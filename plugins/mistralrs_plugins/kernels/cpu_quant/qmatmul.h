@@ -106,17 +106,17 @@ struct Tile {
   int rows;  // rows of W per call
 };
 
-// One instruction set's tiles and schedule: `tile(qtype, mr)` for mr = 1..max(gemv_rows, gemm_rows); M up to
-// gemv_rows is one pass over W with all rows of x in the tile (decode), larger M goes in tiles of gemm_rows
-// over L2-sized panels of W (prefill). `vnni`: the tiles read the AVX-512 VNNI layout of the activations.
+// One instruction set's tiles and schedule: `tile(qtype, mr)` for mr = 1..max(gemv_rows, gemm_rows[qtype]); M up
+// to gemv_rows is one pass over W with all rows of x in the tile (decode), larger M goes in tiles of
+// gemm_rows[qtype] over L2-sized panels of W (prefill). `vnni`: the tiles read the AVX-512 VNNI layout.
 struct Kernels {
   Tile (*tile)(int64_t qtype, int64_t mr);
   int gemv_rows;
-  int gemm_rows;
+  int gemm_rows[5];
   bool vnni;
 };
 
-constexpr int kMaxTileRowsOfX = 8;  // the largest mr any instruction set's tile() takes
+constexpr int kMaxTileRowsOfX = 16;  // the largest mr any instruction set's tile() takes
 constexpr int kMaxGroup = 8;        // rows of W per tile call, at most
 
 // qmatmul_avx512.cpp: the AVX-512 VNNI tiles. Only call them where cpu_has_avx512_vnni() is true.

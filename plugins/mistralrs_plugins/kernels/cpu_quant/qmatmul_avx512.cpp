@@ -34,6 +34,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 #include "qmatmul.h"
 
@@ -353,41 +354,46 @@ void tile_q6_K(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
 
 // ---- schedule -------------------------------------------------------------------------------------------
 
-constexpr int kGemvRows = 4;  // M up to this: one pass over W with all rows of x in the tile
-constexpr int kGemmRows = 8;  // M above: tiles of this many rows over L2-sized panels of W
+constexpr int kGemvRows = 4;   // M up to this: one pass over W with all rows of x in the tile
+constexpr int kGemmRowsQ0 = 8;  // M above: tiles of this many rows over L2-sized panels of W (q4_0, q8_0)
+constexpr int kGemmRowsK = 16;  // (k-quants: their per-super-block unpacking is dearer, their accumulators fewer)
 
 template <int MR>
 Tile tile_for(int64_t t) {
   constexpr int NQ = MR == 1 ? 8 : 2;  // rows of W, q4_0 / q8_0
   constexpr int NK = MR == 1 ? 4 : 1;  // rows of W, k-quants
   switch (t) {
-    case kQ4_0: return {&tile_q0<MR, NQ, true>, NQ};
-    case kQ8_0: return {&tile_q0<MR, NQ, false>, NQ};
+    case kQ4_0:
+      if constexpr (MR <= kGemmRowsQ0) return {&tile_q0<MR, NQ, true>, NQ};
+      break;
+    case kQ8_0:
+      if constexpr (MR <= kGemmRowsQ0) return {&tile_q0<MR, NQ, false>, NQ};
+      break;
     case kQ4_K: return {&tile_q45_K<MR, NK, false>, NK};
     case kQ5_K: return {&tile_q45_K<MR, NK, true>, NK};
     default: return {&tile_q6_K<MR, NK>, NK};
   }
+  return {nullptr, 0};  // never asked for (more rows than the type's GEMM tiles)
 }
 
-Tile tile_fn(int64_t t, int64_t mr) {
-  switch (mr) {
-    case 1: return tile_for<1>(t);
-    case 2: return tile_for<2>(t);
-    case 3: return tile_for<3>(t);
-    case 4: return tile_for<4>(t);
-    case 5: return tile_for<5>(t);
-    case 6: return tile_for<6>(t);
-    case 7: return tile_for<7>(t);
-    default: return tile_for<8>(t);
-  }
+template <int... MRs>
+Tile tile_fn_of(int64_t t, int64_t mr, std::integer_sequence<int, MRs...>) {
+  Tile tile{nullptr, 0};
+  ((mr == MRs + 1 ? (tile = tile_for<MRs + 1>(t), true) : false) || ...);
+  return tile;
 }
-static_assert(kGemmRows <= kMaxTileRowsOfX && kGemvRows <= kMaxTileRowsOfX, "tile_fn has tiles of up to 8 rows");
+
+Tile tile_fn(int64_t t, int64_t mr) { return tile_fn_of(t, mr, std::make_integer_sequence<int, kGemmRowsK>{}); }
+static_assert(kGemmRowsQ0 <= kMaxTileRowsOfX && kGemmRowsK <= kMaxTileRowsOfX && kGemvRows <= kMaxTileRowsOfX,
+              "the driver's output buffer holds kMaxTileRowsOfX rows");
 
 }  // namespace
 
 namespace cpu_quant {
 
-Kernels avx512_vnni_kernels() { return {&tile_fn, kGemvRows, kGemmRows, true}; }
+Kernels avx512_vnni_kernels() {
+  return {&tile_fn, kGemvRows, {kGemmRowsQ0, kGemmRowsQ0, kGemmRowsK, kGemmRowsK, kGemmRowsK}, true};
+}
 
 }  // namespace cpu_quant
 
