@@ -156,18 +156,11 @@ def test_the_format_is_the_files_magic_not_its_name(gguf_dir, tmp_path):
 def test_hub_repository_of_gguf_files_offline_from_the_cache(gguf_dir, tmp_path):
     """`-m org/repo --quant LEVEL` and `-f NAME` against a hub-layout cache with HF_HUB_OFFLINE=1:
     the choice is made from the repository's listing, and only that file is needed."""
+    from tests.helpers.hub_cache import hub_snapshot
+
     _, repo = gguf_dir
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo_dir = tmp_path / "cache" / "models--acme--tiny-llama-GGUF"
-    snapshot = repo_dir / "snapshots" / commit
-    (repo_dir / "blobs").mkdir(parents=True)
-    snapshot.mkdir(parents=True)
-    for name in ("tiny-llama-Q8_0.gguf", "tiny-llama-F16.gguf"):
-        blob = repo_dir / "blobs" / name.replace(".", "-")
-        shutil.copy(repo / name, blob)
-        (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
-    (repo_dir / "refs").mkdir()
-    (repo_dir / "refs" / "main").write_text(commit)
+    hub_snapshot(tmp_path / "cache", "acme/tiny-llama-GGUF",
+                 {name: repo / name for name in ("tiny-llama-Q8_0.gguf", "tiny-llama-F16.gguf")})
     cache = str(tmp_path / "cache")
     local = _run("-m", str(repo / "tiny-llama-Q8_0.gguf"))
     by_quant = _run("-m", "acme/tiny-llama-GGUF", "--hf-cache", cache, "--quant", "8")

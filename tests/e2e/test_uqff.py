@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -130,18 +129,10 @@ from_uqff = "q8_0-0.uqff"
 def test_hub_repository_of_uqff_files_offline_from_the_cache(model_dir, quantized, tmp_path):
     """`-m org/repo --from-uqff q4k` against a hub-layout cache: the shard set and the residual
     are chosen from the repository's listing."""
+    from tests.helpers.hub_cache import hub_snapshot
+
     out, _ = quantized
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo_dir = tmp_path / "cache" / "models--acme--tiny-UQFF"
-    snapshot = repo_dir / "snapshots" / commit
-    (repo_dir / "blobs").mkdir(parents=True)
-    snapshot.mkdir(parents=True)
-    for p in out.iterdir():
-        blob = repo_dir / "blobs" / p.name.replace(".", "-")
-        shutil.copy(p, blob)
-        (snapshot / p.name).symlink_to(os.path.relpath(blob, snapshot))
-    (repo_dir / "refs").mkdir()
-    (repo_dir / "refs" / "main").write_text(commit)
+    hub_snapshot(tmp_path / "cache", "acme/tiny-UQFF", {p.name: p for p in out.iterdir()})
     got = _run("-m", "acme/tiny-UQFF", "--hf-cache", str(tmp_path / "cache"), "--from-uqff", "q4k")
     assert got.returncode == 0, got.stderr
     assert got.stdout == _run("-m", str(model_dir), "--isq", "q4k").stdout
