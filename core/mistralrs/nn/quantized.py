@@ -183,6 +183,24 @@ class QuantizedLinearMethod(LinearMethodBase):
         return self.qtype
 
 
+# float32 elements dequantized at a time by `chunked_reference_matmul` (64 MB)
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def chunked_reference_matmul(x: torch.Tensor, out_features: int, in_features: int, rows: Any) -> torch.Tensor:
+    """x [n, in] @ W.T in float32, W dequantized `rows(r0, r1)` a block of output rows at a time
+    (the reference forward of formats without a kernel: the float32 temporary stays small)."""
+    xf = x.to(torch.float32)
+    step = max(1, _CHUNK_ELEMENTS // max(1, in_features))
+    if out_features <= step:
+        return F.linear(xf, rows(0, out_features))
+    y = torch.empty(x.shape[0], out_features, dtype=torch.float32, device=x.device)
+    for r0 in range(0, out_features, step):
+        r1 = min(out_features, r0 + step)
+        y[:, r0:r1] = F.linear(xf, rows(r0, r1))
+    return y
+
+
 def fuse_rows(layers: list[Linear]) -> Linear | None:
     """One layer computing ``cat([layer(x) for layer in layers], -1)`` in a single matmul, when
     every layer has the same quantized type whose state is laid out per output row

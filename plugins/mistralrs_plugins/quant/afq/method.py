@@ -27,10 +27,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from mistralrs.nn.linear import Linear
-from mistralrs.nn.quantized import QuantizedLinearMethod
+from mistralrs.nn.quantized import QuantizedLinearMethod, chunked_reference_matmul
 from mistralrs.uqff import records as R
 
 BITS = (2, 3, 4, 6, 8)
@@ -192,16 +191,3 @@ class AfqLinearMethod(QuantizedLinearMethod):
             raise ValueError(f"an {self.qtype} record with codes {list(words.shape)} and scales {list(scales.shape)} "
                              f"given to a layer of shape [{out_features}, {in_features}]")
         return {"qweight": qweight, "scales": scales, "biases": biases}
-
-
-def chunked_reference_matmul(x: torch.Tensor, out_features: int, in_features: int, rows: Any) -> torch.Tensor:
-    """x [n, in] @ W.T in float32, W dequantized `rows(r0, r1)` a block of output rows at a time."""
-    xf = x.to(torch.float32)
-    step = max(1, _CHUNK_ELEMENTS // max(1, in_features))
-    if out_features <= step:
-        return F.linear(xf, rows(0, out_features))
-    y = torch.empty(x.shape[0], out_features, dtype=torch.float32, device=x.device)
-    for r0 in range(0, out_features, step):
-        r1 = min(out_features, r0 + step)
-        y[:, r0:r1] = F.linear(xf, rows(r0, r1))
-    return y

@@ -36,10 +36,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from mistralrs.nn.linear import Linear
-from mistralrs.nn.quantized import QuantizedLinearMethod
+from mistralrs.nn.quantized import QuantizedLinearMethod, chunked_reference_matmul
 from mistralrs.uqff import records as R
 
 E4M3_MAX = 448.0
@@ -67,19 +66,6 @@ def fp8_values(bits: torch.Tensor) -> torch.Tensor:
     if lut is None:
         lut = _LUT[key] = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().to(bits.device)
     return lut[bits.to(torch.int64)]
-
-
-def _chunked_reference_matmul(x: torch.Tensor, out_features: int, in_features: int, rows: Any) -> torch.Tensor:
-    """x [n, in] @ W.T in float32, W dequantized `rows(r0, r1)` a block of output rows at a time."""
-    xf = x.to(torch.float32)
-    step = max(1, _CHUNK_ELEMENTS // max(1, in_features))
-    if out_features <= step:
-        return F.linear(xf, rows(0, out_features))
-    y = torch.empty(x.shape[0], out_features, dtype=torch.float32, device=x.device)
-    for r0 in range(0, out_features, step):
-        r1 = min(out_features, r0 + step)
-        y[:, r0:r1] = F.linear(xf, rows(r0, r1))
-    return y
 
 
 # ------------------------------------------------------------------------------------ fp8
@@ -121,7 +107,7 @@ class Fp8LinearMethod(QuantizedLinearMethod):
         return (fp8_values(layer.qweight[rows.reshape(-1)]) * layer.scale).reshape(*rows.shape, layer.in_features)
 
     def matmul(self, layer: Linear, x: torch.Tensor, out_f32: bool = False) -> torch.Tensor:
-        y = _chunked_reference_matmul(x, layer.out_features, layer.in_features, lambda a, b: self._rows(layer, a, b))
+        y = chunked_reference_matmul(x, layer.out_features, layer.in_features, lambda a, b: self._rows(layer, a, b))
         return y if out_f32 else y.to(x.dtype)
 
 
@@ -239,7 +225,7 @@ class F8Q8LinearMethod(QuantizedLinearMethod):
         return w.reshape(*rows.shape, n_in)
 
     def matmul(self, layer: Linear, x: torch.Tensor, out_f32: bool = False) -> torch.Tensor:
-        y = _chunked_reference_matmul(x, layer.out_features, layer.in_features, lambda a, b: self._rows(layer, a, b))
+        y = chunked_reference_matmul(x, layer.out_features, layer.in_features, lambda a, b: self._rows(layer, a, b))
         return y if out_f32 else y.to(x.dtype)
 
     # -- UQFF (family 5, mistral.rs's F8Q8Linear): the blocks' bytes, their count and the dims
