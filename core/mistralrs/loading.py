@@ -580,32 +580,41 @@ def _fill_normal(flat: torch.Tensor, gen: Any) -> None:
         flat[i:i + n].copy_(torch.empty(n).normal_(0.0, 0.02, generator=gen))
 
 
-def quantize_tied_head(model: nn.Module, quant_method_for: Callable[[str, Any], Any]) -> None:
-    """A model whose logits come from its token embedding (tied, no ``lm_head`` module) gets the
-    LM head's quantizer too: the table is quantized once and serves both the logits and the
-    embedding lookups (as a GGUF ``token_embd`` does), so no full-precision copy stays."""
+def assign_checkpoint_methods(model: Any, found: tuple[Any, dict], names: set[str], dtype: Any) -> int:
+    """Give every `Linear` whose packed tensors the checkpoint holds the format's method (on the
+    meta device, before materialising); returns how many layers got it."""
     import torch
 
-    from mistralrs.nn.embedding import Embedding
-    from mistralrs.nn.linear import Linear
+    from mistralrs.nn.linear import linear_layers
+    from mistralrs.specs import resolve
 
-    tied = getattr(model, "tied_embeddings", False)
-    if callable(tied):
-        tied = tied()
-    if getattr(model, "lm_head", "absent") is not None or not tied:
-        return
-    embeddings = [m for m in model.modules() if isinstance(m, Embedding)]
-    if len(embeddings) != 1 or embeddings[0].weight is None:
-        return
-    emb = embeddings[0]
+    spec, qc = found
+    cls = resolve(spec.method)
+    by_layer: dict[str, set[str]] = {}
+    marker = cls.marker
+    for key in names:
+        mapped = _map_name(model, key) or key
+        owner, _, suffix = mapped.rpartition(".")
+        by_layer.setdefault(owner, set()).add(suffix)
+    count = 0
     with torch.device("meta"):
-        head = Linear(emb.embedding_dim, emb.num_embeddings)
-        method = quant_method_for("lm_head", head)
-        if method is None:
-            return
-        head.set_quant_method(method)
-    method.load_float(head, emb.weight.detach())
-    emb.set_quantized_head(head)
+        for name, layer in linear_layers(model):
+            present = by_layer.get(name, set())
+            if marker not in present:
+                continue
+            try:
+                method = cls(qtype=spec.name, quant_config=qc)
+                method.present = frozenset(present)
+                layer.set_quant_method(method)
+            except ValueError as exc:
+                raise ModelLoadError(f"layer {name!r}: {exc}; config.json's quantization_config does not match "
+                                     "the checkpoint") from None
+            count += 1
+        _cast_floating_params(model, dtype)
+    if count == 0:
+        raise ModelLoadError(f"config.json says the weights are {spec.name} (quantization_config), but no layer of the "
+                             f"checkpoint has a {marker!r} tensor; the checkpoint does not match its config")
+    return count
 
 
 def _process_after_loading(model: nn.Module) -> None:
@@ -622,6 +631,8 @@ def finish_loading(model: nn.Module, quant_method_for: Callable[[str, Any], Any]
     input: GatedMLP, Attention), eval mode."""
     _process_after_loading(model)
     if quant_method_for is not None:
+        from mistralrs.requantize import quantize_tied_head
+
         quantize_tied_head(model, quant_method_for)
     for module in model.modules():
         after_loading = getattr(module, "after_loading", None)
@@ -661,9 +672,21 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, dev)
     if not dummy_weights and not weight_files:
         weight_files = find_weight_files(root)
+    from mistralrs.prequantized import checkpoint_format, checkpoint_names
+
+    prequantized = checkpoint_format(config, registry, config_path)
+    isq_after = None
+    if prequantized is not None:
+        if dummy_weights:
+            raise ModelLoadError(f"{config_path}: a pre-quantized checkpoint ({prequantized[0].name}) has no "
+                                 "dummy-weight mode; load its weights")
+        # --isq on a pre-quantized checkpoint: load as published, then re-quantize (dequantized) in place
+        isq_after, quant_method_for = quant_method_for, None
     ctx = LoadContext(config=config, dtype=torch_dtype, device=dev, registry=registry, arch=spec,
                       model_dir=root, quant_method_for=quant_method_for)
     model = build_model(spec, config, ctx)
+    if prequantized is not None:
+        assign_checkpoint_methods(model, prequantized, checkpoint_names(weight_files), torch_dtype)
     materialize(model, dev)
     if dummy_weights:
         nbytes = init_dummy_weights(model, seed, action="quantizing" if quant_method_for is not None else None)
@@ -672,6 +695,10 @@ def load_model(
         nbytes = load_weights(model, weight_files, arch_name=spec.name,
                               action="loading and quantizing" if quant_method_for is not None else "loading")
     finish_loading(model, quant_method_for)
+    if isq_after is not None:
+        from mistralrs.requantize import requantize
+
+        requantize(model, isq_after)
     return LoadedModel(
         model=model, config=config, arch=spec, dtype=torch_dtype, device=dev, model_dir=root,
         weight_files=tuple(weight_files), dummy_weights=dummy_weights,

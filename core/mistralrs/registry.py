@@ -217,6 +217,16 @@ class Registry:
         found.sort(key=lambda s: (-s.priority, s.name))
         return found
 
+    def quantizer_for_checkpoint(self, quant_method: str) -> S.QuantizerSpec | None:
+        """The quantizer that loads HF checkpoints whose ``quant_method`` is `quant_method`."""
+        key = quant_method.strip().lower()
+        found = [s for s in self.quantizers if key in (f.lower() for f in s.checkpoint_formats)]
+        found.sort(key=lambda s: (-s.priority, s.name))
+        return found[0] if found else None
+
+    def checkpoint_formats(self) -> list[str]:
+        return sorted({f.lower() for s in self.quantizers for f in s.checkpoint_formats})
+
     def supported_architecture_names(self) -> list[str]:
         names: set[str] = set()
         for spec in self.architectures:

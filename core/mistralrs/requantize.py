@@ -13,6 +13,7 @@ loading (q/k/v, gate/up) are fused again afterwards. The engine runs this betwee
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,7 +30,9 @@ def _float_weight(layer: Any) -> torch.Tensor:
 
 
 def requantize(model: nn.Module, plan: Any) -> dict[str, int]:
-    """Quantize every targeted layer of `model` to the plan's type; returns {type: layers}."""
+    """Quantize every targeted layer of `model` to the plan's type; returns {type: layers}.
+    `plan`: an `IsqPlan`, or its ``method_for`` callable."""
+    method_for = getattr(plan, "method_for", plan)
     from mistralrs.nn.embedding import Embedding
     from mistralrs.nn.linear import Linear
 
@@ -37,7 +40,7 @@ def requantize(model: nn.Module, plan: Any) -> dict[str, int]:
     counts: dict[str, int] = {}
     with torch.no_grad():
         for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, Linear)]:
-            method = plan.method_for("lm_head" if id(layer) in heads else name, layer)
+            method = method_for("lm_head" if id(layer) in heads else name, layer)
             if method is None:
                 continue
             weight = _float_weight(layer)
@@ -50,9 +53,7 @@ def requantize(model: nn.Module, plan: Any) -> dict[str, int]:
             del weight
             counts[method.qtype] = counts.get(method.qtype, 0) + 1
         if not heads:  # a tied model loaded in float: its LM head is quantized from the table, as ISQ does
-            from mistralrs.loading import quantize_tied_head
-
-            quantize_tied_head(model, plan.method_for)
+            quantize_tied_head(model, method_for)
             for m in model.modules():
                 head: Any = m.quantized_head if isinstance(m, Embedding) else None
                 if head is not None:
@@ -63,3 +64,31 @@ def requantize(model: nn.Module, plan: Any) -> dict[str, int]:
             if callable(after_loading):
                 after_loading()
     return counts
+
+
+def quantize_tied_head(model: nn.Module, quant_method_for: Callable[[str, Any], Any]) -> None:
+    """A model whose logits come from its token embedding (tied, no ``lm_head`` module) gets the
+    LM head's quantizer too: the table is quantized once and serves both the logits and the
+    embedding lookups (as a GGUF ``token_embd`` does), so no full-precision copy stays."""
+    import torch
+
+    from mistralrs.nn.embedding import Embedding
+    from mistralrs.nn.linear import Linear
+
+    tied = getattr(model, "tied_embeddings", False)
+    if callable(tied):
+        tied = tied()
+    if getattr(model, "lm_head", "absent") is not None or not tied:
+        return
+    embeddings = [m for m in model.modules() if isinstance(m, Embedding)]
+    if len(embeddings) != 1 or embeddings[0].weight is None:
+        return
+    emb = embeddings[0]
+    with torch.device("meta"):
+        head = Linear(emb.embedding_dim, emb.num_embeddings)
+        method = quant_method_for("lm_head", head)
+        if method is None:
+            return
+        head.set_quant_method(method)
+    method.load_float(head, emb.weight.detach())
+    emb.set_quantized_head(head)

@@ -126,6 +126,9 @@ class QuantizerSpec(Spec):
     # The UQFF record family (``<key>.weight.format`` tag, docs/uqff.md) this format's layers are
     # written as and read from; the method class implements the record (``uqff_entries`` ...).
     uqff_format: int | None = None
+    # The ``quantization_config.quant_method`` values of HF checkpoints this format loads as
+    # published (docs/prequantized.md); the method is then a `nn.quantized.CheckpointLinearMethod`.
+    checkpoint_formats: tuple[str, ...] = attrs.field(default=(), converter=_names)
     kind: str = attrs.field(init=False, default="quantizer")
 
 

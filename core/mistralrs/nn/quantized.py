@@ -183,6 +183,54 @@ class QuantizedLinearMethod(LinearMethodBase):
         return self.qtype
 
 
+class CheckpointLinearMethod(QuantizedLinearMethod):
+    """A layer stored quantized in a Hugging Face checkpoint (``config.json``'s
+    ``quantization_config``: GPTQ, AWQ, ...), loaded as published.
+
+    `checkpoint_tensors(out, in)` names the layer's tensors in the checkpoint with their shapes and
+    dtypes; they are registered as buffers under those names, so the loader fills them like any
+    tensor (a missing or misshapen one is the usual one-line error naming the file). Then
+    `process_after_loading` calls `convert(layer)`, which returns the runtime state (e.g. the same
+    weights re-laid out exactly as a fast block format's bytes), or None to keep the tensors.
+    `marker` is the suffix whose presence in the checkpoint says a layer is stored this way;
+    `present` holds the layer's suffixes the checkpoint has (optional tensors such as ``g_idx``)."""
+
+    marker = "qweight"
+
+    def __init__(self, qtype: str, *, quant_config: dict | None = None, **options: Any) -> None:
+        super().__init__(qtype, **options)
+        self.quant_config = dict(quant_config or {})
+        self.present: frozenset[str] = frozenset()
+
+    def checkpoint_tensors(self, out_features: int, in_features: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        raise NotImplementedError
+
+    def convert(self, layer: Linear) -> dict[str, torch.Tensor] | None:
+        return None
+
+    def create_weights(self, layer: Linear) -> None:
+        specs = self.checkpoint_tensors(layer.out_features, layer.in_features)
+        for name, (shape, dtype) in specs.items():
+            layer.register_buffer(name, torch.empty(shape, dtype=dtype), persistent=True)
+        if layer.has_bias:
+            layer.bias = nn.Parameter(torch.empty(layer.out_features), requires_grad=False)
+        else:
+            layer.register_parameter("bias", None)
+        layer._quant_state_names = tuple(specs)  # type: ignore[assignment]
+
+    def process_after_loading(self, layer: Linear) -> None:
+        state = self.convert(layer)
+        if state is None:
+            return
+        for name in getattr(layer, "_quant_state_names", ()):
+            if name not in state:
+                del layer._buffers[name]
+        self.set_state(layer, state)
+
+    def quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise ValueError(f"{self.qtype} is a checkpoint format: it loads as published and cannot quantize weights")
+
+
 # float32 elements dequantized at a time by `chunked_reference_matmul` (64 MB)
 _CHUNK_ELEMENTS = 1 << 24
 

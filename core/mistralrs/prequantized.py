@@ -1,0 +1,67 @@
+"""Checkpoints published already quantized (docs/prequantized.md): ``config.json``'s
+``quantization_config.quant_method`` selects the quantizer plugin that loads them.
+
+    found = checkpoint_format(config, registry, config_path)   # (spec, quantization_config) or None
+    names = checkpoint_names(weight_files)                      # the tensors the checkpoint holds
+
+`loading.assign_checkpoint_methods` then gives the layers their methods on the meta-device model.
+
+The plugin is the registered quantizer whose `QuantizerSpec.checkpoint_formats` lists the
+``quant_method`` (a config with ``bits`` and ``group_size`` but no ``quant_method`` is MLX's
+``afq``, as mistral.rs reads it); an unknown one is a one-line error listing the supported
+formats. A `Linear` gets the plugin's `CheckpointLinearMethod` when the checkpoint holds its
+``<layer>.<marker>`` tensor (``qweight`` for GPTQ/AWQ), so layers published in float (usually the
+LM head, ``modules_to_not_convert``) stay float. Nothing here names a format.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from mistralrs.errors import ModelLoadError
+
+
+def _quant_config(config: dict) -> dict | None:
+    qc = config.get("quantization_config")
+    if qc is None:
+        qc = config.get("quantization")  # MLX's key
+    return qc if isinstance(qc, dict) else None
+
+
+def checkpoint_format(config: dict, registry: Any, where: Path | str = "config.json") -> tuple[Any, dict] | None:
+    """(QuantizerSpec, quantization_config) of a pre-quantized checkpoint; None for a float one."""
+    qc = _quant_config(config)
+    if qc is None:
+        return None
+    method = qc.get("quant_method")
+    if method is None and "bits" in qc and "group_size" in qc:
+        method = "afq"
+    if not isinstance(method, str) or not method.strip():
+        raise ModelLoadError(f"{where}: quantization_config has no quant_method; expected one of: "
+                             f"{', '.join(registry.checkpoint_formats()) or 'none installed'}")
+    spec = registry.quantizer_for_checkpoint(method)
+    if spec is None:
+        raise ModelLoadError(
+            f"{where}: quantization_config.quant_method {method!r} is not supported; expected one of: "
+            f"{', '.join(registry.checkpoint_formats()) or 'none installed'} (a quantizer plugin adds a format)"
+        )
+    return spec, qc
+
+
+def checkpoint_names(files: Iterable[Path]) -> set[str]:
+    """Every tensor name of the safetensors files (headers only)."""
+    import struct
+
+    names: set[str] = set()
+    for path in files:
+        try:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+        except (OSError, struct.error, ValueError) as exc:
+            raise ModelLoadError(f"{path}: cannot read the safetensors header ({exc}); download the file again") from None
+        names.update(k for k in header if k != "__metadata__")
+    return names

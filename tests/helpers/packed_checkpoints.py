@@ -1,0 +1,133 @@
+"""GPTQ and AWQ checkpoints written from a float HF checkpoint with the published formulas
+(AutoGPTQ's ``Quantizer`` round-to-nearest and ``QuantLinear.pack``, AutoAWQ's GEMM ``pack``),
+in numpy, sharing no code with the loaders. Returns the dequantized weights the packed tensors
+stand for, computed from the codes before packing.
+
+    path, dequantized = write_packed(src, dst, "gptq", bits=4, group_size=32, sym=True)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
+
+
+def _rtn(w: np.ndarray, bits: int, groups: np.ndarray, n_groups: int, sym: bool):
+    """AutoGPTQ's quantizer per (group, output): codes [out, in], scales fp16 [G, out], zeros [G, out]."""
+    maxq = (1 << bits) - 1
+    out_f, in_f = w.shape
+    scales = np.zeros((n_groups, out_f), np.float16)
+    zeros = np.zeros((n_groups, out_f), np.int64)
+    codes = np.zeros((out_f, in_f), np.int64)
+    for g in range(n_groups):
+        cols = np.nonzero(groups == g)[0]
+        x = w[:, cols]
+        xmin = np.minimum(x.min(1), 0)
+        xmax = np.maximum(x.max(1), 0)
+        if sym:
+            xmax = np.maximum(np.abs(xmin), xmax)
+            xmin = np.where(xmin < 0, -xmax, xmin)
+        same = (xmin == 0) & (xmax == 0)
+        xmin, xmax = np.where(same, -1, xmin), np.where(same, 1, xmax)
+        scale = ((xmax - xmin) / maxq).astype(np.float16)  # stored in fp16; rounding uses the stored scale
+        s32 = scale.astype(np.float32)
+        zero = np.full(out_f, (maxq + 1) // 2) if sym else np.round(-xmin / s32).astype(np.int64)
+        codes[:, cols] = np.clip(np.round(x / s32[:, None]) + zero[:, None], 0, maxq)
+        scales[g], zeros[g] = scale, zero
+    return codes, scales, zeros
+
+
+def _pack_rows(values: np.ndarray, bits: int) -> np.ndarray:
+    """[R, C] codes -> int32 [R * bits / 32, C]: 32/bits consecutive rows per word, the first lowest."""
+    n = 32 // bits
+    v = values.astype(np.uint32).reshape(values.shape[0] // n, n, values.shape[1])
+    out = np.zeros((v.shape[0], v.shape[2]), np.uint32)
+    for k in range(n):
+        out |= v[:, k, :] << np.uint32(bits * k)
+    return out.view(np.int32)
+
+
+def _pack_cols(values: np.ndarray, bits: int, order: list[int] | None = None) -> np.ndarray:
+    n = 32 // bits
+    v = values.astype(np.uint32).reshape(values.shape[0], values.shape[1] // n, n)
+    out = np.zeros(v.shape[:2], np.uint32)
+    for k in range(n):
+        out |= v[:, :, order[k] if order else k] << np.uint32(bits * k)
+    return out.view(np.int32)
+
+
+def write_packed(src: Path, dst: Path, fmt: str, *, bits: int = 4, group_size: int = 32, sym: bool = True,
+                 desc_act: bool = False, v2: bool = False, seed: int = 0,
+                 quantized=lambda name: name.endswith("_proj.weight")) -> tuple[Path, dict[str, np.ndarray]]:
+    """A copy of the checkpoint `src` with every weight `quantized(name)` selects stored as `fmt`
+    ("gptq" or "awq"); returns (dst, {weight name: dequantized float32 [out, in]})."""
+    rng = np.random.default_rng(seed)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors":
+            shutil.copy(f, dst / f.name)
+    tensors = {}
+    for path in sorted(src.glob("*.safetensors")):
+        with safe_open(str(path), framework="np") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    out, dequantized = {}, {}
+    for name, t in tensors.items():
+        if not quantized(name):
+            out[name] = t
+            continue
+        w = t.astype(np.float32)
+        out_f, in_f = w.shape
+        g = in_f if group_size == -1 else group_size
+        n_groups = -(-in_f // g)
+        order = rng.permutation(in_f) if desc_act else np.arange(in_f)
+        groups = np.empty(in_f, np.int64)
+        groups[order] = np.arange(in_f) // g  # column order[j] is the j-th processed: group j // g
+        codes, scales, zeros = _rtn(w, bits, groups, n_groups, sym)
+        dequantized[name] = ((codes - zeros[groups].T) * scales[groups].T.astype(np.float32)).astype(np.float32)
+        layer = name.removesuffix(".weight")
+        if fmt == "gptq":
+            out[f"{layer}.qweight"] = _pack_rows(codes.T, bits)
+            out[f"{layer}.qzeros"] = _pack_cols(zeros - (0 if v2 else 1), bits)
+            out[f"{layer}.scales"] = scales
+            if desc_act:
+                out[f"{layer}.g_idx"] = groups.astype(np.int32)
+        elif fmt == "awq":
+            assert bits == 4 and not desc_act
+            out[f"{layer}.qweight"] = _pack_cols(codes.T, 4, AWQ_ORDER)
+            out[f"{layer}.qzeros"] = _pack_cols(zeros, 4, AWQ_ORDER)
+            out[f"{layer}.scales"] = scales
+        else:
+            raise ValueError(fmt)
+    save_file(out, str(dst / "model.safetensors"))
+    config = json.loads((src / "config.json").read_text())
+    if fmt == "gptq":
+        config["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": group_size,
+                                         "desc_act": desc_act, "sym": sym,
+                                         "checkpoint_format": "gptq_v2" if v2 else "gptq"}
+    else:
+        config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group_size,
+                                         "zero_point": True, "version": "gemm"}
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    return dst, dequantized
+
+
+def write_dequantized(src: Path, dst: Path, dequantized: dict[str, np.ndarray]) -> Path:
+    """The float checkpoint `src` with the dequantized weights in place of the originals."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors":
+            shutil.copy(f, dst / f.name)
+    tensors = {}
+    for path in sorted(src.glob("*.safetensors")):
+        with safe_open(str(path), framework="np") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    tensors.update(dequantized)
+    save_file(tensors, str(dst / "model.safetensors"))
+    return dst
