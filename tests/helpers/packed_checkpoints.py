@@ -131,3 +131,54 @@ def write_dequantized(src: Path, dst: Path, dequantized: dict[str, np.ndarray]) 
     tensors.update(dequantized)
     save_file(tensors, str(dst / "model.safetensors"))
     return dst
+
+
+def write_fp8(src: Path, dst: Path, *, block: tuple[int, int] | None = (128, 128),
+              quantized=lambda name: name.endswith("_proj.weight"),
+              not_convert: tuple[str, ...] = ()) -> tuple[Path, dict[str, np.ndarray]]:
+    """A copy of `src` in the fine-grained FP8 layout (transformers' FP8 / DeepSeek-V3): per
+    `block` (or per tensor) ``scale = amax / 448``, ``weight = e4m3(w / scale)`` and
+    ``weight_scale_inv = scale``; returns (dst, {weight name: dequantized float32})."""
+    import torch
+    from safetensors.torch import save_file as save_torch
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors":
+            shutil.copy(f, dst / f.name)
+    tensors = {}
+    for path in sorted(src.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    out, dequantized = {}, {}
+    for name, t in tensors.items():
+        layer = name.removesuffix(".weight")
+        if not quantized(name) or any(layer.endswith(m) for m in not_convert):
+            out[name] = t
+            continue
+        w = t.float()
+        o, i = w.shape
+        bo, bi = block or (o, i)
+        scale = torch.zeros(-(-o // bo), -(-i // bi))
+        q = torch.empty(o, i, dtype=torch.float8_e4m3fn)
+        for r in range(scale.shape[0]):
+            for c in range(scale.shape[1]):
+                tile = w[r * bo:(r + 1) * bo, c * bi:(c + 1) * bi]
+                s = tile.abs().max().clamp(min=1e-12) / 448.0
+                scale[r, c] = s
+                q[r * bo:(r + 1) * bo, c * bi:(c + 1) * bi] = (tile / s).to(torch.float8_e4m3fn)
+        rows = torch.arange(o) // bo
+        cols = torch.arange(i) // bi
+        dequantized[name] = (q.float() * scale[rows][:, cols]).numpy()
+        out[name] = q
+        out[f"{layer}.weight_scale_inv"] = scale if block else scale.reshape(())
+    save_torch(out, str(dst / "model.safetensors"))
+    config = json.loads((src / "config.json").read_text())
+    qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic"}
+    if block:
+        qc["weight_block_size"] = list(block)
+    if not_convert:
+        qc["modules_to_not_convert"] = list(not_convert)
+    config["quantization_config"] = qc
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    return dst, dequantized

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mistralrs.errors import ModelLoadError
-from tests.helpers.packed_checkpoints import write_dequantized, write_packed
+from tests.helpers.packed_checkpoints import write_dequantized, write_fp8, write_packed
 from tests.helpers.parity import our_logits
 from tests.helpers.tiny_models import write_tiny_llama
 
@@ -63,6 +63,19 @@ def test_packed_layers_load_to_their_exact_weights(llama, tmp_path, case):
         assert float(torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0)) > 0.999
 
 
+@pytest.mark.parametrize("block", [(128, 128), (96, 160), None], ids=["128x128", "partial-edges", "per-tensor"])
+def test_fp8_checkpoints_load_to_their_exact_weights(llama, tmp_path, block):
+    path, deq = write_fp8(llama, tmp_path / "fp8", block=block, not_convert=("down_proj",))
+    loaded = _load(path)
+    modules = dict(loaded.model.named_modules())
+    for name, w in deq.items():
+        layer = modules[name.removesuffix(".weight")]
+        assert np.array_equal(layer.quant_method.dequantize(layer).numpy(), w), name
+    assert modules["model.layers.0.mlp.down_proj"].quant_method.describe() == "unquantized"  # modules_to_not_convert
+    want = our_logits(_load(write_dequantized(llama, tmp_path / "fp8-float", deq)), IDS)
+    torch.testing.assert_close(our_logits(loaded, IDS), want, atol=1e-4, rtol=1e-4)
+
+
 def test_isq_on_a_prequantized_checkpoint_requantizes_its_weights(llama, tmp_path):
     from mistralrs.nn.linear import describe_methods
     from mistralrs.quantization import IsqPlan
@@ -84,7 +97,7 @@ def test_bad_checkpoints_are_one_line_errors(llama, tmp_path):
         return str(exc.value)
 
     msg = error({**config, "quantization_config": {"quant_method": "exl2", "bits": 4}})
-    assert "quant_method 'exl2' is not supported; expected one of: awq, gptq" in msg and "config.json" in msg
+    assert "quant_method 'exl2' is not supported; expected one of: awq, fp8, gptq" in msg and "config.json" in msg
     msg = error({**config, "quantization_config": {**config["quantization_config"], "group_size": 64}})
     assert "model.layers.0" in msg and "has shape" in msg and "config.json does not match" in msg  # groups of 32 in the file
     msg = error({**config, "quantization_config": {**config["quantization_config"], "bits": 3}})

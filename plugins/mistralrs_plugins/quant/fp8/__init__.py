@@ -6,7 +6,8 @@
   per 32 weights; mistral.rs's ``F8Q8Linear``, CPU-only). The name is not "8-bit activations":
   the forward dequantizes the weight.
 
-``method.py`` says exactly what is stored. No shape constraints (f8q8 pads the flattened weight
+``method.py`` says exactly what is stored. ``checkpoint.py`` loads FP8 checkpoints as published
+(``quant_method: "fp8"``, block-wise ``weight_scale_inv``: docs/prequantized.md). No shape constraints (f8q8 pads the flattened weight
 to whole blocks, as mistral.rs does). Sensitive tensors keep the type (mistral.rs does not
 promote FP8 types).
 
@@ -43,4 +44,13 @@ def register_quantizers(register):
         devices=("cpu",),
         uqff_format=5,  # mistral.rs QuantizedSerdeType::F8Q8
         description="int8 blocks of 32 with an FP8 E4M3 block scale, 33 bytes per 32 weights (8.25 bits per weight)",
+    ))
+    register(QuantizerSpec(
+        name="fp8_checkpoint",
+        method="mistralrs_plugins.quant.fp8.checkpoint:Fp8CheckpointMethod",
+        isq=False,
+        checkpoint_formats=("fp8",),
+        devices=("cpu", "cuda", "mps"),
+        description="FP8 E4M3 checkpoints (quant_method fp8: weight_block_size blocks or per tensor, "
+                    "weight_scale_inv); reference path",
     ))
