@@ -338,7 +338,8 @@ def _map_name(model: nn.Module, name: str) -> str | None:
     for pattern in IGNORABLE_CHECKPOINT_KEYS:
         if re.search(pattern, name):
             return None
-    return name
+    renames = getattr(model, "_checkpoint_renames", None)  # pre-quantized tensors named with dots
+    return renames.get(name, name) if renames else name
 
 
 def _split_parts(model: nn.Module, name: str, shape: tuple[int, ...]) -> list[tuple[str, Callable[[Any], Any]]] | None:
@@ -590,27 +591,41 @@ def assign_checkpoint_methods(model: Any, found: tuple[Any, dict], names: set[st
 
     spec, qc = found
     cls = resolve(spec.method)
+    layers = dict(linear_layers(model))
     by_layer: dict[str, set[str]] = {}
-    marker = cls.marker
     for key in names:
         mapped = _map_name(model, key) or key
-        owner, _, suffix = mapped.rpartition(".")
-        by_layer.setdefault(owner, set()).add(suffix)
+        cut = mapped.rfind(".")
+        while cut > 0:  # the longest prefix that is a layer: suffixes may have dots (BNB's weight.absmax)
+            if mapped[:cut] in layers:
+                by_layer.setdefault(mapped[:cut], set()).add(mapped[cut + 1:])
+                break
+            cut = mapped.rfind(".", 0, cut)
+    try:
+        marker = cls(qtype=spec.name, quant_config=qc).marker  # a factory may pick the class from the config
+    except ValueError as exc:
+        raise ModelLoadError(f"{spec.name} checkpoint: {exc}; config.json's quantization_config is not supported") from None
+    renames: dict[str, str] = {}
     count = 0
     with torch.device("meta"):
-        for name, layer in linear_layers(model):
+        for name, layer in layers.items():
             present = by_layer.get(name, set())
             if marker not in present:
                 continue
             try:
                 method = cls(qtype=spec.name, quant_config=qc)
                 method.present = frozenset(present)
+                for suffix in present:
+                    if "." in suffix:  # a buffer name cannot hold a dot
+                        renames[f"{name}.{suffix}"] = f"{name}.{suffix.replace('.', '__')}"
                 layer.set_quant_method(method)
             except ValueError as exc:
                 raise ModelLoadError(f"layer {name!r}: {exc}; config.json's quantization_config does not match "
                                      "the checkpoint") from None
             count += 1
         _cast_floating_params(model, dtype)
+    if renames:
+        model._checkpoint_renames = renames
     if count == 0:
         raise ModelLoadError(f"config.json says the weights are {spec.name} (quantization_config), but no layer of the "
                              f"checkpoint has a {marker!r} tensor; the checkpoint does not match its config")

@@ -182,3 +182,50 @@ def write_fp8(src: Path, dst: Path, *, block: tuple[int, int] | None = (128, 128
     config["quantization_config"] = qc
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     return dst, dequantized
+
+
+def write_bnb(src: Path, dst: Path, *, kind: str = "nf4", nested: bool = True, int8: bool = False,
+              quantized=lambda name: name.endswith("_proj.weight")) -> tuple[Path, dict[str, np.ndarray]]:
+    """A copy of `src` quantized by bitsandbytes itself (its CPU functions), serialized as
+    transformers does (``QuantState.as_dict(packed=True)`` under ``<layer>.weight.``, or int8 +
+    ``SCB``); returns (dst, {weight name: bitsandbytes' own dequantization, float32})."""
+    import bitsandbytes.functional as BF
+    import torch
+    from safetensors.torch import save_file as save_torch
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors":
+            shutil.copy(f, dst / f.name)
+    tensors = {}
+    for path in sorted(src.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    out, dequantized = {}, {}
+    for name, t in tensors.items():
+        if not quantized(name):
+            out[name] = t
+            continue
+        layer = name.removesuffix(".weight")
+        w = t.float()
+        if int8:
+            scb = w.abs().amax(1).clamp(min=1e-12)
+            q = torch.round(w * (127.0 / scb[:, None])).to(torch.int8)  # LLM.int8's row-wise absmax
+            out[name], out[f"{layer}.SCB"] = q, scb
+            dequantized[name] = (q.float() * scb[:, None] / 127.0).numpy()
+            continue
+        q, state = BF.quantize_4bit(w, quant_type=kind, blocksize=64, compress_statistics=nested)
+        out[name] = q
+        for key, value in state.as_dict(packed=True).items():
+            out[f"{name}.{key}"] = value
+        dequantized[name] = BF.dequantize_4bit(q, state).float().numpy()
+    save_torch(out, str(dst / "model.safetensors"))
+    config = json.loads((src / "config.json").read_text())
+    if int8:
+        config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True, "load_in_4bit": False}
+    else:
+        config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+                                         "bnb_4bit_quant_type": kind, "bnb_4bit_use_double_quant": nested,
+                                         "bnb_4bit_compute_dtype": "float32"}
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    return dst, dequantized

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mistralrs.errors import ModelLoadError
-from tests.helpers.packed_checkpoints import write_dequantized, write_fp8, write_packed
+from tests.helpers.packed_checkpoints import write_bnb, write_dequantized, write_fp8, write_packed
 from tests.helpers.parity import our_logits
 from tests.helpers.tiny_models import write_tiny_llama
 
@@ -76,6 +76,21 @@ def test_fp8_checkpoints_load_to_their_exact_weights(llama, tmp_path, block):
     torch.testing.assert_close(our_logits(loaded, IDS), want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kind,nested,int8", [("nf4", True, False), ("nf4", False, False), ("fp4", True, False),
+                                              (None, False, True)], ids=["nf4-double", "nf4", "fp4-double", "int8"])
+def test_bitsandbytes_checkpoints_dequantize_as_bitsandbytes_does(llama, tmp_path, kind, nested, int8):
+    pytest.importorskip("bitsandbytes")
+    path, deq = write_bnb(llama, tmp_path / "bnb", kind=kind or "nf4", nested=nested, int8=int8)
+    loaded = _load(path)
+    modules = dict(loaded.model.named_modules())
+    for name, w in deq.items():
+        layer = modules[name.removesuffix(".weight")]
+        assert layer.quant_method.describe() == ("bnb int8" if int8 else f"bnb {kind}")
+        np.testing.assert_allclose(layer.quant_method.dequantize(layer).numpy(), w, rtol=1e-6, atol=1e-7, err_msg=name)
+    want = our_logits(_load(write_dequantized(llama, tmp_path / "bnb-float", deq)), IDS)
+    torch.testing.assert_close(our_logits(loaded, IDS), want, atol=1e-4, rtol=1e-4)
+
+
 def test_isq_on_a_prequantized_checkpoint_requantizes_its_weights(llama, tmp_path):
     from mistralrs.nn.linear import describe_methods
     from mistralrs.quantization import IsqPlan
@@ -97,7 +112,7 @@ def test_bad_checkpoints_are_one_line_errors(llama, tmp_path):
         return str(exc.value)
 
     msg = error({**config, "quantization_config": {"quant_method": "exl2", "bits": 4}})
-    assert "quant_method 'exl2' is not supported; expected one of: awq, fp8, gptq" in msg and "config.json" in msg
+    assert "quant_method 'exl2' is not supported; expected one of: awq, bitsandbytes, bitsandbytes_4bit, bitsandbytes_8bit, fp8, gptq" in msg and "config.json" in msg
     msg = error({**config, "quantization_config": {**config["quantization_config"], "group_size": 64}})
     assert "model.layers.0" in msg and "has shape" in msg and "config.json does not match" in msg  # groups of 32 in the file
     msg = error({**config, "quantization_config": {**config["quantization_config"], "bits": 3}})

@@ -202,7 +202,9 @@ class CheckpointLinearMethod(QuantizedLinearMethod):
         self.quant_config = dict(quant_config or {})
         self.present: frozenset[str] = frozenset()
 
-    def checkpoint_tensors(self, out_features: int, in_features: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    def checkpoint_tensors(self, out_features: int, in_features: int) -> dict[str, tuple[tuple[int, ...] | None, torch.dtype]]:
+        """{buffer name: (shape, dtype)}; shape None: whatever the checkpoint holds (checked in
+        `convert`). A checkpoint suffix with dots (``weight.absmax``) is the name with ``__``."""
         raise NotImplementedError
 
     def convert(self, layer: Linear) -> dict[str, torch.Tensor] | None:
@@ -211,7 +213,13 @@ class CheckpointLinearMethod(QuantizedLinearMethod):
     def create_weights(self, layer: Linear) -> None:
         specs = self.checkpoint_tensors(layer.out_features, layer.in_features)
         for name, (shape, dtype) in specs.items():
-            layer.register_buffer(name, torch.empty(shape, dtype=dtype), persistent=True)
+            if shape is None:  # taken as it arrives (a parameter: its loader survives materialising)
+                p = nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
+                p.weight_loader = _adopt  # type: ignore[attr-defined]
+                p.keep_dtype = True  # type: ignore[attr-defined]
+                layer.register_parameter(name, p)
+            else:
+                layer.register_buffer(name, torch.empty(shape, dtype=dtype), persistent=True)
         if layer.has_bias:
             layer.bias = nn.Parameter(torch.empty(layer.out_features), requires_grad=False)
         else:
@@ -224,11 +232,19 @@ class CheckpointLinearMethod(QuantizedLinearMethod):
             return
         for name in getattr(layer, "_quant_state_names", ()):
             if name not in state:
-                del layer._buffers[name]
+                layer._buffers.pop(name, None)
+                layer._parameters.pop(name, None)
+        for name in state:
+            if name in layer._parameters:
+                del layer._parameters[name]
         self.set_state(layer, state)
 
     def quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         raise ValueError(f"{self.qtype} is a checkpoint format: it loads as published and cannot quantize weights")
+
+
+def _adopt(param: torch.Tensor, value: torch.Tensor) -> None:
+    param.data = value.to(param.dtype)
 
 
 # float32 elements dequantized at a time by `chunked_reference_matmul` (64 MB)
