@@ -79,8 +79,9 @@ def write_packed(src: Path, dst: Path, fmt: str, *, bits: int = 4, group_size: i
             tensors.update({k: f.get_tensor(k) for k in f.keys()})
     out, dequantized = {}, {}
     for name, t in tensors.items():
-        if not quantized(name):
-            out[name] = t
+        n = 32 // bits
+        if not quantized(name) or t.ndim != 2 or t.shape[1] % max(n, 32) or t.shape[0] % max(n, 8):
+            out[name] = t  # (a shape the packing cannot take stays float, as quantizers leave it)
             continue
         w = t.astype(np.float32)
         out_f, in_f = w.shape

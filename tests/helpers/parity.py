@@ -336,6 +336,12 @@ class ParitySuite:
 
     arch_override: dict[str, str] = {}  # case name -> --arch, for cases not detected from config.json
 
+    def test_gptq_checkpoint(self, tiny, tmp_path):
+        """The checkpoint packed as GPTQ loads as published (MoE experts included) and computes what
+        its dequantized weights do."""
+        name, path, _ = tiny
+        print(name, "GPTQ cosine", assert_gptq_close(path, tmp_path, arch=self.arch_override.get(name)))
+
     def test_uqff_round_trip(self, tiny, tmp_path):
         """--isq q4k / q8_0 written as UQFF and loaded back (no original weights read) gives the ISQ
         load's logits exactly: every layer record, MoE experts and tied heads included."""
@@ -418,6 +424,47 @@ def assert_uqff_round_trip(path: Path | str, tmp: Path, *, arch: str | None = No
         got = load_uqff(resolve_uqff_files(isq, out), arch=arch, dtype=torch.float32)
         assert all(f.parent == out for f in got.weight_files), "the original weights were read"
         assert torch.equal(our_logits(got, ids), want), f"{path.name} UQFF {isq}: logits differ from the ISQ load"
+
+
+def assert_gptq_close(path: Path | str, tmp: Path, *, arch: str | None = None, seq_len: int = 16) -> float:
+    """The checkpoint packed as GPTQ (4-bit symmetric, groups of 32: the q4_0 fast path; every
+    2-D projection but embeddings, heads and routers) loads with every packed layer dequantizing to
+    the exact weights, and logits within the kernels' activation rounding of the float model built
+    from those weights (cosine > 0.999)."""
+    import re
+
+    import numpy as np
+
+    from mistralrs.loading import load_model
+    from tests.helpers.packed_checkpoints import write_dequantized, write_packed
+
+    path = Path(path)
+    skip = re.compile(r"(embed|lm_head|norm|\.gate\.weight|router|wte|wpe)")
+    packed, deq = write_packed(path, tmp / "gptq", "gptq", bits=4, group_size=32, sym=True,
+                               quantized=lambda n: n.endswith(".weight") and not skip.search(n))
+    assert deq, f"{path.name}: nothing packed"
+    loaded = load_model(packed, dtype=torch.float32, arch=arch)
+    modules = dict(loaded.model.named_modules())
+    for name, w in deq.items():
+        mapped = name.removesuffix(".weight")
+        layer = modules.get(mapped)
+        if layer is None:  # a checkpoint name the model maps (e.g. Mixtral's MoE block)
+            continue
+        assert np.array_equal(layer.quant_method.dequantize(layer).numpy(), w), name
+    ref = load_model(write_dequantized(path, tmp / "gptq-float", deq), dtype=torch.float32, arch=arch)
+    ids = _prompt(int(loaded.config["vocab_size"]), seq_len, 7)
+    want = our_logits(ref, ids)
+    cos = float(torch.nn.functional.cosine_similarity(our_logits(loaded, ids).flatten(), want.flatten(), dim=0))
+    assert cos > 0.99, f"{path.name} GPTQ: cosine {cos:.5f}"  # the q4_0 kernel rounds activations to 8 bits
+    from mistralrs.plugins import get_registry
+    from mistralrs.specs import resolve
+
+    reference = resolve(get_registry().reference_kernel("qmatmul_q4_0").impl)
+    for module in modules.values():
+        if getattr(getattr(module, "quant_method", None), "fast", None) == "q4_0":
+            module.quant_method._kernel = reference  # weights only: dequantize, then matmul in fp32
+    torch.testing.assert_close(our_logits(loaded, ids), want, atol=2e-4, rtol=1e-4)
+    return cos
 
 
 def assert_gguf_matches(path: Path | str, tmp: Path, *, arch: str | None = None, seq_len: int = 32,
