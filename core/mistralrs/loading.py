@@ -589,9 +589,14 @@ def assign_checkpoint_methods(model: Any, found: tuple[Any, dict], names: set[st
     from mistralrs.nn.linear import linear_layers
     from mistralrs.specs import resolve
 
+    from mistralrs.nn.embedding import Embedding
+    from mistralrs.nn.linear import Linear
+
     spec, qc = found
     cls = resolve(spec.method)
-    layers = dict(linear_layers(model))
+    layers: dict[str, Any] = dict(linear_layers(model))
+    # token tables stored quantized (mlx_lm quantizes embeddings): they become the embedding's quantized table
+    layers.update((n, m) for n, m in model.named_modules() if isinstance(m, Embedding) and m.weight is not None)
     by_layer: dict[str, set[str]] = {}
     for key in names:
         mapped = _map_name(model, key) or key
@@ -615,10 +620,19 @@ def assign_checkpoint_methods(model: Any, found: tuple[Any, dict], names: set[st
             try:
                 method = cls(qtype=spec.name, quant_config=qc)
                 method.present = frozenset(present)
-                for suffix in present:
-                    if "." in suffix:  # a buffer name cannot hold a dot
-                        renames[f"{name}.{suffix}"] = f"{name}.{suffix.replace('.', '__')}"
-                layer.set_quant_method(method)
+                owner = name
+                if isinstance(layer, Embedding):
+                    if not callable(getattr(method, "dequantize_rows", None)):
+                        raise ValueError(f"a {spec.name} token table cannot look rows up")
+                    table = Linear(layer.embedding_dim, layer.num_embeddings, quant_method=method)
+                    layer.set_quantized_head(table)
+                    owner = f"{name}.quantized_head"
+                for suffix in present:  # a buffer name cannot hold a dot
+                    target = f"{owner}.{suffix.replace('.', '__')}"
+                    if target != f"{name}.{suffix}":
+                        renames[f"{name}.{suffix}"] = target
+                if not isinstance(layer, Embedding):
+                    layer.set_quant_method(method)
             except ValueError as exc:
                 raise ModelLoadError(f"layer {name!r}: {exc}; config.json's quantization_config does not match "
                                      "the checkpoint") from None

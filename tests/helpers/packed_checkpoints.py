@@ -230,3 +230,57 @@ def write_bnb(src: Path, dst: Path, *, kind: str = "nf4", nested: bool = True, i
                                          "bnb_4bit_compute_dtype": "float32"}
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     return dst, dequantized
+
+
+def _pack_bitstream(codes: np.ndarray, bits: int) -> np.ndarray:
+    """[R, C] codes -> uint32 [R, C * bits / 32]: each row one little-endian bit stream, code j at
+    bit j * bits (MLX's layout, codes may straddle words)."""
+    rows, cols = codes.shape
+    words = cols * bits // 32
+    acc = np.zeros((rows, words + 1), np.uint64)
+    offsets = np.arange(cols, dtype=np.uint64) * np.uint64(bits)
+    word, shift = (offsets // 32).astype(np.int64), offsets % np.uint64(32)
+    value = codes.astype(np.uint64) << shift
+    for r in range(rows):
+        np.add.at(acc[r], word, value[r] & np.uint64(0xFFFFFFFF))
+        np.add.at(acc[r], word + 1, value[r] >> np.uint64(32))
+    return acc[:, :words].astype(np.uint32)
+
+
+def write_mlx(src: Path, dst: Path, *, bits: int = 4, group_size: int = 64,
+              quantized=lambda name: name.endswith(("_proj.weight", "embed_tokens.weight", "lm_head.weight"))
+              ) -> tuple[Path, dict[str, np.ndarray]]:
+    """A copy of `src` as mlx_lm writes a quantized model: ``weight`` uint32 codes, ``scales`` and
+    ``biases`` float16 per group (w = q * scale + bias), ``quantization`` in config.json, token
+    embeddings included; returns (dst, {weight name: dequantized float32})."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors":
+            shutil.copy(f, dst / f.name)
+    tensors = {}
+    for path in sorted(src.glob("*.safetensors")):
+        with safe_open(str(path), framework="np") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    out, dequantized = {}, {}
+    levels = (1 << bits) - 1
+    for name, t in tensors.items():
+        if not quantized(name) or t.ndim != 2 or t.shape[1] % group_size or (t.shape[1] * bits) % 32:
+            out[name] = t
+            continue
+        w = t.astype(np.float32)
+        rows, cols = w.shape
+        g = w.reshape(rows, cols // group_size, group_size)
+        lo, hi = g.min(-1), g.max(-1)
+        scale = np.where(hi > lo, (hi - lo) / levels, 1.0).astype(np.float16)
+        bias = lo.astype(np.float16)
+        s32, b32 = scale.astype(np.float32)[..., None], bias.astype(np.float32)[..., None]
+        q = np.clip(np.round((g - b32) / s32), 0, levels).astype(np.int64)
+        dequantized[name] = (q * s32 + b32).reshape(rows, cols).astype(np.float32)
+        layer = name.removesuffix(".weight")
+        out[name] = _pack_bitstream(q.reshape(rows, cols), bits)
+        out[f"{layer}.scales"], out[f"{layer}.biases"] = scale, bias
+    save_file(out, str(dst / "model.safetensors"))
+    config = json.loads((src / "config.json").read_text())
+    config["quantization"] = {"group_size": group_size, "bits": bits}
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    return dst, dequantized

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mistralrs.errors import ModelLoadError
-from tests.helpers.packed_checkpoints import write_bnb, write_dequantized, write_fp8, write_packed
+from tests.helpers.packed_checkpoints import write_bnb, write_dequantized, write_fp8, write_mlx, write_packed
 from tests.helpers.parity import our_logits
 from tests.helpers.tiny_models import write_tiny_llama
 
@@ -91,6 +91,21 @@ def test_bitsandbytes_checkpoints_dequantize_as_bitsandbytes_does(llama, tmp_pat
     torch.testing.assert_close(our_logits(loaded, IDS), want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (3, 32), (6, 128), (8, 64)])
+def test_mlx_checkpoints_with_quantized_embeddings(llama, tmp_path, bits, group_size):
+    path, deq = write_mlx(llama, tmp_path / "mlx", bits=bits, group_size=group_size)
+    loaded = _load(path)
+    modules = dict(loaded.model.named_modules())
+    emb = loaded.model.model.embed_tokens
+    assert emb.weight is None and emb.quantized_head.quant_method.qtype == f"afq{bits}"  # the table stays packed
+    for name, w in deq.items():
+        key = name.removesuffix(".weight")
+        layer = emb.quantized_head if key == "model.embed_tokens" else modules[key]
+        assert np.array_equal(layer.quant_method.dequantize(layer).numpy(), w), name
+    want = our_logits(_load(write_dequantized(llama, tmp_path / "mlx-float", deq)), IDS)
+    torch.testing.assert_close(our_logits(loaded, IDS), want, atol=1e-4, rtol=1e-4)
+
+
 def test_isq_on_a_prequantized_checkpoint_requantizes_its_weights(llama, tmp_path):
     from mistralrs.nn.linear import describe_methods
     from mistralrs.quantization import IsqPlan
@@ -112,7 +127,7 @@ def test_bad_checkpoints_are_one_line_errors(llama, tmp_path):
         return str(exc.value)
 
     msg = error({**config, "quantization_config": {"quant_method": "exl2", "bits": 4}})
-    assert "quant_method 'exl2' is not supported; expected one of: awq, bitsandbytes, bitsandbytes_4bit, bitsandbytes_8bit, fp8, gptq" in msg and "config.json" in msg
+    assert "quant_method 'exl2' is not supported; expected one of: afq, awq, bitsandbytes, bitsandbytes_4bit, bitsandbytes_8bit, fp8, gptq, mlx" in msg and "config.json" in msg
     msg = error({**config, "quantization_config": {**config["quantization_config"], "group_size": 64}})
     assert "model.layers.0" in msg and "has shape" in msg and "config.json does not match" in msg  # groups of 32 in the file
     msg = error({**config, "quantization_config": {**config["quantization_config"], "bits": 3}})

@@ -203,8 +203,9 @@ class CheckpointLinearMethod(QuantizedLinearMethod):
         self.present: frozenset[str] = frozenset()
 
     def checkpoint_tensors(self, out_features: int, in_features: int) -> dict[str, tuple[tuple[int, ...] | None, torch.dtype]]:
-        """{buffer name: (shape, dtype)}; shape None: whatever the checkpoint holds (checked in
-        `convert`). A checkpoint suffix with dots (``weight.absmax``) is the name with ``__``."""
+        """{buffer name: (shape, dtype)}; shape None: the tensor as the checkpoint holds it, shape
+        and dtype (checked in `convert`). A checkpoint suffix with dots (``weight.absmax``) is the
+        name with ``__``."""
         raise NotImplementedError
 
     def convert(self, layer: Linear) -> dict[str, torch.Tensor] | None:
@@ -244,7 +245,7 @@ class CheckpointLinearMethod(QuantizedLinearMethod):
 
 
 def _adopt(param: torch.Tensor, value: torch.Tensor) -> None:
-    param.data = value.to(param.dtype)
+    param.data = value  # a tensor taken as the checkpoint holds it (shape and dtype)
 
 
 # float32 elements dequantized at a time by `chunked_reference_matmul` (64 MB)

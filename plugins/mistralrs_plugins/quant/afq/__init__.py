@@ -39,3 +39,12 @@ def register_quantizers(register):
             uqff_format=4,  # mistral.rs QuantizedSerdeType::Afq
             description=f"MLX affine {bits}-bit, group {GROUP_SIZE}, 16-bit scale+bias ({bpw} bits per weight)",
         ))
+    register(QuantizerSpec(
+        name="mlx_afq",
+        method="mistralrs_plugins.quant.afq.checkpoint:AfqCheckpointMethod",
+        isq=False,
+        checkpoint_formats=("afq", "mlx"),
+        devices=("cpu", "cuda", "mps"),
+        description="MLX / AFQ checkpoints (config quantization: bits + group_size; weight, scales, biases), "
+                    "token embeddings included; the AFQ reference path",
+    ))
