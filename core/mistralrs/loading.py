@@ -586,11 +586,9 @@ def assign_checkpoint_methods(model: Any, found: tuple[Any, dict], names: set[st
     meta device, before materialising); returns how many layers got it."""
     import torch
 
-    from mistralrs.nn.linear import linear_layers
-    from mistralrs.specs import resolve
-
     from mistralrs.nn.embedding import Embedding
-    from mistralrs.nn.linear import Linear
+    from mistralrs.nn.linear import Linear, linear_layers
+    from mistralrs.specs import resolve
 
     spec, qc = found
     cls = resolve(spec.method)
