@@ -65,3 +65,19 @@ def checkpoint_names(files: Iterable[Path]) -> set[str]:
             raise ModelLoadError(f"{path}: cannot read the safetensors header ({exc}); download the file again") from None
         names.update(k for k in header if k != "__metadata__")
     return names
+
+
+def describe_checkpoint(config: dict, registry: Any) -> str | None:
+    """One line on a checkpoint's published quantization (`mistralrs tune`); None for a float one."""
+    qc = _quant_config(config)
+    if qc is None:
+        return None
+    try:
+        found = checkpoint_format(config, registry)
+    except ModelLoadError as exc:
+        return str(exc).removeprefix("config.json: ")
+    assert found is not None
+    spec, qc = found
+    details = [f"{k}={qc[k]}" for k in ("bits", "group_size", "weight_block_size", "bnb_4bit_quant_type",
+                                        "load_in_8bit", "desc_act", "sym", "version") if k in qc]
+    return f"{qc.get('quant_method') or 'afq'} ({', '.join(details)}), loaded as published by the {spec.name} plugin"

@@ -435,3 +435,17 @@ def test_bash_completion_script_works(tmp_path):
     from mistralrs.cli.model_options import MODEL_KINDS
 
     assert sorted(_bash_complete(script, "mistralrs", "bench", "")) == sorted(MODEL_KINDS)
+
+
+def test_tune_describes_a_prequantized_checkpoint(tmp_path, capsys):
+    model = tmp_path / "llama-8b-gptq"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({**LLAMA_8B, "quantization_config": {
+        "quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True}}))
+    assert cli("tune", "-m", str(model), "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["prequantized"].startswith("gptq (bits=4, group_size=128")
+    assert any("pre-quantized" in n for n in report["notes"])
+    (model / "config.json").write_text(json.dumps({**LLAMA_8B, "quantization_config": {"quant_method": "exl2"}}))
+    assert cli("tune", "-m", str(model), "--json") == 0
+    assert "'exl2' is not supported" in json.loads(capsys.readouterr().out)["prequantized"]

@@ -342,6 +342,11 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
     if chosen not in (None, "none") and chosen not in quantizers:
         notes.append(f"no installed quantizer plugin provides {chosen} yet: the recommended command needs one "
                      f"(installed: {', '.join(sorted(quantizers)) or 'none'})")
+    from mistralrs.prequantized import describe_checkpoint
+
+    published = describe_checkpoint(config, registry)
+    if published:
+        notes.append(f"the checkpoint is pre-quantized: {published}; --isq re-quantizes it (dequantized) at load")
     if chosen is None:
         notes.append("no quantization level fits this machine with a usable context"
                      + ("" if device == "cpu" else "; try --cpu to use system RAM"))
@@ -364,6 +369,7 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
         "recommended_per_profile": per_profile,
         "recommended_command": serve_command(args, chosen) if chosen else None,
         "isq_available": sorted(quantizers),
+        "prequantized": published,
         "notes": notes,
     }
 
