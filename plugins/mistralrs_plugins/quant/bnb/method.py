@@ -103,7 +103,14 @@ class Bnb4bitMethod(CheckpointLinearMethod):
 
     def _rows(self, layer: Linear, r0: int, r1: int) -> torch.Tensor:
         n_in = layer.in_features
-        return self._flat(layer, r0 * n_in, r1 * n_in).reshape(r1 - r0, n_in)
+        start, stop = r0 * n_in, r1 * n_in
+        bs = int(self.meta["blocksize"])
+        if start % bs == 0 and stop % bs == 0:  # whole blocks: a table lookup and one broadcast multiply
+            pairs = layer.weight.reshape(-1)[start // 2:stop // 2]
+            codes = torch.stack([pairs >> 4, pairs & 15], dim=-1).reshape(-1, bs).to(torch.int32)
+            values = layer.weight__quant_map[codes] * layer.weight__absmax[start // bs:stop // bs].unsqueeze(1)
+            return values.reshape(r1 - r0, n_in)
+        return self._flat(layer, start, stop).reshape(r1 - r0, n_in)
 
     def dequantize(self, layer: Linear) -> torch.Tensor:
         return self._rows(layer, 0, layer.out_features)

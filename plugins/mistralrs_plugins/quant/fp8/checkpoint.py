@@ -68,9 +68,8 @@ class Fp8CheckpointMethod(CheckpointLinearMethod):
         if self.block is None:
             return w * s.reshape(())
         bo, bi = self.block
-        rows = torch.arange(r0, r1, device=w.device) // bo
-        cols = torch.arange(layer.in_features, device=w.device) // bi
-        return w * s[rows][:, cols]
+        rows = s[r0 // bo:-(-r1 // bo)].repeat_interleave(bo, dim=0)[r0 % bo:r0 % bo + (r1 - r0)]
+        return w * rows.repeat_interleave(bi, dim=1)[:, :layer.in_features]
 
     def dequantize(self, layer: Linear) -> torch.Tensor:
         return self._rows(layer, 0, layer.out_features)

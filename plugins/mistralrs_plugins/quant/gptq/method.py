@@ -135,14 +135,29 @@ class GptqLinearMethod(CheckpointLinearMethod):
         return f"{self.qtype} ({self.fast})" if self.fast else f"{self.qtype} {self.bits}-bit (reference)"
 
     def _rows(self, layer: Linear, r0: int, r1: int) -> torch.Tensor:
-        g_idx = self._group_index(layer)
         q = self._codes(layer, r0, r1)  # [in, r]
         zeros = getattr(self, "_zeros_cache", None)
         if zeros is None:
             zeros = self._zeros_cache = self._zeros(layer)
-        z = zeros[:, r0:r1][g_idx]
-        s = layer.scales[:, r0:r1].to(torch.float32)[g_idx]
-        return ((q - z).to(torch.float32) * s).t()
+        z, s = zeros[:, r0:r1], layer.scales[:, r0:r1].to(torch.float32)
+        if self._in_order(layer):  # groups are runs of g columns: broadcast instead of gathering per column
+            n_in, groups = layer.in_features, z.shape[0]
+            g = -(-n_in // groups)
+            pad = groups * g - n_in
+            qf = torch.nn.functional.pad(q, (0, 0, 0, pad)) if pad else q
+            w = (qf.view(groups, g, -1) - z.unsqueeze(1)).to(torch.float32) * s.unsqueeze(1)
+            return w.view(groups * g, -1)[:n_in].t()
+        g_idx = self._group_index(layer)
+        return ((q - z[g_idx]).to(torch.float32) * s[g_idx]).t()
+
+    def _in_order(self, layer: Linear) -> bool:
+        cached = getattr(self, "_order_cache", None)
+        if cached is None:
+            g_idx = self._group_index(layer)
+            groups = layer.scales.shape[0]
+            g = -(-layer.in_features // groups)
+            cached = self._order_cache = bool(torch.equal(g_idx, torch.arange(layer.in_features, device=g_idx.device) // g))
+        return cached
 
     def dequantize(self, layer: Linear) -> torch.Tensor:
         if self.fast:
