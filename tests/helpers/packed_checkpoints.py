@@ -19,6 +19,19 @@ from safetensors.numpy import save_file
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 
 
+def _copy_source(src: Path, dst: Path, framework: str = "np") -> dict:
+    """Copy `src`'s files but its weights into `dst`; return its tensors (numpy or torch)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors":
+            shutil.copy(f, dst / f.name)
+    tensors = {}
+    for path in sorted(src.glob("*.safetensors")):
+        with safe_open(str(path), framework=framework) as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    return tensors
+
+
 def _rtn(w: np.ndarray, bits: int, groups: np.ndarray, n_groups: int, sym: bool):
     """AutoGPTQ's quantizer per (group, output): codes [out, in], scales fp16 [G, out], zeros [G, out]."""
     maxq = (1 << bits) - 1
@@ -69,14 +82,7 @@ def write_packed(src: Path, dst: Path, fmt: str, *, bits: int = 4, group_size: i
     """A copy of the checkpoint `src` with every weight `quantized(name)` selects stored as `fmt`
     ("gptq" or "awq"); returns (dst, {weight name: dequantized float32 [out, in]})."""
     rng = np.random.default_rng(seed)
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if f.is_file() and f.suffix != ".safetensors":
-            shutil.copy(f, dst / f.name)
-    tensors = {}
-    for path in sorted(src.glob("*.safetensors")):
-        with safe_open(str(path), framework="np") as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    tensors = _copy_source(src, dst, "np")
     out, dequantized = {}, {}
     for name, t in tensors.items():
         n = 32 // bits
@@ -121,14 +127,7 @@ def write_packed(src: Path, dst: Path, fmt: str, *, bits: int = 4, group_size: i
 
 def write_dequantized(src: Path, dst: Path, dequantized: dict[str, np.ndarray]) -> Path:
     """The float checkpoint `src` with the dequantized weights in place of the originals."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if f.is_file() and f.suffix != ".safetensors":
-            shutil.copy(f, dst / f.name)
-    tensors = {}
-    for path in sorted(src.glob("*.safetensors")):
-        with safe_open(str(path), framework="np") as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    tensors = _copy_source(src, dst, "np")
     tensors.update(dequantized)
     save_file(tensors, str(dst / "model.safetensors"))
     return dst
@@ -143,14 +142,7 @@ def write_fp8(src: Path, dst: Path, *, block: tuple[int, int] | None = (128, 128
     import torch
     from safetensors.torch import save_file as save_torch
 
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if f.is_file() and f.suffix != ".safetensors":
-            shutil.copy(f, dst / f.name)
-    tensors = {}
-    for path in sorted(src.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    tensors = _copy_source(src, dst, "pt")
     out, dequantized = {}, {}
     for name, t in tensors.items():
         layer = name.removesuffix(".weight")
@@ -194,14 +186,7 @@ def write_bnb(src: Path, dst: Path, *, kind: str = "nf4", nested: bool = True, i
     import torch
     from safetensors.torch import save_file as save_torch
 
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if f.is_file() and f.suffix != ".safetensors":
-            shutil.copy(f, dst / f.name)
-    tensors = {}
-    for path in sorted(src.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    tensors = _copy_source(src, dst, "pt")
     out, dequantized = {}, {}
     for name, t in tensors.items():
         if not quantized(name):
@@ -253,14 +238,7 @@ def write_mlx(src: Path, dst: Path, *, bits: int = 4, group_size: int = 64,
     """A copy of `src` as mlx_lm writes a quantized model: ``weight`` uint32 codes, ``scales`` and
     ``biases`` float16 per group (w = q * scale + bias), ``quantization`` in config.json, token
     embeddings included; returns (dst, {weight name: dequantized float32})."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if f.is_file() and f.suffix != ".safetensors":
-            shutil.copy(f, dst / f.name)
-    tensors = {}
-    for path in sorted(src.glob("*.safetensors")):
-        with safe_open(str(path), framework="np") as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    tensors = _copy_source(src, dst, "np")
     out, dequantized = {}, {}
     levels = (1 << bits) - 1
     for name, t in tensors.items():
