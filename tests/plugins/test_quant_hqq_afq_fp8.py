@@ -114,11 +114,13 @@ def test_registering_imports_no_torch():
 
     code = (
         "import sys\n"
-        "from mistralrs_plugins.quant import afq, fp8, hqq\n"
+        "from mistralrs_plugins.quant import afq, awq, bnb, fp8, gptq, hqq\n"
         "specs = []\n"
-        "for plugin in (afq, fp8, hqq):\n"
+        "for plugin in (afq, fp8, hqq, gptq, awq, bnb):\n"
         "    plugin.register_quantizers(specs.append)\n"
-        "assert len(specs) == 9, specs\n"
+        "names = sorted(s.name for s in specs)\n"
+        "assert names == ['afq2', 'afq3', 'afq4', 'afq6', 'afq8', 'awq', 'bnb', 'f8q8', 'fp8', 'fp8_checkpoint', 'gptq',"
+        " 'hqq4', 'hqq8', 'mlx_afq'], names\n"
         "assert 'torch' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
