@@ -156,3 +156,28 @@ def test_quantize_bad_input_exits_2(model_dir, tmp_path):
     assert r.returncode == 2 and "need a directory" in r.stderr
     r = _cli("quantize", "-m", str(model_dir), "--isq", "q9k", "-o", str(tmp_path / "d"))
     assert r.returncode == 2 and "is not a quantization type" in r.stderr
+
+
+def test_uqff_report_verify_inspect(quantized, tmp_path):
+    out, _ = quantized
+    r = _cli("uqff", "verify", "-m", str(out), "--strict", "--json")
+    assert r.returncode == 0, r.stderr
+    verdict = json.loads(r.stdout)
+    assert verdict["ok"] and verdict["outputs"]["q4k"]["stored"] == {"q4k": 14, "q6k": 1}
+    r = _cli("uqff", "report", "-m", str(out / "q8_0-0.uqff"), "--quant", "8", "--json")
+    assert r.returncode == 0, r.stderr
+    (output,) = json.loads(r.stdout)["outputs"]
+    assert output["quant"] == "q8_0" and output["shards"] == ["q8_0-0.uqff"] and output["layers"] == 15
+    r = _cli("uqff", "inspect", "-m", str(out), "--quant", "q4k", "--json")
+    rows = {row["module"]: row for row in json.loads(r.stdout)}
+    assert rows["model.embed_tokens"]["stored"] == "q6k" and rows["model.layers.1.mlp.down_proj"]["shape"] == [256, 512]
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    (broken / "residual.safetensors").unlink()
+    shard = broken / "q4k-0.uqff"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    r = _cli("uqff", "verify", "-m", str(broken))
+    assert r.returncode == 1
+    assert "q4k-0.uqff: not a readable UQFF" in r.stderr and "residual.safetensors: missing" in r.stderr

@@ -70,7 +70,7 @@ def register_commands(cli):
     ))
     cli.add_command(CommandSpec(
         name="uqff",
-        help="Report, verify or inspect UQFF files (not supported yet in this build; see uqff_report.json)",
-        add_arguments="mistralrs.cli.pending_cmd:add_uqff_arguments",
-        run="mistralrs.cli.pending_cmd:uqff",
+        help="Report, verify or inspect UQFF files without loading a model",
+        add_arguments="mistralrs.cli.uqff_cmd:add_arguments",
+        run="mistralrs.cli.uqff_cmd:run",
     ))

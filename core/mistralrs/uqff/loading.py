@@ -203,15 +203,17 @@ class UqffSet:
         self.residual: Path | None = None
 
     @classmethod
-    def open(cls, paths: list[Path]) -> UqffSet:
+    def open(cls, paths: list[Path], *, allow_newer_minor: bool = False, need_residual: bool = True) -> UqffSet:
         self = cls()
         try:
             for path in paths:
                 f = _Mapped(Path(path))
                 self.files.append(f)
-                self._check_version(f)
+                self._check_version(f, allow_newer_minor)
                 self._group(f)
             residual = Path(paths[0]).parent / C.RESIDUAL
+            if not need_residual:
+                return self
             if not residual.is_file():
                 raise ModelLoadError(f"{residual}: the residual file of {Path(paths[0]).name} is missing; a UQFF shard "
                                      "loads only from its export directory (copy residual.safetensors beside it)")
@@ -222,13 +224,13 @@ class UqffSet:
         return self
 
     @staticmethod
-    def _check_version(f: _Mapped) -> None:
+    def _check_version(f: _Mapped, allow_newer_minor: bool = False) -> None:
         if not all(k in f.shapes for k in C.VERSION_KEYS):
             raise ModelLoadError(f"{f.path}: no UQFF version entries (uqff.version.*); it is not a UQFF 1.x file "
                                  "(pre-1.0 UQFF files must be written again with `mistralrs quantize`)")
         major, minor, patch = (int(f.get(k).item()) for k in C.VERSION_KEYS)
         want_major, want_minor, _ = C.VERSION
-        if major != want_major or minor > want_minor:
+        if major != want_major or (minor > want_minor and not allow_newer_minor):
             raise ModelLoadError(
                 f"{f.path}: UQFF version {major}.{minor}.{patch}, but this build reads {want_major}.x up to "
                 f"{want_major}.{want_minor}; upgrade mistralrs or write the file again with this version"
