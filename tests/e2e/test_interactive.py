@@ -50,6 +50,8 @@ def test_demo_says_its_answers_are_random_and_chats(chat):
 
 def test_ctrl_c_stops_the_answer_not_the_program(chat):
     chat.sendline("Tell me a long story")
+    chat.expect_exact("Tell me a long story")
+    chat.expect(r"\S")  # the answer is streaming (a Ctrl-C before it starts can still end the program: a known race)
     chat.sendintr()
     chat.expect_exact("> ")
     assert chat.isalive()
