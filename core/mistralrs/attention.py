@@ -32,6 +32,8 @@ class AttentionBatch:
     block_tables: [S, max_blocks] int32 block ids per sequence, or None without a cache.
     backend: the attention backend that owns the cache; layers call ``backend.attend``.
     scratch: per-step values a backend derives once in `prepare` and reuses in every layer.
+    causal: False for encoders (embedding models): each token sees every token of its sequence
+        (within `sliding_window` on either side). Only batches without a KV cache are non-causal.
     """
 
     query_start_loc: list[int]
@@ -40,6 +42,7 @@ class AttentionBatch:
     slot_mapping: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
     scratch: dict[str, Any] = attrs.field(factory=dict)
+    causal: bool = True
 
     @property
     def num_seqs(self) -> int:
@@ -111,8 +114,10 @@ class AttentionBackend:
         seq_lens: list[int],
         slot_mapping: torch.Tensor | None = None,
         block_tables: torch.Tensor | None = None,
+        *,
+        causal: bool = True,
     ) -> AttentionBatch:
-        b = AttentionBatch(query_start_loc, seq_lens, self, slot_mapping, block_tables)
+        b = AttentionBatch(query_start_loc, seq_lens, self, slot_mapping, block_tables, causal=causal)
         self.prepare(b)
         return b
 
@@ -134,8 +139,9 @@ class AttentionBackend:
         """q[T, Hq, D], k[T, Hkv, D], v[T, Hkv, Dv] for the new tokens -> out[T, Hq, Dv].
 
         Writes k/v into the cache slots first (when there is a cache), then attends each new
-        token to its sequence's visible keys, causally. `sliding_window` W: a query at
-        position p sees keys at positions > p - W. `softcap` c: scores -> c * tanh(scores / c).
+        token to its sequence's visible keys, causally (unless ``batch.causal`` is False: then to
+        all of them). `sliding_window` W: a query at position p sees keys at positions > p - W
+        (non-causal: |p - k| < W). `softcap` c: scores -> c * tanh(scores / c).
         """
         raise NotImplementedError
 

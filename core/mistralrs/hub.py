@@ -48,6 +48,7 @@ GENERATION_CONFIG = "generation_config.json"
 CHAT_TEMPLATE_JINJA = "chat_template.jinja"
 CHAT_TEMPLATE_JSON = "chat_template.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+ST_MODULES = "modules.json"  # a sentence-transformers model's module pipeline (docs/embeddings.md)
 
 # Small files fetched whenever the repository has them (weights are chosen separately).
 AUX_FILES: tuple[str, ...] = (
@@ -59,6 +60,9 @@ AUX_FILES: tuple[str, ...] = (
     GENERATION_CONFIG,
     CHAT_TEMPLATE_JINJA,
     CHAT_TEMPLATE_JSON,
+    ST_MODULES,
+    "config_sentence_transformers.json",
+    "sentence_bert_config.json",
 )
 
 PICKLE_SUFFIXES: tuple[str, ...] = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -583,6 +587,20 @@ def _snapshot_commit(path: Path) -> str | None:
     return None
 
 
+def _st_module_files(modules_json: Path, available: set[str]) -> list[str]:
+    """A sentence-transformers repository's module folders' configs and safetensors weights (the
+    pooling, dense and normalize layers), and its model card (it says whether the model was
+    Matryoshka-trained)."""
+    try:
+        modules = json.loads(modules_json.read_text(encoding="utf-8"))
+        folders = {m["path"].strip("/") for m in modules if isinstance(m, dict) and m.get("path")}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return []  # the embedding loader reports a broken modules.json with its path
+    wanted = [f for f in sorted(available) if "/" in f and f.rsplit("/", 1)[0] in folders
+              and f.endswith((".json", ".safetensors"))]
+    return wanted + (["README.md"] if "README.md" in available else [])
+
+
 def _fetch_online(
     model_id: str,
     revision: str | None,
@@ -669,6 +687,9 @@ def _fetch_online(
 
     with _progress_bars(show_progress):
         downloaded: list[Path] = [download(f) for f in aux]
+        if ST_MODULES in top:
+            st_paths = next(p for p in downloaded if p.name == ST_MODULES)
+            downloaded.extend(download(f) for f in _st_module_files(st_paths, available))
         if WEIGHTS_INDEX in top:
             index_path = next(p for p in downloaded if p.name == WEIGHTS_INDEX)
             shards = _read_index(index_path, where)

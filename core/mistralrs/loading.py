@@ -173,9 +173,10 @@ def find_weight_files(model_dir: Path) -> list[Path]:
 
 
 def select_architecture(config: dict, arch: str | None = None, registry: Any = None, *,
-                        config_path: Path | str = "config.json") -> ArchitectureSpec:
+                        config_path: Path | str = "config.json", kind: str | None = None) -> ArchitectureSpec:
     """The registered architecture for a config (or an explicit `arch`: spec name, HF
-    architecture name or model_type)."""
+    architecture name or model_type). `kind` ("embedding"): only architectures of that kind;
+    None: embedding architectures only when no other serves the config."""
     from mistralrs.errors import NotFoundError
 
     if registry is None:
@@ -186,7 +187,7 @@ def select_architecture(config: dict, arch: str | None = None, registry: Any = N
         if arch in registry.architectures:
             return registry.architectures.get(arch)
         try:
-            return registry.architecture_for(hf_architecture=arch, model_type=arch)
+            return registry.architecture_for(hf_architecture=arch, model_type=arch, kind=kind)
         except NotFoundError as exc:
             raise ModelLoadError(f"--arch {arch!r}: {exc}") from None
     archs = config.get("architectures")
@@ -198,7 +199,7 @@ def select_architecture(config: dict, arch: str | None = None, registry: Any = N
             f"with --arch (supported: {', '.join(registry.supported_architecture_names())})"
         )
     try:
-        return registry.architecture_for(hf_architecture=hf_arch, model_type=model_type)
+        return registry.architecture_for(hf_architecture=hf_arch, model_type=model_type, kind=kind)
     except NotFoundError as exc:
         raise ModelLoadError(f"{_short(config_path)}: {exc}") from None
 
@@ -681,6 +682,7 @@ def load_model(
     registry: Any = None,
     quant_method_for: Callable[[str, Any], Any] | None = None,
     seed: int = 0,
+    kind: str | None = None,
 ) -> LoadedModel:
     """Load a model directory (or hub.ModelFiles) into a ready-to-run model. See the module doc."""
     import torch
@@ -694,7 +696,7 @@ def load_model(
         from mistralrs.plugins import get_registry
 
         registry = get_registry()
-    spec = select_architecture(config, arch, registry, config_path=config_path)
+    spec = select_architecture(config, arch, registry, config_path=config_path, kind=kind)
     dev = torch.device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     if not dummy_weights and not weight_files:

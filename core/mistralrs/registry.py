@@ -185,8 +185,11 @@ class Registry:
         hf_architecture: str | None = None,
         model_type: str | None = None,
         gguf_architecture: str | None = None,
+        kind: str | None = None,
     ) -> S.ArchitectureSpec:
-        """The architecture serving an HF `architectures[0]`, else `model_type`, else a GGUF name."""
+        """The architecture serving an HF `architectures[0]`, else `model_type`, else a GGUF name.
+        `kind` (``embedding``): only architectures of that kind; None: any, generative ones first
+        (Qwen3ForCausalLM is Qwen3, unless the model is served as an embedding model)."""
         queries = (
             ("hf_architectures", hf_architecture),
             ("model_types", model_type),
@@ -195,11 +198,14 @@ class Registry:
         for field, value in queries:
             if not value:
                 continue
-            found = [s for s in self.architectures if value in getattr(s, field)]
+            found = [s for s in self.architectures if value in getattr(s, field)
+                     and (kind is None or s.kind_of_model == kind)]
             if found:
-                found.sort(key=lambda s: (-s.priority, s.name))
+                found.sort(key=lambda s: (s.kind_of_model == "embedding", -s.priority, s.name))
                 return found[0]
         asked = ", ".join(f"{v!r}" for _, v in queries if v) or "nothing"
+        if kind is not None:
+            asked = f"{asked} as a model of kind {kind!r}"
         raise NotFoundError(
             f"no architecture plugin serves {asked}; supported: {', '.join(self.supported_architecture_names())}"
             " (choose one with -a/--arch, or install a plugin that adds it)"

@@ -26,6 +26,7 @@ class ServiceOptions:
     """Everything that shapes how a model is loaded and run (CLI flags, Runner kwargs, TOML)."""
 
     model_id: str
+    kind: str = "auto"  # auto | text | embedding: which service the model gets (mistral.rs's model-type subcommand)
     arch: str | None = None
     dtype: str = "auto"
     device: str | None = None  # None: best available device (cpu unless a GPU is present)
@@ -79,6 +80,8 @@ class ServiceOptions:
             raise ConfigError(
                 f"{' and '.join('--' + g.replace('_', '-') for g in given)} are mutually exclusive; give only one"
             )
+        if self.kind not in ("auto", "text", "embedding"):
+            raise ConfigError(f"the model kind must be auto, text or embedding, not {self.kind!r}")
         if self.paged_attn not in ("auto", "on", "off"):
             raise ConfigError(f"--paged-attn must be auto, on or off, not {self.paged_attn!r}")
         if self.pa_cache_type not in ("auto", "f8e4m3"):
@@ -476,17 +479,18 @@ def tokenizer_of(opts: ServiceOptions, root: Path) -> Any:
 
 
 def load_quantized(files: Any, opts: ServiceOptions, plan: Any, device: str, registry: Any, *,
-                   tokenizer: Any = None) -> Any:
+                   tokenizer: Any = None, kind: str | None = None) -> Any:
     """`load_model` with the ISQ plan (None: float). ``--imatrix``: the plan's quantizers get each
     layer's importance. ``--calibration-file``: the model first loads in float and the text runs
     through it to collect the imatrix; that model is dropped and the ISQ load runs with the
     imatrix, quantizing from the checkpoint's tensors as a plain ``--isq`` load does (peak memory:
-    the float model, then the quantized one). `tokenizer` is a function giving the tokenizer."""
+    the float model, then the quantized one). `tokenizer` is a function giving the tokenizer.
+    `kind`: the architecture kind to choose (``embedding``; None: a generative one first)."""
     from mistralrs.loading import load_model
 
     def load(quant_method_for: Any) -> Any:
         return load_model(files, arch=opts.arch, dtype=opts.dtype, device=device, dummy_weights=opts.dummy_weights,
-                          registry=registry, seed=opts.seed or 0, quant_method_for=quant_method_for)
+                          registry=registry, seed=opts.seed or 0, quant_method_for=quant_method_for, kind=kind)
 
     if plan is not None and opts.imatrix:
         from mistralrs.imatrix import read_imatrix

@@ -28,6 +28,8 @@ class SdpaBackend(AttentionBackend):
     def prepare(self, batch: AttentionBatch) -> None:
         if batch.block_tables is None and any(batch.context_lens):
             raise ValueError("a batch without a KV cache cannot have cached context")
+        if not batch.causal and batch.slot_mapping is not None:
+            raise ValueError("a non-causal (encoder) batch runs without a KV cache")
 
     def seq_slots(self, batch: AttentionBatch, i: int) -> torch.Tensor:
         """The cache slots of sequence i's first seq_lens[i] positions (computed once per step)."""
@@ -40,6 +42,8 @@ class SdpaBackend(AttentionBackend):
 
     def attend(self, layer, q, k, v, batch, *, scale, sliding_window=None, softcap=None):
         cached = self.write_kv(layer, k, v, batch)
+        if not cached and softcap is None and batch.num_seqs > 1:
+            return self.attend_padded(q, k, v, batch, scale=scale, sliding_window=sliding_window)
         out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
         for i in range(batch.num_seqs):
             self.attend_seq(i, layer, q, k, v, batch, out, cached=cached, scale=scale,
@@ -70,9 +74,7 @@ class SdpaBackend(AttentionBackend):
         ctx = sl - ql
         qpos = torch.arange(ctx, sl, device=q.device)[:, None]
         kpos = torch.arange(sl, device=q.device)[None, :]
-        allowed = kpos <= qpos
-        if sliding_window is not None:
-            allowed &= kpos > qpos - sliding_window
+        allowed = _allowed(qpos, kpos, batch.causal, sliding_window)
         qi = q[qs:qe].transpose(0, 1)  # [Hq, ql, D]
         ki = ks.transpose(0, 1).repeat_interleave(hq // hk, dim=0)
         vi = vs.transpose(0, 1).repeat_interleave(hq // hk, dim=0)
@@ -85,8 +87,47 @@ class SdpaBackend(AttentionBackend):
             oi = torch.softmax(scores, dim=-1).to(vi.dtype) @ vi
         out[qs:qe] = oi.transpose(0, 1)
 
+    def attend_padded(self, q, k, v, batch, *, scale, sliding_window=None):
+        """Several sequences without a cache (an encoder batch, or --no-kv-cache prefill): padded
+        to the longest and attended in one SDPA call instead of one call per sequence."""
+        index, valid = _padding(batch, q.device)
+        s, length = valid.shape
+        hq, hk = q.shape[1], k.shape[1]
+        pos = torch.arange(length, device=q.device)
+        mask = _allowed(pos[:, None], pos[None, :], batch.causal, sliding_window)[None, None] & valid[:, None, None, :]
+        qp = q[index].transpose(1, 2)  # [S, Hq, L, D]
+        kp = k[index].transpose(1, 2).repeat_interleave(hq // hk, dim=1)
+        vp = v[index].transpose(1, 2).repeat_interleave(hq // hk, dim=1)
+        o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale)
+        return o.transpose(1, 2)[valid]  # back to the flat [T, Hq, Dv] order
+
     def copy_blocks(self, pairs):
         bs = self.block_size
         for src, dst in pairs:
             for cache in (*self.k_cache, *self.v_cache):
                 cache[dst * bs:(dst + 1) * bs] = cache[src * bs:(src + 1) * bs]
+
+
+def _allowed(qpos: torch.Tensor, kpos: torch.Tensor, causal: bool, sliding_window: int | None) -> torch.Tensor:
+    """Which keys each query sees: causal (k <= q) or all of them, within a sliding window."""
+    if causal:
+        allowed = kpos <= qpos
+        if sliding_window is not None:
+            allowed &= kpos > qpos - sliding_window
+        return allowed
+    if sliding_window is not None:
+        return (kpos - qpos).abs() < sliding_window
+    return torch.ones(qpos.shape[0], kpos.shape[1], dtype=torch.bool, device=qpos.device)
+
+
+def _padding(batch: AttentionBatch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """index[S, L]: each padded position's token in the flat batch (0 for padding); valid[S, L]."""
+    found = batch.scratch.get("sdpa_padding")
+    if found is None:
+        lens = torch.tensor(batch.query_lens, device=device)
+        starts = torch.tensor(batch.query_start_loc[:-1], device=device)
+        pos = torch.arange(int(lens.max()), device=device)
+        valid = pos[None, :] < lens[:, None]
+        index = torch.where(valid, starts[:, None] + pos[None, :], 0)
+        found = batch.scratch["sdpa_padding"] = (index, valid)
+    return found
