@@ -21,6 +21,8 @@ _LAZY: dict[str, str] = {
     "Which": "mistralrs.api",
     "ChatCompletionRequest": "mistralrs.api",
     "CompletionRequest": "mistralrs.api",
+    "EmbeddingRequest": "mistralrs.api",
+    "EmbeddingArchitecture": "mistralrs.api",
     "ModelDType": "mistralrs.api",
     "Architecture": "mistralrs.api",
     "PagedCacheType": "mistralrs.api",

@@ -51,6 +51,12 @@ class Architecture(enum.Enum):
     SmolLm3 = "smollm3"
 
 
+class EmbeddingArchitecture(enum.Enum):
+    EmbeddingGemma = "embeddinggemma"
+    Qwen3Embedding = "qwen3embedding"
+    Bert = "bert"  # BERT-family sentence-transformers models (all-MiniLM, BGE, E5, GTE)
+
+
 class ToolChoice(enum.Enum):
     """`tool_choice` values (mistral.rs names `NoTools` and `Auto`, plus `Required`). A
     request may also pass the OpenAI strings or a named-function dict."""
@@ -82,6 +88,25 @@ class Which:
         imatrix: str | None = None  # importance matrix for in_situ_quant (.imatrix / GGUF imatrix / .cimatrix)
         calibration_file: str | None = None  # a text run through the model at load to make the imatrix
         dummy_weights: bool = False
+
+    @attrs.define(kw_only=True)
+    class Embedding:
+        """An embedding model (a sentence-transformers folder or repository, or a bare encoder):
+        served through `Runner.send_embedding_request`. `arch` defaults to config.json's."""
+
+        model_id: str
+        arch: EmbeddingArchitecture | str | None = None
+        tokenizer_json: str | None = None
+        dtype: ModelDType | str = ModelDType.Auto
+        hf_cache_path: str | None = None
+        revision: str | None = None
+        topology: str | None = None
+        from_uqff: Any = None
+        write_uqff: str | None = None
+        imatrix: str | None = None
+        calibration_file: str | None = None
+        dummy_weights: bool = False
+        organization: str | None = None
 
     @attrs.define(kw_only=True)
     class GGUF:
@@ -148,6 +173,24 @@ def _uqff_files(value: Any) -> tuple[str, ...]:
     if isinstance(value, (str, os.PathLike)):
         return (str(value),)
     return tuple(str(v) for v in value)
+
+
+@attrs.define(kw_only=True)
+class EmbeddingRequest:
+    """mistral.rs's `EmbeddingRequest`: `input` is a string, a list of strings, a list of token ids
+    or a list of such lists. Extensions: `dimensions` (Matryoshka models), `prompt_name` (one of
+    the model's sentence-transformers prompts, e.g. "query")."""
+
+    input: Any
+    truncate_sequence: bool = False
+    dimensions: int | None = None
+    prompt_name: str | None = None
+
+    def to_body(self) -> dict[str, Any]:
+        body = {"input": self.input, "truncate_sequence": self.truncate_sequence}
+        body.update({k: v for k, v in (("dimensions", self.dimensions), ("prompt_name", self.prompt_name))
+                     if v is not None})
+        return body
 
 
 @attrs.define(kw_only=True)
@@ -299,12 +342,13 @@ class Runner:
         max_tool_rounds: int = 8,
         **unsupported: Any,
     ) -> None:
-        from mistralrs.serving import ModelService, ServiceOptions
+        from mistralrs.serving import ServiceOptions
+        from mistralrs.services import open_service
         from mistralrs.tool_choice import ToolConfig
 
-        if not isinstance(which, (Which.Plain, Which.GGUF, Which.GGML)):
-            raise ConfigError(f"{type(which).__name__} models are not supported yet; use Which.Plain, Which.GGUF "
-                              "or Which.GGML")
+        if not isinstance(which, (Which.Plain, Which.GGUF, Which.GGML, Which.Embedding)):
+            raise ConfigError(f"{type(which).__name__} models are not supported yet; use Which.Plain, Which.GGUF, "
+                              "Which.GGML or Which.Embedding")
         given = {k for k, v in unsupported.items() if v not in (None, False)}
         if given:
             raise ConfigError(f"Runner options not supported yet: {', '.join(sorted(given))}")
@@ -316,6 +360,7 @@ class Runner:
         source = _source_options(which)
         opts = ServiceOptions(
             **source,
+            kind="embedding" if isinstance(which, Which.Embedding) else "auto",
             dtype=_enum_value(which.dtype),
             tokenizer_json=which.tokenizer_json,
             hf_cache=which.hf_cache_path,
@@ -352,14 +397,38 @@ class Runner:
             toolbox = Toolbox(registry, sources)
         self.tools = ToolConfig(tool_parser=tool_parser, reasoning_parser=reasoning_parser,
                                 callbacks=dict(tool_callbacks or {}), toolbox=toolbox, max_tool_rounds=max_tool_rounds)
-        self.service = ModelService(opts)
+        self.service = open_service(opts)
         self.model_id = opts.model_id
+
+    def _require(self, kind: str) -> None:
+        served = getattr(self.service, "kind", "text")
+        if served == kind:
+            return
+        from mistralrs.errors import InvalidRequest
+
+        if served == "embedding":
+            raise InvalidRequest(f"{self.model_id} is an embedding model: use send_embedding_request, not chat or "
+                                 "completions", "model")
+        raise InvalidRequest(f"{self.model_id} is a {served} model and cannot make embeddings; load an embedding "
+                             "model (Which.Embedding) for send_embedding_request", "model")
+
+    # -- embeddings ---------------------------------------------------------------------------
+    def send_embedding_request(self, request: EmbeddingRequest, model_id: str | None = None) -> list[list[float]]:
+        """One embedding per input, as lists of floats (batched with other requests in flight)."""
+        from mistralrs.embedding.requests import parse_embedding_request
+
+        self._check_model(model_id)
+        self._require("embedding")
+        job = parse_embedding_request(request.to_body())
+        vectors, _ = self.service.embed(job)
+        return [[float(x) for x in row] for row in vectors.tolist()]
 
     # -- chat ---------------------------------------------------------------------------------
     def _chat(self, request: ChatCompletionRequest, loop: asyncio.AbstractEventLoop | None = None) -> Any:
         from mistralrs.chat_plan import prepare_chat
         from mistralrs.tool_loop import ToolLoop
 
+        self._require("text")
         plan = prepare_chat(self.service, request.to_body(), self.tools)
         handle = ToolLoop(plan, lambda gen: self.service.engine.submit(gen, loop=loop))
         stream = P.ChatStream(self.service.tokenizer, id=f"chatcmpl-{uuid.uuid4().hex}", model=self.model_id,
@@ -390,6 +459,7 @@ class Runner:
 
     def send_completion_request(self, request: CompletionRequest, model_id: str | None = None) -> Any:
         self._check_model(model_id)
+        self._require("text")
         body = request.to_body()
         gen = P.build_completion_request(self.service, body)
         handle = self.service.engine.submit(gen)

@@ -229,7 +229,7 @@ def load_config(path: str | Path) -> FromConfig:
     return cfg
 
 
-SUPPORTED_KINDS = ("auto", "text")
+SUPPORTED_KINDS = ("auto", "text", "embedding")
 
 
 def validate(cfg: FromConfig) -> None:
@@ -306,6 +306,7 @@ def service_options(cfg: FromConfig, model: ModelEntry) -> Any:
     pa, rt = cfg.paged_attn, cfg.runtime
     return ServiceOptions(
         model_id=model.model_id,
+        kind=model.kind,
         arch=model.arch,
         dtype=model.dtype,
         cpu=model.device.cpu,

@@ -189,6 +189,8 @@ def kv_cache_blocks(opts: ServiceOptions, *, bytes_per_block: int, device: str, 
 class ModelService:
     """A loaded model plus its engine."""
 
+    kind = "text"  # frontends route chat and completions here (embedding models: EmbeddingService)
+
     def __init__(self, opts: ServiceOptions, *, registry: Any = None) -> None:
         from mistralrs.gguf.files import resolve_gguf_source
         from mistralrs.hub import fetch_model, gguf_file_names

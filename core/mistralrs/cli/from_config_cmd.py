@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from mistralrs.config import load_config, service_options
     from mistralrs.plugins import get_registry
-    from mistralrs.serving import ModelService
+    from mistralrs.services import open_service
     from mistralrs.specs import resolve
     from mistralrs.tool_calling import ToolConfig
 
@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
         thinking = cfg.enable_thinking if cfg.enable_thinking is not None else cfg.thinking
         (opts,) = options.values()
         chat = resolve(get_registry().frontends.get("interactive").factory)
-        return chat(ModelService(opts), tools=tools, enable_thinking=thinking, reasoning_effort=cfg.reasoning_effort).run()
+        return chat(open_service(opts), tools=tools, enable_thinking=thinking, reasoning_effort=cfg.reasoning_effort).run()
 
     default = cfg.default_model_id or cfg.models[0].model_id
 
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         loaded: dict[str, Any] = {}
         try:
             for model_id, opts in options.items():
-                loaded[model_id] = ModelService(opts)
+                loaded[model_id] = open_service(opts)
         except BaseException:
             for svc in loaded.values():
                 svc.shutdown()

@@ -140,8 +140,10 @@ def options_from_args(args: argparse.Namespace) -> Any:
         from mistralrs.errors import ConfigError
 
         raise ConfigError(f"{' and '.join('--' + g.replace('_', '-') for g in given)} are mutually exclusive")
+    kind = getattr(args, "kind", "auto") or "auto"
     opts = ServiceOptions(
         model_id=args.model_id,
+        kind=kind if kind in ("text", "embedding") else "auto",
         arch=args.arch,
         dtype=args.dtype,
         cpu=args.cpu,

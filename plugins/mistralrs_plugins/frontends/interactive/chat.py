@@ -203,7 +203,7 @@ class InteractiveChat:
 
 def run(args: argparse.Namespace) -> int:
     from mistralrs.cli.model_options import options_from_args
-    from mistralrs.serving import ModelService
+    from mistralrs.services import open_service
     from mistralrs_plugins.frontends.openai_server.cli import tool_config_from_args
 
     opts = options_from_args(args)
@@ -211,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
     thinking = None
     if args.thinking is not None or args.enable_thinking:
         thinking = args.enable_thinking or args.thinking == "true"
-    return chat_with(ModelService(opts), tools=tools, prompt=args.input, temperature=args.temperature,
+    return chat_with(open_service(opts), tools=tools, prompt=args.input, temperature=args.temperature,
                      enable_thinking=thinking, reasoning_effort=args.reasoning_effort, max_tokens=args.max_tokens)
 
 
@@ -220,6 +220,13 @@ def interactive_chat(service: Any, *, tools: Any = None, temperature: float | No
                      max_tokens: int | None = None) -> InteractiveChat:
     """The `interactive` frontend's factory: a terminal chat over a loaded service; `.run()`
     chats (or answers one prompt) and shuts the service down after."""
+    if getattr(service, "kind", "text") == "embedding":
+        service.shutdown()
+        from mistralrs.errors import ConfigError
+
+        raise ConfigError(f"{service.model_id} is an embedding model: it has no chat; serve it with "
+                          f"`mistralrs serve -m {service.model_id}` and POST /v1/embeddings, or use "
+                          "Runner.send_embedding_request")
     if service.loaded.dummy_weights:
         print(f"note: {service.model_id} has random weights: its answers are random text", file=sys.stderr)
     sampling: dict[str, Any] = {}

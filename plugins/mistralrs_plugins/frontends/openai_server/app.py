@@ -56,6 +56,7 @@ def create_app(state: ServerState) -> web.Application:
     r.add_get("/v1/models/{model:.+}", routes.get_model)
     r.add_post("/v1/chat/completions", routes.chat_completions)
     r.add_post("/v1/completions", routes.completions)
+    r.add_post("/v1/embeddings", routes.embeddings)
     r.add_post("/v1/responses", R.create_response)
     r.add_get("/v1/responses/{response_id}", R.get_response)
     r.add_delete("/v1/responses/{response_id}", R.delete_response)

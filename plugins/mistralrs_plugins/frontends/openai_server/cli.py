@@ -93,9 +93,9 @@ def run(args: argparse.Namespace) -> int:
     tools = tool_config_from_args(args)
 
     def load() -> Any:
-        from mistralrs.serving import ModelService
+        from mistralrs.services import open_service
 
-        return ModelService(opts)
+        return open_service(opts)
 
     factory = resolve(get_registry().frontends.get("openai_server").factory)
     server = factory(

@@ -134,13 +134,13 @@ class Metrics:
         def engine(attr: str) -> Callable[[], float | None]:
             def read() -> float | None:
                 svc = self.get_service()
-                return None if svc is None else getattr(svc.engine, attr)
+                return None if svc is None else getattr(svc.engine, attr, None)  # None: an embedding engine
             return read
 
         def pool(read_pool: Callable[[Any], float]) -> Callable[[], float | None]:
             def read() -> float | None:
                 svc = self.get_service()
-                p = None if svc is None else getattr(svc.engine.scheduler, "pool", None)
+                p = None if svc is None else getattr(getattr(svc.engine, "scheduler", None), "pool", None)
                 return None if p is None else read_pool(p)
             return read
 

@@ -28,7 +28,7 @@ async def health(request: web.Request) -> web.Response:
     """Readiness (llama.cpp's convention): 503 `model_loading` until every model is loaded."""
     state: ServerState = request.app[STATE]
     for name in state.model_ids:
-        state.require_service({"model": name})  # the 503 while loading, failed or draining
+        state.require_service({"model": name}, kind=None)  # the 503 while loading, failed or draining
     return web.Response(text="OK")
 
 
@@ -44,14 +44,14 @@ def _model_card(state: ServerState, model_id: str) -> dict[str, Any]:
 
 async def list_models(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    state.require_service()
+    state.require_service(kind=None)
     data = [_model_card(state, "default")] + [_model_card(state, m) for m in state.model_ids]
     return web.json_response({"object": "list", "data": data}, dumps=dumps)
 
 
 async def get_model(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    state.require_service()
+    state.require_service(kind=None)
     model = request.match_info["model"]
     state.resolve_name({"model": model})
     return web.json_response(_model_card(state, model), dumps=dumps)
@@ -68,7 +68,7 @@ async def metrics(request: web.Request) -> web.Response:
 async def tokenize(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body = await read_json(request)
-    service = state.require_service(body)
+    service = state.require_service(body, kind="text" if body.get("messages") is not None else None)
     tok = service.tokenizer
     special = body.get("add_special_tokens")
     if special is not None and not isinstance(special, bool):
@@ -92,7 +92,7 @@ async def tokenize(request: web.Request) -> web.Response:
 async def detokenize(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body = await read_json(request)
-    service = state.require_service(body)
+    service = state.require_service(body, kind=None)
     ids = body.get("tokens")
     vocab = int(getattr(service.tokenizer, "vocab_size", 0) or 0)
     if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
@@ -134,6 +134,28 @@ async def docs(request: web.Request) -> web.Response:
     from mistralrs_plugins.frontends.openai_server.openapi import docs_html, openapi_document
 
     return web.Response(text=docs_html(openapi_document(request.app[STATE])), content_type="text/html")
+
+
+# -- embeddings ------------------------------------------------------------------------------
+async def embeddings(request: web.Request) -> web.Response:
+    """``POST /v1/embeddings``: the request's inputs go to the model's embedding engine, which
+    batches them with every other embedding request in flight."""
+    import asyncio
+
+    from mistralrs.embedding.requests import embedding_response, parse_embedding_request
+
+    state = request.app[STATE]
+    body = await read_json(request)
+    service = state.require_service(body, kind="embedding")
+    model_name = state.resolve_name(body)
+    job = parse_embedding_request(body)
+    if job.texts is not None and sum(len(t) for t in job.texts) > 65536:
+        future, tokens = await asyncio.to_thread(service.start, job)  # tokenizing a large body off the loop
+    else:
+        future, tokens = service.start(job)
+    vectors = service.finish(job, await asyncio.wrap_future(future))
+    state.metrics.prompt_tokens.inc(tokens)
+    return web.json_response(embedding_response(job, vectors, tokens, model_name), dumps=dumps)
 
 
 # -- completions -----------------------------------------------------------------------------

@@ -108,8 +108,9 @@ class ServerState:
                                 '(or use "default")', param="model", code="model_not_found")
         return model
 
-    def require_service(self, body: dict[str, Any] | None = None) -> Any:
-        """The service for the request's model; 404 for an unknown model, 503 while loading."""
+    def require_service(self, body: dict[str, Any] | None = None, *, kind: str | None = "text") -> Any:
+        """The service for the request's model; 404 for an unknown model, 503 while loading, 400
+        when it is not of `kind` (``text``: chat and completions; ``embedding``; None: any)."""
         if self.draining:
             raise ApiError(503, "the server is shutting down", code="shutting_down")
         name = self.resolve_name(body)
@@ -119,6 +120,14 @@ class ServerState:
                 raise ApiError(503, f"the model failed to load: {self.load_error}", code="model_load_failed")
             raise ApiError(503, f"the model {name} is still loading; retry shortly",
                            code="model_loading", headers={"Retry-After": "1"})
+        served = getattr(service, "kind", "text")
+        if kind is not None and served != kind:
+            if served == "embedding":
+                raise ApiError(400, f"the model {name!r} is an embedding model: it answers POST /v1/embeddings, not "
+                                    "chat or text generation", param="model", code="model_kind_mismatch")
+            raise ApiError(400, f"the model {name!r} is a {served} model and cannot make embeddings; send embedding "
+                                "requests to an embedding model (serve one with -m, or beside others with from-config)",
+                           param="model", code="model_kind_mismatch")
         return service
 
     def check_model(self, body: dict[str, Any]) -> None:
