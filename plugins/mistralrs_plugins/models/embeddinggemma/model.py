@@ -1,6 +1,7 @@
 """EmbeddingGemma: the Gemma 3 text stack attending bidirectionally — full layers see the
-whole sentence, sliding layers the tokens less than ``sliding_window`` away on either side, as
-transformers' ``use_bidirectional_attention`` masks. Checkpoints are saved from
+whole sentence, sliding layers the tokens less than ``sliding_window // 2 + 1`` away on either
+side, as transformers' ``use_bidirectional_attention`` masks (its config halves the window so
+the two-sided span matches the one-sided one it was trained from). Checkpoints are saved from
 ``Gemma3TextModel`` (no ``model.`` prefix, no LM head)."""
 
 from __future__ import annotations
@@ -23,4 +24,9 @@ class EmbeddingGemma(Gemma3ForCausalLM):
     @classmethod
     def settings(cls, config: dict) -> DecoderSettings:
         # the causal-only check of the chat model does not apply: the engine masks bidirectionally
-        return super().settings({k: v for k, v in config.items() if k != "use_bidirectional_attention"})
+        bidirectional = bool(config.get("use_bidirectional_attention", True))
+        config = {k: v for k, v in config.items() if k != "use_bidirectional_attention"}
+        window = config.get("sliding_window")
+        if bidirectional and isinstance(window, int) and window > 0:
+            config["sliding_window"] = window // 2 + 1
+        return super().settings(config)
