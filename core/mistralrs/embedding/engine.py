@@ -4,7 +4,8 @@ queued, sorts the sequences by length (little padding) and runs them in batches 
 `max_batch_tokens` padded tokens; each request gets its rows back when its last batch is done.
 
 A batch is a flat `AttentionBatch` without a KV cache; encoders (``model.bidirectional``) get
-a non-causal one. A failing forward fails the requests in that batch only; the thread goes on."""
+a non-causal one. When a forward shared by several requests fails, each request's sequences
+run again on their own, so only the request that breaks it fails; the thread goes on."""
 
 from __future__ import annotations
 
@@ -106,10 +107,14 @@ class EmbeddingEngine:
                 hidden = self.model.forward(ids, positions, attn)
                 pooled = self.pipeline.pool(hidden, lengths, [j.skip[i] for _, j, i in live]).cpu()
         except Exception as exc:  # noqa: BLE001 - the requests in this batch fail, the engine goes on
-            log.exception("embedding forward failed")
-            for _, job, _ in live:
-                if not job.future.done():
-                    job.future.set_exception(exc)
+            jobs = list(dict.fromkeys(job for _, job, _ in live))
+            if len(jobs) > 1:  # find the request that breaks it: each on its own
+                for job in jobs:
+                    self._forward([b for b in live if b[1] is job])
+                return
+            log.warning("embedding forward failed: %s: %s", type(exc).__name__, exc)
+            if not jobs[0].future.done():
+                jobs[0].future.set_exception(exc)
             return
         for row, (_, job, i) in zip(pooled, live):
             if job.future.done():
