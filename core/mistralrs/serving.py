@@ -230,6 +230,9 @@ class ModelService:
                 plan.topology.check_layers(layers)
         self.loaded = load_quantized(self.files, opts, plan, device, registry,
                                      tokenizer=lambda: tokenizer_of(opts, self.files.root))
+        if self.loaded.arch.kind_of_model == "embedding":
+            raise ConfigError(f"{opts.model_id} is an embedding model ({self.loaded.arch.name}): it makes embeddings, "
+                              "not text; serve it (`mistralrs serve -m ...`, POST /v1/embeddings) or use Which.Embedding")
         if plan is not None:
             plan.log_summary()
         if opts.write_uqff:

@@ -155,6 +155,23 @@ SCHEMAS: dict[str, Any] = {
     "DetokenizeRequest": {"type": "object", "required": ["tokens"], "properties": {
         "model": STR, "tokens": {"type": "array", "items": INT}, "skip_special_tokens": BOOL}},
     "DetokenizeResponse": {"type": "object", "properties": {"prompt": STR, "content": STR}},
+    "EmbeddingRequest": {"type": "object", "required": ["input"], "properties": {
+        "model": STR,
+        "input": {"description": "a string, a list of strings, a list of token ids or a list of such lists",
+                  "oneOf": [STR, {"type": "array", "items": STR}, {"type": "array", "items": INT},
+                            {"type": "array", "items": {"type": "array", "items": INT}}]},
+        "encoding_format": {"enum": ["float", "base64"], "default": "float"},
+        "dimensions": {**INT, "description": "a leading slice of each embedding (Matryoshka-trained models only)"},
+        "user": STR,
+        "truncate_sequence": {**BOOL, "description": "cut token-id inputs longer than max_seq_length instead of "
+                                                     "refusing them (text is always cut there, keeping the start)"},
+        "prompt_name": {**STR, "description": "one of the model's sentence-transformers prompts, e.g. query"}}},
+    "EmbeddingList": {"type": "object", "properties": {
+        "object": {"const": "list"}, "model": STR,
+        "data": {"type": "array", "items": {"type": "object", "properties": {
+            "object": {"const": "embedding"}, "index": INT,
+            "embedding": {"oneOf": [{"type": "array", "items": {"type": "number"}}, STR]}}}},
+        "usage": {"type": "object", "properties": {"prompt_tokens": INT, "total_tokens": INT}}}},
 }
 
 SSE = {"text/event-stream": {"schema": {"type": "string", "description": "server-sent events"}}}
@@ -186,6 +203,8 @@ def openapi_document(state: Any = None) -> dict[str, Any]:
             description="With stream=true: `data:` chunks (`chat.completion.chunk`), `: keep-alive` comments "
                         "while waiting, a usage chunk with stream_options.include_usage, then `data: [DONE]`."),
         "/v1/completions": _post("Text completion (OpenAI legacy)", "CompletionRequest", "Completion"),
+        "/v1/embeddings": _post("Embeddings (OpenAI) from an embedding model", "EmbeddingRequest", "EmbeddingList",
+                                streams=False),
         "/v1/responses": _post(
             "Create a response (OpenAI Responses / OpenResponses)", "ResponsesRequest", "Response",
             description="With stream=true: named events response.created, response.in_progress, "
