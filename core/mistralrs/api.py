@@ -166,6 +166,19 @@ def _source_options(which: Any) -> dict[str, Any]:
     )
 
 
+def _search_options(value: Any) -> Any:
+    """WebSearchOptions as a dict: attrs/dataclass objects and plain dicts are both accepted."""
+    if value is None or isinstance(value, dict):
+        return value
+    if attrs.has(type(value)):
+        return attrs.asdict(value)
+    return dict(vars(value))
+
+
+def which_cache(which: Any) -> str | None:
+    return getattr(which, "hf_cache_path", None)
+
+
 def _uqff_files(value: Any) -> tuple[str, ...]:
     """`from_uqff`: one path, a ;-separated string, or a list of paths."""
     if not value:
@@ -228,11 +241,13 @@ class ChatCompletionRequest:
     chat_template_kwargs: dict[str, Any] | None = None
     grammar: str | None = None
     grammar_type: str | None = None
+    web_search_options: Any = None  # a dict (or {}) with enable_search=True: the web-search tools for this request
 
     def to_body(self) -> dict[str, Any]:
         import json
 
         body = {
+            "web_search_options": _search_options(self.web_search_options),
             "messages": self.messages, "model": self.model, "logprobs": self.logprobs, "n": self.n_choices,
             "logit_bias": self.logit_bias, "top_logprobs": self.top_logprobs, "max_tokens": self.max_tokens,
             "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
@@ -340,6 +355,10 @@ class Runner:
         reasoning_parser: str | None = None,
         enable_tool_sources: bool | list[str] = False,
         max_tool_rounds: int = 8,
+        enable_search: bool = False,
+        search_embedding_model: str | None = None,
+        search_callback: Any = None,
+        search_backend: str | None = None,
         **unsupported: Any,
     ) -> None:
         from mistralrs.serving import ServiceOptions
@@ -395,10 +414,24 @@ class Runner:
                 raise ConfigError(f"enable_tool_sources: no tool source named {', '.join(unknown)}; "
                                   f"available: {', '.join(registry.tool_sources.names()) or 'none'}")
             toolbox = Toolbox(registry, sources)
+        search = None
+        if (search_embedding_model or search_callback is not None or search_backend) and not enable_search:
+            raise ConfigError("search_embedding_model, search_callback and search_backend need enable_search=True")
+        if enable_search:
+            from mistralrs.plugins import get_registry
+            from mistralrs.web_search.search import CallbackBackend, WebSearch, backend_from_registry
+
+            if search_callback is not None and not callable(search_callback):
+                raise ConfigError("search_callback must be callable: fn(query) -> [{title, description, url, content}]")
+            search = WebSearch(CallbackBackend(search_callback) if search_callback is not None
+                               else backend_from_registry(get_registry(), search_backend))
         self.tools = ToolConfig(tool_parser=tool_parser, reasoning_parser=reasoning_parser,
-                                callbacks=dict(tool_callbacks or {}), toolbox=toolbox, max_tool_rounds=max_tool_rounds)
+                                callbacks=dict(tool_callbacks or {}), toolbox=toolbox, max_tool_rounds=max_tool_rounds,
+                                search=search)
         self.service = open_service(opts)
         self.model_id = opts.model_id
+        if search is not None and search_embedding_model:
+            search.load_reranker(search_embedding_model, cpu=cpu, hf_cache=which_cache(which), token_source=token_source)
 
     def _require(self, kind: str) -> None:
         served = getattr(self.service, "kind", "text")

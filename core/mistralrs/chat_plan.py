@@ -109,6 +109,7 @@ class ChatPlan:
         self.callback_names = tuple(c for c in client_names if c in self.config.callbacks) if self.max_rounds else ()
         toolbox = [t for t in self.config.toolbox_tools() if t["function"]["name"] not in client_names] \
             if self.max_rounds else []
+        toolbox += self._search_tools(body.get("web_search_options"), client_names)
         self.toolbox_tools = normalize_tools(toolbox, param="tools") if toolbox else []
         all_names = client_names + [t["function"]["name"] for t in self.toolbox_tools]
         self.initial_choice = resolve_tool_choice(body.get("tool_choice"), all_names)
@@ -123,6 +124,22 @@ class ChatPlan:
         self.round_contents: list[str] = []  # text the model wrote before each server-side call
         self._check_tool_schemas()
         self.request = self._build()
+
+    def _search_tools(self, value: Any, client_names: list[str]) -> list[dict[str, Any]]:
+        """``web_search_options``: the web-search tools, run server-side with this request's
+        options (a per-request copy of the tool config carries their calls)."""
+        if value is None or not self.max_rounds:
+            return []
+        if self.config.search is None:
+            raise InvalidRequest("web_search_options: web search is not enabled; start the server with --enable-search "
+                                 "(Runner(enable_search=True))", "web_search_options")
+        import attrs
+
+        from mistralrs.web_search.options import parse_web_search_options
+
+        bound = self.config.search.for_request(parse_web_search_options(value), getattr(self.service, "tokenizer", None))
+        self.config = attrs.evolve(self.config, callbacks={**self.config.callbacks, **bound.callbacks})
+        return [t for t in bound.tools if t["function"]["name"] not in client_names]
 
     # -- what is offered ------------------------------------------------------------------
     @property

@@ -261,11 +261,12 @@ def validate(cfg: FromConfig) -> None:
     if pa.cache_type not in ("auto", "f8e4m3"):
         fail(f"[paged_attn] cache_type must be auto or f8e4m3, not {pa.cache_type!r}")
     rt = cfg.runtime
-    for key in ("matformer_config_path", "matformer_slice_name", "mtp_model", "mtp_n_predict", "mcp_config",
-                "search_embedding_model"):
+    for key in ("matformer_config_path", "matformer_slice_name", "mtp_model", "mtp_n_predict", "mcp_config"):
         if getattr(rt, key) is not None:
             fail(f"[runtime] {key} is not supported yet in this build; remove it")
-    for key in ("agent", "enable_search", "enable_code_execution", "enable_shell"):
+    if rt.search_embedding_model is not None and not rt.enable_search:
+        fail("[runtime] search_embedding_model reranks web search results; set enable_search = true with it")
+    for key in ("agent", "enable_code_execution", "enable_shell"):
         if getattr(rt, key):
             fail(f"[runtime] {key} is not supported yet in this build; remove it")
     for i, m in enumerate(cfg.models, 1):

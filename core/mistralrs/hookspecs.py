@@ -102,6 +102,18 @@ def register_tool_sources(register: Register) -> None:
 
 
 @hookspec
+def register_search_backends(register: Register) -> None:
+    """Register web-search backends (``--enable-search``; docs/web-search.md).
+
+    Called: when a server or Runner with search enabled starts.
+    Receives: ``register``, to be called with `mistralrs.specs.SearchBackendSpec` objects whose
+    ``factory()`` returns an object with ``search(query, max_results) -> list[SearchResult]``
+    (title, description, url and the page's text) and ``extract(url) -> str``.
+    Returns: nothing.
+    """
+
+
+@hookspec
 def register_frontends(register: Register) -> None:
     """Register API frontends (OpenAI HTTP server, MCP server, interactive mode, web UI).
 
@@ -153,6 +165,7 @@ CATALOGUE_HOOKS: dict[str, str] = {
     "register_devices": "device",
     "register_kernels": "kernel",
     "register_tool_sources": "tool_source",
+    "register_search_backends": "search_backend",
     "register_frontends": "frontend",
     "register_commands": "command",
     "register_tool_parsers": "tool_parser",

@@ -135,6 +135,7 @@ class Registry:
     devices = property(lambda self: self.catalogues["device"])
     kernels = property(lambda self: self.catalogues["kernel"])
     tool_sources = property(lambda self: self.catalogues["tool_source"])
+    search_backends = property(lambda self: self.catalogues["search_backend"])
     frontends = property(lambda self: self.catalogues["frontend"])
     commands = property(lambda self: self.catalogues["command"])
     tool_parsers = property(lambda self: self.catalogues["tool_parser"])

@@ -175,6 +175,16 @@ class ToolSourceSpec(Spec):
 
 
 @attrs.frozen(kw_only=True)
+class SearchBackendSpec(Spec):
+    """A web-search backend. `factory()` returns an object with ``search(query, max_results)``
+    (a list of `mistralrs.web_search.results.SearchResult`) and ``extract(url) -> str``; the
+    highest-priority one is the default, ``--search-backend NAME`` picks another."""
+
+    factory: Ref
+    kind: str = attrs.field(init=False, default="search_backend")
+
+
+@attrs.frozen(kw_only=True)
 class FrontendSpec(Spec):
     """An API frontend (HTTP server, MCP server, interactive mode, ...). `factory` is called
     with the engine handle(s) and options and returns something with a `run()`/`serve()`."""
@@ -219,6 +229,7 @@ SPEC_KINDS: dict[str, type[Spec]] = {
     "device": DeviceSpec,
     "kernel": KernelSpec,
     "tool_source": ToolSourceSpec,
+    "search_backend": SearchBackendSpec,
     "frontend": FrontendSpec,
     "tool_parser": ToolCallParserSpec,
     "reasoning_parser": ReasoningParserSpec,

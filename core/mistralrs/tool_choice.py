@@ -30,13 +30,15 @@ class ToolConfig:
     `callbacks` maps a tool name to `fn(name, arguments: dict) -> str`; a callback runs when
     the model calls a tool of that name that the request declares in `tools`. `toolbox`
     (a `mistralrs.tools.Toolbox`) provides tools of its own: they are offered to the model
-    in every request (unless `tool_choice` is "none") and executed server-side."""
+    in every request (unless `tool_choice` is "none") and executed server-side. `search` adds
+    the web-search tools to requests that carry ``web_search_options``."""
 
     tool_parser: str | None = None
     reasoning_parser: str | None = None
     callbacks: Mapping[str, Callable[[str, dict[str, Any]], Any]] = attrs.field(factory=dict)
     toolbox: Any = None
     max_tool_rounds: int = DEFAULT_MAX_TOOL_ROUNDS
+    search: Any = None  # a `web_search.search.WebSearch` (--enable-search): requests opt in with web_search_options
 
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.max_tool_rounds, int) or not 0 <= self.max_tool_rounds:

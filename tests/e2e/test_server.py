@@ -137,7 +137,7 @@ def test_malformed_bodies_and_limits(server):
     assert status == 400 and err["type"] == "exceed_context_size_error" and err["n_ctx"] == 512
     status, _, body = http(url, {"messages": "word " * 600, "truncate_sequence": True, "max_tokens": 3})
     assert status == 200 and json.loads(body)["usage"]["prompt_tokens"] <= 512 - 3
-    status, _, body = http(server.url + "/v1/embeddings", {"input": "x"})
+    status, _, body = http(server.url + "/v1/no-such-route", {"input": "x"})
     assert status == 404 and error_of(body)["type"] == "not_found_error"
     assert http(url, {"messages": "fine", "max_tokens": 2})[0] == 200
 

@@ -26,11 +26,21 @@ def run(args: argparse.Namespace) -> int:
         cfg.global_.log = args.global_log
     options = {m.model_id: service_options(cfg, m) for m in cfg.models}
     tools = ToolConfig(max_tool_rounds=cfg.server.max_tool_rounds if cfg.server.max_tool_rounds is not None else 8)
+    if cfg.runtime.enable_search:
+        from mistralrs.web_search.search import WebSearch, backend_from_registry
+
+        tools.search = WebSearch(backend_from_registry(get_registry()))
+
+    def load_reranker() -> None:
+        if cfg.runtime.search_embedding_model and tools.search is not None:
+            tools.search.load_reranker(cfg.runtime.search_embedding_model, token_source=cfg.global_.token_source)
     if cfg.command == "run":
         thinking = cfg.enable_thinking if cfg.enable_thinking is not None else cfg.thinking
         (opts,) = options.values()
         chat = resolve(get_registry().frontends.get("interactive").factory)
-        return chat(open_service(opts), tools=tools, enable_thinking=thinking, reasoning_effort=cfg.reasoning_effort).run()
+        service = open_service(opts)
+        load_reranker()
+        return chat(service, tools=tools, enable_thinking=thinking, reasoning_effort=cfg.reasoning_effort).run()
 
     default = cfg.default_model_id or cfg.models[0].model_id
 
@@ -39,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             for model_id, opts in options.items():
                 loaded[model_id] = open_service(opts)
+            load_reranker()
         except BaseException:
             for svc in loaded.values():
                 svc.shutdown()

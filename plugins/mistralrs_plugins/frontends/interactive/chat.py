@@ -67,6 +67,8 @@ class InteractiveChat:
             body["max_tokens"] = self.max_tokens
         if messages is not None:
             body["messages"] = messages
+            if getattr(self.tools, "search", None) is not None:  # run --enable-search: every turn may search
+                body["web_search_options"] = {}
         else:
             body["prompt"] = prompt
         return body
@@ -204,14 +206,16 @@ class InteractiveChat:
 def run(args: argparse.Namespace) -> int:
     from mistralrs.cli.model_options import options_from_args
     from mistralrs.services import open_service
-    from mistralrs_plugins.frontends.openai_server.cli import tool_config_from_args
+    from mistralrs_plugins.frontends.openai_server.cli import load_search_reranker, tool_config_from_args
 
     opts = options_from_args(args)
     tools = tool_config_from_args(args)
     thinking = None
     if args.thinking is not None or args.enable_thinking:
         thinking = args.enable_thinking or args.thinking == "true"
-    return chat_with(open_service(opts), tools=tools, prompt=args.input, temperature=args.temperature,
+    service = open_service(opts)
+    load_search_reranker(args, tools)
+    return chat_with(service, tools=tools, prompt=args.input, temperature=args.temperature,
                      enable_thinking=thinking, reasoning_effort=args.reasoning_effort, max_tokens=args.max_tokens)
 
 

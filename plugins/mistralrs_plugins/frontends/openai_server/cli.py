@@ -50,6 +50,13 @@ def add_tool_arguments(parser: argparse.ArgumentParser) -> None:
     grp.add_argument("--enable-tool-sources", nargs="?", const="all", default=None, metavar="NAMES",
                      help="offer the tools of tool-source plugins (see `mistralrs tools list`) to the model and "
                           "run them server-side; optionally a comma-separated list of sources (default: off)")
+    grp.add_argument("--enable-search", action="store_true",
+                     help="offer web-search tools to requests that send web_search_options (docs/web-search.md)")
+    grp.add_argument("--search-embedding-model", metavar="MODEL",
+                     help="rerank search results with this embedding model (embedding-gemma, or any embedding "
+                          "model id or directory); needs --enable-search")
+    grp.add_argument("--search-backend", metavar="NAME",
+                     help="the search backend plugin (default: the highest-priority one, duckduckgo)")
     grp.add_argument("--max-tool-rounds", type=_rounds, default=8, metavar="N",
                      help="server-side tool calls per request before the answer is returned "
                           "(requests may set max_tool_rounds; capped at 256; default 8)")
@@ -79,8 +86,24 @@ def tool_config_from_args(args: argparse.Namespace) -> Any:
                 raise ConfigError(f"--enable-tool-sources: no tool source named {', '.join(unknown)}; "
                                   f"available: {', '.join(registry.tool_sources.names()) or 'none'}")
         toolbox = Toolbox(registry, names)
+    search = None
+    if getattr(args, "search_embedding_model", None) and not args.enable_search:
+        raise ConfigError("--search-embedding-model reranks web search results; give --enable-search with it")
+    if getattr(args, "search_backend", None) and not args.enable_search:
+        raise ConfigError("--search-backend picks the web search backend; give --enable-search with it")
+    if getattr(args, "enable_search", False):
+        from mistralrs.web_search.search import WebSearch, backend_from_registry
+
+        search = WebSearch(backend_from_registry(registry, args.search_backend))
     return ToolConfig(tool_parser=args.tool_parser, reasoning_parser=args.reasoning_parser, toolbox=toolbox,
-                      max_tool_rounds=args.max_tool_rounds)
+                      max_tool_rounds=args.max_tool_rounds, search=search)
+
+
+def load_search_reranker(args: argparse.Namespace, tools: Any) -> None:
+    """--search-embedding-model: the reranker loads with the model (in the loader's thread)."""
+    model = getattr(args, "search_embedding_model", None)
+    if model and tools.search is not None:
+        tools.search.load_reranker(model, cpu=args.cpu, hf_cache=args.hf_cache, token_source=args.token_source)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,7 +118,9 @@ def run(args: argparse.Namespace) -> int:
     def load() -> Any:
         from mistralrs.services import open_service
 
-        return open_service(opts)
+        service = open_service(opts)
+        load_search_reranker(args, tools)
+        return service
 
     factory = resolve(get_registry().frontends.get("openai_server").factory)
     server = factory(

@@ -82,6 +82,23 @@ def input_to_messages(value: Any) -> list[dict[str, Any]]:
     return messages
 
 
+SEARCH_TOOL_TYPES = ("web_search", "web_search_preview")
+
+
+def _search_tool(value: Any) -> dict[str, Any] | None:
+    """A hosted ``web_search`` / ``web_search_preview`` tool as Chat's ``web_search_options``."""
+    found = [t for t in value or () if isinstance(t, Mapping) and t.get("type") in SEARCH_TOOL_TYPES]
+    if len(found) > 1:
+        raise ApiError(400, "give at most one web_search tool", param="tools")
+    if not found:
+        return None
+    tool = found[0]
+    if tool["type"] == "web_search_preview" and (tool.get("filters") or tool.get("return_token_budget")):
+        raise ApiError(400, "web_search_preview does not take filters or return_token_budget; use web_search",
+                       param="tools")
+    return {k: v for k, v in tool.items() if k != "type"} | {"type": tool["type"]}
+
+
 def _tools(value: Any) -> list[dict[str, Any]] | None:
     if value is None:
         return None
@@ -89,6 +106,8 @@ def _tools(value: Any) -> list[dict[str, Any]] | None:
         raise ApiError(400, "tools must be a list", param="tools")
     out = []
     for i, tool in enumerate(value):
+        if isinstance(tool, Mapping) and tool.get("type") in SEARCH_TOOL_TYPES:
+            continue  # hosted web search: web_search_options (see `_search_tool`)
         if not isinstance(tool, Mapping) or tool.get("type") != "function":
             kind = tool.get("type") if isinstance(tool, Mapping) else None
             raise ApiError(400, f"tools[{i}] has type {kind!r}; only function tools are supported", param="tools")
@@ -143,6 +162,9 @@ def chat_body(body: Mapping[str, Any], messages: list[dict[str, Any]]) -> dict[s
     tools = _tools(body.get("tools"))
     if tools:
         out["tools"] = tools
+    search = _search_tool(body.get("tools"))
+    if search is not None:
+        out["web_search_options"] = search
     fmt = text_format(body)
     if fmt is not None:
         if body.get("response_format") is not None or body.get("grammar") is not None:

@@ -1,0 +1,1 @@
+"""Web-search backend plugins (the `register_search_backends` hook)."""
