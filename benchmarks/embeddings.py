@@ -52,8 +52,8 @@ def main() -> None:
     from sentence_transformers import SentenceTransformer
 
     from mistralrs.embedding.requests import parse_embedding_request
-    from mistralrs.serving import ServiceOptions
     from mistralrs.services import open_service
+    from mistralrs.serving import ServiceOptions
 
     path = str(get_model_path())
     ours = open_service(ServiceOptions(model_id=path, dtype=args.dtype))
@@ -66,10 +66,10 @@ def main() -> None:
             texts = sentences(size, seed=size)
             job = parse_embedding_request({"input": texts})
 
-            def run_ours() -> None:
+            def run_ours(job=job) -> None:
                 ours.embed(job)
 
-            def run_ref() -> None:
+            def run_ref(texts=texts, size=size) -> None:
                 with torch.inference_mode():
                     ref.encode(texts, batch_size=size, convert_to_tensor=True)
 

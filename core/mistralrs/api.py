@@ -361,8 +361,8 @@ class Runner:
         search_backend: str | None = None,
         **unsupported: Any,
     ) -> None:
-        from mistralrs.serving import ServiceOptions
         from mistralrs.services import open_service
+        from mistralrs.serving import ServiceOptions
         from mistralrs.tool_choice import ToolConfig
 
         if not isinstance(which, (Which.Plain, Which.GGUF, Which.GGML, Which.Embedding)):

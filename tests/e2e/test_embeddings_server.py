@@ -28,8 +28,8 @@ SENTENCES = ["A man is eating food.", "Ein Mann isst Essen. 🍝", "The weather 
 
 @pytest.fixture(scope="module")
 def minilm_server():
-    from mistralrs.serving import ServiceOptions
     from mistralrs.services import open_service
+    from mistralrs.serving import ServiceOptions
 
     service = open_service(ServiceOptions(model_id=str(minilm_pkg.get_model_path()), dtype="f32"))
     srv = start_server(service, model_id="all-MiniLM-L6-v2")

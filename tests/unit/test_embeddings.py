@@ -189,8 +189,8 @@ def test_engine_batches_requests_and_isolates_failures():
 
 # -- the hub -------------------------------------------------------------------------------------
 def test_offline_hub_snapshot_of_a_sentence_transformers_repo(tmp_path, monkeypatch):
-    from mistralrs.serving import ServiceOptions
     from mistralrs.services import open_service
+    from mistralrs.serving import ServiceOptions
     from tests.helpers.embedding_models import write_tiny_bert
     from tests.helpers.hub_cache import hub_snapshot
 

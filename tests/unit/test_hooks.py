@@ -114,6 +114,30 @@ def test_hook_register_tool_sources(host):
     assert toolbox.call("echo", '{"text": "hi"}') == "echo:hi"
 
 
+class ListSearch:
+    def search(self, query, max_results=10):
+        from mistralrs.web_search.results import SearchResult
+
+        return [SearchResult(query, "d", "https://example.com/", "text")][:max_results]
+
+    def extract(self, url):
+        return "page"
+
+
+def test_hook_register_search_backends(host):
+    from mistralrs.specs import SearchBackendSpec
+    from mistralrs.web_search.search import backend_from_registry
+
+    @hookimpl
+    def register_search_backends(register):
+        register(SearchBackendSpec(name="list", factory=ListSearch, priority=100))
+
+    add(host, "search", register_search_backends=register_search_backends)
+    backend = backend_from_registry(host.registry())  # the highest priority
+    assert isinstance(backend, ListSearch) and backend.search("q")[0].title == "q"
+    assert isinstance(backend_from_registry(host.registry(), "list"), ListSearch)
+
+
 def test_hook_register_frontends(host):
     @hookimpl
     def register_frontends(register):

@@ -43,7 +43,8 @@ You should expect output like this:
 def _tool(name: str, description: str, field: str, about: str) -> dict[str, Any]:
     return {"type": "function", "function": {
         "name": name, "description": description, "strict": True,
-        "parameters": {"type": "object", "properties": {field: {"type": "string", "description": about}},
+        # minLength: the grammar of a strict call never lets the model send an empty query or URL
+        "parameters": {"type": "object", "properties": {field: {"type": "string", "description": about, "minLength": 1}},
                        "required": [field], "additionalProperties": False}}}
 
 
