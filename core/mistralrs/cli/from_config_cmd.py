@@ -15,9 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from mistralrs.config import load_config, service_options
     from mistralrs.plugins import get_registry
-    from mistralrs.serving import ModelService
-    from mistralrs.specs import resolve
     from mistralrs.tool_calling import ToolConfig
+    from mistralrs.tools import build_toolbox
 
     cfg = load_config(args.file)
     if cfg.global_.seed is None and getattr(args, "global_seed", None) is not None:
@@ -25,7 +24,23 @@ def run(args: argparse.Namespace) -> int:
     if cfg.global_.log is None and getattr(args, "global_log", None):
         cfg.global_.log = args.global_log
     options = {m.model_id: service_options(cfg, m) for m in cfg.models}
-    tools = ToolConfig(max_tool_rounds=cfg.server.max_tool_rounds if cfg.server.max_tool_rounds is not None else 8)
+    mcp_config = cfg.runtime.mcp_config or os.environ.get("MCP_CONFIG_PATH") or None
+    if cfg.runtime.mcp_config and not os.path.isabs(mcp_config) and not os.path.exists(mcp_config):
+        mcp_config = os.path.join(os.path.dirname(cfg.path), mcp_config)  # relative to the TOML file
+    toolbox = build_toolbox(get_registry(), mcp_config=mcp_config, flag="[runtime] mcp_config")
+    tools = ToolConfig(max_tool_rounds=cfg.server.max_tool_rounds if cfg.server.max_tool_rounds is not None else 8,
+                       toolbox=toolbox)
+    try:
+        return _run(cfg, options, tools)
+    finally:
+        tools.close()  # MCP sessions and their child processes
+
+
+def _run(cfg: Any, options: dict[str, Any], tools: Any) -> int:
+    from mistralrs.plugins import get_registry
+    from mistralrs.serving import ModelService
+    from mistralrs.specs import resolve
+
     if cfg.command == "run":
         thinking = cfg.enable_thinking if cfg.enable_thinking is not None else cfg.thinking
         (opts,) = options.values()
@@ -56,5 +71,6 @@ def run(args: argparse.Namespace) -> int:
         enable_metrics=not cfg.server.disable_metrics,
         request_id_header=not cfg.server.disable_request_id_header,
         tools=tools,
+        mcp_port=cfg.server.mcp_port,
     )
     return server.run()
