@@ -134,10 +134,10 @@ class OpenAIServer:
         server = getattr(site, "_server", None)
         if server is not None and server.sockets:
             self.port = server.sockets[0].getsockname()[1]
-        if self.mcp_port is not None:
-            await self._start_mcp()
         status = "loading the model" if self.state.service is None else "ready"
         self._say(f"serving {self.state.model_id} on http://{self.host}:{self.port} ({status})")
+        if self.mcp_port is not None:
+            await self._start_mcp()
         self._loaded = loop.create_future()
         if self.state.service is not None:
             self._loaded.set_result(self.state.service)
