@@ -24,9 +24,10 @@ def run(args: argparse.Namespace) -> int:
     if cfg.global_.log is None and getattr(args, "global_log", None):
         cfg.global_.log = args.global_log
     options = {m.model_id: service_options(cfg, m) for m in cfg.models}
-    mcp_config = cfg.runtime.mcp_config or os.environ.get("MCP_CONFIG_PATH") or None
-    if cfg.runtime.mcp_config and not os.path.isabs(mcp_config) and not os.path.exists(mcp_config):
+    mcp_config = cfg.runtime.mcp_config
+    if mcp_config and not os.path.isabs(mcp_config) and not os.path.exists(mcp_config):
         mcp_config = os.path.join(os.path.dirname(cfg.path), mcp_config)  # relative to the TOML file
+    mcp_config = mcp_config or os.environ.get("MCP_CONFIG_PATH") or None
     toolbox = build_toolbox(get_registry(), mcp_config=mcp_config, flag="[runtime] mcp_config")
     tools = ToolConfig(max_tool_rounds=cfg.server.max_tool_rounds if cfg.server.max_tool_rounds is not None else 8,
                        toolbox=toolbox)

@@ -154,8 +154,7 @@ class McpToolSource:
         except BaseException:
             self.close()
             raise
-        ref = weakref.ref(self)
-        atexit.register(lambda: (src := ref()) is not None and src.close())
+        atexit.register(_close_at_exit, weakref.ref(self))
         for conn in self._conns:
             if not conn.alive:
                 continue
@@ -327,6 +326,12 @@ class McpToolSource:
         if conn.alive:
             conn.alive = False
             log.warning("MCP server %s died (%s); its tools now return errors", conn.label, describe(exc))
+
+
+def _close_at_exit(ref: Any) -> None:
+    source = ref()
+    if source is not None:
+        source.close()
 
 
 class _Streams:
