@@ -27,6 +27,12 @@ _LAZY: dict[str, str] = {
     "Architecture": "mistralrs.api",
     "PagedCacheType": "mistralrs.api",
     "ToolChoice": "mistralrs.api",
+    "McpClientConfig": "mistralrs.mcp_config",
+    "McpServerConfig": "mistralrs.mcp_config",
+    "McpServerSource": "mistralrs.mcp_config",
+    "McpClientConfigPy": "mistralrs.api",
+    "McpServerConfigPy": "mistralrs.api",
+    "McpServerSourcePy": "mistralrs.api",
 }
 
 

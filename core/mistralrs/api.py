@@ -21,6 +21,12 @@ import attrs
 
 from mistralrs import protocol as P
 from mistralrs.errors import ConfigError, NotFoundError
+from mistralrs.mcp_config import McpClientConfig, McpServerConfig, McpServerSource
+
+# mistral.rs's Python names for the MCP client config (`Runner(mcp_client_config=...)`).
+McpClientConfigPy = McpClientConfig
+McpServerConfigPy = McpServerConfig
+McpServerSourcePy = McpServerSource
 
 
 class ModelDType(enum.Enum):
@@ -359,6 +365,7 @@ class Runner:
         search_embedding_model: str | None = None,
         search_callback: Any = None,
         search_backend: str | None = None,
+        mcp_client_config: Any = None,
         **unsupported: Any,
     ) -> None:
         from mistralrs.services import open_service
@@ -402,36 +409,33 @@ class Runner:
             pa_memory_fraction=pa_gpu_mem_usage,
             pa_cache_type="f8e4m3" if pa_cache_type == PagedCacheType.F8E4M3 else "auto",
         )
-        toolbox = None
-        if enable_tool_sources:
-            from mistralrs.plugins import get_registry
-            from mistralrs.tools import Toolbox
+        from mistralrs.plugins import get_registry
+        from mistralrs.tools import build_toolbox
 
-            registry = get_registry()
-            sources = None if enable_tool_sources is True else list(enable_tool_sources)
-            unknown = [n for n in sources or () if n not in registry.tool_sources.names()]
-            if unknown:
-                raise ConfigError(f"enable_tool_sources: no tool source named {', '.join(unknown)}; "
-                                  f"available: {', '.join(registry.tool_sources.names()) or 'none'}")
-            toolbox = Toolbox(registry, sources)
         search = None
         if (search_embedding_model or search_callback is not None or search_backend) and not enable_search:
             raise ConfigError("search_embedding_model, search_callback and search_backend need enable_search=True")
         if enable_search:
-            from mistralrs.plugins import get_registry
             from mistralrs.web_search.search import CallbackBackend, WebSearch, backend_from_registry
 
             if search_callback is not None and not callable(search_callback):
                 raise ConfigError("search_callback must be callable: fn(query) -> [{title, description, url, content}]")
             search = WebSearch(CallbackBackend(search_callback) if search_callback is not None
                                else backend_from_registry(get_registry(), search_backend))
+        # MCP servers (McpClientConfig, a dict or a JSON path) join the enabled tool sources.
+        toolbox = build_toolbox(get_registry(), enable_tool_sources, mcp_config=mcp_client_config)
         self.tools = ToolConfig(tool_parser=tool_parser, reasoning_parser=reasoning_parser,
                                 callbacks=dict(tool_callbacks or {}), toolbox=toolbox, max_tool_rounds=max_tool_rounds,
                                 search=search)
-        self.service = open_service(opts)
+        try:
+            self.service = open_service(opts)
+            if search is not None and search_embedding_model:
+                search.load_reranker(search_embedding_model, cpu=cpu, hf_cache=which_cache(which),
+                                     token_source=token_source)
+        except BaseException:
+            self.tools.close()
+            raise
         self.model_id = opts.model_id
-        if search is not None and search_embedding_model:
-            search.load_reranker(search_embedding_model, cpu=cpu, hf_cache=which_cache(which), token_source=token_source)
 
     def _require(self, kind: str) -> None:
         served = getattr(self.service, "kind", "text")
@@ -577,6 +581,7 @@ class Runner:
 
     def shutdown(self) -> None:
         self.service.shutdown()
+        self.tools.close()  # MCP sessions and their child processes
 
     def __enter__(self) -> Runner:
         return self
@@ -585,17 +590,4 @@ class Runner:
         self.shutdown()
 
 
-async def _acollect(handle: Any) -> tuple[Any, dict[int, list[Any]]]:
-    from mistralrs.engine.engine import RequestDone, RequestFailed, TokenDelta
-
-    lps = P.LogprobCollector()
-    async for event in handle:
-        if isinstance(event, TokenDelta):
-            lps.add(event)
-        elif type(event).__name__ == "RoundBoundary":
-            lps.entries.pop(event.index, None)
-        elif isinstance(event, RequestDone):
-            return event, lps.entries
-        elif isinstance(event, RequestFailed):
-            raise event.error
-    raise RuntimeError("request ended without a result")
+_acollect = P.acollect

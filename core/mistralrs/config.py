@@ -261,7 +261,12 @@ def validate(cfg: FromConfig) -> None:
     if pa.cache_type not in ("auto", "f8e4m3"):
         fail(f"[paged_attn] cache_type must be auto or f8e4m3, not {pa.cache_type!r}")
     rt = cfg.runtime
-    for key in ("matformer_config_path", "matformer_slice_name", "mtp_model", "mtp_n_predict", "mcp_config"):
+    mcp_port = cfg.server.mcp_port
+    if mcp_port is not None and not (0 <= mcp_port <= 65535 and (mcp_port != cfg.server.port or mcp_port == 0)):
+        fail(f"[server] mcp_port must be a port number (0-65535) other than [server] port, not {mcp_port}")
+    if cfg.command == "run" and mcp_port is not None:
+        fail("[server] mcp_port needs command = \"serve\"")
+    for key in ("matformer_config_path", "matformer_slice_name", "mtp_model", "mtp_n_predict"):
         if getattr(rt, key) is not None:
             fail(f"[runtime] {key} is not supported yet in this build; remove it")
     if rt.search_embedding_model is not None and not rt.enable_search:

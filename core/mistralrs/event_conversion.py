@@ -237,21 +237,39 @@ def completion_response(tokenizer: Any, done: Any, *, id: str, model: str, logpr
     return CompletionResponse(id=id, choices=choices, created=now(), model=model, usage=Usage.from_engine(done.usage))
 
 
+def _collected(event: Any, lps: LogprobCollector) -> Any:
+    """One event of `collect`: the RequestDone that ends it, or None to go on."""
+    from mistralrs.engine.engine import RequestDone, RequestFailed, TokenDelta
+
+    if isinstance(event, TokenDelta):
+        lps.add(event)
+    elif type(event).__name__ == "RoundBoundary":
+        lps.entries.pop(event.index, None)  # the response describes the last round
+    elif isinstance(event, RequestDone):
+        return event
+    elif isinstance(event, RequestFailed):
+        raise event.error
+    return None
+
+
 def collect(events: Any) -> tuple[Any, dict[int, list[Any]]]:
     """Run a request's events to the end: (RequestDone, per-choice token logprobs).
 
     Each logprob entry is `(token_id, logprob, top, text)`; `text` is what that token added to
     the output (see `LogprobCollector`)."""
-    from mistralrs.engine.engine import RequestDone, RequestFailed, TokenDelta
-
     lps = LogprobCollector()
     for event in events:
-        if isinstance(event, TokenDelta):
-            lps.add(event)
-        elif type(event).__name__ == "RoundBoundary":
-            lps.entries.pop(event.index, None)  # the response describes the last round
-        elif isinstance(event, RequestDone):
-            return event, lps.entries
-        elif isinstance(event, RequestFailed):
-            raise event.error
+        done = _collected(event, lps)
+        if done is not None:
+            return done, lps.entries
+    raise RuntimeError("request ended without a result")
+
+
+async def acollect(events: Any) -> tuple[Any, dict[int, list[Any]]]:
+    """`collect` over an async-iterable handle (one submitted with the running loop)."""
+    lps = LogprobCollector()
+    async for event in events:
+        done = _collected(event, lps)
+        if done is not None:
+            return done, lps.entries
     raise RuntimeError("request ended without a result")

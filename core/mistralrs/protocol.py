@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 from mistralrs.event_conversion import (
     ChatStream,
+    acollect,
     chat_response,
     collect,
     completion_response,
@@ -70,7 +71,7 @@ __all__ = [
     "ChatCompletionResponse", "ChatStream", "Choice", "ChunkChoice", "CompletionChoice", "CompletionResponse",
     "Delta", "LogprobCollector", "Logprobs", "ResponseLogprob", "ResponseMessage", "ToolCallFunction",
     "ToolCallResponse", "TopLogprob", "Usage", "build_chat_request", "build_completion_request", "chat_response",
-    "collect", "completion_logprobs", "completion_response", "converter", "entry_text", "finite_logprob",
+    "acollect", "collect", "completion_logprobs", "completion_response", "converter", "entry_text", "finite_logprob",
     "generation_request", "logprobs_of", "max_tokens_of", "message_for", "normalize_messages", "now",
     "sampling_from", "stop_strings", "to_json", "with_text",
 ]

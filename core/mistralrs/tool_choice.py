@@ -50,7 +50,25 @@ class ToolConfig:
                 raise InvalidRequest(f"tool callback {name!r} is not callable", "tool_callbacks")
 
     def toolbox_tools(self) -> list[dict[str, Any]]:
-        return list(self.toolbox.list_tools()) if self.toolbox is not None else []
+        """The toolbox's tools offered to the model in every request."""
+        if self.toolbox is None:
+            return []
+        offered = getattr(self.toolbox, "offered_tools", None)
+        return list(offered() if offered is not None else self.toolbox.list_tools())
+
+    def status(self) -> dict[str, Any]:
+        """What `/v1/models` reports: `tools_available`, plus the toolbox's own fields
+        (`mcp_tools_count`, `mcp_servers_connected` with an MCP client)."""
+        info = getattr(self.toolbox, "info", None)
+        return {"tools_available": bool(self.callbacks or self.toolbox_tools()), **(info() if info else {})}
+
+    def close(self) -> None:
+        """Release the toolbox (MCP connections and child processes) and the search reranker."""
+        close = getattr(self.toolbox, "close", None)
+        if close is not None:
+            close()
+        if self.search is not None:
+            self.search.shutdown()
 
     def call(self, name: str, arguments: str) -> str:
         """Run a server-side tool; errors become the result text (the model sees them)."""

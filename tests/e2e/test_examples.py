@@ -11,6 +11,9 @@ and one the index (examples/README.md) does not name fails `test_the_index_names
 * examples/curl/*.sh        bash scripts against the same server
 * examples/from_config/*.toml  `mistralrs from-config` on a free port; local model directories are
                             built with examples/python_api/make_tiny_model.py, as the files say
+* examples/mcp/              `mistralrs serve -m demo --mcp-config mcp-config.json --mcp-port P` (the
+                            stdio server adder_server.py as its MCP client's tool source), then
+                            mcp_client.py (the SDK's client) against the MCP server
 * examples/<dir>/pyproject.toml  a plugin package: must be pip-installed (CI does it, see .ci/run);
                             it is discovered, registers what it says, and the scripts next to
                             pyproject.toml run
@@ -77,6 +80,7 @@ def kinds() -> dict[str, list[Path]]:
         "openai_sdk": sorted(EXAMPLES.glob("openai_sdk/*.py")),
         "curl": sorted(EXAMPLES.glob("curl/*.sh")),
         "from_config": sorted(EXAMPLES.glob("from_config/*.toml")),
+        "mcp": sorted(EXAMPLES.glob("mcp/*")),
         "plugin_script": plugin_scripts(),
     }
 
@@ -341,6 +345,35 @@ def test_from_config_example(path, tmp_path):
             assert status == 200, body
             assert body["model"] == (default if model == "default" else model)
             assert body["choices"][0]["finish_reason"] in FINISH_REASONS
+    finally:
+        srv.stop()
+    assert srv.proc.returncode == 0, "".join(srv.log)
+
+
+# -- MCP: the server's MCP client (a stdio tool server) and its MCP server (the SDK's client) ------------
+def test_mcp_examples(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("mcp")
+    import socket
+
+    names = sorted(p.name for p in kinds()["mcp"])
+    assert names == ["adder_server.py", "mcp-config.json", "mcp_client.py"], names
+    config = json.loads((EXAMPLES / "mcp" / "mcp-config.json").read_text())
+    # As the README runs it from the repository root, with this interpreter as `python3`.
+    config["servers"][0]["source"].update(command=sys.executable, args=[str(EXAMPLES / "mcp" / "adder_server.py")])
+    (tmp_path / "mcp-config.json").write_text(json.dumps(config))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        mcp_port = s.getsockname()[1]
+    srv = Server(["serve", "-m", "demo", "--port", "0", "--host", "127.0.0.1", "--mcp-port", str(mcp_port),
+                  "--mcp-config", str(tmp_path / "mcp-config.json")], cwd=tmp_path)
+    try:
+        status, listed = http(srv.url + "/v1/models")
+        assert status == 200 and listed["data"][0]["mcp_tools_count"] == 1, listed
+        assert listed["data"][0]["mcp_servers_connected"] == 1
+        _, out = run_in_process(EXAMPLES / "mcp" / "mcp_client.py", [f"http://127.0.0.1:{mcp_port}/mcp"], tmp_path,
+                                monkeypatch, capsys)
+        assert "server: mistralrs" in out and "tool: chat:" in out and "answer:" in out
+        assert "unknown tool: Unknown tool: no_such_tool" in out
     finally:
         srv.stop()
     assert srv.proc.returncode == 0, "".join(srv.log)

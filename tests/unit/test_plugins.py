@@ -266,6 +266,7 @@ def test_help_and_plugins_do_not_import_torch():
         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
         "main(['plugins'])\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "assert 'mcp' not in sys.modules, 'the mcp SDK was imported (the MCP plugins register lazily)'\n"
         "print('NO_TORCH')\n"
     )
     result = _run(code)

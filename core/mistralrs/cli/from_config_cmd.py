@@ -15,9 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from mistralrs.config import load_config, service_options
     from mistralrs.plugins import get_registry
-    from mistralrs.services import open_service
-    from mistralrs.specs import resolve
     from mistralrs.tool_calling import ToolConfig
+    from mistralrs.tools import build_toolbox
 
     cfg = load_config(args.file)
     if cfg.global_.seed is None and getattr(args, "global_seed", None) is not None:
@@ -25,15 +24,32 @@ def run(args: argparse.Namespace) -> int:
     if cfg.global_.log is None and getattr(args, "global_log", None):
         cfg.global_.log = args.global_log
     options = {m.model_id: service_options(cfg, m) for m in cfg.models}
-    tools = ToolConfig(max_tool_rounds=cfg.server.max_tool_rounds if cfg.server.max_tool_rounds is not None else 8)
-    if cfg.runtime.enable_search:
-        from mistralrs.web_search.search import WebSearch, backend_from_registry
+    mcp_config = cfg.runtime.mcp_config
+    if mcp_config and not os.path.isabs(mcp_config) and not os.path.exists(mcp_config):
+        mcp_config = os.path.join(os.path.dirname(cfg.path), mcp_config)  # relative to the TOML file
+    mcp_config = mcp_config or os.environ.get("MCP_CONFIG_PATH") or None
+    toolbox = build_toolbox(get_registry(), mcp_config=mcp_config, flag="[runtime] mcp_config")
+    tools = ToolConfig(max_tool_rounds=cfg.server.max_tool_rounds if cfg.server.max_tool_rounds is not None else 8,
+                       toolbox=toolbox)
+    try:
+        if cfg.runtime.enable_search:
+            from mistralrs.web_search.search import WebSearch, backend_from_registry
 
-        tools.search = WebSearch(backend_from_registry(get_registry()))
+            tools.search = WebSearch(backend_from_registry(get_registry()))
+        return _run(cfg, options, tools)
+    finally:
+        tools.close()  # MCP sessions and their child processes, the search reranker
+
+
+def _run(cfg: Any, options: dict[str, Any], tools: Any) -> int:
+    from mistralrs.plugins import get_registry
+    from mistralrs.services import open_service
+    from mistralrs.specs import resolve
 
     def load_reranker() -> None:
         if cfg.runtime.search_embedding_model and tools.search is not None:
             tools.search.load_reranker(cfg.runtime.search_embedding_model, token_source=cfg.global_.token_source)
+
     if cfg.command == "run":
         thinking = cfg.enable_thinking if cfg.enable_thinking is not None else cfg.thinking
         (opts,) = options.values()
@@ -67,5 +83,6 @@ def run(args: argparse.Namespace) -> int:
         enable_metrics=not cfg.server.disable_metrics,
         request_id_header=not cfg.server.disable_request_id_header,
         tools=tools,
+        mcp_port=cfg.server.mcp_port,
     )
     return server.run()

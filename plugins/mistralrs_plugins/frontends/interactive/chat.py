@@ -213,10 +213,13 @@ def run(args: argparse.Namespace) -> int:
     thinking = None
     if args.thinking is not None or args.enable_thinking:
         thinking = args.enable_thinking or args.thinking == "true"
-    service = open_service(opts)
-    load_search_reranker(args, tools)
-    return chat_with(service, tools=tools, prompt=args.input, temperature=args.temperature,
-                     enable_thinking=thinking, reasoning_effort=args.reasoning_effort, max_tokens=args.max_tokens)
+    try:
+        service = open_service(opts)
+        load_search_reranker(args, tools)
+        return chat_with(service, tools=tools, prompt=args.input, temperature=args.temperature,
+                         enable_thinking=thinking, reasoning_effort=args.reasoning_effort, max_tokens=args.max_tokens)
+    finally:
+        tools.close()  # MCP sessions and their child processes, the search reranker
 
 
 def interactive_chat(service: Any, *, tools: Any = None, temperature: float | None = None,

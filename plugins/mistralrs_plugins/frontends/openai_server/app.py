@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from aiohttp import web
 
+from mistralrs.errors import MistralRsError
 from mistralrs_plugins.frontends.openai_server import responses as R
 from mistralrs_plugins.frontends.openai_server import routes
 from mistralrs_plugins.frontends.openai_server.common import BODY_LIMIT
@@ -85,7 +86,7 @@ class OpenAIServer:
                  host: str = "0.0.0.0", port: int = 1234, api_key: str | None = None,
                  shutdown_timeout: float = 30.0, keep_alive_ms: float | None = None, enable_metrics: bool = True,
                  request_id_header: bool = True, owns_service: bool = True, announce: bool = True,
-                 tools: Any = None, model_ids: list[str] | None = None) -> None:
+                 tools: Any = None, model_ids: list[str] | None = None, mcp_port: int | None = None) -> None:
         if service is None and loader is None:
             raise ValueError("OpenAIServer needs a service or a loader")
         model_id = model_id or getattr(service, "model_id", None)
@@ -103,6 +104,8 @@ class OpenAIServer:
             model_ids=model_ids,
         )
         self.app = create_app(self.state)
+        self.mcp_port = mcp_port  # the MCP server's port (the `mcp_server` frontend), if any
+        self.mcp: Any = None
         self._runner: web.AppRunner | None = None
         self._loaded: asyncio.Future | None = None
         self._stop: asyncio.Event | None = None
@@ -134,11 +137,23 @@ class OpenAIServer:
             self.port = server.sockets[0].getsockname()[1]
         status = "loading the model" if self.state.service is None else "ready"
         self._say(f"serving {self.state.model_id} on http://{self.host}:{self.port} ({status})")
+        if self.mcp_port is not None:
+            await self._start_mcp()
         self._loaded = loop.create_future()
         if self.state.service is not None:
             self._loaded.set_result(self.state.service)
         else:
             self._start_loading(loop)
+
+    async def _start_mcp(self) -> None:
+        """The `mcp_server` frontend over the same state, on its own port and thread."""
+        from mistralrs.plugins import get_registry
+        from mistralrs.specs import resolve
+
+        factory = resolve(get_registry().frontends.get("mcp_server").factory)
+        self.mcp = factory(self.state, host=self.host, port=self.mcp_port)
+        await asyncio.to_thread(self.mcp.start)
+        self._say(f"MCP server on {self.mcp.url}")
 
     def _start_loading(self, loop: asyncio.AbstractEventLoop) -> None:
         fut = self._loaded
@@ -201,6 +216,8 @@ class OpenAIServer:
         state = self.state
         state.draining = True
         loop = asyncio.get_running_loop()
+        if self.mcp is not None:
+            await asyncio.to_thread(self.mcp.close)
         if self._runner is not None:
             for site in list(self._runner.sites):
                 await site.stop()
@@ -228,12 +245,13 @@ class OpenAIServer:
         loop = asyncio.get_running_loop()
         try:
             await self.start()
-        except OSError as exc:
-            print(f"mistralrs: error: cannot listen on {self.host}:{self.port}: {exc.strerror or exc}",
-                  file=sys.stderr, flush=True)
+        except (OSError, MistralRsError) as exc:
+            message = str(exc) if isinstance(exc, MistralRsError) else \
+                f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}"
+            print(f"mistralrs: error: {message}", file=sys.stderr, flush=True)
             if self._runner is not None:
                 await self._runner.cleanup()
-            return 1
+            return int(getattr(exc, "exit_code", 1))
         stop = self._stop
         assert stop is not None
         installed = []

@@ -15,6 +15,7 @@ from mistralrs.cli.model_options import add_model_arguments, number
 DEFAULT_PORT = 1234
 DEFAULT_HOST = "0.0.0.0"
 API_KEY_ENV = "MISTRALRS_API_KEY"
+MCP_CONFIG_ENV = "MCP_CONFIG_PATH"
 
 
 _port = number(int, lambda v: 0 <= v <= 65535, "a port number (0-65535)")
@@ -35,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     srv.add_argument("--disable-metrics", action="store_true", help="answer 503 on /metrics")
     srv.add_argument("--disable-request-id-header", action="store_true",
                      help="do not echo x-request-id in responses")
+    srv.add_argument("--mcp-port", type=_port, default=None, metavar="PORT",
+                     help="also serve MCP (streamable HTTP at /mcp: a `chat` tool) on this port (0: a free one)")
     add_tool_arguments(parser)
 
 
@@ -57,6 +60,9 @@ def add_tool_arguments(parser: argparse.ArgumentParser) -> None:
                           "model id or directory); needs --enable-search")
     grp.add_argument("--search-backend", metavar="NAME",
                      help="the search backend plugin (default: the highest-priority one, duckduckgo)")
+    grp.add_argument("--mcp-config", metavar="PATH",
+                     help="MCP client config (JSON): connect to these MCP servers and offer their tools to the model "
+                          f"as <prefix>_<tool>, run server-side (env {MCP_CONFIG_ENV} when not given)")
     grp.add_argument("--max-tool-rounds", type=_rounds, default=8, metavar="N",
                      help="server-side tool calls per request before the answer is returned "
                           "(requests may set max_tool_rounds; capped at 256; default 8)")
@@ -74,18 +80,8 @@ def tool_config_from_args(args: argparse.Namespace) -> Any:
         if value and not (flag == "--reasoning-parser" and value.lower() in ("none", "off")) \
                 and value not in catalogue.names():
             raise ConfigError(f"{flag}: no parser named {value!r}; available: {', '.join(catalogue.names())}")
-    toolbox = None
-    if getattr(args, "enable_tool_sources", None):
-        from mistralrs.tools import Toolbox
+    from mistralrs.tools import build_toolbox
 
-        names = None if args.enable_tool_sources == "all" else [
-            n.strip() for n in args.enable_tool_sources.split(",") if n.strip()]
-        if names:
-            unknown = [n for n in names if n not in registry.tool_sources.names()]
-            if unknown:
-                raise ConfigError(f"--enable-tool-sources: no tool source named {', '.join(unknown)}; "
-                                  f"available: {', '.join(registry.tool_sources.names()) or 'none'}")
-        toolbox = Toolbox(registry, names)
     search = None
     if getattr(args, "search_embedding_model", None) and not args.enable_search:
         raise ConfigError("--search-embedding-model reranks web search results; give --enable-search with it")
@@ -95,6 +91,9 @@ def tool_config_from_args(args: argparse.Namespace) -> Any:
         from mistralrs.web_search.search import WebSearch, backend_from_registry
 
         search = WebSearch(backend_from_registry(registry, args.search_backend))
+    mcp_config = getattr(args, "mcp_config", None) or os.environ.get(MCP_CONFIG_ENV) or None
+    toolbox = build_toolbox(registry, getattr(args, "enable_tool_sources", None), mcp_config=mcp_config,
+                            flag="--enable-tool-sources")
     return ToolConfig(tool_parser=args.tool_parser, reasoning_parser=args.reasoning_parser, toolbox=toolbox,
                       max_tool_rounds=args.max_tool_rounds, search=search)
 
@@ -108,11 +107,14 @@ def load_search_reranker(args: argparse.Namespace, tools: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mistralrs.cli.model_options import options_from_args
+    from mistralrs.errors import ConfigError
     from mistralrs.plugins import get_registry
     from mistralrs.specs import resolve
 
     opts = options_from_args(args)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if args.mcp_port is not None and args.mcp_port == args.port and args.port != 0:
+        raise ConfigError(f"--mcp-port must differ from --port (both are {args.port})")
     tools = tool_config_from_args(args)
 
     def load() -> Any:
@@ -133,5 +135,9 @@ def run(args: argparse.Namespace) -> int:
         enable_metrics=not args.disable_metrics,
         request_id_header=not args.disable_request_id_header,
         tools=tools,
+        mcp_port=args.mcp_port,
     )
-    return server.run()
+    try:
+        return server.run()
+    finally:
+        tools.close()

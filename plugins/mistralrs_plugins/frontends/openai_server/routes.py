@@ -39,6 +39,7 @@ def _model_card(state: ServerState, model_id: str) -> dict[str, Any]:
         "id": model_id, "object": "model", "created": state.created, "owned_by": "local",
         "root": name, "status": "loaded" if svc is not None else "loading",
         "max_model_len": getattr(svc, "max_model_len", None),
+        **state.tools.status(),  # tools_available (+ mcp_tools_count, mcp_servers_connected with MCP)
     }
 
 
