@@ -311,19 +311,16 @@ def write_hqq(src: Path, dst: Path, *, nbits: int = 4, group_size: int = 64, axi
 E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
 
 
-def pack_mxfp4(w: np.ndarray, seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def pack_mxfp4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """float [..., rows, in] -> (blocks uint8 [..., rows, in / 32, 16], scales uint8 [..., rows, in / 32])
     by the OCP microscaling recipe: per block of 32 the e8m0 scale 2^(ceil(log2(amax / 6))) (so
     every value fits), each value rounded to the nearest e2m1 code, two codes per byte with the
-    even element in the low nibble (GPT-OSS's layout). With `seed`, scales are also drawn at
-    random over 1..254 (every exponent, subnormal results included) for decoder tests."""
+    even element in the low nibble (GPT-OSS's layout)."""
     *lead, cols = w.shape
     g = w.reshape(*lead, cols // 32, 32).astype(np.float32)
     amax = np.abs(g).max(-1)
     exp = np.ceil(np.log2(np.maximum(amax, 1e-30) / 6.0))
     scales = np.clip(exp + 127, 1, 254).astype(np.uint8)
-    if seed is not None:
-        scales = np.random.default_rng(seed).integers(1, 255, scales.shape).astype(np.uint8)
     x = g / np.exp2(scales.astype(np.float32) - 127)[..., None]
     codes = np.abs(x[..., None] - E2M1).argmin(-1).astype(np.uint8)  # ties: the first (smaller) value
     blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
