@@ -85,4 +85,5 @@ def describe_checkpoint(config: dict, registry: Any) -> str | None:
     details = [f"{k}={flat[k]}" for k in ("bits", "nbits", "group_size", "axis", "weight_block_size",
                                           "bnb_4bit_quant_type", "load_in_8bit", "desc_act", "sym", "version")
                if k in flat]
-    return f"{qc.get('quant_method') or 'afq'} ({', '.join(details)}), loaded as published by the {spec.name} plugin"
+    shown = f" ({', '.join(details)})" if details else ""
+    return f"{qc.get('quant_method') or 'afq'}{shown}, loaded as published by the {spec.name} plugin"

@@ -322,7 +322,9 @@ def pack_mxfp4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     exp = np.ceil(np.log2(np.maximum(amax, 1e-30) / 6.0))
     scales = np.clip(exp + 127, 1, 254).astype(np.uint8)
     x = g / np.exp2(scales.astype(np.float32) - 127)[..., None]
-    codes = np.abs(x[..., None] - E2M1).argmin(-1).astype(np.uint8)  # ties: the first (smaller) value
+    # the nearest e2m1 magnitude (ties: the smaller one), the sign bit on nonzero codes
+    codes = np.searchsorted(np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], np.float32), np.abs(x)).astype(np.uint8)
+    codes |= ((x < 0) & (codes > 0)).astype(np.uint8) << 3
     blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
     return blocks, scales
 

@@ -323,3 +323,18 @@ def test_bad_hqq_and_mxfp4_checkpoints_are_one_line_errors(llama, tmp_path):
     edit(path, lambda t: t.update({"model.layers.0.mlp.gate_proj.scales": torch.zeros(512, 8, dtype=torch.uint8),
                                    "model.layers.1.self_attn.q_proj.blocks": torch.zeros(256, 64, dtype=torch.uint8)}))
     msg = error(path, "layer 'model.layers.1.self_attn.q_proj': MXFP4 blocks")
+
+
+def test_tune_describes_hqq_and_mxfp4_checkpoints():
+    from mistralrs.plugins import get_registry
+    from mistralrs.prequantized import describe_checkpoint
+
+    hqq = {"quant_method": "hqq", "skip_modules": ["lm_head"], "quant_config": {
+        "weight_quant_params": {"nbits": 4, "channel_wise": True, "group_size": 64, "optimize": True, "round_zero": True,
+                                "axis": 1, "view_as_float": False},
+        "scale_quant_params": None, "zero_quant_params": None, "offload_meta": False}}
+    registry = get_registry()
+    assert describe_checkpoint({"quantization_config": hqq}, registry) == (
+        "hqq (nbits=4, group_size=64, axis=1), loaded as published by the hqq_checkpoint plugin")
+    assert describe_checkpoint({"quantization_config": {"quant_method": "mxfp4"}}, registry) == (
+        "mxfp4, loaded as published by the mxfp4_checkpoint plugin")
