@@ -124,6 +124,8 @@ def test_isq_on_a_prequantized_checkpoint_requantizes_its_weights(llama, tmp_pat
     path, _ = write_packed(llama, tmp_path / "g", "gptq", bits=4, group_size=64, sym=False)
     loaded = _load(path, quant_method_for=IsqPlan("q8_0").method_for)
     assert describe_methods(loaded.model) == {"q8_0": 15}
+    path, _ = write_mxfp4(llama, tmp_path / "mx")
+    assert describe_methods(_load(path, quant_method_for=IsqPlan("q8_0").method_for).model) == {"q8_0": 15}
 
 
 def test_bad_checkpoints_are_one_line_errors(llama, tmp_path):
