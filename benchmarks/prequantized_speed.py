@@ -2,12 +2,13 @@
 
 Writes a random-weight Llama of the given shape (default Llama-3.2-1B's; float16 safetensors),
 packs it as GPTQ (4-bit symmetric, groups of 128: the q4_0 fast path), AWQ (4-bit, groups of 128),
-FP8 (128x128 blocks), bitsandbytes nf4 (double-quantized) and MLX afq4 with the test packers
-(tests/helpers/packed_checkpoints.py), then runs ``mistralrs bench`` (2 threads) on each and on
-the float checkpoint loaded as bf16. Prints a table and writes
-benchmarks/results/prequantized_speed.json.
+FP8 (128x128 blocks), bitsandbytes nf4 (double-quantized), MLX afq4, HQQ 4-bit (groups of 64 along
+axis 1, hqq's own quantizer) and MXFP4 with the test packers (tests/helpers/packed_checkpoints.py),
+then runs ``mistralrs bench`` (2 threads) on each and on the float checkpoint loaded as bf16.
+Prints a table and writes benchmarks/results/prequantized_speed.json; formats not run this time
+keep their earlier rows there (same layers and threads).
 
-    python benchmarks/prequantized_speed.py [--layers 16] [--gen-len 16] [--formats gptq,awq,fp8,bnb,mlx]
+    python benchmarks/prequantized_speed.py [--layers 16] [--gen-len 16] [--formats gptq,awq,fp8,bnb,mlx,hqq,mxfp4]
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--gen-len", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--formats", default="gptq,awq,fp8,bnb,mlx")
+    ap.add_argument("--formats", default="gptq,awq,fp8,bnb,mlx,hqq,mxfp4")
     ap.add_argument("--dir", type=Path, default=Path("/work/bench-cache/prequantized"))
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -69,8 +70,15 @@ def main(argv: list[str] | None = None) -> int:
         "bnb": lambda d: P.write_bnb(src, d, kind="nf4", nested=True),
         "mlx": lambda d: P.write_mlx(src, d, bits=4, group_size=64,
                                      quantized=lambda n: n.endswith("_proj.weight")),
+        "hqq": lambda d: P.write_hqq(src, d, nbits=4, group_size=64, axis=1, compute_dtype="float16"),
+        "mxfp4": lambda d: P.write_mxfp4(src, d),
     }
-    results = {"bf16": bench(src, args)}
+    results = {}
+    if args.out.is_file():  # rows of formats not run this time stay
+        old = json.loads(args.out.read_text())
+        if old.get("layers") == args.layers and old.get("threads") == args.threads:
+            results.update(old.get("results", {}))
+    results["bf16"] = bench(src, args)
     for fmt in [f.strip() for f in args.formats.split(",") if f.strip()]:
         d = args.dir / f"{src.name}-{fmt}"
         if not (d / "model.safetensors").is_file():

@@ -352,7 +352,16 @@ def _split_parts(model: nn.Module, name: str, shape: tuple[int, ...]) -> list[tu
     if splitter is None:
         return None
     parts = splitter(name, tuple(shape))
-    return list(parts) if parts else None
+    if parts:
+        return list(parts)
+    # a pre-quantized fused tensor (`CheckpointLinearMethod.fused_suffixes`: GPT-OSS's
+    # ``experts.gate_up_proj_blocks [E, 2I, G, 16]``) splits along E and rows as the float one would
+    for suffix, buffer in getattr(model, "_checkpoint_fused_suffixes", ()):
+        if name.endswith(suffix) and len(shape) >= 3:
+            parts = splitter(name[:-len(suffix)], tuple(shape[:3]))
+            if parts:
+                return [(f"{part.removesuffix('.weight')}.{buffer}", select) for part, select in parts]
+    return None
 
 
 def _corrupt(path: Path, exc: BaseException) -> ModelLoadError:
@@ -582,9 +591,12 @@ def _fill_normal(flat: torch.Tensor, gen: Any) -> None:
         flat[i:i + n].copy_(torch.empty(n).normal_(0.0, 0.02, generator=gen))
 
 
-def assign_checkpoint_methods(model: Any, found: tuple[Any, dict], names: set[str], dtype: Any) -> int:
+def assign_checkpoint_methods(model: Any, found: tuple[Any, dict], names: dict[str, tuple[int, ...]] | set[str],
+                              dtype: Any) -> int:
     """Give every `Linear` whose packed tensors the checkpoint holds the format's method (on the
-    meta device, before materialising); returns how many layers got it."""
+    meta device, before materialising); returns how many layers got it. `names`: the checkpoint's
+    tensors with their shapes (fused expert tensors are split by shape; a bare set of names
+    cannot be)."""
     import torch
 
     from mistralrs.nn.embedding import Embedding
@@ -596,9 +608,18 @@ def assign_checkpoint_methods(model: Any, found: tuple[Any, dict], names: set[st
     layers: dict[str, Any] = dict(linear_layers(model))
     # token tables stored quantized (mlx_lm quantizes embeddings): they become the embedding's quantized table
     layers.update((n, m) for n, m in model.named_modules() if isinstance(m, Embedding) and m.weight is not None)
+    fused = tuple(getattr(cls, "fused_suffixes", ()))
+    if fused:
+        model._checkpoint_fused_suffixes = fused
     by_layer: dict[str, set[str]] = {}
     for key in names:
         mapped = _map_name(model, key) or key
+        shape = names.get(key) if isinstance(names, dict) else None
+        parts = _split_parts(model, mapped, shape) if fused and shape is not None and mapped not in layers else None
+        for part, _select in parts or ():
+            layer_name, _, suffix = part.rpartition(".")
+            if layer_name in layers:
+                by_layer.setdefault(layer_name, set()).add(suffix)
         cut = mapped.rfind(".")
         while cut > 0:  # the longest prefix that is a layer: suffixes may have dots (BNB's weight.absmax)
             if mapped[:cut] in layers:
@@ -647,10 +668,17 @@ def assign_checkpoint_methods(model: Any, found: tuple[Any, dict], names: set[st
 
 def _process_after_loading(model: nn.Module) -> None:
     from mistralrs.nn.linear import Linear
+    from mistralrs.nn.quantized import CheckpointLinearMethod
 
-    for module in model.modules():
+    for name, module in model.named_modules():
         if isinstance(module, Linear):
-            module.process_after_loading()
+            try:
+                module.process_after_loading()
+            except ValueError as exc:  # a checkpoint layer whose tensors do not fit together
+                if not isinstance(module.quant_method, CheckpointLinearMethod):
+                    raise
+                raise ModelLoadError(f"layer {name.removesuffix('.quantized_head')!r}: {exc}; the checkpoint does not "
+                                     "match its quantization_config") from None
 
 
 def finish_loading(model: nn.Module, quant_method_for: Callable[[str, Any], Any] | None) -> None:

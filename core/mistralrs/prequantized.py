@@ -2,7 +2,7 @@
 ``quantization_config.quant_method`` selects the quantizer plugin that loads them.
 
     found = checkpoint_format(config, registry, config_path)   # (spec, quantization_config) or None
-    names = checkpoint_names(weight_files)                      # the tensors the checkpoint holds
+    names = checkpoint_names(weight_files)                      # {tensor name: shape} of the checkpoint
 
 `loading.assign_checkpoint_methods` then gives the layers their methods on the meta-device model.
 
@@ -51,11 +51,11 @@ def checkpoint_format(config: dict, registry: Any, where: Path | str = "config.j
     return spec, qc
 
 
-def checkpoint_names(files: Iterable[Path]) -> set[str]:
-    """Every tensor name of the safetensors files (headers only)."""
+def checkpoint_names(files: Iterable[Path]) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the safetensors files with its shape (headers only)."""
     import struct
 
-    names: set[str] = set()
+    names: dict[str, tuple[int, ...]] = {}
     for path in files:
         try:
             with open(path, "rb") as f:
@@ -63,7 +63,7 @@ def checkpoint_names(files: Iterable[Path]) -> set[str]:
                 header = json.loads(f.read(n))
         except (OSError, struct.error, ValueError) as exc:
             raise ModelLoadError(f"{path}: cannot read the safetensors header ({exc}); download the file again") from None
-        names.update(k for k in header if k != "__metadata__")
+        names.update((k, tuple(v.get("shape", ()))) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict))
     return names
 
 
@@ -78,6 +78,12 @@ def describe_checkpoint(config: dict, registry: Any) -> str | None:
         return str(exc).removeprefix("config.json: ")
     assert found is not None
     spec, qc = found
-    details = [f"{k}={qc[k]}" for k in ("bits", "group_size", "weight_block_size", "bnb_4bit_quant_type",
-                                        "load_in_8bit", "desc_act", "sym", "version") if k in qc]
-    return f"{qc.get('quant_method') or 'afq'} ({', '.join(details)}), loaded as published by the {spec.name} plugin"
+    flat = dict(qc)
+    nested = qc.get("quant_config")  # HQQ's one config for every layer (a per-layer-tag config is not summed up)
+    if isinstance(nested, dict) and isinstance(nested.get("weight_quant_params"), dict):
+        flat.update(nested["weight_quant_params"])
+    details = [f"{k}={flat[k]}" for k in ("bits", "nbits", "group_size", "axis", "weight_block_size",
+                                          "bnb_4bit_quant_type", "load_in_8bit", "desc_act", "sym", "version")
+               if k in flat]
+    shown = f" ({', '.join(details)})" if details else ""
+    return f"{qc.get('quant_method') or 'afq'}{shown}, loaded as published by the {spec.name} plugin"

@@ -262,3 +262,130 @@ def write_mlx(src: Path, dst: Path, *, bits: int = 4, group_size: int = 64,
     config["quantization"] = {"group_size": group_size, "bits": bits}
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     return dst, dequantized
+
+
+def write_hqq(src: Path, dst: Path, *, nbits: int = 4, group_size: int = 64, axis: int = 1,
+              compute_dtype: str = "float32", dynamic: dict[str, dict] | None = None,
+              quantized=lambda name: name.endswith("_proj.weight")) -> tuple[Path, dict[str, np.ndarray]]:
+    """A copy of `src` quantized by hqq itself (``HQQLinear`` on CPU), saved as transformers'
+    ``HqqConfig`` does: each layer's ``HQQLinear.state_dict()`` under its name, the config's
+    ``quant_config`` / ``skip_modules``. `dynamic` ({layer tag: {nbits, group_size, axis}}) gives
+    tags their own settings (transformers' ``dynamic_config``). Returns (dst, {weight name: hqq's
+    own ``dequantize()``, float32})."""
+    import torch
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+    from safetensors.torch import save_file as save_torch
+
+    dtype = getattr(torch, compute_dtype)
+    tensors = _copy_source(src, dst, "pt")
+    out, dequantized = {}, {}
+
+    def settings(name: str) -> dict:
+        if dynamic is None:
+            return {"nbits": nbits, "group_size": group_size, "axis": axis}
+        tag = ".".join(p for p in name.removesuffix(".weight").split(".") if p not in ("model", "layers") and not p.isdigit())
+        return dynamic[tag]
+
+    for name, t in tensors.items():
+        if not quantized(name):
+            out[name] = t
+            continue
+        layer = name.removesuffix(".weight")
+        linear = torch.nn.Linear(t.shape[1], t.shape[0], bias=False)
+        linear.weight.data.copy_(t.float())
+        hqq_layer = HQQLinear(linear, BaseQuantizeConfig(**settings(name)), compute_dtype=dtype, device="cpu")
+        for key, value in hqq_layer.state_dict().items():
+            out[f"{layer}.{key}"] = value.contiguous()
+        dequantized[name] = hqq_layer.dequantize().float().numpy()
+    save_torch(out, str(dst / "model.safetensors"))
+    config = json.loads((src / "config.json").read_text())
+    if dynamic is None:
+        quant_config = BaseQuantizeConfig(nbits=nbits, group_size=group_size, axis=axis)
+    else:
+        quant_config = {tag: BaseQuantizeConfig(**s) for tag, s in dynamic.items()}
+    config["quantization_config"] = {"quant_config": quant_config, "quant_method": "hqq", "skip_modules": ["lm_head"]}
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    return dst, dequantized
+
+
+E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
+
+
+def pack_mxfp4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float [..., rows, in] -> (blocks uint8 [..., rows, in / 32, 16], scales uint8 [..., rows, in / 32])
+    by the OCP microscaling recipe: per block of 32 the e8m0 scale 2^(ceil(log2(amax / 6))) (so
+    every value fits), each value rounded to the nearest e2m1 code, two codes per byte with the
+    even element in the low nibble (GPT-OSS's layout)."""
+    *lead, cols = w.shape
+    g = w.reshape(*lead, cols // 32, 32).astype(np.float32)
+    amax = np.abs(g).max(-1)
+    exp = np.ceil(np.log2(np.maximum(amax, 1e-30) / 6.0))
+    scales = np.clip(exp + 127, 1, 254).astype(np.uint8)
+    x = g / np.exp2(scales.astype(np.float32) - 127)[..., None]
+    # the nearest e2m1 magnitude (ties: the smaller one), the sign bit on nonzero codes
+    codes = np.searchsorted(np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], np.float32), np.abs(x)).astype(np.uint8)
+    codes |= ((x < 0) & (codes > 0)).astype(np.uint8) << 3
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return blocks, scales
+
+
+def write_mxfp4(src: Path, dst: Path, *, quantized=lambda name: name.endswith("_proj.weight"),
+                fused_experts: tuple[str, str, str] | None = None) -> tuple[Path, dict[str, np.ndarray]]:
+    """A copy of `src` with the selected linear weights as MXFP4 (``<layer>.blocks`` [out, in / 2],
+    ``<layer>.scales``: mistral.rs's linear layout) and, with `fused_experts` = the (gate, up,
+    down) expert names, every MoE block's experts stacked as GPT-OSS stores them
+    (``<moe>.experts.gate_up_proj_blocks`` [E, 2I, H / 32, 16], gate rows then up rows, and
+    ``down_proj_blocks``, with their ``_scales``). Returns (dst, {weight name: transformers'
+    ``convert_moe_packed_tensors`` of the packed tensors, float32}: the reference dequantizer)."""
+    import re
+
+    import torch
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    def reference(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+        """transformers' dequantizer takes [E, rows, G, 16] and returns [E, in, rows]."""
+        b, s = torch.from_numpy(blocks), torch.from_numpy(scales)
+        squeeze = b.dim() == 3
+        if squeeze:
+            b, s = b[None], s[None]
+        w = convert_moe_packed_tensors(b, s, dtype=torch.float32).transpose(1, 2).contiguous().numpy()
+        return w[0] if squeeze else w
+
+    tensors = _copy_source(src, dst, "np")
+    out, dequantized = {}, {}
+    experts: dict[str, dict[tuple[int, str], np.ndarray]] = {}
+    pattern = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<e>\d+)\.(?P<kind>\w+)\.weight$")
+    for name, t in tensors.items():
+        m = pattern.match(name) if fused_experts else None
+        if m is not None:
+            experts.setdefault(m["prefix"], {})[(int(m["e"]), m["kind"])] = t.astype(np.float32)
+            continue
+        if not quantized(name) or t.ndim != 2 or t.shape[1] % 32:
+            out[name] = t
+            continue
+        layer = name.removesuffix(".weight")
+        blocks, scales = pack_mxfp4(t)
+        dequantized[name] = reference(blocks, scales)
+        out[f"{layer}.blocks"], out[f"{layer}.scales"] = blocks.reshape(t.shape[0], -1), scales
+    for prefix, per in experts.items():
+        assert fused_experts is not None
+        gate, up, down = fused_experts
+        count = 1 + max(e for e, _ in per)
+        gate_up = np.stack([np.concatenate([per[(e, gate)], per[(e, up)]]) for e in range(count)])
+        downs = np.stack([per[(e, down)] for e in range(count)])
+        for kind, w in (("gate_up_proj", gate_up), ("down_proj", downs)):
+            blocks, scales = pack_mxfp4(w)
+            out[f"{prefix}.{kind}_blocks"], out[f"{prefix}.{kind}_scales"] = blocks, scales
+            deq = reference(blocks, scales)
+            half = w.shape[1] // 2
+            for e in range(count):
+                if kind == "down_proj":
+                    dequantized[f"{prefix}.{e}.{down}.weight"] = deq[e]
+                else:
+                    dequantized[f"{prefix}.{e}.{gate}.weight"] = deq[e, :half]
+                    dequantized[f"{prefix}.{e}.{up}.weight"] = deq[e, half:]
+    save_file(out, str(dst / "model.safetensors"))
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["lm_head"]}
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    return dst, dequantized

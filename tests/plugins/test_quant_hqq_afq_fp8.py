@@ -114,13 +114,13 @@ def test_registering_imports_no_torch():
 
     code = (
         "import sys\n"
-        "from mistralrs_plugins.quant import afq, awq, bnb, fp8, gptq, hqq\n"
+        "from mistralrs_plugins.quant import afq, awq, bnb, fp8, ggml, gptq, hqq\n"
         "specs = []\n"
-        "for plugin in (afq, fp8, hqq, gptq, awq, bnb):\n"
+        "for plugin in (afq, fp8, hqq, gptq, awq, bnb, ggml):\n"
         "    plugin.register_quantizers(specs.append)\n"
-        "names = sorted(s.name for s in specs)\n"
-        "assert names == ['afq2', 'afq3', 'afq4', 'afq6', 'afq8', 'awq', 'bnb', 'f8q8', 'fp8', 'fp8_checkpoint', 'gptq',"
-        " 'hqq4', 'hqq8', 'mlx_afq'], names\n"
+        "names = sorted(s.name for s in specs if not s.isq)\n"
+        "assert names == ['awq', 'bnb', 'fp8_checkpoint', 'gptq', 'hqq_checkpoint', 'iq1_m', 'iq1_s', 'iq2_s', 'iq2_xs',"
+        " 'iq2_xxs', 'iq3_s', 'iq3_xxs', 'iq4_nl', 'iq4_xs', 'mlx_afq', 'mxfp4', 'mxfp4_checkpoint', 'tq1_0', 'tq2_0'], names\n"
         "assert 'torch' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

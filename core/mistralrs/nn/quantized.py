@@ -193,9 +193,13 @@ class CheckpointLinearMethod(QuantizedLinearMethod):
     `process_after_loading` calls `convert(layer)`, which returns the runtime state (e.g. the same
     weights re-laid out exactly as a fast block format's bytes), or None to keep the tensors.
     `marker` is the suffix whose presence in the checkpoint says a layer is stored this way;
-    `present` holds the layer's suffixes the checkpoint has (optional tensors such as ``g_idx``)."""
+    `present` holds the layer's suffixes the checkpoint has (optional tensors such as ``g_idx``).
+    `fused_suffixes` ((suffix, name), ...): a checkpoint tensor ``<fused><suffix>`` (MoE experts
+    stacked, GPT-OSS's ``experts.gate_up_proj_blocks``) splits as the float ``<fused>`` would (the
+    model's ``split_checkpoint_tensor``), giving each expert layer its tensor `name`."""
 
     marker = "qweight"
+    fused_suffixes: tuple[tuple[str, str], ...] = ()
 
     def __init__(self, qtype: str, *, quant_config: dict | None = None, **options: Any) -> None:
         super().__init__(qtype, **options)

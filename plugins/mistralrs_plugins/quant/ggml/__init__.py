@@ -7,6 +7,9 @@ row quantized here is a valid GGUF tensor row of that type (``formats``). The fo
 plugin registers the torch reference of every type (dequantize, then matmul), which is what
 the kernels are tested against and what the types without a native kernel run on.
 
+``mxfp4_checkpoint.py`` loads MXFP4 checkpoints (``quant_method: "mxfp4"``, GPT-OSS's expert
+tensors ``*_blocks`` / ``*_scales``) as GGML ``mxfp4`` layers (docs/prequantized.md).
+
 Registration only: no torch import here.
 """
 
@@ -106,6 +109,15 @@ def register_quantizers(register):
             description=f"GGML {name} blocks of {block} ({bpw} bits per weight), from GGUF files; "
                         "dequantize-only (reference dequantize-then-matmul path)",
         ))
+    register(QuantizerSpec(
+        name="mxfp4_checkpoint",
+        method="mistralrs_plugins.quant.ggml.mxfp4_checkpoint:Mxfp4CheckpointMethod",
+        isq=False,
+        checkpoint_formats=("mxfp4",),
+        devices=("cpu", "cuda", "mps"),
+        description="MXFP4 checkpoints (quant_method mxfp4: blocks + e8m0 scales per 32 weights; GPT-OSS's stacked "
+                    "expert tensors *_blocks / *_scales split per expert); re-laid out as GGML mxfp4 blocks",
+    ))
 
 
 @hookimpl

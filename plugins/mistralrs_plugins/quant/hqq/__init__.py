@@ -6,6 +6,9 @@ scale and zero each, the zero refined by HQQ's proximal optimizer (10 steps for 
 ``out*in % 64 != 0`` stays unquantized. Sensitive tensors (token embeddings, LM head) are not
 promoted: mistral.rs keeps hqq4/hqq8 for them (``promote_for_sensitive_tensor`` leaves HQQ as is).
 
+``checkpoint.py`` loads HQQ checkpoints as published (``quant_method: "hqq"``, transformers'
+``HqqConfig``: 1-8 bits, axis 0 or 1; docs/prequantized.md).
+
 Registration only: no torch import here.
 """
 
@@ -35,3 +38,12 @@ def register_quantizers(register):
             uqff_format=2,  # mistral.rs QuantizedSerdeType::Hqq
             description=f"HQQ {bits}-bit, group {GROUP_SIZE}, f32 scale+zero ({bpw} bits per weight)",
         ))
+    register(QuantizerSpec(
+        name="hqq_checkpoint",
+        method="mistralrs_plugins.quant.hqq.checkpoint:HqqCheckpointMethod",
+        isq=False,
+        checkpoint_formats=("hqq",),
+        devices=("cpu", "cuda", "mps"),
+        description="HQQ checkpoints (quant_method hqq, transformers' HqqConfig: W_q, scale, zero and hqq's meta "
+                    "tensors; 1, 2, 3, 4, 5, 6, 8 bits, axis 0 or 1); the HQQ reference path",
+    ))

@@ -16,6 +16,11 @@ Stored, for M = out*in/g:
 Dequantization: ``V = (q - zeros) * scales``, then reshaped to [out, in]. Cost per weight:
 bits + 64/g (hqq4: 5, hqq8: 9); mistral.rs keeps scales and zeros in float32.
 
+HQQ checkpoints (``checkpoint.py``) may also group along axis 1 (hqq's and transformers'
+default): ``V = W.reshape(M, g)``, a group is g consecutive weights of a row, ``scales`` and
+``zeros`` are [M, 1] and the codes are packed along V's rows in the same way (`PACKINGS`: 1, 2,
+3, 4 and 8-bit packings; hqq's 5 and 6 bits are one code per byte).
+
 Quantization: per group ``scale = (2**bits - 1) / (max - min)`` (clamped to [0, 2e4]),
 ``zero = -min * scale``; then ``optimize_weights_proximal_legacy`` refines the zero:
 repeat ``iters`` times: ``Wq = clamp(round(W*scale + zero), 0, 2**bits-1)``, ``Wr = (Wq -
@@ -116,55 +121,78 @@ def quantize_hqq(weight: torch.Tensor, bits: int, group_size: int = DEFAULT_GROU
     return {"qweight": qweight, "scales": 1.0 / scale, "zeros": zero}
 
 
-def _codes_of_view_rows(qweight: torch.Tensor, bits: int, k0: int, k1: int) -> torch.Tensor:
-    """Codes of rows k0..k1 of V (uint8 [k1-k0, M])."""
-    if bits == 8:
-        return qweight[k0:k1]
-    half = qweight.shape[0]
+# HQQ's bit packings (hqq ``BitPack``): name -> (codes per stored element, bits per code). The
+# weight's view V [R, C] is packed along its rows: stored row r holds V rows r, r + S, r + 2S, ...
+# (S = stored rows), the first in the highest bits; "3bit_32" packs ten 3-bit codes in an int32
+# (bits 29..0) and pads R up to a multiple of ten with zero rows. hqq stores 5 and 6 bits one
+# code per byte ("8bit_u8").
+PACKINGS: dict[str, tuple[int, int]] = {
+    "8bit_u8": (1, 8), "4bit_u8": (2, 4), "2bit_u8": (4, 2), "1bit_u8": (8, 1), "3bit_32": (10, 3),
+}
+PACKING_OF_BITS: dict[int, str] = {8: "8bit_u8", 6: "8bit_u8", 5: "8bit_u8", 4: "4bit_u8", 3: "3bit_32",
+                                   2: "2bit_u8", 1: "1bit_u8"}
+
+
+def _codes_of_view_rows(qweight: torch.Tensor, packing: str, k0: int, k1: int) -> torch.Tensor:
+    """Codes of rows k0..k1 of V (int32 [k1-k0, C])."""
+    per, width = PACKINGS[packing]
+    if per == 1:
+        return qweight[k0:k1].to(torch.int32)
+    step = qweight.shape[0]
     k = torch.arange(k0, k1, device=qweight.device)
-    src = qweight[k % half]
-    high = (k < half).unsqueeze(-1)
-    return torch.where(high, src >> 4, src & 0x0F)
+    src = qweight[k % step].to(torch.int32)
+    shift = (width * (per - 1 - k // step)).to(torch.int32).unsqueeze(-1)
+    return (src >> shift) & ((1 << width) - 1)
 
 
 def dequantize_flat(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
-                    f0: int, f1: int) -> torch.Tensor:
-    """Flat weights f0..f1 (row-major over [out, in]) -> float32 [f1 - f0]."""
-    m = scales.shape[-1]
+                    f0: int, f1: int, *, axis: int = 0, packing: str | None = None) -> torch.Tensor:
+    """Flat weights f0..f1 (row-major over [out, in]) -> float32 [f1 - f0]. V = the flat weight as
+    [R, C] (axis 0: [group_size, M], one group per column, scales/zeros [1, M]; axis 1:
+    [M, group_size], one group per row, scales/zeros [M, 1])."""
+    m = qweight.shape[1]  # C: every packing keeps V's columns
     k0, k1 = f0 // m, -(-f1 // m)
-    q = _codes_of_view_rows(qweight, bits, k0, k1).to(torch.float32)
+    q = _codes_of_view_rows(qweight, packing or PACKING_OF_BITS[bits], k0, k1).to(torch.float32)
+    if axis == 1:
+        scales, zeros = scales[k0:k1], zeros[k0:k1]
     v = (q - zeros) * scales
     return v.reshape(-1)[f0 - k0 * m:f1 - k0 * m]
 
 
 def dequantize_at(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
-                  flat_index: torch.Tensor) -> torch.Tensor:
+                  flat_index: torch.Tensor, *, axis: int = 0, packing: str | None = None) -> torch.Tensor:
     """The weights at the given flat indices (any shape) -> float32 of that shape."""
-    m = scales.shape[-1]
+    per, width = PACKINGS[packing or PACKING_OF_BITS[bits]]
+    m = qweight.shape[1]
     k, j = flat_index // m, flat_index % m
-    if bits == 8:
-        q = qweight[k, j]
+    if per == 1:
+        q = qweight[k, j].to(torch.int32)
     else:
-        half = qweight.shape[0]
-        src = qweight[k % half, j]
-        q = torch.where(k < half, src >> 4, src & 0x0F)
-    return (q.to(torch.float32) - zeros[0, j]) * scales[0, j]
+        step = qweight.shape[0]
+        q = (qweight[k % step, j].to(torch.int32) >> (width * (per - 1 - k // step)).to(torch.int32)) & ((1 << width) - 1)
+    g = (k, 0) if axis == 1 else (0, j)
+    return (q.to(torch.float32) - zeros[g]) * scales[g]
 
 
 class HqqLinearMethod(QuantizedLinearMethod):
     """ISQ types hqq4/hqq8: state ``qweight`` uint8, ``scales``/``zeros`` float32 [1, out*in/64].
     Forward: the reference path (dequantize blocks of output rows, F.linear in fp32)."""
 
+    supported_bits: tuple[int, ...] = BITS
+
     def __init__(self, qtype: str, **options: Any) -> None:
         super().__init__(qtype, **options)
         name = self.qtype
-        if not (name.startswith("hqq") and name[3:].isdigit() and int(name[3:]) in BITS):
-            raise ValueError(f"not an HQQ type: {qtype!r} (expected hqq4 or hqq8)")
+        if not (name.startswith("hqq") and name[3:].isdigit() and int(name[3:]) in self.supported_bits):
+            raise ValueError(f"not an HQQ type: {qtype!r} (expected "
+                             f"{' or '.join(f'hqq{b}' for b in self.supported_bits)})")
         self.bits = int(name[3:])
         self.group_size = int(options.get("group_size", DEFAULT_GROUP_SIZE))
         if self.group_size < 2 or self.group_size % 2:
             raise ValueError(f"HQQ group size must be even, got {self.group_size}")
         self.optimization_steps = int(options.get("optimization_steps", ISQ_OPTIMIZATION_STEPS))
+        self.axis = 0  # ISQ groups along axis 0; a checkpoint (or UQFF record) may group along axis 1
+        self.packing = PACKING_OF_BITS[self.bits]
 
     def check_shape(self, out_features: int, in_features: int) -> str | None:
         n = out_features * in_features
@@ -181,7 +209,8 @@ class HqqLinearMethod(QuantizedLinearMethod):
 
     def _rows(self, layer: Linear, r0: int, r1: int) -> torch.Tensor:
         n_in = layer.in_features
-        flat = dequantize_flat(layer.qweight, layer.scales, layer.zeros, self.bits, r0 * n_in, r1 * n_in)
+        flat = dequantize_flat(layer.qweight, layer.scales, layer.zeros, self.bits, r0 * n_in, r1 * n_in,
+                               axis=self.axis, packing=self.packing)
         return flat.reshape(r1 - r0, n_in)
 
     def dequantize(self, layer: Linear) -> torch.Tensor:
@@ -192,7 +221,8 @@ class HqqLinearMethod(QuantizedLinearMethod):
         n_in = layer.in_features
         cols = torch.arange(n_in, device=rows.device)
         flat = rows.reshape(-1, 1).to(torch.int64) * n_in + cols
-        w = dequantize_at(layer.qweight, layer.scales, layer.zeros, self.bits, flat)
+        w = dequantize_at(layer.qweight, layer.scales, layer.zeros, self.bits, flat, axis=self.axis,
+                          packing=self.packing)
         return w.reshape(*rows.shape, n_in)
 
     def matmul(self, layer: Linear, x: torch.Tensor, out_f32: bool = False) -> torch.Tensor:
@@ -220,7 +250,7 @@ class HqqLinearMethod(QuantizedLinearMethod):
             "weight.shape": R.u32_vec((layer.out_features, layer.in_features)),
             "weight.bits": R.u8(self.bits),
             "weight.group_size": R.u32(self.group_size),
-            "weight.axis": R.u8(0),
+            "weight.axis": R.u8(self.axis),
             "weight.optimization_steps": R.u32(self.optimization_steps),
             "weight.round_zeros": R.u8(0),
             "weight.channel_wise": R.u8(1),
@@ -237,20 +267,24 @@ class HqqLinearMethod(QuantizedLinearMethod):
     def uqff_state(self, entries: dict[str, torch.Tensor], out_features: int,
                    in_features: int) -> dict[str, torch.Tensor]:
         R.check_shape(R.vector(entries, "weight.shape"), out_features, in_features)
-        if R.scalar(entries, "weight.axis") != 0 or R.scalar(entries, "weight.channel_wise") != 1:
-            raise ValueError("an HQQ record with axis != 0 or not channel-wise; this build reads axis-0, "
-                             "channel-wise HQQ (mistral.rs's ISQ layout)")
+        axis = R.scalar(entries, "weight.axis")
+        if axis not in (0, 1) or R.scalar(entries, "weight.channel_wise") != 1:
+            raise ValueError("an HQQ record with an axis other than 0 or 1, or not channel-wise; this build reads "
+                             "channel-wise HQQ grouped along axis 0 or 1")
         group_size = R.scalar(entries, "weight.group_size")
         if group_size < 2 or group_size % 2 or (out_features * in_features) % group_size:
             raise ValueError(f"HQQ group size {group_size} does not divide a [{out_features}, {in_features}] weight")
         self.group_size = group_size
         self.optimization_steps = R.scalar(entries, "weight.optimization_steps")
+        self.axis = axis
         m = out_features * in_features // group_size
-        rows = group_size if self.bits == 8 else group_size // 2
+        view_rows = group_size if axis == 0 else m
+        rows, cols = (view_rows if self.bits == 8 else view_rows // 2), (m if axis == 0 else group_size)
         qweight = R.tensor(entries, "weight")
         scales, zeros = R.tensor(entries, "weight.scales"), R.tensor(entries, "weight.zeros")
-        if (qweight.dtype != torch.uint8 or tuple(qweight.shape) != (rows, m)
+        if (qweight.dtype != torch.uint8 or tuple(qweight.shape) != (rows, cols)
                 or scales.numel() != m or zeros.numel() != m):
             raise ValueError(f"an {self.qtype} record with codes {list(qweight.shape)} given to a layer of shape "
-                             f"[{out_features}, {in_features}] (expected [{rows}, {m}])")
-        return {"qweight": qweight, "scales": scales.float().reshape(1, m), "zeros": zeros.float().reshape(1, m)}
+                             f"[{out_features}, {in_features}] (expected [{rows}, {cols}])")
+        groups = (1, m) if axis == 0 else (m, 1)
+        return {"qweight": qweight, "scales": scales.float().reshape(groups), "zeros": zeros.float().reshape(groups)}
