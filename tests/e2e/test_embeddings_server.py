@@ -8,8 +8,6 @@ import base64
 import concurrent.futures
 import subprocess
 import sys
-import time
-import urllib.request
 
 import numpy as np
 import pytest
@@ -17,6 +15,7 @@ import torch
 
 from tests.e2e.conftest import start_server
 from tests.e2e.test_from_config import call, free_port
+from tests.helpers import server_process
 from tests.helpers.embedding_models import write_tiny_bert
 from tests.helpers.tiny_models import write_tiny_llama
 
@@ -140,21 +139,10 @@ kind = "embedding"
 model_id = "{emb}"
 dtype = "f32"
 """)
-    proc = subprocess.Popen([sys.executable, "-m", "mistralrs", "from-config", "-f", str(cfg)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = server_process.start("from-config", "-f", str(cfg))
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(240):
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=5) as r:
-                    if r.status == 200:  # every model loaded
-                        break
-            except OSError:  # refused while starting, 503 while loading
-                pass
-            time.sleep(0.5)
-        else:
-            proc.kill()
-            pytest.fail("the server did not come up: " + (proc.stdout.read() if proc.stdout else ""))
+        server_process.wait_healthy(base, proc)
         c = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
         out = c.embeddings.create(model=str(emb), input=["query: hello", "world"])
         assert len(out.data) == 2 and len(out.data[0].embedding) == 48  # the tiny model's Dense layer
@@ -163,8 +151,7 @@ dtype = "f32"
         with pytest.raises(openai.BadRequestError):
             c.embeddings.create(model=str(chat), input="x")
     finally:
-        proc.terminate()
-        proc.communicate(timeout=60)
+        server_process.stop(proc)
 
 
 def test_run_on_an_embedding_model_says_so(tmp_path):

@@ -8,16 +8,14 @@ the real all-MiniLM-L6-v2."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 
 from tests.e2e.conftest import start_server
 from tests.e2e.test_from_config import call, free_port
+from tests.helpers import server_process
 from tests.helpers.fake_search import PAGES, FakeSearch
 from tests.helpers.tiny_models import write_tiny_llama
 
@@ -162,23 +160,12 @@ def test_reranking_with_minilm_puts_the_relevant_page_first(fake):
 
 def test_cli_serve_enable_search(tmp_path, chat_dir, fake):
     port = free_port()
-    env = {**os.environ, "MISTRALRS_SEARCH_URL": fake.search_url, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "mistralrs", "serve", "-m", str(chat_dir), "--dtype", "f32",
-                             "--port", str(port), "--host", "127.0.0.1", "--enable-search", "--pa-context-len", "16384"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = server_process.start("serve", "-m", str(chat_dir), "--dtype", "f32", "--port", str(port), "--host",
+                                "127.0.0.1", "--enable-search", "--pa-context-len", "16384",
+                                env={"MISTRALRS_SEARCH_URL": fake.search_url, "OMP_NUM_THREADS": "1"})
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(240):
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            time.sleep(0.5)
-        else:
-            proc.kill()
-            pytest.fail("server did not come up: " + (proc.stdout.read() if proc.stdout else ""))
+        server_process.wait_healthy(base, proc)
         from mistralrs.tokenization import Tokenizer
 
         (quote,) = Tokenizer.from_dir(chat_dir).encode('"', add_special_tokens=False)
@@ -190,8 +177,7 @@ def test_cli_serve_enable_search(tmp_path, chat_dir, fake):
         assert status == 200, body
         assert body["agentic_tool_calls"][0]["name"] == SEARCH and len(fake.queries) == before + 1
     finally:
-        proc.terminate()
-        proc.communicate(timeout=60)
+        server_process.stop(proc)
 
 
 def test_cli_search_flags_need_enable_search():
