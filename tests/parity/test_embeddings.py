@@ -157,3 +157,19 @@ def test_bf16_weights_pool_in_fp32(tmp_path):
     finally:
         f32.shutdown()
         bf16.shutdown()
+
+
+def test_isq_embedding_model_stays_close(minilm):
+    """--isq on an embedding model quantizes its linear layers like a chat model's; q8_0 keeps
+    the embeddings within cosine 0.999 of fp32."""
+    from mistralrs.serving import ServiceOptions
+    from mistralrs.services import open_service
+
+    path, service = minilm
+    quantized = open_service(ServiceOptions(model_id=path, dtype="f32", isq="q8_0"))
+    try:
+        assert type(quantized.loaded.model.layers[0].up.quant_method).__name__ != "UnquantizedLinearMethod"
+        cos = torch.nn.functional.cosine_similarity(_ours(quantized, TEXTS), _ours(service, TEXTS))
+        assert cos.min().item() > 0.999
+    finally:
+        quantized.shutdown()
