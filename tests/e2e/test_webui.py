@@ -11,13 +11,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
-import sys
-import threading
 import time
 
 import pytest
 
+from tests.e2e.conftest import serve_process
 from tests.e2e.test_server import http
 
 pytestmark = pytest.mark.slow
@@ -27,28 +25,9 @@ CHROMIUM = os.environ.get("MISTRALRS_TEST_CHROMIUM") or shutil.which("chromium")
 
 @pytest.fixture(scope="module")
 def ui_server():
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "mistralrs", "serve", "-m", "demo", "--ui", "--api-key", "k3y",
-                             "--port", "0", "--host", "127.0.0.1", "--shutdown-timeout", "5"],
-                            stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        line = proc.stderr.readline()
-        m = re.search(r"serving .+ on http://127\.0\.0\.1:(\d+)", line)
-        assert m, f"unexpected first line {line!r}"
-        threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
-        url = f"http://127.0.0.1:{m.group(1)}"
-        deadline = time.time() + 120
-        while http(url + "/health")[0] != 200:
-            assert time.time() < deadline and proc.poll() is None
-            time.sleep(0.2)
+    with serve_process("-m", "demo", "--ui", "--api-key", "k3y", "--shutdown-timeout", "5",
+                       env={"OMP_NUM_THREADS": "1"}) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
