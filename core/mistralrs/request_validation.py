@@ -8,6 +8,14 @@ from typing import Any, Mapping
 
 from mistralrs import json_input
 from mistralrs.errors import InvalidRequest
+from mistralrs.request_limits import (
+    MAX_MESSAGES,
+    MAX_N,
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    check_count,
+    limit_exceeded,
+)
 
 # Request fields passed to the chat template (also accepted inside `chat_template_kwargs`).
 CHAT_TEMPLATE_KWARGS = ("enable_thinking", "reasoning_effort")
@@ -80,16 +88,24 @@ def stop_strings(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         return (value,)
     if isinstance(value, list) and all(isinstance(s, str) for s in value):
-        if len(value) > 32:
-            raise InvalidRequest("stop accepts at most 32 strings", "stop")
+        check_count(value, MAX_STOP_STRINGS, "stop", "strings")
+        for s in value:
+            if len(s) > MAX_STOP_STRING_CHARS:
+                raise limit_exceeded(f"stop has a string of {len(s)} characters; the limit is "
+                                     f"{MAX_STOP_STRING_CHARS}", "stop")
         return tuple(value)
     raise InvalidRequest("stop must be a string or a list of strings", "stop")
 
 
-def max_tokens_of(body: Mapping[str, Any]) -> int | None:
+def max_tokens_of(body: Mapping[str, Any], context: int | None = None) -> int | None:
+    """The request's `max_tokens` (or `max_completion_tokens`): >= 1, and at most the model's
+    context length `context` when given."""
     value = body.get("max_completion_tokens", body.get("max_tokens"))
     param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-    return _num(value, param, lo=1, integer=True)
+    value = _num(value, param, lo=1, integer=True)
+    if value is not None and context is not None and value > context:
+        raise limit_exceeded(f"{param} is {value}; the limit is the model's context length, {context} tokens", param)
+    return value
 
 
 def _render_tool_calls(calls: Any, i: int) -> list[dict[str, Any]]:
@@ -136,6 +152,7 @@ def normalize_messages(messages: Any) -> list[dict[str, Any]]:
         return [{"role": "user", "content": messages}]
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("messages must be a non-empty list of messages or a string", "messages")
+    check_count(messages, MAX_MESSAGES, "messages", "messages")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
@@ -196,9 +213,10 @@ def generation_request(service: Any, body: Mapping[str, Any], ids: list[int], *,
     if grammar is _FROM_BODY:
         grammar = grammar_from_request(body)
 
-    max_tokens = max_tokens_of(body)
-    n = _num(body.get("n", 1), "n", lo=1, hi=128, integer=True)
-    best_of = _num(body.get("best_of"), "best_of", lo=1, hi=128, integer=True)
+    context = getattr(service, "max_model_len", None)
+    max_tokens = max_tokens_of(body, context if isinstance(context, int) else None)
+    n = _num(body.get("n", 1), "n", lo=1, hi=MAX_N, integer=True)
+    best_of = _num(body.get("best_of"), "best_of", lo=1, hi=MAX_N, integer=True)
     if best_of is not None and best_of < n:
         raise InvalidRequest("best_of must be >= n", "best_of")
     if body.get("truncate_sequence"):

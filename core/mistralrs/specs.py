@@ -187,9 +187,15 @@ class SearchBackendSpec(Spec):
 @attrs.frozen(kw_only=True)
 class FrontendSpec(Spec):
     """An API frontend (HTTP server, MCP server, interactive mode, ...). `factory` is called
-    with the engine handle(s) and options and returns something with a `run()`/`serve()`."""
+    with the engine handle(s) and options and returns something with a `run()`/`serve()`.
 
-    factory: Ref
+    A frontend that adds routes to the HTTP server (`serve`) instead, or as well, names a
+    `mount(app)` that adds them to its aiohttp application; the server mounts every such
+    frontend with `mount_by_default`, and the others when asked (`serve --ui`: `webui`)."""
+
+    factory: Ref | None = None
+    mount: Ref | None = None
+    mount_by_default: bool = True
     kind: str = attrs.field(init=False, default="frontend")
 
 

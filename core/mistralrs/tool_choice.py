@@ -13,6 +13,7 @@ import attrs
 
 from mistralrs import json_input
 from mistralrs.errors import InvalidRequest
+from mistralrs.request_limits import MAX_TOOLS, check_count
 
 log = logging.getLogger("mistralrs.tools")
 
@@ -101,6 +102,7 @@ def normalize_tools(value: Any, *, param: str = "tools") -> list[dict[str, Any]]
         return []
     if not isinstance(value, list):
         raise InvalidRequest("tools must be a list of function tools", param)
+    check_count(value, MAX_TOOLS, param, "tools")
     out: list[dict[str, Any]] = []
     seen: set[str] = set()
     for i, tool in enumerate(value):

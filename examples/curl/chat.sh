@@ -15,10 +15,10 @@ post() {  # post PATH JSON: fail on an HTTP error, but still print the error bod
   echo
 }
 
-# The socket opens before the model is loaded: model routes answer 503 until then, so wait
-# for /v1/models to answer 200 (/health is OK all along).
+# The socket opens before the model is loaded: /health (the readiness probe) and the model
+# routes answer 503 until then, so wait for /health to answer 200.
 for _ in $(seq 120); do
-  curl -sf "$URL/v1/models" -H "$AUTH" >/dev/null && break
+  curl -sf "$URL/health" >/dev/null && break
   sleep 0.5
 done
 

@@ -4,7 +4,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import re
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +52,36 @@ class ServerThread:
     @property
     def state(self) -> Any:
         return self.server.state
+
+
+@contextlib.contextmanager
+def serve_process(*args: str, log: list[str] | None = None, env: dict[str, str] | None = None) -> Any:
+    """`mistralrs serve ARGS --port 0 --host 127.0.0.1` as a user starts it; yields its base URL
+    once `/health` says every model is loaded. Its stderr lines go to `log`."""
+    from tests.e2e.test_server import http
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-m", "mistralrs", "serve", *args, "--port", "0", "--host", "127.0.0.1"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    lines = log if log is not None else []
+    try:
+        line = proc.stderr.readline()
+        m = re.search(r"on http://127\.0\.0\.1:(\d+)", line)
+        assert m, f"unexpected first line {line!r}"
+        threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
+        url = f"http://127.0.0.1:{m.group(1)}"
+        deadline = time.time() + 120
+        while http(url + "/health")[0] != 200:
+            assert time.time() < deadline and proc.poll() is None, "the model did not load"
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture(scope="session")

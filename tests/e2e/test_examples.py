@@ -177,7 +177,8 @@ class Server:
 
     def ready(self) -> bool:
         try:
-            return http(self.url + "/v1/models", timeout=5)[0] == 200
+            with urllib.request.urlopen(self.url + "/health", timeout=5) as r:  # 503 until every model loaded
+                return r.status == 200
         except OSError:
             return False
 

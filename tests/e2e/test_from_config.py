@@ -63,8 +63,9 @@ dtype = "f32"
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
-            if call(url + "/v1/models")[0] == 200:
-                break
+            with urllib.request.urlopen(url + "/health", timeout=5) as r:  # 503 (an OSError) until loaded
+                if r.status == 200:
+                    break
         except OSError:
             pass
         time.sleep(0.3)

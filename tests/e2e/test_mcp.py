@@ -268,6 +268,7 @@ def test_cli_mcp_client_and_server(how, model_dir, tmp_path):
         deadline = time.time() + 120
         while True:
             try:
+                urllib.request.urlopen(url + "/health", timeout=5).close()  # 503 (an OSError) until loaded
                 cards = http(url + "/v1/models")["data"]
                 break
             except OSError:

@@ -15,14 +15,13 @@ import random
 import re
 import shutil
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from tests.e2e.conftest import serve_process
 from tests.e2e.test_server import http
 
 pytestmark = pytest.mark.slow
@@ -38,29 +37,9 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
 @pytest.fixture(scope="module")
 def served(tiny_model_dir) -> Iterator[str]:
     """`mistralrs serve` on the tiny model, as a user starts it; yields its base URL."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mistralrs", "serve", "-m", str(tiny_model_dir), "--port", "0", "--host", "127.0.0.1",
-         "--max-seqs", "16"], stderr=subprocess.PIPE, text=True, env=env,
-    )
     log: list[str] = []
-    try:
-        line = proc.stderr.readline()
-        m = re.search(r"on http://127\.0\.0\.1:(\d+)", line)
-        assert m, f"unexpected first line {line!r}"
-        threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True).start()
-        url = f"http://127.0.0.1:{m.group(1)}"
-        deadline = time.time() + 120
-        while http(url + "/v1/models")[0] != 200:
-            assert time.time() < deadline, "the model did not load"
-            time.sleep(0.2)
+    with serve_process("-m", str(tiny_model_dir), "--max-seqs", "16", log=log) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     assert "engine thread died" not in "".join(log)
 
 

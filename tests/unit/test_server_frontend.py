@@ -686,7 +686,10 @@ def test_503_while_loading_then_ready_and_load_failure(tokenizer):
             assert r.status == 503
             err = (await r.json())["error"]
             assert err["type"] == "unavailable_error" and err["code"] == "model_loading"
-            assert (await s.get(srv.url + "/v1/models")).status == 503
+            r = await s.get(srv.url + "/v1/models")  # answers while loading, with each model's status
+            assert r.status == 200 and {m["status"] for m in (await r.json())["data"]} == {"loading"}
+            r = await s.get(srv.url + f"/v1/models/{MODEL}")
+            assert r.status == 200 and (await r.json())["status"] == "loading"
             release.set()
             await srv.wait_loaded()
             r = await s.post(srv.url + "/v1/chat/completions", json=chat())

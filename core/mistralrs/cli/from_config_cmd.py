@@ -84,5 +84,6 @@ def _run(cfg: Any, options: dict[str, Any], tools: Any) -> int:
         request_id_header=not cfg.server.disable_request_id_header,
         tools=tools,
         mcp_port=cfg.server.mcp_port,
+        ui=bool(cfg.server.ui) and not cfg.server.no_ui,
     )
     return server.run()

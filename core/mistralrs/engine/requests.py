@@ -181,3 +181,4 @@ class ContextTooLong(InvalidRequest):
         )
         self.n_prompt_tokens = n_prompt_tokens
         self.n_ctx = n_ctx
+        self.at_least = at_least

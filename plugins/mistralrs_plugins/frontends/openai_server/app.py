@@ -45,7 +45,8 @@ log = logging.getLogger("mistralrs.server")
 
 
 # -- the application -------------------------------------------------------------------------
-def create_app(state: ServerState) -> web.Application:
+def create_app(state: ServerState, *, mounts: tuple[str, ...] = ()) -> web.Application:
+    """The application; `mounts` names frontends to mount beyond the default ones (`webui`)."""
     app = web.Application(client_max_size=BODY_LIMIT, middlewares=[main_middleware])
     app[STATE] = state
     app.on_response_prepare.append(on_prepare)
@@ -69,7 +70,19 @@ def create_app(state: ServerState) -> web.Application:
     r.add_get("/api-doc/openapi.json", routes.openapi_json)
     r.add_get("/docs", routes.docs)
     r.add_get("/docs/", routes.docs)
+    mount_frontends(app, mounts)
     return app
+
+
+def mount_frontends(app: web.Application, names: tuple[str, ...] = ()) -> None:
+    """Add the routes of the frontends that mount on this server (`FrontendSpec.mount`): the
+    Anthropic Messages API by default, the web UI when named (`serve --ui`)."""
+    from mistralrs.plugins import get_registry
+    from mistralrs.specs import resolve
+
+    for spec in get_registry().frontends:
+        if spec.mount is not None and (spec.mount_by_default or spec.name in names):
+            resolve(spec.mount)(app)
 
 
 class OpenAIServer:
@@ -86,7 +99,8 @@ class OpenAIServer:
                  host: str = "0.0.0.0", port: int = 1234, api_key: str | None = None,
                  shutdown_timeout: float = 30.0, keep_alive_ms: float | None = None, enable_metrics: bool = True,
                  request_id_header: bool = True, owns_service: bool = True, announce: bool = True,
-                 tools: Any = None, model_ids: list[str] | None = None, mcp_port: int | None = None) -> None:
+                 tools: Any = None, model_ids: list[str] | None = None, mcp_port: int | None = None,
+                 ui: bool = False) -> None:
         if service is None and loader is None:
             raise ValueError("OpenAIServer needs a service or a loader")
         model_id = model_id or getattr(service, "model_id", None)
@@ -103,7 +117,8 @@ class OpenAIServer:
             enable_metrics=enable_metrics, request_id_header=request_id_header, tools=tools,
             model_ids=model_ids,
         )
-        self.app = create_app(self.state)
+        self.ui = ui  # the web UI at /ui (`serve --ui`)
+        self.app = create_app(self.state, mounts=("webui",) if ui else ())
         self.mcp_port = mcp_port  # the MCP server's port (the `mcp_server` frontend), if any
         self.mcp: Any = None
         self._runner: web.AppRunner | None = None
@@ -137,6 +152,8 @@ class OpenAIServer:
             self.port = server.sockets[0].getsockname()[1]
         status = "loading the model" if self.state.service is None else "ready"
         self._say(f"serving {self.state.model_id} on http://{self.host}:{self.port} ({status})")
+        if self.ui:
+            self._say(f"web UI on http://{self.host}:{self.port}/ui")
         if self.mcp_port is not None:
             await self._start_mcp()
         self._loaded = loop.create_future()

@@ -38,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="do not echo x-request-id in responses")
     srv.add_argument("--mcp-port", type=_port, default=None, metavar="PORT",
                      help="also serve MCP (streamable HTTP at /mcp: a `chat` tool) on this port (0: a free one)")
+    srv.add_argument("--ui", action="store_true", help="serve the built-in web chat UI at /ui")
     add_tool_arguments(parser)
 
 
@@ -136,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         request_id_header=not args.disable_request_id_header,
         tools=tools,
         mcp_port=args.mcp_port,
+        ui=args.ui,
     )
     try:
         return server.run()

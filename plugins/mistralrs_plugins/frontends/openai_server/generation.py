@@ -71,12 +71,12 @@ async def collect_events(state: ServerState, handle: Any, tracker: GenerationTra
 
 async def stream_events(request: web.Request, state: ServerState, handle: Any,
                         convert: Callable[[Any], list[Any]], *, head: Sequence[Any] = (),
-                        done_line: bool = True, on_error: Callable[[BaseException], list[bytes]] | None = None
-                        ) -> web.StreamResponse:
+                        done_line: bool = True, on_error: Callable[[BaseException], list[bytes]] | None = None,
+                        keep_alive: bytes = KEEP_ALIVE_LINE) -> web.StreamResponse:
     """Send a request's events as SSE: `convert(event)` gives the payloads (dicts, or bytes
     already framed) for each event; keep-alive comments fill silences. An engine failure
     before the first byte is an HTTP error, after it an error event; the stream always ends
-    with `data: [DONE]` (unless done_line is False)."""
+    with `data: [DONE]` (unless done_line is False). `keep_alive` is what fills a silence."""
     writer = SSEWriter(request)
     source = EventSource(handle, state.keep_alive, on_close=state.release)
 
@@ -92,7 +92,7 @@ async def stream_events(request: web.Request, state: ServerState, handle: Any,
             if event is END:
                 break
             if event is KEEPALIVE:
-                await writer.write(KEEP_ALIVE_LINE)
+                await writer.write(keep_alive)
                 continue
             if type(event).__name__ == "RequestFailed":
                 if not writer.started:

@@ -8,7 +8,7 @@ import hmac
 import logging
 import time
 import uuid
-from typing import Callable
+from typing import Any, Callable
 
 from aiohttp import web
 
@@ -22,6 +22,29 @@ CORS_ALLOW_METHODS = "GET, POST, PUT, DELETE, OPTIONS"
 # Routes that answer without an API key, and that stay out of the HTTP metrics.
 OPEN_PATHS = frozenset({"/", "/health", "/docs", "/docs/", "/openapi.json", "/api-doc/openapi.json"})
 UNMETERED_PATHS = OPEN_PATHS | {"/metrics"}
+# Routes whose errors another API's envelope wraps: path prefix -> (ApiError) -> web.Response.
+# A mounted frontend (the Anthropic Messages API) adds its own.
+ERROR_ENVELOPES: web.AppKey[dict[str, Callable[[ApiError], web.Response]]] = web.AppKey(
+    "mistralrs_error_envelopes", dict)
+
+
+# Path prefixes a mounted frontend serves without an API key and outside the metrics (the web UI's
+# static files: the page asks for the key itself).
+OPEN_PREFIXES: web.AppKey[list[str]] = web.AppKey("mistralrs_open_prefixes", list)
+
+
+def _open(request: web.Request) -> bool:
+    prefixes: Any = request.app.get(OPEN_PREFIXES) or ()
+    return request.path in OPEN_PATHS or any(request.path.startswith(p) for p in prefixes)
+
+
+def error_response(request: web.Request, err: ApiError) -> web.Response:
+    """`err` in the error envelope of the API the request's route belongs to (OpenAI's by default)."""
+    envelopes: Any = request.app.get(ERROR_ENVELOPES) or {}
+    for prefix, render in envelopes.items():
+        if request.path.startswith(prefix):
+            return render(err)
+    return err.response()
 
 
 def _route_label(request: web.Request) -> str:
@@ -40,21 +63,22 @@ async def main_middleware(request: web.Request, handler: Callable) -> web.Stream
     if request.method == "OPTIONS":  # CORS preflight (headers are added in on_prepare)
         return web.Response(status=204, headers={"Access-Control-Max-Age": "3600"})
     path = request.path
-    metered = path not in UNMETERED_PATHS  # API routes: counted in metrics and waited for when draining
+    is_open = _open(request)
+    metered = path not in UNMETERED_PATHS and not is_open  # API routes: counted, and waited for when draining
     status = 500
     if metered:
         state.metrics.in_flight += 1
         state.active += 1
     try:
-        if state.api_key and path not in OPEN_PATHS and not _authorized(request, state.api_key):
-            raise ApiError(401, "missing or invalid API key; send `Authorization: Bearer <key>`",
+        if state.api_key and not is_open and not _authorized(request, state.api_key):
+            raise ApiError(401, "missing or invalid API key; send `Authorization: Bearer <key>` or `x-api-key: <key>`",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
         response = await handler(request)
         status = response.status
         return response
     except ApiError as exc:
         status = exc.status
-        return exc.response()
+        return error_response(request, exc)
     except web.HTTPException as exc:  # aiohttp's own: unknown route, wrong method, body too large
         status = exc.status
         if exc.status < 400:
@@ -68,7 +92,7 @@ async def main_middleware(request: web.Request, handler: Callable) -> web.Stream
         status = err.status
         if err.status >= 500:
             log.exception("request %s %s failed", request.method, path)
-        return err.response()
+        return error_response(request, err)
     finally:
         if metered:
             state.metrics.in_flight -= 1
@@ -95,7 +119,7 @@ def _http_exception_response(request: web.Request, exc: web.HTTPException) -> we
                        code="request_too_large")
     else:
         err = ApiError(exc.status, exc.reason or "error")
-    return err.response()
+    return error_response(request, err)
 
 
 async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:

@@ -37,7 +37,7 @@ def _model_card(state: ServerState, model_id: str) -> dict[str, Any]:
     svc = state.services.get(name)
     return {
         "id": model_id, "object": "model", "created": state.created, "owned_by": "local",
-        "root": name, "status": "loaded" if svc is not None else "loading",
+        "root": name, "status": "loaded" if svc is not None else "failed" if state.load_error else "loading",
         "max_model_len": getattr(svc, "max_model_len", None),
         **state.tools.status(),  # tools_available (+ mcp_tools_count, mcp_servers_connected with MCP)
     }
@@ -45,14 +45,14 @@ def _model_card(state: ServerState, model_id: str) -> dict[str, Any]:
 
 async def list_models(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    state.require_service(kind=None)
+    state.check_not_draining()  # answers while models load (each card's `status`)
     data = [_model_card(state, "default")] + [_model_card(state, m) for m in state.model_ids]
     return web.json_response({"object": "list", "data": data}, dumps=dumps)
 
 
 async def get_model(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    state.require_service(kind=None)
+    state.check_not_draining()  # answers while models load (each card's `status`)
     model = request.match_info["model"]
     state.resolve_name({"model": model})
     return web.json_response(_model_card(state, model), dumps=dumps)

@@ -108,11 +108,15 @@ class ServerState:
                                 '(or use "default")', param="model", code="model_not_found")
         return model
 
+    def check_not_draining(self) -> None:
+        """503 `shutting_down` once the server drains."""
+        if self.draining:
+            raise ApiError(503, "the server is shutting down", code="shutting_down")
+
     def require_service(self, body: dict[str, Any] | None = None, *, kind: str | None = "text") -> Any:
         """The service for the request's model; 404 for an unknown model, 503 while loading, 400
         when it is not of `kind` (``text``: chat and completions; ``embedding``; None: any)."""
-        if self.draining:
-            raise ApiError(503, "the server is shutting down", code="shutting_down")
+        self.check_not_draining()
         name = self.resolve_name(body)
         service = self.services.get(name)
         if service is None:
