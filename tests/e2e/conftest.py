@@ -10,7 +10,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +57,7 @@ class ServerThread:
 def serve_process(*args: str, log: list[str] | None = None, env: dict[str, str] | None = None) -> Any:
     """`mistralrs serve ARGS --port 0 --host 127.0.0.1` as a user starts it; yields its base URL
     once `/health` says every model is loaded. Its stderr lines go to `log`."""
-    from tests.e2e.test_server import http
+    from tests.helpers import server_process
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     proc = subprocess.Popen([sys.executable, "-m", "mistralrs", "serve", *args, "--port", "0", "--host", "127.0.0.1"],
@@ -70,10 +69,7 @@ def serve_process(*args: str, log: list[str] | None = None, env: dict[str, str] 
         assert m, f"unexpected first line {line!r}"
         threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
         url = f"http://127.0.0.1:{m.group(1)}"
-        deadline = time.time() + 120
-        while http(url + "/health")[0] != 200:
-            assert time.time() < deadline and proc.poll() is None, "the model did not load"
-            time.sleep(0.2)
+        server_process.wait_healthy(url, proc)
         yield url
     finally:
         proc.terminate()
