@@ -20,10 +20,14 @@ class SdpaBackend(AttentionBackend):
         self.v_cache: list[torch.Tensor] = []
         if slots:
             for _ in range(s.num_layers):
-                self.k_cache.append(torch.zeros(slots, s.num_kv_heads, s.head_dim, dtype=s.dtype, device=s.device))
-                self.v_cache.append(
-                    torch.zeros(slots, s.num_kv_heads, s.v_head_dim or s.head_dim, dtype=s.dtype, device=s.device)
-                )
+                k = torch.zeros(slots, s.num_kv_heads, s.head_dim, dtype=s.dtype, device=s.device)
+                self.k_cache.append(k)
+                if s.v_from_k:  # MLA: the value is the key's leading dims (no storage of its own)
+                    self.v_cache.append(k[..., :s.v_head_dim or s.head_dim])
+                else:
+                    self.v_cache.append(
+                        torch.zeros(slots, s.num_kv_heads, s.v_head_dim or s.head_dim, dtype=s.dtype, device=s.device)
+                    )
 
     def prepare(self, batch: AttentionBatch) -> None:
         if batch.block_tables is None and any(batch.context_lens):
@@ -55,7 +59,8 @@ class SdpaBackend(AttentionBackend):
         if batch.slot_mapping is None or not self.k_cache:
             return False
         write_slots(self.k_cache[layer], batch.slot_mapping, k)
-        write_slots(self.v_cache[layer], batch.slot_mapping, v)
+        if not self.shape.v_from_k:
+            write_slots(self.v_cache[layer], batch.slot_mapping, v)
         return True
 
     def attend_seq(self, i, layer, q, k, v, batch, out, *, cached, scale, sliding_window=None, softcap=None):
@@ -104,7 +109,7 @@ class SdpaBackend(AttentionBackend):
     def copy_blocks(self, pairs):
         bs = self.block_size
         for src, dst in pairs:
-            for cache in (*self.k_cache, *self.v_cache):
+            for cache in (*self.k_cache, *([] if self.shape.v_from_k else self.v_cache)):
                 cache[dst * bs:(dst + 1) * bs] = cache[src * bs:(src + 1) * bs]
 
 
