@@ -143,6 +143,7 @@ class AttentionBackend:
         scale: float,
         sliding_window: int | None = None,
         softcap: float | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """q[T, Hq, D], k[T, Hkv, D], v[T, Hkv, Dv] for the new tokens -> out[T, Hq, Dv].
 
@@ -150,6 +151,8 @@ class AttentionBackend:
         token to its sequence's visible keys, causally (unless ``batch.causal`` is False: then to
         all of them). `sliding_window` W: a query at position p sees keys at positions > p - W
         (non-causal: |p - k| < W). `softcap` c: scores -> c * tanh(scores / c).
+        `sinks` [Hq] (GPT-OSS): one extra logit per query head in each softmax's denominator,
+        attached to no value (``softmax([scores, sink])`` with the sink's column dropped).
         """
         raise NotImplementedError
 

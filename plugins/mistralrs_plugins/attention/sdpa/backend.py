@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from mistralrs.attention import AttentionBackend, AttentionBatch, KVCacheShape, read_slots, write_slots
+from mistralrs.nn.torch_ops import softmax_with_sinks
 
 
 class SdpaBackend(AttentionBackend):
@@ -44,14 +45,14 @@ class SdpaBackend(AttentionBackend):
             slots[i] = batch.block_tables[i, pos // bs].long() * bs + pos % bs
         return slots[i]
 
-    def attend(self, layer, q, k, v, batch, *, scale, sliding_window=None, softcap=None):
+    def attend(self, layer, q, k, v, batch, *, scale, sliding_window=None, softcap=None, sinks=None):
         cached = self.write_kv(layer, k, v, batch)
-        if not cached and softcap is None and batch.num_seqs > 1:
+        if not cached and softcap is None and sinks is None and batch.num_seqs > 1:
             return self.attend_padded(q, k, v, batch, scale=scale, sliding_window=sliding_window)
         out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
         for i in range(batch.num_seqs):
             self.attend_seq(i, layer, q, k, v, batch, out, cached=cached, scale=scale,
-                            sliding_window=sliding_window, softcap=softcap)
+                            sliding_window=sliding_window, softcap=softcap, sinks=sinks)
         return out
 
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch) -> bool:
@@ -63,7 +64,8 @@ class SdpaBackend(AttentionBackend):
             write_slots(self.v_cache[layer], batch.slot_mapping, v)
         return True
 
-    def attend_seq(self, i, layer, q, k, v, batch, out, *, cached, scale, sliding_window=None, softcap=None):
+    def attend_seq(self, i, layer, q, k, v, batch, out, *, cached, scale, sliding_window=None, softcap=None,
+                   sinks=None):
         """out[sequence i's new tokens] = their causal attention over the sequence's visible keys."""
         hq, hk = q.shape[1], k.shape[1]
         qsl, sl = batch.query_start_loc, batch.seq_lens[i]
@@ -83,13 +85,14 @@ class SdpaBackend(AttentionBackend):
         qi = q[qs:qe].transpose(0, 1)  # [Hq, ql, D]
         ki = ks.transpose(0, 1).repeat_interleave(hq // hk, dim=0)
         vi = vs.transpose(0, 1).repeat_interleave(hq // hk, dim=0)
-        if softcap is None:
+        if softcap is None and sinks is None:
             oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=allowed, scale=scale)
         else:
             scores = (qi @ ki.transpose(-1, -2)).float() * scale
-            scores = softcap * torch.tanh(scores / softcap)
+            if softcap is not None:
+                scores = softcap * torch.tanh(scores / softcap)
             scores = scores.masked_fill(~allowed, float("-inf"))
-            oi = torch.softmax(scores, dim=-1).to(vi.dtype) @ vi
+            oi = softmax_with_sinks(scores, None if sinks is None else sinks[:, None, None]).to(vi.dtype) @ vi
         out[qs:qe] = oi.transpose(0, 1)
 
     def attend_padded(self, q, k, v, batch, *, scale, sliding_window=None):

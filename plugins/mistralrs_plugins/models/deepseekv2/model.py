@@ -137,19 +137,23 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_b_proj = Linear(m.kv_lora_rank, h * (m.qk_nope_head_dim + m.v_head_dim))
         self.o_proj = Linear(h * m.v_head_dim, hidden_size, bias=m.attention_bias)
         object.__setattr__(self, "rotary", rotary)
-        self._absorbed: tuple[Any, torch.Tensor] | None = None
+        self._absorbed: tuple[Any, torch.Tensor, torch.Tensor] | None = None
 
-    def _kv_b_weight(self) -> torch.Tensor:
-        """kv_b_proj's weight [H, nope + v, rank] as a float tensor (dequantized once for ISQ)."""
+    def _absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj split per head for the absorbed matmuls, contiguous, in `dtype`:
+        ``w_uk [H, nope, rank]`` and ``w_uv^T [H, rank, v]``. Made once (dequantized for quantized
+        layers) and again only when the layer's weights or method change (re-ISQ)."""
         layer, m = self.kv_b_proj, self.m
         method = layer.quant_method
-        if isinstance(method, UnquantizedLinearMethod):
-            w = cast(torch.Tensor, layer.weight)
-        else:
-            if self._absorbed is None or self._absorbed[0] is not method:
-                self._absorbed = (method, method.dequantize(layer))  # type: ignore[attr-defined]
-            w = self._absorbed[1]
-        return w.view(m.num_heads, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
+        weight = cast(torch.Tensor, layer.weight) if isinstance(method, UnquantizedLinearMethod) else None
+        key = (method, dtype, None if weight is None else (weight.data_ptr(), weight._version))
+        if self._absorbed is None or self._absorbed[0] != key:
+            w = weight if weight is not None else method.dequantize(layer)  # type: ignore[attr-defined]
+            w = w.detach().view(m.num_heads, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
+            w_uk = w[:, :m.qk_nope_head_dim].to(dtype).contiguous()
+            w_uv_t = w[:, m.qk_nope_head_dim:].transpose(1, 2).to(dtype).contiguous()
+            self._absorbed = (key, w_uk, w_uv_t)
+        return self._absorbed[1], self._absorbed[2]
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, batch: Any) -> torch.Tensor:
         m, t, h = self.m, hidden.shape[0], self.m.num_heads
@@ -165,14 +169,13 @@ class MultiHeadLatentAttention(nn.Module):
         if self.rotary is not None:
             q_pe, k_pe = cast(nn.Module, self.rotary)(q_pe.contiguous(), k_pe, positions)
         if m.absorb:
-            w = self._kv_b_weight().to(hidden.dtype)
-            w_uk, w_uv = w[:, :m.qk_nope_head_dim], w[:, m.qk_nope_head_dim:]
-            q_lat = torch.einsum("thn,hnr->thr", q_nope, w_uk)
+            w_uk, w_uv_t = self._absorbed_weights(hidden.dtype)
+            q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, H, rank]
             query = torch.cat([q_lat, q_pe], dim=-1)
             key = torch.cat([c, k_pe[:, 0]], dim=-1).view(t, 1, m.kv_lora_rank + m.qk_rope_head_dim)
             out_lat = batch.backend.attend(self.layer_idx, query, key, key[..., :m.kv_lora_rank], batch,
                                            scale=m.scale)
-            out = torch.einsum("thr,hvr->thv", out_lat, w_uv)
+            out = torch.bmm(out_lat.transpose(0, 1), w_uv_t).transpose(0, 1)  # [T, H, v]
         else:
             kv = self.kv_b_proj(c).view(t, h, m.qk_nope_head_dim + m.v_head_dim)
             k_nope, value = kv.split([m.qk_nope_head_dim, m.v_head_dim], dim=-1)
