@@ -68,12 +68,20 @@ class AttentionBatch:
 
 @attrs.frozen(kw_only=True)
 class KVCacheShape:
-    """What a backend needs to allocate a model's KV cache."""
+    """What a backend needs to allocate a model's KV cache.
+
+    `v_from_k`: the value of each slot is the first `v_head_dim` dims of its key, so only keys are
+    stored (multi-head latent attention: one "KV head" holding the compressed latent and the
+    rope key; the value is the latent). Backends then keep no value cache of their own: their
+    value views are ``k_cache[..., :v_head_dim]``, and `attend` ignores the `v` it is given
+    beyond using it for cache-less batches (where it must equal ``k[..., :v_head_dim]``).
+    """
 
     num_layers: int
     num_kv_heads: int
     head_dim: int
     v_head_dim: int | None = None
+    v_from_k: bool = False
     num_blocks: int = 0
     block_size: int = 32
     dtype: Any = None  # torch dtype of the cache
@@ -106,7 +114,7 @@ class AttentionBackend:
 
         s = self.shape
         itemsize = torch.empty((), dtype=s.dtype).element_size()
-        return s.num_layers * s.block_size * s.num_kv_heads * (s.head_dim + (s.v_head_dim or s.head_dim)) * itemsize
+        return s.block_size * kv_elements_per_token(attrs.asdict(s)) * itemsize
 
     def batch(
         self,
@@ -135,6 +143,7 @@ class AttentionBackend:
         scale: float,
         sliding_window: int | None = None,
         softcap: float | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """q[T, Hq, D], k[T, Hkv, D], v[T, Hkv, Dv] for the new tokens -> out[T, Hq, Dv].
 
@@ -142,12 +151,21 @@ class AttentionBackend:
         token to its sequence's visible keys, causally (unless ``batch.causal`` is False: then to
         all of them). `sliding_window` W: a query at position p sees keys at positions > p - W
         (non-causal: |p - k| < W). `softcap` c: scores -> c * tanh(scores / c).
+        `sinks` [Hq] (GPT-OSS): one extra logit per query head in each softmax's denominator,
+        attached to no value (``softmax([scores, sink])`` with the sink's column dropped).
         """
         raise NotImplementedError
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole blocks src -> dst (copy-on-write for forked sequences)."""
         raise NotImplementedError
+
+
+def kv_elements_per_token(kv: dict[str, Any]) -> int:
+    """Cache elements one token takes over all layers, from a model's ``kv_cache_shape()`` dict
+    (or a `KVCacheShape` as a dict): keys and values, or keys only when ``v_from_k``."""
+    per_head = kv["head_dim"] + (0 if kv.get("v_from_k") else (kv.get("v_head_dim") or kv["head_dim"]))
+    return int(kv["num_layers"] * kv["num_kv_heads"] * per_head)
 
 
 # -- KV slot I/O: the cache layout every backend and reference op shares -------------------------

@@ -814,7 +814,8 @@ def build_attention_backend(
     cls = resolve(spec.backend)
     shape = KVCacheShape(
         num_layers=kv["num_layers"], num_kv_heads=kv["num_kv_heads"], head_dim=kv["head_dim"],
-        v_head_dim=kv.get("v_head_dim"), num_blocks=num_blocks, block_size=block_size,
+        v_head_dim=kv.get("v_head_dim"), v_from_k=bool(kv.get("v_from_k", False)),
+        num_blocks=num_blocks, block_size=block_size,
         dtype=cache_dtype, device=dev,
     )
     return cls(shape)

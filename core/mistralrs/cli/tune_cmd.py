@@ -35,6 +35,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from mistralrs.attention import kv_elements_per_token
 from mistralrs.cli.model_options import add_model_arguments
 
 PROFILES = ("quality", "balanced", "fast")
@@ -222,7 +223,7 @@ def weight_bytes(params: dict[str, int], bits: tuple[float, float] | None, dtype
 def analyse(shape: dict[str, Any], memory: dict[str, Any], *, dtype_bits: float, kv_itemsize: int,
             max_context: int, gpu: bool, bits: dict[str, tuple[float, float]]) -> list[dict[str, Any]]:
     kv = shape["kv"]
-    kv_per_token = kv["num_layers"] * kv["num_kv_heads"] * (kv["head_dim"] + (kv.get("v_head_dim") or kv["head_dim"]))
+    kv_per_token = kv_elements_per_token(kv)
     kv_per_token *= kv_itemsize
     need_ctx = min(MIN_CONTEXT, max_context)
     options = []
@@ -351,7 +352,7 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
         notes.append("no quantization level fits this machine with a usable context"
                      + ("" if device == "cpu" else "; try --cpu to use system RAM"))
     kv = shape["kv"]
-    kv_per_token = kv["num_layers"] * kv["num_kv_heads"] * (kv["head_dim"] + (kv.get("v_head_dim") or kv["head_dim"]))
+    kv_per_token = kv_elements_per_token(kv)
     return {
         "model_id": args.model_id,
         "config": source,

@@ -44,6 +44,7 @@ class Attention(nn.Module):
         scale: float | None = None,
         sliding_window: int | None = None,
         softcap: float | None = None,
+        sinks: bool = False,
         names: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
         device: Any = None,
         registry: Any = None,
@@ -77,6 +78,8 @@ class Attention(nn.Module):
         elif qk_norm is not None:
             raise ValueError(f"qk_norm must be None, 'head' or 'full', not {qk_norm!r}")
         object.__setattr__(self, "rotary", rotary)
+        # GPT-OSS: a learned logit per query head in every softmax's denominator (`attend(sinks=)`)
+        self.sinks = nn.Parameter(torch.empty(self.num_heads), requires_grad=False) if sinks else None
 
     _qkv: Linear | None = None  # quantized q/k/v fused after loading (not a submodule)
 
@@ -117,6 +120,7 @@ class Attention(nn.Module):
         out = batch.backend.attend(
             self.layer_idx, q, k, v, batch,
             scale=self.scale, sliding_window=self.sliding_window, softcap=self.softcap,
+            **({} if self.sinks is None else {"sinks": self.sinks}),
         )
         return o_proj(out.reshape(t, self.num_heads * self.v_head_dim))
 

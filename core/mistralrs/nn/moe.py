@@ -83,11 +83,15 @@ class SparseMoE(nn.Module):
     def expert_list(self) -> nn.ModuleList:
         return getattr(self, self.experts_name)
 
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (weights [T, k] float32, expert ids [T, k]); families with other routing
+        (DeepSeek's grouped top-k, GPT-OSS's biased router) override this."""
+        return route_topk(self.router(x), self.top_k, norm_topk_prob=self.norm_topk_prob)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        logits = self.router(x)
-        weights, ids = route_topk(logits, self.top_k, norm_topk_prob=self.norm_topk_prob)
+        weights, ids = self.route(x)
         if self.routing_weights_in_model_dtype:
             weights = weights.to(x.dtype)
         out = torch.zeros_like(x)

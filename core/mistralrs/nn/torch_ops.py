@@ -65,7 +65,8 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int, scale: float,
-                           sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+                           sliding_window: int | None = None, softcap: float | None = None,
+                           sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention over a paged KV cache: sequence i's one query token (at position
     ``seq_lens[i] - 1``) attends to its first ``seq_lens[i]`` keys, found through its block table
     (position p lives in slot ``block_tables[i, p // block_size] * block_size + p % block_size``).
@@ -73,7 +74,8 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     q [S, Hq, D]; k_cache [slots, Hk, D] and v_cache [slots, Hk, Dv] (fp8 caches are upcast);
     block_tables [S, W]; seq_lens [S] -> out [S, Hq, Dv] in q's dtype. Grouped-query: query head j
     reads KV head j // (Hq / Hk). `sliding_window` W: only keys at positions > p - W. `softcap` c:
-    scores -> c * tanh(scores / c).
+    scores -> c * tanh(scores / c). `sinks` [Hq]: a per-head logit joining each softmax's
+    denominator with no value (`attention_with_sinks`).
     """
     from mistralrs.attention import read_slots
 
@@ -95,11 +97,24 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     # GQA matmul instead of repeating K/V per query head (~7x faster on CPU).
     qs = q.reshape(S, hk, hq // hk, -1)
     mask = visible[:, None, None, :]
-    if softcap is None:
+    if softcap is None and sinks is None:
         out = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=None if bool(visible.all()) else mask,
                                              scale=scale)
     else:
         scores = (qs.float() @ keys.float().transpose(-1, -2)) * scale
-        scores = (softcap * torch.tanh(scores / softcap)).masked_fill(~mask, float("-inf"))
-        out = (torch.softmax(scores, dim=-1) @ vals.float()).to(q.dtype)
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        out = (softmax_with_sinks(scores, None if sinks is None else sinks.view(hk, hq // hk, 1))
+               @ vals.float()).to(q.dtype)
     return out.reshape(S, hq, -1)
+
+
+def softmax_with_sinks(scores: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """softmax over the last dim of float `scores` [..., H, Q, L]; with `sinks` (broadcastable to
+    [..., H, Q, 1]) each row's denominator also holds exp(sink), whose probability is dropped
+    (GPT-OSS's attention sinks)."""
+    if sinks is None:
+        return torch.softmax(scores, dim=-1)
+    sink = sinks.float().expand(*scores.shape[:-1], 1)
+    return torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]

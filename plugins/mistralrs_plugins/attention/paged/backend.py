@@ -43,18 +43,19 @@ class PagedBackend(SdpaBackend):
         batch.scratch["paged_decode"] = (rows, batch.block_tables.index_select(0, seqs), lens)
         batch.scratch["paged_prefill"] = [i for i, n in enumerate(qlens) if n > 1]
 
-    def attend(self, layer, q, k, v, batch, *, scale, sliding_window=None, softcap=None):
+    def attend(self, layer, q, k, v, batch, *, scale, sliding_window=None, softcap=None, sinks=None):
         decode = batch.scratch.get("paged_decode")
         if decode is None or not self.write_kv(layer, k, v, batch):
-            return super().attend(layer, q, k, v, batch, scale=scale, sliding_window=sliding_window, softcap=softcap)
+            return super().attend(layer, q, k, v, batch, scale=scale, sliding_window=sliding_window, softcap=softcap,
+                                  sinks=sinks)
         rows, tables, lens = decode
         kc, vc = self.k_cache[layer], self.v_cache[layer]
         if rows is None:
-            return self.decode_kernel(q, kc, vc, tables, lens, self.block_size, scale, sliding_window, softcap)
+            return self.decode_kernel(q, kc, vc, tables, lens, self.block_size, scale, sliding_window, softcap, sinks)
         out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
         out[rows] = self.decode_kernel(q.index_select(0, rows), kc, vc, tables, lens, self.block_size, scale,
-                                       sliding_window, softcap)
+                                       sliding_window, softcap, sinks)
         for i in batch.scratch["paged_prefill"]:
             self.attend_seq(i, layer, q, k, v, batch, out, cached=True, scale=scale,
-                            sliding_window=sliding_window, softcap=softcap)
+                            sliding_window=sliding_window, softcap=softcap, sinks=sinks)
         return out

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from mistralrs.attention import AttentionBackend, AttentionBatch, KVCacheShape, read_slots, write_slots
+from mistralrs.nn.torch_ops import softmax_with_sinks
 
 
 class SdpaBackend(AttentionBackend):
@@ -20,10 +21,14 @@ class SdpaBackend(AttentionBackend):
         self.v_cache: list[torch.Tensor] = []
         if slots:
             for _ in range(s.num_layers):
-                self.k_cache.append(torch.zeros(slots, s.num_kv_heads, s.head_dim, dtype=s.dtype, device=s.device))
-                self.v_cache.append(
-                    torch.zeros(slots, s.num_kv_heads, s.v_head_dim or s.head_dim, dtype=s.dtype, device=s.device)
-                )
+                k = torch.zeros(slots, s.num_kv_heads, s.head_dim, dtype=s.dtype, device=s.device)
+                self.k_cache.append(k)
+                if s.v_from_k:  # MLA: the value is the key's leading dims (no storage of its own)
+                    self.v_cache.append(k[..., :s.v_head_dim or s.head_dim])
+                else:
+                    self.v_cache.append(
+                        torch.zeros(slots, s.num_kv_heads, s.v_head_dim or s.head_dim, dtype=s.dtype, device=s.device)
+                    )
 
     def prepare(self, batch: AttentionBatch) -> None:
         if batch.block_tables is None and any(batch.context_lens):
@@ -40,14 +45,14 @@ class SdpaBackend(AttentionBackend):
             slots[i] = batch.block_tables[i, pos // bs].long() * bs + pos % bs
         return slots[i]
 
-    def attend(self, layer, q, k, v, batch, *, scale, sliding_window=None, softcap=None):
+    def attend(self, layer, q, k, v, batch, *, scale, sliding_window=None, softcap=None, sinks=None):
         cached = self.write_kv(layer, k, v, batch)
-        if not cached and softcap is None and batch.num_seqs > 1:
+        if not cached and softcap is None and sinks is None and batch.num_seqs > 1:
             return self.attend_padded(q, k, v, batch, scale=scale, sliding_window=sliding_window)
         out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
         for i in range(batch.num_seqs):
             self.attend_seq(i, layer, q, k, v, batch, out, cached=cached, scale=scale,
-                            sliding_window=sliding_window, softcap=softcap)
+                            sliding_window=sliding_window, softcap=softcap, sinks=sinks)
         return out
 
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch) -> bool:
@@ -55,10 +60,12 @@ class SdpaBackend(AttentionBackend):
         if batch.slot_mapping is None or not self.k_cache:
             return False
         write_slots(self.k_cache[layer], batch.slot_mapping, k)
-        write_slots(self.v_cache[layer], batch.slot_mapping, v)
+        if not self.shape.v_from_k:
+            write_slots(self.v_cache[layer], batch.slot_mapping, v)
         return True
 
-    def attend_seq(self, i, layer, q, k, v, batch, out, *, cached, scale, sliding_window=None, softcap=None):
+    def attend_seq(self, i, layer, q, k, v, batch, out, *, cached, scale, sliding_window=None, softcap=None,
+                   sinks=None):
         """out[sequence i's new tokens] = their causal attention over the sequence's visible keys."""
         hq, hk = q.shape[1], k.shape[1]
         qsl, sl = batch.query_start_loc, batch.seq_lens[i]
@@ -78,13 +85,14 @@ class SdpaBackend(AttentionBackend):
         qi = q[qs:qe].transpose(0, 1)  # [Hq, ql, D]
         ki = ks.transpose(0, 1).repeat_interleave(hq // hk, dim=0)
         vi = vs.transpose(0, 1).repeat_interleave(hq // hk, dim=0)
-        if softcap is None:
+        if softcap is None and sinks is None:
             oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=allowed, scale=scale)
         else:
             scores = (qi @ ki.transpose(-1, -2)).float() * scale
-            scores = softcap * torch.tanh(scores / softcap)
+            if softcap is not None:
+                scores = softcap * torch.tanh(scores / softcap)
             scores = scores.masked_fill(~allowed, float("-inf"))
-            oi = torch.softmax(scores, dim=-1).to(vi.dtype) @ vi
+            oi = softmax_with_sinks(scores, None if sinks is None else sinks[:, None, None]).to(vi.dtype) @ vi
         out[qs:qe] = oi.transpose(0, 1)
 
     def attend_padded(self, q, k, v, batch, *, scale, sliding_window=None):
@@ -104,7 +112,7 @@ class SdpaBackend(AttentionBackend):
     def copy_blocks(self, pairs):
         bs = self.block_size
         for src, dst in pairs:
-            for cache in (*self.k_cache, *self.v_cache):
+            for cache in (*self.k_cache, *([] if self.shape.v_from_k else self.v_cache)):
                 cache[dst * bs:(dst + 1) * bs] = cache[src * bs:(src + 1) * bs]
 
 

@@ -192,11 +192,13 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: in
 
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int, scale: float,
-                           sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+                           sliding_window: int | None = None, softcap: float | None = None,
+                           sinks: torch.Tensor | None = None) -> torch.Tensor:
     """`torch_ops.paged_attention_decode` reading K/V in place through the block tables (bf16/fp32 caches;
-    fp8 caches use the reference)."""
+    fp8 caches and attention sinks use the reference)."""
     if (
-        q.dtype in _FLOAT_KINDS
+        sinks is None
+        and q.dtype in _FLOAT_KINDS
         and k_cache.dtype is q.dtype
         and v_cache.dtype is q.dtype
         and q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
@@ -207,4 +209,4 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             return ext.paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, int(block_size),
                                               float(scale), int(sliding_window or 0), float(softcap or 0.0))
     return torch_ops.paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale,
-                                            sliding_window, softcap)
+                                            sliding_window, softcap, sinks)
