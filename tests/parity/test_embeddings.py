@@ -162,8 +162,8 @@ def test_bf16_weights_pool_in_fp32(tmp_path):
 def test_isq_embedding_model_stays_close(minilm):
     """--isq on an embedding model quantizes its linear layers like a chat model's; q8_0 keeps
     the embeddings within cosine 0.999 of fp32."""
-    from mistralrs.serving import ServiceOptions
     from mistralrs.services import open_service
+    from mistralrs.serving import ServiceOptions
 
     path, service = minilm
     quantized = open_service(ServiceOptions(model_id=path, dtype="f32", isq="q8_0"))
