@@ -98,7 +98,20 @@ class ChatPlan:
         self.service = service
         self.body = body
         self.config = config or ToolConfig()
-        self.messages = normalize_messages(body.get("messages"))
+        self.images: list[Any] = []
+        processor = getattr(service, "processor", None)
+        if processor is not None:  # a vision model: image parts load here, once per request
+            from mistralrs.multimodal.images import load_image
+            from mistralrs.multimodal.messages import pull_images
+
+            messages, sources = pull_images(body.get("messages"))
+            self.messages = normalize_messages(messages, image_parts=True)
+            limit = getattr(processor, "max_images", None)
+            if limit is not None and len(sources) > limit:
+                raise InvalidRequest(f"{len(sources)} images is more than this model's limit of {limit}", "messages")
+            self.images = [load_image(src) for src in sources]
+        else:
+            self.messages = normalize_messages(body.get("messages"))
         self.client_tools = normalize_tools(body.get("tools"))
         self.template_kwargs = _template_kwargs(body)
         self.user_grammar = grammar_from_request(body)
@@ -210,8 +223,12 @@ class ChatPlan:
         service = self.service
         tools = self.tools or None
         self.prompt = service.render_chat(self.messages, tools=tools, **self.template_kwargs)
-        ids = service.encode_prompt(self.prompt, add_special_tokens=False,
-                                    truncating=bool(self.body.get("truncate_sequence")))
+        mm: tuple[Any, ...] = ()
+        if getattr(service, "processor", None) is not None:
+            ids, mm = service.processor.process(self.prompt, self.images)
+        else:
+            ids = service.encode_prompt(self.prompt, add_special_tokens=False,
+                                        truncating=bool(self.body.get("truncate_sequence")))
         self.starts_in_reasoning = False
         reasoning_close = None
         if self.reasoning_spec is not None:
@@ -234,8 +251,16 @@ class ChatPlan:
             markers += [m for m in (getattr(cls, "open_tag", None), getattr(cls, "close_tag", None)) if m]
         # Markers that are special tokens must survive detokenization for the parsers to see them.
         skip_special = not any(is_special_token(service.tokenizer, m) for m in markers)
-        return generation_request(service, self.body, ids, grammar=self._grammar(reasoning_close),
-                                  skip_special_tokens=skip_special)
+        request = generation_request(service, self.body, ids, grammar=self._grammar(reasoning_close),
+                                     skip_special_tokens=skip_special)
+        if mm:
+            if len(request.prompt_ids) != len(ids):
+                raise InvalidRequest("truncate_sequence cannot shorten a prompt with images; send fewer or smaller "
+                                     "images or less text", "truncate_sequence")
+            import attrs
+
+            request = attrs.evolve(request, mm=mm)
+        return request
 
     # -- parsing --------------------------------------------------------------------------
     def new_pipeline(self) -> OutputPipeline:

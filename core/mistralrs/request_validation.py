@@ -145,9 +145,11 @@ def _render_tool_calls(calls: Any, i: int) -> list[dict[str, Any]]:
     return out
 
 
-def normalize_messages(messages: Any) -> list[dict[str, Any]]:
+def normalize_messages(messages: Any, *, image_parts: bool = False) -> list[dict[str, Any]]:
     """Messages as plain dicts ready for the chat template: a string is one user message;
-    text parts are joined; assistant `tool_calls` get their arguments as objects."""
+    text parts are joined; assistant `tool_calls` get their arguments as objects. With
+    `image_parts` (a vision model, after `multimodal.messages.pull_images`) contents stay lists of
+    text and ``{"type": "image"}`` parts, as vision chat templates expect."""
     if isinstance(messages, str):
         return [{"role": "user", "content": messages}]
     if not isinstance(messages, list) or not messages:
@@ -159,7 +161,13 @@ def normalize_messages(messages: Any) -> list[dict[str, Any]]:
             raise InvalidRequest(f"messages[{i}] must be an object with a string 'role'", "messages")
         msg = dict(m)
         content = msg.get("content")
-        if isinstance(content, list):
+        if isinstance(content, list) and image_parts:
+            for part in content:
+                if not isinstance(part, Mapping) or part.get("type") not in ("text", "image"):
+                    kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+                    raise InvalidRequest(f"messages[{i}].content has a {kind!r} part; this model takes text and "
+                                         "image parts", "messages")
+        elif isinstance(content, list):
             texts = []
             for part in content:
                 if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):

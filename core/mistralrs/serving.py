@@ -190,6 +190,7 @@ class ModelService:
     """A loaded model plus its engine."""
 
     kind = "text"  # frontends route chat and completions here (embedding models: EmbeddingService)
+    processor: Any = None  # a vision architecture's input processor (images -> tokens + MmItems)
 
     def __init__(self, opts: ServiceOptions, *, registry: Any = None) -> None:
         from mistralrs.gguf.files import resolve_gguf_source
@@ -238,6 +239,10 @@ class ModelService:
         if opts.write_uqff:
             self.write_uqff(opts.write_uqff, plan)
         self._init_tokenizer(opts, self.files.root)
+        if self.loaded.arch.processor is not None:
+            from mistralrs.specs import resolve
+
+            self.processor = resolve(self.loaded.arch.processor)(self.files.root, self.loaded.config, self.tokenizer)
 
     def write_uqff(self, output: str, plan: Any) -> Path:
         """Save the ISQ-loaded model as UQFF (`output`: a .uqff path or a directory)."""

@@ -95,6 +95,10 @@ class ArchitectureSpec(Spec):
     # "module:function": (GgufModel) -> mistralrs.gguf.convert.GgufConversion, the HF config and
     # checkpoint names of a GGUF file of one of `gguf_architectures` (docs/gguf.md).
     gguf_converter: Ref | None = None
+    # Vision models (kind_of_model="vision"): "module:Class" of the input processor, built as
+    # ``Class(model_dir, config, tokenizer)``; ``process(prompt, images)`` turns a rendered prompt
+    # and its images into token ids and `multimodal.inputs.MmItem`s (docs/vision.md).
+    processor: Ref | None = None
     kind: str = attrs.field(init=False, default="architecture")
 
 

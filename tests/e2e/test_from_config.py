@@ -110,7 +110,7 @@ def test_bad_config_exits_2_naming_file_and_key(tmp_path):
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["run", "vision", "-m", "demo", "-i", "x"], "vision models need an architecture plugin"),
+    (["run", "speech", "-m", "demo", "-i", "x"], "speech models need an architecture plugin"),
     (["serve", "-m", "demo", "--isq", "q4kk"], "--isq 'q4kk' is not a quantization type; choose one of"),
     (["serve", "-m", "demo", "--isq", "7"], "--isq 7: no quantization type answers to 7 bits on cpu"),
     (["run", "-m", "demo", "--from-uqff", "x.uqff", "--isq", "q4k", "-i", "x"], "--from-uqff and --isq conflict"),

@@ -47,6 +47,8 @@ class _RequestState:
     seqs: list[Sequence]
     arrival: float
     cache_key: Any = None
+    mm: tuple[Any, ...] = ()  # the request's images (MmItem); their embeddings are computed once, in mm_embeds
+    mm_embeds: dict[int, Any] = attrs.field(factory=dict)
     first_token: float | None = None
     prefill_done: float | None = None
     finished: dict[int, ChoiceFinished] = attrs.field(factory=dict)
@@ -267,7 +269,7 @@ class Engine:
             handle.done = True
             handle._put(RequestFailed(EngineError("the request was cancelled")))
             return
-        state = _RequestState(req, handle, [], time.perf_counter(), cache_key=req.cache_key)
+        state = _RequestState(req, handle, [], time.perf_counter(), cache_key=req.cache_key, mm=tuple(req.mm))
         params = req.sampling
         if self.generation_defaults is not None:
             params = params.with_defaults(self.generation_defaults)

@@ -31,6 +31,7 @@ class GenerationRequest:
     skip_special_tokens: bool = True
     cache_key: Any = None  # anything else that changes the KV (adapters, images)
     grammar: Any = None  # constraints.GrammarSpec: output must match it (structured output, forced tool calls)
+    mm: tuple[Any, ...] = ()  # multimodal.inputs.MmItem per image, in prompt order (vision models)
     compiled_grammar: Any = attrs.field(default=None, repr=False)  # set by Engine.submit
     id: str = attrs.field(factory=lambda: f"req-{next(_request_ids)}")
 

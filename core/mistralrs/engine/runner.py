@@ -1,5 +1,7 @@
 """Turns one scheduled step into a model forward: flat token batch, positions, KV slots and
-block tables in; hidden states of the positions that sample out."""
+block tables in; hidden states of the positions that sample out. Image placeholders in the step
+get their embeddings from the model's `embed_multimodal` (run once per image per request and
+kept on the request) and reach `forward` as ``mm=(flat indices, embeddings)``."""
 
 from __future__ import annotations
 
@@ -28,8 +30,18 @@ class ModelRunner:
         seq_lens: list[int] = []
         sample_rows: list[int] = []
         sampling: list[int] = []
+        mm_index: list[int] = []
+        mm_embeds: list[torch.Tensor] = []
         for i, item in enumerate(step):
             seq, start, n = item.seq, item.seq.num_computed, item.num_tokens
+            for image_idx, mm in enumerate(getattr(seq.request, "mm", ())):
+                lo, hi = max(start, mm.offset), min(start + n, mm.end)
+                if lo < hi:
+                    cache = seq.request.mm_embeds
+                    if image_idx not in cache:
+                        cache[image_idx] = self.model.embed_multimodal(mm)
+                    mm_embeds.append(cache[image_idx][lo - mm.offset:hi - mm.offset])
+                    mm_index.extend(range(len(ids) + lo - start, len(ids) + hi - start))
             ids.extend(seq.tokens[start:start + n])
             positions.extend(range(start, start + n))
             qsl.append(qsl[-1] + n)
@@ -54,7 +66,11 @@ class ModelRunner:
             slot_mapping = (tables[seq_index, pos_cpu // bs] * bs + pos_cpu % bs).to(dev)
             block_tables = tables.to(dev)
         batch = self.backend.batch(qsl, seq_lens, slot_mapping, block_tables)
-        hidden = self.model.forward(input_ids, pos, batch)
+        if mm_index:
+            mm = (torch.tensor(mm_index, dtype=torch.long, device=dev), torch.cat(mm_embeds).to(dev))
+            hidden = self.model.forward(input_ids, pos, batch, mm=mm)
+        else:
+            hidden = self.model.forward(input_ids, pos, batch)
         if not sample_rows:
             return hidden.new_empty(0, 0, dtype=torch.float32), []
         rows = torch.tensor(sample_rows, dtype=torch.long, device=hidden.device)

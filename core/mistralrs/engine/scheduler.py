@@ -15,6 +15,7 @@ import attrs
 
 from mistralrs.engine.kv_cache import BlockPool, NoFreeBlocks, block_hashes
 from mistralrs.engine.sequence import Sequence, Status
+from mistralrs.multimodal.inputs import hash_tokens
 
 
 @attrs.define
@@ -26,6 +27,19 @@ class Scheduled:
     def samples(self) -> bool:
         """True when this step completes the sequence's pending tokens, so a token is sampled."""
         return self.seq.num_computed + self.num_tokens == len(self.seq)
+
+
+def chunk_size(seq: Sequence, budget: int) -> int:
+    """Tokens of `seq` to run this step: its pending ones, up to the budget, with a prefill chunk
+    never ending inside an image's placeholder tokens (the chunk stops before the image, or takes
+    all of it when the image is where it starts, even past the budget)."""
+    n = min(seq.num_pending, budget)
+    start = seq.num_computed
+    for item in getattr(seq.request, "mm", ()):
+        if item.offset < start + n < item.end:
+            n = item.offset - start if item.offset > start else item.end - start
+            break
+    return n
 
 
 class Scheduler:
@@ -54,7 +68,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_pending, budget)
+            n = chunk_size(seq, budget)
             if not self._grow(seq, seq.num_computed + n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -66,7 +80,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_seqs and not preempted:
             seq = self.waiting[0]
             cached = self._admit_prefix(seq)
-            n = min(seq.num_pending, budget)
+            n = chunk_size(seq, budget)
             if not self._grow(seq, seq.num_computed + n):
                 self._release(seq)  # give back the cached blocks; wait for memory
                 break
@@ -102,7 +116,7 @@ class Scheduler:
             return 0
         bs = self.pool.block_size
         extra = getattr(seq.request, "cache_key", None)
-        seq.hashes = block_hashes(seq.tokens, bs, extra)
+        seq.hashes = block_hashes(hash_tokens(seq.tokens, getattr(seq.request, "mm", ())), bs, extra)
         usable = (len(seq) - 1) // bs
         blocks = self.pool.lookup(seq.hashes[:usable])
         if blocks:
@@ -146,7 +160,8 @@ class Scheduler:
         bs = pool.block_size
         full = seq.num_computed // bs
         if len(seq.hashes) < full:
-            seq.hashes = block_hashes(seq.tokens[: full * bs], bs, getattr(seq.request, "cache_key", None))
+            tokens = hash_tokens(seq.tokens[: full * bs], getattr(seq.request, "mm", ()))
+            seq.hashes = block_hashes(tokens, bs, getattr(seq.request, "cache_key", None))
         for k in range(seq.registered_blocks, full):
             if pool.block_hash[seq.blocks[k]] is None:
                 pool.register_full_block(seq.blocks[k], seq.hashes[k])

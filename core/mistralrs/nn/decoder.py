@@ -234,8 +234,10 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(s.hidden_size, s.norm_eps, add_unit_offset=s.norm_unit_offset,
                             device=device, registry=registry)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: Any) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: Any,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """`inputs_embeds` (a vision model's merged text and image embeddings) replaces the lookup."""
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         for layer in self.layers:
             hidden = layer(positions, hidden, batch)
         return self.norm(hidden)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from typing import Any, TextIO
 
@@ -37,6 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 DIM = "\x1b[2m"
 RESET = "\x1b[0m"
+
+
+# An image path or URL in a prompt (mistral.rs's interactive mode: png, jpeg, bmp, gif, webp).
+IMAGE_REF = re.compile(r"(?:(?:https?|file)://\S+|(?:~|\.{0,2}/)?[\w./~-]*\w)\.(?:png|jpe?g|bmp|gif|webp)\b",
+                       re.IGNORECASE)
 
 
 class InteractiveChat:
@@ -90,6 +96,18 @@ class InteractiveChat:
             self.out.write(f"\n[tool call] {call.name} {call.arguments}\n")
         self.out.flush()
 
+    def _content(self, text: str) -> Any:
+        """A vision model's turn: image paths and URLs in the line become image parts (as
+        mistral.rs's interactive mode detects them); the rest is the text."""
+        if getattr(self.service, "processor", None) is None:
+            return text
+        found = IMAGE_REF.findall(text)
+        if not found:
+            return text
+        rest = IMAGE_REF.sub(" ", text).strip()
+        parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": ref}} for ref in found]
+        return parts + ([{"type": "text", "text": rest}] if rest else [])
+
     def answer(self, text: str) -> str:
         """Stream one answer to `out`; Ctrl-C cancels it. Returns the answer (without reasoning)."""
         from mistralrs import protocol as P
@@ -100,7 +118,8 @@ class InteractiveChat:
         plan = pipe = None
         if has_template:
             messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
-            messages.append({"role": "user", "content": text})
+            content = self._content(text)
+            messages.append({"role": "user", "content": content})
             plan = prepare_chat(self.service, self._body(messages, None), self.tools)
             handle: Any = ToolLoop(plan, self.service.engine.submit)
             pipe = plan.new_pipeline() if plan.active else None
@@ -131,7 +150,7 @@ class InteractiveChat:
         self.out.flush()
         answer = "".join(parts)
         if has_template:
-            self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+            self.history += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
         return answer
 
     def command(self, line: str) -> bool:

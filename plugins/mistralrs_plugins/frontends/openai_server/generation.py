@@ -30,10 +30,20 @@ OFFLOAD_BYTES = 64 * 1024  # prompts bigger than this are templated/tokenized of
 
 
 async def build_request(request: web.Request, build: Callable[..., Any], *args: Any) -> Any:
-    """Run a `protocol.build_*_request`; big prompts in a thread so streams keep flowing."""
-    if (request.content_length or 0) > OFFLOAD_BYTES:
+    """Run a `protocol.build_*_request`; big prompts, and prompts with images (fetched and
+    decoded while the request is built), in a thread so streams keep flowing."""
+    if (request.content_length or 0) > OFFLOAD_BYTES or any(_has_images(a) for a in args):
         return await asyncio.to_thread(build, *args)
     return build(*args)
+
+
+def _has_images(body: Any) -> bool:
+    from mistralrs.multimodal.messages import IMAGE_PART_TYPES
+
+    messages = body.get("messages") if isinstance(body, dict) else None
+    return isinstance(messages, list) and any(
+        isinstance(m, dict) and isinstance(m.get("content"), list)
+        and any(isinstance(p, dict) and p.get("type") in IMAGE_PART_TYPES for p in m["content"]) for m in messages)
 
 
 def check_best_of(gen: Any, stream: bool) -> None:

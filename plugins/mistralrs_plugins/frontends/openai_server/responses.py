@@ -17,6 +17,7 @@ from typing import Any, Mapping
 from aiohttp import web
 
 from mistralrs import protocol as P
+from mistralrs.errors import InvalidRequest
 from mistralrs.parsed_calls import ToolCall
 from mistralrs_plugins.frontends.openai_server.common import (
     ApiError,
@@ -65,7 +66,12 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     new_messages = input_to_messages(body.get("input"))
     system = [{"role": "system", "content": body["instructions"]}] if body.get("instructions") else []
     chat = chat_body(body, system + history + new_messages)
-    plan = await build_request(request, prepare_chat, service, chat, state.tools)
+    try:
+        plan = await build_request(request, prepare_chat, service, chat, state.tools)
+    except InvalidRequest as exc:  # the chat messages come from this request's `input`
+        if exc.param != "messages":
+            raise
+        raise InvalidRequest(str(exc), "input", exc.code) from None
     gen = plan.request
     builder = ResponseBuilder(body, model=model_name, previous_id=prev_id, gen=gen, plan=plan)
     store = flag(body, "store", True)

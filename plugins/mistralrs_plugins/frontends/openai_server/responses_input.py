@@ -19,9 +19,23 @@ PASSTHROUGH = (
 TEXT_PART_TYPES = ("input_text", "output_text", "text")
 
 
-def _text_of(content: Any, where: str) -> str:
+def _text_of(content: Any, where: str) -> Any:
+    """A message's content: a string, or (with ``input_image`` parts, for vision models) the list
+    of text and image parts."""
     if isinstance(content, str):
         return content
+    if isinstance(content, list) and any(isinstance(p, Mapping) and p.get("type") == "input_image" for p in content):
+        parts = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, Mapping) else None
+            if kind == "input_image":
+                parts.append({"type": "image_url", "image_url": {"url": part.get("image_url") or part.get("file_id")}})
+            elif kind in TEXT_PART_TYPES and isinstance(part.get("text"), str):
+                parts.append({"type": "text", "text": part["text"]})
+            else:
+                raise ApiError(400, f"{where}.content[{j}] has type {kind!r}; expected text or input_image parts",
+                               param="input")
+        return parts
     if not isinstance(content, list):
         raise ApiError(400, f"{where}.content must be a string or a list of content parts", param="input")
     texts = []
