@@ -61,5 +61,5 @@ def _ref(name: str) -> Callable[[], Callable[..., Any]]:
     return get
 
 
-_REFERENCE = {op: _ref(op) for op in ("rms_norm", "rotary", "silu_and_mul", "gelu_and_mul", "linear_bf16",
-                                       "paged_attention_decode")}
+_REFERENCE = {op: _ref(op) for op in ("rms_norm", "fused_add_rms_norm", "rotary", "silu_and_mul", "gelu_and_mul",
+                                       "linear_bf16", "paged_attention_decode")}
