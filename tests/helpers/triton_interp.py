@@ -6,6 +6,10 @@ decoration time whether a function is compiled or interpreted, triton's own libr
 imported it before without it, and then the module. Tests then keep ``TRITON_INTERPRET=1`` set while they call the kernels (the ops check it to
 accept CPU tensors). Skips when triton is not installed.
 
+The interpreter holds scalars as 1-element numpy arrays and turns them into Python ints with
+``int(array)`` (a loop over ``range(start, end)`` with runtime bounds does that), which numpy 2.4 refuses
+for arrays that are not 0-d: `interpreted` patches that one conversion (``_fix_scalar_index``).
+
 `seeded(request)` gives a torch generator with fresh inputs each run, reproducible from the printed
 ``MISTRALRS_TEST_SEED``.
 """
@@ -37,6 +41,21 @@ def _triton_interpreted() -> bool:
     return isinstance(standard.sum, InterpretedFunction)
 
 
+def _fix_scalar_index() -> None:
+    from triton.runtime import interpreter
+
+    if getattr(interpreter, "_mistralrs_index_fixed", False):
+        return
+    original = interpreter._patch_lang_tensor
+
+    def patch(tensor):  # type: ignore[no-untyped-def]
+        original(tensor)
+        tensor.__index__ = lambda self: int(self.handle.data.reshape(-1)[0])
+
+    interpreter._patch_lang_tensor = patch
+    interpreter._mistralrs_index_fixed = True
+
+
 def interpreted(module: str) -> ModuleType:
     if not triton_installed():
         pytest.skip("triton is not installed")
@@ -47,7 +66,9 @@ def interpreted(module: str) -> ModuleType:
             for name in [m for m in sys.modules if m == "triton" or m.startswith("triton.")]:
                 del sys.modules[name]
         sys.modules.pop(module, None)
-        return importlib.import_module(module)
+        loaded = importlib.import_module(module)
+        _fix_scalar_index()
+        return loaded
     finally:
         if old is None:
             del os.environ["TRITON_INTERPRET"]

@@ -122,3 +122,78 @@ def test_silu_and_mul_over_more_than_one_block(act, gen, monkeypatch):
     monkeypatch.setattr(act, "BLOCK", 16)
     x = randn(gen, 2, 2 * 37)
     close(act.silu_and_mul(x), torch_ops.silu_and_mul(x))
+
+
+# -- paged_attention_decode ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def attn():
+    return interpreted("mistralrs_plugins.kernels.triton_attention.kernels")
+
+
+def paged_case(gen, lens, hq, hk, d, dv=None, block_size=4, dtype=torch.float32):
+    """A cache whose blocks are handed out in a random order, and q for each sequence."""
+    dv = dv or d
+    width = max([-(-n // block_size) for n in lens] + [1])
+    n_blocks = width * len(lens) + 3
+    order = torch.randperm(n_blocks, generator=gen)
+    tables = order[: width * len(lens)].view(len(lens), width).to(torch.int32)
+    k = randn(gen, n_blocks * block_size, hk, d, dtype=dtype)
+    v = randn(gen, n_blocks * block_size, hk, dv, dtype=dtype)
+    q = randn(gen, len(lens), hq, d, dtype=dtype)
+    return q, k, v, tables, torch.tensor(lens, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lens,hq,hk,d,dv,bs", [
+    ([1], 1, 1, 16, None, 4),            # one token, one head
+    ([5, 13, 1], 4, 2, 24, None, 4),     # GQA 2, head dim not a power of two
+    ([40, 7], 6, 1, 16, 8, 16),          # MQA, Dv != D, sequences over one BLOCK_N
+    ([3, 9], 3, 3, 8, None, 2),          # MHA, tiny heads
+])
+def test_paged_attention_decode(attn, gen, dtype, lens, hq, hk, d, dv, bs):
+    q, k, v, tables, seq_lens = paged_case(gen, lens, hq, hk, d, dv, bs, dtype)
+    scale = d ** -0.5
+    want = torch_ops.paged_attention_decode(q, k, v, tables, seq_lens, bs, scale)
+    close(attn.paged_attention_decode(q, k, v, tables, seq_lens, bs, scale), want)
+
+
+@pytest.mark.parametrize("window,softcap", [(4, None), (None, 5.0), (6, 2.0), (100, None)])
+def test_paged_attention_decode_window_and_softcap(attn, gen, window, softcap):
+    q, k, v, tables, seq_lens = paged_case(gen, [11, 3, 20], 4, 2, 16)
+    want = torch_ops.paged_attention_decode(q, k, v, tables, seq_lens, 4, 0.3, window, softcap)
+    close(attn.paged_attention_decode(q, k, v, tables, seq_lens, 4, 0.3, window, softcap), want)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 7])
+def test_paged_attention_decode_split_k(attn, gen, splits):
+    # Splits of one BLOCK_N each (some empty: the short sequence and the window leave them no keys).
+    q, k, v, tables, seq_lens = paged_case(gen, [70, 5], 2, 1, 16, block_size=8)
+    for window in (None, 33):
+        want = torch_ops.paged_attention_decode(q, k, v, tables, seq_lens, 8, 0.25, window)
+        close(attn.paged_attention_decode(q, k, v, tables, seq_lens, 8, 0.25, window, splits=splits), want)
+
+
+def test_paged_attention_decode_empty_batch(attn):
+    q = torch.empty(0, 4, 16)
+    k = v = torch.randn(8, 2, 16)
+    out = attn.paged_attention_decode(q, k, v, torch.empty(0, 2, dtype=torch.int32),
+                                      torch.empty(0, dtype=torch.int32), 4, 0.25)
+    assert out.shape == (0, 4, 16)
+
+
+def test_paged_attention_decode_fp8_cache_is_the_reference(attn, gen):
+    q, k, v, tables, seq_lens = paged_case(gen, [5], 2, 1, 16)
+    k8, v8 = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)
+    want = torch_ops.paged_attention_decode(q, k8, v8, tables, seq_lens, 4, 0.25)
+    assert torch.equal(attn.paged_attention_decode(q, k8, v8, tables, seq_lens, 4, 0.25), want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_attention_decode_long_context_default_splits(attn, gen, dtype):
+    # 1100 and 530 positions: the default split count (3 for a 1104-position table) over a long context.
+    q, k, v, tables, seq_lens = paged_case(gen, [1100, 530], 8, 2, 64, block_size=16, dtype=dtype)
+    assert attn.num_splits(tables.shape[1] * 16) == 3
+    for window, softcap in ((None, None), (256, 30.0)):
+        want = torch_ops.paged_attention_decode(q, k, v, tables, seq_lens, 16, 0.125, window, softcap)
+        close(attn.paged_attention_decode(q, k, v, tables, seq_lens, 16, 0.125, window, softcap), want)
