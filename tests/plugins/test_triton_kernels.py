@@ -197,3 +197,49 @@ def test_paged_attention_decode_long_context_default_splits(attn, gen, dtype):
     for window, softcap in ((None, None), (256, 30.0)):
         want = torch_ops.paged_attention_decode(q, k, v, tables, seq_lens, 16, 0.125, window, softcap)
         close(attn.paged_attention_decode(q, k, v, tables, seq_lens, 16, 0.125, window, softcap), want)
+
+
+# -- qmatmul (GGML blocks) ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def quant():
+    return interpreted("mistralrs_plugins.kernels.triton_quant.kernels")
+
+
+def quantized(gen, qtype, n, k):
+    from mistralrs_plugins.quant.ggml.formats import quantize
+
+    return quantize(qtype, randn(gen, n, k, scale=0.5))
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q8_0", "q4k"])
+@pytest.mark.parametrize("m,n,k", [(1, 5, None), (3, 40, None), (0, 8, None), (17, 3, "2x")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qmatmul(quant, gen, qtype, m, n, k, dtype):
+    from mistralrs.nn.kernels import lookup_reference
+
+    elems = quant.FORMATS[qtype][1]
+    k = 3 * elems if k is None else 2 * elems + (96 if elems == 32 else 0)  # K past one BLOCK_K, not a multiple
+    w = quantized(gen, qtype, n, k)
+    x = randn(gen, m, k, dtype=dtype)
+    ref = lookup_reference(f"qmatmul_{qtype}")
+    op = getattr(quant, f"qmatmul_{qtype}")
+    close(op(x, w, None), ref(x, w, None))
+    y32 = op(x, w, None, out_f32=True)
+    assert y32.dtype == torch.float32
+    torch.testing.assert_close(y32, ref(x, w, None, out_f32=True), atol=2e-4, rtol=1e-4)
+
+
+def test_qmatmul_bias_and_leading_dims(quant, gen):
+    from mistralrs.nn.kernels import lookup_reference
+
+    w = quantized(gen, "q4_0", 33, 64)
+    x, bias = randn(gen, 2, 3, 64), randn(gen, 33)
+    close(quant.qmatmul_q4_0(x, w, bias), lookup_reference("qmatmul_q4_0")(x, w, bias))
+
+
+def test_qmatmul_shapes_it_does_not_take_go_to_the_reference(quant, gen):
+    from mistralrs.nn.kernels import lookup_reference
+
+    w = quantized(gen, "q8_0", 4, 64)
+    x = randn(gen, 2, 64, dtype=torch.float64)  # a dtype the kernel does not take
+    assert torch.equal(quant.qmatmul_q8_0(x, w, None), lookup_reference("qmatmul_q8_0")(x, w, None))

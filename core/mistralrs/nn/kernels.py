@@ -63,3 +63,18 @@ def _ref(name: str) -> Callable[[], Callable[..., Any]]:
 
 _REFERENCE = {op: _ref(op) for op in ("rms_norm", "fused_add_rms_norm", "rotary", "silu_and_mul", "gelu_and_mul",
                                        "linear_bf16", "paged_attention_decode")}
+
+
+_registered_references: dict[str, Callable[..., Any]] = {}
+
+
+def lookup_reference(op: str) -> Callable[..., Any]:
+    """The torch reference registered for `op` (cached): where a kernel sends the inputs it does not take,
+    for ops whose reference lives in a plugin (e.g. the GGML quantizer's ``qmatmul_<type>``)."""
+    fn = _registered_references.get(op)
+    if fn is None:
+        from mistralrs.plugins import get_registry
+        from mistralrs.specs import resolve
+
+        fn = _registered_references[op] = resolve(get_registry().reference_kernel(op).impl)
+    return fn
