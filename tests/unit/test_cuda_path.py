@@ -138,3 +138,21 @@ def test_registering_the_triton_plugins_imports_neither_torch_nor_triton():
             "assert len(specs) == 9, specs\n"
             "assert 'torch' not in sys.modules and 'triton' not in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_plugins_and_doctor_say_which_kernels_run_per_device_and_why_not(monkeypatch, capsys):
+    from mistralrs.cli import plugins_cmd
+    from mistralrs.nn.kernels import kernel_report, kernel_summary
+
+    data = plugins_cmd.collect()
+    cuda = data["kernels"]["cuda"]
+    assert cuda["rms_norm"] == {"active": "torch", "reference": True,
+                                "inactive": {"triton": cuda["rms_norm"]["inactive"]["triton"]}}
+    assert cuda["rms_norm"]["inactive"]["triton"].startswith("no CUDA device")
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "triton not used for fused_add_rms_norm, gelu_and_mul, paged_attention_decode" in out
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    report = kernel_report(get_registry(), "cuda")
+    assert "interpreter mode" in report["rotary"]["inactive"]["triton"]
+    assert kernel_summary(report)[0] == "active: none but the torch reference"

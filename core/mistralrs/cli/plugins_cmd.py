@@ -31,7 +31,11 @@ def collect() -> dict[str, Any]:
         {"name": f.name, "distribution": f.distribution, "version": f.version, "stage": f.stage, "error": f.error}
         for f in host.failures
     ]
-    return {"plugins": plugins, "failed": failed}
+    from mistralrs.nn.kernels import kernel_report
+
+    devices = sorted({d for k in registry.kernels for d in k.devices})
+    kernels = {device: kernel_report(registry, device) for device in devices}
+    return {"plugins": plugins, "failed": failed, "kernels": kernels}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,5 +51,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"    {kind}: {', '.join(names)}")
     for f in data["failed"]:
         print(f"{f['name']}  [{f['distribution'] or '?'} {f['version'] or ''}]  FAILED to {f['stage']}: {f['error']}")
+    from mistralrs.nn.kernels import kernel_summary
+
+    print("kernels per device (the selected one per op; why the others are not used):")
+    for device, report in data["kernels"].items():
+        for i, line in enumerate(kernel_summary(report)):
+            print(f"  {device + ':' if i == 0 else ' ' * (len(device) + 1)} {line}")
     print(f"{len(data['plugins'])} plugins loaded, {len(data['failed'])} failed")
     return 0
