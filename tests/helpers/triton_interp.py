@@ -63,7 +63,9 @@ def interpreted(module: str) -> ModuleType:
     os.environ["TRITON_INTERPRET"] = "1"
     try:
         if "triton" in sys.modules and not _triton_interpreted():
-            for name in [m for m in sys.modules if m == "triton" or m.startswith("triton.")]:
+            # Python modules only: the compiled extension (triton._C) cannot be initialized twice.
+            for name in [m for m in sys.modules if (m == "triton" or m.startswith("triton."))
+                         and not m.startswith("triton._C")]:
                 del sys.modules[name]
         sys.modules.pop(module, None)
         loaded = importlib.import_module(module)
