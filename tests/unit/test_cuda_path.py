@@ -144,12 +144,13 @@ def test_plugins_and_doctor_say_which_kernels_run_per_device_and_why_not(monkeyp
     from mistralrs.cli import plugins_cmd
     from mistralrs.nn.kernels import kernel_report, kernel_summary
 
-    data = plugins_cmd.collect()
+    assert "kernels" not in plugins_cmd.collect()  # plain `plugins` probes no device (no torch import)
+    data = plugins_cmd.collect(kernels=True)
     cuda = data["kernels"]["cuda"]
     assert cuda["rms_norm"] == {"active": "torch", "reference": True,
                                 "inactive": {"triton": cuda["rms_norm"]["inactive"]["triton"]}}
     assert cuda["rms_norm"]["inactive"]["triton"].startswith("no CUDA device")
-    assert main(["plugins"]) == 0
+    assert main(["plugins", "--kernels"]) == 0
     out = capsys.readouterr().out
     assert "triton not used for fused_add_rms_norm, gelu_and_mul, paged_attention_decode" in out
     monkeypatch.setenv("TRITON_INTERPRET", "1")
