@@ -35,6 +35,13 @@ def slow(session: nox.Session) -> None:
 
 
 @nox.session
+def triton(session: nox.Session) -> None:
+    """The Triton kernels under the interpreter (TRITON_INTERPRET=1; triton is the `cuda` extra, ~170 MB)."""
+    install(session, extras="dev,cuda")
+    session.run("pytest", "-m", "slow or not slow", "tests/plugins/test_triton_kernels.py", *session.posargs)
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff")
     session.run("ruff", "check", "core", "plugins", "tests", "contrib", "examples", "benchmarks", "noxfile.py")

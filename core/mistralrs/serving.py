@@ -113,6 +113,7 @@ def pick_device(registry: Any, *, cpu: bool = False, device: str | None = None) 
     if cpu:
         return "cpu"
     if device:
+        check_device(registry, device)
         return device
     for spec in sorted(registry.devices, key=lambda s: -s.priority):
         try:
@@ -121,6 +122,34 @@ def pick_device(registry: Any, *, cpu: bool = False, device: str | None = None) 
         except Exception:  # noqa: BLE001 - a broken probe must not stop loading
             continue
     return "cpu"
+
+
+def check_device(registry: Any, device: str) -> None:
+    """An explicit device must be one a device plugin provides and is available here: a clear
+    ConfigError now (naming why, e.g. a CPU-only torch) rather than a torch error mid-load."""
+    from mistralrs.nn.kernels import device_type_of
+
+    kind = device_type_of(device)
+    specs = [s for s in registry.devices if s.device_type == kind]
+    if not specs:
+        known = ", ".join(sorted({s.device_type for s in registry.devices}))
+        raise ConfigError(f"--device {device}: no device plugin provides {kind!r} (known: {known})")
+    for spec in specs:
+        try:
+            if spec.available():
+                return
+        except Exception:  # noqa: BLE001 - a broken probe means "not available"
+            continue
+    why = ""
+    for spec in specs:
+        try:
+            why = (spec.info() or {}).get("unavailable", "") if spec.info else ""
+        except Exception:  # noqa: BLE001
+            why = ""
+        if why:
+            break
+    raise ConfigError(f"--device {device}: {kind} is not available on this machine"
+                      + (f" ({why})" if why else "") + "; use --cpu, or omit --device to pick the best available")
 
 
 def isq_plan(opts: ServiceOptions, device: str, registry: Any) -> Any:
@@ -173,10 +202,12 @@ def kv_cache_blocks(opts: ServiceOptions, *, bytes_per_block: int, device: str, 
         return max(1, -(-opts.pa_context_len // bs))
     if opts.pa_memory_mb is not None:
         return max(1, opts.pa_memory_mb * 1024 * 1024 // bytes_per_block)
-    if device == "cuda":
+    from mistralrs.nn.kernels import device_type_of
+
+    if device_type_of(device) == "cuda":
         import torch
 
-        free, _ = torch.cuda.mem_get_info()
+        free, _ = torch.cuda.mem_get_info(torch.device(device))  # the free memory of that GPU ("cuda:1")
         fraction = opts.pa_memory_fraction or GPU_DEFAULT_MEMORY_FRACTION
         return max(1, int(free * fraction) // bytes_per_block)
     if opts.pa_memory_fraction is not None:

@@ -166,6 +166,9 @@ class KernelSpec(Spec):
     impl: Ref
     devices: tuple[str, ...] = attrs.field(default=("cpu",), converter=_names)
     reference: bool = False  # the torch reference that tests compare against
+    # (device, **context) -> why this kernel does not claim `device`, or None: what `mistralrs doctor` and
+    # `mistralrs plugins` print for a kernel that is not selected (no triton, no GPU, ...). Optional.
+    why_unsupported: Callable[..., str | None] | None = attrs.field(default=None, eq=False)
     kind: str = attrs.field(init=False, default="kernel")
 
 

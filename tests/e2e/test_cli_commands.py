@@ -113,6 +113,8 @@ def test_doctor_json_subprocess(offline_home, tmp_path):
     assert report["torch"]["importable"] and report["torch"]["version"]
     assert report["auto_dtype"] in ("bf16", "f32")
     assert report["kernels"] and all(report["kernels"].values())
+    cuda_kernels = report["kernels_by_device"]["cuda"]  # per device: selected kernel, why the others are not
+    assert cuda_kernels["rms_norm"]["active"] == "torch" and cuda_kernels["rms_norm"]["inactive"]["triton"]
     assert report["attention_backend"]
     quant = report["quantization"]  # every ISQ type with its real storage cost
     assert quant["q4k"]["bits_per_weight"] == 4.5 and quant["q6k"]["bits_per_weight"] == 6.5625
@@ -142,6 +144,7 @@ def test_doctor_human_checklist(capsys, offline_home):
     for name in ("cpu_extensions", "torch", "kernels", "attention", "hf_cache", "hf_token", "disk"):
         assert f"] {name}: " in out
     assert "[INFO] hf_connectivity: skipped (HF_HUB_OFFLINE is set)" in out
+    assert "[INFO] kernels: cuda: active: none but the torch reference; triton not used for" in out
     assert "no Hugging Face token" in out
     assert "Ready to run models" in out
 

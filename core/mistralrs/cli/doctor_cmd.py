@@ -437,6 +437,15 @@ def collect() -> dict[str, Any]:
                        "reinstall mistralrs (the torch reference kernels are missing)")
         else:
             checks.add("kernels", "ok", "cpu: " + ", ".join(f"{op}={name}" for op, name in kernels.items()))
+        from mistralrs.nn.kernels import kernel_report, kernel_summary
+
+        by_device = {d: kernel_report(registry, d) for d in sorted({d for k in registry.kernels for d in k.devices})}
+        report["kernels_by_device"] = by_device
+        for dev, rep in by_device.items():
+            if dev == "cpu":
+                continue  # the line above
+            fast = any(r["active"] and not r["reference"] for r in rep.values())
+            checks.add("kernels", "ok" if fast else "info", f"{dev}: " + "; ".join(kernel_summary(rep)))
         quant: dict[str, dict[str, Any]] = {}
         for spec in sorted((q for q in registry.quantizers if q.isq), key=lambda q: q.name):
             kernel = kernels.get(f"qmatmul_{spec.name}")

@@ -54,6 +54,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, runtime: bool = True
                      help="random weights from config.json alone (benchmarks, offline demos)")
     dev = parser.add_argument_group("device")
     dev.add_argument("--cpu", action="store_true", help="force the CPU")
+    dev.add_argument("--device", help="device type: cpu, cuda, mps (default: the best available; "
+                                      "an unavailable one is an error)")
     dev.add_argument("--hf-cache", help="Hugging Face hub cache directory")
     dev.add_argument("--max-seq-len", type=_positive_int, help="context length (default: from config.json)")
     dev.add_argument("--max-batch-size", type=_positive_int, default=1, help="device-map planning (default 1)")
@@ -147,6 +149,7 @@ def options_from_args(args: argparse.Namespace) -> Any:
         arch=args.arch,
         dtype=args.dtype,
         cpu=args.cpu,
+        device=getattr(args, "device", None),
         revision=args.revision,
         token_source=args.token_source,
         hf_cache=args.hf_cache,
@@ -180,6 +183,11 @@ def options_from_args(args: argparse.Namespace) -> Any:
         pa_cache_type=args.pa_cache_type,
         log_file=getattr(args, "log", None),
     )
+    if opts.device and not opts.cpu:
+        from mistralrs.plugins import get_registry
+        from mistralrs.serving import check_device
+
+        check_device(get_registry(), opts.device)  # exit code 2 before anything loads
     if opts.quant:
         from mistralrs.gguf.files import preference
 

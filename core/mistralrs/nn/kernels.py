@@ -61,5 +61,75 @@ def _ref(name: str) -> Callable[[], Callable[..., Any]]:
     return get
 
 
-_REFERENCE = {op: _ref(op) for op in ("rms_norm", "rotary", "silu_and_mul", "gelu_and_mul", "linear_bf16",
-                                       "paged_attention_decode")}
+_REFERENCE = {op: _ref(op) for op in ("rms_norm", "fused_add_rms_norm", "rotary", "silu_and_mul", "gelu_and_mul",
+                                       "linear_bf16", "paged_attention_decode")}
+
+
+_registered_references: dict[str, Callable[..., Any]] = {}
+
+
+def lookup_reference(op: str) -> Callable[..., Any]:
+    """The torch reference registered for `op` (cached): where a kernel sends the inputs it does not take,
+    for ops whose reference lives in a plugin (e.g. the GGML quantizer's ``qmatmul_<type>``)."""
+    fn = _registered_references.get(op)
+    if fn is None:
+        from mistralrs.plugins import get_registry
+        from mistralrs.specs import resolve
+
+        fn = _registered_references[op] = resolve(get_registry().reference_kernel(op).impl)
+    return fn
+
+
+def kernel_report(registry: Any, device: str) -> dict[str, dict[str, Any]]:
+    """Per op registered for `device`: the kernel selected (``active``, None when none) and, for every
+    other implementation, why it is not (its `why_unsupported`, or a lower priority). What `mistralrs
+    doctor` and `mistralrs plugins` print."""
+    report: dict[str, dict[str, Any]] = {}
+    for op in sorted({k.op for k in registry.kernels if device in k.devices}):
+        try:
+            chosen = registry.kernel(op, device)
+            active, reference = chosen.name, chosen.reference
+        except Exception:  # noqa: BLE001 - no kernel for this op here
+            active, reference = None, False
+        inactive: dict[str, str] = {}
+        for spec in sorted((k for k in registry.kernels if k.op == op and device in k.devices),
+                           key=lambda s: (-s.priority, s.name)):
+            if spec.name == active or spec.reference:  # the reference: the fallback, no reason to give
+                continue
+            try:
+                supported = spec.is_supported(device=device)
+            except Exception as exc:  # noqa: BLE001
+                inactive[spec.name] = f"its check failed ({type(exc).__name__}: {exc})"
+                continue
+            if supported:
+                inactive[spec.name] = f"lower priority than {active}"
+                continue
+            why = None
+            if spec.why_unsupported is not None:
+                try:
+                    why = spec.why_unsupported(device)
+                except Exception as exc:  # noqa: BLE001
+                    why = f"{type(exc).__name__}: {exc}"
+            inactive[spec.name] = why or "does not support this machine"
+        report[op] = {"active": active, "reference": reference, "inactive": inactive}
+    return report
+
+
+def kernel_summary(report: dict[str, dict[str, Any]]) -> list[str]:
+    """`kernel_report` as lines: the kernels selected over the reference, the ops left to the reference,
+    then each kernel not used with its reasons."""
+    fast = [f"{op}={r['active']}" for op, r in report.items() if r["active"] and not r["reference"]]
+    plain = [op for op, r in report.items() if r["reference"]]
+    missing = [op for op, r in report.items() if r["active"] is None]
+    lines = ["active: " + (", ".join(fast) or "none but the torch reference")
+             + (f"; torch reference for the other {len(plain)} ops" if fast and plain else "")]
+    if missing:
+        lines.append("no kernel for " + ", ".join(missing))
+    reasons: dict[str, dict[str, list[str]]] = {}
+    for op, r in report.items():
+        for name, why in r["inactive"].items():
+            reasons.setdefault(name, {}).setdefault(why, []).append(op)
+    for name, whys in sorted(reasons.items()):
+        for why, ops in whys.items():
+            lines.append(f"{name} not used for {', '.join(ops)}: {why}")
+    return lines

@@ -21,6 +21,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, add_unit_offset:
     return (xf * w).to(dtype)
 
 
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                       add_unit_offset: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pre-norm residual step: ``h = x + residual`` (in x's dtype, rounded once), then
+    ``(rms_norm(h, weight, eps, add_unit_offset), h)``."""
+    h = x + residual
+    return rms_norm(h, weight, eps, add_unit_offset), h
+
+
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int | None = None,
            interleaved: bool = False) -> torch.Tensor:
     """Apply rotary embeddings to x[T, H, D] with cos/sin[T, rotary_dim/2]; dims beyond

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from mistralrs.nn import torch_ops
+from mistralrs.nn.kernels import lookup_reference
 from mistralrs_plugins.kernels import native_build
 from mistralrs_plugins.kernels.cpu_quant import FORMATS, has_avx2, has_avx512_vnni
 from mistralrs_plugins.kernels.native_build import NativeKernelWarning as NativeKernelWarning  # re-export
@@ -42,7 +43,6 @@ WHAT = "native quantized CPU kernels"  # in the spinner, the log and the warning
 _lock = threading.Lock()
 _ext: QuantOps | None = None
 _failed: str | None = None  # why the native path is off for this process (None: not decided / on)
-_references: dict[str, Callable[..., torch.Tensor]] = {}
 
 
 def source_dir() -> Path:
@@ -119,13 +119,7 @@ def _native() -> QuantOps | None:
 
 def reference(op: str) -> Callable[..., torch.Tensor]:
     """The reference implementation registered for `op` (the GGML quantizer plugin's)."""
-    fn = _references.get(op)
-    if fn is None:
-        from mistralrs.plugins import get_registry
-        from mistralrs.specs import resolve
-
-        fn = _references[op] = resolve(get_registry().reference_kernel(op).impl)
-    return fn
+    return lookup_reference(op)
 
 
 _X_DTYPES = (torch.float32, torch.bfloat16)

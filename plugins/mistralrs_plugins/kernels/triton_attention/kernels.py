@@ -1,0 +1,157 @@
+"""Triton decode attention over the paged KV cache (the op `mistralrs.nn.torch_ops.paged_attention_decode`).
+
+Two kernels, split-K (flash-decoding):
+
+1. ``_decode_split``, grid (sequences, KV heads, splits): split ``j`` of sequence ``i`` walks the key
+   positions ``[j * chunk, (j + 1) * chunk)`` that are visible (below ``seq_lens[i]``, and inside the
+   sliding window), ``BLOCK_N`` at a time: each position's slot comes from the block table, K and V rows
+   are read in place (no gather copy), the KV head's group of query heads is scored together (GQA:
+   ``tl.dot`` of ``[group, D] x [D, BLOCK_N]``, the group padded to 16 rows), softcapped, and folded into
+   an online softmax. All of it in fp32 (full-precision dots: decode reads each K/V byte once, so it is
+   bound by memory, not by the multiplies; and bf16 dots are not exact in the interpreter). It writes its normalized partial output and log-sum-exp.
+2. ``_decode_reduce``, grid (sequences, query heads): the splits' outputs weighted by ``exp(lse - max)``.
+
+The number of splits comes from the block table's width (``W * block_size`` positions, no device sync):
+one split per `SPLIT_TOKENS` positions, at most `MAX_SPLITS`. fp8 caches, autograd and devices the
+kernel cannot run on go to the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mistralrs.nn import torch_ops
+from mistralrs_plugins.kernels.triton_support import runs_here
+
+BLOCK_N = 32
+SPLIT_TOKENS = 512
+MAX_SPLITS = 16
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _decode_split(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, mid_o, mid_lse,
+                  q_ss, q_sh, k_st, k_sh, v_st, v_sh, bt_s,
+                  n_qheads, group, head_dim, v_dim, block_size, chunk, n_splits, scale, softcap, window,
+                  HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                  BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    s = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    sp = tl.program_id(2)
+    length = tl.load(lens_ptr + s).to(tl.int32)
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(length - window, 0)
+    start = tl.maximum(lo, sp * chunk)
+    end = tl.minimum(length, (sp + 1) * chunk)
+
+    g = tl.arange(0, BLOCK_G)
+    gm = g < group
+    heads = h * group + g
+    d = tl.arange(0, BLOCK_D)
+    dm = d < head_dim
+    dv = tl.arange(0, BLOCK_DV)
+    dvm = dv < v_dim
+    q = tl.load(q_ptr + s * q_ss + heads[:, None] * q_sh + d[None, :], mask=gm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        p = n0 + tl.arange(0, BLOCK_N)
+        pm = p < end
+        blk = tl.load(bt_ptr + s * bt_s + p // block_size, mask=pm, other=0).to(tl.int64)
+        slot = blk * block_size + p % block_size
+        k = tl.load(k_ptr + slot[:, None] * k_st + h * k_sh + d[None, :], mask=pm[:, None] & dm[None, :], other=0.0)
+        sc = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
+        if HAS_SOFTCAP:  # c * tanh(s / c), tanh(z) = 2 sigmoid(2z) - 1
+            sc = softcap * (2.0 * tl.sigmoid(2.0 * sc / softcap) - 1.0)
+        sc = tl.where(pm[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        pr = tl.exp(sc - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(pr, axis=1)
+        v = tl.load(v_ptr + slot[:, None] * v_st + h * v_sh + dv[None, :], mask=pm[:, None] & dvm[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(pr, v.to(tl.float32), input_precision="ieee")
+        m_i = m_new
+
+    valid = l_i > 0.0
+    l_safe = tl.where(valid, l_i, 1.0)
+    lse = tl.where(valid, m_i + tl.log(l_safe), float("-inf"))
+    row = (s * n_qheads + heads) * n_splits + sp
+    tl.store(mid_lse + row, lse, mask=gm)
+    tl.store(mid_o + row[:, None] * v_dim + dv[None, :], acc / l_safe[:, None], mask=gm[:, None] & dvm[None, :])
+
+
+@triton.jit
+def _decode_reduce(mid_o, mid_lse, out_ptr, o_ss, o_sh, n_qheads, v_dim, n_splits,
+                   BLOCK_SPLITS: tl.constexpr, BLOCK_DV: tl.constexpr):
+    s = tl.program_id(0).to(tl.int64)
+    hq = tl.program_id(1)
+    j = tl.arange(0, BLOCK_SPLITS)
+    jm = j < n_splits
+    dv = tl.arange(0, BLOCK_DV)
+    dvm = dv < v_dim
+    row = (s * n_qheads + hq) * n_splits + j
+    lse = tl.load(mid_lse + row, mask=jm, other=float("-inf"))
+    mx = tl.max(lse, axis=0)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    w = tl.exp(lse - mx)
+    total = tl.sum(w, axis=0)
+    w = w / tl.where(total > 0.0, total, 1.0)
+    o = tl.load(mid_o + row[:, None] * v_dim + dv[None, :], mask=jm[:, None] & dvm[None, :], other=0.0)
+    out = tl.sum(w[:, None] * o, axis=0)
+    tl.store(out_ptr + s * o_ss + hq * o_sh + dv, out.to(out_ptr.dtype.element_ty), mask=dvm)
+
+
+def num_splits(max_positions: int) -> int:
+    return max(1, min(MAX_SPLITS, triton.cdiv(max_positions, SPLIT_TOKENS)))
+
+
+def _takes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+           seq_lens: torch.Tensor) -> bool:
+    return (runs_here(q, k_cache, v_cache, block_tables, seq_lens)
+            and q.dim() == 3 and k_cache.dim() == 3 and v_cache.dim() == 3
+            and q.dtype in DTYPES and k_cache.dtype == q.dtype and v_cache.dtype == q.dtype
+            and q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+            and k_cache.shape[1] == v_cache.shape[1] and q.shape[1] % k_cache.shape[1] == 0
+            and q.shape[2] == k_cache.shape[2] and block_tables.dim() == 2
+            and block_tables.shape[0] == q.shape[0] == seq_lens.shape[0])
+
+
+def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int, scale: float,
+                           sliding_window: int | None = None, softcap: float | None = None, *,
+                           splits: int | None = None) -> torch.Tensor:
+    """The reference's signature; ``splits`` forces the number of context splits (tests)."""
+    if not _takes(q, k_cache, v_cache, block_tables, seq_lens):
+        return torch_ops.paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale,
+                                                sliding_window, softcap)
+    S, hq, D = q.shape
+    hk, dv = k_cache.shape[1], v_cache.shape[2]
+    out = torch.empty((S, hq, dv), dtype=q.dtype, device=q.device)
+    if S == 0 or block_tables.shape[1] == 0:
+        return out.zero_()
+    group = hq // hk
+    n_splits = splits or num_splits(block_tables.shape[1] * block_size)
+    chunk = BLOCK_N * triton.cdiv(triton.cdiv(block_tables.shape[1] * block_size, n_splits), BLOCK_N)
+    tables = block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()
+    lens = seq_lens.to(device=q.device)
+    mid_o = torch.empty((S, hq, n_splits, dv), dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty((S, hq, n_splits), dtype=torch.float32, device=q.device)
+    _decode_split[(S, hk, n_splits)](
+        q, k_cache, v_cache, tables, lens, mid_o, mid_lse,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        tables.stride(0), hq, group, D, dv, block_size, chunk, n_splits, float(scale),
+        float(softcap) if softcap else 1.0, int(sliding_window) if sliding_window else 0,
+        HAS_SOFTCAP=bool(softcap), HAS_WINDOW=bool(sliding_window),
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N,
+        BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(dv)),
+    )
+    _decode_reduce[(S, hq)](
+        mid_o, mid_lse, out, out.stride(0), out.stride(1), hq, dv, n_splits,
+        BLOCK_SPLITS=max(2, triton.next_power_of_2(n_splits)), BLOCK_DV=triton.next_power_of_2(dv),
+    )
+    return out

@@ -1,0 +1,140 @@
+"""End to end on a CUDA GPU (marker ``cuda``; skipped cleanly without one, as on CPU-only CI).
+
+What runs on a GPU machine (``pytest -m cuda tests/cuda``, with ``mistralrs[cuda]`` for Triton):
+
+- every Triton kernel on CUDA tensors against its torch reference, at model-sized shapes (compiled,
+  not interpreted: the same kernels the interpreter tests check on the CPU);
+- the registry picks the Triton kernels and the paged attention backend on ``cuda``;
+- a tiny random Llama loaded on ``cuda``: greedy tokens through the engine (paged KV cache on the GPU,
+  sampling on the GPU) equal transformers' greedy generate on the CPU in fp32, and the all-position
+  logits agree (TF32 off);
+- the demo model served through `ModelService(device="cuda")` (KV pool sized from free GPU memory).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mistralrs import protocol as P
+from mistralrs.engine.requests import GenerationRequest
+from mistralrs.engine.sampling import SamplingParams
+from mistralrs.nn import torch_ops
+from mistralrs.plugins import get_registry
+from mistralrs.serving import ModelService, ServiceOptions
+from tests.helpers.tiny_models import write_tiny_llama
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+GREEDY = SamplingParams(temperature=0)
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32():
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def triton_ops():
+    pytest.importorskip("triton")
+    from mistralrs_plugins.kernels.triton_support import why_not
+
+    reason = why_not("cuda")
+    if reason:
+        pytest.skip(f"the Triton kernels do not run here: {reason}")
+
+
+def test_registry_picks_triton_and_paged_on_cuda():
+    triton_ops()
+    registry = get_registry()
+    for op in ("rms_norm", "rotary", "silu_and_mul", "paged_attention_decode", "qmatmul_q4_0"):
+        assert registry.kernel(op, "cuda").name == "triton", op
+    assert registry.attention_backends.select(device="cuda", dtype="bfloat16").name == "paged"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_kernels_on_cuda(dtype):
+    triton_ops()
+    from mistralrs_plugins.kernels.triton_activation import kernels as act
+    from mistralrs_plugins.kernels.triton_attention import kernels as attn
+    from mistralrs_plugins.kernels.triton_norm import kernels as norm
+    from mistralrs_plugins.kernels.triton_rotary import kernels as rope
+
+    dev = "cuda"
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    x, r = (torch.randn(37, 4096, device=dev, dtype=dtype) for _ in range(2))
+    w = torch.randn(4096, device=dev, dtype=dtype)
+    torch.testing.assert_close(norm.rms_norm(x, w, 1e-6), torch_ops.rms_norm(x, w, 1e-6), **tol)
+    y, h = norm.fused_add_rms_norm(x, r, w, 1e-6)
+    y_ref, h_ref = torch_ops.fused_add_rms_norm(x, r, w, 1e-6)
+    torch.testing.assert_close(h, h_ref, **tol)
+    torch.testing.assert_close(y, y_ref, **tol)
+    g = torch.randn(37, 2 * 11008, device=dev, dtype=dtype)
+    torch.testing.assert_close(act.silu_and_mul(g), torch_ops.silu_and_mul(g), **tol)
+    torch.testing.assert_close(act.gelu_and_mul(g), torch_ops.gelu_and_mul(g), **tol)
+    q = torch.randn(37, 32, 128, device=dev, dtype=dtype)
+    ang = torch.randn(37, 32, device=dev)
+    for interleaved in (False, True):
+        torch.testing.assert_close(rope.rotary(q, ang.cos(), ang.sin(), 64, interleaved),
+                                   torch_ops.rotary(q, ang.cos(), ang.sin(), 64, interleaved), **tol)
+    lens = torch.tensor([1, 700, 2049, 33], dtype=torch.int32, device=dev)
+    bs, width = 16, 129
+    tables = torch.randperm(4 * width, device=dev).view(4, width).to(torch.int32)
+    k = torch.randn(4 * width * bs, 8, 128, device=dev, dtype=dtype)
+    v = torch.randn_like(k)
+    qd = torch.randn(4, 32, 128, device=dev, dtype=dtype)
+    for window, softcap in ((None, None), (512, 50.0)):
+        torch.testing.assert_close(
+            attn.paged_attention_decode(qd, k, v, tables, lens, bs, 128 ** -0.5, window, softcap),
+            torch_ops.paged_attention_decode(qd, k, v, tables, lens, bs, 128 ** -0.5, window, softcap), **tol)
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q8_0", "q4k"])
+def test_triton_qmatmul_on_cuda(qtype):
+    triton_ops()
+    from mistralrs.nn.kernels import lookup_reference
+    from mistralrs_plugins.kernels.triton_quant import kernels as quant
+    from mistralrs_plugins.quant.ggml.formats import quantize
+
+    qweight = quantize(qtype, torch.randn(300, 1024) * 0.05).cuda()
+    ref = lookup_reference(f"qmatmul_{qtype}")
+    for m in (1, 5, 130):
+        x = torch.randn(m, 1024, device="cuda")
+        torch.testing.assert_close(getattr(quant, f"qmatmul_{qtype}")(x, qweight, None), ref(x, qweight, None),
+                                   atol=1e-3, rtol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    return write_tiny_llama(tmp_path_factory.mktemp("llama"))
+
+
+def test_greedy_on_cuda_matches_transformers_on_cpu(tiny_llama):
+    transformers = pytest.importorskip("transformers")
+    svc = ModelService(ServiceOptions(model_id=str(tiny_llama), dtype="f32", device="cuda", pa_context_len=1024,
+                                      pa_blk_size=16))
+    try:
+        assert svc.device == "cuda" and svc.backend.name == "paged"
+        ids = svc.encode_chat([{"role": "user", "content": "Tell me about the weather today"}])
+        done, _ = P.collect(svc.engine.submit(GenerationRequest(prompt_ids=ids, sampling=GREEDY, max_tokens=24,
+                                                               ignore_eos=True)))
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama)
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert tuple(done.choices[0].token_ids) == tuple(ref[0, len(ids):].tolist())
+    finally:
+        svc.shutdown()
+
+
+def test_demo_model_serves_on_cuda_in_bf16():
+    svc = ModelService(ServiceOptions(model_id="demo", dtype="bf16", device="cuda", pa_memory_mb=256))
+    try:
+        ids = svc.encode_chat([{"role": "user", "content": "hello"}])
+        done, _ = P.collect(svc.engine.submit(GenerationRequest(prompt_ids=ids, sampling=GREEDY, max_tokens=8,
+                                                               ignore_eos=True)))
+        assert len(done.choices[0].token_ids) == 8
+    finally:
+        svc.shutdown()

@@ -1,0 +1,245 @@
+"""The Triton kernel plugins (`kernels/triton_*`) against their torch references, in interpreter mode
+(``TRITON_INTERPRET=1``, CPU tensors): fresh random inputs each run, awkward sizes (not multiples of the
+blocks, one token, an empty batch), bf16 and fp32. Shapes stay tiny: the interpreter runs each program
+in numpy. Longer cases are marked slow. Skipped when triton is not installed (`pip install
+'mistralrs[cuda]'`, or `nox -s triton`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mistralrs.nn import torch_ops
+from tests.helpers.triton_interp import interpreted, randn, seeded, triton_installed
+
+pytestmark = pytest.mark.skipif(not triton_installed(), reason="triton is not installed")
+
+# bf16: one ulp (the interpreter's fp32 -> bf16 cast truncates where a GPU rounds to nearest).
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1e-2, rtol=1.6e-2)}
+
+
+@pytest.fixture(autouse=True)
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def gen(request) -> torch.Generator:
+    return seeded(request)
+
+
+@pytest.fixture(scope="module")
+def norm():
+    return interpreted("mistralrs_plugins.kernels.triton_norm.kernels")
+
+
+@pytest.fixture(scope="module")
+def rope():
+    return interpreted("mistralrs_plugins.kernels.triton_rotary.kernels")
+
+
+@pytest.fixture(scope="module")
+def act():
+    return interpreted("mistralrs_plugins.kernels.triton_activation.kernels")
+
+
+def close(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.shape == want.shape and got.dtype == want.dtype
+    torch.testing.assert_close(got, want, **TOL[want.dtype])
+
+
+# -- rms_norm -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 8), (5, 33), (2, 3, 100), (0, 16)])
+@pytest.mark.parametrize("unit", [False, True])
+def test_rms_norm(norm, gen, dtype, shape, unit):
+    x = randn(gen, *shape, dtype=dtype)
+    w = randn(gen, shape[-1], dtype=dtype, scale=0.5)
+    close(norm.rms_norm(x, w, 1e-6, unit), torch_ops.rms_norm(x, w, 1e-6, unit))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 24), (7, 65), (0, 8)])
+def test_fused_add_rms_norm(norm, gen, dtype, shape):
+    x, r = randn(gen, *shape, dtype=dtype), randn(gen, *shape, dtype=dtype)
+    w = randn(gen, shape[-1], dtype=dtype)
+    y, h = norm.fused_add_rms_norm(x, r, w, 1e-5)
+    y_ref, h_ref = torch_ops.fused_add_rms_norm(x, r, w, 1e-5)
+    close(h, h_ref)  # in fp32 exactly the reference's sum (the interpreter truncates bf16 casts: 1 ulp)
+    if dtype == torch.float32:
+        assert torch.equal(h, h_ref)
+    close(y, y_ref)
+
+
+def test_rms_norm_strided_rows(norm, gen):
+    x = randn(gen, 4, 40)[:, :20]  # rows with a stride: a view of a wider tensor
+    w = randn(gen, 20)
+    close(norm.rms_norm(x, w, 1e-6), torch_ops.rms_norm(x, w, 1e-6))
+
+
+def test_rms_norm_outside_the_interpreter_is_the_reference(norm, gen, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    x, w = randn(gen, 2, 8), randn(gen, 8)
+    assert torch.equal(norm.rms_norm(x, w, 1e-6), torch_ops.rms_norm(x, w, 1e-6))
+
+
+# -- rotary -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("T,H,D,R", [(1, 1, 8, None), (3, 5, 24, None), (4, 2, 20, 12), (0, 4, 16, None),
+                                     (2, 17, 6, 4)])
+def test_rotary(rope, gen, dtype, interleaved, T, H, D, R):
+    x = randn(gen, T, H, D, dtype=dtype)
+    ang = randn(gen, T, (R or D) // 2, scale=3.0)
+    cos, sin = ang.cos(), ang.sin()
+    close(rope.rotary(x, cos, sin, R, interleaved), torch_ops.rotary(x, cos, sin, R, interleaved))
+
+
+def test_rotary_on_a_slice_of_qkv(rope, gen):
+    qkv = randn(gen, 3, 6 * 8, dtype=torch.bfloat16)
+    q = qkv[:, : 4 * 8].view(3, 4, 8)  # token stride 48, head stride 8: a view, not a copy
+    ang = randn(gen, 3, 4)
+    close(rope.rotary(q, ang.cos(), ang.sin()), torch_ops.rotary(q, ang.cos(), ang.sin()))
+
+
+# -- gated activations --------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 2), (3, 70), (2, 2, 36), (0, 8)])
+def test_silu_and_mul(act, gen, dtype, shape):
+    x = randn(gen, *shape, dtype=dtype, scale=2.0)
+    close(act.silu_and_mul(x), torch_ops.silu_and_mul(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+@pytest.mark.parametrize("shape", [(1, 6), (4, 130)])
+def test_gelu_and_mul(act, gen, dtype, approximate, shape):
+    x = randn(gen, *shape, dtype=dtype, scale=2.0)
+    close(act.gelu_and_mul(x, approximate), torch_ops.gelu_and_mul(x, approximate))
+
+
+def test_silu_and_mul_over_more_than_one_block(act, gen, monkeypatch):
+    monkeypatch.setattr(act, "BLOCK", 16)
+    x = randn(gen, 2, 2 * 37)
+    close(act.silu_and_mul(x), torch_ops.silu_and_mul(x))
+
+
+# -- paged_attention_decode ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def attn():
+    return interpreted("mistralrs_plugins.kernels.triton_attention.kernels")
+
+
+def paged_case(gen, lens, hq, hk, d, dv=None, block_size=4, dtype=torch.float32):
+    """A cache whose blocks are handed out in a random order, and q for each sequence."""
+    dv = dv or d
+    width = max([-(-n // block_size) for n in lens] + [1])
+    n_blocks = width * len(lens) + 3
+    order = torch.randperm(n_blocks, generator=gen)
+    tables = order[: width * len(lens)].view(len(lens), width).to(torch.int32)
+    k = randn(gen, n_blocks * block_size, hk, d, dtype=dtype)
+    v = randn(gen, n_blocks * block_size, hk, dv, dtype=dtype)
+    q = randn(gen, len(lens), hq, d, dtype=dtype)
+    return q, k, v, tables, torch.tensor(lens, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lens,hq,hk,d,dv,bs", [
+    ([1], 1, 1, 16, None, 4),            # one token, one head
+    ([5, 13, 1], 4, 2, 24, None, 4),     # GQA 2, head dim not a power of two
+    ([40, 7], 6, 1, 16, 8, 16),          # MQA, Dv != D, sequences over one BLOCK_N
+    ([3, 9], 3, 3, 8, None, 2),          # MHA, tiny heads
+])
+def test_paged_attention_decode(attn, gen, dtype, lens, hq, hk, d, dv, bs):
+    q, k, v, tables, seq_lens = paged_case(gen, lens, hq, hk, d, dv, bs, dtype)
+    scale = d ** -0.5
+    want = torch_ops.paged_attention_decode(q, k, v, tables, seq_lens, bs, scale)
+    close(attn.paged_attention_decode(q, k, v, tables, seq_lens, bs, scale), want)
+
+
+@pytest.mark.parametrize("window,softcap", [(4, None), (None, 5.0), (6, 2.0), (100, None)])
+def test_paged_attention_decode_window_and_softcap(attn, gen, window, softcap):
+    q, k, v, tables, seq_lens = paged_case(gen, [11, 3, 20], 4, 2, 16)
+    want = torch_ops.paged_attention_decode(q, k, v, tables, seq_lens, 4, 0.3, window, softcap)
+    close(attn.paged_attention_decode(q, k, v, tables, seq_lens, 4, 0.3, window, softcap), want)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 7])
+def test_paged_attention_decode_split_k(attn, gen, splits):
+    # Splits of one BLOCK_N each (some empty: the short sequence and the window leave them no keys).
+    q, k, v, tables, seq_lens = paged_case(gen, [70, 5], 2, 1, 16, block_size=8)
+    for window in (None, 33):
+        want = torch_ops.paged_attention_decode(q, k, v, tables, seq_lens, 8, 0.25, window)
+        close(attn.paged_attention_decode(q, k, v, tables, seq_lens, 8, 0.25, window, splits=splits), want)
+
+
+def test_paged_attention_decode_empty_batch(attn):
+    q = torch.empty(0, 4, 16)
+    k = v = torch.randn(8, 2, 16)
+    out = attn.paged_attention_decode(q, k, v, torch.empty(0, 2, dtype=torch.int32),
+                                      torch.empty(0, dtype=torch.int32), 4, 0.25)
+    assert out.shape == (0, 4, 16)
+
+
+def test_paged_attention_decode_fp8_cache_is_the_reference(attn, gen):
+    q, k, v, tables, seq_lens = paged_case(gen, [5], 2, 1, 16)
+    k8, v8 = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)
+    want = torch_ops.paged_attention_decode(q, k8, v8, tables, seq_lens, 4, 0.25)
+    assert torch.equal(attn.paged_attention_decode(q, k8, v8, tables, seq_lens, 4, 0.25), want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_attention_decode_long_context_default_splits(attn, gen, dtype):
+    # 1100 and 530 positions: the default split count (3 for a 1104-position table) over a long context.
+    q, k, v, tables, seq_lens = paged_case(gen, [1100, 530], 8, 2, 64, block_size=16, dtype=dtype)
+    assert attn.num_splits(tables.shape[1] * 16) == 3
+    for window, softcap in ((None, None), (256, 30.0)):
+        want = torch_ops.paged_attention_decode(q, k, v, tables, seq_lens, 16, 0.125, window, softcap)
+        close(attn.paged_attention_decode(q, k, v, tables, seq_lens, 16, 0.125, window, softcap), want)
+
+
+# -- qmatmul (GGML blocks) ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def quant():
+    return interpreted("mistralrs_plugins.kernels.triton_quant.kernels")
+
+
+def quantized(gen, qtype, n, k):
+    from mistralrs_plugins.quant.ggml.formats import quantize
+
+    return quantize(qtype, randn(gen, n, k, scale=0.5))
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q8_0", "q4k"])
+@pytest.mark.parametrize("m,n,k", [(1, 5, None), (3, 40, None), (0, 8, None), (17, 3, "2x")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qmatmul(quant, gen, qtype, m, n, k, dtype):
+    from mistralrs.nn.kernels import lookup_reference
+
+    elems = quant.FORMATS[qtype][1]
+    k = 3 * elems if k is None else 2 * elems + (96 if elems == 32 else 0)  # K past one BLOCK_K, not a multiple
+    w = quantized(gen, qtype, n, k)
+    x = randn(gen, m, k, dtype=dtype)
+    ref = lookup_reference(f"qmatmul_{qtype}")
+    op = getattr(quant, f"qmatmul_{qtype}")
+    close(op(x, w, None), ref(x, w, None))
+    y32 = op(x, w, None, out_f32=True)
+    assert y32.dtype == torch.float32
+    torch.testing.assert_close(y32, ref(x, w, None, out_f32=True), atol=2e-4, rtol=1e-4)
+
+
+def test_qmatmul_bias_and_leading_dims(quant, gen):
+    from mistralrs.nn.kernels import lookup_reference
+
+    w = quantized(gen, "q4_0", 33, 64)
+    x, bias = randn(gen, 2, 3, 64), randn(gen, 33)
+    close(quant.qmatmul_q4_0(x, w, bias), lookup_reference("qmatmul_q4_0")(x, w, bias))
+
+
+def test_qmatmul_shapes_it_does_not_take_go_to_the_reference(quant, gen):
+    from mistralrs.nn.kernels import lookup_reference
+
+    w = quantized(gen, "q8_0", 4, 64)
+    x = randn(gen, 2, 64, dtype=torch.float64)  # a dtype the kernel does not take
+    assert torch.equal(quant.qmatmul_q8_0(x, w, None), lookup_reference("qmatmul_q8_0")(x, w, None))
