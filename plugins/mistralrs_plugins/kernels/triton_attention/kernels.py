@@ -123,12 +123,13 @@ def _takes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_
 
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int, scale: float,
-                           sliding_window: int | None = None, softcap: float | None = None, *,
-                           splits: int | None = None) -> torch.Tensor:
-    """The reference's signature; ``splits`` forces the number of context splits (tests)."""
-    if not _takes(q, k_cache, v_cache, block_tables, seq_lens):
+                           sliding_window: int | None = None, softcap: float | None = None,
+                           sinks: torch.Tensor | None = None, *, splits: int | None = None) -> torch.Tensor:
+    """The reference's signature; ``splits`` forces the number of context splits (tests).
+    Attention sinks (GPT-OSS) are not in the kernel yet: those calls take the reference."""
+    if sinks is not None or not _takes(q, k_cache, v_cache, block_tables, seq_lens):
         return torch_ops.paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale,
-                                                sliding_window, softcap)
+                                                sliding_window, softcap, sinks)
     S, hq, D = q.shape
     hk, dv = k_cache.shape[1], v_cache.shape[2]
     out = torch.empty((S, hq, dv), dtype=q.dtype, device=q.device)
