@@ -84,7 +84,12 @@ def read_source(source: str, param: str = "messages") -> bytes:
 
 
 def decode_image(data: bytes, source: str = "image", param: str = "messages") -> ImageInput:
-    from PIL import Image, UnidentifiedImageError
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        from mistralrs.errors import ConfigError
+
+        raise ConfigError("image input needs Pillow: pip install 'mistralrs[vision]'") from None
 
     try:
         img = Image.open(io.BytesIO(data))
