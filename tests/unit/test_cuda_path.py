@@ -149,7 +149,8 @@ def test_plugins_and_doctor_say_which_kernels_run_per_device_and_why_not(monkeyp
     cuda = data["kernels"]["cuda"]
     assert cuda["rms_norm"] == {"active": "torch", "reference": True,
                                 "inactive": {"triton": cuda["rms_norm"]["inactive"]["triton"]}}
-    assert cuda["rms_norm"]["inactive"]["triton"].startswith("no CUDA device")
+    why = cuda["rms_norm"]["inactive"]["triton"]  # the first reason that applies on this machine
+    assert why.startswith("no CUDA device") or why.startswith("triton is not installed"), why
     assert main(["plugins", "--kernels"]) == 0
     out = capsys.readouterr().out
     assert "triton not used for fused_add_rms_norm, gelu_and_mul, paged_attention_decode" in out
