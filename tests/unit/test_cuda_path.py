@@ -156,5 +156,6 @@ def test_plugins_and_doctor_say_which_kernels_run_per_device_and_why_not(monkeyp
     assert "triton not used for fused_add_rms_norm, gelu_and_mul, paged_attention_decode" in out
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     report = kernel_report(get_registry(), "cuda")
-    assert "interpreter mode" in report["rotary"]["inactive"]["triton"]
+    if not why.startswith("triton is not installed"):  # with triton present, interpreter mode is the reason
+        assert "interpreter mode" in report["rotary"]["inactive"]["triton"]
     assert kernel_summary(report)[0] == "active: none but the torch reference"
