@@ -135,6 +135,17 @@ def test_server_openai_client_with_images(llava_dir, runner, hf):
         resp = client.responses.create(model="default", max_output_tokens=4, input=[{"role": "user", "content": [
             {"type": "input_text", "text": "What is it?"}, {"type": "input_image", "image_url": data_url(a[0])}]}])
         assert resp.output_text is not None
+        anthropic = pytest.importorskip("anthropic")
+        claude = anthropic.Anthropic(base_url=srv.url, api_key="none", max_retries=0)
+        png = data_url(a[0]).split(",", 1)[1]
+        msg = claude.messages.create(model="default", max_tokens=12, extra_body={"temperature": 0}, messages=[
+            {"role": "user", "content": [{"type": "text", "text": "Look:"},
+                                         {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                                      "data": png}}]}])
+        via_chat = client.chat.completions.create(model="default", max_tokens=12, temperature=0, messages=[
+            {"role": "user", "content": [{"type": "text", "text": "Look:"},
+                                         {"type": "image_url", "image_url": {"url": data_url(a[0])}}]}])
+        assert msg.content[0].text == via_chat.choices[0].message.content  # the same request through both APIs
     finally:
         srv.stop()
 

@@ -35,6 +35,7 @@ def _text_blocks(content: Any, where: str, param: str) -> str:
         kind = block.get("type") if isinstance(block, Mapping) else None
         if kind == "image":
             _image(block, f"{where}[{j}]", param)
+            raise _fail(f"{where}[{j}] is an image; images go in user messages", param)
         if kind != "text" or not isinstance(block.get("text"), str):
             raise _fail(f"{where}[{j}] must be a text block ({{\"type\": \"text\", \"text\": ...}}), got "
                         f"type {kind!r}", param)
@@ -42,8 +43,9 @@ def _text_blocks(content: Any, where: str, param: str) -> str:
     return "\n".join(texts)
 
 
-def _image(block: Mapping[str, Any], where: str, param: str) -> None:
-    """Image blocks are checked, then refused: no model this server runs takes images."""
+def _image(block: Mapping[str, Any], where: str, param: str) -> str:
+    """An image block's source as a URL a vision model's chat request takes (base64 → data: URL);
+    a text-only model then refuses the image part with a 400."""
     source = block.get("source")
     kind = source.get("type") if isinstance(source, Mapping) else None
     if kind == "base64":
@@ -54,7 +56,9 @@ def _image(block: Mapping[str, Any], where: str, param: str) -> None:
             raise _fail(f"{where}.source needs a `url`", param)
     else:
         raise _fail(f"{where}.source.type must be \"base64\" or \"url\", got {kind!r}", param)
-    raise _fail(f"{where} is an image; this model takes text only", param, code="not_supported_yet")
+    if kind == "url":
+        return str(source["url"])  # type: ignore[index]
+    return f"data:{source['media_type']};base64,{source['data']}"  # type: ignore[index]
 
 
 def _tool_result(block: Mapping[str, Any], where: str, names: Mapping[str, str]) -> dict[str, Any]:
@@ -106,18 +110,22 @@ def _user(blocks: list[Any], where: str, names: Mapping[str, str]) -> list[dict[
     """A user turn: its tool results (as tool messages, first), then its text."""
     results: list[dict[str, Any]] = []
     texts: list[str] = []
+    parts: list[dict[str, Any]] = []  # text and image parts in order (only used when there are images)
     for j, block in enumerate(blocks):
         at = f"{where}.content[{j}]"
         kind = block.get("type") if isinstance(block, Mapping) else None
         if kind == "text" and isinstance(block.get("text"), str):
             texts.append(block["text"])
+            parts.append({"type": "text", "text": block["text"]})
         elif kind == "tool_result":
             results.append(_tool_result(block, at, names))
         elif kind == "image":
-            _image(block, at, "messages")
+            parts.append({"type": "image_url", "image_url": {"url": _image(block, at, "messages")}})
         else:
             raise _fail(f"{at} has type {kind!r}; user messages take text, image and tool_result blocks",
                         "messages")
+    if any(p["type"] == "image_url" for p in parts):
+        return results + [{"role": "user", "content": parts}]
     return results + ([{"role": "user", "content": "\n".join(texts)}] if texts or not results else [])
 
 
