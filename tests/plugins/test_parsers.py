@@ -638,3 +638,41 @@ def test_third_party_parser_with_higher_priority_wins():
 def test_select_reasoning_parser(registry, model_type, template, override, expected):
     spec = select_reasoning_parser(registry, model_type=model_type, chat_template=template, override=override)
     assert (spec.name if spec else None) == expected
+
+
+# -- Harmony (GPT-OSS) ---------------------------------------------------------------------------
+HARMONY_SAMPLES = [
+    ("<|channel|>analysis<|message|>We think hard.<|end|><|start|>assistant<|channel|>final<|message|>It is 4.",
+     "We think hard.", "It is 4."),
+    ("<|channel|>final<|message|>Only an answer.", None, "Only an answer."),
+    ("<|channel|>analysis<|message|>cut off while thinking", "cut off while thinking", ""),
+    ("no header at all", None, "no header at all"),
+    ("<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>commentary "
+     "to=functions.get_weather <|constrain|>json<|message|>{\"city\": \"Paris\"}", "Need the weather.", ""),
+    ("<|channel|>commentary<|message|>Let me check.<|end|><|start|>assistant<|channel|>final<|message|>Done.",
+     None, "Let me check.Done."),
+]
+
+
+@pytest.mark.parametrize("text,reasoning,content", HARMONY_SAMPLES)
+@pytest.mark.parametrize("step", [0, 1, 2, 3, 7])
+def test_harmony_channels(text, reasoning, content, step):
+    from mistralrs_plugins.parsers.harmony.parser import HarmonyReasoningParser
+
+    if step == 0:
+        assert HarmonyReasoningParser().parse(text) == (reasoning, content)
+        return
+    parser, r, c = HarmonyReasoningParser(), "", ""
+    for i in range(0, len(text), step):
+        a, b = parser.feed(text[i:i + step])
+        assert "<|" not in a + b  # no marker (or part of one) is ever emitted
+        r, c = r + a, c + b
+    a, b = parser.finish()
+    assert (r + a or None, c + b) == (reasoning, content)
+
+
+def test_harmony_is_chosen_for_gpt_oss():
+    from mistralrs.plugins import get_registry
+
+    spec = get_registry().reasoning_parsers.get("harmony")
+    assert "gpt_oss" in spec.model_types
