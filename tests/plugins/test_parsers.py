@@ -647,8 +647,6 @@ HARMONY_SAMPLES = [
     ("<|channel|>final<|message|>Only an answer.", None, "Only an answer."),
     ("<|channel|>analysis<|message|>cut off while thinking", "cut off while thinking", ""),
     ("no header at all", None, "no header at all"),
-    ("<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>commentary "
-     "to=functions.get_weather <|constrain|>json<|message|>{\"city\": \"Paris\"}", "Need the weather.", ""),
     ("<|channel|>commentary<|message|>Let me check.<|end|><|start|>assistant<|channel|>final<|message|>Done.",
      None, "Let me check.Done."),
 ]
@@ -671,8 +669,54 @@ def test_harmony_channels(text, reasoning, content, step):
     assert (r + a or None, c + b) == (reasoning, content)
 
 
+HARMONY_CALLS = [
+    # (output, reasoning, calls): the model's forms of a call, with and without the closing token
+    ("<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>commentary "
+     "to=functions.get_weather <|constrain|>json<|message|>{\"city\": \"Paris\"}", "Need the weather.",
+     [("get_weather", {"city": "Paris"})]),
+    ("<|channel|>commentary to=functions.add <|constrain|>json<|message|>{\"a\": 1, \"b\": 2}<|call|>", None,
+     [("add", {"a": 1, "b": 2})]),
+    ("<|start|>assistant to=functions.lookup<|channel|>commentary json<|message|>{\"q\": \"x\"}", None,
+     [("lookup", {"q": "x"})]),
+]
+
+
+@pytest.mark.parametrize("text,reasoning,calls", HARMONY_CALLS)
+@pytest.mark.parametrize("step", [0, 1, 4])
+def test_harmony_tool_calls_through_both_parsers(text, reasoning, calls, step):
+    """The reasoning parser hands a tool-addressed message on; the tool parser reads the call."""
+    from mistralrs_plugins.parsers.harmony.parser import HarmonyReasoningParser
+    from mistralrs_plugins.parsers.harmony.tool_parser import HarmonyToolParser
+
+    rp, tp = HarmonyReasoningParser(), HarmonyToolParser()
+    pieces = [text] if step == 0 else [text[i:i + step] for i in range(0, len(text), step)]
+    from mistralrs.parsed_calls import merge_tool_call_deltas
+
+    r, content, deltas = "", "", []
+    for piece in pieces:
+        a, b = rp.feed(piece)
+        c, d = tp.feed(b)
+        r, content, deltas = r + a, content + c, deltas + d
+    a, b = rp.finish()
+    c, d = tp.feed(b)
+    c2, d2 = tp.finish()
+    r, content, deltas = r + a, content + c + c2, deltas + d + d2
+
+    got = [(call.name, json.loads(call.arguments)) for call in merge_tool_call_deltas(deltas)]
+    assert (r or None, content, got) == (reasoning, "", calls)
+
+
+def test_harmony_render_call_round_trips():
+    from mistralrs_plugins.parsers.harmony.tool_parser import HarmonyToolParser
+
+    parser = HarmonyToolParser()
+    out = parser.parse(parser.render_call("get_weather", '{"city": "Oslo"}'))
+    assert out.content == "" and [(c.name, c.arguments) for c in out.tool_calls] == [("get_weather", '{"city": "Oslo"}')]
+
+
 def test_harmony_is_chosen_for_gpt_oss():
     from mistralrs.plugins import get_registry
 
-    spec = get_registry().reasoning_parsers.get("harmony")
-    assert "gpt_oss" in spec.model_types
+    registry = get_registry()
+    assert "gpt_oss" in registry.reasoning_parsers.get("harmony").model_types
+    assert "gpt_oss" in registry.tool_parsers.get("harmony").model_types

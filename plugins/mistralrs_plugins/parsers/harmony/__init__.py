@@ -1,11 +1,12 @@
 """GPT-OSS's Harmony format: the ``analysis`` channel is reasoning, the ``final`` channel the
-answer. Registration only: the parser lives in `.parser`."""
+answer, ``commentary to=functions.NAME`` messages tool calls. Registration only: the parsers
+live in `.parser` (channels) and `.tool_parser` (calls)."""
 
 from __future__ import annotations
 
 from mistralrs import hookimpl
 from mistralrs.parsing import TemplateMarkers
-from mistralrs.specs import ReasoningParserSpec
+from mistralrs.specs import ReasoningParserSpec, ToolCallParserSpec
 
 
 @hookimpl
@@ -16,4 +17,15 @@ def register_reasoning_parsers(register):
         model_types=("gpt_oss",),
         supports=TemplateMarkers(("<|channel|>",)),
         description="Harmony channels (GPT-OSS): analysis -> reasoning_content, final -> content",
+    ))
+
+
+@hookimpl
+def register_tool_parsers(register):
+    register(ToolCallParserSpec(
+        name="harmony",
+        parser="mistralrs_plugins.parsers.harmony.tool_parser:HarmonyToolParser",
+        model_types=("gpt_oss",),
+        supports=TemplateMarkers(("<|channel|>",)),
+        description="Harmony tool calls: <|channel|>commentary to=functions.NAME ...<|message|>{json}<|call|> (GPT-OSS)",
     ))
