@@ -61,6 +61,7 @@ class EmbeddingArchitecture(enum.Enum):
     EmbeddingGemma = "embeddinggemma"
     Qwen3Embedding = "qwen3embedding"
     Bert = "bert"  # BERT-family sentence-transformers models (all-MiniLM, BGE, E5, GTE)
+    Roberta = "roberta"  # RoBERTa / XLM-RoBERTa encoders (BGE-M3, multilingual E5)
 
 
 class ToolChoice(enum.Enum):

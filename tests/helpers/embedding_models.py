@@ -144,3 +144,23 @@ def write_tiny_bert(directory: Path, *, seed: int = 0, pooling: str = "cls", inc
                      dense=dense, normalize=False, do_lower_case=True,
                      prompts={"query": "query: ", "passage": "passage: "})
     return directory
+
+
+def write_tiny_xlm_roberta(directory: Path, *, seed: int = 0) -> Path:
+    """XLMRobertaModel (positions after the padding id), mean pooling and Normalize, as the
+    multilingual E5 / paraphrase-multilingual models are built."""
+    from transformers import XLMRobertaConfig, XLMRobertaModel
+
+    from tests.helpers.gguf_vocab import write_wordpiece_tokenizer
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    write_wordpiece_tokenizer(directory, vocab_size=600)
+    vocab = json.loads((directory / "tokenizer.json").read_text())["model"]["vocab"]
+    config = XLMRobertaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, max_position_embeddings=130, type_vocab_size=1, pad_token_id=0)
+    config.architectures = ["XLMRobertaModel"]
+    _save(XLMRobertaModel(config, add_pooling_layer=False), directory, seed)
+    write_st_modules(directory, hidden=64, max_seq_length=40, pooling="mean", normalize=True,
+                     prompts={"query": "query: ", "passage": "passage: "})
+    return directory

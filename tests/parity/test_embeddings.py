@@ -8,7 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers.embedding_models import write_tiny_bert, write_tiny_embeddinggemma, write_tiny_qwen3_embedding
+from tests.helpers.embedding_models import (
+    write_tiny_bert,
+    write_tiny_embeddinggemma,
+    write_tiny_qwen3_embedding,
+    write_tiny_xlm_roberta,
+)
 
 st = pytest.importorskip("sentence_transformers")
 
@@ -80,6 +85,7 @@ BUILDERS = {
     "embeddinggemma": write_tiny_embeddinggemma,
     "qwen3embedding": write_tiny_qwen3_embedding,
     "bert": write_tiny_bert,
+    "roberta": write_tiny_xlm_roberta,
 }
 
 

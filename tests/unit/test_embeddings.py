@@ -220,3 +220,17 @@ def test_hub_fetch_lists_module_files():
 
     got = _st_module_files(_P("modules.json"), listing)
     assert got == ["1_Pooling/config.json", "2_Dense/config.json", "2_Dense/model.safetensors", "README.md"]
+
+
+def test_roberta_positions_follow_transformers():
+    """Per sequence of a flat batch: non-padding tokens count from padding_idx + 1, padding
+    tokens sit at padding_idx (transformers' create_position_ids_from_input_ids)."""
+    from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaEmbeddings
+
+    from mistralrs_plugins.models.roberta.model import roberta_positions
+
+    seqs = [[5, 6, 7], [8, 1, 9, 10], [11]]  # the second holds a padding id (1) mid-sequence
+    ids = torch.tensor([t for s in seqs for t in s])
+    positions = torch.cat([torch.arange(len(s)) for s in seqs])
+    want = torch.cat([XLMRobertaEmbeddings.create_position_ids_from_input_ids(torch.tensor([s]), 1)[0] for s in seqs])
+    assert roberta_positions(ids, positions, 1).tolist() == want.tolist()

@@ -30,7 +30,7 @@ _RENAMES = (
     (r"^encoder\.layer\.(\d+)\.output\.dense\.", r"layers.\1.down."),
     (r"^encoder\.layer\.(\d+)\.output\.LayerNorm\.", r"layers.\1.output_norm."),
 )
-_IGNORED = (r"^pooler\.", r"^cls\.", r"position_ids$")
+_IGNORED = (r"^pooler\.", r"^cls\.", r"^lm_head\.", r"position_ids$", r"token_type_ids$")
 
 
 def _int(config: dict, key: str) -> int:
