@@ -70,9 +70,9 @@ def test_every_type_is_registered_as_isq_with_its_fields():
         # name: (bits per weight, shorthand, shorthand devices, sensitive, devices)
         "afq2": (2.5, 2, ("mps",), "afq6", ("cpu", "cuda", "mps")),
         "afq3": (3.5, 3, ("mps",), "afq6", ("cpu", "cuda", "mps")),
-        "afq4": (4.5, 4, ("mps",), "afq6", ("cpu", "cuda", "mps")),
+        "afq4": (5.0, 4, ("mps",), "afq6", ("cpu", "cuda", "mps")),  # fp32 scale+bias in the kernel layout
         "afq6": (6.5, 6, ("mps",), "afq8", ("cpu", "cuda", "mps")),
-        "afq8": (8.5, 8, ("mps",), "afq8", ("cpu", "cuda", "mps")),
+        "afq8": (9.0, 8, ("mps",), "afq8", ("cpu", "cuda", "mps")),
         "hqq4": (5.0, None, (), None, ("cpu", "cuda", "mps")),
         "hqq8": (9.0, None, (), None, ("cpu", "cuda", "mps")),
         "fp8": (8.0, None, (), None, ("cpu", "cuda", "mps")),
@@ -282,13 +282,25 @@ def test_linear_life_cycle_and_forward(name):
     assert set(method.state(layer)) <= set(sd) and "bias" in sd and "weight" not in sd
     x = torch.randn(2, 3, IN)
     expected = F.linear(x, method.dequantize(layer), b)
-    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    _assert_forward_close(name, layer(x), expected)
     xb = x.bfloat16()
     yb = layer(xb)
     assert yb.dtype == torch.bfloat16 and yb.shape == (2, 3, OUT)
     y32 = method.apply(layer, xb, out_f32=True)
     assert y32.dtype == torch.float32
-    torch.testing.assert_close(y32, F.linear(xb.float(), method.dequantize(layer), b), rtol=1e-5, atol=1e-5)
+    _assert_forward_close(name, y32, F.linear(xb.float(), method.dequantize(layer), b))
+
+
+# afq4/afq8 run the native affine kernels, which quantize activations to 8 bits per block of 32 (as llama.cpp
+# does): their error against the float product is that of the activations' rounding, not fp32's.
+_INT8_ACTIVATIONS = {"afq4", "afq8"}
+
+
+def _assert_forward_close(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
+    if name in _INT8_ACTIVATIONS:
+        assert float((got - want).norm() / want.norm()) < 1e-2
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["afq4", "hqq4", "fp8", "f8q8"])

@@ -45,10 +45,13 @@ CASES = {
     "gptq4-sym-g32": dict(fmt="gptq", bits=4, group_size=32, sym=True, fast="q4_0"),
     "gptq4-sym-g128-v2": dict(fmt="gptq", bits=4, group_size=128, sym=True, v2=True, fast="q4_0"),
     "gptq8-sym-g64": dict(fmt="gptq", bits=8, group_size=64, sym=True, fast="q8_0"),
-    "gptq4-asym-g64": dict(fmt="gptq", bits=4, group_size=64, sym=False, fast=None),
+    "gptq4-asym-g64": dict(fmt="gptq", bits=4, group_size=64, sym=False, fast="affine"),
+    "gptq8-asym-g128": dict(fmt="gptq", bits=8, group_size=128, sym=False, fast="affine"),
+    "gptq4-asym-whole": dict(fmt="gptq", bits=4, group_size=-1, sym=False, fast="affine"),
     "gptq4-desc-act": dict(fmt="gptq", bits=4, group_size=64, sym=True, desc_act=True, fast=None),
     "gptq2-sym-whole": dict(fmt="gptq", bits=2, group_size=-1, sym=True, fast=None),
-    "awq4-g64": dict(fmt="awq", bits=4, group_size=64, sym=False, fast=None),
+    "awq4-g64": dict(fmt="awq", bits=4, group_size=64, sym=False, fast="affine"),
+    "awq4-g32": dict(fmt="awq", bits=4, group_size=32, sym=False, fast="affine"),
 }
 
 
@@ -114,7 +117,11 @@ def test_mlx_checkpoints_with_quantized_embeddings(llama, tmp_path, bits, group_
         layer = emb.quantized_head if key == "model.embed_tokens" else modules[key]
         assert np.array_equal(layer.quant_method.dequantize(layer).numpy(), w), name
     want = our_logits(_load(write_dequantized(llama, tmp_path / "mlx-float", deq)), IDS)
-    torch.testing.assert_close(our_logits(loaded, IDS), want, atol=1e-4, rtol=1e-4)
+    got = our_logits(loaded, IDS)
+    if bits in (4, 8):  # the native affine kernels quantize activations to 8 bits, as llama.cpp does
+        assert float(torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0)) > 0.999
+    else:  # the reference path: the same float32 arithmetic
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_isq_on_a_prequantized_checkpoint_requantizes_its_weights(llama, tmp_path):

@@ -18,6 +18,10 @@ has avx512f, avx512bw, avx512vl and avx512_vnni): the same extension and activat
 the one library still loads on AVX2-only CPUs). The k-quants give the AVX2 results bit for bit; q4_0/q8_0 agree
 with them to fp32 rounding (another float accumulation order), and are batch-invariant in the same way.
 
+``qmatmul_affine`` (both instruction sets, same names and priorities): ``(x, packed, bias, *, bits, pairs,
+out_f32=False)`` for the affine group layout of ``quant/affine/layout.py`` (``w = s * q + b``, 4- or 8-bit
+codes: AWQ, asymmetric GPTQ, MLX/AFQ), against the same q8_0 activations.
+
 Also ``linear_bf16`` (named ``avx2``, priority 5: above the torch reference, below cpu_native's AVX-512-BF16
 kernel, which wins where it runs): ``(x[M, K], weight bf16[N, K], bias, *, out_f32=False)`` with the weights
 widened to fp32 in registers and FMA accumulation, batch-invariant.
@@ -90,6 +94,26 @@ def register_kernels(register):
             description=(f"AVX-512 VNNI {name} x {act} int8 GEMV/GEMM (vpdpbusd on the canonical blocks), "
                          "batch-invariant; built on first use"),
         ))
+    register(KernelSpec(
+        name="avx2_q8",
+        op="qmatmul_affine",
+        impl="mistralrs_plugins.kernels.cpu_quant.ops:qmatmul_affine",
+        devices=("cpu",),
+        priority=10,
+        supports=supports_avx2,
+        description="AVX2 affine groups (s * q + b, 4/8-bit codes: AWQ, GPTQ, AFQ) x q8_0 int8 GEMV/GEMM, "
+                    "batch-invariant; built on first use",
+    ))
+    register(KernelSpec(
+        name="avx512_vnni",
+        op="qmatmul_affine",
+        impl="mistralrs_plugins.kernels.cpu_quant.ops:qmatmul_affine_vnni",
+        devices=("cpu",),
+        priority=VNNI_PRIORITY,
+        supports=supports_avx512_vnni,
+        description="AVX-512 VNNI affine groups (s * q + b, 4/8-bit codes) x q8_0 int8 GEMV/GEMM, "
+                    "batch-invariant; built on first use",
+    ))
     register(KernelSpec(
         name="avx2",
         op="linear_bf16",

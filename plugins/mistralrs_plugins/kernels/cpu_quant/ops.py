@@ -64,6 +64,7 @@ class QuantOps:
         self.qmatmul_vnni = ns.qmatmul_vnni.default  # the same with the AVX-512 VNNI tiles (raises without them)
         self.quantize_act = ns.quantize_act.default  # (x fp32 [M, K], k_blocks) -> (qs, d, bsums16)
         self.linear_bf16 = ns.linear_bf16.default  # (x [M, K], weight bf16 [N, K], bias, out_f32)
+        self.qmatmul_affine = ns.qmatmul_affine.default  # (x, packed, bias, bits, pairs, vnni, out_f32)
 
 
 def build(verbose: bool = False) -> QuantOps:
@@ -128,6 +129,13 @@ _X_DTYPES = (torch.float32, torch.bfloat16)
 def _kernel_takes(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None, elems: int,
                   nbytes: int) -> bool:
     """Whether the kernel computes this call (cheap checks only: this runs for every decode matmul)."""
+    k = x.shape[-1] if x.dim() else 0
+    return k != 0 and k % elems == 0 and qweight.dim() == 2 and qweight.shape[1] == k // elems * nbytes and \
+        _operands_take(x, qweight, bias)
+
+
+def _operands_take(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """The dtype, device and layout checks of every quantized kernel (not the row length)."""
     shape = x.shape
     if (
         not shape
@@ -139,9 +147,6 @@ def _kernel_takes(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | N
         or qweight.dim() != 2
         or not qweight.is_contiguous()
     ):
-        return False
-    k = shape[-1]
-    if k == 0 or k % elems or qweight.shape[1] != k // elems * nbytes:
         return False
     if bias is not None and (not bias.is_cpu or bias.requires_grad or bias.numel() != qweight.shape[0]):
         return False
@@ -221,6 +226,41 @@ def qmatmul_q6k_vnni(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor 
                      out_f32: bool = False) -> torch.Tensor:
     """`qmatmul_q6k` with the AVX-512 VNNI tiles (bit-identical to it; the reference on CPUs without them)."""
     return _qmatmul("q6k", x, qweight, bias, out_f32, vnni=True)
+
+
+def _affine(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, bits: int, pairs: int,
+            out_f32: bool, vnni: bool) -> torch.Tensor:
+    k = x.shape[-1] if x.dim() else 0
+    if (
+        bits in (4, 8)
+        and pairs in (1, 2, 4)
+        and k != 0
+        and k % 32 == 0
+        and _operands_take(x, packed, bias)
+        and packed.shape[1] == -(-k // 128) * (16 * bits + 8 * pairs)
+        and (not vnni or has_avx512_vnni())
+    ):
+        ext = _ext if _ext is not None else _native()
+        if ext is not None:
+            if x.dim() == 2:
+                return ext.qmatmul_affine(x, packed, bias, bits, pairs, vnni, out_f32)
+            shape = x.shape
+            y = ext.qmatmul_affine(x.reshape(-1, shape[-1]), packed, bias, bits, pairs, vnni, out_f32)
+            return y.view(*shape[:-1], packed.shape[0])
+    return reference("qmatmul_affine")(x, packed, bias, bits=bits, pairs=pairs, out_f32=out_f32)
+
+
+def qmatmul_affine(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None, *, bits: int,
+                   pairs: int, out_f32: bool = False) -> torch.Tensor:
+    """``x @ W.T + b`` for affine groups ``w = s * q + b`` (quant/affine/layout.py): x quantized to q8_0 per row,
+    integer dot products of the codes, the offsets through the activations' block sums."""
+    return _affine(x, packed, bias, bits, pairs, out_f32, vnni=False)
+
+
+def qmatmul_affine_vnni(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None, *, bits: int,
+                        pairs: int, out_f32: bool = False) -> torch.Tensor:
+    """`qmatmul_affine` with the AVX-512 VNNI tiles (the reference on CPUs without them)."""
+    return _affine(x, packed, bias, bits, pairs, out_f32, vnni=True)
 
 
 def _linear_takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:

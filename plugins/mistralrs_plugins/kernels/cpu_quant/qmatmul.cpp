@@ -370,6 +370,58 @@ void tile_q6_K(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
   UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int r = 0; r < NR; ++r) out[m * NR + r] = hsum8(acc[m][r]);
 }
 
+// Affine groups (kAF4 / kAF8, layout in qmatmul.h): w = s * q + b, so an output is the sum over blocks of 32 of
+// s * d_x * (q . y) + b * d_x * sum(y), with s and b those of the block's group. q . y is exact in int32 (4-bit:
+// maddubs pairs reach 3810; 8-bit: widened to int16 and madd), scaled by fp32(d_x * s) into an 8-lane
+// accumulator with one fmadd per block; the offset terms b * (d_x * sum(y)) go to a scalar with one explicit
+// fma per block. An output is hsum8 of its lanes plus that scalar.
+template <int MR, int NR, int BITS>
+void tile_affine(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
+  constexpr int64_t CB = 16 * BITS;  // code bytes per super-block
+  const int64_t S = a.pairs, SB = CB + 8 * S, nb = a.nb, K = a.K;
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[MR][NR];
+  float accb[MR][NR];
+  UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int r = 0; r < NR; ++r) {
+    acc[m][r] = _mm256_setzero_ps();
+    accb[m][r] = 0.0f;
+  }
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t g = b >> 2, j = b & 3, pair = (j * S) >> 2;
+    UNROLL for (int r = 0; r < NR; ++r) {
+      const uint8_t* sb = w[r] + g * SB;
+      float s, off;
+      std::memcpy(&s, sb + CB + 4 * pair, 4);
+      std::memcpy(&off, sb + CB + 4 * (S + pair), 4);
+      __m256i q, qlo, qhi;  // 4-bit: the block's 32 codes in order; 8-bit: its two halves widened to int16
+      if constexpr (BITS == 4) {
+        const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + 16 * j));
+        q = _mm256_and_si256(_mm256_inserti128_si256(_mm256_castsi128_si256(t), _mm_srli_epi16(t, 4), 1), m4);
+      } else {
+        qlo = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + 16 * j)));
+        qhi = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + 64 + 16 * j)));
+      }
+      UNROLL for (int m = 0; m < MR; ++m) {
+        const int64_t ab = (m0 + m) * nb + b;
+        const int8_t* y = a.qs + (m0 + m) * K + b * kQK;
+        __m256i i32;
+        if constexpr (BITS == 4) {
+          i32 = _mm256_madd_epi16(
+              _mm256_maddubs_epi16(q, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y))), ones);
+        } else {
+          const __m256i ylo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(y)));
+          const __m256i yhi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(y + 16)));
+          i32 = _mm256_add_epi32(_mm256_madd_epi16(qlo, ylo), _mm256_madd_epi16(qhi, yhi));
+        }
+        acc[m][r] = _mm256_fmadd_ps(_mm256_set1_ps(a.d[ab] * s), _mm256_cvtepi32_ps(i32), acc[m][r]);
+        accb[m][r] = std::fma(off, a.ys[ab], accb[m][r]);
+      }
+    }
+  }
+  UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int r = 0; r < NR; ++r) out[m * NR + r] = hsum8(acc[m][r]) + accb[m][r];
+}
+
 // ---- driver -----------------------------------------------------------------------------------------
 
 constexpr int kGemvRows = 4;  // AVX2: M up to this: one pass over W with all rows in the tile
@@ -383,7 +435,10 @@ template <int MR>
 Tile tile_for(int64_t t) {
   constexpr int NP = MR == 1 ? 4 : MR <= 4 ? 2 : 1;  // pairs of rows, q4_0 / q8_0
   constexpr int NR = MR == 1 ? 2 : 1;                // rows, k-quants
+  constexpr int NA = MR == 1 ? 4 : MR <= 3 ? 2 : 1;  // rows, affine
   switch (t) {
+    case kAF4: return {&tile_affine<MR, NA, 4>, NA};
+    case kAF8: return {&tile_affine<MR, NA, 8>, NA};
     case kQ4_0: return {&tile_q0<MR, NP, true>, 2 * NP};
     case kQ8_0: return {&tile_q0<MR, NP, false>, 2 * NP};
     case kQ4_K: return {&tile_q45_K<MR, NR, false>, NR};
@@ -404,7 +459,8 @@ Tile tile_fn(int64_t t, int64_t mr) {
 }
 static_assert(kGemmRows <= kMaxTileRowsOfX && kGemvRows <= kMaxTileRowsOfX, "tile_fn has tiles of up to 6 rows");
 
-constexpr Kernels kAvx2{&tile_fn, kGemvRows, {kGemmRows, kGemmRows, kGemmRows, kGemmRows, kGemmRows}, false};
+constexpr Kernels kAvx2{&tile_fn, kGemvRows, {kGemmRows, kGemmRows, kGemmRows, kGemmRows, kGemmRows, kGemmRows, kGemmRows},
+                        false};
 
 ALWAYS_INLINE inline void store_out(float* y, float v) { *y = v; }
 ALWAYS_INLINE inline void store_out(at::BFloat16* y, float v) { *y = c10::BFloat16(v); }
@@ -482,7 +538,7 @@ AlignedBytes aligned_zeros(int64_t n) {
 
 struct ActBuffers {
   std::unique_ptr<int8_t[]> qs;
-  std::unique_ptr<float[]> d;
+  std::unique_ptr<float[]> d, ys;
   std::unique_ptr<int16_t[]> c, bs16, bs32;
   AlignedBytes vq, vaux;
 };
@@ -492,7 +548,7 @@ struct ActBuffers {
 void vnni_layout_row(int64_t qtype, const Act& a, int64_t r, int8_t* vq, uint8_t* vaux) {
   const int8_t* q = a.qs + r * a.K;
   const int64_t gb = vnni_group_bytes(qtype);
-  if (qtype >= kQ4_K) {
+  if (is_kquant(qtype)) {
     static constexpr int kOrder[8] = {0, 2, 1, 3, 4, 6, 5, 7};  // q4_K/q5_K; q6_K keeps 0..7
     for (int64_t b = 0; b < a.nb; ++b) {
       int8_t* dst = vq + (b * a.M + r) * gb;
@@ -517,8 +573,12 @@ void vnni_layout_row(int64_t qtype, const Act& a, int64_t r, int8_t* vq, uint8_t
     for (int64_t l = 0; l < lanes; ++l) {
       int32_t s = 0;
       for (int i = 0; i < 4; ++i) s += y[4 * l + i] + y[16 + 4 * l + i];
-      negc[l] = (qtype == kQ4_0 ? -8 : -128) * s;
-      dexp[l] = a.d[r * a.nb + b];
+      const float d = a.d[r * a.nb + b];
+      if (is_affine(qtype))
+        reinterpret_cast<float*>(negc)[l] = d * static_cast<float>(s);  // the offsets' term, d * sum(y)
+      else
+        negc[l] = (qtype == kQ4_0 ? -8 : -128) * s;
+      dexp[l] = d;
     }
   }
 }
@@ -528,17 +588,19 @@ template <typename InT>
 Act quantize_rows(const InT* x, int64_t ldx, int64_t M, int64_t K, int64_t qtype, ActBuffers& buf, bool vnni = false) {
   Act a;
   a.K = K;
-  const bool kq = qtype >= kQ4_K;
+  const bool kq = is_kquant(qtype);
   a.nb = K / (kq ? kQKK : kQK);
   buf.qs.reset(new int8_t[M * K]);
   buf.d.reset(new float[M * a.nb]);
   if (qtype == kQ4_0 && !vnni) buf.c.reset(new int16_t[M * a.nb * 8]);
+  if (is_affine(qtype) && !vnni) buf.ys.reset(new float[M * a.nb]);
   if (kq) {
     buf.bs16.reset(new int16_t[M * a.nb * 16]);
     buf.bs32.reset(new int16_t[M * a.nb * 8]);
   }
   a.qs = buf.qs.get();
   a.d = buf.d.get();
+  a.ys = buf.ys.get();
   a.c = buf.c.get();
   a.bs16 = buf.bs16.get();
   a.bs32 = buf.bs32.get();
@@ -574,6 +636,14 @@ Act quantize_rows(const InT* x, int64_t ldx, int64_t M, int64_t K, int64_t qtype
       else
         quantize_row_q8_0(xr, K, buf.qs.get() + r * K, buf.d.get() + r * a.nb,
                           buf.c ? buf.c.get() + r * a.nb * 8 : nullptr);
+      if (buf.ys) {
+        for (int64_t b = 0; b < a.nb; ++b) {
+          const int8_t* q = buf.qs.get() + r * K + b * kQK;
+          int32_t sum = 0;
+          for (int i = 0; i < kQK; ++i) sum += q[i];
+          buf.ys[r * a.nb + b] = buf.d[r * a.nb + b] * static_cast<float>(sum);
+        }
+      }
       if (vnni) vnni_layout_row(qtype, a, r, reinterpret_cast<int8_t*>(buf.vq.get()), buf.vaux.get());
     }
   };
@@ -584,21 +654,28 @@ Act quantize_rows(const InT* x, int64_t ldx, int64_t M, int64_t K, int64_t qtype
   return a;
 }
 
-// x: [M, K] bf16 or fp32 (rows contiguous); qweight: uint8 [N, K / block_elems * block_bytes] contiguous;
-// bias: [N] or None. Returns [M, N] in x's dtype, or fp32 with out_f32.
+// x: [M, K] bf16 or fp32 (rows contiguous); qweight: uint8 [N, row_bytes] contiguous (the canonical blocks, or
+// the affine layout of qmatmul.h with `pairs`); bias: [N] or None. Returns [M, N] in x's dtype, or fp32 with out_f32.
 at::Tensor qmatmul_with(const Kernels& kern, const at::Tensor& x, const at::Tensor& qweight,
-                        const std::optional<at::Tensor>& bias, int64_t qtype, bool out_f32) {
-  TORCH_CHECK(qtype >= kQ4_0 && qtype <= kQ6_K, "qmatmul: unknown qtype ", qtype);
+                        const std::optional<at::Tensor>& bias, int64_t qtype, bool out_f32, int64_t pairs = 0) {
+  TORCH_CHECK(qtype >= kQ4_0 && qtype < kNumQTypes, "qmatmul: unknown qtype ", qtype);
   TORCH_CHECK(x.dim() == 2, "qmatmul: x must be 2-D [M, K]");
   TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kByte, "qmatmul: qweight must be uint8 [N, bytes]");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "qmatmul: x must be fp32 or bf16");
   TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu(), "qmatmul: CPU tensors only");
   TORCH_CHECK(qweight.is_contiguous(), "qmatmul: qweight must be contiguous");
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
-  const int64_t be = block_elems(qtype), bb = block_bytes(qtype);
+  const int64_t be = block_elems(qtype);
   TORCH_CHECK(K % be == 0, "qmatmul: K = ", K, " is not a multiple of the block size ", be);
-  TORCH_CHECK(qweight.size(1) == K / be * bb, "qmatmul: qweight has ", qweight.size(1), " bytes per row, expected ",
-              K / be * bb, " for K = ", K);
+  int64_t row_bytes;
+  if (is_affine(qtype)) {
+    TORCH_CHECK(pairs == 1 || pairs == 2 || pairs == 4, "qmatmul_affine: pairs must be 1, 2 or 4, got ", pairs);
+    row_bytes = (K + kAffineSB - 1) / kAffineSB * affine_sb_bytes(qtype, pairs);
+  } else {
+    row_bytes = K / be * block_bytes(qtype);
+  }
+  TORCH_CHECK(qweight.size(1) == row_bytes, "qmatmul: qweight has ", qweight.size(1), " bytes per row, expected ",
+              row_bytes, " for K = ", K);
 
   at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
   at::Tensor bias_f;
@@ -616,9 +693,10 @@ at::Tensor qmatmul_with(const Kernels& kern, const at::Tensor& x, const at::Tens
     return y.zero_();
   }
   ActBuffers buf;
-  const Act act = xc.scalar_type() == at::kFloat
-                      ? quantize_rows(xc.data_ptr<float>(), xc.stride(0), M, K, qtype, buf, kern.vnni)
-                      : quantize_rows(xc.data_ptr<at::BFloat16>(), xc.stride(0), M, K, qtype, buf, kern.vnni);
+  Act act = xc.scalar_type() == at::kFloat
+                ? quantize_rows(xc.data_ptr<float>(), xc.stride(0), M, K, qtype, buf, kern.vnni)
+                : quantize_rows(xc.data_ptr<at::BFloat16>(), xc.stride(0), M, K, qtype, buf, kern.vnni);
+  act.pairs = pairs;
   const uint8_t* w = qweight.data_ptr<uint8_t>();
   const int64_t ldw = qweight.size(1);
   if (out_type == at::kFloat)
@@ -630,6 +708,7 @@ at::Tensor qmatmul_with(const Kernels& kern, const at::Tensor& x, const at::Tens
 
 at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& qweight, const std::optional<at::Tensor>& bias,
                    int64_t qtype, bool out_f32) {
+  TORCH_CHECK(!is_affine(qtype), "qmatmul: the affine types go through qmatmul_affine");
   return qmatmul_with(kAvx2, x, qweight, bias, qtype, out_f32);
 }
 
@@ -644,8 +723,23 @@ bool cpu_has_avx512_vnni() {
 at::Tensor qmatmul_vnni(const at::Tensor& x, const at::Tensor& qweight, const std::optional<at::Tensor>& bias,
                         int64_t qtype, bool out_f32) {
   TORCH_CHECK(cpu_has_avx512_vnni(), "qmatmul_vnni: this CPU lacks avx512f/bw/vl/vnni");
+  TORCH_CHECK(!is_affine(qtype), "qmatmul_vnni: the affine types go through qmatmul_affine");
   static const Kernels kern = avx512_vnni_kernels();
   return qmatmul_with(kern, x, qweight, bias, qtype, out_f32);
+}
+
+// Affine groups (qmatmul.h): bits 4 or 8, `pairs` (s, b) pairs per super-block of 128 weights; `vnni`: the
+// AVX-512 VNNI tiles (only where the CPU has them), else the AVX2 ones.
+at::Tensor qmatmul_affine(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+                          int64_t bits, int64_t pairs, bool vnni, bool out_f32) {
+  TORCH_CHECK(bits == 4 || bits == 8, "qmatmul_affine: bits must be 4 or 8, got ", bits);
+  const int64_t qtype = bits == 4 ? kAF4 : kAF8;
+  if (vnni) {
+    TORCH_CHECK(cpu_has_avx512_vnni(), "qmatmul_affine: this CPU lacks avx512f/bw/vl/vnni");
+    static const Kernels kern = avx512_vnni_kernels();
+    return qmatmul_with(kern, x, packed, bias, qtype, out_f32, pairs);
+  }
+  return qmatmul_with(kAvx2, x, packed, bias, qtype, out_f32, pairs);
 }
 
 // The activation quantization alone, for tests: q8_0 -> (qs int8 [M, K], d fp32 [M, K/32]);
@@ -672,10 +766,12 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def("qmatmul(Tensor x, Tensor qweight, Tensor? bias, int qtype, bool out_f32=False) -> Tensor");
   m.def("qmatmul_vnni(Tensor x, Tensor qweight, Tensor? bias, int qtype, bool out_f32=False) -> Tensor");
   m.def("quantize_act(Tensor x, bool k_blocks) -> (Tensor, Tensor, Tensor)");
+  m.def("qmatmul_affine(Tensor x, Tensor packed, Tensor? bias, int bits, int pairs, bool vnni, bool out_f32=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
   m.impl("qmatmul", &qmatmul);
   m.impl("qmatmul_vnni", &qmatmul_vnni);
   m.impl("quantize_act", &quantize_act);
+  m.impl("qmatmul_affine", &qmatmul_affine);
 }

@@ -15,12 +15,25 @@ namespace cpu_quant {
 
 // ---- formats --------------------------------------------------------------------------------------
 
-enum QType : int64_t { kQ4_0 = 0, kQ8_0 = 1, kQ4_K = 2, kQ5_K = 3, kQ6_K = 4 };
+enum QType : int64_t { kQ4_0 = 0, kQ8_0 = 1, kQ4_K = 2, kQ5_K = 3, kQ6_K = 4, kAF4 = 5, kAF8 = 6 };
+constexpr int kNumQTypes = 7;
+
+// Affine groups (kAF4, kAF8: AWQ, asymmetric GPTQ, MLX/AFQ): w = s * q + b with unsigned 4- or 8-bit codes q and
+// fp32 (s, b) per group of consecutive weights of a row. A row is laid out in super-blocks of 128 weights (the
+// last one zero-padded): the codes, then `pairs` scales, then `pairs` offsets (fp32), one pair per 128 / pairs
+// weights (pairs = 4, 2, 1 for groups of 32, 64, >= 128). Codes: super-block byte 16j + i (j < 4, i < 16) holds
+// element 32j + i (4-bit: low nibble; q4_0's order) and element 32j + 16 + i (4-bit: high nibble; 8-bit: byte
+// 64 + 16j + i), which is the order of the quantized activations' VNNI groups, so a tile unpacks with masks only.
+constexpr int64_t kAffineSB = 128;
+ALWAYS_INLINE inline bool is_affine(int64_t t) { return t == kAF4 || t == kAF8; }
+ALWAYS_INLINE inline bool is_kquant(int64_t t) { return t >= kQ4_K && t <= kQ6_K; }
+ALWAYS_INLINE inline int64_t affine_sb_bytes(int64_t t, int64_t pairs) { return (t == kAF4 ? 64 : 128) + 8 * pairs; }
 
 constexpr int64_t kQK = 32;    // q4_0 / q8_0 block
 constexpr int64_t kQKK = 256;  // k-quant super-block
 
-ALWAYS_INLINE inline int64_t block_elems(int64_t t) { return t <= kQ8_0 ? kQK : kQKK; }
+// (The affine types quantize their activations as q8_0: blocks of 32.)
+ALWAYS_INLINE inline int64_t block_elems(int64_t t) { return t <= kQ8_0 || is_affine(t) ? kQK : kQKK; }
 ALWAYS_INLINE inline int64_t block_bytes(int64_t t) {
   switch (t) {
     case kQ4_0: return 18;   // fp16 d, 16 bytes of nibbles
@@ -56,11 +69,14 @@ ALWAYS_INLINE inline float fp16_at(const uint8_t* p) {
 //   dot products start from (lane l meets y[4l..4l+3] and y[16+4l..16+4l+3]: -8 (q4_0) or -128 (q8_0) times
 //   their sum), then the block scales repeated 4 times (fp32). k-quants, so that a tile loads several rows'
 //   values at once: d [M] (fp32), from byte kaux_bs32 the 8 sums of 32 [M][8] (int16), from byte kaux_bs16 the
-//   16 sums of 16 [M][16].
+//   16 sums of 16 [M][16]. Affine, [M][128 bytes]: per lane (4 per block, lane l meets y[4l..4l+3] and
+//   y[16+4l..16+4l+3]) d * the sum of its 8 quants (fp32), then the block scales repeated 4 times (fp32).
 struct Act {
   int64_t K = 0, nb = 0;
   const int8_t* qs = nullptr;
   const float* d = nullptr;
+  const float* ys = nullptr;      // affine (AVX2): d * sum(qs) per block [M][nb]
+  int64_t pairs = 0;              // affine: (s, b) pairs per super-block of W
   const int16_t* c = nullptr;     // AVX2 q4_0
   const int16_t* bs16 = nullptr;  // k-quants
   const int16_t* bs32 = nullptr;  // k-quants
@@ -72,12 +88,12 @@ struct Act {
 };
 
 constexpr int64_t kVnniQ0Blocks = 4;  // q4_0/q8_0 blocks per group of the VNNI layout
-ALWAYS_INLINE inline int64_t vnni_group_bytes(int64_t t) { return t <= kQ8_0 ? 128 : 256; }
+ALWAYS_INLINE inline int64_t vnni_group_bytes(int64_t t) { return t <= kQ8_0 || is_affine(t) ? 128 : 256; }
 // vaux bytes per group for M rows of x, and the offsets of the k-quants' sums (see Act).
 ALWAYS_INLINE inline int64_t vnni_bs32_offset(int64_t M) { return (M * 4 + 63) / 64 * 64; }
 ALWAYS_INLINE inline int64_t vnni_bs16_offset(int64_t M) { return vnni_bs32_offset(M) + M * 16; }
 ALWAYS_INLINE inline int64_t vnni_aux_stride(int64_t t, int64_t M) {
-  return t <= kQ8_0 ? 128 * M : (vnni_bs16_offset(M) + M * 32 + 63) / 64 * 64;
+  return t <= kQ8_0 || is_affine(t) ? 128 * M : (vnni_bs16_offset(M) + M * 32 + 63) / 64 * 64;
 }
 
 // The 8 6-bit scales (bytes 0..7 of the result) and 8 6-bit mins (bytes 8..15) of a q4_K/q5_K block from
@@ -112,7 +128,7 @@ struct Tile {
 struct Kernels {
   Tile (*tile)(int64_t qtype, int64_t mr);
   int gemv_rows;
-  int gemm_rows[5];
+  int gemm_rows[kNumQTypes];
   bool vnni;
 };
 

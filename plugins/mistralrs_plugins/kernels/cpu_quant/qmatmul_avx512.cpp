@@ -352,6 +352,60 @@ void tile_q6_K(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
   store_k<MR, NR, false>(acc, accm, out);
 }
 
+// ---- affine groups (kAF4 / kAF8) ------------------------------------------------------------------------
+
+// w = s * q + b (layout in qmatmul.h). Per super-block of 128 weights and row of W: the codes as two 64-byte
+// vectors in the activations' VNNI order (4-bit: the low and high nibbles of its 64 bytes; 8-bit: its two
+// halves), unsigned as vpdpbusd wants them; s and b spread over the 16 lanes (4 per block of 32) from the
+// super-block's pairs. Per lane: acc += (d_x * (q . y)) * s, then acc += (d_x * sum(y)) * b, the second factor
+// precomputed per lane with the activations; an output is hsum16 of its lanes.
+template <int MR, int NR, int BITS>
+void tile_affine(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
+  constexpr int64_t CB = 16 * BITS, GB = 128, AB = 128;
+  const int64_t S = a.pairs, SB = CB + 8 * S, M = a.M;
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  const __m512i block = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), 2);
+  const __m512i sidx = _mm512_srli_epi32(_mm512_mullo_epi32(block, _mm512_set1_epi32(static_cast<int>(S))), 2);
+  const __m512i bidx = _mm512_add_epi32(sidx, _mm512_set1_epi32(static_cast<int>(S)));
+  const __mmask16 pm = static_cast<__mmask16>((1u << (2 * S)) - 1);
+  __m512 acc[MR][NR];
+  UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < a.ngroups; ++g) {
+    __m512i v0[NR], v1[NR];
+    __m512 sv[NR], bv[NR];
+    UNROLL for (int r = 0; r < NR; ++r) {
+      const uint8_t* p = w[r] + g * SB;
+      _mm_prefetch(reinterpret_cast<const char*>(p + 8 * SB), _MM_HINT_T0);
+      if constexpr (BITS == 4) {
+        const __m512i z = _mm512_loadu_si512(p);
+        v0[r] = _mm512_and_si512(z, m4);
+        v1[r] = _mm512_and_si512(_mm512_srli_epi16(z, 4), m4);
+      } else {
+        v0[r] = _mm512_loadu_si512(p);
+        v1[r] = _mm512_loadu_si512(p + 64);
+      }
+      const __m512 pr = _mm512_maskz_loadu_ps(pm, p + CB);
+      sv[r] = _mm512_permutexvar_ps(sidx, pr);
+      bv[r] = _mm512_permutexvar_ps(bidx, pr);
+    }
+    const int8_t* yg = a.vq + (g * M + m0) * GB;
+    const uint8_t* ag = a.vaux + g * a.vaux_stride + m0 * AB;
+    UNROLL for (int m = 0; m < MR; ++m) {
+      const int8_t* y = yg + m * GB;
+      const __m512 ys = _mm512_load_ps(ag + m * AB);
+      const __m512 dx = _mm512_load_ps(ag + m * AB + 64);
+      const __m512i y0 = _mm512_load_si512(y), y1 = _mm512_load_si512(y + 64);
+      UNROLL for (int r = 0; r < NR; ++r) {
+        __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v0[r], y0);
+        s = _mm512_dpbusd_epi32(s, v1[r], y1);
+        acc[m][r] = _mm512_fmadd_ps(_mm512_mul_ps(dx, _mm512_cvtepi32_ps(s)), sv[r], acc[m][r]);
+        acc[m][r] = _mm512_fmadd_ps(ys, bv[r], acc[m][r]);
+      }
+    }
+  }
+  UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int r = 0; r < NR; ++r) out[m * NR + r] = hsum16(acc[m][r]);
+}
+
 // ---- schedule -------------------------------------------------------------------------------------------
 
 constexpr int kGemvRows = 4;   // M up to this: one pass over W with all rows of x in the tile
@@ -362,7 +416,14 @@ template <int MR>
 Tile tile_for(int64_t t) {
   constexpr int NQ = MR == 1 ? 8 : 2;  // rows of W, q4_0 / q8_0
   constexpr int NK = MR == 1 ? 4 : 1;  // rows of W, k-quants
+  constexpr int NA = MR == 1 ? 4 : 2;  // rows of W, affine
   switch (t) {
+    case kAF4:
+      if constexpr (MR <= kGemmRowsQ0) return {&tile_affine<MR, NA, 4>, NA};
+      break;
+    case kAF8:
+      if constexpr (MR <= kGemmRowsQ0) return {&tile_affine<MR, NA, 8>, NA};
+      break;
     case kQ4_0:
       if constexpr (MR <= kGemmRowsQ0) return {&tile_q0<MR, NQ, true>, NQ};
       break;
@@ -392,7 +453,8 @@ static_assert(kGemmRowsQ0 <= kMaxTileRowsOfX && kGemmRowsK <= kMaxTileRowsOfX &&
 namespace cpu_quant {
 
 Kernels avx512_vnni_kernels() {
-  return {&tile_fn, kGemvRows, {kGemmRowsQ0, kGemmRowsQ0, kGemmRowsK, kGemmRowsK, kGemmRowsK}, true};
+  return {&tile_fn, kGemvRows, {kGemmRowsQ0, kGemmRowsQ0, kGemmRowsK, kGemmRowsK, kGemmRowsK, kGemmRowsQ0, kGemmRowsQ0},
+          true};
 }
 
 }  // namespace cpu_quant

@@ -24,8 +24,10 @@ TYPES = {2: "afq6", 3: "afq6", 4: "afq6", 6: "afq8", 8: "afq8"}
 @hookimpl
 def register_quantizers(register):
     for bits, sensitive in TYPES.items():
-        # codes + one 16-bit scale and one 16-bit bias per group of 64
-        bpw = bits + 2 * 16 / GROUP_SIZE
+        # codes + one scale and one bias per group of 64: 16-bit as published; afq4/afq8 run from the affine
+        # layout of the native kernels, which holds them in fp32 (UQFF files keep them 16-bit)
+        kernel_layout = bits in (4, 8)
+        bpw = bits + 2 * (32 if kernel_layout else 16) / GROUP_SIZE
         register(QuantizerSpec(
             name=f"afq{bits}",
             method=METHOD,
@@ -37,7 +39,9 @@ def register_quantizers(register):
             fallback=None,
             devices=("cpu", "cuda", "mps"),
             uqff_format=4,  # mistral.rs QuantizedSerdeType::Afq
-            description=f"MLX affine {bits}-bit, group {GROUP_SIZE}, 16-bit scale+bias ({bpw} bits per weight)",
+            description=(f"MLX affine {bits}-bit, group {GROUP_SIZE}, "
+                         + ("native affine kernels, fp32 scale+bias in memory" if kernel_layout
+                            else "16-bit scale+bias, reference matmul") + f" ({bpw:g} bits per weight)"),
         ))
     register(QuantizerSpec(
         name="mlx_afq",

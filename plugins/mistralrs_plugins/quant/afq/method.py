@@ -18,8 +18,12 @@ scale and bias as stored (16-bit), so the stored grid is the one the weights wer
 (mistral.rs's Metal kernel picks the scale so that 0 is exactly representable; the stored
 format and the dequantization are the same.)
 
-Execution is the slower reference path: dequantize (in row blocks, so the float32 temporary
-stays small) and ``F.linear`` in float32. Nothing dequantized is kept between calls.
+Execution: afq4 and afq8 layers are re-laid out once, as they are installed, into the affine
+group layout (``quant/affine/layout.py``: the same codes, the scales and biases widened to fp32,
+so 5 / 9 bits per weight at group 64) and run by the native ``qmatmul_affine`` kernels; UQFF
+records and the dequantized weights come back from it exactly. afq2, afq3 and afq6 keep the
+published layout and run the slower reference path: dequantize (in row blocks, so the float32
+temporary stays small) and ``F.linear`` in float32.
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ from typing import Any
 
 import torch
 
+from mistralrs.nn.kernels import lookup_kernel
 from mistralrs.nn.linear import Linear
 from mistralrs.nn.quantized import QuantizedLinearMethod, chunked_reference_matmul
 from mistralrs.uqff import records as R
+from mistralrs_plugins.quant.affine import layout as affine
 
 BITS = (2, 3, 4, 6, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -114,8 +120,13 @@ def dequantize_afq(qweight: torch.Tensor, scales: torch.Tensor, biases: torch.Te
 
 
 class AfqLinearMethod(QuantizedLinearMethod):
-    """ISQ types afq2/3/4/6/8: state ``qweight`` uint8 [out, in*bits/8], ``scales`` and ``biases``
-    16-bit [out, in/64]. Forward: the reference path (dequantize row blocks, F.linear in fp32)."""
+    """ISQ types afq2/3/4/6/8: the published state ``qweight`` uint8 [out, in*bits/8], ``scales`` and
+    ``biases`` 16-bit [out, in/64]; afq4/afq8 hold it as one affine-layout ``qweight`` (see the module
+    docstring) and run the ``qmatmul_affine`` kernels, the others the reference path."""
+
+    pairs = 0  # affine layout: (s, b) pairs per super-block; 0: the published layout
+    scale_dtype = torch.bfloat16  # the published scales' dtype (UQFF records are written in it)
+    _kernel: Any = None
 
     def __init__(self, qtype: str, **options: Any) -> None:
         super().__init__(qtype, **options)
@@ -138,7 +149,27 @@ class AfqLinearMethod(QuantizedLinearMethod):
             raise ValueError(reason)
         return quantize_afq(weight.detach(), self.bits, self.group_size)
 
+    def set_state(self, layer: Linear, state: dict[str, torch.Tensor]) -> None:
+        if self.bits in affine.BITS and "scales" in state:  # the published layout -> the affine layout
+            self.scale_dtype = state["scales"].dtype
+            scales, biases = state["scales"].to(torch.float32), state["biases"].to(torch.float32)
+            codes = unpack_codes(state["qweight"], self.bits)
+            packed, self.pairs = affine.pack(codes, scales, biases, self.bits, self.group_size)
+            state = {"qweight": packed}
+        super().set_state(layer, state)
+
+    def published(self, layer: Linear, rows: torch.Tensor | slice = slice(None)) -> tuple[torch.Tensor, ...]:
+        """(qweight, scales, biases) of the given rows in the published layout."""
+        if not self.pairs:
+            return layer.qweight[rows], layer.scales[rows], layer.biases[rows]
+        codes, s, b = affine.unpack(layer.qweight[rows], layer.in_features, self.bits, self.pairs)
+        groups = layer.in_features // self.group_size  # one stored pair per group (groups of 32, 64, 128)
+        s, b = s[:, :groups], b[:, :groups]
+        return pack_codes(codes, self.bits), s.to(self.scale_dtype), b.to(self.scale_dtype)
+
     def _rows(self, layer: Linear, r0: int, r1: int) -> torch.Tensor:
+        if self.pairs:
+            return affine.dequantize(layer.qweight[r0:r1], layer.in_features, self.bits, self.pairs)
         return dequantize_afq(layer.qweight[r0:r1], layer.scales[r0:r1], layer.biases[r0:r1], self.bits,
                               self.group_size)
 
@@ -148,10 +179,18 @@ class AfqLinearMethod(QuantizedLinearMethod):
     def dequantize_rows(self, layer: Linear, rows: torch.Tensor) -> torch.Tensor:
         """Rows of the weight (a quantized embedding table's lookup), without the whole table."""
         idx = rows.reshape(-1)
-        w = dequantize_afq(layer.qweight[idx], layer.scales[idx], layer.biases[idx], self.bits, self.group_size)
+        if self.pairs:
+            w = affine.dequantize(layer.qweight[idx], layer.in_features, self.bits, self.pairs)
+        else:
+            w = dequantize_afq(layer.qweight[idx], layer.scales[idx], layer.biases[idx], self.bits, self.group_size)
         return w.reshape(*rows.shape, layer.in_features)
 
     def matmul(self, layer: Linear, x: torch.Tensor, out_f32: bool = False) -> torch.Tensor:
+        if self.pairs:
+            kernel = self._kernel
+            if kernel is None:
+                kernel = self._kernel = lookup_kernel("qmatmul_affine", layer.qweight.device)
+            return kernel(x, layer.qweight, None, bits=self.bits, pairs=self.pairs, out_f32=out_f32)
         y = chunked_reference_matmul(x, layer.out_features, layer.in_features, lambda a, b: self._rows(layer, a, b))
         return y if out_f32 else y.to(x.dtype)
 
@@ -160,12 +199,13 @@ class AfqLinearMethod(QuantizedLinearMethod):
     _UQFF_SUFFIXES = ("weight", "weight.bits", "weight.group_size", "weight.scales", "weight.biases")
 
     def uqff_entries(self, layer: Linear) -> dict[str, torch.Tensor]:
+        qweight, scales, biases = self.published(layer)
         return {
-            "weight": layer.qweight.view(torch.uint32),
+            "weight": qweight.contiguous().view(torch.uint32),
             "weight.bits": R.u8(self.bits),
             "weight.group_size": R.u8(self.group_size),
-            "weight.scales": layer.scales,
-            "weight.biases": layer.biases,
+            "weight.scales": scales,
+            "weight.biases": biases,
         }
 
     @classmethod

@@ -17,9 +17,12 @@ Execution: a layer whose zero points are all 2**(b-1) (symmetric), with b = 4 or
 order (``g_idx[i] == i // g``) and g a multiple of 32 (or -1 with in % 32 == 0) *is* a GGML
 block layer: q4_0 blocks are ``d * (q - 8)`` with an fp16 d per 32, q8_0 ``d * q8``, so every
 block of 32 gets its group's fp16 scale and the codes as they are -- the same weights bit for bit,
-run by the ``qmatmul_q4_0`` / ``qmatmul_q8_0`` kernels. Any other layer (asymmetric zeros,
-``desc_act`` order, 2 bits, groups that do not tile by 32) keeps its tensors and runs the slower
-reference path (dequantize blocks of output rows, matmul in float32); nothing is re-quantized.
+run by the ``qmatmul_q4_0`` / ``qmatmul_q8_0`` kernels. Other 4- and 8-bit layers with columns in
+order and groups of 32, 64 or a multiple of 128 (asymmetric zero points) are affine groups
+``w = s * q + b`` with b = -s * zero, exact in fp32: they are re-laid out once
+(``quant/affine/layout.py``) and run by the ``qmatmul_affine`` kernels. Any other layer
+(``desc_act`` order, 2 bits, other groups) keeps its tensors and runs the slower reference path
+(dequantize blocks of output rows, matmul in float32); nothing is re-quantized.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 from mistralrs.nn.kernels import lookup_kernel
 from mistralrs.nn.linear import Linear
 from mistralrs.nn.quantized import CheckpointLinearMethod, chunked_reference_matmul
+from mistralrs_plugins.quant.affine import layout as affine
 
 BITS = (2, 4, 8)
 
@@ -77,7 +81,8 @@ class GptqLinearMethod(CheckpointLinearMethod):
         self.group_size = int(qc.get("group_size", 128))
         fmt = str(qc.get("checkpoint_format") or qc.get("format") or "gptq").lower()
         self.zero_offset = 0 if fmt.endswith("v2") else 1  # v1 stores zero points minus one
-        self.fast: str | None = None  # "q4_0" / "q8_0" once converted
+        self.fast: str | None = None  # "q4_0" / "q8_0" / "affine" once converted
+        self.pairs = 0  # affine: (s, b) pairs per super-block
         self._kernel: Any = None
 
     def groups(self, in_features: int) -> int:
@@ -128,6 +133,12 @@ class GptqLinearMethod(CheckpointLinearMethod):
             per32 = layer.scales.t().repeat_interleave(g // 32, dim=1)[:, : layer.in_features // 32]
             self.fast = "q4_0" if self.bits == 4 else "q8_0"
             return {"qweight": ggml_blocks(codes, per32, self.bits)}
+        if self.bits in affine.BITS and in_order and affine.pairs_for(g, layer.in_features) is not None:
+            codes = self._codes(layer, 0, layer.out_features).t()  # [out, in]
+            s = layer.scales.t().to(torch.float32)
+            packed, self.pairs = affine.pack(codes, s, -s * zeros.t().to(torch.float32), self.bits, g)
+            self.fast = "affine"
+            return {"qweight": packed}
         self._zeros_cache = zeros
         return None
 
@@ -160,6 +171,8 @@ class GptqLinearMethod(CheckpointLinearMethod):
         return cached
 
     def dequantize(self, layer: Linear) -> torch.Tensor:
+        if self.fast == "affine":
+            return affine.dequantize(layer.qweight, layer.in_features, self.bits, self.pairs)
         if self.fast:
             from mistralrs_plugins.quant.ggml.formats import dequantize
 
@@ -171,6 +184,8 @@ class GptqLinearMethod(CheckpointLinearMethod):
             kernel = self._kernel
             if kernel is None:
                 kernel = self._kernel = lookup_kernel(f"qmatmul_{self.fast}", layer.qweight.device)
+            if self.fast == "affine":
+                return kernel(x, layer.qweight, None, bits=self.bits, pairs=self.pairs, out_f32=out_f32)
             return kernel(x, layer.qweight, None, out_f32=out_f32)
         y = chunked_reference_matmul(x, layer.out_features, layer.in_features, lambda a, b: self._rows(layer, a, b))
         return y if out_f32 else y.to(x.dtype)
