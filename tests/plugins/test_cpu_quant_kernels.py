@@ -244,7 +244,8 @@ def test_registers_every_op_for_cpu_only(monkeypatch):
     assert len(avx2) + len(vnni) == len(specs)
     for group, suffix, priority, has in ((avx2, "", 10, cpu_quant.has_avx2()),
                                          (vnni, "_vnni", 20, cpu_quant.has_avx512_vnni())):
-        assert [s.op for s in group] == ["qmatmul_q4_0", "qmatmul_q8_0", "qmatmul_q4k", "qmatmul_q5k", "qmatmul_q6k"]
+        assert [s.op for s in group] == ["qmatmul_q4_0", "qmatmul_q8_0", "qmatmul_q4k", "qmatmul_q5k", "qmatmul_q6k",
+                                         "qmatmul_affine"]
         for spec in group:
             assert (spec.devices, spec.priority) == (("cpu",), priority)
             assert spec.impl == f"mistralrs_plugins.kernels.cpu_quant.ops:{spec.op}{suffix}"
