@@ -13,7 +13,10 @@ from mistralrs.nn.kernels import lookup_kernel
 from mistralrs_plugins.kernels import cpu_quant
 from mistralrs_plugins.kernels.cpu_quant import ops
 from mistralrs_plugins.quant.affine import layout
-from tests.plugins.test_cpu_quant_kernels import ISAS, native, q8_0_act, randn, requires_avx2, rng  # noqa: F401
+from tests.plugins import test_cpu_quant_kernels as cq
+from tests.plugins.test_cpu_quant_kernels import ISAS, q8_0_act, randn, requires_avx2
+
+native = cq.native  # the extension, built (or loaded from the cache) once per module
 
 # (bits, group size, K): groups of 32, 64, 128, 256 and one per row; K with and without a partial super-block.
 LAYOUTS = [(4, 32, 256), (4, 64, 4096), (4, 128, 2048), (4, 256, 1024), (4, -1, 192), (4, 64, 320),

@@ -10,10 +10,8 @@ a failure; set ``MISTRALRS_TEST_SEED`` to replay one) and the test's id.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -29,16 +27,9 @@ from mistralrs_plugins.kernels.cpu_ggml_quantize import TYPES, ops
 from mistralrs_plugins.quant.ggml import formats
 
 NAMES = list(TYPES)
-RUN_SEED = int(os.environ.get("MISTRALRS_TEST_SEED") or secrets.randbits(32))
 requires_arch = pytest.mark.skipif(not cpu_ggml_quantize.native_arch(), reason="x86-64 or aarch64 only")
 
 
-@pytest.fixture
-def rng(request) -> np.random.Generator:
-    """A generator for this test and this run: fresh inputs each run, reproducible from the printed seed."""
-    seed = int.from_bytes(hashlib.sha256(f"{RUN_SEED}:{request.node.nodeid}".encode()).digest()[:8], "little")
-    print(f"MISTRALRS_TEST_SEED={RUN_SEED} (test seed {seed})")
-    return np.random.default_rng(seed)
 
 
 def awkward(rng: np.random.Generator, rows: int, cols: int) -> torch.Tensor:

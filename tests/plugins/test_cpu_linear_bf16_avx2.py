@@ -8,9 +8,6 @@ with a failure; set ``MISTRALRS_TEST_SEED`` to replay one) and the test's id.
 
 from __future__ import annotations
 
-import hashlib
-import os
-import secrets
 import warnings
 
 import pytest
@@ -22,15 +19,8 @@ from mistralrs_plugins.kernels import cpu_native, cpu_quant
 from mistralrs_plugins.kernels.cpu_quant import ops
 
 requires_avx2 = pytest.mark.skipif(not cpu_quant.has_avx2(), reason="the kernel needs x86-64 with avx2, fma, f16c")
-RUN_SEED = int(os.environ.get("MISTRALRS_TEST_SEED") or secrets.randbits(32))
 
 
-@pytest.fixture
-def gen(request) -> torch.Generator:
-    """A generator for this test and this run: fresh inputs each run, reproducible from the printed seed."""
-    seed = int.from_bytes(hashlib.sha256(f"{RUN_SEED}:{request.node.nodeid}".encode()).digest()[:8], "little")
-    print(f"MISTRALRS_TEST_SEED={RUN_SEED} (test seed {seed})")
-    return torch.Generator().manual_seed(seed)
 
 
 def randn(gen: torch.Generator, *shape: int, scale: float = 1.0, dtype=torch.bfloat16) -> torch.Tensor:

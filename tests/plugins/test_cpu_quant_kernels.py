@@ -14,9 +14,6 @@ Inputs are fresh random draws on every run: each test's generators are seeded fr
 
 from __future__ import annotations
 
-import hashlib
-import os
-import secrets
 import subprocess
 import sys
 import warnings
@@ -45,15 +42,8 @@ def kernel(name: str, isa: str):
 TYPES = list(FORMATS)
 GGML = {"q4_0": GGMLQuantizationType.Q4_0, "q8_0": GGMLQuantizationType.Q8_0, "q4k": GGMLQuantizationType.Q4_K,
         "q5k": GGMLQuantizationType.Q5_K, "q6k": GGMLQuantizationType.Q6_K}
-RUN_SEED = int(os.environ.get("MISTRALRS_TEST_SEED") or secrets.randbits(32))
 
 
-@pytest.fixture
-def rng(request) -> np.random.Generator:
-    """A generator for this test and this run: fresh inputs each run, reproducible from the printed seed."""
-    seed = int.from_bytes(hashlib.sha256(f"{RUN_SEED}:{request.node.nodeid}".encode()).digest()[:8], "little")
-    print(f"MISTRALRS_TEST_SEED={RUN_SEED} (test seed {seed})")
-    return np.random.default_rng(seed)
 
 
 def randn(rng: np.random.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:
