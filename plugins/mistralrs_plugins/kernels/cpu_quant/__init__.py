@@ -22,6 +22,10 @@ with them to fp32 rounding (another float accumulation order), and are batch-inv
 out_f32=False)`` for the affine group layout of ``quant/affine/layout.py`` (``w = s * q + b``, 4- or 8-bit
 codes: AWQ, asymmetric GPTQ, MLX/AFQ), against the same q8_0 activations.
 
+``linear_fp8`` (named ``avx2``, priority 10): ``(x, weight uint8 E4M3 [N, K], scale, bias, *, block=None,
+out_f32=False)``, FP8 weights with block scales (FP8 checkpoints, ``--isq fp8``) in fp32 arithmetic, the
+tiles and schedules of ``linear_bf16`` with another weight widening.
+
 Also ``linear_bf16`` (named ``avx2``, priority 5: above the torch reference, below cpu_native's AVX-512-BF16
 kernel, which wins where it runs): ``(x[M, K], weight bf16[N, K], bias, *, out_f32=False)`` with the weights
 widened to fp32 in registers and FMA accumulation, batch-invariant.
@@ -113,6 +117,16 @@ def register_kernels(register):
         supports=supports_avx512_vnni,
         description="AVX-512 VNNI affine groups (s * q + b, 4/8-bit codes) x q8_0 int8 GEMV/GEMM, "
                     "batch-invariant; built on first use",
+    ))
+    register(KernelSpec(
+        name="avx2",
+        op="linear_fp8",
+        impl="mistralrs_plugins.kernels.cpu_quant.ops:linear_fp8",
+        devices=("cpu",),
+        priority=10,
+        supports=supports_avx2,
+        description="AVX2/F16C FP8 E4M3 GEMV/GEMM with block scales, fp32 arithmetic (weights widened in "
+                    "registers), batch-invariant; built on first use",
     ))
     register(KernelSpec(
         name="avx2",

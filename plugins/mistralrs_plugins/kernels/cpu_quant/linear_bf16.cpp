@@ -1,4 +1,6 @@
 // bf16 linear on AVX2/FMA CPUs (no AVX-512): y[M, N] = x[M, K] @ W[N, K]^T (+ bias[N]), W bf16 as stored.
+// The same tiles and schedules run FP8 E4M3 weights with block scales (linear_fp8, below): only the widening of a
+// weight vector and a scale per K block differ (the `Bf16W` / `Fp8W` policies).
 //
 // Arithmetic, fp32 throughout: the rows of x are converted to fp32 once per call (bf16 is exact in fp32);
 // each bf16 weight is widened to fp32 in registers (its 16 bits become the high half of a 32-bit lane).
@@ -9,7 +11,8 @@
 // Batch invariance: every output (m, n) is computed by one arithmetic sequence that depends only on row m of
 // x and row n of W: for each K block of kKB elements in order, one 8-lane accumulator starting at zero gets
 // two fmadds per 16 elements (even ones, then odd ones) in order, is reduced by one fixed tree (hsum8) and added to the output's running
-// fp32 sum (starting at zero); then the bias is added. The register tiles (MR rows of x against NR rows of W)
+// fp32 sum (starting at zero) -- FP8: the K blocks are the scale blocks, and each block's sum is multiplied by
+// its scale first; then the bias is added. The register tiles (MR rows of x against NR rows of W)
 // only share loads between outputs; every vector operation is lane-wise per output. So a row's result is
 // bit-identical alone, in any batch, in any tile position, on any number of threads, in the GEMV and the
 // GEMM schedule. The build passes -ffp-contract=off: every fmadd is explicit.
@@ -60,69 +63,104 @@ ALWAYS_INLINE inline __m256 keep(__m256 v) {
   return v;
 }
 
-template <int MR, int NR>
-void tile(const float* const* x, const uint16_t* const* w, int64_t k0, int64_t k1, float* part, int64_t ldp) {
-  const __m256i hi_mask = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+// Widening policies: 16 weights at p -> the fp32 lanes that meet x[k .. k+7] and x[k+8 .. k+15] as x is stored.
+// bf16: x is stored permuted (convert_row), so the first vector is the even elements (a 32-bit shift left by 16)
+// and the second the odd ones (the high halves, masked). E4M3: x in order; a byte moved to the high half of a
+// 16-bit lane and shifted right arithmetically by one, bit 14 (the copied sign) cleared, is the fp16 whose value
+// is the E4M3 value times 2^-8, subnormals included (vcvtph2ps is exact); the 2^8 is folded into the scales.
+struct Bf16W {
+  using T = uint16_t;
+  static constexpr bool kPermuted = true;
+  ALWAYS_INLINE static __m256 first(const T* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), 16));
+  }
+  ALWAYS_INLINE static __m256 second(const T* p) {
+    return _mm256_castsi256_ps(_mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
+                                                _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+};
+
+struct Fp8W {
+  using T = uint8_t;
+  static constexpr bool kPermuted = false;
+  static constexpr float kUnit = 256.0f;  // E4M3 value = the widened fp16 value * 2^8
+  ALWAYS_INLINE static __m256 widen(__m128i hi_bytes) {
+    return _mm256_cvtph_ps(_mm_and_si128(_mm_srai_epi16(hi_bytes, 1), _mm_set1_epi16(static_cast<short>(0xBFFF))));
+  }
+  ALWAYS_INLINE static __m256 first(const T* p) {
+    return widen(_mm_unpacklo_epi8(_mm_setzero_si128(), _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  ALWAYS_INLINE static __m256 second(const T* p) {
+    return widen(_mm_unpackhi_epi8(_mm_setzero_si128(), _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+};
+
+// `scales` (or null): one per row of W, for this K block: part += scale * hsum8(acc) (an explicit product).
+template <typename W, int MR, int NR>
+void tile(const float* const* x, const typename W::T* const* w, int64_t k0, int64_t k1, const float* scales,
+          float* part, int64_t ldp) {
   __m256 acc[MR][NR];
   UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
   for (int64_t k = k0; k < k1; k += 16) {
     if constexpr (MR == 1) {  // x first, each weight vector used as soon as it is widened (8 rows: no spills)
       const __m256 xe = keep(_mm256_loadu_ps(x[0] + k)), xo = keep(_mm256_loadu_ps(x[0] + k + 8));
       UNROLL for (int r = 0; r < NR; ++r) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + k));
-        acc[0][r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), xe, acc[0][r]);
-        acc[0][r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, hi_mask)), xo, acc[0][r]);
+        acc[0][r] = _mm256_fmadd_ps(W::first(w[r] + k), xe, acc[0][r]);
+        acc[0][r] = _mm256_fmadd_ps(W::second(w[r] + k), xo, acc[0][r]);
       }
       continue;
     }
     __m256 wv[NR];
-    UNROLL for (int r = 0; r < NR; ++r)  // even elements: the low bf16 of each 32-bit pair, moved up
-      wv[r] = _mm256_castsi256_ps(
-          _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + k)), 16));
+    UNROLL for (int r = 0; r < NR; ++r) wv[r] = W::first(w[r] + k);
     UNROLL for (int m = 0; m < MR; ++m) {
       const __m256 xv = keep(_mm256_loadu_ps(x[m] + k));
       UNROLL for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_fmadd_ps(wv[r], xv, acc[m][r]);
     }
-    UNROLL for (int r = 0; r < NR; ++r)  // odd elements: the high bf16, in place
-      wv[r] = _mm256_castsi256_ps(
-          _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + k)), hi_mask));
+    UNROLL for (int r = 0; r < NR; ++r) wv[r] = W::second(w[r] + k);  // the second load hits L1
     UNROLL for (int m = 0; m < MR; ++m) {
       const __m256 xv = keep(_mm256_loadu_ps(x[m] + k + 8));
       UNROLL for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_fmadd_ps(wv[r], xv, acc[m][r]);
     }
   }
-  UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int r = 0; r < NR; ++r) part[m * ldp + r] += hsum8(acc[m][r]);
-}
-
-using TileFn = void (*)(const float* const*, const uint16_t* const*, int64_t, int64_t, float*, int64_t);
-
-template <int MR>
-TileFn gemm_tile(int nr) {
-  switch (nr) {
-    case 1: return &tile<MR, 1>;
-    default: return &tile<MR, 2>;
+  UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int r = 0; r < NR; ++r) {
+    const float h = hsum8(acc[m][r]);
+    part[m * ldp + r] += scales ? scales[r] * h : h;
   }
 }
 
-TileFn gemm_tile_for(int mr, int nr) {
+template <typename W>
+using TileFn = void (*)(const float* const*, const typename W::T* const*, int64_t, int64_t, const float*, float*,
+                        int64_t);
+
+template <typename W, int MR>
+TileFn<W> gemm_tile(int nr) {
+  switch (nr) {
+    case 1: return &tile<W, MR, 1>;
+    default: return &tile<W, MR, 2>;
+  }
+}
+
+template <typename W>
+TileFn<W> gemm_tile_for(int mr, int nr) {
   switch (mr) {
-    case 1: return gemm_tile<1>(nr);
-    case 2: return gemm_tile<2>(nr);
-    case 3: return gemm_tile<3>(nr);
-    case 4: return gemm_tile<4>(nr);
-    default: return gemm_tile<5>(nr);
+    case 1: return gemm_tile<W, 1>(nr);
+    case 2: return gemm_tile<W, 2>(nr);
+    case 3: return gemm_tile<W, 3>(nr);
+    case 4: return gemm_tile<W, 4>(nr);
+    default: return gemm_tile<W, 5>(nr);
   }
 }
 
 // GEMV tiles: rows of W per tile for M rows of x (enough independent accumulators, few enough registers).
 constexpr int gemv_nr(int mr) { return mr == 1 ? 8 : mr == 2 ? 4 : mr == 3 ? 3 : 2; }
 
-TileFn gemv_tile_for(int mr) {
+template <typename W>
+TileFn<W> gemv_tile_for(int mr) {
   switch (mr) {
-    case 1: return &tile<1, gemv_nr(1)>;
-    case 2: return &tile<2, gemv_nr(2)>;
-    case 3: return &tile<3, gemv_nr(3)>;
-    default: return &tile<4, gemv_nr(4)>;
+    case 1: return &tile<W, 1, gemv_nr(1)>;
+    case 2: return &tile<W, 2, gemv_nr(2)>;
+    case 3: return &tile<W, 3, gemv_nr(3)>;
+    default: return &tile<W, 4, gemv_nr(4)>;
   }
 }
 static_assert(kGemvRows == 4 && kGemmMR == 5 && kGemmNR == 2, "the tile tables instantiate these sizes");
@@ -130,10 +168,14 @@ static_assert(kGemvRows == 4 && kGemmMR == 5 && kGemmNR == 2, "the tile tables i
 ALWAYS_INLINE inline void store_out(float* y, float v) { *y = v; }
 ALWAYS_INLINE inline void store_out(at::BFloat16* y, float v) { *y = c10::BFloat16(v); }
 
-// A row of x (bf16 or fp32, contiguous K) into dst as fp32, each group of 16 reordered as the weights unpack:
-// the 8 even elements, then the 8 odd ones.
+// A row of x (bf16 or fp32, contiguous K) into dst as fp32; `permuted`: each group of 16 reordered as bf16
+// weights unpack (the 8 even elements, then the 8 odd ones).
 template <typename InT>
-void convert_row(const InT* src, int64_t K, float* dst) {
+void convert_row(const InT* src, int64_t K, float* dst, bool permuted) {
+  if (!permuted) {
+    for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<float>(src[k]);
+    return;
+  }
   for (int64_t k = 0; k < K; k += 16)
     for (int j = 0; j < 8; ++j) {
       dst[k + j] = static_cast<float>(src[k + 2 * j]);
@@ -141,8 +183,19 @@ void convert_row(const InT* src, int64_t K, float* dst) {
     }
 }
 
-template <typename OutT>
-void run(const float* xf, int64_t M, int64_t K, const uint16_t* w, int64_t N, const float* bias, OutT* y) {
+// Per-block scales of W (FP8): scale[(n / block_n) * ld + kb] multiplies the K block kb (of kb_len elements)
+// of row n. Without them (bf16) the K blocks are kKB long and nothing is scaled.
+struct Scales {
+  const float* s = nullptr;
+  int64_t ld = 0, block_n = 1, kb_len = kKB;
+  ALWAYS_INLINE const float* row(int64_t n) const { return s + (n / block_n) * ld; }
+};
+
+template <typename W, typename OutT>
+void run(const float* xf, int64_t M, int64_t K, const typename W::T* w, int64_t N, const float* bias,
+         const Scales& sc, OutT* y) {
+  using T = typename W::T;
+  const int64_t kb_len = sc.kb_len;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const bool gemv = M <= kGemvRows;
   const int64_t per_thread = (N + threads - 1) / threads;
@@ -150,7 +203,7 @@ void run(const float* xf, int64_t M, int64_t K, const uint16_t* w, int64_t N, co
   if (gemv) {
     panel = per_thread;
   } else {
-    panel = std::max<int64_t>(kGemmNR, kPanelBytes / (2 * std::min(K, kKB)));
+    panel = std::max<int64_t>(kGemmNR, kPanelBytes / (static_cast<int64_t>(sizeof(T)) * std::min(K, kb_len)));
     panel = std::min(panel, per_thread);
   }
   panel = std::max<int64_t>(8, (panel + 7) / 8 * 8);
@@ -164,20 +217,27 @@ void run(const float* xf, int64_t M, int64_t K, const uint16_t* w, int64_t N, co
       if (gemv) {
         const int mr = static_cast<int>(M);
         const int g = gemv_nr(mr);
-        const TileFn fn = gemv_tile_for(mr);
+        const TileFn<W> fn = gemv_tile_for<W>(mr);
         const float* xs[kGemvRows];
         for (int m = 0; m < mr; ++m) xs[m] = xf + m * K;
         const int64_t stride = (len + g - 1) / g;
         for (int64_t i = 0; i < stride; ++i) {
           int64_t col[8];
-          const uint16_t* rows[8];
-          float acc[kGemvRows * 8];
+          const T* rows[8];
+          const float* srows[8];
+          float acc[kGemvRows * 8], s[8];
           std::fill(acc, acc + mr * g, 0.0f);
           for (int r = 0; r < g; ++r) {
             col[r] = r * stride + i;
-            rows[r] = w + (n0 + std::min(col[r], len - 1)) * K;
+            const int64_t n = n0 + std::min(col[r], len - 1);
+            rows[r] = w + n * K;
+            if (sc.s) srows[r] = sc.row(n);
           }
-          for (int64_t k0 = 0; k0 < K; k0 += kKB) fn(xs, rows, k0, std::min(K, k0 + kKB), acc, g);
+          for (int64_t k0 = 0, kb = 0; k0 < K; k0 += kb_len, ++kb) {
+            if (sc.s)
+              for (int r = 0; r < g; ++r) s[r] = srows[r][kb];
+            fn(xs, rows, k0, std::min(K, k0 + kb_len), sc.s ? s : nullptr, acc, g);
+          }
           for (int r = 0; r < g; ++r) {
             if (col[r] >= len) continue;  // a repeated row filling the tile
             const int64_t n = n0 + col[r];
@@ -189,17 +249,21 @@ void run(const float* xf, int64_t M, int64_t K, const uint16_t* w, int64_t N, co
         }
       } else {
         std::fill(part.begin(), part.begin() + M * len, 0.0f);
-        for (int64_t k0 = 0; k0 < K; k0 += kKB) {
-          const int64_t k1 = std::min(K, k0 + kKB);
+        for (int64_t k0 = 0, kb = 0; k0 < K; k0 += kb_len, ++kb) {
+          const int64_t k1 = std::min(K, k0 + kb_len);
           for (int64_t m0 = 0; m0 < M; m0 += kGemmMR) {
             const int mr = static_cast<int>(std::min<int64_t>(kGemmMR, M - m0));
             const float* xs[kGemmMR];
             for (int m = 0; m < mr; ++m) xs[m] = xf + (m0 + m) * K;
             for (int64_t c = 0; c < len; c += kGemmNR) {
               const int nr = static_cast<int>(std::min<int64_t>(kGemmNR, len - c));
-              const uint16_t* rows[kGemmNR];
-              for (int r = 0; r < nr; ++r) rows[r] = w + (n0 + c + r) * K;
-              gemm_tile_for(mr, nr)(xs, rows, k0, k1, part.data() + m0 * len + c, len);
+              const T* rows[kGemmNR];
+              float s[kGemmNR];
+              for (int r = 0; r < nr; ++r) {
+                rows[r] = w + (n0 + c + r) * K;
+                if (sc.s) s[r] = sc.row(n0 + c + r)[kb];
+              }
+              gemm_tile_for<W>(mr, nr)(xs, rows, k0, k1, sc.s ? s : nullptr, part.data() + m0 * len + c, len);
             }
           }
         }
@@ -218,23 +282,23 @@ void run(const float* xf, int64_t M, int64_t K, const uint16_t* w, int64_t N, co
   }
 }
 
-// x: [M, K] bf16 or fp32 (rows contiguous), K a multiple of 16; weight: bf16 [N, K] contiguous; bias [N] or
-// None. Returns [M, N] in x's dtype, or fp32 with out_f32.
-at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                       bool out_f32) {
-  TORCH_CHECK(x.dim() == 2, "linear_bf16: x must be 2-D [M, K]");
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16, "linear_bf16: weight must be bf16 [N, K]");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "linear_bf16: x must be fp32 or bf16");
-  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "linear_bf16: CPU tensors only");
-  TORCH_CHECK(weight.is_contiguous(), "linear_bf16: weight must be contiguous");
+// The shared part of the entry points: checks, x converted to fp32 (64-byte aligned: no 32-byte load of x
+// crosses a cache line), the output, the run.
+template <typename W>
+at::Tensor linear_widened(const char* what, const at::Tensor& x, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias, const Scales& sc, bool out_f32) {
+  TORCH_CHECK(x.dim() == 2, what, ": x must be 2-D [M, K]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, what, ": x must be fp32 or bf16");
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), what, ": CPU tensors only");
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), what, ": weight must be a contiguous [N, K]");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  TORCH_CHECK(weight.size(1) == K, "linear_bf16: weight has ", weight.size(1), " columns, x has ", K);
-  TORCH_CHECK(K % 16 == 0, "linear_bf16: K = ", K, " is not a multiple of 16");
+  TORCH_CHECK(weight.size(1) == K, what, ": weight has ", weight.size(1), " columns, x has ", K);
+  TORCH_CHECK(K % 16 == 0, what, ": K = ", K, " is not a multiple of 16");
   at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
   at::Tensor bias_f;
   const float* bias_ptr = nullptr;
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == N, "linear_bf16: bias has ", bias->numel(), " elements, expected ", N);
+    TORCH_CHECK(bias->numel() == N, what, ": bias has ", bias->numel(), " elements, expected ", N);
     bias_f = bias->to(at::kFloat).contiguous();
     bias_ptr = bias_f.data_ptr<float>();
   }
@@ -245,37 +309,68 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight, const std:
     if (bias_ptr) return bias_f.to(out_type).unsqueeze(0).expand({M, N}).contiguous();
     return y.zero_();
   }
-  // 64-byte aligned (K is a multiple of 16, so every row is): no 32-byte load of x crosses a cache line.
   std::unique_ptr<float, decltype(&std::free)> xf(static_cast<float*>(std::aligned_alloc(64, M * K * sizeof(float))),
                                                   &std::free);
-  TORCH_CHECK(xf, "linear_bf16: out of memory for the fp32 copy of x");
+  TORCH_CHECK(xf, what, ": out of memory for the fp32 copy of x");
   const int64_t ldx = xc.stride(0);
   auto conv = [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       if (xc.scalar_type() == at::kFloat)
-        convert_row(xc.data_ptr<float>() + r * ldx, K, xf.get() + r * K);
+        convert_row(xc.data_ptr<float>() + r * ldx, K, xf.get() + r * K, W::kPermuted);
       else
-        convert_row(xc.data_ptr<at::BFloat16>() + r * ldx, K, xf.get() + r * K);
+        convert_row(xc.data_ptr<at::BFloat16>() + r * ldx, K, xf.get() + r * K, W::kPermuted);
     }
   };
   if (M >= 16 && M * K >= (int64_t(1) << 16))
     at::parallel_for(0, M, 1, conv);
   else
     conv(0, M);
-  const uint16_t* w = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
+  const auto* w = reinterpret_cast<const typename W::T*>(weight.data_ptr());
   if (out_type == at::kFloat)
-    run(xf.get(), M, K, w, N, bias_ptr, y.data_ptr<float>());
+    run<W>(xf.get(), M, K, w, N, bias_ptr, sc, y.data_ptr<float>());
   else
-    run(xf.get(), M, K, w, N, bias_ptr, y.data_ptr<at::BFloat16>());
+    run<W>(xf.get(), M, K, w, N, bias_ptr, sc, y.data_ptr<at::BFloat16>());
   return y;
+}
+
+// x: [M, K] bf16 or fp32 (rows contiguous), K a multiple of 16; weight: bf16 [N, K] contiguous; bias [N] or
+// None. Returns [M, N] in x's dtype, or fp32 with out_f32.
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       bool out_f32) {
+  TORCH_CHECK(weight.scalar_type() == at::kBFloat16, "linear_bf16: weight must be bf16 [N, K]");
+  return linear_widened<Bf16W>("linear_bf16", x, weight, bias, Scales{}, out_f32);
+}
+
+// x as linear_bf16; weight: uint8 [N, K], E4M3 bit patterns; scale: fp32 [ceil(N / block_n), ceil(K / block_k)],
+// W[n, k] = e4m3(weight[n, k]) * scale[n / block_n, k / block_k]; block_k a multiple of 16 (one scale per tensor:
+// a [1, 1] scale with block_n = N, block_k = K rounded up to 16).
+at::Tensor linear_fp8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, int64_t block_n,
+                      int64_t block_k, const std::optional<at::Tensor>& bias, bool out_f32) {
+  TORCH_CHECK(weight.scalar_type() == at::kByte, "linear_fp8: weight must be uint8 E4M3 bits [N, K]");
+  TORCH_CHECK(block_n > 0 && block_k > 0 && block_k % 16 == 0, "linear_fp8: block_k must be a positive multiple of 16");
+  const int64_t N = weight.size(0), K = weight.dim() == 2 ? weight.size(1) : 0;
+  const int64_t nb = (N + block_n - 1) / block_n, kb = (K + block_k - 1) / block_k;
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == nb && scale.size(1) == kb, "linear_fp8: scale must be [", nb, ", ",
+              kb, "]");
+  // fp32, times 2^8 (the widening's unit; exact), contiguous
+  const at::Tensor s = scale.to(at::kFloat).mul(static_cast<double>(Fp8W::kUnit)).contiguous();
+  Scales sc;
+  sc.s = s.data_ptr<float>();
+  sc.ld = kb;
+  sc.block_n = block_n;
+  sc.kb_len = block_k;  // the reduction's K blocks are the scale blocks
+  return linear_widened<Fp8W>("linear_fp8", x, weight, bias, sc, out_f32);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16(Tensor x, Tensor weight, Tensor? bias, bool out_f32=False) -> Tensor");
+  m.def("linear_fp8(Tensor x, Tensor weight, Tensor scale, int block_n, int block_k, Tensor? bias, "
+        "bool out_f32=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
   m.impl("linear_bf16", &linear_bf16);
+  m.impl("linear_fp8", &linear_fp8);
 }

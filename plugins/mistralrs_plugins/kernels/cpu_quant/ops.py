@@ -65,6 +65,7 @@ class QuantOps:
         self.quantize_act = ns.quantize_act.default  # (x fp32 [M, K], k_blocks) -> (qs, d, bsums16)
         self.linear_bf16 = ns.linear_bf16.default  # (x [M, K], weight bf16 [N, K], bias, out_f32)
         self.qmatmul_affine = ns.qmatmul_affine.default  # (x, packed, bias, bits, pairs, vnni, out_f32)
+        self.linear_fp8 = ns.linear_fp8.default  # (x, weight u8 [N, K], scale, block_n, block_k, bias, out_f32)
 
 
 def build(verbose: bool = False) -> QuantOps:
@@ -306,3 +307,24 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """``F.linear(x, weight, bias)`` (float32 with `out_f32`) for bf16 weights on AVX2 CPUs: fp32 arithmetic,
     each row's result the same whatever else is in the batch. Anything else is the torch reference."""
     return _linear(x, weight, bias, out_f32)
+
+
+def linear_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, *,
+               block: tuple[int, int] | None = None, out_f32: bool = False) -> torch.Tensor:
+    """``x @ W.T + bias`` for FP8 E4M3 weights (uint8 bit patterns [N, K]) with block scales: ``W[n, k] =
+    e4m3(weight[n, k]) * scale[n // bn, k // bk]`` for `block` (bn, bk), or one scale for the tensor (`block`
+    None). fp32 arithmetic (the weights widened in registers), batch-invariant; what the kernel does not take
+    (other dtypes, K or bk not a multiple of 16, autograd) goes to the reference (the fp8 quantizer plugin's)."""
+    n, k = weight.shape if weight.dim() == 2 else (0, 0)
+    bn, bk = block if block is not None else (max(n, 1), max(16, -(-k // 16) * 16))
+    if k % 16 == 0 and bk % 16 == 0 and _operands_take(x, weight, bias) and x.shape[-1] == k and not scale.requires_grad:
+        ext = _ext if _ext is not None else _native()
+        if ext is not None:
+            s2 = scale.reshape(-(-n // bn), -(-k // bk)) if scale.numel() == -(-n // bn) * -(-k // bk) else None
+            if s2 is not None:
+                if x.dim() == 2:
+                    return ext.linear_fp8(x, weight, s2, bn, bk, bias, out_f32)
+                shape = x.shape
+                y = ext.linear_fp8(x.reshape(-1, k), weight, s2, bn, bk, bias, out_f32)
+                return y.view(*shape[:-1], n)
+    return reference("linear_fp8")(x, weight, scale, bias, block=block, out_f32=out_f32)

@@ -17,7 +17,7 @@ Registration only: no torch import here.
 from __future__ import annotations
 
 from mistralrs import hookimpl
-from mistralrs.specs import QuantizerSpec
+from mistralrs.specs import KernelSpec, QuantizerSpec
 
 
 @hookimpl
@@ -53,4 +53,17 @@ def register_quantizers(register):
         devices=("cpu", "cuda", "mps"),
         description="FP8 E4M3 checkpoints (quant_method fp8: weight_block_size blocks or per tensor, "
                     "weight_scale_inv); reference path",
+    ))
+
+
+@hookimpl
+def register_kernels(register):
+    register(KernelSpec(
+        name="torch",
+        op="linear_fp8",
+        impl="mistralrs_plugins.quant.fp8.method:linear_fp8",
+        devices=("cpu", "cuda", "mps"),
+        priority=0,
+        reference=True,
+        description="torch reference: dequantize E4M3 weights with their block scales, then matmul in fp32",
     ))

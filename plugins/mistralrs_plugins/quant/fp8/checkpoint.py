@@ -10,8 +10,8 @@ Per quantized layer of weight [out, in]:
   in the model dtype here.
 
 Dequantized: ``W[o, i] = e4m3(weight[o, i]) * weight_scale_inv[o // bo, i // bi]``. Layers
-listed in ``modules_to_not_convert`` are published in float and stay float. Execution is the
-reference path (dequantize blocks of output rows, matmul in float32).
+listed in ``modules_to_not_convert`` are published in float and stay float. Execution: the
+``linear_fp8`` op with the block scales (native on AVX2 CPUs; method.py).
 """
 
 from __future__ import annotations
@@ -20,15 +20,17 @@ from typing import Any
 
 import torch
 
+from mistralrs.nn.kernels import lookup_kernel
 from mistralrs.nn.linear import Linear
-from mistralrs.nn.quantized import CheckpointLinearMethod, chunked_reference_matmul
-from mistralrs_plugins.quant.fp8.method import fp8_values
+from mistralrs.nn.quantized import CheckpointLinearMethod
+from mistralrs_plugins.quant.fp8.method import dequantize_blocked
 
 
 class Fp8CheckpointMethod(CheckpointLinearMethod):
     """See the module docstring."""
 
     marker = "weight_scale_inv"
+    _kernel: Any = None
 
     def __init__(self, qtype: str, **options: Any) -> None:
         super().__init__(qtype, **options)
@@ -63,13 +65,7 @@ class Fp8CheckpointMethod(CheckpointLinearMethod):
         return f"fp8 {'x'.join(map(str, self.block))} blocks" if self.block else "fp8 per tensor"
 
     def _rows(self, layer: Linear, r0: int, r1: int) -> torch.Tensor:
-        w = fp8_values(layer.weight[r0:r1].view(torch.uint8))
-        s = layer.weight_scale_inv.to(torch.float32)
-        if self.block is None:
-            return w * s.reshape(())
-        bo, bi = self.block
-        rows = s[r0 // bo:-(-r1 // bo)].repeat_interleave(bo, dim=0)[r0 % bo:r0 % bo + (r1 - r0)]
-        return w * rows.repeat_interleave(bi, dim=1)[:, :layer.in_features]
+        return dequantize_blocked(layer.weight.view(torch.uint8), layer.weight_scale_inv, self.block, r0, r1)
 
     def dequantize(self, layer: Linear) -> torch.Tensor:
         return self._rows(layer, 0, layer.out_features)
@@ -79,5 +75,8 @@ class Fp8CheckpointMethod(CheckpointLinearMethod):
         return torch.cat([self._rows(layer, int(r), int(r) + 1) for r in idx]).reshape(*rows.shape, layer.in_features)
 
     def matmul(self, layer: Linear, x: torch.Tensor, out_f32: bool = False) -> torch.Tensor:
-        y = chunked_reference_matmul(x, layer.out_features, layer.in_features, lambda a, b: self._rows(layer, a, b))
-        return y if out_f32 else y.to(x.dtype)
+        kernel = self._kernel
+        if kernel is None:
+            kernel = self._kernel = lookup_kernel("linear_fp8", layer.weight.device)
+        return kernel(x, layer.weight.view(torch.uint8), layer.weight_scale_inv, None, block=self.block,
+                      out_f32=out_f32)

@@ -27,8 +27,9 @@ taken against that stored scale. mistral.rs rounds ``d8`` to nearest and the cod
 unrounded ``d``, so its weights carry the E4M3 rounding of the scale (up to 6%) as an error;
 here a block's grid is the one that is stored and the error stays within half a step.
 
-Both forwards are the slower reference path: dequantize (in blocks of output rows) and
-``F.linear`` in float32. Nothing dequantized is kept between calls.
+``fp8`` (and FP8 checkpoints) run the ``linear_fp8`` op: natively on x86-64 CPUs with AVX2 (the
+E4M3 weights widened to fp32 in registers, kernels/cpu_quant), else its torch reference here
+(dequantize blocks of output rows, ``F.linear`` in float32). ``f8q8`` is the reference path.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Any
 
 import torch
 
+from mistralrs.nn.kernels import lookup_kernel
 from mistralrs.nn.linear import Linear
 from mistralrs.nn.quantized import QuantizedLinearMethod, chunked_reference_matmul
 from mistralrs.uqff import records as R
@@ -68,6 +70,32 @@ def fp8_values(bits: torch.Tensor) -> torch.Tensor:
     return lut[bits.to(torch.int64)]
 
 
+def dequantize_blocked(bits: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None, r0: int = 0,
+                       r1: int | None = None) -> torch.Tensor:
+    """Rows r0..r1 of an E4M3 weight (uint8 bits, all rows) with block scales [ceil(N / bn), ceil(K / bk)]
+    (`block` (bn, bk)) or one scale (`block` None) -> float32 [r1 - r0, K]."""
+    r1 = bits.shape[0] if r1 is None else r1
+    w = fp8_values(bits[r0:r1])
+    s = scale.to(torch.float32)
+    if block is None:
+        return w * s.reshape(())
+    bo, bi = block
+    rows = s[r0 // bo:-(-r1 // bo)].repeat_interleave(bo, dim=0)[r0 % bo:r0 % bo + (r1 - r0)]
+    return w * rows.repeat_interleave(bi, dim=1)[:, :bits.shape[1]]
+
+
+def linear_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, *,
+               block: tuple[int, int] | None = None, out_f32: bool = False) -> torch.Tensor:
+    """The torch reference of ``linear_fp8``: dequantize blocks of rows, ``F.linear`` in float32."""
+    k = x.shape[-1]
+    y = chunked_reference_matmul(x.reshape(-1, k), weight.shape[0], k,
+                                 lambda a, b: dequantize_blocked(weight, scale, block, a, b))
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    y = y.reshape(*x.shape[:-1], weight.shape[0])
+    return y if out_f32 else y.to(x.dtype)
+
+
 # ------------------------------------------------------------------------------------ fp8
 
 
@@ -96,6 +124,8 @@ class Fp8LinearMethod(QuantizedLinearMethod):
     def quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         return quantize_fp8(weight)
 
+    _kernel: Any = None
+
     def _rows(self, layer: Linear, r0: int, r1: int) -> torch.Tensor:
         return fp8_values(layer.qweight[r0:r1]) * layer.scale
 
@@ -107,8 +137,10 @@ class Fp8LinearMethod(QuantizedLinearMethod):
         return (fp8_values(layer.qweight[rows.reshape(-1)]) * layer.scale).reshape(*rows.shape, layer.in_features)
 
     def matmul(self, layer: Linear, x: torch.Tensor, out_f32: bool = False) -> torch.Tensor:
-        y = chunked_reference_matmul(x, layer.out_features, layer.in_features, lambda a, b: self._rows(layer, a, b))
-        return y if out_f32 else y.to(x.dtype)
+        kernel = self._kernel
+        if kernel is None:
+            kernel = self._kernel = lookup_kernel("linear_fp8", layer.qweight.device)
+        return kernel(x, layer.qweight, layer.scale, None, out_f32=out_f32)
 
 
     # -- UQFF (family 3, mistral.rs's FP8Linear): the E4M3 weight, its scale three ways, and the
