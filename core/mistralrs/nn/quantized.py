@@ -270,6 +270,19 @@ def chunked_reference_matmul(x: torch.Tensor, out_features: int, in_features: in
     return y
 
 
+def block_scale_rows(scale: torch.Tensor, block: tuple[int, int] | None, r0: int, r1: int,
+                     in_features: int) -> torch.Tensor:
+    """The scale of every weight of rows r0..r1 (float32 [r1 - r0, in_features]) from block scales
+    [ceil(out / bn), ceil(in / bk)] (`block` (bn, bk), edge blocks partial), or the one scale of the
+    tensor (`block` None: a 0-d tensor, broadcast)."""
+    s = scale.to(torch.float32)
+    if block is None:
+        return s.reshape(())
+    bo, bi = block
+    rows = s[r0 // bo:-(-r1 // bo)].repeat_interleave(bo, dim=0)[r0 % bo:r0 % bo + (r1 - r0)]
+    return rows.repeat_interleave(bi, dim=1)[:, :in_features]
+
+
 def fuse_rows(layers: list[Linear]) -> Linear | None:
     """One layer computing ``cat([layer(x) for layer in layers], -1)`` in a single matmul, when
     every layer has the same quantized type whose state is laid out per output row

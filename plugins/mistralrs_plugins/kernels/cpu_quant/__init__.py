@@ -24,7 +24,8 @@ codes: AWQ, asymmetric GPTQ, MLX/AFQ), against the same q8_0 activations.
 
 ``linear_fp8`` (named ``avx2``, priority 10): ``(x, weight uint8 E4M3 [N, K], scale, bias, *, block=None,
 out_f32=False)``, FP8 weights with block scales (FP8 checkpoints, ``--isq fp8``) in fp32 arithmetic, the
-tiles and schedules of ``linear_bf16`` with another weight widening.
+tiles and schedules of ``linear_bf16`` with another weight widening; ``linear_int8`` (int8 weights:
+bitsandbytes LLM.int8) and ``linear_lut4`` (4-bit codes and a 16-value table: bitsandbytes NF4/FP4) the same.
 
 Also ``linear_bf16`` (named ``avx2``, priority 5: above the torch reference, below cpu_native's AVX-512-BF16
 kernel, which wins where it runs): ``(x[M, K], weight bf16[N, K], bias, *, out_f32=False)`` with the weights
@@ -118,16 +119,18 @@ def register_kernels(register):
         description="AVX-512 VNNI affine groups (s * q + b, 4/8-bit codes) x q8_0 int8 GEMV/GEMM, "
                     "batch-invariant; built on first use",
     ))
-    register(KernelSpec(
-        name="avx2",
-        op="linear_fp8",
-        impl="mistralrs_plugins.kernels.cpu_quant.ops:linear_fp8",
-        devices=("cpu",),
-        priority=10,
-        supports=supports_avx2,
-        description="AVX2/F16C FP8 E4M3 GEMV/GEMM with block scales, fp32 arithmetic (weights widened in "
-                    "registers), batch-invariant; built on first use",
-    ))
+    for op, what in (("linear_fp8", "FP8 E4M3"), ("linear_int8", "int8"),
+                     ("linear_lut4", "4-bit table (NF4/FP4)")):
+        register(KernelSpec(
+            name="avx2",
+            op=op,
+            impl=f"mistralrs_plugins.kernels.cpu_quant.ops:{op}",
+            devices=("cpu",),
+            priority=10,
+            supports=supports_avx2,
+            description=f"AVX2/F16C {what} GEMV/GEMM with block scales, fp32 arithmetic (weights widened in "
+                        "registers), batch-invariant; built on first use",
+        ))
     register(KernelSpec(
         name="avx2",
         op="linear_bf16",

@@ -63,60 +63,122 @@ ALWAYS_INLINE inline __m256 keep(__m256 v) {
   return v;
 }
 
-// Widening policies: 16 weights at p -> the fp32 lanes that meet x[k .. k+7] and x[k+8 .. k+15] as x is stored.
+// Widening policies: 16 weights of a row from element k -> the fp32 lanes that meet x[k .. k+7] and x[k+8 .. k+15]
+// as x is stored. `Regs` holds what a policy keeps in registers for a whole tile (Lut4W: its table); `at` finds
+// element k of a row, `row_len` is a row's length in T.
 // bf16: x is stored permuted (convert_row), so the first vector is the even elements (a 32-bit shift left by 16)
-// and the second the odd ones (the high halves, masked). E4M3: x in order; a byte moved to the high half of a
-// 16-bit lane and shifted right arithmetically by one, bit 14 (the copied sign) cleared, is the fp16 whose value
-// is the E4M3 value times 2^-8, subnormals included (vcvtph2ps is exact); the 2^8 is folded into the scales.
+// and the second the odd ones (the high halves, masked). The others take x in order.
+struct NoRegs {
+  explicit NoRegs(const float*) {}
+};
+
 struct Bf16W {
   using T = uint16_t;
+  using Regs = NoRegs;
   static constexpr bool kPermuted = true;
-  ALWAYS_INLINE static __m256 first(const T* p) {
+  ALWAYS_INLINE static const T* at(const T* row, int64_t k) { return row + k; }
+  static int64_t row_len(int64_t K) { return K; }
+  ALWAYS_INLINE static __m256 first(const T* p, const Regs&) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), 16));
   }
-  ALWAYS_INLINE static __m256 second(const T* p) {
+  ALWAYS_INLINE static __m256 second(const T* p, const Regs&) {
     return _mm256_castsi256_ps(_mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
                                                 _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
   }
 };
 
+// E4M3: a byte moved to the high half of a 16-bit lane and shifted right arithmetically by one, bit 14 (the copied
+// sign) cleared, is the fp16 whose value is the E4M3 value times 2^-8, subnormals included (vcvtph2ps is exact);
+// the 2^8 is folded into the scales (kUnit).
 struct Fp8W {
   using T = uint8_t;
+  using Regs = NoRegs;
   static constexpr bool kPermuted = false;
-  static constexpr float kUnit = 256.0f;  // E4M3 value = the widened fp16 value * 2^8
+  static constexpr float kUnit = 256.0f;
+  ALWAYS_INLINE static const T* at(const T* row, int64_t k) { return row + k; }
+  static int64_t row_len(int64_t K) { return K; }
   ALWAYS_INLINE static __m256 widen(__m128i hi_bytes) {
     return _mm256_cvtph_ps(_mm_and_si128(_mm_srai_epi16(hi_bytes, 1), _mm_set1_epi16(static_cast<short>(0xBFFF))));
   }
-  ALWAYS_INLINE static __m256 first(const T* p) {
+  ALWAYS_INLINE static __m256 first(const T* p, const Regs&) {
     return widen(_mm_unpacklo_epi8(_mm_setzero_si128(), _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   }
-  ALWAYS_INLINE static __m256 second(const T* p) {
+  ALWAYS_INLINE static __m256 second(const T* p, const Regs&) {
     return widen(_mm_unpackhi_epi8(_mm_setzero_si128(), _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+};
+
+// int8 codes (bitsandbytes LLM.int8 weights), converted exactly.
+struct Int8W {
+  using T = int8_t;
+  using Regs = NoRegs;
+  static constexpr bool kPermuted = false;
+  ALWAYS_INLINE static const T* at(const T* row, int64_t k) { return row + k; }
+  static int64_t row_len(int64_t K) { return K; }
+  ALWAYS_INLINE static __m256 first(const T* p, const Regs&) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  ALWAYS_INLINE static __m256 second(const T* p, const Regs&) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))));
+  }
+};
+
+// 4-bit codes looked up in a 16-entry fp32 table (bitsandbytes NF4/FP4): two codes per byte, the first in the
+// high nibble. 4 bytes -> 8 int32 lanes [b0, b0, b1, b1, ...] shifted by 4 / 0 and masked are the codes in order;
+// two 8-entry permutes and a blend by code > 7 are their values.
+struct Lut4W {
+  using T = uint8_t;
+  struct Regs {
+    __m256 lo, hi;
+    explicit Regs(const float* table) : lo(_mm256_loadu_ps(table)), hi(_mm256_loadu_ps(table + 8)) {}
+  };
+  static constexpr bool kPermuted = false;
+  ALWAYS_INLINE static const T* at(const T* row, int64_t k) { return row + k / 2; }
+  static int64_t row_len(int64_t K) { return K / 2; }
+  ALWAYS_INLINE static __m256 lookup(uint32_t four, const Regs& t) {
+    const __m256i bytes = _mm256_cvtepu8_epi32(_mm_shuffle_epi8(_mm_cvtsi32_si128(static_cast<int>(four)),
+                                                                _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, -1, -1, -1, -1,
+                                                                              -1, -1, -1, -1)));
+    const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(bytes, _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0)),
+                                         _mm256_set1_epi32(15));
+    const __m256 hi = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7)));
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t.lo, idx), _mm256_permutevar8x32_ps(t.hi, idx), hi);
+  }
+  ALWAYS_INLINE static __m256 first(const T* p, const Regs& t) {
+    uint32_t four;
+    std::memcpy(&four, p, 4);
+    return lookup(four, t);
+  }
+  ALWAYS_INLINE static __m256 second(const T* p, const Regs& t) {
+    uint32_t four;
+    std::memcpy(&four, p + 4, 4);
+    return lookup(four, t);
   }
 };
 
 // `scales` (or null): one per row of W, for this K block: part += scale * hsum8(acc) (an explicit product).
 template <typename W, int MR, int NR>
 void tile(const float* const* x, const typename W::T* const* w, int64_t k0, int64_t k1, const float* scales,
-          float* part, int64_t ldp) {
+          const float* table, float* part, int64_t ldp) {
+  const typename W::Regs regs(table);
   __m256 acc[MR][NR];
   UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
   for (int64_t k = k0; k < k1; k += 16) {
     if constexpr (MR == 1) {  // x first, each weight vector used as soon as it is widened (8 rows: no spills)
       const __m256 xe = keep(_mm256_loadu_ps(x[0] + k)), xo = keep(_mm256_loadu_ps(x[0] + k + 8));
       UNROLL for (int r = 0; r < NR; ++r) {
-        acc[0][r] = _mm256_fmadd_ps(W::first(w[r] + k), xe, acc[0][r]);
-        acc[0][r] = _mm256_fmadd_ps(W::second(w[r] + k), xo, acc[0][r]);
+        acc[0][r] = _mm256_fmadd_ps(W::first(W::at(w[r], k), regs), xe, acc[0][r]);
+        acc[0][r] = _mm256_fmadd_ps(W::second(W::at(w[r], k), regs), xo, acc[0][r]);
       }
       continue;
     }
     __m256 wv[NR];
-    UNROLL for (int r = 0; r < NR; ++r) wv[r] = W::first(w[r] + k);
+    UNROLL for (int r = 0; r < NR; ++r) wv[r] = W::first(W::at(w[r], k), regs);
     UNROLL for (int m = 0; m < MR; ++m) {
       const __m256 xv = keep(_mm256_loadu_ps(x[m] + k));
       UNROLL for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_fmadd_ps(wv[r], xv, acc[m][r]);
     }
-    UNROLL for (int r = 0; r < NR; ++r) wv[r] = W::second(w[r] + k);  // the second load hits L1
+    UNROLL for (int r = 0; r < NR; ++r) wv[r] = W::second(W::at(w[r], k), regs);  // the second load hits L1
     UNROLL for (int m = 0; m < MR; ++m) {
       const __m256 xv = keep(_mm256_loadu_ps(x[m] + k + 8));
       UNROLL for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_fmadd_ps(wv[r], xv, acc[m][r]);
@@ -129,8 +191,8 @@ void tile(const float* const* x, const typename W::T* const* w, int64_t k0, int6
 }
 
 template <typename W>
-using TileFn = void (*)(const float* const*, const typename W::T* const*, int64_t, int64_t, const float*, float*,
-                        int64_t);
+using TileFn = void (*)(const float* const*, const typename W::T* const*, int64_t, int64_t, const float*,
+                        const float*, float*, int64_t);
 
 template <typename W, int MR>
 TileFn<W> gemm_tile(int nr) {
@@ -188,6 +250,7 @@ void convert_row(const InT* src, int64_t K, float* dst, bool permuted) {
 struct Scales {
   const float* s = nullptr;
   int64_t ld = 0, block_n = 1, kb_len = kKB;
+  const float* table = nullptr;  // Lut4W: the codes' values
   ALWAYS_INLINE const float* row(int64_t n) const { return s + (n / block_n) * ld; }
 };
 
@@ -195,7 +258,7 @@ template <typename W, typename OutT>
 void run(const float* xf, int64_t M, int64_t K, const typename W::T* w, int64_t N, const float* bias,
          const Scales& sc, OutT* y) {
   using T = typename W::T;
-  const int64_t kb_len = sc.kb_len;
+  const int64_t kb_len = sc.kb_len, row_len = W::row_len(K);
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const bool gemv = M <= kGemvRows;
   const int64_t per_thread = (N + threads - 1) / threads;
@@ -203,7 +266,8 @@ void run(const float* xf, int64_t M, int64_t K, const typename W::T* w, int64_t 
   if (gemv) {
     panel = per_thread;
   } else {
-    panel = std::max<int64_t>(kGemmNR, kPanelBytes / (static_cast<int64_t>(sizeof(T)) * std::min(K, kb_len)));
+    panel = std::max<int64_t>(kGemmNR, kPanelBytes / std::max<int64_t>(1, W::row_len(std::min(K, kb_len)) *
+                                                                          static_cast<int64_t>(sizeof(T))));
     panel = std::min(panel, per_thread);
   }
   panel = std::max<int64_t>(8, (panel + 7) / 8 * 8);
@@ -230,13 +294,13 @@ void run(const float* xf, int64_t M, int64_t K, const typename W::T* w, int64_t 
           for (int r = 0; r < g; ++r) {
             col[r] = r * stride + i;
             const int64_t n = n0 + std::min(col[r], len - 1);
-            rows[r] = w + n * K;
+            rows[r] = w + n * row_len;
             if (sc.s) srows[r] = sc.row(n);
           }
           for (int64_t k0 = 0, kb = 0; k0 < K; k0 += kb_len, ++kb) {
             if (sc.s)
               for (int r = 0; r < g; ++r) s[r] = srows[r][kb];
-            fn(xs, rows, k0, std::min(K, k0 + kb_len), sc.s ? s : nullptr, acc, g);
+            fn(xs, rows, k0, std::min(K, k0 + kb_len), sc.s ? s : nullptr, sc.table, acc, g);
           }
           for (int r = 0; r < g; ++r) {
             if (col[r] >= len) continue;  // a repeated row filling the tile
@@ -260,10 +324,11 @@ void run(const float* xf, int64_t M, int64_t K, const typename W::T* w, int64_t 
               const T* rows[kGemmNR];
               float s[kGemmNR];
               for (int r = 0; r < nr; ++r) {
-                rows[r] = w + (n0 + c + r) * K;
+                rows[r] = w + (n0 + c + r) * row_len;
                 if (sc.s) s[r] = sc.row(n0 + c + r)[kb];
               }
-              gemm_tile_for<W>(mr, nr)(xs, rows, k0, k1, sc.s ? s : nullptr, part.data() + m0 * len + c, len);
+              gemm_tile_for<W>(mr, nr)(xs, rows, k0, k1, sc.s ? s : nullptr, sc.table, part.data() + m0 * len + c,
+                                       len);
             }
           }
         }
@@ -292,7 +357,8 @@ at::Tensor linear_widened(const char* what, const at::Tensor& x, const at::Tenso
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), what, ": CPU tensors only");
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), what, ": weight must be a contiguous [N, K]");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  TORCH_CHECK(weight.size(1) == K, what, ": weight has ", weight.size(1), " columns, x has ", K);
+  TORCH_CHECK(weight.size(1) == W::row_len(K), what, ": weight has ", weight.size(1), " columns, expected ",
+              W::row_len(K), " for K = ", K);
   TORCH_CHECK(K % 16 == 0, what, ": K = ", K, " is not a multiple of 16");
   at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
   at::Tensor bias_f;
@@ -341,25 +407,55 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight, const std:
   return linear_widened<Bf16W>("linear_bf16", x, weight, bias, Scales{}, out_f32);
 }
 
+// The scales of a block-scaled op: fp32 [ceil(N / block_n), ceil(K / block_k)] times `unit`, contiguous.
+Scales block_scales(const char* what, const at::Tensor& scale, int64_t N, int64_t K, int64_t block_n,
+                    int64_t block_k, float unit, at::Tensor& keep) {
+  TORCH_CHECK(block_n > 0 && block_k > 0 && block_k % 16 == 0, what, ": block_k must be a positive multiple of 16");
+  const int64_t nb = (N + block_n - 1) / block_n, kb = (K + block_k - 1) / block_k;
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == nb && scale.size(1) == kb, what, ": scale must be [", nb, ", ",
+              kb, "]");
+  keep = scale.to(at::kFloat).mul(static_cast<double>(unit)).contiguous();
+  Scales sc;
+  sc.s = keep.data_ptr<float>();
+  sc.ld = kb;
+  sc.block_n = block_n;
+  sc.kb_len = block_k;  // the reduction's K blocks are the scale blocks
+  return sc;
+}
+
 // x as linear_bf16; weight: uint8 [N, K], E4M3 bit patterns; scale: fp32 [ceil(N / block_n), ceil(K / block_k)],
 // W[n, k] = e4m3(weight[n, k]) * scale[n / block_n, k / block_k]; block_k a multiple of 16 (one scale per tensor:
 // a [1, 1] scale with block_n = N, block_k = K rounded up to 16).
 at::Tensor linear_fp8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, int64_t block_n,
                       int64_t block_k, const std::optional<at::Tensor>& bias, bool out_f32) {
-  TORCH_CHECK(weight.scalar_type() == at::kByte, "linear_fp8: weight must be uint8 E4M3 bits [N, K]");
-  TORCH_CHECK(block_n > 0 && block_k > 0 && block_k % 16 == 0, "linear_fp8: block_k must be a positive multiple of 16");
-  const int64_t N = weight.size(0), K = weight.dim() == 2 ? weight.size(1) : 0;
-  const int64_t nb = (N + block_n - 1) / block_n, kb = (K + block_k - 1) / block_k;
-  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == nb && scale.size(1) == kb, "linear_fp8: scale must be [", nb, ", ",
-              kb, "]");
-  // fp32, times 2^8 (the widening's unit; exact), contiguous
-  const at::Tensor s = scale.to(at::kFloat).mul(static_cast<double>(Fp8W::kUnit)).contiguous();
-  Scales sc;
-  sc.s = s.data_ptr<float>();
-  sc.ld = kb;
-  sc.block_n = block_n;
-  sc.kb_len = block_k;  // the reduction's K blocks are the scale blocks
+  TORCH_CHECK(weight.scalar_type() == at::kByte && weight.dim() == 2, "linear_fp8: weight must be uint8 E4M3 bits [N, K]");
+  at::Tensor keep;  // fp32 scales times 2^8 (the widening's unit; exact)
+  const Scales sc = block_scales("linear_fp8", scale, weight.size(0), weight.size(1), block_n, block_k, Fp8W::kUnit,
+                                 keep);
   return linear_widened<Fp8W>("linear_fp8", x, weight, bias, sc, out_f32);
+}
+
+// int8 weights [N, K] with block scales (as linear_fp8): W[n, k] = weight[n, k] * scale[n / block_n, k / block_k].
+at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, int64_t block_n,
+                       int64_t block_k, const std::optional<at::Tensor>& bias, bool out_f32) {
+  TORCH_CHECK(weight.scalar_type() == at::kChar && weight.dim() == 2, "linear_int8: weight must be int8 [N, K]");
+  at::Tensor keep;
+  const Scales sc = block_scales("linear_int8", scale, weight.size(0), weight.size(1), block_n, block_k, 1.0f, keep);
+  return linear_widened<Int8W>("linear_int8", x, weight, bias, sc, out_f32);
+}
+
+// 4-bit codes [N, K / 2] (two per byte, the first in the high nibble) with a 16-entry fp32 table and block scales:
+// W[n, k] = table[code[n, k]] * scale[n / block_n, k / block_k].
+at::Tensor linear_lut4(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& table, const at::Tensor& scale,
+                       int64_t block_n, int64_t block_k, const std::optional<at::Tensor>& bias, bool out_f32) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2, "linear_lut4: packed must be uint8 [N, K / 2]");
+  TORCH_CHECK(table.numel() == 16, "linear_lut4: the table must have 16 values");
+  const at::Tensor t = table.to(at::kFloat).contiguous();
+  at::Tensor keep;
+  Scales sc = block_scales("linear_lut4", scale, packed.size(0), x.dim() == 2 ? x.size(1) : 0, block_n, block_k, 1.0f,
+                           keep);
+  sc.table = t.data_ptr<float>();
+  return linear_widened<Lut4W>("linear_lut4", x, packed, bias, sc, out_f32);
 }
 
 }  // namespace
@@ -368,9 +464,15 @@ TORCH_LIBRARY_FRAGMENT(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16(Tensor x, Tensor weight, Tensor? bias, bool out_f32=False) -> Tensor");
   m.def("linear_fp8(Tensor x, Tensor weight, Tensor scale, int block_n, int block_k, Tensor? bias, "
         "bool out_f32=False) -> Tensor");
+  m.def("linear_int8(Tensor x, Tensor weight, Tensor scale, int block_n, int block_k, Tensor? bias, "
+        "bool out_f32=False) -> Tensor");
+  m.def("linear_lut4(Tensor x, Tensor packed, Tensor table, Tensor scale, int block_n, int block_k, Tensor? bias, "
+        "bool out_f32=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
   m.impl("linear_bf16", &linear_bf16);
   m.impl("linear_fp8", &linear_fp8);
+  m.impl("linear_int8", &linear_int8);
+  m.impl("linear_lut4", &linear_lut4);
 }

@@ -66,6 +66,8 @@ class QuantOps:
         self.linear_bf16 = ns.linear_bf16.default  # (x [M, K], weight bf16 [N, K], bias, out_f32)
         self.qmatmul_affine = ns.qmatmul_affine.default  # (x, packed, bias, bits, pairs, vnni, out_f32)
         self.linear_fp8 = ns.linear_fp8.default  # (x, weight u8 [N, K], scale, block_n, block_k, bias, out_f32)
+        self.linear_int8 = ns.linear_int8.default  # (x, weight i8 [N, K], scale, block_n, block_k, bias, out_f32)
+        self.linear_lut4 = ns.linear_lut4.default  # (x, packed u8 [N, K/2], table, scale, bn, bk, bias, out_f32)
 
 
 def build(verbose: bool = False) -> QuantOps:
@@ -309,22 +311,53 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return _linear(x, weight, bias, out_f32)
 
 
+def _block_scaled(op: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                  block: tuple[int, int] | None, out_f32: bool, per_byte: int = 1,
+                  table: torch.Tensor | None = None) -> torch.Tensor:
+    """The widening linears with block scales (`linear_fp8`, `linear_int8`, `linear_lut4`): the checks the kernel
+    needs, else the op's reference."""
+    n = weight.shape[0] if weight.dim() == 2 else 0
+    k = weight.shape[1] * per_byte if weight.dim() == 2 else 0
+    bn, bk = block if block is not None else (max(n, 1), max(16, -(-k // 16) * 16))
+    extra = () if table is None else (table,)
+    if (
+        k % 16 == 0
+        and bk % 16 == 0
+        and x.dim() > 0
+        and x.shape[-1] == k
+        and _operands_take(x, weight.view(torch.uint8), bias)
+        and scale.numel() == -(-n // bn) * -(-k // bk)
+        and not scale.requires_grad
+    ):
+        ext = _ext if _ext is not None else _native()
+        if ext is not None:
+            fn = getattr(ext, op)
+            s2 = scale.reshape(-(-n // bn), -(-k // bk))
+            if x.dim() == 2:
+                return fn(x, weight, *extra, s2, bn, bk, bias, out_f32)
+            y = fn(x.reshape(-1, k), weight, *extra, s2, bn, bk, bias, out_f32)
+            return y.view(*x.shape[:-1], n)
+    return reference(op)(x, weight, *extra, scale, bias, block=block, out_f32=out_f32)
+
+
 def linear_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, *,
                block: tuple[int, int] | None = None, out_f32: bool = False) -> torch.Tensor:
     """``x @ W.T + bias`` for FP8 E4M3 weights (uint8 bit patterns [N, K]) with block scales: ``W[n, k] =
     e4m3(weight[n, k]) * scale[n // bn, k // bk]`` for `block` (bn, bk), or one scale for the tensor (`block`
     None). fp32 arithmetic (the weights widened in registers), batch-invariant; what the kernel does not take
     (other dtypes, K or bk not a multiple of 16, autograd) goes to the reference (the fp8 quantizer plugin's)."""
-    n, k = weight.shape if weight.dim() == 2 else (0, 0)
-    bn, bk = block if block is not None else (max(n, 1), max(16, -(-k // 16) * 16))
-    if k % 16 == 0 and bk % 16 == 0 and _operands_take(x, weight, bias) and x.shape[-1] == k and not scale.requires_grad:
-        ext = _ext if _ext is not None else _native()
-        if ext is not None:
-            s2 = scale.reshape(-(-n // bn), -(-k // bk)) if scale.numel() == -(-n // bn) * -(-k // bk) else None
-            if s2 is not None:
-                if x.dim() == 2:
-                    return ext.linear_fp8(x, weight, s2, bn, bk, bias, out_f32)
-                shape = x.shape
-                y = ext.linear_fp8(x.reshape(-1, k), weight, s2, bn, bk, bias, out_f32)
-                return y.view(*shape[:-1], n)
-    return reference("linear_fp8")(x, weight, scale, bias, block=block, out_f32=out_f32)
+    return _block_scaled("linear_fp8", x, weight, scale, bias, block, out_f32)
+
+
+def linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, *,
+                block: tuple[int, int] | None = None, out_f32: bool = False) -> torch.Tensor:
+    """`linear_fp8` for int8 weights [N, K]: ``W[n, k] = weight[n, k] * scale[n // bn, k // bk]``."""
+    return _block_scaled("linear_int8", x, weight, scale, bias, block, out_f32)
+
+
+def linear_lut4(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor, scale: torch.Tensor,
+                bias: torch.Tensor | None = None, *, block: tuple[int, int] | None = None,
+                out_f32: bool = False) -> torch.Tensor:
+    """`linear_fp8` for 4-bit codes looked up in a 16-value table (bitsandbytes NF4/FP4): packed uint8 [N, K / 2]
+    (two codes per byte, the first in the high nibble), ``W[n, k] = table[code] * scale[n // bn, k // bk]``."""
+    return _block_scaled("linear_lut4", x, packed, scale, bias, block, out_f32, per_byte=2, table=table)

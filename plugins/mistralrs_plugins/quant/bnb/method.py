@@ -18,8 +18,12 @@ Dequantized: ``W.flat[j] = quant_map[code[j]] * absmax[j // blocksize]``.
 8-bit (``load_in_8bit``, LLM.int8): ``weight`` int8 [out, in] and ``SCB`` float32 [out]:
 ``W[o, i] = weight[o, i] * SCB[o] / 127``.
 
-Execution is the reference path (dequantize blocks of output rows, matmul in float32; the
-outlier decomposition of LLM.int8 is a GPU speed device and changes nothing here).
+Execution: 4-bit layers whose blocks lie within rows (``in % blocksize == 0``, both multiples of 16)
+run the ``linear_lut4`` op on the codes as they are (the table and the fp32 absmax per block);
+8-bit layers the ``linear_int8`` op (``SCB / 127`` per row). Both are native on AVX2 CPUs
+(kernels/cpu_quant: the weights widened to fp32 in registers); the torch references below
+dequantize blocks of output rows and multiply in float32. Other 4-bit layers take the reference
+path. (The outlier decomposition of LLM.int8 is a GPU speed device and changes nothing here.)
 """
 
 from __future__ import annotations
@@ -29,14 +33,49 @@ from typing import Any
 
 import torch
 
+from mistralrs.nn.kernels import lookup_kernel
 from mistralrs.nn.linear import Linear
-from mistralrs.nn.quantized import CheckpointLinearMethod, chunked_reference_matmul
+from mistralrs.nn.quantized import CheckpointLinearMethod, block_scale_rows, chunked_reference_matmul
+
+
+def _reference(x: torch.Tensor, n: int, rows: Any, bias: torch.Tensor | None, out_f32: bool) -> torch.Tensor:
+    k = x.shape[-1]
+    y = chunked_reference_matmul(x.reshape(-1, k), n, k, rows)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    y = y.reshape(*x.shape[:-1], n)
+    return y if out_f32 else y.to(x.dtype)
+
+
+def linear_lut4(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor, scale: torch.Tensor,
+                bias: torch.Tensor | None = None, *, block: tuple[int, int] | None = None,
+                out_f32: bool = False) -> torch.Tensor:
+    """The torch reference of ``linear_lut4``: packed uint8 [N, K / 2] (the first code in the high nibble),
+    ``W[n, k] = table[code] * scale[n // bn, k // bk]``."""
+    k = x.shape[-1]
+
+    def rows(r0: int, r1: int) -> torch.Tensor:
+        b = packed[r0:r1].to(torch.int64)
+        codes = torch.stack([b >> 4, b & 15], dim=-1).reshape(r1 - r0, -1)[:, :k]
+        return table.to(torch.float32)[codes] * block_scale_rows(scale, block, r0, r1, k)
+
+    return _reference(x, packed.shape[0], rows, bias, out_f32)
+
+
+def linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, *,
+                block: tuple[int, int] | None = None, out_f32: bool = False) -> torch.Tensor:
+    """The torch reference of ``linear_int8``: ``W[n, k] = weight[n, k] * scale[n // bn, k // bk]``."""
+    k = x.shape[-1]
+    return _reference(x, weight.shape[0],
+                      lambda r0, r1: weight[r0:r1].to(torch.float32) * block_scale_rows(scale, block, r0, r1, k),
+                      bias, out_f32)
 
 
 class Bnb4bitMethod(CheckpointLinearMethod):
     """See the module docstring (4-bit)."""
 
     marker = "weight.quant_map"
+    _kernel: Any = None
 
     def __init__(self, qtype: str, **options: Any) -> None:
         super().__init__(qtype, **options)
@@ -116,6 +155,13 @@ class Bnb4bitMethod(CheckpointLinearMethod):
         return self._rows(layer, 0, layer.out_features)
 
     def matmul(self, layer: Linear, x: torch.Tensor, out_f32: bool = False) -> torch.Tensor:
+        n, k, bs = layer.out_features, layer.in_features, int(self.meta["blocksize"])
+        if k % bs == 0 and bs % 16 == 0 and k % 16 == 0:  # every block within a row: the table kernel
+            kernel = self._kernel
+            if kernel is None:
+                kernel = self._kernel = lookup_kernel("linear_lut4", layer.weight.device)
+            return kernel(x, layer.weight.view(n, k // 2), layer.weight__quant_map, layer.weight__absmax.view(n, k // bs),
+                          None, block=(1, bs), out_f32=out_f32)
         y = chunked_reference_matmul(x, layer.out_features, layer.in_features, lambda a, b: self._rows(layer, a, b))
         return y if out_f32 else y.to(x.dtype)
 
@@ -124,6 +170,7 @@ class Bnb8bitMethod(CheckpointLinearMethod):
     """See the module docstring (8-bit)."""
 
     marker = "SCB"
+    _kernel: Any = None
 
     def checkpoint_tensors(self, out_features: int, in_features: int) -> dict[str, tuple[tuple[int, ...] | None, torch.dtype]]:
         specs: dict[str, tuple[tuple[int, ...] | None, torch.dtype]] = {
@@ -147,8 +194,12 @@ class Bnb8bitMethod(CheckpointLinearMethod):
         return self._rows(layer, 0, layer.out_features)
 
     def matmul(self, layer: Linear, x: torch.Tensor, out_f32: bool = False) -> torch.Tensor:
-        y = chunked_reference_matmul(x, layer.out_features, layer.in_features, lambda a, b: self._rows(layer, a, b))
-        return y if out_f32 else y.to(x.dtype)
+        kernel = self._kernel
+        if kernel is None:
+            kernel = self._kernel = lookup_kernel("linear_int8", layer.weight.device)
+        scale = (layer.SCB.to(torch.float32) / 127.0).unsqueeze(1)  # [out, 1]: one block per row
+        k16 = max(16, -(-layer.in_features // 16) * 16)
+        return kernel(x, layer.weight, scale, None, block=(1, k16), out_f32=out_f32)
 
 
 def BnbMethod(qtype: str, **options: Any) -> CheckpointLinearMethod:  # noqa: N802 - a class-like factory

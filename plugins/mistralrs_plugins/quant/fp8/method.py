@@ -40,7 +40,7 @@ import torch
 
 from mistralrs.nn.kernels import lookup_kernel
 from mistralrs.nn.linear import Linear
-from mistralrs.nn.quantized import QuantizedLinearMethod, chunked_reference_matmul
+from mistralrs.nn.quantized import QuantizedLinearMethod, block_scale_rows, chunked_reference_matmul
 from mistralrs.uqff import records as R
 
 E4M3_MAX = 448.0
@@ -75,13 +75,7 @@ def dequantize_blocked(bits: torch.Tensor, scale: torch.Tensor, block: tuple[int
     """Rows r0..r1 of an E4M3 weight (uint8 bits, all rows) with block scales [ceil(N / bn), ceil(K / bk)]
     (`block` (bn, bk)) or one scale (`block` None) -> float32 [r1 - r0, K]."""
     r1 = bits.shape[0] if r1 is None else r1
-    w = fp8_values(bits[r0:r1])
-    s = scale.to(torch.float32)
-    if block is None:
-        return w * s.reshape(())
-    bo, bi = block
-    rows = s[r0 // bo:-(-r1 // bo)].repeat_interleave(bo, dim=0)[r0 % bo:r0 % bo + (r1 - r0)]
-    return w * rows.repeat_interleave(bi, dim=1)[:, :bits.shape[1]]
+    return fp8_values(bits[r0:r1]) * block_scale_rows(scale, block, r0, r1, bits.shape[1])
 
 
 def linear_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, *,

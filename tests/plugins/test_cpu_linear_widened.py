@@ -1,6 +1,6 @@
-"""The native ``linear_fp8`` op (kernels/cpu_quant/linear_bf16.cpp, the Fp8W policy): FP8 E4M3 weights with block
-scales against the torch reference, every E4M3 value (subnormals included) widened exactly, batch and thread
-invariance, fresh random inputs each run."""
+"""The native widening linears with block scales (kernels/cpu_quant/linear_bf16.cpp): ``linear_fp8`` (FP8 E4M3:
+every value, subnormals included, widened exactly), ``linear_int8`` and ``linear_lut4`` (bitsandbytes LLM.int8 and
+NF4/FP4) against their torch references, batch and thread invariance, fresh random inputs each run."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from mistralrs.nn.kernels import lookup_kernel
 from mistralrs_plugins.kernels import cpu_quant
 from mistralrs_plugins.kernels.cpu_quant import ops
+from mistralrs_plugins.quant.bnb import method as bnb
 from mistralrs_plugins.quant.fp8.method import dequantize_blocked, fp8_bits
 from mistralrs_plugins.quant.fp8.method import linear_fp8 as reference
 from tests.plugins import test_cpu_quant_kernels as cq
@@ -88,3 +89,48 @@ def test_what_the_kernel_does_not_take_is_the_reference(native, gen):
 def test_the_registry_picks_the_native_kernel_where_it_runs():
     fn = lookup_kernel("linear_fp8", torch.device("cpu"))
     assert fn is (ops.linear_fp8 if cpu_quant.supports_avx2() else reference)
+
+
+# -- linear_int8 and linear_lut4 (bitsandbytes LLM.int8 and NF4/FP4) ------------------------------------------
+
+NF4 = torch.tensor([-1.0, -0.6961928, -0.5250731, -0.3949175, -0.2844414, -0.1847734, -0.0910500, 0.0, 0.0795803,
+                    0.1609302, 0.2461123, 0.3379152, 0.4407098, 0.5626170, 0.7229568, 1.0])
+
+
+@requires_avx2
+@pytest.mark.parametrize("n,k,blocksize", [(40, 256, 64), (130, 2048, 64), (9, 96, 32), (33, 4096, 4096)])
+def test_lut4_matches_the_reference_and_is_batch_invariant(native, n, k, blocksize, gen):
+    packed = torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8)
+    absmax = torch.rand(n, k // blocksize, generator=gen) * 0.1
+    x = torch.randn(max(ROWS), k, generator=gen)
+    codes = torch.stack([packed >> 4, packed & 15], dim=-1).reshape(n, k).long()
+    w = NF4[codes].double() * absmax.double().repeat_interleave(blocksize, 1)
+    want = x.double() @ w.T
+    ref = bnb.linear_lut4(x, packed, NF4, absmax, block=(1, blocksize), out_f32=True)
+    torch.testing.assert_close(ref.double(), want, rtol=1e-5, atol=1e-5)
+    mag = x.double().abs() @ w.abs().T
+    for m in ROWS:
+        y = ops.linear_lut4(x[:m], packed, NF4, absmax, block=(1, blocksize), out_f32=True)
+        assert bool(((y.double() - want[:m]).abs() <= 1e-5 * mag[:m] + 1e-30).all())
+        assert torch.equal(ops.linear_lut4(x[m - 1:m], packed, NF4, absmax, block=(1, blocksize), out_f32=True)[0],
+                           y[m - 1])
+
+
+@requires_avx2
+def test_int8_matches_the_reference_and_is_batch_invariant(native, gen):
+    n, k = 70, 1024
+    weight = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    scale = torch.rand(n, 1, generator=gen) / 127
+    x = torch.randn(9, k, generator=gen)
+    w = weight.double() * scale.double()
+    y = ops.linear_int8(x, weight, scale, block=(1, k), out_f32=True)
+    mag = x.double().abs() @ w.abs().T
+    assert bool(((y.double() - x.double() @ w.T).abs() <= 1e-5 * mag).all())
+    assert torch.equal(ops.linear_int8(x[3:4], weight, scale, block=(1, k), out_f32=True)[0], y[3])
+    torch.testing.assert_close(y, bnb.linear_int8(x, weight, scale, block=(1, k), out_f32=True), rtol=1e-5, atol=1e-5)
+
+
+def test_the_registry_picks_the_native_widening_kernels_where_they_run():
+    for op, ref in (("linear_int8", bnb.linear_int8), ("linear_lut4", bnb.linear_lut4)):
+        fn = lookup_kernel(op, torch.device("cpu"))
+        assert fn is (getattr(ops, op) if cpu_quant.supports_avx2() else ref)
