@@ -33,19 +33,19 @@ def expand_placeholders(prompt: str, placeholder: str, expansions: list[str]) ->
     return "".join(out)
 
 
-def image_items(ids: list[int], image_token_id: int, images: list[Any], data: list[dict[str, Any]],
-                lengths: list[int]) -> tuple[MmItem, ...]:
-    """One MmItem per image over its run of `lengths[i]` image tokens, in order."""
+def image_items(ids: list[int], images: list[Any], data: list[dict[str, Any]],
+                spans: list[list[int]]) -> tuple[MmItem, ...]:
+    """One MmItem per image over its expanded tokens `spans[i]`, found in order in `ids`."""
     items = []
     pos = 0
-    for image, tensors, length in zip(images, data, lengths):
-        while pos < len(ids) and ids[pos] != image_token_id:
+    for image, tensors, span in zip(images, data, spans):
+        while pos < len(ids) and ids[pos] != span[0]:
             pos += 1
-        if ids[pos:pos + length] != [image_token_id] * length:
+        if ids[pos:pos + len(span)] != span:
             raise InvalidRequest("the prompt's text around an image placeholder merged with the image tokens; "
                                  "separate the image from the text", "messages")
-        items.append(MmItem(offset=pos, length=length, key=image.digest, data=tensors))
-        pos += length
+        items.append(MmItem(offset=pos, length=len(span), key=image.digest, data=tensors))
+        pos += len(span)
     return tuple(items)
 
 
@@ -75,4 +75,5 @@ class Gemma3Processor:
         text = expand_placeholders(prompt, self.boi, [self.expansion] * len(images))
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         data = [{"pixel_values": self.image_processor(image.image)} for image in images]
-        return ids, image_items(ids, self.image_token_id, images, data, [self.tokens_per_image] * len(images))
+        span = [self.image_token_id] * self.tokens_per_image
+        return ids, image_items(ids, images, data, [span] * len(images))

@@ -33,10 +33,13 @@ _RENAMES = (
 
 
 def with_tied_text(config: dict, default: bool) -> dict:
-    """`config` whose text_config ties the head as the top-level ``tie_word_embeddings`` says:
-    transformers ties a vision-language model's head by the top-level flag."""
+    """`config` whose text_config ties the head as transformers decides for a vision-language
+    model: by the top-level ``tie_word_embeddings`` (else the text config's, else `default`)."""
+    text = dict(config.get("text_config") or {})
     tie = config.get("tie_word_embeddings")
-    text = {**(config.get("text_config") or {}), "tie_word_embeddings": default if tie is None else bool(tie)}
+    if tie is None:
+        tie = text.get("tie_word_embeddings")
+    text["tie_word_embeddings"] = default if tie is None else bool(tie)
     return {**config, "text_config": text}
 
 
