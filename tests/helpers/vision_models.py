@@ -183,3 +183,46 @@ def write_tiny_mistral3(directory: Path, *, seed: int = 0) -> Path:
                                                                         patch_size={"height": 7, "width": 7}),
                               tokenizer=tok, patch_size=7, spatial_merge_size=2).save_pretrained(directory)
     return directory
+
+
+def image_inputs(images) -> list:
+    """PIL images as the processors take them (`multimodal.images.ImageInput`)."""
+    import hashlib
+
+    from mistralrs.multimodal.images import ImageInput
+
+    return [ImageInput(im.convert("RGB"), hashlib.sha256(im.tobytes()).hexdigest(), "test") for im in images]
+
+
+def ours_logits(service, prompt: str, images) -> tuple[list[int], torch.Tensor, tuple]:
+    """(token ids, fp32 logits of every position, MmItems) of one uncached forward of our model
+    over `prompt` with `images`, through the service's processor."""
+    from mistralrs.loading import build_attention_backend
+
+    ids, items = service.processor.process(prompt, image_inputs(images))
+    model = service.loaded.model
+    backend = build_attention_backend(service.loaded, name="sdpa", num_blocks=0)
+    t = len(ids)
+    with torch.inference_mode():
+        kwargs = {}
+        if items:
+            kwargs["mm"] = (torch.tensor([i for it in items for i in range(it.offset, it.end)]),
+                            torch.cat([model.embed_multimodal(it) for it in items]))
+        hidden = model.forward(torch.tensor(ids), torch.arange(t), backend.batch([0, t], [t]), **kwargs)
+        return ids, model.compute_logits(hidden).float(), items
+
+
+def chat_content(parts: list[dict], images) -> list[dict]:
+    """OpenAI content parts: each {"type": "image"} of `parts` becomes the next image as a data: URL."""
+    it = iter(images)
+    return [{"type": "image_url", "image_url": {"url": data_url(next(it))}} if p["type"] == "image" else p
+            for p in parts]
+
+
+def hf_greedy(service, model, processor, parts: list[dict], images, max_tokens: int) -> str:
+    """transformers' greedy continuation of the chat prompt our service renders for `parts`."""
+    prompt = service.render_chat([{"role": "user", "content": parts}])
+    enc = processor(text=prompt, images=images or None, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_tokens, do_sample=False)
+    return processor.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
