@@ -96,3 +96,11 @@ def test_serve_openai_client(model_dir, runner, hf):
                                                    messages=[{"role": "user", "content": "what is it?"}])
         assert text_only.choices[0].message.content == hf_greedy(
             runner.service, model, proc, [{"type": "text", "text": "what is it?"}], [], 6)
+
+
+def test_placeholder_count_must_match_images(runner):
+    from mistralrs.errors import InvalidRequest
+    from tests.helpers.vision_models import image_inputs
+
+    with pytest.raises(InvalidRequest, match="2 image placeholders for 1 images"):
+        runner.service.processor.process("[IMG] and [IMG]", image_inputs(IMAGES_A[:1]))
