@@ -84,8 +84,7 @@ class Mistral3ForConditionalGeneration(nn.Module):
     # -- the multimodal contract ------------------------------------------------------------
     def embed_multimodal(self, item: Any) -> torch.Tensor:
         """One image's span [rows * (cols + 1), text hidden]: features at its [IMG] tokens."""
-        proj = self.multi_modal_projector.linear_2
-        ids = item.data["input_ids"].to(device=proj.weight.device if proj.weight is not None else "cpu")
+        ids = item.data["input_ids"].to(device=self.vision_tower.patch_conv.weight.device)  # (linears may be quantized)
         n_layers = len(self.vision_tower.transformer.layers)
         wanted = [i if i >= 0 else n_layers + 1 + i for i in self.feature_layers]
         states = self.vision_tower(item.data["pixel_values"].to(ids.device), upto=max(wanted))
