@@ -164,7 +164,8 @@ class AttentionBackend:
 
         Writes k/v into the cache slots first (when there is a cache), then attends each new
         token to its sequence's visible keys, causally (unless ``batch.causal`` is False: then to
-        all of them), and within each of ``batch.bidirectional``'s ranges to all of the range. `sliding_window` W: a query at position p sees keys at positions > p - W
+        all of them), and inside each of ``batch.bidirectional``'s ranges to the whole range.
+        `sliding_window` W: a query at position p sees keys at positions > p - W
         (non-causal: |p - k| < W). `softcap` c: scores -> c * tanh(scores / c).
         `sinks` [Hq] (GPT-OSS): one extra logit per query head in each softmax's denominator,
         attached to no value (``softmax([scores, sink])`` with the sink's column dropped).
