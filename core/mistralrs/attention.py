@@ -34,6 +34,10 @@ class AttentionBatch:
     scratch: per-step values a backend derives once in `prepare` and reuses in every layer.
     causal: False for encoders (embedding models): each token sees every token of its sequence
         (within `sliding_window` on either side). Only batches without a KV cache are non-causal.
+    bidirectional: flat ranges [start, end) of new tokens, each inside one sequence's, whose
+        tokens also see the range's later tokens (Gemma 3: an image's tokens, in prefill). On top
+        of the causal rule; a sliding window W still hides keys at positions <= p - W. Models set
+        it with `with_bidirectional`; the engine keeps such a range inside one prefill chunk.
     """
 
     query_start_loc: list[int]
@@ -43,6 +47,17 @@ class AttentionBatch:
     block_tables: torch.Tensor | None = None
     scratch: dict[str, Any] = attrs.field(factory=dict)
     causal: bool = True
+    bidirectional: tuple[tuple[int, int], ...] = ()
+
+    def with_bidirectional(self, ranges: tuple[tuple[int, int], ...]) -> AttentionBatch:
+        """This step's batch with `ranges` attending bidirectionally (same cache, same scratch)."""
+        return attrs.evolve(self, bidirectional=tuple(ranges)) if ranges else self
+
+    def seq_bidirectional(self, i: int) -> list[tuple[int, int]]:
+        """Sequence i's bidirectional ranges as positions (context length + offset in its chunk)."""
+        qs, qe = self.query_start_loc[i], self.query_start_loc[i + 1]
+        ctx = self.seq_lens[i] - (qe - qs)
+        return [(ctx + lo - qs, ctx + hi - qs) for lo, hi in self.bidirectional if qs <= lo and hi <= qe]
 
     @property
     def num_seqs(self) -> int:
@@ -149,7 +164,8 @@ class AttentionBackend:
 
         Writes k/v into the cache slots first (when there is a cache), then attends each new
         token to its sequence's visible keys, causally (unless ``batch.causal`` is False: then to
-        all of them). `sliding_window` W: a query at position p sees keys at positions > p - W
+        all of them), and inside each of ``batch.bidirectional``'s ranges to the whole range.
+        `sliding_window` W: a query at position p sees keys at positions > p - W
         (non-causal: |p - k| < W). `softcap` c: scores -> c * tanh(scores / c).
         `sinks` [Hq] (GPT-OSS): one extra logit per query head in each softmax's denominator,
         attached to no value (``softmax([scores, sink])`` with the sink's column dropped).
@@ -159,6 +175,20 @@ class AttentionBackend:
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole blocks src -> dst (copy-on-write for forked sequences)."""
         raise NotImplementedError
+
+
+def consecutive_runs(index: torch.Tensor, query_start_loc: list[int]) -> tuple[tuple[int, int], ...]:
+    """Maximal runs [start, end) of consecutive flat token indices (sorted), split where a
+    sequence's new tokens end: the ranges of `AttentionBatch.bidirectional` for, e.g., the
+    image tokens a vision model fills in."""
+    runs: list[tuple[int, int]] = []
+    bounds = set(query_start_loc)
+    for t in index.tolist():
+        if runs and runs[-1][1] == t and t not in bounds:
+            runs[-1] = (runs[-1][0], t + 1)
+        else:
+            runs.append((t, t + 1))
+    return tuple(runs)
 
 
 def kv_elements_per_token(kv: dict[str, Any]) -> int:

@@ -157,3 +157,70 @@ def test_paged_backend_mixed_step_matches_reference(softcap):
     rows, _, _ = batch.scratch["paged_decode"]
     assert rows.tolist() == [0, 6] and batch.scratch["paged_prefill"] == [1]
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+
+
+def _naive_bidirectional(q, k, v, *, scale, lo, hi, window=None):
+    """naive() with positions [lo, hi) also seeing each other (within the window on the left)."""
+    L, S = q.shape[0], k.shape[0]
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    scores = torch.einsum("lhd,shd->hls", q.double(), k.double()) * scale
+    qpos, kpos = torch.arange(S - L, S)[:, None], torch.arange(S)[None]
+    mask = (kpos <= qpos) | ((qpos >= lo) & (qpos < hi) & (kpos >= lo) & (kpos < hi))
+    if window:
+        mask &= kpos > qpos - window
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.einsum("hls,shd->lhd", scores.softmax(-1), v.double()).float()
+
+
+def test_consecutive_runs_split_at_sequences():
+    from mistralrs.attention import consecutive_runs
+
+    assert consecutive_runs(torch.tensor([2, 3, 4, 7, 8, 9, 10]), [0, 9, 12]) == ((2, 5), (7, 9), (9, 11))
+    assert consecutive_runs(torch.tensor([], dtype=torch.long), [0, 3]) == ()
+
+
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("window", [None, 3])
+def test_bidirectional_range_in_a_chunk_after_cached_context(paged, window):
+    """Sequence 0 prefills positions 5..11 after 5 cached ones, with positions 7..10 (flat 2..6)
+    bidirectional; sequence 1 decodes in the same step. Each matches the naive attention."""
+    from mistralrs_plugins.attention.paged.backend import PagedBackend
+
+    torch.manual_seed(3)
+    bs = 4
+    cls = PagedBackend if paged else SdpaBackend
+    backend = cls(KVCacheShape(num_layers=1, num_kv_heads=1, head_dim=8, num_blocks=16, block_size=bs,
+                               dtype=torch.float32))
+    table = torch.tensor([[3, 9, 1, 0], [5, 6, 0, 0]], dtype=torch.int32)
+    q0, k0, v0 = torch.randn(12, 2, 8), torch.randn(12, 1, 8), torch.randn(12, 1, 8)
+    q1, k1, v1 = torch.randn(6, 2, 8), torch.randn(6, 1, 8), torch.randn(6, 1, 8)
+
+    def slots(seq, pos):
+        pos = torch.as_tensor(pos)
+        return table[seq, pos // bs].long() * bs + pos % bs
+
+    # cached context: sequence 0's first 5 tokens, sequence 1's first 5
+    backend.attend(0, torch.cat([q0[:5], q1[:5]]), torch.cat([k0[:5], k1[:5]]), torch.cat([v0[:5], v1[:5]]),
+                   backend.batch([0, 5, 10], [5, 5], torch.cat([slots(0, range(5)), slots(1, range(5))]), table),
+                   scale=0.3)
+    batch = backend.batch([0, 7, 8], [12, 6], torch.cat([slots(0, range(5, 12)), slots(1, [5])]), table)
+    batch = batch.with_bidirectional(((2, 6),))
+    out = backend.attend(0, torch.cat([q0[5:], q1[5:]]), torch.cat([k0[5:], k1[5:]]), torch.cat([v0[5:], v1[5:]]),
+                         batch, scale=0.3, sliding_window=window)
+    ref0 = _naive_bidirectional(q0[5:], k0, v0, scale=0.3, lo=7, hi=11, window=window)
+    torch.testing.assert_close(out[:7], ref0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[7:], naive(q1[5:], k1, v1, scale=0.3, window=window), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(ref0, naive(q0[5:], k0, v0, scale=0.3, window=window), atol=1e-3)
+
+
+def test_bidirectional_ranges_without_cache():
+    torch.manual_seed(4)
+    backend = SdpaBackend(KVCacheShape(num_layers=1, num_kv_heads=2, head_dim=16, dtype=torch.float32))
+    q, k, v = torch.randn(14, 4, 16), torch.randn(14, 2, 16), torch.randn(14, 2, 16)
+    batch = backend.batch([0, 6, 14], [6, 8]).with_bidirectional(((1, 4), (9, 13)))
+    out = backend.attend(0, q, k, v, batch, scale=0.25)
+    torch.testing.assert_close(out[:6], _naive_bidirectional(q[:6], k[:6], v[:6], scale=0.25, lo=1, hi=4),
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[6:], _naive_bidirectional(q[6:], k[6:], v[6:], scale=0.25, lo=3, hi=7),
+                               atol=1e-5, rtol=1e-5)

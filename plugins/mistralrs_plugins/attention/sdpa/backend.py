@@ -47,7 +47,7 @@ class SdpaBackend(AttentionBackend):
 
     def attend(self, layer, q, k, v, batch, *, scale, sliding_window=None, softcap=None, sinks=None):
         cached = self.write_kv(layer, k, v, batch)
-        if not cached and softcap is None and sinks is None and batch.num_seqs > 1:
+        if not cached and softcap is None and sinks is None and batch.num_seqs > 1 and not batch.bidirectional:
             return self.attend_padded(q, k, v, batch, scale=scale, sliding_window=sliding_window)
         out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
         for i in range(batch.num_seqs):
@@ -66,7 +66,8 @@ class SdpaBackend(AttentionBackend):
 
     def attend_seq(self, i, layer, q, k, v, batch, out, *, cached, scale, sliding_window=None, softcap=None,
                    sinks=None):
-        """out[sequence i's new tokens] = their causal attention over the sequence's visible keys."""
+        """out[sequence i's new tokens] = their causal attention over the sequence's visible keys
+        (and, inside the batch's bidirectional ranges, over the whole range)."""
         hq, hk = q.shape[1], k.shape[1]
         qsl, sl = batch.query_start_loc, batch.seq_lens[i]
         qs, qe = qsl[i], qsl[i + 1]
@@ -82,6 +83,11 @@ class SdpaBackend(AttentionBackend):
         qpos = torch.arange(ctx, sl, device=q.device)[:, None]
         kpos = torch.arange(sl, device=q.device)[None, :]
         allowed = _allowed(qpos, kpos, batch.causal, sliding_window)
+        for lo, hi in batch.seq_bidirectional(i) if batch.bidirectional else ():
+            inside = (qpos >= lo) & (qpos < hi) & (kpos >= lo) & (kpos < hi)
+            if sliding_window is not None:  # transformers: AND(window, OR(causal, range))
+                inside &= kpos > qpos - sliding_window
+            allowed = allowed | inside
         qi = q[qs:qe].transpose(0, 1)  # [Hq, ql, D]
         ki = ks.transpose(0, 1).repeat_interleave(hq // hk, dim=0)
         vi = vs.transpose(0, 1).repeat_interleave(hq // hk, dim=0)
