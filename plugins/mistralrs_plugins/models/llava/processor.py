@@ -118,7 +118,7 @@ class LlavaProcessor:
         h, w = self.image_processor.output_size
         extra = int(proc.get("num_additional_image_tokens", 1))
         strategy = proc.get("vision_feature_select_strategy") or config.get("vision_feature_select_strategy", "default")
-        self.patch, self.strategy = patch, strategy
+        self.patch, self.strategy, self.extra = patch, strategy, extra
         self.tokens_per_image = (h // patch) * (w // patch) + extra - (1 if strategy == "default" else 0)
         self.max_images = None
 

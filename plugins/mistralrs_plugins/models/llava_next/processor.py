@@ -49,6 +49,8 @@ class LlavaNextProcessor(LlavaProcessor):
     def __init__(self, model_dir: Path, config: dict[str, Any], tokenizer: Any) -> None:
         super().__init__(model_dir, config, tokenizer)
         root = Path(model_dir)
+        # (num_additional_image_tokens, when absent, counts CLIP's class token as LlavaProcessor's
+        # settings do: transformers' LlavaNextProcessor default of 0 would miscount by one.)
         proc = _read(root / "processor_config.json")
         pre = _read(root / "preprocessor_config.json") or dict(proc.get("image_processor") or {})
         self.pinpoints = [tuple(int(v) for v in p) for p in
@@ -61,7 +63,6 @@ class LlavaNextProcessor(LlavaProcessor):
         self.base_hw = (int(size["height"]), int(size["width"])) if "height" in size else \
             (int(size["shortest_edge"]), int(size["shortest_edge"]))
         self.tile = int(crop.get("height") or size.get("height") or size["shortest_edge"])
-        self.extra = int(proc.get("num_additional_image_tokens", 0))  # LlavaNextProcessor's default
 
     def tiles(self, image: Any) -> list[Any]:
         """The base view and the grid's tiles of a PIL RGB image, as uint8 PIL images."""
