@@ -141,3 +141,15 @@ def test_serve_openai_client(model_dir, runner, hf):
                 {"role": "user", "content": [{"type": "text", "text": "what is <image>?"}]}])
         assert client.chat.completions.create(model="default", max_tokens=2, messages=[
             {"role": "user", "content": "text only"}]).choices  # and it goes on serving
+
+
+def test_isq_quantized_model_answers(model_dir):
+    """--isq q8_0: the quantized Linear layers (language model, projector) take images too."""
+    from mistralrs.api import Runner, Which
+
+    r = Runner(Which.Plain(model_id=str(model_dir), dtype="f32"), in_situ_quant="q8_0", pa_ctxt_len=4096,
+               pa_blk_size=16)
+    try:
+        assert _chat(r, [sample_image(60, 40, 1), sample_image(20, 70, 2)], max_tokens=4) is not None
+    finally:
+        r.shutdown()

@@ -89,3 +89,15 @@ def test_serve_openai_client(model_dir, runner, hf):
         res = client.chat.completions.create(model="default", messages=[{"role": "user", "content": content}],
                                              max_tokens=12, temperature=0)
         assert res.choices[0].message.content == _hf_greedy(runner, hf, images)
+
+
+def test_isq_quantized_model_answers(model_dir):
+    """--isq q8_0: the quantized Linear layers (language model, projector) take images too."""
+    from mistralrs.api import Runner, Which
+
+    r = Runner(Which.Plain(model_id=str(model_dir), dtype="f32"), in_situ_quant="q8_0", pa_ctxt_len=4096,
+               pa_blk_size=16)
+    try:
+        assert _chat(r, [sample_image(60, 40, 1), sample_image(20, 70, 2)], max_tokens=4) is not None
+    finally:
+        r.shutdown()

@@ -107,8 +107,7 @@ class Idefics3ForConditionalGeneration(VisionLanguageModel):
 
     def embed_multimodal(self, item: Any) -> torch.Tensor:
         """One tile's embeddings [image_seq_len, text hidden]."""
-        proj = self.connector.modality_projection.proj
-        pixels = item.data["pixel_values"]
-        pixels = pixels.to(device=proj.weight.device if proj.weight is not None else "cpu")
+        # the patch convolution is never quantized (ISQ replaces Linear weights), so it names the device
+        pixels = item.data["pixel_values"].to(self.vision_model.embeddings.patch_embedding.weight.device)
         out = self.connector(self.vision_model(pixels.unsqueeze(0) if pixels.dim() == 3 else pixels))
         return check_length(out.reshape(-1, out.shape[-1]), item)

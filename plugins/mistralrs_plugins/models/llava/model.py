@@ -127,8 +127,8 @@ class LlavaForConditionalGeneration(VisionLanguageModel):
     # -- the multimodal contract ------------------------------------------------------------
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """[images, 3, H, W] pixels -> projected features [images, tokens, text hidden]."""
-        proj = self.multi_modal_projector.linear_1
-        pixels = pixels.to(device=proj.weight.device if proj.weight is not None else "cpu")
+        # the patch convolution is never quantized (ISQ replaces Linear weights), so it names the device
+        pixels = pixels.to(self.vision_tower.vision_model.embeddings.patch_embedding.weight.device)
         n_layers = len(self.vision_tower.vision_model.encoder.layers)
         wanted = [i if i >= 0 else n_layers + 1 + i for i in self.feature_layers]
         states = self.vision_tower.vision_model(pixels.unsqueeze(0) if pixels.dim() == 3 else pixels,
