@@ -113,7 +113,7 @@ class LlavaForConditionalGeneration(VisionLanguageModel):
         vision = dict(config.get("vision_config") or {})
         if vision.get("model_type", "clip_vision_model") not in ("clip_vision_model", "clip"):
             raise ModelLoadError(f"config.json: vision_config model_type {vision.get('model_type')!r} is not "
-                                 "supported for llava (supported: clip_vision_model)")
+                                 f"supported for {config.get('model_type', 'llava')} (supported: clip_vision_model)")
         self.vision_tower = ClipVisionModel(vision)
         self.language_model = text_model(config, ctx)
         layer = config.get("vision_feature_layer", -2)
