@@ -71,7 +71,7 @@ class VisionLanguageModel(nn.Module):
     `embed_multimodal`."""
 
     renames: tuple[tuple[str, str], ...] = ()
-    language_model: nn.Module
+    language_model: Any  # the registered text architecture's model
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: Any,
                 mm: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -105,7 +105,7 @@ class VisionLanguageModel(nn.Module):
 
 
 class LlavaForConditionalGeneration(VisionLanguageModel):
-    renames = _RENAMES
+    renames: tuple[tuple[str, str], ...] = _RENAMES
 
     def __init__(self, config: dict, ctx: Any = None) -> None:
         super().__init__()
