@@ -57,40 +57,21 @@ def text_model(config: dict, ctx: Any) -> nn.Module:
     return resolve(spec.builder)(text, sub_ctx)
 
 
-class LlavaForConditionalGeneration(nn.Module):
-    def __init__(self, config: dict, ctx: Any = None) -> None:
-        super().__init__()
-        self.config = config
-        vision = dict(config.get("vision_config") or {})
-        if vision.get("model_type", "clip_vision_model") not in ("clip_vision_model", "clip"):
-            raise ModelLoadError(f"config.json: vision_config model_type {vision.get('model_type')!r} is not "
-                                 "supported for llava (supported: clip_vision_model)")
-        self.vision_tower = ClipVisionModel(vision)
-        self.language_model = text_model(config, ctx)
-        layer = config.get("vision_feature_layer", -2)
-        self.feature_layers = [int(x) for x in layer] if isinstance(layer, (list, tuple)) else [int(layer)]
-        self.select_strategy = str(config.get("vision_feature_select_strategy", "default"))
-        text_hidden = int(config["text_config"]["hidden_size"])
-        self.multi_modal_projector = LlavaProjector(
-            int(vision["hidden_size"]) * len(self.feature_layers), text_hidden,
-            str(config.get("projector_hidden_act", "gelu")), bool(config.get("multimodal_projector_bias", True)))
+def check_length(embeds: torch.Tensor, item: Any) -> torch.Tensor:
+    if embeds.shape[0] != item.length:
+        raise ValueError(f"the image gives {embeds.shape[0]} embeddings for {item.length} placeholder tokens")
+    return embeds
 
-    # -- the multimodal contract ------------------------------------------------------------
-    def embed_multimodal(self, item: Any) -> torch.Tensor:
-        """One image's embeddings [tokens, text hidden]."""
-        proj = self.multi_modal_projector.linear_1
-        pixels = item.data["pixel_values"].to(device=proj.weight.device if proj.weight is not None else "cpu")
-        n_layers = len(self.vision_tower.vision_model.encoder.layers)
-        wanted = [i if i >= 0 else n_layers + 1 + i for i in self.feature_layers]
-        states = self.vision_tower.vision_model(pixels.unsqueeze(0) if pixels.dim() == 3 else pixels,
-                                                upto=max(wanted))
-        feats = torch.cat([states[i] for i in wanted], dim=-1)
-        if self.select_strategy == "default":
-            feats = feats[:, 1:]
-        out = self.multi_modal_projector(feats).reshape(-1, self.multi_modal_projector.linear_2.out_features)
-        if out.shape[0] != item.length:
-            raise ValueError(f"the image gives {out.shape[0]} embeddings for {item.length} placeholder tokens")
-        return out
+
+class VisionLanguageModel(nn.Module):
+    """What every vision-language model here shares: a registered text architecture as
+    ``language_model``, image embeddings replacing their placeholder tokens' embeddings in
+    `forward`, and checkpoint names mapped by the class's `renames` (regex, replacement) pairs
+    before the language model maps its own. Subclasses build their encoder and implement
+    `embed_multimodal`."""
+
+    renames: tuple[tuple[str, str], ...] = ()
+    language_model: Any  # the registered text architecture's model
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: Any,
                 mm: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -113,7 +94,7 @@ class LlavaForConditionalGeneration(nn.Module):
         return bool(getattr(self.language_model, "tied_embeddings", False))
 
     def map_checkpoint_name(self, name: str) -> str | None:
-        for pattern, repl in _RENAMES:
+        for pattern, repl in self.renames:
             name = re.sub(pattern, repl, name)
         if name.startswith("language_model."):
             inner = self.language_model.map_checkpoint_name(name[len("language_model."):])
@@ -121,3 +102,43 @@ class LlavaForConditionalGeneration(nn.Module):
         if name.endswith("position_ids"):
             return None
         return name
+
+
+class LlavaForConditionalGeneration(VisionLanguageModel):
+    renames: tuple[tuple[str, str], ...] = _RENAMES
+
+    def __init__(self, config: dict, ctx: Any = None) -> None:
+        super().__init__()
+        self.config = config
+        vision = dict(config.get("vision_config") or {})
+        if vision.get("model_type", "clip_vision_model") not in ("clip_vision_model", "clip"):
+            raise ModelLoadError(f"config.json: vision_config model_type {vision.get('model_type')!r} is not "
+                                 f"supported for {config.get('model_type', 'llava')} (supported: clip_vision_model)")
+        self.vision_tower = ClipVisionModel(vision)
+        self.language_model = text_model(config, ctx)
+        layer = config.get("vision_feature_layer", -2)
+        self.feature_layers = [int(x) for x in layer] if isinstance(layer, (list, tuple)) else [int(layer)]
+        self.select_strategy = str(config.get("vision_feature_select_strategy", "default"))
+        text_hidden = int(config["text_config"]["hidden_size"])
+        self.multi_modal_projector = LlavaProjector(
+            int(vision["hidden_size"]) * len(self.feature_layers), text_hidden,
+            str(config.get("projector_hidden_act", "gelu")), bool(config.get("multimodal_projector_bias", True)))
+
+    # -- the multimodal contract ------------------------------------------------------------
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[images, 3, H, W] pixels -> projected features [images, tokens, text hidden]."""
+        # the patch convolution is never quantized (ISQ replaces Linear weights), so it names the device
+        pixels = pixels.to(self.vision_tower.vision_model.embeddings.patch_embedding.weight.device)
+        n_layers = len(self.vision_tower.vision_model.encoder.layers)
+        wanted = [i if i >= 0 else n_layers + 1 + i for i in self.feature_layers]
+        states = self.vision_tower.vision_model(pixels.unsqueeze(0) if pixels.dim() == 3 else pixels,
+                                                upto=max(wanted))
+        feats = torch.cat([states[i] for i in wanted], dim=-1)
+        if self.select_strategy == "default":
+            feats = feats[:, 1:]
+        return self.multi_modal_projector(feats)
+
+    def embed_multimodal(self, item: Any) -> torch.Tensor:
+        """One image's embeddings [tokens, text hidden]."""
+        out = self.image_features(item.data["pixel_values"])
+        return check_length(out.reshape(-1, out.shape[-1]), item)

@@ -61,7 +61,6 @@ class ClipImageProcessor:
 
     def __call__(self, image: Any) -> Any:
         import numpy as np
-        import torch
 
         img = image
         if self.do_resize:
@@ -86,10 +85,19 @@ class ClipImageProcessor:
                 arr, h, w = pad, pad.shape[0], pad.shape[1]
             top, left = (h - ch) // 2, (w - cw) // 2
             arr = arr[top:top + ch, left:left + cw]
-        x = arr.astype(np.float32) * np.float32(self.scale)
-        if self.normalize:
-            x = (x - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
-        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+        return to_tensor(arr, self.scale, self.mean if self.normalize else None, self.std)
+
+
+def to_tensor(arr: Any, scale: float, mean: Any, std: Any) -> Any:
+    """A [H, W, 3] uint8 array, rescaled and normalized as transformers does it (the product in
+    float64, then float32; ``mean=None``: no normalization) -> float32 tensor [3, H, W]."""
+    import numpy as np
+    import torch
+
+    x = (arr.astype(np.float64) * scale).astype(np.float32)
+    if mean is not None:
+        x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
 class LlavaProcessor:
@@ -110,11 +118,16 @@ class LlavaProcessor:
         h, w = self.image_processor.output_size
         extra = int(proc.get("num_additional_image_tokens", 1))
         strategy = proc.get("vision_feature_select_strategy") or config.get("vision_feature_select_strategy", "default")
+        self.patch, self.strategy, self.extra = patch, strategy, extra
         self.tokens_per_image = (h // patch) * (w // patch) + extra - (1 if strategy == "default" else 0)
         self.max_images = None
 
+    def image_item(self, image: Any) -> tuple[int, dict[str, Any]]:
+        """(placeholder tokens, encoder inputs) of one image."""
+        return self.tokens_per_image, {"pixel_values": self.image_processor(image.image)}
+
     def process(self, prompt: str, images: list[Any]) -> tuple[list[int], tuple[MmItem, ...]]:
-        """Token ids with each image's placeholders expanded, and one MmItem per image."""
+        """Token ids with each image's placeholder expanded, and one MmItem per image."""
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)
         slots = [i for i, t in enumerate(ids) if t == self.image_token_id]
         if len(slots) != len(images):
@@ -125,9 +138,9 @@ class LlavaProcessor:
         prev = 0
         for slot, image in zip(slots, images):
             out.extend(ids[prev:slot])
-            items.append(MmItem(offset=len(out), length=self.tokens_per_image, key=image.digest,
-                                data={"pixel_values": self.image_processor(image.image)}))
-            out.extend([self.image_token_id] * self.tokens_per_image)
+            length, data = self.image_item(image)
+            items.append(MmItem(offset=len(out), length=length, key=image.digest, data=data))
+            out.extend([self.image_token_id] * length)
             prev = slot + 1
         out.extend(ids[prev:])
         return out, tuple(items)
