@@ -68,7 +68,6 @@ class SdpaBackend(AttentionBackend):
                    sinks=None):
         """out[sequence i's new tokens] = their causal attention over the sequence's visible keys
         (and, inside the batch's bidirectional ranges, over the whole range)."""
-        hq, hk = q.shape[1], k.shape[1]
         qsl, sl = batch.query_start_loc, batch.seq_lens[i]
         qs, qe = qsl[i], qsl[i + 1]
         ql = qe - qs
