@@ -73,13 +73,15 @@ class SdpaBackend(AttentionBackend):
         ql = qe - qs
         if ql == 0:
             return
+        ctx = sl - ql
+        if cached and ctx == 0 and self.k_cache[layer].dtype == k.dtype and self.v_cache[layer].dtype == v.dtype:
+            cached = False  # a fresh prompt: its keys are the ones just written, as they are (no gather)
         if cached:  # fp32: the attention below runs in fp32 whatever the model dtype
             slots = self.seq_slots(batch, i)
             ks = read_slots(self.k_cache[layer], slots, torch.float32)
             vs = read_slots(self.v_cache[layer], slots, torch.float32)
         else:
             ks, vs = k[qs:qe], v[qs:qe]
-        ctx = sl - ql
         qpos = torch.arange(ctx, sl, device=q.device)[:, None]
         kpos = torch.arange(sl, device=q.device)[None, :]
         allowed = _allowed(qpos, kpos, batch.causal, sliding_window)
