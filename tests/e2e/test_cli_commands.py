@@ -118,7 +118,7 @@ def test_doctor_json_subprocess(offline_home, tmp_path):
     assert report["attention_backend"]
     quant = report["quantization"]  # every ISQ type with its real storage cost
     assert quant["q4k"]["bits_per_weight"] == 4.5 and quant["q6k"]["bits_per_weight"] == 6.5625
-    assert quant["q8_0"]["bits_per_weight"] == 8.5 and quant["afq4"]["bits_per_weight"] == 4.5
+    assert quant["q8_0"]["bits_per_weight"] == 8.5 and quant["afq4"]["bits_per_weight"] == 5.0
     hf = report["hf"]
     assert hf["home"] == str(offline_home) and hf["cache_dir"] == str(offline_home / "hub")
     assert hf["cache_writable"] is True
