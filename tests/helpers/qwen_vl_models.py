@@ -92,3 +92,17 @@ def write_tiny_qwen2vl(directory: Path, *, seed: int = 0) -> Path:
     config = Qwen2VLConfig(vision_config=vision, text_config=text, **_token_ids(tok))
     torch.manual_seed(seed)
     return _save(directory, Qwen2VLForConditionalGeneration(config), seed)
+
+
+def write_tiny_qwen2_5vl(directory: Path, *, seed: int = 0) -> Path:
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    directory = Path(directory)
+    tok = _tokenizer(directory)
+    # window 16 pixels = 2x2 merged tokens: several windows per image, and partial ones at the edges
+    vision = dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=4, out_hidden_size=64, patch_size=4,
+                  temporal_patch_size=2, spatial_merge_size=2, window_size=16, fullatt_block_indexes=[1])
+    text = _text(tok, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, **_token_ids(tok))
+    torch.manual_seed(seed)
+    return _save(directory, Qwen2_5_VLForConditionalGeneration(config), seed)
