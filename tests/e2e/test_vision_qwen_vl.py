@@ -11,7 +11,7 @@ import threading
 import pytest
 import torch
 
-from tests.helpers.qwen_vl_models import hf_inputs, write_tiny_qwen2_5vl, write_tiny_qwen2vl
+from tests.helpers.qwen_vl_models import hf_inputs, write_tiny_qwen2_5vl, write_tiny_qwen2vl, write_tiny_qwen3vl
 from tests.helpers.vision_models import data_url, sample_image
 
 pytest.importorskip("PIL")
@@ -19,6 +19,7 @@ pytest.importorskip("PIL")
 FAMILIES = {
     "qwen2vl": (write_tiny_qwen2vl, "Qwen2VLForConditionalGeneration"),
     "qwen2_5vl": (write_tiny_qwen2_5vl, "Qwen2_5_VLForConditionalGeneration"),
+    "qwen3vl": (write_tiny_qwen3vl, "Qwen3VLForConditionalGeneration"),
 }
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 PARTS = [{"type": "text", "text": "Look:"}, {"type": "image"}, {"type": "text", "text": " and "}, {"type": "image"},

@@ -106,3 +106,18 @@ def write_tiny_qwen2_5vl(directory: Path, *, seed: int = 0) -> Path:
     config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, **_token_ids(tok))
     torch.manual_seed(seed)
     return _save(directory, Qwen2_5_VLForConditionalGeneration(config), seed)
+
+
+def write_tiny_qwen3vl(directory: Path, *, seed: int = 0) -> Path:
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    directory = Path(directory)
+    tok = _tokenizer(directory)
+    vision = dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=4, out_hidden_size=64, patch_size=4,
+                  temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=16,
+                  deepstack_visual_indexes=[0, 1])
+    text = _text(tok, head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                    "mrope_section": [2, 3, 3], "mrope_interleaved": True})
+    config = Qwen3VLConfig(vision_config=vision, text_config=text, **_token_ids(tok))
+    torch.manual_seed(seed)
+    return _save(directory, Qwen3VLForConditionalGeneration(config), seed)
