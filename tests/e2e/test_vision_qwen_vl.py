@@ -68,6 +68,7 @@ def test_logits_match_transformers(family, n_images):
         ref = hf(**enc).logits[0]
     ids, items, ours = _ours_logits(runner.service, prompt, images)
     assert ids == enc["input_ids"][0].tolist()
+    assert runner.service.max_model_len == 1024  # text_config.max_position_embeddings
     if images:  # the image processor: same patches, same grids
         assert torch.equal(torch.cat([it.data["pixel_values"] for it in items]), enc["pixel_values"])
         assert [list(it.data["grid_thw"]) for it in items] == enc["image_grid_thw"].tolist()
@@ -151,3 +152,41 @@ def test_server_openai_client(family):
             client.chat.completions.create(model="default", messages=[{"role": "user", "content": bad}], max_tokens=2)
     finally:
         srv.stop()
+
+
+def test_hub_config_layout(family, tmp_path):
+    """Checkpoints published with transformers 4 keep the text keys at the top level with
+    ``rope_scaling: {type: mrope}``, ``in_chans`` in vision_config and min/max_pixels in the
+    preprocessor config (Qwen2-VL, Qwen2.5-VL; Qwen3-VL's are nested): same model, same logits."""
+    import json
+    import shutil
+
+    from mistralrs.api import Runner, Which
+
+    name, directory, hf, runner = family
+    if name == "qwen3vl":
+        pytest.skip("Qwen3-VL checkpoints are published with a nested text_config")
+    flat = tmp_path / "flat"
+    shutil.copytree(directory, flat)
+    config = json.loads((flat / "config.json").read_text())
+    text = config.pop("text_config")
+    rope = text.pop("rope_parameters")
+    text.pop("model_type")
+    config.update(text, rope_theta=rope["rope_theta"], rope_scaling={"type": "mrope", "mrope_section": rope["mrope_section"]})
+    config["vision_config"]["in_chans"] = config["vision_config"].pop("in_channels", 3)
+    config["vision_config"]["model_type"] = config["model_type"]
+    (flat / "config.json").write_text(json.dumps(config))
+    pre = json.loads((flat / "preprocessor_config.json").read_text())
+    size = pre.pop("size")
+    pre.update(min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
+    (flat / "preprocessor_config.json").write_text(json.dumps(pre))
+    other = Runner(Which.Plain(model_id=str(flat), dtype="f32"), pa_ctxt_len=1024, pa_blk_size=16)
+    try:
+        assert other.service.loaded.arch.name == name and other.service.max_model_len == 1024
+        images = [sample_image(60, 40, 1), sample_image(30, 50, 2)]
+        prompt = "Hello " + " and ".join([IMAGE] * 2) + " what is this?"
+        _, _, ours = _ours_logits(other.service, prompt, images)
+        _, _, nested = _ours_logits(runner.service, prompt, images)
+        assert torch.equal(ours, nested)
+    finally:
+        other.shutdown()

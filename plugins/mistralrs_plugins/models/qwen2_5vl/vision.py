@@ -73,8 +73,7 @@ class Qwen2_5VisionTransformer(nn.Module):
         self.full_blocks = {int(i) for i in cfg.get("fullatt_block_indexes", (7, 15, 23, 31))}
         self.head_dim = dim // heads
         self.theta = rope_theta(cfg)
-        self.patch_embed = PatchEmbed(int(cfg.get("in_channels", 3)), int(cfg.get("temporal_patch_size", 2)),
-                                      self.patch, dim)
+        self.patch_embed = PatchEmbed.from_config(cfg, dim, 14)
         hidden, act = int(cfg.get("intermediate_size", 3420)), str(cfg.get("hidden_act", "silu"))
         self.blocks = nn.ModuleList(Qwen2_5VLVisionBlock(dim, heads, hidden, act)
                                     for _ in range(int(cfg.get("depth", 32))))

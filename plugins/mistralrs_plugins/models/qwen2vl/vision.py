@@ -63,6 +63,12 @@ class PatchEmbed(nn.Module):
         self.proj.bias = nn.Parameter(torch.empty(dim), requires_grad=False) if bias else None
         self.dim = dim
 
+    @classmethod
+    def from_config(cls, cfg: dict, dim: int, default_patch: int, bias: bool = False) -> PatchEmbed:
+        channels = int(cfg.get("in_channels", cfg.get("in_chans", 3)))  # transformers 4 configs: in_chans
+        return cls(channels, int(cfg.get("temporal_patch_size", 2)), int(cfg.get("patch_size", default_patch)),
+                   dim, bias)
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         w = self.proj.weight
         return F.linear(pixels.to(w.dtype), w.reshape(self.dim, -1), self.proj.bias)
@@ -143,8 +149,7 @@ class Qwen2VisionTransformer(nn.Module):
         self.merge = int(cfg.get("spatial_merge_size", 2))
         self.head_dim = dim // heads
         self.theta = rope_theta(cfg)
-        self.patch_embed = PatchEmbed(int(cfg.get("in_channels", 3)), int(cfg.get("temporal_patch_size", 2)),
-                                      int(cfg.get("patch_size", 14)), dim)
+        self.patch_embed = PatchEmbed.from_config(cfg, dim, 14)
         hidden = int(dim * float(cfg.get("mlp_ratio", 4)))
         act = str(cfg.get("hidden_act", "quick_gelu"))
         self.blocks = nn.ModuleList(Qwen2VLVisionBlock(dim, heads, hidden, act) for _ in range(int(cfg.get("depth", 32))))

@@ -81,8 +81,7 @@ class Qwen3VisionTransformer(nn.Module):
         self.merge = int(cfg.get("spatial_merge_size", 2))
         self.head_dim = dim // heads
         self.theta = rope_theta(cfg)
-        self.patch_embed = PatchEmbed(int(cfg.get("in_channels", 3)), int(cfg.get("temporal_patch_size", 2)),
-                                      int(cfg.get("patch_size", 16)), dim, bias=True)
+        self.patch_embed = PatchEmbed.from_config(cfg, dim, 16, bias=True)
         positions = int(cfg.get("num_position_embeddings", 2304))
         self.side = int(positions ** 0.5)
         self.pos_embed = nn.Embedding(positions, dim)
