@@ -101,11 +101,16 @@ def _hf_greedy(family, images, max_tokens=12):
     return AutoTokenizer.from_pretrained(directory).decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def test_greedy_text_matches_and_images_never_share_cache(family):
+def test_greedy_text_matches_and_images_never_share_cache(family, monkeypatch):
     runner = family[3]
     a = [sample_image(60, 40, 1), sample_image(30, 50, 2)]
     b = [sample_image(60, 40, 3), sample_image(30, 50, 4)]
+    model, calls = runner.service.loaded.model, []
+    encode = model.embed_multimodal
+    monkeypatch.setattr(model, "embed_multimodal", lambda item: calls.append(item.key) or encode(item))
     first = _chat(runner, a)
+    assert len(calls) == 2  # each image encoded once, not per prefill chunk or decode step
+    monkeypatch.undo()
     assert first == _hf_greedy(family, a)
     assert _chat(runner, b) == _hf_greedy(family, b)  # same text and sizes, other pixels: no stale blocks
     assert _chat(runner, a) == first  # and the prefix cache still serves image a's blocks correctly
@@ -133,13 +138,13 @@ def test_chunked_prefill_and_batching_keep_positions(family):
 
 
 def test_server_openai_client(family):
+    """`mistralrs serve -m DIR --arch NAME` as a user starts it, the openai client sending images."""
     openai = pytest.importorskip("openai")
-    from tests.e2e.conftest import start_server
+    from tests.e2e.conftest import serve_process
 
-    runner = family[3]
-    srv = start_server(runner.service)
-    try:
-        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
+    name, directory = family[0], family[1]
+    with serve_process("-m", str(directory), "--arch", name, "--dtype", "f32", "--pa-context-len", "2048") as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
         a = [sample_image(60, 40, 1), sample_image(30, 50, 2)]
         res = client.chat.completions.create(model="default", messages=[{"role": "user", "content": _content(a)}],
                                              max_tokens=12, temperature=0)
@@ -150,8 +155,9 @@ def test_server_openai_client(family):
         bad = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,bm90IGFuIGltYWdl"}}]
         with pytest.raises(openai.BadRequestError, match="not a readable image"):
             client.chat.completions.create(model="default", messages=[{"role": "user", "content": bad}], max_tokens=2)
-    finally:
-        srv.stop()
+        stream = client.chat.completions.create(model="default", messages=[{"role": "user", "content": _content(a)}],
+                                                max_tokens=12, temperature=0, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == res.choices[0].message.content
 
 
 def test_hub_config_layout(family, tmp_path):
