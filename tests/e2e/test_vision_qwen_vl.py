@@ -155,6 +155,9 @@ def test_server_openai_client(family):
         bad = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,bm90IGFuIGltYWdl"}}]
         with pytest.raises(openai.BadRequestError, match="not a readable image"):
             client.chat.completions.create(model="default", messages=[{"role": "user", "content": bad}], max_tokens=2)
+        thin = [{"type": "image_url", "image_url": {"url": data_url(sample_image(402, 2, 3))}}]
+        with pytest.raises(openai.BadRequestError, match="too elongated"):  # transformers refuses it too
+            client.chat.completions.create(model="default", messages=[{"role": "user", "content": thin}], max_tokens=2)
         stream = client.chat.completions.create(model="default", messages=[{"role": "user", "content": _content(a)}],
                                                 max_tokens=12, temperature=0, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == res.choices[0].message.content
