@@ -69,6 +69,7 @@ def test_logits_match_transformers(family, n_images):
     ids, items, ours = _ours_logits(runner.service, prompt, images)
     assert ids == enc["input_ids"][0].tolist()
     assert runner.service.max_model_len == 1024  # text_config.max_position_embeddings
+    assert runner.service.loaded.model.tied_embeddings == (family[0] == "qwen2_5vl")  # as Qwen2.5-VL-3B
     if images:  # the image processor: same patches, same grids
         assert torch.equal(torch.cat([it.data["pixel_values"] for it in items]), enc["pixel_values"])
         assert [list(it.data["grid_thw"]) for it in items] == enc["image_grid_thw"].tolist()

@@ -103,7 +103,8 @@ def write_tiny_qwen2_5vl(directory: Path, *, seed: int = 0) -> Path:
     vision = dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=4, out_hidden_size=64, patch_size=4,
                   temporal_patch_size=2, spatial_merge_size=2, window_size=16, fullatt_block_indexes=[1])
     text = _text(tok, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
-    config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, **_token_ids(tok))
+    # tied embeddings, as Qwen2.5-VL-3B
+    config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=True, **_token_ids(tok))
     torch.manual_seed(seed)
     return _save(directory, Qwen2_5_VLForConditionalGeneration(config), seed)
 
