@@ -54,8 +54,10 @@ class Qwen2VLImageProcessor:
 
     def __init__(self, cfg: dict[str, Any], vision: dict[str, Any]) -> None:
         size = cfg.get("size") or {}
-        self.min_pixels = int(cfg.get("min_pixels") or size.get("shortest_edge") or 56 * 56)
-        self.max_pixels = int(cfg.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 1280)
+        # top-level min/max_pixels win over size (transformers); some hub files spell size's keys so
+        self.min_pixels = int(cfg.get("min_pixels") or size.get("shortest_edge") or size.get("min_pixels") or 56 * 56)
+        self.max_pixels = int(cfg.get("max_pixels") or size.get("longest_edge") or size.get("max_pixels")
+                              or 28 * 28 * 1280)
         self.patch = int(cfg.get("patch_size") or vision.get("patch_size", 14))
         self.temporal = int(cfg.get("temporal_patch_size") or vision.get("temporal_patch_size", 2))
         self.merge = int(cfg.get("merge_size") or vision.get("spatial_merge_size", 2))
