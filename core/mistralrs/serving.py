@@ -188,9 +188,11 @@ def topology_entries(topology: Any) -> list[Any]:
 def _max_model_len(config: Mapping[str, Any], override: int | None) -> int:
     if override:
         return override
-    for key in ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length"):
-        if isinstance(config.get(key), int):
-            return int(config[key])
+    text = config.get("text_config")  # vision-language configs keep the language model's there
+    for source in (config, text if isinstance(text, Mapping) else {}):
+        for key in ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length"):
+            if isinstance(source.get(key), int):
+                return int(source[key])
     return 4096
 
 

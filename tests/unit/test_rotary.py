@@ -361,10 +361,10 @@ def test_config_key_precedence():
 
 def test_unknown_rope_type_is_a_model_load_error():
     with pytest.raises(ModelLoadError) as info:
-        RotaryEmbedding.from_config(_llama(rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}), head_dim=128)
+        RotaryEmbedding.from_config(_llama(rope_scaling={"type": "xpos", "scale_base": 512}), head_dim=128)
     msg = str(info.value)
     assert msg == (
-        "unsupported rope type 'mrope' in config.json rope_scaling; supported: "
+        "unsupported rope type 'xpos' in config.json rope_scaling; supported: "
         + ", ".join(SUPPORTED_ROPE_TYPES)
     )
     assert "\n" not in msg

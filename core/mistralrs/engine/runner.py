@@ -1,7 +1,11 @@
 """Turns one scheduled step into a model forward: flat token batch, positions, KV slots and
 block tables in; hidden states of the positions that sample out. Image placeholders in the step
 get their embeddings from the model's `embed_multimodal` (run once per image per request and
-kept on the request) and reach `forward` as ``mm=(flat indices, embeddings)``."""
+kept on the request) and reach `forward` as ``mm=(flat indices, embeddings)``. Rotary positions
+are token indices, except for requests whose images carry multi-component positions (M-RoPE,
+`multimodal.inputs.rope_positions`): then `forward` gets ``positions [C, T]`` for steps that
+touch such an image and index + the request's position delta for its other tokens. KV slots
+always follow token indices."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from typing import Any
 import torch
 
 from mistralrs.engine.scheduler import Scheduled
+from mistralrs.multimodal.inputs import has_mm_positions, rope_positions
 
 
 class ModelRunner:
@@ -32,6 +37,7 @@ class ModelRunner:
         sampling: list[int] = []
         mm_index: list[int] = []
         mm_embeds: list[torch.Tensor] = []
+        rope: dict[int, torch.Tensor] = {}  # step entry -> its rotary positions, where they are not indices
         for i, item in enumerate(step):
             seq, start, n = item.seq, item.seq.num_computed, item.num_tokens
             for image_idx, mm in enumerate(getattr(seq.request, "mm", ())):
@@ -43,6 +49,9 @@ class ModelRunner:
                     mm_embeds.append(cache[image_idx][lo - mm.offset:hi - mm.offset])
                     mm_index.extend(range(len(ids) + lo - start, len(ids) + hi - start))
             ids.extend(seq.tokens[start:start + n])
+            items = getattr(seq.request, "mm", ())
+            if items and has_mm_positions(items):
+                rope[i] = rope_positions(items, start, n)
             positions.extend(range(start, start + n))
             qsl.append(qsl[-1] + n)
             seq_lens.append(start + n)
@@ -52,6 +61,8 @@ class ModelRunner:
         dev = self.device
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        if rope:
+            pos = self._rope_positions(pos, rope, qsl)
         slot_mapping = block_tables = None
         if self.cached:
             width = max(len(item.seq.blocks) for item in step)
@@ -76,3 +87,12 @@ class ModelRunner:
         rows = torch.tensor(sample_rows, dtype=torch.long, device=hidden.device)
         logits = self.model.compute_logits(hidden.index_select(0, rows)).float()
         return logits, sampling
+
+    @staticmethod
+    def _rope_positions(pos: torch.Tensor, rope: dict[int, torch.Tensor], qsl: list[int]) -> torch.Tensor:
+        """Token indices with the entries of `rope` put in: [T], or [C, T] when any is [C, n]."""
+        comps = max((p.shape[0] for p in rope.values() if p.dim() == 2), default=0)
+        out = pos.clone() if not comps else pos.unsqueeze(0).repeat(comps, 1)
+        for i, p in rope.items():
+            out[..., qsl[i]:qsl[i + 1]] = p.to(out.device)
+        return out

@@ -20,6 +20,12 @@ Config handling follows transformers 5's standardisation of ``config.json``:
 * for ``llama3``/``yarn``/``longrope`` a *top-level* ``original_max_position_embeddings`` (Phi-3
   stores it there) wins over the one in the dict, which wins over ``max_position_embeddings``.
 
+Multimodal RoPE (Qwen2-VL's M-RoPE, ``rope_scaling.type == "mrope"`` or an ``mrope_section`` in
+the rope parameters): positions may be ``[C, T]`` (temporal, height, width); each rotary
+frequency takes its angle from one component, by contiguous sections (Qwen2-VL, Qwen2.5-VL) or
+interleaved t/h/w (Qwen3-VL, ``mrope_interleaved``). With 1-D positions (text) every component
+is the same and it is plain RoPE.
+
 Per-step cost is one ``index_select`` into a cached cos/sin table (built lazily up to
 ``max_position_embeddings`` on the device of the positions, grown by doubling). ``dynamic``
 beyond ``max_position_embeddings`` recomputes its frequencies for the sequence length, as
@@ -130,6 +136,8 @@ def resolve_rope_parameters(config: dict, *, layer_type: str | None = None) -> d
     # transformers' Phi-3 config maps the legacy names onto longrope.
     if rope_type == "su" or (rope_type == "yarn" and model_type == "phi3"):
         rope_type = "longrope"
+    if rope_type == "mrope":  # Qwen2-VL's name for default frequencies with an mrope_section
+        rope_type = "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise _err(
             f"unsupported rope type '{rope_type}' in config.json {source_key}; "
@@ -401,6 +409,8 @@ class RotaryEmbedding(nn.Module):
         base: float = 10_000.0,
         max_position_embeddings: int | None = None,
         interleaved: bool = False,
+        mrope_section: Any = None,
+        mrope_interleaved: bool = False,
         device: Any = None,
     ) -> None:
         super().__init__()
@@ -429,6 +439,9 @@ class RotaryEmbedding(nn.Module):
                 seq_len=self.original_max_position_embeddings + 1,
             )
         self._tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.mrope_section = [int(x) for x in mrope_section] if mrope_section else None
+        self.mrope_interleaved = bool(mrope_interleaved)
+        self._mrope_component = _mrope_components(self.mrope_section, rotary_dim // 2, self.mrope_interleaved)
         self._dynamic_cache: tuple[int, torch.Tensor] | None = None
         self._last: tuple[Any, ...] | None = None
         self._kernel: Callable[..., torch.Tensor] | None = None
@@ -470,6 +483,8 @@ class RotaryEmbedding(nn.Module):
             params=params,
             max_position_embeddings=int(mpe) if mpe is not None else None,
             interleaved=interleaved,
+            mrope_section=params.get("mrope_section"),
+            mrope_interleaved=bool(params.get("mrope_interleaved", False)),
             device=device,
         )
 
@@ -525,6 +540,8 @@ class RotaryEmbedding(nn.Module):
         ``longrope`` switches to ``long_factor`` when it exceeds
         ``original_max_position_embeddings``, both like transformers."""
         seq_arg = seq_len
+        if positions.dim() == 2 and self._mrope_component is not None:
+            return self._mrope_cos_sin(positions)
         last = self._last
         if (
             last is not None
@@ -566,6 +583,22 @@ class RotaryEmbedding(nn.Module):
         self._last = (positions, _version_of(positions), seq_arg, cos, sin)
         return cos, sin
 
+    def _mrope_cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, rotary_dim // 2] of positions [C, T]: each frequency's angle from its component."""
+        last = self._last
+        if last is not None and last[0] is positions and last[1] == _version_of(positions) and last[2] == "mrope":
+            return last[3], last[4]
+        comp = self._mrope_component
+        assert comp is not None
+        if positions.shape[0] <= int(comp.max()):
+            raise ValueError(f"M-RoPE needs {int(comp.max()) + 1} position components, got {positions.shape[0]}")
+        cos_t, sin_t = self._table("base", int(positions.max()) + 1 if positions.numel() else 1, positions.device)
+        index = comp.to(positions.device).expand(positions.shape[1], -1).unsqueeze(0)  # [1, T, half]
+        cos = cos_t[positions].gather(0, index)[0]
+        sin = sin_t[positions].gather(0, index)[0]
+        self._last = (positions, _version_of(positions), "mrope", cos, sin)
+        return cos, sin
+
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, seq_len: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -587,6 +620,24 @@ class RotaryEmbedding(nn.Module):
             f"rope_type={self.rope_type}, rotary_dim={self.rotary_dim}, theta={self.params['rope_theta']:g}, "
             f"interleaved={self.interleaved}{extra}"
         )
+
+
+def _mrope_components(section: list[int] | None, half: int, interleaved: bool) -> torch.Tensor | None:
+    """Which position component (0 t, 1 h, 2 w) each of the `half` frequencies rotates by:
+    contiguous sections (Qwen2-VL: chunk i takes component i % 3) or, `interleaved`
+    (Qwen3-VL), h on frequencies 1, 4, 7, ... < 3 * section[1], w on 2, 5, 8, ... < 3 * section[2],
+    t on the rest."""
+    if not section:
+        return None
+    if sum(section) != half:
+        raise _err(f"config.json mrope_section {section} must sum to half the rotary dim ({half})")
+    if interleaved:
+        comp = torch.zeros(half, dtype=torch.long)
+        for dim in (1, 2):
+            if dim < len(section):
+                comp[dim:section[dim] * 3:3] = dim
+        return comp
+    return torch.cat([torch.full((n,), i % 3, dtype=torch.long) for i, n in enumerate(section)])
 
 
 def _version_of(t: torch.Tensor) -> int:
