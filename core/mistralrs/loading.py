@@ -300,7 +300,12 @@ def build_model(spec: ArchitectureSpec, config: dict, ctx: LoadContext) -> nn.Mo
             model = cls(config, ctx)
             _cast_floating_params(model, ctx.dtype)
             if ctx.quant_method_for is not None:
+                # A model may limit ISQ to one module (vision models: their language model; mistral.rs
+                # keeps vision towers and projectors in float)
+                scope = getattr(model, "isq_scope", "")
                 for name, layer in linear_layers(model):
+                    if not name.startswith(scope):
+                        continue
                     method = ctx.quant_method_for(name, layer)
                     if method is not None:
                         layer.set_quant_method(method)

@@ -177,3 +177,17 @@ def test_interactive_run_detects_image_paths(runner, hf, tmp_path):
                                                {"type": "text", "text": "describe  briefly"}]}],
         max_tokens=8, temperature=0)).choices[0].message.content
     assert answer == expected
+
+
+def test_isq_quantizes_the_language_model_only(llava_dir):
+    """As mistral.rs: --isq leaves the vision tower and the projector in float."""
+    from mistralrs.loading import load_model
+    from mistralrs.nn.linear import linear_layers
+    from mistralrs.quantization import IsqPlan
+
+    plan = IsqPlan("q8_0")
+    loaded = load_model(str(llava_dir), dtype="f32", quant_method_for=plan.method_for)
+    methods = {name: layer.quant_method.describe() for name, layer in linear_layers(loaded.model)}
+    assert any(n.startswith("language_model.") and "q8_0" in m for n, m in methods.items())
+    outside = {n: m for n, m in methods.items() if not n.startswith("language_model.")}
+    assert outside and all(m == "unquantized" for m in outside.values()), outside

@@ -67,6 +67,8 @@ class Gemma3Projector(nn.Module):
 
 
 class Gemma3ForConditionalGeneration(nn.Module):
+
+    isq_scope = "language_model."  # --isq quantizes the language model only; the vision side stays float
     def __init__(self, config: dict, ctx: Any = None) -> None:
         super().__init__()
         config = with_tied_text(config, default=True)

@@ -70,6 +70,8 @@ class VisionLanguageModel(nn.Module):
     before the language model maps its own. Subclasses build their encoder and implement
     `embed_multimodal`."""
 
+    isq_scope = "language_model."  # --isq quantizes the language model only; the vision side stays float
+
     renames: tuple[tuple[str, str], ...] = ()
     language_model: Any  # the registered text architecture's model
 

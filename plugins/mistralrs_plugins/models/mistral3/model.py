@@ -64,6 +64,8 @@ class Mistral3Projector(nn.Module):
 
 
 class Mistral3ForConditionalGeneration(nn.Module):
+
+    isq_scope = "language_model."  # --isq quantizes the language model only; the vision side stays float
     def __init__(self, config: dict, ctx: Any = None) -> None:
         super().__init__()
         config = with_tied_text(config, default=True)

@@ -48,6 +48,8 @@ def text_config_of(config: dict, *, model_type: str, architecture: str, mrope_se
 
 
 class QwenVLBase(nn.Module):
+
+    isq_scope = "language_model."  # --isq quantizes the language model only; the vision side stays float
     text_model_type: ClassVar[str] = "qwen2"
     text_architecture: ClassVar[str] = "Qwen2ForCausalLM"
     default_mrope_section: ClassVar[list[int]] = [16, 24, 24]
