@@ -40,6 +40,9 @@ def test_registers_every_op_for_cpu_only(monkeypatch):
     monkeypatch.delenv(cpu_native.DISABLE_ENV, raising=False)
     specs = []
     cpu_native.register_kernels(specs.append)
+    amx = [s for s in specs if s.name == "amx_bf16"]  # tests/plugins/test_cpu_amx_linear.py
+    specs = [s for s in specs if s.name != "amx_bf16"]
+    assert [s.op for s in amx] == ["linear_bf16"] and amx[0].priority > 10
     assert [s.op for s in specs] == ["linear_bf16", "rms_norm", "silu_and_mul", "rotary", "paged_attention_decode"]
     for spec in specs:
         assert (spec.name, spec.devices, spec.priority) == ("avx512_bf16", ("cpu",), 10)
@@ -71,7 +74,9 @@ def test_registry_picks_native_kernel_on_avx512_bf16(monkeypatch):
     host.load()
     if "kernels_cpu_native" not in host.plugins:  # entry point not installed: register by hand
         host.register(cpu_native, name="kernels_cpu_native", first_party=True)
-    if cpu_native.has_avx512_bf16():
+    if cpu_native.has_amx_bf16():
+        expected = "amx_bf16"
+    elif cpu_native.has_avx512_bf16():
         expected = "avx512_bf16"
     else:  # cpu_quant's AVX2 kernel (priority 5) where it is installed and the CPU has AVX2, else torch
         from mistralrs_plugins.kernels import cpu_quant

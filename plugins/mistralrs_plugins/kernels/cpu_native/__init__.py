@@ -10,6 +10,10 @@ Ops (all named ``avx512_bf16``; they claim ``cpu`` only on x86 with the ``avx512
 - ``rms_norm``, ``silu_and_mul``, ``rotary``: the per-token ops of a decoder layer, fp32 math in one pass.
 - ``paged_attention_decode``: decode attention that reads K/V in place through the block tables.
 
+``linear_bf16`` named ``amx_bf16`` (priority 15, above the others; claims ``cpu`` only with ``amx_tile`` and
+``amx_bf16`` too): the same op on AMX tiles (``linear_amx.cpp``), for layers whose K and N are multiples of 32;
+the OS's permission for AMX tile data is asked once, and without it every call is the AVX-512-BF16 kernel.
+
 Set ``MISTRALRS_NO_NATIVE_KERNELS=1`` to never claim a device (and never build).
 """
 
@@ -54,6 +58,19 @@ def supports_avx512_bf16(device: str = "cpu", **_context: object) -> bool:
     return device == "cpu" and not native_disabled() and has_avx512_bf16()
 
 
+def has_amx_bf16() -> bool:
+    """has_avx512_bf16() and the AMX tiles with bf16 dot products (Sapphire Rapids and later)."""
+    return has_avx512_bf16() and {"amx_tile", "amx_bf16"} <= cpu_flags()
+
+
+def supports_amx_bf16(device: str = "cpu", **_context: object) -> bool:
+    return device == "cpu" and not native_disabled() and has_amx_bf16()
+
+
+# Above the AVX-512-BF16 ops (10).
+AMX_PRIORITY = 15
+
+
 # op -> description; every op is a function of the same name in `ops`, in the one native build.
 OPS = {
     "linear_bf16": "AVX-512-BF16 batch-invariant GEMV/GEMM (bf16, any rows; fp32 output for logits)",
@@ -76,3 +93,13 @@ def register_kernels(register):
             supports=supports_avx512_bf16,
             description=f"{description}; built on first use",
         ))
+    register(KernelSpec(
+        name="amx_bf16",
+        op="linear_bf16",
+        impl="mistralrs_plugins.kernels.cpu_native.ops:linear_bf16_amx",
+        devices=("cpu",),
+        priority=AMX_PRIORITY,
+        supports=supports_amx_bf16,
+        description="AMX bf16 tiles (tdpbf16ps) batch-invariant GEMV/GEMM for layers with K and N multiples of 32 "
+                    "(others: the AVX-512-BF16 kernel); built on first use",
+    ))

@@ -27,7 +27,7 @@ from mistralrs_plugins.kernels.cpu_native import has_avx512_bf16, native_disable
 from mistralrs_plugins.kernels.native_build import NativeKernelWarning as NativeKernelWarning  # re-export
 from mistralrs_plugins.kernels.native_build import cache_root  # looked up here: tests monkeypatch it
 
-SOURCES = ("linear_bf16.cpp", "decode_ops.cpp")
+SOURCES = ("linear_bf16.cpp", "linear_amx.cpp", "decode_ops.cpp")
 HEADERS = ("simd.h",)  # not compiled on their own, but part of the build key
 CFLAGS = ("-O3", "-DNDEBUG", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
@@ -59,6 +59,8 @@ class NativeOps:
         self.silu_and_mul = ns.silu_and_mul.default
         self.rotary = ns.rotary.default
         self.paged_attention_decode = ns.paged_attention_decode.default
+        self.linear_bf16_amx = ns.linear_bf16_amx.default
+        self.amx_available = ns.amx_available.default
 
 
 def build(verbose: bool = False) -> NativeOps:
@@ -151,6 +153,39 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         return torch_ops.linear_bf16(x, weight, bias, out_f32=out_f32)
     y = ext.linear_bf16(x.reshape(rows, k), weight, bias, out_f32)
     return y.view(*x.shape[:-1], weight.shape[0]) if x.dim() != 2 else y
+
+
+_amx: bool | None = None  # whether the OS lets this process use AMX tile data (asked once)
+
+
+def linear_bf16_amx(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                    out_f32: bool = False) -> torch.Tensor:
+    """`linear_bf16` on AMX tiles (``tdpbf16ps``) where the layer takes them (bf16, K and N multiples of 32: the
+    layer's shape decides, never the batch), batch-invariant; every other call is `linear_bf16`."""
+    global _amx
+    if (
+        x.dtype is torch.bfloat16
+        and weight.dtype is torch.bfloat16
+        and weight.dim() == 2
+        and x.dim() >= 1
+        and x.shape[-1] == weight.shape[1]
+        and weight.shape[1] % 32 == 0
+        and weight.shape[0] % 32 == 0
+        and weight.is_contiguous()
+        and _plain_cpu(x, weight)
+        and (bias is None or _plain_cpu(bias))
+    ):
+        ext = _native()
+        if ext is not None:
+            if _amx is None:
+                _amx = bool(ext.amx_available())
+            if _amx:
+                k = x.shape[-1]
+                rows = x.numel() // k if k else 0
+                if rows >= 1:
+                    y = ext.linear_bf16_amx(x.reshape(rows, k), weight, bias, out_f32)
+                    return y.view(*x.shape[:-1], weight.shape[0]) if x.dim() != 2 else y
+    return linear_bf16(x, weight, bias, out_f32=out_f32)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, add_unit_offset: bool = False) -> torch.Tensor:
