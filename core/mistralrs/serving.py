@@ -48,7 +48,12 @@ class ServiceOptions:
     # quantization (docs/quantization.md)
     isq: str | None = None  # --isq / in_situ_quant: a type name or a bit count
     isq_organization: str | None = None  # default | moqe
-    topology: str | None = None  # --topology YAML: per-layer isq (and device, once device mapping exists)
+    topology: str | None = None  # --topology YAML: per-layer isq and device
+    # device mapping and distribution (docs/distributed.md)
+    device_layers: str | None = None  # -n/--device-layers "0:16;1:16"
+    max_batch_size: int = 1  # --max-batch-size: the automatic device map's reservation (with max_seq_len)
+    tensor_parallel_size: int = 1  # -tp N: N local ranks (or the torchrun world)
+    data_parallel_size: int = 1  # --data-parallel-size N: N engine replica processes
     # UQFF (docs/uqff.md): --from-uqff shards (;-separated) instead of the weights; write_uqff: after an
     # ISQ load, save the quantized model as UQFF (a .uqff path or a directory)
     from_uqff: tuple[str, ...] = attrs.field(default=(), converter=lambda v: tuple(
@@ -173,12 +178,50 @@ def isq_plan(opts: ServiceOptions, device: str, registry: Any) -> Any:
             return None
 
         topology = load_topology(opts.topology, validate_isq=validate)
-        if any(t.device for t in topology_entries(topology)):
-            log.warning("%s: device placement is parsed and checked, but device mapping is not implemented yet: "
-                        "every layer runs on %s", opts.topology, device)
     plan = IsqPlan(opts.isq, device_type=kind, registry=registry, topology=topology,
                    organization=opts.isq_organization)
     return plan if plan.active else None
+
+
+def device_map_for(opts: ServiceOptions, device: str) -> Any:
+    """What places the layers (`loading.load_model`'s `device_map`): ``-n``, else the topology's
+    ``device:`` keys, else on an accelerator the automatic fit (everything on `device` when it
+    fits); None on the CPU. A function of the meta-device model, which knows its layer count."""
+    from mistralrs import device_map as dm
+    from mistralrs.device_placement import decoder_layers
+    from mistralrs.nn.kernels import device_type_of
+
+    kind = device_type_of(device)
+    accelerator = None if kind == "cpu" else kind
+    if opts.device_layers:
+        entries = dm.parse_device_layers(opts.device_layers, accelerator=accelerator)
+        return lambda model: dm.plan_from_device_layers(entries, len(decoder_layers(model)))
+    if opts.topology:
+        from mistralrs.topology import load_topology
+
+        topology = load_topology(opts.topology)
+        if any(t.device for t in topology_entries(topology)):
+            return lambda model: dm.plan_from_topology(topology, len(decoder_layers(model)), primary=device,
+                                                       accelerator=accelerator)
+    if accelerator is None or opts.tensor_parallel_size > 1:
+        return None
+    visible = dm.accelerators(kind)
+    if not visible:
+        return None
+
+    first = device if ":" in device else f"{device}:0" if kind == "cuda" else device
+
+    def automatic(model: Any) -> Any:
+        sizes = dm.model_sizes(model, model.kv_cache_shape())
+        capacities = dm.free_memory([first, *(d for d in visible if d != first)])
+        cpu_free = dm.free_memory(["cpu"])[0].free_bytes
+        plan = dm.auto_plan(sizes, capacities, max_seq_len=opts.max_seq_len or 4096,
+                            max_batch_size=opts.max_batch_size, cpu_free_bytes=cpu_free)
+        if not plan.trivial:
+            log.info("automatic device map: %s", "; ".join(f"{r['device']}: {r['layers']}" for r in plan.summary()))
+        return plan
+
+    return automatic
 
 
 def topology_entries(topology: Any) -> list[Any]:
@@ -520,7 +563,7 @@ def tokenizer_of(opts: ServiceOptions, root: Path) -> Any:
 
 
 def load_quantized(files: Any, opts: ServiceOptions, plan: Any, device: str, registry: Any, *,
-                   tokenizer: Any = None, kind: str | None = None) -> Any:
+                   tokenizer: Any = None, kind: str | None = None, tensor_parallel: Any = None) -> Any:
     """`load_model` with the ISQ plan (None: float). ``--imatrix``: the plan's quantizers get each
     layer's importance. ``--calibration-file``: the model first loads in float and the text runs
     through it to collect the imatrix; that model is dropped and the ISQ load runs with the
@@ -529,9 +572,12 @@ def load_quantized(files: Any, opts: ServiceOptions, plan: Any, device: str, reg
     `kind`: the architecture kind to choose (``embedding``; None: a generative one first)."""
     from mistralrs.loading import load_model
 
+    device_map = device_map_for(opts, device)
+
     def load(quant_method_for: Any) -> Any:
         return load_model(files, arch=opts.arch, dtype=opts.dtype, device=device, dummy_weights=opts.dummy_weights,
-                          registry=registry, seed=opts.seed or 0, quant_method_for=quant_method_for, kind=kind)
+                          registry=registry, seed=opts.seed or 0, quant_method_for=quant_method_for, kind=kind,
+                          device_map=device_map, tensor_parallel=tensor_parallel)
 
     if plan is not None and opts.imatrix:
         from mistralrs.imatrix import read_imatrix
