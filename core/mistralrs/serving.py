@@ -266,7 +266,9 @@ class ModelService:
     kind = "text"  # frontends route chat and completions here (embedding models: EmbeddingService)
     processor: Any = None  # a vision architecture's input processor (images -> tokens + MmItems)
 
-    def __init__(self, opts: ServiceOptions, *, registry: Any = None) -> None:
+    world: Any = None  # the tensor-parallel `distributed.world.World`, when distributed
+
+    def __init__(self, opts: ServiceOptions, *, registry: Any = None, world: Any = None) -> None:
         from mistralrs.gguf.files import resolve_gguf_source
         from mistralrs.hub import fetch_model, gguf_file_names
 
@@ -285,6 +287,14 @@ class ModelService:
         if self.gguf_source is None and opts.gqa != 1:
             log.warning("--gqa %d is ignored: it applies to legacy GGML files only", opts.gqa)
         device = pick_device(registry, cpu=opts.cpu, device=opts.device)
+        self.world = world if world is not None else self._join_world(opts, device)
+        if self.world is not None:
+            device = self.world.device
+            if self.gguf_source is not None or opts.from_uqff:
+                raise ConfigError("tensor parallelism splits safetensors models (float, or --isq); a GGUF or UQFF "
+                                  "model runs with -tp 1")
+            if opts.device_layers:
+                raise ConfigError("-n/--device-layers and tensor parallelism conflict; give one")
         if self.gguf_source is not None:
             self._init_gguf(opts, registry, device)
         elif opts.from_uqff:
@@ -303,8 +313,16 @@ class ModelService:
             layers = read_config(self.files.config).get("num_hidden_layers")
             if isinstance(layers, int):
                 plan.topology.check_layers(layers)
+        tensor_parallel = None
+        if self.world is not None:
+            from mistralrs.distributed.sharding import TensorParallel
+
+            tensor_parallel = TensorParallel(self.world.rank, self.world.size)
         self.loaded = load_quantized(self.files, opts, plan, device, registry,
-                                     tokenizer=lambda: tokenizer_of(opts, self.files.root))
+                                     tokenizer=lambda: tokenizer_of(opts, self.files.root),
+                                     tensor_parallel=tensor_parallel)
+        if self.world is not None and self.loaded.arch.processor is not None:
+            raise ConfigError(f"{opts.model_id}: tensor parallelism does not split vision models yet; use -tp 1")
         if self.loaded.arch.kind_of_model == "embedding":
             raise ConfigError(f"{opts.model_id} is an embedding model ({self.loaded.arch.name}): it makes embeddings, "
                               "not text; serve it (`mistralrs serve -m ...`, POST /v1/embeddings) or use Which.Embedding")
@@ -431,6 +449,10 @@ class ModelService:
         num_blocks = 0 if opts.no_kv_cache else kv_cache_blocks(
             opts, bytes_per_block=probe.bytes_per_block(), device=device, max_model_len=self.max_model_len
         )
+        if self.world is not None:
+            from mistralrs.distributed.world import agree_min
+
+            num_blocks = agree_min(num_blocks, self.world)  # every rank's pool has the same block ids
         self.backend = build_attention_backend(
             self.loaded, name=self._backend_name(), num_blocks=num_blocks, block_size=opts.pa_blk_size,
             dtype=kv_dtype, device=device, registry=registry,
@@ -448,6 +470,10 @@ class ModelService:
             vocab_size=config.get("vocab_size"),
             request_log=_request_log(opts.log_file, self.tokenizer),
         )
+        if self.world is not None and self.world.is_leader:
+            from mistralrs.distributed.steps import LeaderRunner
+
+            self.engine.runner = LeaderRunner(self.loaded.model, self.backend, device, self.world)
         self.device = device
         self._warm_up()
         log.info(
@@ -473,6 +499,16 @@ class ModelService:
                 f"{self.opts.model_id}: a one-token test forward failed ({type(exc).__name__}: {exc}); "
                 "the model or its plugin is broken"
             ) from exc
+
+    @staticmethod
+    def _join_world(opts: ServiceOptions, device: str) -> Any:
+        """`-tp N` or a launcher's environment: join (or create) the tensor-parallel world."""
+        from mistralrs.distributed.world import join_world, rendezvous_from_env
+        from mistralrs.nn.kernels import device_type_of
+
+        if rendezvous_from_env(opts.tensor_parallel_size) is None:
+            return None
+        return join_world(opts, device_type_of(device))
 
     def _backend_name(self) -> str | None:
         if self.opts.attention_backend:
@@ -532,6 +568,8 @@ class ModelService:
         from mistralrs.quantization import IsqPlan
         from mistralrs.requantize import requantize
 
+        if self.world is not None:
+            raise ConfigError("re-ISQ of a tensor-parallel model is not supported; restart it with --isq")
         plan = IsqPlan(isq, device_type=device_type_of(str(self.loaded.device)), registry=self.registry,
                        organization=self.opts.isq_organization, source="ggml_type")
         counts = self.engine.call_between_steps(lambda: requantize(self.loaded.model, plan)).result()
@@ -541,6 +579,12 @@ class ModelService:
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+        if self.world is not None:
+            self.world.closing = True
+            stop = getattr(self.engine.runner, "stop_followers", None)
+            if stop is not None:
+                stop()
+            self.world.close()
 
 
 def _request_log(path: str | None, tokenizer: Any) -> Any:

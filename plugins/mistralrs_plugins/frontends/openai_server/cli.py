@@ -113,6 +113,12 @@ def run(args: argparse.Namespace) -> int:
     from mistralrs.specs import resolve
 
     opts = options_from_args(args)
+    from mistralrs.distributed.world import is_follower
+
+    if is_follower(opts.tensor_parallel_size):  # torchrun / MISTRALRS_MN_* rank other than 0: no HTTP
+        from mistralrs.distributed.world import serve_as_follower
+
+        return serve_as_follower(opts)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if args.mcp_port is not None and args.mcp_port == args.port and args.port != 0:
         raise ConfigError(f"--mcp-port must differ from --port (both are {args.port})")
