@@ -19,19 +19,21 @@ def write_tiny_models(root: Path) -> dict[str, tuple[Path, str | None]]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
+    from mistralrs.tokenization import Tokenizer
     from tests.helpers.tiny_models import write_tiny_llama
     from tests.helpers.tiny_tokenizer import write_tiny_tokenizer
 
     out: dict[str, tuple[Path, str | None]] = {}
     gqa = write_tiny_llama(root / "gqa", layers=2, seed=3)
+    vocab = Tokenizer.from_dir(gqa).vocab_size
     out["gqa"] = (gqa, None)
     out["q8_0"] = (gqa, "q8_0")
     for name, cls, config in (
         ("dense", LlamaForCausalLM, LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                                num_attention_heads=4, num_key_value_heads=4, vocab_size=301,
+                                                num_attention_heads=4, num_key_value_heads=4, vocab_size=vocab,
                                                 max_position_embeddings=256, tie_word_embeddings=True)),
         ("moe", MixtralForCausalLM, MixtralConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=301,
+                                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
                                                   num_local_experts=4, num_experts_per_tok=2,
                                                   max_position_embeddings=256)),
     ):

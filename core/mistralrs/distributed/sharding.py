@@ -120,7 +120,7 @@ class TensorParallel:
                 module.num_embeddings = size
                 module.weight = nn.Parameter(torch.empty(size, module.embedding_dim), requires_grad=False)
                 module.__class__ = VocabParallelEmbedding
-                module.tp_start, module.tp_group = start, self.group  # type: ignore[attr-defined]
+                module.tp_start, module.tp_group = start, self.group  # type: ignore[assignment]
                 self.vocab.append(f"{name}.weight")
             elif isinstance(module, Linear):
                 if name != "lm_head" or module.out_features != vocab:
@@ -262,6 +262,6 @@ class TensorParallel:
             mark(p, 0, p.shape[0])
         start, size = self.vocab_shard(self.vocab_size)
         for name in self.vocab:
-            p = params[name]
-            p.tp_full_shape = (self.vocab_size, *p.shape[1:])
-            p.tp_select = _select(0, start, size, p.tp_full_shape)
+            table: Any = params[name]
+            table.tp_full_shape = (self.vocab_size, *table.shape[1:])
+            table.tp_select = _select(0, start, size, table.tp_full_shape)

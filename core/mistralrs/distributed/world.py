@@ -3,7 +3,7 @@
 Three ways in (docs/distributed.md):
 
 - ``-tp N`` (``Runner(tensor_parallel_size=N)``) on one machine: this process is rank 0; it picks a
-  free port and spawns ranks 1..N-1 as worker processes (`follower_main`), which load the same
+  free port and spawns ranks 1..N-1 as worker processes (`follower.follower_main`), which load the same
   model with the same `ServiceOptions` and follow rank 0's steps.
 - ``torchrun --nnodes ... -m mistralrs serve ...``: torchrun's ``RANK``/``WORLD_SIZE``/
   ``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``; rank 0 serves, the others follow.
@@ -132,23 +132,6 @@ def agree_min(value: int, world: World) -> int:
     return int(t.item())
 
 
-def serve_as_follower(opts: Any) -> int:
-    """`serve` on a rank other than 0 (torchrun, or an MN worker node): no HTTP, follow the steps."""
-    from mistralrs.nn.kernels import device_type_of
-    from mistralrs.plugins import get_registry
-    from mistralrs.serving import pick_device
-
-    kind = device_type_of(pick_device(get_registry(), cpu=opts.cpu, device=opts.device))
-    world = join_world(opts, kind)
-    log.warning("rank %d of %d: following rank 0's steps", world.rank, world.size)
-    try:
-        run_follower(opts, world)
-    except DistributedError as exc:
-        log.error("%s", exc)
-        return 1
-    return 0
-
-
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -217,13 +200,13 @@ def join_world(opts: Any, device_type: str) -> World:
     rdv = rendezvous_from_env(opts.tensor_parallel_size)
     assert rdv is not None
     if rdv.torchrun:
-        return _init(rdv.rank, rdv.world_size, rdv.local_rank, device_type, rdv.master_addr, rdv.master_port)
+        return init_rank(rdv.rank, rdv.world_size, rdv.local_rank, device_type, rdv.master_addr, rdv.master_port)
     if rdv.node_rank == 0 and not rdv.master_port:
         rdv.master_port = free_port()
     base = rdv.node_rank * rdv.local_world_size
     workers = spawn_workers(opts, rdv, base) if rdv.local_world_size > 1 else []
     try:
-        world = _init(base, rdv.world_size, 0, device_type, rdv.master_addr, rdv.master_port)
+        world = init_rank(base, rdv.world_size, 0, device_type, rdv.master_addr, rdv.master_port)
     except BaseException:
         for proc in workers:
             proc.terminate()
@@ -239,15 +222,23 @@ def spawn_workers(opts: Any, rdv: Rendezvous, base: int) -> list[Any]:
     ctx = multiprocessing.get_context("spawn")
     procs = []
     for local in range(1, rdv.local_world_size):
-        proc = ctx.Process(target=follower_main, name=f"mistralrs-tp-rank{base + local}",
-                           args=(opts, base + local, rdv.world_size, local, rdv.master_addr, rdv.master_port,
-                                 os.getpid()), daemon=False)
+        # named, not imported: the follower module sits above serving, which imports this one
+        proc = ctx.Process(target=run_named, name=f"mistralrs-tp-rank{base + local}",
+                           args=("mistralrs.distributed.follower:follower_main", opts, base + local, rdv.world_size,
+                                 local, rdv.master_addr, rdv.master_port, os.getpid()), daemon=False)
         proc.start()
         procs.append(proc)
     return procs
 
 
-def _init(rank: int, size: int, local_rank: int, device_type: str, addr: str, port: int) -> World:
+def run_named(target: str, *args: Any) -> None:
+    """A spawned process's entry: ``module:function`` called with `args`."""
+    from mistralrs.specs import resolve
+
+    resolve(target)(*args)
+
+
+def init_rank(rank: int, size: int, local_rank: int, device_type: str, addr: str, port: int) -> World:
     import torch
     import torch.distributed as dist
 
@@ -287,43 +278,7 @@ def _watch_workers(world: World) -> None:
     threading.Thread(target=watch, name="mistralrs-tp-watch", daemon=True).start()
 
 
-def follower_main(opts: Any, rank: int, size: int, local_rank: int, addr: str, port: int, parent: int) -> None:
-    """A spawned local rank: join, load the same model, follow rank 0's steps until told to stop."""
-    import sys
-
-    _exit_with_parent(parent)
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(size), "LOCAL_RANK": str(local_rank)})
-    logging.basicConfig(level=logging.WARNING, format=f"rank {rank}: %(levelname)s %(name)s: %(message)s")
-    try:
-        from mistralrs.nn.kernels import device_type_of
-        from mistralrs.plugins import get_registry
-        from mistralrs.serving import pick_device
-
-        kind = device_type_of(pick_device(get_registry(), cpu=opts.cpu, device=opts.device))
-        world = _init(rank, size, local_rank, kind, addr, port)
-        run_follower(opts, world)
-    except MistralRsError as exc:
-        print(f"mistralrs: rank {rank}: error: {exc}", file=sys.stderr, flush=True)
-        os._exit(1)
-    except BaseException as exc:  # noqa: BLE001 - a rank's death is reported, then the process ends
-        print(f"mistralrs: rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-        os._exit(1)
-    os._exit(0)
-
-
-def run_follower(opts: Any, world: World) -> None:
-    """Load the model as rank `world.rank` (the same `ModelService` path as rank 0) and follow."""
-    from mistralrs.distributed.steps import follow
-    from mistralrs.serving import ModelService
-
-    service = ModelService(opts, world=world)
-    try:
-        follow(service.engine.runner, world)
-    finally:
-        world.close()
-
-
-def _exit_with_parent(parent: int) -> None:
+def exit_with_parent(parent: int) -> None:
     """A spawned rank never outlives rank 0's process (killed with SIGKILL, it cannot say goodbye)."""
 
     def watch() -> None:

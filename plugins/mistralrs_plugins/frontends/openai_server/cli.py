@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     from mistralrs.distributed.world import is_follower
 
     if is_follower(opts.tensor_parallel_size):  # torchrun / MISTRALRS_MN_* rank other than 0: no HTTP
-        from mistralrs.distributed.world import serve_as_follower
+        from mistralrs.distributed.follower import serve_as_follower
 
         return serve_as_follower(opts)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None

@@ -1,0 +1,211 @@
+"""Tensor parallelism over 2 local gloo ranks: the same logits (fp32 tolerance) and greedy tokens
+as one process for a dense, a GQA, a MoE and an ISQ-quantized model; the Python API and `serve`
+with ``-tp 2``; a dying rank fails requests clearly and the server exits; `torchrun`-style env."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import server_process
+from tests.helpers.tensor_parallel import child_pids, run_model, run_split, write_tiny_models
+
+MODELS = ("dense", "gqa", "moe", "q8_0")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_models(tmp_path_factory.mktemp("tp"))
+
+
+@pytest.fixture(scope="module")
+def split(tiny, tmp_path_factory):
+    return run_split(tiny, 2, tmp_path_factory.mktemp("tp-out") / "rank0.pt")
+
+
+@pytest.mark.slow  # two processes load four models (~35 s on two shared cores)
+@pytest.mark.parametrize("name", MODELS)
+def test_two_ranks_match_one_process(tiny, split, name):
+    import torch
+
+    model_dir, isq = tiny[name]
+    logits, tokens, methods = run_model(model_dir, isq)
+    split_logits, split_tokens, split_methods = split[name]
+    assert split_methods == methods  # q8_0: every linear quantized on both sides
+    assert split_logits.shape == logits.shape
+    torch.testing.assert_close(split_logits, logits, atol=1e-4, rtol=1e-4)
+    assert split_tokens == tokens
+
+
+def test_heads_not_divisible_is_one_line_error(tiny):
+    from mistralrs.distributed.sharding import TensorParallel
+    from mistralrs.errors import ConfigError
+    from mistralrs.loading import load_model
+
+    with pytest.raises(ConfigError, match=r"tensor parallel size 3 must divide the attention heads: the model has 4 "
+                                          r"query and 2 key/value heads") as info:
+        load_model(tiny["gqa"][0], dtype="f32", tensor_parallel=TensorParallel(0, 3))
+    assert "\n" not in str(info.value)
+
+
+def _chat(url: str, content: str, max_tokens: int = 10, timeout: float = 60) -> dict:
+    body = json.dumps({"model": "default", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+                       "temperature": 0}).encode()
+    req = urllib.request.Request(url + "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return {"status": exc.code, **json.loads(exc.read() or b"{}")}
+
+
+def test_python_api_tp2_same_answers(tiny):
+    from mistralrs import ChatCompletionRequest, Runner, Which
+
+    def answers(**kw):
+        runner = Runner(Which.Plain(model_id=str(tiny["moe"][0]), dtype="f32"), cpu=True, **kw)
+        try:
+            out = []
+            for text in ("hello there", "the sea is"):
+                res = runner.send_chat_completion_request(ChatCompletionRequest(
+                    messages=[{"role": "user", "content": text}], max_tokens=10, temperature=0, logprobs=True))
+                choice = res.choices[0]
+                out.append((choice.message.content, [t.logprob for t in choice.logprobs.content]))
+            return out
+        finally:
+            runner.shutdown()
+
+    one, two = answers(), answers(tensor_parallel_size=2)
+    for (text1, lp1), (text2, lp2) in zip(one, two):
+        assert text1 == text2
+        assert lp1 == pytest.approx(lp2, abs=1e-4)
+
+
+class Serve:
+    """`mistralrs serve ... --port 0`: URL from its first line, stderr kept, stopped at the end."""
+
+    def __init__(self, *argv: str, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "mistralrs", "serve", *argv, "--port", "0",
+                                      "--host", "127.0.0.1"], stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})})
+        self.lines: list[str] = []
+        line = self.proc.stderr.readline()
+        m = re.search(r"on http://127\.0\.0\.1:(\d+)", line)
+        if not m:
+            self.proc.kill()
+            pytest.fail(f"unexpected first line {line!r}")
+        threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True).start()
+        self.url = f"http://127.0.0.1:{m.group(1)}"
+        server_process.wait_healthy(self.url, self.proc)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for pid in getattr(self, "children", []):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.mark.slow
+def test_serve_tp2_same_tokens_as_one_process(tiny):
+    model = str(tiny["gqa"][0])
+    answers = {}
+    for tp in ("1", "2"):
+        server = Serve("-m", model, "--dtype", "f32", "-tp", tp)
+        try:
+            answers[tp] = [_chat(server.url, q)["choices"][0]["message"]["content"] for q in ("hi", "tell me more")]
+        finally:
+            server.close()
+        assert server.proc.returncode == 0, "".join(server.lines)
+    assert answers["1"] == answers["2"]
+
+
+@pytest.mark.slow
+def test_rank_dying_fails_requests_and_server_exits(tiny):
+    server = Serve("-m", str(tiny["gqa"][0]), "--dtype", "f32", "-tp", "2")
+    try:
+        workers = child_pids(server.proc.pid)
+        server.children = workers
+        ranks = [p for p in workers if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text(errors="ignore")]
+        assert ranks, "no worker process"
+        assert "choices" in _chat(server.url, "hi")
+        for pid in ranks:
+            os.kill(pid, signal.SIGKILL)
+        failed = _chat(server.url, "hi again", timeout=60)
+        assert "choices" not in failed
+        text = json.dumps(failed)
+        assert "tensor-parallel" in text or "tensor parallelism" in text, text
+        server.proc.wait(60)  # exits by itself: no hang
+        assert server.proc.returncode == 1
+        assert any("tensor-parallel" in line or "tensor parallelism" in line for line in server.lines)
+    finally:
+        server.close()
+
+
+def test_mn_variables_map_onto_rendezvous():
+    from mistralrs.distributed.world import rendezvous_from_env
+    from mistralrs.errors import ConfigError
+
+    head = rendezvous_from_env(1, {"MISTRALRS_MN_GLOBAL_WORLD_SIZE": "16", "MISTRALRS_MN_LOCAL_WORLD_SIZE": "8",
+                                   "MISTRALRS_MN_HEAD_NUM_WORKERS": "1", "MISTRALRS_MN_HEAD_PORT": "29400"})
+    assert (head.world_size, head.node_rank, head.local_world_size, head.master_port) == (16, 0, 8, 29400)
+    worker = rendezvous_from_env(1, {"MISTRALRS_MN_GLOBAL_WORLD_SIZE": "16", "MISTRALRS_MN_LOCAL_WORLD_SIZE": "8",
+                                     "MISTRALRS_MN_WORKER_SERVER_ADDR": "10.0.0.1:29400",
+                                     "MISTRALRS_MN_WORKER_ID": "0"})
+    assert (worker.master_addr, worker.master_port, worker.node_rank) == ("10.0.0.1", 29400, 1)
+    torchrun = rendezvous_from_env(1, {"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "h",
+                                       "MASTER_PORT": "1234", "LOCAL_WORLD_SIZE": "2"})
+    assert torchrun.torchrun and (torchrun.rank, torchrun.world_size, torchrun.master_port) == (2, 4, 1234)
+    assert rendezvous_from_env(1, {}) is None
+    assert rendezvous_from_env(2, {}).world_size == 2
+    with pytest.raises(ConfigError, match="HEAD_NUM_WORKERS=2 worker nodes x 8 local ranks"):
+        rendezvous_from_env(1, {"MISTRALRS_MN_GLOBAL_WORLD_SIZE": "16", "MISTRALRS_MN_LOCAL_WORLD_SIZE": "8",
+                                "MISTRALRS_MN_HEAD_NUM_WORKERS": "2", "MISTRALRS_MN_HEAD_PORT": "1"})
+
+
+@pytest.mark.slow
+def test_torchrun_style_launch(tiny, tmp_path):
+    """Two `mistralrs serve` processes with torchrun's variables (what `torchrun --nproc-per-node 2
+    -m mistralrs serve ...` sets): rank 0 serves, rank 1 follows; same answers as one process."""
+    from mistralrs.distributed.world import free_port
+
+    model = str(tiny["gqa"][0])
+    port = str(free_port())
+    base = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "LOCAL_WORLD_SIZE": "2"}
+    follower = subprocess.Popen([sys.executable, "-m", "mistralrs", "serve", "-m", model, "--dtype", "f32",
+                                 "--port", "0"], env={**os.environ, **base, "RANK": "1", "LOCAL_RANK": "1"},
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        server = Serve("-m", model, "--dtype", "f32", env={**base, "RANK": "0", "LOCAL_RANK": "0"})
+        try:
+            two = _chat(server.url, "hi")["choices"][0]["message"]["content"]
+        finally:
+            server.close()
+        follower.wait(60)
+        assert follower.returncode == 0, follower.stderr.read()
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+    one = Serve("-m", model, "--dtype", "f32")
+    try:
+        assert _chat(one.url, "hi")["choices"][0]["message"]["content"] == two
+    finally:
+        one.close()
