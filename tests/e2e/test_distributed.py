@@ -209,3 +209,73 @@ def test_torchrun_style_launch(tiny, tmp_path):
         assert _chat(one.url, "hi")["choices"][0]["message"]["content"] == two
     finally:
         one.close()
+
+
+# -- data parallelism -------------------------------------------------------------------------
+
+def test_router_affinity_and_load():
+    from mistralrs.distributed.replicas import Router, affinity_key
+
+    conv = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    k1 = affinity_key("/v1/chat/completions", {"model": "m", "messages": conv})
+    k2 = affinity_key("/v1/chat/completions", {"model": "m", "messages": [
+        *conv, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "more"}]})
+    assert k1 == k2  # the next turn of a conversation keeps its key
+    assert k1 != affinity_key("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}]})
+    assert affinity_key("/v1/responses", {"previous_response_id": "resp_1", "input": "x"}) == "resp:resp_1"
+    router = Router(2, slack=1)
+    first = router.pick(k1)
+    router.started(first)
+    assert router.pick(k1) == first  # one in flight: within the slack
+    router.started(first)
+    router.started(first)
+    assert router.pick(k1) != first  # overloaded: the least-loaded replica, which the key now follows
+    router.down(1 - first)
+    assert router.pick("other") == first
+    router.down(first)
+    with pytest.raises(RuntimeError, match="every data-parallel replica is down"):
+        router.pick(k1)
+
+
+def _concurrent(url: str, prompts: list[str]) -> list[tuple[str, str]]:
+    results: list = [None] * len(prompts)
+
+    def one(i: int) -> None:
+        body = json.dumps({"model": "default", "messages": [{"role": "user", "content": prompts[i]}],
+                           "max_tokens": 12, "temperature": 0}).encode()
+        req = urllib.request.Request(url + "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            results[i] = (json.loads(r.read())["choices"][0]["message"]["content"],
+                          r.headers.get("x-mistralrs-replica", ""))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    return results
+
+
+@pytest.mark.slow
+def test_data_parallel_two_replicas_same_answers(tiny):
+    model = str(tiny["gqa"][0])
+    prompts = [f"question number {i}" for i in range(8)]
+    one = Serve("-m", model, "--dtype", "f32")
+    try:
+        expected = [text for text, _ in _concurrent(one.url, prompts)]
+    finally:
+        one.close()
+    two = Serve("-m", model, "--dtype", "f32", "--data-parallel-size", "2")
+    try:
+        got = _concurrent(two.url, prompts)
+        assert [text for text, _ in got] == expected
+        assert {replica for _, replica in got} == {"0", "1"}  # the load was spread
+        # one conversation keeps its replica (prefix affinity)
+        seen = {_concurrent(two.url, [prompts[0]])[0][1] for _ in range(3)}
+        assert len(seen) == 1
+        with urllib.request.urlopen(two.url + "/health", timeout=10) as r:
+            health = json.loads(r.read())
+        assert [rep["alive"] for rep in health["replicas"]] == [True, True]
+    finally:
+        two.close()
+    assert two.proc.returncode == 0, "".join(two.lines)

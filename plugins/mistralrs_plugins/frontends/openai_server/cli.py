@@ -119,6 +119,12 @@ def run(args: argparse.Namespace) -> int:
         from mistralrs.distributed.follower import serve_as_follower
 
         return serve_as_follower(opts)
+    if opts.data_parallel_size > 1:  # N replica servers behind a routing front server
+        from mistralrs_plugins.frontends.openai_server.replicas import run_replicated
+
+        if args.mcp_port is not None or args.ui:
+            raise ConfigError("--mcp-port and --ui are not available with --data-parallel-size yet; use one replica")
+        return run_replicated(args, opts.data_parallel_size)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if args.mcp_port is not None and args.mcp_port == args.port and args.port != 0:
         raise ConfigError(f"--mcp-port must differ from --port (both are {args.port})")
