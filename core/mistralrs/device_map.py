@@ -355,3 +355,51 @@ def accelerators(device_type: str) -> list[str]:
     if device_type == "mps":
         return ["mps"]
     return []
+
+
+_SIZE = re.compile(r"^\s*([\d.]+)\s*(b|kb|mb|gb|tb|kib|mib|gib|tib)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40}
+
+
+def parse_capacities(text: str, *, where: str = "--plan-devices") -> list[DeviceCapacity]:
+    """``cuda:0=24GB;cuda:1=24GiB`` -> capacities (a device list to plan for, not this machine's)."""
+    out: list[DeviceCapacity] = []
+    for entry in text.split(";"):
+        if not entry.strip():
+            continue
+        device, sep, size = entry.partition("=")
+        m = _SIZE.match(size)
+        if not sep or not m:
+            raise ConfigError(f"{where} entry {entry.strip()!r} is not DEVICE=SIZE; write e.g. cuda:0=24GB;cuda:1=24GB")
+        unit = _UNITS[(m.group(2) or "b").lower()]
+        out.append(DeviceCapacity(normalize_device(device, accelerator="cuda", where=where),
+                                  int(float(m.group(1)) * unit)))
+    if not out:
+        raise ConfigError(f"{where} is empty; write e.g. cuda:0=24GB;cuda:1=24GB")
+    return out
+
+
+def device_layers_spec(placement: Placement) -> str:
+    """The ``-n`` text that reproduces a placement (CPU layers after the last entry are implicit)."""
+    runs: list[tuple[str, int]] = []
+    for g in placement.layer_group:
+        device = placement.groups[g]
+        if runs and runs[-1][0] == device:
+            runs[-1] = (device, runs[-1][1] + 1)
+        else:
+            runs.append((device, 1))
+    if runs and runs[-1][0] == "cpu" and len(runs) > 1:
+        runs.pop()
+    return ";".join(f"{d.split(':', 1)[1] if d.startswith('cuda:') else d}:{n}" for d, n in runs)
+
+
+def scaled(sizes: ModelSizes, factor: float, *, quantized: bool) -> ModelSizes:
+    """The sizes with every layer's weights scaled (a quantization level's share of the float size)."""
+    return attrs.evolve(sizes, layer_bytes=tuple(int(b * factor) for b in sizes.layer_bytes),
+                        float_layers=sizes.float_layers and not quantized)
+
+
+def tensor_parallel_sizes(num_heads: int, num_kv_heads: int, limit: int = 64) -> list[int]:
+    """The -tp sizes the attention heads allow (each must divide the query and key/value heads)."""
+    return [n for n in range(1, limit + 1) if num_heads % n == 0 and num_kv_heads % n == 0]

@@ -179,3 +179,38 @@ def test_runner_with_num_device_layers(tiny):
             runner.shutdown()
 
     assert answer(num_device_layers=["cpu:2", "cpu:2"]) == answer()
+
+
+def test_capacities_and_spec():
+    caps = dm.parse_capacities("cuda:0=24GB; 1=1.5GiB")
+    assert caps == [dm.DeviceCapacity("cuda:0", 24 * 10**9), dm.DeviceCapacity("cuda:1", int(1.5 * 2**30))]
+    with pytest.raises(ConfigError, match="is not DEVICE=SIZE"):
+        dm.parse_capacities("cuda:0")
+    plan = dm.plan_from_device_layers([("cuda:0", 2), ("cuda:1", 3)], 7)
+    assert dm.device_layers_spec(plan) == "0:2;1:3"
+    assert dm.tensor_parallel_sizes(32, 8) == [1, 2, 4, 8]
+
+
+def test_tune_proposes_a_mapping(tiny):
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "mistralrs", "tune", "-m", str(tiny), "--json", "--max-seq-len", "64",
+                          "--plan-devices", "cuda:0=300KB;cuda:1=300KB"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    dmap = json.loads(out.stdout)["device_map"]
+    assert dmap["tensor_parallel_sizes"] == [1, 2]
+    assert dmap["device_layers"] and [r["device"] for r in dmap["plan"]][:2] == ["cuda:0", "cuda:1"]
+    # the proposed -n covers every layer the plan put on a GPU
+    assert sum(int(e.split(":")[1]) for e in dmap["device_layers"].split(";")) == 4
+
+
+def test_doctor_reports_the_distributed_setup():
+    from mistralrs.distributed.world import distributed_report
+
+    report = distributed_report({"WORLD_SIZE": "2", "RANK": "1", "MASTER_PORT": "7"})
+    assert report["available"] and report["backends"]["gloo"]
+    assert report["source"] == "torchrun" and report["rendezvous"]["world_size"] == 2
+    bad = distributed_report({"MISTRALRS_MN_GLOBAL_WORLD_SIZE": "4"})
+    assert "MISTRALRS_MN_HEAD_PORT" in bad["error"]

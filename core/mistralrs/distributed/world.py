@@ -288,3 +288,33 @@ def exit_with_parent(parent: int) -> None:
                 os._exit(1)
 
     threading.Thread(target=watch, name="mistralrs-parent-watch", daemon=True).start()
+
+
+def distributed_report(env: dict[str, str] | None = None) -> dict[str, Any]:
+    """What `doctor` says about distribution: torch.distributed and its backends, the devices a
+    world could span, and the world this environment describes (torchrun / MISTRALRS_MN_*)."""
+    env = dict(os.environ if env is None else env)
+    report: dict[str, Any] = {}
+    try:
+        import torch
+        import torch.distributed as dist
+    except ImportError as exc:
+        return {"available": False, "error": str(exc)}
+    report["available"] = dist.is_available()
+    report["backends"] = {"gloo": bool(dist.is_available() and dist.is_gloo_available()),
+                          "nccl": bool(dist.is_available() and dist.is_nccl_available())}
+    report["cuda_devices"] = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    try:
+        rdv = rendezvous_from_env(1, env)
+        report["rendezvous"] = None if rdv is None else attrs.asdict(rdv)
+        report["source"] = ("torchrun" if rdv is not None and rdv.torchrun else
+                            "MISTRALRS_MN_*" if rdv is not None else None)
+    except ConfigError as exc:
+        report["rendezvous"] = None
+        report["error"] = str(exc)
+    report["env"] = {k: v for k, v in env.items() if k.startswith(MN_PREFIX) or k in (
+        "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RING_CONFIG",
+        "MISTRALRS_NO_NCCL")}
+    if "RING_CONFIG" in env:
+        report["ring"] = "RING_CONFIG is set, but this build's distributed engine is torch.distributed: use -tp / torchrun"
+    return report
