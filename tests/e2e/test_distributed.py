@@ -20,7 +20,7 @@ import pytest
 from tests.helpers import server_process
 from tests.helpers.tensor_parallel import child_pids, run_model, run_split, write_tiny_models
 
-MODELS = ("dense", "gqa", "moe", "q8_0")
+MODELS = ("dense", "gqa", "mqa", "moe", "q8_0")
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_heads_not_divisible_is_one_line_error(tiny):
     from mistralrs.loading import load_model
 
     with pytest.raises(ConfigError, match=r"tensor parallel size 3 must divide the attention heads: the model has 4 "
-                                          r"query and 2 key/value heads") as info:
+                                          r"query and 2 key/value heads; choose a -tp that divides 4") as info:
         load_model(tiny["gqa"][0], dtype="f32", tensor_parallel=TensorParallel(0, 3))
     assert "\n" not in str(info.value)
 

@@ -15,7 +15,8 @@ NEW_TOKENS = 10
 
 def write_tiny_models(root: Path) -> dict[str, tuple[Path, str | None]]:
     """name -> (directory, isq): dense (MHA, tied embeddings: the vocab-parallel table is the head),
-    GQA, MoE (Mixtral) and the GQA model quantized with ISQ q8_0."""
+    GQA, MQA (one KV head: replicated on every rank), MoE (Mixtral) and the GQA model quantized
+    with ISQ q8_0."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
@@ -32,6 +33,9 @@ def write_tiny_models(root: Path) -> dict[str, tuple[Path, str | None]]:
         ("dense", LlamaForCausalLM, LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                                 num_attention_heads=4, num_key_value_heads=4, vocab_size=vocab,
                                                 max_position_embeddings=256, tie_word_embeddings=True)),
+        ("mqa", LlamaForCausalLM, LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                              num_attention_heads=4, num_key_value_heads=1, vocab_size=vocab,
+                                              max_position_embeddings=256)),
         ("moe", MixtralForCausalLM, MixtralConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2,
                                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
                                                   num_local_experts=4, num_experts_per_tok=2,

@@ -4,7 +4,8 @@
 quantizer chooses (so ISQ sees, and quantizes, the shard shapes):
 
 - attention (`nn.attention.Attention`): q/k/v column-parallel (each rank keeps heads
-  ``[r*H/N, (r+1)*H/N)`` and the matching key/value heads; its KV cache holds only those),
+  ``[r*H/N, (r+1)*H/N)`` and the matching key/value heads; its KV cache holds only those; with
+  more ranks than KV heads each rank keeps the one KV head its query heads share, replicated),
   o_proj row-parallel, GPT-OSS sinks per head; one all-reduce on the attention's output;
 - feed-forward (`GatedMLP`, `MLP`, and every expert of a `SparseMoE`): gate/up (fc1)
   column-parallel, down (fc2) row-parallel over the intermediate dimension; routers and
@@ -91,6 +92,9 @@ class TensorParallel:
         self.rows: list[str] = []  # Linear names split along the input
         self.vocab: list[str] = []  # the embedding and the LM head: rows of the vocabulary
         self.heads: list[str] = []  # per-head parameters (sinks)
+        self.kv_heads: dict[str, int] = {}  # k/v projections of a replicated KV head -> its index
+        self.kv_per_rank: int | None = None
+        self._kv_counts: dict[str, int] = {}  # attention name -> the model's KV heads (replicated case)
         self.vocab_size = 0
 
     # -- the split, on the meta-device model ---------------------------------------------------
@@ -137,6 +141,9 @@ class TensorParallel:
             raise ConfigError("tensor parallelism found no token embedding of config.json's vocab_size; run with -tp 1")
         self._wrap_model(model, n)
 
+    def _kv_total(self, name: str) -> int:
+        return self._kv_counts[name.rpartition(".")[0]]
+
     def vocab_shard(self, vocab: int) -> tuple[int, int]:
         per = math.ceil(vocab / self.size)
         start = min(self.rank * per, vocab)
@@ -151,21 +158,31 @@ class TensorParallel:
 
     def _shard_attention(self, name: str, attn: Attention) -> None:
         n = self.size
-        if attn.num_heads % n or attn.num_kv_heads % n:
+        kv = attn.num_kv_heads
+        # more ranks than key/value heads: each rank keeps the one KV head its query heads use (replicated)
+        replicate = kv % n != 0 and n % kv == 0 and attn.num_heads % n == 0
+        if attn.num_heads % n or (kv % n and not replicate):
             raise ConfigError(f"tensor parallel size {n} must divide the attention heads: the model has "
-                              f"{attn.num_heads} query and {attn.num_kv_heads} key/value heads; choose -tp "
-                              f"from the common divisors")
+                              f"{attn.num_heads} query and {kv} key/value heads; choose a -tp that divides "
+                              f"{attn.num_heads} and divides or is a multiple of {kv}")
         if attn.qk_norm == "full":
             raise ConfigError(f"{name}: QK-norm over the whole projection (OLMo2-style) cannot be split yet; "
                               "run this model with -tp 1")
         q, k, v, o = (getattr(attn, x) for x in attn.names)
-        for proj_name, proj in zip(attn.names[:3], (q, k, v)):
-            self._resize(proj, out_features=proj.out_features // n)
-            self.columns.append(f"{name}.{proj_name}")
+        self._resize(q, out_features=q.out_features // n)
+        self.columns.append(f"{name}.{attn.names[0]}")
+        for proj_name, proj in zip(attn.names[1:3], (k, v)):
+            self._resize(proj, out_features=proj.out_features // (kv if replicate else n))
+            if replicate:  # the rows of KV head rank * kv // n
+                self.kv_heads[f"{name}.{proj_name}"] = self.rank * kv // n
+                self._kv_counts[name] = kv
+            else:
+                self.columns.append(f"{name}.{proj_name}")
         self._resize(o, in_features=o.in_features // n)
         self.rows.append(f"{name}.{attn.names[3]}")
         attn.num_heads //= n
-        attn.num_kv_heads //= n
+        attn.num_kv_heads = 1 if replicate else kv // n
+        self.kv_per_rank = attn.num_kv_heads
         if attn.sinks is not None:
             attn.sinks = nn.Parameter(torch.empty(attn.num_heads), requires_grad=False)
             self.heads.append(f"{name}.sinks")
@@ -218,9 +235,8 @@ class TensorParallel:
 
         def kv_cache_shape() -> dict[str, Any]:
             shape = dict(kv_shape())
-            if shape["num_kv_heads"] % n:
-                raise ConfigError(f"tensor parallel size {n} must divide the {shape['num_kv_heads']} key/value heads")
-            shape["num_kv_heads"] //= n
+            if self.kv_per_rank is not None:
+                shape["num_kv_heads"] = self.kv_per_rank
             return shape
 
         def compute_logits(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -257,6 +273,16 @@ class TensorParallel:
             if b is not None:
                 b.tp_full_shape = tuple(b.shape)
                 b.tp_select = (lambda t: t) if r == 0 else (lambda t: torch.zeros_like(t))
+        for name, head in self.kv_heads.items():
+            layer = modules[name]
+            for pname in ("weight", "bias"):
+                p = layer._parameters.get(pname)
+                if p is not None and p.is_floating_point():
+                    rows = p.shape[0]
+                    full = list(p.shape)
+                    full[0] = rows * self._kv_total(name)
+                    p.tp_full_shape = tuple(full)
+                    p.tp_select = _select(0, head * rows, rows, tuple(full))
         for name in self.heads:
             p = params[name]
             mark(p, 0, p.shape[0])
