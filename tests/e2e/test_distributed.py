@@ -143,7 +143,7 @@ def test_rank_dying_fails_requests_and_server_exits(tiny):
     try:
         workers = child_pids(server.proc.pid)
         server.children = workers
-        ranks = [p for p in workers if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text(errors="ignore")]
+        ranks = [p for p in workers if "run_named" in Path(f"/proc/{p}/cmdline").read_text(errors="ignore")]
         assert ranks, "no worker process"
         assert "choices" in _chat(server.url, "hi")
         for pid in ranks:

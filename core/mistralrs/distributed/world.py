@@ -216,18 +216,54 @@ def join_world(opts: Any, device_type: str) -> World:
     return world
 
 
-def spawn_workers(opts: Any, rdv: Rendezvous, base: int) -> list[Any]:
-    import multiprocessing
+class Worker:
+    """A spawned local rank: ``python -c`` running `follower.follower_main` with its arguments
+    pickled on stdin (not on the command line, where a literal token would show; and not through
+    multiprocessing, which would re-import the caller's script in the child)."""
 
-    ctx = multiprocessing.get_context("spawn")
+    def __init__(self, name: str, target: str, args: tuple) -> None:
+        import base64
+        import pickle
+        import subprocess
+        import sys
+
+        self.name = name
+        code = ("import base64, pickle, sys; from mistralrs.distributed.world import run_named; "
+                "run_named(*pickle.loads(base64.b64decode(sys.stdin.buffer.read())))")
+        self.popen = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
+        assert self.popen.stdin is not None
+        self.popen.stdin.write(base64.b64encode(pickle.dumps((target, *args))))
+        self.popen.stdin.close()
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.popen.poll()
+
+    def is_alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def join(self, timeout: float | None = None) -> None:
+        import subprocess
+
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def terminate(self) -> None:
+        self.popen.terminate()
+
+    def kill(self) -> None:
+        self.popen.kill()
+
+
+def spawn_workers(opts: Any, rdv: Rendezvous, base: int) -> list[Worker]:
     procs = []
     for local in range(1, rdv.local_world_size):
         # named, not imported: the follower module sits above serving, which imports this one
-        proc = ctx.Process(target=run_named, name=f"mistralrs-tp-rank{base + local}",
-                           args=("mistralrs.distributed.follower:follower_main", opts, base + local, rdv.world_size,
-                                 local, rdv.master_addr, rdv.master_port, os.getpid()), daemon=False)
-        proc.start()
-        procs.append(proc)
+        procs.append(Worker(f"mistralrs-tp-rank{base + local}", "mistralrs.distributed.follower:follower_main",
+                            (opts, base + local, rdv.world_size, local, rdv.master_addr, rdv.master_port,
+                             os.getpid())))
     return procs
 
 
@@ -262,20 +298,16 @@ def init_rank(rank: int, size: int, local_rank: int, device_type: str, addr: str
 def _watch_workers(world: World) -> None:
     """Rank 0: a worker process that exits while the world is up breaks it (fail fast, not a
     collective timeout)."""
-    if not world.workers:
-        return
-    from multiprocessing.connection import wait
 
-    def watch() -> None:
-        sentinels = {p.sentinel: p for p in world.workers}
-        ready = wait(list(sentinels))
+    def watch(proc: Worker) -> None:
+        proc.popen.wait()
         if world.broken is not None or world.closing:
             return
-        proc = sentinels[ready[0]]
         world.fail(DistributedError(f"tensor-parallel worker {proc.name} exited (code {proc.exitcode}); "
                                     "the model cannot run without it - restart the server"))
 
-    threading.Thread(target=watch, name="mistralrs-tp-watch", daemon=True).start()
+    for proc in world.workers:
+        threading.Thread(target=watch, args=(proc,), name="mistralrs-tp-watch", daemon=True).start()
 
 
 def exit_with_parent(parent: int) -> None:
