@@ -181,7 +181,7 @@ def main() -> int:
     ap.add_argument("--out", default="benchmarks/results/distributed.json")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    result: dict = {"machine": {"cpus": os.cpu_count()}}
+    result: dict = {"machine": {"cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()[0]}}
     result["tensor_parallel_70b"] = [tp_communication(16, b) for b in (1, 32)] + [tp_communication(8, 1, nodes=1)]
     for row in result["tensor_parallel_70b"]:
         print(f"TP {row['world']} ({row['nodes']} node(s)), batch {row['batch']}: {row['collectives_per_step']} "

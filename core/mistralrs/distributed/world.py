@@ -128,7 +128,10 @@ def agree_min(value: int, world: World) -> int:
     import torch.distributed as dist
 
     t = torch.tensor([int(value)], dtype=torch.long)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=world.control)
+    try:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=world.control)
+    except RuntimeError as exc:  # a rank failed while loading
+        raise world.fail(exc) from None
     return int(t.item())
 
 

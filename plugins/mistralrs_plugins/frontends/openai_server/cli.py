@@ -106,6 +106,13 @@ def load_search_reranker(args: argparse.Namespace, tools: Any) -> None:
         tools.search.load_reranker(model, cpu=args.cpu, hf_cache=args.hf_cache, token_source=args.token_source)
 
 
+def replica_main(args: argparse.Namespace) -> None:
+    """A data-parallel replica (`replicas.py`): the ordinary `serve`, on its private port."""
+    import sys
+
+    sys.exit(run(args))
+
+
 def run(args: argparse.Namespace) -> int:
     from mistralrs.cli.model_options import options_from_args
     from mistralrs.errors import ConfigError

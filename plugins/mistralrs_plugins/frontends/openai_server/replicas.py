@@ -25,17 +25,10 @@ from typing import Any
 from aiohttp import ClientSession, ClientTimeout, web
 
 from mistralrs.distributed.replicas import Router, affinity_key
-from mistralrs.distributed.world import free_port
+from mistralrs.distributed.world import free_port, run_named
 
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "authorization",
                "content-encoding"}
-
-
-def replica_main(args: argparse.Namespace) -> None:
-    """A replica: the ordinary `serve`, on its private port."""
-    from mistralrs_plugins.frontends.openai_server.cli import run
-
-    sys.exit(run(args))
 
 
 class ReplicatedServer:
@@ -58,7 +51,9 @@ class ReplicatedServer:
             a = copy.copy(self.args)
             a.port, a.host, a.api_key, a.data_parallel_size = port, "127.0.0.1", self.key, 1
             a.ui, a.mcp_port = False, None
-            proc = ctx.Process(target=replica_main, args=(a,), name=f"mistralrs-replica{i}")
+            # `cli.replica_main` by name: cli imports this module
+            proc = ctx.Process(target=run_named, name=f"mistralrs-replica{i}",
+                               args=("mistralrs_plugins.frontends.openai_server.cli:replica_main", a))
             proc.start()
             self.procs.append(proc)
 
