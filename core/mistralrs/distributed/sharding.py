@@ -76,7 +76,8 @@ class VocabParallelEmbedding(Embedding):
         return all_reduce(x.masked_fill(outside.unsqueeze(-1), 0), self.tp_group)
 
 
-def _select(dim: int, start: int, length: int, full: tuple[int, ...]) -> Any:
+def _select(dim: int, start: int, length: int) -> Any:
+    """The `tp_select` of a shard: rows (dim 0) or columns (dim 1) [start, start + length)."""
     def select(t: torch.Tensor) -> torch.Tensor:
         return t.narrow(dim, start, length).contiguous()
 
@@ -254,9 +255,9 @@ class TensorParallel:
 
         def mark(param: Any, dim: int, length: int) -> None:
             full = list(param.shape)
-            full[dim] = length * self.size if dim is not None else full[dim]
+            full[dim] = length * self.size
             param.tp_full_shape = tuple(full)
-            param.tp_select = _select(dim, r * length, length, tuple(full))
+            param.tp_select = _select(dim, r * length, length)
 
         for name in self.columns:
             layer = modules[name]
@@ -282,7 +283,7 @@ class TensorParallel:
                     full = list(p.shape)
                     full[0] = rows * self._kv_total(name)
                     p.tp_full_shape = tuple(full)
-                    p.tp_select = _select(0, head * rows, rows, tuple(full))
+                    p.tp_select = _select(0, head * rows, rows)
         for name in self.heads:
             p = params[name]
             mark(p, 0, p.shape[0])
@@ -290,4 +291,4 @@ class TensorParallel:
         for name in self.vocab:
             table: Any = params[name]
             table.tp_full_shape = (self.vocab_size, *table.shape[1:])
-            table.tp_select = _select(0, start, size, table.tp_full_shape)
+            table.tp_select = _select(0, start, size)
