@@ -279,3 +279,58 @@ def test_data_parallel_two_replicas_same_answers(tiny):
     finally:
         two.close()
     assert two.proc.returncode == 0, "".join(two.lines)
+
+
+ARCHS = ("phi2", "gemma2", "qwen3moe", "starcoder2", "granite", "gemma3_text", "qwen2")
+
+
+@pytest.fixture(scope="module")
+def arch_split(tmp_path_factory):
+    import importlib
+
+    from tests.helpers.parity import make_tiny_hf_model
+    from tests.parity.test_end_to_end import ARCHITECTURES
+
+    root = tmp_path_factory.mktemp("tp-archs")
+    models = {}
+    for name in ARCHS:
+        mod, cfg_cls, model_cls, over = ARCHITECTURES[name]
+        m = importlib.import_module(f"transformers.models.{mod}")
+        path, _ = make_tiny_hf_model(getattr(m, cfg_cls), getattr(m, model_cls), root / name, **over)
+        models[name] = (path, None)
+    return models, run_split(models, 2, root / "rank0.pt", timeout=400)
+
+
+@pytest.mark.slow  # seven architectures in two processes (~60 s)
+@pytest.mark.parametrize("name", ARCHS)
+def test_two_ranks_match_one_process_across_architectures(arch_split, name):
+    """Biases (row-parallel added once, Phi-2's head), parallel attention + MLP (Phi-2), sliding
+    windows and softcaps (Gemma 2/3), a family's embedding multiplier (Granite), Qwen3-MoE experts."""
+    import torch
+
+    models, split = arch_split
+    logits, tokens, _ = run_model(*models[name])
+    split_logits, split_tokens, _ = split[name]
+    torch.testing.assert_close(split_logits, logits, atol=1e-4, rtol=1e-4)
+    assert split_tokens == tokens
+
+
+def test_unsplittable_modules_are_named():
+    """Fused projections (Phi-3's qkv_proj) are a one-line error naming the module."""
+    import importlib
+
+    import torch
+
+    from mistralrs.distributed.sharding import TensorParallel
+    from mistralrs.errors import ConfigError
+    from mistralrs.loading import LoadContext, build_model, select_architecture
+    from tests.helpers.parity import TINY_DEFAULTS
+    from tests.parity.test_end_to_end import ARCHITECTURES
+
+    mod, cfg_cls, _, over = ARCHITECTURES["phi3"]
+    config = getattr(importlib.import_module(f"transformers.models.{mod}"), cfg_cls)(**{**TINY_DEFAULTS, **over})
+    config = config.to_dict()
+    spec = select_architecture(config)
+    with pytest.raises(ConfigError, match=r"does not know how to split 'model\.layers\.0\.self_attn\.qkv_proj'"):
+        build_model(spec, config, LoadContext(config=config, dtype=torch.float32, device=torch.device("meta"),
+                                              arch=spec, tensor_parallel=TensorParallel(0, 2)))

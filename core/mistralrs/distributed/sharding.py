@@ -63,17 +63,30 @@ def all_gather_last(t: torch.Tensor, size: int, full: int, group: Any = None) ->
     return torch.cat(parts, dim=-1)[..., :full]
 
 
-class VocabParallelEmbedding(Embedding):
-    """An `Embedding` holding rows [tp_start, tp_start + num_embeddings) of the table."""
+class VocabParallel(nn.Module):
+    """Mixed into a model's embedding class (`vocab_parallel_class`): the table holds rows
+    [tp_start, tp_start + num_embeddings); ids outside give zeros before the all-reduce. The
+    class's own forward (a family's multiplier) still runs, on the local ids."""
 
     tp_start = 0
     tp_group: Any = None
+    num_embeddings: int
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         local = input_ids - self.tp_start
         outside = (local < 0) | (local >= self.num_embeddings)
         x = super().forward(local.masked_fill(outside, 0))
         return all_reduce(x.masked_fill(outside.unsqueeze(-1), 0), self.tp_group)
+
+
+_VOCAB_PARALLEL: dict[type, type] = {}
+
+
+def vocab_parallel_class(cls: type) -> type:
+    """`cls` (an `Embedding` or a family's subclass) with `VocabParallel` in front."""
+    if cls not in _VOCAB_PARALLEL:
+        _VOCAB_PARALLEL[cls] = type(f"VocabParallel{cls.__name__}", (VocabParallel, cls), {})
+    return _VOCAB_PARALLEL[cls]
 
 
 def _select(dim: int, start: int, length: int) -> Any:
@@ -124,7 +137,7 @@ class TensorParallel:
                 start, size = self.vocab_shard(vocab)
                 module.num_embeddings = size
                 module.weight = nn.Parameter(torch.empty(size, module.embedding_dim), requires_grad=False)
-                module.__class__ = VocabParallelEmbedding
+                module.__class__ = vocab_parallel_class(type(module))
                 module.tp_start, module.tp_group = start, self.group  # type: ignore[assignment]
                 self.vocab.append(f"{name}.weight")
             elif isinstance(module, Linear):
@@ -135,6 +148,8 @@ class TensorParallel:
                 _, size = self.vocab_shard(vocab)
                 self._resize(module, out_features=size)
                 self.vocab.append(f"{name}.weight")
+                if module.has_bias:  # Phi-2's head
+                    self.vocab.append(f"{name}.bias")
             elif isinstance(module, (Attention, GatedMLP, MLP, SparseMoE)):
                 raise ConfigError(f"tensor parallelism does not know how to split {name!r} outside the decoder "
                                   f"layers ({type(model).__name__}); run this model with -tp 1")
