@@ -69,11 +69,15 @@ def _chat(url: str, content: str, max_tokens: int = 10, timeout: float = 60) -> 
         return {"status": exc.code, **json.loads(exc.read() or b"{}")}
 
 
-def test_python_api_tp2_same_answers(tiny):
+@pytest.mark.parametrize("name", ["moe", pytest.param("dense", marks=pytest.mark.slow),
+                                  pytest.param("gqa", marks=pytest.mark.slow), pytest.param("q8_0", marks=pytest.mark.slow)])
+def test_python_api_tp2_same_answers(tiny, name):
     from mistralrs import ChatCompletionRequest, Runner, Which
 
+    model_dir, isq = tiny[name]
+
     def answers(**kw):
-        runner = Runner(Which.Plain(model_id=str(tiny["moe"][0]), dtype="f32"), cpu=True, **kw)
+        runner = Runner(Which.Plain(model_id=str(model_dir), dtype="f32"), cpu=True, in_situ_quant=isq, **kw)
         try:
             out = []
             for text in ("hello there", "the sea is"):
@@ -124,11 +128,12 @@ class Serve:
 
 
 @pytest.mark.slow
-def test_serve_tp2_same_tokens_as_one_process(tiny):
-    model = str(tiny["gqa"][0])
+@pytest.mark.parametrize("name", ["dense", "gqa", "moe", "q8_0"])
+def test_serve_tp2_same_tokens_as_one_process(tiny, name):
+    model_dir, isq = tiny[name]
     answers = {}
     for tp in ("1", "2"):
-        server = Serve("-m", model, "--dtype", "f32", "-tp", tp)
+        server = Serve("-m", str(model_dir), "--dtype", "f32", "-tp", tp, *(("--isq", isq) if isq else ()))
         try:
             answers[tp] = [_chat(server.url, q)["choices"][0]["message"]["content"] for q in ("hi", "tell me more")]
         finally:
