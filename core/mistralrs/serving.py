@@ -203,7 +203,7 @@ def device_map_for(opts: ServiceOptions, device: str) -> Any:
         if any(t.device for t in topology_entries(topology)):
             return lambda model: dm.plan_from_topology(topology, len(decoder_layers(model)), primary=device,
                                                        accelerator=accelerator)
-    if accelerator is None or opts.tensor_parallel_size > 1:
+    if kind != "cuda" or opts.tensor_parallel_size > 1:  # automatic mapping: CUDA GPUs (then the CPU) only
         return None
     visible = dm.accelerators(kind)
     if not visible:

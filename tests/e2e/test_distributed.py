@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -98,16 +99,21 @@ def test_python_api_tp2_same_answers(tiny, name):
 class Serve:
     """`mistralrs serve ... --port 0`: URL from its first line, stderr kept, stopped at the end."""
 
-    def __init__(self, *argv: str, env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "mistralrs", "serve", *argv, "--port", "0",
-                                      "--host", "127.0.0.1"], stderr=subprocess.PIPE, text=True,
+    def __init__(self, *args: str, env: dict[str, str] | None = None, argv: list[str] | None = None) -> None:
+        argv = argv or [sys.executable, "-m", "mistralrs", "serve", *args, "--port", "0", "--host", "127.0.0.1"]
+        self.proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})})
         self.lines: list[str] = []
-        line = self.proc.stderr.readline()
-        m = re.search(r"on http://127\.0\.0\.1:(\d+)", line)
+        m = None
+        for _ in range(20):  # torchrun prints a banner first
+            line = self.proc.stderr.readline()
+            self.lines.append(line)
+            m = re.search(r"on http://127\.0\.0\.1:(\d+)", line)
+            if m or not line:
+                break
         if not m:
             self.proc.kill()
-            pytest.fail(f"unexpected first line {line!r}")
+            pytest.fail(f"no serving line in {self.lines!r}")
         threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True).start()
         self.url = f"http://127.0.0.1:{m.group(1)}"
         server_process.wait_healthy(self.url, self.proc)
@@ -185,35 +191,73 @@ def test_mn_variables_map_onto_rendezvous():
                                 "MISTRALRS_MN_HEAD_NUM_WORKERS": "2", "MISTRALRS_MN_HEAD_PORT": "1"})
 
 
-@pytest.mark.slow
-def test_torchrun_style_launch(tiny, tmp_path):
-    """Two `mistralrs serve` processes with torchrun's variables (what `torchrun --nproc-per-node 2
-    -m mistralrs serve ...` sets): rank 0 serves, rank 1 follows; same answers as one process."""
-    from mistralrs.distributed.world import free_port
+def _one_process_answer(model: str) -> str:
+    one = Serve("-m", model, "--dtype", "f32")
+    try:
+        return _chat(one.url, "hi")["choices"][0]["message"]["content"]
+    finally:
+        one.close()
 
-    model = str(tiny["gqa"][0])
-    port = str(free_port())
-    base = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "LOCAL_WORLD_SIZE": "2"}
-    follower = subprocess.Popen([sys.executable, "-m", "mistralrs", "serve", "-m", model, "--dtype", "f32",
-                                 "--port", "0"], env={**os.environ, **base, "RANK": "1", "LOCAL_RANK": "1"},
+
+def _two_launches(first: list[str], second: list[str], env1: dict, env2: dict, model: str, *,
+                  launcher_exit: bool = True) -> str:
+    """Start the follower side, then the serving side (its stderr gives the URL); ask; stop.
+    `launcher_exit` False: the serving side's launcher (torchrun) reports SIGTERM as a failure
+    itself, so only mistralrs's clean stop is checked there."""
+    follower = subprocess.Popen(second, env={**os.environ, "HF_HUB_OFFLINE": "1", **env2},
                                 stderr=subprocess.PIPE, text=True)
     try:
-        server = Serve("-m", model, "--dtype", "f32", env={**base, "RANK": "0", "LOCAL_RANK": "0"})
+        server = Serve(argv=first, env=env1)
         try:
-            two = _chat(server.url, "hi")["choices"][0]["message"]["content"]
+            answer = _chat(server.url, "hi")["choices"][0]["message"]["content"]
         finally:
             server.close()
-        follower.wait(60)
+        time.sleep(0.5)  # the reader thread collects the last lines
+        assert "mistralrs: stopped\n" in server.lines, "".join(server.lines)
+        if launcher_exit:
+            assert server.proc.returncode == 0, "".join(server.lines)
+        follower.wait(90)
         assert follower.returncode == 0, follower.stderr.read()
+        return answer
     finally:
         if follower.poll() is None:
             follower.kill()
             follower.wait()
-    one = Serve("-m", model, "--dtype", "f32")
-    try:
-        assert _chat(one.url, "hi")["choices"][0]["message"]["content"] == two
-    finally:
-        one.close()
+
+
+@pytest.mark.slow
+def test_torchrun_two_nodes_on_one_machine(tiny):
+    """docs/distributed.md's torchrun recipe with two "nodes" on this machine (one rank each):
+    node 0's rank serves HTTP, node 1's follows; same answer as one process."""
+    from mistralrs.distributed.world import free_port
+
+    model = str(tiny["gqa"][0])
+    port = str(free_port())
+
+    def torchrun(node: int) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+                "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port,
+                "-m", "mistralrs", "serve", "-m", model, "--cpu", "--dtype", "f32", "--port", "0",
+                "--host", "127.0.0.1"]
+
+    two = _two_launches(torchrun(0), torchrun(1), {}, {}, model, launcher_exit=False)
+    assert two == _one_process_answer(model)
+
+
+@pytest.mark.slow
+def test_mistralrs_mn_variables_two_nodes_on_one_machine(tiny):
+    """docs/distributed.md's MISTRALRS_MN_* recipe: a head node and a worker node (one rank each)."""
+    from mistralrs.distributed.world import free_port
+
+    model = str(tiny["gqa"][0])
+    port = str(free_port())
+    serve = [sys.executable, "-m", "mistralrs", "serve", "-m", model, "--cpu", "--dtype", "f32", "--port", "0",
+             "--host", "127.0.0.1"]
+    common = {"MISTRALRS_MN_GLOBAL_WORLD_SIZE": "2", "MISTRALRS_MN_LOCAL_WORLD_SIZE": "1"}
+    head = {**common, "MISTRALRS_MN_HEAD_NUM_WORKERS": "1", "MISTRALRS_MN_HEAD_PORT": port}
+    worker = {**common, "MISTRALRS_MN_WORKER_ID": "0", "MISTRALRS_MN_WORKER_SERVER_ADDR": f"127.0.0.1:{port}"}
+    two = _two_launches(serve, serve, head, worker, model)
+    assert two == _one_process_answer(model)
 
 
 # -- data parallelism -------------------------------------------------------------------------
