@@ -279,6 +279,9 @@ class ModelService:
         self.opts = opts
         self.registry = registry
         self.model_id = opts.model_id
+        if opts.data_parallel_size > 1:  # `serve` runs the replicas before any service exists
+            raise ConfigError("--data-parallel-size runs engine replicas behind `mistralrs serve`; other commands "
+                              "and the Python API run one engine (use -tp to split a model)")
 
         self.gguf_source = (None if opts.model_id == "demo" or opts.from_uqff
                             else resolve_gguf_source(opts, fetch_model, gguf_file_names))
