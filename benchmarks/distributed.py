@@ -47,9 +47,9 @@ LLAMA_70B = {
 def tp_communication(world: int, batch: int, nodes: int = 2) -> dict:
     import torch
 
+    from mistralrs.attention import AttentionBackend, KVCacheShape
     from mistralrs.distributed import sharding
     from mistralrs.distributed.sharding import TensorParallel
-    from mistralrs.attention import AttentionBackend, KVCacheShape
     from mistralrs.loading import LoadContext, build_model, select_architecture
 
     class ShapeOnlyAttention(AttentionBackend):
