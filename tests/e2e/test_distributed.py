@@ -383,3 +383,27 @@ def test_unsplittable_modules_are_named():
     with pytest.raises(ConfigError, match=r"does not know how to split 'model\.layers\.0\.self_attn\.qkv_proj'"):
         build_model(spec, config, LoadContext(config=config, dtype=torch.float32, device=torch.device("meta"),
                                               arch=spec, tensor_parallel=TensorParallel(0, 2)))
+
+
+@pytest.mark.slow
+def test_data_parallel_replica_dying_is_taken_out(tiny):
+    two = Serve("-m", str(tiny["gqa"][0]), "--dtype", "f32", "--data-parallel-size", "2")
+    try:
+        replicas = [p for p in child_pids(two.proc.pid)
+                    if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text(errors="ignore")]
+        assert len(replicas) == 2
+        two.children = replicas
+        os.kill(replicas[0], signal.SIGKILL)
+        deadline = time.time() + 30
+        alive = [True, True]
+        while time.time() < deadline and all(alive):
+            with urllib.request.urlopen(two.url + "/health", timeout=10) as r:
+                alive = [rep["alive"] for rep in json.loads(r.read())["replicas"]]
+            time.sleep(0.3)
+        assert sorted(alive) == [False, True]
+        answers = _concurrent(two.url, ["a", "b", "c"])
+        assert all(text is not None for text, _ in answers)
+        assert {replica for _, replica in answers} == {str(alive.index(True))}
+    finally:
+        two.close()
+    assert any("data-parallel replica" in line and "exited" in line for line in two.lines), "".join(two.lines)
