@@ -396,11 +396,17 @@ class ModelService:
         source = self.gguf_source
         assert source is not None
         self._gguf_eog = ()
-        if opts.isq or opts.topology:
-            raise ConfigError("--isq/--topology apply to safetensors models; a GGUF file is already quantized")
+        if opts.isq:
+            raise ConfigError("--isq applies to safetensors models; a GGUF file is already quantized")
+        if opts.topology:
+            from mistralrs.topology import load_topology
+
+            if any(t.isq for t in topology_entries(load_topology(opts.topology))):
+                raise ConfigError(f"{opts.topology}: isq entries apply to safetensors models; a GGUF file is already "
+                                  "quantized (its device entries place layers)")
         self.files = None
         self.loaded = load_gguf(source.paths, arch=opts.arch, dtype=opts.dtype, device=device, registry=registry,
-                                tokenizer_dir=source.tok_root, gqa=opts.gqa)
+                                tokenizer_dir=source.tok_root, gqa=opts.gqa, device_map=device_map_for(opts, device))
         tok_dir = source.tok_root
         if opts.tokenizer_json or tok_dir is not None:
             tok_path = Path(opts.tokenizer_json) if opts.tokenizer_json else tok_dir / "tokenizer.json"  # type: ignore[operator]

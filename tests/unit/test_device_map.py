@@ -214,3 +214,15 @@ def test_doctor_reports_the_distributed_setup():
     assert report["source"] == "torchrun" and report["rendezvous"]["world_size"] == 2
     bad = distributed_report({"MISTRALRS_MN_GLOBAL_WORLD_SIZE": "4"})
     assert "MISTRALRS_MN_HEAD_PORT" in bad["error"]
+
+
+def test_gguf_model_device_mapped(tiny, tmp_path):
+    """A GGUF file (q8_0 blocks) mapped over two CPU groups gives the unmapped model's tokens."""
+    from mistralrs.gguf.loading import load_gguf
+    from tests.helpers.gguf_writer import write_gguf
+
+    path = write_gguf(tiny, tmp_path / "tiny-Q8_0.gguf", outtype="q8_0")
+    ref, _ = _greedy(load_gguf(path, dtype="f32"))
+    plan = dm.plan_from_device_layers(dm.parse_device_layers("cpu:3", accelerator=None), 4)
+    out, backend = _greedy(load_gguf(path, dtype="f32", device_map=plan))
+    assert out == ref and [s.shape.num_layers for s in backend.subs] == [3, 1]
