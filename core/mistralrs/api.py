@@ -157,7 +157,7 @@ def _source_options(which: Any) -> dict[str, Any]:
     """The ServiceOptions fields that say where a `Which` model comes from."""
     if isinstance(which, (Which.GGUF, Which.GGML)):
         if which.topology:
-            raise ConfigError(f"Which.{type(which).__name__}(topology=...): device mapping is not implemented yet; "
+            raise ConfigError(f"Which.{type(which).__name__}(topology=...): topologies apply to safetensors models; "
                               "remove it")
         files = which.quantized_filename
         return dict(
@@ -367,6 +367,9 @@ class Runner:
         search_callback: Any = None,
         search_backend: str | None = None,
         mcp_client_config: Any = None,
+        num_device_layers: list[str] | str | None = None,
+        max_batch_size: int = 1,
+        tensor_parallel_size: int = 1,
         **unsupported: Any,
     ) -> None:
         from mistralrs.services import open_service
@@ -409,6 +412,11 @@ class Runner:
             pa_memory_mb=pa_gpu_mem,
             pa_memory_fraction=pa_gpu_mem_usage,
             pa_cache_type="f8e4m3" if pa_cache_type == PagedCacheType.F8E4M3 else "auto",
+            # mistral.rs passes "0:16;1:16" as ["0:16", "1:16"]
+            device_layers=";".join(num_device_layers) if isinstance(num_device_layers, (list, tuple))
+            else num_device_layers,
+            max_batch_size=max_batch_size,
+            tensor_parallel_size=tensor_parallel_size,
         )
         from mistralrs.plugins import get_registry
         from mistralrs.tools import build_toolbox

@@ -298,9 +298,6 @@ def validate(cfg: FromConfig) -> None:
             fail(f"{label} quantization.isq and quantization.in_situ_quant disagree; give one")
         if q.isq_organization not in (None, "default", "moqe"):
             fail(f"{label} quantization.isq_organization must be default or moqe, not {q.isq_organization!r}")
-        for key in ("device_layers",):
-            if getattr(m.device, key) is not None:
-                fail(f"{label} device.{key} is not supported yet in this build; remove it")
         if m.adapter or m.multimodal:
             fail(f"{label} {'adapter' if m.adapter else 'multimodal'} settings are not supported yet in this build")
 
@@ -334,6 +331,8 @@ def service_options(cfg: FromConfig, model: ModelEntry) -> Any:
         imatrix=model.quantization.imatrix,
         calibration_file=model.quantization.calibration_file,
         topology=model.device.topology,
+        device_layers=";".join(model.device.device_layers) if model.device.device_layers else None,
+        max_batch_size=model.device.max_batch_size or 1,
         max_seqs=rt.max_seqs,
         max_num_batched_tokens=rt.max_num_batched_tokens,
         max_seq_len=model.device.max_seq_len,

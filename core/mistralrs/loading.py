@@ -65,6 +65,10 @@ class LoadContext:
     arch: Any = None  # ArchitectureSpec
     model_dir: Path | None = None
     quant_method_for: Callable[[str, Any], Any] | None = None
+    # tensor parallelism (`distributed.sharding.TensorParallel`): `shard(model)` on the meta model
+    # before quantizers choose (they see the shard shapes), `tag(model)` after (which slice of each
+    # checkpoint tensor a parameter takes: its ``tp_select`` / ``tp_full_shape`` attributes)
+    tensor_parallel: Any = None
     extra: dict[str, Any] = attrs.field(factory=dict)
 
 
@@ -238,8 +242,9 @@ def _shared_param_groups(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
-def materialize(model: nn.Module, device: Any) -> None:
-    """Meta tensors -> uninitialised storage on `device` (``to_empty``). Buffers that were real
+def materialize(model: nn.Module, device: Any, device_of: Callable[[str], Any] | None = None) -> None:
+    """Meta tensors -> uninitialised storage on `device` (``to_empty``), or on ``device_of(module
+    name)`` per module (a device map, `device_placement.device_of`). Buffers that were real
     before (built with an explicit device) are restored; shared parameters stay shared;
     modules with ``reset_buffers()`` recompute their non-persistent buffers, and modules with
     ``after_materialize()`` may re-lay out their parameters (before any weight is loaded)."""
@@ -253,7 +258,11 @@ def materialize(model: nn.Module, device: Any) -> None:
         (id(module), name): dict(p.__dict__)
         for module in model.modules() for name, p in module._parameters.items() if p is not None and p.__dict__
     }
-    model.to_empty(device=device)
+    if device_of is None:
+        model.to_empty(device=device)
+    else:
+        for mod_name, module in model.named_modules(remove_duplicate=False):
+            module.to_empty(device=device_of(mod_name), recurse=False)
     for module in model.modules():
         for name, p in module._parameters.items():
             extra = attributes.get((id(module), name))
@@ -264,7 +273,7 @@ def materialize(model: nn.Module, device: Any) -> None:
             for bname in list(module._buffers):
                 full = f"{mod_name}.{bname}" if mod_name else bname
                 if full in real_buffers:
-                    module._buffers[bname] = real_buffers[full].to(device)
+                    module._buffers[bname] = real_buffers[full].to(device if device_of is None else device_of(mod_name))
     for group in shared:
         first_mod, first_name = group[0]
         p = first_mod._parameters[first_name]
@@ -298,6 +307,8 @@ def build_model(spec: ArchitectureSpec, config: dict, ctx: LoadContext) -> nn.Mo
     try:
         with torch.device("meta"):
             model = cls(config, ctx)
+            if ctx.tensor_parallel is not None:
+                ctx.tensor_parallel.shard(model)
             _cast_floating_params(model, ctx.dtype)
             if ctx.quant_method_for is not None:
                 # A model may limit ISQ to one module (vision models: their language model; mistral.rs
@@ -310,6 +321,8 @@ def build_model(spec: ArchitectureSpec, config: dict, ctx: LoadContext) -> nn.Mo
                     if method is not None:
                         layer.set_quant_method(method)
                 _cast_floating_params(model, ctx.dtype)
+            if ctx.tensor_parallel is not None:
+                ctx.tensor_parallel.tag(model)
     except MistralRsError:
         raise
     except Exception as exc:
@@ -487,12 +500,13 @@ def load_tensor_stream(model: nn.Module, tensors: Iterable[tuple[Path, str, tupl
                 for part_name, select in parts:
                     part_dest, value = expected.get(part_name), select(tensor)
                     part_loader = getattr(part_dest, "weight_loader", None)
-                    if part_dest is None or (part_loader is None and tuple(part_dest.shape) != tuple(value.shape)):
+                    if part_dest is None or (part_loader is None and _full_shape(part_dest) != tuple(value.shape)):
                         raise ModelLoadError(
                             f"{_short(path)}: tensor {key!r} splits into {part_name!r} of shape "
                             f"{list(value.shape)}, which {arch_name} does not have; config.json does not match "
                             "the weights"
                         )
+                    value = _shard_of(part_dest, value)
                     part_loader(part_dest, value) if part_loader is not None else part_dest.copy_(value)
                     nbytes += part_dest.numel() * part_dest.element_size()
                     filled.add(part_name)
@@ -504,12 +518,12 @@ def load_tensor_stream(model: nn.Module, tensors: Iterable[tuple[Path, str, tupl
                     "does not match config.json or the architecture - check 'architectures' / --arch"
                 )
             loader = getattr(dest, "weight_loader", None)
-            if loader is None and tuple(dest.shape) != shape:
+            if loader is None and _full_shape(dest) != shape:
                 raise ModelLoadError(
                     f"{_short(path)}: tensor {key!r} has shape {list(shape)} but {arch_name} expects "
                     f"{list(dest.shape)}; config.json does not match the weights"
                 )
-            tensor = read()
+            tensor = _shard_of(dest, read())
             bar.update()
             if loader is not None:
                 loader(dest, tensor)
@@ -530,6 +544,17 @@ def load_tensor_stream(model: nn.Module, tensors: Iterable[tuple[Path, str, tupl
             "the weights are incomplete or belong to another architecture"
         )
     return nbytes
+
+
+def _full_shape(param: Any) -> tuple[int, ...]:
+    """The checkpoint shape a parameter takes: its own, or the whole tensor it is a shard of."""
+    return tuple(getattr(param, "tp_full_shape", None) or param.shape)
+
+
+def _shard_of(param: Any, tensor: Any) -> Any:
+    """A tensor-parallel parameter's slice of a checkpoint tensor (``tp_select``); else the tensor."""
+    select = getattr(param, "tp_select", None)
+    return select(tensor) if select is not None else tensor
 
 
 def _owns_storage(t: torch.Tensor) -> bool:
@@ -558,9 +583,19 @@ def init_dummy_weights(model: nn.Module, seed: int = 0, *, action: str | None = 
                 loader = getattr(p, "weight_loader", None)
                 if loader is not None and p.is_floating_point():
                     # e.g. ISQ: the loader quantizes; give it the values the plain model would get
-                    value = torch.empty(p.shape, dtype=p.dtype)
+                    value = torch.empty(_full_shape(p), dtype=p.dtype)
                     _fill_normal(value.view(-1), gen)
-                    loader(p, value)
+                    loader(p, _shard_of(p, value))
+                    nbytes += p.numel() * p.element_size()
+                    continue
+                if getattr(p, "tp_select", None) is not None and p.is_floating_point():
+                    # a tensor-parallel shard: draw the whole tensor, as one process would, keep the slice
+                    value = torch.empty(_full_shape(p), dtype=p.dtype)
+                    if isinstance(module, (RMSNorm, LayerNorm)) or "norm" in type(module).__name__.lower():
+                        value.fill_(0.0 if (pname == "bias" or getattr(module, "add_unit_offset", False)) else 1.0)
+                    else:
+                        _fill_normal(value.view(-1), gen)
+                    p.copy_(_shard_of(p, value))
                     nbytes += p.numel() * p.element_size()
                     continue
                 if isinstance(module, (RMSNorm, LayerNorm)) or "norm" in type(module).__name__.lower():
@@ -705,6 +740,24 @@ def finish_loading(model: nn.Module, quant_method_for: Callable[[str, Any], Any]
 # ------------------------------------------------------------------------------- load_model
 
 
+def place_on_meta(model: nn.Module, device_map: Any) -> tuple[Any, Callable[[str], Any] | None]:
+    """The device map's placement for a meta-device model (None when trivial: one device) and its
+    module -> device function for `materialize`; layers of the plan's fp32 groups are cast here."""
+    if device_map is None:
+        return None, None
+    placement = device_map(model) if callable(device_map) else device_map
+    if placement is None or placement.trivial:
+        return None, None
+    import torch
+
+    from mistralrs.device_placement import decoder_layers, device_of, float32_layers
+
+    for layer in float32_layers(model, placement):
+        _cast_floating_params(layer, torch.float32)
+    return placement, device_of(placement, decoder_layers(model))
+
+
+
 def load_model(
     source: Any,
     *,
@@ -716,8 +769,14 @@ def load_model(
     quant_method_for: Callable[[str, Any], Any] | None = None,
     seed: int = 0,
     kind: str | None = None,
+    device_map: Any = None,
+    tensor_parallel: Any = None,
 ) -> LoadedModel:
-    """Load a model directory (or hub.ModelFiles) into a ready-to-run model. See the module doc."""
+    """Load a model directory (or hub.ModelFiles) into a ready-to-run model. See the module doc.
+
+    `device_map`: a `device_map.Placement`, or ``f(meta model) -> Placement | None`` (the automatic
+    fit needs the built model's sizes). `tensor_parallel`: this rank's
+    `distributed.sharding.TensorParallel`."""
     import torch
 
     from mistralrs.dtypes import resolve_dtype
@@ -744,12 +803,16 @@ def load_model(
                                  "dummy-weight mode; load its weights")
         # --isq on a pre-quantized checkpoint: load as published, then re-quantize (dequantized) in place
         isq_after, quant_method_for = quant_method_for, None
+    if tensor_parallel is not None and prequantized is not None:
+        raise ModelLoadError(f"{config_path}: tensor parallelism splits float checkpoints (and --isq); a "
+                             f"pre-quantized {prequantized[0].name} checkpoint cannot be split yet - use -tp 1")
     ctx = LoadContext(config=config, dtype=torch_dtype, device=dev, registry=registry, arch=spec,
-                      model_dir=root, quant_method_for=quant_method_for)
+                      model_dir=root, quant_method_for=quant_method_for, tensor_parallel=tensor_parallel)
     model = build_model(spec, config, ctx)
     if prequantized is not None:
         assign_checkpoint_methods(model, prequantized, checkpoint_names(weight_files), torch_dtype)
-    materialize(model, dev)
+    placement, device_of = place_on_meta(model, device_map)
+    materialize(model, dev, device_of)
     if dummy_weights:
         nbytes = init_dummy_weights(model, seed, action="quantizing" if quant_method_for is not None else None)
         weight_files = []
@@ -761,6 +824,10 @@ def load_model(
         from mistralrs.requantize import requantize
 
         requantize(model, isq_after)
+    if placement is not None:
+        from mistralrs.device_placement import install
+
+        install(model, placement)
     return LoadedModel(
         model=model, config=config, arch=spec, dtype=torch_dtype, device=dev, model_dir=root,
         weight_files=tuple(weight_files), dummy_weights=dummy_weights,
@@ -798,9 +865,7 @@ def build_attention_backend(
     supports the device/dtype/head_dim) for the model's KV-cache shape. num_blocks=0: no cache."""
     import torch
 
-    from mistralrs.attention import KVCacheShape
     from mistralrs.dtypes import resolve_dtype
-    from mistralrs.specs import resolve
 
     inner = _model_of(model)
     if registry is None:
@@ -808,8 +873,30 @@ def build_attention_backend(
 
         registry = get_registry()
     dev = torch.device(device)
-    cache_dtype = resolve_dtype(dtype, dev) if dtype is not None else _model_dtype(inner)
     kv = dict(inner.kv_cache_shape())
+    placement = getattr(inner, "device_placement", None)
+    if placement is not None:
+        # a device-mapped model: one backend per group, on its device, for its own layers
+        from mistralrs.device_placement import MappedBackend, layer_map
+
+        subs = []
+        for g, group_device in enumerate(placement.groups):
+            count = len(placement.layers_of(g))
+            group_dtype = dtype if dtype is not None else (torch.float32 if g in placement.float32_groups
+                                                           else _model_dtype(inner))
+            subs.append(_backend_for(registry, name, {**kv, "num_layers": count}, num_blocks, block_size,
+                                     resolve_dtype(group_dtype, torch.device(group_device)),
+                                     torch.device(group_device)))
+        return MappedBackend(subs, layer_map(placement))
+    cache_dtype = resolve_dtype(dtype, dev) if dtype is not None else _model_dtype(inner)
+    return _backend_for(registry, name, kv, num_blocks, block_size, cache_dtype, dev)
+
+
+def _backend_for(registry: Any, name: str | None, kv: dict[str, Any], num_blocks: int, block_size: int,
+                 cache_dtype: Any, dev: Any) -> Any:
+    from mistralrs.attention import KVCacheShape
+    from mistralrs.specs import resolve
+
     if name:
         spec = registry.attention_backends.get(name)
     else:

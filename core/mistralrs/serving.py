@@ -48,7 +48,12 @@ class ServiceOptions:
     # quantization (docs/quantization.md)
     isq: str | None = None  # --isq / in_situ_quant: a type name or a bit count
     isq_organization: str | None = None  # default | moqe
-    topology: str | None = None  # --topology YAML: per-layer isq (and device, once device mapping exists)
+    topology: str | None = None  # --topology YAML: per-layer isq and device
+    # device mapping and distribution (docs/distributed.md)
+    device_layers: str | None = None  # -n/--device-layers "0:16;1:16"
+    max_batch_size: int = 1  # --max-batch-size: the automatic device map's reservation (with max_seq_len)
+    tensor_parallel_size: int = 1  # -tp N: N local ranks (or the torchrun world)
+    data_parallel_size: int = 1  # --data-parallel-size N: N engine replica processes
     # UQFF (docs/uqff.md): --from-uqff shards (;-separated) instead of the weights; write_uqff: after an
     # ISQ load, save the quantized model as UQFF (a .uqff path or a directory)
     from_uqff: tuple[str, ...] = attrs.field(default=(), converter=lambda v: tuple(
@@ -173,12 +178,50 @@ def isq_plan(opts: ServiceOptions, device: str, registry: Any) -> Any:
             return None
 
         topology = load_topology(opts.topology, validate_isq=validate)
-        if any(t.device for t in topology_entries(topology)):
-            log.warning("%s: device placement is parsed and checked, but device mapping is not implemented yet: "
-                        "every layer runs on %s", opts.topology, device)
     plan = IsqPlan(opts.isq, device_type=kind, registry=registry, topology=topology,
                    organization=opts.isq_organization)
     return plan if plan.active else None
+
+
+def device_map_for(opts: ServiceOptions, device: str) -> Any:
+    """What places the layers (`loading.load_model`'s `device_map`): ``-n``, else the topology's
+    ``device:`` keys, else on an accelerator the automatic fit (everything on `device` when it
+    fits); None on the CPU. A function of the meta-device model, which knows its layer count."""
+    from mistralrs import device_map as dm
+    from mistralrs.device_placement import decoder_layers
+    from mistralrs.nn.kernels import device_type_of
+
+    kind = device_type_of(device)
+    accelerator = None if kind == "cpu" else kind
+    if opts.device_layers:
+        entries = dm.parse_device_layers(opts.device_layers, accelerator=accelerator)
+        return lambda model: dm.plan_from_device_layers(entries, len(decoder_layers(model)))
+    if opts.topology:
+        from mistralrs.topology import load_topology
+
+        topology = load_topology(opts.topology)
+        if any(t.device for t in topology_entries(topology)):
+            return lambda model: dm.plan_from_topology(topology, len(decoder_layers(model)), primary=device,
+                                                       accelerator=accelerator)
+    if kind != "cuda" or opts.tensor_parallel_size > 1:  # automatic mapping: CUDA GPUs (then the CPU) only
+        return None
+    visible = dm.accelerators(kind)
+    if not visible:
+        return None
+
+    first = device if ":" in device else f"{device}:0" if kind == "cuda" else device
+
+    def automatic(model: Any) -> Any:
+        sizes = dm.model_sizes(model, model.kv_cache_shape())
+        capacities = dm.free_memory([first, *(d for d in visible if d != first)])
+        cpu_free = dm.free_memory(["cpu"])[0].free_bytes
+        plan = dm.auto_plan(sizes, capacities, max_seq_len=opts.max_seq_len or 4096,
+                            max_batch_size=opts.max_batch_size, cpu_free_bytes=cpu_free)
+        if not plan.trivial:
+            log.info("automatic device map: %s", "; ".join(f"{r['device']}: {r['layers']}" for r in plan.summary()))
+        return plan
+
+    return automatic
 
 
 def topology_entries(topology: Any) -> list[Any]:
@@ -225,7 +268,9 @@ class ModelService:
     kind = "text"  # frontends route chat and completions here (embedding models: EmbeddingService)
     processor: Any = None  # a vision architecture's input processor (images -> tokens + MmItems)
 
-    def __init__(self, opts: ServiceOptions, *, registry: Any = None) -> None:
+    world: Any = None  # the tensor-parallel `distributed.world.World`, when distributed
+
+    def __init__(self, opts: ServiceOptions, *, registry: Any = None, world: Any = None) -> None:
         from mistralrs.gguf.files import resolve_gguf_source
         from mistralrs.hub import fetch_model, gguf_file_names
 
@@ -236,6 +281,9 @@ class ModelService:
         self.opts = opts
         self.registry = registry
         self.model_id = opts.model_id
+        if opts.data_parallel_size > 1:  # `serve` runs the replicas before any service exists
+            raise ConfigError("--data-parallel-size runs engine replicas behind `mistralrs serve`; other commands "
+                              "and the Python API run one engine (use -tp to split a model)")
 
         self.gguf_source = (None if opts.model_id == "demo" or opts.from_uqff
                             else resolve_gguf_source(opts, fetch_model, gguf_file_names))
@@ -244,6 +292,14 @@ class ModelService:
         if self.gguf_source is None and opts.gqa != 1:
             log.warning("--gqa %d is ignored: it applies to legacy GGML files only", opts.gqa)
         device = pick_device(registry, cpu=opts.cpu, device=opts.device)
+        self.world = world if world is not None else self._join_world(opts, device)
+        if self.world is not None:
+            device = self.world.device
+            if self.gguf_source is not None or opts.from_uqff:
+                raise ConfigError("tensor parallelism splits safetensors models (float, or --isq); a GGUF or UQFF "
+                                  "model runs with -tp 1")
+            if opts.device_layers:
+                raise ConfigError("-n/--device-layers and tensor parallelism conflict; give one")
         if self.gguf_source is not None:
             self._init_gguf(opts, registry, device)
         elif opts.from_uqff:
@@ -262,8 +318,16 @@ class ModelService:
             layers = read_config(self.files.config).get("num_hidden_layers")
             if isinstance(layers, int):
                 plan.topology.check_layers(layers)
+        tensor_parallel = None
+        if self.world is not None:
+            from mistralrs.distributed.sharding import TensorParallel
+
+            tensor_parallel = TensorParallel(self.world.rank, self.world.size)
         self.loaded = load_quantized(self.files, opts, plan, device, registry,
-                                     tokenizer=lambda: tokenizer_of(opts, self.files.root))
+                                     tokenizer=lambda: tokenizer_of(opts, self.files.root),
+                                     tensor_parallel=tensor_parallel)
+        if self.world is not None and self.loaded.arch.processor is not None:
+            raise ConfigError(f"{opts.model_id}: tensor parallelism does not split vision models yet; use -tp 1")
         if self.loaded.arch.kind_of_model == "embedding":
             raise ConfigError(f"{opts.model_id} is an embedding model ({self.loaded.arch.name}): it makes embeddings, "
                               "not text; serve it (`mistralrs serve -m ...`, POST /v1/embeddings) or use Which.Embedding")
@@ -334,11 +398,17 @@ class ModelService:
         source = self.gguf_source
         assert source is not None
         self._gguf_eog = ()
-        if opts.isq or opts.topology:
-            raise ConfigError("--isq/--topology apply to safetensors models; a GGUF file is already quantized")
+        if opts.isq:
+            raise ConfigError("--isq applies to safetensors models; a GGUF file is already quantized")
+        if opts.topology:
+            from mistralrs.topology import load_topology
+
+            if any(t.isq for t in topology_entries(load_topology(opts.topology))):
+                raise ConfigError(f"{opts.topology}: isq entries apply to safetensors models; a GGUF file is already "
+                                  "quantized (its device entries place layers)")
         self.files = None
         self.loaded = load_gguf(source.paths, arch=opts.arch, dtype=opts.dtype, device=device, registry=registry,
-                                tokenizer_dir=source.tok_root, gqa=opts.gqa)
+                                tokenizer_dir=source.tok_root, gqa=opts.gqa, device_map=device_map_for(opts, device))
         tok_dir = source.tok_root
         if opts.tokenizer_json or tok_dir is not None:
             tok_path = Path(opts.tokenizer_json) if opts.tokenizer_json else tok_dir / "tokenizer.json"  # type: ignore[operator]
@@ -390,6 +460,10 @@ class ModelService:
         num_blocks = 0 if opts.no_kv_cache else kv_cache_blocks(
             opts, bytes_per_block=probe.bytes_per_block(), device=device, max_model_len=self.max_model_len
         )
+        if self.world is not None:
+            from mistralrs.distributed.world import agree_min
+
+            num_blocks = agree_min(num_blocks, self.world)  # every rank's pool has the same block ids
         self.backend = build_attention_backend(
             self.loaded, name=self._backend_name(), num_blocks=num_blocks, block_size=opts.pa_blk_size,
             dtype=kv_dtype, device=device, registry=registry,
@@ -407,6 +481,10 @@ class ModelService:
             vocab_size=config.get("vocab_size"),
             request_log=_request_log(opts.log_file, self.tokenizer),
         )
+        if self.world is not None and self.world.is_leader:
+            from mistralrs.distributed.steps import LeaderRunner
+
+            self.engine.runner = LeaderRunner(self.loaded.model, self.backend, device, self.world)
         self.device = device
         self._warm_up()
         log.info(
@@ -432,6 +510,16 @@ class ModelService:
                 f"{self.opts.model_id}: a one-token test forward failed ({type(exc).__name__}: {exc}); "
                 "the model or its plugin is broken"
             ) from exc
+
+    @staticmethod
+    def _join_world(opts: ServiceOptions, device: str) -> Any:
+        """`-tp N` or a launcher's environment: join (or create) the tensor-parallel world."""
+        from mistralrs.distributed.world import join_world, rendezvous_from_env
+        from mistralrs.nn.kernels import device_type_of
+
+        if rendezvous_from_env(opts.tensor_parallel_size) is None:
+            return None
+        return join_world(opts, device_type_of(device))
 
     def _backend_name(self) -> str | None:
         if self.opts.attention_backend:
@@ -491,6 +579,8 @@ class ModelService:
         from mistralrs.quantization import IsqPlan
         from mistralrs.requantize import requantize
 
+        if self.world is not None:
+            raise ConfigError("re-ISQ of a tensor-parallel model is not supported; restart it with --isq")
         plan = IsqPlan(isq, device_type=device_type_of(str(self.loaded.device)), registry=self.registry,
                        organization=self.opts.isq_organization, source="ggml_type")
         counts = self.engine.call_between_steps(lambda: requantize(self.loaded.model, plan)).result()
@@ -500,6 +590,12 @@ class ModelService:
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+        if self.world is not None:
+            self.world.closing = True
+            stop = getattr(self.engine.runner, "stop_followers", None)
+            if stop is not None:
+                stop()
+            self.world.close()
 
 
 def _request_log(path: str | None, tokenizer: Any) -> Any:
@@ -522,7 +618,7 @@ def tokenizer_of(opts: ServiceOptions, root: Path) -> Any:
 
 
 def load_quantized(files: Any, opts: ServiceOptions, plan: Any, device: str, registry: Any, *,
-                   tokenizer: Any = None, kind: str | None = None) -> Any:
+                   tokenizer: Any = None, kind: str | None = None, tensor_parallel: Any = None) -> Any:
     """`load_model` with the ISQ plan (None: float). ``--imatrix``: the plan's quantizers get each
     layer's importance. ``--calibration-file``: the model first loads in float and the text runs
     through it to collect the imatrix; that model is dropped and the ISQ load runs with the
@@ -531,9 +627,12 @@ def load_quantized(files: Any, opts: ServiceOptions, plan: Any, device: str, reg
     `kind`: the architecture kind to choose (``embedding``; None: a generative one first)."""
     from mistralrs.loading import load_model
 
+    device_map = device_map_for(opts, device)
+
     def load(quant_method_for: Any) -> Any:
         return load_model(files, arch=opts.arch, dtype=opts.dtype, device=device, dummy_weights=opts.dummy_weights,
-                          registry=registry, seed=opts.seed or 0, quant_method_for=quant_method_for, kind=kind)
+                          registry=registry, seed=opts.seed or 0, quant_method_for=quant_method_for, kind=kind,
+                          device_map=device_map, tensor_parallel=tensor_parallel)
 
     if plan is not None and opts.imatrix:
         from mistralrs.imatrix import read_imatrix

@@ -114,7 +114,7 @@ def test_bad_config_exits_2_naming_file_and_key(tmp_path):
     (["serve", "-m", "demo", "--isq", "q4kk"], "--isq 'q4kk' is not a quantization type; choose one of"),
     (["serve", "-m", "demo", "--isq", "7"], "--isq 7: no quantization type answers to 7 bits on cpu"),
     (["run", "-m", "demo", "--from-uqff", "x.uqff", "--isq", "q4k", "-i", "x"], "--from-uqff and --isq conflict"),
-    (["run", "-m", "demo", "-n", "0:4", "-i", "x"], "--device-layers is not supported yet"),
+    (["run", "-m", "demo", "--cpu", "-n", "0:4", "-i", "x"], "device ordinal 0 names a GPU"),
     (["run", "-m", "demo", "--lora", "a=b", "-i", "x"], "--lora is not supported yet"),
     (["quantize", "-m", "demo", "-o", "out/"], "quantize needs --isq TYPE"),
     (["serve", "-m", "demo", "--pa-context-len", "10", "--pa-memory-mb", "5"], "mutually exclusive"),

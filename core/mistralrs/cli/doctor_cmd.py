@@ -399,6 +399,27 @@ def collect() -> dict[str, Any]:
             checks.add("devices", "error", "no device is available (not even the CPU)",
                        "reinstall mistralrs: its device plugins are missing")
 
+    # distribution (docs/distributed.md).
+    if torch is not None:
+        from mistralrs.distributed.world import distributed_report
+
+        dist_report = distributed_report()
+        report["distributed"] = dist_report
+        if dist_report.get("error"):
+            checks.add("distributed", "error", dist_report["error"], "fix the MISTRALRS_MN_* / torchrun variables")
+        elif not dist_report.get("available"):
+            checks.add("distributed", "info", "torch.distributed is not available: -tp and multi-node need it")
+        else:
+            backends = ", ".join(b for b, ok in dist_report["backends"].items() if ok) or "none"
+            gpus = dist_report["cuda_devices"]
+            span = f"{gpus} CUDA device(s): -tp up to {gpus} on this node" if gpus else "CPU ranks (gloo)"
+            world = dist_report.get("rendezvous")
+            described = (f"; this environment describes a world of {world['world_size']} ({dist_report['source']})"
+                         if world else "")
+            checks.add("distributed", "ok", f"torch.distributed with {backends}; {span}{described}")
+        if dist_report.get("ring"):
+            checks.add("ring", "warn", dist_report["ring"], "unset RING_CONFIG")
+
     # triton.
     triton = _triton()
     report["triton"] = triton

@@ -11,7 +11,6 @@ MODEL_KINDS = ("auto", "text", "multimodal", "vision", "embedding", "speech", "d
 # Flags of mistral.rs's CLI whose capability this build does not have yet: they parse, and
 # using one is a clear "not supported yet" error naming what it waits for.
 PENDING_FLAGS: dict[str, str] = {
-    "device_layers": "device mapping",
     "enable_lora": "LoRA adapters",
     "lora": "LoRA adapters",
     "xlora": "X-LoRA adapters",
@@ -59,7 +58,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, runtime: bool = True
     dev.add_argument("--hf-cache", help="Hugging Face hub cache directory")
     dev.add_argument("--max-seq-len", type=_positive_int, help="context length (default: from config.json)")
     dev.add_argument("--max-batch-size", type=_positive_int, default=1, help="device-map planning (default 1)")
-    dev.add_argument("-n", "--device-layers", help="manual layer split ORD:NUM;... (not supported yet)")
+    dev.add_argument("-n", "--device-layers", help="manual layer split ORD:NUM;... (e.g. 0:16;1:16; cpu:8), "
+                                                   "remaining layers on the CPU (docs/distributed.md)")
     dev.add_argument("--topology", help="per-layer ISQ (and device) YAML: ranges, indices, /regex/ selectors")
     fmt = parser.add_argument_group("format and quantization")
     fmt.add_argument("--format", choices=["plain", "gguf", "ggml"],
@@ -109,6 +109,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, runtime: bool = True
         rt.add_argument("-c", "--chat-template", help="chat template file (.json or .jinja)")
         rt.add_argument("-j", "--jinja-explicit", help="a .jinja chat template that overrides all others")
         rt.add_argument("--seed", type=int, help="sampling seed")
+        dist = parser.add_argument_group("distributed (docs/distributed.md)")
+        dist.add_argument("-tp", "--tensor-parallel-size", type=_positive_int, default=1,
+                          help="split every layer over N ranks: N local worker processes, or the torchrun world")
+        dist.add_argument("--data-parallel-size", "-dp", type=_positive_int, default=1,
+                          help="N engine replica processes behind one server (load- and prefix-aware routing)")
 
 
 def check_supported(args: argparse.Namespace) -> None:
@@ -171,6 +176,10 @@ def options_from_args(args: argparse.Namespace) -> Any:
         max_seqs=getattr(args, "max_seqs", 32),
         max_num_batched_tokens=getattr(args, "max_num_batched_tokens", 4096),
         max_seq_len=args.max_seq_len,
+        device_layers=getattr(args, "device_layers", None),
+        max_batch_size=getattr(args, "max_batch_size", 1) or 1,
+        tensor_parallel_size=getattr(args, "tensor_parallel_size", 1) or 1,
+        data_parallel_size=getattr(args, "data_parallel_size", 1) or 1,
         no_kv_cache=getattr(args, "no_kv_cache", False),
         prefix_cache_n=getattr(args, "prefix_cache_n", 16),
         seed=getattr(args, "seed", None),
@@ -188,6 +197,15 @@ def options_from_args(args: argparse.Namespace) -> Any:
         from mistralrs.serving import check_device
 
         check_device(get_registry(), opts.device)  # exit code 2 before anything loads
+    if opts.device_layers:
+        # a bad -n fails now, with exit code 2 (an ordinal on a CPU-only machine included)
+        from mistralrs.device_map import parse_device_layers
+        from mistralrs.nn.kernels import device_type_of
+        from mistralrs.plugins import get_registry
+        from mistralrs.serving import pick_device
+
+        kind = device_type_of(pick_device(get_registry(), cpu=opts.cpu, device=opts.device))
+        parse_device_layers(opts.device_layers, accelerator=None if kind == "cpu" else kind)
     if opts.quant:
         from mistralrs.gguf.files import preference
 

@@ -65,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--json", action="store_true", help="print the analysis as JSON")
     t.add_argument("--emit-config", metavar="FILE",
                    help="write a `mistralrs from-config` TOML file with the recommended settings")
+    t.add_argument("--plan-devices", metavar="DEVICE=SIZE;...",
+                   help="propose a device map for these devices (e.g. cuda:0=24GB;cuda:1=24GB) instead of this "
+                        "machine's GPUs (docs/distributed.md)")
 
 
 # ----------------------------------------------------------------------------- model shape
@@ -163,7 +166,10 @@ def meta_shape(config: dict, arch: str | None, dtype: Any, registry: Any) -> dic
             key = "other"
         groups[key] += p.numel()
     kv = dict(model.kv_cache_shape())  # type: ignore[operator]
-    return {"params": groups, "kv": kv, "method": f"architecture {spec.name} (meta build)", "architecture": spec.name}
+    from mistralrs.device_map import model_sizes
+
+    return {"params": groups, "kv": kv, "method": f"architecture {spec.name} (meta build)", "architecture": spec.name,
+            "sizes": model_sizes(model, kv)}
 
 
 # ----------------------------------------------------------------------------- memory
@@ -353,6 +359,7 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
                      + ("" if device == "cpu" else "; try --cpu to use system RAM"))
     kv = shape["kv"]
     kv_per_token = kv_elements_per_token(kv)
+    device_map = propose_device_map(args, shape, options, chosen, device, memory, max_context, notes)
     return {
         "model_id": args.model_id,
         "config": source,
@@ -371,8 +378,46 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
         "recommended_command": serve_command(args, chosen) if chosen else None,
         "isq_available": sorted(quantizers),
         "prequantized": published,
+        "device_map": device_map,
         "notes": notes,
     }
+
+
+def propose_device_map(args: argparse.Namespace, shape: dict[str, Any], options: list[dict[str, Any]],
+                       chosen: str | None, device: str, memory: dict[str, Any], max_context: int,
+                       notes: list[str]) -> dict[str, Any] | None:
+    """The automatic device map (`device_map.auto_plan`) for the recommended level on this
+    machine's GPUs, or on ``--plan-devices``; and the -tp sizes the heads allow."""
+    from mistralrs import device_map as dm
+    from mistralrs.errors import ConfigError
+
+    sizes = shape.get("sizes")
+    if sizes is None:
+        return None
+    tp = dm.tensor_parallel_sizes(sizes.num_heads, int(shape["kv"].get("num_kv_heads") or 1))
+    result: dict[str, Any] = {"tensor_parallel_sizes": tp, "max_seq_len": args.max_seq_len or 4096,
+                              "max_batch_size": getattr(args, "max_batch_size", 1) or 1}
+    if args.plan_devices:
+        caps = dm.parse_capacities(args.plan_devices)
+    elif device != "cpu":
+        caps = dm.free_memory(dm.accelerators(device))
+    else:
+        result["plan"] = None
+        return result
+    none = next((o for o in options if o["quant"] == "none"), None)
+    pick = next((o for o in options if o["quant"] == chosen), None) if chosen else None
+    if none is not None and pick is not None and none["size_bytes"]:
+        sizes = dm.scaled(sizes, pick["size_bytes"] / none["size_bytes"], quantized=chosen != "none")
+    try:
+        plan = dm.auto_plan(sizes, caps, max_seq_len=result["max_seq_len"], max_batch_size=result["max_batch_size"],
+                            cpu_free_bytes=memory.get("ram_budget_bytes") or memory.get("available_bytes"))
+    except ConfigError as exc:
+        notes.append(f"device map: {exc}")
+        result["plan"] = None
+        return result
+    result.update(devices=[{"device": c.device, "free_bytes": c.free_bytes} for c in caps], plan=plan.summary(),
+                  device_layers=None if plan.trivial else dm.device_layers_spec(plan), quant=chosen)
+    return result
 
 
 # ----------------------------------------------------------------------------- output
@@ -444,6 +489,21 @@ def print_report(report: dict[str, Any], emit_config: str | None) -> None:
     others = ", ".join(f"{p} -> {q or 'none fits'}" for p, q in report["recommended_per_profile"].items()
                        if p != report["profile"])
     print(f"[INFO] Other profiles: {others}")
+    dmap = report.get("device_map")
+    if dmap:
+        print()
+        print("Device Map")
+        print("----------")
+        if dmap.get("plan"):
+            rows = [[r["device"], r["layers"], r["dtype"]] for r in dmap["plan"]]
+            print(render_table(["Device", "Layers", "Dtype"], rows))
+            print(f"  -n {dmap['device_layers']}" if dmap.get("device_layers") else
+                  "  everything fits the first device: no -n needed")
+        else:
+            print("  (CPU only: nothing to map; give --plan-devices to plan for GPUs)")
+        print(f"  reserving KV and activations for --max-seq-len {dmap['max_seq_len']} x "
+              f"--max-batch-size {dmap['max_batch_size']}")
+        print(f"  tensor parallel sizes the heads allow: {', '.join(map(str, dmap['tensor_parallel_sizes']))}")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,12 +5,17 @@ kept on the request) and reach `forward` as ``mm=(flat indices, embeddings)``. R
 are token indices, except for requests whose images carry multi-component positions (M-RoPE,
 `multimodal.inputs.rope_positions`): then `forward` gets ``positions [C, T]`` for steps that
 touch such an image and index + the request's position delta for its other tokens. KV slots
-always follow token indices."""
+always follow token indices.
+
+`prepare` (scheduled step -> `StepInputs`, plain CPU tensors) and `execute` (inputs -> logits) are
+separate so a tensor-parallel rank 0 can broadcast the inputs and every rank run the same forward
+(`distributed.steps`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import attrs
 import torch
 
 from mistralrs.engine.scheduler import Scheduled
@@ -25,10 +30,14 @@ class ModelRunner:
         self.block_size = backend.block_size
         self.cached = backend.num_blocks > 0
 
-    @torch.inference_mode()
     def forward(self, step: list[Scheduled]) -> tuple[torch.Tensor, list[int]]:
         """Run the model on a step. Returns logits [R, V] (float32) for the R entries of
         `step` that sample, and their indices into `step`."""
+        return self.execute(self.prepare(step))
+
+    def prepare(self, step: list[Scheduled]) -> StepInputs:
+        """A step as plain CPU tensors and lists: what every tensor-parallel rank needs to run it
+        (rank 0 broadcasts this; `execute` runs it)."""
         ids: list[int] = []
         positions: list[int] = []
         qsl = [0]
@@ -45,7 +54,8 @@ class ModelRunner:
                 if lo < hi:
                     cache = seq.request.mm_embeds
                     if image_idx not in cache:
-                        cache[image_idx] = self.model.embed_multimodal(mm)
+                        with torch.inference_mode():
+                            cache[image_idx] = self.model.embed_multimodal(mm)
                     mm_embeds.append(cache[image_idx][lo - mm.offset:hi - mm.offset])
                     mm_index.extend(range(len(ids) + lo - start, len(ids) + hi - start))
             ids.extend(seq.tokens[start:start + n])
@@ -58,12 +68,9 @@ class ModelRunner:
             if item.samples:
                 sample_rows.append(qsl[-1] - 1)
                 sampling.append(i)
-        dev = self.device
-        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
-        pos = torch.tensor(positions, dtype=torch.long, device=dev)
-        if rope:
-            pos = self._rope_positions(pos, rope, qsl)
-        slot_mapping = block_tables = None
+        inputs = StepInputs(ids=torch.tensor(ids, dtype=torch.long), positions=torch.tensor(positions, dtype=torch.long),
+                            query_start_loc=qsl, seq_lens=seq_lens, sample_rows=sample_rows, sampling=sampling,
+                            rope=rope)
         if self.cached:
             width = max(len(item.seq.blocks) for item in step)
             tables = torch.zeros(len(step), width, dtype=torch.long)
@@ -72,21 +79,34 @@ class ModelRunner:
             seq_index = torch.repeat_interleave(
                 torch.arange(len(step)), torch.tensor([item.num_tokens for item in step])
             )
-            pos_cpu = torch.tensor(positions, dtype=torch.long)
             bs = self.block_size
-            slot_mapping = (tables[seq_index, pos_cpu // bs] * bs + pos_cpu % bs).to(dev)
-            block_tables = tables.to(dev)
-        batch = self.backend.batch(qsl, seq_lens, slot_mapping, block_tables)
+            inputs.slot_mapping = tables[seq_index, inputs.positions // bs] * bs + inputs.positions % bs
+            inputs.block_tables = tables
         if mm_index:
-            mm = (torch.tensor(mm_index, dtype=torch.long, device=dev), torch.cat(mm_embeds).to(dev))
+            inputs.mm = (torch.tensor(mm_index, dtype=torch.long), torch.cat(mm_embeds))
+        return inputs
+
+    @torch.inference_mode()
+    def execute(self, inputs: StepInputs) -> tuple[torch.Tensor, list[int]]:
+        """The forward of a prepared step: logits [R, V] (float32) of its sampling rows."""
+        dev = self.device
+        input_ids = inputs.ids.to(dev)
+        pos = inputs.positions.to(dev)
+        if inputs.rope:
+            pos = self._rope_positions(pos, inputs.rope, inputs.query_start_loc)
+        slot_mapping = None if inputs.slot_mapping is None else inputs.slot_mapping.to(dev)
+        block_tables = None if inputs.block_tables is None else inputs.block_tables.to(dev)
+        batch = self.backend.batch(inputs.query_start_loc, inputs.seq_lens, slot_mapping, block_tables)
+        if inputs.mm is not None:
+            mm = (inputs.mm[0].to(dev), inputs.mm[1].to(dev))
             hidden = self.model.forward(input_ids, pos, batch, mm=mm)
         else:
             hidden = self.model.forward(input_ids, pos, batch)
-        if not sample_rows:
+        if not inputs.sample_rows:
             return hidden.new_empty(0, 0, dtype=torch.float32), []
-        rows = torch.tensor(sample_rows, dtype=torch.long, device=hidden.device)
+        rows = torch.tensor(inputs.sample_rows, dtype=torch.long, device=hidden.device)
         logits = self.model.compute_logits(hidden.index_select(0, rows)).float()
-        return logits, sampling
+        return logits, inputs.sampling
 
     @staticmethod
     def _rope_positions(pos: torch.Tensor, rope: dict[int, torch.Tensor], qsl: list[int]) -> torch.Tensor:
@@ -96,3 +116,19 @@ class ModelRunner:
         for i, p in rope.items():
             out[..., qsl[i]:qsl[i + 1]] = p.to(out.device)
         return out
+
+
+@attrs.define(kw_only=True)
+class StepInputs:
+    """One step's model inputs on the CPU (picklable: tensor-parallel rank 0 broadcasts them)."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    query_start_loc: list[int]
+    seq_lens: list[int]
+    sample_rows: list[int]
+    sampling: list[int]
+    slot_mapping: torch.Tensor | None = None
+    block_tables: torch.Tensor | None = None
+    mm: tuple[torch.Tensor, torch.Tensor] | None = None
+    rope: dict[int, torch.Tensor] = attrs.Factory(dict)  # sequence -> its multi-component rotary positions

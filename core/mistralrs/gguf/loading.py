@@ -202,10 +202,11 @@ def load_gguf(
     registry: Any = None,
     tokenizer_dir: Path | None = None,
     gqa: int = 1,
+    device_map: Any = None,
 ) -> Any:
     """Load GGUF file(s), or one legacy GGML file (`gqa`: its grouped-query factor), into a
     ready-to-run `LoadedModel` (see the module doc). The parsed file stays reachable as
-    ``loaded.gguf`` (tokenizer, chat template)."""
+    ``loaded.gguf`` (tokenizer, chat template). `device_map`: as `loading.load_model`'s."""
     import torch
 
     from mistralrs.dtypes import resolve_dtype
@@ -216,6 +217,7 @@ def load_gguf(
         finish_loading,
         load_tensor_stream,
         materialize,
+        place_on_meta,
         resident_weight_bytes,
         select_architecture,
     )
@@ -241,7 +243,8 @@ def load_gguf(
         model = build_model(spec, config, ctx)
         parts = _Parts(model, conversion, gguf)
         _assign_quant_methods(model, parts, registry, torch_dtype)
-        materialize(model, dev)
+        placement, device_of = place_on_meta(model, device_map)
+        materialize(model, dev, device_of)
         expected = dict(model.state_dict(keep_vars=True))
         to_float = _dequantizing(registry, gguf)
 
@@ -261,6 +264,10 @@ def load_gguf(
 
         nbytes = load_tensor_stream(model, stream(), where=str(gguf.path), arch_name=spec.name, action="loading")
         finish_loading(model, None)
+        if placement is not None:
+            from mistralrs.device_placement import install
+
+            install(model, placement)
     except BaseException:
         gguf.close()
         raise

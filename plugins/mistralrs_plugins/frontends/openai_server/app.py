@@ -194,6 +194,10 @@ class OpenAIServer:
                     self.state.services.update(result)
                 else:
                     self.state.service = result
+                for svc in (result.values() if isinstance(result, dict) else [result]):
+                    world = getattr(svc, "world", None)  # tensor parallel: a lost rank stops the server
+                    if world is not None:
+                        world.on_broken.append(lambda exc: loop.call_soon_threadsafe(self._fatal, exc))
                 self._say(f"model(s) {', '.join(self.state.services)} loaded; ready")
                 fut.set_result(self.state.service)
 
@@ -214,6 +218,13 @@ class OpenAIServer:
                     result.shutdown()
 
         threading.Thread(target=work, name="mistralrs-model-load", daemon=True).start()
+
+    def _fatal(self, error: BaseException) -> None:
+        """The model can no longer run (a tensor-parallel rank is gone): say so and shut down."""
+        print(f"mistralrs: error: {error}", file=sys.stderr, flush=True)
+        self.exit_code = int(getattr(error, "exit_code", 1) or 1)
+        if self._stop is not None:
+            self._stop.set()
 
     async def wait_loaded(self) -> Any:
         """The service once loaded (raises the load error if loading failed)."""

@@ -106,6 +106,13 @@ def load_search_reranker(args: argparse.Namespace, tools: Any) -> None:
         tools.search.load_reranker(model, cpu=args.cpu, hf_cache=args.hf_cache, token_source=args.token_source)
 
 
+def replica_main(args: argparse.Namespace) -> None:
+    """A data-parallel replica (`replicas.py`): the ordinary `serve`, on its private port."""
+    import sys
+
+    sys.exit(run(args))
+
+
 def run(args: argparse.Namespace) -> int:
     from mistralrs.cli.model_options import options_from_args
     from mistralrs.errors import ConfigError
@@ -113,6 +120,18 @@ def run(args: argparse.Namespace) -> int:
     from mistralrs.specs import resolve
 
     opts = options_from_args(args)
+    from mistralrs.distributed.world import is_follower
+
+    if is_follower(opts.tensor_parallel_size):  # torchrun / MISTRALRS_MN_* rank other than 0: no HTTP
+        from mistralrs.distributed.follower import serve_as_follower
+
+        return serve_as_follower(opts)
+    if opts.data_parallel_size > 1:  # N replica servers behind a routing front server
+        from mistralrs_plugins.frontends.openai_server.replicas import run_replicated
+
+        if args.mcp_port is not None or args.ui:
+            raise ConfigError("--mcp-port and --ui are not available with --data-parallel-size yet; use one replica")
+        return run_replicated(args, opts.data_parallel_size)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if args.mcp_port is not None and args.mcp_port == args.port and args.port != 0:
         raise ConfigError(f"--mcp-port must differ from --port (both are {args.port})")
