@@ -7,7 +7,6 @@ tokens), within the sliding window on sliding layers."""
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
@@ -19,7 +18,7 @@ from mistralrs.errors import ModelLoadError
 from mistralrs.nn.decoder import _ctx_device, _ctx_registry
 from mistralrs.nn.norm import RMSNorm
 from mistralrs_plugins.models.gemma3.siglip import SiglipVisionModel
-from mistralrs_plugins.models.llava.model import text_model
+from mistralrs_plugins.models.llava.model import VisionLanguageModel, text_model
 
 # transformers 5 saves "language_model.model." / "vision_tower." (the tower without its
 # "vision_model." level); hub checkpoints have it, and in-memory names nest under "model.".
@@ -66,9 +65,10 @@ class Gemma3Projector(nn.Module):
         return self.mm_soft_emb_norm(pooled) @ self.mm_input_projection_weight.to(pooled.dtype)
 
 
-class Gemma3ForConditionalGeneration(nn.Module):
+class Gemma3ForConditionalGeneration(VisionLanguageModel):
+    renames: tuple[tuple[str, str], ...] = _RENAMES
+    dropped = ("vision_tower.vision_model.head.",)  # SigLIP's pooling head: Gemma 3 does not use it
 
-    isq_scope = "language_model."  # --isq quantizes the language model only; the vision side stays float
     def __init__(self, config: dict, ctx: Any = None) -> None:
         super().__init__()
         config = with_tied_text(config, default=True)
@@ -103,23 +103,3 @@ class Gemma3ForConditionalGeneration(nn.Module):
         embeds = embeds.index_copy(0, index, values.to(embeds.dtype))
         batch = batch.with_bidirectional(consecutive_runs(index, batch.query_start_loc))
         return lm.model(input_ids, positions, batch, inputs_embeds=embeds)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.language_model.compute_logits(hidden)
-
-    def kv_cache_shape(self) -> dict[str, int]:
-        return self.language_model.kv_cache_shape()
-
-    @property
-    def tied_embeddings(self) -> bool:
-        return bool(getattr(self.language_model, "tied_embeddings", False))
-
-    def map_checkpoint_name(self, name: str) -> str | None:
-        for pattern, repl in _RENAMES:
-            name = re.sub(pattern, repl, name)
-        if name.startswith("language_model."):
-            inner = self.language_model.map_checkpoint_name(name[len("language_model."):])
-            return None if inner is None else "language_model." + inner
-        if name.startswith("vision_tower.vision_model.head.") or name.endswith("position_ids"):
-            return None  # SigLIP's pooling head: Gemma 3 does not use it
-        return name

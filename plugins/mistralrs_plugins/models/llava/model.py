@@ -73,6 +73,7 @@ class VisionLanguageModel(nn.Module):
     isq_scope = "language_model."  # --isq quantizes the language model only; the vision side stays float
 
     renames: tuple[tuple[str, str], ...] = ()
+    dropped: tuple[str, ...] = ()  # checkpoint name prefixes the model does not use (after the renames)
     language_model: Any  # the registered text architecture's model
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: Any,
@@ -101,7 +102,7 @@ class VisionLanguageModel(nn.Module):
         if name.startswith("language_model."):
             inner = self.language_model.map_checkpoint_name(name[len("language_model."):])
             return None if inner is None else "language_model." + inner
-        if name.endswith("position_ids"):
+        if name.endswith("position_ids") or name.startswith(self.dropped):
             return None
         return name
 

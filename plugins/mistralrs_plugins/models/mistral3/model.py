@@ -8,7 +8,6 @@ row-major order, the others their own token embeddings, as transformers leaves t
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
@@ -21,7 +20,7 @@ from mistralrs.nn.decoder import _ctx_device, _ctx_registry
 from mistralrs.nn.linear import Linear
 from mistralrs.nn.norm import RMSNorm
 from mistralrs_plugins.models.gemma3.vision import with_tied_text
-from mistralrs_plugins.models.llava.model import text_model
+from mistralrs_plugins.models.llava.model import VisionLanguageModel, text_model
 from mistralrs_plugins.models.mistral3.pixtral import PixtralVisionModel
 
 _RENAMES = (
@@ -63,9 +62,9 @@ class Mistral3Projector(nn.Module):
         return self.linear_2(self.act(self.linear_1(self.patch_merger(self.norm(feats), rows, cols))))
 
 
-class Mistral3ForConditionalGeneration(nn.Module):
+class Mistral3ForConditionalGeneration(VisionLanguageModel):
+    renames: tuple[tuple[str, str], ...] = _RENAMES
 
-    isq_scope = "language_model."  # --isq quantizes the language model only; the vision side stays float
     def __init__(self, config: dict, ctx: Any = None) -> None:
         super().__init__()
         config = with_tied_text(config, default=True)
@@ -98,31 +97,3 @@ class Mistral3ForConditionalGeneration(nn.Module):
         if int(slots.sum()) != feats.shape[0] or out.shape[0] != item.length:
             raise ValueError(f"the image gives {feats.shape[0]} features for {int(slots.sum())} [IMG] tokens")
         return out.masked_scatter(slots[:, None], feats.to(out.dtype))
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: Any,
-                mm: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        lm = self.language_model
-        if mm is None:
-            return lm.forward(input_ids, positions, batch)
-        embeds = lm.model.embed_tokens(input_ids)
-        index, values = mm
-        embeds = embeds.index_copy(0, index, values.to(embeds.dtype))
-        return lm.model(input_ids, positions, batch, inputs_embeds=embeds)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.language_model.compute_logits(hidden)
-
-    def kv_cache_shape(self) -> dict[str, int]:
-        return self.language_model.kv_cache_shape()
-
-    @property
-    def tied_embeddings(self) -> bool:
-        return bool(getattr(self.language_model, "tied_embeddings", False))
-
-    def map_checkpoint_name(self, name: str) -> str | None:
-        for pattern, repl in _RENAMES:
-            name = re.sub(pattern, repl, name)
-        if name.startswith("language_model."):
-            inner = self.language_model.map_checkpoint_name(name[len("language_model."):])
-            return None if inner is None else "language_model." + inner
-        return name

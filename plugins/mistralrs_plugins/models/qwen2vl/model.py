@@ -8,13 +8,12 @@ and checkpoint names."""
 
 from __future__ import annotations
 
-import re
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from mistralrs_plugins.models.llava.model import text_model
+from mistralrs_plugins.models.llava.model import VisionLanguageModel, text_model
 from mistralrs_plugins.models.qwen2vl.vision import Qwen2VisionTransformer
 
 # transformers 5 saves "model.visual.", "model.language_model." and "lm_head."; hub checkpoints
@@ -47,9 +46,8 @@ def text_config_of(config: dict, *, model_type: str, architecture: str, mrope_se
     return text
 
 
-class QwenVLBase(nn.Module):
-
-    isq_scope = "language_model."  # --isq quantizes the language model only; the vision side stays float
+class QwenVLBase(VisionLanguageModel):
+    renames: tuple[tuple[str, str], ...] = _RENAMES
     text_model_type: ClassVar[str] = "qwen2"
     text_architecture: ClassVar[str] = "Qwen2ForCausalLM"
     default_mrope_section: ClassVar[list[int]] = [16, 24, 24]
@@ -88,24 +86,6 @@ class QwenVLBase(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: Any,
                 mm: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         return self.language_model.model(input_ids, positions, batch, inputs_embeds=self._embeds(input_ids, mm))
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.language_model.compute_logits(hidden)
-
-    def kv_cache_shape(self) -> dict[str, int]:
-        return self.language_model.kv_cache_shape()
-
-    @property
-    def tied_embeddings(self) -> bool:
-        return bool(getattr(self.language_model, "tied_embeddings", False))
-
-    def map_checkpoint_name(self, name: str) -> str | None:
-        for pattern, repl in _RENAMES:
-            name = re.sub(pattern, repl, name)
-        if name.startswith("language_model."):
-            inner = self.language_model.map_checkpoint_name(name[len("language_model."):])
-            return None if inner is None else "language_model." + inner
-        return name
 
 
 class Qwen2VLForConditionalGeneration(QwenVLBase):
