@@ -93,7 +93,7 @@ def test_triton_kernels_on_cuda(dtype):
             torch_ops.paged_attention_decode(qd, k, v, tables, lens, bs, 128 ** -0.5, window, softcap), **tol)
 
 
-@pytest.mark.parametrize("qtype", ["q4_0", "q8_0", "q4k"])
+@pytest.mark.parametrize("qtype", ["q4_0", "q8_0", "q4k", "q5k", "q6k"])
 def test_triton_qmatmul_on_cuda(qtype):
     triton_ops()
     from mistralrs.nn.kernels import lookup_reference
@@ -105,6 +105,37 @@ def test_triton_qmatmul_on_cuda(qtype):
     for m in (1, 5, 130):
         x = torch.randn(m, 1024, device="cuda")
         torch.testing.assert_close(getattr(quant, f"qmatmul_{qtype}")(x, qweight, None), ref(x, qweight, None),
+                                   atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("bits,group", [(4, 128), (4, 32), (8, 64)])
+def test_triton_qmatmul_affine_on_cuda(bits, group):
+    triton_ops()
+    from mistralrs_plugins.kernels.triton_affine import kernels as affine
+    from mistralrs_plugins.quant.affine import layout
+
+    k = 1024
+    codes = torch.randint(0, 1 << bits, (300, k))
+    packed, pairs = layout.pack(codes, torch.rand(300, k // group) * 0.01, torch.randn(300, k // group) * 0.1,
+                                bits, group)
+    packed = packed.cuda()
+    for m in (1, 5, 130):
+        x = torch.randn(m, k, device="cuda")
+        torch.testing.assert_close(affine.qmatmul_affine(x, packed, bits=bits, pairs=pairs),
+                                   layout.qmatmul_affine(x, packed, bits=bits, pairs=pairs), atol=1e-3, rtol=1e-3)
+
+
+def test_triton_linear_fp8_on_cuda():
+    triton_ops()
+    from mistralrs.nn.kernels import lookup_reference
+    from mistralrs_plugins.kernels.triton_widen import kernels as widen
+
+    w = (torch.randn(300, 1024) * 100).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8).cuda()
+    scale = torch.rand(3, 8, device="cuda") * 1e-3
+    for m in (1, 5, 130):
+        x = torch.randn(m, 1024, device="cuda")
+        torch.testing.assert_close(widen.linear_fp8(x, w, scale, None, block=(128, 128)),
+                                   lookup_reference("linear_fp8")(x, w, scale, None, block=(128, 128)),
                                    atol=1e-3, rtol=1e-3)
 
 

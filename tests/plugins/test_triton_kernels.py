@@ -48,6 +48,13 @@ def close(got: torch.Tensor, want: torch.Tensor) -> None:
     torch.testing.assert_close(got, want, **TOL[want.dtype])
 
 
+def qclose(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Matmuls over dequantized weights of magnitude ~10: fp32 sums in another order (or one bf16 ulp)."""
+    assert got.shape == want.shape and got.dtype == want.dtype
+    tol = dict(atol=2e-4, rtol=1e-4) if want.dtype == torch.float32 else TOL[want.dtype]
+    torch.testing.assert_close(got, want, **tol)
+
+
 # -- rms_norm -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 8), (5, 33), (2, 3, 100), (0, 16)])
@@ -243,3 +250,144 @@ def test_qmatmul_shapes_it_does_not_take_go_to_the_reference(quant, gen):
     w = quantized(gen, "q8_0", 4, 64)
     x = randn(gen, 2, 64, dtype=torch.float64)  # a dtype the kernel does not take
     assert torch.equal(quant.qmatmul_q8_0(x, w, None), lookup_reference("qmatmul_q8_0")(x, w, None))
+
+
+def test_qmatmul_batch_invariant(quant, gen):
+    w = quantized(gen, "q6k", 37, 256)
+    x = randn(gen, 21, 256, dtype=torch.bfloat16)
+    whole = quant.qmatmul_q6k(x, w, None)
+    for i in (0, 17, 20):
+        assert torch.equal(quant.qmatmul_q6k(x[i:i + 1], w, None)[0], whole[i])
+
+
+# -- qmatmul_affine (AWQ / GPTQ / AFQ groups) ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def affine():
+    return interpreted("mistralrs_plugins.kernels.triton_affine.kernels")
+
+
+def affine_case(gen, n, k, bits, group):
+    from mistralrs_plugins.quant.affine import layout
+
+    groups = -(-k // (k if group <= 0 else min(group, k)))
+    codes = torch.randint(0, 1 << bits, (n, k), generator=gen)
+    scales = randn(gen, n, groups, scale=0.05)
+    offsets = randn(gen, n, groups, scale=0.3)
+    return layout.pack(codes, scales, offsets, bits, group)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("k,group,pairs", [(256, 128, 1), (128, 64, 2), (160, 32, 4), (224, -1, 1), (512, 256, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qmatmul_affine(affine, gen, bits, k, group, pairs, dtype):
+    from mistralrs_plugins.quant.affine import layout
+
+    packed, got_pairs = affine_case(gen, 37, k, bits, group)
+    assert got_pairs == pairs
+    x, bias = randn(gen, 2, 9, k, dtype=dtype), randn(gen, 37, dtype=dtype)
+    for b in (None, bias):
+        qclose(affine.qmatmul_affine(x, packed, b, bits=bits, pairs=pairs),
+              layout.qmatmul_affine(x, packed, b, bits=bits, pairs=pairs))
+    y32 = affine.qmatmul_affine(x, packed, bias, bits=bits, pairs=pairs, out_f32=True)
+    torch.testing.assert_close(y32, layout.qmatmul_affine(x, packed, bias, bits=bits, pairs=pairs, out_f32=True),
+                               atol=2e-4, rtol=1e-4)
+
+
+def test_qmatmul_affine_one_token_empty_batch_and_batch_invariance(affine, gen):
+    packed, pairs = affine_case(gen, 40, 192, 4, 64)
+    x = randn(gen, 19, 192, dtype=torch.bfloat16)
+    whole = affine.qmatmul_affine(x, packed, bits=4, pairs=pairs)
+    for i in (0, 16, 18):
+        assert torch.equal(affine.qmatmul_affine(x[i:i + 1], packed, bits=4, pairs=pairs)[0], whole[i])
+    assert affine.qmatmul_affine(x[:0], packed, bits=4, pairs=pairs).shape == (0, 40)
+
+
+def test_qmatmul_affine_what_it_does_not_take_is_the_reference(affine, gen):
+    from mistralrs_plugins.quant.affine import layout
+
+    packed, pairs = affine_case(gen, 4, 128, 8, 32)
+    x = randn(gen, 3, 128, dtype=torch.float64)
+    assert torch.equal(affine.qmatmul_affine(x, packed, bits=8, pairs=pairs),
+                       layout.qmatmul_affine(x, packed, bits=8, pairs=pairs))
+
+
+# -- linear_fp8 / linear_int8 / linear_lut4 (block scales) --------------------------------------------
+@pytest.fixture(scope="module")
+def widen():
+    return interpreted("mistralrs_plugins.kernels.triton_widen.kernels")
+
+
+def widen_reference(op):
+    from mistralrs.nn.kernels import lookup_reference
+
+    return lookup_reference(op)
+
+
+def test_e4m3_decoding_every_byte(widen):
+    # x = I: each output is one weight times 1.0 plus zeros, so the decoded values come out exactly.
+    bits = torch.arange(256, dtype=torch.uint8).view(2, 128).clone()
+    bits[bits == 0x7F] = 0
+    bits[bits == 0xFF] = 0x80
+    got = widen.linear_fp8(torch.eye(128), bits, torch.tensor(1.0), None)
+    assert torch.equal(got.T, bits.view(torch.float8_e4m3fn).float())
+    bits[1, 5] = 0xFF  # NaN, as the reference (and torch's float8) has it
+    assert torch.isnan(widen.linear_fp8(torch.eye(128), bits, torch.tensor(1.0), None)[:, 1]).all()
+
+
+def fp8_weight(gen, n, k):
+    return (randn(gen, n, k) * 100).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
+
+
+@pytest.mark.parametrize("n,k,block", [(37, 96, (16, 32)), (20, 80, (128, 128)), (33, 160, (8, 48)), (5, 64, None)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_fp8_block_scales(widen, gen, n, k, block, dtype):
+    w = fp8_weight(gen, n, k)
+    shape = () if block is None else (-(-n // block[0]), -(-k // block[1]))
+    scale = randn(gen, *(shape or (1,)), scale=0.01).abs().reshape(shape) + 1e-3
+    x, bias = randn(gen, 3, 7, k, dtype=dtype), randn(gen, n, dtype=dtype)
+    ref = widen_reference("linear_fp8")
+    for b in (None, bias):
+        qclose(widen.linear_fp8(x, w, scale, b, block=block), ref(x, w, scale, b, block=block))
+    torch.testing.assert_close(widen.linear_fp8(x, w, scale, bias, block=block, out_f32=True),
+                               ref(x, w, scale, bias, block=block, out_f32=True), atol=2e-4, rtol=1e-4)
+    # a float8 tensor (an FP8 checkpoint's weight) is the same bytes
+    qclose(widen.linear_fp8(x, w.view(torch.float8_e4m3fn), scale, None, block=block),
+          ref(x, w, scale, None, block=block))
+
+
+def test_linear_fp8_batch_invariant_and_edges(widen, gen):
+    w = fp8_weight(gen, 40, 128)
+    scale = randn(gen, 1, 1).abs() + 0.01
+    x = randn(gen, 21, 128, dtype=torch.bfloat16)
+    whole = widen.linear_fp8(x, w, scale, block=(128, 128))
+    for i in (0, 16, 20):
+        assert torch.equal(widen.linear_fp8(x[i:i + 1], w, scale, block=(128, 128))[0], whole[i])
+    assert widen.linear_fp8(x[:0], w, scale, block=(128, 128)).shape == (0, 40)
+    x64 = randn(gen, 2, 128, dtype=torch.float64)  # a dtype the kernel does not take: the reference
+    assert torch.equal(widen.linear_fp8(x64, w, scale, block=(128, 128)),
+                       widen_reference("linear_fp8")(x64, w, scale, block=(128, 128)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block", [None, (1, 80), (3, 16)])
+def test_linear_int8(widen, gen, dtype, block):
+    n, k = 19, 80
+    w = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    shape = () if block is None else (-(-n // block[0]), -(-k // block[1]))
+    scale = randn(gen, *(shape or (1,)), scale=0.01).abs().reshape(shape) + 1e-3
+    x, bias = randn(gen, 5, k, dtype=dtype), randn(gen, n)
+    qclose(widen.linear_int8(x, w, scale, bias, block=block),
+          widen_reference("linear_int8")(x, w, scale, bias, block=block))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k,block", [(24, 128, (1, 64)), (9, 96, (1, 32)), (7, 64, None)])
+def test_linear_lut4(widen, gen, dtype, n, k, block):
+    packed = torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8)
+    table = randn(gen, 16)
+    shape = () if block is None else (-(-n // block[0]), -(-k // block[1]))
+    scale = randn(gen, *(shape or (1,))).abs().reshape(shape) + 0.1
+    x, bias = randn(gen, 2, 3, k, dtype=dtype), randn(gen, n, dtype=dtype)
+    for b in (None, bias):
+        qclose(widen.linear_lut4(x, packed, table, scale, b, block=block),
+              widen_reference("linear_lut4")(x, packed, table, scale, b, block=block))
