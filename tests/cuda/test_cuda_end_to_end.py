@@ -93,6 +93,29 @@ def test_triton_kernels_on_cuda(dtype):
             torch_ops.paged_attention_decode(qd, k, v, tables, lens, bs, 128 ** -0.5, window, softcap), **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_paged_prefill_on_cuda(dtype):
+    """Prefill chunks over cached context (bf16: the tensor-core dots the interpreter cannot run)."""
+    triton_ops()
+    from mistralrs_plugins.kernels.triton_attention import kernels as attn
+
+    dev = "cuda"
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    bs, width = 16, 80
+    tables = torch.randperm(3 * width, device=dev).view(3, width).to(torch.int32)
+    k = torch.randn(3 * width * bs, 8, 128, device=dev, dtype=dtype)
+    v = torch.randn_like(k)
+    lens = [1200, 300, 77]  # new tokens: 200 over 1000 cached, a whole 300-token prompt, 5 over 72
+    starts = [0, 200, 500, 505]
+    q = torch.randn(505, 32, 128, device=dev, dtype=dtype)
+    sinks = torch.randn(32, device=dev)
+    for window, softcap, s in ((None, None, None), (256, 50.0, sinks)):
+        torch.testing.assert_close(
+            attn.paged_attention_prefill(q, k, v, tables, lens, starts, bs, 128 ** -0.5, window, softcap, s),
+            torch_ops.paged_attention_prefill(q, k, v, tables, lens, starts, bs, 128 ** -0.5, window, softcap, s),
+            **tol)
+
+
 @pytest.mark.parametrize("qtype", ["q4_0", "q8_0", "q4k", "q5k", "q6k"])
 def test_triton_qmatmul_on_cuda(qtype):
     triton_ops()

@@ -391,3 +391,73 @@ def test_linear_lut4(widen, gen, dtype, n, k, block):
     for b in (None, bias):
         qclose(widen.linear_lut4(x, packed, table, scale, b, block=block),
               widen_reference("linear_lut4")(x, packed, table, scale, b, block=block))
+
+
+# -- paged_attention_prefill --------------------------------------------------------------------------
+def prefill_case(gen, seqs, hq, hk, d, dv=None, block_size=4, dtype=torch.float32):
+    """seqs: (cached context, new tokens) per sequence; the new tokens' K/V are in the cache already."""
+    lens = [c + n for c, n in seqs]
+    _, k, v, tables, _ = paged_case(gen, lens, hq, hk, d, dv, block_size, dtype)
+    starts = [0]
+    for _, n in seqs:
+        starts.append(starts[-1] + n)
+    q = randn(gen, starts[-1], hq, d, dtype=dtype)
+    return q, k, v, tables, lens, starts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seqs,hq,hk,d,dv,bs", [
+    ([(0, 1)], 1, 1, 16, None, 4),                 # one token, no context
+    ([(0, 37), (5, 3), (0, 2)], 4, 2, 24, None, 4),  # a prompt past one tile, a chunk over context, GQA
+    ([(40, 33), (7, 1)], 6, 1, 16, 8, 16),        # MQA, Dv != D, a chunk over 40 cached positions
+    ([(3, 9)], 3, 3, 8, None, 2),                  # MHA, tiny heads
+])
+def test_paged_attention_prefill(attn, gen, dtype, seqs, hq, hk, d, dv, bs):
+    q, k, v, tables, lens, starts = prefill_case(gen, seqs, hq, hk, d, dv, bs, dtype)
+    want = torch_ops.paged_attention_prefill(q, k, v, tables, lens, starts, bs, d ** -0.5)
+    close(attn.paged_attention_prefill(q, k, v, tables, lens, starts, bs, d ** -0.5), want)
+
+
+@pytest.mark.parametrize("window,softcap,sinks", [(4, None, False), (None, 5.0, False), (6, 2.0, True),
+                                                  (100, None, True), (1, None, False)])
+def test_paged_attention_prefill_window_softcap_sinks(attn, gen, window, softcap, sinks):
+    q, k, v, tables, lens, starts = prefill_case(gen, [(11, 35), (0, 3), (20, 2)], 4, 2, 16)
+    s = randn(gen, 4) if sinks else None
+    want = torch_ops.paged_attention_prefill(q, k, v, tables, lens, starts, 4, 0.3, window, softcap, s)
+    close(attn.paged_attention_prefill(q, k, v, tables, lens, starts, 4, 0.3, window, softcap, s), want)
+
+
+def test_paged_attention_prefill_last_row_is_decode(attn, gen):
+    # A chunk's last token sees what a decode token at that position sees.
+    q, k, v, tables, lens, starts = prefill_case(gen, [(9, 6), (0, 40)], 4, 2, 16, block_size=8)
+    got = attn.paged_attention_prefill(q, k, v, tables, lens, starts, 8, 0.25, 16)
+    last = torch.tensor([starts[1] - 1, starts[2] - 1])
+    dec = torch_ops.paged_attention_decode(q[last], k, v, tables, torch.tensor(lens), 8, 0.25, 16)
+    close(got[last], dec)
+
+
+def test_paged_attention_prefill_empty_and_fp8(attn, gen):
+    q, k, v, tables, lens, starts = prefill_case(gen, [(4, 0), (2, 3)], 2, 1, 16)
+    want = torch_ops.paged_attention_prefill(q, k, v, tables, lens, starts, 4, 0.25)
+    close(attn.paged_attention_prefill(q, k, v, tables, lens, starts, 4, 0.25), want)
+    k8, v8 = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)
+    assert torch.equal(attn.paged_attention_prefill(q, k8, v8, tables, lens, starts, 4, 0.25),
+                       torch_ops.paged_attention_prefill(q, k8, v8, tables, lens, starts, 4, 0.25))
+
+
+def test_paged_backend_with_the_triton_kernels(attn):
+    """The paged backend with the Triton decode and prefill kernels (what it selects on cuda) matches the
+    reference backend over a prefill-only and a mixed step."""
+    from mistralrs.attention import KVCacheShape
+    from mistralrs_plugins.attention.paged.backend import PagedBackend
+    from mistralrs_plugins.attention.sdpa.backend import SdpaBackend
+    from tests.plugins.test_attention_sdpa import run_prefill_then_mixed
+
+    shape = KVCacheShape(num_layers=1, num_kv_heads=2, head_dim=8, num_blocks=32, block_size=4, dtype=torch.float32)
+    paged = PagedBackend(shape)
+    paged.decode_kernel, paged.prefill_kernel = attn.paged_attention_decode, attn.paged_attention_prefill
+    for window, softcap in ((None, None), (5, 20.0)):
+        want, _ = run_prefill_then_mixed(SdpaBackend(shape), window=window, softcap=softcap)
+        got, _ = run_prefill_then_mixed(paged, window=window, softcap=softcap)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)

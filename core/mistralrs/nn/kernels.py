@@ -62,7 +62,7 @@ def _ref(name: str) -> Callable[[], Callable[..., Any]]:
 
 
 _REFERENCE = {op: _ref(op) for op in ("rms_norm", "fused_add_rms_norm", "rotary", "silu_and_mul", "gelu_and_mul",
-                                       "linear_bf16", "paged_attention_decode")}
+                                       "linear_bf16", "paged_attention_decode", "paged_attention_prefill")}
 
 
 _registered_references: dict[str, Callable[..., Any]] = {}
