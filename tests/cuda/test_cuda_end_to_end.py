@@ -162,6 +162,22 @@ def test_triton_linear_fp8_on_cuda():
                                    atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_moe_on_cuda(dtype):
+    triton_ops()
+    from mistralrs_plugins.kernels.triton_moe import kernels as moe
+
+    t, h, inter, e, k = 300, 1024, 768, 16, 2
+    x = torch.randn(t, h, device="cuda", dtype=dtype)
+    w, ids = torch.topk(torch.randn(t, e, device="cuda").softmax(-1), k, dim=-1)
+    w13 = (torch.randn(e, 2 * inter, h, device="cuda") * h ** -0.5).to(dtype)
+    w2 = (torch.randn(e, h, inter, device="cuda") * inter ** -0.5).to(dtype)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    for m in (1, 7, t):
+        torch.testing.assert_close(moe.moe_experts(x[:m], w[:m], ids[:m], w13, w2),
+                                   torch_ops.moe_experts(x[:m], w[:m], ids[:m], w13, w2), **tol)
+
+
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
     return write_tiny_llama(tmp_path_factory.mktemp("llama"))

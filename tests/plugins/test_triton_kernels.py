@@ -461,3 +461,68 @@ def test_paged_backend_with_the_triton_kernels(attn):
         got, _ = run_prefill_then_mixed(paged, window=window, softcap=softcap)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+# -- moe_experts --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def moe():
+    return interpreted("mistralrs_plugins.kernels.triton_moe.kernels")
+
+
+def moe_case(gen, t, h, inter, e, k, dtype=torch.float32, weights_dtype=torch.float32):
+    x = randn(gen, t, h, dtype=dtype)
+    logits = randn(gen, t, e)
+    w, ids = torch.topk(logits.softmax(-1), k, dim=-1)
+    w13 = randn(gen, e, 2 * inter, h, dtype=dtype, scale=h ** -0.5)
+    w2 = randn(gen, e, h, inter, dtype=dtype, scale=inter ** -0.5)
+    return x, (w / w.sum(-1, keepdim=True)).to(weights_dtype), ids, w13, w2
+
+
+def test_moe_align(moe, gen):
+    ids = torch.randint(0, 5, (13, 2), generator=gen)
+    pairs, expert = moe.align(ids, 5, block_m=4)
+    flat = ids.reshape(-1)
+    seen = []
+    for b, e in enumerate(expert.tolist()):
+        block = [p for p in pairs[b * 4:(b + 1) * 4].tolist() if p < flat.numel()]
+        if e < 0:
+            assert not block
+            continue
+        assert all(flat[p] == e for p in block)
+        seen += block
+    assert sorted(seen) == list(range(flat.numel()))  # every pair once
+    assert seen == sorted(seen, key=lambda p: (flat[p].item(), p))  # by expert, stable
+
+
+@pytest.mark.parametrize("dtype,weights_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                                 (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("t,h,inter,e,k", [(1, 16, 8, 4, 2), (19, 48, 40, 6, 2), (7, 32, 24, 8, 3), (5, 16, 16, 3, 1)])
+def test_moe_experts(moe, gen, dtype, weights_dtype, t, h, inter, e, k):
+    x, w, ids, w13, w2 = moe_case(gen, t, h, inter, e, k, dtype, weights_dtype)
+    got, want = moe.moe_experts(x, w, ids, w13, w2), torch_ops.moe_experts(x, w, ids, w13, w2)
+    if dtype == torch.float32:
+        close(got, want)
+    else:  # two matmuls rounded to bf16 in a row, truncated by the interpreter: a few ulps of the output's scale
+        torch.testing.assert_close(got, want, atol=4e-2 * float(want.abs().max()), rtol=2e-2)
+
+
+def test_moe_experts_empty_batch_and_unused_experts(moe, gen):
+    x, w, ids, w13, w2 = moe_case(gen, 9, 16, 8, 7, 2)
+    ids = ids % 2 + 3  # experts 3 and 4 only
+    close(moe.moe_experts(x, w, ids, w13, w2), torch_ops.moe_experts(x, w, ids, w13, w2))
+    assert moe.moe_experts(x[:0], w[:0], ids[:0], w13, w2).shape == (0, 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_moe_with_the_triton_kernel(moe, monkeypatch, dtype):
+    """SparseMoE restacked for the Triton kernel (what it does on cuda) against its loop over experts."""
+    from tests.unit.test_nn import stacked_moe
+
+    fused, loop = stacked_moe(moe.moe_experts, monkeypatch, dtype)
+    assert fused._stacked is not None
+    x = torch.randn(13, 16).to(dtype)
+    want = loop(x)
+    if dtype == torch.float32:
+        close(fused(x), want)
+    else:
+        torch.testing.assert_close(fused(x), want, atol=4e-2 * float(want.abs().max()), rtol=2e-2)

@@ -131,12 +131,12 @@ def test_registering_the_triton_plugins_imports_neither_torch_nor_triton():
 
     code = ("import sys\n"
             "from mistralrs_plugins.kernels import triton_norm, triton_rotary, triton_activation, "
-            "triton_attention, triton_quant, triton_affine, triton_widen\n"
+            "triton_attention, triton_quant, triton_affine, triton_widen, triton_moe\n"
             "specs = []\n"
             "for m in (triton_norm, triton_rotary, triton_activation, triton_attention, triton_quant, triton_affine,\n"
-            "          triton_widen):\n"
+            "          triton_widen, triton_moe):\n"
             "    m.register_kernels(specs.append)\n"
-            "assert len(specs) == 16, specs\n"
+            "assert len(specs) == 17, specs\n"
             "assert 'torch' not in sys.modules and 'triton' not in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -120,6 +120,25 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out.reshape(S, hq, -1)
 
 
+def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
+                w2: torch.Tensor) -> torch.Tensor:
+    """The experts of a top-k mixture with stacked plain weights: ``out[t] = sum_j w_j * down_e(silu(gate_e(x_t))
+    * up_e(x_t))`` over token t's experts ``e = topk_ids[t, j]`` with weights ``w_j = topk_weights[t, j]``.
+
+    x [T, H]; topk_weights [T, k] (float32, or x's dtype: the product ``h * w`` follows torch's promotion);
+    topk_ids [T, k]; w13 [E, 2I, H] (each expert's gate rows, then its up rows); w2 [E, H, I] -> [T, H] in x's
+    dtype. The arithmetic of `SparseMoE`'s loop over experts: each expert's matmuls on its tokens rounded to x's
+    dtype, ``silu_and_mul``, scaled by the routing weight, added into the output in expert order.
+    """
+    out = torch.zeros_like(x)
+    for e in torch.unique(topk_ids).tolist():
+        token_idx, k_pos = torch.where(topk_ids == e)
+        h = F.linear(silu_and_mul(F.linear(x[token_idx], w13[e])), w2[e])
+        h = h * topk_weights[token_idx, k_pos, None]
+        out.index_add_(0, token_idx, h.to(out.dtype))
+    return out
+
+
 # fp32 scores per block of query rows in paged_attention_prefill, at most this many (32 MB)
 _PREFILL_SCORE_ELEMENTS = 1 << 23
 

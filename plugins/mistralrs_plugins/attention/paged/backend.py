@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from mistralrs.attention import AttentionBatch, KVCacheShape
 from mistralrs_plugins.attention.sdpa.backend import SdpaBackend
-
-
-def kernel_unless_reference(op: str, device: Any) -> Callable[..., Any] | None:
-    """The kernel selected for `op` on `device` when it is not the torch reference (e.g. Triton on cuda)."""
-    from mistralrs.errors import NoCandidateError, NotFoundError
-    from mistralrs.nn.kernels import device_type_of, lookup_kernel
-    from mistralrs.plugins import get_registry
-
-    try:
-        spec = get_registry().kernel(op, device_type_of(device))
-    except (NoCandidateError, NotFoundError):
-        return None
-    return None if spec.reference else lookup_kernel(op, device)
 
 
 class PagedBackend(SdpaBackend):
@@ -41,10 +27,10 @@ class PagedBackend(SdpaBackend):
 
     def __init__(self, shape: KVCacheShape) -> None:
         super().__init__(shape)
-        from mistralrs.nn.kernels import lookup_kernel
+        from mistralrs.nn.kernels import lookup_accelerated, lookup_kernel
 
         self.decode_kernel = lookup_kernel("paged_attention_decode", shape.device)
-        self.prefill_kernel = kernel_unless_reference("paged_attention_prefill", shape.device)
+        self.prefill_kernel = lookup_accelerated("paged_attention_prefill", shape.device)
 
     def prepare(self, batch: AttentionBatch) -> None:
         super().prepare(batch)
