@@ -93,7 +93,30 @@ def test_triton_kernels_on_cuda(dtype):
             torch_ops.paged_attention_decode(qd, k, v, tables, lens, bs, 128 ** -0.5, window, softcap), **tol)
 
 
-@pytest.mark.parametrize("qtype", ["q4_0", "q8_0", "q4k"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_paged_prefill_on_cuda(dtype):
+    """Prefill chunks over cached context (bf16: the tensor-core dots the interpreter cannot run)."""
+    triton_ops()
+    from mistralrs_plugins.kernels.triton_attention import kernels as attn
+
+    dev = "cuda"
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    bs, width = 16, 80
+    tables = torch.randperm(3 * width, device=dev).view(3, width).to(torch.int32)
+    k = torch.randn(3 * width * bs, 8, 128, device=dev, dtype=dtype)
+    v = torch.randn_like(k)
+    lens = [1200, 300, 77]  # new tokens: 200 over 1000 cached, a whole 300-token prompt, 5 over 72
+    starts = [0, 200, 500, 505]
+    q = torch.randn(505, 32, 128, device=dev, dtype=dtype)
+    sinks = torch.randn(32, device=dev)
+    for window, softcap, s in ((None, None, None), (256, 50.0, sinks)):
+        torch.testing.assert_close(
+            attn.paged_attention_prefill(q, k, v, tables, lens, starts, bs, 128 ** -0.5, window, softcap, s),
+            torch_ops.paged_attention_prefill(q, k, v, tables, lens, starts, bs, 128 ** -0.5, window, softcap, s),
+            **tol)
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q8_0", "q4k", "q5k", "q6k"])
 def test_triton_qmatmul_on_cuda(qtype):
     triton_ops()
     from mistralrs.nn.kernels import lookup_reference
@@ -106,6 +129,53 @@ def test_triton_qmatmul_on_cuda(qtype):
         x = torch.randn(m, 1024, device="cuda")
         torch.testing.assert_close(getattr(quant, f"qmatmul_{qtype}")(x, qweight, None), ref(x, qweight, None),
                                    atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("bits,group", [(4, 128), (4, 32), (8, 64)])
+def test_triton_qmatmul_affine_on_cuda(bits, group):
+    triton_ops()
+    from mistralrs_plugins.kernels.triton_affine import kernels as affine
+    from mistralrs_plugins.quant.affine import layout
+
+    k = 1024
+    codes = torch.randint(0, 1 << bits, (300, k))
+    packed, pairs = layout.pack(codes, torch.rand(300, k // group) * 0.01, torch.randn(300, k // group) * 0.1,
+                                bits, group)
+    packed = packed.cuda()
+    for m in (1, 5, 130):
+        x = torch.randn(m, k, device="cuda")
+        torch.testing.assert_close(affine.qmatmul_affine(x, packed, bits=bits, pairs=pairs),
+                                   layout.qmatmul_affine(x, packed, bits=bits, pairs=pairs), atol=1e-3, rtol=1e-3)
+
+
+def test_triton_linear_fp8_on_cuda():
+    triton_ops()
+    from mistralrs.nn.kernels import lookup_reference
+    from mistralrs_plugins.kernels.triton_widen import kernels as widen
+
+    w = (torch.randn(300, 1024) * 100).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8).cuda()
+    scale = torch.rand(3, 8, device="cuda") * 1e-3
+    for m in (1, 5, 130):
+        x = torch.randn(m, 1024, device="cuda")
+        torch.testing.assert_close(widen.linear_fp8(x, w, scale, None, block=(128, 128)),
+                                   lookup_reference("linear_fp8")(x, w, scale, None, block=(128, 128)),
+                                   atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_moe_on_cuda(dtype):
+    triton_ops()
+    from mistralrs_plugins.kernels.triton_moe import kernels as moe
+
+    t, h, inter, e, k = 300, 1024, 768, 16, 2
+    x = torch.randn(t, h, device="cuda", dtype=dtype)
+    w, ids = torch.topk(torch.randn(t, e, device="cuda").softmax(-1), k, dim=-1)
+    w13 = (torch.randn(e, 2 * inter, h, device="cuda") * h ** -0.5).to(dtype)
+    w2 = (torch.randn(e, h, inter, device="cuda") * inter ** -0.5).to(dtype)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    for m in (1, 7, t):
+        torch.testing.assert_close(moe.moe_experts(x[:m], w[:m], ids[:m], w13, w2),
+                                   torch_ops.moe_experts(x[:m], w[:m], ids[:m], w13, w2), **tol)
 
 
 @pytest.fixture(scope="module")

@@ -48,9 +48,10 @@ def _fix_scalar_index() -> None:
         return
     original = interpreter._patch_lang_tensor
 
-    def patch(tensor):  # type: ignore[no-untyped-def]
-        original(tensor)
-        tensor.__index__ = lambda self: int(self.handle.data.reshape(-1)[0])
+    def patch(tensor, *scope):  # type: ignore[no-untyped-def]
+        original(tensor, *scope)
+        if not scope:  # older triton; versions that patch through a scope squeeze the array themselves
+            tensor.__index__ = lambda self: int(self.handle.data.reshape(-1)[0])
 
     interpreter._patch_lang_tensor = patch
     interpreter._mistralrs_index_fixed = True

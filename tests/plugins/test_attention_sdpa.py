@@ -224,3 +224,49 @@ def test_bidirectional_ranges_without_cache():
                                atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[6:], _naive_bidirectional(q[6:], k[6:], v[6:], scale=0.25, lo=3, hi=7),
                                atol=1e-5, rtol=1e-5)
+
+
+def run_prefill_then_mixed(backend, *, window=None, softcap=None, sinks=None, seed=11):
+    """Two steps through `backend`: a prefill-only step (two prompts), then a mixed one (a decode token, a
+    second chunk over cached context, a new prompt's first chunk). Returns both steps' outputs and batches."""
+    bs = 4
+    tables = torch.tensor([[3, 7, 0, 11, 14], [1, 2, 5, 12, 15], [9, 4, 6, 13, 10]], dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    outs, batches = [], []
+    for ctx, new in (([0, 0, 0], [6, 9, 0]), ([6, 9, 0], [1, 5, 7])):
+        qsl = [0]
+        for n in new:
+            qsl.append(qsl[-1] + n)
+        positions = torch.cat([torch.arange(c, c + n) for c, n in zip(ctx, new)])
+        seq_index = torch.repeat_interleave(torch.arange(3), torch.tensor(new))
+        slots = tables[seq_index, positions // bs] * bs + positions % bs
+        t = qsl[-1]
+        q, k, v = torch.randn(t, 4, 8, generator=g), torch.randn(t, 2, 8, generator=g), torch.randn(t, 2, 8, generator=g)
+        keep = [i for i, n in enumerate(new) if n]
+        lens = [ctx[i] + new[i] for i in keep]
+        batch = backend.batch([qsl[i] for i in keep] + [t], lens, slots, tables[keep])
+        outs.append(backend.attend(0, q, k, v, batch, scale=0.35, sliding_window=window, softcap=softcap,
+                                   sinks=sinks))
+        batches.append(batch)
+    return outs, batches
+
+
+@pytest.mark.parametrize("window,softcap,sinks", [(None, None, False), (5, 20.0, True)])
+def test_paged_backend_prefill_kernel_matches_reference(window, softcap, sinks):
+    """With a prefill kernel selected (Triton on cuda; here the op's torch reference stands in), prefill
+    chunks go through it, in prefill-only and mixed steps, and match the reference backend."""
+    from mistralrs.nn import torch_ops
+    from mistralrs_plugins.attention.paged.backend import PagedBackend
+
+    shape = KVCacheShape(num_layers=1, num_kv_heads=2, head_dim=8, num_blocks=32, block_size=4, dtype=torch.float32)
+    paged = PagedBackend(shape)
+    assert paged.prefill_kernel is None  # nothing but the reference claims the CPU: the per-sequence path
+    calls = []
+    paged.prefill_kernel = lambda *a, **kw: calls.append(len(a[5]) - 1) or torch_ops.paged_attention_prefill(*a, **kw)
+    s = torch.randn(4) if sinks else None
+    want, _ = run_prefill_then_mixed(SdpaBackend(shape), window=window, softcap=softcap, sinks=s)
+    got, batches = run_prefill_then_mixed(paged, window=window, softcap=softcap, sinks=s)
+    assert calls == [2, 2]  # both prompts in one call; then the chunk and the new prompt, the decode row apart
+    assert batches[1].scratch["paged_decode"][0].tolist() == [0]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)

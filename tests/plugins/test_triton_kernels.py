@@ -48,6 +48,13 @@ def close(got: torch.Tensor, want: torch.Tensor) -> None:
     torch.testing.assert_close(got, want, **TOL[want.dtype])
 
 
+def qclose(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Matmuls over dequantized weights of magnitude ~10: fp32 sums in another order (or one bf16 ulp)."""
+    assert got.shape == want.shape and got.dtype == want.dtype
+    tol = dict(atol=2e-4, rtol=1e-4) if want.dtype == torch.float32 else TOL[want.dtype]
+    torch.testing.assert_close(got, want, **tol)
+
+
 # -- rms_norm -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 8), (5, 33), (2, 3, 100), (0, 16)])
@@ -211,7 +218,7 @@ def quantized(gen, qtype, n, k):
     return quantize(qtype, randn(gen, n, k, scale=0.5))
 
 
-@pytest.mark.parametrize("qtype", ["q4_0", "q8_0", "q4k"])
+@pytest.mark.parametrize("qtype", ["q4_0", "q8_0", "q4k", "q5k", "q6k"])
 @pytest.mark.parametrize("m,n,k", [(1, 5, None), (3, 40, None), (0, 8, None), (17, 3, "2x")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_qmatmul(quant, gen, qtype, m, n, k, dtype):
@@ -243,3 +250,279 @@ def test_qmatmul_shapes_it_does_not_take_go_to_the_reference(quant, gen):
     w = quantized(gen, "q8_0", 4, 64)
     x = randn(gen, 2, 64, dtype=torch.float64)  # a dtype the kernel does not take
     assert torch.equal(quant.qmatmul_q8_0(x, w, None), lookup_reference("qmatmul_q8_0")(x, w, None))
+
+
+def test_qmatmul_batch_invariant(quant, gen):
+    w = quantized(gen, "q6k", 37, 256)
+    x = randn(gen, 21, 256, dtype=torch.bfloat16)
+    whole = quant.qmatmul_q6k(x, w, None)
+    for i in (0, 17, 20):
+        assert torch.equal(quant.qmatmul_q6k(x[i:i + 1], w, None)[0], whole[i])
+
+
+# -- qmatmul_affine (AWQ / GPTQ / AFQ groups) ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def affine():
+    return interpreted("mistralrs_plugins.kernels.triton_affine.kernels")
+
+
+def affine_case(gen, n, k, bits, group):
+    from mistralrs_plugins.quant.affine import layout
+
+    groups = -(-k // (k if group <= 0 else min(group, k)))
+    codes = torch.randint(0, 1 << bits, (n, k), generator=gen)
+    scales = randn(gen, n, groups, scale=0.05)
+    offsets = randn(gen, n, groups, scale=0.3)
+    return layout.pack(codes, scales, offsets, bits, group)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("k,group,pairs", [(256, 128, 1), (128, 64, 2), (160, 32, 4), (224, -1, 1), (512, 256, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qmatmul_affine(affine, gen, bits, k, group, pairs, dtype):
+    from mistralrs_plugins.quant.affine import layout
+
+    packed, got_pairs = affine_case(gen, 37, k, bits, group)
+    assert got_pairs == pairs
+    x, bias = randn(gen, 2, 9, k, dtype=dtype), randn(gen, 37, dtype=dtype)
+    for b in (None, bias):
+        qclose(affine.qmatmul_affine(x, packed, b, bits=bits, pairs=pairs),
+              layout.qmatmul_affine(x, packed, b, bits=bits, pairs=pairs))
+    y32 = affine.qmatmul_affine(x, packed, bias, bits=bits, pairs=pairs, out_f32=True)
+    torch.testing.assert_close(y32, layout.qmatmul_affine(x, packed, bias, bits=bits, pairs=pairs, out_f32=True),
+                               atol=2e-4, rtol=1e-4)
+
+
+def test_qmatmul_affine_one_token_empty_batch_and_batch_invariance(affine, gen):
+    packed, pairs = affine_case(gen, 40, 192, 4, 64)
+    x = randn(gen, 19, 192, dtype=torch.bfloat16)
+    whole = affine.qmatmul_affine(x, packed, bits=4, pairs=pairs)
+    for i in (0, 16, 18):
+        assert torch.equal(affine.qmatmul_affine(x[i:i + 1], packed, bits=4, pairs=pairs)[0], whole[i])
+    assert affine.qmatmul_affine(x[:0], packed, bits=4, pairs=pairs).shape == (0, 40)
+
+
+def test_qmatmul_affine_what_it_does_not_take_is_the_reference(affine, gen):
+    from mistralrs_plugins.quant.affine import layout
+
+    packed, pairs = affine_case(gen, 4, 128, 8, 32)
+    x = randn(gen, 3, 128, dtype=torch.float64)
+    assert torch.equal(affine.qmatmul_affine(x, packed, bits=8, pairs=pairs),
+                       layout.qmatmul_affine(x, packed, bits=8, pairs=pairs))
+
+
+# -- linear_fp8 / linear_int8 / linear_lut4 (block scales) --------------------------------------------
+@pytest.fixture(scope="module")
+def widen():
+    return interpreted("mistralrs_plugins.kernels.triton_widen.kernels")
+
+
+def widen_reference(op):
+    from mistralrs.nn.kernels import lookup_reference
+
+    return lookup_reference(op)
+
+
+def test_e4m3_decoding_every_byte(widen):
+    # x = I: each output is one weight times 1.0 plus zeros, so the decoded values come out exactly.
+    bits = torch.arange(256, dtype=torch.uint8).view(2, 128).clone()
+    bits[bits == 0x7F] = 0
+    bits[bits == 0xFF] = 0x80
+    got = widen.linear_fp8(torch.eye(128), bits, torch.tensor(1.0), None)
+    assert torch.equal(got.T, bits.view(torch.float8_e4m3fn).float())
+    bits[1, 5] = 0xFF  # NaN, as the reference (and torch's float8) has it
+    assert torch.isnan(widen.linear_fp8(torch.eye(128), bits, torch.tensor(1.0), None)[:, 1]).all()
+
+
+def fp8_weight(gen, n, k):
+    return (randn(gen, n, k) * 100).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
+
+
+@pytest.mark.parametrize("n,k,block", [(37, 96, (16, 32)), (20, 80, (128, 128)), (33, 160, (8, 48)), (5, 64, None)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_fp8_block_scales(widen, gen, n, k, block, dtype):
+    w = fp8_weight(gen, n, k)
+    shape = () if block is None else (-(-n // block[0]), -(-k // block[1]))
+    scale = randn(gen, *(shape or (1,)), scale=0.01).abs().reshape(shape) + 1e-3
+    x, bias = randn(gen, 3, 7, k, dtype=dtype), randn(gen, n, dtype=dtype)
+    ref = widen_reference("linear_fp8")
+    for b in (None, bias):
+        qclose(widen.linear_fp8(x, w, scale, b, block=block), ref(x, w, scale, b, block=block))
+    torch.testing.assert_close(widen.linear_fp8(x, w, scale, bias, block=block, out_f32=True),
+                               ref(x, w, scale, bias, block=block, out_f32=True), atol=2e-4, rtol=1e-4)
+    # a float8 tensor (an FP8 checkpoint's weight) is the same bytes
+    qclose(widen.linear_fp8(x, w.view(torch.float8_e4m3fn), scale, None, block=block),
+          ref(x, w, scale, None, block=block))
+
+
+def test_linear_fp8_batch_invariant_and_edges(widen, gen):
+    w = fp8_weight(gen, 40, 128)
+    scale = randn(gen, 1, 1).abs() + 0.01
+    x = randn(gen, 21, 128, dtype=torch.bfloat16)
+    whole = widen.linear_fp8(x, w, scale, block=(128, 128))
+    for i in (0, 16, 20):
+        assert torch.equal(widen.linear_fp8(x[i:i + 1], w, scale, block=(128, 128))[0], whole[i])
+    assert widen.linear_fp8(x[:0], w, scale, block=(128, 128)).shape == (0, 40)
+    x64 = randn(gen, 2, 128, dtype=torch.float64)  # a dtype the kernel does not take: the reference
+    assert torch.equal(widen.linear_fp8(x64, w, scale, block=(128, 128)),
+                       widen_reference("linear_fp8")(x64, w, scale, block=(128, 128)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block", [None, (1, 80), (3, 16)])
+def test_linear_int8(widen, gen, dtype, block):
+    n, k = 19, 80
+    w = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    shape = () if block is None else (-(-n // block[0]), -(-k // block[1]))
+    scale = randn(gen, *(shape or (1,)), scale=0.01).abs().reshape(shape) + 1e-3
+    x, bias = randn(gen, 5, k, dtype=dtype), randn(gen, n)
+    qclose(widen.linear_int8(x, w, scale, bias, block=block),
+          widen_reference("linear_int8")(x, w, scale, bias, block=block))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k,block", [(24, 128, (1, 64)), (9, 96, (1, 32)), (7, 64, None)])
+def test_linear_lut4(widen, gen, dtype, n, k, block):
+    packed = torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8)
+    table = randn(gen, 16)
+    shape = () if block is None else (-(-n // block[0]), -(-k // block[1]))
+    scale = randn(gen, *(shape or (1,))).abs().reshape(shape) + 0.1
+    x, bias = randn(gen, 2, 3, k, dtype=dtype), randn(gen, n, dtype=dtype)
+    for b in (None, bias):
+        qclose(widen.linear_lut4(x, packed, table, scale, b, block=block),
+              widen_reference("linear_lut4")(x, packed, table, scale, b, block=block))
+
+
+# -- paged_attention_prefill --------------------------------------------------------------------------
+def prefill_case(gen, seqs, hq, hk, d, dv=None, block_size=4, dtype=torch.float32):
+    """seqs: (cached context, new tokens) per sequence; the new tokens' K/V are in the cache already."""
+    lens = [c + n for c, n in seqs]
+    _, k, v, tables, _ = paged_case(gen, lens, hq, hk, d, dv, block_size, dtype)
+    starts = [0]
+    for _, n in seqs:
+        starts.append(starts[-1] + n)
+    q = randn(gen, starts[-1], hq, d, dtype=dtype)
+    return q, k, v, tables, lens, starts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seqs,hq,hk,d,dv,bs", [
+    ([(0, 1)], 1, 1, 16, None, 4),                 # one token, no context
+    ([(0, 37), (5, 3), (0, 2)], 4, 2, 24, None, 4),  # a prompt past one tile, a chunk over context, GQA
+    ([(40, 33), (7, 1)], 6, 1, 16, 8, 16),        # MQA, Dv != D, a chunk over 40 cached positions
+    ([(3, 9)], 3, 3, 8, None, 2),                  # MHA, tiny heads
+])
+def test_paged_attention_prefill(attn, gen, dtype, seqs, hq, hk, d, dv, bs):
+    q, k, v, tables, lens, starts = prefill_case(gen, seqs, hq, hk, d, dv, bs, dtype)
+    want = torch_ops.paged_attention_prefill(q, k, v, tables, lens, starts, bs, d ** -0.5)
+    close(attn.paged_attention_prefill(q, k, v, tables, lens, starts, bs, d ** -0.5), want)
+
+
+@pytest.mark.parametrize("window,softcap,sinks", [(4, None, False), (None, 5.0, False), (6, 2.0, True),
+                                                  (100, None, True), (1, None, False)])
+def test_paged_attention_prefill_window_softcap_sinks(attn, gen, window, softcap, sinks):
+    q, k, v, tables, lens, starts = prefill_case(gen, [(11, 35), (0, 3), (20, 2)], 4, 2, 16)
+    s = randn(gen, 4) if sinks else None
+    want = torch_ops.paged_attention_prefill(q, k, v, tables, lens, starts, 4, 0.3, window, softcap, s)
+    close(attn.paged_attention_prefill(q, k, v, tables, lens, starts, 4, 0.3, window, softcap, s), want)
+
+
+def test_paged_attention_prefill_last_row_is_decode(attn, gen):
+    # A chunk's last token sees what a decode token at that position sees.
+    q, k, v, tables, lens, starts = prefill_case(gen, [(9, 6), (0, 40)], 4, 2, 16, block_size=8)
+    got = attn.paged_attention_prefill(q, k, v, tables, lens, starts, 8, 0.25, 16)
+    last = torch.tensor([starts[1] - 1, starts[2] - 1])
+    dec = torch_ops.paged_attention_decode(q[last], k, v, tables, torch.tensor(lens), 8, 0.25, 16)
+    close(got[last], dec)
+
+
+def test_paged_attention_prefill_empty_and_fp8(attn, gen):
+    q, k, v, tables, lens, starts = prefill_case(gen, [(4, 0), (2, 3)], 2, 1, 16)
+    want = torch_ops.paged_attention_prefill(q, k, v, tables, lens, starts, 4, 0.25)
+    close(attn.paged_attention_prefill(q, k, v, tables, lens, starts, 4, 0.25), want)
+    k8, v8 = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)
+    assert torch.equal(attn.paged_attention_prefill(q, k8, v8, tables, lens, starts, 4, 0.25),
+                       torch_ops.paged_attention_prefill(q, k8, v8, tables, lens, starts, 4, 0.25))
+
+
+def test_paged_backend_with_the_triton_kernels(attn):
+    """The paged backend with the Triton decode and prefill kernels (what it selects on cuda) matches the
+    reference backend over a prefill-only and a mixed step."""
+    from mistralrs.attention import KVCacheShape
+    from mistralrs_plugins.attention.paged.backend import PagedBackend
+    from mistralrs_plugins.attention.sdpa.backend import SdpaBackend
+    from tests.plugins.test_attention_sdpa import run_prefill_then_mixed
+
+    shape = KVCacheShape(num_layers=1, num_kv_heads=2, head_dim=8, num_blocks=32, block_size=4, dtype=torch.float32)
+    paged = PagedBackend(shape)
+    paged.decode_kernel, paged.prefill_kernel = attn.paged_attention_decode, attn.paged_attention_prefill
+    for window, softcap in ((None, None), (5, 20.0)):
+        want, _ = run_prefill_then_mixed(SdpaBackend(shape), window=window, softcap=softcap)
+        got, _ = run_prefill_then_mixed(paged, window=window, softcap=softcap)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+# -- moe_experts --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def moe():
+    return interpreted("mistralrs_plugins.kernels.triton_moe.kernels")
+
+
+def moe_case(gen, t, h, inter, e, k, dtype=torch.float32, weights_dtype=torch.float32):
+    x = randn(gen, t, h, dtype=dtype)
+    logits = randn(gen, t, e)
+    w, ids = torch.topk(logits.softmax(-1), k, dim=-1)
+    w13 = randn(gen, e, 2 * inter, h, dtype=dtype, scale=h ** -0.5)
+    w2 = randn(gen, e, h, inter, dtype=dtype, scale=inter ** -0.5)
+    return x, (w / w.sum(-1, keepdim=True)).to(weights_dtype), ids, w13, w2
+
+
+def test_moe_align(moe, gen):
+    ids = torch.randint(0, 5, (13, 2), generator=gen)
+    pairs, expert = moe.align(ids, 5, block_m=4)
+    flat = ids.reshape(-1)
+    seen = []
+    for b, e in enumerate(expert.tolist()):
+        block = [p for p in pairs[b * 4:(b + 1) * 4].tolist() if p < flat.numel()]
+        if e < 0:
+            assert not block
+            continue
+        assert all(flat[p] == e for p in block)
+        seen += block
+    assert sorted(seen) == list(range(flat.numel()))  # every pair once
+    assert seen == sorted(seen, key=lambda p: (flat[p].item(), p))  # by expert, stable
+
+
+@pytest.mark.parametrize("dtype,weights_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                                 (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("t,h,inter,e,k", [(1, 16, 8, 4, 2), (19, 48, 40, 6, 2), (7, 32, 24, 8, 3), (5, 16, 16, 3, 1)])
+def test_moe_experts(moe, gen, dtype, weights_dtype, t, h, inter, e, k):
+    x, w, ids, w13, w2 = moe_case(gen, t, h, inter, e, k, dtype, weights_dtype)
+    got, want = moe.moe_experts(x, w, ids, w13, w2), torch_ops.moe_experts(x, w, ids, w13, w2)
+    if dtype == torch.float32:
+        close(got, want)
+    else:  # two matmuls rounded to bf16 in a row, truncated by the interpreter: a few ulps of the output's scale
+        torch.testing.assert_close(got, want, atol=4e-2 * float(want.abs().max()), rtol=2e-2)
+
+
+def test_moe_experts_empty_batch_and_unused_experts(moe, gen):
+    x, w, ids, w13, w2 = moe_case(gen, 9, 16, 8, 7, 2)
+    ids = ids % 2 + 3  # experts 3 and 4 only
+    close(moe.moe_experts(x, w, ids, w13, w2), torch_ops.moe_experts(x, w, ids, w13, w2))
+    assert moe.moe_experts(x[:0], w[:0], ids[:0], w13, w2).shape == (0, 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_moe_with_the_triton_kernel(moe, monkeypatch, dtype):
+    """SparseMoE restacked for the Triton kernel (what it does on cuda) against its loop over experts."""
+    from tests.unit.test_nn import stacked_moe
+
+    fused, loop = stacked_moe(moe.moe_experts, monkeypatch, dtype)
+    assert fused._stacked is not None
+    x = torch.randn(13, 16).to(dtype)
+    want = loop(x)
+    if dtype == torch.float32:
+        close(fused(x), want)
+    else:
+        torch.testing.assert_close(fused(x), want, atol=4e-2 * float(want.abs().max()), rtol=2e-2)

@@ -131,11 +131,12 @@ def test_registering_the_triton_plugins_imports_neither_torch_nor_triton():
 
     code = ("import sys\n"
             "from mistralrs_plugins.kernels import triton_norm, triton_rotary, triton_activation, "
-            "triton_attention, triton_quant\n"
+            "triton_attention, triton_quant, triton_affine, triton_widen, triton_moe\n"
             "specs = []\n"
-            "for m in (triton_norm, triton_rotary, triton_activation, triton_attention, triton_quant):\n"
+            "for m in (triton_norm, triton_rotary, triton_activation, triton_attention, triton_quant, triton_affine,\n"
+            "          triton_widen, triton_moe):\n"
             "    m.register_kernels(specs.append)\n"
-            "assert len(specs) == 9, specs\n"
+            "assert len(specs) == 17, specs\n"
             "assert 'torch' not in sys.modules and 'triton' not in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -153,7 +154,7 @@ def test_plugins_and_doctor_say_which_kernels_run_per_device_and_why_not(monkeyp
     assert why.startswith("no CUDA device") or why.startswith("triton is not installed"), why
     assert main(["plugins", "--kernels"]) == 0
     out = capsys.readouterr().out
-    assert "triton not used for fused_add_rms_norm, gelu_and_mul, paged_attention_decode" in out
+    assert "triton not used for fused_add_rms_norm, gelu_and_mul, linear_fp8" in out
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     report = kernel_report(get_registry(), "cuda")
     if not why.startswith("triton is not installed"):  # with triton present, interpreter mode is the reason

@@ -309,6 +309,61 @@ def test_sparse_moe_matches_dense_reference(norm):
     torch.testing.assert_close(moe(x), _dense_moe_reference(moe, x, norm), atol=1e-5, rtol=1e-5)
 
 
+def stacked_moe(kernel, monkeypatch, dtype=torch.float32, names=MIXTRAL_EXPERT_NAMES):
+    """A SparseMoE materialised and loaded as the loader does it, with `kernel` standing in for a fused
+    ``moe_experts`` kernel claiming the device (Triton on cuda), and a copy without it."""
+    from mistralrs.nn import kernels
+
+    moes = []
+    for claimed in (kernel, None):
+        monkeypatch.setattr(kernels, "lookup_accelerated", lambda op, device, registry=None, k=claimed: k)
+        moe = SparseMoE(16, 24, num_experts=5, top_k=2, expert_names=names).to(dtype)
+        for m in moe.modules():
+            if hasattr(m, "after_materialize"):
+                m.after_materialize()
+        _fill_(moe, seed=3)  # "loading"
+        for m in moe.modules():
+            if hasattr(m, "after_loading"):
+                m.after_loading()
+        moes.append(moe)
+    return moes
+
+
+def test_sparse_moe_restacks_for_a_fused_kernel(monkeypatch):
+    from mistralrs.nn import torch_ops
+
+    calls = []
+    fused, loop = stacked_moe(lambda *a: calls.append(1) or torch_ops.moe_experts(*a), monkeypatch)
+    assert loop._stacked is None
+    w13, w2 = fused._stacked
+    assert w13.shape == (5, 48, 16) and w2.shape == (5, 16, 24)
+    expert = fused.expert_list[2]
+    assert expert.w1.weight.data_ptr() == w13[2].data_ptr() and expert.w2.weight.data_ptr() == w2[2].data_ptr()
+    assert expert._fused() is not None  # the expert's own fused gate/up still is its gate and up
+    assert torch.equal(fused.state_dict()["experts.2.w3.weight"], loop.state_dict()["experts.2.w3.weight"])
+    x = torch.randn(11, 16)
+    torch.testing.assert_close(fused(x), loop(x), atol=1e-6, rtol=1e-6)
+    assert calls == [1]
+    with torch.no_grad():  # a caller replacing an expert's weight ends the stacking
+        fused.expert_list[0].w1.weight = torch.nn.Parameter(fused.expert_list[0].w1.weight.clone())
+    torch.testing.assert_close(fused(x), loop(x), atol=1e-6, rtol=1e-6)
+    assert calls == [1] and fused._stacked is None
+
+
+def test_moe_experts_reference_is_the_loop():
+    from mistralrs.nn import torch_ops
+
+    torch.manual_seed(1)
+    moe = SparseMoE(16, 24, num_experts=4, top_k=2)
+    _fill_(moe, seed=4)
+    moe = moe.to(torch.bfloat16)
+    x = torch.randn(7, 16, dtype=torch.bfloat16)
+    w, ids = moe.route(x)
+    w13 = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in moe.expert_list])
+    w2 = torch.stack([e.down_proj.weight for e in moe.expert_list])
+    assert torch.equal(torch_ops.moe_experts(x, w, ids, w13, w2), moe(x))
+
+
 def _load_fused_experts(moe: SparseMoE, hf_block, names):
     gate_n, up_n, down_n = names
     with torch.no_grad():

@@ -52,6 +52,22 @@ def lookup_kernel(op: str, device: Any = "cpu", registry: Any = None) -> Callabl
         return fallback()
 
 
+def lookup_accelerated(op: str, device: Any = "cpu", registry: Any = None) -> Callable[..., Any] | None:
+    """The kernel selected for `op` on `device` when it is not the torch reference (e.g. Triton on cuda), else
+    None: for callers that keep a path of their own where only the reference would run."""
+    from mistralrs.errors import NoCandidateError, NotFoundError
+
+    try:
+        if registry is None:
+            from mistralrs.plugins import get_registry
+
+            registry = get_registry()
+        spec = registry.kernel(op, device_type_of(device))
+    except (NoCandidateError, NotFoundError):
+        return None
+    return None if spec.reference else lookup_kernel(op, device, registry)
+
+
 def _ref(name: str) -> Callable[[], Callable[..., Any]]:
     def get() -> Callable[..., Any]:
         from mistralrs.nn import torch_ops
@@ -62,7 +78,8 @@ def _ref(name: str) -> Callable[[], Callable[..., Any]]:
 
 
 _REFERENCE = {op: _ref(op) for op in ("rms_norm", "fused_add_rms_norm", "rotary", "silu_and_mul", "gelu_and_mul",
-                                       "linear_bf16", "paged_attention_decode")}
+                                       "linear_bf16", "paged_attention_decode", "paged_attention_prefill",
+                                       "moe_experts")}
 
 
 _registered_references: dict[str, Callable[..., Any]] = {}

@@ -5,17 +5,22 @@ one (`norm_topk_prob`; Mixtral always renormalises). The experts are a ModuleLis
 MLPs whose submodule names are configurable, so checkpoint names map one to one:
 ``experts.N.w1/w2/w3`` (Mixtral: w1 = gate, w3 = up, w2 = down) or
 ``experts.N.gate_proj/up_proj/down_proj`` (Qwen). The forward loops over the experts that got
-tokens: simple and exact; fused MoE kernels can replace it later.
+tokens: simple and exact. Where a fused kernel of the op ``moe_experts`` claims the device (Triton on
+cuda) and the experts are plain silu gated MLPs, `after_loading` restacks their weights into one
+[E, 2I, H] and one [E, H, I] tensor (the experts' parameters become views of them) and the forward runs
+the kernel on all experts at once; its torch reference (`nn.torch_ops.moe_experts`) is this loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from mistralrs.nn.linear import Linear
+from mistralrs.nn.linear import Linear, UnquantizedLinearMethod
 from mistralrs.nn.mlp import GatedMLP
 
 MIXTRAL_EXPERT_NAMES = ("w1", "w3", "w2")  # (gate, up, down)
@@ -88,12 +93,75 @@ class SparseMoE(nn.Module):
         (DeepSeek's grouped top-k, GPT-OSS's biased router) override this."""
         return route_topk(self.router(x), self.top_k, norm_topk_prob=self.norm_topk_prob)
 
+    _stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # (w13 [E, 2I, H], w2 [E, H, I]), not state
+    _moe_kernel: Callable[..., torch.Tensor] | None = None
+
+    def after_loading(self) -> None:
+        """Where a fused ``moe_experts`` kernel claims the device, restack plain silu experts' weights into
+        w13 [E, 2I, H] (gate rows, then up rows) and w2 [E, H, I]; each expert's parameters (and its fused
+        gate/up layer's) become views of them, so no memory is added and checkpoint names stay."""
+        from mistralrs.nn.kernels import lookup_accelerated
+
+        if any(type(m) is not GatedMLP for m in self.expert_list):
+            return
+        experts = [cast(GatedMLP, m) for m in self.expert_list]
+        if not experts or any(m.act_fn is not F.silu for m in experts):
+            return
+        layers = [[getattr(m, n) for n in m.names] for m in experts]
+        if any(type(lin.quant_method) is not UnquantizedLinearMethod or lin.bias is not None
+               for trio in layers for lin in trio):
+            return
+        w = layers[0][0].weight
+        if w.is_meta or any(lin.weight.dtype != w.dtype or lin.weight.device != w.device
+                            for trio in layers for lin in trio):
+            return
+        inter, hidden = w.shape
+        if any(g.weight.shape != (inter, hidden) or u.weight.shape != (inter, hidden)
+               or d.weight.shape != (hidden, inter) for g, u, d in layers):
+            return
+        kernel = lookup_accelerated("moe_experts", w.device)
+        if kernel is None:
+            return
+        w13 = torch.empty(len(experts), 2 * inter, hidden, dtype=w.dtype, device=w.device)
+        w2 = torch.empty(len(experts), hidden, inter, dtype=w.dtype, device=w.device)
+        for e, (mlp, (g, u, d)) in enumerate(zip(experts, layers)):
+            w13[e, :inter], w13[e, inter:], w2[e] = g.weight, u.weight, d.weight
+            for lin, part in ((g, w13[e, :inter]), (u, w13[e, inter:]), (d, w2[e])):
+                view = nn.Parameter(part, requires_grad=False)
+                view.__dict__.update(lin.weight.__dict__)  # keep loader attributes
+                lin.weight = view
+            fused = mlp._gate_up
+            if fused is not None:  # the expert's own fused gate/up matmul stays valid
+                fused.weight = nn.Parameter(w13[e], requires_grad=False)
+        self._stacked = (w13, w2)
+        self._moe_kernel = kernel
+
+    def _stack(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The stacked weights while the first and last experts' still are their views (a quantizer or a
+        caller replacing weights ends the stacking)."""
+        stacked = self._stacked
+        if stacked is None:
+            return None
+        experts = self.expert_list
+        for e in (0, len(experts) - 1):
+            mlp = cast(GatedMLP, experts[e])
+            g, _, d = (getattr(mlp, n) for n in mlp.names)
+            if (type(g.quant_method) is not UnquantizedLinearMethod or g.weight.data_ptr() != stacked[0][e].data_ptr()
+                    or type(d.quant_method) is not UnquantizedLinearMethod
+                    or d.weight.data_ptr() != stacked[1][e].data_ptr()):
+                self._stacked = self._moe_kernel = None
+                return None
+        return stacked
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, ids = self.route(x)
         if self.routing_weights_in_model_dtype:
             weights = weights.to(x.dtype)
+        stacked = self._stack()
+        if stacked is not None and self._moe_kernel is not None:
+            return self._moe_kernel(x, weights, ids, *stacked).reshape(shape)
         out = torch.zeros_like(x)
         experts = self.expert_list
         for e in torch.unique(ids).tolist():

@@ -5,6 +5,8 @@ them, and `nn.kernels.lookup_kernel` falls back to them when no kernel plugin is
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -116,6 +118,81 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         out = (softmax_with_sinks(scores, None if sinks is None else sinks.view(hk, hq // hk, 1))
                @ vals.float()).to(q.dtype)
     return out.reshape(S, hq, -1)
+
+
+def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
+                w2: torch.Tensor) -> torch.Tensor:
+    """The experts of a top-k mixture with stacked plain weights: ``out[t] = sum_j w_j * down_e(silu(gate_e(x_t))
+    * up_e(x_t))`` over token t's experts ``e = topk_ids[t, j]`` with weights ``w_j = topk_weights[t, j]``.
+
+    x [T, H]; topk_weights [T, k] (float32, or x's dtype: the product ``h * w`` follows torch's promotion);
+    topk_ids [T, k]; w13 [E, 2I, H] (each expert's gate rows, then its up rows); w2 [E, H, I] -> [T, H] in x's
+    dtype. The arithmetic of `SparseMoE`'s loop over experts: each expert's matmuls on its tokens rounded to x's
+    dtype, ``silu_and_mul``, scaled by the routing weight, added into the output in expert order.
+    """
+    out = torch.zeros_like(x)
+    for e in torch.unique(topk_ids).tolist():
+        token_idx, k_pos = torch.where(topk_ids == e)
+        h = F.linear(silu_and_mul(F.linear(x[token_idx], w13[e])), w2[e])
+        h = h * topk_weights[token_idx, k_pos, None]
+        out.index_add_(0, token_idx, h.to(out.dtype))
+    return out
+
+
+# fp32 scores per block of query rows in paged_attention_prefill, at most this many (32 MB)
+_PREFILL_SCORE_ELEMENTS = 1 << 23
+
+
+def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, seq_lens: Any, query_start_loc: Any, block_size: int,
+                            scale: float, sliding_window: int | None = None, softcap: float | None = None,
+                            sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Prefill (chunked) attention over a paged KV cache whose new K/V are already written: sequence i's
+    new tokens ``q[query_start_loc[i]:query_start_loc[i + 1]]``, at positions ``seq_lens[i] - n ..
+    seq_lens[i] - 1`` (n of them; the rest of its first ``seq_lens[i]`` positions is cached context),
+    each attend causally to the sequence's keys up to their own position, read through its block table.
+
+    q [T, Hq, D]; k_cache [slots, Hk, D], v_cache [slots, Hk, Dv] (fp8 caches are upcast); block_tables
+    [S, W]; seq_lens [S] and query_start_loc [S + 1] (ints, lists or tensors) -> out [T, Hq, Dv] in q's
+    dtype. Grouped-query, `sliding_window`, `softcap` and `sinks` as in `paged_attention_decode`. fp32
+    arithmetic (the sdpa backend's prefill numerics), query rows in blocks that bound the scores' memory.
+    """
+    from mistralrs.attention import read_slots
+
+    starts = [int(s) for s in query_start_loc]
+    lens = [int(n) for n in seq_lens]
+    hq, d = q.shape[1], q.shape[2]
+    hk, dv = k_cache.shape[1], v_cache.shape[-1]
+    g = hq // hk
+    dev = q.device
+    tables = block_tables.to(device=dev, dtype=torch.long)
+    out = q.new_empty(q.shape[0], hq, dv)
+    for i, sl in enumerate(lens):
+        qs, qe = starts[i], starts[i + 1]
+        n = qe - qs
+        if n == 0:
+            continue
+        pos = torch.arange(sl, device=dev)
+        slots = tables[i, pos // block_size] * block_size + pos % block_size
+        keys = read_slots(k_cache, slots, torch.float32).transpose(0, 1)  # [Hk, L, D]
+        vals = read_slots(v_cache, slots, torch.float32).transpose(0, 1)
+        rows = max(1, _PREFILL_SCORE_ELEMENTS // max(1, hq * sl))
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            m = sl - n + r1  # the keys any of these rows can see
+            qpos = torch.arange(sl - n + r0, sl - n + r1, device=dev)[:, None]
+            allowed = pos[None, :m] <= qpos
+            if sliding_window:
+                allowed &= pos[None, :m] > qpos - sliding_window
+            qb = q[qs + r0:qs + r1].to(torch.float32).transpose(0, 1).reshape(hk, g * (r1 - r0), d)
+            scores = torch.bmm(qb, keys[:, :m].transpose(1, 2)).view(hk, g, r1 - r0, m) * scale
+            if softcap is not None:
+                scores = softcap * torch.tanh(scores / softcap)
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            p = softmax_with_sinks(scores, None if sinks is None else sinks.to(torch.float32).view(hk, g, 1, 1))
+            o = torch.bmm(p.view(hk, g * (r1 - r0), m), vals[:, :m]).view(hq, r1 - r0, dv)
+            out[qs + r0:qs + r1] = o.transpose(0, 1).to(q.dtype)
+    return out
 
 
 def softmax_with_sinks(scores: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:

@@ -7,7 +7,8 @@ from __future__ import annotations
 from mistralrs import hookimpl
 from mistralrs.specs import KernelSpec
 
-OPS = ("rms_norm", "fused_add_rms_norm", "rotary", "silu_and_mul", "gelu_and_mul", "linear_bf16", "paged_attention_decode")
+OPS = ("rms_norm", "fused_add_rms_norm", "rotary", "silu_and_mul", "gelu_and_mul", "linear_bf16", "paged_attention_decode",
+       "paged_attention_prefill", "moe_experts")
 DEVICES = ("cpu", "cuda", "mps")
 
 

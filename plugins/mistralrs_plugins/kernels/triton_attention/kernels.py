@@ -1,6 +1,7 @@
-"""Triton decode attention over the paged KV cache (the op `mistralrs.nn.torch_ops.paged_attention_decode`).
+"""Triton attention over the paged KV cache: the ops `mistralrs.nn.torch_ops.paged_attention_decode` and
+`paged_attention_prefill`.
 
-Two kernels, split-K (flash-decoding):
+Decode: two kernels, split-K (flash-decoding):
 
 1. ``_decode_split``, grid (sequences, KV heads, splits): split ``j`` of sequence ``i`` walks the key
    positions ``[j * chunk, (j + 1) * chunk)`` that are visible (below ``seq_lens[i]``, and inside the
@@ -14,6 +15,18 @@ Two kernels, split-K (flash-decoding):
 The number of splits comes from the block table's width (``W * block_size`` positions, no device sync):
 one split per `SPLIT_TOKENS` positions, at most `MAX_SPLITS`. fp8 caches, autograd and devices the
 kernel cannot run on go to the reference.
+
+Prefill: ``_prefill``, grid (tiles, query heads), flash attention over the paged cache. A tile is up to
+``PREFILL_BLOCK_M`` consecutive new tokens of one sequence (the tile list is built on the host from
+``query_start_loc`` and ``seq_lens``, which the backend has as Python ints, and kept for the step's other
+layers); it walks the keys from the first one its window lets any of its rows see to its last row's
+position (causal: cached context, then the chunk itself), ``PREFILL_BLOCK_N`` at a time, slots from the block
+table, K/V read in place, with per-row causal and sliding-window masks, softcap, an online softmax and
+attention sinks folded in at the end. Scores are ``tl.dot`` of q and K in their own dtype with fp32
+accumulation (bf16/fp16 products are exact in fp32, so this is the fp32 reference's arithmetic up to the
+summation order); P is rounded to V's dtype for the second dot as flash attention does (fp32 inputs stay
+fp32 throughout). The interpreter's bf16 ``tl.dot`` is wrong (it multiplies the raw bits), so under
+``TRITON_INTERPRET=1`` every dot is fp32; the tensor-core path is checked on a GPU by tests/cuda.
 """
 
 from __future__ import annotations
@@ -23,8 +36,10 @@ import triton
 import triton.language as tl
 
 from mistralrs.nn import torch_ops
-from mistralrs_plugins.kernels.triton_support import runs_here
+from mistralrs_plugins.kernels.triton_support import interpreter_mode, runs_here
 
+PREFILL_BLOCK_M = 32
+PREFILL_BLOCK_N = 32
 BLOCK_N = 32
 SPLIT_TOKENS = 512
 MAX_SPLITS = 16
@@ -154,5 +169,132 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _decode_reduce[(S, hq)](
         mid_o, mid_lse, out, out.stride(0), out.stride(1), hq, dv, n_splits,
         BLOCK_SPLITS=max(2, triton.next_power_of_2(n_splits)), BLOCK_DV=triton.next_power_of_2(dv),
+    )
+    return out
+
+
+@triton.jit
+def _prefill(q_ptr, k_ptr, v_ptr, bt_ptr, tiles_ptr, sinks_ptr, out_ptr,
+             q_st, q_sh, k_st, k_sh, v_st, v_sh, bt_s, o_st, o_sh,
+             group, head_dim, v_dim, block_size, scale, softcap, window,
+             HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, FP32: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    t = tl.program_id(0)
+    hq = tl.program_id(1)
+    h = hq // group
+    seq = tl.load(tiles_ptr + t * 4).to(tl.int64)
+    row0 = tl.load(tiles_ptr + t * 4 + 1).to(tl.int64)
+    rows = tl.load(tiles_ptr + t * 4 + 2)
+    pos0 = tl.load(tiles_ptr + t * 4 + 3)
+    r = tl.arange(0, BLOCK_M)
+    rm = r < rows
+    qpos = pos0 + r
+    hi = pos0 + rows  # keys [lo, hi): causal up to the tile's last row
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(pos0 - window + 1, 0)
+    d = tl.arange(0, BLOCK_D)
+    dm = d < head_dim
+    dv = tl.arange(0, BLOCK_DV)
+    dvm = dv < v_dim
+    q = tl.load(q_ptr + (row0 + r)[:, None] * q_st + hq * q_sh + d[None, :], mask=rm[:, None] & dm[None, :],
+                other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        p = n0 + tl.arange(0, BLOCK_N)
+        pm = p < hi
+        blk = tl.load(bt_ptr + seq * bt_s + p // block_size, mask=pm, other=0).to(tl.int64)
+        slot = blk * block_size + p % block_size
+        k = tl.load(k_ptr + slot[:, None] * k_st + h * k_sh + d[None, :], mask=pm[:, None] & dm[None, :], other=0.0)
+        if FP32:
+            sc = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            sc = tl.dot(q, tl.trans(k))
+        sc = sc * scale
+        if HAS_SOFTCAP:  # c * tanh(s / c), tanh(z) = 2 sigmoid(2z) - 1
+            sc = softcap * (2.0 * tl.sigmoid(2.0 * sc / softcap) - 1.0)
+        allowed = (p[None, :] <= qpos[:, None]) & pm[None, :]
+        if HAS_WINDOW:
+            allowed &= p[None, :] > qpos[:, None] - window
+        sc = tl.where(allowed, sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see none of these keys yet
+        alpha = tl.exp(m_i - m_safe)
+        pr = tl.exp(sc - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(pr, axis=1)
+        v = tl.load(v_ptr + slot[:, None] * v_st + h * v_sh + dv[None, :], mask=pm[:, None] & dvm[None, :], other=0.0)
+        if FP32:
+            acc = acc * alpha[:, None] + tl.dot(pr, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
+        m_i = m_new
+    if HAS_SINKS:  # the sink's logit joins the denominator only
+        sink = tl.load(sinks_ptr + hq).to(tl.float32)
+        m_new = tl.maximum(m_i, sink)
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.exp(sink - m_new)
+        acc = acc * alpha[:, None]
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    tl.store(out_ptr + (row0 + r)[:, None] * o_st + hq * o_sh + dv[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=rm[:, None] & dvm[None, :])
+
+
+_tiles_cache: dict[tuple, torch.Tensor] = {}
+
+
+def prefill_tiles(starts: list[int], lens: list[int], device: torch.device) -> torch.Tensor:
+    """int32 [tiles, 4]: (sequence, first flat row, rows, position of the first row) per tile of new tokens.
+    The last few are kept: every layer of a step asks for the same tiles."""
+    key = (tuple(starts), tuple(lens), str(device))
+    found = _tiles_cache.get(key)
+    if found is None:
+        rows = []
+        for i, sl in enumerate(lens):
+            qs, n = starts[i], starts[i + 1] - starts[i]
+            rows += [(i, qs + r0, min(PREFILL_BLOCK_M, n - r0), sl - n + r0) for r0 in range(0, n, PREFILL_BLOCK_M)]
+        found = torch.tensor(rows, dtype=torch.int32).reshape(-1, 4).to(device)
+        if len(_tiles_cache) >= 8:
+            _tiles_cache.pop(next(iter(_tiles_cache)))
+        _tiles_cache[key] = found
+    return found
+
+
+def _ints(values) -> list[int]:  # type: ignore[no-untyped-def]
+    return values.tolist() if isinstance(values, torch.Tensor) else [int(v) for v in values]
+
+
+def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, seq_lens, query_start_loc, block_size: int,  # type: ignore[no-untyped-def]
+                            scale: float, sliding_window: int | None = None, softcap: float | None = None,
+                            sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference's signature (`torch_ops.paged_attention_prefill`)."""
+    starts, lens = _ints(query_start_loc), _ints(seq_lens)
+    if (not runs_here(q, k_cache, v_cache, block_tables, sinks) or q.dim() != 3 or k_cache.dim() != 3
+            or v_cache.dim() != 3 or q.dtype not in DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype
+            or q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1
+            or k_cache.shape[1] != v_cache.shape[1] or q.shape[1] % k_cache.shape[1]
+            or q.shape[2] != k_cache.shape[2] or block_tables.dim() != 2
+            or not (len(starts) == len(lens) + 1 == block_tables.shape[0] + 1)
+            or (sinks is not None and sinks.numel() != q.shape[1])):
+        return torch_ops.paged_attention_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                                                 block_size, scale, sliding_window, softcap, sinks)
+    T, hq, D = q.shape
+    hk, dv = k_cache.shape[1], v_cache.shape[2]
+    out = torch.empty((T, hq, dv), dtype=q.dtype, device=q.device)
+    tiles = prefill_tiles(starts, lens, q.device)
+    if tiles.shape[0] == 0:
+        return out
+    tables = block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()
+    sk = sinks.to(device=q.device, dtype=torch.float32).contiguous() if sinks is not None else out
+    _prefill[(tiles.shape[0], hq)](
+        q, k_cache, v_cache, tables, tiles, sk, out,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        tables.stride(0), out.stride(0), out.stride(1), hq // hk, D, dv, block_size, float(scale),
+        float(softcap) if softcap else 1.0, int(sliding_window) if sliding_window else 0,
+        HAS_SOFTCAP=bool(softcap), HAS_WINDOW=bool(sliding_window), HAS_SINKS=sinks is not None,
+        FP32=q.dtype == torch.float32 or interpreter_mode(), BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=PREFILL_BLOCK_N,
+        BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(dv)),
     )
     return out
