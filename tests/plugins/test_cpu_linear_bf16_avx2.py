@@ -263,7 +263,7 @@ def test_registered_between_the_reference_and_avx512(monkeypatch):
     assert (spec.name, spec.devices, spec.impl) == ("avx2", ("cpu",), "mistralrs_plugins.kernels.cpu_quant.ops:linear_bf16")
     native_specs = []
     cpu_native.register_kernels(native_specs.append)
-    (avx512,) = [s for s in native_specs if s.op == "linear_bf16"]
+    (avx512,) = [s for s in native_specs if s.op == "linear_bf16" and s.name == "avx512_bf16"]
     assert 0 < spec.priority < avx512.priority
     assert not spec.is_supported(device="cuda")
     assert spec.is_supported(device="cpu") == cpu_quant.has_avx2()
@@ -287,10 +287,14 @@ def test_registry_picks_avx2_without_avx512_bf16_and_avx512_with_it(monkeypatch)
     monkeypatch.delenv(cpu_quant.DISABLE_ENV, raising=False)
     monkeypatch.setattr(cpu_quant, "has_avx2", lambda: True)
     monkeypatch.setattr(cpu_native, "has_avx512_bf16", lambda: False)
+    monkeypatch.setattr(cpu_native, "has_amx_bf16", lambda: False)
     registry = _registry(monkeypatch)
     assert registry.kernel("linear_bf16", "cpu").name == "avx2"
     monkeypatch.setattr(cpu_native, "has_avx512_bf16", lambda: True)
     assert registry.kernel("linear_bf16", "cpu").name == "avx512_bf16"
+    monkeypatch.setattr(cpu_native, "has_amx_bf16", lambda: True)
+    assert registry.kernel("linear_bf16", "cpu").name == "amx_bf16"
+    monkeypatch.setattr(cpu_native, "has_amx_bf16", lambda: False)
     monkeypatch.setattr(cpu_native, "has_avx512_bf16", lambda: False)
     monkeypatch.setattr(cpu_quant, "has_avx2", lambda: False)
     assert registry.kernel("linear_bf16", "cpu").reference
