@@ -390,7 +390,7 @@ class ModelService:
         )
         self.backend = build_attention_backend(
             self.loaded, name=self._backend_name(), num_blocks=num_blocks, block_size=opts.pa_blk_size,
-            dtype=kv_dtype, device=device, registry=registry,
+            dtype=kv_dtype, device=device, registry=registry, num_state_slots=opts.max_seqs,
         ) if num_blocks else probe
         self.engine = Engine(
             self.loaded.model, self.backend, self.tokenizer,

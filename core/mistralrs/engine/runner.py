@@ -1,5 +1,5 @@
-"""Turns one scheduled step into a model forward: flat token batch, positions, KV slots and
-block tables in; hidden states of the positions that sample out. Image placeholders in the step
+"""Turns one scheduled step into a model forward: flat token batch, positions, KV slots,
+block tables and recurrent-state slots in; hidden states of the positions that sample out. Image placeholders in the step
 get their embeddings from the model's `embed_multimodal` (run once per image per request and
 kept on the request) and reach `forward` as ``mm=(flat indices, embeddings)``."""
 
@@ -65,7 +65,10 @@ class ModelRunner:
             bs = self.block_size
             slot_mapping = (tables[seq_index, pos_cpu // bs] * bs + pos_cpu % bs).to(dev)
             block_tables = tables.to(dev)
-        batch = self.backend.batch(qsl, seq_lens, slot_mapping, block_tables)
+        state_slots = None
+        if self.cached and getattr(self.backend, "states", None) is not None:
+            state_slots = torch.tensor([item.seq.state_slot for item in step], dtype=torch.long, device=dev)
+        batch = self.backend.batch(qsl, seq_lens, slot_mapping, block_tables, state_slots=state_slots)
         if mm_index:
             mm = (torch.tensor(mm_index, dtype=torch.long, device=dev), torch.cat(mm_embeds).to(dev))
             hidden = self.model.forward(input_ids, pos, batch, mm=mm)

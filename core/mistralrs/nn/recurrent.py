@@ -1,0 +1,148 @@
+"""Recurrent layers' math (hybrid models): torch references of the causal short convolution, the
+Mamba-2 selective scan and the gated delta rule, each as a chunked form for prefill and a
+one-token recurrent step for decode, plus `scan_sequences`, which runs a step's sequences through
+them: every one-token sequence of the step in one batched recurrent step, each longer chunk
+through the chunked form, starting from the state its slot holds (`state_cache`).
+
+Shapes: a sequence's tokens are rows ``[n, ...]``; states are per sequence ``[S, ...]``. The
+chunked forms follow transformers' torch paths (the same operations in the same order, float32
+throughout) so logits match them; the step forms are the same recurrences one token at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+Tensors = tuple[torch.Tensor, ...]
+States = dict[str, torch.Tensor]
+
+
+def scan_sequences(
+    batch: object,
+    inputs: Tensors,
+    states: States,
+    step: Callable[[Tensors, States], tuple[torch.Tensor, States]],
+    chunk: Callable[[Tensors, States], tuple[torch.Tensor, States]],
+) -> tuple[torch.Tensor, States]:
+    """Run `inputs` (each ``[T, ...]``, the step's flat tokens) through a recurrence.
+
+    `step(rows, states)` takes one token of each of D sequences (``[D, ...]``) and their states
+    (``[D, ...]``); `chunk(rows, state)` takes one sequence's ``n`` tokens and its state (leading
+    dim 1). Both return (outputs per token, new states). Returns (outputs ``[T, ...]``, every
+    sequence's new states ``[S, ...]``)."""
+    qsl = batch.query_start_loc  # type: ignore[attr-defined]
+    lens = [qsl[i + 1] - qsl[i] for i in range(len(qsl) - 1)]
+    new = {k: v.clone() for k, v in states.items()}
+    out: torch.Tensor | None = None
+    decode = [i for i, n in enumerate(lens) if n == 1]
+
+    def place(rows: torch.Tensor | slice, y: torch.Tensor) -> None:
+        nonlocal out
+        if out is None:
+            out = y.new_empty(qsl[-1], *y.shape[1:])
+        out[rows] = y
+
+    if decode:
+        dev = inputs[0].device
+        rows = torch.tensor([qsl[i] for i in decode], dtype=torch.long, device=dev)
+        idx = torch.tensor(decode, dtype=torch.long, device=dev)
+        y, st = step(tuple(x.index_select(0, rows) for x in inputs), {k: v.index_select(0, idx) for k, v in states.items()})
+        place(rows, y)
+        for k, v in st.items():
+            new[k].index_copy_(0, idx, v.to(new[k].dtype))
+    for i, n in enumerate(lens):
+        if n <= 1:
+            continue
+        y, st = chunk(tuple(x[qsl[i]:qsl[i + 1]] for x in inputs), {k: v[i:i + 1] for k, v in states.items()})
+        place(slice(qsl[i], qsl[i + 1]), y)
+        for k, v in st.items():
+            new[k][i:i + 1] = v.to(new[k].dtype)
+    assert out is not None, "scan_sequences needs at least one token"
+    return out, new
+
+
+# -- causal depthwise convolution (Mamba-2's conv1d, LFM2's short conv, Gated DeltaNet's conv) --------
+
+
+def causal_conv1d(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence: x ``[n, C]``, state ``[1, C, K - 1]`` (the previous K - 1 inputs), weight
+    ``[C, K]`` -> (y ``[n, C]``, new state). No activation (callers apply their own)."""
+    k = weight.shape[-1]
+    full = torch.cat([state[0].to(x.dtype), x.transpose(0, 1)], dim=-1)  # [C, K - 1 + n]
+    y = F.conv1d(full[None].to(weight.dtype), weight[:, None, :], bias, groups=weight.shape[0])[0]
+    return y.transpose(0, 1).to(x.dtype), full[:, full.shape[-1] - (k - 1):][None]
+
+
+def causal_conv1d_step(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor,
+                       bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """D sequences, one token each: x ``[D, C]``, state ``[D, C, K - 1]`` -> (y ``[D, C]``, new state)."""
+    full = torch.cat([state.to(x.dtype), x[:, :, None]], dim=-1)  # [D, C, K]
+    y = (full.to(weight.dtype) * weight[None]).sum(-1)
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype), full[:, :, 1:]
+
+
+# -- Mamba-2 selective state space (SSD) ------------------------------------------------------------
+
+
+def _segment_sum(x: torch.Tensor) -> torch.Tensor:
+    """transformers' stable segment sum: [..., L] -> [..., L, L] (-inf above the diagonal)."""
+    n = x.size(-1)
+    x = x[..., None].expand(*x.size(), n)
+    x = x.masked_fill(~torch.tril(torch.ones(n, n, device=x.device, dtype=torch.bool), diagonal=-1), 0)
+    out = torch.cumsum(x, dim=-2)
+    return out.masked_fill(~torch.tril(torch.ones(n, n, device=x.device, dtype=torch.bool), diagonal=0), -torch.inf)
+
+
+def mamba2_chunked(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
+                   d: torch.Tensor, state: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence through the SSD chunked scan. x ``[n, H, P]``, dt ``[n, H]`` (already
+    softplus'ed and clamped), a ``[H]`` (negative), b/c ``[n, G, N]``, d ``[H]``, state
+    ``[1, H, P, N]`` -> (y ``[n, H, P]`` float32, final state ``[1, H, P, N]`` float32)."""
+    n, heads, _ = x.shape
+    x, b, c = x.float()[None], b.float()[None], c.float()[None]
+    b = b.repeat_interleave(heads // b.shape[2], dim=2, output_size=heads)
+    c = c.repeat_interleave(heads // c.shape[2], dim=2, output_size=heads)
+    pad = (chunk_size - n % chunk_size) % chunk_size
+    d_res = d[..., None] * F.pad(x, (0, 0, 0, 0, 0, pad))
+    x = x * dt[None, ..., None].float()
+    a = a.float() * dt[None].float()
+
+    def chunks(t: torch.Tensor) -> torch.Tensor:
+        t = F.pad(t, (0, 0, 0, 0, 0, pad) if t.dim() == 4 else (0, 0, 0, pad))
+        return t.reshape(t.shape[0], -1, chunk_size, *t.shape[2:])
+
+    x, a, b, c = (chunks(t) for t in (x, a, b, c))
+    a = a.permute(0, 3, 1, 2)
+    a_cumsum = torch.cumsum(a, dim=-1)
+    decay = torch.exp(_segment_sum(a))
+    g = torch.einsum("bclhn,bcshn->bclsh", c, b)
+    y_diag = torch.einsum("bclsh,bcshp->bclhp", g * decay.permute(0, 2, 3, 4, 1), x)
+    decay_states = torch.exp(a_cumsum[:, :, :, -1:] - a_cumsum)
+    states = torch.einsum("bclhn,bclhp->bchpn", b * decay_states.permute(0, -2, -1, 1)[..., None], x)
+    states = torch.cat([state[:, None].float(), states], dim=1)
+    decay_chunk = torch.exp(_segment_sum(F.pad(a_cumsum[:, :, :, -1], (1, 0)))).transpose(1, 3)
+    new_states = torch.einsum("bzch,bzhpn->bchpn", decay_chunk, states)
+    states, final = new_states[:, :-1], new_states[:, -1]
+    y_off = torch.einsum("bclhn,bchpn->bclhp", c, states) * torch.exp(a_cumsum).permute(0, 2, 3, 1)[..., None]
+    y = (y_diag + y_off).reshape(1, -1, heads, x.shape[-1]) + d_res
+    return y[0, :n], final
+
+
+def mamba2_step(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
+                d: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """D sequences, one token each: x ``[D, H, P]``, dt ``[D, H]``, b/c ``[D, G, N]``, state
+    ``[D, H, P, N]`` -> (y ``[D, H, P]`` float32, new state float32)."""
+    heads = x.shape[1]
+    x, dt = x.float(), dt.float()
+    b = b.float().repeat_interleave(heads // b.shape[1], dim=1, output_size=heads)  # [D, H, N]
+    c = c.float().repeat_interleave(heads // c.shape[1], dim=1, output_size=heads)
+    da = torch.exp(dt * a.float())[..., None, None]
+    new = state.float() * da + (dt[..., None, None] * b[:, :, None, :]) * x[..., None]
+    y = torch.matmul(new, c[..., None])[..., 0] + x * d.float()[:, None]
+    return y, new
