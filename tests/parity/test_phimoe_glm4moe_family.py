@@ -146,7 +146,7 @@ class TestParity(ParitySuite):
 
     def bf16_close(self, name, path, hf):
         if name.startswith("phimoe"):
-            return assert_moe_bf16_close(path, hf, hf_router="router")
+            return assert_moe_bf16_close(path, hf, hf_router="mlp.router")
         return assert_grouped_moe_bf16_close(path, hf)
 
     def test_isq_moqe(self, tiny):

@@ -1,0 +1,168 @@
+"""Parity of the hybrid (recurrent + attention) architectures with transformers' torch paths,
+and the recurrent-state cache through the engine.
+
+The ParitySuite checks (fp32 logits within 1e-4, 32 greedy tokens through the paged cache and
+the state slots, flattened batches == per sequence with prefill and decode mixed, bf16, ISQ,
+GPTQ, UQFF). The prompts are longer than the Mamba chunk size, so the chunked scan carries its
+state across chunks; decode steps run the recurrent step.
+
+Cases (tiny):
+granitemoehybrid - Mamba-2 / attention / Mamba-2 / Mamba-2 layers, 2 B/C groups, chunk size 8,
+  top-2 of 4 experts plus the shared MLP, no rope (Granite 4.0's), the four Granite scalars;
+granitemoehybrid_dense_rope_tied - attention then Mamba-2, dense (shared MLP only), rope, tied
+  embeddings, one group, chunk size 5.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from tests.helpers.parity import ParitySuite, assert_bf16_close, make_tiny_hf_model, tiny_fixture
+from tests.parity.test_moe_glm_family import assert_moe_bf16_close
+
+transformers = pytest.importorskip("transformers")
+
+_PLUGIN_MODULES = {
+    "model_granitemoehybrid": ("granitemoehybrid", "mistralrs_plugins.models.granitemoehybrid"),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _plugins_registered():
+    from mistralrs.plugins import get_plugin_host
+
+    host = get_plugin_host()
+    added = []
+    for name, (arch, module) in _PLUGIN_MODULES.items():
+        if arch not in host.registry().architectures and name not in host.plugins:
+            assert host.register(importlib.import_module(module), name=name, module=module, first_party=True)
+            added.append(name)
+    yield
+    for name in added:
+        host.unregister(name)
+
+
+def _granite(p, **kw):
+    kw = {"intermediate_size": 32, "shared_intermediate_size": 48, "num_hidden_layers": 4, "num_local_experts": 4,
+          "num_experts_per_tok": 2, "mamba_n_heads": 4, "mamba_d_state": 8, "mamba_n_groups": 2,
+          "mamba_chunk_size": 8, "embedding_multiplier": 2.0, "attention_multiplier": 0.1,
+          "residual_multiplier": 0.5, "logits_scaling": 2.0,
+          "layer_types": ["linear_attention", "full_attention", "linear_attention", "linear_attention"], **kw}
+    return make_tiny_hf_model(transformers.GraniteMoeHybridConfig, transformers.GraniteMoeHybridForCausalLM, p, **kw)
+
+
+CASES = {
+    "granitemoehybrid": lambda p: _granite(p),
+    "granitemoehybrid_dense_rope_tied": lambda p: _granite(
+        p, num_local_experts=0, position_embedding_type="rope", num_hidden_layers=2, mamba_n_groups=1,
+        mamba_chunk_size=5, layer_types=["full_attention", "linear_attention"], tie_word_embeddings=True, seed=1),
+}
+
+tiny = tiny_fixture(CASES)
+
+
+class TestParity(ParitySuite):
+    expected_arch = {name: name.split("_")[0] for name in CASES}
+    tied = frozenset(name for name in CASES if "tied" in name)
+    gguf_unsupported = {name: "no GGUF converter for granitehybrid yet" for name in CASES}
+
+    def bf16_close(self, name, path, hf):
+        if "dense" in name:
+            return assert_bf16_close(path, hf)
+        return assert_moe_bf16_close(path, hf, hf_router="block_sparse_moe.router")
+
+    def check_layout(self, name, path, model):
+        from mistralrs_plugins.models.granitemoehybrid.model import Mamba2Mixer
+
+        layers = model.model.layers
+        mamba = [isinstance(layer.mixer, Mamba2Mixer) for layer in layers]
+        rec = model.recurrent_state_shape()
+        if name == "granitemoehybrid":
+            assert mamba == [True, False, True, True] and model.model.rotary_emb is None
+            assert [layer.mixer.state_idx for layer in layers if isinstance(layer.mixer, Mamba2Mixer)] == [0, 1, 2]
+            assert rec == {"num_layers": 3, "states": {"conv": (128 + 2 * 2 * 8, 3), "ssm": (4, 32, 8)},
+                           "float32": ("ssm",)}
+        else:
+            assert mamba == [False, True] and model.model.rotary_emb is not None
+            assert not hasattr(layers[0], "block_sparse_moe")
+        assert model.kv_cache_shape()["num_layers"] == mamba.count(False)  # only attention layers take blocks
+
+
+def _service(path, **kw):
+    from mistralrs.serving import ModelService, ServiceOptions
+
+    return ModelService(ServiceOptions(model_id=str(path), dtype="f32", **kw))
+
+
+def _run(svc, prompts, n=10):
+    from mistralrs import protocol as P
+    from mistralrs.engine.engine import GenerationRequest
+    from mistralrs.engine.sampling import SamplingParams
+
+    handles = [svc.engine.submit(GenerationRequest(prompt_ids=ids, sampling=SamplingParams(temperature=0),
+                                                   max_tokens=n, ignore_eos=True)) for ids in prompts]
+    return [P.collect(h)[0] for h in handles]
+
+
+@pytest.fixture(scope="module")
+def granite_dir(tmp_path_factory):
+    from mistralrs.tokenization import Tokenizer
+    from tests.helpers.tiny_tokenizer import write_tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("granite-engine")
+    write_tiny_tokenizer(path)
+    _granite(path, vocab_size=Tokenizer.from_dir(path).vocab_size, bos_token_id=0, eos_token_id=1)
+    return path
+
+
+@pytest.fixture(scope="module")
+def prompts_and_reference(granite_dir):
+    """Six prompts (two sharing a 40-token prefix) and their greedy tokens with no cache at all
+    (every step recomputed from scratch: no state carried anywhere)."""
+    gen = torch.Generator().manual_seed(0)
+    shared = torch.randint(2, 300, (40,), generator=gen).tolist()
+    prompts = [shared + torch.randint(2, 300, (5,), generator=gen).tolist() for _ in range(2)]
+    prompts += [torch.randint(2, 300, (int(n),), generator=gen).tolist() for n in (3, 17, 29, 1)]
+    svc = _service(granite_dir, no_kv_cache=True)
+    try:
+        return prompts, [r.choices[0].token_ids for r in _run(svc, prompts)]
+    finally:
+        svc.shutdown()
+
+
+@pytest.mark.parametrize("backend", ["paged", "sdpa"])
+def test_engine_state_slots_chunked_prefill_and_mixed_batches(granite_dir, prompts_and_reference, backend):
+    """Through the engine: prefill chunks of 7 tokens (the state carried across chunks in the
+    slot), decode steps batched with other sequences' prefill chunks, every request alone or
+    beside the others gives the no-cache tokens; the shared prefix is not served from the prefix
+    cache (off for recurrent models), and every slot is free again afterwards."""
+    prompts, want = prompts_and_reference
+    svc = _service(granite_dir, attention_backend=backend, pa_blk_size=8, max_seqs=4, max_num_batched_tokens=7)
+    try:
+        states = svc.backend.states
+        assert states is not None and states.num_slots == 4
+        assert not svc.engine.scheduler.pool.enabled
+        got = _run(svc, prompts)
+        assert [r.choices[0].token_ids for r in got] == want
+        assert all(r.usage.cached_tokens == 0 for r in got)
+        assert svc.engine.scheduler.state_slots.num_free() == 4
+        assert svc.engine.kv_blocks()[0] == 0
+    finally:
+        svc.shutdown()
+
+
+def test_engine_preemption_restarts_the_state(granite_dir, prompts_and_reference):
+    """With too few KV blocks for every sequence, preempted sequences give back their state slot
+    and start again from a zero state when re-admitted: the tokens do not change."""
+    prompts, want = prompts_and_reference
+    svc = _service(granite_dir, pa_blk_size=8, pa_context_len=72, max_seqs=6)
+    try:
+        got = _run(svc, prompts)
+        assert svc.engine.scheduler.preemptions > 0
+        assert [r.choices[0].token_ids for r in got] == want
+        assert svc.engine.scheduler.state_slots.num_free() == 6
+    finally:
+        svc.shutdown()
