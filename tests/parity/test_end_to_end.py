@@ -42,6 +42,12 @@ ARCHITECTURES = {
                     {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                      "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
                      "q_lora_rank": 24, "num_key_value_heads": 4}),
+    "granitemoehybrid": ("granitemoehybrid", "GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM",
+                         {"intermediate_size": 32, "shared_intermediate_size": 48, "num_local_experts": 4,
+                          "mamba_n_heads": 4, "mamba_d_state": 8, "mamba_chunk_size": 8,
+                          "layer_types": ["linear_attention", "full_attention"]}),
+    "lfm2": ("lfm2", "Lfm2Config", "Lfm2ForCausalLM",
+             {"intermediate_size": 96, "block_multiple_of": 16, "layer_types": ["conv", "full_attention"]}),
     "gemma3_text": ("gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM",
                     {"head_dim": 16, "sliding_window": 8, "sliding_window_pattern": 2}),
 }

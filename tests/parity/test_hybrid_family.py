@@ -10,7 +10,11 @@ Cases (tiny):
 granitemoehybrid - Mamba-2 / attention / Mamba-2 / Mamba-2 layers, 2 B/C groups, chunk size 8,
   top-2 of 4 experts plus the shared MLP, no rope (Granite 4.0's), the four Granite scalars;
 granitemoehybrid_dense_rope_tied - attention then Mamba-2, dense (shared MLP only), rope, tied
-  embeddings, one group, chunk size 5.
+  embeddings, one group, chunk size 5;
+lfm2 - conv / attention / conv / conv, kernel 3, QK-norm attention, auto-adjusted feed-forward
+  width, tied embeddings (LFM2's defaults);
+lfm2_bias_untied - ``full_attn_idxs`` [0, 2] (older configs), conv and projection biases, kernel 4,
+  the feed-forward width as given, an untied head.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ transformers = pytest.importorskip("transformers")
 
 _PLUGIN_MODULES = {
     "model_granitemoehybrid": ("granitemoehybrid", "mistralrs_plugins.models.granitemoehybrid"),
+    "model_lfm2": ("lfm2", "mistralrs_plugins.models.lfm2"),
 }
 
 
@@ -54,11 +59,20 @@ def _granite(p, **kw):
     return make_tiny_hf_model(transformers.GraniteMoeHybridConfig, transformers.GraniteMoeHybridForCausalLM, p, **kw)
 
 
+def _lfm2(p, **kw):
+    kw = {"intermediate_size": 96, "num_hidden_layers": 4, "layer_types": ["conv", "full_attention", "conv", "conv"],
+          "conv_L_cache": 3, "block_multiple_of": 16, **kw}
+    return make_tiny_hf_model(transformers.Lfm2Config, transformers.Lfm2ForCausalLM, p, **kw)
+
+
 CASES = {
     "granitemoehybrid": lambda p: _granite(p),
     "granitemoehybrid_dense_rope_tied": lambda p: _granite(
         p, num_local_experts=0, position_embedding_type="rope", num_hidden_layers=2, mamba_n_groups=1,
         mamba_chunk_size=5, layer_types=["full_attention", "linear_attention"], tie_word_embeddings=True, seed=1),
+    "lfm2": lambda p: _lfm2(p),
+    "lfm2_bias_untied": lambda p: _lfm2(p, conv_bias=True, conv_L_cache=4, block_auto_adjust_ff_dim=False,
+                                        tie_word_embeddings=False, layer_types=None, full_attn_idxs=[0, 2], seed=1),
 }
 
 tiny = tiny_fixture(CASES)
@@ -66,16 +80,26 @@ tiny = tiny_fixture(CASES)
 
 class TestParity(ParitySuite):
     expected_arch = {name: name.split("_")[0] for name in CASES}
-    tied = frozenset(name for name in CASES if "tied" in name)
+    tied = frozenset({"granitemoehybrid_dense_rope_tied", "lfm2"})
     gguf_unsupported = {name: "no GGUF converter for granitehybrid yet" for name in CASES}
 
     def bf16_close(self, name, path, hf):
-        if "dense" in name:
+        if "dense" in name or name.startswith("lfm2"):
             return assert_bf16_close(path, hf)
         return assert_moe_bf16_close(path, hf, hf_router="block_sparse_moe.router")
 
     def check_layout(self, name, path, model):
         from mistralrs_plugins.models.granitemoehybrid.model import Mamba2Mixer
+        from mistralrs_plugins.models.lfm2.model import ShortConv
+
+        if name.startswith("lfm2"):
+            conv = [isinstance(layer.mixer, ShortConv) for layer in model.model.layers]
+            kernel = 3 if name == "lfm2" else 4
+            assert conv == ([True, False, True, True] if name == "lfm2" else [False, True, False, True])
+            assert model.recurrent_state_shape() == {"num_layers": conv.count(True), "states": {"conv": (64, kernel - 1)}}
+            assert model.kv_cache_shape()["num_layers"] == conv.count(False)
+            assert model.s.intermediate_size == (64 if name == "lfm2" else 96)
+            return
 
         layers = model.model.layers
         mamba = [isinstance(layer.mixer, Mamba2Mixer) for layer in layers]
