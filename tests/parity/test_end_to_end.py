@@ -48,6 +48,10 @@ ARCHITECTURES = {
                           "layer_types": ["linear_attention", "full_attention"]}),
     "lfm2": ("lfm2", "Lfm2Config", "Lfm2ForCausalLM",
              {"intermediate_size": 96, "block_multiple_of": 16, "layer_types": ["conv", "full_attention"]}),
+    "qwen3next": ("qwen3_next", "Qwen3NextConfig", "Qwen3NextForCausalLM",
+                  {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+                   "shared_expert_intermediate_size": 24, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+                   "linear_key_head_dim": 16, "linear_value_head_dim": 16, "full_attention_interval": 2}),
     "gemma3_text": ("gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM",
                     {"head_dim": 16, "sliding_window": 8, "sliding_window_pattern": 2}),
 }

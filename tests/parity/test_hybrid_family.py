@@ -14,7 +14,15 @@ granitemoehybrid_dense_rope_tied - attention then Mamba-2, dense (shared MLP onl
 lfm2 - conv / attention / conv / conv, kernel 3, QK-norm attention, auto-adjusted feed-forward
   width, tied embeddings (LFM2's defaults);
 lfm2_bias_untied - ``full_attn_idxs`` [0, 2] (older configs), conv and projection biases, kernel 4,
-  the feed-forward width as given, an untied head.
+  the feed-forward width as given, an untied head;
+qwen3next - three Gated DeltaNet layers then gated attention (the default interval 4), 2 key heads
+  serving 4 value heads, top-4 of 8 experts renormalised plus the gated shared expert, partial
+  rotary 0.25, (1 + w) norms;
+qwen3next_dense_tied - ``layer_types`` from ``full_attention_interval`` 2, as many key as value
+  heads, layer 0 dense (``mlp_only_layers``) and ``decoder_sparse_step`` 2, top-k weights not
+  renormalised, tied embeddings.
+Qwen3-Next's chunked delta rule works in chunks of 64: `test_qwen3next_prompt_over_one_delta_chunk`
+runs a prompt longer than that.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ transformers = pytest.importorskip("transformers")
 _PLUGIN_MODULES = {
     "model_granitemoehybrid": ("granitemoehybrid", "mistralrs_plugins.models.granitemoehybrid"),
     "model_lfm2": ("lfm2", "mistralrs_plugins.models.lfm2"),
+    "model_qwen3next": ("qwen3next", "mistralrs_plugins.models.qwen3next"),
 }
 
 
@@ -65,6 +74,33 @@ def _lfm2(p, **kw):
     return make_tiny_hf_model(transformers.Lfm2Config, transformers.Lfm2ForCausalLM, p, **kw)
 
 
+def _qwen3next(p, **kw):
+    kw = {"intermediate_size": 64, "num_hidden_layers": 4, "head_dim": 16, "num_experts": 8, "num_experts_per_tok": 4,
+          "moe_intermediate_size": 16, "shared_expert_intermediate_size": 24, "linear_num_key_heads": 2,
+          "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16, **kw}
+    path, hf = make_tiny_hf_model(transformers.Qwen3NextConfig, transformers.Qwen3NextForCausalLM, p, **kw)
+    # Qwen3-Next's norms scale by (1 + w) with w near 0 (its init is zeros); randomize_ draws norm
+    # weights near 1, which doubles the residual stream at every norm
+    gen = torch.Generator().manual_seed(7)
+    cfg = hf.config
+    dk, r = cfg.linear_key_head_dim, cfg.linear_num_value_heads // cfg.linear_num_key_heads
+    with torch.no_grad():
+        for module in hf.modules():
+            if type(module).__name__ == "Qwen3NextRMSNorm":
+                module.weight.copy_(0.1 * torch.randn(module.weight.shape, generator=gen))
+            if type(module).__name__ == "Qwen3NextGatedDeltaNet":
+                # Each key equals its query (the rows of in_proj_qkvz and the conv channels): random
+                # 16-dim queries and keys are near-orthogonal, which leaves the delta rule's read-out
+                # near zero, and the per-head RMSNorm after it then blows any rounding (bf16, ISQ) up
+                # into noise. With q = k the read-out has a trained model's scale.
+                w = module.in_proj_qkvz.weight.view(cfg.linear_num_key_heads, 2 * dk + 2 * r * cfg.linear_value_head_dim, -1)
+                w[:, dk:2 * dk] = w[:, :dk]
+                key_dim = dk * cfg.linear_num_key_heads
+                module.conv1d.weight[key_dim:2 * key_dim] = module.conv1d.weight[:key_dim]
+    hf.save_pretrained(path)
+    return path, hf
+
+
 CASES = {
     "granitemoehybrid": lambda p: _granite(p),
     "granitemoehybrid_dense_rope_tied": lambda p: _granite(
@@ -73,6 +109,10 @@ CASES = {
     "lfm2": lambda p: _lfm2(p),
     "lfm2_bias_untied": lambda p: _lfm2(p, conv_bias=True, conv_L_cache=4, block_auto_adjust_ff_dim=False,
                                         tie_word_embeddings=False, layer_types=None, full_attn_idxs=[0, 2], seed=1),
+    "qwen3next": lambda p: _qwen3next(p),
+    "qwen3next_dense_tied": lambda p: _qwen3next(
+        p, layer_types=None, full_attention_interval=2, linear_num_key_heads=4, mlp_only_layers=[0],
+        decoder_sparse_step=2, norm_topk_prob=False, tie_word_embeddings=True, seed=1),
 }
 
 tiny = tiny_fixture(CASES)
@@ -80,18 +120,34 @@ tiny = tiny_fixture(CASES)
 
 class TestParity(ParitySuite):
     expected_arch = {name: name.split("_")[0] for name in CASES}
-    tied = frozenset({"granitemoehybrid_dense_rope_tied", "lfm2"})
+    tied = frozenset({"granitemoehybrid_dense_rope_tied", "lfm2", "qwen3next_dense_tied"})
+
     gguf_unsupported = {name: "no GGUF converter for granitehybrid yet" for name in CASES}
 
     def bf16_close(self, name, path, hf):
-        if "dense" in name or name.startswith("lfm2"):
+        if name.startswith("lfm2") or name == "granitemoehybrid_dense_rope_tied":
             return assert_bf16_close(path, hf)
+        if name.startswith("qwen3next"):
+            return assert_moe_bf16_close(path, hf, hf_router="mlp.gate")
         return assert_moe_bf16_close(path, hf, hf_router="block_sparse_moe.router")
 
     def check_layout(self, name, path, model):
         from mistralrs_plugins.models.granitemoehybrid.model import Mamba2Mixer
         from mistralrs_plugins.models.lfm2.model import ShortConv
 
+        if name.startswith("qwen3next"):
+            from mistralrs_plugins.models.qwen3next.model import GatedAttention, GatedDeltaNet, SharedExpertMoE
+
+            kinds = [type(layer.mixer) for layer in model.model.layers]
+            moe = [isinstance(layer.ffn, SharedExpertMoE) for layer in model.model.layers]
+            if name == "qwen3next":
+                assert kinds == [GatedDeltaNet] * 3 + [GatedAttention] and all(moe)
+            else:
+                assert kinds == [GatedDeltaNet, GatedAttention] * 2 and moe == [False, True, False, True]
+            assert model.model.rotary_emb.rotary_dim == 4
+            assert model.recurrent_state_shape()["states"]["delta"] == (4, 16, 16)
+            assert model.kv_cache_shape()["num_layers"] == kinds.count(GatedAttention)
+            return
         if name.startswith("lfm2"):
             conv = [isinstance(layer.mixer, ShortConv) for layer in model.model.layers]
             kernel = 3 if name == "lfm2" else 4
@@ -190,3 +246,12 @@ def test_engine_preemption_restarts_the_state(granite_dir, prompts_and_reference
         assert svc.engine.scheduler.state_slots.num_free() == 6
     finally:
         svc.shutdown()
+
+
+def test_qwen3next_prompt_over_one_delta_chunk(tmp_path):
+    """An 80-token prompt spans two of the delta rule's 64-token chunks (the state carried from one
+    to the next inside the chunked form): logits within 1e-4 of transformers'."""
+    from tests.helpers.parity import assert_logits_match
+
+    path, hf = _qwen3next(tmp_path, max_position_embeddings=256)
+    assert assert_logits_match(path, hf, seq_len=80) <= 1e-4

@@ -146,3 +146,67 @@ def mamba2_step(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Ten
     new = state.float() * da + (dt[..., None, None] * b[:, :, None, :]) * x[..., None]
     y = torch.matmul(new, c[..., None])[..., 0] + x * d.float()[:, None]
     return y, new
+
+
+# -- gated delta rule (Gated DeltaNet: Qwen3-Next's linear attention) ----------------------------------
+
+
+def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
+
+
+def _delta_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 q/k L2-normalised (q also scaled by dk ** -0.5), repeated to v's head count."""
+    heads = v.shape[-2]
+    q, k, v = q.float(), k.float(), v.float()
+    if q.shape[-2] != heads:
+        q = q.repeat_interleave(heads // q.shape[-2], dim=-2)
+        k = k.repeat_interleave(heads // k.shape[-2], dim=-2)
+    q, k = _l2norm(q), _l2norm(k)
+    return q * q.shape[-1] ** -0.5, k, v
+
+
+def gated_delta_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                        state: torch.Tensor, chunk_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence through the chunked gated delta rule (the UT-transform form). q/k ``[n, Hk, Dk]``,
+    v ``[n, Hv, Dv]``, g (log decay, <= 0) and beta ``[n, Hv]``, state ``[1, Hv, Dk, Dv]`` ->
+    (out ``[n, Hv, Dv]`` float32, final state float32)."""
+    n = q.shape[0]
+    q, k, v = _delta_inputs(q, k, v)
+    q, k, v = (x.transpose(0, 1)[None] for x in (q, k, v))  # [1, H, n, D]
+    beta, decay = (x.float().transpose(0, 1)[None] for x in (beta, g))  # [1, H, n]
+    pad = (chunk_size - n % chunk_size) % chunk_size
+    q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+    beta, decay = (F.pad(x, (0, pad)) for x in (beta, decay))
+    v_beta, k_beta = v * beta[..., None], k * beta[..., None]
+    q, k, k_beta, v_beta = (x.reshape(1, x.shape[1], -1, chunk_size, x.shape[-1]) for x in (q, k, k_beta, v_beta))
+    decay = decay.reshape(1, decay.shape[1], -1, chunk_size)
+    upper = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).triu(1)
+    cum = decay.cumsum(dim=3)
+    pairwise = (cum.unsqueeze(4) - cum.unsqueeze(3)).masked_fill(upper, float("-inf")).exp()
+    ut = (k_beta @ k.transpose(-1, -2)) * pairwise
+    intra = (q @ k.transpose(-1, -2)) * pairwise
+    new_values = torch.linalg.solve_triangular(ut, v_beta, upper=False, unitriangular=True)
+    k_cumdecay = torch.linalg.solve_triangular(ut, k_beta * cum.exp().unsqueeze(-1), upper=False, unitriangular=True)
+    s = state.float()
+    out = torch.zeros_like(new_values)
+    q = q * cum.exp().unsqueeze(-1)
+    k = k * (cum[..., -1:] - cum).exp().unsqueeze(-1)
+    chunk_decay = cum[..., -1].exp()[..., None, None]
+    for i in range(q.shape[2]):
+        v_new = new_values[:, :, i] - k_cumdecay[:, :, i] @ s
+        out[:, :, i] = q[:, :, i] @ s + intra[:, :, i] @ v_new
+        s = s * chunk_decay[:, :, i] + k[:, :, i].transpose(-1, -2) @ v_new
+    out = out.reshape(1, out.shape[1], -1, out.shape[-1])[:, :, :n]
+    return out[0].transpose(0, 1), s
+
+
+def gated_delta_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                     state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """D sequences, one token each: q/k ``[D, Hk, Dk]``, v ``[D, Hv, Dv]``, g/beta ``[D, Hv]``,
+    state ``[D, Hv, Dk, Dv]`` -> (out ``[D, Hv, Dv]`` float32, new state float32)."""
+    q, k, v = _delta_inputs(q, k, v)
+    s = state.float() * g.float().exp()[..., None, None]
+    delta = (v - (s * k.unsqueeze(-1)).sum(dim=-2)) * beta.float()[..., None]
+    s = s + k.unsqueeze(-1) * delta.unsqueeze(-2)
+    return (s * q.unsqueeze(-1)).sum(dim=-2), s

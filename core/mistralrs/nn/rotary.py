@@ -51,7 +51,8 @@ SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "dynamic", "yarn",
 
 # transformers' family defaults, applied when config.json omits the key (as HF's config classes do).
 _DEFAULT_THETA = {"smollm3": 2_000_000.0}
-_DEFAULT_PARTIAL_ROTARY_FACTOR = {"phi": 0.5, "glm": 0.5, "glm4": 0.5, "glm4_moe": 0.5, "stablelm": 0.25}
+_DEFAULT_PARTIAL_ROTARY_FACTOR = {"phi": 0.5, "glm": 0.5, "glm4": 0.5, "glm4_moe": 0.5, "stablelm": 0.25,
+                                  "qwen3_next": 0.25}
 # Families whose HF implementation rotates adjacent pairs (GPT-J style) rather than halves.
 _INTERLEAVED_MODEL_TYPES = frozenset({"glm", "glm4", "chatglm"})
 
