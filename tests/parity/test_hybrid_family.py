@@ -187,40 +187,39 @@ def _run(svc, prompts, n=10):
     return [P.collect(h)[0] for h in handles]
 
 
-@pytest.fixture(scope="module")
-def granite_dir(tmp_path_factory):
+_ENGINE_MODELS = {"granitemoehybrid": _granite, "lfm2": _lfm2, "qwen3next": _qwen3next}
+
+
+@pytest.fixture(scope="module", params=sorted(_ENGINE_MODELS))
+def engine_case(request, tmp_path_factory):
+    """(family, checkpoint with the tiny tokenizer, six prompts (two sharing a 40-token prefix),
+    their greedy tokens with no cache at all: every step recomputed from scratch, no state carried)."""
     from mistralrs.tokenization import Tokenizer
     from tests.helpers.tiny_tokenizer import write_tiny_tokenizer
 
-    path = tmp_path_factory.mktemp("granite-engine")
+    path = tmp_path_factory.mktemp(f"{request.param}-engine")
     write_tiny_tokenizer(path)
-    _granite(path, vocab_size=Tokenizer.from_dir(path).vocab_size, bos_token_id=0, eos_token_id=1)
-    return path
-
-
-@pytest.fixture(scope="module")
-def prompts_and_reference(granite_dir):
-    """Six prompts (two sharing a 40-token prefix) and their greedy tokens with no cache at all
-    (every step recomputed from scratch: no state carried anywhere)."""
+    _ENGINE_MODELS[request.param](path, vocab_size=Tokenizer.from_dir(path).vocab_size, bos_token_id=0,
+                                  eos_token_id=1)
     gen = torch.Generator().manual_seed(0)
     shared = torch.randint(2, 300, (40,), generator=gen).tolist()
     prompts = [shared + torch.randint(2, 300, (5,), generator=gen).tolist() for _ in range(2)]
     prompts += [torch.randint(2, 300, (int(n),), generator=gen).tolist() for n in (3, 17, 29, 1)]
-    svc = _service(granite_dir, no_kv_cache=True)
+    svc = _service(path, no_kv_cache=True)
     try:
-        return prompts, [r.choices[0].token_ids for r in _run(svc, prompts)]
+        return request.param, path, prompts, [r.choices[0].token_ids for r in _run(svc, prompts)]
     finally:
         svc.shutdown()
 
 
 @pytest.mark.parametrize("backend", ["paged", "sdpa"])
-def test_engine_state_slots_chunked_prefill_and_mixed_batches(granite_dir, prompts_and_reference, backend):
+def test_engine_state_slots_chunked_prefill_and_mixed_batches(engine_case, backend):
     """Through the engine: prefill chunks of 7 tokens (the state carried across chunks in the
     slot), decode steps batched with other sequences' prefill chunks, every request alone or
     beside the others gives the no-cache tokens; the shared prefix is not served from the prefix
     cache (off for recurrent models), and every slot is free again afterwards."""
-    prompts, want = prompts_and_reference
-    svc = _service(granite_dir, attention_backend=backend, pa_blk_size=8, max_seqs=4, max_num_batched_tokens=7)
+    _, path, prompts, want = engine_case
+    svc = _service(path, attention_backend=backend, pa_blk_size=8, max_seqs=4, max_num_batched_tokens=7)
     try:
         states = svc.backend.states
         assert states is not None and states.num_slots == 4
@@ -234,11 +233,11 @@ def test_engine_state_slots_chunked_prefill_and_mixed_batches(granite_dir, promp
         svc.shutdown()
 
 
-def test_engine_preemption_restarts_the_state(granite_dir, prompts_and_reference):
+def test_engine_preemption_restarts_the_state(engine_case):
     """With too few KV blocks for every sequence, preempted sequences give back their state slot
     and start again from a zero state when re-admitted: the tokens do not change."""
-    prompts, want = prompts_and_reference
-    svc = _service(granite_dir, pa_blk_size=8, pa_context_len=72, max_seqs=6)
+    _, path, prompts, want = engine_case
+    svc = _service(path, pa_blk_size=8, pa_context_len=72, max_seqs=6)
     try:
         got = _run(svc, prompts)
         assert svc.engine.scheduler.preemptions > 0
