@@ -34,6 +34,7 @@ import torch
 
 from tests.helpers.parity import ParitySuite, assert_bf16_close, make_tiny_hf_model, tiny_fixture
 from tests.parity.test_moe_glm_family import assert_moe_bf16_close
+from tests.parity.test_phimoe_glm4moe_family import assert_moqe_close
 
 transformers = pytest.importorskip("transformers")
 
@@ -130,6 +131,13 @@ class TestParity(ParitySuite):
         if name.startswith("qwen3next"):
             return assert_moe_bf16_close(path, hf, hf_router="mlp.gate")
         return assert_moe_bf16_close(path, hf, hf_router="block_sparse_moe.router")
+
+    def test_isq_moqe(self, tiny):
+        """--isq-organization moqe on the MoE cases: only the routed experts are quantized."""
+        name, path, _ = tiny
+        if name not in ("granitemoehybrid", "qwen3next"):
+            pytest.skip("no routed experts")
+        print(name, "moqe cosine", assert_moqe_close(path))
 
     def check_layout(self, name, path, model):
         from mistralrs_plugins.models.granitemoehybrid.model import Mamba2Mixer

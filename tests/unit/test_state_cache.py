@@ -113,3 +113,11 @@ def test_chunked_and_step_forms_agree_and_chunks_chain():
         outs.append(o)
     torch.testing.assert_close(torch.cat(outs), y, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(s, state)
+
+
+def test_state_memory_comes_out_of_the_kv_budget():
+    from mistralrs.serving import ServiceOptions, kv_cache_blocks
+
+    opts = ServiceOptions(model_id="m", pa_memory_mb=1, pa_blk_size=8)
+    assert kv_cache_blocks(opts, bytes_per_block=1024, device="cpu", max_model_len=64) == 1024
+    assert kv_cache_blocks(opts, bytes_per_block=1024, device="cpu", max_model_len=64, reserved_bytes=256 * 1024) == 768
