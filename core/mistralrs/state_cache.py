@@ -23,10 +23,12 @@ engine turns prefix caching off for models with recurrent layers.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 @attrs.frozen(kw_only=True)
@@ -51,10 +53,14 @@ class RecurrentStateShape:
         )
 
     def dtype_of(self, name: str) -> Any:
+        import torch
+
         return torch.float32 if name in self.float32 else self.dtype
 
     def bytes_per_sequence(self) -> int:
         """Bytes one sequence's states take over all recurrent layers."""
+        import torch
+
         total = 0
         for name, dims in self.states:
             n = 1
@@ -69,6 +75,8 @@ class RecurrentStateCache:
     ``[num_slots, *shape]``."""
 
     def __init__(self, shape: RecurrentStateShape) -> None:
+        import torch
+
         self.shape = shape
         self.tensors: list[dict[str, torch.Tensor]] = [
             {name: torch.zeros(shape.num_slots, *dims, dtype=shape.dtype_of(name), device=shape.device)
@@ -99,5 +107,7 @@ class RecurrentStateCache:
 
 def zero_states(shape: RecurrentStateShape, num_seqs: int, device: Any) -> dict[str, torch.Tensor]:
     """Fresh (zero) states for `num_seqs` sequences of a batch that runs without a state cache."""
+    import torch
+
     return {name: torch.zeros(num_seqs, *dims, dtype=shape.dtype_of(name), device=device)
             for name, dims in shape.states}

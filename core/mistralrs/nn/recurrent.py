@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 Tensors = tuple[torch.Tensor, ...]
 States = dict[str, torch.Tensor]
@@ -65,6 +66,17 @@ def scan_sequences(
 
 
 # -- causal depthwise convolution (Mamba-2's conv1d, LFM2's short conv, Gated DeltaNet's conv) --------
+
+
+class DepthwiseConv1d(nn.Module):
+    """The checkpoints' depthwise ``conv1d`` parameters (``weight [C, 1, K]``, optional ``bias [C]``);
+    the layers run them through `causal_conv1d` / `causal_conv1d_step` with ``weight[:, 0]``."""
+
+    def __init__(self, channels: int, kernel: int, bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(channels), requires_grad=False) if bias else None
+
 
 
 def causal_conv1d(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor,

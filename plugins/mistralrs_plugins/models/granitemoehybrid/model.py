@@ -39,7 +39,14 @@ from mistralrs.nn.decoder import CausalLM, DecoderSettings, cfg_get
 from mistralrs.nn.linear import Linear
 from mistralrs.nn.moe import QWEN_EXPERT_NAMES, SparseMoE
 from mistralrs.nn.norm import RMSNorm
-from mistralrs.nn.recurrent import causal_conv1d, causal_conv1d_step, mamba2_chunked, mamba2_step, scan_sequences
+from mistralrs.nn.recurrent import (
+    DepthwiseConv1d,
+    causal_conv1d,
+    causal_conv1d_step,
+    mamba2_chunked,
+    mamba2_step,
+    scan_sequences,
+)
 from mistralrs_plugins.models.granite.model import GraniteEmbedding, granite_scalar
 from mistralrs_plugins.models.mixtral.model import split_fused_experts
 
@@ -64,15 +71,6 @@ def _json_float(value: Any) -> float:
         return float(value)
     except (TypeError, ValueError):
         raise ModelLoadError(f"config.json: time_step_limit entries must be numbers, got {value!r}") from None
-
-
-class _Conv1d(nn.Module):
-    """The checkpoint's depthwise ``conv1d`` (weight ``[C, 1, K]``, bias ``[C]``)."""
-
-    def __init__(self, channels: int, kernel: int, bias: bool) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(channels, 1, kernel), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(channels), requires_grad=False) if bias else None
 
 
 class Mamba2Mixer(nn.Module):
@@ -100,7 +98,7 @@ class Mamba2Mixer(nn.Module):
         self.conv_dim = self.intermediate + 2 * self.n_groups * self.d_state
         bias = bool(g("mamba_proj_bias", False))
         self.in_proj = Linear(hidden_size, self.intermediate + self.conv_dim + self.num_heads, bias=bias)
-        self.conv1d = _Conv1d(self.conv_dim, self.d_conv, bool(g("mamba_conv_bias", True)))
+        self.conv1d = DepthwiseConv1d(self.conv_dim, self.d_conv, bool(g("mamba_conv_bias", True)))
         self.dt_bias = nn.Parameter(torch.empty(self.num_heads), requires_grad=False)
         self.A_log = nn.Parameter(torch.empty(self.num_heads), requires_grad=False)
         self.D = nn.Parameter(torch.empty(self.num_heads), requires_grad=False)

@@ -29,8 +29,7 @@ from mistralrs.nn.decoder import CausalLM, DecoderLayer, DecoderSettings, cfg_ge
 from mistralrs.nn.linear import Linear
 from mistralrs.nn.mlp import GatedMLP
 from mistralrs.nn.moe import MIXTRAL_EXPERT_NAMES
-from mistralrs.nn.recurrent import causal_conv1d, causal_conv1d_step, scan_sequences
-from mistralrs_plugins.models.granitemoehybrid.model import _Conv1d
+from mistralrs.nn.recurrent import DepthwiseConv1d, causal_conv1d, causal_conv1d_step, scan_sequences
 
 
 def lfm2_layer_types(config: dict, num_layers: int) -> list[str]:
@@ -64,7 +63,7 @@ class ShortConv(nn.Module):
         super().__init__()
         self.state_idx, self.hidden_size, self.kernel = state_idx, hidden_size, kernel
         self.in_proj = Linear(hidden_size, 3 * hidden_size, bias=bias)
-        self.conv = _Conv1d(hidden_size, kernel, bias)
+        self.conv = DepthwiseConv1d(hidden_size, kernel, bias)
         self.out_proj = Linear(hidden_size, hidden_size, bias=bias)
 
     def state_shapes(self) -> dict[str, tuple[int, ...]]:

@@ -45,13 +45,13 @@ from mistralrs.nn.mlp import GatedMLP
 from mistralrs.nn.moe import QWEN_EXPERT_NAMES, SparseMoE
 from mistralrs.nn.norm import RMSNorm
 from mistralrs.nn.recurrent import (
+    DepthwiseConv1d,
     causal_conv1d,
     causal_conv1d_step,
     gated_delta_chunked,
     gated_delta_step,
     scan_sequences,
 )
-from mistralrs_plugins.models.granitemoehybrid.model import _Conv1d
 from mistralrs_plugins.models.mixtral.model import split_fused_experts
 from mistralrs_plugins.models.qwen3moe.model import is_sparse_layer
 
@@ -115,7 +115,7 @@ class GatedDeltaNet(nn.Module):
         self.conv_dim = 2 * self.key_dim + self.value_dim
         self.in_proj_qkvz = Linear(hidden_size, 2 * self.key_dim + 2 * self.value_dim, bias=False)
         self.in_proj_ba = Linear(hidden_size, 2 * self.num_v_heads, bias=False)
-        self.conv1d = _Conv1d(self.conv_dim, self.kernel, False)
+        self.conv1d = DepthwiseConv1d(self.conv_dim, self.kernel, False)
         self.dt_bias = nn.Parameter(torch.empty(self.num_v_heads), requires_grad=False)
         self.A_log = nn.Parameter(torch.empty(self.num_v_heads), requires_grad=False)
         self.norm = nn.Module()
