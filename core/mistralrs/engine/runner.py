@@ -1,7 +1,7 @@
-"""Turns one scheduled step into a model forward: flat token batch, positions, KV slots,
-block tables and recurrent-state slots in; hidden states of the positions that sample out. Image placeholders in the step
-get their embeddings from the model's `embed_multimodal` (run once per image per request and
-kept on the request) and reach `forward` as ``mm=(flat indices, embeddings)``."""
+"""Turns one scheduled step into a model forward: flat token batch, positions, KV slots, block
+tables and recurrent-state slots in; hidden states of the positions that sample out. Image
+placeholders in the step get their embeddings from the model's `embed_multimodal` (run once per
+image per request and kept on the request) and reach `forward` as ``mm=(flat indices, embeddings)``."""
 
 from __future__ import annotations
 
