@@ -8,6 +8,11 @@ hands out block ids.
 
 KV slots: block b, offset o  ->  slot b * block_size + o. Token at position p of sequence i
 lives in slot ``block_tables[i, p // block_size] * block_size + p % block_size``.
+
+Recurrent layers (hybrid models) keep per-sequence state in the second cache kind,
+`state_cache.RecurrentStateCache`: ``KVCacheShape.recurrent`` describes it, the batch's
+`state_slots` name each sequence's slot, and layers go through `AttentionBackend.read_state` /
+`write_state`.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import attrs
+
+from mistralrs.state_cache import RecurrentStateCache, RecurrentStateShape, zero_states
 
 if TYPE_CHECKING:
     import torch
@@ -38,6 +45,9 @@ class AttentionBatch:
         tokens also see the range's later tokens (Gemma 3: an image's tokens, in prefill). On top
         of the causal rule; a sliding window W still hides keys at positions <= p - W. Models set
         it with `with_bidirectional`; the engine keeps such a range inside one prefill chunk.
+    state_slots: [S] int64 recurrent-state slot per sequence (models with recurrent layers, when
+        the backend has a state cache), or None: recurrent layers then start from zero states and
+        keep nothing (context must be 0, as without a KV cache).
     """
 
     query_start_loc: list[int]
@@ -48,6 +58,7 @@ class AttentionBatch:
     scratch: dict[str, Any] = attrs.field(factory=dict)
     causal: bool = True
     bidirectional: tuple[tuple[int, int], ...] = ()
+    state_slots: torch.Tensor | None = None
 
     def with_bidirectional(self, ranges: tuple[tuple[int, int], ...]) -> AttentionBatch:
         """This step's batch with `ranges` attending bidirectionally (same cache, same scratch)."""
@@ -101,6 +112,7 @@ class KVCacheShape:
     block_size: int = 32
     dtype: Any = None  # torch dtype of the cache
     device: Any = "cpu"
+    recurrent: RecurrentStateShape | None = None  # the model's recurrent states (hybrid models)
 
 
 class AttentionBackend:
@@ -115,6 +127,12 @@ class AttentionBackend:
 
     def __init__(self, shape: KVCacheShape) -> None:
         self.shape = shape
+        rec = shape.recurrent
+        # the second cache kind: per-sequence recurrent state, in slots (layout-free, so every
+        # backend shares this one)
+        self.states: RecurrentStateCache | None = (
+            RecurrentStateCache(rec) if rec is not None and rec.num_slots > 0 and shape.num_blocks > 0 else None
+        )
 
     @property
     def num_blocks(self) -> int:
@@ -139,10 +157,37 @@ class AttentionBackend:
         block_tables: torch.Tensor | None = None,
         *,
         causal: bool = True,
+        state_slots: torch.Tensor | None = None,
     ) -> AttentionBatch:
-        b = AttentionBatch(query_start_loc, seq_lens, self, slot_mapping, block_tables, causal=causal)
+        b = AttentionBatch(query_start_loc, seq_lens, self, slot_mapping, block_tables, causal=causal,
+                           state_slots=state_slots)
         self.prepare(b)
         return b
+
+    # -- recurrent state (the second cache kind) -------------------------------------------------
+    def read_state(self, layer: int, batch: AttentionBatch, device: Any = None) -> dict[str, torch.Tensor]:
+        """Recurrent layer `layer`'s states for the batch's sequences, ``name -> [S, *shape]``:
+        zeros for a sequence with no context, its slot's state otherwise."""
+        rec = self.shape.recurrent
+        if rec is None:
+            raise ValueError("this model declared no recurrent states (recurrent_state_shape)")
+        if self.states is None or batch.state_slots is None:
+            if any(batch.context_lens):
+                raise ValueError("a batch with cached context needs state slots for its recurrent layers")
+            return zero_states(rec, batch.num_seqs, device or rec.device)
+        fresh = batch.scratch.get("state_fresh")
+        if fresh is None:
+            import torch
+
+            fresh = batch.scratch["state_fresh"] = torch.tensor(
+                [c == 0 for c in batch.context_lens], device=batch.state_slots.device)
+        return self.states.read(layer, batch.state_slots, fresh)
+
+    def write_state(self, layer: int, batch: AttentionBatch, values: dict[str, torch.Tensor]) -> None:
+        """Store recurrent layer `layer`'s states after this step (``name -> [S, *shape]``); a
+        batch without state slots keeps nothing."""
+        if self.states is not None and batch.state_slots is not None:
+            self.states.write(layer, batch.state_slots, values)
 
     def prepare(self, batch: AttentionBatch) -> None:  # noqa: B027 - optional hook
         """Derive per-step values (masks, gathered indices) once; stored in batch.scratch."""

@@ -860,9 +860,12 @@ def build_attention_backend(
     dtype: Any = None,
     device: Any = "cpu",
     registry: Any = None,
+    num_state_slots: int = 16,
 ) -> Any:
     """Construct a registered attention backend (by `name`, else the highest-priority one that
-    supports the device/dtype/head_dim) for the model's KV-cache shape. num_blocks=0: no cache."""
+    supports the device/dtype/head_dim) for the model's KV-cache shape. num_blocks=0: no cache.
+    A model with recurrent layers (``recurrent_state_shape()``) also gets `num_state_slots`
+    per-sequence state slots beside the blocks (the engine passes its ``max_seqs``)."""
     import torch
 
     from mistralrs.dtypes import resolve_dtype
@@ -904,11 +907,19 @@ def _backend_for(registry: Any, name: str | None, kv: dict[str, Any], num_blocks
             device=dev.type, dtype=str(cache_dtype).removeprefix("torch."), head_dim=kv["head_dim"],
         )
     cls = resolve(spec.backend)
+    recurrent = None
+    rec_spec = inner.recurrent_state_shape() if hasattr(inner, "recurrent_state_shape") else None
+    if rec_spec:
+        from mistralrs.state_cache import RecurrentStateShape
+
+        # states keep the model's dtype (an fp8 KV cache does not make fp8 states)
+        recurrent = RecurrentStateShape.from_model(rec_spec, num_slots=num_state_slots if num_blocks else 0,
+                                                   dtype=_model_dtype(inner), device=dev)
     shape = KVCacheShape(
         num_layers=kv["num_layers"], num_kv_heads=kv["num_kv_heads"], head_dim=kv["head_dim"],
         v_head_dim=kv.get("v_head_dim"), v_from_k=bool(kv.get("v_from_k", False)),
         num_blocks=num_blocks, block_size=block_size,
-        dtype=cache_dtype, device=dev,
+        dtype=cache_dtype, device=dev, recurrent=recurrent,
     )
     return cls(shape)
 
@@ -950,6 +961,9 @@ def generate_greedy(
             )
         block_table = torch.arange(needed, dtype=torch.int32, device=device)[None, :]
 
+    # a model with recurrent layers keeps this sequence's state in slot 0
+    state_slots = torch.zeros(1, dtype=torch.int64, device=device) if getattr(backend, "states", None) else None
+
     def slots(pos: torch.Tensor) -> torch.Tensor:
         assert block_table is not None  # only called when cached
         return block_table[0, pos // bs].long() * bs + pos % bs
@@ -960,7 +974,8 @@ def generate_greedy(
             if cached:
                 new = tokens[done:]
                 pos = torch.arange(done, len(tokens), dtype=torch.int64, device=device)
-                batch = backend.batch([0, len(new)], [len(tokens)], slot_mapping=slots(pos), block_tables=block_table)
+                batch = backend.batch([0, len(new)], [len(tokens)], slot_mapping=slots(pos), block_tables=block_table,
+                                      state_slots=state_slots)
                 ids = torch.tensor(new, dtype=torch.int64, device=device)
             else:
                 pos = torch.arange(len(tokens), dtype=torch.int64, device=device)

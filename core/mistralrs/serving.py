@@ -239,14 +239,17 @@ def _max_model_len(config: Mapping[str, Any], override: int | None) -> int:
     return 4096
 
 
-def kv_cache_blocks(opts: ServiceOptions, *, bytes_per_block: int, device: str, max_model_len: int) -> int:
+def kv_cache_blocks(opts: ServiceOptions, *, bytes_per_block: int, device: str, max_model_len: int,
+                    reserved_bytes: int = 0) -> int:
     """Blocks in the KV pool, from --pa-context-len / --pa-memory-mb / --pa-memory-fraction or the
-    default: on CPU, enough for max_seqs full contexts capped at 2 GiB; on GPUs 90% of free memory."""
+    default: on CPU, enough for max_seqs full contexts capped at 2 GiB; on GPUs 90% of free memory.
+    `reserved_bytes` (the recurrent state of max_seqs sequences, hybrid models) comes out of a
+    memory budget first."""
     bs = opts.pa_blk_size
     if opts.pa_context_len is not None:
         return max(1, -(-opts.pa_context_len // bs))
     if opts.pa_memory_mb is not None:
-        return max(1, opts.pa_memory_mb * 1024 * 1024 // bytes_per_block)
+        return max(1, (opts.pa_memory_mb * 1024 * 1024 - reserved_bytes) // bytes_per_block)
     from mistralrs.nn.kernels import device_type_of
 
     if device_type_of(device) == "cuda":
@@ -254,12 +257,12 @@ def kv_cache_blocks(opts: ServiceOptions, *, bytes_per_block: int, device: str, 
 
         free, _ = torch.cuda.mem_get_info(torch.device(device))  # the free memory of that GPU ("cuda:1")
         fraction = opts.pa_memory_fraction or GPU_DEFAULT_MEMORY_FRACTION
-        return max(1, int(free * fraction) // bytes_per_block)
+        return max(1, (int(free * fraction) - reserved_bytes) // bytes_per_block)
     if opts.pa_memory_fraction is not None:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-        return max(1, int(total * opts.pa_memory_fraction) // bytes_per_block)
+        return max(1, (int(total * opts.pa_memory_fraction) - reserved_bytes) // bytes_per_block)
     wanted = opts.max_seqs * -(-max_model_len // bs)
-    return max(1, min(wanted, CPU_DEFAULT_KV_BYTES // bytes_per_block))
+    return max(1, min(wanted, (CPU_DEFAULT_KV_BYTES - reserved_bytes) // bytes_per_block))
 
 
 class ModelService:
@@ -457,8 +460,11 @@ class ModelService:
             self.loaded, name=self._backend_name(), num_blocks=0, block_size=opts.pa_blk_size,
             dtype=kv_dtype, device=device, registry=registry,
         )
+        recurrent = probe.shape.recurrent
+        state_bytes = recurrent.bytes_per_sequence() * opts.max_seqs if recurrent is not None else 0
         num_blocks = 0 if opts.no_kv_cache else kv_cache_blocks(
-            opts, bytes_per_block=probe.bytes_per_block(), device=device, max_model_len=self.max_model_len
+            opts, bytes_per_block=probe.bytes_per_block(), device=device, max_model_len=self.max_model_len,
+            reserved_bytes=state_bytes,
         )
         if self.world is not None:
             from mistralrs.distributed.world import agree_min
@@ -466,7 +472,7 @@ class ModelService:
             num_blocks = agree_min(num_blocks, self.world)  # every rank's pool has the same block ids
         self.backend = build_attention_backend(
             self.loaded, name=self._backend_name(), num_blocks=num_blocks, block_size=opts.pa_blk_size,
-            dtype=kv_dtype, device=device, registry=registry,
+            dtype=kv_dtype, device=device, registry=registry, num_state_slots=opts.max_seqs,
         ) if num_blocks else probe
         self.engine = Engine(
             self.loaded.model, self.backend, self.tokenizer,
@@ -488,9 +494,11 @@ class ModelService:
         self.device = device
         self._warm_up()
         log.info(
-            "loaded %s (%s, %s on %s) with the %s attention backend, %d KV blocks of %d tokens",
+            "loaded %s (%s, %s on %s) with the %s attention backend, %d KV blocks of %d tokens%s",
             opts.model_id, self.loaded.arch.name, str(self.loaded.dtype).removeprefix("torch."), device,
             self.backend.name, num_blocks, opts.pa_blk_size,
+            f", recurrent state for {opts.max_seqs} sequences ({state_bytes / 2**20:.1f} MiB)"
+            if state_bytes and num_blocks else "",
         )
 
     def _warm_up(self) -> None:

@@ -239,8 +239,10 @@ def assert_batched_match(path: Path | str, *, dtype: torch.dtype = torch.float32
             slots += [slot(i, p) for p in range(done[i], len(tokens[i]))]
             qsl.append(qsl[-1] + len(new))
             lens.append(len(tokens[i]))
+        # models with recurrent layers: sequence i keeps its state in slot i
+        state_slots = torch.tensor(which, dtype=torch.int64) if backend.states is not None else None
         b = backend.batch(qsl, lens, slot_mapping=torch.tensor(slots, dtype=torch.int64),
-                          block_tables=tables[which])
+                          block_tables=tables[which], state_slots=state_slots)
         with torch.no_grad():
             out = model.compute_logits(model(torch.tensor(ids), torch.tensor(pos), b))
         for i in which:

@@ -135,13 +135,15 @@ def _router_logits(modules, run):
     return caught, result
 
 
-def assert_moe_bf16_close(path, hf, *, seq_len: int = 24, seed: int = 1) -> dict:
+def assert_moe_bf16_close(path, hf, *, seq_len: int = 24, seed: int = 1, hf_router: str = "mlp.gate") -> dict:
     """`assert_bf16_close` for sparse MoE models. Where a token's top-k margin is within bf16
     noise, our bf16 run and transformers' bf16 run may pick different experts for it (each
     rounding a little differently), and that position's logits legitimately differ by more
     than BF16_ATOL. Such positions are left out of the comparison, but only if the flip is a
     near-tie in the fp32 reference (margin < NEAR_TIE) and at most a quarter of the positions
-    flip; everywhere else the usual two bf16 criteria hold."""
+    flip; everywhere else the usual two bf16 criteria hold. `hf_router`: the name of
+    transformers' router under each decoder layer, a dotted path (its output, or its first
+    output, is the logits)."""
     from mistralrs.loading import load_model
     from mistralrs.nn.moe import SparseMoE
 
@@ -151,7 +153,15 @@ def assert_moe_bf16_close(path, hf, *, seq_len: int = 24, seed: int = 1) -> dict
     ours_routers = [layer.ffn.router for layer in loaded.model.model.layers if isinstance(layer.ffn, SparseMoE)]
     ours_r, ours = _router_logits(ours_routers, lambda: our_logits(loaded, ids))
     hf_bf16 = type(hf).from_pretrained(path, dtype=torch.bfloat16).eval()
-    gates = lambda m: [layer.mlp.gate for layer in m.model.layers if hasattr(layer.mlp, "gate")]  # noqa: E731
+    def gates(m):
+        found = []
+        for layer in m.model.layers:
+            for part in hf_router.split("."):
+                layer = getattr(layer, part, None)
+            if layer is not None:
+                found.append(layer)
+        return found
+
     ref_r, refbf = _router_logits(gates(hf_bf16), lambda: hf_bf16(ids[None]).logits[0].float())
     r32, ref32 = _router_logits(gates(hf), lambda: hf(ids[None]).logits[0].float())
     assert len(ours_r) == len(ref_r) == len(r32) > 0

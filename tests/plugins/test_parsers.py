@@ -27,10 +27,11 @@ from mistralrs.parsing import (
     select_tool_parser,
 )
 from mistralrs.plugins import PluginHost
-from mistralrs_plugins.parsers import deepseek, hermes, json_fallback, llama3, mistral, think
+from mistralrs_plugins.parsers import deepseek, hermes, json_fallback, liquid, llama3, mistral, think
 from mistralrs_plugins.parsers.deepseek.parser import DeepSeekToolParser
 from mistralrs_plugins.parsers.hermes.parser import HermesToolParser
 from mistralrs_plugins.parsers.json_fallback.parser import JsonToolParser
+from mistralrs_plugins.parsers.liquid.parser import LiquidToolParser
 from mistralrs_plugins.parsers.llama3.parser import Llama3ToolParser
 from mistralrs_plugins.parsers.mistral.parser import MistralToolParser
 from mistralrs_plugins.parsers.think.parser import ThinkReasoningParser
@@ -42,6 +43,7 @@ PARSERS: dict[str, type[ToolCallParser]] = {
     "mistral": MistralToolParser,
     "deepseek": DeepSeekToolParser,
     "json": JsonToolParser,
+    "liquid": LiquidToolParser,
 }
 REGISTRATION_MODULES = {
     "parser_hermes": hermes,
@@ -49,6 +51,7 @@ REGISTRATION_MODULES = {
     "parser_mistral": mistral,
     "parser_deepseek": deepseek,
     "parser_json": json_fallback,
+    "parser_liquid": liquid,
     "reasoning_think": think,
 }
 
@@ -102,6 +105,23 @@ SAMPLES: list[tuple[str, str, str, list[tuple[str, dict]]]] = [
         "",
         [("get_weather", {"city": "Oslo"})],
     ),
+    # --- Liquid (LFM2 / LFM2.5) ---------------------------------------------------------
+    (
+        "liquid",
+        '<|tool_call_start|>[get_candidate_status(candidate_id="12345")]<|tool_call_end|>'
+        "Checking the current status of candidate ID 12345.",
+        "Checking the current status of candidate ID 12345.",
+        [("get_candidate_status", {"candidate_id": "12345"})],
+    ),
+    (
+        "liquid",  # two calls, Python and JSON literals, nested values, a non-identifier name through **
+        "Let me look.\n<|tool_call_start|>[search(query='rust, \\'quoted\\'', limit=3, exact=True),"
+        ' set_flags(flags={"a b": [1, -2.5, null]}, on=false, **{"x-y": None})]<|tool_call_end|>',
+        "Let me look.",
+        [("search", {"query": "rust, 'quoted'", "limit": 3, "exact": True}),
+         ("set_flags", {"flags": {"a b": [1, -2.5, None]}, "on": False, "x-y": None})],
+    ),
+    ("liquid", "<|tool_call_start|>[now()]", "", [("now", {})]),  # closing marker cut off at the end
     # --- Llama 3.1+ ----------------------------------------------------------------------
     (
         "llama3",
@@ -228,6 +248,12 @@ MALFORMED: list[tuple[str, str]] = [
     ("hermes", '<tool_call>{"name": "f", "arguments": "not json"}</tool_call>'),
     ("hermes", '<tool_call>{"name": "f", "arguments": {"x": NaN}}</tool_call>'),
     ("hermes", 'Use <tool_call> tags like <tool_call>this</tool_call>.'),
+    ("liquid", "<|tool_call_start|>[f(1, 2)]<|tool_call_end|>"),  # positional arguments
+    ("liquid", "<|tool_call_start|>[f(a=open('x'))]<|tool_call_end|>"),  # not a literal
+    ("liquid", "<|tool_call_start|>f(a=1)<|tool_call_end|>"),  # not a list
+    ("liquid", '<|tool_call_start|>[f(a="1)]<|tool_call_end|>'),
+    ("liquid", "<|tool_call_start|>[f(a=1) g()]<|tool_call_end|>"),
+    ("liquid", "<|tool_call_start|>[]<|tool_call_end|>"),
     ("llama3", '{"name": "f", "parameters": {"a": }}'),
     ("llama3", '{"name": "f", "parameters": {"a": 1}'),
     ("llama3", '{"name": "f", "parameters": {}}; not a call'),
@@ -542,7 +568,7 @@ def registry():
 
 
 def test_parsers_register_through_a_plugin_host(registry):
-    assert registry.tool_parsers.names() == ["deepseek", "hermes", "json", "llama3", "mistral"]
+    assert registry.tool_parsers.names() == ["deepseek", "hermes", "json", "liquid", "llama3", "mistral"]
     assert registry.reasoning_parsers.names() == ["think"]
     for name, cls in PARSERS.items():
         parser = make_tool_parser(registry.tool_parsers.get(name))
@@ -558,7 +584,7 @@ def test_first_party_entry_points_when_installed():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         registry = PluginHost().registry()
-    assert {"hermes", "llama3", "mistral", "deepseek", "json"} <= set(registry.tool_parsers.names())
+    assert {"hermes", "llama3", "mistral", "deepseek", "json", "liquid"} <= set(registry.tool_parsers.names())
     assert "think" in registry.reasoning_parsers.names()
 
 
@@ -566,7 +592,7 @@ def test_registration_modules_import_nothing_heavy():
     code = (
         "import sys\n"
         "import mistralrs_plugins.parsers.hermes, mistralrs_plugins.parsers.llama3, mistralrs_plugins.parsers.mistral\n"
-        "import mistralrs_plugins.parsers.deepseek, mistralrs_plugins.parsers.json_fallback\n"
+        "import mistralrs_plugins.parsers.deepseek, mistralrs_plugins.parsers.json_fallback, mistralrs_plugins.parsers.liquid\n"
         "import mistralrs_plugins.parsers.think\n"
         "heavy = [m for m in sys.modules if m == 'torch' or (m.startswith('mistralrs_plugins.parsers.') and m.endswith('.parser'))]\n"
         "assert not heavy, heavy\n"
@@ -577,6 +603,7 @@ def test_registration_modules_import_nothing_heavy():
 @pytest.mark.parametrize("model_type,parser", [
     ("qwen2", "hermes"), ("qwen3", "hermes"), ("qwen3_moe", "hermes"), ("smollm3", "hermes"),
     ("llama", "llama3"), ("mistral", "mistral"), ("mixtral", "mistral"), ("deepseek_v3", "deepseek"),
+    ("lfm2", "liquid"),
     ("phi3", "json"), ("gemma2", "json"), (None, "json"), ("Qwen2", "hermes"),
 ])
 def test_select_tool_parser_by_model_type(registry, model_type, parser):
@@ -588,6 +615,7 @@ def test_select_tool_parser_by_model_type(registry, model_type, parser):
     ("{{- '[AVAILABLE_TOOLS] ' + tools|tojson + '[/AVAILABLE_TOOLS]' }}{{ '[TOOL_CALLS] ' }}", "mistral"),
     ('{{- "<|python_tag|>" + tool_call.name + ".call(" }}', "llama3"),
     ("{{'<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>' + tool['type'] + '<｜tool▁sep｜>'}}", "deepseek"),
+    ("{{- '<|tool_call_start|>' + tool_calls + '<|tool_call_end|>' }}", "liquid"),
     ("{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}", "json"),
 ])
 def test_select_tool_parser_by_template_markers(registry, template, parser):

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import attrs
 
-from mistralrs.engine.kv_cache import BlockPool
+from mistralrs.engine.kv_cache import BlockPool, StateSlots
 from mistralrs.engine.requests import (  # noqa: F401 - re-exported: the engine's public request/event types
     ChoiceFinished,
     ContextTooLong,
@@ -104,8 +104,15 @@ class Engine:
         self.generation_defaults = generation_defaults
         self.max_model_len = config.max_model_len
         self.vocab_size = vocab_size
-        pool = None if config.no_kv_cache else BlockPool(backend.num_blocks, backend.block_size, config.prefix_cache_n)
-        self.scheduler = Scheduler(pool, max_seqs=config.max_seqs, max_num_batched_tokens=config.max_num_batched_tokens)
+        states = None if config.no_kv_cache else getattr(backend, "states", None)
+        prefix_n = config.prefix_cache_n
+        if states is not None and prefix_n:
+            # a recurrent layer's state after a cached prefix is not kept, so a hit could not restore it
+            log.info("prefix caching is off: the model has recurrent layers")
+            prefix_n = 0
+        pool = None if config.no_kv_cache else BlockPool(backend.num_blocks, backend.block_size, prefix_n)
+        self.scheduler = Scheduler(pool, max_seqs=config.max_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+                                   state_slots=StateSlots(states.num_slots) if states is not None else None)
         self.runner = ModelRunner(model, backend, device)
         self.sampler = Sampler()
         self._seed_counter = itertools.count()

@@ -7,6 +7,9 @@ key) — the extra key carries anything else that changes the KV (adapters, imag
 Blocks are ref-counted; a block whose count drops to 0 keeps its hash and content and can be
 revived by a later request until it is evicted (LRU) or reused for something else.
 `prefix_cache_n` bounds how many finished prefixes are retained (0 disables caching).
+
+`StateSlots` is the same bookkeeping for the second cache kind (models with recurrent layers):
+one recurrent-state slot per running sequence (`mistralrs.state_cache`).
 """
 
 from __future__ import annotations
@@ -140,3 +143,26 @@ class BlockPool:
 
     def reset(self) -> None:
         self.__init__(self.num_blocks, self.block_size, self.prefix_cache_n)  # type: ignore[misc]
+
+
+class StateSlots:
+    """Free recurrent-state slots (the backend's `RecurrentStateCache` holds the tensors). A
+    sequence takes one when it is admitted and gives it back when it finishes or is preempted."""
+
+    def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots
+        self.free: deque[int] = deque(range(num_slots))
+
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def allocate(self) -> int:
+        if not self.free:
+            raise NoFreeBlocks(1)
+        return self.free.popleft()
+
+    def release(self, slot: int) -> None:
+        self.free.append(slot)
+
+    def reset(self) -> None:
+        self.free = deque(range(self.num_slots))

@@ -1,5 +1,5 @@
-"""Turns one scheduled step into a model forward: flat token batch, positions, KV slots and
-block tables in; hidden states of the positions that sample out. Image placeholders in the step
+"""Turns one scheduled step into a model forward: flat token batch, positions, KV slots, block
+tables and recurrent-state slots in; hidden states of the positions that sample out. Image placeholders in the step
 get their embeddings from the model's `embed_multimodal` (run once per image per request and
 kept on the request) and reach `forward` as ``mm=(flat indices, embeddings)``. Rotary positions
 are token indices, except for requests whose images carry multi-component positions (M-RoPE,
@@ -82,6 +82,8 @@ class ModelRunner:
             bs = self.block_size
             inputs.slot_mapping = tables[seq_index, inputs.positions // bs] * bs + inputs.positions % bs
             inputs.block_tables = tables
+        if self.cached and getattr(self.backend, "states", None) is not None:
+            inputs.state_slots = torch.tensor([item.seq.state_slot for item in step], dtype=torch.long)
         if mm_index:
             inputs.mm = (torch.tensor(mm_index, dtype=torch.long), torch.cat(mm_embeds))
         return inputs
@@ -96,7 +98,9 @@ class ModelRunner:
             pos = self._rope_positions(pos, inputs.rope, inputs.query_start_loc)
         slot_mapping = None if inputs.slot_mapping is None else inputs.slot_mapping.to(dev)
         block_tables = None if inputs.block_tables is None else inputs.block_tables.to(dev)
-        batch = self.backend.batch(inputs.query_start_loc, inputs.seq_lens, slot_mapping, block_tables)
+        state_slots = None if inputs.state_slots is None else inputs.state_slots.to(dev)
+        batch = self.backend.batch(inputs.query_start_loc, inputs.seq_lens, slot_mapping, block_tables,
+                                   state_slots=state_slots)
         if inputs.mm is not None:
             mm = (inputs.mm[0].to(dev), inputs.mm[1].to(dev))
             hidden = self.model.forward(input_ids, pos, batch, mm=mm)
@@ -132,3 +136,4 @@ class StepInputs:
     block_tables: torch.Tensor | None = None
     mm: tuple[torch.Tensor, torch.Tensor] | None = None
     rope: dict[int, torch.Tensor] = attrs.Factory(dict)  # sequence -> its multi-component rotary positions
+    state_slots: torch.Tensor | None = None  # [S] recurrent-state slot per sequence (hybrid models)

@@ -4,7 +4,9 @@ Each step: running sequences first (FCFS), each taking min(pending, budget) toke
 blocks run out the most recently admitted running sequence is preempted (its blocks freed, it
 goes back to the front of the queue and is recomputed later — the prefix cache usually
 revives its blocks). Then waiting sequences are admitted FCFS while there is budget, a free
-slot (max_seqs) and blocks, starting after their longest cached prefix.
+slot (max_seqs) and blocks, starting after their longest cached prefix. For models with
+recurrent layers each admitted sequence also takes a recurrent-state slot (`StateSlots`), given
+back with its blocks.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections import deque
 
 import attrs
 
-from mistralrs.engine.kv_cache import BlockPool, NoFreeBlocks, block_hashes
+from mistralrs.engine.kv_cache import BlockPool, NoFreeBlocks, StateSlots, block_hashes
 from mistralrs.engine.sequence import Sequence, Status
 from mistralrs.multimodal.inputs import hash_tokens
 
@@ -43,8 +45,10 @@ def chunk_size(seq: Sequence, budget: int) -> int:
 
 
 class Scheduler:
-    def __init__(self, pool: BlockPool | None, *, max_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, pool: BlockPool | None, *, max_seqs: int, max_num_batched_tokens: int,
+                 state_slots: StateSlots | None = None) -> None:
         self.pool = pool  # None: no KV cache, every step recomputes whole sequences
+        self.state_slots = state_slots  # None: the model keeps no recurrent state
         self.max_seqs = max_seqs
         self.budget = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -78,6 +82,8 @@ class Scheduler:
             budget -= n
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_seqs and not preempted:
+            if self.state_slots is not None and not self.state_slots.num_free():
+                break
             seq = self.waiting[0]
             cached = self._admit_prefix(seq)
             n = chunk_size(seq, budget)
@@ -85,6 +91,8 @@ class Scheduler:
                 self._release(seq)  # give back the cached blocks; wait for memory
                 break
             self.waiting.popleft()
+            if self.state_slots is not None:
+                seq.state_slot = self.state_slots.allocate()
             seq.status = Status.RUNNING
             seq.cached_tokens = cached
             self.running.append(seq)
@@ -150,6 +158,9 @@ class Scheduler:
         seq.blocks = []
         seq.num_computed = 0
         seq.registered_blocks = 0
+        if self.state_slots is not None and seq.state_slot is not None:
+            self.state_slots.release(seq.state_slot)
+        seq.state_slot = None
 
     # -- after a step -----------------------------------------------------------------------
     def register_full_blocks(self, seq: Sequence) -> None:
@@ -187,7 +198,9 @@ class Scheduler:
         self.waiting.clear()
         if self.pool is not None:
             self.pool.reset()
+        if self.state_slots is not None:
+            self.state_slots.reset()
         for seq in seqs:
-            seq.blocks, seq.num_computed, seq.hashes = [], 0, []
+            seq.blocks, seq.num_computed, seq.hashes, seq.state_slot = [], 0, [], None
             seq.status = Status.FINISHED
         return seqs

@@ -30,6 +30,7 @@ class Sequence:
     blocks: list[int] = attrs.field(factory=list)
     hashes: list[int] = attrs.field(factory=list)  # chained hashes of full blocks, computed lazily
     registered_blocks: int = 0  # full blocks already published to the prefix cache
+    state_slot: int | None = None  # recurrent-state slot while running (models with recurrent layers)
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     computed_total: int = 0  # tokens actually run through the model (for metrics/tests)
     preemptions: int = 0

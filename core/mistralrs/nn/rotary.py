@@ -57,7 +57,8 @@ SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "dynamic", "yarn",
 
 # transformers' family defaults, applied when config.json omits the key (as HF's config classes do).
 _DEFAULT_THETA = {"smollm3": 2_000_000.0}
-_DEFAULT_PARTIAL_ROTARY_FACTOR = {"phi": 0.5, "glm": 0.5, "glm4": 0.5, "stablelm": 0.25}
+_DEFAULT_PARTIAL_ROTARY_FACTOR = {"phi": 0.5, "glm": 0.5, "glm4": 0.5, "glm4_moe": 0.5, "stablelm": 0.25,
+                                  "qwen3_next": 0.25}
 # Families whose HF implementation rotates adjacent pairs (GPT-J style) rather than halves.
 _INTERLEAVED_MODEL_TYPES = frozenset({"glm", "glm4", "chatglm"})
 
@@ -432,12 +433,17 @@ class RotaryEmbedding(nn.Module):
         self.attention_scaling = float(self.attention_scaling)
         # inv_freq variants (CPU float32); cos/sin tables per variant live on the positions' device.
         self._inv_freq: dict[str, torch.Tensor] = {"base": inv_freq}
+        self._scaling: dict[str, float] = {}
         if self.rope_type == "longrope":
             assert self.original_max_position_embeddings is not None
             self._inv_freq["long"], _ = compute_inv_freq(
                 params, rotary_dim, max_position_embeddings=max_position_embeddings,
                 seq_len=self.original_max_position_embeddings + 1,
             )
+            # Phi-3.5-MoE's longrope carries its own cos/sin factors per variant (transformers' Phimoe)
+            for variant, key in (("base", "short_mscale"), ("long", "long_mscale")):
+                if params.get(key) is not None:
+                    self._scaling[variant] = float(params[key])
         self._tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.mrope_section = [int(x) for x in mrope_section] if mrope_section else None
         self.mrope_interleaved = bool(mrope_interleaved)
@@ -512,14 +518,16 @@ class RotaryEmbedding(nn.Module):
             size = max(size, 2 * cached[0].shape[0])
         with torch.no_grad():
             t = torch.arange(size, dtype=torch.int64, device=device)
-            cos, sin = self._cos_sin_of(t, self._inv_freq[variant])
+            cos, sin = self._cos_sin_of(t, self._inv_freq[variant], self._scaling.get(variant))
         self._tables[variant] = (cos, sin)
         return cos, sin
 
-    def _cos_sin_of(self, positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cos_sin_of(self, positions: torch.Tensor, inv_freq: torch.Tensor,
+                    scaling: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         # transformers: freqs = position_ids[..., None].float() * inv_freq; cos = freqs.cos() * scaling
         freqs = positions[..., None].float() * inv_freq.to(device=positions.device, dtype=torch.float)
-        return freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
+        scale = self.attention_scaling if scaling is None else scaling
+        return freqs.cos() * scale, freqs.sin() * scale
 
     def _dynamic_inv_freq(self, seq_len: int) -> torch.Tensor:
         if self._dynamic_cache is not None and self._dynamic_cache[0] == seq_len:

@@ -279,14 +279,20 @@ class DeepseekDecoderLayer(DecoderLayer):
             device=getattr(ctx, "device", None) or "cpu", registry=getattr(ctx, "registry", None),
         )
 
+    def is_moe_layer(self, s: DecoderSettings, layer_idx: int) -> bool:
+        """MoE when ``n_routed_experts`` is set, the index >= ``first_k_dense_replace`` and
+        divisible by ``moe_layer_freq``; families with another rule override this."""
+        g = lambda key, default=None: cfg_get(s.config, key, default, arch=s.arch)  # noqa: E731
+        freq = int(g("moe_layer_freq", 1) or 1)
+        return bool(g(("n_routed_experts", "num_local_experts", "num_experts"))) and not (
+            layer_idx < int(g("first_k_dense_replace", 0)) or layer_idx % freq)
+
     def build_mlp(self, s: DecoderSettings, layer_idx: int, ctx: Any) -> nn.Module:
         cfg = s.config
         g = lambda key, default=None: cfg_get(cfg, key, default, arch=s.arch)  # noqa: E731
-        num_experts = g(("n_routed_experts", "num_local_experts", "num_experts"))
-        freq = int(g("moe_layer_freq", 1) or 1)
-        if not num_experts or layer_idx < int(g("first_k_dense_replace", 0)) or layer_idx % freq:
+        if not self.is_moe_layer(s, layer_idx):
             return GatedMLP(s.hidden_size, s.intermediate_size, s.hidden_act, bias=s.mlp_bias)
-        num_experts = int(num_experts)
+        num_experts = int(g(("n_routed_experts", "num_local_experts", "num_experts")))
         top_k = int(g("num_experts_per_tok"))
         if not 0 < top_k <= num_experts:
             raise ModelLoadError(f"config.json: num_experts_per_tok ({top_k}) must be in [1, {num_experts}]")
