@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import attrs
 import torch
 from torch import nn
 
@@ -118,8 +119,8 @@ class MappedBackend(AttentionBackend):
     """One attention backend per placement group; `attend(layer, ...)` goes to the group holding
     the layer (with its local index) and the step's batch moved to that group's device once."""
 
-    def __init__(self, subs: list[AttentionBackend], layer_map: list[tuple[int, int]]) -> None:
-        super().__init__(subs[0].shape)
+    def __init__(self, subs: list[AttentionBackend], layer_map: list[tuple[int, int]], recurrent: Any = None) -> None:
+        super().__init__(attrs.evolve(subs[0].shape, recurrent=recurrent))  # its own: recurrent states
         self.subs = subs
         self.layer_map = layer_map  # global layer -> (group, local layer)
         self.name = "mapped[" + ",".join(f"{s.name}@{s.shape.device}" for s in subs) + "]"
@@ -129,8 +130,10 @@ class MappedBackend(AttentionBackend):
         return sum(s.bytes_per_block() for s in self.subs)
 
     def batch(self, query_start_loc: list[int], seq_lens: list[int], slot_mapping: torch.Tensor | None = None,
-              block_tables: torch.Tensor | None = None, *, causal: bool = True) -> AttentionBatch:
-        b = AttentionBatch(query_start_loc, seq_lens, self, slot_mapping, block_tables, causal=causal)
+              block_tables: torch.Tensor | None = None, *, causal: bool = True,
+              state_slots: torch.Tensor | None = None) -> AttentionBatch:
+        b = AttentionBatch(query_start_loc, seq_lens, self, slot_mapping, block_tables, causal=causal,
+                           state_slots=state_slots)
         per_device: dict[str, tuple[Any, Any]] = {}
         groups = []
         for sub in self.subs:

@@ -890,13 +890,27 @@ def build_attention_backend(
             subs.append(_backend_for(registry, name, {**kv, "num_layers": count}, num_blocks, block_size,
                                      resolve_dtype(group_dtype, torch.device(group_device)),
                                      torch.device(group_device)))
-        return MappedBackend(subs, layer_map(placement))
+        # recurrent states (hybrid models) stay with the mapped backend itself, on the first group's device
+        recurrent = _recurrent_shape(inner, num_state_slots if num_blocks else 0, torch.device(placement.groups[0]))
+        return MappedBackend(subs, layer_map(placement), recurrent=recurrent)
     cache_dtype = resolve_dtype(dtype, dev) if dtype is not None else _model_dtype(inner)
-    return _backend_for(registry, name, kv, num_blocks, block_size, cache_dtype, dev)
+    return _backend_for(registry, name, kv, num_blocks, block_size, cache_dtype, dev,
+                        recurrent=_recurrent_shape(inner, num_state_slots if num_blocks else 0, dev))
+
+
+def _recurrent_shape(inner: Any, num_slots: int, dev: Any) -> Any:
+    """The recurrent-state slots of a model with recurrent layers (``recurrent_state_shape()``), else None."""
+    rec_spec = inner.recurrent_state_shape() if hasattr(inner, "recurrent_state_shape") else None
+    if not rec_spec:
+        return None
+    from mistralrs.state_cache import RecurrentStateShape
+
+    # states keep the model's dtype (an fp8 KV cache does not make fp8 states)
+    return RecurrentStateShape.from_model(rec_spec, num_slots=num_slots, dtype=_model_dtype(inner), device=dev)
 
 
 def _backend_for(registry: Any, name: str | None, kv: dict[str, Any], num_blocks: int, block_size: int,
-                 cache_dtype: Any, dev: Any) -> Any:
+                 cache_dtype: Any, dev: Any, recurrent: Any = None) -> Any:
     from mistralrs.attention import KVCacheShape
     from mistralrs.specs import resolve
 
@@ -907,14 +921,6 @@ def _backend_for(registry: Any, name: str | None, kv: dict[str, Any], num_blocks
             device=dev.type, dtype=str(cache_dtype).removeprefix("torch."), head_dim=kv["head_dim"],
         )
     cls = resolve(spec.backend)
-    recurrent = None
-    rec_spec = inner.recurrent_state_shape() if hasattr(inner, "recurrent_state_shape") else None
-    if rec_spec:
-        from mistralrs.state_cache import RecurrentStateShape
-
-        # states keep the model's dtype (an fp8 KV cache does not make fp8 states)
-        recurrent = RecurrentStateShape.from_model(rec_spec, num_slots=num_state_slots if num_blocks else 0,
-                                                   dtype=_model_dtype(inner), device=dev)
     shape = KVCacheShape(
         num_layers=kv["num_layers"], num_kv_heads=kv["num_kv_heads"], head_dim=kv["head_dim"],
         v_head_dim=kv.get("v_head_dim"), v_from_k=bool(kv.get("v_from_k", False)),
