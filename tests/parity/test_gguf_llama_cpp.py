@@ -71,4 +71,5 @@ def test_real_converter_matches_recipe_and_loads(name, tmp_path):
     print(name, assert_gguf_matches(
         path, check, writer=lambda _path, _out, outtype: real[outtype], arch=suite.arch_override.get(name),
         ref_arch=suite.gguf_as.get(name), ref_config=suite.gguf_config.get(name),
+        q8_min_cosine=suite.gguf_q8_min_cosine.get(name, 0.99),
     ))
