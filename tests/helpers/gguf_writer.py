@@ -419,7 +419,8 @@ RECIPES: dict[str, Recipe] = {
     "GraniteForCausalLM": Recipe("GRANITE", granite_hparams, llama_modify, extra=llama_extra),
     "DeepseekV2ForCausalLM": Recipe("DEEPSEEK2", deepseek2_hparams, deepseek2_modify, f32=("ffn_gate_inp",)),
     "DeepseekV3ForCausalLM": Recipe("DEEPSEEK2", deepseek2_hparams, deepseek2_modify, f32=("ffn_gate_inp",)),
-    "GptOssForCausalLM": Recipe("GPT_OSS", gpt_oss_hparams, gpt_oss_modify, split_fused_experts=False),
+    "GptOssForCausalLM": Recipe("GPT_OSS", gpt_oss_hparams, gpt_oss_modify, f32=("ffn_gate_inp",),
+                                split_fused_experts=False),
 }
 
 _EXPERT_RE = re.compile(r"^(?P<pre>.*)\.experts\.(?P<e>\d+)\.(?P<w>\w+)\.weight$")

@@ -48,6 +48,12 @@ CASES = {
     "granite": "test_granite_gemma3",
     "gemma3": "test_granite_gemma3",
     "gemma3_default_pattern": "test_granite_gemma3",
+    "deepseekv2": "test_deepseek_family",
+    "deepseekv3": "test_deepseek_family",
+    # (not deepseekv3_fused: llama.cpp's DeepseekV2Model only stacks per-expert tensors and
+    # refuses transformers 5's fused gate_up_proj: "Unprocessed experts")
+    "gpt_oss": "test_gpt_oss_family",
+    "gpt_oss_full_tied": "test_gpt_oss_family",
 }
 
 

@@ -60,6 +60,8 @@ class TestParity(ParitySuite):
     tied = frozenset({"gpt_oss_full_tied"})
     # llama.cpp's gpt-oss graph slides every other layer whatever the config says
     gguf_config = {"gpt_oss_full_tied": {"layer_types": ["sliding_attention", "full_attention"]}}
+    # top-2 of 4 experts on logits the Q8_0 token table and projections shift: a few routing flips
+    gguf_q8_min_cosine = {"gpt_oss": 0.98}
 
     def bf16_close(self, name, path, hf):
         from transformers.models.gpt_oss import modeling_gpt_oss
