@@ -387,6 +387,35 @@ def gpt_oss_modify(name: str, t: torch.Tensor, cfg: dict) -> list[tuple[str, tor
     return [(name, t)]
 
 
+def _mxfp4_nibbles(t: torch.Tensor) -> torch.Tensor:
+    """GptOssModel.transform_nibble_layout: GPT-OSS's bytes (element 2j low nibble, 2j+1 high)
+    -> ggml's block_mxfp4 (byte j: element j low, element j + 16 high)."""
+    lo, hi = t & 0x0F, t >> 4
+    vals = torch.stack((lo, hi), dim=-1).reshape(*t.shape[:-1], 32)
+    return vals[..., :16] | (vals[..., 16:] << 4)
+
+
+def gpt_oss_mxfp4(cfg: dict, tensors: dict[str, torch.Tensor]) -> list[tuple[str, np.ndarray]]:
+    """GptOssModel.generate_extra_tensors on an MXFP4 checkpoint: each expert weight as ggml MXFP4
+    blocks (scale byte then 16 code bytes), gate_up's even rows the gate, odd ones the up."""
+    if (cfg.get("quantization_config") or {}).get("quant_method") != "mxfp4":
+        return []
+
+    def repack(blocks: torch.Tensor, scales: torch.Tensor) -> np.ndarray:
+        data = torch.cat((scales.unsqueeze(-1), _mxfp4_nibbles(blocks)), dim=-1)
+        return data.reshape(data.shape[0], data.shape[1], -1).numpy()
+
+    out = []
+    for name in sorted(tensors):
+        if name.endswith("experts.down_proj_blocks"):
+            out.append((name.replace("_blocks", ".weight"), repack(tensors[name], tensors[name[:-7] + "_scales"])))
+        elif name.endswith("experts.gate_up_proj_blocks"):
+            blocks, scales = tensors[name], tensors[name[:-7] + "_scales"]
+            out.append((name.replace("gate_up_proj_blocks", "gate_proj.weight"), repack(blocks[:, ::2], scales[:, ::2])))
+            out.append((name.replace("gate_up_proj_blocks", "up_proj.weight"), repack(blocks[:, 1::2], scales[:, 1::2])))
+    return out
+
+
 @attrs.frozen
 class Recipe:
     arch: str  # gguf.MODEL_ARCH member name
@@ -399,6 +428,9 @@ class Recipe:
     # transformers' fused expert tensors split here (gate_up_proj [E, 2I, H] halves) before `modify`;
     # False: `modify` gets them as stored
     split_fused_experts: bool = True
+    # (HF name, ggml MXFP4 bytes) made from pre-quantized checkpoint tensors (their *_blocks /
+    # *_scales are then not written as such)
+    mxfp4: Callable[[dict, dict[str, torch.Tensor]], list[tuple[str, np.ndarray]]] = lambda cfg, tensors: []
 
 
 RECIPES: dict[str, Recipe] = {
@@ -420,7 +452,7 @@ RECIPES: dict[str, Recipe] = {
     "DeepseekV2ForCausalLM": Recipe("DEEPSEEK2", deepseek2_hparams, deepseek2_modify, f32=("ffn_gate_inp",)),
     "DeepseekV3ForCausalLM": Recipe("DEEPSEEK2", deepseek2_hparams, deepseek2_modify, f32=("ffn_gate_inp",)),
     "GptOssForCausalLM": Recipe("GPT_OSS", gpt_oss_hparams, gpt_oss_modify, f32=("ffn_gate_inp",),
-                                split_fused_experts=False),
+                                split_fused_experts=False, mxfp4=gpt_oss_mxfp4),
 }
 
 _EXPERT_RE = re.compile(r"^(?P<pre>.*)\.experts\.(?P<e>\d+)\.(?P<w>\w+)\.weight$")
@@ -456,6 +488,8 @@ def write_gguf(hf_dir: Path | str, out: Path | str, *, outtype: str = "f32",
     recipe.hparams(w, cfg)
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
+    if outtype in ("f32", "f16", "bf16") and (cfg.get("quantization_config") or {}).get("quant_method") == "mxfp4":
+        ftype = gguf.LlamaFileType.MOSTLY_MXFP4_MOE
     w.add_file_type(ftype)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if (hf_dir / "tokenizer.json").is_file():  # parity checkpoints have none: weights only
@@ -490,8 +524,10 @@ def write_gguf(hf_dir: Path | str, out: Path | str, *, outtype: str = "f32",
 
     for name, t in recipe.extra(cfg):
         w.add_tensor(name, t.numpy())
+    for hf_name, raw in recipe.mxfp4(cfg, tensors):
+        w.add_tensor(names.get_name(hf_name, try_suffixes=(".weight",)), raw, raw_dtype=gguf.GGMLQuantizationType.MXFP4)
     for name, t in plain:
-        if name.endswith("rotary_emb.inv_freq"):
+        if name.endswith(("rotary_emb.inv_freq", "_blocks", "_scales")):
             continue
         t = t.float() if t.dtype not in (torch.float16, torch.float32) else t
         for hf_name, data in recipe.modify(name, t, cfg):
