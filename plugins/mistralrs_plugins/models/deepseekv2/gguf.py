@@ -115,10 +115,10 @@ def convert(gguf: Any) -> GgufConversion:
     if rope is not None:
         rope.setdefault("rope_theta", config["rope_theta"])
     parts = map_tensors(gguf, block_names=BLOCK_NAMES)
-    return GgufConversion(config=config, parts=_join_parts(parts, config["qk_nope_head_dim"], v_head))
+    return GgufConversion(config=config, parts=_join_parts(parts, config["qk_nope_head_dim"], v_head, hp.where))
 
 
-def _join_parts(parts: list[TensorPart], nope: int, v: int) -> list[TensorPart]:
+def _join_parts(parts: list[TensorPart], nope: int, v: int, where: str) -> list[TensorPart]:
     out: list[TensorPart] = []
     v_b = {p.hf_name: p for p in parts if ".self_attn.v_b_proj." in p.hf_name}
     for part in parts:
@@ -128,7 +128,7 @@ def _join_parts(parts: list[TensorPart], nope: int, v: int) -> list[TensorPart]:
         if ".self_attn.k_b_proj." in name:
             partner = v_b.pop(name.replace(".k_b_proj.", ".v_b_proj."), None)
             if partner is None:
-                raise ModelLoadError(f"tensor {part.gguf_name!r} has no attn_v_b beside it; the GGUF file is incomplete")
+                raise ModelLoadError(f"{where}: tensor {part.gguf_name!r} has no attn_v_b beside it; the GGUF file is incomplete")
             out.append(TensorPart(name.replace(".k_b_proj.", ".kv_b_proj."), part.gguf_name,
                                   also=(partner.gguf_name,), combine=join_kv_b(nope, v)))
             continue
@@ -136,6 +136,6 @@ def _join_parts(parts: list[TensorPart], nope: int, v: int) -> list[TensorPart]:
             part = attrs.evolve(part, hf_name=name.removesuffix(".e_score_correction.bias") + ".e_score_correction_bias")
         out.append(part)
     if v_b:
-        raise ModelLoadError(f"tensor {next(iter(v_b.values())).gguf_name!r} has no attn_k_b beside it; "
+        raise ModelLoadError(f"{where}: tensor {next(iter(v_b.values())).gguf_name!r} has no attn_k_b beside it; "
                              "the GGUF file is incomplete")
     return out
