@@ -244,9 +244,11 @@ def test_engine_prefix_cache_and_batching_over_the_latent_cache(tmp_path):
         svc.shutdown()
 
 
-def test_gguf_from_before_the_kv_b_split(tmp_path, monkeypatch):
-    """A deepseek2 file from llama.cpp before it split ``kv_b_proj`` (one ``attn_kv_b``, the per-head
-    sizes as ``key_length``/``value_length``, no ``*_mla`` keys) loads to the same logits."""
+@pytest.mark.parametrize("era", ["before_split", "whole_and_split"])
+def test_gguf_from_older_converters(era, tmp_path, monkeypatch):
+    """deepseek2 files of older llama.cpp converters load to the same logits: before it split
+    ``kv_b_proj`` (one ``attn_kv_b``, the per-head sizes as ``key_length``/``value_length``, no
+    ``*_mla`` keys), and its first split (``attn_kv_b`` beside ``attn_k_b``/``attn_v_b``)."""
     import attrs
 
     from mistralrs.gguf.loading import load_gguf
@@ -256,6 +258,8 @@ def test_gguf_from_before_the_kv_b_split(tmp_path, monkeypatch):
 
     def old_hparams(w, cfg):
         gguf_writer.deepseek2_hparams(w, cfg)
+        if era == "whole_and_split":
+            return
         for key in ("key_length_mla", "value_length_mla"):
             for kv in w.kv_data:
                 kv.pop(f"deepseek2.attention.{key}", None)
@@ -263,7 +267,9 @@ def test_gguf_from_before_the_kv_b_split(tmp_path, monkeypatch):
         w.add_value_length(cfg["v_head_dim"])
 
     def old_modify(name, t, cfg):
-        return [(name, t)] if name.endswith("kv_b_proj.weight") else gguf_writer.deepseek2_modify(name, t, cfg)
+        if not name.endswith("kv_b_proj.weight"):
+            return gguf_writer.deepseek2_modify(name, t, cfg)
+        return [(name, t)] + (gguf_writer.deepseek2_modify(name, t, cfg) if era == "whole_and_split" else [])
 
     recipe = gguf_writer.RECIPES["DeepseekV2ForCausalLM"]
     monkeypatch.setitem(gguf_writer.RECIPES, "DeepseekV2ForCausalLM",
@@ -271,7 +277,8 @@ def test_gguf_from_before_the_kv_b_split(tmp_path, monkeypatch):
     path, _ = CASES["deepseekv2"](tmp_path / "m")
     out = gguf_writer.write_gguf(path, tmp_path / "old.gguf")
     got = load_gguf(out, dtype=torch.float32)
-    assert "blk.0.attn_kv_b.weight" in got.gguf.tensors and "blk.0.attn_k_b.weight" not in got.gguf.tensors
+    assert "blk.0.attn_kv_b.weight" in got.gguf.tensors
+    assert ("blk.0.attn_k_b.weight" in got.gguf.tensors) == (era == "whole_and_split")
     ref_dir = tmp_path / "ref"
     ref_dir.mkdir()
     import json

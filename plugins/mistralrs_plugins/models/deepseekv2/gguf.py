@@ -74,9 +74,11 @@ def convert(gguf: Any) -> GgufConversion:
     config["num_key_value_heads"] = n_head  # the converter wrote MQA's 1
     config.pop("head_dim", None)  # key_length is the latent's
     rope_dim = int(hp.require("rope.dimension_count"))
-    split = "blk.0.attn_k_b.weight" in gguf.tensors
-    if hp.has("attention.key_length_mla") or split:
+    if hp.has("attention.key_length_mla"):
         qk_head, v_head = int(hp.require("attention.key_length_mla")), int(hp.require("attention.value_length_mla"))
+    elif "blk.0.attn_k_b.weight" in gguf.tensors and "blk.0.attn_kv_b.weight" not in gguf.tensors:
+        raise ModelLoadError(f"{hp.where}: metadata 'deepseek2.attention.key_length_mla' is missing beside a split "
+                             "kv_b_proj (attn_k_b, attn_v_b); the GGUF file is incomplete")
     else:
         qk_head, v_head = int(hp.require("attention.key_length")), int(hp.require("attention.value_length"))
     q_lora = hp.get("attention.q_lora_rank")
@@ -121,9 +123,15 @@ def convert(gguf: Any) -> GgufConversion:
 def _join_parts(parts: list[TensorPart], nope: int, v: int, where: str) -> list[TensorPart]:
     out: list[TensorPart] = []
     v_b = {p.hf_name: p for p in parts if ".self_attn.v_b_proj." in p.hf_name}
+    # files of llama.cpp's first split (spring 2025) hold attn_kv_b beside attn_k_b/attn_v_b: kept as
+    # it is (its blocks are rows of kv_b_proj already), the halves ignored
+    whole = {p.hf_name for p in parts if ".self_attn.kv_b_proj." in p.hf_name}
     for part in parts:
         name = part.hf_name
         if ".self_attn.v_b_proj." in name:
+            continue
+        if ".self_attn.k_b_proj." in name and name.replace(".k_b_proj.", ".kv_b_proj.") in whole:
+            v_b.pop(name.replace(".k_b_proj.", ".v_b_proj."), None)
             continue
         if ".self_attn.k_b_proj." in name:
             partner = v_b.pop(name.replace(".k_b_proj.", ".v_b_proj."), None)
