@@ -99,3 +99,25 @@ def test_server_on_the_q8_0_file_with_the_metadata_template_and_parsers(files):
             srv.stop()
     finally:
         service.shutdown()
+
+
+@pytest.mark.slow  # a server process per architecture (~20 s)
+def test_mistralrs_serve_on_the_f32_file_answers_as_the_checkpoint(files):
+    from mistralrs import ChatCompletionRequest, Runner, Which
+    from tests.e2e.conftest import serve_process
+    from tests.e2e.test_server import http
+
+    _, src, f32, _ = files
+    messages = [{"role": "user", "content": "hello"}]
+    runner = Runner(Which.Plain(model_id=str(src), dtype="f32"))
+    try:
+        want = runner.send_chat_completion_request(ChatCompletionRequest(messages=messages, max_tokens=6,
+                                                                         temperature=0.0)).choices[0].message
+    finally:
+        runner.service.shutdown()
+    with serve_process("-m", str(f32), "--dtype", "f32") as url:
+        status, _, body = http(url + "/v1/chat/completions", {"messages": messages, "max_tokens": 6, "temperature": 0})
+        assert status == 200, body
+        got = json.loads(body)["choices"][0]["message"]
+        assert got["content"] == want.content
+        assert got.get("reasoning_content") == getattr(want, "reasoning_content", None)
