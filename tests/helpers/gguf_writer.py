@@ -105,6 +105,14 @@ def base_hparams(w: Any, cfg: dict) -> None:
             w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
             w.add_rope_scaling_factor(factor)
             w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+            if (v := rope.get("extrapolation_factor")) is not None:
+                w.add_rope_scaling_yarn_ext_factor(v)
+            if (v := rope.get("attention_factor", rope.get("attn_factor"))) is not None:
+                w.add_rope_scaling_yarn_attn_factor(v)
+            if (v := rope.get("beta_fast")) is not None:
+                w.add_rope_scaling_yarn_beta_fast(v)
+            if (v := rope.get("beta_slow")) is not None:
+                w.add_rope_scaling_yarn_beta_slow(v)
         elif rope_type in ("su", "longrope"):
             w.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
     if (theta := rope.get("rope_theta")) is not None:
@@ -119,6 +127,15 @@ def base_hparams(w: Any, cfg: dict) -> None:
         w.add_expert_count(n_experts)
     if (n_used := _find(cfg, ("num_experts_per_tok", "num_experts_per_token", "top_k_experts"))) is not None:
         w.add_expert_used_count(n_used)
+    if (n_group := cfg.get("n_group")) is not None:
+        w.add_expert_group_count(n_group)
+    if (n_group_used := cfg.get("topk_group")) is not None:
+        w.add_expert_group_used_count(n_group_used)
+    score = _find(cfg, ("score_function", "scoring_func", "score_func", "moe_router_activation",
+                        "moe_router_activation_func", "expert_selection_fn"))
+    if score is not None:
+        w.add_expert_gating_func({"sigmoid": gguf.ExpertGatingFuncType.SIGMOID,
+                                  "softmax": gguf.ExpertGatingFuncType.SOFTMAX}[score])
     if (head_dim := cfg.get("head_dim")) is not None:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
@@ -297,6 +314,108 @@ def llama_extra(cfg: dict) -> list[tuple[str, torch.Tensor]]:
     return [("rope_freqs.weight", torch.tensor(factors, dtype=torch.float32))]
 
 
+def deepseek2_hparams(w: Any, cfg: dict) -> None:
+    """DeepseekV2Model.set_gguf_parameters: MLA written as MQA (one KV head of the latent), the
+    per-head sizes as the _mla lengths, the MoE keys, yarn's mscale_all_dim as log_mul."""
+    cfg = {**cfg, "num_key_value_heads": 1, "rms_norm_eps": cfg.get("rms_norm_eps", 1e-6)}
+    base_hparams(w, cfg)
+    has_moe = cfg.get("n_routed_experts") is not None
+    dense = cfg.get("first_k_dense_replace")
+    w.add_leading_dense_block_count(dense if dense is not None else (0 if has_moe else cfg["num_hidden_layers"]))
+    rank = cfg.get("kv_lora_rank", 512)
+    w.add_vocab_size(cfg["vocab_size"])
+    if cfg.get("q_lora_rank") is not None:
+        w.add_q_lora_rank(cfg["q_lora_rank"])
+    w.add_kv_lora_rank(rank)
+    w.add_key_length(rank + cfg["qk_rope_head_dim"])
+    w.add_value_length(rank)
+    w.add_key_length_mla(cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"])
+    w.add_value_length_mla(cfg["v_head_dim"])
+    w.add_expert_feed_forward_length(_find(cfg, ("moe_intermediate_size", "intermediate_size")))
+    if has_moe:
+        w.add_expert_count(cfg["n_routed_experts"])
+    w.add_expert_shared_count(cfg.get("n_shared_experts", 0))
+    if cfg.get("routed_scaling_factor") is not None:
+        w.add_expert_weights_scale(cfg["routed_scaling_factor"])
+    if cfg.get("norm_topk_prob"):
+        w.add_expert_weights_norm(cfg["norm_topk_prob"])
+    w.add_rope_dimension_count(cfg["qk_rope_head_dim"])
+    if (mscale_all := rope_parameters(cfg).get("mscale_all_dim")) is not None:
+        w.add_rope_scaling_yarn_log_mul(0.1 * mscale_all)
+
+
+def deepseek2_modify(name: str, t: torch.Tensor, cfg: dict) -> list[tuple[str, torch.Tensor]]:
+    """DeepseekV2Model.modify_tensors: tied head skipped, kv_b_proj split per head into k_b
+    (transposed) and v_b; filter_tensors' ``e_score_correction.bias``."""
+    if cfg.get("tie_word_embeddings", False) and name == "lm_head.weight":
+        return []
+    if name.endswith("e_score_correction_bias"):
+        return [(name.replace("e_score_correction_bias", "e_score_correction.bias"), t)]
+    if name.endswith("kv_b_proj.weight"):
+        n_kv, v, nope = cfg["num_key_value_heads"], cfg["v_head_dim"], cfg["qk_nope_head_dim"]
+        assert t.shape[0] == n_kv * (v + nope)
+        k_b, v_b = t.view(n_kv, v + nope, t.shape[-1]).split([nope, v], dim=1)
+        return [(name.replace("kv_b_proj", "k_b_proj"), k_b.transpose(1, 2)),
+                (name.replace("kv_b_proj", "v_b_proj"), v_b)]
+    return [(name, t)]
+
+
+def gpt_oss_hparams(w: Any, cfg: dict) -> None:
+    """GptOssModel.set_gguf_parameters: TextModel's, the window and the experts' width."""
+    base_hparams(w, cfg)
+    w.add_sliding_window(cfg["sliding_window"])
+    w.add_expert_feed_forward_length(cfg["intermediate_size"])
+
+
+def gpt_oss_modify(name: str, t: torch.Tensor, cfg: dict) -> list[tuple[str, torch.Tensor]]:
+    """GptOssModel.filter_tensors / modify_tensors (float experts): ``sinks.weight``;
+    ``gate_up_proj [E, H, 2I]`` transposed and split into even (gate) and odd (up) rows,
+    ``down_proj`` transposed, the biases split alike."""
+    if name.endswith("sinks"):
+        return [(name + ".weight", t)]
+    if name.endswith("experts.down_proj_bias"):
+        return [(name.replace("down_proj_bias", "down_proj.bias"), t)]
+    if name.endswith("experts.down_proj"):
+        return [(name.replace("down_proj", "down_proj.weight"), t.transpose(-1, -2))]
+    if name.endswith("experts.gate_up_proj_bias"):
+        return [(name.replace("gate_up_proj_bias", "gate_proj.bias"), t[..., ::2]),
+                (name.replace("gate_up_proj_bias", "up_proj.bias"), t[..., 1::2])]
+    if name.endswith("experts.gate_up_proj"):
+        t = t.transpose(-1, -2)
+        return [(name.replace("gate_up_proj", "gate_proj.weight"), t[:, ::2, :]),
+                (name.replace("gate_up_proj", "up_proj.weight"), t[:, 1::2, :])]
+    return [(name, t)]
+
+
+def _mxfp4_nibbles(t: torch.Tensor) -> torch.Tensor:
+    """GptOssModel.transform_nibble_layout: GPT-OSS's bytes (element 2j low nibble, 2j+1 high)
+    -> ggml's block_mxfp4 (byte j: element j low, element j + 16 high)."""
+    lo, hi = t & 0x0F, t >> 4
+    vals = torch.stack((lo, hi), dim=-1).reshape(*t.shape[:-1], 32)
+    return vals[..., :16] | (vals[..., 16:] << 4)
+
+
+def gpt_oss_mxfp4(cfg: dict, tensors: dict[str, torch.Tensor]) -> list[tuple[str, np.ndarray]]:
+    """GptOssModel.generate_extra_tensors on an MXFP4 checkpoint: each expert weight as ggml MXFP4
+    blocks (scale byte then 16 code bytes), gate_up's even rows the gate, odd ones the up."""
+    if (cfg.get("quantization_config") or {}).get("quant_method") != "mxfp4":
+        return []
+
+    def repack(blocks: torch.Tensor, scales: torch.Tensor) -> np.ndarray:
+        data = torch.cat((scales.unsqueeze(-1), _mxfp4_nibbles(blocks)), dim=-1)
+        return data.reshape(data.shape[0], data.shape[1], -1).numpy()
+
+    out = []
+    for name in sorted(tensors):
+        if name.endswith("experts.down_proj_blocks"):
+            out.append((name.replace("_blocks", ".weight"), repack(tensors[name], tensors[name[:-7] + "_scales"])))
+        elif name.endswith("experts.gate_up_proj_blocks"):
+            blocks, scales = tensors[name], tensors[name[:-7] + "_scales"]
+            out.append((name.replace("gate_up_proj_blocks", "gate_proj.weight"), repack(blocks[:, ::2], scales[:, ::2])))
+            out.append((name.replace("gate_up_proj_blocks", "up_proj.weight"), repack(blocks[:, 1::2], scales[:, 1::2])))
+    return out
+
+
 @attrs.frozen
 class Recipe:
     arch: str  # gguf.MODEL_ARCH member name
@@ -306,6 +425,12 @@ class Recipe:
     f32: tuple[str, ...] = ()
     # generate_extra_tensors: (GGUF name, tensor), always F32
     extra: Callable[[dict], list[tuple[str, torch.Tensor]]] = lambda cfg: []
+    # transformers' fused expert tensors split here (gate_up_proj [E, 2I, H] halves) before `modify`;
+    # False: `modify` gets them as stored
+    split_fused_experts: bool = True
+    # (HF name, ggml MXFP4 bytes) made from pre-quantized checkpoint tensors (their *_blocks /
+    # *_scales are then not written as such)
+    mxfp4: Callable[[dict, dict[str, torch.Tensor]], list[tuple[str, np.ndarray]]] = lambda cfg, tensors: []
 
 
 RECIPES: dict[str, Recipe] = {
@@ -324,6 +449,10 @@ RECIPES: dict[str, Recipe] = {
     "Glm4ForCausalLM": Recipe("GLM4", glm4_hparams),
     "SmolLM3ForCausalLM": Recipe("SMOLLM3", llama_hparams, llama_modify, extra=llama_extra),
     "GraniteForCausalLM": Recipe("GRANITE", granite_hparams, llama_modify, extra=llama_extra),
+    "DeepseekV2ForCausalLM": Recipe("DEEPSEEK2", deepseek2_hparams, deepseek2_modify, f32=("ffn_gate_inp",)),
+    "DeepseekV3ForCausalLM": Recipe("DEEPSEEK2", deepseek2_hparams, deepseek2_modify, f32=("ffn_gate_inp",)),
+    "GptOssForCausalLM": Recipe("GPT_OSS", gpt_oss_hparams, gpt_oss_modify, f32=("ffn_gate_inp",),
+                                split_fused_experts=False, mxfp4=gpt_oss_mxfp4),
 }
 
 _EXPERT_RE = re.compile(r"^(?P<pre>.*)\.experts\.(?P<e>\d+)\.(?P<w>\w+)\.weight$")
@@ -359,6 +488,8 @@ def write_gguf(hf_dir: Path | str, out: Path | str, *, outtype: str = "f32",
     recipe.hparams(w, cfg)
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
+    if outtype in ("f32", "f16", "bf16") and (cfg.get("quantization_config") or {}).get("quant_method") == "mxfp4":
+        ftype = gguf.LlamaFileType.MOSTLY_MXFP4_MOE
     w.add_file_type(ftype)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if (hf_dir / "tokenizer.json").is_file():  # parity checkpoints have none: weights only
@@ -373,7 +504,7 @@ def write_gguf(hf_dir: Path | str, out: Path | str, *, outtype: str = "f32",
     # stack per-expert weights into one [experts, out, in] tensor, as the converter does
     stacked: dict[str, dict[int, torch.Tensor]] = {}
     plain: list[tuple[str, torch.Tensor]] = []
-    for name, t in list(tensors.items()):
+    for name, t in list(tensors.items()) if recipe.split_fused_experts else ():
         # transformers' fused expert layout: gate_up_proj [E, 2I, H], down_proj [E, H, I]
         if name.endswith("experts.gate_up_proj"):
             gate, up = t.chunk(2, dim=1)
@@ -393,8 +524,10 @@ def write_gguf(hf_dir: Path | str, out: Path | str, *, outtype: str = "f32",
 
     for name, t in recipe.extra(cfg):
         w.add_tensor(name, t.numpy())
+    for hf_name, raw in recipe.mxfp4(cfg, tensors):
+        w.add_tensor(names.get_name(hf_name, try_suffixes=(".weight",)), raw, raw_dtype=gguf.GGMLQuantizationType.MXFP4)
     for name, t in plain:
-        if name.endswith("rotary_emb.inv_freq"):
+        if name.endswith(("rotary_emb.inv_freq", "_blocks", "_scales")):
             continue
         t = t.float() if t.dtype not in (torch.float16, torch.float32) else t
         for hf_name, data in recipe.modify(name, t, cfg):
@@ -403,7 +536,8 @@ def write_gguf(hf_dir: Path | str, out: Path | str, *, outtype: str = "f32",
                 raise ValueError(f"gguf's TensorNameMap has no name for {hf_name!r}")
             arr = data.float().numpy()
             n_dims = arr.ndim
-            keep_f32 = n_dims <= 1 or new.endswith("_norm.weight") or any(k in new for k in recipe.f32)
+            keep_f32 = (n_dims <= 1 or new.endswith("_norm.weight") or not new.endswith(".weight")
+                        or any(k in new for k in recipe.f32))
             if outtype == "f32" or keep_f32:
                 w.add_tensor(new, arr.astype(np.float32))
             elif outtype == "f16":

@@ -62,7 +62,9 @@ def _v2(p, **kw):
 
 
 def _v3(p, *, fused: bool = False, **kw):
-    kw = {**_COMMON, "q_lora_rank": 24, "routed_scaling_factor": 2.5, "rope_parameters": _YARN, **kw}
+    # scoring_func / topk_method as the published V3 config.json has them (llama.cpp's converter reads the first)
+    kw = {**_COMMON, "q_lora_rank": 24, "routed_scaling_factor": 2.5, "rope_parameters": _YARN,
+          "scoring_func": "sigmoid", "topk_method": "noaux_tc", **kw}
     path, hf = make_tiny_hf_model(transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM, p, **kw)
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():  # a buffer, so randomize_ left it at zero
@@ -154,7 +156,16 @@ def assert_grouped_moe_bf16_close(path, hf, *, seq_len: int = 24, seed: int = 1)
 
 class TestParity(ParitySuite):
     expected_arch = {name: name.split("_")[0] for name in CASES}
-    gguf_unsupported = {name: "no GGUF converter for deepseek2 yet" for name in CASES}
+    # What llama.cpp's deepseek2 graph runs: yarn's mscale equal to mscale_all_dim (the file keeps
+    # only the latter), the rope key always rotated in pairs.
+    gguf_config = {
+        "deepseekv2": {"rope_parameters": {**_YARN, "mscale": _YARN["mscale_all_dim"]}},
+        "deepseekv3": {"rope_parameters": {**_YARN, "mscale": _YARN["mscale_all_dim"]}},
+        "deepseekv3_fused": {"rope_interleave": True},
+    }
+    # sigmoid routing with a random correction bias: 8-bit weights flip experts (--isq q8_0 gives
+    # 0.98 on these 32 positions; the file also quantizes the token table)
+    gguf_q8_min_cosine = {"deepseekv3": 0.9}
 
     def bf16_close(self, name, path, hf):
         return assert_grouped_moe_bf16_close(path, hf)
@@ -231,3 +242,84 @@ def test_engine_prefix_cache_and_batching_over_the_latent_cache(tmp_path):
         assert all(r.usage.cached_tokens >= 32 for r in later)
     finally:
         svc.shutdown()
+
+
+@pytest.mark.parametrize("era", ["before_split", "whole_and_split"])
+def test_gguf_from_older_converters(era, tmp_path, monkeypatch):
+    """deepseek2 files of older llama.cpp converters load to the same logits: before it split
+    ``kv_b_proj`` (one ``attn_kv_b``, the per-head sizes as ``key_length``/``value_length``, no
+    ``*_mla`` keys), and its first split (``attn_kv_b`` beside ``attn_k_b``/``attn_v_b``)."""
+    import attrs
+
+    from mistralrs.gguf.loading import load_gguf
+    from mistralrs.loading import load_model
+    from tests.helpers import gguf_writer
+    from tests.helpers.parity import _prompt, our_logits
+
+    def old_hparams(w, cfg):
+        gguf_writer.deepseek2_hparams(w, cfg)
+        if era == "whole_and_split":
+            return
+        for key in ("key_length_mla", "value_length_mla"):
+            for kv in w.kv_data:
+                kv.pop(f"deepseek2.attention.{key}", None)
+        w.add_key_length(cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"])
+        w.add_value_length(cfg["v_head_dim"])
+
+    def old_modify(name, t, cfg):
+        if not name.endswith("kv_b_proj.weight"):
+            return gguf_writer.deepseek2_modify(name, t, cfg)
+        return [(name, t)] + (gguf_writer.deepseek2_modify(name, t, cfg) if era == "whole_and_split" else [])
+
+    recipe = gguf_writer.RECIPES["DeepseekV2ForCausalLM"]
+    monkeypatch.setitem(gguf_writer.RECIPES, "DeepseekV2ForCausalLM",
+                        attrs.evolve(recipe, hparams=old_hparams, modify=old_modify))
+    path, _ = CASES["deepseekv2"](tmp_path / "m")
+    out = gguf_writer.write_gguf(path, tmp_path / "old.gguf")
+    got = load_gguf(out, dtype=torch.float32)
+    assert "blk.0.attn_kv_b.weight" in got.gguf.tensors
+    assert ("blk.0.attn_k_b.weight" in got.gguf.tensors) == (era == "whole_and_split")
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    import json
+    import shutil
+
+    for f in path.iterdir():
+        shutil.copy(f, ref_dir / f.name)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(TestParity.gguf_config["deepseekv2"])
+    (ref_dir / "config.json").write_text(json.dumps(cfg))
+    ref = load_model(ref_dir, dtype=torch.float32)
+    ids = _prompt(int(ref.config["vocab_size"]), 16, 5)
+    torch.testing.assert_close(our_logits(got, ids), our_logits(ref, ids), atol=1e-4, rtol=1e-4)
+    got.gguf.close()
+
+
+def test_gguf_attn_k_b_without_attn_v_b_is_a_one_line_error(tmp_path):
+    """A deepseek2 file missing one half of the split kv_b_proj: an error naming the tensor."""
+    import gguf as gguf_py
+
+    from mistralrs.errors import ModelLoadError
+    from mistralrs.gguf.loading import load_gguf
+    from tests.helpers.gguf_writer import write_gguf
+
+    path, _ = CASES["deepseekv2"](tmp_path / "m")
+    full = gguf_py.GGUFReader(write_gguf(path, tmp_path / "full.gguf"))
+    w = gguf_py.GGUFWriter(tmp_path / "cut.gguf", "deepseek2")
+    for key, field in full.fields.items():
+        if key.startswith("deepseek2."):
+            value = field.contents()
+            kind = field.types[0]
+            if kind == gguf_py.GGUFValueType.ARRAY:
+                w.add_array(key, value)
+            else:
+                w.add_key_value(key, value, kind)
+    for t in full.tensors:
+        if t.name != "blk.1.attn_v_b.weight":
+            w.add_tensor(t.name, t.data.reshape(list(reversed([int(n) for n in t.shape]))))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ModelLoadError, match="blk.1.attn_k_b.weight.*no attn_v_b"):
+        load_gguf(tmp_path / "cut.gguf", dtype=torch.float32)

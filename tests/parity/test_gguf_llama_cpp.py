@@ -48,6 +48,12 @@ CASES = {
     "granite": "test_granite_gemma3",
     "gemma3": "test_granite_gemma3",
     "gemma3_default_pattern": "test_granite_gemma3",
+    "deepseekv2": "test_deepseek_family",
+    "deepseekv3": "test_deepseek_family",
+    # (not deepseekv3_fused: llama.cpp's DeepseekV2Model only stacks per-expert tensors and
+    # refuses transformers 5's fused gate_up_proj: "Unprocessed experts")
+    "gpt_oss": "test_gpt_oss_family",
+    "gpt_oss_full_tied": "test_gpt_oss_family",
 }
 
 
@@ -71,4 +77,19 @@ def test_real_converter_matches_recipe_and_loads(name, tmp_path):
     print(name, assert_gguf_matches(
         path, check, writer=lambda _path, _out, outtype: real[outtype], arch=suite.arch_override.get(name),
         ref_arch=suite.gguf_as.get(name), ref_config=suite.gguf_config.get(name),
+        q8_min_cosine=suite.gguf_q8_min_cosine.get(name, 0.99),
     ))
+
+
+def test_real_converter_keeps_gpt_oss_mxfp4_experts(tmp_path):
+    """A GPT-OSS checkpoint with MXFP4 experts (as published): llama.cpp's converter repacks them
+    into ggml MXFP4 blocks exactly as the recipe does, and its file loads into the same experts."""
+    from tests.parity.test_gpt_oss_family import assert_mxfp4_gguf_matches, mxfp4_checkpoint
+
+    mx, _ = mxfp4_checkpoint(tmp_path)
+    write_tiny_tokenizer(mx, vocab_size=json.loads((mx / "config.json").read_text())["vocab_size"])
+    for outtype in ("f32", "q8_0"):
+        real = convert_with_llama_cpp(mx, tmp_path / f"llama-cpp-{outtype}.gguf", outtype=outtype)
+        diffs = gguf_differences(real, write_gguf(mx, tmp_path / f"recipe-{outtype}.gguf", outtype=outtype))
+        assert not diffs, f"gpt_oss mxfp4 ({outtype}): llama.cpp's converter and the recipe differ: {diffs[:5]}"
+        assert_mxfp4_gguf_matches(mx, real, logits=outtype == "f32")

@@ -58,7 +58,10 @@ tiny = tiny_fixture(CASES)
 class TestParity(ParitySuite):
     expected_arch = {name: "gpt_oss" for name in CASES}
     tied = frozenset({"gpt_oss_full_tied"})
-    gguf_unsupported = {name: "no GGUF converter for gpt-oss yet" for name in CASES}
+    # llama.cpp's gpt-oss graph slides every other layer whatever the config says
+    gguf_config = {"gpt_oss_full_tied": {"layer_types": ["sliding_attention", "full_attention"]}}
+    # top-2 of 4 experts on logits the Q8_0 token table and projections shift: a few routing flips
+    gguf_q8_min_cosine = {"gpt_oss": 0.98}
 
     def bf16_close(self, name, path, hf):
         from transformers.models.gpt_oss import modeling_gpt_oss
@@ -138,15 +141,14 @@ def test_backends_attend_with_sinks_as_the_reference(backend_name, window):
     torch.testing.assert_close(without, v[:1].repeat_interleave(hq // hk, 1))  # one key, no sink: its value
 
 
-def test_mxfp4_checkpoint_in_gpt_oss_layout_loads(tmp_path):
-    """A GPT-OSS checkpoint whose experts are MXFP4 as published (``gate_up_proj_blocks`` [E, 2I,
-    H / 32, 16] with interleaved gate/up rows, ``down_proj_blocks``, their e8m0 ``_scales``; float
-    biases, router and attention) loads through the `mxfp4_checkpoint` format and gives transformers'
-    logits for the same (dequantized) weights."""
+def mxfp4_checkpoint(tmp_path):
+    """The `_oss` checkpoint with its experts packed as GPT-OSS publishes them (``gate_up_proj_blocks``
+    [E, 2I, H / 32, 16] with interleaved gate/up rows, ``down_proj_blocks``, their e8m0 ``_scales``;
+    float biases, router and attention), and a float copy holding transformers' dequantization of
+    those blocks. Returns (mxfp4 dir, dequantized dir)."""
     from safetensors.numpy import load_file, save_file
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-    from mistralrs.loading import load_model
     from tests.helpers.packed_checkpoints import pack_mxfp4
 
     path, hf = _oss(tmp_path / "float")
@@ -171,6 +173,15 @@ def test_mxfp4_checkpoint_in_gpt_oss_layout_loads(tmp_path):
             config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
                 "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
         (d / "config.json").write_text(json.dumps(config))
+    return mx, ref_dir
+
+
+def test_mxfp4_checkpoint_in_gpt_oss_layout_loads(tmp_path):
+    """A GPT-OSS checkpoint whose experts are MXFP4 as published loads through the
+    `mxfp4_checkpoint` format and gives transformers' logits for the same (dequantized) weights."""
+    from mistralrs.loading import load_model
+
+    mx, ref_dir = mxfp4_checkpoint(tmp_path)
     loaded = load_model(mx, dtype=torch.float32)
     experts = loaded.model.model.layers[0].ffn.expert_list[0]
     assert "mxfp4" in experts.gate_proj.quant_method.describe()
@@ -180,3 +191,39 @@ def test_mxfp4_checkpoint_in_gpt_oss_layout_loads(tmp_path):
     with torch.no_grad():
         want = ref(ids[None]).logits[0]
     torch.testing.assert_close(our_logits(loaded, ids), want, atol=1e-4, rtol=1e-4)
+
+
+def assert_mxfp4_gguf_matches(mx, gguf_path, *, logits: bool = True):
+    """The GGUF file of an MXFP4 checkpoint keeps the experts' MXFP4 blocks (ggml's layout): the same
+    expert weights as the checkpoint loaded from safetensors, and (`logits`: a file with the other
+    weights in F32) the same logits."""
+    import gguf as gguf_py
+
+    from mistralrs.gguf.loading import load_gguf
+    from mistralrs.loading import load_model
+
+    types = {t.name: t.tensor_type for t in gguf_py.GGUFReader(gguf_path).tensors}
+    assert types["blk.0.ffn_gate_exps.weight"] == gguf_py.GGMLQuantizationType.MXFP4, types
+    assert types["blk.0.ffn_down_exps.weight"] == gguf_py.GGMLQuantizationType.MXFP4
+    ref, got = load_model(mx, dtype=torch.float32), load_gguf(gguf_path, dtype=torch.float32)
+    for layer in (0, 1):
+        for e in range(4):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                a = getattr(ref.model.model.layers[layer].ffn.expert_list[e], proj)
+                b = getattr(got.model.model.layers[layer].ffn.expert_list[e], proj)
+                assert "mxfp4" in b.quant_method.describe().lower(), b.quant_method.describe()
+                assert torch.equal(a.quant_method.dequantize(a), b.quant_method.dequantize(b)), (layer, e, proj)
+                assert torch.equal(a.bias, b.bias)
+    if logits:
+        ids = torch.randint(0, 320, (16,), generator=torch.Generator().manual_seed(3))
+        torch.testing.assert_close(our_logits(got, ids), our_logits(ref, ids), atol=1e-5, rtol=1e-5)
+    got.gguf.close()
+
+
+def test_mxfp4_checkpoint_as_gguf(tmp_path):
+    """llama.cpp's converter writes a GPT-OSS MXFP4 checkpoint's experts as MXFP4 blocks (the F32
+    file: everything else F32); that file loads into the same experts."""
+    from tests.helpers.gguf_writer import write_gguf
+
+    mx, _ = mxfp4_checkpoint(tmp_path)
+    assert_mxfp4_gguf_matches(mx, write_gguf(mx, tmp_path / "mxfp4.gguf", outtype="f32"))

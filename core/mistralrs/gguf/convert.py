@@ -35,6 +35,11 @@ class TensorPart:
     hf_name: str
     gguf_name: str
     transform: Transform | None = None
+    # A tensor made from several GGUF tensors (DeepSeek's kv_b_proj from attn_k_b and attn_v_b):
+    # `gguf_name` and then `also`, each read as floats (block types dequantized), go to `combine`
+    # in that order; the result is a float tensor (`transform` is not used).
+    also: tuple[str, ...] = ()
+    combine: Callable[[list[Any]], Any] | None = None
 
 
 @attrs.define

@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -120,8 +121,9 @@ class _Parts:
         self.gguf = gguf
 
     def info(self, target: str) -> GgufTensorInfo | None:
+        """The GGUF tensor a parameter loads as it is (None: absent, or combined into floats)."""
         part = self.by_target.get(target)
-        return self.gguf.tensors[part.gguf_name] if part is not None else None
+        return self.gguf.tensors[part.gguf_name] if part is not None and not part.also else None
 
 
 def _assign_quant_methods(model: Any, parts: _Parts, registry: Any, dtype: Any) -> None:
@@ -167,6 +169,23 @@ def _read_part(gguf: GgufModel, part: TensorPart, cache: dict[str, Any]) -> Any:
     if info.is_plain:
         return data
     return GgmlBlocks(data, info.ggml_type, shape)
+
+
+def _combined(gguf: GgufModel, part: TensorPart, cache: dict[str, Any], to_float: Callable[[Any, Any], Any]) -> Any:
+    """A part made from several GGUF tensors: each as floats (whole rows dequantized), combined."""
+    from mistralrs.nn.quantized import GgmlBlocks
+
+    values = []
+    for name in (part.gguf_name, *part.also):
+        info = gguf.tensors[name]
+        data = _read_part(gguf, TensorPart(part.hf_name, name), cache)
+        if isinstance(data, GgmlBlocks):  # dequantize as one [rows, inner] matrix, then the real shape
+            rows = math.prod(info.shape[:-1])
+            data = to_float(GgmlBlocks(data.data.reshape(rows, -1), info.ggml_type, (rows, info.shape[-1])), info)
+            data = data.reshape(info.shape)
+        values.append(data.float())
+    assert part.combine is not None, f"{part.hf_name}: a part with `also` needs `combine`"
+    return part.combine(values)
 
 
 def _no_mmap() -> bool:
@@ -256,7 +275,10 @@ def load_gguf(
                 info = gguf.tensors[part.gguf_name]
                 target = _map_name(model, part.hf_name)
                 dest = expected.get(target) if target is not None else None
-                value = _read_part(gguf, part, cache)  # a view (or one transformed tensor): cheap
+                if part.also:
+                    value = _combined(gguf, part, cache, to_float)
+                else:
+                    value = _read_part(gguf, part, cache)  # a view (or one transformed tensor): cheap
                 if dest is None or getattr(dest, "weight_loader", None) is None:
                     value = to_float(value, info)
                 yield info.path, part.hf_name, tuple(value.shape), _constant(value)

@@ -14,5 +14,8 @@ def register_architectures(register):
         builder="mistralrs_plugins.models.deepseekv2.model:DeepseekV2ForCausalLM",
         hf_architectures=("DeepseekV2ForCausalLM",),
         model_types=("deepseek_v2",),
+        # llama.cpp's deepseek2 holds V2 and V3 alike; the converter tells them apart
+        gguf_architectures=("deepseek2",),
+        gguf_converter="mistralrs_plugins.models.deepseekv2.gguf:convert",
         description="DeepSeek-V2 (MLA with a compressed latent KV cache, group-limited MoE with shared experts)",
     ))

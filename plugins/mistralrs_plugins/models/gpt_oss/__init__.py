@@ -14,5 +14,7 @@ def register_architectures(register):
         builder="mistralrs_plugins.models.gpt_oss.model:GptOssForCausalLM",
         hf_architectures=("GptOssForCausalLM",),
         model_types=("gpt_oss",),
+        gguf_architectures=("gpt-oss",),
+        gguf_converter="mistralrs_plugins.models.gpt_oss.gguf:convert",
         description="GPT-OSS (attention sinks, sliding/full layers, biased clamped-SwiGLU experts)",
     ))
