@@ -100,53 +100,64 @@ ALWAYS_INLINE inline __m256i fold8(__m512i v) {
 
 // ---- q4_0 / q8_0 ----------------------------------------------------------------------------------------
 
-// MR rows of x against NR rows of W, 4 blocks per step (a last group of fewer blocks is read with masked
-// loads and meets zero activations, so it adds exact zeros). Both formats end up as two 64-byte vectors per
-// row of W and group, the first 16 and the last 16 quants of the 4 blocks (128-bit lane j: block j), so the
-// dot products, scales and accumulation are one code: lane l of block j is the dot product of its quants
-// 4l..4l+3 and 16+4l..16+4l+3, started from the activations' offset for that lane.
-template <int MR, int NR, bool Q4>
-void tile_q0(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
-  constexpr int64_t BB = Q4 ? 18 : 34;
-  constexpr int64_t GB = 128, AB = 128;  // vq and vaux bytes per group and row
+// One row of W's group of 4 blocks, unpacked: the first and last 16 quants of each block as unsigned bytes
+// (q4_0's nibbles; q8_0's quants + 128), the scales as fp32 per lane. FULL: the 4 blocks are all there (plain
+// loads); otherwise `avail` bytes are (masked loads, nothing past them read; the missing blocks meet zero
+// activations, so they add exact zeros).
+template <bool Q4, bool FULL>
+ALWAYS_INLINE inline void unpack_q0(const uint8_t* p, int64_t avail, __m512i ilo, __m512i ihi, __m512i isc,
+                                    __m512i& v0, __m512i& v1, __m512& dw) {
   const __m512i m4 = _mm512_set1_epi8(0x0F);
   const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
-  const __m512i ilo = load_idx(Q4 ? kQ4Quants : kQ8Lo), ihi = load_idx(kQ8Hi);
-  const __m512i isc = load_idx(Q4 ? kQ4Scales : kQ8Scales);
-  const int64_t nb = a.nb, M = a.M;
-  __m512 acc[MR][NR];
-  UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < a.ngroups; ++g) {
-    const int64_t avail = std::min<int64_t>(4, nb - 4 * g) * BB;  // bytes of this group
-    // Every row of W's group, unpacked: the first and last 16 quants of each block as unsigned bytes (q4_0's
-    // nibbles; q8_0's quants + 128), the scales as fp32 per lane.
+  const __m512i z0 = FULL ? _mm512_loadu_si512(p) : load_first(p, std::min<int64_t>(avail, 64));
+  __m512i z1;
+  if constexpr (Q4) {
+    z1 = FULL ? _mm512_castsi128_si512(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 64)))
+              : load_first(p + 64, avail - 64);
+  } else {
+    z1 = FULL ? _mm512_loadu_si512(p + 64) : load_first(p + 64, avail - 64);
+  }
+  dw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi16(z0, isc, z1)));
+  if constexpr (Q4) {
+    const __m512i nib = _mm512_permutex2var_epi16(z0, ilo, z1);
+    v0 = _mm512_and_si512(nib, m4);
+    v1 = _mm512_and_si512(_mm512_srli_epi16(nib, 4), m4);
+  } else {  // the last 16 quants from the 128 bytes at byte 8 (the group's 136 bytes end there)
+    const __m512i z2 = FULL ? _mm512_loadu_si512(p + 8) : load_first(p + 8, std::min<int64_t>(avail - 8, 64));
+    const __m512i z3 = FULL ? _mm512_loadu_si512(p + 72) : load_first(p + 72, avail - 72);
+    v0 = _mm512_xor_si512(_mm512_permutex2var_epi16(z0, ilo, z1), sign);
+    v1 = _mm512_xor_si512(_mm512_permutex2var_epi16(z2, ihi, z3), sign);
+  }
+}
+
+// One group (4 blocks) of MR rows of x against NR rows of W, added to acc. Lane l of block j is the dot product
+// of its quants 4l..4l+3 and 16+4l..16+4l+3, started from the activations' offset for that lane, times
+// fp32(d_w) * fp32(d_x), one fmadd per vector.
+template <int MR, int NR, bool Q4, bool FULL>
+ALWAYS_INLINE inline void group_q0(const Act& a, int64_t m0, const uint8_t* const* w, int64_t g, int64_t avail,
+                                   __m512i ilo, __m512i ihi, __m512i isc, __m512 (&acc)[MR][NR]) {
+  constexpr int64_t BB = Q4 ? 18 : 34;
+  constexpr int64_t GB = 128, AB = 128;  // vq and vaux bytes per group and row
+  const int8_t* yg = a.vq + (g * a.M + m0) * GB;
+  const uint8_t* ag = a.vaux + g * a.vaux_stride + m0 * AB;
+  if constexpr (MR == 1) {
+    // One row of x (decode): its vectors stay in registers and each row of W is unpacked and used at once, so
+    // that only one row's unpacked vectors are live (all NR of them at once spill).
+    const __m512i y0 = _mm512_load_si512(yg), y1 = _mm512_load_si512(yg + 64);
+    const __m512i c = _mm512_load_si512(ag);
+    const __m512 dx = _mm512_load_ps(ag + 64);
+    UNROLL for (int r = 0; r < NR; ++r) {
+      __m512i v0, v1;
+      __m512 dw;
+      unpack_q0<Q4, FULL>(w[r] + 4 * g * BB, avail, ilo, ihi, isc, v0, v1, dw);
+      const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(c, v0, y0), v1, y1);
+      acc[0][r] = _mm512_fmadd_ps(_mm512_mul_ps(dw, dx), _mm512_cvtepi32_ps(s), acc[0][r]);
+    }
+  } else {
+    // Several rows of x: every row of W's group unpacked once, then used for each row of x.
     __m512i v0[NR], v1[NR];
     __m512 dw[NR];
-    UNROLL for (int r = 0; r < NR; ++r) {
-      const uint8_t* p = w[r] + 4 * g * BB;
-      const bool full = avail == 4 * BB;
-      const __m512i z0 = full ? _mm512_loadu_si512(p) : load_first(p, std::min<int64_t>(avail, 64));
-      __m512i z1;
-      if constexpr (Q4) {
-        z1 = full ? _mm512_castsi128_si512(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 64)))
-                  : load_first(p + 64, avail - 64);
-      } else {
-        z1 = full ? _mm512_loadu_si512(p + 64) : load_first(p + 64, avail - 64);
-      }
-      dw[r] = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi16(z0, isc, z1)));
-      if constexpr (Q4) {
-        const __m512i nib = _mm512_permutex2var_epi16(z0, ilo, z1);
-        v0[r] = _mm512_and_si512(nib, m4);
-        v1[r] = _mm512_and_si512(_mm512_srli_epi16(nib, 4), m4);
-      } else {  // the last 16 quants from the 128 bytes at byte 8 (the group's 136 bytes end there)
-        const __m512i z2 = full ? _mm512_loadu_si512(p + 8) : load_first(p + 8, std::min<int64_t>(avail - 8, 64));
-        const __m512i z3 = full ? _mm512_loadu_si512(p + 72) : load_first(p + 72, avail - 72);
-        v0[r] = _mm512_xor_si512(_mm512_permutex2var_epi16(z0, ilo, z1), sign);
-        v1[r] = _mm512_xor_si512(_mm512_permutex2var_epi16(z2, ihi, z3), sign);
-      }
-    }
-    const int8_t* yg = a.vq + (g * M + m0) * GB;
-    const uint8_t* ag = a.vaux + g * a.vaux_stride + m0 * AB;
+    UNROLL for (int r = 0; r < NR; ++r) unpack_q0<Q4, FULL>(w[r] + 4 * g * BB, avail, ilo, ihi, isc, v0[r], v1[r], dw[r]);
     UNROLL for (int m = 0; m < MR; ++m) {
       const int8_t* y = yg + m * GB;
       const int32_t* c = reinterpret_cast<const int32_t*>(ag + m * AB);  // offsets, then the scales
@@ -158,6 +169,21 @@ void tile_q0(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
       }
     }
   }
+}
+
+// MR rows of x against NR rows of W, 4 blocks per step: the full groups, then a last group of fewer blocks.
+// Both formats end up as two 64-byte vectors per row of W and group, the first 16 and the last 16 quants of the
+// 4 blocks (128-bit lane j: block j), so the dot products, scales and accumulation are one code.
+template <int MR, int NR, bool Q4>
+void tile_q0(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
+  constexpr int64_t BB = Q4 ? 18 : 34;
+  const __m512i ilo = load_idx(Q4 ? kQ4Quants : kQ8Lo), ihi = load_idx(kQ8Hi);
+  const __m512i isc = load_idx(Q4 ? kQ4Scales : kQ8Scales);
+  __m512 acc[MR][NR];
+  UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
+  const int64_t full = a.nb / 4;
+  for (int64_t g = 0; g < full; ++g) group_q0<MR, NR, Q4, true>(a, m0, w, g, 4 * BB, ilo, ihi, isc, acc);
+  if (full < a.ngroups) group_q0<MR, NR, Q4, false>(a, m0, w, full, (a.nb - 4 * full) * BB, ilo, ihi, isc, acc);
   UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int r = 0; r < NR; ++r) out[m * NR + r] = hsum16(acc[m][r]);
 }
 
