@@ -17,6 +17,12 @@ lfm2_moe - conv / attention / conv / conv, layer 0 dense (``num_dense_layers``),
   sigmoid-routed experts chosen with a non-zero ``expert_bias``, renormalised, scaled 2.0;
 lfm2_moe_nobias_fused - attention in layers 1 and 3, no dense layer, no expert bias, no
   renormalisation, the fused expert layout, conv kernel 4 with biases, an untied head.
+
+Top-k routing on these tiny random models is fragile: an expert flip that bf16 or 8-bit
+activations cause at a near-tie is carried to later positions by the conv and attention layers
+(transformers' own bf16 run is then 0.5-3 logits off its fp32 one). The lfm2_moe cases are drawn
+so that no such flip happens on the suite's prompts (routed_scaling_factor 0.5; seed 5 for the
+second case: seeds 1-3 flipped under bf16 or q8_0 while fp32 parity held).
 """
 
 from __future__ import annotations
@@ -77,7 +83,7 @@ def _hunyuan_moe(p, *, fused=False, **kw):
 
 def _lfm2_moe(p, *, fused=False, **kw):
     kw = {"intermediate_size": 96, "moe_intermediate_size": 32, "num_hidden_layers": 4, "num_experts": 8,
-          "num_experts_per_tok": 2, "num_dense_layers": 1, "routed_scaling_factor": 2.0,
+          "num_experts_per_tok": 2, "num_dense_layers": 1, "routed_scaling_factor": 0.5,
           "layer_types": ["conv", "full_attention", "conv", "conv"], **kw}
     path, hf = make_tiny_hf_model(transformers.Lfm2MoeConfig, transformers.Lfm2MoeForCausalLM, p, **kw)
     if hf.config.use_expert_bias:  # a buffer: randomize_ left it at zero
@@ -100,7 +106,8 @@ CASES = {
     "lfm2_moe": lambda p: _lfm2_moe(p),
     "lfm2_moe_nobias_fused": lambda p: _lfm2_moe(
         p, fused=True, use_expert_bias=False, norm_topk_prob=False, num_dense_layers=0,
-        layer_types=["conv", "full_attention", "conv", "full_attention"], conv_L_cache=4, conv_bias=True, tie_word_embeddings=False, seed=1),
+        layer_types=["conv", "full_attention", "conv", "full_attention"], conv_L_cache=4, conv_bias=True,
+        tie_word_embeddings=False, seed=5),
 }
 
 tiny = tiny_fixture(CASES)
