@@ -27,9 +27,10 @@ from mistralrs.parsing import (
     select_tool_parser,
 )
 from mistralrs.plugins import PluginHost
-from mistralrs_plugins.parsers import deepseek, hermes, json_fallback, liquid, llama3, mistral, think
+from mistralrs_plugins.parsers import deepseek, hermes, hunyuan, json_fallback, liquid, llama3, mistral, think
 from mistralrs_plugins.parsers.deepseek.parser import DeepSeekToolParser
 from mistralrs_plugins.parsers.hermes.parser import HermesToolParser
+from mistralrs_plugins.parsers.hunyuan.parser import HunyuanToolParser
 from mistralrs_plugins.parsers.json_fallback.parser import JsonToolParser
 from mistralrs_plugins.parsers.liquid.parser import LiquidToolParser
 from mistralrs_plugins.parsers.llama3.parser import Llama3ToolParser
@@ -44,6 +45,7 @@ PARSERS: dict[str, type[ToolCallParser]] = {
     "deepseek": DeepSeekToolParser,
     "json": JsonToolParser,
     "liquid": LiquidToolParser,
+    "hunyuan": HunyuanToolParser,
 }
 REGISTRATION_MODULES = {
     "parser_hermes": hermes,
@@ -52,6 +54,7 @@ REGISTRATION_MODULES = {
     "parser_deepseek": deepseek,
     "parser_json": json_fallback,
     "parser_liquid": liquid,
+    "parser_hunyuan": hunyuan,
     "reasoning_think": think,
 }
 
@@ -105,6 +108,21 @@ SAMPLES: list[tuple[str, str, str, list[tuple[str, dict]]]] = [
         "",
         [("get_weather", {"city": "Oslo"})],
     ),
+    # --- HunYuan ------------------------------------------------------------------------------
+    (
+        "hunyuan",
+        'Let me look both up.\n<tool_calls>[{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+        '{"name": "get_weather", "arguments": {"city": "Zürich"}}]</tool_calls>',
+        "Let me look both up.",
+        [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Zürich"})],
+    ),
+    (
+        "hunyuan",  # a single object, arguments as a JSON string, the closing tag cut off at the end
+        '<tool_calls>{"name": "add", "arguments": "{\\"a\\": 1}"}',
+        "",
+        [("add", {"a": 1})],
+    ),
+    ("hunyuan", "No tools needed.", "No tools needed.", []),
     # --- Liquid (LFM2 / LFM2.5) ---------------------------------------------------------
     (
         "liquid",
@@ -248,6 +266,9 @@ MALFORMED: list[tuple[str, str]] = [
     ("hermes", '<tool_call>{"name": "f", "arguments": "not json"}</tool_call>'),
     ("hermes", '<tool_call>{"name": "f", "arguments": {"x": NaN}}</tool_call>'),
     ("hermes", 'Use <tool_call> tags like <tool_call>this</tool_call>.'),
+    ("hunyuan", '<tool_calls>[{"name": "f", "arguments": {"a": 1}]</tool_calls>'),
+    ("hunyuan", '<tool_calls>[{"name": "f", "arguments": {}}] trailing</tool_calls>'),
+    ("hunyuan", "<tool_calls>not json</tool_calls>"),
     ("liquid", "<|tool_call_start|>[f(1, 2)]<|tool_call_end|>"),  # positional arguments
     ("liquid", "<|tool_call_start|>[f(a=open('x'))]<|tool_call_end|>"),  # not a literal
     ("liquid", "<|tool_call_start|>f(a=1)<|tool_call_end|>"),  # not a list
@@ -568,7 +589,7 @@ def registry():
 
 
 def test_parsers_register_through_a_plugin_host(registry):
-    assert registry.tool_parsers.names() == ["deepseek", "hermes", "json", "liquid", "llama3", "mistral"]
+    assert registry.tool_parsers.names() == ["deepseek", "hermes", "hunyuan", "json", "liquid", "llama3", "mistral"]
     assert registry.reasoning_parsers.names() == ["think"]
     for name, cls in PARSERS.items():
         parser = make_tool_parser(registry.tool_parsers.get(name))
@@ -584,7 +605,7 @@ def test_first_party_entry_points_when_installed():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         registry = PluginHost().registry()
-    assert {"hermes", "llama3", "mistral", "deepseek", "json", "liquid"} <= set(registry.tool_parsers.names())
+    assert {"hermes", "hunyuan", "llama3", "mistral", "deepseek", "json", "liquid"} <= set(registry.tool_parsers.names())
     assert "think" in registry.reasoning_parsers.names()
 
 

@@ -142,6 +142,12 @@ CASES = [
     Case("stablelm2-partial0.25", "stablelm", "StableLmRotaryEmbedding", "StableLmConfig",
          dict(model_type="stablelm", hidden_size=2048, num_attention_heads=32, num_key_value_heads=32,
               max_position_embeddings=4096, partial_rotary_factor=0.25, rope_theta=10000), 64, split=True),
+    # Hunyuan-7B / A13B: "dynamic" with an alpha is NTK-alpha (a fixed stretched base)
+    Case("hunyuan-7b-ntk-alpha", "hunyuan_v1_dense", "HunYuanDenseV1RotaryEmbedding", "HunYuanDenseV1Config",
+         dict(model_type="hunyuan_v1_dense", hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
+              head_dim=128, max_position_embeddings=32768, rope_theta=10000.0,
+              rope_scaling={"alpha": 1000.0, "beta_fast": 32, "beta_slow": 1, "factor": 1.0, "mscale": 1.0,
+                            "mscale_all_dim": 1.0, "type": "dynamic"}), 128),
     Case("glm4-9b-interleaved-partial0.5", "glm4", "Glm4RotaryEmbedding", "Glm4Config",
          dict(model_type="glm4", hidden_size=4096, num_attention_heads=32, num_key_value_heads=2,
               head_dim=128, max_position_embeddings=32768, partial_rotary_factor=0.5,

@@ -20,8 +20,8 @@ from mistralrs.nn.norm import RMSNorm
 class Attention(nn.Module):
     """Multi-head / grouped-query attention.
 
-    qk_norm: None, "head" (RMSNorm over each head's dim, Qwen3/Gemma3) or "full" (RMSNorm over
-    the whole q/k projection, OLMo2). `scale` defaults to head_dim ** -0.5 (Gemma2: pass
+    qk_norm: None, "head" (RMSNorm over each head's dim, Qwen3/Gemma3), "head_post_rope" (the
+    same after the rotary, HunYuan) or "full" (RMSNorm over the whole q/k projection, OLMo2). `scale` defaults to head_dim ** -0.5 (Gemma2: pass
     query_pre_attn_scalar ** -0.5). `rotary` is shared between layers and not registered as a
     submodule here (the model owns it, as HF's ``model.rotary_emb``).
     """
@@ -67,7 +67,7 @@ class Attention(nn.Module):
         setattr(self, v, Linear(hidden_size, self.num_kv_heads * self.v_head_dim, bias=qkv_bias))
         setattr(self, o, Linear(self.num_heads * self.v_head_dim, hidden_size, bias=o_bias))
         self.qk_norm = qk_norm
-        if qk_norm == "head":
+        if qk_norm in ("head", "head_post_rope"):
             self.q_norm = RMSNorm(self.head_dim, qk_norm_eps, add_unit_offset=qk_norm_unit_offset, device=device, registry=registry)
             self.k_norm = RMSNorm(self.head_dim, qk_norm_eps, add_unit_offset=qk_norm_unit_offset, device=device, registry=registry)
         elif qk_norm == "full":
@@ -76,7 +76,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.num_kv_heads * self.head_dim, qk_norm_eps, add_unit_offset=qk_norm_unit_offset,
                                   device=device, registry=registry)
         elif qk_norm is not None:
-            raise ValueError(f"qk_norm must be None, 'head' or 'full', not {qk_norm!r}")
+            raise ValueError(f"qk_norm must be None, 'head', 'head_post_rope' or 'full', not {qk_norm!r}")
         object.__setattr__(self, "rotary", rotary)
         # GPT-OSS: a learned logit per query head in every softmax's denominator (`attend(sinks=)`)
         self.sinks = nn.Parameter(torch.empty(self.num_heads), requires_grad=False) if sinks else None
@@ -117,6 +117,8 @@ class Attention(nn.Module):
         if self.rotary is not None:
             # set with object.__setattr__, so mypy sees nn.Module.__getattr__'s Tensor | Module
             q, k = cast(nn.Module, self.rotary)(q, k, positions)
+        if self.qk_norm == "head_post_rope":
+            q, k = self.q_norm(q), self.k_norm(k)
         out = batch.backend.attend(
             self.layer_idx, q, k, v, batch,
             scale=self.scale, sliding_window=self.sliding_window, softcap=self.softcap,

@@ -96,7 +96,7 @@ class DecoderSettings:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
-    qk_norm: str | None = None  # None | "head" | "full"
+    qk_norm: str | None = None  # None | "head" | "head_post_rope" | "full"
     norm_unit_offset: bool = False  # Gemma's (1 + w)
     sliding_windows: list[int | None] = attrs.field(factory=list)
     attn_scale: float | None = None

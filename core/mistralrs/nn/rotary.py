@@ -1,6 +1,8 @@
 """Rotary position embeddings (RoPE) and every HF ``rope_scaling`` flavour the supported
-text families use: ``default``, ``linear``, ``dynamic`` (dynamic NTK), ``yarn``, ``longrope``
-(Phi-3 / Phi-4, also spelled ``su``) and ``llama3``.
+text families use: ``default``, ``linear``, ``dynamic`` (dynamic NTK), ``ntk_alpha`` (HunYuan:
+a "dynamic" config with an ``alpha``, which fixes the base at ``theta * alpha ** (d / (d - 2))``,
+whatever the length, as transformers' HunYuan rotary does), ``yarn``, ``longrope`` (Phi-3 /
+Phi-4, also spelled ``su``) and ``llama3``.
 
 The inverse frequencies are computed with exactly the float32 operations transformers'
 ``modeling_rope_utils`` uses (same operand order, same dtypes), and the angles as
@@ -53,7 +55,8 @@ __all__ = [
     "resolve_rope_parameters",
 ]
 
-SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "dynamic", "yarn", "longrope", "llama3", "freq_factors")
+SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "dynamic", "ntk_alpha", "yarn", "longrope", "llama3",
+                                         "freq_factors")
 
 # transformers' family defaults, applied when config.json omits the key (as HF's config classes do).
 _DEFAULT_THETA = {"smollm3": 2_000_000.0}
@@ -66,6 +69,7 @@ _REQUIRED_KEYS = {
     "default": (),
     "linear": ("factor",),
     "dynamic": ("factor",),
+    "ntk_alpha": ("alpha",),
     "yarn": (),  # factor falls back to max_position_embeddings / original_max_position_embeddings
     "longrope": ("short_factor", "long_factor"),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
@@ -139,6 +143,8 @@ def resolve_rope_parameters(config: dict, *, layer_type: str | None = None) -> d
         rope_type = "longrope"
     if rope_type == "mrope":  # Qwen2-VL's name for default frequencies with an mrope_section
         rope_type = "default"
+    if rope_type == "dynamic" and params.get("alpha"):  # HunYuan's checkpoints label ntk_alpha "dynamic"
+        rope_type = "ntk_alpha"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise _err(
             f"unsupported rope type '{rope_type}' in config.json {source_key}; "
@@ -252,6 +258,11 @@ def _dynamic(p: dict, dim: int, mpe: int | None, seq_len: int | None) -> tuple[t
     return inv_freq, 1.0
 
 
+def _ntk_alpha(p: dict, dim: int, mpe: int | None, seq_len: int | None) -> tuple[torch.Tensor, float]:
+    alpha = _as_number(p["alpha"], "rope alpha")
+    return _default_inv_freq(p["rope_theta"] * alpha ** (dim / (dim - 2)), dim), 1.0
+
+
 def _yarn(p: dict, dim: int, mpe: int | None, seq_len: int | None) -> tuple[torch.Tensor, float]:
     base = p["rope_theta"]
     factor = p.get("factor")
@@ -360,6 +371,7 @@ _INIT_FUNCTIONS: dict[str, Callable[[dict, int, int | None, int | None], tuple[t
     "default": _default,
     "linear": _linear,
     "dynamic": _dynamic,
+    "ntk_alpha": _ntk_alpha,
     "yarn": _yarn,
     "longrope": _longrope,
     "llama3": _llama3,
