@@ -56,6 +56,26 @@ def test_registers_every_op_for_cpu_only(monkeypatch):
     assert all(spec.is_supported(device="cpu") == cpu_native.has_avx512_bf16() for spec in specs)
 
 
+def test_cpu_features_off_makes_every_plugin_pick_as_on_a_cpu_without_them(monkeypatch):
+    """MISTRALRS_CPU_FEATURES_OFF (one flag list for every native plugin): with avx512f off, an AVX-512 CPU
+    gets the AVX2 kernels, as an AVX2-only machine would (how the benchmarks compare instruction sets)."""
+    from mistralrs_plugins.kernels import cpu_quant, native_build
+
+    real = native_build.cpu_flags()
+    monkeypatch.setenv(native_build.CPU_FEATURES_OFF_ENV, " AVX512F, amx_tile ")
+    native_build.cpu_flags.cache_clear()
+    try:
+        assert native_build.cpu_flags() == real - {"avx512f", "amx_tile"}
+        assert cpu_native.cpu_flags is native_build.cpu_flags  # one reading of /proc/cpuinfo
+        assert not cpu_native.has_avx512_bf16() and not cpu_native.has_amx_bf16()
+        assert not cpu_quant.has_avx512_vnni()
+        assert cpu_quant.has_avx2() == ({"avx2", "fma", "f16c"} <= real and native_build.is_x86_64())
+    finally:
+        monkeypatch.delenv(native_build.CPU_FEATURES_OFF_ENV)
+        native_build.cpu_flags.cache_clear()
+    assert native_build.cpu_flags() == real
+
+
 def test_torch_reference_is_registered_and_is_f_linear():
     from mistralrs.plugins import get_registry
     from mistralrs.specs import resolve

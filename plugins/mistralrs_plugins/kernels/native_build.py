@@ -36,6 +36,7 @@ from typing import TypeVar
 log = logging.getLogger(__name__)
 
 DISABLE_ENV = "MISTRALRS_NO_NATIVE_KERNELS"
+CPU_FEATURES_OFF_ENV = "MISTRALRS_CPU_FEATURES_OFF"
 BUILD_LOCK_TIMEOUT_S = 900.0
 
 T = TypeVar("T")
@@ -56,15 +57,21 @@ def is_x86_64() -> bool:
 
 @functools.lru_cache(maxsize=1)
 def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags of the first processor in /proc/cpuinfo (empty when unreadable)."""
+    """The CPU feature flags of the first processor in /proc/cpuinfo (empty when unreadable), minus those
+    named in ``MISTRALRS_CPU_FEATURES_OFF`` (comma-separated /proc/cpuinfo names: ``avx512f`` makes every
+    plugin pick what it picks on an AVX2-only CPU, ``amx_tile`` the AVX-512 kernels on a CPU with AMX;
+    to compare instruction sets on one machine)."""
+    flags: frozenset[str] = frozenset()
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return frozenset(line.partition(":")[2].split())
+                    flags = frozenset(line.partition(":")[2].split())
+                    break
     except OSError:
         pass
-    return frozenset()
+    off = {f.strip().lower() for f in os.environ.get(CPU_FEATURES_OFF_ENV, "").split(",") if f.strip()}
+    return flags - off
 
 
 def cache_root() -> Path:

@@ -19,39 +19,15 @@ Set ``MISTRALRS_NO_NATIVE_KERNELS=1`` to never claim a device (and never build).
 
 from __future__ import annotations
 
-import functools
-import os
-import platform
-
 from mistralrs import hookimpl
 from mistralrs.specs import KernelSpec
+from mistralrs_plugins.kernels.native_build import DISABLE_ENV, cpu_flags, is_x86_64, native_disabled
 
-DISABLE_ENV = "MISTRALRS_NO_NATIVE_KERNELS"
-
-
-def native_disabled() -> bool:
-    """True when ``MISTRALRS_NO_NATIVE_KERNELS`` is set to anything but ``""``/``0``."""
-    return os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no")
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags of the first processor in /proc/cpuinfo (empty when unreadable)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.partition(":")[2].split())
-    except OSError:
-        pass
-    return frozenset()
+__all__ = ["DISABLE_ENV", "cpu_flags", "has_amx_bf16", "has_avx512_bf16", "native_disabled", "register_kernels"]
 
 
 def has_avx512_bf16() -> bool:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    flags = cpu_flags()
-    return {"avx512f", "avx512bw", "avx512_bf16"} <= flags
+    return is_x86_64() and {"avx512f", "avx512bw", "avx512_bf16"} <= cpu_flags()
 
 
 def supports_avx512_bf16(device: str = "cpu", **_context: object) -> bool:
