@@ -471,22 +471,72 @@ def test_paged_attention_prefill_fp8_cache(attn, gen, dtype):
         close(attn.paged_attention_prefill(q, k8, v8, tables, lens, starts, 4, 0.01, window, None, sinks), want)
 
 
-def test_paged_backend_with_the_triton_kernels(attn):
-    """The paged backend with the Triton decode and prefill kernels (what it selects on cuda) matches the
-    reference backend over a prefill-only and a mixed step."""
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float8_e4m3fn])
+def test_paged_backend_with_the_triton_kernels(attn, cache_dtype):
+    """The paged backend with the Triton decode, prefill and KV-write kernels (what it selects on cuda)
+    matches the reference backend over a prefill-only and a mixed step, sinks included; an fp8 cache
+    too (written by the Triton fp8 write, read by the kernels)."""
     from mistralrs.attention import KVCacheShape
     from mistralrs_plugins.attention.paged.backend import PagedBackend
     from mistralrs_plugins.attention.sdpa.backend import SdpaBackend
     from tests.plugins.test_attention_sdpa import run_prefill_then_mixed
 
-    shape = KVCacheShape(num_layers=1, num_kv_heads=2, head_dim=8, num_blocks=32, block_size=4, dtype=torch.float32)
-    paged = PagedBackend(shape)
-    paged.decode_kernel, paged.prefill_kernel = attn.paged_attention_decode, attn.paged_attention_prefill
-    for window, softcap in ((None, None), (5, 20.0)):
-        want, _ = run_prefill_then_mixed(SdpaBackend(shape), window=window, softcap=softcap)
-        got, _ = run_prefill_then_mixed(paged, window=window, softcap=softcap)
+    shape = KVCacheShape(num_layers=1, num_kv_heads=2, head_dim=8, num_blocks=32, block_size=4, dtype=cache_dtype)
+    for window, softcap, sinks in ((None, None, None), (5, 20.0, torch.tensor([0.5, -1.0, 2.0, 0.0]))):
+        paged = PagedBackend(shape)
+        paged.decode_kernel, paged.prefill_kernel = attn.paged_attention_decode, attn.paged_attention_prefill
+        paged.write = attn.kv_cache_write
+        want, _ = run_prefill_then_mixed(SdpaBackend(shape), window=window, softcap=softcap, sinks=sinks)
+        got, _ = run_prefill_then_mixed(paged, window=window, softcap=softcap, sinks=sinks)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+# -- kv_cache_write (fp8) -----------------------------------------------------------------------------
+def written(attn, x: torch.Tensor, slots: torch.Tensor | None = None, n_slots: int | None = None) -> torch.Tensor:
+    slots = torch.arange(x.shape[0]) if slots is None else slots
+    cache = torch.zeros(n_slots or x.shape[0], *x.shape[1:], dtype=torch.float8_e4m3fn)
+    attn.kv_cache_write(cache, slots, x)
+    return cache.view(torch.uint8)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN inputs in numpy
+def test_kv_cache_write_fp8_every_bf16_value(attn):
+    # All 65536 bf16 bit patterns (NaNs, infinities, subnormals, out of range): torch's cast, byte for byte.
+    x = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).view(128, 4, 128)
+    assert torch.equal(written(attn, x), x.to(torch.float8_e4m3fn).view(torch.uint8))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN inputs in numpy
+def test_kv_cache_write_fp8_rounding_of_fp32(attn, gen):
+    # fp32 values at every scale of the format (the 20 dropped bits round to nearest even), ties, the edges.
+    edges = [448.0, 463.99, 464.0, 464.01, 479.99, 480.0, 1e30, float("inf"), float("nan"), 2.0 ** -6,
+             2.0 ** -6 * (1 - 2 ** -20), 2.0 ** -10, 3 * 2.0 ** -10, 5 * 2.0 ** -11, 2.0 ** -9 * 1.5, 1e-30, 0.0,
+             1.0625, 1.1875, 17.0, 18.0, 19.0]
+    x = torch.tensor(edges + [-e for e in edges])
+    x = torch.cat([x, randn(gen, 4096 - x.numel()) * torch.pow(2.0, torch.randint(-14, 10, (4096 - x.numel(),),
+                                                                                       generator=gen).float())])
+    x = x.view(64, 2, 32)
+    assert torch.equal(written(attn, x), x.to(torch.float8_e4m3fn).view(torch.uint8))
+
+
+def test_kv_cache_write_fp8_into_slots(attn, gen):
+    # Scattered slots, a strided x (k of a fused qkv), heads not a power of two; an empty step writes nothing.
+    qkv = randn(gen, 5, 3 * 6 * 24, dtype=torch.bfloat16, scale=50.0)
+    k = qkv[:, 6 * 24: 2 * 6 * 24].view(5, 6, 24)[:, :5]
+    slots = torch.tensor([7, 0, 12, 3, 9])
+    cache = written(attn, k, slots, 16)
+    want = torch.zeros(16, 5, 24, dtype=torch.float8_e4m3fn)
+    torch_ops.kv_cache_write(want, slots, k)
+    assert torch.equal(cache, want.view(torch.uint8))
+    assert not written(attn, torch.empty(0, 5, 24), torch.empty(0, dtype=torch.long), 4).any()
+
+
+def test_kv_cache_write_other_caches_are_the_reference(attn, gen):
+    x = randn(gen, 3, 2, 8)
+    cache = torch.zeros(6, 2, 8, dtype=torch.bfloat16)
+    attn.kv_cache_write(cache, torch.tensor([5, 1, 2]), x)
+    assert torch.equal(cache[[5, 1, 2]], x.to(torch.bfloat16))
 
 
 # -- moe_experts --------------------------------------------------------------------------------------

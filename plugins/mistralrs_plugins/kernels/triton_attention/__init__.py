@@ -18,6 +18,7 @@ OPS = {
     "paged_attention_decode": "paged decode attention (split-K, GQA, sliding window, softcap; K/V read in place)",
     "paged_attention_prefill": "paged prefill attention (flash tiles per sequence chunk over cached context, causal, "
                                "GQA, sliding window, softcap, sinks; K/V read in place)",
+    "kv_cache_write": "fp8 E4M3 KV-cache write (the cast to fp8 fused with the scatter into the slots)",
 }
 
 

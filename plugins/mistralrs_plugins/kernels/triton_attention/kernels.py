@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from mistralrs.nn import torch_ops
-from mistralrs_plugins.kernels.triton_fp8 import e4m3_to_f32
+from mistralrs_plugins.kernels.triton_fp8 import e4m3_to_f32, f32_to_e4m3
 from mistralrs_plugins.kernels.triton_support import interpreter_mode, runs_here
 
 PREFILL_BLOCK_M = 32
@@ -330,3 +330,34 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(dv)),
     )
     return out
+
+
+@triton.jit
+def _write_fp8(x_ptr, slots_ptr, c_ptr, x_st, x_sh, c_st, c_sh, n_heads, head_dim,
+               BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    hh = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    m = (hh < n_heads)[:, None] & (d < head_dim)[None, :]
+    slot = tl.load(slots_ptr + t).to(tl.int64)
+    x = tl.load(x_ptr + t * x_st + hh[:, None] * x_sh + d[None, :], mask=m, other=0.0).to(tl.float32)
+    tl.store(c_ptr + slot * c_st + hh[:, None] * c_sh + d[None, :], f32_to_e4m3(x).to(tl.uint8), mask=m)
+
+
+def kv_cache_write(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
+    """The reference's signature (`torch_ops.kv_cache_write`). An fp8 E4M3 cache in one launch: each new
+    row converted as torch's cast does (`triton_fp8.f32_to_e4m3`) and stored in its slot, where the reference
+    makes a converted copy and then scatters it. Other caches (a plain scatter) go to the reference."""
+    if (cache.dtype != FP8 or not runs_here(cache, slots, x) or x.dtype not in DTYPES or x.dim() != 3
+            or cache.dim() != 3 or x.shape[1:] != cache.shape[1:] or slots.dim() != 1
+            or slots.shape[0] != x.shape[0] or x.stride(-1) != 1 or cache.stride(-1) != 1):
+        torch_ops.kv_cache_write(cache, slots, x)
+        return
+    T, H, D = x.shape
+    if T == 0:
+        return
+    block_h = max(1, min(triton.next_power_of_2(H), 4096 // triton.next_power_of_2(D)))
+    _write_fp8[(T, triton.cdiv(H, block_h))](
+        x, slots, cache.view(torch.uint8), x.stride(0), x.stride(1), cache.stride(0), cache.stride(1), H, D,
+        BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(D),
+    )
