@@ -10,11 +10,16 @@ Decode: two kernels, split-K (flash-decoding):
    ``tl.dot`` of ``[group, D] x [D, BLOCK_N]``, the group padded to 16 rows), softcapped, and folded into
    an online softmax. All of it in fp32 (full-precision dots: decode reads each K/V byte once, so it is
    bound by memory, not by the multiplies; and bf16 dots are not exact in the interpreter). It writes its normalized partial output and log-sum-exp.
-2. ``_decode_reduce``, grid (sequences, query heads): the splits' outputs weighted by ``exp(lse - max)``.
+2. ``_decode_reduce``, grid (sequences, query heads): the splits' outputs weighted by ``exp(lse - max)``;
+   attention sinks (GPT-OSS) are one more term of the denominator here, with no value.
 
 The number of splits comes from the block table's width (``W * block_size`` positions, no device sync):
-one split per `SPLIT_TOKENS` positions, at most `MAX_SPLITS`. fp8 caches, autograd and devices the
-kernel cannot run on go to the reference.
+one split per `SPLIT_TOKENS` positions, at most `MAX_SPLITS`. Autograd and devices the kernel cannot run
+on go to the reference.
+
+fp8 KV caches (``float8_e4m3fn``, `--pa-cache-type f8e4m3`: plain casts, no scales) are read as bytes and
+widened in registers (`triton_fp8.e4m3_to_f32`, exact) by both attention kernels; ``kv_cache_write``
+(``_write_fp8``) converts each new K/V row as torch's cast does and stores it in its slot in one launch.
 
 Prefill: ``_prefill``, grid (tiles, query heads), flash attention over the paged cache. A tile is up to
 ``PREFILL_BLOCK_M`` consecutive new tokens of one sequence (the tile list is built on the host from
