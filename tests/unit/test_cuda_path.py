@@ -75,6 +75,8 @@ def test_kv_pool_from_the_gpus_free_memory(monkeypatch):
         return (10 * GiB, 24 * GiB)
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
     per_block = 2 * 1024 * 1024
     opts = ServiceOptions(model_id="demo")
     assert kv_cache_blocks(opts, bytes_per_block=per_block, device="cuda", max_model_len=4096) == \
@@ -85,6 +87,17 @@ def test_kv_pool_from_the_gpus_free_memory(monkeypatch):
     opts = ServiceOptions(model_id="demo", pa_memory_mb=300)
     assert kv_cache_blocks(opts, bytes_per_block=per_block, device="cuda", max_model_len=4096) == 150
     assert len(asked) == 2  # --pa-memory-mb does not ask the GPU
+
+
+def test_kv_pool_counts_memory_torch_holds_unused(monkeypatch):
+    # 1 GiB freed while loading stays in torch's caching allocator: the driver counts it used, the pool may take it.
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * GiB, 24 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 7 * GiB)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 6 * GiB)
+    opts = ServiceOptions(model_id="demo", pa_memory_fraction=0.5)
+    assert kv_cache_blocks(opts, bytes_per_block=GiB // 8, device="cuda", max_model_len=4096) == 20
+    assert kv_cache_blocks(opts, bytes_per_block=GiB // 8, device="cuda", max_model_len=4096,
+                           reserved_bytes=GiB) == 12  # a hybrid model's recurrent state comes out first
 
 
 def test_paged_attention_is_the_default_on_cuda():
