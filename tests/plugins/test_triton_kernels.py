@@ -238,7 +238,7 @@ def quantized(gen, qtype, n, k):
     return quantize(qtype, randn(gen, n, k, scale=0.5))
 
 
-@pytest.mark.parametrize("qtype", ["q4_0", "q8_0", "q4k", "q5k", "q6k"])
+@pytest.mark.parametrize("qtype", ["q4_0", "q8_0", "q2k", "q3k", "q4k", "q5k", "q6k"])
 @pytest.mark.parametrize("m,n,k", [(1, 5, None), (3, 40, None), (0, 8, None), (17, 3, "2x")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_qmatmul(quant, gen, qtype, m, n, k, dtype):

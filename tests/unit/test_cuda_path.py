@@ -18,7 +18,8 @@ from mistralrs_plugins.kernels import triton_support
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="these tests are for machines without a GPU")
 GiB = 1024**3
 TRITON_OPS = ("rms_norm", "fused_add_rms_norm", "rotary", "silu_and_mul", "gelu_and_mul", "paged_attention_decode",
-              "paged_attention_prefill", "kv_cache_write", "qmatmul_q4_0", "qmatmul_q8_0", "qmatmul_q4k")
+              "paged_attention_prefill", "kv_cache_write", "qmatmul_q4_0", "qmatmul_q8_0", "qmatmul_q2k",
+              "qmatmul_q3k", "qmatmul_q4k")
 
 
 def test_explicit_cuda_without_a_gpu_is_a_clear_error():
@@ -149,7 +150,7 @@ def test_registering_the_triton_plugins_imports_neither_torch_nor_triton():
             "for m in (triton_norm, triton_rotary, triton_activation, triton_attention, triton_quant, triton_affine,\n"
             "          triton_widen, triton_moe):\n"
             "    m.register_kernels(specs.append)\n"
-            "assert len(specs) == 18, specs\n"
+            "assert len(specs) == 20, specs\n"
             "assert 'torch' not in sys.modules and 'triton' not in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True)
 

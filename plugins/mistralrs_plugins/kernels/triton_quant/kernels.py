@@ -1,11 +1,12 @@
 """Triton dequantize-matmul of GGML blocks: ``qmatmul_<type>(x[..., K], qweight uint8[N, row_bytes], bias,
-*, out_f32=False) -> y[..., N]`` for q4_0, q8_0, q4_K, q5_K and q6_K.
+*, out_f32=False) -> y[..., N]`` for q4_0, q8_0, q2_K, q3_K, q4_K, q5_K and q6_K.
 
 Grid: tiles of ``BLOCK_M`` rows of x by ``BLOCK_N`` output features. Along K, each step gathers the bytes
 of ``BLOCK_K`` weights per feature straight from the block layout (fp16 scales assembled from their two
 bytes, nibbles shifted out, q4_K's 6-bit sub-block scales and mins unpacked), dequantizes them in fp32 as
 the torch reference does (`quant/ggml/formats`: ``(q - 8) * d``, ``q * d``, ``d * sc * q - dmin * m`` with q5_K's
-fifth bit, ``d * sc * (q - 32)`` for q6_K's 6-bit quants) and
+fifth bit, ``d * sc * (q - 32)`` for q6_K's 6-bit quants, q2_K's ``d * sc * q - dmin * m`` on 2-bit quants
+with 4-bit scales and mins, q3_K's ``d * (sc - 32) * (q - 4 * !hbit)`` with 6-bit scales) and
 accumulates ``x @ w.T`` in fp32 (full-precision dots, so the result is the reference's up to the fp32
 summation order). The bias is added in fp32; the result is rounded once to x's dtype (or kept fp32 with
 ``out_f32``). Anything the kernels do not take goes to the reference.
@@ -24,7 +25,7 @@ from mistralrs_plugins.kernels.triton_support import runs_here
 
 # name -> (format id in the kernel, block elements, block bytes)
 FORMATS = {"q4_0": (0, 32, 18), "q8_0": (1, 32, 34), "q4k": (2, 256, 144), "q5k": (3, 256, 176),
-           "q6k": (4, 256, 210)}
+           "q6k": (4, 256, 210), "q2k": (5, 256, 84), "q3k": (6, 256, 110)}
 BLOCK_M, BLOCK_N, BLOCK_K = 16, 32, 64
 
 
@@ -80,6 +81,32 @@ def _qmatmul_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, x_sm, row_bytes,
             sc = tl.load(base + (192 + half * 8 + grp * 2 + lane // 16)[None, :], mask=wm,
                          other=0).to(tl.int8, bitcast=True)
             w = (d * sc.to(tl.float32)) * (q - 32).to(tl.float32)
+        elif FMT == 5:  # q2_K: 16 scale/min bytes (low nibble scale, high min), 64 bytes of 2-bit quants, d, dmin
+            b = kk // 256
+            e = kk % 256
+            base = rows + (b * 84)[None, :]
+            d = _fp16_at(base + 80, wm)
+            dmin = _fp16_at(base + 82, wm)
+            s = tl.load(base + (e // 16)[None, :], mask=wm, other=0).to(tl.int32)
+            # element 128h + 32j + l: bits 2j..2j+1 of quant byte 32h + l
+            byte = tl.load(base + (16 + (e // 128) * 32 + e % 32)[None, :], mask=wm, other=0).to(tl.int32)
+            q = (byte >> (2 * ((e % 128) // 32))[None, :]) & 3
+            w = (d * (s & 0xF).to(tl.float32)) * q.to(tl.float32) - dmin * (s >> 4).to(tl.float32)
+        elif FMT == 6:  # q3_K: 32 bytes of high bits, 64 of 2-bit quants, 12 of 6-bit scales, fp16 d
+            b = kk // 256
+            e = kk % 256
+            j = e // 16  # sub-block of 16
+            base = rows + (b * 110)[None, :]
+            d = _fp16_at(base + 108, wm)
+            s_lo = tl.load(base + (96 + j % 8)[None, :], mask=wm, other=0).to(tl.int32)
+            s_hi = tl.load(base + (104 + j % 4)[None, :], mask=wm, other=0).to(tl.int32)
+            low = tl.where((j < 8)[None, :], s_lo & 0xF, s_lo >> 4)
+            sc = (low | (((s_hi >> (2 * (j // 4))[None, :]) & 3) << 4)) - 32
+            byte = tl.load(base + (32 + (e // 128) * 32 + e % 32)[None, :], mask=wm, other=0).to(tl.int32)
+            q = (byte >> (2 * ((e % 128) // 32))[None, :]) & 3
+            hm = tl.load(base + (e % 32)[None, :], mask=wm, other=0).to(tl.int32)
+            q -= 4 * (1 - ((hm >> (e // 32)[None, :]) & 1))  # bit e / 32 of hmask[e % 32] unset: minus 4
+            w = (d * sc.to(tl.float32)) * q.to(tl.float32)
         else:  # q4_K / q5_K: fp16 d, fp16 dmin, 12 bytes of 6-bit scales/mins, (q5_K: 32 bytes of fifth bits,)
             # 128 bytes of nibbles
             b = kk // 256
@@ -142,3 +169,5 @@ qmatmul_q8_0 = _make("q8_0")
 qmatmul_q4k = _make("q4k")
 qmatmul_q5k = _make("q5k")
 qmatmul_q6k = _make("q6k")
+qmatmul_q2k = _make("q2k")
+qmatmul_q3k = _make("q3k")
