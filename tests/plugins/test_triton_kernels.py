@@ -602,3 +602,98 @@ def test_sparse_moe_with_the_triton_kernel(moe, monkeypatch, dtype):
         close(fused(x), want)
     else:
         torch.testing.assert_close(fused(x), want, atol=4e-2 * float(want.abs().max()), rtol=2e-2)
+
+
+# -- moe_experts_ggml (GGML-block experts) ------------------------------------------------------------
+def ggml_moe_case(gen, qtype, t, h, inter, e, k, dtype=torch.float32):
+    from mistralrs_plugins.quant.ggml.formats import quantize
+
+    x, w, ids, w13, w2 = moe_case(gen, t, h, inter, e, k, dtype)
+    q13 = torch.stack([quantize(qtype, w13[i].float()) for i in range(e)])
+    q2 = torch.stack([quantize(qtype, w2[i].float()) for i in range(e)])
+    return x, w, ids, q13, q2
+
+
+@pytest.mark.parametrize("qtype,t,h,inter,e,k,dtype", [
+    ("q4_0", 7, 64, 96, 4, 2, torch.float32), ("q4_0", 7, 64, 96, 4, 2, torch.bfloat16),
+    ("q8_0", 1, 32, 32, 3, 1, torch.float32), ("q8_0", 5, 32, 64, 3, 2, torch.bfloat16),
+    ("q4k", 2, 256, 256, 2, 1, torch.float32),  # a k-quant's smallest case (the interpreter takes ~5 s)
+])
+def test_moe_experts_ggml(moe, gen, qtype, t, h, inter, e, k, dtype):
+    x, w, ids, q13, q2 = ggml_moe_case(gen, qtype, t, h, inter, e, k, dtype)
+    got, want = moe.moe_experts_ggml(x, w, ids, q13, q2, qtype), torch_ops.moe_experts_ggml(x, w, ids, q13, q2, qtype)
+    if dtype == torch.float32:
+        qclose(got, want)
+    else:
+        torch.testing.assert_close(got, want, atol=4e-2 * float(want.abs().max()), rtol=2e-2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("qtype", ["q2k", "q3k", "q4k", "q5k", "q6k"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_experts_ggml_k_quants(moe, gen, qtype, dtype):
+    x, w, ids, q13, q2 = ggml_moe_case(gen, qtype, 5, 256, 256, 4, 2, dtype)
+    got, want = moe.moe_experts_ggml(x, w, ids, q13, q2, qtype), torch_ops.moe_experts_ggml(x, w, ids, q13, q2, qtype)
+    if dtype == torch.float32:
+        qclose(got, want)
+    else:
+        torch.testing.assert_close(got, want, atol=4e-2 * float(want.abs().max()), rtol=2e-2)
+
+
+def test_moe_experts_ggml_edges(moe, gen):
+    x, w, ids, q13, q2 = ggml_moe_case(gen, "q4_0", 6, 32, 64, 5, 2)
+    ids = ids % 2 + 3  # experts 3 and 4 only
+    qclose(moe.moe_experts_ggml(x, w, ids, q13, q2, "q4_0"), torch_ops.moe_experts_ggml(x, w, ids, q13, q2, "q4_0"))
+    assert moe.moe_experts_ggml(x[:0], w[:0], ids[:0], q13, q2, "q4_0").shape == (0, 32)
+    # a type the kernels do not have: the reference (which dequantizes it)
+    from mistralrs_plugins.quant.ggml.formats import quantize
+
+    q13b = torch.stack([quantize("q5_0", torch.randn(128, 32, generator=gen)) for _ in range(5)])
+    q2b = torch.stack([quantize("q5_0", torch.randn(32, 64, generator=gen)) for _ in range(5)])
+    assert torch.equal(moe.moe_experts_ggml(x, w, ids, q13b, q2b, "q5_0"),
+                       torch_ops.moe_experts_ggml(x, w, ids, q13b, q2b, "q5_0"))
+
+
+def test_sparse_moe_with_ggml_experts_and_the_triton_kernel(moe, monkeypatch):
+    """SparseMoE whose experts are GGML blocks (a GGUF or --isq model), restacked as bytes for the Triton kernel
+    (what it does on cuda), against its loop over the experts' own (reference) quantized matmuls."""
+    from mistralrs.nn import kernels
+    from mistralrs.nn.moe import MIXTRAL_EXPERT_NAMES, SparseMoE
+    from mistralrs.nn.quantized import still_fused
+    from mistralrs_plugins.quant.ggml import method as ggml_method
+    from tests.unit.test_nn import _fill_
+
+    # the experts' own matmuls: the reference (the CPU's q8-activation kernels would differ by ~1%)
+    monkeypatch.setattr(ggml_method, "lookup_kernel", lambda op, device: kernels.lookup_reference(op))
+    moes = []
+    for claimed in (moe.moe_experts_ggml, None):
+        monkeypatch.setattr(kernels, "lookup_accelerated", lambda op, device, registry=None, k=claimed: k)
+        m = SparseMoE(64, 32, num_experts=5, top_k=2, expert_names=MIXTRAL_EXPERT_NAMES)
+        for mod in m.modules():
+            if hasattr(mod, "after_materialize"):
+                mod.after_materialize()
+        _fill_(m, seed=3)
+        for mlp in m.expert_list:
+            for name in mlp.names:
+                lin = getattr(mlp, name)
+                weight = lin.weight.detach().clone()
+                lin.set_quant_method(ggml_method.GgmlLinearMethod("q4_0"))
+                lin.quant_method.set_state(lin, lin.quant_method.quantize(weight))
+        for mod in m.modules():  # the loader's walk: the MoE block, then its experts
+            if hasattr(mod, "after_loading"):
+                mod.after_loading()
+        moes.append(m)
+    fused, loop = moes
+    assert loop._stacked is None
+    w13, w2 = fused._stacked
+    assert w13.shape == (5, 64, 2 * 18) and w2.shape == (5, 64, 18)
+    expert = fused.expert_list[2]
+    assert expert.w1.qweight.data_ptr() == w13[2].data_ptr() and expert.w2.qweight.data_ptr() == w2[2].data_ptr()
+    assert still_fused(expert._gate_up_q, [expert.w1, expert.w3])  # its own fused gate/up: views of the stack
+    x = torch.randn(11, 64)
+    qclose(fused(x), loop(x))
+    last = fused.expert_list[4].w2  # a replaced expert (re-quantized) ends the stacking
+    last.set_quant_method(ggml_method.GgmlLinearMethod("q8_0"))
+    last.quant_method.set_state(last, last.quant_method.quantize(torch.randn(64, 32)))
+    fused(x)
+    assert fused._stacked is None
