@@ -41,7 +41,8 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int = BLOCK_M) -> t
     n = flat.numel()
     dev = flat.device
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
+    # not bincount: it reads the largest id back to size its output (a host sync, which a CUDA graph refuses)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
     pend = torch.cumsum(padded, 0)
     cstart = torch.cumsum(counts, 0) - counts
