@@ -605,6 +605,12 @@ def test_sparse_moe_with_the_triton_kernel(moe, monkeypatch, dtype):
 
 
 # -- moe_experts_ggml (GGML-block experts) ------------------------------------------------------------
+def ggml_moe_reference():
+    from mistralrs.nn.kernels import lookup_reference
+
+    return lookup_reference("moe_experts_ggml")
+
+
 def ggml_moe_case(gen, qtype, t, h, inter, e, k, dtype=torch.float32):
     from mistralrs_plugins.quant.ggml.formats import quantize
 
@@ -621,7 +627,7 @@ def ggml_moe_case(gen, qtype, t, h, inter, e, k, dtype=torch.float32):
 ])
 def test_moe_experts_ggml(moe, gen, qtype, t, h, inter, e, k, dtype):
     x, w, ids, q13, q2 = ggml_moe_case(gen, qtype, t, h, inter, e, k, dtype)
-    got, want = moe.moe_experts_ggml(x, w, ids, q13, q2, qtype), torch_ops.moe_experts_ggml(x, w, ids, q13, q2, qtype)
+    got, want = moe.moe_experts_ggml(x, w, ids, q13, q2, qtype), ggml_moe_reference()(x, w, ids, q13, q2, qtype)
     if dtype == torch.float32:
         qclose(got, want)
     else:
@@ -633,7 +639,7 @@ def test_moe_experts_ggml(moe, gen, qtype, t, h, inter, e, k, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_moe_experts_ggml_k_quants(moe, gen, qtype, dtype):
     x, w, ids, q13, q2 = ggml_moe_case(gen, qtype, 5, 256, 256, 4, 2, dtype)
-    got, want = moe.moe_experts_ggml(x, w, ids, q13, q2, qtype), torch_ops.moe_experts_ggml(x, w, ids, q13, q2, qtype)
+    got, want = moe.moe_experts_ggml(x, w, ids, q13, q2, qtype), ggml_moe_reference()(x, w, ids, q13, q2, qtype)
     if dtype == torch.float32:
         qclose(got, want)
     else:
@@ -643,7 +649,7 @@ def test_moe_experts_ggml_k_quants(moe, gen, qtype, dtype):
 def test_moe_experts_ggml_edges(moe, gen):
     x, w, ids, q13, q2 = ggml_moe_case(gen, "q4_0", 6, 32, 64, 5, 2)
     ids = ids % 2 + 3  # experts 3 and 4 only
-    qclose(moe.moe_experts_ggml(x, w, ids, q13, q2, "q4_0"), torch_ops.moe_experts_ggml(x, w, ids, q13, q2, "q4_0"))
+    qclose(moe.moe_experts_ggml(x, w, ids, q13, q2, "q4_0"), ggml_moe_reference()(x, w, ids, q13, q2, "q4_0"))
     assert moe.moe_experts_ggml(x[:0], w[:0], ids[:0], q13, q2, "q4_0").shape == (0, 32)
     # a type the kernels do not have: the reference (which dequantizes it)
     from mistralrs_plugins.quant.ggml.formats import quantize
@@ -651,7 +657,7 @@ def test_moe_experts_ggml_edges(moe, gen):
     q13b = torch.stack([quantize("q5_0", torch.randn(128, 32, generator=gen)) for _ in range(5)])
     q2b = torch.stack([quantize("q5_0", torch.randn(32, 64, generator=gen)) for _ in range(5)])
     assert torch.equal(moe.moe_experts_ggml(x, w, ids, q13b, q2b, "q5_0"),
-                       torch_ops.moe_experts_ggml(x, w, ids, q13b, q2b, "q5_0"))
+                       ggml_moe_reference()(x, w, ids, q13b, q2b, "q5_0"))
 
 
 def test_sparse_moe_with_ggml_experts_and_the_triton_kernel(moe, monkeypatch):

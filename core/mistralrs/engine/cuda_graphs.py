@@ -88,7 +88,8 @@ class CudaGraph:
             warmup()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=self.pool):
+        # thread_local: CUDA work of the server's other threads does not break this thread's capture
+        with torch.cuda.graph(self.graph, pool=self.pool, capture_error_mode="thread_local"):
             out = fn()
         return out
 

@@ -114,7 +114,8 @@ class Engine:
 
         # CUDA graphs for decode steps (on by default where they are safe): their padding rows get a block of
         # their own, kept out of the pool
-        self.cuda_graphs_off = ("no KV cache" if config.no_kv_cache or config.max_model_len is None
+        self.cuda_graphs_off = ("no KV cache" if config.no_kv_cache
+                                else "no max_model_len" if config.max_model_len is None
                                 else cuda_graphs.why_not(backend, device))
         graph_block = 1 if self.cuda_graphs_off is None else 0
         pool = None if config.no_kv_cache else BlockPool(backend.num_blocks - graph_block, backend.block_size, prefix_n)

@@ -148,24 +148,6 @@ def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
     return out
 
 
-def moe_experts_ggml(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
-                     w2: torch.Tensor, qtype: str) -> torch.Tensor:
-    """`moe_experts` with experts of GGML blocks of type `qtype` (q4_0, q8_0, q2k ... q6k): w13 uint8
-    [E, 2I, row bytes of H] (each expert's gate rows then up rows of llama.cpp's block bytes), w2 uint8
-    [E, H, row bytes of I]. Each expert's matmuls are the registered reference ``qmatmul_<qtype>``
-    (dequantize, fp32 matmul, rounded to x's dtype): the arithmetic of `SparseMoE`'s loop over GGML experts."""
-    from mistralrs.nn.kernels import lookup_reference
-
-    matmul = lookup_reference(f"qmatmul_{qtype}")
-    out = torch.zeros_like(x)
-    for e in torch.unique(topk_ids).tolist():
-        token_idx, k_pos = torch.where(topk_ids == e)
-        h = matmul(silu_and_mul(matmul(x[token_idx], w13[e], None)), w2[e], None)
-        h = h * topk_weights[token_idx, k_pos, None]
-        out.index_add_(0, token_idx, h.to(out.dtype))
-    return out
-
-
 # fp32 scores per block of query rows in paged_attention_prefill, at most this many (32 MB)
 _PREFILL_SCORE_ELEMENTS = 1 << 23
 

@@ -15,7 +15,7 @@
 Dots: the weights' dtype with fp32 accumulation on a GPU (bf16/fp16 products are exact in fp32); fp32 inputs,
 and everything under the interpreter (whose bf16 ``tl.dot`` is wrong), use fp32 dots.
 
-``moe_experts_ggml`` (the op `torch_ops.moe_experts_ggml`): the same with experts of GGML blocks (GGUF, UQFF,
+``moe_experts_ggml`` (its reference: the GGML quantizer plugin's `reference.moe_experts_ggml`): the same with experts of GGML blocks (GGUF, UQFF,
 ``--isq q4k``...: each expert's rows of llama.cpp's block bytes, stacked): the grouped GEMMs load each weight
 tile as bytes and dequantize it in registers (`triton_ggml.dequant_tile`, the formats of `triton_quant`),
 with fp32 dots as `triton_quant`'s matmuls.
@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from mistralrs.nn import torch_ops
+from mistralrs.nn.kernels import lookup_reference
 from mistralrs_plugins.kernels.triton_ggml import FORMATS, dequant_tile
 from mistralrs_plugins.kernels.triton_support import interpreter_mode, runs_here
 
@@ -117,7 +118,7 @@ def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
 
 def moe_experts_ggml(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
                      w2: torch.Tensor, qtype: str) -> torch.Tensor:
-    """The reference's signature (`torch_ops.moe_experts_ggml`): the same sort and grouped GEMMs over GGML
+    """The reference's signature (the GGML quantizer plugin's `reference.moe_experts_ggml`): the same sort and grouped GEMMs over GGML
     block bytes, each weight tile dequantized in registers (`triton_ggml.dequant_tile`)."""
     fmt, elems, nbytes = FORMATS.get(qtype, (-1, 1, 0))
     H = x.shape[-1] if x.dim() == 2 else -1
@@ -128,7 +129,7 @@ def moe_experts_ggml(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torc
             or w2.shape[2] != inter // elems * nbytes or w13.shape[0] != w2.shape[0]
             or w13.stride(-1) != 1 or w2.stride(-1) != 1
             or topk_ids.shape != topk_weights.shape or topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]):
-        return torch_ops.moe_experts_ggml(x, topk_weights, topk_ids, w13, w2, qtype)
+        return lookup_reference("moe_experts_ggml")(x, topk_weights, topk_ids, w13, w2, qtype)
     return _experts(x, topk_weights, topk_ids, w13, w2, fmt)
 
 
