@@ -189,6 +189,14 @@ class AttentionBackend:
         if self.states is not None and batch.state_slots is not None:
             self.states.write(layer, batch.state_slots, values)
 
+    def static_decode_batch(self, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                            seq_lens: torch.Tensor) -> AttentionBatch | None:
+        """A decode-only batch (one new token per sequence) whose per-step values all live in the given
+        device tensors (slot_mapping [S], block_tables [S, W], seq_lens [S]), so that a captured CUDA
+        graph replays it after they are updated in place (`engine.cuda_graphs`); None when the backend's
+        decode path reads host values each step (the default)."""
+        return None
+
     def prepare(self, batch: AttentionBatch) -> None:  # noqa: B027 - optional hook
         """Derive per-step values (masks, gathered indices) once; stored in batch.scratch."""
 

@@ -239,6 +239,18 @@ def _max_model_len(config: Mapping[str, Any], override: int | None) -> int:
     return 4096
 
 
+def gpu_free_bytes(device: str) -> int:
+    """Memory of that GPU ("cuda:1") the KV pool can take once the model is loaded: what the driver reports
+    free, plus what torch's caching allocator holds but no tensor uses (freed while loading; the driver
+    counts it as used)."""
+    import torch
+
+    dev = torch.device(device)
+    free, _ = torch.cuda.mem_get_info(dev)
+    idle = torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+    return int(free + max(0, idle))
+
+
 def kv_cache_blocks(opts: ServiceOptions, *, bytes_per_block: int, device: str, max_model_len: int,
                     reserved_bytes: int = 0) -> int:
     """Blocks in the KV pool, from --pa-context-len / --pa-memory-mb / --pa-memory-fraction or the
@@ -253,11 +265,8 @@ def kv_cache_blocks(opts: ServiceOptions, *, bytes_per_block: int, device: str, 
     from mistralrs.nn.kernels import device_type_of
 
     if device_type_of(device) == "cuda":
-        import torch
-
-        free, _ = torch.cuda.mem_get_info(torch.device(device))  # the free memory of that GPU ("cuda:1")
         fraction = opts.pa_memory_fraction or GPU_DEFAULT_MEMORY_FRACTION
-        return max(1, (int(free * fraction) - reserved_bytes) // bytes_per_block)
+        return max(1, (int(gpu_free_bytes(device) * fraction) - reserved_bytes) // bytes_per_block)
     if opts.pa_memory_fraction is not None:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
         return max(1, (int(total * opts.pa_memory_fraction) - reserved_bytes) // bytes_per_block)

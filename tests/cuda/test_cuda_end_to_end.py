@@ -116,7 +116,7 @@ def test_triton_paged_prefill_on_cuda(dtype):
             **tol)
 
 
-@pytest.mark.parametrize("qtype", ["q4_0", "q8_0", "q4k", "q5k", "q6k"])
+@pytest.mark.parametrize("qtype", ["q4_0", "q8_0", "q2k", "q3k", "q4k", "q5k", "q6k"])
 def test_triton_qmatmul_on_cuda(qtype):
     triton_ops()
     from mistralrs.nn.kernels import lookup_reference
@@ -176,6 +176,55 @@ def test_triton_moe_on_cuda(dtype):
     for m in (1, 7, t):
         torch.testing.assert_close(moe.moe_experts(x[:m], w[:m], ids[:m], w13, w2),
                                    torch_ops.moe_experts(x[:m], w[:m], ids[:m], w13, w2), **tol)
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q4k", "q6k"])
+def test_triton_moe_ggml_on_cuda(qtype):
+    triton_ops()
+    from mistralrs.nn.kernels import lookup_reference
+    from mistralrs_plugins.kernels.triton_moe import kernels as moe
+    from mistralrs_plugins.quant.ggml.formats import quantize
+
+    t, h, inter, e, k = 200, 1024, 512, 8, 2
+    x = torch.randn(t, h, device="cuda")
+    w, ids = torch.topk(torch.randn(t, e, device="cuda").softmax(-1), k, dim=-1)
+    q13 = torch.stack([quantize(qtype, torch.randn(2 * inter, h) * h ** -0.5) for _ in range(e)]).cuda()
+    q2 = torch.stack([quantize(qtype, torch.randn(h, inter) * inter ** -0.5) for _ in range(e)]).cuda()
+    for m in (1, 7, t):
+        torch.testing.assert_close(moe.moe_experts_ggml(x[:m], w[:m], ids[:m], q13, q2, qtype),
+                                   lookup_reference("moe_experts_ggml")(x[:m], w[:m], ids[:m], q13, q2, qtype),
+                                   atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_fp8_kv_cache_and_sinks_on_cuda(dtype):
+    """The fp8 KV-cache write (torch's cast, byte for byte) and decode/prefill over an fp8 cache with sinks."""
+    triton_ops()
+    from mistralrs_plugins.kernels.triton_attention import kernels as attn
+
+    dev = "cuda"
+    x = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).view(128, 4, 128)
+    x = x.to(dev)
+    cache = torch.zeros(128, 4, 128, dtype=torch.float8_e4m3fn, device=dev)
+    attn.kv_cache_write(cache, torch.arange(128, device=dev), x)
+    assert torch.equal(cache.view(torch.uint8), x.to(torch.float8_e4m3fn).view(torch.uint8))
+    bs, width = 16, 129
+    tables = torch.randperm(4 * width, device=dev).view(4, width).to(torch.int32)
+    k8 = (torch.randn(4 * width * bs, 8, 128, device=dev) * 40).to(torch.float8_e4m3fn)
+    v8 = (torch.randn(4 * width * bs, 8, 128, device=dev) * 40).to(torch.float8_e4m3fn)
+    lens = torch.tensor([1, 700, 2049, 33], dtype=torch.int32, device=dev)
+    sinks = torch.randn(32, device=dev)
+    qd = torch.randn(4, 32, 128, device=dev, dtype=dtype)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for window, s in ((None, None), (512, sinks)):
+        want = torch_ops.paged_attention_decode(qd.float(), k8, v8, tables, lens, bs, 0.01, window, None, s)
+        torch.testing.assert_close(attn.paged_attention_decode(qd, k8, v8, tables, lens, bs, 0.01, window, None, s),
+                                   want.to(dtype), **tol)
+    q = torch.randn(505, 32, 128, device=dev, dtype=dtype)
+    plens, starts = [1200, 300, 77], [0, 200, 500, 505]
+    torch.testing.assert_close(
+        attn.paged_attention_prefill(q, k8, v8, tables[:3], plens, starts, bs, 0.01, 256, None, sinks),
+        torch_ops.paged_attention_prefill(q, k8, v8, tables[:3], plens, starts, bs, 0.01, 256, None, sinks), **tol)
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ from types import ModuleType
 import pytest
 import torch
 
+SHARED_JIT_MODULES = ("mistralrs_plugins.kernels.triton_fp8", "mistralrs_plugins.kernels.triton_ggml")
 RUN_SEED = int(os.environ.get("MISTRALRS_TEST_SEED") or secrets.randbits(32))
 
 
@@ -68,7 +69,10 @@ def interpreted(module: str) -> ModuleType:
             for name in [m for m in sys.modules if (m == "triton" or m.startswith("triton."))
                          and not m.startswith("triton._C")]:
                 del sys.modules[name]
-        sys.modules.pop(module, None)
+        # The module and the shared @triton.jit helpers it imports (kernels/triton_fp8, triton_ggml): a helper
+        # decorated without the interpreter cannot be called from an interpreted kernel.
+        for name in (module, *SHARED_JIT_MODULES):
+            sys.modules.pop(name, None)
         loaded = importlib.import_module(module)
         _fix_scalar_index()
         return loaded

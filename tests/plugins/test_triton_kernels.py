@@ -188,11 +188,31 @@ def test_paged_attention_decode_empty_batch(attn):
     assert out.shape == (0, 4, 16)
 
 
-def test_paged_attention_decode_fp8_cache_is_the_reference(attn, gen):
-    q, k, v, tables, seq_lens = paged_case(gen, [5], 2, 1, 16)
-    k8, v8 = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)
-    want = torch_ops.paged_attention_decode(q, k8, v8, tables, seq_lens, 4, 0.25)
-    assert torch.equal(attn.paged_attention_decode(q, k8, v8, tables, seq_lens, 4, 0.25), want)
+@pytest.mark.parametrize("splits,window,softcap,sinks", [(1, None, None, True), (3, None, 3.0, True),
+                                                         (2, 9, None, False)])
+def test_paged_attention_decode_sinks(attn, gen, splits, window, softcap, sinks):
+    # GPT-OSS's sinks join the denominator where the splits are combined (some splits empty: 70 and 5 keys).
+    q, k, v, tables, seq_lens = paged_case(gen, [70, 5], 4, 2, 16, block_size=8)
+    s = randn(gen, 4, scale=3.0) if sinks else None
+    want = torch_ops.paged_attention_decode(q, k, v, tables, seq_lens, 8, 0.25, window, softcap, s)
+    close(attn.paged_attention_decode(q, k, v, tables, seq_lens, 8, 0.25, window, softcap, s, splits=splits), want)
+
+
+def fp8_cache(k: torch.Tensor) -> torch.Tensor:
+    """An fp8 KV cache as the engine writes it (`write_slots`: a plain cast, saturating), with the full range."""
+    return (k.float() * 40).to(torch.float8_e4m3fn)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("splits,sinks", [(1, False), (3, True)])
+def test_paged_attention_decode_fp8_cache(attn, gen, dtype, splits, sinks):
+    q, k, v, tables, seq_lens = paged_case(gen, [37, 4, 1], 4, 2, 24, block_size=4, dtype=dtype)
+    k8, v8 = fp8_cache(k), fp8_cache(v)
+    s = randn(gen, 4) if sinks else None
+    # the fp32 reference rounded once (the reference's bf16 SDPA rounds on the way, off by more than an ulp
+    # at these magnitudes; the kernel, like it with softcap or sinks, works in fp32)
+    want = torch_ops.paged_attention_decode(q.float(), k8, v8, tables, seq_lens, 4, 0.01, None, None, s).to(dtype)
+    close(attn.paged_attention_decode(q, k8, v8, tables, seq_lens, 4, 0.01, None, None, s, splits=splits), want)
 
 
 @pytest.mark.slow
@@ -218,7 +238,7 @@ def quantized(gen, qtype, n, k):
     return quantize(qtype, randn(gen, n, k, scale=0.5))
 
 
-@pytest.mark.parametrize("qtype", ["q4_0", "q8_0", "q4k", "q5k", "q6k"])
+@pytest.mark.parametrize("qtype", ["q4_0", "q8_0", "q2k", "q3k", "q4k", "q5k", "q6k"])
 @pytest.mark.parametrize("m,n,k", [(1, 5, None), (3, 40, None), (0, 8, None), (17, 3, "2x")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_qmatmul(quant, gen, qtype, m, n, k, dtype):
@@ -436,31 +456,87 @@ def test_paged_attention_prefill_last_row_is_decode(attn, gen):
     close(got[last], dec)
 
 
-def test_paged_attention_prefill_empty_and_fp8(attn, gen):
+def test_paged_attention_prefill_empty(attn, gen):
     q, k, v, tables, lens, starts = prefill_case(gen, [(4, 0), (2, 3)], 2, 1, 16)
     want = torch_ops.paged_attention_prefill(q, k, v, tables, lens, starts, 4, 0.25)
     close(attn.paged_attention_prefill(q, k, v, tables, lens, starts, 4, 0.25), want)
-    k8, v8 = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)
-    assert torch.equal(attn.paged_attention_prefill(q, k8, v8, tables, lens, starts, 4, 0.25),
-                       torch_ops.paged_attention_prefill(q, k8, v8, tables, lens, starts, 4, 0.25))
 
 
-def test_paged_backend_with_the_triton_kernels(attn):
-    """The paged backend with the Triton decode and prefill kernels (what it selects on cuda) matches the
-    reference backend over a prefill-only and a mixed step."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_attention_prefill_fp8_cache(attn, gen, dtype):
+    q, k, v, tables, lens, starts = prefill_case(gen, [(6, 35), (0, 3), (2, 0)], 4, 2, 16, dtype=dtype)
+    k8, v8, s = fp8_cache(k), fp8_cache(v), randn(gen, 4)
+    for window, sinks in ((None, None), (5, s)):
+        want = torch_ops.paged_attention_prefill(q, k8, v8, tables, lens, starts, 4, 0.01, window, None, sinks)
+        close(attn.paged_attention_prefill(q, k8, v8, tables, lens, starts, 4, 0.01, window, None, sinks), want)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float8_e4m3fn])
+def test_paged_backend_with_the_triton_kernels(attn, cache_dtype):
+    """The paged backend with the Triton decode, prefill and KV-write kernels (what it selects on cuda)
+    matches the reference backend over a prefill-only and a mixed step, sinks included; an fp8 cache
+    too (written by the Triton fp8 write, read by the kernels)."""
     from mistralrs.attention import KVCacheShape
     from mistralrs_plugins.attention.paged.backend import PagedBackend
     from mistralrs_plugins.attention.sdpa.backend import SdpaBackend
     from tests.plugins.test_attention_sdpa import run_prefill_then_mixed
 
-    shape = KVCacheShape(num_layers=1, num_kv_heads=2, head_dim=8, num_blocks=32, block_size=4, dtype=torch.float32)
-    paged = PagedBackend(shape)
-    paged.decode_kernel, paged.prefill_kernel = attn.paged_attention_decode, attn.paged_attention_prefill
-    for window, softcap in ((None, None), (5, 20.0)):
-        want, _ = run_prefill_then_mixed(SdpaBackend(shape), window=window, softcap=softcap)
-        got, _ = run_prefill_then_mixed(paged, window=window, softcap=softcap)
+    shape = KVCacheShape(num_layers=1, num_kv_heads=2, head_dim=8, num_blocks=32, block_size=4, dtype=cache_dtype)
+    for window, softcap, sinks in ((None, None, None), (5, 20.0, torch.tensor([0.5, -1.0, 2.0, 0.0]))):
+        paged = PagedBackend(shape)
+        paged.decode_kernel, paged.prefill_kernel = attn.paged_attention_decode, attn.paged_attention_prefill
+        paged.write = attn.kv_cache_write
+        want, _ = run_prefill_then_mixed(SdpaBackend(shape), window=window, softcap=softcap, sinks=sinks)
+        got, _ = run_prefill_then_mixed(paged, window=window, softcap=softcap, sinks=sinks)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+# -- kv_cache_write (fp8) -----------------------------------------------------------------------------
+def written(attn, x: torch.Tensor, slots: torch.Tensor | None = None, n_slots: int | None = None) -> torch.Tensor:
+    slots = torch.arange(x.shape[0]) if slots is None else slots
+    cache = torch.zeros(n_slots or x.shape[0], *x.shape[1:], dtype=torch.float8_e4m3fn)
+    attn.kv_cache_write(cache, slots, x)
+    return cache.view(torch.uint8)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN inputs in numpy
+def test_kv_cache_write_fp8_every_bf16_value(attn):
+    # All 65536 bf16 bit patterns (NaNs, infinities, subnormals, out of range): torch's cast, byte for byte.
+    x = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).view(128, 4, 128)
+    assert torch.equal(written(attn, x), x.to(torch.float8_e4m3fn).view(torch.uint8))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN inputs in numpy
+def test_kv_cache_write_fp8_rounding_of_fp32(attn, gen):
+    # fp32 values at every scale of the format (the 20 dropped bits round to nearest even), ties, the edges.
+    edges = [448.0, 463.99, 464.0, 464.01, 479.99, 480.0, 1e30, float("inf"), float("nan"), 2.0 ** -6,
+             2.0 ** -6 * (1 - 2 ** -20), 2.0 ** -10, 3 * 2.0 ** -10, 5 * 2.0 ** -11, 2.0 ** -9 * 1.5, 1e-30, 0.0,
+             1.0625, 1.1875, 17.0, 18.0, 19.0]
+    x = torch.tensor(edges + [-e for e in edges])
+    x = torch.cat([x, randn(gen, 4096 - x.numel()) * torch.pow(2.0, torch.randint(-14, 10, (4096 - x.numel(),),
+                                                                                       generator=gen).float())])
+    x = x.view(64, 2, 32)
+    assert torch.equal(written(attn, x), x.to(torch.float8_e4m3fn).view(torch.uint8))
+
+
+def test_kv_cache_write_fp8_into_slots(attn, gen):
+    # Scattered slots, a strided x (k of a fused qkv), heads not a power of two; an empty step writes nothing.
+    qkv = randn(gen, 5, 3 * 6 * 24, dtype=torch.bfloat16, scale=50.0)
+    k = qkv[:, 6 * 24: 2 * 6 * 24].view(5, 6, 24)[:, :5]
+    slots = torch.tensor([7, 0, 12, 3, 9])
+    cache = written(attn, k, slots, 16)
+    want = torch.zeros(16, 5, 24, dtype=torch.float8_e4m3fn)
+    torch_ops.kv_cache_write(want, slots, k)
+    assert torch.equal(cache, want.view(torch.uint8))
+    assert not written(attn, torch.empty(0, 5, 24), torch.empty(0, dtype=torch.long), 4).any()
+
+
+def test_kv_cache_write_other_caches_are_the_reference(attn, gen):
+    x = randn(gen, 3, 2, 8)
+    cache = torch.zeros(6, 2, 8, dtype=torch.bfloat16)
+    attn.kv_cache_write(cache, torch.tensor([5, 1, 2]), x)
+    assert torch.equal(cache[[5, 1, 2]], x.to(torch.bfloat16))
 
 
 # -- moe_experts --------------------------------------------------------------------------------------
@@ -526,3 +602,104 @@ def test_sparse_moe_with_the_triton_kernel(moe, monkeypatch, dtype):
         close(fused(x), want)
     else:
         torch.testing.assert_close(fused(x), want, atol=4e-2 * float(want.abs().max()), rtol=2e-2)
+
+
+# -- moe_experts_ggml (GGML-block experts) ------------------------------------------------------------
+def ggml_moe_reference():
+    from mistralrs.nn.kernels import lookup_reference
+
+    return lookup_reference("moe_experts_ggml")
+
+
+def ggml_moe_case(gen, qtype, t, h, inter, e, k, dtype=torch.float32):
+    from mistralrs_plugins.quant.ggml.formats import quantize
+
+    x, w, ids, w13, w2 = moe_case(gen, t, h, inter, e, k, dtype)
+    q13 = torch.stack([quantize(qtype, w13[i].float()) for i in range(e)])
+    q2 = torch.stack([quantize(qtype, w2[i].float()) for i in range(e)])
+    return x, w, ids, q13, q2
+
+
+@pytest.mark.parametrize("qtype,t,h,inter,e,k,dtype", [
+    ("q4_0", 7, 64, 96, 4, 2, torch.float32), ("q4_0", 7, 64, 96, 4, 2, torch.bfloat16),
+    ("q8_0", 1, 32, 32, 3, 1, torch.float32), ("q8_0", 5, 32, 64, 3, 2, torch.bfloat16),
+    ("q4k", 2, 256, 256, 2, 1, torch.float32),  # a k-quant's smallest case (the interpreter takes ~5 s)
+])
+def test_moe_experts_ggml(moe, gen, qtype, t, h, inter, e, k, dtype):
+    x, w, ids, q13, q2 = ggml_moe_case(gen, qtype, t, h, inter, e, k, dtype)
+    got, want = moe.moe_experts_ggml(x, w, ids, q13, q2, qtype), ggml_moe_reference()(x, w, ids, q13, q2, qtype)
+    if dtype == torch.float32:
+        qclose(got, want)
+    else:
+        torch.testing.assert_close(got, want, atol=4e-2 * float(want.abs().max()), rtol=2e-2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("qtype", ["q2k", "q3k", "q4k", "q5k", "q6k"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_experts_ggml_k_quants(moe, gen, qtype, dtype):
+    x, w, ids, q13, q2 = ggml_moe_case(gen, qtype, 5, 256, 256, 4, 2, dtype)
+    got, want = moe.moe_experts_ggml(x, w, ids, q13, q2, qtype), ggml_moe_reference()(x, w, ids, q13, q2, qtype)
+    if dtype == torch.float32:
+        qclose(got, want)
+    else:
+        torch.testing.assert_close(got, want, atol=4e-2 * float(want.abs().max()), rtol=2e-2)
+
+
+def test_moe_experts_ggml_edges(moe, gen):
+    x, w, ids, q13, q2 = ggml_moe_case(gen, "q4_0", 6, 32, 64, 5, 2)
+    ids = ids % 2 + 3  # experts 3 and 4 only
+    qclose(moe.moe_experts_ggml(x, w, ids, q13, q2, "q4_0"), ggml_moe_reference()(x, w, ids, q13, q2, "q4_0"))
+    assert moe.moe_experts_ggml(x[:0], w[:0], ids[:0], q13, q2, "q4_0").shape == (0, 32)
+    # a type the kernels do not have: the reference (which dequantizes it)
+    from mistralrs_plugins.quant.ggml.formats import quantize
+
+    q13b = torch.stack([quantize("q5_0", torch.randn(128, 32, generator=gen)) for _ in range(5)])
+    q2b = torch.stack([quantize("q5_0", torch.randn(32, 64, generator=gen)) for _ in range(5)])
+    assert torch.equal(moe.moe_experts_ggml(x, w, ids, q13b, q2b, "q5_0"),
+                       ggml_moe_reference()(x, w, ids, q13b, q2b, "q5_0"))
+
+
+def test_sparse_moe_with_ggml_experts_and_the_triton_kernel(moe, monkeypatch):
+    """SparseMoE whose experts are GGML blocks (a GGUF or --isq model), restacked as bytes for the Triton kernel
+    (what it does on cuda), against its loop over the experts' own (reference) quantized matmuls."""
+    from mistralrs.nn import kernels
+    from mistralrs.nn.moe import MIXTRAL_EXPERT_NAMES, SparseMoE
+    from mistralrs.nn.quantized import still_fused
+    from mistralrs_plugins.quant.ggml import method as ggml_method
+    from tests.unit.test_nn import _fill_
+
+    # the experts' own matmuls: the reference (the CPU's q8-activation kernels would differ by ~1%)
+    monkeypatch.setattr(ggml_method, "lookup_kernel", lambda op, device: kernels.lookup_reference(op))
+    moes = []
+    for claimed in (moe.moe_experts_ggml, None):
+        monkeypatch.setattr(kernels, "lookup_accelerated", lambda op, device, registry=None, k=claimed: k)
+        m = SparseMoE(64, 32, num_experts=5, top_k=2, expert_names=MIXTRAL_EXPERT_NAMES)
+        for mod in m.modules():
+            if hasattr(mod, "after_materialize"):
+                mod.after_materialize()
+        _fill_(m, seed=3)
+        for mlp in m.expert_list:
+            for name in mlp.names:
+                lin = getattr(mlp, name)
+                weight = lin.weight.detach().clone()
+                lin.set_quant_method(ggml_method.GgmlLinearMethod("q4_0"))
+                lin.quant_method.set_state(lin, lin.quant_method.quantize(weight))
+        for mod in m.modules():  # the loader's walk: the MoE block, then its experts
+            if hasattr(mod, "after_loading"):
+                mod.after_loading()
+        moes.append(m)
+    fused, loop = moes
+    assert loop._stacked is None
+    w13, w2 = fused._stacked
+    assert w13.shape == (5, 64, 2 * 18) and w2.shape == (5, 64, 18)
+    expert = fused.expert_list[2]
+    assert expert.w1.qweight.data_ptr() == w13[2].data_ptr() and expert.w2.qweight.data_ptr() == w2[2].data_ptr()
+    assert still_fused(expert._gate_up_q, [expert.w1, expert.w3])  # its own fused gate/up: views of the stack
+    x = torch.randn(11, 64)
+    qclose(fused(x), loop(x))
+    last = fused.expert_list[4].w2  # a replaced expert (re-quantized) ends the stacking
+    last.set_quant_method(ggml_method.GgmlLinearMethod("q8_0"))
+    last.quant_method.set_state(last, last.quant_method.quantize(torch.randn(64, 32)))
+    fused(x)
+    assert fused._stacked is None

@@ -110,10 +110,25 @@ class Engine:
             # a recurrent layer's state after a cached prefix is not kept, so a hit could not restore it
             log.info("prefix caching is off: the model has recurrent layers")
             prefix_n = 0
-        pool = None if config.no_kv_cache else BlockPool(backend.num_blocks, backend.block_size, prefix_n)
+        from mistralrs.engine import cuda_graphs
+
+        # CUDA graphs for decode steps (on by default where they are safe): their padding rows get a block of
+        # their own, kept out of the pool
+        self.cuda_graphs_off = ("no KV cache" if config.no_kv_cache
+                                else "no max_model_len" if config.max_model_len is None
+                                else cuda_graphs.why_not(backend, device))
+        graph_block = 1 if self.cuda_graphs_off is None else 0
+        pool = None if config.no_kv_cache else BlockPool(backend.num_blocks - graph_block, backend.block_size, prefix_n)
         self.scheduler = Scheduler(pool, max_seqs=config.max_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                                    state_slots=StateSlots(states.num_slots) if states is not None else None)
         self.runner = ModelRunner(model, backend, device)
+        if self.cuda_graphs_off is None:
+            assert config.max_model_len is not None
+            self.runner.graphs = cuda_graphs.DecodeGraphs(model, backend, device, max_seqs=config.max_seqs,
+                                                          max_model_len=config.max_model_len,
+                                                          pad_block=backend.num_blocks - 1)
+        if str(device).startswith("cuda"):
+            log.info("decode CUDA graphs: %s", "on" if self.cuda_graphs_off is None else f"off ({self.cuda_graphs_off})")
         self.sampler = Sampler()
         self._seed_counter = itertools.count()
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -256,6 +271,8 @@ class Engine:
             elif kind == "call":
                 fn, future = handle
                 if future.set_running_or_notify_cancel():
+                    if self.runner.graphs is not None:  # e.g. new weights: the graphs read the old tensors
+                        self.runner.graphs.reset()
                     try:
                         future.set_result(fn())
                     except Exception as exc:  # noqa: BLE001 - the caller's problem, reported to it

@@ -29,6 +29,7 @@ class ModelRunner:
         self.device = torch.device(device)
         self.block_size = backend.block_size
         self.cached = backend.num_blocks > 0
+        self.graphs: Any = None  # engine.cuda_graphs.DecodeGraphs where decode steps replay CUDA graphs
 
     def forward(self, step: list[Scheduled]) -> tuple[torch.Tensor, list[int]]:
         """Run the model on a step. Returns logits [R, V] (float32) for the R entries of
@@ -91,6 +92,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, inputs: StepInputs) -> tuple[torch.Tensor, list[int]]:
         """The forward of a prepared step: logits [R, V] (float32) of its sampling rows."""
+        if self.graphs is not None:
+            replayed = self.graphs.run(inputs)
+            if replayed is not None:
+                return replayed
         dev = self.device
         input_ids = inputs.ids.to(dev)
         pos = inputs.positions.to(dev)

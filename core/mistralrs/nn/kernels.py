@@ -79,7 +79,7 @@ def _ref(name: str) -> Callable[[], Callable[..., Any]]:
 
 _REFERENCE = {op: _ref(op) for op in ("rms_norm", "fused_add_rms_norm", "rotary", "silu_and_mul", "gelu_and_mul",
                                        "linear_bf16", "paged_attention_decode", "paged_attention_prefill",
-                                       "moe_experts")}
+                                       "moe_experts", "kv_cache_write")}
 
 
 _registered_references: dict[str, Callable[..., Any]] = {}

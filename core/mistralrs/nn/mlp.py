@@ -80,11 +80,11 @@ class GatedMLP(nn.Module):
         """Quantized gate and up of one type become one matmul (their states are views of the
         fused layer's); the plain-weight fusion happens at materialisation instead (and ends when
         either weight is replaced, e.g. re-quantized)."""
-        if self._fused() is not None:
-            return
-        from mistralrs.nn.quantized import fuse_rows
+        from mistralrs.nn.quantized import fuse_rows, still_fused
 
         gate, up = getattr(self, self.names[0]), getattr(self, self.names[1])
+        if self._fused() is not None or still_fused(self._gate_up_q, [gate, up]):
+            return  # already fused (`SparseMoE` fuses its GGML experts before stacking them)
         fused = fuse_rows([gate, up])
         if fused is None:
             return

@@ -8,11 +8,14 @@ MLPs whose submodule names are configurable, so checkpoint names map one to one:
 tokens: simple and exact. Where a fused kernel of the op ``moe_experts`` claims the device (Triton on
 cuda) and the experts are plain silu gated MLPs, `after_loading` restacks their weights into one
 [E, 2I, H] and one [E, H, I] tensor (the experts' parameters become views of them) and the forward runs
-the kernel on all experts at once; its torch reference (`nn.torch_ops.moe_experts`) is this loop.
+the kernel on all experts at once; its torch reference (`nn.torch_ops.moe_experts`) is this loop. Experts of
+one GGML block type (GGUF, UQFF, ``--isq q4k``: a quantized method with a per-row ``qweight``) are restacked
+the same way as bytes, [E, 2I, row bytes] and [E, H, row bytes], for ``moe_experts_ggml``.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import cast
 
@@ -95,6 +98,7 @@ class SparseMoE(nn.Module):
 
     _stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # (w13 [E, 2I, H], w2 [E, H, I]), not state
     _moe_kernel: Callable[..., torch.Tensor] | None = None
+    _stacked_as: tuple[type, str] = (UnquantizedLinearMethod, "weight")  # the experts' method and stacked state
 
     def after_loading(self) -> None:
         """Where a fused ``moe_experts`` kernel claims the device, restack plain silu experts' weights into
@@ -108,8 +112,10 @@ class SparseMoE(nn.Module):
         if not experts or any(m.act_fn is not F.silu for m in experts):
             return
         layers = [[getattr(m, n) for n in m.names] for m in experts]
-        if any(type(lin.quant_method) is not UnquantizedLinearMethod or lin.bias is not None
-               for trio in layers for lin in trio):
+        if any(lin.bias is not None for trio in layers for lin in trio):
+            return
+        if any(type(lin.quant_method) is not UnquantizedLinearMethod for trio in layers for lin in trio):
+            self._stack_ggml(experts, layers)
             return
         w = layers[0][0].weight
         if w.is_meta or any(lin.weight.dtype != w.dtype or lin.weight.device != w.device
@@ -136,6 +142,50 @@ class SparseMoE(nn.Module):
         self._stacked = (w13, w2)
         self._moe_kernel = kernel
 
+    def _stack_ggml(self, experts: list[GatedMLP], layers: list[list[Linear]]) -> None:
+        """Experts of one GGML block type (a method with a ``qtype`` and a per-row ``qweight``, as the GGML
+        quantizer plugin's): their bytes restacked into w13 [E, 2I, row bytes] and w2 [E, H, row bytes] for a
+        fused ``moe_experts_ggml`` kernel (Triton on cuda); each expert's states (and its fused gate/up's)
+        become views of them."""
+        from mistralrs.nn.kernels import lookup_accelerated
+        from mistralrs.nn.quantized import still_fused
+
+        first = layers[0][0].quant_method
+        qtype = getattr(first, "qtype", None)
+        if qtype is None or not getattr(first, "rows_state", False):
+            return
+        for trio in layers:
+            for lin in trio:
+                m = lin.quant_method
+                if (type(m) is not type(first) or getattr(m, "qtype", None) != qtype
+                        or tuple(getattr(lin, "_quant_state_names", ())) != ("qweight",)):
+                    return
+        qw = [[cast(torch.Tensor, lin._buffers["qweight"]) for lin in trio] for trio in layers]
+        q = qw[0][0]
+        if q.dtype != torch.uint8 or q.is_meta:
+            return
+        shapes = (q.shape, qw[0][2].shape)
+        if any(g.shape != shapes[0] or u.shape != shapes[0] or d.shape != shapes[1]
+               or any(t.device != q.device for t in (g, u, d)) for g, u, d in qw):
+            return
+        kernel = lookup_accelerated("moe_experts_ggml", q.device)
+        if kernel is None:
+            return
+        for mlp in experts:  # each expert's gate/up fused first (its own after_loading then keeps it)
+            mlp.after_loading()
+        (inter, row_h), (hidden, row_i) = shapes
+        w13 = torch.empty(len(experts), 2 * inter, row_h, dtype=torch.uint8, device=q.device)
+        w2 = torch.empty(len(experts), hidden, row_i, dtype=torch.uint8, device=q.device)
+        for e, (mlp, (g, u, d)) in enumerate(zip(experts, layers)):
+            fused = mlp._gate_up_q if still_fused(mlp._gate_up_q, [g, u]) else None
+            w13[e, :inter], w13[e, inter:], w2[e] = (cast(torch.Tensor, lin._buffers["qweight"]) for lin in (g, u, d))
+            g._buffers["qweight"], u._buffers["qweight"], d._buffers["qweight"] = w13[e, :inter], w13[e, inter:], w2[e]
+            if fused is not None:  # the expert's own fused gate/up matmul stays valid
+                fused._buffers["qweight"] = w13[e]
+        self._stacked = (w13, w2)
+        self._stacked_as = (type(first), "qweight")
+        self._moe_kernel = functools.partial(kernel, qtype=qtype)
+
     def _stack(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The stacked weights while the first and last experts' still are their views (a quantizer or a
         caller replacing weights ends the stacking)."""
@@ -143,12 +193,13 @@ class SparseMoE(nn.Module):
         if stacked is None:
             return None
         experts = self.expert_list
+        method, state = self._stacked_as
         for e in (0, len(experts) - 1):
             mlp = cast(GatedMLP, experts[e])
             g, _, d = (getattr(mlp, n) for n in mlp.names)
-            if (type(g.quant_method) is not UnquantizedLinearMethod or g.weight.data_ptr() != stacked[0][e].data_ptr()
-                    or type(d.quant_method) is not UnquantizedLinearMethod
-                    or d.weight.data_ptr() != stacked[1][e].data_ptr()):
+            if (type(g.quant_method) is not method or getattr(g, state).data_ptr() != stacked[0][e].data_ptr()
+                    or type(d.quant_method) is not method
+                    or getattr(d, state).data_ptr() != stacked[1][e].data_ptr()):
                 self._stacked = self._moe_kernel = None
                 return None
         return stacked

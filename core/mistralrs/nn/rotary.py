@@ -39,8 +39,9 @@ cannot influence each other. For monotonically growing lengths (generation) the 
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -53,6 +54,7 @@ __all__ = [
     "RotaryEmbedding",
     "compute_inv_freq",
     "resolve_rope_parameters",
+    "static_positions",
 ]
 
 SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "dynamic", "ntk_alpha", "yarn", "longrope", "llama3",
@@ -568,6 +570,7 @@ class RotaryEmbedding(nn.Module):
             and last[0] is positions
             and last[1] == _version_of(positions)
             and last[2] == seq_arg
+            and last[5] == _static["epoch"]
         ):
             return last[3], last[4]
 
@@ -579,7 +582,12 @@ class RotaryEmbedding(nn.Module):
             empty = torch.empty(*positions.shape, half, dtype=torch.float32, device=positions.device)
             return empty, empty.clone()
 
-        max_pos = int(flat.max()) + 1
+        if _static["max_positions"] is not None:  # a CUDA graph capture: no host read of the positions
+            if self.rope_type in ("dynamic", "longrope"):
+                raise GraphUnsafeRope(f"{self.rope_type} rotary frequencies depend on the sequence length")
+            max_pos = _static["max_positions"]
+        else:
+            max_pos = int(flat.max()) + 1
         if seq_len is None:
             seq_len = max_pos
         seq_len = int(seq_len)
@@ -600,7 +608,7 @@ class RotaryEmbedding(nn.Module):
         shape = (*positions.shape, half)
         cos, sin = cos.reshape(shape), sin.reshape(shape)
         # Every layer calls with the same positions tensor: remember the last answer.
-        self._last = (positions, _version_of(positions), seq_arg, cos, sin)
+        self._last = (positions, _version_of(positions), seq_arg, cos, sin, _static["epoch"])
         return cos, sin
 
     def _mrope_cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -616,7 +624,7 @@ class RotaryEmbedding(nn.Module):
         index = comp.to(positions.device).expand(positions.shape[1], -1).unsqueeze(0)  # [1, T, half]
         cos = cos_t[positions].gather(0, index)[0]
         sin = sin_t[positions].gather(0, index)[0]
-        self._last = (positions, _version_of(positions), "mrope", cos, sin)
+        self._last = (positions, _version_of(positions), "mrope", cos, sin, _static["epoch"])
         return cos, sin
 
     def forward(
@@ -658,6 +666,28 @@ def _mrope_components(section: list[int] | None, half: int, interleaved: bool) -
                 comp[dim:section[dim] * 3:3] = dim
         return comp
     return torch.cat([torch.full((n,), i % 3, dtype=torch.long) for i, n in enumerate(section)])
+
+
+class GraphUnsafeRope(RuntimeError):
+    """This rotary embedding cannot run without reading positions on the host (CUDA graph capture)."""
+
+
+# While a CUDA graph is captured (`engine.cuda_graphs`): the bound on positions, so `cos_sin` indexes its
+# table without reading them back (a host sync, not allowed in a capture); and an epoch that changes with
+# every capture, so no cos/sin computed outside it is reused inside.
+_static: dict[str, Any] = {"max_positions": None, "epoch": 0}
+
+
+@contextlib.contextmanager
+def static_positions(max_positions: int) -> Iterator[None]:
+    """Within: every position is below `max_positions` and `cos_sin` does not read positions on the host.
+    Rotary types whose frequencies depend on the sequence length (dynamic, longrope) raise
+    `GraphUnsafeRope` there."""
+    _static["max_positions"], _static["epoch"] = int(max_positions), _static["epoch"] + 1
+    try:
+        yield
+    finally:
+        _static["max_positions"], _static["epoch"] = None, _static["epoch"] + 1
 
 
 def _version_of(t: torch.Tensor) -> int:

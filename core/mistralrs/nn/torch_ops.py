@@ -120,6 +120,15 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out.reshape(S, hq, -1)
 
 
+def kv_cache_write(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
+    """``cache[slots] = x`` in the cache's dtype: x [T, H, D] (new keys or values), slots [T] (int64) of a
+    cache [slots, H, D]. An fp8 (``float8_e4m3fn``) cache gets torch's cast of x (round to nearest even,
+    saturating at +-448, no scales), through a byte view: `mistralrs.attention.write_slots`."""
+    from mistralrs.attention import write_slots
+
+    write_slots(cache, slots, x)
+
+
 def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
                 w2: torch.Tensor) -> torch.Tensor:
     """The experts of a top-k mixture with stacked plain weights: ``out[t] = sum_j w_j * down_e(silu(gate_e(x_t))

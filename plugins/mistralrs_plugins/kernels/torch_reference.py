@@ -8,7 +8,7 @@ from mistralrs import hookimpl
 from mistralrs.specs import KernelSpec
 
 OPS = ("rms_norm", "fused_add_rms_norm", "rotary", "silu_and_mul", "gelu_and_mul", "linear_bf16", "paged_attention_decode",
-       "paged_attention_prefill", "moe_experts")
+       "paged_attention_prefill", "moe_experts", "kv_cache_write")
 DEVICES = ("cpu", "cuda", "mps")
 
 

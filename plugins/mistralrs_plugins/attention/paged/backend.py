@@ -53,6 +53,14 @@ class PagedBackend(SdpaBackend):
         batch.scratch["paged_decode"] = (rows, batch.block_tables.index_select(0, seqs), lens)
         batch.scratch["paged_prefill"] = prefill
 
+    def static_decode_batch(self, slot_mapping, block_tables, seq_lens):  # type: ignore[no-untyped-def]
+        """Decode-only: `attend` reads nothing but these tensors (the decode kernel takes the block tables
+        and lengths as they are; the Python lists of the batch are never read on this path)."""
+        n = int(seq_lens.shape[0])
+        batch = AttentionBatch(list(range(n + 1)), [1] * n, self, slot_mapping, block_tables)
+        batch.scratch["paged_decode"] = (None, block_tables, seq_lens)
+        return batch
+
     @staticmethod
     def _prefill_plan(batch: AttentionBatch, prefill: list[int], all_prefill: bool) -> tuple[Any, ...]:
         """(rows of q or None when the step is all prefill, block tables, seq_lens, query_start_loc) of the

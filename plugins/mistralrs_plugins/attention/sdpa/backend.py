@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mistralrs.attention import AttentionBackend, AttentionBatch, KVCacheShape, read_slots, write_slots
+from mistralrs.attention import AttentionBackend, AttentionBatch, KVCacheShape, read_slots
 from mistralrs.nn.torch_ops import softmax_with_sinks
 
 
@@ -15,7 +15,10 @@ class SdpaBackend(AttentionBackend):
 
     def __init__(self, shape: KVCacheShape) -> None:
         super().__init__(shape)
+        from mistralrs.nn.kernels import lookup_kernel
+
         s = shape
+        self.write = lookup_kernel("kv_cache_write", s.device)  # Triton on cuda for fp8 caches (one fused cast)
         slots = s.num_blocks * s.block_size
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
@@ -59,9 +62,9 @@ class SdpaBackend(AttentionBackend):
         """Store the step's new K/V in their slots; False when the batch runs without a cache."""
         if batch.slot_mapping is None or not self.k_cache:
             return False
-        write_slots(self.k_cache[layer], batch.slot_mapping, k)
+        self.write(self.k_cache[layer], batch.slot_mapping, k)
         if not self.shape.v_from_k:
-            write_slots(self.v_cache[layer], batch.slot_mapping, v)
+            self.write(self.v_cache[layer], batch.slot_mapping, v)
         return True
 
     def attend_seq(self, i, layer, q, k, v, batch, out, *, cached, scale, sliding_window=None, softcap=None,

@@ -10,11 +10,16 @@ Decode: two kernels, split-K (flash-decoding):
    ``tl.dot`` of ``[group, D] x [D, BLOCK_N]``, the group padded to 16 rows), softcapped, and folded into
    an online softmax. All of it in fp32 (full-precision dots: decode reads each K/V byte once, so it is
    bound by memory, not by the multiplies; and bf16 dots are not exact in the interpreter). It writes its normalized partial output and log-sum-exp.
-2. ``_decode_reduce``, grid (sequences, query heads): the splits' outputs weighted by ``exp(lse - max)``.
+2. ``_decode_reduce``, grid (sequences, query heads): the splits' outputs weighted by ``exp(lse - max)``;
+   attention sinks (GPT-OSS) are one more term of the denominator here, with no value.
 
 The number of splits comes from the block table's width (``W * block_size`` positions, no device sync):
-one split per `SPLIT_TOKENS` positions, at most `MAX_SPLITS`. fp8 caches, autograd and devices the
-kernel cannot run on go to the reference.
+one split per `SPLIT_TOKENS` positions, at most `MAX_SPLITS`. Autograd and devices the kernel cannot run
+on go to the reference.
+
+fp8 KV caches (``float8_e4m3fn``, `--pa-cache-type f8e4m3`: plain casts, no scales) are read as bytes and
+widened in registers (`triton_fp8.e4m3_to_f32`, exact) by both attention kernels; ``kv_cache_write``
+(``_write_fp8``) converts each new K/V row as torch's cast does and stores it in its slot in one launch.
 
 Prefill: ``_prefill``, grid (tiles, query heads), flash attention over the paged cache. A tile is up to
 ``PREFILL_BLOCK_M`` consecutive new tokens of one sequence (the tile list is built on the host from
@@ -36,6 +41,7 @@ import triton
 import triton.language as tl
 
 from mistralrs.nn import torch_ops
+from mistralrs_plugins.kernels.triton_fp8 import e4m3_to_f32, f32_to_e4m3
 from mistralrs_plugins.kernels.triton_support import interpreter_mode, runs_here
 
 PREFILL_BLOCK_M = 32
@@ -44,13 +50,32 @@ BLOCK_N = 32
 SPLIT_TOKENS = 512
 MAX_SPLITS = 16
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FP8 = torch.float8_e4m3fn  # the engine's fp8 KV cache (`--pa-cache-type f8e4m3`): plain casts, no scales
+
+
+def _cache_ok(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Caches in q's dtype, or both fp8 E4M3."""
+    return (k_cache.dtype == v_cache.dtype == q.dtype) or (k_cache.dtype == v_cache.dtype == FP8)
+
+
+def _as_read(cache: torch.Tensor) -> torch.Tensor:
+    """What the kernels load: an fp8 cache as its bytes (decoded in the kernel), others as they are."""
+    return cache.view(torch.uint8) if cache.dtype == FP8 else cache
+
+
+@triton.jit
+def _load_kv(ptrs, mask, FP8_KV: tl.constexpr):
+    """K or V rows: as stored, or E4M3 bytes (an fp8 cache viewed as uint8) widened to fp32 exactly."""
+    if FP8_KV:
+        return e4m3_to_f32(tl.load(ptrs, mask=mask, other=0).to(tl.int32))
+    return tl.load(ptrs, mask=mask, other=0.0)
 
 
 @triton.jit
 def _decode_split(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, mid_o, mid_lse,
                   q_ss, q_sh, k_st, k_sh, v_st, v_sh, bt_s,
                   n_qheads, group, head_dim, v_dim, block_size, chunk, n_splits, scale, softcap, window,
-                  HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                  HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, FP8_KV: tl.constexpr,
                   BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     s = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -79,7 +104,7 @@ def _decode_split(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, mid_o, mid_lse,
         pm = p < end
         blk = tl.load(bt_ptr + s * bt_s + p // block_size, mask=pm, other=0).to(tl.int64)
         slot = blk * block_size + p % block_size
-        k = tl.load(k_ptr + slot[:, None] * k_st + h * k_sh + d[None, :], mask=pm[:, None] & dm[None, :], other=0.0)
+        k = _load_kv(k_ptr + slot[:, None] * k_st + h * k_sh + d[None, :], pm[:, None] & dm[None, :], FP8_KV)
         sc = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
         if HAS_SOFTCAP:  # c * tanh(s / c), tanh(z) = 2 sigmoid(2z) - 1
             sc = softcap * (2.0 * tl.sigmoid(2.0 * sc / softcap) - 1.0)
@@ -88,7 +113,7 @@ def _decode_split(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, mid_o, mid_lse,
         alpha = tl.exp(m_i - m_new)
         pr = tl.exp(sc - m_new[:, None])
         l_i = l_i * alpha + tl.sum(pr, axis=1)
-        v = tl.load(v_ptr + slot[:, None] * v_st + h * v_sh + dv[None, :], mask=pm[:, None] & dvm[None, :], other=0.0)
+        v = _load_kv(v_ptr + slot[:, None] * v_st + h * v_sh + dv[None, :], pm[:, None] & dvm[None, :], FP8_KV)
         acc = acc * alpha[:, None] + tl.dot(pr, v.to(tl.float32), input_precision="ieee")
         m_i = m_new
 
@@ -101,8 +126,8 @@ def _decode_split(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, mid_o, mid_lse,
 
 
 @triton.jit
-def _decode_reduce(mid_o, mid_lse, out_ptr, o_ss, o_sh, n_qheads, v_dim, n_splits,
-                   BLOCK_SPLITS: tl.constexpr, BLOCK_DV: tl.constexpr):
+def _decode_reduce(mid_o, mid_lse, sinks_ptr, out_ptr, o_ss, o_sh, n_qheads, v_dim, n_splits,
+                   HAS_SINKS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_DV: tl.constexpr):
     s = tl.program_id(0).to(tl.int64)
     hq = tl.program_id(1)
     j = tl.arange(0, BLOCK_SPLITS)
@@ -112,9 +137,14 @@ def _decode_reduce(mid_o, mid_lse, out_ptr, o_ss, o_sh, n_qheads, v_dim, n_split
     row = (s * n_qheads + hq) * n_splits + j
     lse = tl.load(mid_lse + row, mask=jm, other=float("-inf"))
     mx = tl.max(lse, axis=0)
+    if HAS_SINKS:  # the sink's logit joins the denominator only (no value): one more term of the sum
+        sink = tl.load(sinks_ptr + hq).to(tl.float32)
+        mx = tl.maximum(mx, sink)
     mx = tl.where(mx == float("-inf"), 0.0, mx)
     w = tl.exp(lse - mx)
     total = tl.sum(w, axis=0)
+    if HAS_SINKS:
+        total += tl.exp(sink - mx)
     w = w / tl.where(total > 0.0, total, 1.0)
     o = tl.load(mid_o + row[:, None] * v_dim + dv[None, :], mask=jm[:, None] & dvm[None, :], other=0.0)
     out = tl.sum(w[:, None] * o, axis=0)
@@ -129,7 +159,7 @@ def _takes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_
            seq_lens: torch.Tensor) -> bool:
     return (runs_here(q, k_cache, v_cache, block_tables, seq_lens)
             and q.dim() == 3 and k_cache.dim() == 3 and v_cache.dim() == 3
-            and q.dtype in DTYPES and k_cache.dtype == q.dtype and v_cache.dtype == q.dtype
+            and q.dtype in DTYPES and _cache_ok(q, k_cache, v_cache)
             and q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
             and k_cache.shape[1] == v_cache.shape[1] and q.shape[1] % k_cache.shape[1] == 0
             and q.shape[2] == k_cache.shape[2] and block_tables.dim() == 2
@@ -140,9 +170,10 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int, scale: float,
                            sliding_window: int | None = None, softcap: float | None = None,
                            sinks: torch.Tensor | None = None, *, splits: int | None = None) -> torch.Tensor:
-    """The reference's signature; ``splits`` forces the number of context splits (tests).
-    Attention sinks (GPT-OSS) are not in the kernel yet: those calls take the reference."""
-    if sinks is not None or not _takes(q, k_cache, v_cache, block_tables, seq_lens):
+    """The reference's signature; ``splits`` forces the number of context splits (tests). Attention sinks
+    (GPT-OSS, one logit per query head) are added to the denominator where the splits are combined."""
+    if (not _takes(q, k_cache, v_cache, block_tables, seq_lens) or not runs_here(sinks)
+            or (sinks is not None and sinks.numel() != q.shape[1])):
         return torch_ops.paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale,
                                                 sliding_window, softcap, sinks)
     S, hq, D = q.shape
@@ -158,16 +189,17 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     mid_o = torch.empty((S, hq, n_splits, dv), dtype=torch.float32, device=q.device)
     mid_lse = torch.empty((S, hq, n_splits), dtype=torch.float32, device=q.device)
     _decode_split[(S, hk, n_splits)](
-        q, k_cache, v_cache, tables, lens, mid_o, mid_lse,
+        q, _as_read(k_cache), _as_read(v_cache), tables, lens, mid_o, mid_lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         tables.stride(0), hq, group, D, dv, block_size, chunk, n_splits, float(scale),
         float(softcap) if softcap else 1.0, int(sliding_window) if sliding_window else 0,
-        HAS_SOFTCAP=bool(softcap), HAS_WINDOW=bool(sliding_window),
+        HAS_SOFTCAP=bool(softcap), HAS_WINDOW=bool(sliding_window), FP8_KV=k_cache.dtype == FP8,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N,
         BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(dv)),
     )
+    sk = sinks.to(device=q.device, dtype=torch.float32).contiguous() if sinks is not None else mid_lse
     _decode_reduce[(S, hq)](
-        mid_o, mid_lse, out, out.stride(0), out.stride(1), hq, dv, n_splits,
+        mid_o, mid_lse, sk, out, out.stride(0), out.stride(1), hq, dv, n_splits, HAS_SINKS=sinks is not None,
         BLOCK_SPLITS=max(2, triton.next_power_of_2(n_splits)), BLOCK_DV=triton.next_power_of_2(dv),
     )
     return out
@@ -178,6 +210,7 @@ def _prefill(q_ptr, k_ptr, v_ptr, bt_ptr, tiles_ptr, sinks_ptr, out_ptr,
              q_st, q_sh, k_st, k_sh, v_st, v_sh, bt_s, o_st, o_sh,
              group, head_dim, v_dim, block_size, scale, softcap, window,
              HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, FP32: tl.constexpr,
+             FP8_KV: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     t = tl.program_id(0)
     hq = tl.program_id(1)
@@ -207,7 +240,9 @@ def _prefill(q_ptr, k_ptr, v_ptr, bt_ptr, tiles_ptr, sinks_ptr, out_ptr,
         pm = p < hi
         blk = tl.load(bt_ptr + seq * bt_s + p // block_size, mask=pm, other=0).to(tl.int64)
         slot = blk * block_size + p % block_size
-        k = tl.load(k_ptr + slot[:, None] * k_st + h * k_sh + d[None, :], mask=pm[:, None] & dm[None, :], other=0.0)
+        k = _load_kv(k_ptr + slot[:, None] * k_st + h * k_sh + d[None, :], pm[:, None] & dm[None, :], FP8_KV)
+        if FP8_KV:  # E4M3 values are exact in q's dtype (bf16, fp16 or fp32)
+            k = k.to(q.dtype)
         if FP32:
             sc = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
@@ -224,7 +259,9 @@ def _prefill(q_ptr, k_ptr, v_ptr, bt_ptr, tiles_ptr, sinks_ptr, out_ptr,
         alpha = tl.exp(m_i - m_safe)
         pr = tl.exp(sc - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(pr, axis=1)
-        v = tl.load(v_ptr + slot[:, None] * v_st + h * v_sh + dv[None, :], mask=pm[:, None] & dvm[None, :], other=0.0)
+        v = _load_kv(v_ptr + slot[:, None] * v_st + h * v_sh + dv[None, :], pm[:, None] & dvm[None, :], FP8_KV)
+        if FP8_KV:
+            v = v.to(q.dtype)
         if FP32:
             acc = acc * alpha[:, None] + tl.dot(pr, v.to(tl.float32), input_precision="ieee")
         else:
@@ -272,7 +309,7 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     """The reference's signature (`torch_ops.paged_attention_prefill`)."""
     starts, lens = _ints(query_start_loc), _ints(seq_lens)
     if (not runs_here(q, k_cache, v_cache, block_tables, sinks) or q.dim() != 3 or k_cache.dim() != 3
-            or v_cache.dim() != 3 or q.dtype not in DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype
+            or v_cache.dim() != 3 or q.dtype not in DTYPES or not _cache_ok(q, k_cache, v_cache)
             or q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1
             or k_cache.shape[1] != v_cache.shape[1] or q.shape[1] % k_cache.shape[1]
             or q.shape[2] != k_cache.shape[2] or block_tables.dim() != 2
@@ -289,12 +326,43 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     tables = block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()
     sk = sinks.to(device=q.device, dtype=torch.float32).contiguous() if sinks is not None else out
     _prefill[(tiles.shape[0], hq)](
-        q, k_cache, v_cache, tables, tiles, sk, out,
+        q, _as_read(k_cache), _as_read(v_cache), tables, tiles, sk, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         tables.stride(0), out.stride(0), out.stride(1), hq // hk, D, dv, block_size, float(scale),
         float(softcap) if softcap else 1.0, int(sliding_window) if sliding_window else 0,
         HAS_SOFTCAP=bool(softcap), HAS_WINDOW=bool(sliding_window), HAS_SINKS=sinks is not None,
-        FP32=q.dtype == torch.float32 or interpreter_mode(), BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=PREFILL_BLOCK_N,
+        FP32=q.dtype == torch.float32 or interpreter_mode(), FP8_KV=k_cache.dtype == FP8, BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=PREFILL_BLOCK_N,
         BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(dv)),
     )
     return out
+
+
+@triton.jit
+def _write_fp8(x_ptr, slots_ptr, c_ptr, x_st, x_sh, c_st, c_sh, n_heads, head_dim,
+               BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    hh = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    m = (hh < n_heads)[:, None] & (d < head_dim)[None, :]
+    slot = tl.load(slots_ptr + t).to(tl.int64)
+    x = tl.load(x_ptr + t * x_st + hh[:, None] * x_sh + d[None, :], mask=m, other=0.0).to(tl.float32)
+    tl.store(c_ptr + slot * c_st + hh[:, None] * c_sh + d[None, :], f32_to_e4m3(x).to(tl.uint8), mask=m)
+
+
+def kv_cache_write(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
+    """The reference's signature (`torch_ops.kv_cache_write`). An fp8 E4M3 cache in one launch: each new
+    row converted as torch's cast does (`triton_fp8.f32_to_e4m3`) and stored in its slot, where the reference
+    makes a converted copy and then scatters it. Other caches (a plain scatter) go to the reference."""
+    if (cache.dtype != FP8 or not runs_here(cache, slots, x) or x.dtype not in DTYPES or x.dim() != 3
+            or cache.dim() != 3 or x.shape[1:] != cache.shape[1:] or slots.dim() != 1
+            or slots.shape[0] != x.shape[0] or x.stride(-1) != 1 or cache.stride(-1) != 1):
+        torch_ops.kv_cache_write(cache, slots, x)
+        return
+    T, H, D = x.shape
+    if T == 0:
+        return
+    block_h = max(1, min(triton.next_power_of_2(H), 4096 // triton.next_power_of_2(D)))
+    _write_fp8[(T, triton.cdiv(H, block_h))](
+        x, slots, cache.view(torch.uint8), x.stride(0), x.stride(1), cache.stride(0), cache.stride(1), H, D,
+        BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(D),
+    )

@@ -1,5 +1,5 @@
-"""Triton dequantize-matmuls of GGML blocks for CUDA: ``qmatmul_q4_0``, ``qmatmul_q8_0``, ``qmatmul_q4k``,
-``qmatmul_q5k``, ``qmatmul_q6k``.
+"""Triton dequantize-matmuls of GGML blocks for CUDA: ``qmatmul_q4_0``, ``qmatmul_q8_0``, ``qmatmul_q2k``,
+``qmatmul_q3k``, ``qmatmul_q4k``, ``qmatmul_q5k``, ``qmatmul_q6k``.
 
 Registration only: no torch or triton import here (`kernels.triton_support` decides when the kernels
 claim ``cuda``). The kernels are in `kernels`: tiles of the canonical block bytes (llama.cpp's layout,
@@ -18,6 +18,8 @@ OPS = {
     "qmatmul_q4k": "q4_K dequantize-matmul (256-element super-blocks of 144 bytes, fp32 tiles)",
     "qmatmul_q5k": "q5_K dequantize-matmul (256-element super-blocks of 176 bytes, fp32 tiles)",
     "qmatmul_q6k": "q6_K dequantize-matmul (256-element super-blocks of 210 bytes, fp32 tiles)",
+    "qmatmul_q2k": "q2_K dequantize-matmul (256-element super-blocks of 84 bytes, fp32 tiles)",
+    "qmatmul_q3k": "q3_K dequantize-matmul (256-element super-blocks of 110 bytes, fp32 tiles)",
 }
 
 

@@ -3,9 +3,8 @@
 ``W[n, k] = widen(weight)[n, k] * scale[n // bn, k // bk]`` (`block` (bn, bk); None: one scale).
 
 Grid: tiles of ``BLOCK_M`` rows of x by ``BLOCK_N`` output features; along K, ``BLOCK_K`` weights per feature
-are loaded and widened to fp32 in registers: E4M3 bytes decoded with integer operations (normal numbers
-assembled as fp32 bits, subnormals ``m * 2^-9``, 0x7f/0xff NaN: exact, and independent of the GPU's fp8
-support), int8 converted, 4-bit codes (two per byte, the first in the high nibble) looked up in the table;
+are loaded and widened to fp32 in registers: E4M3 bytes decoded with integer operations (`triton_fp8`: exact,
+and independent of the GPU's fp8 support), int8 converted, 4-bit codes (two per byte, the first in the high nibble) looked up in the table;
 each multiplied by its block's scale (gathered per element, so blocks of any size and partial edge blocks
 are the reference's `block_scale_rows`) and accumulated with full-precision dots. The bias is added in fp32
 and the result rounded once. A row's result does not depend on the batch it is in (one fixed sequence of tile
@@ -19,22 +18,12 @@ import triton
 import triton.language as tl
 
 from mistralrs.nn.kernels import lookup_reference
+from mistralrs_plugins.kernels.triton_fp8 import e4m3_to_f32
 from mistralrs_plugins.kernels.triton_support import runs_here
 
 BLOCK_M, BLOCK_N, BLOCK_K = 16, 32, 64
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 KINDS = {"linear_fp8": 0, "linear_int8": 1, "linear_lut4": 2}
-
-
-@triton.jit
-def _e4m3(byte):
-    """E4M3 bits (int32 0..255) -> float32."""
-    e = (byte >> 3) & 0xF
-    m = byte & 7
-    normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)  # 2^(e - 7) * (1 + m / 8)
-    mag = tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)  # subnormal: m * 2^-9
-    mag = tl.where((byte & 0x7F) == 0x7F, float("nan"), mag)
-    return tl.where(byte >= 128, -mag, mag)
 
 
 @triton.jit
@@ -55,7 +44,7 @@ def _widen_kernel(x_ptr, w_ptr, t_ptr, s_ptr, b_ptr, y_ptr, M, N, K, x_sm, w_sn,
                     other=0.0).to(tl.float32)
         wm = nm[:, None] & km[None, :]
         if KIND == 0:
-            w = _e4m3(tl.load(rows + kk[None, :], mask=wm, other=0).to(tl.int32))
+            w = e4m3_to_f32(tl.load(rows + kk[None, :], mask=wm, other=0).to(tl.int32))
         elif KIND == 1:
             w = tl.load(rows + kk[None, :], mask=wm, other=0).to(tl.int8, bitcast=True).to(tl.float32)
         else:

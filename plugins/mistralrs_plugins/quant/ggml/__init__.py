@@ -134,6 +134,15 @@ def register_kernels(register):
         ))
     register(KernelSpec(
         name="torch",
+        op="moe_experts_ggml",
+        impl="mistralrs_plugins.quant.ggml.reference:moe_experts_ggml",
+        devices=("cpu", "cuda", "mps"),
+        priority=0,
+        reference=True,
+        description="torch reference: a loop over GGML-block experts, each matmul the qmatmul reference",
+    ))
+    register(KernelSpec(
+        name="torch",
         op="ggml_quantize",
         impl="mistralrs_plugins.quant.ggml.formats:quantize",
         devices=("cpu", "cuda", "mps"),
