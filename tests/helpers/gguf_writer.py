@@ -203,6 +203,13 @@ def phi3_hparams(w: Any, cfg: dict) -> None:
         w.add_rope_scaling_attn_factors(attn_factor)
 
 
+def phimoe_hparams(w: Any, cfg: dict) -> None:
+    """PhiMoeModel.set_gguf_parameters: Phi-3's plus the expert counts."""
+    phi3_hparams(w, cfg)
+    w.add_expert_used_count(_find(cfg, ("num_experts_per_tok", "num_experts_per_token")))
+    w.add_expert_count(_find(cfg, ("num_local_experts", "num_experts")))
+
+
 def phi3_extra(cfg: dict) -> list[tuple[str, torch.Tensor]]:
     """Phi3MiniModel.generate_extra_tensors: longrope's factors as two tensors."""
     rope, _, rope_dims = _phi3_rope(cfg)
@@ -442,6 +449,8 @@ RECIPES: dict[str, Recipe] = {
     "Qwen3MoeForCausalLM": Recipe("QWEN3MOE", qwen3moe_hparams, f32=("ffn_gate_inp",)),
     "PhiForCausalLM": Recipe("PHI2", phi2_hparams),
     "Phi3ForCausalLM": Recipe("PHI3", phi3_hparams, extra=phi3_extra),
+    "PhimoeForCausalLM": Recipe("PHIMOE", phimoe_hparams, f32=("ffn_gate_inp",), extra=phi3_extra),
+    "PhiMoEForCausalLM": Recipe("PHIMOE", phimoe_hparams, f32=("ffn_gate_inp",), extra=phi3_extra),
     "Starcoder2ForCausalLM": Recipe("STARCODER2"),
     "GemmaForCausalLM": Recipe("GEMMA", gemma_hparams, gemma_modify),
     "Gemma2ForCausalLM": Recipe("GEMMA2", gemma2_hparams, gemma_modify),

@@ -473,6 +473,25 @@ def assert_gptq_close(path: Path | str, tmp: Path, *, arch: str | None = None, s
     return cos
 
 
+def assert_gguf_logits_match_hf(gguf_path: Path | str, hf_model: Any, *, atol: float = 1e-4, seq_len: int = 16,
+                                seed: int = 1) -> float:
+    """A GGUF file loaded through the GGUF path against transformers' own model (fp32, all
+    positions): max |logit diff|, asserted <= `atol`."""
+    from mistralrs.gguf.loading import load_gguf
+
+    loaded = load_gguf(gguf_path, dtype=torch.float32)
+    try:
+        ids = _prompt(hf_model.config.vocab_size, seq_len, seed)
+        ours = our_logits(loaded, ids)
+        with torch.no_grad():
+            ref = hf_model(ids[None]).logits[0].float()
+    finally:
+        loaded.gguf.close()
+    diff = float((ours - ref).abs().max())
+    assert diff <= atol, f"{Path(gguf_path).name}: GGUF logits differ from transformers' by {diff:.3g}"
+    return diff
+
+
 def assert_gguf_matches(path: Path | str, tmp: Path, *, arch: str | None = None, seq_len: int = 32,
                         writer: Any = None, ref_arch: str | None = None,
                         ref_config: dict | None = None, q8_min_cosine: float = 0.99) -> dict[str, float]:
