@@ -351,6 +351,42 @@ def deepseek2_hparams(w: Any, cfg: dict) -> None:
         w.add_rope_scaling_yarn_log_mul(0.1 * mscale_all)
 
 
+def glm4moe_hparams(w: Any, cfg: dict) -> None:
+    """Glm4MoeModel.set_gguf_parameters: block_count counts the multi-token-prediction layers,
+    the rotated dims, the MoE keys, a sigmoid router."""
+    import gguf
+
+    nextn = cfg.get("num_nextn_predict_layers")
+    base_hparams(w, {**cfg, "num_hidden_layers": cfg["num_hidden_layers"] + (nextn or 0)})
+    rope_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    w.add_rope_dimension_count(int(rope_dim * rope_parameters(cfg).get("partial_rotary_factor", 0.5)))
+    if cfg.get("n_routed_experts") is not None:
+        w.add_expert_count(cfg["n_routed_experts"])
+    if cfg.get("moe_intermediate_size") is not None:
+        w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+    if cfg.get("n_shared_experts") is not None:
+        w.add_expert_shared_count(cfg["n_shared_experts"])
+    if cfg.get("first_k_dense_replace") is not None:
+        w.add_leading_dense_block_count(cfg["first_k_dense_replace"])
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    if cfg.get("routed_scaling_factor") is not None:
+        w.add_expert_weights_scale(cfg["routed_scaling_factor"])
+    if cfg.get("norm_topk_prob") is not None:
+        w.add_expert_weights_norm(cfg["norm_topk_prob"])
+    if nextn is not None:
+        w.add_nextn_predict_layers(nextn)
+
+
+def glm4moelite_hparams(w: Any, cfg: dict) -> None:
+    """Glm4MoeLiteModel (a DeepseekV2Model): DeepSeek's keys; with multi-token-prediction
+    layers, block_count counts them and nextn_predict_layers is written."""
+    deepseek2_hparams(w, cfg)
+    nextn = cfg.get("num_nextn_predict_layers", 0)
+    if nextn != 0:
+        w.add_block_count(cfg["num_hidden_layers"] + nextn)
+        w.add_nextn_predict_layers(nextn)
+
+
 def deepseek2_modify(name: str, t: torch.Tensor, cfg: dict) -> list[tuple[str, torch.Tensor]]:
     """DeepseekV2Model.modify_tensors: tied head skipped, kv_b_proj split per head into k_b
     (transposed) and v_b; filter_tensors' ``e_score_correction.bias``."""
@@ -460,6 +496,8 @@ RECIPES: dict[str, Recipe] = {
     "GraniteForCausalLM": Recipe("GRANITE", granite_hparams, llama_modify, extra=llama_extra),
     "DeepseekV2ForCausalLM": Recipe("DEEPSEEK2", deepseek2_hparams, deepseek2_modify, f32=("ffn_gate_inp",)),
     "DeepseekV3ForCausalLM": Recipe("DEEPSEEK2", deepseek2_hparams, deepseek2_modify, f32=("ffn_gate_inp",)),
+    "Glm4MoeForCausalLM": Recipe("GLM4_MOE", glm4moe_hparams, deepseek2_modify, f32=("ffn_gate_inp",)),
+    "Glm4MoeLiteForCausalLM": Recipe("DEEPSEEK2", glm4moelite_hparams, deepseek2_modify, f32=("ffn_gate_inp",)),
     "GptOssForCausalLM": Recipe("GPT_OSS", gpt_oss_hparams, gpt_oss_modify, f32=("ffn_gate_inp",),
                                 split_fused_experts=False, mxfp4=gpt_oss_mxfp4),
 }

@@ -264,6 +264,24 @@ def qk_unpermute(hp: Hparams) -> Callable[[str, Any], Transform | None]:
     return f
 
 
+_ANY_BLOCK_RE = re.compile(r"^blk\.(\d+)\.")
+
+
+def trunk_layers(gguf: Any, hp: Hparams) -> tuple[int, tuple[str, ...]]:
+    """(decoder layers, the tensors past them): llama.cpp counts the multi-token-prediction
+    layers some converters append (GLM-4.5+, GLM-4.7-Flash: ``nextn_predict_layers``, tensors
+    ``blk.N.nextn.*`` beside a whole decoder layer) in ``block_count``; inference does not use
+    them, as the safetensors models skip them."""
+    blocks = int(hp.require("block_count"))
+    nextn = int(hp.get("nextn_predict_layers", 0) or 0)
+    if not 0 <= nextn < blocks:
+        raise ModelLoadError(f"{hp.where}: metadata '{hp.arch}.nextn_predict_layers' is {nextn} of {blocks} blocks; "
+                             "the GGUF file is inconsistent")
+    layers = blocks - nextn
+    past = tuple(name for name in gguf.tensors if (m := _ANY_BLOCK_RE.match(name)) and int(m[1]) >= layers)
+    return layers, past
+
+
 def partial_rotary_factor(hp: Hparams, head_dim: int) -> float | None:
     """``rope.dimension_count`` / head_dim: the rotated share of each head (the converters of
     partial-rotary families store the rotated dimension count, not the factor); None when the
@@ -373,10 +391,12 @@ def _rope_scaling(gguf: Any, hp: Hparams, config: dict) -> dict | None:
 def convert_standard(gguf: Any, *, hf_architecture: str, model_type: str, permute_qk: bool = False,
                      block_names: Mapping[str, str] | None = None, top_names: Mapping[str, str] | None = None,
                      split_qkv: bool = True, extra_config: Mapping[str, Any] | None = None,
-                     transforms: Callable[[str, Any], Transform | None] | None = None) -> GgufConversion:
+                     transforms: Callable[[str, Any], Transform | None] | None = None,
+                     skip: tuple[str, ...] = ()) -> GgufConversion:
     """The conversion of a Llama-shaped GGUF model: `standard_config` plus `extra_config`, the
     standard tensor names (overridden by `block_names` / `top_names`), Q/K un-permuted when
-    the converter permuted them, and a fused ``attn_qkv`` split into q/k/v when `split_qkv`."""
+    the converter permuted them, and a fused ``attn_qkv`` split into q/k/v when `split_qkv`;
+    the tensors in `skip` are left out."""
     hp = Hparams(gguf)
     config = standard_config(gguf, hf_architecture=hf_architecture, model_type=model_type, hp=hp)
     config.update(extra_config or {})
@@ -400,5 +420,5 @@ def convert_standard(gguf: Any, *, hf_architecture: str, model_type: str, permut
         return chain(*(s(hf_name, info) for s in steps))
 
     parts = map_tensors(gguf, block_names=names, top_names=tops, split=split,
-                        transforms=combined if steps else None)
+                        transforms=combined if steps else None, skip=CONSUMED_TENSORS + skip)
     return GgufConversion(config=config, parts=parts)

@@ -15,7 +15,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from mistralrs.gguf.convert import CONSUMED_TENSORS, STANDARD_BLOCK_NAMES, GgufConversion, Hparams, map_tensors, standard_config
+from mistralrs.gguf.convert import (
+    CONSUMED_TENSORS,
+    STANDARD_BLOCK_NAMES,
+    GgufConversion,
+    Hparams,
+    map_tensors,
+    standard_config,
+)
 from mistralrs_plugins.models.phi3.gguf import ROPE_FACTOR_TENSORS, apply_longrope
 
 BLOCK_NAMES = {
