@@ -296,6 +296,72 @@ def granite_hparams(w: Any, cfg: dict) -> None:
         w.add_logit_scale(cfg["logits_scaling"])
 
 
+def _granite_attn_layers(cfg: dict) -> list[int]:
+    """GraniteHybridModel.get_attn_layers: layer_types entries "attention" (the Hub's names;
+    transformers 5 saves "full_attention", which this converter does not know), else the
+    index list or period."""
+    if layer_types := cfg.get("layer_types"):
+        return [i for i, t in enumerate(layer_types) if t == "attention"]
+    if attn := cfg.get("attn_layer_indices", []):
+        return attn
+    return [i for i in range(cfg["num_hidden_layers"]) if i % cfg["attn_layer_period"] == cfg["attn_layer_offset"]]
+
+
+def granitehybrid_hparams(w: Any, cfg: dict) -> None:
+    """GraniteHybridModel.set_gguf_parameters: GraniteMoeModel's, the Mamba-2 sizes, the KV head
+    count per layer (0: Mamba), rope only for Bamba or a model without Mamba layers."""
+    granite_hparams(w, cfg)
+    if shared := cfg.get("shared_intermediate_size"):
+        w.add_expert_shared_feed_forward_length(shared)
+    attn = _granite_attn_layers(cfg)
+    ssm = [i for i in range(cfg["num_hidden_layers"]) if i not in attn]
+    w.add_ssm_conv_kernel(cfg["mamba_d_conv"])
+    w.add_ssm_state_size(cfg["mamba_d_state"])
+    w.add_ssm_group_count(cfg["mamba_n_groups"])
+    w.add_ssm_inner_size(cfg["mamba_expand"] * cfg["hidden_size"])
+    w.add_ssm_time_step_rank(cfg["mamba_n_heads"])
+    w.add_head_count_kv([cfg["num_key_value_heads"] if i in attn else 0 for i in range(cfg["num_hidden_layers"])])
+    if rope_dim := cfg.get("attn_rotary_emb"):
+        w.add_rope_dimension_count(rope_dim)
+    use_rope = "BambaForCausalLM" in cfg["architectures"] or not ssm
+    w.add_rope_scaling_finetuned(use_rope)
+    if not use_rope:
+        w.add_context_length(2**20)
+
+
+def granitehybrid_modify(name: str, t: torch.Tensor, cfg: dict) -> list[tuple[str, torch.Tensor]]:
+    """GraniteHybridModel.modify_tensors: experts' and the shared MLP's fused input_linear split
+    into gate / up, Mamba-2's tensors as Mamba2Model writes them (conv1d squeezed, A = -exp(A_log)
+    and D as [H, 1], the norm as [groups, d_inner / groups], dt_bias as dt_proj.bias), attention
+    Q/K permuted as Llama's."""
+    pre = name.rsplit(".", 2)[0] if name.endswith(".weight") else name.rsplit(".", 1)[0]
+    if name.endswith("block_sparse_moe.input_linear.weight"):
+        gate, up = t.split(cfg["intermediate_size"], dim=-2)
+        return [(pre + ".experts.w1.weight", gate), (pre + ".experts.w3.weight", up)]
+    layer = pre.rsplit(".", 1)[0]
+    experts = bool(cfg.get("num_local_experts"))
+    if name.endswith("shared_mlp.input_linear.weight"):
+        gate, up = t.split(cfg["shared_intermediate_size"], dim=-2)
+        mlp = layer + (".mlp.shared_expert" if experts else ".mlp")
+        return [(mlp + ".gate_proj.weight", gate), (mlp + ".up_proj.weight", up)]
+    if name.endswith("shared_mlp.output_linear.weight") and not experts:
+        return [(layer + ".mlp.down_proj.weight", t)]
+    if ".mamba." in name:
+        if name.endswith(".dt_bias"):
+            return [(name.replace(".dt_bias", ".dt_proj.bias"), t)]
+        if name.endswith("conv1d.weight"):
+            return [(name, t.squeeze())]
+        if name.endswith(".A_log"):
+            return [(name, -torch.exp(t.reshape(*t.shape, 1)))]
+        if name.endswith(".D"):
+            return [(name, t.reshape(*t.shape, 1))]
+        if name.endswith("norm.weight"):
+            d_inner = cfg["mamba_expand"] * cfg["hidden_size"]
+            return [(name, t.reshape(cfg["mamba_n_groups"], d_inner // cfg["mamba_n_groups"]))]
+        return [(name, t)]
+    return llama_modify(name, t, cfg)
+
+
 def llama_extra(cfg: dict) -> list[tuple[str, torch.Tensor]]:
     """LlamaModel.generate_extra_tensors: llama3 rope scaling as the rope_freqs tensor."""
     import math
@@ -494,6 +560,8 @@ RECIPES: dict[str, Recipe] = {
     "Glm4ForCausalLM": Recipe("GLM4", glm4_hparams),
     "SmolLM3ForCausalLM": Recipe("SMOLLM3", llama_hparams, llama_modify, extra=llama_extra),
     "GraniteForCausalLM": Recipe("GRANITE", granite_hparams, llama_modify, extra=llama_extra),
+    "GraniteMoeHybridForCausalLM": Recipe("GRANITE_HYBRID", granitehybrid_hparams, granitehybrid_modify,
+                                          f32=("ffn_gate_inp", "ssm_conv1d")),
     "DeepseekV2ForCausalLM": Recipe("DEEPSEEK2", deepseek2_hparams, deepseek2_modify, f32=("ffn_gate_inp",)),
     "DeepseekV3ForCausalLM": Recipe("DEEPSEEK2", deepseek2_hparams, deepseek2_modify, f32=("ffn_gate_inp",)),
     "Glm4MoeForCausalLM": Recipe("GLM4_MOE", glm4moe_hparams, deepseek2_modify, f32=("ffn_gate_inp",)),

@@ -56,7 +56,9 @@ CASES = {
     "gpt_oss_full_tied": "test_gpt_oss_family",
     "phimoe_hub": "test_phimoe_glm4moe_family",
     "glm4moe": "test_phimoe_glm4moe_family",  # (not glm4moe_fused: Glm4MoeModel stacks only per-expert tensors)
-    "glm4moelite_hub": "test_phimoe_glm4moe_family",  # (not phimoe: the converter knows only the Hub's class name)
+    "glm4moelite_hub": "test_phimoe_glm4moe_family",
+    "granitemoehybrid": "test_hybrid_family",
+    "granitemoehybrid_dense_rope_tied": "test_hybrid_family",  # (not phimoe: the converter knows only the Hub's class name)
 }
 
 

@@ -96,6 +96,25 @@ def add_value(value: float) -> Transform:
     return f
 
 
+def concat_rows(tensors: list[Any]) -> Any:
+    """A `TensorPart.combine` joining its GGUF tensors by rows (a fused ``[gate | up]`` that the
+    converter split in two). Parts of one GGML block type are joined as block rows, so the
+    result stays quantized (`mistralrs.gguf.loading`); otherwise as floats."""
+    import torch
+
+    return torch.cat(tensors, dim=0)
+
+
+def reshape_to(*shape: int) -> Transform:
+    """A float tensor reshaped (Mamba's ``ssm_conv1d`` [C, K] -> [C, 1, K], ``ssm_norm``
+    [groups, n] -> [groups * n])."""
+
+    def f(data: Any, _shape: tuple[int, ...]) -> tuple[Any, tuple[int, ...]]:
+        return data.reshape(shape), tuple(shape)
+
+    return f
+
+
 def chain(*transforms: Transform | None) -> Transform | None:
     steps = [t for t in transforms if t is not None]
     if not steps:
@@ -184,7 +203,8 @@ STANDARD_TOP_NAMES: dict[str, str] = {
 # Tensors llama.cpp adds that no HF checkpoint has (their content goes into the config).
 CONSUMED_TENSORS = ("rope_freqs.weight",)
 
-_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([A-Za-z0-9_]+)\.(weight|bias)$")
+# (Mamba's ``ssm_a`` / ``ssm_d`` have no .weight suffix: they map to HF names without one)
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([A-Za-z0-9_]+)(?:\.(weight|bias))?$")
 _TOP_RE = re.compile(r"^([A-Za-z0-9_]+)\.(weight|bias)$")
 
 
@@ -209,10 +229,11 @@ def map_tensors(gguf: Any, *, block_names: Mapping[str, str] = STANDARD_BLOCK_NA
         if m:
             layer, key, kind = m.groups()
             prefix = f"{layer_prefix}.{layer}"
+            dot_kind = f".{kind}" if kind else ""
             if key in split:
                 start = 0
                 for split_key, n in split[key]:
-                    hf_name = f"{prefix}.{split_key}.{kind}"
+                    hf_name = f"{prefix}.{split_key}{dot_kind}"
                     extra = transforms(hf_name, info) if transforms else None
                     parts.append(TensorPart(hf_name, name, chain(take_rows(start, start + n), extra)))
                     start += n
@@ -227,11 +248,11 @@ def map_tensors(gguf: Any, *, block_names: Mapping[str, str] = STANDARD_BLOCK_NA
                 raise _unknown(gguf, name)
             if "{e}" in hf_key:
                 for e in range(info.shape[0]):
-                    hf_name = f"{prefix}.{hf_key.format(e=e)}.{kind}"
+                    hf_name = f"{prefix}.{hf_key.format(e=e)}{dot_kind}"
                     extra = transforms(hf_name, info) if transforms else None
                     parts.append(TensorPart(hf_name, name, chain(take_expert(e), extra)))
                 continue
-            hf_name = f"{prefix}.{hf_key}.{kind}"
+            hf_name = f"{prefix}.{hf_key}{dot_kind}"
         else:
             m = _TOP_RE.match(name)
             hf_key = top_names.get(m.group(1)) if m else None
@@ -318,6 +339,28 @@ def sliding_window_layers(hp: Hparams, num_layers: int, default_pattern: int, *,
     return [n == 0 or i % n < n - 1 for i in range(num_layers)]
 
 
+def attention_kv_heads(hp: Hparams, n_head: int) -> int:
+    """``attention.head_count_kv``: one number, or per layer with 0 for the layers that do not
+    attend (hybrid models: Mamba, short-conv, linear-attention layers) and one value for the rest."""
+    value = hp.get("attention.head_count_kv")
+    if isinstance(value, list):
+        attending = [int(v) for v in value if int(v)]
+        if attending:
+            return int(hp.scalar("attention.head_count_kv")) if len(set(attending)) > 1 else attending[0]
+    return int(hp.scalar("attention.head_count_kv", n_head))
+
+
+def attending_layers(hp: Hparams, num_layers: int) -> list[bool]:
+    """Per layer: does it attend (``attention.head_count_kv`` per layer, 0 for a recurrent layer)?"""
+    value = hp.get("attention.head_count_kv")
+    if not isinstance(value, list):
+        return [True] * num_layers
+    if len(value) < num_layers:
+        raise ModelLoadError(f"{hp.where}: metadata '{hp.arch}.attention.head_count_kv' has {len(value)} entries for "
+                             f"{num_layers} layers; the GGUF file is inconsistent")
+    return [bool(int(v)) for v in value[:num_layers]]
+
+
 def standard_config(gguf: Any, *, hf_architecture: str, model_type: str, hp: Hparams | None = None) -> dict:
     """config.json from llama.cpp's common hyper-parameters (``set_gguf_parameters``)."""
     hp = hp or Hparams(gguf)
@@ -329,7 +372,7 @@ def standard_config(gguf: Any, *, hf_architecture: str, model_type: str, hp: Hpa
         "hidden_size": hidden,
         "num_hidden_layers": int(hp.require("block_count")),
         "num_attention_heads": n_head,
-        "num_key_value_heads": int(hp.scalar("attention.head_count_kv", n_head)),
+        "num_key_value_heads": attention_kv_heads(hp, n_head),
         "max_position_embeddings": int(hp.get("context_length", 4096)),
         "rope_theta": float(hp.get("rope.freq_base", 10000.0)),
         "tie_word_embeddings": "output.weight" not in gguf.tensors,
