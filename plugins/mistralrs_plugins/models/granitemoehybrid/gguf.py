@@ -29,9 +29,9 @@ from mistralrs.errors import ModelLoadError
 from mistralrs.gguf.convert import (
     GgufConversion,
     Hparams,
-    attending_layers,
     TensorPart,
     Transform,
+    attending_layers,
     concat_rows,
     map_tensors,
     reshape_to,
