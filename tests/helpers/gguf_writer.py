@@ -362,6 +362,28 @@ def granitehybrid_modify(name: str, t: torch.Tensor, cfg: dict) -> list[tuple[st
     return llama_modify(name, t, cfg)
 
 
+def lfm2_hparams(w: Any, cfg: dict) -> None:
+    """LFM2Model.set_gguf_parameters: KV heads per layer (0 for conv layers), the conv kernel,
+    the feed-forward width as the model computes it."""
+    kinds = cfg["layer_types"]
+    base_hparams(w, {**cfg, "num_key_value_heads": [cfg["num_key_value_heads"] if t != "conv" else 0 for t in kinds]})
+    w.add_vocab_size(cfg["vocab_size"])
+    w.add_shortconv_l_cache(cfg["conv_L_cache"])
+    w.add_layer_norm_rms_eps(cfg["norm_eps"])
+    ff = _find(cfg, ("block_ff_dim", "intermediate_size"))
+    if cfg["block_auto_adjust_ff_dim"]:
+        ff = int(2 * ff / 3)
+        if cfg["block_ffn_dim_multiplier"] is not None:
+            ff = int(cfg["block_ffn_dim_multiplier"] * ff)
+        ff = cfg["block_multiple_of"] * ((ff + cfg["block_multiple_of"] - 1) // cfg["block_multiple_of"])
+    w.add_feed_forward_length(ff)
+
+
+def lfm2_modify(name: str, t: torch.Tensor, cfg: dict) -> list[tuple[str, torch.Tensor]]:
+    """LFM2Model.modify_tensors: the conv weight squeezed to 2-D."""
+    return [(name, t.squeeze(1) if "conv.conv" in name else t)]
+
+
 def llama_extra(cfg: dict) -> list[tuple[str, torch.Tensor]]:
     """LlamaModel.generate_extra_tensors: llama3 rope scaling as the rope_freqs tensor."""
     import math
@@ -562,6 +584,7 @@ RECIPES: dict[str, Recipe] = {
     "GraniteForCausalLM": Recipe("GRANITE", granite_hparams, llama_modify, extra=llama_extra),
     "GraniteMoeHybridForCausalLM": Recipe("GRANITE_HYBRID", granitehybrid_hparams, granitehybrid_modify,
                                           f32=("ffn_gate_inp", "ssm_conv1d")),
+    "Lfm2ForCausalLM": Recipe("LFM2", lfm2_hparams, lfm2_modify, f32=("shortconv.conv",)),
     "DeepseekV2ForCausalLM": Recipe("DEEPSEEK2", deepseek2_hparams, deepseek2_modify, f32=("ffn_gate_inp",)),
     "DeepseekV3ForCausalLM": Recipe("DEEPSEEK2", deepseek2_hparams, deepseek2_modify, f32=("ffn_gate_inp",)),
     "Glm4MoeForCausalLM": Recipe("GLM4_MOE", glm4moe_hparams, deepseek2_modify, f32=("ffn_gate_inp",)),

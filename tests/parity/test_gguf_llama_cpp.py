@@ -58,7 +58,8 @@ CASES = {
     "glm4moe": "test_phimoe_glm4moe_family",  # (not glm4moe_fused: Glm4MoeModel stacks only per-expert tensors)
     "glm4moelite_hub": "test_phimoe_glm4moe_family",
     "granitemoehybrid": "test_hybrid_family",
-    "granitemoehybrid_dense_rope_tied": "test_hybrid_family",  # (not phimoe: the converter knows only the Hub's class name)
+    "granitemoehybrid_dense_rope_tied": "test_hybrid_family",
+    "lfm2": "test_hybrid_family",  # (not phimoe: the converter knows only the Hub's class name)
 }
 
 

@@ -203,8 +203,8 @@ STANDARD_TOP_NAMES: dict[str, str] = {
 # Tensors llama.cpp adds that no HF checkpoint has (their content goes into the config).
 CONSUMED_TENSORS = ("rope_freqs.weight",)
 
-# (Mamba's ``ssm_a`` / ``ssm_d`` have no .weight suffix: they map to HF names without one)
-_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([A-Za-z0-9_]+)(?:\.(weight|bias))?$")
+# keys may be dotted (LFM2's shortconv.conv); Mamba's ssm_a / ssm_d have no .weight suffix (HF names without one)
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([A-Za-z0-9_.]+?)(?:\.(weight|bias))?$")
 _TOP_RE = re.compile(r"^([A-Za-z0-9_]+)\.(weight|bias)$")
 
 
