@@ -384,6 +384,56 @@ def lfm2_modify(name: str, t: torch.Tensor, cfg: dict) -> list[tuple[str, torch.
     return [(name, t.squeeze(1) if "conv.conv" in name else t)]
 
 
+def qwen3next_hparams(w: Any, cfg: dict) -> None:
+    """Qwen3NextModel.set_gguf_parameters (with _QwenMtpMixin: block_count counts the
+    multi-token-prediction layers, ``mtp_num_hidden_layers``; without it or mtp.* tensors the
+    converter stops), Qwen2MoeModel's expert widths, the DeltaNet sizes, the layer pattern."""
+    n_mtp = cfg.get("mtp_num_hidden_layers", 0)
+    assert n_mtp, "llama.cpp's Qwen3-Next converter needs mtp_num_hidden_layers (or mtp.* tensors)"
+    n = cfg["num_hidden_layers"]
+    base_hparams(w, {**cfg, "num_hidden_layers": n + n_mtp})
+    if cfg.get("moe_intermediate_size") is not None:
+        w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+    if cfg.get("shared_expert_intermediate_size") is not None:
+        w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
+    w.add_ssm_conv_kernel(cfg["linear_conv_kernel_dim"])
+    w.add_ssm_state_size(cfg["linear_key_head_dim"])
+    w.add_ssm_group_count(cfg["linear_num_key_heads"])
+    w.add_ssm_time_step_rank(cfg["linear_num_value_heads"])
+    w.add_ssm_inner_size(cfg["linear_value_head_dim"] * cfg["linear_num_value_heads"])
+    if (layer_types := cfg.get("layer_types")) is not None:
+        # add_recurrent_layers (newer gguf-py than the installed one)
+        w.add_array(f"{w.arch}.attention.recurrent_layers", [t == "linear_attention" for t in layer_types] + [False] * n_mtp)
+    w.add_full_attention_interval(cfg.get("full_attention_interval", 4))
+    rope_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    w.add_rope_dimension_count(int(rope_dim * rope_parameters(cfg).get("partial_rotary_factor", 0.25)))
+    w.add_nextn_predict_layers(n_mtp)
+
+
+def qwen3next_modify(name: str, t: torch.Tensor, cfg: dict) -> list[tuple[str, torch.Tensor]]:
+    """Qwen3NextModel.modify_tensors: A = -exp(A_log), dt_bias as dt_proj.bias, the conv weight
+    squeezed, norms but the DeltaNet's as 1 + w, in_proj_qkvz regrouped into attn_qkv (all q,
+    all k, all v) and attn_gate (all z)."""
+    if name.endswith(".A_log"):
+        t = -torch.exp(t)
+    elif name.endswith(".dt_bias"):
+        name = name.rpartition(".dt_bias")[0] + ".dt_proj.bias"
+    elif "conv1d" in name:
+        t = t.squeeze()
+    elif name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
+        t = t + 1
+    if "in_proj_qkvz.weight" in name:
+        dk, dv = cfg["linear_key_head_dim"], cfg["linear_value_head_dim"]
+        nk, nv = cfg["linear_num_key_heads"], cfg["linear_num_value_heads"]
+        split = [dk, dk, nv // nk * dv, nv // nk * dv]
+        q, k, v, z = torch.split(t.permute(1, 0).contiguous().view(-1, nk, sum(split)), split, dim=-1)
+        hidden = cfg["hidden_size"]
+        qkv = torch.cat([x.contiguous().view(hidden, -1) for x in (q, k, v)], dim=-1).permute(1, 0).contiguous()
+        pre = name.removesuffix(".in_proj_qkvz.weight")
+        return [(pre + ".in_proj_qkv.weight", qkv), (pre + ".in_proj_z.weight", z.contiguous().view(hidden, -1).T)]
+    return [(name, t)]
+
+
 def llama_extra(cfg: dict) -> list[tuple[str, torch.Tensor]]:
     """LlamaModel.generate_extra_tensors: llama3 rope scaling as the rope_freqs tensor."""
     import math
@@ -585,6 +635,8 @@ RECIPES: dict[str, Recipe] = {
     "GraniteMoeHybridForCausalLM": Recipe("GRANITE_HYBRID", granitehybrid_hparams, granitehybrid_modify,
                                           f32=("ffn_gate_inp", "ssm_conv1d")),
     "Lfm2ForCausalLM": Recipe("LFM2", lfm2_hparams, lfm2_modify, f32=("shortconv.conv",)),
+    "Qwen3NextForCausalLM": Recipe("QWEN3NEXT", qwen3next_hparams, qwen3next_modify,
+                                   f32=("ffn_gate_inp", "ssm_conv1d")),
     "DeepseekV2ForCausalLM": Recipe("DEEPSEEK2", deepseek2_hparams, deepseek2_modify, f32=("ffn_gate_inp",)),
     "DeepseekV3ForCausalLM": Recipe("DEEPSEEK2", deepseek2_hparams, deepseek2_modify, f32=("ffn_gate_inp",)),
     "Glm4MoeForCausalLM": Recipe("GLM4_MOE", glm4moe_hparams, deepseek2_modify, f32=("ffn_gate_inp",)),

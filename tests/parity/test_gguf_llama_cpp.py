@@ -59,7 +59,8 @@ CASES = {
     "glm4moelite_hub": "test_phimoe_glm4moe_family",
     "granitemoehybrid": "test_hybrid_family",
     "granitemoehybrid_dense_rope_tied": "test_hybrid_family",
-    "lfm2": "test_hybrid_family",  # (not phimoe: the converter knows only the Hub's class name)
+    "lfm2": "test_hybrid_family",
+    "qwen3next": "test_hybrid_family",  # (not phimoe: the converter knows only the Hub's class name)
 }
 
 

@@ -96,13 +96,32 @@ def add_value(value: float) -> Transform:
     return f
 
 
-def concat_rows(tensors: list[Any]) -> Any:
-    """A `TensorPart.combine` joining its GGUF tensors by rows (a fused ``[gate | up]`` that the
-    converter split in two). Parts of one GGML block type are joined as block rows, so the
-    result stays quantized (`mistralrs.gguf.loading`); otherwise as floats."""
+@attrs.frozen
+class JoinRows:
+    """A `TensorPart.combine` that joins its GGUF tensors by rows, then takes the rows in `order`
+    (None: as they come): a fused ``[gate | up]`` the converter split in two, Qwen3-Next's
+    ``in_proj_qkvz`` it regrouped. Rows only, so parts of one GGML block type are joined as block
+    rows and the result stays quantized (`mistralrs.gguf.loading`); otherwise as floats."""
+
+    order: tuple[int, ...] | None = None
+
+    def __call__(self, tensors: list[Any]) -> Any:
+        import torch
+
+        joined = torch.cat(tensors, dim=0)
+        return joined if self.order is None else joined[torch.tensor(self.order, dtype=torch.long)]
+
+
+concat_rows = JoinRows()
+
+
+def neg_exp_to_log(data: Any, shape: tuple[int, ...]) -> tuple[Any, tuple[int, ...]]:
+    """Mamba-2 / Gated DeltaNet's ``A = -exp(A_log)`` (how llama.cpp's converters store it, as
+    ``ssm_a`` [H] or [H, 1]) back to ``A_log`` [H] (float32, as A is stored)."""
     import torch
 
-    return torch.cat(tensors, dim=0)
+    flat = data.float().reshape(-1)
+    return torch.log(-flat), (flat.numel(),)
 
 
 def reshape_to(*shape: int) -> Transform:

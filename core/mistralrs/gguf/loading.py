@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from mistralrs.errors import ModelLoadError
-from mistralrs.gguf.convert import GgufConversion, TensorPart, concat_rows
+from mistralrs.gguf.convert import GgufConversion, JoinRows, TensorPart
 from mistralrs.gguf.reader import GgufModel, GgufTensorInfo
 
 log = logging.getLogger("mistralrs.gguf")
@@ -175,23 +175,22 @@ def _read_part(gguf: GgufModel, part: TensorPart, cache: dict[str, Any]) -> Any:
 
 
 def _joins_blocks(gguf: GgufModel, part: TensorPart) -> bool:
-    """A `concat_rows` part whose 2-D tensors share one GGML block type: joined as block rows."""
+    """A `JoinRows` part whose 2-D tensors share one GGML block type: joined as block rows."""
     infos = [gguf.tensors[name] for name in (part.gguf_name, *part.also)]
-    return (part.combine is concat_rows and not infos[0].is_plain and all(len(i.shape) == 2 for i in infos)
+    return (isinstance(part.combine, JoinRows) and not infos[0].is_plain and all(len(i.shape) == 2 for i in infos)
             and len({(i.ggml_type, i.shape[-1]) for i in infos}) == 1)
 
 
 def _combined(gguf: GgufModel, part: TensorPart, cache: dict[str, Any], to_float: Callable[[Any, Any], Any]) -> Any:
     """A part made from several GGUF tensors: each as floats (whole rows dequantized), combined;
     or their block rows joined as they are (`_joins_blocks`)."""
-    import torch
-
     from mistralrs.nn.quantized import GgmlBlocks
 
     if _joins_blocks(gguf, part):
         blocks = [_read_part(gguf, TensorPart(part.hf_name, name), cache) for name in (part.gguf_name, *part.also)]
-        rows = sum(b.shape[0] for b in blocks)
-        return GgmlBlocks(torch.cat([b.data for b in blocks], dim=0), blocks[0].ggml_type, (rows, blocks[0].shape[-1]))
+        assert part.combine is not None
+        data = part.combine([b.data for b in blocks])
+        return GgmlBlocks(data, blocks[0].ggml_type, (int(data.shape[0]), blocks[0].shape[-1]))
 
     values = []
     for name in (part.gguf_name, *part.also):

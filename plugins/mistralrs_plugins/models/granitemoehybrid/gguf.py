@@ -23,8 +23,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import torch
-
 from mistralrs.errors import ModelLoadError
 from mistralrs.gguf.convert import (
     GgufConversion,
@@ -34,6 +32,7 @@ from mistralrs.gguf.convert import (
     attending_layers,
     concat_rows,
     map_tensors,
+    neg_exp_to_log,
     reshape_to,
     standard_config,
     unpermute_rows,
@@ -65,12 +64,6 @@ BLOCK_NAMES = {
     "ffn_up": "shared_mlp.up",
     "ffn_down": "shared_mlp.output_linear",
 }
-
-
-def _neg_exp_to_log(data: Any, shape: tuple[int, ...]) -> tuple[Any, tuple[int, ...]]:
-    """A = -exp(A_log) -> A_log (float32: A is stored so)."""
-    flat = data.float().reshape(-1)
-    return torch.log(-flat), (flat.numel(),)
 
 
 def _flatten(data: Any, shape: tuple[int, ...]) -> tuple[Any, tuple[int, ...]]:
@@ -120,7 +113,7 @@ def convert(gguf: Any) -> GgufConversion:
         if re.search(r"\.k_proj\.(weight|bias)$", hf_name):
             return unpermute_rows(config["num_key_value_heads"])
         if hf_name.endswith(".A_log"):
-            return _neg_exp_to_log
+            return neg_exp_to_log
         if hf_name.endswith((".mamba.D", ".mamba.norm.weight")):
             return _flatten
         if hf_name.endswith(".mamba.conv1d.weight"):
