@@ -287,3 +287,35 @@ def test_qwen3next_prompt_over_one_delta_chunk(tmp_path):
 
     path, hf = _qwen3next(tmp_path, max_position_embeddings=256)
     assert assert_logits_match(path, hf, seq_len=80) <= 1e-4
+
+
+def test_qwen3next_gguf_with_mtp_layer_from_llama_cpp(tmp_path):
+    """A Qwen3-Next checkpoint with its multi-token-prediction head (``mtp.*``) through llama.cpp's
+    own converter: the file's extra block (``blk.4``: attn_norm, nextn.eh_proj ...) is left out
+    and the F32 file gives transformers' logits. Needs ``LLAMA_CPP_SRC``."""
+    from safetensors.torch import load_file, save_file
+
+    from mistralrs.gguf.reader import GgufModel
+    from tests.helpers.gguf_writer import convert_with_llama_cpp, llama_cpp_src
+    from tests.helpers.parity import assert_gguf_logits_match_hf
+    from tests.helpers.tiny_tokenizer import write_tiny_tokenizer
+
+    if llama_cpp_src() is None:
+        pytest.skip("set LLAMA_CPP_SRC to a llama.cpp source tree to run its converter")
+    path, hf = _qwen3next(tmp_path / "q3n")
+    (shard,) = path.glob("*.safetensors")
+    tensors = load_file(shard)
+    h = hf.config.hidden_size
+    gen = torch.Generator().manual_seed(9)
+    tensors.update({"mtp.fc.weight": torch.randn(h, 2 * h, generator=gen),
+                    "mtp.pre_fc_norm_embedding.weight": torch.zeros(h), "mtp.pre_fc_norm_hidden.weight": torch.zeros(h),
+                    "mtp.norm.weight": torch.zeros(h), "mtp.layers.0.input_layernorm.weight": torch.zeros(h)})
+    save_file(tensors, shard, metadata={"format": "pt"})
+    write_tiny_tokenizer(path, vocab_size=hf.config.vocab_size)
+    out = convert_with_llama_cpp(path, tmp_path / "q3n.gguf")
+    gguf = GgufModel.open([out])
+    try:
+        assert "blk.4.nextn.eh_proj.weight" in gguf.tensors and "blk.4.attn_norm.weight" in gguf.tensors
+    finally:
+        gguf.close()
+    print("vs transformers", assert_gguf_logits_match_hf(out, hf))
