@@ -319,3 +319,26 @@ def test_qwen3next_gguf_with_mtp_layer_from_llama_cpp(tmp_path):
     finally:
         gguf.close()
     print("vs transformers", assert_gguf_logits_match_hf(out, hf))
+
+
+@pytest.mark.parametrize("name", ["granitemoehybrid", "qwen3next"])
+def test_gguf_rows_joined_from_two_tensors_stay_quantized(name, tmp_path):
+    """Granite's shared input_linear (ffn_gate_shexp + ffn_up_shexp) and Qwen3-Next's in_proj_qkvz
+    (attn_qkv + attn_gate, regrouped) are joined from two Q8_0 tensors as block rows: the layer
+    keeps Q8_0 and holds exactly the blocks --isq q8_0 makes of the checkpoint's weight."""
+    from mistralrs.gguf.loading import load_gguf
+    from mistralrs.loading import load_model
+    from mistralrs.quantization import IsqPlan
+    from tests.helpers.gguf_writer import write_gguf
+
+    path, _ = CASES[name](tmp_path / name)
+    loaded = load_gguf(write_gguf(path, tmp_path / "q8.gguf", outtype="q8_0"), dtype=torch.float32)
+    isq = load_model(path, dtype=torch.float32, quant_method_for=IsqPlan("q8_0").method_for)
+    suffix = "shared_mlp.input_linear" if name.startswith("granite") else "linear_attn.in_proj_qkvz"
+    theirs = dict(isq.model.named_modules())
+    joined = [(n, m) for n, m in loaded.model.named_modules() if n.endswith(suffix)]
+    assert joined
+    for n, module in joined:
+        assert module.quant_method.describe() == "q8_0", n
+        assert torch.equal(module.qweight, theirs[n].qweight), n
+    loaded.gguf.close()
