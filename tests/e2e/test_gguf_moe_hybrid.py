@@ -39,14 +39,13 @@ def files(request, tmp_path_factory):
     module, maker = MAKERS[request.param]
     make = getattr(importlib.import_module(f"tests.parity.{module}"), maker)
     make(src, vocab_size=Tokenizer.from_dir(src).vocab_size, bos_token_id=0, eos_token_id=1)
-    return (request.param, src, write_gguf(src, tmp / "model-f32.gguf", outtype="f32"),
-            write_gguf(src, tmp / "model-q8_0.gguf", outtype="q8_0"))
+    return request.param, src, write_gguf(src, tmp / "model-q8_0.gguf", outtype="q8_0")
 
 
 def test_q8_0_file_answers_a_chat_request(files):
     from mistralrs import ChatCompletionRequest, Runner, Which
 
-    arch, _, _, q8 = files
+    arch, _, q8 = files
     runner = Runner(Which.GGUF(quantized_model_id=str(q8), dtype="f32"))
     try:
         assert runner.service.loaded.arch.name == arch
@@ -67,8 +66,11 @@ def _run(model):
 
 
 @pytest.mark.slow  # two CLI runs per architecture (~15 s)
-def test_cli_run_on_the_f32_file_answers_as_the_checkpoint(files):
-    _, src, f32, _ = files
+def test_cli_run_on_the_f32_file_answers_as_the_checkpoint(files, tmp_path):
+    from tests.helpers.gguf_writer import write_gguf
+
+    _, src, _ = files
+    f32 = write_gguf(src, tmp_path / "model-f32.gguf", outtype="f32")
     from_gguf, from_hf = _run(f32), _run(src)
     assert from_gguf.returncode == 0, from_gguf.stderr
     assert from_hf.returncode == 0, from_hf.stderr
