@@ -203,6 +203,13 @@ def phi3_hparams(w: Any, cfg: dict) -> None:
         w.add_rope_scaling_attn_factors(attn_factor)
 
 
+def phimoe_hparams(w: Any, cfg: dict) -> None:
+    """PhiMoeModel.set_gguf_parameters: Phi-3's plus the expert counts."""
+    phi3_hparams(w, cfg)
+    w.add_expert_used_count(_find(cfg, ("num_experts_per_tok", "num_experts_per_token")))
+    w.add_expert_count(_find(cfg, ("num_local_experts", "num_experts")))
+
+
 def phi3_extra(cfg: dict) -> list[tuple[str, torch.Tensor]]:
     """Phi3MiniModel.generate_extra_tensors: longrope's factors as two tensors."""
     rope, _, rope_dims = _phi3_rope(cfg)
@@ -289,6 +296,144 @@ def granite_hparams(w: Any, cfg: dict) -> None:
         w.add_logit_scale(cfg["logits_scaling"])
 
 
+def _granite_attn_layers(cfg: dict) -> list[int]:
+    """GraniteHybridModel.get_attn_layers: layer_types entries "attention" (the Hub's names;
+    transformers 5 saves "full_attention", which this converter does not know), else the
+    index list or period."""
+    if layer_types := cfg.get("layer_types"):
+        return [i for i, t in enumerate(layer_types) if t == "attention"]
+    if attn := cfg.get("attn_layer_indices", []):
+        return attn
+    return [i for i in range(cfg["num_hidden_layers"]) if i % cfg["attn_layer_period"] == cfg["attn_layer_offset"]]
+
+
+def granitehybrid_hparams(w: Any, cfg: dict) -> None:
+    """GraniteHybridModel.set_gguf_parameters: GraniteMoeModel's, the Mamba-2 sizes, the KV head
+    count per layer (0: Mamba), rope only for Bamba or a model without Mamba layers."""
+    granite_hparams(w, cfg)
+    if shared := cfg.get("shared_intermediate_size"):
+        w.add_expert_shared_feed_forward_length(shared)
+    attn = _granite_attn_layers(cfg)
+    ssm = [i for i in range(cfg["num_hidden_layers"]) if i not in attn]
+    w.add_ssm_conv_kernel(cfg["mamba_d_conv"])
+    w.add_ssm_state_size(cfg["mamba_d_state"])
+    w.add_ssm_group_count(cfg["mamba_n_groups"])
+    w.add_ssm_inner_size(cfg["mamba_expand"] * cfg["hidden_size"])
+    w.add_ssm_time_step_rank(cfg["mamba_n_heads"])
+    w.add_head_count_kv([cfg["num_key_value_heads"] if i in attn else 0 for i in range(cfg["num_hidden_layers"])])
+    if rope_dim := cfg.get("attn_rotary_emb"):
+        w.add_rope_dimension_count(rope_dim)
+    use_rope = "BambaForCausalLM" in cfg["architectures"] or not ssm
+    w.add_rope_scaling_finetuned(use_rope)
+    if not use_rope:
+        w.add_context_length(2**20)
+
+
+def granitehybrid_modify(name: str, t: torch.Tensor, cfg: dict) -> list[tuple[str, torch.Tensor]]:
+    """GraniteHybridModel.modify_tensors: experts' and the shared MLP's fused input_linear split
+    into gate / up, Mamba-2's tensors as Mamba2Model writes them (conv1d squeezed, A = -exp(A_log)
+    and D as [H, 1], the norm as [groups, d_inner / groups], dt_bias as dt_proj.bias), attention
+    Q/K permuted as Llama's."""
+    pre = name.rsplit(".", 2)[0] if name.endswith(".weight") else name.rsplit(".", 1)[0]
+    if name.endswith("block_sparse_moe.input_linear.weight"):
+        gate, up = t.split(cfg["intermediate_size"], dim=-2)
+        return [(pre + ".experts.w1.weight", gate), (pre + ".experts.w3.weight", up)]
+    layer = pre.rsplit(".", 1)[0]
+    experts = bool(cfg.get("num_local_experts"))
+    if name.endswith("shared_mlp.input_linear.weight"):
+        gate, up = t.split(cfg["shared_intermediate_size"], dim=-2)
+        mlp = layer + (".mlp.shared_expert" if experts else ".mlp")
+        return [(mlp + ".gate_proj.weight", gate), (mlp + ".up_proj.weight", up)]
+    if name.endswith("shared_mlp.output_linear.weight") and not experts:
+        return [(layer + ".mlp.down_proj.weight", t)]
+    if ".mamba." in name:
+        if name.endswith(".dt_bias"):
+            return [(name.replace(".dt_bias", ".dt_proj.bias"), t)]
+        if name.endswith("conv1d.weight"):
+            return [(name, t.squeeze())]
+        if name.endswith(".A_log"):
+            return [(name, -torch.exp(t.reshape(*t.shape, 1)))]
+        if name.endswith(".D"):
+            return [(name, t.reshape(*t.shape, 1))]
+        if name.endswith("norm.weight"):
+            d_inner = cfg["mamba_expand"] * cfg["hidden_size"]
+            return [(name, t.reshape(cfg["mamba_n_groups"], d_inner // cfg["mamba_n_groups"]))]
+        return [(name, t)]
+    return llama_modify(name, t, cfg)
+
+
+def lfm2_hparams(w: Any, cfg: dict) -> None:
+    """LFM2Model.set_gguf_parameters: KV heads per layer (0 for conv layers), the conv kernel,
+    the feed-forward width as the model computes it."""
+    kinds = cfg["layer_types"]
+    base_hparams(w, {**cfg, "num_key_value_heads": [cfg["num_key_value_heads"] if t != "conv" else 0 for t in kinds]})
+    w.add_vocab_size(cfg["vocab_size"])
+    w.add_shortconv_l_cache(cfg["conv_L_cache"])
+    w.add_layer_norm_rms_eps(cfg["norm_eps"])
+    ff = _find(cfg, ("block_ff_dim", "intermediate_size"))
+    if cfg["block_auto_adjust_ff_dim"]:
+        ff = int(2 * ff / 3)
+        if cfg["block_ffn_dim_multiplier"] is not None:
+            ff = int(cfg["block_ffn_dim_multiplier"] * ff)
+        ff = cfg["block_multiple_of"] * ((ff + cfg["block_multiple_of"] - 1) // cfg["block_multiple_of"])
+    w.add_feed_forward_length(ff)
+
+
+def lfm2_modify(name: str, t: torch.Tensor, cfg: dict) -> list[tuple[str, torch.Tensor]]:
+    """LFM2Model.modify_tensors: the conv weight squeezed to 2-D."""
+    return [(name, t.squeeze(1) if "conv.conv" in name else t)]
+
+
+def qwen3next_hparams(w: Any, cfg: dict) -> None:
+    """Qwen3NextModel.set_gguf_parameters (with _QwenMtpMixin: block_count counts the
+    multi-token-prediction layers, ``mtp_num_hidden_layers``; without it or mtp.* tensors the
+    converter stops), Qwen2MoeModel's expert widths, the DeltaNet sizes, the layer pattern."""
+    n_mtp = cfg.get("mtp_num_hidden_layers", 0)
+    assert n_mtp, "llama.cpp's Qwen3-Next converter needs mtp_num_hidden_layers (or mtp.* tensors)"
+    n = cfg["num_hidden_layers"]
+    base_hparams(w, {**cfg, "num_hidden_layers": n + n_mtp})
+    if cfg.get("moe_intermediate_size") is not None:
+        w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+    if cfg.get("shared_expert_intermediate_size") is not None:
+        w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
+    w.add_ssm_conv_kernel(cfg["linear_conv_kernel_dim"])
+    w.add_ssm_state_size(cfg["linear_key_head_dim"])
+    w.add_ssm_group_count(cfg["linear_num_key_heads"])
+    w.add_ssm_time_step_rank(cfg["linear_num_value_heads"])
+    w.add_ssm_inner_size(cfg["linear_value_head_dim"] * cfg["linear_num_value_heads"])
+    if (layer_types := cfg.get("layer_types")) is not None:
+        # add_recurrent_layers (newer gguf-py than the installed one)
+        w.add_array(f"{w.arch}.attention.recurrent_layers", [t == "linear_attention" for t in layer_types] + [False] * n_mtp)
+    w.add_full_attention_interval(cfg.get("full_attention_interval", 4))
+    rope_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    w.add_rope_dimension_count(int(rope_dim * rope_parameters(cfg).get("partial_rotary_factor", 0.25)))
+    w.add_nextn_predict_layers(n_mtp)
+
+
+def qwen3next_modify(name: str, t: torch.Tensor, cfg: dict) -> list[tuple[str, torch.Tensor]]:
+    """Qwen3NextModel.modify_tensors: A = -exp(A_log), dt_bias as dt_proj.bias, the conv weight
+    squeezed, norms but the DeltaNet's as 1 + w, in_proj_qkvz regrouped into attn_qkv (all q,
+    all k, all v) and attn_gate (all z)."""
+    if name.endswith(".A_log"):
+        t = -torch.exp(t)
+    elif name.endswith(".dt_bias"):
+        name = name.rpartition(".dt_bias")[0] + ".dt_proj.bias"
+    elif "conv1d" in name:
+        t = t.squeeze()
+    elif name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
+        t = t + 1
+    if "in_proj_qkvz.weight" in name:
+        dk, dv = cfg["linear_key_head_dim"], cfg["linear_value_head_dim"]
+        nk, nv = cfg["linear_num_key_heads"], cfg["linear_num_value_heads"]
+        split = [dk, dk, nv // nk * dv, nv // nk * dv]
+        q, k, v, z = torch.split(t.permute(1, 0).contiguous().view(-1, nk, sum(split)), split, dim=-1)
+        hidden = cfg["hidden_size"]
+        qkv = torch.cat([x.contiguous().view(hidden, -1) for x in (q, k, v)], dim=-1).permute(1, 0).contiguous()
+        pre = name.removesuffix(".in_proj_qkvz.weight")
+        return [(pre + ".in_proj_qkv.weight", qkv), (pre + ".in_proj_z.weight", z.contiguous().view(hidden, -1).T)]
+    return [(name, t)]
+
+
 def llama_extra(cfg: dict) -> list[tuple[str, torch.Tensor]]:
     """LlamaModel.generate_extra_tensors: llama3 rope scaling as the rope_freqs tensor."""
     import math
@@ -342,6 +487,42 @@ def deepseek2_hparams(w: Any, cfg: dict) -> None:
     w.add_rope_dimension_count(cfg["qk_rope_head_dim"])
     if (mscale_all := rope_parameters(cfg).get("mscale_all_dim")) is not None:
         w.add_rope_scaling_yarn_log_mul(0.1 * mscale_all)
+
+
+def glm4moe_hparams(w: Any, cfg: dict) -> None:
+    """Glm4MoeModel.set_gguf_parameters: block_count counts the multi-token-prediction layers,
+    the rotated dims, the MoE keys, a sigmoid router."""
+    import gguf
+
+    nextn = cfg.get("num_nextn_predict_layers")
+    base_hparams(w, {**cfg, "num_hidden_layers": cfg["num_hidden_layers"] + (nextn or 0)})
+    rope_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    w.add_rope_dimension_count(int(rope_dim * rope_parameters(cfg).get("partial_rotary_factor", 0.5)))
+    if cfg.get("n_routed_experts") is not None:
+        w.add_expert_count(cfg["n_routed_experts"])
+    if cfg.get("moe_intermediate_size") is not None:
+        w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+    if cfg.get("n_shared_experts") is not None:
+        w.add_expert_shared_count(cfg["n_shared_experts"])
+    if cfg.get("first_k_dense_replace") is not None:
+        w.add_leading_dense_block_count(cfg["first_k_dense_replace"])
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    if cfg.get("routed_scaling_factor") is not None:
+        w.add_expert_weights_scale(cfg["routed_scaling_factor"])
+    if cfg.get("norm_topk_prob") is not None:
+        w.add_expert_weights_norm(cfg["norm_topk_prob"])
+    if nextn is not None:
+        w.add_nextn_predict_layers(nextn)
+
+
+def glm4moelite_hparams(w: Any, cfg: dict) -> None:
+    """Glm4MoeLiteModel (a DeepseekV2Model): DeepSeek's keys; with multi-token-prediction
+    layers, block_count counts them and nextn_predict_layers is written."""
+    deepseek2_hparams(w, cfg)
+    nextn = cfg.get("num_nextn_predict_layers", 0)
+    if nextn != 0:
+        w.add_block_count(cfg["num_hidden_layers"] + nextn)
+        w.add_nextn_predict_layers(nextn)
 
 
 def deepseek2_modify(name: str, t: torch.Tensor, cfg: dict) -> list[tuple[str, torch.Tensor]]:
@@ -442,6 +623,8 @@ RECIPES: dict[str, Recipe] = {
     "Qwen3MoeForCausalLM": Recipe("QWEN3MOE", qwen3moe_hparams, f32=("ffn_gate_inp",)),
     "PhiForCausalLM": Recipe("PHI2", phi2_hparams),
     "Phi3ForCausalLM": Recipe("PHI3", phi3_hparams, extra=phi3_extra),
+    "PhimoeForCausalLM": Recipe("PHIMOE", phimoe_hparams, f32=("ffn_gate_inp",), extra=phi3_extra),
+    "PhiMoEForCausalLM": Recipe("PHIMOE", phimoe_hparams, f32=("ffn_gate_inp",), extra=phi3_extra),
     "Starcoder2ForCausalLM": Recipe("STARCODER2"),
     "GemmaForCausalLM": Recipe("GEMMA", gemma_hparams, gemma_modify),
     "Gemma2ForCausalLM": Recipe("GEMMA2", gemma2_hparams, gemma_modify),
@@ -449,8 +632,15 @@ RECIPES: dict[str, Recipe] = {
     "Glm4ForCausalLM": Recipe("GLM4", glm4_hparams),
     "SmolLM3ForCausalLM": Recipe("SMOLLM3", llama_hparams, llama_modify, extra=llama_extra),
     "GraniteForCausalLM": Recipe("GRANITE", granite_hparams, llama_modify, extra=llama_extra),
+    "GraniteMoeHybridForCausalLM": Recipe("GRANITE_HYBRID", granitehybrid_hparams, granitehybrid_modify,
+                                          f32=("ffn_gate_inp", "ssm_conv1d")),
+    "Lfm2ForCausalLM": Recipe("LFM2", lfm2_hparams, lfm2_modify, f32=("shortconv.conv",)),
+    "Qwen3NextForCausalLM": Recipe("QWEN3NEXT", qwen3next_hparams, qwen3next_modify,
+                                   f32=("ffn_gate_inp", "ssm_conv1d")),
     "DeepseekV2ForCausalLM": Recipe("DEEPSEEK2", deepseek2_hparams, deepseek2_modify, f32=("ffn_gate_inp",)),
     "DeepseekV3ForCausalLM": Recipe("DEEPSEEK2", deepseek2_hparams, deepseek2_modify, f32=("ffn_gate_inp",)),
+    "Glm4MoeForCausalLM": Recipe("GLM4_MOE", glm4moe_hparams, deepseek2_modify, f32=("ffn_gate_inp",)),
+    "Glm4MoeLiteForCausalLM": Recipe("DEEPSEEK2", glm4moelite_hparams, deepseek2_modify, f32=("ffn_gate_inp",)),
     "GptOssForCausalLM": Recipe("GPT_OSS", gpt_oss_hparams, gpt_oss_modify, f32=("ffn_gate_inp",),
                                 split_fused_experts=False, mxfp4=gpt_oss_mxfp4),
 }

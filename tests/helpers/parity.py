@@ -355,12 +355,18 @@ class ParitySuite:
         model: F32 gives the safetensors model's logits and greedy tokens, Q8_0 its argmax."""
         import pytest
 
-        name, path, _ = tiny
+        name, path, hf = tiny
         if name in self.gguf_unsupported:
             pytest.skip(self.gguf_unsupported[name])
+        direct = self.gguf_vs_transformers and name not in self.gguf_config and name not in self.gguf_as
         print(name, assert_gguf_matches(path, tmp_path, arch=self.arch_override.get(name),
                                          ref_arch=self.gguf_as.get(name), ref_config=self.gguf_config.get(name),
-                                         q8_min_cosine=self.gguf_q8_min_cosine.get(name, ISQ_MIN_COSINE["q8_0"])))
+                                         q8_min_cosine=self.gguf_q8_min_cosine.get(name, ISQ_MIN_COSINE["q8_0"]),
+                                         hf_model=hf if direct else None))
+
+    # the F32 file's logits also checked against transformers' own model (cases whose reference
+    # config is not changed for the file)
+    gguf_vs_transformers = False
 
     # case name -> config.json changes that make the safetensors reference what llama.cpp runs
     # (e.g. no sliding window: its llama/qwen2/qwen3moe graphs have none); None deletes a key.
@@ -473,9 +479,29 @@ def assert_gptq_close(path: Path | str, tmp: Path, *, arch: str | None = None, s
     return cos
 
 
+def assert_gguf_logits_match_hf(gguf_path: Path | str, hf_model: Any, *, atol: float = 1e-4, seq_len: int = 16,
+                                seed: int = 1) -> float:
+    """A GGUF file loaded through the GGUF path against transformers' own model (fp32, all
+    positions): max |logit diff|, asserted <= `atol`."""
+    from mistralrs.gguf.loading import load_gguf
+
+    loaded = load_gguf(gguf_path, dtype=torch.float32)
+    try:
+        ids = _prompt(hf_model.config.vocab_size, seq_len, seed)
+        ours = our_logits(loaded, ids)
+        with torch.no_grad():
+            ref = hf_model(ids[None]).logits[0].float()
+    finally:
+        loaded.gguf.close()
+    diff = float((ours - ref).abs().max())
+    assert diff <= atol, f"{Path(gguf_path).name}: GGUF logits differ from transformers' by {diff:.3g}"
+    return diff
+
+
 def assert_gguf_matches(path: Path | str, tmp: Path, *, arch: str | None = None, seq_len: int = 32,
                         writer: Any = None, ref_arch: str | None = None,
-                        ref_config: dict | None = None, q8_min_cosine: float = 0.99) -> dict[str, float]:
+                        ref_config: dict | None = None, q8_min_cosine: float = 0.99,
+                        hf_model: Any = None) -> dict[str, float]:
     from mistralrs.gguf.loading import load_gguf
     from mistralrs.loading import build_attention_backend, generate_greedy
     from tests.helpers.gguf_writer import write_gguf
@@ -506,6 +532,12 @@ def assert_gguf_matches(path: Path | str, tmp: Path, *, arch: str | None = None,
     diff = float((our_logits(f32, ids) - ref_logits).abs().max())
     assert diff <= 1e-4, f"{path.name}: F32 GGUF logits differ from safetensors by {diff:.3g}"
     out["f32_max_diff"] = diff
+    if hf_model is not None:
+        with torch.no_grad():
+            hf_logits = hf_model(ids[None]).logits[0].float()
+        diff = float((our_logits(f32, ids) - hf_logits).abs().max())
+        assert diff <= 1e-4, f"{path.name}: F32 GGUF logits differ from transformers' by {diff:.3g}"
+        out["f32_vs_transformers"] = diff
     greedy = []
     for loaded in (ref, f32):
         backend = build_attention_backend(loaded, name="paged", num_blocks=8, block_size=16)

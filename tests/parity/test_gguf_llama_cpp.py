@@ -54,6 +54,13 @@ CASES = {
     # refuses transformers 5's fused gate_up_proj: "Unprocessed experts")
     "gpt_oss": "test_gpt_oss_family",
     "gpt_oss_full_tied": "test_gpt_oss_family",
+    "phimoe_hub": "test_phimoe_glm4moe_family",
+    "glm4moe": "test_phimoe_glm4moe_family",  # (not glm4moe_fused: Glm4MoeModel stacks only per-expert tensors)
+    "glm4moelite_hub": "test_phimoe_glm4moe_family",
+    "granitemoehybrid": "test_hybrid_family",
+    "granitemoehybrid_dense_rope_tied": "test_hybrid_family",
+    "lfm2": "test_hybrid_family",
+    "qwen3next": "test_hybrid_family",  # (not phimoe: the converter knows only the Hub's class name)
 }
 
 
@@ -62,9 +69,10 @@ def test_real_converter_matches_recipe_and_loads(name, tmp_path):
     module = importlib.import_module(f"tests.parity.{CASES[name]}")
     path, _ = {**module.CASES, **getattr(module, "GGUF_CASES", {})}[name](tmp_path / name)
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
-    # GLM-4's converter looks up these two special tokens
+    # GLM-4's converters look up these special tokens
     write_tiny_tokenizer(path, vocab_size=vocab,
-                         extra_special=("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|user|>"))
+                         extra_special=("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|user|>",
+                                        "[gMASK]", "<|observation|>"))
     real = {}
     for outtype in ("f32", "q8_0"):
         real[outtype] = convert_with_llama_cpp(path, tmp_path / f"llama-cpp-{outtype}.gguf", outtype=outtype)

@@ -28,6 +28,7 @@ runs a prompt longer than that.
 from __future__ import annotations
 
 import importlib
+import json
 
 import pytest
 import torch
@@ -66,7 +67,13 @@ def _granite(p, **kw):
           "mamba_chunk_size": 8, "embedding_multiplier": 2.0, "attention_multiplier": 0.1,
           "residual_multiplier": 0.5, "logits_scaling": 2.0,
           "layer_types": ["linear_attention", "full_attention", "linear_attention", "linear_attention"], **kw}
-    return make_tiny_hf_model(transformers.GraniteMoeHybridConfig, transformers.GraniteMoeHybridForCausalLM, p, **kw)
+    path, hf = make_tiny_hf_model(transformers.GraniteMoeHybridConfig, transformers.GraniteMoeHybridForCausalLM, p, **kw)
+    # the Hub's layer names (transformers 5 saves linear_attention / full_attention), which
+    # llama.cpp's converter reads
+    cfg = json.loads((path / "config.json").read_text())
+    hub = {"linear_attention": "mamba", "full_attention": "attention"}
+    (path / "config.json").write_text(json.dumps({**cfg, "layer_types": [hub[t] for t in cfg["layer_types"]]}))
+    return path, hf
 
 
 def _lfm2(p, **kw):
@@ -99,6 +106,10 @@ def _qwen3next(p, **kw):
                 key_dim = dk * cfg.linear_num_key_heads
                 module.conv1d.weight[key_dim:2 * key_dim] = module.conv1d.weight[:key_dim]
     hf.save_pretrained(path)
+    # Qwen3-Next's checkpoints have a multi-token-prediction layer (mtp.*), which llama.cpp's
+    # converter counts in its block_count: the count, as config.json keys say it for Qwen3.5
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "mtp_num_hidden_layers": 1}))
     return path, hf
 
 
@@ -123,7 +134,21 @@ class TestParity(ParitySuite):
     expected_arch = {name: name.split("_")[0] for name in CASES}
     tied = frozenset({"granitemoehybrid_dense_rope_tied", "lfm2", "qwen3next_dense_tied"})
 
-    gguf_unsupported = {name: "no GGUF converter for granitehybrid yet" for name in CASES}
+    gguf_vs_transformers = True
+    gguf_unsupported = {
+        # llama.cpp's qwen3next graph has a MoE on every layer, renormalised
+        "qwen3next_dense_tied": "mlp_only_layers, decoder_sparse_step and norm_topk_prob false cannot be written "
+                                "to a qwen3next GGUF file",
+        # LFM2Model.modify_tensors squeezes every conv.conv tensor on dim 1, which a conv bias has not
+        # (and llama.cpp's lfm2 graph has no conv bias)
+        "lfm2_bias_untied": "llama.cpp's converter refuses an LFM2 with conv biases",
+    }
+    # llama.cpp's converter writes rope off (rope.scaling.finetuned false) for every
+    # GraniteMoeHybrid with Mamba layers (Granite 4.0 H has none), and its graph follows the switch
+    gguf_config = {"granitemoehybrid_dense_rope_tied": {"position_embedding_type": "nope"}}
+    # top-2 of 4 experts: 8-bit weights (the token table too) flip some picks; the block bytes
+    # still equal --isq q8_0's
+    gguf_q8_min_cosine = {"granitemoehybrid": 0.97}
 
     def bf16_close(self, name, path, hf):
         if name.startswith("lfm2") or name == "granitemoehybrid_dense_rope_tied":
@@ -262,3 +287,58 @@ def test_qwen3next_prompt_over_one_delta_chunk(tmp_path):
 
     path, hf = _qwen3next(tmp_path, max_position_embeddings=256)
     assert assert_logits_match(path, hf, seq_len=80) <= 1e-4
+
+
+def test_qwen3next_gguf_with_mtp_layer_from_llama_cpp(tmp_path):
+    """A Qwen3-Next checkpoint with its multi-token-prediction head (``mtp.*``) through llama.cpp's
+    own converter: the file's extra block (``blk.4``: attn_norm, nextn.eh_proj ...) is left out
+    and the F32 file gives transformers' logits. Needs ``LLAMA_CPP_SRC``."""
+    from safetensors.torch import load_file, save_file
+
+    from mistralrs.gguf.reader import GgufModel
+    from tests.helpers.gguf_writer import convert_with_llama_cpp, llama_cpp_src
+    from tests.helpers.parity import assert_gguf_logits_match_hf
+    from tests.helpers.tiny_tokenizer import write_tiny_tokenizer
+
+    if llama_cpp_src() is None:
+        pytest.skip("set LLAMA_CPP_SRC to a llama.cpp source tree to run its converter")
+    path, hf = _qwen3next(tmp_path / "q3n")
+    (shard,) = path.glob("*.safetensors")
+    tensors = load_file(shard)
+    h = hf.config.hidden_size
+    gen = torch.Generator().manual_seed(9)
+    tensors.update({"mtp.fc.weight": torch.randn(h, 2 * h, generator=gen),
+                    "mtp.pre_fc_norm_embedding.weight": torch.zeros(h), "mtp.pre_fc_norm_hidden.weight": torch.zeros(h),
+                    "mtp.norm.weight": torch.zeros(h), "mtp.layers.0.input_layernorm.weight": torch.zeros(h)})
+    save_file(tensors, shard, metadata={"format": "pt"})
+    write_tiny_tokenizer(path, vocab_size=hf.config.vocab_size)
+    out = convert_with_llama_cpp(path, tmp_path / "q3n.gguf")
+    gguf = GgufModel.open([out])
+    try:
+        assert "blk.4.nextn.eh_proj.weight" in gguf.tensors and "blk.4.attn_norm.weight" in gguf.tensors
+    finally:
+        gguf.close()
+    print("vs transformers", assert_gguf_logits_match_hf(out, hf))
+
+
+@pytest.mark.parametrize("name", ["granitemoehybrid", "qwen3next"])
+def test_gguf_rows_joined_from_two_tensors_stay_quantized(name, tmp_path):
+    """Granite's shared input_linear (ffn_gate_shexp + ffn_up_shexp) and Qwen3-Next's in_proj_qkvz
+    (attn_qkv + attn_gate, regrouped) are joined from two Q8_0 tensors as block rows: the layer
+    keeps Q8_0 and holds exactly the blocks --isq q8_0 makes of the checkpoint's weight."""
+    from mistralrs.gguf.loading import load_gguf
+    from mistralrs.loading import load_model
+    from mistralrs.quantization import IsqPlan
+    from tests.helpers.gguf_writer import write_gguf
+
+    path, _ = CASES[name](tmp_path / name)
+    loaded = load_gguf(write_gguf(path, tmp_path / "q8.gguf", outtype="q8_0"), dtype=torch.float32)
+    isq = load_model(path, dtype=torch.float32, quant_method_for=IsqPlan("q8_0").method_for)
+    suffix = "shared_mlp.input_linear" if name.startswith("granite") else "linear_attn.in_proj_qkvz"
+    theirs = dict(isq.model.named_modules())
+    joined = [(n, m) for n, m in loaded.model.named_modules() if n.endswith(suffix)]
+    assert joined
+    for n, module in joined:
+        assert module.quant_method.describe() == "q8_0", n
+        assert torch.equal(module.qweight, theirs[n].qweight), n
+    loaded.gguf.close()

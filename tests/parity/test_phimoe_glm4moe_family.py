@@ -144,7 +144,20 @@ def assert_moqe_close(path, *, min_cosine: float = 0.95) -> float:
 class TestParity(ParitySuite):
     expected_arch = {name: EXPECTED_ARCH[name.split("_")[0]] for name in CASES}
     tied = frozenset({"phimoe_fused_tied"})
-    gguf_unsupported = {name: "no GGUF converter for phimoe / glm4moe / deepseek2 yet" for name in CASES}
+    gguf_vs_transformers = True
+    gguf_unsupported = {
+        # a deepseek2 file has only a leading dense count (glm4moelite_hub: test_glm4moelite_gguf)
+        "glm4moelite": "mlp_layer_types sparse/dense/sparse cannot be written to a deepseek2 GGUF file",
+        # PhiMoeModel reads rope's original_max_position_embeddings (the default rope has none) and
+        # stacks only per-expert block_sparse_moe tensors; llama.cpp's graph needs output.weight
+        "phimoe_fused_tied": "llama.cpp's converter refuses a default-rope, fused-expert, tied Phi-MoE",
+    }
+    # what a phimoe file does not keep: longrope's short/long mscale (the converter writes one
+    # attn_factor, 1 at these lengths); its router_jitter_noise is Phi-3.5-MoE's 0.01, as the case's
+    # sigmoid top-2 of 8 with a correction bias: 8-bit weights (the embedding too) flip some picks;
+    # the block bytes still equal --isq q8_0's
+    gguf_q8_min_cosine = {"glm4moe": 0.97, "glm4moe_fused": 0.97, "glm4moelite_hub": 0.95}
+    gguf_config = {"phimoe": {"rope_parameters": {k: v for k, v in _LONGROPE.items() if not k.endswith("mscale")}}}
 
     def bf16_close(self, name, path, hf):
         if name.startswith("phimoe"):
@@ -194,3 +207,66 @@ def test_glm4moelite_paged_latent_cache(tmp_path):
         backend = build_attention_backend(loaded, name=backend_name, num_blocks=8, block_size=8)
         out[backend_name] = generate_greedy(loaded, backend, prompt, 16)
     assert out["paged"] == out["sdpa"]
+
+
+# GGUF-only cases (tests/parity/test_gguf_llama_cpp.py runs llama.cpp's converter on them too).
+def _phimoe_hub(p, **kw):
+    """Phi-3.5-MoE as the Hub publishes it: ``PhiMoEForCausalLM`` (the name llama.cpp's converter
+    knows), per-expert ``block_sparse_moe`` tensors, longrope whose context (256) is 4x the
+    original (64), both mscales sqrt(1 + ln 4 / ln 64): the attn_factor llama.cpp's converter
+    computes and writes in their place (the file cannot keep the checkpoint's own)."""
+    import json
+    import math
+
+    mscale = math.sqrt(1 + math.log(4) / math.log(64))
+    rope = {**_LONGROPE, "original_max_position_embeddings": 64, "short_mscale": mscale, "long_mscale": mscale}
+    path, hf = _phimoe(p, head_dim=_HD, attention_bias=True, lm_head_bias=True, rope_parameters=rope, seed=3, **kw)
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "architectures": ["PhiMoEForCausalLM"]}))
+    return path, hf
+
+
+def _glm4moelite_hub(p, **kw):
+    """GLM-4.7-Flash as the Hub's config.json says it (``first_k_dense_replace`` 1, one
+    multi-token-prediction layer, which llama.cpp's converter counts in block_count), rope default
+    (the yarn of the suite's case needs a factor the file keeps as deepseek2's log multiplier)."""
+    import json
+
+    path, hf = _glm4moelite(p, mlp_layer_types=["dense", "sparse", "sparse"], seed=4,
+                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **kw)
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "first_k_dense_replace": 1, "num_nextn_predict_layers": 1}))
+    return path, hf
+
+
+GGUF_CASES = {"phimoe_hub": _phimoe_hub, "glm4moelite_hub": _glm4moelite_hub}
+
+
+def test_phimoe_gguf_matches_transformers(tmp_path):
+    """A phimoe GGUF file (F32, Q8_0) loads into Phi-3.5-MoE: logits and greedy tokens of the
+    safetensors model, the F32 file's logits within 1e-4 of transformers' own, Q8_0 blocks those
+    of --isq q8_0."""
+    from tests.helpers.gguf_writer import write_gguf
+    from tests.helpers.parity import assert_gguf_logits_match_hf, assert_gguf_matches
+
+    path, hf = GGUF_CASES["phimoe_hub"](tmp_path / "phimoe")
+    print(assert_gguf_matches(path, tmp_path))
+    print("vs transformers", assert_gguf_logits_match_hf(write_gguf(path, tmp_path / "hf.gguf"), hf))
+
+
+def test_glm4moelite_gguf_runs_as_glm4moelite(tmp_path):
+    """GLM-4.7-Flash's GGUF file (``deepseek2``, as llama.cpp writes it) loads as glm4moelite: the
+    multi-token-prediction layer left out, the safetensors model's logits and greedy tokens, the
+    F32 file within 1e-4 of transformers' own, Q8_0 blocks those of --isq q8_0."""
+    from mistralrs.gguf.loading import load_gguf
+    from tests.helpers.gguf_writer import write_gguf
+    from tests.helpers.parity import assert_gguf_logits_match_hf, assert_gguf_matches
+
+    path, hf = GGUF_CASES["glm4moelite_hub"](tmp_path / "glm")
+    print(assert_gguf_matches(path, tmp_path, q8_min_cosine=TestParity.gguf_q8_min_cosine["glm4moelite_hub"]))
+    f32 = write_gguf(path, tmp_path / "hf.gguf")
+    print("vs transformers", assert_gguf_logits_match_hf(f32, hf))
+    loaded = load_gguf(f32, dtype=torch.float32)
+    assert loaded.arch.name == "glm4moelite" and loaded.config["num_hidden_layers"] == 3
+    assert loaded.config["mlp_layer_types"] == ["dense", "sparse", "sparse"]
+    loaded.gguf.close()

@@ -96,6 +96,44 @@ def add_value(value: float) -> Transform:
     return f
 
 
+@attrs.frozen
+class JoinRows:
+    """A `TensorPart.combine` that joins its GGUF tensors by rows, then takes the rows in `order`
+    (None: as they come): a fused ``[gate | up]`` the converter split in two, Qwen3-Next's
+    ``in_proj_qkvz`` it regrouped. Rows only, so parts of one GGML block type are joined as block
+    rows and the result stays quantized (`mistralrs.gguf.loading`); otherwise as floats."""
+
+    order: tuple[int, ...] | None = None
+
+    def __call__(self, tensors: list[Any]) -> Any:
+        import torch
+
+        joined = torch.cat(tensors, dim=0)
+        return joined if self.order is None else joined[torch.tensor(self.order, dtype=torch.long)]
+
+
+concat_rows = JoinRows()
+
+
+def neg_exp_to_log(data: Any, shape: tuple[int, ...]) -> tuple[Any, tuple[int, ...]]:
+    """Mamba-2 / Gated DeltaNet's ``A = -exp(A_log)`` (how llama.cpp's converters store it, as
+    ``ssm_a`` [H] or [H, 1]) back to ``A_log`` [H] (float32, as A is stored)."""
+    import torch
+
+    flat = data.float().reshape(-1)
+    return torch.log(-flat), (flat.numel(),)
+
+
+def reshape_to(*shape: int) -> Transform:
+    """A float tensor reshaped (Mamba's ``ssm_conv1d`` [C, K] -> [C, 1, K], ``ssm_norm``
+    [groups, n] -> [groups * n])."""
+
+    def f(data: Any, _shape: tuple[int, ...]) -> tuple[Any, tuple[int, ...]]:
+        return data.reshape(shape), tuple(shape)
+
+    return f
+
+
 def chain(*transforms: Transform | None) -> Transform | None:
     steps = [t for t in transforms if t is not None]
     if not steps:
@@ -184,7 +222,8 @@ STANDARD_TOP_NAMES: dict[str, str] = {
 # Tensors llama.cpp adds that no HF checkpoint has (their content goes into the config).
 CONSUMED_TENSORS = ("rope_freqs.weight",)
 
-_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([A-Za-z0-9_]+)\.(weight|bias)$")
+# keys may be dotted (LFM2's shortconv.conv); Mamba's ssm_a / ssm_d have no .weight suffix (HF names without one)
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([A-Za-z0-9_.]+?)(?:\.(weight|bias))?$")
 _TOP_RE = re.compile(r"^([A-Za-z0-9_]+)\.(weight|bias)$")
 
 
@@ -209,10 +248,11 @@ def map_tensors(gguf: Any, *, block_names: Mapping[str, str] = STANDARD_BLOCK_NA
         if m:
             layer, key, kind = m.groups()
             prefix = f"{layer_prefix}.{layer}"
+            dot_kind = f".{kind}" if kind else ""
             if key in split:
                 start = 0
                 for split_key, n in split[key]:
-                    hf_name = f"{prefix}.{split_key}.{kind}"
+                    hf_name = f"{prefix}.{split_key}{dot_kind}"
                     extra = transforms(hf_name, info) if transforms else None
                     parts.append(TensorPart(hf_name, name, chain(take_rows(start, start + n), extra)))
                     start += n
@@ -227,11 +267,11 @@ def map_tensors(gguf: Any, *, block_names: Mapping[str, str] = STANDARD_BLOCK_NA
                 raise _unknown(gguf, name)
             if "{e}" in hf_key:
                 for e in range(info.shape[0]):
-                    hf_name = f"{prefix}.{hf_key.format(e=e)}.{kind}"
+                    hf_name = f"{prefix}.{hf_key.format(e=e)}{dot_kind}"
                     extra = transforms(hf_name, info) if transforms else None
                     parts.append(TensorPart(hf_name, name, chain(take_expert(e), extra)))
                 continue
-            hf_name = f"{prefix}.{hf_key}.{kind}"
+            hf_name = f"{prefix}.{hf_key}{dot_kind}"
         else:
             m = _TOP_RE.match(name)
             hf_key = top_names.get(m.group(1)) if m else None
@@ -262,6 +302,24 @@ def qk_unpermute(hp: Hparams) -> Callable[[str, Any], Transform | None]:
         return None
 
     return f
+
+
+_ANY_BLOCK_RE = re.compile(r"^blk\.(\d+)\.")
+
+
+def trunk_layers(gguf: Any, hp: Hparams) -> tuple[int, tuple[str, ...]]:
+    """(decoder layers, the tensors past them): llama.cpp counts the multi-token-prediction
+    layers some converters append (GLM-4.5+, GLM-4.7-Flash: ``nextn_predict_layers``, tensors
+    ``blk.N.nextn.*`` beside a whole decoder layer) in ``block_count``; inference does not use
+    them, as the safetensors models skip them."""
+    blocks = int(hp.require("block_count"))
+    nextn = int(hp.get("nextn_predict_layers", 0) or 0)
+    if not 0 <= nextn < blocks:
+        raise ModelLoadError(f"{hp.where}: metadata '{hp.arch}.nextn_predict_layers' is {nextn} of {blocks} blocks; "
+                             "the GGUF file is inconsistent")
+    layers = blocks - nextn
+    past = tuple(name for name in gguf.tensors if (m := _ANY_BLOCK_RE.match(name)) and int(m[1]) >= layers)
+    return layers, past
 
 
 def partial_rotary_factor(hp: Hparams, head_dim: int) -> float | None:
@@ -300,6 +358,28 @@ def sliding_window_layers(hp: Hparams, num_layers: int, default_pattern: int, *,
     return [n == 0 or i % n < n - 1 for i in range(num_layers)]
 
 
+def attention_kv_heads(hp: Hparams, n_head: int) -> int:
+    """``attention.head_count_kv``: one number, or per layer with 0 for the layers that do not
+    attend (hybrid models: Mamba, short-conv, linear-attention layers) and one value for the rest."""
+    value = hp.get("attention.head_count_kv")
+    if isinstance(value, list):
+        attending = [int(v) for v in value if int(v)]
+        if attending:
+            return int(hp.scalar("attention.head_count_kv")) if len(set(attending)) > 1 else attending[0]
+    return int(hp.scalar("attention.head_count_kv", n_head))
+
+
+def attending_layers(hp: Hparams, num_layers: int) -> list[bool]:
+    """Per layer: does it attend (``attention.head_count_kv`` per layer, 0 for a recurrent layer)?"""
+    value = hp.get("attention.head_count_kv")
+    if not isinstance(value, list):
+        return [True] * num_layers
+    if len(value) < num_layers:
+        raise ModelLoadError(f"{hp.where}: metadata '{hp.arch}.attention.head_count_kv' has {len(value)} entries for "
+                             f"{num_layers} layers; the GGUF file is inconsistent")
+    return [bool(int(v)) for v in value[:num_layers]]
+
+
 def standard_config(gguf: Any, *, hf_architecture: str, model_type: str, hp: Hparams | None = None) -> dict:
     """config.json from llama.cpp's common hyper-parameters (``set_gguf_parameters``)."""
     hp = hp or Hparams(gguf)
@@ -311,7 +391,7 @@ def standard_config(gguf: Any, *, hf_architecture: str, model_type: str, hp: Hpa
         "hidden_size": hidden,
         "num_hidden_layers": int(hp.require("block_count")),
         "num_attention_heads": n_head,
-        "num_key_value_heads": int(hp.scalar("attention.head_count_kv", n_head)),
+        "num_key_value_heads": attention_kv_heads(hp, n_head),
         "max_position_embeddings": int(hp.get("context_length", 4096)),
         "rope_theta": float(hp.get("rope.freq_base", 10000.0)),
         "tie_word_embeddings": "output.weight" not in gguf.tensors,
@@ -373,10 +453,12 @@ def _rope_scaling(gguf: Any, hp: Hparams, config: dict) -> dict | None:
 def convert_standard(gguf: Any, *, hf_architecture: str, model_type: str, permute_qk: bool = False,
                      block_names: Mapping[str, str] | None = None, top_names: Mapping[str, str] | None = None,
                      split_qkv: bool = True, extra_config: Mapping[str, Any] | None = None,
-                     transforms: Callable[[str, Any], Transform | None] | None = None) -> GgufConversion:
+                     transforms: Callable[[str, Any], Transform | None] | None = None,
+                     skip: tuple[str, ...] = ()) -> GgufConversion:
     """The conversion of a Llama-shaped GGUF model: `standard_config` plus `extra_config`, the
     standard tensor names (overridden by `block_names` / `top_names`), Q/K un-permuted when
-    the converter permuted them, and a fused ``attn_qkv`` split into q/k/v when `split_qkv`."""
+    the converter permuted them, and a fused ``attn_qkv`` split into q/k/v when `split_qkv`;
+    the tensors in `skip` are left out."""
     hp = Hparams(gguf)
     config = standard_config(gguf, hf_architecture=hf_architecture, model_type=model_type, hp=hp)
     config.update(extra_config or {})
@@ -400,5 +482,5 @@ def convert_standard(gguf: Any, *, hf_architecture: str, model_type: str, permut
         return chain(*(s(hf_name, info) for s in steps))
 
     parts = map_tensors(gguf, block_names=names, top_names=tops, split=split,
-                        transforms=combined if steps else None)
+                        transforms=combined if steps else None, skip=CONSUMED_TENSORS + skip)
     return GgufConversion(config=config, parts=parts)

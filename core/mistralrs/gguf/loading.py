@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from mistralrs.errors import ModelLoadError
-from mistralrs.gguf.convert import GgufConversion, TensorPart
+from mistralrs.gguf.convert import GgufConversion, JoinRows, TensorPart
 from mistralrs.gguf.reader import GgufModel, GgufTensorInfo
 
 log = logging.getLogger("mistralrs.gguf")
@@ -121,9 +121,12 @@ class _Parts:
         self.gguf = gguf
 
     def info(self, target: str) -> GgufTensorInfo | None:
-        """The GGUF tensor a parameter loads as it is (None: absent, or combined into floats)."""
+        """The GGUF tensor a parameter loads as it is (None: absent, or combined into floats);
+        for block rows joined as they are (`_joins_blocks`), the first part's."""
         part = self.by_target.get(target)
-        return self.gguf.tensors[part.gguf_name] if part is not None and not part.also else None
+        if part is None or (part.also and not _joins_blocks(self.gguf, part)):
+            return None
+        return self.gguf.tensors[part.gguf_name]
 
 
 def _assign_quant_methods(model: Any, parts: _Parts, registry: Any, dtype: Any) -> None:
@@ -171,9 +174,23 @@ def _read_part(gguf: GgufModel, part: TensorPart, cache: dict[str, Any]) -> Any:
     return GgmlBlocks(data, info.ggml_type, shape)
 
 
+def _joins_blocks(gguf: GgufModel, part: TensorPart) -> bool:
+    """A `JoinRows` part whose 2-D tensors share one GGML block type: joined as block rows."""
+    infos = [gguf.tensors[name] for name in (part.gguf_name, *part.also)]
+    return (isinstance(part.combine, JoinRows) and not infos[0].is_plain and all(len(i.shape) == 2 for i in infos)
+            and len({(i.ggml_type, i.shape[-1]) for i in infos}) == 1)
+
+
 def _combined(gguf: GgufModel, part: TensorPart, cache: dict[str, Any], to_float: Callable[[Any, Any], Any]) -> Any:
-    """A part made from several GGUF tensors: each as floats (whole rows dequantized), combined."""
+    """A part made from several GGUF tensors: each as floats (whole rows dequantized), combined;
+    or their block rows joined as they are (`_joins_blocks`)."""
     from mistralrs.nn.quantized import GgmlBlocks
+
+    if _joins_blocks(gguf, part):
+        blocks = [_read_part(gguf, TensorPart(part.hf_name, name), cache) for name in (part.gguf_name, *part.also)]
+        assert part.combine is not None
+        data = part.combine([b.data for b in blocks])
+        return GgmlBlocks(data, blocks[0].ggml_type, (int(data.shape[0]), blocks[0].shape[-1]))
 
     values = []
     for name in (part.gguf_name, *part.also):

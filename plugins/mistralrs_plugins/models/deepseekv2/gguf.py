@@ -13,6 +13,9 @@ What llama.cpp's ``DeepseekV2Model`` converter rewrote, undone here:
 - Yarn's ``mscale_all_dim`` is stored as ``rope.scaling.yarn_log_multiplier`` (x 0.1); ``mscale`` is not
   stored: llama.cpp's graph runs with ``mscale == mscale_all_dim`` (the published checkpoints' values),
   and so does the converted config. Its rope always rotates pairs (``rope_interleave`` true).
+- GLM-4.7-Flash (``Glm4MoeLiteForCausalLM``) is written as ``deepseek2`` too (`is_glm4_moe_lite` tells
+  it apart); it runs as ``glm4moelite`` with HF's sigmoid router, its ``mlp_layer_types`` from the
+  leading dense count. Its multi-token-prediction layer is counted in ``block_count`` and left out.
 """
 
 from __future__ import annotations
@@ -23,7 +26,15 @@ import attrs
 import torch
 
 from mistralrs.errors import ModelLoadError
-from mistralrs.gguf.convert import GgufConversion, Hparams, TensorPart, map_tensors, standard_config
+from mistralrs.gguf.convert import (
+    CONSUMED_TENSORS,
+    GgufConversion,
+    Hparams,
+    TensorPart,
+    map_tensors,
+    standard_config,
+    trunk_layers,
+)
 
 BLOCK_NAMES = {
     "attn_norm": "input_layernorm",
@@ -116,8 +127,29 @@ def convert(gguf: Any) -> GgufConversion:
         rope.update(mscale=mscale, mscale_all_dim=mscale)
     if rope is not None:
         rope.setdefault("rope_theta", config["rope_theta"])
-    parts = map_tensors(gguf, block_names=BLOCK_NAMES)
+    layers, mtp = trunk_layers(gguf, hp)
+    config["num_hidden_layers"] = layers
+    if is_glm4_moe_lite(gguf, hp):
+        dense = config["first_k_dense_replace"]
+        config.update(architectures=["Glm4MoeLiteForCausalLM"], model_type="glm4_moe_lite", scoring_func="sigmoid",
+                      topk_method="noaux_tc", mlp_layer_types=["dense"] * dense + ["sparse"] * (layers - dense))
+    parts = map_tensors(gguf, block_names=BLOCK_NAMES, skip=CONSUMED_TENSORS + mtp)
     return GgufConversion(config=config, parts=_join_parts(parts, config["qk_nope_head_dim"], v_head, hp.where))
+
+
+def is_glm4_moe_lite(gguf: Any, hp: Hparams) -> bool:
+    """A ``deepseek2`` file converted from GLM-4.7-Flash: GLM's tokenizer (``glm4`` pre-tokenizer,
+    ``[gMASK]`` as BOS), the multi-token-prediction layer only its converter writes for this
+    architecture, or the shape llama.cpp itself tells it by (47/48 layers, 154880 tokens)."""
+    meta = gguf.metadata
+    tokens = meta.get("tokenizer.ggml.tokens")
+    bos = meta.get("tokenizer.ggml.bos_token_id")
+    if meta.get("tokenizer.ggml.pre") == "glm4" or hp.has("nextn_predict_layers"):
+        return True
+    if tokens is not None and bos is not None and 0 <= int(bos) < len(tokens) and tokens[int(bos)] == "[gMASK]":
+        return True
+    embd = gguf.tensors.get("token_embd.weight")
+    return int(hp.require("block_count")) in (47, 48) and embd is not None and int(embd.shape[0]) == 154880
 
 
 def _join_parts(parts: list[TensorPart], nope: int, v: int, where: str) -> list[TensorPart]:

@@ -15,5 +15,7 @@ def register_architectures(register):
         builder="mistralrs_plugins.models.glm4moe.model:Glm4MoeForCausalLM",
         hf_architectures=("Glm4MoeForCausalLM",),
         model_types=("glm4_moe",),
+        gguf_architectures=("glm4moe",),
+        gguf_converter="mistralrs_plugins.models.glm4moe.gguf:convert",
         description="GLM-4.5/4.6/4.7 MoE (partial rotary, QK-norm, noaux_tc sigmoid routing, shared expert)",
     ))

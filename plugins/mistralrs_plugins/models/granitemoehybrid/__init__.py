@@ -14,5 +14,7 @@ def register_architectures(register):
         builder="mistralrs_plugins.models.granitemoehybrid.model:GraniteMoeHybridForCausalLM",
         hf_architectures=("GraniteMoeHybridForCausalLM",),
         model_types=("granitemoehybrid",),
+        gguf_architectures=("granitehybrid",),
+        gguf_converter="mistralrs_plugins.models.granitemoehybrid.gguf:convert",
         description="Granite 4.0 hybrid (Mamba-2 + attention layers, top-k MoE or dense, shared MLP)",
     ))

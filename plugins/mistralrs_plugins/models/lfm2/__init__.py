@@ -14,5 +14,7 @@ def register_architectures(register):
         builder="mistralrs_plugins.models.lfm2.model:Lfm2ForCausalLM",
         hf_architectures=("Lfm2ForCausalLM",),
         model_types=("lfm2",),
+        gguf_architectures=("lfm2",),
+        gguf_converter="mistralrs_plugins.models.lfm2.gguf:convert",
         description="LFM2 (gated short-conv layers on the recurrent-state cache + QK-norm GQA attention)",
     ))

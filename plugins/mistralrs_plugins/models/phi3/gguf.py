@@ -31,15 +31,10 @@ def _factors(gguf: Any, name: str) -> list[float]:
     return gguf.tensor(name).float().reshape(-1).tolist()
 
 
-def convert(gguf: Any) -> GgufConversion:
-    hp = Hparams(gguf)
-    config = standard_config(gguf, hf_architecture="Phi3ForCausalLM", model_type="phi3", hp=hp)
-    head_dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
-    config["head_dim"] = head_dim
-    prf = partial_rotary_factor(hp, head_dim)
-    if prf is not None:
-        config["partial_rotary_factor"] = prf
-    config["sliding_window"] = None  # llama.cpp's phi3 runs without it
+def apply_longrope(gguf: Any, hp: Hparams, config: dict) -> None:
+    """Longrope as the converter wrote it (``rope_factors_long`` / ``rope_factors_short`` tensors,
+    ``rope.scaling.original_context_length``, ``rope.scaling.attn_factor``) back into config.json's
+    ``rope_scaling`` (Phi-3 and Phi-3.5-MoE)."""
     orig = hp.get("rope.scaling.original_context_length")
     if orig:
         config["original_max_position_embeddings"] = int(orig)
@@ -56,5 +51,17 @@ def convert(gguf: Any) -> GgufConversion:
         if attn_factor is not None:
             rope["attention_factor"] = float(attn_factor)
         config["rope_scaling"] = rope
+
+
+def convert(gguf: Any) -> GgufConversion:
+    hp = Hparams(gguf)
+    config = standard_config(gguf, hf_architecture="Phi3ForCausalLM", model_type="phi3", hp=hp)
+    head_dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+    config["head_dim"] = head_dim
+    prf = partial_rotary_factor(hp, head_dim)
+    if prf is not None:
+        config["partial_rotary_factor"] = prf
+    config["sliding_window"] = None  # llama.cpp's phi3 runs without it
+    apply_longrope(gguf, hp, config)
     parts = map_tensors(gguf, block_names=PHI3_BLOCK_NAMES, skip=CONSUMED_TENSORS + ROPE_FACTOR_TENSORS)
     return GgufConversion(config=config, parts=parts)

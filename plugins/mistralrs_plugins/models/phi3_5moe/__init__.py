@@ -15,5 +15,7 @@ def register_architectures(register):
         # the Hub's config.json says PhiMoEForCausalLM; transformers names the class PhimoeForCausalLM
         hf_architectures=("PhiMoEForCausalLM", "PhimoeForCausalLM"),
         model_types=("phimoe",),
+        gguf_architectures=("phimoe",),
+        gguf_converter="mistralrs_plugins.models.phi3_5moe.gguf:convert",
         description="Phi-3.5-MoE (16 experts, sparsemixer top-2 routing, LayerNorm, longrope with mscale)",
     ))

@@ -15,5 +15,7 @@ def register_architectures(register):
         builder="mistralrs_plugins.models.qwen3next.model:Qwen3NextForCausalLM",
         hf_architectures=("Qwen3NextForCausalLM",),
         model_types=("qwen3_next",),
+        gguf_architectures=("qwen3next",),
+        gguf_converter="mistralrs_plugins.models.qwen3next.gguf:convert",
         description="Qwen3-Next (Gated DeltaNet + gated attention hybrid, top-k MoE with a gated shared expert)",
     ))
