@@ -182,6 +182,15 @@ class Cursor:
                 raise Reject
             calls.extend(more)
 
+    def json_calls_until(self, close: str, *, require_arguments: bool) -> list[tuple[str, str]]:
+        """JSON calls, then `close` -- which may be missing at the very end of the output."""
+        self.ws()
+        calls = self.json_calls(require_arguments=require_arguments)
+        self.ws()
+        if not self.match(close):
+            self.expect_end()
+        return calls
+
     def arguments(self) -> str:
         """A JSON object of arguments, as a normalised string."""
         value = self.json()

@@ -18,35 +18,12 @@ deepseekv3_fused - transformers 5's fused expert layout, ``rope_interleave`` fal
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
 from tests.helpers.parity import ParitySuite, make_tiny_hf_model, tiny_fixture
 
 transformers = pytest.importorskip("transformers")
-
-_PLUGIN_MODULES = {
-    "model_deepseekv2": "mistralrs_plugins.models.deepseekv2",
-    "model_deepseekv3": "mistralrs_plugins.models.deepseekv3",
-}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _plugins_registered():
-    from mistralrs.plugins import get_plugin_host
-
-    host = get_plugin_host()
-    added = []
-    for name, module in _PLUGIN_MODULES.items():
-        if name.removeprefix("model_") not in host.registry().architectures and name not in host.plugins:
-            assert host.register(importlib.import_module(module), name=name, module=module, first_party=True)
-            added.append(name)
-    yield
-    for name in added:
-        host.unregister(name)
-
 
 _COMMON = dict(num_hidden_layers=3, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
                n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,

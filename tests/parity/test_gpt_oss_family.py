@@ -9,7 +9,6 @@ gpt_oss_full_tied - every layer full attention, default rope, tied embeddings, t
 
 from __future__ import annotations
 
-import importlib
 import json
 
 import numpy as np
@@ -19,21 +18,6 @@ import torch
 from tests.helpers.parity import ParitySuite, make_tiny_hf_model, our_logits, tiny_fixture
 
 transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _plugins_registered():
-    from mistralrs.plugins import get_plugin_host
-
-    host = get_plugin_host()
-    added = []
-    if "gpt_oss" not in host.registry().architectures and "model_gpt_oss" not in host.plugins:
-        module = "mistralrs_plugins.models.gpt_oss"
-        assert host.register(importlib.import_module(module), name="model_gpt_oss", module=module, first_party=True)
-        added.append("model_gpt_oss")
-    yield
-    for name in added:
-        host.unregister(name)
 
 
 def _oss(p, **kw):

@@ -27,8 +27,6 @@ second case: seeds 1-3 flipped under bf16 or q8_0 while fp32 parity held).
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
@@ -38,28 +36,6 @@ from tests.parity.test_moe_glm_family import assert_moe_bf16_close
 from tests.parity.test_phimoe_glm4moe_family import assert_moqe_close
 
 transformers = pytest.importorskip("transformers")
-
-_PLUGIN_MODULES = {
-    "model_hunyuanv1dense": ("hunyuanv1dense", "mistralrs_plugins.models.hunyuanv1dense"),
-    "model_hunyuanv1moe": ("hunyuanv1moe", "mistralrs_plugins.models.hunyuanv1moe"),
-    "model_lfm2_moe": ("lfm2_moe", "mistralrs_plugins.models.lfm2_moe"),
-}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _plugins_registered():
-    from mistralrs.plugins import get_plugin_host
-
-    host = get_plugin_host()
-    added = []
-    for name, (arch, module) in _PLUGIN_MODULES.items():
-        if arch not in host.registry().architectures and name not in host.plugins:
-            assert host.register(importlib.import_module(module), name=name, module=module, first_party=True)
-            added.append(name)
-    yield
-    for name in added:
-        host.unregister(name)
-
 
 NTK_ALPHA = {"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 10000.0}
 

@@ -27,7 +27,6 @@ runs a prompt longer than that.
 
 from __future__ import annotations
 
-import importlib
 import json
 
 import pytest
@@ -38,28 +37,6 @@ from tests.parity.test_moe_glm_family import assert_moe_bf16_close
 from tests.parity.test_phimoe_glm4moe_family import assert_moqe_close
 
 transformers = pytest.importorskip("transformers")
-
-_PLUGIN_MODULES = {
-    "model_granitemoehybrid": ("granitemoehybrid", "mistralrs_plugins.models.granitemoehybrid"),
-    "model_lfm2": ("lfm2", "mistralrs_plugins.models.lfm2"),
-    "model_qwen3next": ("qwen3next", "mistralrs_plugins.models.qwen3next"),
-}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _plugins_registered():
-    from mistralrs.plugins import get_plugin_host
-
-    host = get_plugin_host()
-    added = []
-    for name, (arch, module) in _PLUGIN_MODULES.items():
-        if arch not in host.registry().architectures and name not in host.plugins:
-            assert host.register(importlib.import_module(module), name=name, module=module, first_party=True)
-            added.append(name)
-    yield
-    for name in added:
-        host.unregister(name)
-
 
 def _granite(p, **kw):
     kw = {"intermediate_size": 32, "shared_intermediate_size": 48, "num_hidden_layers": 4, "num_local_experts": 4,

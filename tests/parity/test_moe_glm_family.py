@@ -20,8 +20,6 @@ glm4 - sandwich norms, fused gate_up MLP, partial (0.5 / 0.25) pairwise rotary, 
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 from safetensors import safe_open
@@ -36,31 +34,6 @@ from tests.helpers.parity import (
 )
 
 transformers = pytest.importorskip("transformers")
-
-_PLUGIN_MODULES = {
-    "model_mixtral": "mistralrs_plugins.models.mixtral",
-    "model_qwen3moe": "mistralrs_plugins.models.qwen3moe",
-    "model_glm4": "mistralrs_plugins.models.glm4",
-}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _plugins_registered():
-    """Until the entry points are installed, register this family's plugin modules in the
-    process-wide host for this module only (removed again afterwards)."""
-    from mistralrs.plugins import get_plugin_host
-
-    host = get_plugin_host()
-    added = []
-    for name, module in _PLUGIN_MODULES.items():
-        spec_name = name.removeprefix("model_")
-        if spec_name not in host.registry().architectures and name not in host.plugins:
-            assert host.register(importlib.import_module(module), name=name, module=module, first_party=True)
-            added.append(name)
-    yield
-    for name in added:
-        host.unregister(name)
-
 
 def _fused(path, hf):
     """Re-save in transformers 5's in-memory layout (fused experts, ``mlp.`` names)."""

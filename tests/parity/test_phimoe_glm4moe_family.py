@@ -22,8 +22,6 @@ glm4moelite - MLA (q LoRA, latent 32 + rope 8), ``mlp_layer_types`` sparse/dense
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
@@ -32,28 +30,6 @@ from tests.parity.test_deepseek_family import assert_grouped_moe_bf16_close
 from tests.parity.test_moe_glm_family import assert_moe_bf16_close
 
 transformers = pytest.importorskip("transformers")
-
-_PLUGIN_MODULES = {
-    "model_phi3_5moe": ("phi3.5moe", "mistralrs_plugins.models.phi3_5moe"),
-    "model_glm4moe": ("glm4moe", "mistralrs_plugins.models.glm4moe"),
-    "model_glm4moelite": ("glm4moelite", "mistralrs_plugins.models.glm4moelite"),
-}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _plugins_registered():
-    from mistralrs.plugins import get_plugin_host
-
-    host = get_plugin_host()
-    added = []
-    for name, (arch, module) in _PLUGIN_MODULES.items():
-        if arch not in host.registry().architectures and name not in host.plugins:
-            assert host.register(importlib.import_module(module), name=name, module=module, first_party=True)
-            added.append(name)
-    yield
-    for name in added:
-        host.unregister(name)
-
 
 _HD = 16
 _LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 4096,

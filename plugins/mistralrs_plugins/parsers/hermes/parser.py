@@ -20,9 +20,4 @@ class HermesToolParser(ToolCallParser):
         return f"{self.open_tag}\n{super().render_call(name, arguments)}\n{self.close_tag}"
 
     def parse_region(self, marker: str, cur: Cursor) -> list[tuple[str, str]]:
-        cur.ws()
-        calls = cur.json_calls(require_arguments=False)
-        cur.ws()
-        if not cur.match(self.close_tag):
-            cur.expect_end()
-        return calls
+        return cur.json_calls_until(self.close_tag, require_arguments=False)

@@ -19,9 +19,4 @@ class JsonToolParser(ToolCallParser):
     start_markers = (fence,)
 
     def parse_region(self, marker: str, cur: Cursor) -> list[tuple[str, str]]:
-        cur.ws()
-        calls = cur.json_calls(require_arguments=True)
-        cur.ws()
-        if not cur.match("```"):
-            cur.expect_end()
-        return calls
+        return cur.json_calls_until("```", require_arguments=True)
