@@ -122,7 +122,7 @@ def native():
         pytest.skip("not an x86-64 or aarch64 CPU")
     if cpu_ggml_quantize.native_disabled():
         pytest.skip(f"native kernels disabled by {cpu_ggml_quantize.DISABLE_ENV}")
-    saved = (ops._ext, ops._failed)
+    saved = (ops._lazy.ext, ops._lazy.failed)
     ops._reset_for_tests()
     with warnings.catch_warnings():
         warnings.simplefilter("error", ops.NativeKernelWarning)
@@ -130,7 +130,7 @@ def native():
     assert ext is not None, ops.status()
     yield ext
     if saved[0] is not None:
-        ops._ext, ops._failed = saved
+        ops._lazy.ext, ops._lazy.failed = saved
 
 
 def assert_same_bytes(got: torch.Tensor, want: torch.Tensor, name: str, block_bytes: int) -> None:
@@ -298,8 +298,8 @@ def test_inputs_the_native_op_does_not_take_go_to_the_reference(native, monkeypa
 
 
 def _fresh_state(monkeypatch):
-    monkeypatch.setattr(ops, "_ext", None)
-    monkeypatch.setattr(ops, "_failed", None)
+    monkeypatch.setattr(ops._lazy, "ext", None)
+    monkeypatch.setattr(ops._lazy, "failed", None)
     monkeypatch.setattr(ops, "native_arch", lambda: True)  # reach the build on any CPU
 
 

@@ -34,7 +34,7 @@ def native():
         pytest.skip("no avx2/fma/f16c")
     if cpu_quant.native_disabled():
         pytest.skip(f"native kernels disabled by {cpu_quant.DISABLE_ENV}")
-    saved = (ops._ext, ops._failed)
+    saved = (ops._lazy.ext, ops._lazy.failed)
     ops._reset_for_tests()
     with warnings.catch_warnings():
         warnings.simplefilter("error", ops.NativeKernelWarning)
@@ -46,7 +46,7 @@ def native():
         pytest.skip(f"no native build: {ops.status()}")
     yield ext
     if saved[0] is not None:
-        ops._ext, ops._failed = saved
+        ops._lazy.ext, ops._lazy.failed = saved
 
 
 def reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -204,8 +204,8 @@ def test_inputs_the_kernel_does_not_take_go_to_the_reference(native, monkeypatch
 
 
 def _fresh_state(monkeypatch):
-    monkeypatch.setattr(ops, "_ext", None)
-    monkeypatch.setattr(ops, "_failed", None)
+    monkeypatch.setattr(ops._lazy, "ext", None)
+    monkeypatch.setattr(ops._lazy, "failed", None)
     monkeypatch.setattr(ops, "has_avx2", lambda: True)  # reach the build on any CPU
 
 

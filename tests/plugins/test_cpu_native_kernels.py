@@ -117,7 +117,7 @@ def native():
         pytest.skip("no avx512_bf16")
     if cpu_native.native_disabled():
         pytest.skip(f"native kernels disabled by {cpu_native.DISABLE_ENV}")
-    saved = (ops._ext, ops._failed)
+    saved = (ops._lazy.ext, ops._lazy.failed)
     ops._reset_for_tests()
     with warnings.catch_warnings():
         warnings.simplefilter("error", ops.NativeKernelWarning)
@@ -125,7 +125,7 @@ def native():
     assert ext is not None, ops.status()
     yield ops
     if saved[0] is not None:
-        ops._ext, ops._failed = saved
+        ops._lazy.ext, ops._lazy.failed = saved
 
 
 def _check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
@@ -297,8 +297,8 @@ def test_linear_and_tied_lm_head_use_the_kernel(native, monkeypatch):
 
 
 def _fresh_state(monkeypatch):
-    monkeypatch.setattr(ops, "_ext", None)
-    monkeypatch.setattr(ops, "_failed", None)
+    monkeypatch.setattr(ops._lazy, "ext", None)
+    monkeypatch.setattr(ops._lazy, "failed", None)
     monkeypatch.setattr(ops, "has_avx512_bf16", lambda: True)  # reach the build on any CPU
 
 

@@ -311,7 +311,7 @@ def native():
         pytest.skip("no avx2/fma/f16c")
     if cpu_quant.native_disabled():
         pytest.skip(f"native kernels disabled by {cpu_quant.DISABLE_ENV}")
-    saved = (ops._ext, ops._failed)
+    saved = (ops._lazy.ext, ops._lazy.failed)
     ops._reset_for_tests()
     with warnings.catch_warnings():
         warnings.simplefilter("error", ops.NativeKernelWarning)
@@ -319,7 +319,7 @@ def native():
     assert ext is not None, ops.status()
     yield ext
     if saved[0] is not None:
-        ops._ext, ops._failed = saved
+        ops._lazy.ext, ops._lazy.failed = saved
 
 
 def _special_rows(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -562,8 +562,8 @@ def test_vnni_op_without_the_flags_is_the_reference(native, monkeypatch, rng):
 
 
 def _fresh_state(monkeypatch):
-    monkeypatch.setattr(ops, "_ext", None)
-    monkeypatch.setattr(ops, "_failed", None)
+    monkeypatch.setattr(ops._lazy, "ext", None)
+    monkeypatch.setattr(ops._lazy, "failed", None)
     monkeypatch.setattr(ops, "has_avx2", lambda: True)  # reach the build on any CPU
 
 

@@ -1,4 +1,4 @@
-"""Build machinery shared by the native CPU kernel plugins (`cpu_native`, `cpu_quant`).
+"""Build machinery shared by the native CPU kernel plugins (`cpu_native`, `cpu_quant`, `cpu_ggml_quantize`).
 
 A plugin's C++ sources are compiled on first use with ``torch.utils.cpp_extension.load`` into
 ``<platformdirs user cache>/mistralrs/kernels/<key>``, where ``key`` hashes the sources and headers,
@@ -8,10 +8,10 @@ library directly (no compiler or ninja needed after the first build). Each libra
 ops with torch's dispatcher under a namespace named after its build (no Python bindings, so it
 compiles in seconds).
 
-Failure policy (`resolve`): when a build cannot be made or loaded (no compiler, no ninja, an
-unsupported CPU, ``MISTRALRS_NO_NATIVE_KERNELS`` set), one `NativeKernelWarning` names the reason and
-the plugin's ops fall back to torch for the rest of the process. An op never raises because of the
-native path.
+Failure policy (`resolve`, once per process through the plugin's `LazyExtension`): when a build cannot
+be made or loaded (no compiler, no ninja, an unsupported CPU, ``MISTRALRS_NO_NATIVE_KERNELS`` set), one
+`NativeKernelWarning` names the reason and the plugin's ops fall back to torch for the rest of the
+process. An op never raises because of the native path.
 
 Importing this module is cheap (no torch): the plugins' registration modules use `native_disabled`
 and `cpu_flags` from here.
@@ -27,11 +27,12 @@ import platform
 import shlex
 import shutil
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, Generic, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -175,3 +176,47 @@ def resolve(builder: Callable[[], T], unavailable: str | None, what: str,
             stacklevel=stacklevel + 1,
         )
     return ops, failed
+
+
+class LazyExtension(Generic[T]):
+    """One plugin's extension, built (or loaded) on first use and decided once per process (`resolve`).
+
+    ``builder`` builds it (raises on failure), ``unavailable`` gives the reason to skip the build (or None);
+    both are called at most once per decision. ``stacklevel`` is counted as for `warnings.warn` called
+    in the function that calls `native`: the warning points at the caller of the plugin's op.
+    """
+
+    def __init__(self, builder: Callable[[], T], unavailable: Callable[[], str | None], what: str,
+                 stacklevel: int = 2) -> None:
+        self._builder = builder
+        self._unavailable = unavailable
+        self.what = what
+        self.stacklevel = stacklevel
+        self._lock = threading.Lock()
+        self.ext: T | None = None
+        self.failed: str | None = None  # why the native path is off for this process (None: not decided / on)
+
+    def get(self) -> T | None:
+        """The loaded extension, building it on first call; None when the native path is off."""
+        if self.ext is not None or self.failed is not None:
+            return self.ext
+        with self._lock:
+            if self.ext is not None or self.failed is not None:
+                return self.ext
+            # +2: resolve's stacklevel counts from here (get), which `native` called.
+            self.ext, self.failed = resolve(self._builder, self._unavailable(), self.what, self.stacklevel + 2)
+            return self.ext
+
+    def native(self) -> T | None:
+        """`get` for the ops (cheap once decided); the warning of a failed build points at the op's caller."""
+        return self.ext if self.ext is not None else (None if self.failed is not None else self.get())
+
+    def status(self) -> dict[str, Any]:
+        """For diagnostics: whether the native path is on, and why not."""
+        return {"loaded": self.ext is not None, "failed": self.failed}
+
+    def reset(self) -> None:
+        """Forget the decision (tests): the next use builds again."""
+        with self._lock:
+            self.ext = None
+            self.failed = None

@@ -17,7 +17,6 @@ goes to the reference registered for the op (the GGML quantizer plugin's ``forma
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,9 +35,6 @@ CFLAGS = ("-O3", "-DNDEBUG", "-ffp-contract=off", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 WHAT = "native GGML quantizer"  # in the spinner, the log and the warning
 
-_lock = threading.Lock()
-_ext: QuantizeOps | None = None
-_failed: str | None = None  # why the native path is off for this process (None: not decided / on)
 _reference: Callable[..., torch.Tensor] | None = None
 
 
@@ -81,33 +77,18 @@ def _unavailable() -> str | None:
     return None
 
 
-def extension() -> QuantizeOps | None:
-    """The loaded extension, building it on first call; None when the native path is off."""
-    global _ext, _failed
-    if _ext is not None or _failed is not None:
-        return _ext
-    with _lock:
-        if _ext is not None or _failed is not None:
-            return _ext
-        # stacklevel: the warning points at the caller of the op (op -> _native -> extension).
-        _ext, _failed = native_build.resolve(_builder, _unavailable(), WHAT, stacklevel=4)
-        return _ext
+# Built on first use. stacklevel: a failed build's warning points at the caller of the op (op -> _native);
+# `_builder` is looked up at the call, so that tests can patch it.
+_lazy: native_build.LazyExtension[QuantizeOps] = native_build.LazyExtension(
+    lambda: _builder(), _unavailable, WHAT, stacklevel=2)
+extension = _lazy.get
+_native = _lazy.native
+_reset_for_tests = _lazy.reset
 
 
 def status() -> dict[str, Any]:
     """For diagnostics: whether the native path is on, and why not."""
-    return {"loaded": _ext is not None, "failed": _failed, "cache": str(cache_root())}
-
-
-def _reset_for_tests() -> None:
-    global _ext, _failed
-    with _lock:
-        _ext = None
-        _failed = None
-
-
-def _native() -> QuantizeOps | None:
-    return _ext if _ext is not None else (None if _failed is not None else extension())
+    return {**_lazy.status(), "cache": str(cache_root())}
 
 
 def reference() -> Callable[..., torch.Tensor]:
@@ -141,7 +122,7 @@ def ggml_quantize(qtype: str, weight: torch.Tensor) -> torch.Tensor:
     byte for byte what `formats.quantize(qtype, weight)` (and llama.cpp's ``quantize_row_*_ref``) give."""
     taken = _takes(qtype, weight)
     if taken is not None:
-        ext = _ext if _ext is not None else _native()
+        ext = _native()
         if ext is not None:
             type_id, cols = taken
             w = weight.detach()

@@ -15,7 +15,6 @@ of the native path.
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +31,6 @@ HEADERS = ("simd.h",)  # not compiled on their own, but part of the build key
 CFLAGS = ("-O3", "-DNDEBUG", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 WHAT = "native CPU kernels"  # in the spinner, the log and the warning
-
-_lock = threading.Lock()
-_ext: NativeOps | None = None
-_failed: str | None = None  # why the native path is off for this process (None: not decided / on)
 
 
 def source_dir() -> Path:
@@ -85,34 +80,18 @@ def _unavailable() -> str | None:
     return None
 
 
-def extension() -> NativeOps | None:
-    """The loaded extension, building it on first call; None when the native path is off."""
-    global _ext, _failed
-    if _ext is not None or _failed is not None:
-        return _ext
-    with _lock:
-        if _ext is not None or _failed is not None:
-            return _ext
-        # stacklevel: the warning points at the caller of the op (op -> _native -> extension).
-        _ext, _failed = native_build.resolve(_builder, _unavailable(), WHAT, stacklevel=4)
-        return _ext
+# Built on first use. stacklevel: a failed build's warning points at the caller of the op (op -> _native);
+# `_builder` is looked up at the call, so that tests can patch it.
+_lazy: native_build.LazyExtension[NativeOps] = native_build.LazyExtension(
+    lambda: _builder(), _unavailable, WHAT, stacklevel=2)
+extension = _lazy.get
+_native = _lazy.native
+_reset_for_tests = _lazy.reset
 
 
 def status() -> dict[str, Any]:
     """For diagnostics: whether the native path is on, and why not."""
-    return {"loaded": _ext is not None, "failed": _failed, "cache": str(cache_root())}
-
-
-def _reset_for_tests() -> None:
-    global _ext, _failed
-    with _lock:
-        _ext = None
-        _failed = None
-
-
-def _native() -> NativeOps | None:
-    """The loaded extension (building it on first use), or None when the native path is off."""
-    return _ext if _ext is not None else (None if _failed is not None else extension())
+    return {**_lazy.status(), "cache": str(cache_root())}
 
 
 def _plain_cpu(*tensors: torch.Tensor) -> bool:

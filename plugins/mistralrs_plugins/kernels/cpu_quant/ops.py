@@ -20,7 +20,6 @@ dequantize-then-matmul).
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,10 +38,6 @@ HEADERS = ("avx2_common.h", "qmatmul.h")
 CFLAGS = ("-O3", "-DNDEBUG", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 WHAT = "native quantized CPU kernels"  # in the spinner, the log and the warning
-
-_lock = threading.Lock()
-_ext: QuantOps | None = None
-_failed: str | None = None  # why the native path is off for this process (None: not decided / on)
 
 
 def source_dir() -> Path:
@@ -92,33 +87,18 @@ def _unavailable() -> str | None:
     return None
 
 
-def extension() -> QuantOps | None:
-    """The loaded extension, building it on first call; None when the native path is off."""
-    global _ext, _failed
-    if _ext is not None or _failed is not None:
-        return _ext
-    with _lock:
-        if _ext is not None or _failed is not None:
-            return _ext
-        # stacklevel: the warning points at the caller of the op (op -> _qmatmul -> _native -> extension).
-        _ext, _failed = native_build.resolve(_builder, _unavailable(), WHAT, stacklevel=5)
-        return _ext
+# Built on first use. stacklevel: a failed build's warning points at the caller of the op (op -> _qmatmul / _affine / _linear / _block_scaled -> _native);
+# `_builder` is looked up at the call, so that tests can patch it.
+_lazy: native_build.LazyExtension[QuantOps] = native_build.LazyExtension(
+    lambda: _builder(), _unavailable, WHAT, stacklevel=3)
+extension = _lazy.get
+_native = _lazy.native
+_reset_for_tests = _lazy.reset
 
 
 def status() -> dict[str, Any]:
     """For diagnostics: whether the native path is on, and why not."""
-    return {"loaded": _ext is not None, "failed": _failed, "cache": str(cache_root())}
-
-
-def _reset_for_tests() -> None:
-    global _ext, _failed
-    with _lock:
-        _ext = None
-        _failed = None
-
-
-def _native() -> QuantOps | None:
-    return _ext if _ext is not None else (None if _failed is not None else extension())
+    return {**_lazy.status(), "cache": str(cache_root())}
 
 
 def reference(op: str) -> Callable[..., torch.Tensor]:
@@ -160,7 +140,7 @@ def _qmatmul(name: str, x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tens
              out_f32: bool, vnni: bool = False) -> torch.Tensor:
     elems, nbytes, _act, qtype = FORMATS[name]
     if _kernel_takes(x, qweight, bias, elems, nbytes) and (not vnni or has_avx512_vnni()):
-        ext = _ext if _ext is not None else _native()
+        ext = _native()
         if ext is not None:
             op = ext.qmatmul_vnni if vnni else ext.qmatmul
             if x.dim() == 2:
@@ -243,7 +223,7 @@ def _affine(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, bi
         and packed.shape[1] == -(-k // 128) * (16 * bits + 8 * pairs)
         and (not vnni or has_avx512_vnni())
     ):
-        ext = _ext if _ext is not None else _native()
+        ext = _native()
         if ext is not None:
             if x.dim() == 2:
                 return ext.qmatmul_affine(x, packed, bias, bits, pairs, vnni, out_f32)
@@ -294,7 +274,7 @@ def _linear_takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_f32: bool) -> torch.Tensor:
     # Same call depth as _qmatmul, so that the build warning points at the caller of the op.
     if _linear_takes(x, weight, bias):
-        ext = _ext if _ext is not None else _native()
+        ext = _native()
         if ext is not None:
             if x.dim() == 2:
                 return ext.linear_bf16(x, weight, bias, out_f32)
@@ -329,7 +309,7 @@ def _block_scaled(op: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.T
         and scale.numel() == -(-n // bn) * -(-k // bk)
         and not scale.requires_grad
     ):
-        ext = _ext if _ext is not None else _native()
+        ext = _native()
         if ext is not None:
             fn = getattr(ext, op)
             s2 = scale.reshape(-(-n // bn), -(-k // bk))
