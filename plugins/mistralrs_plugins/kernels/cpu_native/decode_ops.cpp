@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <limits>
 #include <vector>
+#include "../thread_pool.h"
 
 namespace {
 
@@ -81,7 +82,7 @@ template <typename T, typename W>
 void rms_norm_rows(const T* x, int64_t ldx, const W* w, float w_offset, T* y, int64_t rows, int64_t H,
                    float eps) {
   const int64_t grain = std::max<int64_t>(1, kSerialElements / std::max<int64_t>(1, H));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  mistralrs_pool::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = x + r * ldx;
       T* yr = y + r * H;
@@ -132,7 +133,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, b
 template <typename T>
 void silu_mul_rows(const T* x, T* y, int64_t rows, int64_t I) {
   const int64_t grain = std::max<int64_t>(1, kSerialElements / std::max<int64_t>(1, I));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  mistralrs_pool::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     const __m512 one = _mm512_set1_ps(1.0f);
     for (int64_t r = begin; r < end; ++r) {
       const T* g = x + r * 2 * I;
@@ -176,7 +177,7 @@ void rotary_rows(const T* x, int64_t xs0, int64_t xs1, const float* cs, const fl
                  int64_t D, int64_t rd, bool interleaved) {
   const int64_t half = rd / 2;
   const int64_t grain = std::max<int64_t>(1, kSerialElements / std::max<int64_t>(1, D));
-  at::parallel_for(0, Tn * H, grain, [&](int64_t begin, int64_t end) {
+  mistralrs_pool::parallel_for(0, Tn * H, grain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t t = row / H, h = row % H;
       const T* xr = x + t * xs0 + h * xs1;
@@ -467,7 +468,7 @@ void decode_all(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
   int64_t keys = 0;
   for (int64_t s = 0; s < S; ++s) keys += std::min(lens[s], p.window > 0 ? p.window : lens[s]);
   const int64_t grain = keys * p.Hk <= kSerialKeyHeads ? S * split : 1;
-  at::parallel_for(0, S * split, grain, [&](int64_t begin, int64_t end) {
+  mistralrs_pool::parallel_for(0, S * split, grain, [&](int64_t begin, int64_t end) {
     static thread_local DecodeScratch scratch;  // reused across calls: no allocation (or page faults) per step
     for (int64_t item = begin; item < end; ++item) {
       const int64_t s = item / split, h0 = (item % split) * per;

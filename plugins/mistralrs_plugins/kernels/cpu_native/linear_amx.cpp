@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include "../thread_pool.h"
 
 namespace {
 
@@ -132,7 +133,7 @@ void run(const uint16_t* w, const uint16_t* xp, int64_t M, int64_t K, int64_t N,
   if (at::get_num_threads() == 1 || nblocks == 1 || M * N * K < (int64_t(1) << 18))
     work(0, nblocks);
   else
-    at::parallel_for(0, nblocks, 1, work);
+    mistralrs_pool::parallel_for(0, nblocks, 1, work);
 }
 
 #pragma GCC pop_options

@@ -49,6 +49,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include "../thread_pool.h"
 
 namespace {
 
@@ -139,7 +140,7 @@ void gemv(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t N, int64_t 
   const int64_t bytes_per_tile = static_cast<int64_t>(R) * K * 2;
   const int64_t grain = std::max<int64_t>(1, (int64_t(512) << 10) / std::max<int64_t>(1, bytes_per_tile));
 
-  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+  mistralrs_pool::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
     float acc[M * R];
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n0 = t * R;
@@ -290,7 +291,7 @@ void gemm_blocked(const uint16_t* x, int64_t ldx, int64_t M, const uint16_t* w, 
   // Enough work per thread chunk that the fork/join is amortised (~256 KiB of weights).
   const int64_t grain = std::max<int64_t>(1, (int64_t(256) << 10) / std::max<int64_t>(1, int64_t(R) * K * 2));
 
-  at::parallel_for(0, full + (N % R ? 1 : 0), grain, [&](int64_t begin, int64_t end) {
+  mistralrs_pool::parallel_for(0, full + (N % R ? 1 : 0), grain, [&](int64_t begin, int64_t end) {
     float out[kMChunk * kPanelRows];
     constexpr int64_t ldo = kPanelRows;
     const int64_t tend = std::min(end, full);

@@ -27,7 +27,7 @@ from mistralrs_plugins.kernels.native_build import NativeKernelWarning as Native
 from mistralrs_plugins.kernels.native_build import cache_root  # looked up here: tests monkeypatch it
 
 SOURCES = ("linear_bf16.cpp", "linear_amx.cpp", "decode_ops.cpp")
-HEADERS = ("simd.h",)  # not compiled on their own, but part of the build key
+HEADERS = ("simd.h", "../thread_pool.h")  # not compiled on their own, but part of the build key
 CFLAGS = ("-O3", "-DNDEBUG", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 WHAT = "native CPU kernels"  # in the spinner, the log and the warning

@@ -39,6 +39,7 @@
 #include <vector>
 
 #include "avx2_common.h"
+#include "../thread_pool.h"
 
 namespace {
 
@@ -343,7 +344,7 @@ void run(const float* xf, int64_t M, int64_t K, const typename W::T* w, int64_t 
   if (threads == 1 || items == 1 || M * N * K < kInlineMacs) {
     work(0, items);
   } else {
-    at::parallel_for(0, items, 1, work);
+    mistralrs_pool::parallel_for(0, items, 1, work);
   }
 }
 
@@ -388,7 +389,7 @@ at::Tensor linear_widened(const char* what, const at::Tensor& x, const at::Tenso
     }
   };
   if (M >= 16 && M * K >= (int64_t(1) << 16))
-    at::parallel_for(0, M, 1, conv);
+    mistralrs_pool::parallel_for(0, M, 1, conv);
   else
     conv(0, M);
   const auto* w = reinterpret_cast<const typename W::T*>(weight.data_ptr());

@@ -34,7 +34,7 @@ from mistralrs_plugins.kernels.native_build import NativeKernelWarning as Native
 from mistralrs_plugins.kernels.native_build import cache_root, native_disabled  # looked up here (tests patch)
 
 SOURCES = ("qmatmul.cpp", "qmatmul_avx512.cpp", "linear_bf16.cpp")
-HEADERS = ("avx2_common.h", "qmatmul.h")
+HEADERS = ("avx2_common.h", "qmatmul.h", "../thread_pool.h")
 CFLAGS = ("-O3", "-DNDEBUG", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 WHAT = "native quantized CPU kernels"  # in the spinner, the log and the warning

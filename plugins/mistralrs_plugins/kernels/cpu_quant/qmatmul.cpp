@@ -55,6 +55,7 @@
 #include <type_traits>
 
 #include "qmatmul.h"
+#include "../thread_pool.h"
 
 namespace {
 
@@ -518,7 +519,7 @@ void run(const Kernels& kern, int64_t qtype, const Act& act, int64_t M, const ui
   if (threads == 1 || items == 1 || M * N * K < kInlineMacs) {
     work(0, items);
   } else {
-    at::parallel_for(0, items, 1, work);
+    mistralrs_pool::parallel_for(0, items, 1, work);
   }
 }
 
@@ -648,7 +649,7 @@ Act quantize_rows(const InT* x, int64_t ldx, int64_t M, int64_t K, int64_t qtype
     }
   };
   if (M >= 16 && M * K >= (int64_t(1) << 16))
-    at::parallel_for(0, M, 1, rows);
+    mistralrs_pool::parallel_for(0, M, 1, rows);
   else
     rows(0, M);
   return a;
