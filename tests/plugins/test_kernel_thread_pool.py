@@ -11,12 +11,23 @@ import numpy as np
 import pytest
 import torch
 
-from tests.plugins.test_cpu_quant_kernels import native, randn, random_qweight, requires_avx2  # noqa: F401
+from tests.plugins.test_cpu_quant_kernels import randn, random_qweight, requires_avx2
 
 pytestmark = requires_avx2
 
 # Big enough to be split between threads: a GEMV over 2048 rows and a 40-row GEMM.
 CASES = [(1, 2048, 1024), (40, 515, 1024)]
+
+
+@pytest.fixture(scope="module")
+def native():
+    from mistralrs_plugins.kernels.cpu_quant import native_disabled, ops
+
+    if native_disabled():
+        pytest.skip("native kernels disabled")
+    ext = ops.extension()
+    assert ext is not None, ops.status()
+    return ext
 
 
 def _inputs(seed: int = 0):
