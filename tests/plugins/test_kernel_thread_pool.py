@@ -99,25 +99,3 @@ def test_a_forked_child_gets_a_fresh_pool(native):
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
-
-
-def test_prefetching_a_freed_matrix_is_harmless(native):
-    """Decode GEMVs teach the pool which matrix comes next, and its idle workers prefetch it; when that matrix
-    has been freed since (a model unloaded), the prefetch instructions touch unmapped memory, which must not
-    fault, and results stay the same."""
-    import time
-
-    rng = np.random.default_rng(3)
-    qtype = _q4k_id()
-    x = randn(rng, 1, 2048)
-    a = random_qweight("q4k", 4096, 2048, rng)
-    b = random_qweight("q4k", 4096, 2048, rng)  # 4.7 MB: its own mapping, unmapped when freed
-    want = native.qmatmul(x, a, None, qtype, True)
-    for _ in range(3):  # a, b, a, b, ...: b is learned as what follows a
-        native.qmatmul(x, a, None, qtype, True)
-        native.qmatmul(x, b, None, qtype, True)
-    del b
-    got = native.qmatmul(x, a, None, qtype, True)  # the workers now prefetch where b was
-    time.sleep(0.01)
-    assert torch.equal(got, want)
-    assert torch.equal(native.qmatmul(x, a, None, qtype, True), want)

@@ -30,7 +30,6 @@
 #include <exception>
 #include <mutex>
 #include <new>
-#include <string>
 #include <thread>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -67,18 +66,6 @@ struct Job {
   std::exception_ptr error;
 };
 
-// Memory a job to come will read, for the workers to prefetch while they wait for it (the caller runs other code
-// meanwhile: the bandwidth is otherwise idle). Streams are walked together, row i of each, then row i + 1, in the
-// order the job will read them; prefetch instructions never fault, so a stale plan is harmless.
-struct PrefetchPlan {
-  static constexpr int kMaxStreams = 32;
-  const char* start[kMaxStreams];
-  int64_t rows[kMaxStreams];
-  int streams = 0;
-  int64_t row_bytes = 0;
-  int64_t max_bytes = 0;  // stop after this many bytes
-};
-
 class Pool {
  public:
   explicit Pool(int workers) : workers_(workers) {
@@ -100,14 +87,6 @@ class Pool {
     // No worker may still be looking at the job (it lives on the caller's stack).
     current_.store(nullptr);
     while (active_.load() != 0) cpu_relax();
-  }
-
-  // Give spinning workers a plan to prefetch until the next job (replaces the previous plan; sleeping workers
-  // are not woken for it).
-  void post_prefetch(const PrefetchPlan& plan) {
-    std::lock_guard<std::mutex> lk(plan_mu_);
-    plan_ = plan;
-    plan_gen_.fetch_add(1, std::memory_order_release);
   }
 
   // Stop the workers (they exit at their next wake-up); the pool object is then leaked on purpose.
@@ -147,31 +126,8 @@ class Pool {
   void wait_for(uint64_t seen) {
     using clock = std::chrono::steady_clock;
     const auto deadline = clock::now() + std::chrono::microseconds(spin_micros());
-    uint64_t plan_seen = plan_gen_.load(std::memory_order_acquire);
-    PrefetchPlan plan;
-    int64_t row = 0, done_bytes = 0;
     for (uint32_t i = 1;; ++i) {
       if (gen_.load(std::memory_order_acquire) != seen) return;
-      if (plan_gen_.load(std::memory_order_acquire) != plan_seen && plan_mu_.try_lock()) {
-        plan = plan_;
-        plan_seen = plan_gen_.load();
-        plan_mu_.unlock();
-        row = done_bytes = 0;
-      }
-      if (plan.streams > 0 && done_bytes < plan.max_bytes) {
-        // One row of every stream, then look for a job again.
-        bool any = false;
-        for (int s = 0; s < plan.streams; ++s) {
-          if (row >= plan.rows[s]) continue;
-          any = true;
-          const char* p = plan.start[s] + row * plan.row_bytes;
-          for (int64_t b = 0; b < plan.row_bytes; b += 64) prefetch_line(p + b);
-          done_bytes += plan.row_bytes;
-        }
-        ++row;
-        if (!any) plan.streams = 0;
-        continue;
-      }
       cpu_relax();
       if ((i & 1023) == 0) {
         if (clock::now() > deadline) break;
@@ -184,18 +140,7 @@ class Pool {
     sleeping_.fetch_sub(1);
   }
 
-  static void prefetch_line(const char* p) {
-#if defined(__x86_64__) || defined(__i386__)
-    _mm_prefetch(p, _MM_HINT_T0);
-#else
-    __builtin_prefetch(p);
-#endif
-  }
-
   const int workers_;
-  std::mutex plan_mu_;
-  PrefetchPlan plan_;
-  std::atomic<uint64_t> plan_gen_{0};
   std::atomic<uint64_t> gen_{0};
   std::atomic<Job*> current_{nullptr};
   std::atomic<int> active_{0}, sleeping_{0};
@@ -260,52 +205,6 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
   };
   st.pool->run(job);
   if (job.failed.load()) std::rethrow_exception(job.error);
-}
-
-// Hand `plan` to the pool's spinning workers (nothing when there is no pool yet, or one thread).
-inline void prefetch(const PrefetchPlan& plan) {
-  State& st = state();
-  if (!st.mu.try_lock()) return;  // another thread is running a job: its plan would be stale anyway
-  Pool* pool = st.pool;
-  st.mu.unlock();
-  if (pool != nullptr && pool->threads() == std::max(1, at::get_num_threads())) pool->post_prefetch(plan);
-}
-
-// Decode's matmuls come in the same order every step (the layers', then the LM head) with other code between
-// them, during which the workers only spin and memory is idle. A decode-sized matmul calls this after it ran,
-// with the plan by which it reads its matrix `key`: it is remembered as what followed the previous matrix, and
-// the plan of the matrix that followed `key` last time goes to the workers (MISTRALRS_PREFETCH_NEXT=0: off).
-inline void learn_and_prefetch(const void* key, const PrefetchPlan& how_key_is_read) {
-  static const bool enabled = [] {
-    const char* env = std::getenv("MISTRALRS_PREFETCH_NEXT");
-    return env == nullptr || (std::string(env) != "0" && std::string(env) != "false");
-  }();
-  if (!enabled || std::max(1, at::get_num_threads()) == 1) return;
-  struct Entry {
-    const void* key = nullptr;
-    PrefetchPlan next;  // how the matrix that came after `key` is read
-  };
-  constexpr int kSlots = 512;
-  static std::mutex mu;
-  static Entry* table = new Entry[kSlots];  // never freed (see state())
-  static const void* prev = nullptr;
-  auto slot = [](const void* p) {
-    return static_cast<int>((reinterpret_cast<uintptr_t>(p) >> 6) * 0x9E3779B97F4A7C15ull >> 55);
-  };
-  PrefetchPlan next;
-  {
-    std::lock_guard<std::mutex> lk(mu);
-    if (prev != nullptr && prev != key) {
-      Entry& e = table[slot(prev)];
-      e.key = prev;
-      e.next = how_key_is_read;
-    }
-    prev = key;
-    const Entry& e = table[slot(key)];
-    if (e.key != key || e.next.streams == 0) return;
-    next = e.next;
-  }
-  prefetch(next);
 }
 
 }  // namespace v1

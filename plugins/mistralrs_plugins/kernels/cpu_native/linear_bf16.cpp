@@ -355,15 +355,6 @@ void run_linear(const uint16_t* xp, int64_t ldx, int64_t M, const uint16_t* wp, 
       const GemvFn<OutT> fn = row_schedule ? GemvTables<OutT>::row[mc] : GemvTables<OutT>::tile[mc];
       const int64_t prefetch = mc == 1 ? 1024 : 2048;  // bytes ahead; more work per line wants more distance
       fn(xc, ldx, wp, N, K, bias_ptr, yc, N, prefetch);
-      if (M <= kMaxGemvRows) {  // decode: the pool's idle workers prefetch the next matmul's weights
-        mistralrs_pool::PrefetchPlan plan;  // this GEMV's chunks go by from the first row to the last
-        plan.start[0] = reinterpret_cast<const char*>(wp);
-        plan.rows[0] = N;
-        plan.streams = 1;
-        plan.row_bytes = K * 2;
-        plan.max_bytes = int64_t(16) << 20;
-        mistralrs_pool::learn_and_prefetch(wp, plan);
-      }
     } else if (mc <= 8) {
       gemm_blocked<3, 8>(xc, ldx, mc, wp, N, K, bias_ptr, yc, N);  // one pass: 3 x M tiles
     } else {

@@ -466,24 +466,6 @@ constexpr Kernels kAvx2{&tile_fn, kGemvRows, {kGemmRows, kGemmRows, kGemmRows, k
 ALWAYS_INLINE inline void store_out(float* y, float v) { *y = v; }
 ALWAYS_INLINE inline void store_out(at::BFloat16* y, float v) { *y = c10::BFloat16(v); }
 
-// How the GEMV below reads W (each thread's range in g streams), for the pool's prefetching of the next matmul.
-mistralrs_pool::PrefetchPlan gemv_plan(const uint8_t* w, int64_t N, int64_t ldw, int64_t g) {
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t per_thread = (N + threads - 1) / threads;
-  const int64_t panel = std::max<int64_t>(kMaxGroup, (per_thread + kMaxGroup - 1) / kMaxGroup * kMaxGroup);
-  mistralrs_pool::PrefetchPlan plan;
-  plan.row_bytes = ldw;
-  plan.max_bytes = int64_t(16) << 20;
-  for (int64_t n0 = 0; n0 < N; n0 += panel) {
-    const int64_t len = std::min(N, n0 + panel) - n0, stride = (len + g - 1) / g;
-    for (int64_t r = 0; r < g && plan.streams < plan.kMaxStreams; ++r) {
-      plan.start[plan.streams] = reinterpret_cast<const char*>(w + (n0 + r * stride) * ldw);
-      plan.rows[plan.streams++] = std::max<int64_t>(0, std::min(stride, len - r * stride));
-    }
-  }
-  return plan;
-}
-
 template <typename OutT>
 void run(const Kernels& kern, int64_t qtype, const Act& act, int64_t M, const uint8_t* w, int64_t ldw, int64_t N,
          const float* bias, OutT* y) {
@@ -538,7 +520,6 @@ void run(const Kernels& kern, int64_t qtype, const Act& act, int64_t M, const ui
     work(0, items);
   } else {
     mistralrs_pool::parallel_for(0, items, 1, work);
-    if (gemv) mistralrs_pool::learn_and_prefetch(w, gemv_plan(w, N, ldw, kern.tile(qtype, M).rows));
   }
 }
 
