@@ -6,7 +6,10 @@ weight types bf16, q8_0, q4_0 and q4k (llama.cpp: BF16, Q8_0, Q4_0, Q4_K_M).
 For each type it prints our figure, llama.cpp's and the ratio (ours / llama.cpp) of:
 
 * prefill tok/s: a 512-token prompt. Ours: the best of ``--reps`` requests for one token (wall
-  time); llama.cpp: the best sample of ``llama-bench -p 512 -r REPS``.
+  time); llama.cpp: the best sample of ``llama-bench -p 512`` over REPS runs. By default the two
+  sides alternate, one llama-bench run (prefill and decode) before each of our prefill + decode
+  reps, so that both are measured in the same minutes (these machines drift by tens of percent
+  from one minute to the next); ``--no-interleave`` runs ``llama-bench -r REPS`` first instead.
 * decode tok/s at batch 1. Ours: a 16-token prompt, ``--gen-len`` greedy tokens, tokens after the
   first over the time after the first (``Usage.completion_tok_per_sec``), the best of ``--reps``
   requests; llama.cpp: the best sample of ``llama-bench -n GEN_LEN -r REPS`` (generation from an
@@ -49,11 +52,13 @@ import os
 import platform
 import re
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -169,21 +174,21 @@ def _request(seed: int, n_prompt: int, max_tokens: int):
                              max_tokens=max_tokens, ignore_eos=True)
 
 
-def ours_prefill(svc, prompt_len: int, reps: int) -> dict:
+def ours_prefill(svc, prompt_len: int, reps: int, first: int = 0) -> dict:
     """A `prompt_len`-token prompt for one token (distinct prompts: no prefix-cache hits)."""
     rates = []
-    for i in range(reps):
+    for i in range(first, first + reps):
         t = time.perf_counter()
         _run(svc.engine, [_request(100 + i, prompt_len, 1)])
         rates.append(prompt_len / (time.perf_counter() - t))
     return {"tok_per_s": max(rates), "samples": rates}
 
 
-def ours_decode(svc, gen_len: int, reps: int = 1) -> dict:
+def ours_decode(svc, gen_len: int, reps: int = 1, first: int = 0) -> dict:
     """Batch 1: tokens after the first over the time after the first; the best of `reps` requests (as
     llama-bench's best sample: on a shared machine the best is the least disturbed)."""
     rates, tokens = [], 0
-    for i in range(max(1, reps)):
+    for i in range(first, first + max(1, reps)):
         done = _run(svc.engine, [_request(200 + i, SHORT_PROMPT, gen_len)])[0]
         rates.append(done.usage.completion_tok_per_sec or 0.0)
         tokens = done.usage.completion_tokens
@@ -227,7 +232,15 @@ def _model_bytes(model) -> int:
     return total
 
 
-def run_ours(qtype: str, args: argparse.Namespace, model_dir: Path, aggregate: bool, gguf: Path | None = None) -> dict:
+def _merged(parts: list[dict]) -> dict:
+    """Single-rep measurements as one: every sample, the best as ``tok_per_s``."""
+    samples = [x for p in parts for x in p["samples"]]
+    return {**parts[-1], "tok_per_s": max(samples), "samples": samples}
+
+
+def run_ours(qtype: str, args: argparse.Namespace, model_dir: Path, aggregate: bool, gguf: Path | None = None,
+             before_rep: Callable[[int], None] | None = None) -> dict:
+    """Our side; `before_rep(i)` (llama.cpp's rep i, when interleaved) runs before each prefill + decode rep."""
     try:
         t = time.perf_counter()
         svc = open_ours(qtype, args, model_dir, gguf)
@@ -238,8 +251,13 @@ def run_ours(qtype: str, args: argparse.Namespace, model_dir: Path, aggregate: b
         out = {"available": True, "load_seconds": time.perf_counter() - t,
                "model_bytes": _model_bytes(svc.loaded.model), "attention_backend": svc.backend.name}
         _run(svc.engine, [_request(0, 64, 4)])  # warm-up
-        out["prefill"] = ours_prefill(svc, args.prompt_len, args.reps)
-        out["decode"] = ours_decode(svc, args.gen_len, args.reps)
+        prefill, decode = [], []
+        for i in range(args.reps):
+            if before_rep is not None:
+                before_rep(i)
+            prefill.append(ours_prefill(svc, args.prompt_len, 1, first=i))
+            decode.append(ours_decode(svc, args.gen_len, 1, first=i))
+        out["prefill"], out["decode"] = _merged(prefill), _merged(decode)
         if aggregate:
             out["aggregate"] = ours_aggregate(svc, args.concurrency, args.agg_gen_len)
         return out
@@ -523,12 +541,26 @@ def llama_batched_bench(llama_dir: Path, model: Path, threads: int, concurrency:
             "command": " ".join(cmd[1:])}
 
 
-def run_llama(qtype: str, args: argparse.Namespace, llama_dir: Path, model: Path, aggregate: bool) -> dict:
+def llama_bench_merged(reps: list[dict]) -> dict:
+    """`llama_bench` runs of one rep each (interleaved with ours) as one result."""
+    out = dict(reps[-1])
+    out["command"] = f"{reps[-1]['command']} (x{len(reps)}, interleaved with ours)"
+    for key in ("prefill", "decode"):
+        samples = [x for r in reps for x in r[key]["samples"]]
+        out[key] = {"tok_per_s": max(samples), "mean_tok_per_s": statistics.mean(samples),
+                    "stddev_tok_per_s": statistics.pstdev(samples), "samples": samples}
+    return out
+
+
+def run_llama(qtype: str, args: argparse.Namespace, llama_dir: Path, model: Path, aggregate: bool,
+              bench: dict | None = None) -> dict:
+    """llama.cpp's side; `bench`: its llama-bench figures already measured (interleaved with ours)."""
     out = {"type": LLAMA_TYPES[qtype], "gguf": str(model), "file_bytes": model.stat().st_size}
     if args.source == "gguf":
         out["load_seconds"] = llama_load_seconds(llama_dir, model, args.threads,
                                                  Path(args.cache_dir) / f"llama-server-load-{qtype}.log")
-    bench = llama_bench(llama_dir, model, args.threads, args.prompt_len, args.gen_len, args.reps)
+    if bench is None:
+        bench = llama_bench(llama_dir, model, args.threads, args.prompt_len, args.gen_len, args.reps)
     out.update(bench)
     if aggregate:
         out["aggregate"] = llama_server_aggregate(llama_dir, model, args.threads, args.concurrency, args.agg_gen_len,
@@ -593,6 +625,8 @@ def main() -> int:
     ap.add_argument("--agg-gen-len", type=int, default=64, help="tokens per request of the concurrent decode")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3, help="prefill and decode repetitions (ours) and llama-bench -r")
+    ap.add_argument("--no-interleave", action="store_true",
+                    help="run llama-bench's reps all before ours (default: one of its reps before each of ours)")
     ap.add_argument("--cache-dir", default=os.environ.get("QUANT_SPEED_CACHE",
                                                          str(Path(tempfile.gettempdir()) / "mistralrs-quant-speed")),
                     help="where the GGUF files and server logs go (not the repo)")
@@ -643,9 +677,23 @@ def main() -> int:
         for qtype in types:
             agg = qtype in aggregate_types
             print(f"== {qtype}", flush=True)
-            llama = run_llama(qtype, args, llama_dir, ggufs[qtype], agg) if llama_dir else None
-            ours = {"available": False, "error": "skipped (--skip-ours)"} if args.skip_ours else \
-                run_ours(qtype, args, model_dir, agg, ggufs[qtype] if args.source == "gguf" else None)
+            gguf = ggufs[qtype] if args.source == "gguf" else None
+            llama: dict | None
+            if llama_dir and not args.skip_ours and not args.no_interleave:
+                # One llama-bench rep before each of our reps: the machine's speed drifts by tens of percent
+                # over minutes, and alternating puts both sides in the same minutes.
+                reps: list[dict] = []
+                model = ggufs[qtype]
+
+                def llama_rep(_i: int, reps: list[dict] = reps, model: Path = model) -> None:
+                    reps.append(llama_bench(llama_dir, model, args.threads, args.prompt_len, args.gen_len, 1))
+
+                ours = run_ours(qtype, args, model_dir, agg, gguf, before_rep=llama_rep)
+                llama = run_llama(qtype, args, llama_dir, ggufs[qtype], agg, llama_bench_merged(reps) if reps else None)
+            else:
+                llama = run_llama(qtype, args, llama_dir, ggufs[qtype], agg) if llama_dir else None
+                ours = {"available": False, "error": "skipped (--skip-ours)"} if args.skip_ours else \
+                    run_ours(qtype, args, model_dir, agg, gguf)
             results[qtype] = {"concurrency": args.concurrency if agg else None, "ours": ours, "llama_cpp": llama,
                               "compare": compare(ours, llama, agg)}
             print_table({qtype: results[qtype]})
@@ -658,6 +706,7 @@ def main() -> int:
                                           "rope_theta", "rope_scaling")},
         "settings": {"source": args.source, "prompt_len": args.prompt_len, "gen_len": args.gen_len, "agg_gen_len": args.agg_gen_len,
                      "concurrency": args.concurrency, "reps": args.reps, "decode_prompt_len": SHORT_PROMPT,
+                     "interleaved": bool(llama_dir) and not args.skip_ours and not args.no_interleave,
                      "aggregate_llama_cpp": "llama-server -np CONCURRENCY, concurrent /completion requests "
                                             "(llama-batched-bench S_TG beside it)",
                      "ratio": "ours / llama.cpp"},
