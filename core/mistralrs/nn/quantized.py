@@ -172,12 +172,13 @@ class QuantizedLinearMethod(LinearMethodBase):
             self.load_float(layer, weight.detach())
 
     def apply(self, layer: Linear, x: torch.Tensor, out_f32: bool = False) -> torch.Tensor:
-        shape = x.shape
-        y = self.matmul(layer, x.reshape(-1, shape[-1]), out_f32)
+        # Runs for every matmul of every decode step: plain [tokens, in] inputs skip the reshapes.
+        flat = x.dim() == 2
+        y = self.matmul(layer, x if flat else x.reshape(-1, x.shape[-1]), out_f32)
         bias = layer.bias
         if isinstance(bias, torch.Tensor):
             y = y + bias.to(y.dtype)
-        return y.reshape(*shape[:-1], y.shape[-1])
+        return y if flat else y.reshape(*x.shape[:-1], y.shape[-1])
 
     def describe(self) -> str:
         return self.qtype
