@@ -313,6 +313,101 @@ void tile_q45_K(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
   store_k<MR, NR, true>(acc, accm, out);
 }
 
+// The 8 scales (bytes 0..7) and 8 mins (bytes 8..15) of four q4_K/q5_K blocks at once, block r's in 128-bit lane
+// r (kquant_scales_mins on four rows; reads 16 bytes from each s12).
+ALWAYS_INLINE inline __m512i kquant_scales_mins4(const uint8_t* s0, const uint8_t* s1, const uint8_t* s2, const uint8_t* s3) {
+  __m512i s = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s0)));
+  s = _mm512_inserti32x4(s, _mm_loadu_si128(reinterpret_cast<const __m128i*>(s1)), 1);
+  s = _mm512_inserti32x4(s, _mm_loadu_si128(reinterpret_cast<const __m128i*>(s2)), 2);
+  s = _mm512_inserti32x4(s, _mm_loadu_si128(reinterpret_cast<const __m128i*>(s3)), 3);
+  const __m512i a = _mm512_shuffle_epi8(s, _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11)));
+  const __m512i lo = _mm512_and_si512(_mm512_mask_blend_epi32(0x8888, a, _mm512_srli_epi16(a, 4)),
+                                      _mm512_broadcast_i32x4(_mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 15, 15, 15, 15)));
+  const __m512i b = _mm512_shuffle_epi8(s, _mm512_broadcast_i32x4(_mm_setr_epi8(-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7)));
+  return _mm512_ternarylogic_epi32(lo, _mm512_srli_epi16(b, 2), _mm512_set1_epi8(0x30), 0xF8);  // lo | (b >> 2) & 0x30
+}
+
+// q4_K / q5_K against one row of x (decode): tile_q45_K<1, NR>'s arithmetic for every output, with the work
+// that is not the dot products shared between four rows of W: their scales and mins decoded in one vector,
+// two rows per 512-bit accumulator (lanes 0..7 row 2p, lanes 8..15 row 2p + 1; the fold, conversion and fmadd
+// of a super-block are one instruction per two rows), the four rows' mins terms in one vector, their d and dmin
+// loaded and scaled together, and the activations loaded once per super-block.
+template <int NR, bool HB>
+void gemv_q45_K(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
+  static_assert(NR == 4, "four rows of W: two accumulator pairs, one mins vector");
+  constexpr int64_t kBytes = HB ? 176 : 144;
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  const __m512i bit4 = _mm512_set1_epi8(0x10);
+  __m512i sidx[4][4], hshift[4];
+  UNROLL for (int v = 0; v < 4; ++v) {
+    UNROLL for (int r = 0; r < 4; ++r) sidx[r][v] = _mm512_add_epi16(load_idx(kKScales[v]), _mm512_set1_epi16(int16_t(8 * r)));
+    static constexpr int kBit[4][2] = {{0, 2}, {1, 3}, {4, 6}, {5, 7}};
+    hshift[v] = _mm512_inserti64x4(_mm512_set1_epi16(static_cast<int16_t>(kBit[v][0])),
+                                   _mm256_set1_epi16(static_cast<int16_t>(kBit[v][1])), 1);
+  }
+  // d (even) and -dmin (odd) of the 4 rows, spread: pair p's d over its two halves, the mins' -dmin over quarters
+  const __m512i pair_idx[2] = {_mm512_inserti64x4(_mm512_set1_epi32(0), _mm256_set1_epi32(2), 1),
+                               _mm512_inserti64x4(_mm512_set1_epi32(4), _mm256_set1_epi32(6), 1)};
+  const __m512i quad_idx = _mm512_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 7);
+  const __m256 neg_odd = _mm256_castsi256_ps(_mm256_setr_epi32(0, int(0x80000000), 0, int(0x80000000), 0,
+                                                               int(0x80000000), 0, int(0x80000000)));
+  __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+  __m512 accm = _mm512_setzero_ps();
+  for (int64_t b = 0; b < a.nb; ++b) {
+    const int8_t* yb = a.vq + (b * a.M + m0) * 256;
+    const uint8_t* xb = a.vaux + b * a.vaux_stride;
+    const uint8_t* blk[4];
+    UNROLL for (int r = 0; r < 4; ++r) blk[r] = w[r] + b * kBytes;
+    __m512i y[4];
+    UNROLL for (int v = 0; v < 4; ++v) y[v] = _mm512_load_si512(yb + 64 * v);
+    const __m512i bs = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + a.kaux_bs32 + m0 * 16)));
+    uint32_t dm[4];
+    UNROLL for (int r = 0; r < 4; ++r) std::memcpy(&dm[r], blk[r], 4);
+    const __m256 ddm = _mm256_mul_ps(_mm256_set1_ps(reinterpret_cast<const float*>(xb)[m0]),
+                                     _mm256_xor_ps(_mm256_cvtph_ps(_mm_setr_epi32(int(dm[0]), int(dm[1]), int(dm[2]), int(dm[3]))), neg_odd));
+    const __m512 ddm512 = _mm512_castps256_ps512(ddm);
+    const __m512i dec = kquant_scales_mins4(blk[0] + 4, blk[1] + 4, blk[2] + 4, blk[3] + 4);
+    const __m512i scales = _mm512_unpacklo_epi8(dec, _mm512_setzero_si512());  // words 8r..8r+7: row r's scales
+    const __m512i mins = _mm512_unpackhi_epi8(dec, _mm512_setzero_si512());    // 128-bit lane r: row r's mins
+    __m512i s[4];
+    UNROLL for (int r = 0; r < 4; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(blk[r] + 1024), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(blk[r] + 1088), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(blk[r] + 1152), _MM_HINT_T0);
+      const uint8_t* qs = blk[r] + (HB ? 48 : 16);
+      const __m512i z0 = _mm512_loadu_si512(qs), z1 = _mm512_loadu_si512(qs + 64);
+      __m512i q[4] = {_mm512_and_si512(z0, m4), _mm512_and_si512(_mm512_srli_epi16(z0, 4), m4),
+                      _mm512_and_si512(z1, m4), _mm512_and_si512(_mm512_srli_epi16(z1, 4), m4)};
+      if constexpr (HB) {
+        const __m512i hb = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk[r] + 16)));
+        UNROLL for (int v = 0; v < 4; ++v)
+          q[v] = _mm512_ternarylogic_epi32(q[v], _mm512_slli_epi16(_mm512_srlv_epi16(hb, hshift[v]), 4), bit4, 0xF8);
+      }
+      s[r] = _mm512_setzero_si512();
+      UNROLL for (int v = 0; v < 4; ++v)
+        s[r] = add_scaled(s[r], _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[v], y[v]),
+                          _mm512_maskz_permutexvar_epi16(kEvenWords, sidx[r][v], scales));
+    }
+    UNROLL for (int p = 0; p < 2; ++p)
+      acc[p] = _mm512_fmadd_ps(_mm512_permutexvar_ps(pair_idx[p], ddm512), _mm512_cvtepi32_ps(fold_pair(s[2 * p], s[2 * p + 1])), acc[p]);
+    accm = _mm512_fmadd_ps(_mm512_permutexvar_ps(quad_idx, ddm512), _mm512_cvtepi32_ps(_mm512_madd_epi16(mins, bs)), accm);
+  }
+  UNROLL for (int r = 0; r < 4; ++r) {
+    const __m512 pa = acc[r / 2];
+    const __m256 half = r % 2 ? _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(pa), 1)) : _mm512_castps512_ps256(pa);
+    __m128 quarter;
+    switch (r) {
+      case 0: quarter = _mm512_castps512_ps128(accm); break;
+      case 1: quarter = _mm512_extractf32x4_ps(accm, 1); break;
+      case 2: quarter = _mm512_extractf32x4_ps(accm, 2); break;
+      default: quarter = _mm512_extractf32x4_ps(accm, 3); break;
+    }
+    float v = hsum8(half);
+    v += hsum4(quarter);
+    out[r] = v;
+  }
+}
+
 // q6_K: x = d * sc * (q - 32) per sub-block of 16 (as the AVX2 tile: the -32 through the sums of 16). Half h of a
 // super-block: 64 low-nibble bytes (elements 128h + 0..63, their 2 high bits in bits 0-1 / 2-3 of the 32
 // high-bit bytes) and their high nibbles (elements 128h + 64..127, bits 4-5 / 6-7).
@@ -456,8 +551,12 @@ Tile tile_for(int64_t t) {
     case kQ8_0:
       if constexpr (MR <= kGemmRowsQ0) return {&tile_q0<MR, NQ, false>, NQ};
       break;
-    case kQ4_K: return {&tile_q45_K<MR, NK, false>, NK};
-    case kQ5_K: return {&tile_q45_K<MR, NK, true>, NK};
+    case kQ4_K:
+      if constexpr (MR == 1) return {&gemv_q45_K<NK, false>, NK};
+      return {&tile_q45_K<MR, NK, false>, NK};
+    case kQ5_K:
+      if constexpr (MR == 1) return {&gemv_q45_K<NK, true>, NK};
+      return {&tile_q45_K<MR, NK, true>, NK};
     default: return {&tile_q6_K<MR, NK>, NK};
   }
   return {nullptr, 0};  // never asked for (more rows than the type's GEMM tiles)
