@@ -21,6 +21,11 @@
 //   times its scale, plus its zero high half times 0). Each super-block's 16 lanes are folded to the AVX2
 //   tile's 8 (lane i and i + 8 are the AVX2 lane i's two halves; integers, exact) before the same fp32
 //   scaling, accumulation and sums: the k-quants give the AVX2 path's results bit for bit.
+// - Decode (one row of x) has its own k-quant tiles, gemv_q45_K and gemv_q6_K, with the same arithmetic per
+//   output: there, with nothing to share between rows of x, the GEMV was compute-bound (as fast from L2 as from
+//   DRAM), so four rows of W share what is not their dot products (scale decoding, the fold, conversion and
+//   fmadd with two rows of W per accumulator, the activation loads), and the sub-block scales are spread with
+//   vpshufb rather than vpermw.
 //
 // The activations come in the VNNI layout of qmatmul.h (struct Act): group-major and 64-byte aligned, so a
 // tile reaches all its rows of x through one pointer per group (GCC otherwise runs out of general registers
@@ -338,9 +343,13 @@ void gemv_q45_K(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
   constexpr int64_t kBytes = HB ? 176 : 144;
   const __m512i m4 = _mm512_set1_epi8(0x0F);
   const __m512i bit4 = _mm512_set1_epi8(0x10);
-  __m512i sidx[4][4], hshift[4];
+  // vpshufb controls spreading the scale bytes over int32 lanes as kKScales does (zero-extended; -1 gives 0)
+  __m512i sbyte[4], hshift[4];
   UNROLL for (int v = 0; v < 4; ++v) {
-    UNROLL for (int r = 0; r < 4; ++r) sidx[r][v] = _mm512_add_epi16(load_idx(kKScales[v]), _mm512_set1_epi16(int16_t(8 * r)));
+    static constexpr int kSub[4][2] = {{0, 2}, {1, 3}, {4, 6}, {5, 7}};
+    const __m128i lo = _mm_setr_epi8(kSub[v][0], -1, -1, -1, kSub[v][0], -1, -1, -1, kSub[v][0], -1, -1, -1, kSub[v][0], -1, -1, -1);
+    const __m128i hi = _mm_setr_epi8(kSub[v][1], -1, -1, -1, kSub[v][1], -1, -1, -1, kSub[v][1], -1, -1, -1, kSub[v][1], -1, -1, -1);
+    sbyte[v] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_broadcastsi128_si256(lo)), _mm256_broadcastsi128_si256(hi), 1);
     static constexpr int kBit[4][2] = {{0, 2}, {1, 3}, {4, 6}, {5, 7}};
     hshift[v] = _mm512_inserti64x4(_mm512_set1_epi16(static_cast<int16_t>(kBit[v][0])),
                                    _mm256_set1_epi16(static_cast<int16_t>(kBit[v][1])), 1);
@@ -367,7 +376,6 @@ void gemv_q45_K(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
                                      _mm256_xor_ps(_mm256_cvtph_ps(_mm_setr_epi32(int(dm[0]), int(dm[1]), int(dm[2]), int(dm[3]))), neg_odd));
     const __m512 ddm512 = _mm512_castps256_ps512(ddm);
     const __m512i dec = kquant_scales_mins4(blk[0] + 4, blk[1] + 4, blk[2] + 4, blk[3] + 4);
-    const __m512i scales = _mm512_unpacklo_epi8(dec, _mm512_setzero_si512());  // words 8r..8r+7: row r's scales
     const __m512i mins = _mm512_unpackhi_epi8(dec, _mm512_setzero_si512());    // 128-bit lane r: row r's mins
     __m512i s[4];
     UNROLL for (int r = 0; r < 4; ++r) {
@@ -383,10 +391,10 @@ void gemv_q45_K(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
         UNROLL for (int v = 0; v < 4; ++v)
           q[v] = _mm512_ternarylogic_epi32(q[v], _mm512_slli_epi16(_mm512_srlv_epi16(hb, hshift[v]), 4), bit4, 0xF8);
       }
+      const __m512i dr = _mm512_shuffle_i32x4(dec, dec, 0x55 * r);  // row r's scale bytes in every 128-bit lane
       s[r] = _mm512_setzero_si512();
       UNROLL for (int v = 0; v < 4; ++v)
-        s[r] = add_scaled(s[r], _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[v], y[v]),
-                          _mm512_maskz_permutexvar_epi16(kEvenWords, sidx[r][v], scales));
+        s[r] = add_scaled(s[r], _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[v], y[v]), _mm512_shuffle_epi8(dr, sbyte[v]));
     }
     UNROLL for (int p = 0; p < 2; ++p)
       acc[p] = _mm512_fmadd_ps(_mm512_permutexvar_ps(pair_idx[p], ddm512), _mm512_cvtepi32_ps(fold_pair(s[2 * p], s[2 * p + 1])), acc[p]);
@@ -473,6 +481,79 @@ void tile_q6_K(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
   store_k<MR, NR, false>(acc, accm, out);
 }
 
+// q6_K against one row of x (decode): tile_q6_K<1, NR>'s arithmetic for every output, with four rows of W
+// sharing what is not their dot products: two rows' 16 scales widened in one vector (which is also the table
+// their sub-block scales are permuted from), their -32 * scales . sums-of-16 terms, folds, conversions and
+// fmadds one instruction per two rows (lanes 0..7 row 2p, lanes 8..15 row 2p + 1), their d loaded and scaled
+// together, and the activations loaded once per super-block.
+template <int NR>
+void gemv_q6_K(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
+  static_assert(NR == 4, "four rows of W: two accumulator pairs");
+  const __m512i m15 = _mm512_set1_epi8(0x0F);
+  const __m512i m30 = _mm512_set1_epi8(0x30);
+  const __m512i shl_lo = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
+  const __m512i shr_hi = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1);
+  // The pair's 32 scales (int16) regrouped so that 128-bit lane k holds row 2p's scales k, 4 + k, 8 + k, 12 + k
+  // (words 0..3) and row 2p + 1's (words 4..7); then vector v of row 2p + e wants word 4e + v of every lane (as
+  // kQ6Scales spreads them), which vpshufb puts in the low half of each int32 lane, zero in the high half.
+  alignas(64) static constexpr uint16_t kRegroup[32] = {0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29,
+                                                        2, 6, 10, 14, 18, 22, 26, 30, 3, 7, 11, 15, 19, 23, 27, 31};
+  const __m512i regroup = load_idx(kRegroup);
+  __m512i sctl[2][4];
+  UNROLL for (int e = 0; e < 2; ++e) UNROLL for (int v = 0; v < 4; ++v) {
+    const char b0 = static_cast<char>(2 * (4 * e + v)), b1 = static_cast<char>(2 * (4 * e + v) + 1);
+    sctl[e][v] = _mm512_broadcast_i32x4(_mm_setr_epi8(b0, b1, -1, -1, b0, b1, -1, -1, b0, b1, -1, -1, b0, b1, -1, -1));
+  }
+  const __m512i pair_idx[2] = {_mm512_inserti64x4(_mm512_set1_epi32(0), _mm256_set1_epi32(1), 1),
+                               _mm512_inserti64x4(_mm512_set1_epi32(2), _mm256_set1_epi32(3), 1)};
+  __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+  for (int64_t b = 0; b < a.nb; ++b) {
+    const int8_t* yb = a.vq + (b * a.M + m0) * 256;
+    const uint8_t* xb = a.vaux + b * a.vaux_stride;
+    const uint8_t* blk[4];
+    UNROLL for (int r = 0; r < 4; ++r) blk[r] = w[r] + b * 210;
+    __m512i y[4];
+    UNROLL for (int v = 0; v < 4; ++v) y[v] = _mm512_load_si512(yb + 64 * v);
+    const __m512i bs = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + a.kaux_bs16 + m0 * 32)));
+    uint16_t dh[4];
+    UNROLL for (int r = 0; r < 4; ++r) std::memcpy(&dh[r], blk[r] + 208, 2);
+    const __m128 dd = _mm_mul_ps(_mm_set1_ps(reinterpret_cast<const float*>(xb)[m0]),
+                                 _mm_cvtph_ps(_mm_setr_epi16(short(dh[0]), short(dh[1]), short(dh[2]), short(dh[3]), 0, 0, 0, 0)));
+    const __m512 dd512 = _mm512_castps128_ps512(dd);
+    UNROLL for (int p = 0; p < 2; ++p) {
+      // the pair's 16 + 16 scales (int16): row 2p's in words 0..15, row 2p + 1's in words 16..31
+      const __m512i sc = _mm512_cvtepi8_epi16(_mm256_inserti128_si256(
+          _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk[2 * p] + 192))),
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk[2 * p + 1] + 192)), 1));
+      const __m512i st = _mm512_permutexvar_epi16(regroup, sc);
+      __m512i s[2];
+      UNROLL for (int e = 0; e < 2; ++e) {
+        const uint8_t* ql = blk[2 * p + e];
+        const uint8_t* qh = ql + 128;
+        s[e] = _mm512_setzero_si512();
+        UNROLL for (int h = 0; h < 2; ++h) {
+          const __m512i l = _mm512_loadu_si512(ql + 64 * h);
+          const __m512i hb = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh + 32 * h)));
+          const __m512i lo = _mm512_ternarylogic_epi32(l, m15, _mm512_and_si512(_mm512_sllv_epi16(hb, shl_lo), m30), 0xEA);
+          const __m512i hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(l, 4), m15,
+                                                       _mm512_and_si512(_mm512_srlv_epi16(hb, shr_hi), m30), 0xEA);
+          s[e] = add_scaled(s[e], _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, y[2 * h]),
+                            _mm512_shuffle_epi8(st, sctl[e][2 * h]));
+          s[e] = add_scaled(s[e], _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, y[2 * h + 1]),
+                            _mm512_shuffle_epi8(st, sctl[e][2 * h + 1]));
+        }
+      }
+      const __m512i init = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(_mm512_madd_epi16(bs, sc), 5));
+      const __m512i sumi = _mm512_add_epi32(init, fold_pair(s[0], s[1]));
+      acc[p] = _mm512_fmadd_ps(_mm512_permutexvar_ps(pair_idx[p], dd512), _mm512_cvtepi32_ps(sumi), acc[p]);
+    }
+  }
+  UNROLL for (int r = 0; r < 4; ++r) {
+    const __m512 pa = acc[r / 2];
+    out[r] = hsum8(r % 2 ? _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(pa), 1)) : _mm512_castps512_ps256(pa));
+  }
+}
+
 // ---- affine groups (kAF4 / kAF8) ------------------------------------------------------------------------
 
 // w = s * q + b (layout in qmatmul.h). Per super-block of 128 weights and row of W: the codes as two 64-byte
@@ -557,7 +638,9 @@ Tile tile_for(int64_t t) {
     case kQ5_K:
       if constexpr (MR == 1) return {&gemv_q45_K<NK, true>, NK};
       return {&tile_q45_K<MR, NK, true>, NK};
-    default: return {&tile_q6_K<MR, NK>, NK};
+    default:
+      if constexpr (MR == 1) return {&gemv_q6_K<NK>, NK};
+      return {&tile_q6_K<MR, NK>, NK};
   }
   return {nullptr, 0};  // never asked for (more rows than the type's GEMM tiles)
 }
