@@ -96,10 +96,10 @@ def status() -> dict[str, Any]:
 
 def _plain_cpu(*tensors: torch.Tensor) -> bool:
     """CPU tensors outside autograd and compilation: what every native op needs."""
-    return (
-        all(t.device.type == "cpu" and not t.requires_grad for t in tensors)
-        and not torch.compiler.is_compiling()
-    )
+    for t in tensors:  # a loop, not all(genexpr): this runs several times per layer and decode token
+        if not t.is_cpu or t.requires_grad:
+            return False
+    return not torch.compiler.is_compiling()
 
 
 _FLOAT_KINDS = (torch.bfloat16, torch.float32)
