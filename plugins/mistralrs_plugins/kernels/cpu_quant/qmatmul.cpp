@@ -21,11 +21,11 @@
 // Nothing relies on the compiler's FP contraction (the build passes -ffp-contract=off; every fmadd is
 // explicit).
 //
-// Schedules (threads split N into contiguous ranges of whole 8-row groups; at::parallel_for with torch's
-// thread count; little work runs on the calling thread):
+// Schedules (N split into work items of whole 8-row groups, claimed dynamically by the kernels' thread pool
+// with torch's thread count; little work runs on the calling thread):
 // - M <= kGemvRows (decode): tiles of all M rows against 2-8 rows of W (more rows of W for fewer rows of x,
-//   so that enough independent accumulator chains hide the fmadd latency). The rows of a tile come from
-//   equal parts of the thread's range, so each is one long sequential stream through W, which the
+//   so that enough independent accumulator chains hide the fmadd latency), kGemvItemsPerThread items per
+//   thread. The rows of a tile come from equal parts of the item, so each is one long sequential stream through W, which the
 //   hardware prefetchers follow (consecutive rows, i.e. streams of one row each, ran at half the speed
 //   when W comes from DRAM). Every weight byte is read from memory once and used for all M rows.
 // - M > kGemvRows (prefill, batched decode): each thread walks its range in panels of weight rows sized
@@ -429,6 +429,9 @@ constexpr int kGemvRows = 4;  // AVX2: M up to this: one pass over W with all ro
 constexpr int kGemmRows = 6;  // AVX2: M above: tiles of this many rows over L2-sized panels of W
 constexpr int64_t kPanelBytes = 192 * 1024;  // bytes of W per GEMM work item (kept in L2 while x goes by)
 constexpr int64_t kInlineMacs = int64_t(1) << 18;  // less work than this runs on the calling thread
+// GEMV work items per thread (claimed dynamically). One per thread was as fast on a quiet 2-core VM and
+// 12-21% slower (time-weighted, layer shapes of a 1B Llama) while it was contended; 8 gained nothing more.
+constexpr int64_t kGemvItemsPerThread = 4;
 
 // Rows of W per tile: for few rows of x, several (enough independent accumulators to hide the fmadd latency,
 // and several streams through W in the GEMV); for many, few (registers). Measured on a 2-core Zen 3.
@@ -472,11 +475,14 @@ void run(const Kernels& kern, int64_t qtype, const Act& act, int64_t M, const ui
   const int64_t K = act.K;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const bool gemv = M <= kern.gemv_rows;
-  // Rows of W per work item: the whole range of one thread for the GEMV (one sequential stream), an L2-sized
-  // panel for the GEMM (re-read from L2 by each tile of rows); and at least one item per thread. Items are
-  // whole groups of 8 rows, so that tails (tiles with repeated rows) only happen at the end of W.
+  // Rows of W per work item: a quarter of one thread's share for the GEMV (long sequential streams, and items
+  // enough that a thread the hypervisor stalls leaves its last ones to the others), an L2-sized panel for the
+  // GEMM (re-read from L2 by each tile of rows); and at least one item per thread. Items are whole groups of 8
+  // rows, so that tails (tiles with repeated rows) only happen at the end of W.
   const int64_t per_thread = (N + threads - 1) / threads;
-  int64_t panel = gemv ? per_thread : std::max<int64_t>(kMaxGroup, kPanelBytes / std::max<int64_t>(1, ldw));
+  int64_t panel = gemv ? (threads > 1 ? (N + threads * kGemvItemsPerThread - 1) / (threads * kGemvItemsPerThread)
+                                      : per_thread)
+                       : std::max<int64_t>(kMaxGroup, kPanelBytes / std::max<int64_t>(1, ldw));
   panel = std::min(panel, per_thread);
   panel = std::max<int64_t>(kMaxGroup, (panel + kMaxGroup - 1) / kMaxGroup * kMaxGroup);
   const int64_t items = (N + panel - 1) / panel;
