@@ -193,7 +193,7 @@ class AttentionBackend:
                             seq_lens: torch.Tensor) -> AttentionBatch | None:
         """A decode-only batch (one new token per sequence) whose per-step values all live in the given
         device tensors (slot_mapping [S], block_tables [S, W], seq_lens [S]), so that a captured CUDA
-        graph replays it after they are updated in place (`engine.cuda_graphs`); None when the backend's
+        graph replays it after they are updated in place (`engine.decode_graphs`); None when the backend's
         decode path reads host values each step (the default)."""
         return None
 

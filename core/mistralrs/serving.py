@@ -496,6 +496,10 @@ class ModelService:
             vocab_size=config.get("vocab_size"),
             request_log=_request_log(opts.log_file, self.tokenizer),
         )
+        if self.world is not None:
+            # every rank must run each step's ops (their collectives) exactly once, in step: no decode graphs,
+            # whose captures run extra forwards on one rank
+            self.engine.runner.graphs, self.engine.graphs_off = None, "tensor parallelism"
         if self.world is not None and self.world.is_leader:
             from mistralrs.distributed.steps import LeaderRunner
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mistralrs import protocol as P
-from mistralrs.engine import cuda_graphs
+from mistralrs.engine import decode_graphs
 from mistralrs.engine.requests import GenerationRequest
 from mistralrs.engine.sampling import SamplingParams
 from mistralrs.serving import ModelService, ServiceOptions
@@ -28,12 +28,12 @@ def tiny_llama(tmp_path_factory):
 
 
 def run(model_dir, monkeypatch, graphs: bool, **kw):
-    monkeypatch.setenv(cuda_graphs.ENV, "1" if graphs else "0")
+    monkeypatch.setenv(decode_graphs.ENV, "1" if graphs else "0")
     svc = ModelService(ServiceOptions(model_id=str(model_dir), device="cuda", pa_context_len=2048, pa_blk_size=16,
                                       max_seqs=8, max_seq_len=512, **kw))
     try:
-        if graphs and svc.engine.cuda_graphs_off:
-            pytest.skip(f"decode CUDA graphs are off here: {svc.engine.cuda_graphs_off}")
+        if graphs and svc.engine.graphs_off:
+            pytest.skip(f"decode CUDA graphs are off here: {svc.engine.graphs_off}")
         handles = [svc.engine.submit(GenerationRequest(
             prompt_ids=svc.encode_chat([{"role": "user", "content": t}]), sampling=GREEDY, max_tokens=10 + 3 * i,
             ignore_eos=True)) for i, t in enumerate(TEXTS)]

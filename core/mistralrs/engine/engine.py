@@ -110,25 +110,24 @@ class Engine:
             # a recurrent layer's state after a cached prefix is not kept, so a hit could not restore it
             log.info("prefix caching is off: the model has recurrent layers")
             prefix_n = 0
-        from mistralrs.engine import cuda_graphs
+        from mistralrs.engine import decode_graphs
 
-        # CUDA graphs for decode steps (on by default where they are safe): their padding rows get a block of
-        # their own, kept out of the pool
-        self.cuda_graphs_off = ("no KV cache" if config.no_kv_cache
-                                else "no max_model_len" if config.max_model_len is None
-                                else cuda_graphs.why_not(backend, device))
-        graph_block = 1 if self.cuda_graphs_off is None else 0
+        # Decode graphs (CUDA graphs; op replay on the CPU), on by default where they are safe: on CUDA their
+        # padding rows get a block of their own, kept out of the pool (the CPU plan does not pad)
+        self.graphs_off = ("no KV cache" if config.no_kv_cache
+                           else "no max_model_len" if config.max_model_len is None
+                           else decode_graphs.why_not(backend, device))
+        graph_block = 1 if self.graphs_off is None and decode_graphs.pads(device) else 0
         pool = None if config.no_kv_cache else BlockPool(backend.num_blocks - graph_block, backend.block_size, prefix_n)
         self.scheduler = Scheduler(pool, max_seqs=config.max_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                                    state_slots=StateSlots(states.num_slots) if states is not None else None)
         self.runner = ModelRunner(model, backend, device)
-        if self.cuda_graphs_off is None:
+        if self.graphs_off is None:
             assert config.max_model_len is not None
-            self.runner.graphs = cuda_graphs.DecodeGraphs(model, backend, device, max_seqs=config.max_seqs,
-                                                          max_model_len=config.max_model_len,
-                                                          pad_block=backend.num_blocks - 1)
-        if str(device).startswith("cuda"):
-            log.info("decode CUDA graphs: %s", "on" if self.cuda_graphs_off is None else f"off ({self.cuda_graphs_off})")
+            self.runner.graphs = decode_graphs.DecodeGraphs(model, backend, device, max_seqs=config.max_seqs,
+                                                            max_model_len=config.max_model_len,
+                                                            pad_block=backend.num_blocks - 1 if graph_block else None)
+        log.info("decode graphs: %s", "on" if self.graphs_off is None else f"off ({self.graphs_off})")
         self.sampler = Sampler()
         self._seed_counter = itertools.count()
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()

@@ -29,7 +29,7 @@ class ModelRunner:
         self.device = torch.device(device)
         self.block_size = backend.block_size
         self.cached = backend.num_blocks > 0
-        self.graphs: Any = None  # engine.cuda_graphs.DecodeGraphs where decode steps replay CUDA graphs
+        self.graphs: Any = None  # engine.decode_graphs.DecodeGraphs where decode steps replay graphs
 
     def forward(self, step: list[Scheduled]) -> tuple[torch.Tensor, list[int]]:
         """Run the model on a step. Returns logits [R, V] (float32) for the R entries of

@@ -36,7 +36,8 @@ class Embedding(nn.Module):
         else:
             x = F.embedding(input_ids, self.weight)
         if self.scale is not None:
-            x = x * torch.tensor(self.scale, dtype=x.dtype, device=x.device)
+            # the scale rounded to x's dtype first (a factory op, not torch.tensor: decode graphs record it)
+            x = x * torch.full((), self.scale, dtype=x.dtype, device=x.device)
         return x
 
     def extra_repr(self) -> str:

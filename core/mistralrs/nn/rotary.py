@@ -672,7 +672,7 @@ class GraphUnsafeRope(RuntimeError):
     """This rotary embedding cannot run without reading positions on the host (CUDA graph capture)."""
 
 
-# While a CUDA graph is captured (`engine.cuda_graphs`): the bound on positions, so `cos_sin` indexes its
+# While a CUDA graph is captured (`engine.decode_graphs`): the bound on positions, so `cos_sin` indexes its
 # table without reading them back (a host sync, not allowed in a capture); and an epoch that changes with
 # every capture, so no cos/sin computed outside it is reused inside.
 _static: dict[str, Any] = {"max_positions": None, "epoch": 0}

@@ -302,7 +302,7 @@ def _dq4_k(b: torch.Tensor) -> torch.Tensor:
     sc, m = _scale_min_k4(b[:, 4:16])
     d1 = _fp16_at(b, 0) * sc
     m1 = _fp16_at(b, 2) * m
-    q = b[:, 16:144].to(torch.int32).reshape(N, 4, 1, 32) >> torch.tensor([0, 4], dtype=torch.int32).reshape(1, 1, 2, 1)
+    q = b[:, 16:144].to(torch.int32).reshape(N, 4, 1, 32) >> (4 * torch.arange(2, dtype=torch.int32)).reshape(1, 1, 2, 1)
     q = (q & 0xF).float().reshape(N, 8, 32)
     return (d1[:, :, None] * q - m1[:, :, None]).reshape(N, 256)
 
@@ -312,7 +312,7 @@ def _dq5_k(b: torch.Tensor) -> torch.Tensor:
     sc, m = _scale_min_k4(b[:, 4:16])
     d1 = _fp16_at(b, 0) * sc
     m1 = _fp16_at(b, 2) * m
-    ql = b[:, 48:176].to(torch.int32).reshape(N, 4, 1, 32) >> torch.tensor([0, 4], dtype=torch.int32).reshape(1, 1, 2, 1)
+    ql = b[:, 48:176].to(torch.int32).reshape(N, 4, 1, 32) >> (4 * torch.arange(2, dtype=torch.int32)).reshape(1, 1, 2, 1)
     ql = (ql & 0xF).reshape(N, 8, 32)
     qh = (b[:, 16:48].to(torch.int32)[:, None, :] >> torch.arange(8, dtype=torch.int32)[None, :, None]) & 1
     q = (ql + 16 * qh).float()

@@ -1,9 +1,9 @@
-"""CUDA graphs for decode steps (`engine.cuda_graphs`) without a GPU: when they are on and why not, and
-the capture/replay plan (eligible steps, padding into a block kept out of the pool, one capture per
-padded batch size, replays on static buffers) run through the engine on the CPU with a stand-in graph
-that captures by running the step and replays by running it again into the captured output. The
-stand-in re-runs Python, so it cannot catch a host value baked into a real graph: tests/cuda does that
-on a GPU."""
+"""Decode graphs (`engine.decode_graphs`): when they are on and why not; the capture/replay plan
+(eligible steps, padding into a block kept out of the pool, one capture per padded batch size, replays on
+static buffers) run through the engine on the CPU with a stand-in graph that captures by running the step
+and replays by running it again into the captured output (the CUDA plan); and the real CPU graphs
+(`engine.op_replay`) against eager steps. The stand-in re-runs Python, so it cannot catch a host value
+baked into a real CUDA graph: tests/cuda does that on a GPU."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 from mistralrs import protocol as P
 from mistralrs.attention import KVCacheShape
-from mistralrs.engine import cuda_graphs
+from mistralrs.engine import decode_graphs
 from mistralrs.engine.requests import GenerationRequest
 from mistralrs.engine.sampling import SamplingParams
 from mistralrs.nn.rotary import GraphUnsafeRope, RotaryEmbedding, static_positions
@@ -44,17 +44,20 @@ class FailingGraph(FakeGraph):
 
 
 def test_env_and_batch_sizes(monkeypatch):
-    monkeypatch.delenv(cuda_graphs.ENV, raising=False)
-    assert cuda_graphs.graphs_enabled()  # on by default, as in mistral.rs
+    monkeypatch.delenv(decode_graphs.ENV, raising=False)
+    assert decode_graphs.graphs_enabled()  # on by default, as in mistral.rs
     for off in ("0", "false", "No", "off"):
-        monkeypatch.setenv(cuda_graphs.ENV, off)
-        assert not cuda_graphs.graphs_enabled()
-    monkeypatch.setenv(cuda_graphs.ENV, "1")
-    assert cuda_graphs.graphs_enabled()
-    assert cuda_graphs.batch_sizes(1) == [1]
-    assert cuda_graphs.batch_sizes(5) == [1, 2, 4, 5]
-    assert cuda_graphs.batch_sizes(32) == [1, 2, 4, 8, 16, 24, 32]
-    assert cuda_graphs.batch_sizes(20) == [1, 2, 4, 8, 16, 20]
+        monkeypatch.setenv(decode_graphs.ENV, off)
+        assert not decode_graphs.graphs_enabled()
+    monkeypatch.setenv(decode_graphs.ENV, "1")
+    assert decode_graphs.graphs_enabled()
+    assert decode_graphs.batch_sizes(1) == [1]
+    assert decode_graphs.batch_sizes(5) == [1, 2, 4, 5]
+    assert decode_graphs.batch_sizes(32) == [1, 2, 4, 8, 16, 24, 32]
+    assert decode_graphs.batch_sizes(20) == [1, 2, 4, 8, 16, 20]
+    assert decode_graphs.batch_sizes(5, "cpu") == [1, 2, 3, 4, 5]  # a padding row costs real work on a CPU
+    monkeypatch.setenv(decode_graphs.CPU_ENV, "off")
+    assert not decode_graphs.graphs_enabled(decode_graphs.CPU_ENV) and decode_graphs.graphs_enabled()
 
 
 def backend(name, **kw):
@@ -69,15 +72,22 @@ def backend(name, **kw):
 def test_why_not(monkeypatch):
     from mistralrs.nn import kernels
 
-    monkeypatch.delenv(cuda_graphs.ENV, raising=False)
+    monkeypatch.delenv(decode_graphs.ENV, raising=False)
+    monkeypatch.delenv(decode_graphs.CPU_ENV, raising=False)
     paged = backend("paged")
-    assert cuda_graphs.why_not(paged, "cpu") == "CUDA graphs run on cuda only"
-    assert "reference" in cuda_graphs.why_not(paged, "cuda")  # no Triton here: the reference decode syncs
+    assert decode_graphs.why_not(paged, "mps") == "decode graphs run on cuda and cpu only"
+    assert "reference" in decode_graphs.why_not(paged, "cuda")  # no Triton here: the reference decode syncs
+    monkeypatch.setattr(kernels, "lookup_accelerated", lambda op, device, registry=None: None)
+    assert "reference" in decode_graphs.why_not(paged, "cpu")  # no native kernel: it reads the lengths on the host
     monkeypatch.setattr(kernels, "lookup_accelerated", lambda op, device, registry=None: object())
-    assert cuda_graphs.why_not(paged, "cuda:0") is None
-    assert "reads host values" in cuda_graphs.why_not(backend("sdpa"), "cuda")
-    monkeypatch.setenv(cuda_graphs.ENV, "0")
-    assert cuda_graphs.why_not(paged, "cuda") == f"{cuda_graphs.ENV}=0"
+    assert decode_graphs.why_not(paged, "cuda:0") is None and decode_graphs.why_not(paged, "cpu") is None
+    assert "reads host values" in decode_graphs.why_not(backend("sdpa"), "cuda")
+    assert "reads host values" in decode_graphs.why_not(backend("sdpa"), "cpu")
+    monkeypatch.setenv(decode_graphs.ENV, "0")
+    assert decode_graphs.why_not(paged, "cuda") == f"{decode_graphs.ENV}=0"
+    assert decode_graphs.why_not(paged, "cpu") is None
+    monkeypatch.setenv(decode_graphs.CPU_ENV, "0")
+    assert decode_graphs.why_not(paged, "cpu") == f"{decode_graphs.CPU_ENV}=0"
 
 
 def test_rotary_static_positions():
@@ -117,9 +127,11 @@ TEXTS = ["The quick brown fox", "hello there", "what is two plus two", "a", "tel
 
 @pytest.fixture(scope="module")
 def eager(model_dir):
-    svc = service(model_dir)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(decode_graphs.CPU_ENV, "0")
+        svc = service(model_dir)
     try:
-        assert svc.engine.runner.graphs is None and svc.engine.cuda_graphs_off == "CUDA graphs run on cuda only"
+        assert svc.engine.runner.graphs is None and svc.engine.graphs_off == f"{decode_graphs.CPU_ENV}=0"
         return generate(svc, TEXTS), generate(svc, TEXTS[:1])
     finally:
         svc.shutdown()
@@ -127,10 +139,37 @@ def eager(model_dir):
 
 @pytest.fixture
 def graphs_on_cpu(monkeypatch):
-    monkeypatch.setattr(cuda_graphs, "why_not", lambda backend, device, registry=None: None)
-    monkeypatch.setattr(cuda_graphs, "CudaGraph", FakeGraph)
-    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool")
+    """The CUDA plan (padded sizes, the CUDA graph's static output) with the stand-in graph, on the CPU."""
+    monkeypatch.setattr(decode_graphs, "why_not", lambda backend, device, registry=None: None)
+    monkeypatch.setattr(decode_graphs, "batch_sizes", lambda max_seqs, device_type="cuda": _cuda_sizes(max_seqs))
+    monkeypatch.setattr(decode_graphs, "pads", lambda device: True)
+    monkeypatch.setattr(decode_graphs.DecodeGraphs, "_cpu_graph", staticmethod(FakeGraph))
     FakeGraph.captures = 0
+
+
+_cuda_sizes = decode_graphs.batch_sizes
+
+
+def check_replays(engine, monkeypatch) -> list[int]:
+    """Every replayed step's logits are checked against the eager forward's on the same inputs; the returned
+    list gets each checked step's batch size."""
+    graphs, execute, checked = engine.runner.graphs, type(engine.runner).execute, []
+
+    def run(inputs, _run=graphs.run):
+        got = _run(inputs)
+        if got is not None:
+            engine.runner.graphs = None
+            try:
+                want = execute(engine.runner, inputs)  # writes the same K/V into the same slots again
+            finally:
+                engine.runner.graphs = graphs
+            torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+            assert got[1] == want[1]
+            checked.append(len(inputs.seq_lens))
+        return got
+
+    monkeypatch.setattr(graphs, "run", run)
+    return checked
 
 
 def test_decode_steps_replay_graphs_per_padded_size(model_dir, eager, graphs_on_cpu, monkeypatch):
@@ -138,26 +177,10 @@ def test_decode_steps_replay_graphs_per_padded_size(model_dir, eager, graphs_on_
     try:
         engine, be = svc.engine, svc.backend
         graphs = engine.runner.graphs
-        assert graphs is not None and engine.cuda_graphs_off is None
+        assert graphs is not None and engine.graphs_off is None
         assert engine.scheduler.pool.num_blocks == be.num_blocks - 1 and graphs.pad_block == be.num_blocks - 1
         assert graphs.width == 256 // 8 and graphs.sizes == [1, 2, 4, 6]
-        # every replayed step's logits are the eager forward's on the same inputs
-        execute, checked = type(engine.runner).execute, []
-
-        def run(inputs, _run=graphs.run):
-            got = _run(inputs)
-            if got is not None:
-                engine.runner.graphs = None
-                try:
-                    want = execute(engine.runner, inputs)  # writes the same K/V into the same slots again
-                finally:
-                    engine.runner.graphs = graphs
-                torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
-                assert got[1] == want[1]
-                checked.append(len(inputs.seq_lens))
-            return got
-
-        monkeypatch.setattr(graphs, "run", run)
+        checked = check_replays(engine, monkeypatch)
         pad = be.k_cache[0][graphs.pad_block * 8:].clone()
         assert (generate(svc, TEXTS), generate(svc, TEXTS[:1])) == eager
         assert checked and max(checked) == len(TEXTS)
@@ -198,12 +221,37 @@ def test_prefill_and_other_steps_run_eagerly(model_dir, graphs_on_cpu):
 
 
 def test_a_failed_capture_turns_graphs_off_and_steps_run_eagerly(model_dir, eager, graphs_on_cpu, monkeypatch):
-    monkeypatch.setattr(cuda_graphs, "CudaGraph", FailingGraph)
+    monkeypatch.setattr(decode_graphs.DecodeGraphs, "_cpu_graph", staticmethod(FailingGraph))
     svc = service(model_dir)
     try:
         assert generate(svc, TEXTS[:1]) == eager[1]
         graphs = svc.engine.runner.graphs
         assert graphs.disabled.startswith("capturing a decode step of 1 failed (RuntimeError: operation not permitted")
         assert not graphs.graphs
+    finally:
+        svc.shutdown()
+
+
+def test_cpu_graphs_replay_decode_steps_as_eager_ones(model_dir, eager, monkeypatch):
+    """The real CPU graphs (on by default here): recorded ops replayed, every size captured once, each
+    replay's logits the eager step's, and the same greedy tokens as eager steps for requests of different
+    lengths joining and leaving the batch (positions, slots and lengths are never baked in)."""
+    from mistralrs.engine.op_replay import CpuGraph
+    from mistralrs.nn.kernels import lookup_accelerated
+
+    if lookup_accelerated("paged_attention_decode", "cpu") is None:
+        pytest.skip("no native CPU decode attention here: CPU graphs are off")
+    monkeypatch.delenv(decode_graphs.CPU_ENV, raising=False)
+    svc = service(model_dir)
+    try:
+        engine = svc.engine
+        graphs = engine.runner.graphs
+        assert engine.graphs_off is None and graphs.sizes == [1, 2, 3, 4, 5, 6]
+        assert graphs.pad_block is None and engine.scheduler.pool.num_blocks == svc.backend.num_blocks  # no padding
+        checked = check_replays(engine, monkeypatch)
+        assert (generate(svc, TEXTS), generate(svc, TEXTS[:1])) == eager
+        assert graphs.disabled is None and sorted(graphs.graphs) == sorted(set(checked))
+        assert all(isinstance(c.graph, CpuGraph) for c in graphs.graphs.values())
+        assert sum(c.replays for c in graphs.graphs.values()) == len(checked) > len(graphs.graphs)
     finally:
         svc.shutdown()
