@@ -212,7 +212,14 @@ def test_paged_attention_decode_fp8_cache(attn, gen, dtype, splits, sinks):
     # the fp32 reference rounded once (the reference's bf16 SDPA rounds on the way, off by more than an ulp
     # at these magnitudes; the kernel, like it with softcap or sinks, works in fp32)
     want = torch_ops.paged_attention_decode(q.float(), k8, v8, tables, seq_lens, 4, 0.01, None, None, s).to(dtype)
-    close(attn.paged_attention_decode(q, k8, v8, tables, seq_lens, 4, 0.01, None, None, s, splits=splits), want)
+    got = attn.paged_attention_decode(q, k8, v8, tables, seq_lens, 4, 0.01, None, None, s, splits=splits)
+    if dtype is torch.float32:
+        # fp32 error is relative to the values averaged (every output is a weighted mean of rows of v, up to
+        # ~100 here), not to an output that cancels to near zero (seed 951167153 gave 7.6e-5 relative there)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        torch.testing.assert_close(got, want, atol=1e-5 * float(v8.float().abs().max()), rtol=1e-5)
+    else:
+        close(got, want)
 
 
 @pytest.mark.slow
