@@ -451,7 +451,7 @@ Tile tile_for(int64_t t) {
   }
 }
 
-Tile tile_fn(int64_t t, int64_t mr) {
+Tile tile_fn(int64_t t, int64_t mr, int64_t /*K*/) {
   switch (mr) {
     case 1: return tile_for<1>(t);
     case 2: return tile_for<2>(t);
@@ -495,7 +495,7 @@ void run(const Kernels& kern, int64_t qtype, const Act& act, int64_t M, const ui
       const int64_t mt = gemv ? M : kern.gemm_rows[qtype];
       for (int64_t m0 = 0; m0 < M; m0 += mt) {
         const int64_t mr = std::min(mt, M - m0);
-        const Tile tile = kern.tile(qtype, mr);
+        const Tile tile = kern.tile(qtype, mr, K);
         const int g = tile.rows;
         // GEMV: the g rows of a tile come from g equal parts of the range, so that each is one long sequential
         // stream through W (what hardware prefetchers follow best); GEMM: g consecutive rows.

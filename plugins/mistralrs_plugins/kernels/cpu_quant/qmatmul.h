@@ -122,11 +122,12 @@ struct Tile {
   int rows;  // rows of W per call
 };
 
-// One instruction set's tiles and schedule: `tile(qtype, mr)` for mr = 1..max(gemv_rows, gemm_rows[qtype]); M up
+// One instruction set's tiles and schedule: `tile(qtype, mr, K)` for mr = 1..max(gemv_rows, gemm_rows[qtype]) (K may
+// pick how many rows of W a tile takes, never its arithmetic per output); M up
 // to gemv_rows is one pass over W with all rows of x in the tile (decode), larger M goes in tiles of
 // gemm_rows[qtype] over L2-sized panels of W (prefill). `vnni`: the tiles read the AVX-512 VNNI layout.
 struct Kernels {
-  Tile (*tile)(int64_t qtype, int64_t mr);
+  Tile (*tile)(int64_t qtype, int64_t mr, int64_t K);
   int gemv_rows;
   int gemm_rows[kNumQTypes];
   bool vnni;
