@@ -634,3 +634,16 @@ def test_empty_batch_and_shape_checks():
         SAMPLER.sample(torch.randn(2, 10), [SamplingParams()], states_for(1))
     with pytest.raises(ValueError):
         SAMPLER.sample(torch.randn(10), [SamplingParams()], states_for(1))
+
+
+def test_argmax_rows_matches_torch_first_maximum_and_nan():
+    from mistralrs.engine.sampling_draw import argmax_rows
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 1000, generator=g)
+    x[1, 10] = x[1, 900] = 1e4  # a tie: the first one wins
+    x[2, 7] = x[2, 300] = float("nan")  # NaN counts as the largest, the first one wins
+    for t in (x, x[:, ::3], x.to(torch.float64), x.to(torch.bfloat16)):
+        got = argmax_rows(t)
+        assert got.dtype == torch.long and torch.equal(got, t.argmax(dim=-1))
+    assert argmax_rows(x).tolist()[1:3] == [10, 7]

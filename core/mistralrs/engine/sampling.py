@@ -55,7 +55,7 @@ from typing import Any
 import attrs
 import torch
 
-from mistralrs.engine.sampling_draw import Group, draw, rows_tensor, wide_group
+from mistralrs.engine.sampling_draw import Group, argmax_rows, draw, rows_tensor, wide_group
 from mistralrs.engine.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 from mistralrs.engine.sampling_state import (
     DRY_LOOKBACK,
@@ -157,12 +157,12 @@ class Sampler:
         plan = _Plan(params, V)
         G = plan.n_greedy
         if G == S and allowed_mask is None and not any(p.uses_penalties for p in params):
-            tokens = logits.argmax(dim=-1)
+            tokens = argmax_rows(logits)
         else:
             x = self._process(logits, params, states, allowed_mask, plan.order)
             ordered = torch.empty(S, dtype=torch.long, device=x.device)
             if G:
-                ordered[:G] = x[:G].argmax(dim=-1)
+                ordered[:G] = argmax_rows(x[:G])
             if G < S:
                 rows = plan.order[G:]
                 generators = [states[i].generator for i in rows]
