@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mistralrs.engine.op_replay import CpuGraph, HostDecision, record, same_step, to_graph
+from mistralrs.engine.op_replay import CpuGraph, HostDecision, record, same_step, straight_line, to_graph
 
 
 def captured(fn):
@@ -49,6 +49,25 @@ def test_the_graph_is_straight_line_calls_of_the_recorded_ops():
     calls = [n.target for n in module.graph.nodes if n.op == "call_function"]
     assert calls == [op.func for op in ops] and len(calls) == 2
     assert module.c0 is x  # constants by reference, not copies
+
+
+def test_straight_line_calls_the_ops_entry_points_with_every_kind_of_argument():
+    x = torch.randn(3, 8)
+    w = torch.randn(8, 4)
+
+    def step():  # kwargs, dtypes, lists, tuple results (getitem), a float scalar
+        a, b = torch.split(x @ w, [1, 2])
+        y = torch.cat([a, b * 0.5], dim=0).to(torch.bfloat16).float()
+        return torch.softmax(y, dim=-1, dtype=torch.float32)
+
+    ops, out = record(step)
+    module = to_graph(ops, out)
+    run = straight_line(module)
+    with torch.inference_mode():
+        torch.testing.assert_close(run(), step(), rtol=0, atol=0)
+        torch.testing.assert_close(module(), step(), rtol=0, atol=0)
+    bound = {v for k, v in run.func.__globals__.items() if k.startswith("_op")}
+    assert bound == {op.func._op for op in ops if hasattr(op.func, "_op")} and len(bound) >= 4
 
 
 @pytest.mark.parametrize("step, what", [

@@ -20,7 +20,9 @@ constant each time).
 
 from __future__ import annotations
 
+import functools
 import operator
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -176,12 +178,38 @@ def to_graph(ops: list[_Op], result: torch.Tensor) -> fx.GraphModule:
     return fx.GraphModule(root, graph)
 
 
+_OP_CALL = re.compile(r"torch\.ops\.([\w.]+)\(")
+
+
+def straight_line(module: fx.GraphModule) -> Callable[[], Any]:
+    """The graph's generated code calling each op's C++ entry point (``OpOverload._op``, what
+    ``OpOverload.__call__`` forwards to) instead of looking up ``torch.ops.<ns>.<op>.<overload>`` and going
+    through ``__call__``: ~0.9 us less per op, ~0.35 ms a step for the ~390 ops of a 16-layer decode."""
+    code = module.graph.python_code(root_module="self")
+    globs = dict(code.globals)
+    names: dict[str, str] = {}
+
+    def direct(m: re.Match) -> str:
+        path = m.group(1)
+        if path not in names:
+            fn = getattr(operator.attrgetter(path)(torch.ops), "_op", None)
+            if fn is None:
+                return m.group(0)
+            names[path] = f"_op{len(names)}"
+            globs[names[path]] = fn
+        return names[path] + "("
+
+    exec(compile(_OP_CALL.sub(direct, code.src), "<op_replay>", "exec"), globs)  # noqa: S102 - our own codegen
+    return functools.partial(globs["forward"], module)
+
+
 class CpuGraph:
     """A decode step recorded on the CPU (`DecodeGraphs.make_graph`): `capture` returns None (the
     replay returns the logits: a new tensor each time, unlike a CUDA graph's static output)."""
 
     def __init__(self) -> None:
         self.module: fx.GraphModule | None = None
+        self._run: Callable[[], Any] | None = None
 
     def capture(self, fn: Callable[[], torch.Tensor], warmup: Callable[[], Any]) -> None:
         warmup()  # lazy tables and caches settle; the two recordings below must then agree
@@ -192,8 +220,9 @@ class CpuGraph:
             raise HostDecision(why)
         del first
         self.module = to_graph(ops, result)
+        self._run = straight_line(self.module)
         return None
 
     def replay(self) -> torch.Tensor:
-        assert self.module is not None
-        return self.module()
+        assert self._run is not None
+        return self._run()
