@@ -73,16 +73,18 @@ class ModelRunner:
                             query_start_loc=qsl, seq_lens=seq_lens, sample_rows=sample_rows, sampling=sampling,
                             rope=rope)
         if self.cached:
-            width = max(len(item.seq.blocks) for item in step)
-            tables = torch.zeros(len(step), width, dtype=torch.long)
-            for i, item in enumerate(step):
-                tables[i, : len(item.seq.blocks)] = torch.tensor(item.seq.blocks, dtype=torch.long)
-            seq_index = torch.repeat_interleave(
-                torch.arange(len(step)), torch.tensor([item.num_tokens for item in step])
-            )
+            # Built as Python lists, one tensor each: a decode step's few entries cost ~15 small torch ops
+            # (~0.3 ms) the other way.
             bs = self.block_size
-            inputs.slot_mapping = tables[seq_index, inputs.positions // bs] * bs + inputs.positions % bs
-            inputs.block_tables = tables
+            width = max(len(item.seq.blocks) for item in step)
+            tables: list[list[int]] = []
+            slots: list[int] = []
+            for item in step:
+                blocks, start = item.seq.blocks, item.seq.num_computed
+                tables.append(blocks + [0] * (width - len(blocks)))
+                slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, start + item.num_tokens))
+            inputs.slot_mapping = torch.tensor(slots, dtype=torch.long)
+            inputs.block_tables = torch.tensor(tables, dtype=torch.long)
         if self.cached and getattr(self.backend, "states", None) is not None:
             inputs.state_slots = torch.tensor([item.seq.state_slot for item in step], dtype=torch.long)
         if mm_index:
