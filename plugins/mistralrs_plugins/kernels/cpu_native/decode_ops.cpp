@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 #include "../thread_pool.h"
 
@@ -309,6 +310,37 @@ inline void pv_block(const float* P, int64_t ld, const T* vc, const int64_t* slo
     for (int c = 0; c < NC; ++c) _mm512_mask_storeu_ps(acc_out + a * Dv + d0 + 16 * c, m[c], acc[a][c]);
 }
 
+// bf16 caches with D a multiple of 32: the same scores with vdpbf16ps on the raw bf16 query rows (row stride lq)
+// and keys (bf16 x bf16 products are exact in fp32; 32 per instruction, no widening of K), times scale in fp32.
+template <int GB>
+inline void qk_block_bf16(const c10::BFloat16* q, int64_t lq, int64_t D, const c10::BFloat16* const* kr, float scale,
+                          float* out, int64_t ld) {
+  __m512 acc[GB][kKeyBlock];
+#pragma GCC unroll 4
+  for (int a = 0; a < GB; ++a)
+#pragma GCC unroll 4
+    for (int t = 0; t < kKeyBlock; ++t) acc[a][t] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 32) {
+    __m512i kv[kKeyBlock];
+#pragma GCC unroll 4
+    for (int t = 0; t < kKeyBlock; ++t) kv[t] = _mm512_loadu_si512(kr[t] + d);
+#pragma GCC unroll 4
+    for (int a = 0; a < GB; ++a) {
+      const __m512i qv = _mm512_loadu_si512(q + a * lq + d);
+#pragma GCC unroll 4
+      for (int t = 0; t < kKeyBlock; ++t) acc[a][t] = _mm512_dpbf16_ps(acc[a][t], (__m512bh)qv, (__m512bh)kv[t]);
+    }
+  }
+  const __m128 sv = _mm_set1_ps(scale);
+#pragma GCC unroll 4
+  for (int a = 0; a < GB; ++a)
+    _mm_storeu_ps(out + a * ld, _mm_mul_ps(reduce4(acc[a][0], acc[a][1], acc[a][2], acc[a][3]), sv));
+}
+
+using QkBf16Fn = void (*)(const c10::BFloat16*, int64_t, int64_t, const c10::BFloat16* const*, float, float*, int64_t);
+constexpr QkBf16Fn kQkBf16[kGroupBlock + 1] = {nullptr, qk_block_bf16<1>, qk_block_bf16<2>, qk_block_bf16<3>,
+                                               qk_block_bf16<4>};
+
 template <typename T>
 using QkFn = void (*)(const float*, int64_t, const T* const*, float*, int64_t);
 template <typename T>
@@ -360,7 +392,11 @@ void decode_heads(const T* q, const T* kc, const T* vc, const int64_t* table, in
     const int64_t pos = start + j;
     slots[j] = table[pos / bs] * bs + pos % bs;
   }
-  for (int64_t r = 0; r < R; ++r) {
+  // bf16 with whole 32-element steps: scores with vdpbf16ps on the raw query rows, every key (the last n % 4 too,
+  // in a block that repeats the last key) the same way.
+  constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
+  const bool dp = kBf16 && D % 32 == 0;
+  for (int64_t r = 0; r < R && !dp; ++r) {
     const T* qr = q + (h0 * G + r) * p.q_s1;
     for (int64_t d = 0; d < D; d += 16) {
       const __mmask16 m = mask16(D - d);
@@ -371,6 +407,33 @@ void decode_heads(const T* q, const T* kc, const T* vc, const int64_t* table, in
 
   // Pass 1, scores: per block of kKeyBlock keys, every head, kGroupBlock query heads at a time.
   int64_t j = 0;
+  if constexpr (kBf16) {
+    for (; dp && j < n; j += kKeyBlock) {
+      const int64_t nk = std::min<int64_t>(kKeyBlock, n - j);
+      const bool has_next = j + 2 * kKeyBlock <= n;
+      for (int64_t h = h0; h < h1; ++h) {
+        const T* kr[kKeyBlock];
+        for (int t = 0; t < kKeyBlock; ++t) kr[t] = kc + slots[j + std::min<int64_t>(t, nk - 1)] * p.k_s0 + h * p.k_s1;
+        if (has_next) {
+          const T* nxt[kKeyBlock];
+          for (int t = 0; t < kKeyBlock; ++t) nxt[t] = kc + slots[j + kKeyBlock + t] * p.k_s0 + h * p.k_s1;
+          prefetch_segments(nxt, kKeyBlock, k_seg);
+        }
+        const int64_t rh = (h - h0) * G;
+        for (int64_t g0 = 0; g0 < G; g0 += kGroupBlock) {
+          const int64_t gb = std::min<int64_t>(kGroupBlock, G - g0);
+          if (nk == kKeyBlock) {
+            kQkBf16[gb](q + (h0 * G + rh + g0) * p.q_s1, p.q_s1, D, kr, p.scale, scores + (rh + g0) * ld + j, ld);
+          } else {  // the last n % 4 keys: into a scratch block, then the real ones
+            float tmp[kGroupBlock * kKeyBlock];
+            kQkBf16[gb](q + (h0 * G + rh + g0) * p.q_s1, p.q_s1, D, kr, p.scale, tmp, kKeyBlock);
+            for (int64_t a = 0; a < gb; ++a)
+              for (int64_t t = 0; t < nk; ++t) scores[(rh + g0 + a) * ld + j + t] = tmp[a * kKeyBlock + t];
+          }
+        }
+      }
+    }
+  }
   for (; j + kKeyBlock <= n; j += kKeyBlock) {
     const bool has_next = j + 2 * kKeyBlock <= n;
     for (int64_t h = h0; h < h1; ++h) {
