@@ -628,8 +628,8 @@ void tile_affine(const Act& a, int64_t m0, const uint8_t* const* w, float* out) 
 // ---- schedule -------------------------------------------------------------------------------------------
 
 constexpr int kGemvRows = 4;   // M up to this: one pass over W with all rows of x in the tile
-constexpr int kGemmRowsQ0 = 8;  // M above: tiles of this many rows over L2-sized panels of W (q8_0, affine)
-constexpr int kGemmRowsQ4 = 4;  // (q4_0: 4 x 4 tiles)
+constexpr int kGemmRowsQ0 = 8;  // M above: tiles of this many rows over L2-sized panels of W (affine)
+constexpr int kGemmRowsQ4 = 4;  // (q4_0, q8_0: 4 x 4 tiles)
 constexpr int kGemmRowsK = 16;  // (k-quants: their per-super-block unpacking is dearer, their accumulators fewer)
 
 template <int MR>
@@ -637,7 +637,7 @@ Tile tile_for(int64_t t) {
   // Rows of W, q4_0 / q8_0. Decoding q4_0 from DRAM, two rows of W per tile (two streams per thread) read 1.15-1.4x
   // faster than eight on a 2-core Zen 4 (in-process A/B); q8_0's longer rows keep eight (two lost 14% at K=8192).
   constexpr int NQ4 = MR == 1 ? 2 : 4;
-  constexpr int NQ8 = MR == 1 ? 8 : 2;
+  constexpr int NQ8 = MR == 1 ? 8 : MR == 2 ? 2 : 4;
   constexpr int NK = MR == 1 ? 4 : 1;  // rows of W, k-quants
   constexpr int NA = MR == 1 ? 4 : 2;  // rows of W, affine
   switch (t) {
@@ -651,7 +651,7 @@ Tile tile_for(int64_t t) {
       if constexpr (MR <= kGemmRowsQ4) return {&tile_q0<MR, NQ4, true>, NQ4};
       break;
     case kQ8_0:
-      if constexpr (MR <= kGemmRowsQ0) return {&tile_q0<MR, NQ8, false>, NQ8};
+      if constexpr (MR <= kGemmRowsQ4) return {&tile_q0<MR, NQ8, false>, NQ8};
       break;
     case kQ4_K:
       if constexpr (MR == 1) return {&gemv_q45_K<NK, false>, NK};
@@ -687,7 +687,7 @@ static_assert(kGemmRowsQ4 <= kMaxTileRowsOfX && kGemmRowsQ0 <= kMaxTileRowsOfX &
 namespace cpu_quant {
 
 Kernels avx512_vnni_kernels() {
-  return {&tile_fn, kGemvRows, {kGemmRowsQ4, kGemmRowsQ0, kGemmRowsK, kGemmRowsK, kGemmRowsK, kGemmRowsQ0, kGemmRowsQ0},
+  return {&tile_fn, kGemvRows, {kGemmRowsQ4, kGemmRowsQ4, kGemmRowsK, kGemmRowsK, kGemmRowsK, kGemmRowsQ0, kGemmRowsQ0},
           true};
 }
 
