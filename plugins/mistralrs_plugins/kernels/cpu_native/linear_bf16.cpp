@@ -17,7 +17,8 @@
 //     stream, which the hardware prefetcher likes best.
 //   - "tile" schedule (x too big for L1, e.g. M=4 and K=8192): 4 rows of W at once, so every line of x
 //     loaded is used 4 times.
-//   Every line of W is also prefetched `prefetch` bytes ahead in its row in software.
+//   No software prefetch: on a 2-core Zen 4 VM the hardware prefetchers alone streamed W 10-20% faster
+//   (M=1, 36-42 GB/s against 25-38 with lines prefetched 1-4 KiB ahead; M=4 +7-16%).
 // - M >= 5 ("blocked" schedule, compute matters): register tiles of MB rows of x by R rows of W (MB * R <=
 //   24 fp32 accumulators + R weight registers + 1 x register in the 32 zmm registers: 3 x 8 for M <= 8,
 //   else 4 x 6), so each line of W loaded is used MB times and each line of x R times. A thread walks its
@@ -86,7 +87,7 @@ constexpr int64_t kKBlock = 2048;  // elements of K per block: every output sums
 // K block by K block (see the batch-invariance note at the top). Writes out[m * R + r].
 template <int M, int R>
 inline void tile_dot(const uint16_t* __restrict x, int64_t ldx, const uint16_t* __restrict w, int64_t ldw,
-                     int64_t K, int64_t prefetch, float* __restrict out) {
+                     int64_t K, float* __restrict out) {
   for (int64_t kb = 0; kb < K; kb += kKBlock) {
     const int64_t kend = std::min(K, kb + kKBlock);
     __m512 acc[M][R];
@@ -100,9 +101,7 @@ inline void tile_dot(const uint16_t* __restrict x, int64_t ldx, const uint16_t* 
       __m512i wv[R];
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
-        const uint16_t* p = w + r * ldw + k;
-        _mm_prefetch(reinterpret_cast<const char*>(p) + prefetch, _MM_HINT_T0);
-        wv[r] = load(p);
+        wv[r] = load(w + r * ldw + k);
       }
 #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) {
@@ -139,7 +138,7 @@ struct TileSchedule {  // several rows of W per line of x
 
 template <int M, template <int> class Schedule, typename OutT>
 void gemv(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t N, int64_t K, const float* bias,
-          OutT* y, int64_t ldy, int64_t prefetch) {
+          OutT* y, int64_t ldy) {
   constexpr int R = Schedule<M>::R;
   const int64_t full_tiles = N / R;
   const int64_t tiles = full_tiles + (N % R ? 1 : 0);
@@ -152,7 +151,7 @@ void gemv(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t N, int64_t 
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n0 = t * R;
       if (t < full_tiles) {
-        tile_dot<M, R>(x, ldx, w + n0 * K, K, K, prefetch, acc);
+        tile_dot<M, R>(x, ldx, w + n0 * K, K, K, acc);
         for (int m = 0; m < M; ++m)
           for (int r = 0; r < R; ++r) {
             float v = acc[m * R + r];
@@ -161,7 +160,7 @@ void gemv(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t N, int64_t 
           }
       } else {
         for (int64_t n = n0; n < N; ++n) {
-          tile_dot<M, 1>(x, ldx, w + n * K, K, K, prefetch, acc);
+          tile_dot<M, 1>(x, ldx, w + n * K, K, K, acc);
           for (int m = 0; m < M; ++m) {
             float v = acc[m];
             if (bias) v += bias[n];
@@ -175,7 +174,7 @@ void gemv(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t N, int64_t 
 
 template <typename OutT>
 using GemvFn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, const float*, OutT*,
-                        int64_t, int64_t);
+                        int64_t);
 
 constexpr int kMaxGemvRows = 4;  // the row / tile schedules serve M = 1..4
 template <typename OutT>
@@ -366,8 +365,7 @@ void run_linear(const uint16_t* xp, int64_t ldx, int64_t M, const uint16_t* wp, 
     if (mc <= kMaxGemvRows) {
       const bool row_schedule = mc * K * 2 <= kRowScheduleMaxXBytes;
       const GemvFn<OutT> fn = row_schedule ? GemvTables<OutT>::row[mc] : GemvTables<OutT>::tile[mc];
-      const int64_t prefetch = mc == 1 ? 1024 : 2048;  // bytes ahead; more work per line wants more distance
-      fn(xc, ldx, wp, N, K, bias_ptr, yc, N, prefetch);
+      fn(xc, ldx, wp, N, K, bias_ptr, yc, N);
     } else if (mc <= 8) {
       gemm_blocked<3, 8>(xc, ldx, mc, wp, N, K, bias_ptr, yc, N);  // one pass: 3 x M tiles
     } else {
