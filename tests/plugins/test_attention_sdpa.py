@@ -251,6 +251,24 @@ def run_prefill_then_mixed(backend, *, window=None, softcap=None, sinks=None, se
     return outs, batches
 
 
+@pytest.mark.parametrize("window,softcap", [(None, None), (5, 20.0)])
+def test_paged_backend_native_prefill_matches_reference(window, softcap):
+    """On AVX-512-BF16 CPUs the paged backend's prefill chunks go through cpu_native's kernel (rows of the decode
+    kernel), in prefill-only and mixed steps, and match the reference backend."""
+    from mistralrs_plugins.attention.paged.backend import PagedBackend
+    from mistralrs_plugins.kernels import cpu_native
+
+    if not cpu_native.supports_avx512_bf16():
+        pytest.skip("no avx512_bf16 (or native kernels disabled)")
+    shape = KVCacheShape(num_layers=1, num_kv_heads=2, head_dim=8, num_blocks=32, block_size=4, dtype=torch.float32)
+    paged = PagedBackend(shape)
+    assert paged.prefill_kernel is not None
+    want, _ = run_prefill_then_mixed(SdpaBackend(shape), window=window, softcap=softcap)
+    got, _ = run_prefill_then_mixed(paged, window=window, softcap=softcap)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("window,softcap,sinks", [(None, None, False), (5, 20.0, True)])
 def test_paged_backend_prefill_kernel_matches_reference(window, softcap, sinks):
     """With a prefill kernel selected (Triton on cuda; here the op's torch reference stands in), prefill
@@ -260,7 +278,12 @@ def test_paged_backend_prefill_kernel_matches_reference(window, softcap, sinks):
 
     shape = KVCacheShape(num_layers=1, num_kv_heads=2, head_dim=8, num_blocks=32, block_size=4, dtype=torch.float32)
     paged = PagedBackend(shape)
-    assert paged.prefill_kernel is None  # nothing but the reference claims the CPU: the per-sequence path
+    # On CPU only cpu_native's kernel (AVX-512-BF16 machines) claims the op; otherwise the per-sequence path.
+    from mistralrs_plugins.kernels import cpu_native
+    from mistralrs_plugins.kernels.cpu_native import ops as native_ops
+
+    supported = cpu_native.supports_avx512_bf16()
+    assert paged.prefill_kernel is (native_ops.paged_attention_prefill if supported else None)
     calls = []
     paged.prefill_kernel = lambda *a, **kw: calls.append(len(a[5]) - 1) or torch_ops.paged_attention_prefill(*a, **kw)
     s = torch.randn(4) if sinks else None

@@ -43,7 +43,8 @@ def test_registers_every_op_for_cpu_only(monkeypatch):
     amx = [s for s in specs if s.name == "amx_bf16"]  # tests/plugins/test_cpu_amx_linear.py
     specs = [s for s in specs if s.name != "amx_bf16"]
     assert [s.op for s in amx] == ["linear_bf16"] and amx[0].priority > 10
-    assert [s.op for s in specs] == ["linear_bf16", "rms_norm", "silu_and_mul", "rotary", "paged_attention_decode"]
+    assert [s.op for s in specs] == ["linear_bf16", "rms_norm", "silu_and_mul", "rotary", "paged_attention_decode",
+                                     "paged_attention_prefill"]
     for spec in specs:
         assert (spec.name, spec.devices, spec.priority) == ("avx512_bf16", ("cpu",), 10)
         assert spec.impl == f"mistralrs_plugins.kernels.cpu_native.ops:{spec.op}"
@@ -495,3 +496,78 @@ def test_paged_attention_decode_input_checks_and_fallbacks(native):
         k8, v8 = kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn)
         out = native.paged_attention_decode(q, k8, v8, tables, lens, 4, 0.25)
         torch.testing.assert_close(out, torch_ops.paged_attention_decode(q, k8, v8, tables, lens, 4, 0.25))
+
+
+# -- paged_attention_prefill ---------------------------------------------------------------------------
+
+PREFILL_CASES = [
+    # (seq_len, new tokens) per sequence, Hq, Hk, D, Dv, block size, window, softcap
+    ([(37, 37), (100, 12), (5, 5)], 8, 2, 64, 64, 16, None, None),  # a whole prompt, a chunk after context
+    ([(70, 70), (9, 1)], 6, 6, 40, 24, 8, 17, None),  # MHA, odd head dims, window; a one-token "chunk"
+    ([(200, 64), (33, 33)], 12, 2, 128, 128, 32, None, 30.0),  # groups of 6 query heads, softcap
+    ([(300, 300)], 32, 8, 64, 64, 16, 100, None),  # Llama-3.2-1B heads, sliding window
+]
+
+
+def _prefill_case(case, dtype):
+    seqs, hq, hk, d, dv, bs, window, softcap = case
+    lens = [sl for sl, _ in seqs]
+    _, kc, vc, tables, seq_lens = _paged_case(sum(lens) + hq, lens, hq=hq, hk=hk, d=d, dv=dv, bs=bs, dtype=dtype)
+    starts = [0]
+    for _, n in seqs:
+        starts.append(starts[-1] + n)
+    q = torch.randn(starts[-1], hq, d, generator=torch.Generator().manual_seed(hq + d)).to(dtype)
+    return q, kc, vc, tables, seq_lens, starts
+
+
+@requires_avx512_bf16
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: f"S{len(c[0])}-H{c[1]}/{c[2]}-D{c[3]}")
+def test_paged_attention_prefill_matches_reference(native, dtype, case):
+    q, kc, vc, tables, seq_lens, starts = _prefill_case(case, dtype)
+    bs, window, softcap = case[5], case[6], case[7]
+    scale = q.shape[-1] ** -0.5
+    out = native.paged_attention_prefill(q, kc, vc, tables, seq_lens.tolist(), starts, bs, scale, window, softcap)
+    ref = torch_ops.paged_attention_prefill(q, kc, vc, tables, seq_lens, starts, bs, scale, window, softcap)
+    exact = torch_ops.paged_attention_prefill(q.double(), kc.double(), vc.double(), tables, seq_lens, starts, bs,
+                                              scale, window, softcap)
+    assert out.dtype == dtype and out.shape == (starts[-1], q.shape[1], vc.shape[-1])
+    tol = 2e-6 if dtype is torch.float32 else 2.0**-8
+    assert (out.double() - exact).abs().max().item() <= max(tol, (ref.double() - exact).abs().max().item())
+
+
+@requires_avx512_bf16
+def test_paged_attention_prefill_rows_are_what_decode_gives_them(native):
+    """Each new token's attention is bit-identical to the decode kernel's for that token: how a prompt is
+    chunked or batched, or whether a token is computed in prefill or decode, does not change it."""
+    case = PREFILL_CASES[0]
+    q, kc, vc, tables, seq_lens, starts = _prefill_case(case, torch.bfloat16)
+    for window in (None, 60, 1000):  # a window that cuts in (rows alone), one that never does (rows grouped)
+        out = native.paged_attention_prefill(q, kc, vc, tables, seq_lens, torch.tensor(starts), 16, 0.125, window)
+        for i, (sl, n) in enumerate(case[0]):
+            rows = torch.arange(starts[i], starts[i + 1])
+            lens = torch.arange(sl - n + 1, sl + 1)
+            alone = native.paged_attention_decode(q[rows], kc, vc, tables[i].expand(n, -1), lens, 16, 0.125, window)
+            assert torch.equal(out[rows], alone)
+    # the same tokens as two chunks of the first prompt (the first 20, then 17 more over their context)
+    first = native.paged_attention_prefill(q[:20], kc, vc, tables[:1], [20], [0, 20], 16, 0.125)
+    second = native.paged_attention_prefill(q[20:37], kc, vc, tables[:1], [37], [0, 17], 16, 0.125)
+    assert torch.equal(torch.cat([first, second]), out[:37])
+
+
+@requires_avx512_bf16
+def test_paged_attention_prefill_input_checks_and_fallbacks(native):
+    q, kc, vc, tables, seq_lens, starts = _prefill_case(PREFILL_CASES[0], torch.float32)
+    with pytest.raises(RuntimeError, match="query_start_loc must run from 0"):
+        native.paged_attention_prefill(q, kc, vc, tables, seq_lens, [0, 37, 49, 53], 16, 0.125)
+    with pytest.raises(RuntimeError, match="new tokens but seq_lens"):
+        native.paged_attention_prefill(q, kc, vc, tables, [37, 100, 4], [0, 37, 49, 54], 16, 0.125)
+    bad = tables.clone()
+    bad[1, 0] = 10_000
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        native.paged_attention_prefill(q, kc, vc, bad, seq_lens, starts, 16, 0.125)
+    # attention sinks (no native path) use the reference
+    sinks = torch.randn(q.shape[1])
+    out = native.paged_attention_prefill(q, kc, vc, tables, seq_lens, starts, 16, 0.125, sinks=sinks)
+    torch.testing.assert_close(out, torch_ops.paged_attention_prefill(q, kc, vc, tables, seq_lens, starts, 16, 0.125,
+                                                                      sinks=sinks))

@@ -9,6 +9,7 @@ Ops (all named ``avx512_bf16``; they claim ``cpu`` only on x86 with the ``avx512
   result independent of the batch; ``out_f32=True`` writes fp32 (the LM head's logits).
 - ``rms_norm``, ``silu_and_mul``, ``rotary``: the per-token ops of a decoder layer, fp32 math in one pass.
 - ``paged_attention_decode``: decode attention that reads K/V in place through the block tables.
+- ``paged_attention_prefill``: prefill chunks' attention, each new token a row of the decode kernel.
 
 ``linear_bf16`` named ``amx_bf16`` (priority 15, above the others; claims ``cpu`` only with ``amx_tile`` and
 ``amx_bf16`` too): the same op on AMX tiles (``linear_amx.cpp``), for layers whose K and N are multiples of 32;
@@ -54,6 +55,8 @@ OPS = {
     "silu_and_mul": "AVX-512 SwiGLU silu(gate) * up (bf16/fp32)",
     "rotary": "AVX-512 rotary embedding (bf16/fp32, NeoX or GPT-J pairs, partial rotary)",
     "paged_attention_decode": "AVX-512 decode attention reading the paged KV cache in place (bf16/fp32)",
+    "paged_attention_prefill": "AVX-512 prefill attention: each new token a row of the decode kernel (causal, "
+                               "paged KV read in place; bf16/fp32)",
 }
 
 

@@ -4,6 +4,8 @@
 //   silu_and_mul(x)                             y = silu(x[..., :I]) * x[..., I:]
 //   rotary(x, cos, sin, rotary_dim, interleaved) rotary embedding of the first rotary_dim dims of each head
 //   paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, window, softcap)
+//   paged_attention_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, block_size, scale,
+//                           window, softcap)
 //
 // Their torch references are in mistralrs_plugins/kernels/torch_ops.py; they compute in the same
 // order (fp32, then one rounding to the output dtype) but may sum in another order.
@@ -13,6 +15,14 @@
 // A work item is one sequence (or, at batch 1, a group of its KV heads); it computes the scores of each KV
 // head's group of query heads (grouped-query attention without repeating K/V), a softmax and the weighted
 // sum of V, all in fp32, walking the cache rows front to back.
+//
+// paged_attention_prefill: the new tokens of prefill chunks (already written to the cache), each one a row of
+// the decode kernel with its own length: token j of sequence i's n new tokens is the last of the first
+// seq_lens[i] - n + j + 1 keys, which is causal attention. Each query row is computed alone, by the decode
+// arithmetic, so a token's attention does not depend on how its prompt was chunked or batched, nor on whether
+// it was computed in prefill or decode. Up to 8 consecutive tokens of a sequence (bf16 caches, head dims that are
+// multiples of 32, no sliding window cutting in) form one work item and share each load of K and V; every row
+// still gets the arithmetic it gets alone. A sequence's K/V stay in L2/L3 while its items walk them.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -24,6 +34,7 @@
 #include "simd.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -359,18 +370,25 @@ struct AttnTables {
       {nullptr, pv_block<4, 1, T>, pv_block<4, 2, T>, pv_block<4, 3, T>, pv_block<4, 4, T>}};
 };
 
-// One sequence, KV heads [h0, h1): the scores of their query heads (R = (h1 - h0) * G rows) against the
-// visible keys, a softmax per row, and P @ V. Keys are walked front to back in small blocks, every head of a
-// block before the next block, so each slot's row (all KV heads side by side) is read once, while the next
-// block's rows are prefetched.
+// One sequence, KV heads [h0, h1), `ntok` consecutive tokens (the t-th sees the first seq_len + t keys; ntok > 1
+// only for bf16 caches on the vdpbf16ps path without a window cutting in, see attend_rows): the scores of
+// their query heads (R = ntok * (h1 - h0) * G rows) against the visible keys, a softmax per row, and P @ V.
+// Keys are walked front to back in small blocks, every head (and token) of a block before the next block, so
+// each slot's row (all KV heads side by side) is read once, while the next block's rows are prefetched. Every
+// row's arithmetic is the one it gets alone (ntok = 1): its scores are per (row, key), its softmax runs over
+// its own keys and its P @ V sums its own keys in order, so grouping tokens only shares the loads of K and V.
 template <typename T>
-void decode_heads(const T* q, const T* kc, const T* vc, const int64_t* table, int64_t seq_len, int64_t h0,
-                  int64_t h1, const DecodeParams& p, T* out, DecodeScratch& sc) {
-  const int64_t start = (p.window > 0 && seq_len > p.window) ? seq_len - p.window : 0;
-  const int64_t n = seq_len - start;
+void decode_heads(const T* q, const T* kc, const T* vc, const int64_t* table, int64_t seq_len, int64_t ntok,
+                  int64_t h0, int64_t h1, const DecodeParams& p, T* out, DecodeScratch& sc) {
+  const int64_t last_len = seq_len + ntok - 1;
+  const int64_t start = (p.window > 0 && last_len > p.window) ? last_len - p.window : 0;
+  const int64_t n = last_len - start;  // keys of the last token; token t sees n - (ntok - 1 - t)
   const int64_t G = p.G, D = p.D, Dv = p.Dv, bs = p.block_size;
-  const int64_t nh = h1 - h0, R = nh * G;
-  auto out_row = [&](int64_t r) { return out + (h0 * G + r) * p.o_s1; };
+  const int64_t nh = h1 - h0, RT = nh * G, R = ntok * RT;
+  auto tok = [&](int64_t r) { return r / RT; };
+  auto n_of = [&](int64_t t) { return n - (ntok - 1 - t); };
+  auto out_row = [&](int64_t r) { return out + tok(r) * p.o_s0 + (h0 * G + r % RT) * p.o_s1; };
+  auto q_row = [&](int64_t r) { return q + tok(r) * p.q_s0 + (h0 * G + r % RT) * p.q_s1; };
   if (n <= 0) {  // nothing visible (cannot happen for a well-formed batch): zeros, as an empty softmax sum
     for (int64_t r = 0; r < R; ++r)
       for (int64_t d = 0; d < Dv; d += 16) store16(out_row(r) + d, _mm512_setzero_ps(), mask16(Dv - d));
@@ -397,7 +415,7 @@ void decode_heads(const T* q, const T* kc, const T* vc, const int64_t* table, in
   constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
   const bool dp = kBf16 && D % 32 == 0;
   for (int64_t r = 0; r < R && !dp; ++r) {
-    const T* qr = q + (h0 * G + r) * p.q_s1;
+    const T* qr = q_row(r);
     for (int64_t d = 0; d < D; d += 16) {
       const __mmask16 m = mask16(D - d);
       _mm512_mask_storeu_ps(qf + r * D + d, m, _mm512_mul_ps(load16(qr + d, m), _mm512_set1_ps(p.scale)));
@@ -405,7 +423,7 @@ void decode_heads(const T* q, const T* kc, const T* vc, const int64_t* table, in
   }
   const int64_t k_seg = D * static_cast<int64_t>(sizeof(T)), v_seg = Dv * static_cast<int64_t>(sizeof(T));
 
-  // Pass 1, scores: per block of kKeyBlock keys, every head, kGroupBlock query heads at a time.
+  // Pass 1, scores: per block of kKeyBlock keys, every head and token, kGroupBlock query heads at a time.
   int64_t j = 0;
   if constexpr (kBf16) {
     for (; dp && j < n; j += kKeyBlock) {
@@ -419,22 +437,24 @@ void decode_heads(const T* q, const T* kc, const T* vc, const int64_t* table, in
           for (int t = 0; t < kKeyBlock; ++t) nxt[t] = kc + slots[j + kKeyBlock + t] * p.k_s0 + h * p.k_s1;
           prefetch_segments(nxt, kKeyBlock, k_seg);
         }
-        const int64_t rh = (h - h0) * G;
-        for (int64_t g0 = 0; g0 < G; g0 += kGroupBlock) {
-          const int64_t gb = std::min<int64_t>(kGroupBlock, G - g0);
-          if (nk == kKeyBlock) {
-            kQkBf16[gb](q + (h0 * G + rh + g0) * p.q_s1, p.q_s1, D, kr, p.scale, scores + (rh + g0) * ld + j, ld);
-          } else {  // the last n % 4 keys: into a scratch block, then the real ones
-            float tmp[kGroupBlock * kKeyBlock];
-            kQkBf16[gb](q + (h0 * G + rh + g0) * p.q_s1, p.q_s1, D, kr, p.scale, tmp, kKeyBlock);
-            for (int64_t a = 0; a < gb; ++a)
-              for (int64_t t = 0; t < nk; ++t) scores[(rh + g0 + a) * ld + j + t] = tmp[a * kKeyBlock + t];
+        for (int64_t tk = 0; tk < ntok; ++tk) {
+          const int64_t rh = tk * RT + (h - h0) * G;
+          for (int64_t g0 = 0; g0 < G; g0 += kGroupBlock) {
+            const int64_t gb = std::min<int64_t>(kGroupBlock, G - g0);
+            if (nk == kKeyBlock) {
+              kQkBf16[gb](q_row(rh + g0), p.q_s1, D, kr, p.scale, scores + (rh + g0) * ld + j, ld);
+            } else {  // the last n % 4 keys: into a scratch block, then the real ones
+              float tmp[kGroupBlock * kKeyBlock];
+              kQkBf16[gb](q_row(rh + g0), p.q_s1, D, kr, p.scale, tmp, kKeyBlock);
+              for (int64_t a = 0; a < gb; ++a)
+                for (int64_t t = 0; t < nk; ++t) scores[(rh + g0 + a) * ld + j + t] = tmp[a * kKeyBlock + t];
+            }
           }
         }
       }
     }
   }
-  for (; j + kKeyBlock <= n; j += kKeyBlock) {
+  for (; j + kKeyBlock <= n; j += kKeyBlock) {  // (ntok == 1 here)
     const bool has_next = j + 2 * kKeyBlock <= n;
     for (int64_t h = h0; h < h1; ++h) {
       const T* kr[kKeyBlock];
@@ -462,29 +482,30 @@ void decode_heads(const T* q, const T* kc, const T* vc, const int64_t* table, in
       scores[r * ld + j] = _mm512_reduce_add_ps(acc);
     }
   }
-  // Softmax per row (softcap c first: c * tanh(s / c)).
+  // Softmax per row over its own keys (softcap c first: c * tanh(s / c)).
   for (int64_t r = 0; r < R; ++r) {
     float* s = scores + r * ld;
+    const int64_t nr = n_of(tok(r));
     if (p.softcap > 0.0f)
-      for (int64_t jj = 0; jj < n; ++jj) s[jj] = p.softcap * std::tanh(s[jj] / p.softcap);
+      for (int64_t jj = 0; jj < nr; ++jj) s[jj] = p.softcap * std::tanh(s[jj] / p.softcap);
     __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int64_t jj = 0; jj < n; jj += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, mask16(n - jj), s + jj));
+    for (int64_t jj = 0; jj < nr; jj += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, mask16(nr - jj), s + jj));
     const __m512 vmax = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
     __m512 sum = _mm512_setzero_ps();
-    for (int64_t jj = 0; jj < n; jj += 16) {
-      const __mmask16 m = mask16(n - jj);
+    for (int64_t jj = 0; jj < nr; jj += 16) {
+      const __mmask16 m = mask16(nr - jj);
       const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + jj), vmax));
       _mm512_mask_storeu_ps(s + jj, m, e);
       sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
     }
     const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
-    for (int64_t jj = 0; jj < n; jj += 16) {
-      const __mmask16 m = mask16(n - jj);
+    for (int64_t jj = 0; jj < nr; jj += 16) {
+      const __mmask16 m = mask16(nr - jj);
       _mm512_mask_storeu_ps(s + jj, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + jj), inv));
     }
   }
-  // Pass 2, out = P @ V: chunks of kValueChunk keys; per head, register blocks of kGroupBlock rows x 64
-  // output dims over the chunk, accumulated into the fp32 rows of acc_out.
+  // Pass 2, out = P @ V: chunks of kValueChunk keys; per head and token, register blocks of kGroupBlock rows x 64
+  // output dims over the chunk (cut at the token's last key), accumulated into the fp32 rows of acc_out.
   for (int64_t c0 = 0; c0 < n; c0 += kValueChunk) {
     const int64_t c1 = std::min(n, c0 + kValueChunk);
     const int64_t next = std::min(n, c1 + kValueChunk) - c1;
@@ -494,13 +515,17 @@ void decode_heads(const T* q, const T* kc, const T* vc, const int64_t* table, in
         for (int64_t t = 0; t < next; ++t) nxt[t] = vc + slots[c1 + t] * p.v_s0 + h * p.v_s1;
         prefetch_segments(nxt, static_cast<int>(next), v_seg);
       }
-      const int64_t rh = (h - h0) * G;
-      for (int64_t g0 = 0; g0 < G; g0 += kGroupBlock) {
-        const int64_t gb = std::min<int64_t>(kGroupBlock, G - g0);
-        for (int64_t d0 = 0; d0 < Dv; d0 += 64) {
-          const int64_t nc = std::min<int64_t>(4, (Dv - d0 + 15) / 16);
-          AttnTables<T>::pv[gb][nc](scores + (rh + g0) * ld, ld, vc, slots, c0, c1, h * p.v_s1, p.v_s0, Dv, d0,
-                                    acc_out + (rh + g0) * Dv);
+      for (int64_t tk = 0; tk < ntok; ++tk) {
+        const int64_t ct = std::min(c1, n_of(tk));
+        if (ct <= c0) continue;
+        const int64_t rh = tk * RT + (h - h0) * G;
+        for (int64_t g0 = 0; g0 < G; g0 += kGroupBlock) {
+          const int64_t gb = std::min<int64_t>(kGroupBlock, G - g0);
+          for (int64_t d0 = 0; d0 < Dv; d0 += 64) {
+            const int64_t nc = std::min<int64_t>(4, (Dv - d0 + 15) / 16);
+            AttnTables<T>::pv[gb][nc](scores + (rh + g0) * ld, ld, vc, slots, c0, ct, h * p.v_s1, p.v_s0, Dv, d0,
+                                      acc_out + (rh + g0) * Dv);
+          }
         }
       }
     }
@@ -512,68 +537,88 @@ void decode_heads(const T* q, const T* kc, const T* vc, const int64_t* table, in
     }
 }
 
+// Rows [row, row + ntok) of q: consecutive tokens of one sequence (one table, lengths lens[row] + t).
+struct RowGroup {
+  int64_t row, ntok;
+};
+constexpr int64_t kGroupTokens = 8;   // prefill tokens per work item (they share each load of K and V)
+constexpr int64_t kMaxItemRows = 64;  // query rows per work item at most (scores: rows x keys fp32 in cache)
+
+// The row groups of q (row s reads the block table at tables[s] and attends to its first lens[s] keys).
 template <typename T>
-void decode_all(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const int64_t* tables,
-                const int64_t* lens, int64_t S, const DecodeParams& p, at::Tensor& out) {
+void decode_all(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                const int64_t* const* tables, const int64_t* lens, const std::vector<RowGroup>& groups,
+                const DecodeParams& p, at::Tensor& out) {
   const T* qp = q.data_ptr<T>();
   const T* kp = k_cache.data_ptr<T>();
   const T* vp = v_cache.data_ptr<T>();
   T* op = out.data_ptr<T>();
-  // Work items: a sequence with all its KV heads (whole cache rows), split into head groups only when there
-  // are too few sequences to keep every thread busy (batch-1 decode).
+  const int64_t ng = static_cast<int64_t>(groups.size());
+  int64_t maxtok = 1, keys = 0;
+  for (const RowGroup& g : groups) {
+    maxtok = std::max(maxtok, g.ntok);
+    for (int64_t t = 0; t < g.ntok; ++t) {
+      const int64_t len = lens[g.row] + t;
+      keys += std::min(len, p.window > 0 ? p.window : len);
+    }
+  }
+  // Work items: a row group with all its KV heads (whole cache rows), split into head groups when there are too
+  // few groups to keep every thread busy (batch-1 decode) or too many rows for the scores to stay in cache.
   const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());
   int64_t split = 1;
-  while (split < p.Hk && S * split < want) ++split;
+  while (split < p.Hk && (ng * split < want || maxtok * p.G * (p.Hk / split) > kMaxItemRows)) ++split;
   while (p.Hk % split) ++split;  // equal head groups
   const int64_t per = p.Hk / split;
   // Little work (short contexts) runs on the calling thread: a parallel region inside a decode step costs
   // more than a few thousand keys take.
-  int64_t keys = 0;
-  for (int64_t s = 0; s < S; ++s) keys += std::min(lens[s], p.window > 0 ? p.window : lens[s]);
-  const int64_t grain = keys * p.Hk <= kSerialKeyHeads ? S * split : 1;
-  mistralrs_pool::parallel_for(0, S * split, grain, [&](int64_t begin, int64_t end) {
+  const int64_t grain = keys * p.Hk <= kSerialKeyHeads ? ng * split : 1;
+  mistralrs_pool::parallel_for(0, ng * split, grain, [&](int64_t begin, int64_t end) {
     static thread_local DecodeScratch scratch;  // reused across calls: no allocation (or page faults) per step
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t s = item / split, h0 = (item % split) * per;
-      decode_heads<T>(qp + s * p.q_s0, kp, vp, tables + s * p.table_width, lens[s], h0, h0 + per, p,
-                      op + s * p.o_s0, scratch);
+      const RowGroup& g = groups[item / split];
+      const int64_t h0 = (item % split) * per;
+      decode_heads<T>(qp + g.row * p.q_s0, kp, vp, tables[g.row], lens[g.row], g.ntok, h0, h0 + per, p,
+                      op + g.row * p.o_s0, scratch);
     }
   });
 }
 
-at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                  const at::Tensor& block_tables, const at::Tensor& seq_lens, int64_t block_size,
-                                  double scale, int64_t sliding_window, double softcap) {
-  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.dim() == 3,
-              "paged_attention_decode: q [S, Hq, D], k_cache [slots, Hk, D], v_cache [slots, Hk, Dv]");
-  TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(),
-              "paged_attention_decode: CPU tensors only");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
-              "paged_attention_decode: q, k_cache and v_cache must share a dtype");
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat,
-              "paged_attention_decode: bf16 or fp32 only");
-  TORCH_CHECK(q.stride(2) == 1 && k_cache.stride(2) == 1 && v_cache.stride(2) == 1,
-              "paged_attention_decode: the head dim must be contiguous");
+// Shapes and dtypes both attention ops need; returns {S, Hq, D, Hk, Dv}.
+std::array<int64_t, 5> check_attention(const char* op, const at::Tensor& q, const at::Tensor& k_cache,
+                                       const at::Tensor& v_cache, int64_t block_size) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.dim() == 3, op,
+              ": q [S, Hq, D], k_cache [slots, Hk, D], v_cache [slots, Hk, Dv]");
+  TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(), op, ": CPU tensors only");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(), op,
+              ": q, k_cache and v_cache must share a dtype");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat, op, ": bf16 or fp32 only");
+  TORCH_CHECK(q.stride(2) == 1 && k_cache.stride(2) == 1 && v_cache.stride(2) == 1, op,
+              ": the head dim must be contiguous");
   const int64_t S = q.size(0), Hq = q.size(1), D = q.size(2), Hk = k_cache.size(1), Dv = v_cache.size(2);
-  TORCH_CHECK(k_cache.size(2) == D && v_cache.size(1) == Hk, "paged_attention_decode: cache shapes disagree with q");
-  TORCH_CHECK(Hk > 0 && Hq % Hk == 0, "paged_attention_decode: query heads must be a multiple of KV heads");
-  TORCH_CHECK(block_size > 0, "paged_attention_decode: block_size must be positive");
-  at::Tensor tables = block_tables.to(at::kLong).contiguous();
-  at::Tensor lens = seq_lens.to(at::kLong).contiguous();
-  TORCH_CHECK(tables.dim() == 2 && tables.size(0) == S && lens.numel() == S,
-              "paged_attention_decode: block_tables [S, W] and seq_lens [S] must match q's S");
-  const int64_t width = tables.size(1);
-  const int64_t* lp = lens.data_ptr<int64_t>();
-  const int64_t* tp = tables.data_ptr<int64_t>();
-  const int64_t slots = k_cache.size(0);
-  for (int64_t s = 0; s < S; ++s) {  // every slot read must exist: a bad table must not read out of bounds
-    TORCH_CHECK(lp[s] >= 1 && lp[s] <= width * block_size, "paged_attention_decode: seq_lens[", s, "] = ", lp[s],
-                " does not fit its block table (", width, " blocks of ", block_size, ")");
-    const int64_t used = (lp[s] + block_size - 1) / block_size;
-    for (int64_t b = 0; b < used; ++b)
-      TORCH_CHECK(tp[s * width + b] >= 0 && (tp[s * width + b] + 1) * block_size <= slots,
-                  "paged_attention_decode: block id ", tp[s * width + b], " is outside the cache");
-  }
+  TORCH_CHECK(k_cache.size(2) == D && v_cache.size(1) == Hk, op, ": cache shapes disagree with q");
+  TORCH_CHECK(Hk > 0 && Hq % Hk == 0, op, ": query heads must be a multiple of KV heads");
+  TORCH_CHECK(block_size > 0, op, ": block_size must be positive");
+  return {S, Hq, D, Hk, Dv};
+}
+
+// Every slot that `len` keys read through `table` (width blocks) must exist: a bad table must not read out of
+// bounds.
+void check_table(const char* op, const int64_t* table, int64_t width, int64_t len, int64_t block_size,
+                 int64_t slots, int64_t seq) {
+  TORCH_CHECK(len >= 1 && len <= width * block_size, op, ": seq_lens[", seq, "] = ", len,
+              " does not fit its block table (", width, " blocks of ", block_size, ")");
+  const int64_t used = (len + block_size - 1) / block_size;
+  for (int64_t b = 0; b < used; ++b)
+    TORCH_CHECK(table[b] >= 0 && (table[b] + 1) * block_size <= slots, op, ": block id ", table[b],
+                " is outside the cache");
+}
+
+// Runs S query rows (row s: table rows[s], lens[s] keys) in `groups` into a new [S, Hq, Dv] tensor.
+at::Tensor attend_rows(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                       const std::array<int64_t, 5>& shape, const int64_t* const* rows, const int64_t* lens,
+                       const std::vector<RowGroup>& groups, int64_t width, int64_t block_size, double scale,
+                       int64_t sliding_window, double softcap) {
+  const auto [S, Hq, D, Hk, Dv] = shape;
   at::Tensor out = at::empty({S, Hq, Dv}, q.options());
   if (S == 0 || Hq == 0) return out;
   DecodeParams p{Hq, Hk, D, Dv, Hq / Hk, block_size, width, sliding_window > 0 ? sliding_window : 0,
@@ -581,10 +626,75 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
                  v_cache.stride(1), out.stride(0), out.stride(1), static_cast<float>(scale),
                  softcap > 0 ? static_cast<float>(softcap) : 0.0f};
   if (q.scalar_type() == at::kFloat)
-    decode_all<float>(q, k_cache, v_cache, tp, lp, S, p, out);
+    decode_all<float>(q, k_cache, v_cache, rows, lens, groups, p, out);
   else
-    decode_all<c10::BFloat16>(q, k_cache, v_cache, tp, lp, S, p, out);
+    decode_all<c10::BFloat16>(q, k_cache, v_cache, rows, lens, groups, p, out);
   return out;
+}
+
+at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& seq_lens, int64_t block_size,
+                                  double scale, int64_t sliding_window, double softcap) {
+  constexpr const char* op = "paged_attention_decode";
+  const auto shape = check_attention(op, q, k_cache, v_cache, block_size);
+  const int64_t S = shape[0];
+  at::Tensor tables = block_tables.to(at::kLong).contiguous();
+  at::Tensor lens = seq_lens.to(at::kLong).contiguous();
+  TORCH_CHECK(tables.dim() == 2 && tables.size(0) == S && lens.numel() == S, op,
+              ": block_tables [S, W] and seq_lens [S] must match q's S");
+  const int64_t width = tables.size(1);
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  std::vector<const int64_t*> rows(static_cast<size_t>(S));
+  std::vector<RowGroup> groups(static_cast<size_t>(S));
+  for (int64_t s = 0; s < S; ++s) {
+    rows[s] = tp + s * width;
+    groups[s] = {s, 1};
+    check_table(op, rows[s], width, lp[s], block_size, k_cache.size(0), s);
+  }
+  return attend_rows(q, k_cache, v_cache, shape, rows.data(), lp, groups, width, block_size, scale, sliding_window,
+                     softcap);
+}
+
+at::Tensor paged_attention_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                   const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                                   const at::Tensor& query_start_loc, int64_t block_size, double scale,
+                                   int64_t sliding_window, double softcap) {
+  constexpr const char* op = "paged_attention_prefill";
+  const auto shape = check_attention(op, q, k_cache, v_cache, block_size);
+  const int64_t T = shape[0];
+  at::Tensor tables = block_tables.to(at::kLong).contiguous();
+  at::Tensor lens = seq_lens.to(at::kLong).contiguous();
+  at::Tensor starts = query_start_loc.to(at::kLong).contiguous();
+  TORCH_CHECK(tables.dim() == 2 && lens.dim() == 1 && tables.size(0) == lens.size(0) &&
+                  starts.numel() == lens.numel() + 1, op,
+              ": block_tables [S, W], seq_lens [S] and query_start_loc [S + 1] must agree");
+  const int64_t S = lens.numel(), width = tables.size(1);
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  const int64_t* sp = starts.data_ptr<int64_t>();
+  TORCH_CHECK(sp[0] == 0 && sp[S] == T, op, ": query_start_loc must run from 0 to q's ", T, " rows");
+  std::vector<const int64_t*> rows(static_cast<size_t>(T));
+  std::vector<int64_t> row_lens(static_cast<size_t>(T));
+  std::vector<RowGroup> groups;
+  // Consecutive tokens share work items (and loads of K/V) where each row's arithmetic stays the one it gets
+  // alone: bf16 on the vdpbf16ps path (its last partial key block is computed like a full one), every token of
+  // the group seeing its sequence from the first key (no window cutting in).
+  const bool shared = q.scalar_type() == at::kBFloat16 && shape[2] % 32 == 0;
+  for (int64_t i = 0; i < S; ++i) {
+    const int64_t n = sp[i + 1] - sp[i];
+    TORCH_CHECK(n >= 0 && n <= lp[i], op, ": sequence ", i, " has ", n, " new tokens but seq_lens[", i, "] = ", lp[i]);
+    if (n == 0) continue;
+    check_table(op, tp + i * width, width, lp[i], block_size, k_cache.size(0), i);
+    for (int64_t j = 0; j < n; ++j) {
+      rows[sp[i] + j] = tp + i * width;
+      row_lens[sp[i] + j] = lp[i] - n + j + 1;
+    }
+    const int64_t step = shared && (sliding_window <= 0 || lp[i] <= sliding_window) ? kGroupTokens : 1;
+    for (int64_t j = 0; j < n; j += step) groups.push_back({sp[i] + j, std::min(step, n - j)});
+  }
+  return attend_rows(q, k_cache, v_cache, shape, rows.data(), row_lens.data(), groups, width, block_size, scale,
+                     sliding_window, softcap);
 }
 
 }  // namespace
@@ -596,6 +706,9 @@ TORCH_LIBRARY_FRAGMENT(TORCH_EXTENSION_NAME, m) {
   m.def(
       "paged_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
       "int block_size, float scale, int sliding_window=0, float softcap=0.0) -> Tensor");
+  m.def(
+      "paged_attention_prefill(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
+      "Tensor query_start_loc, int block_size, float scale, int sliding_window=0, float softcap=0.0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
@@ -603,4 +716,5 @@ TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
   m.impl("silu_and_mul", &silu_and_mul);
   m.impl("rotary", &rotary);
   m.impl("paged_attention_decode", &paged_attention_decode);
+  m.impl("paged_attention_prefill", &paged_attention_prefill);
 }

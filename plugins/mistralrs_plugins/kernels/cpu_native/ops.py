@@ -54,6 +54,7 @@ class NativeOps:
         self.silu_and_mul = ns.silu_and_mul.default
         self.rotary = ns.rotary.default
         self.paged_attention_decode = ns.paged_attention_decode.default
+        self.paged_attention_prefill = ns.paged_attention_prefill.default
         self.linear_bf16_amx = ns.linear_bf16_amx.default
         self.amx_available = ns.amx_available.default
 
@@ -224,3 +225,34 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                                               float(scale), int(sliding_window or 0), float(softcap or 0.0))
     return torch_ops.paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale,
                                             sliding_window, softcap, sinks)
+
+
+def _index_tensor(values) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """A list of ints (or a tensor) as a CPU int64 tensor for the native op."""
+    if isinstance(values, torch.Tensor):
+        return values if values.device.type == "cpu" else values.cpu()
+    return torch.tensor(values, dtype=torch.long)
+
+
+def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, seq_lens, query_start_loc, block_size: int,  # type: ignore[no-untyped-def]
+                            scale: float, sliding_window: int | None = None, softcap: float | None = None,
+                            sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """`torch_ops.paged_attention_prefill` with each new token a row of the decode kernel (its own length:
+    causal), reading K/V in place; a token's result is the one decode would give it. fp8 caches and
+    attention sinks use the reference."""
+    if (
+        sinks is None
+        and q.dtype in _FLOAT_KINDS
+        and k_cache.dtype is q.dtype
+        and v_cache.dtype is q.dtype
+        and q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+        and _plain_cpu(q, k_cache, v_cache, block_tables)
+    ):
+        ext = _native()
+        if ext is not None:
+            return ext.paged_attention_prefill(q, k_cache, v_cache, block_tables, _index_tensor(seq_lens),
+                                               _index_tensor(query_start_loc), int(block_size), float(scale),
+                                               int(sliding_window or 0), float(softcap or 0.0))
+    return torch_ops.paged_attention_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                                             block_size, scale, sliding_window, softcap, sinks)
