@@ -205,20 +205,20 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: in
     return torch_ops.rotary(x, cos, sin, rotary_dim, interleaved)
 
 
+def _native_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      sinks: torch.Tensor | None) -> bool:
+    """What the attention kernels take: bf16/fp32 caches of q's dtype with contiguous head dims, no sinks."""
+    return (sinks is None and q.dtype in _FLOAT_KINDS and k_cache.dtype is q.dtype and v_cache.dtype is q.dtype
+            and q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1)
+
+
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int, scale: float,
                            sliding_window: int | None = None, softcap: float | None = None,
                            sinks: torch.Tensor | None = None) -> torch.Tensor:
     """`torch_ops.paged_attention_decode` reading K/V in place through the block tables (bf16/fp32 caches;
     fp8 caches and attention sinks use the reference)."""
-    if (
-        sinks is None
-        and q.dtype in _FLOAT_KINDS
-        and k_cache.dtype is q.dtype
-        and v_cache.dtype is q.dtype
-        and q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
-        and _plain_cpu(q, k_cache, v_cache, block_tables, seq_lens)
-    ):
+    if _native_attention(q, k_cache, v_cache, sinks) and _plain_cpu(q, k_cache, v_cache, block_tables, seq_lens):
         ext = _native()
         if ext is not None:
             return ext.paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, int(block_size),
@@ -241,14 +241,7 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     """`torch_ops.paged_attention_prefill` with each new token a row of the decode kernel (its own length:
     causal), reading K/V in place; a token's result is the one decode would give it. fp8 caches and
     attention sinks use the reference."""
-    if (
-        sinks is None
-        and q.dtype in _FLOAT_KINDS
-        and k_cache.dtype is q.dtype
-        and v_cache.dtype is q.dtype
-        and q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
-        and _plain_cpu(q, k_cache, v_cache, block_tables)
-    ):
+    if _native_attention(q, k_cache, v_cache, sinks) and _plain_cpu(q, k_cache, v_cache, block_tables):
         ext = _native()
         if ext is not None:
             return ext.paged_attention_prefill(q, k_cache, v_cache, block_tables, _index_tensor(seq_lens),
