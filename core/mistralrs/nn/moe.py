@@ -164,6 +164,8 @@ class SparseMoE(nn.Module):
         q = qw[0][0]
         if q.dtype != torch.uint8 or q.is_meta:
             return
+        if any(t.shape[0] != lin.out_features for trio, ts in zip(layers, qw) for lin, t in zip(trio, ts)):
+            return  # a state packing several rows into one (a CPU kernel's layout): not this kernel's
         shapes = (q.shape, qw[0][2].shape)
         if any(g.shape != shapes[0] or u.shape != shapes[0] or d.shape != shapes[1]
                or any(t.device != q.device for t in (g, u, d)) for g, u, d in qw):

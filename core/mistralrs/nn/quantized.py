@@ -300,19 +300,20 @@ def fuse_rows(layers: list[Linear]) -> Linear | None:
         return None
     states = [m.state(layer) for m, layer in zip(methods, layers)]  # type: ignore[attr-defined]
     names = list(states[0])
-    if any(list(st) != names for st in states):
-        return None
+    if any(list(st) != names or any(st[n].shape[1:] != states[0][n].shape[1:] for n in names) for st in states):
+        return None  # (also: states kept in different layouts)
     fused_state = {name: torch.cat([st[name] for st in states], dim=0) for name in names}
     with torch.device("meta"):
         fused = Linear(layers[0].in_features, sum(layer.out_features for layer in layers),
                        bias=layers[0].bias is not None, quant_method=type(first)(first.qtype, **first.options))
     fused.quant_method.set_state(fused, fused_state)  # type: ignore[attr-defined]
-    start = 0
-    for layer in layers:
-        stop = start + layer.out_features
-        for name in names:
+    for name in names:
+        # each layer's rows of the state as it holds them (a kernel's layout may pack several rows into one)
+        start = 0
+        for layer, st in zip(layers, states):
+            stop = start + st[name].shape[0]
             layer._buffers[name] = fused_state[name][start:stop]
-        start = stop
+            start = stop
     if layers[0].bias is not None:
         bias = torch.cat([layer.bias for layer in layers])  # type: ignore[misc]
         fused.bias = nn.Parameter(bias, requires_grad=False)

@@ -22,7 +22,7 @@ import torch
 
 from mistralrs.nn import torch_ops
 from mistralrs_plugins.kernels import native_build
-from mistralrs_plugins.kernels.cpu_native import has_avx512_bf16, native_disabled
+from mistralrs_plugins.kernels.cpu_native import has_avx2_only, has_avx512_bf16, native_disabled
 from mistralrs_plugins.kernels.native_build import NativeKernelWarning as NativeKernelWarning  # re-export
 from mistralrs_plugins.kernels.native_build import cache_root  # looked up here: tests monkeypatch it
 
@@ -93,6 +93,46 @@ _reset_for_tests = _lazy.reset
 def status() -> dict[str, Any]:
     """For diagnostics: whether the native path is on, and why not."""
     return {**_lazy.status(), "cache": str(cache_root())}
+
+
+# The per-token ops and decode attention for AVX2 CPUs without AVX-512-BF16: a library of its own
+# (decode_ops_avx2.cpp, the same op signatures), built on first use like the AVX-512 one.
+AVX2_SOURCES = ("decode_ops_avx2.cpp",)
+AVX2_HEADERS = ("../thread_pool.h",)
+AVX2_CFLAGS = ("-O3", "-DNDEBUG", "-mavx2", "-mfma", "-mf16c", "-fopenmp")
+AVX2_WHAT = "native CPU kernels (AVX2)"
+
+
+class NativeOpsAvx2:
+    def __init__(self, namespace: str, library: Path) -> None:
+        self.namespace = namespace
+        self.library = library
+        ns = getattr(torch.ops, namespace)
+        self.rms_norm = ns.rms_norm.default
+        self.silu_and_mul = ns.silu_and_mul.default
+        self.rotary = ns.rotary.default
+        self.paged_attention_decode = ns.paged_attention_decode.default
+
+
+def build_avx2(verbose: bool = False) -> NativeOpsAvx2:
+    name, library = native_build.build_library(
+        prefix="mistralrs_cpu_native_avx2", source_dir=source_dir(), sources=AVX2_SOURCES, headers=AVX2_HEADERS,
+        cflags=AVX2_CFLAGS, ldflags=LDFLAGS, root=cache_root(), what=AVX2_WHAT, verbose=verbose,
+    )
+    return NativeOpsAvx2(name, library)
+
+
+def _unavailable_avx2() -> str | None:
+    if native_disabled():
+        return "disabled by MISTRALRS_NO_NATIVE_KERNELS"
+    if not has_avx2_only():
+        return "this CPU has no avx2/fma/f16c (or has avx512_bf16: the AVX-512 library serves it)"
+    return None
+
+
+_lazy_avx2: native_build.LazyExtension[NativeOpsAvx2] = native_build.LazyExtension(
+    lambda: build_avx2(), _unavailable_avx2, AVX2_WHAT, stacklevel=3)
+_native_avx2 = _lazy_avx2.native
 
 
 def _plain_cpu(*tensors: torch.Tensor) -> bool:
@@ -168,26 +208,28 @@ def linear_bf16_amx(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return linear_bf16(x, weight, bias, out_f32=out_f32)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, add_unit_offset: bool = False) -> torch.Tensor:
-    """`torch_ops.rms_norm` with AVX-512 for bf16/fp32 CPU tensors (fp32 math, one rounding)."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, add_unit_offset: bool = False, *,
+             native=None) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """`torch_ops.rms_norm` with AVX-512 for bf16/fp32 CPU tensors (fp32 math, one rounding). `native`: the
+    library to use (the AVX2 one for the ``_avx2`` ops), the AVX-512 one by default."""
     if x.dtype in _FLOAT_KINDS and x.dim() >= 1 and x.shape[-1] == weight.numel() and _plain_cpu(x, weight):
-        ext = _native()
+        ext = (native or _native)()
         if ext is not None:
             return ext.rms_norm(x, weight, float(eps), bool(add_unit_offset))
     return torch_ops.rms_norm(x, weight, eps, add_unit_offset)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(x: torch.Tensor, *, native=None) -> torch.Tensor:  # type: ignore[no-untyped-def]
     """`torch_ops.silu_and_mul` (``silu(gate) * up`` for ``x = [gate | up]``) with AVX-512 for bf16/fp32."""
     if x.dtype in _FLOAT_KINDS and x.dim() >= 1 and x.shape[-1] % 2 == 0 and _plain_cpu(x):
-        ext = _native()
+        ext = (native or _native)()
         if ext is not None:
             return ext.silu_and_mul(x)
     return torch_ops.silu_and_mul(x)
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int | None = None,
-           interleaved: bool = False) -> torch.Tensor:
+           interleaved: bool = False, *, native=None) -> torch.Tensor:  # type: ignore[no-untyped-def]
     """`torch_ops.rotary` with AVX-512 for bf16/fp32 ``x [T, H, D]`` (fp32 math, one rounding)."""
     d = rotary_dim or (x.shape[-1] if x.dim() else 0)
     if (
@@ -199,7 +241,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: in
         and cos.numel() == x.shape[0] * (d // 2) == sin.numel()
         and _plain_cpu(x, cos, sin)
     ):
-        ext = _native()
+        ext = (native or _native)()
         if ext is not None:
             return ext.rotary(x, cos, sin, int(d), bool(interleaved))
     return torch_ops.rotary(x, cos, sin, rotary_dim, interleaved)
@@ -215,11 +257,11 @@ def _native_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int, scale: float,
                            sliding_window: int | None = None, softcap: float | None = None,
-                           sinks: torch.Tensor | None = None) -> torch.Tensor:
+                           sinks: torch.Tensor | None = None, *, native=None) -> torch.Tensor:  # type: ignore[no-untyped-def]
     """`torch_ops.paged_attention_decode` reading K/V in place through the block tables (bf16/fp32 caches;
     fp8 caches and attention sinks use the reference)."""
     if _native_attention(q, k_cache, v_cache, sinks) and _plain_cpu(q, k_cache, v_cache, block_tables, seq_lens):
-        ext = _native()
+        ext = (native or _native)()
         if ext is not None:
             return ext.paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, int(block_size),
                                               float(scale), int(sliding_window or 0), float(softcap or 0.0))
@@ -249,3 +291,25 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                                                int(sliding_window or 0), float(softcap or 0.0))
     return torch_ops.paged_attention_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                                              block_size, scale, sliding_window, softcap, sinks)
+
+
+# The AVX2 library's ops (CPUs without AVX-512-BF16): the same wrappers and fallbacks.
+def rms_norm_avx2(x: torch.Tensor, weight: torch.Tensor, eps: float, add_unit_offset: bool = False) -> torch.Tensor:
+    return rms_norm(x, weight, eps, add_unit_offset, native=_native_avx2)
+
+
+def silu_and_mul_avx2(x: torch.Tensor) -> torch.Tensor:
+    return silu_and_mul(x, native=_native_avx2)
+
+
+def rotary_avx2(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int | None = None,
+                interleaved: bool = False) -> torch.Tensor:
+    return rotary(x, cos, sin, rotary_dim, interleaved, native=_native_avx2)
+
+
+def paged_attention_decode_avx2(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int, scale: float,
+                                sliding_window: int | None = None, softcap: float | None = None,
+                                sinks: torch.Tensor | None = None) -> torch.Tensor:
+    return paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, sliding_window,
+                                  softcap, sinks, native=_native_avx2)

@@ -33,6 +33,10 @@ from mistralrs_plugins.kernels.cpu_quant import FORMATS, has_avx2, has_avx512_vn
 from mistralrs_plugins.kernels.native_build import NativeKernelWarning as NativeKernelWarning  # re-export
 from mistralrs_plugins.kernels.native_build import cache_root, native_disabled  # looked up here (tests patch)
 
+# The formats whose AVX2 tiles also take W interleaved by INTERLEAVE rows (that module's layout).
+from mistralrs_plugins.quant.ggml.interleave import ROWS as INTERLEAVE
+from mistralrs_plugins.quant.ggml.interleave import TYPES as INTERLEAVED
+
 SOURCES = ("qmatmul.cpp", "qmatmul_avx512.cpp", "linear_bf16.cpp")
 HEADERS = ("avx2_common.h", "qmatmul.h", "../thread_pool.h")
 CFLAGS = ("-O3", "-DNDEBUG", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp")
@@ -109,15 +113,17 @@ def reference(op: str) -> Callable[..., torch.Tensor]:
 _X_DTYPES = (torch.float32, torch.bfloat16)
 
 
+
 def _kernel_takes(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None, elems: int,
-                  nbytes: int) -> bool:
-    """Whether the kernel computes this call (cheap checks only: this runs for every decode matmul)."""
+                  nbytes: int, rows: int = 1) -> bool:
+    """Whether the kernel computes this call (cheap checks only: this runs for every decode matmul). `rows`:
+    W's rows per row of `qweight` (8: interleaved, quant/ggml/interleave.py)."""
     k = x.shape[-1] if x.dim() else 0
-    return k != 0 and k % elems == 0 and qweight.dim() == 2 and qweight.shape[1] == k // elems * nbytes and \
-        _operands_take(x, qweight, bias)
+    return k != 0 and k % elems == 0 and qweight.dim() == 2 and qweight.shape[1] == k // elems * nbytes * rows and \
+        _operands_take(x, qweight, bias, rows)
 
 
-def _operands_take(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+def _operands_take(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None, rows: int = 1) -> bool:
     """The dtype, device and layout checks of every quantized kernel (not the row length)."""
     shape = x.shape
     if (
@@ -131,7 +137,7 @@ def _operands_take(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | 
         or not qweight.is_contiguous()
     ):
         return False
-    if bias is not None and (not bias.is_cpu or bias.requires_grad or bias.numel() != qweight.shape[0]):
+    if bias is not None and (not bias.is_cpu or bias.requires_grad or bias.numel() != qweight.shape[0] * rows):
         return False
     return not torch.compiler.is_compiling()
 
@@ -139,7 +145,10 @@ def _operands_take(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | 
 def _qmatmul(name: str, x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None,
              out_f32: bool, vnni: bool = False) -> torch.Tensor:
     elems, nbytes, _act, qtype = FORMATS[name]
-    if _kernel_takes(x, qweight, bias, elems, nbytes) and (not vnni or has_avx512_vnni()):
+    # W interleaved by INTERLEAVE rows (the AVX2 q4_0 tiles), else canonical
+    rows = INTERLEAVE if not vnni and name in INTERLEAVED and x.dim() and \
+        qweight.dim() == 2 and qweight.shape[-1] != x.shape[-1] // elems * nbytes else 1
+    if _kernel_takes(x, qweight, bias, elems, nbytes, rows) and (not vnni or has_avx512_vnni()):
         ext = _native()
         if ext is not None:
             op = ext.qmatmul_vnni if vnni else ext.qmatmul
@@ -147,14 +156,20 @@ def _qmatmul(name: str, x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tens
                 return op(x, qweight, bias, qtype, out_f32)
             shape = x.shape
             y = op(x.reshape(-1, shape[-1]), qweight, bias, qtype, out_f32)
-            return y.view(*shape[:-1], qweight.shape[0])
+            return y.view(*shape[:-1], qweight.shape[0] * rows)
     return reference(f"qmatmul_{name}")(x, qweight, bias, out_f32=out_f32)
 
 
 def qmatmul_q4_0(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None = None, *,
                  out_f32: bool = False) -> torch.Tensor:
-    """``x @ dequant(W).T + b`` for q4_0 weights (x quantized to q8_0 per row, int8 dot products)."""
+    """``x @ dequant(W).T + b`` for q4_0 weights (x quantized to q8_0 per row, int8 dot products). W canonical
+    [N, row_bytes] or interleaved by 8 rows [N / 8, 8 * row_bytes], which this kernel asks the GGML linear
+    method to keep (`interleave`): its tiles then scale and accumulate 8 outputs per vector instruction."""
     return _qmatmul("q4_0", x, qweight, bias, out_f32)
+
+
+# The GGML linear method keeps a layer's weight interleaved by this many rows for the kernel that carries it.
+qmatmul_q4_0.interleave = INTERLEAVE  # type: ignore[attr-defined]
 
 
 def qmatmul_q8_0(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None = None, *,

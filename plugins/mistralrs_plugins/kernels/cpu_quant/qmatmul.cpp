@@ -423,6 +423,51 @@ void tile_affine(const Act& a, int64_t m0, const uint8_t* const* w, float* out) 
   UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int r = 0; r < NR; ++r) out[m * NR + r] = hsum8(acc[m][r]) + accb[m][r];
 }
 
+// q4_0 interleaved by 8 rows (quant/ggml/interleave.py): the 8 lanes of a vector are 8 rows of W, so a block's
+// scaling, conversion and fmadd serve 8 outputs at once (the canonical tiles above spend them on 2). Per block and
+// group: chunk k (32 bytes, 4 per row) holds each row's elements 4k..4k+3 in its low nibbles and 16+4k..16+4k+3 in
+// its high ones; maddubs with the activations' matching 4 bytes broadcast gives each row 2 int16 partial sums,
+// the 8 chunks' are added in int16 (each is at most 2 * 15 * 127 = 3810 in magnitude, 8 of them 30480: no
+// overflow), madd with ones gives the row's int32 dot product of its nibbles, and adding -8 * sum(y) (c32) makes it
+// the exact integer dot product of (q - 8) and y. An output's arithmetic: acc = fmadd(fp32(d_w) * d_x,
+// float(that integer), acc) per block, in block order, from 0; no horizontal sum. The same in every tile (MR rows
+// of x share the unpacked W), so a row's result does not depend on the batch.
+template <int MR, int NG>
+void tile_q4_0x8(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t nb = a.nb, K = a.K;
+  __m256 acc[MR][NG];
+  UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int g = 0; g < NG; ++g) acc[m][g] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    UNROLL for (int g = 0; g < NG; ++g) {
+      const uint8_t* p = w[g] + b * 144;
+      const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      __m256i q[8];  // q[k]: elements 4k..4k+3 (k < 4) or 16+4(k-4).. (k >= 4) of the 8 rows
+      UNROLL for (int k = 0; k < 4; ++k) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16 + 32 * k));
+        q[k] = _mm256_and_si256(raw, m4);
+        q[4 + k] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+      }
+      UNROLL for (int m = 0; m < MR; ++m) {
+        const int32_t* y = reinterpret_cast<const int32_t*>(a.qs + (m0 + m) * K + b * kQK);
+        __m256i p16[8];
+        UNROLL for (int k = 0; k < 8; ++k)  // q[k] holds elements 4k..4k+3: the activations' int32 k
+          p16[k] = _mm256_maddubs_epi16(q[k], _mm256_set1_epi32(y[k]));
+        const __m256i s16 = _mm256_add_epi16(
+            _mm256_add_epi16(_mm256_add_epi16(p16[0], p16[1]), _mm256_add_epi16(p16[2], p16[3])),
+            _mm256_add_epi16(_mm256_add_epi16(p16[4], p16[5]), _mm256_add_epi16(p16[6], p16[7])));
+        const int64_t ab = (m0 + m) * nb + b;
+        const __m256i i32 = _mm256_add_epi32(_mm256_madd_epi16(s16, ones), _mm256_set1_epi32(a.c32[ab]));
+        const __m256 dd = _mm256_mul_ps(dw, _mm256_set1_ps(a.d[ab]));
+        acc[m][g] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(i32), acc[m][g]);
+      }
+    }
+  }
+  UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int g = 0; g < NG; ++g)
+    _mm256_storeu_ps(out + (m * NG + g) * kInterleave, acc[m][g]);
+}
+
 // ---- driver -----------------------------------------------------------------------------------------
 
 constexpr int kGemvRows = 4;  // AVX2: M up to this: one pass over W with all rows in the tile
@@ -463,42 +508,61 @@ Tile tile_fn(int64_t t, int64_t mr, int64_t /*K*/) {
 }
 static_assert(kGemmRows <= kMaxTileRowsOfX && kGemvRows <= kMaxTileRowsOfX, "tile_fn has tiles of up to 6 rows");
 
+// Interleaved q4_0: groups of 8 rows of W per tile; the GEMV takes several (independent accumulators, and one
+// stream through W each), the GEMM one (its unpacked group is 8 registers, used by every row of x).
+constexpr int kInterleavedGemmRows = 4;
+Tile interleaved_fn(int64_t /*qtype: q4_0*/, int64_t mr) {
+  switch (mr) {
+    case 1: return {&tile_q4_0x8<1, 2>, 2};
+    case 2: return {&tile_q4_0x8<2, 1>, 1};
+    case 3: return {&tile_q4_0x8<3, 1>, 1};
+    default: return {&tile_q4_0x8<4, 1>, 1};
+  }
+}
+static_assert(kInterleavedGemmRows <= kGemvRows, "interleaved_fn has tiles of up to 4 rows of x");
+
 constexpr Kernels kAvx2{&tile_fn, kGemvRows, {kGemmRows, kGemmRows, kGemmRows, kGemmRows, kGemmRows, kGemmRows, kGemmRows},
-                        false};
+                        false, &interleaved_fn, kInterleavedGemmRows};
 
 ALWAYS_INLINE inline void store_out(float* y, float v) { *y = v; }
 ALWAYS_INLINE inline void store_out(at::BFloat16* y, float v) { *y = c10::BFloat16(v); }
 
 template <typename OutT>
 void run(const Kernels& kern, int64_t qtype, const Act& act, int64_t M, const uint8_t* w, int64_t ldw, int64_t N,
-         const float* bias, OutT* y) {
+         const float* bias, OutT* y, bool interleaved = false) {
   const int64_t K = act.K;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const bool gemv = M <= kern.gemv_rows;
-  // Rows of W per work item: a quarter of one thread's share for the GEMV (long sequential streams, and items
+  // The schedule counts units of W: rows, or (interleaved) groups of kInterleave rows; ldw is a unit's bytes.
+  const int64_t unit = interleaved ? kInterleave : 1;
+  const int64_t NU = N / unit;
+  // Units per work item: a quarter of one thread's share for the GEMV (long sequential streams, and items
   // enough that a thread the hypervisor stalls leaves its last ones to the others), an L2-sized panel for the
-  // GEMM (re-read from L2 by each tile of rows); and at least one item per thread. Items are whole groups of 8
-  // rows, so that tails (tiles with repeated rows) only happen at the end of W.
-  const int64_t per_thread = (N + threads - 1) / threads;
-  int64_t panel = gemv ? (threads > 1 ? (N + threads * kGemvItemsPerThread - 1) / (threads * kGemvItemsPerThread)
+  // GEMM (re-read from L2 by each tile of rows); and at least one item per thread. Items are whole multiples of
+  // the largest tile (kMaxGroup rows, or kMaxUnitGroups groups), so that tails (tiles with repeated units) only
+  // happen at the end of W.
+  const int64_t gran = interleaved ? kMaxUnitGroups : kMaxGroup;
+  const int64_t per_thread = (NU + threads - 1) / threads;
+  int64_t panel = gemv ? (threads > 1 ? (NU + threads * kGemvItemsPerThread - 1) / (threads * kGemvItemsPerThread)
                                       : per_thread)
-                       : std::max<int64_t>(kMaxGroup, kPanelBytes / std::max<int64_t>(1, ldw));
+                       : std::max<int64_t>(gran, kPanelBytes / std::max<int64_t>(1, ldw));
   panel = std::min(panel, per_thread);
-  panel = std::max<int64_t>(kMaxGroup, (panel + kMaxGroup - 1) / kMaxGroup * kMaxGroup);
-  const int64_t items = (N + panel - 1) / panel;
+  panel = std::max<int64_t>(gran, (panel + gran - 1) / gran * gran);
+  const int64_t items = (NU + panel - 1) / panel;
 
   auto work = [&](int64_t i0, int64_t i1) {
-    float out[kMaxTileRowsOfX * kMaxGroup];
+    float out[kMaxTileRowsOfX * kMaxGroup * kMaxUnitGroups];
     const uint8_t* rows[kMaxGroup];
     for (int64_t it = i0; it < i1; ++it) {
-      const int64_t n0 = it * panel, n1 = std::min(N, n0 + panel);
-      const int64_t mt = gemv ? M : kern.gemm_rows[qtype];
+      const int64_t n0 = it * panel, n1 = std::min(NU, n0 + panel);
+      const int64_t mt = gemv ? M : interleaved ? kern.interleaved_gemm_rows : kern.gemm_rows[qtype];
       for (int64_t m0 = 0; m0 < M; m0 += mt) {
         const int64_t mr = std::min(mt, M - m0);
-        const Tile tile = kern.tile(qtype, mr, K);
+        const Tile tile = interleaved ? kern.interleaved(qtype, mr) : kern.tile(qtype, mr, K);
         const int g = tile.rows;
-        // GEMV: the g rows of a tile come from g equal parts of the range, so that each is one long sequential
-        // stream through W (what hardware prefetchers follow best); GEMM: g consecutive rows.
+        const int64_t width = g * unit;  // outputs per row of x in `out`
+        // GEMV: the g units of a tile come from g equal parts of the range, so that each is one long sequential
+        // stream through W (what hardware prefetchers follow best); GEMM: g consecutive units.
         const int64_t len = n1 - n0;
         const int64_t stride = gemv ? (len + g - 1) / g : 1;
         const int64_t steps = gemv ? stride : (len + g - 1) / g;
@@ -510,12 +574,14 @@ void run(const Kernels& kern, int64_t qtype, const Act& act, int64_t M, const ui
           }
           tile.fn(act, m0, rows, out);
           for (int r = 0; r < g; ++r) {
-            if (col[r] >= len) continue;  // a repeated row filling the tile
-            const int64_t n = n0 + col[r];
-            const float bv = bias ? bias[n] : 0.0f;
-            for (int64_t m = 0; m < mr; ++m) {
-              const float v = out[m * g + r];
-              store_out(y + (m0 + m) * N + n, bias ? v + bv : v);
+            if (col[r] >= len) continue;  // a repeated unit filling the tile
+            for (int64_t l = 0; l < unit; ++l) {
+              const int64_t n = (n0 + col[r]) * unit + l;
+              const float bv = bias ? bias[n] : 0.0f;
+              for (int64_t m = 0; m < mr; ++m) {
+                const float v = out[m * width + r * unit + l];
+                store_out(y + (m0 + m) * N + n, bias ? v + bv : v);
+              }
             }
           }
         }
@@ -547,6 +613,7 @@ struct ActBuffers {
   std::unique_ptr<int8_t[]> qs;
   std::unique_ptr<float[]> d, ys;
   std::unique_ptr<int16_t[]> c, bs16, bs32;
+  std::unique_ptr<int32_t[]> c32;
   AlignedBytes vq, vaux;
 };
 
@@ -590,16 +657,19 @@ void vnni_layout_row(int64_t qtype, const Act& a, int64_t r, int8_t* vq, uint8_t
   }
 }
 
-// Quantize every row of x (fp32 or bf16, row stride ldx) to 8-bit blocks; `vnni`: also the AVX-512 VNNI layout.
+// Quantize every row of x (fp32 or bf16, row stride ldx) to 8-bit blocks; `vnni`: also the AVX-512 VNNI layout;
+// `interleaved`: for the interleaved q4_0 tiles (-8 * sum(y) per block, c32).
 template <typename InT>
-Act quantize_rows(const InT* x, int64_t ldx, int64_t M, int64_t K, int64_t qtype, ActBuffers& buf, bool vnni = false) {
+Act quantize_rows(const InT* x, int64_t ldx, int64_t M, int64_t K, int64_t qtype, ActBuffers& buf, bool vnni = false,
+                  bool interleaved = false) {
   Act a;
   a.K = K;
   const bool kq = is_kquant(qtype);
   a.nb = K / (kq ? kQKK : kQK);
   buf.qs.reset(new int8_t[M * K]);
   buf.d.reset(new float[M * a.nb]);
-  if (qtype == kQ4_0 && !vnni) buf.c.reset(new int16_t[M * a.nb * 8]);
+  if (qtype == kQ4_0 && !vnni && !interleaved) buf.c.reset(new int16_t[M * a.nb * 8]);
+  if (interleaved) buf.c32.reset(new int32_t[M * a.nb]);
   if (is_affine(qtype) && !vnni) buf.ys.reset(new float[M * a.nb]);
   if (kq) {
     buf.bs16.reset(new int16_t[M * a.nb * 16]);
@@ -609,6 +679,7 @@ Act quantize_rows(const InT* x, int64_t ldx, int64_t M, int64_t K, int64_t qtype
   a.d = buf.d.get();
   a.ys = buf.ys.get();
   a.c = buf.c.get();
+  a.c32 = buf.c32.get();
   a.bs16 = buf.bs16.get();
   a.bs32 = buf.bs32.get();
   if (vnni) {
@@ -643,6 +714,14 @@ Act quantize_rows(const InT* x, int64_t ldx, int64_t M, int64_t K, int64_t qtype
       else
         quantize_row_q8_0(xr, K, buf.qs.get() + r * K, buf.d.get() + r * a.nb,
                           buf.c ? buf.c.get() + r * a.nb * 8 : nullptr);
+      if (buf.c32) {
+        for (int64_t b = 0; b < a.nb; ++b) {
+          const int8_t* q = buf.qs.get() + r * K + b * kQK;
+          int32_t sum = 0;
+          for (int i = 0; i < kQK; ++i) sum += q[i];
+          buf.c32[r * a.nb + b] = -8 * sum;
+        }
+      }
       if (buf.ys) {
         for (int64_t b = 0; b < a.nb; ++b) {
           const int8_t* q = buf.qs.get() + r * K + b * kQK;
@@ -671,18 +750,24 @@ at::Tensor qmatmul_with(const Kernels& kern, const at::Tensor& x, const at::Tens
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "qmatmul: x must be fp32 or bf16");
   TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu(), "qmatmul: CPU tensors only");
   TORCH_CHECK(qweight.is_contiguous(), "qmatmul: qweight must be contiguous");
-  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
+  const int64_t M = x.size(0), K = x.size(1);
+  int64_t N = qweight.size(0);
   const int64_t be = block_elems(qtype);
   TORCH_CHECK(K % be == 0, "qmatmul: K = ", K, " is not a multiple of the block size ", be);
   int64_t row_bytes;
+  bool interleaved = false;
   if (is_affine(qtype)) {
     TORCH_CHECK(pairs == 1 || pairs == 2 || pairs == 4, "qmatmul_affine: pairs must be 1, 2 or 4, got ", pairs);
     row_bytes = (K + kAffineSB - 1) / kAffineSB * affine_sb_bytes(qtype, pairs);
   } else {
     row_bytes = K / be * block_bytes(qtype);
+    // [N / 8, 8 * row_bytes]: q4_0 interleaved by 8 rows (quant/ggml/interleave.py)
+    interleaved = qtype == kQ4_0 && kern.interleaved != nullptr && row_bytes > 0 &&
+                  qweight.size(1) == kInterleave * row_bytes;
   }
-  TORCH_CHECK(qweight.size(1) == row_bytes, "qmatmul: qweight has ", qweight.size(1), " bytes per row, expected ",
-              row_bytes, " for K = ", K);
+  TORCH_CHECK(interleaved || qweight.size(1) == row_bytes, "qmatmul: qweight has ", qweight.size(1),
+              " bytes per row, expected ", row_bytes, " for K = ", K);
+  if (interleaved) N *= kInterleave;
 
   at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
   at::Tensor bias_f;
@@ -701,15 +786,15 @@ at::Tensor qmatmul_with(const Kernels& kern, const at::Tensor& x, const at::Tens
   }
   ActBuffers buf;
   Act act = xc.scalar_type() == at::kFloat
-                ? quantize_rows(xc.data_ptr<float>(), xc.stride(0), M, K, qtype, buf, kern.vnni)
-                : quantize_rows(xc.data_ptr<at::BFloat16>(), xc.stride(0), M, K, qtype, buf, kern.vnni);
+                ? quantize_rows(xc.data_ptr<float>(), xc.stride(0), M, K, qtype, buf, kern.vnni, interleaved)
+                : quantize_rows(xc.data_ptr<at::BFloat16>(), xc.stride(0), M, K, qtype, buf, kern.vnni, interleaved);
   act.pairs = pairs;
   const uint8_t* w = qweight.data_ptr<uint8_t>();
   const int64_t ldw = qweight.size(1);
   if (out_type == at::kFloat)
-    run(kern, qtype, act, M, w, ldw, N, bias_ptr, y.data_ptr<float>());
+    run(kern, qtype, act, M, w, ldw, N, bias_ptr, y.data_ptr<float>(), interleaved);
   else
-    run(kern, qtype, act, M, w, ldw, N, bias_ptr, y.data_ptr<at::BFloat16>());
+    run(kern, qtype, act, M, w, ldw, N, bias_ptr, y.data_ptr<at::BFloat16>(), interleaved);
   return y;
 }
 

@@ -78,6 +78,7 @@ struct Act {
   const float* ys = nullptr;      // affine (AVX2): d * sum(qs) per block [M][nb]
   int64_t pairs = 0;              // affine: (s, b) pairs per super-block of W
   const int16_t* c = nullptr;     // AVX2 q4_0
+  const int32_t* c32 = nullptr;   // interleaved q4_0: -8 * sum(y) per block [M][nb]
   const int16_t* bs16 = nullptr;  // k-quants
   const int16_t* bs32 = nullptr;  // k-quants
   // AVX-512 VNNI layout
@@ -126,15 +127,22 @@ struct Tile {
 // pick how many rows of W a tile takes, never its arithmetic per output); M up
 // to gemv_rows is one pass over W with all rows of x in the tile (decode), larger M goes in tiles of
 // gemm_rows[qtype] over L2-sized panels of W (prefill). `vnni`: the tiles read the AVX-512 VNNI layout.
+// `interleaved(qtype, mr)`: the tiles for W interleaved by kInterleave rows (quant/ggml/interleave.py; nullptr
+// where the instruction set has none); their `rows` count groups of kInterleave rows, and w[] points at groups.
 struct Kernels {
   Tile (*tile)(int64_t qtype, int64_t mr, int64_t K);
   int gemv_rows;
   int gemm_rows[kNumQTypes];
   bool vnni;
+  Tile (*interleaved)(int64_t qtype, int64_t mr) = nullptr;
+  int interleaved_gemm_rows = 0;
 };
+
+constexpr int64_t kInterleave = 8;  // rows of W per group of the interleaved layout
 
 constexpr int kMaxTileRowsOfX = 16;  // the largest mr any instruction set's tile() takes
 constexpr int kMaxGroup = 8;        // rows of W per tile call, at most
+constexpr int kMaxUnitGroups = 4;   // groups of interleaved rows per tile call, at most
 
 // qmatmul_avx512.cpp: the AVX-512 VNNI tiles. Only call them where cpu_has_avx512_vnni() is true.
 Kernels avx512_vnni_kernels();

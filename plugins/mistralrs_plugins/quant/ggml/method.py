@@ -10,7 +10,7 @@ from mistralrs.nn.kernels import lookup_kernel
 from mistralrs.nn.linear import Linear
 from mistralrs.nn.quantized import QuantizedLinearMethod
 from mistralrs.uqff import records as R
-from mistralrs_plugins.quant.ggml import GGML_TYPE_IDS
+from mistralrs_plugins.quant.ggml import GGML_TYPE_IDS, interleave
 from mistralrs_plugins.quant.ggml.formats import (
     ALL_FORMATS,
     DEQUANT_ONLY_FORMATS,
@@ -30,7 +30,10 @@ _NAME_OF_ID = {type_id: name for name, type_id in GGML_TYPE_IDS.items()}
 
 
 class GgmlLinearMethod(QuantizedLinearMethod):
-    """State: ``qweight`` uint8 [out, in / block_size * type_size], row n = output feature n.
+    """State: ``qweight`` uint8 [out, in / block_size * type_size], row n = output feature n; or, where the
+    device's ``qmatmul_<type>`` kernel asks for it (its ``interleave`` attribute), interleaved by that many
+    rows (`interleave`: [out / 8, 8 * row bytes]; set up in `process_after_loading`, told apart by the shape).
+    Whatever leaves the layer (dequantize, embedding rows, UQFF) is the canonical block bytes.
 
     The dequantize-only types (`formats.DEQUANT_ONLY_FORMATS`: i-quants, TQ1_0/TQ2_0, MXFP4) take
     their blocks from a GGUF file (`load_ggml`) and refuse `quantize`."""
@@ -67,24 +70,49 @@ class GgmlLinearMethod(QuantizedLinearMethod):
     def ggml_state(self, raw: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"qweight": raw}
 
+    def process_after_loading(self, layer: Linear) -> None:
+        super().process_after_loading(layer)
+        qweight = layer._buffers.get("qweight")
+        if qweight is None or qweight.is_meta or not interleave.can_interleave(self.qtype, layer.out_features) \
+                or interleave.is_interleaved(qweight, layer.out_features):
+            return
+        rows = getattr(self._matmul_kernel(qweight), "interleave", None)
+        if rows == interleave.ROWS:
+            layer._buffers["qweight"] = interleave.interleave(self.qtype, qweight)
+
+    def canonical(self, layer: Linear) -> torch.Tensor:
+        """The layer's block bytes [out, row bytes] (deinterleaved, a copy, when kept interleaved)."""
+        qweight = layer.qweight
+        if interleave.is_interleaved(qweight, layer.out_features):
+            return interleave.deinterleave(self.qtype, qweight)
+        return qweight
+
     def dequantize(self, layer: Linear) -> torch.Tensor:
-        return dequantize(self.qtype, layer.qweight, layer.in_features)
+        return dequantize(self.qtype, self.canonical(layer), layer.in_features)
 
     def dequantize_rows(self, layer: Linear, rows: torch.Tensor) -> torch.Tensor:
         """Rows of the weight (a quantized embedding table's lookup) without the whole table."""
-        return dequantize(self.qtype, layer.qweight[rows.reshape(-1)], layer.in_features).reshape(
-            *rows.shape, layer.in_features)
+        flat = rows.reshape(-1)
+        qweight = layer.qweight
+        if interleave.is_interleaved(qweight, layer.out_features):
+            blocks = interleave.deinterleave_rows(self.qtype, qweight, flat)
+        else:
+            blocks = qweight[flat]
+        return dequantize(self.qtype, blocks, layer.in_features).reshape(*rows.shape, layer.in_features)
 
-    def matmul(self, layer: Linear, x: torch.Tensor, out_f32: bool = False) -> torch.Tensor:
+    def _matmul_kernel(self, qweight: torch.Tensor) -> Any:
         kernel = self._kernel
         if kernel is None:
-            kernel = self._kernel = lookup_kernel(f"qmatmul_{self.qtype}", layer.qweight.device)
-        return kernel(x, layer.qweight, None, out_f32=out_f32)
+            kernel = self._kernel = lookup_kernel(f"qmatmul_{self.qtype}", qweight.device)
+        return kernel
+
+    def matmul(self, layer: Linear, x: torch.Tensor, out_f32: bool = False) -> torch.Tensor:
+        return self._matmul_kernel(layer.qweight)(x, layer.qweight, None, out_f32=out_f32)
 
     # -- UQFF (family 0) -----------------------------------------------------------------------
     def uqff_entries(self, layer: Linear) -> dict[str, torch.Tensor]:
         return {
-            "weight": layer.qweight.reshape(-1),
+            "weight": self.canonical(layer).reshape(-1),
             "weight.dtype": R.u32(GGML_TYPE_IDS[self.qtype]),
             "weight.shape": R.u32_vec((layer.out_features, layer.in_features)),
         }

@@ -1,0 +1,121 @@
+"""The AVX2 library of the cpu_native plugin (``decode_ops_avx2.cpp``): rms_norm, silu_and_mul, rotary and
+paged_attention_decode for CPUs with AVX2 but without AVX-512-BF16, against the torch references on fresh random
+inputs, batch and thread-count invariance of the attention rows, registration. The library is built directly
+(it runs on any AVX2 CPU), so these tests exercise it on AVX-512 machines too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mistralrs.nn import torch_ops
+from mistralrs_plugins.kernels import cpu_native, cpu_quant, native_build
+from mistralrs_plugins.kernels.cpu_native import ops
+
+pytestmark = pytest.mark.skipif(not cpu_quant.has_avx2() or native_build.native_disabled(),
+                                reason="the AVX2 library needs x86-64 with avx2, fma, f16c (and native kernels on)")
+
+
+@pytest.fixture(scope="module")
+def ext():
+    return ops.build_avx2()
+
+
+@pytest.fixture
+def gen(request) -> torch.Generator:
+    return torch.Generator().manual_seed(torch.seed() % (2**31) ^ hash(request.node.name) % 1000)
+
+
+DTYPES = [torch.bfloat16, torch.float32]
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> None:
+    tol = 1e-2 if dtype is torch.bfloat16 else 2e-5
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert torch.allclose(a.float(), b.float(), rtol=tol, atol=tol), (a.float() - b.float()).abs().max()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("h", [8, 2048, 13])
+def test_rms_norm_and_silu_and_mul(ext, dtype, h, gen):
+    x = torch.randn(3, h, generator=gen).to(dtype)
+    w = torch.randn(h, generator=gen).to(dtype)
+    for offset in (False, True):
+        _close(ext.rms_norm(x, w, 1e-5, offset), torch_ops.rms_norm(x, w, 1e-5, offset), dtype)
+    g = (torch.randn(2, 2 * h, generator=gen) * 4).to(dtype)
+    _close(ext.silu_and_mul(g), torch_ops.silu_and_mul(g), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("d,rd", [(64, 64), (72, 24), (128, 64)])
+def test_rotary(ext, dtype, interleaved, d, rd, gen):
+    x = torch.randn(5, 3, d, generator=gen).to(dtype)
+    cos, sin = torch.randn(5, rd // 2, generator=gen), torch.randn(5, rd // 2, generator=gen)
+    _close(ext.rotary(x, cos, sin, rd, interleaved), torch_ops.rotary(x, cos, sin, rd, interleaved), dtype)
+
+
+def _attention_case(dtype, gen, d=64, dv=64, hq=8, hk=2, bs=16, lens=(1, 17, 80, 300)):
+    slots = 64 * bs
+    kc = torch.randn(slots, hk, d, generator=gen).to(dtype)
+    vc = torch.randn(slots, hk, dv, generator=gen).to(dtype)
+    q = torch.randn(len(lens), hq, d, generator=gen).to(dtype)
+    tables = torch.stack([torch.randperm(64, generator=gen)[:20] for _ in lens]).to(torch.int32)
+    return q, kc, vc, tables, torch.tensor(lens, dtype=torch.int32), bs
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window,softcap", [(None, None), (33, None), (None, 20.0)])
+@pytest.mark.parametrize("d,dv,hq,hk", [(64, 64, 8, 2), (72, 40, 6, 3), (128, 128, 4, 4), (16, 24, 10, 2)])
+def test_paged_attention_decode_matches_the_reference(ext, dtype, window, softcap, d, dv, hq, hk, gen):
+    q, kc, vc, tables, lens, bs = _attention_case(dtype, gen, d, dv, hq, hk)
+    got = ext.paged_attention_decode(q, kc, vc, tables, lens, bs, d ** -0.5, window or 0, softcap or 0.0)
+    want = torch_ops.paged_attention_decode(q, kc, vc, tables, lens, bs, d ** -0.5, window, softcap)
+    _close(got, want, dtype)
+
+
+def test_attention_rows_do_not_depend_on_the_batch_or_threads(ext, gen):
+    q, kc, vc, tables, lens, bs = _attention_case(torch.bfloat16, gen, lens=(5, 200, 90, 300, 31, 64))
+    full = ext.paged_attention_decode(q, kc, vc, tables, lens, bs, 0.125, 0, 0.0)
+    for i in range(q.shape[0]):
+        one = ext.paged_attention_decode(q[i:i + 1], kc, vc, tables[i:i + 1], lens[i:i + 1], bs, 0.125, 0, 0.0)
+        assert torch.equal(one, full[i:i + 1])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(ext.paged_attention_decode(q, kc, vc, tables, lens, bs, 0.125, 0, 0.0), full)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_bad_tables_are_errors_not_reads_out_of_bounds(ext, gen):
+    q, kc, vc, tables, lens, bs = _attention_case(torch.float32, gen)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        ext.paged_attention_decode(q, kc, vc, tables + 1000, lens, bs, 0.125, 0, 0.0)
+    with pytest.raises(RuntimeError, match="does not fit its block table"):
+        ext.paged_attention_decode(q, kc, vc, tables[:, :1], lens, bs, 0.125, 0, 0.0)
+
+
+def test_registered_for_avx2_cpus_without_avx512_bf16(monkeypatch):
+    monkeypatch.delenv(cpu_native.DISABLE_ENV, raising=False)
+    specs = []
+    cpu_native.register_kernels(specs.append)
+    avx2 = [s for s in specs if s.name == "avx2"]
+    assert [s.op for s in avx2] == ["rms_norm", "silu_and_mul", "rotary", "paged_attention_decode"]
+    for spec in avx2:
+        assert spec.priority == cpu_native.AVX2_PRIORITY and 0 < spec.priority < 10
+        assert spec.impl == f"mistralrs_plugins.kernels.cpu_native.ops:{spec.op}_avx2"
+        assert spec.is_supported(device="cpu") == (cpu_quant.has_avx2() and not cpu_native.has_avx512_bf16())
+        assert not spec.is_supported(device="cuda")
+    monkeypatch.setattr(cpu_native, "has_avx512_bf16", lambda: True)
+    assert not any(spec.is_supported(device="cpu") for spec in avx2)
+
+
+def test_wrappers_fall_back_to_the_reference_for_what_the_kernel_does_not_take(gen):
+    """fp8-like caches, sinks, fp16: the reference (so the op never fails because of the native path)."""
+    q, kc, vc, tables, lens, bs = _attention_case(torch.float32, gen)
+    sinks = torch.randn(q.shape[1], generator=gen)
+    got = ops.paged_attention_decode_avx2(q, kc, vc, tables, lens, bs, 0.125, sinks=sinks)
+    assert torch.equal(got, torch_ops.paged_attention_decode(q, kc, vc, tables, lens, bs, 0.125, sinks=sinks))
+    x = torch.randn(2, 64, generator=gen).half()
+    assert torch.equal(ops.rms_norm_avx2(x, torch.ones(64).half(), 1e-5), torch_ops.rms_norm(x, torch.ones(64).half(), 1e-5))

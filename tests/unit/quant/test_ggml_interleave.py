@@ -1,0 +1,100 @@
+"""GGML blocks interleaved by rows (`quant/ggml/interleave.py`): the layout, and the GGML linear method keeping
+a layer in it for a kernel that asks (``interleave`` on its ``qmatmul_<type>``) while everything that leaves
+the layer (dequantize, embedding rows, UQFF, fusion) stays llama.cpp's canonical block bytes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mistralrs.nn.linear import Linear
+from mistralrs.nn.quantized import fuse_rows
+from mistralrs_plugins.quant.ggml import interleave
+from mistralrs_plugins.quant.ggml import method as ggml_method
+from mistralrs_plugins.quant.ggml.formats import dequantize, quantize
+from mistralrs_plugins.quant.ggml.method import GgmlLinearMethod
+from mistralrs_plugins.quant.ggml.reference import qmatmul_q4_0 as reference_q4_0
+
+
+def _blocks(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    return quantize("q4_0", torch.randn(n, k, generator=torch.Generator().manual_seed(seed)))
+
+
+def test_layout_round_trips_and_is_group_local():
+    q = _blocks(24, 160)
+    il = interleave.interleave("q4_0", q)
+    assert il.shape == (3, 8 * q.shape[1])
+    assert torch.equal(interleave.deinterleave("q4_0", il), q)
+    # block 1 of group 0: row 5's scale at 144 + 2 * 5; chunk 2 of block 0: row 3's quant bytes 8..11
+    assert torch.equal(il[0, 144 + 10:144 + 12], q[5, 18:20])
+    assert torch.equal(il[0, 16 + 64 + 12:16 + 64 + 16], q[3, 2 + 8:2 + 12])
+    # group-aligned slices and concatenations are the interleaved form of those rows
+    assert torch.equal(interleave.interleave("q4_0", q[8:24]), il[1:])
+    rows = torch.tensor([[3, 17], [8, 23]])
+    assert torch.equal(interleave.deinterleave_rows("q4_0", il, rows), q[rows.reshape(-1)])
+    assert interleave.is_interleaved(il, 24) and not interleave.is_interleaved(q, 24)
+    assert not interleave.can_interleave("q4_0", 20) and not interleave.can_interleave("q8_0", 24)
+
+
+def _layer(n: int, k: int, monkeypatch, kernel) -> tuple[Linear, torch.Tensor]:
+    """A q4_0 layer loaded from a float weight, with `kernel` as the device's qmatmul_q4_0."""
+    monkeypatch.setattr(ggml_method, "lookup_kernel",
+                        lambda op, device=None: kernel if op == "qmatmul_q4_0" else _quantizer)
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k))
+    layer = Linear(k, n, quant_method=GgmlLinearMethod("q4_0"))
+    layer.weight.weight_loader(layer.weight, w)
+    layer.quant_method.process_after_loading(layer)
+    return layer, quantize("q4_0", w)
+
+
+def _quantizer(qtype: str, w: torch.Tensor) -> torch.Tensor:
+    return quantize(qtype, w)
+
+
+def _asking_kernel(x, qweight, bias=None, *, out_f32=False):
+    return reference_q4_0(x, qweight, bias, out_f32=out_f32)
+
+
+_asking_kernel.interleave = interleave.ROWS  # type: ignore[attr-defined]
+
+
+def test_a_layer_is_kept_interleaved_for_a_kernel_that_asks(monkeypatch):
+    layer, canonical = _layer(24, 96, monkeypatch, _asking_kernel)
+    method = layer.quant_method
+    assert layer.qweight.shape == (3, 8 * canonical.shape[1])
+    assert torch.equal(method.canonical(layer), canonical)
+    assert torch.equal(method.dequantize(layer), dequantize("q4_0", canonical, 96))
+    rows = torch.tensor([[0, 9], [23, 4]])
+    assert torch.equal(method.dequantize_rows(layer, rows), dequantize("q4_0", canonical, 96)[rows])
+    assert torch.equal(method.uqff_entries(layer)["weight"], canonical.reshape(-1))
+    x = torch.randn(5, 96)
+    assert torch.allclose(layer(x), reference_q4_0(x, canonical), atol=1e-5)
+    method.process_after_loading(layer)  # idempotent
+    assert layer.qweight.shape == (3, 8 * canonical.shape[1])
+
+
+def test_layers_stay_canonical_where_the_kernel_does_not_ask_or_rows_do_not_group(monkeypatch):
+    layer, canonical = _layer(24, 96, monkeypatch, reference_q4_0)
+    assert torch.equal(layer.qweight, canonical)
+    layer, canonical = _layer(20, 96, monkeypatch, _asking_kernel)  # 20 rows: not whole groups of 8
+    assert torch.equal(layer.qweight, canonical)
+
+
+def test_interleaved_layers_fuse_into_an_interleaved_layer(monkeypatch):
+    a, qa = _layer(16, 64, monkeypatch, _asking_kernel)
+    b, qb = _layer(8, 64, monkeypatch, _asking_kernel)
+    fused = fuse_rows([a, b])
+    assert fused is not None
+    assert torch.equal(fused.quant_method.canonical(fused), torch.cat([qa, qb]))
+    assert torch.equal(a.quant_method.canonical(a), qa) and torch.equal(b.quant_method.canonical(b), qb)
+    assert a.qweight.data_ptr() == fused.qweight.data_ptr()
+    x = torch.randn(3, 64)
+    assert torch.equal(fused(x), torch.cat([a(x), b(x)], dim=-1))
+    c, _ = _layer(12, 64, monkeypatch, _asking_kernel)  # canonical (12 rows): layouts differ, no fusion
+    assert fuse_rows([a, c]) is None
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "q4k"])
+def test_other_types_have_no_interleaved_layout(qtype):
+    with pytest.raises(ValueError, match="no interleaved layout"):
+        interleave.interleave(qtype, torch.zeros(8, 34, dtype=torch.uint8))
