@@ -20,6 +20,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -104,9 +105,9 @@ inline __m256 exp8(__m256 x) {
 // ---- rms_norm, silu_and_mul, rotary ---------------------------------------------------------------------
 
 template <typename T, typename W>
-void rms_norm_rows(const T* x, const W* w, float w_offset, T* y, int64_t rows, int64_t H, float eps) {
+void rms_norm_rows(const T* x, int64_t ldx, const W* w, float w_offset, T* y, int64_t rows, int64_t H, float eps) {
   for (int64_t r = 0; r < rows; ++r) {
-    const T* xr = x + r * H;
+    const T* xr = x + r * ldx;
     T* yr = y + r * H;
     __m256 acc = _mm256_setzero_ps();
     for (int64_t i = 0; i < H; i += 8) {
@@ -119,32 +120,6 @@ void rms_norm_rows(const T* x, const W* w, float w_offset, T* y, int64_t rows, i
       store8(yr + i, _mm256_mul_ps(_mm256_mul_ps(load8(xr + i, H - i), s), _mm256_add_ps(load8(w + i, H - i), off)),
              H - i);
   }
-}
-
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, bool add_unit_offset) {
-  TORCH_CHECK(x.dim() >= 1 && x.device().is_cpu(), "rms_norm: x must be a CPU tensor with a last dim");
-  const int64_t H = x.size(-1);
-  TORCH_CHECK(weight.numel() == H, "rms_norm: weight has ", weight.numel(), " elements, x has ", H, " features");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "rms_norm: bf16 or fp32 x");
-  at::Tensor xc = x.contiguous().view({-1, H});
-  at::Tensor w = (weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kFloat)
-                     ? weight.contiguous()
-                     : weight.to(at::kFloat).contiguous();
-  const float off = add_unit_offset ? 1.0f : 0.0f;
-  at::Tensor y = at::empty_like(xc);
-  const int64_t rows = xc.size(0);
-  if (rows == 0 || H == 0) return y.view(x.sizes());
-  auto run = [&](auto* wp) {
-    if (x.scalar_type() == at::kFloat)
-      rms_norm_rows(xc.data_ptr<float>(), wp, off, y.data_ptr<float>(), rows, H, float(eps));
-    else
-      rms_norm_rows(xc.data_ptr<c10::BFloat16>(), wp, off, y.data_ptr<c10::BFloat16>(), rows, H, float(eps));
-  };
-  if (w.scalar_type() == at::kBFloat16)
-    run(w.data_ptr<c10::BFloat16>());
-  else
-    run(w.data_ptr<float>());
-  return y.view(x.sizes());
 }
 
 template <typename T>
@@ -160,24 +135,6 @@ void silu_mul_rows(const T* x, T* y, int64_t rows, int64_t I) {
       store8(yr + i, _mm256_mul_ps(s, load8(u + i, I - i)), I - i);
     }
   }
-}
-
-at::Tensor silu_and_mul(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() >= 1 && x.device().is_cpu() && x.size(-1) % 2 == 0,
-              "silu_and_mul: x must be a CPU tensor with an even last dim");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "silu_and_mul: bf16 or fp32 x");
-  const int64_t I = x.size(-1) / 2;
-  at::Tensor xc = x.contiguous();
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = I;
-  at::Tensor y = at::empty(shape, x.options());
-  const int64_t rows = I ? xc.numel() / (2 * I) : 0;
-  if (rows == 0) return y;
-  if (x.scalar_type() == at::kFloat)
-    silu_mul_rows(xc.data_ptr<float>(), y.data_ptr<float>(), rows, I);
-  else
-    silu_mul_rows(xc.data_ptr<c10::BFloat16>(), y.data_ptr<c10::BFloat16>(), rows, I);
-  return y;
 }
 
 // NeoX halves (x1 = x[:rd/2], x2 = x[rd/2:rd]) or GPT-J interleaved pairs; the other dims are copied.
@@ -211,26 +168,7 @@ void rotary_rows(const T* x, int64_t xs0, int64_t xs1, const float* cs, const fl
   }
 }
 
-at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t rotary_dim,
-                  bool interleaved) {
-  TORCH_CHECK(x.dim() == 3 && x.device().is_cpu() && x.stride(2) == 1,
-              "rotary: x must be a CPU [T, H, D] tensor with contiguous head dims");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "rotary: bf16 or fp32 x");
-  const int64_t Tn = x.size(0), H = x.size(1), D = x.size(2);
-  const int64_t rd = rotary_dim > 0 ? rotary_dim : D;
-  TORCH_CHECK(rd % 2 == 0 && rd <= D, "rotary: rotary_dim must be even and at most the head dim");
-  at::Tensor c = cos.to(at::kFloat).contiguous(), s = sin.to(at::kFloat).contiguous();
-  TORCH_CHECK(c.numel() == Tn * (rd / 2) && s.numel() == c.numel(), "rotary: cos/sin must be [T, rotary_dim / 2]");
-  at::Tensor y = at::empty({Tn, H, D}, x.options());
-  if (Tn * H == 0 || D == 0) return y;
-  if (x.scalar_type() == at::kFloat)
-    rotary_rows(x.data_ptr<float>(), x.stride(0), x.stride(1), c.data_ptr<float>(), s.data_ptr<float>(),
-                y.data_ptr<float>(), Tn, H, D, rd, interleaved);
-  else
-    rotary_rows(x.data_ptr<c10::BFloat16>(), x.stride(0), x.stride(1), c.data_ptr<float>(), s.data_ptr<float>(),
-                y.data_ptr<c10::BFloat16>(), Tn, H, D, rd, interleaved);
-  return y;
-}
+#include "decode_ops_api.h"
 
 // ---- paged_attention_decode ------------------------------------------------------------------------
 
@@ -338,32 +276,16 @@ void attend_head(const T* q, const T* kc, const T* vc, const int64_t* table, int
 at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& block_tables, const at::Tensor& seq_lens, int64_t block_size,
                                   double scale, int64_t window, double softcap) {
-  const char* op = "paged_attention_decode";
-  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.dim() == 3, op,
-              ": q [S, Hq, D] and caches [slots, Hk, D]");
-  TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(), op, ": CPU tensors only");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(), op,
-              ": q and the caches must have one dtype");
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat, op, ": bf16 or fp32 only");
-  TORCH_CHECK(q.stride(2) == 1 && k_cache.stride(2) == 1 && v_cache.stride(2) == 1, op,
-              ": head dims must be contiguous");
-  const int64_t S = q.size(0), Hq = q.size(1), D = q.size(2), Hk = k_cache.size(1), Dv = v_cache.size(2);
-  TORCH_CHECK(k_cache.size(2) == D && v_cache.size(1) == Hk, op, ": cache shapes disagree with q");
-  TORCH_CHECK(Hk > 0 && Hq % Hk == 0, op, ": query heads must be a multiple of KV heads");
-  TORCH_CHECK(block_size > 0, op, ": block_size must be positive");
+  constexpr const char* op = "paged_attention_decode";
+  const std::array<int64_t, 5> shape = check_attention(op, q, k_cache, v_cache, block_size);
+  const int64_t S = shape[0], Hq = shape[1], D = shape[2], Hk = shape[3], Dv = shape[4];
   at::Tensor tables = block_tables.to(at::kLong).contiguous(), lens = seq_lens.to(at::kLong).contiguous();
   TORCH_CHECK(tables.dim() == 2 && tables.size(0) == S && lens.numel() == S, op,
-              ": block_tables [S, blocks] and seq_lens [S] must match q's S");
-  const int64_t width = tables.size(1), slots = k_cache.size(0);
+              ": block_tables [S, W] and seq_lens [S] must match q's S");
+  const int64_t width = tables.size(1);
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
-  for (int64_t i = 0; i < S; ++i) {
-    TORCH_CHECK(lp[i] >= 1 && lp[i] <= width * block_size, op, ": seq_lens[", i, "] = ", lp[i],
-                " does not fit its block table");
-    for (int64_t b = 0; b < (lp[i] + block_size - 1) / block_size; ++b)
-      TORCH_CHECK(tp[i * width + b] >= 0 && (tp[i * width + b] + 1) * block_size <= slots, op, ": block id ",
-                  tp[i * width + b], " is outside the cache");
-  }
+  for (int64_t i = 0; i < S; ++i) check_table(op, tp + i * width, width, lp[i], block_size, k_cache.size(0), i);
   at::Tensor out = at::empty({S, Hq, Dv}, q.options());
   const Params p{Hq, Hk, D, Dv, Hq / Hk, block_size, window, q.stride(0), q.stride(1), k_cache.stride(0),
                  k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), static_cast<float>(scale),

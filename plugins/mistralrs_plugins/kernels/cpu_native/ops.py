@@ -27,7 +27,7 @@ from mistralrs_plugins.kernels.native_build import NativeKernelWarning as Native
 from mistralrs_plugins.kernels.native_build import cache_root  # looked up here: tests monkeypatch it
 
 SOURCES = ("linear_bf16.cpp", "linear_amx.cpp", "decode_ops.cpp")
-HEADERS = ("simd.h", "../thread_pool.h")  # not compiled on their own, but part of the build key
+HEADERS = ("simd.h", "decode_ops_api.h", "../thread_pool.h")  # not compiled on their own, but part of the build key
 CFLAGS = ("-O3", "-DNDEBUG", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 WHAT = "native CPU kernels"  # in the spinner, the log and the warning
@@ -98,7 +98,7 @@ def status() -> dict[str, Any]:
 # The per-token ops and decode attention for AVX2 CPUs without AVX-512-BF16: a library of its own
 # (decode_ops_avx2.cpp, the same op signatures), built on first use like the AVX-512 one.
 AVX2_SOURCES = ("decode_ops_avx2.cpp",)
-AVX2_HEADERS = ("../thread_pool.h",)
+AVX2_HEADERS = ("decode_ops_api.h", "../thread_pool.h")
 AVX2_CFLAGS = ("-O3", "-DNDEBUG", "-mavx2", "-mfma", "-mf16c", "-fopenmp")
 AVX2_WHAT = "native CPU kernels (AVX2)"
 
