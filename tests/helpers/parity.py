@@ -141,11 +141,21 @@ def assert_bf16_close(path: Path | str, hf_model: Any, *, atol: float = BF16_ATO
         "ours_bf16_vs_fp32": float((ours - ref32).abs().max()),
         "hf_bf16_vs_fp32": float((refbf - ref32).abs().max()),
     }
-    assert d["ours_vs_hf_bf16"] <= atol, f"{path.name}: bf16 max |logit diff| vs transformers {d} > atol {atol}"
-    assert d["ours_bf16_vs_fp32"] <= 1.5 * d["hf_bf16_vs_fp32"] + 0.02, (
-        f"{path.name}: our bf16 logits are further from fp32 than transformers' bf16 logits: {d}"
-    )
+    check_bf16(d, path.name, atol)
     return d
+
+
+def check_bf16(d: dict[str, float], name: str, atol: float = BF16_ATOL) -> None:
+    """The two bf16 criteria on `d` (ours-bf16 vs transformers-bf16 and vs the fp32 reference, transformers-bf16
+    vs fp32). (1) ours-bf16 within `atol` of transformers-bf16, or of the fp32 reference itself: on some CPUs
+    transformers' bf16 run is the one far from fp32 (torch's bf16 kernels there round more, seen on AVX2-only
+    CPUs: 0.8 off fp32 where ours was 0.05), and matching the truth within bf16 tolerance is the stronger
+    property. (2) ours-bf16 about as close to fp32 as transformers-bf16 is (<= 1.5x its error + 0.02)."""
+    assert d["ours_vs_hf_bf16"] <= atol or d["ours_bf16_vs_fp32"] <= atol, \
+        f"{name}: bf16 max |logit diff| vs transformers {d} > atol {atol}"
+    assert d["ours_bf16_vs_fp32"] <= 1.5 * d["hf_bf16_vs_fp32"] + 0.02, (
+        f"{name}: our bf16 logits are further from fp32 than transformers' bf16 logits: {d}"
+    )
 
 
 def assert_greedy_match(path: Path | str, hf_model: Any, n_tokens: int = 32, *, prompt_len: int = 16,

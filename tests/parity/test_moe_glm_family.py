@@ -25,9 +25,9 @@ import torch
 from safetensors import safe_open
 
 from tests.helpers.parity import (
-    BF16_ATOL,
     ParitySuite,
     assert_bf16_close,
+    check_bf16,
     make_tiny_hf_model,
     our_logits,
     tiny_fixture,
@@ -155,10 +155,7 @@ def assert_moe_bf16_close(path, hf, *, seq_len: int = 24, seed: int = 1, hf_rout
         "hf_bf16_vs_fp32": float((refbf - ref32)[keep].abs().max()),
         "near_tie_flips": int((~keep).sum()),
     }
-    assert d["ours_vs_hf_bf16"] <= BF16_ATOL, f"{path.name}: bf16 max |logit diff| vs transformers {d}"
-    assert d["ours_bf16_vs_fp32"] <= 1.5 * d["hf_bf16_vs_fp32"] + 0.02, (
-        f"{path.name}: our bf16 logits are further from fp32 than transformers' bf16 logits: {d}"
-    )
+    check_bf16(d, path.name)
     return d
 
 

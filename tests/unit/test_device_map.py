@@ -196,8 +196,10 @@ def test_tune_proposes_a_mapping(tiny):
     import subprocess
     import sys
 
+    # bf16 pinned: the 300 KB budgets are sized for it, and "auto" is f32 on CPUs without native bf16
     out = subprocess.run([sys.executable, "-m", "mistralrs", "tune", "-m", str(tiny), "--json", "--max-seq-len", "64",
-                          "--plan-devices", "cuda:0=300KB;cuda:1=300KB"], capture_output=True, text=True, timeout=120)
+                          "--dtype", "bf16", "--plan-devices", "cuda:0=300KB;cuda:1=300KB"],
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     dmap = json.loads(out.stdout)["device_map"]
     assert dmap["tensor_parallel_sizes"] == [1, 2]
