@@ -22,7 +22,11 @@
 // - M <= kGemvRows (decode): tiles of all M rows against NR rows of W taken from NR equal parts of the
 //   thread's range (NR long sequential streams through W, as the qmatmul GEMV does); W is read once.
 // - M > kGemvRows: each work item is a panel of weight rows; for each K block, the panel's slice (kept in L2)
-//   is run past all rows of x in tiles of 5 rows x 2 weight rows (x's slice of 5 rows stays in L1/L2).
+//   is run past all rows of x in tiles of 5 rows x 2 weight rows, a K sub-block at a time (x's slice of 5 rows
+//   stays in L1; the tiles' accumulators are carried between sub-blocks, so the arithmetic is unchanged).
+// - M >= kWidenRows: the panel's K-block slice is first widened to fp32 (the vectors first/second give, pairs of
+//   rows interleaved), so that each weight is widened once per call instead of once per tile of x: FP8, int8 and
+//   the 4-bit lookups cost as much per tile as bf16 then (their prefill ran at half bf16's speed or less).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -36,6 +40,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <new>
 #include <vector>
 
 #include "avx2_common.h"
@@ -51,6 +56,21 @@ constexpr int kGemmMR = 5;                          // GEMM tile rows of x
 constexpr int kGemmNR = 2;                          // GEMM tile rows of W
 constexpr int64_t kPanelBytes = 256 * 1024;         // bytes of a K-block slice of a GEMM panel of W (L2)
 constexpr int64_t kInlineMacs = int64_t(1) << 18;   // less work than this runs on the calling thread
+constexpr int64_t kKSub = 512;                      // GEMM K sub-block: 5 rows of fp32 x in 10 KB of L1
+constexpr int64_t kWidenRows = 16;                 // GEMM with at least this many rows of x: widen W per panel
+constexpr int64_t kWidenedBytes = 192 * 1024;       // a widened panel's K-block slice (L2)
+
+// 32-byte aligned vector storage (the carried accumulators are stored and loaded as whole vectors).
+template <typename T>
+struct Aligned32 {
+  using value_type = T;
+  Aligned32() = default;
+  template <typename U>
+  Aligned32(const Aligned32<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(32))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(32)); }
+  bool operator==(const Aligned32&) const { return true; }
+};
 
 
 // MR rows of (permuted fp32) x against NR rows of bf16 W over [k0, k1): part[m * ldp + r] += hsum8(acc).
@@ -157,13 +177,44 @@ struct Lut4W {
   }
 };
 
+// A GEMM panel's rows already widened (widen_rows): per 16 elements, the two vectors another policy's first and
+// second give, stored in that order. The tiles' arithmetic is the same as on the raw rows; only the widening,
+// done once per panel instead of once per tile of x, is gone.
+struct F32W {
+  using T = float;
+  using Regs = NoRegs;
+  ALWAYS_INLINE static const T* at(const T* row, int64_t k) { return row + k * kGemmNR; }
+  ALWAYS_INLINE static __m256 first(const T* p, const Regs&) { return _mm256_load_ps(p); }
+  ALWAYS_INLINE static __m256 second(const T* p, const Regs&) { return _mm256_load_ps(p + 8); }
+};
+
+// Rows [n0, n0 + rows) of W over [k0, k1) widened into dst (row r at dst + r * (k1 - k0), 32-byte aligned).
+template <typename W>
+void widen_rows(const typename W::T* w, int64_t row_len, int64_t n0, int64_t rows, int64_t k0, int64_t k1,
+                const float* table, float* dst) {
+  const typename W::Regs regs(table);
+  const int64_t len = k1 - k0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const typename W::T* row = w + (n0 + r) * row_len;
+    float* d = dst + (r / kGemmNR) * kGemmNR * len + (r % kGemmNR) * 16;
+    for (int64_t k = k0; k < k1; k += 16, d += 16 * kGemmNR) {
+      _mm256_store_ps(d, W::first(W::at(row, k), regs));
+      _mm256_store_ps(d + 8, W::second(W::at(row, k), regs));
+    }
+  }
+}
+
 // `scales` (or null): one per row of W, for this K block: part += scale * hsum8(acc) (an explicit product).
+// `carry` (or null: the tile covers a whole K block): the tile covers part of a K block; its MR x NR accumulators
+// are loaded from carry (unless `first`) and, unless `last`, stored back instead of reduced. The same chain of
+// fmadds either way, so splitting a K block changes no result.
 template <typename W, int MR, int NR>
 void tile(const float* const* x, const typename W::T* const* w, int64_t k0, int64_t k1, const float* scales,
-          const float* table, float* part, int64_t ldp) {
+          const float* table, float* part, int64_t ldp, float* carry, bool first, bool last) {
   const typename W::Regs regs(table);
   __m256 acc[MR][NR];
-  UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
+  UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int r = 0; r < NR; ++r)
+    acc[m][r] = first ? _mm256_setzero_ps() : _mm256_load_ps(carry + (m * NR + r) * 8);
   for (int64_t k = k0; k < k1; k += 16) {
     if constexpr (MR == 1) {  // x first, each weight vector used as soon as it is widened (8 rows: no spills)
       const __m256 xe = keep(_mm256_loadu_ps(x[0] + k)), xo = keep(_mm256_loadu_ps(x[0] + k + 8));
@@ -185,6 +236,11 @@ void tile(const float* const* x, const typename W::T* const* w, int64_t k0, int6
       UNROLL for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_fmadd_ps(wv[r], xv, acc[m][r]);
     }
   }
+  if (!last) {
+    UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int r = 0; r < NR; ++r)
+      _mm256_store_ps(carry + (m * NR + r) * 8, acc[m][r]);
+    return;
+  }
   UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int r = 0; r < NR; ++r) {
     const float h = hsum8(acc[m][r]);
     part[m * ldp + r] += scales ? scales[r] * h : h;
@@ -193,7 +249,7 @@ void tile(const float* const* x, const typename W::T* const* w, int64_t k0, int6
 
 template <typename W>
 using TileFn = void (*)(const float* const*, const typename W::T* const*, int64_t, int64_t, const float*,
-                        const float*, float*, int64_t);
+                        const float*, float*, int64_t, float*, bool, bool);
 
 template <typename W, int MR>
 TileFn<W> gemm_tile(int nr) {
@@ -262,13 +318,14 @@ void run(const float* xf, int64_t M, int64_t K, const typename W::T* w, int64_t 
   const int64_t kb_len = sc.kb_len, row_len = W::row_len(K);
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const bool gemv = M <= kGemvRows;
-  const int64_t per_thread = (N + threads - 1) / threads;
+  const bool widen = M >= kWidenRows;  // enough tiles of x per panel to pay for widening it once
+  const int64_t per_thread = (N + threads - 1) / threads, kb_max = std::min(K, kb_len);
   int64_t panel;
   if (gemv) {
     panel = per_thread;
   } else {
-    panel = std::max<int64_t>(kGemmNR, kPanelBytes / std::max<int64_t>(1, W::row_len(std::min(K, kb_len)) *
-                                                                          static_cast<int64_t>(sizeof(T))));
+    const int64_t row_bytes = widen ? kb_max * 4 : W::row_len(kb_max) * static_cast<int64_t>(sizeof(T));
+    panel = std::max<int64_t>(kGemmNR, (widen ? kWidenedBytes : kPanelBytes) / std::max<int64_t>(1, row_bytes));
     panel = std::min(panel, per_thread);
   }
   panel = std::max<int64_t>(8, (panel + 7) / 8 * 8);
@@ -276,7 +333,13 @@ void run(const float* xf, int64_t M, int64_t K, const typename W::T* w, int64_t 
 
   auto work = [&](int64_t i0, int64_t i1) {
     std::vector<float> part;
-    if (!gemv) part.resize(M * panel);
+    std::vector<float, Aligned32<float>> carry;  // the GEMM tiles' accumulators between K sub-blocks
+    std::vector<float, Aligned32<float>> wide;   // the panel's K-block slice, widened
+    if (!gemv) {
+      part.resize(M * panel);
+      carry.resize(panel * kGemmMR * 8);
+      if (widen) wide.resize(panel * kb_max);
+    }
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t n0 = it * panel, n1 = std::min(N, n0 + panel), len = n1 - n0;
       if (gemv) {
@@ -301,7 +364,7 @@ void run(const float* xf, int64_t M, int64_t K, const typename W::T* w, int64_t 
           for (int64_t k0 = 0, kb = 0; k0 < K; k0 += kb_len, ++kb) {
             if (sc.s)
               for (int r = 0; r < g; ++r) s[r] = srows[r][kb];
-            fn(xs, rows, k0, std::min(K, k0 + kb_len), sc.s ? s : nullptr, sc.table, acc, g);
+            fn(xs, rows, k0, std::min(K, k0 + kb_len), sc.s ? s : nullptr, sc.table, acc, g, nullptr, true, true);
           }
           for (int r = 0; r < g; ++r) {
             if (col[r] >= len) continue;  // a repeated row filling the tile
@@ -315,21 +378,34 @@ void run(const float* xf, int64_t M, int64_t K, const typename W::T* w, int64_t 
       } else {
         std::fill(part.begin(), part.begin() + M * len, 0.0f);
         for (int64_t k0 = 0, kb = 0; k0 < K; k0 += kb_len, ++kb) {
-          const int64_t k1 = std::min(K, k0 + kb_len);
+          const int64_t k1 = std::min(K, k0 + kb_len), klen = k1 - k0;
+          if (widen) widen_rows<W>(w, row_len, n0, len, k0, k1, sc.table, wide.data());
           for (int64_t m0 = 0; m0 < M; m0 += kGemmMR) {
             const int mr = static_cast<int>(std::min<int64_t>(kGemmMR, M - m0));
-            const float* xs[kGemmMR];
-            for (int m = 0; m < mr; ++m) xs[m] = xf + (m0 + m) * K;
-            for (int64_t c = 0; c < len; c += kGemmNR) {
-              const int nr = static_cast<int>(std::min<int64_t>(kGemmNR, len - c));
-              const T* rows[kGemmNR];
-              float s[kGemmNR];
-              for (int r = 0; r < nr; ++r) {
-                rows[r] = w + (n0 + c + r) * row_len;
-                if (sc.s) s[r] = sc.row(n0 + c + r)[kb];
+            const float* xs[kGemmMR];  // widened: from k0 on, as the widened rows
+            for (int m = 0; m < mr; ++m) xs[m] = xf + (m0 + m) * K + (widen ? k0 : 0);
+            // The K block in sub-blocks whose slice of x (mr rows) stays in L1 while the panel's rows pass it.
+            for (int64_t s0 = k0; s0 < k1; s0 += kKSub) {
+              const int64_t s1 = std::min(k1, s0 + kKSub);
+              for (int64_t c = 0; c < len; c += kGemmNR) {
+                const int nr = static_cast<int>(std::min<int64_t>(kGemmNR, len - c));
+                const T* rows[kGemmNR];
+                const float* wide_rows[kGemmNR];
+                float s[kGemmNR];
+                for (int r = 0; r < nr; ++r) {
+                  rows[r] = w + (n0 + c + r) * row_len;
+                  wide_rows[r] = wide.data() + c * klen + 16 * r;
+                  if (sc.s) s[r] = sc.row(n0 + c + r)[kb];
+                }
+                float* out = part.data() + m0 * len + c;
+                float* acc = carry.data() + c * kGemmMR * 8;
+                if (widen)
+                  gemm_tile_for<F32W>(mr, nr)(xs, wide_rows, s0 - k0, s1 - k0, sc.s ? s : nullptr, nullptr, out, len,
+                                              acc, s0 == k0, s1 == k1);
+                else
+                  gemm_tile_for<W>(mr, nr)(xs, rows, s0, s1, sc.s ? s : nullptr, sc.table, out, len, acc, s0 == k0,
+                                           s1 == k1);
               }
-              gemm_tile_for<W>(mr, nr)(xs, rows, k0, k1, sc.s ? s : nullptr, sc.table, part.data() + m0 * len + c,
-                                       len);
             }
           }
         }
