@@ -88,8 +88,16 @@ class ChatStream:
         relies on it): before the first chunk of choice i, a role-only chunk is sent for every
         lower index that has not started yet (its text may be held back by a parser)."""
         chunks = self._chunks_for(event)
-        if not chunks or self.completion:
+        if self.completion:
             return chunks
+        if not chunks:
+            # A choice's first tokens may release no text yet (an incomplete UTF-8 sequence, a parser holding
+            # it back): its role chunk goes now, so the stream starts when generation does.
+            i = getattr(event, "index", None)
+            if type(event).__name__ != "TokenDelta" or i in self.started or not 0 <= i < self.n:
+                return chunks
+            chunks = [ChatCompletionChunkResponse(id=self.id, created=self.created, model=self.model,
+                                                  choices=[ChunkChoice(index=i, delta=Delta(role=self._role(i)))])]
         index = chunks[0].choices[0].index if chunks[0].choices else 0
         late = [j for j in range(min(index, self.n)) if j not in self.started]
         head = [ChatCompletionChunkResponse(

@@ -377,6 +377,15 @@ def test_engine_failures(tokenizer):
             assert events[1] == {"error": {"message": str(boom), "type": "server_error", "param": None,
                                            "code": None}}
             assert events[2] == "[DONE]" and len(events) == 3
+            # A first token that released no text yet (half a UTF-8 character) still starts the stream with
+            # the role chunk, so a failure after it is an error event, not a 500.
+            svc.engine.script = lambda req: [TokenDelta(0, "", (1,)), RequestFailed(boom)]
+            r = await c.post("/v1/chat/completions", json=chat(stream=True))
+            assert r.status == 200
+            events = data_events(await r.text())
+            assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+            assert not events[0]["choices"][0]["delta"]["content"]
+            assert events[1]["error"]["type"] == "server_error" and events[2] == "[DONE]"
             # And the server keeps serving.
             svc.engine.script = lambda req: script_for([["fine"]])
             r = await c.post("/v1/chat/completions", json=chat())
