@@ -25,8 +25,9 @@
 //   is run past all rows of x in tiles of 5 rows x 2 weight rows, a K sub-block at a time (x's slice of 5 rows
 //   stays in L1; the tiles' accumulators are carried between sub-blocks, so the arithmetic is unchanged).
 // - M >= kWidenRows: the panel's K-block slice is first widened to fp32 (the vectors first/second give, pairs of
-//   rows interleaved), so that each weight is widened once per call instead of once per tile of x: FP8, int8 and
-//   the 4-bit lookups cost as much per tile as bf16 then (their prefill ran at half bf16's speed or less).
+//   rows interleaved) and run in tiles of 6 rows x 2 weight rows, so that each weight is widened once per call
+//   instead of once per tile of x: FP8, int8 and the 4-bit lookups cost as much per tile as bf16 then (their
+//   prefill ran at half bf16's speed or less).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -53,6 +54,8 @@ using cpu_quant::hsum8;
 constexpr int64_t kKB = 2048;                       // K block (elements): the unit of the reduction order
 constexpr int kGemvRows = 4;                        // M up to this: one pass over W
 constexpr int kGemmMR = 5;                          // GEMM tile rows of x
+constexpr int kWideMR = 6;                          // GEMM tile rows of x on widened panels (no mask register)
+constexpr int kMaxMR = 6;
 constexpr int kGemmNR = 2;                          // GEMM tile rows of W
 constexpr int64_t kPanelBytes = 256 * 1024;         // bytes of a K-block slice of a GEMM panel of W (L2)
 constexpr int64_t kInlineMacs = int64_t(1) << 18;   // less work than this runs on the calling thread
@@ -266,7 +269,8 @@ TileFn<W> gemm_tile_for(int mr, int nr) {
     case 2: return gemm_tile<W, 2>(nr);
     case 3: return gemm_tile<W, 3>(nr);
     case 4: return gemm_tile<W, 4>(nr);
-    default: return gemm_tile<W, 5>(nr);
+    case 5: return gemm_tile<W, 5>(nr);
+    default: return gemm_tile<W, 6>(nr);
   }
 }
 
@@ -282,7 +286,8 @@ TileFn<W> gemv_tile_for(int mr) {
     default: return &tile<W, 4, gemv_nr(4)>;
   }
 }
-static_assert(kGemvRows == 4 && kGemmMR == 5 && kGemmNR == 2, "the tile tables instantiate these sizes");
+static_assert(kGemvRows == 4 && kGemmMR == 5 && kWideMR == 6 && kMaxMR == 6 && kGemmNR == 2,
+              "the tile tables instantiate these sizes");
 
 ALWAYS_INLINE inline void store_out(float* y, float v) { *y = v; }
 ALWAYS_INLINE inline void store_out(at::BFloat16* y, float v) { *y = c10::BFloat16(v); }
@@ -337,7 +342,7 @@ void run(const float* xf, int64_t M, int64_t K, const typename W::T* w, int64_t 
     std::vector<float, Aligned32<float>> wide;   // the panel's K-block slice, widened
     if (!gemv) {
       part.resize(M * panel);
-      carry.resize(panel * kGemmMR * 8);
+      carry.resize(panel * kMaxMR * 8);
       if (widen) wide.resize(panel * kb_max);
     }
     for (int64_t it = i0; it < i1; ++it) {
@@ -380,9 +385,10 @@ void run(const float* xf, int64_t M, int64_t K, const typename W::T* w, int64_t 
         for (int64_t k0 = 0, kb = 0; k0 < K; k0 += kb_len, ++kb) {
           const int64_t k1 = std::min(K, k0 + kb_len), klen = k1 - k0;
           if (widen) widen_rows<W>(w, row_len, n0, len, k0, k1, sc.table, wide.data());
-          for (int64_t m0 = 0; m0 < M; m0 += kGemmMR) {
-            const int mr = static_cast<int>(std::min<int64_t>(kGemmMR, M - m0));
-            const float* xs[kGemmMR];  // widened: from k0 on, as the widened rows
+          const int64_t tile_mr = widen ? kWideMR : kGemmMR;  // 5 x 2 raw: 14 registers with the widening's
+          for (int64_t m0 = 0; m0 < M; m0 += tile_mr) {
+            const int mr = static_cast<int>(std::min<int64_t>(tile_mr, M - m0));
+            const float* xs[kMaxMR];  // widened: from k0 on, as the widened rows
             for (int m = 0; m < mr; ++m) xs[m] = xf + (m0 + m) * K + (widen ? k0 : 0);
             // The K block in sub-blocks whose slice of x (mr rows) stays in L1 while the panel's rows pass it.
             for (int64_t s0 = k0; s0 < k1; s0 += kKSub) {
@@ -398,7 +404,7 @@ void run(const float* xf, int64_t M, int64_t K, const typename W::T* w, int64_t 
                   if (sc.s) s[r] = sc.row(n0 + c + r)[kb];
                 }
                 float* out = part.data() + m0 * len + c;
-                float* acc = carry.data() + c * kGemmMR * 8;
+                float* acc = carry.data() + c * kMaxMR * 8;
                 if (widen)
                   gemm_tile_for<F32W>(mr, nr)(xs, wide_rows, s0 - k0, s1 - k0, sc.s ? s : nullptr, nullptr, out, len,
                                               acc, s0 == k0, s1 == k1);
