@@ -28,7 +28,9 @@ def main() -> int:
     ap.add_argument("--contexts", default="32,256,1024,2048")
     ap.add_argument("--seqs", default="1,16")
     ap.add_argument("--passes", type=int, default=5)
-    ap.add_argument("--out", default="benchmarks/results/attention_decode.json")
+    ap.add_argument("--kernel", choices=("auto", "avx512", "avx2"), default="auto",
+                    help="the AVX-512 library, or the AVX2 one (auto: the one this CPU registers)")
+    ap.add_argument("--out", default=None, help="default benchmarks/results/attention_decode[_avx2].json")
     args = ap.parse_args()
 
     import torch
@@ -38,16 +40,21 @@ def main() -> int:
     from mistralrs.nn import torch_ops
     from mistralrs_plugins.kernels.cpu_native import ops
 
-    if ops.extension() is None:
-        print(f"native kernels unavailable: {ops.status()['failed']}", file=sys.stderr)
+    from mistralrs_plugins.kernels.cpu_native import has_avx512_bf16
+
+    kernel = args.kernel if args.kernel != "auto" else ("avx512" if has_avx512_bf16() else "avx2")
+    native = ops.paged_attention_decode if kernel == "avx512" else ops.paged_attention_decode_avx2
+    if (ops.extension() if kernel == "avx512" else ops._native_avx2()) is None:
+        print(f"the {kernel} kernels are unavailable on this machine", file=sys.stderr)
         return 1
+    out_path = args.out or f"benchmarks/results/attention_decode{'_avx2' if kernel == 'avx2' else ''}.json"
     contexts = [int(c) for c in args.contexts.split(",")]
     seqs = [int(s) for s in args.seqs.split(",")]
     blocks = max(seqs) * (-(-max(contexts) // BLOCK)) + 8
     g = torch.Generator().manual_seed(0)
     k_cache = torch.randn(blocks * BLOCK, HK, D, generator=g).to(torch.bfloat16)
     v_cache = torch.randn(blocks * BLOCK, HK, D, generator=g).to(torch.bfloat16)
-    impls = {"native": ops.paged_attention_decode, "torch": torch_ops.paged_attention_decode}
+    impls = {"native": native, "torch": torch_ops.paged_attention_decode}
     rows = []
     for s in seqs:
         for ctx in contexts:
@@ -75,9 +82,9 @@ def main() -> int:
             print(f"seqs {s:3d} context {ctx:5d}   native {row['native_us']:9.0f} us {row['native_gb_per_s']:6.1f} GB/s"
                   f"   torch {row['torch_us']:9.0f} us {row['torch_gb_per_s']:6.1f} GB/s   {row['speedup']:5.1f}x")
     out = {"shape": {"query_heads": HQ, "kv_heads": HK, "head_dim": D, "block_size": BLOCK, "dtype": "bfloat16"},
-           "threads": args.threads, "results": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+           "kernel": kernel, "threads": args.threads, "results": rows}
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(out_path).write_text(json.dumps(out, indent=2) + "\n")
     return 0
 
 

@@ -55,12 +55,12 @@ def test_rotary(ext, dtype, interleaved, d, rd, gen):
     _close(ext.rotary(x, cos, sin, rd, interleaved), torch_ops.rotary(x, cos, sin, rd, interleaved), dtype)
 
 
-def _attention_case(dtype, gen, d=64, dv=64, hq=8, hk=2, bs=16, lens=(1, 17, 80, 300)):
-    slots = 64 * bs
+def _attention_case(dtype, gen, d=64, dv=64, hq=8, hk=2, bs=16, lens=(1, 17, 80, 300), blocks=64, width=20):
+    slots = blocks * bs
     kc = torch.randn(slots, hk, d, generator=gen).to(dtype)
     vc = torch.randn(slots, hk, dv, generator=gen).to(dtype)
     q = torch.randn(len(lens), hq, d, generator=gen).to(dtype)
-    tables = torch.stack([torch.randperm(64, generator=gen)[:20] for _ in lens]).to(torch.int32)
+    tables = torch.stack([torch.randperm(blocks, generator=gen)[:width] for _ in lens]).to(torch.int32)
     return q, kc, vc, tables, torch.tensor(lens, dtype=torch.int32), bs
 
 
@@ -74,8 +74,20 @@ def test_paged_attention_decode_matches_the_reference(ext, dtype, window, softca
     _close(got, want, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", [None, 100, 600])
+def test_long_contexts_over_several_key_chunks(ext, dtype, window, gen):
+    # The kernel works on chunks of 256 key positions and combines them: contexts of several chunks, windows
+    # that start inside a chunk and span a boundary.
+    q, kc, vc, tables, lens, bs = _attention_case(dtype, gen, lens=(257, 700, 1100, 513), blocks=96, width=72)
+    got = ext.paged_attention_decode(q, kc, vc, tables, lens, bs, 0.125, window or 0, 0.0)
+    want = torch_ops.paged_attention_decode(q, kc, vc, tables, lens, bs, 0.125, window, None)
+    _close(got, want, dtype)
+
+
 def test_attention_rows_do_not_depend_on_the_batch_or_threads(ext, gen):
-    q, kc, vc, tables, lens, bs = _attention_case(torch.bfloat16, gen, lens=(5, 200, 90, 300, 31, 64))
+    q, kc, vc, tables, lens, bs = _attention_case(torch.bfloat16, gen, lens=(5, 200, 90, 300, 31, 64, 1000),
+                                                  blocks=96, width=72)
     full = ext.paged_attention_decode(q, kc, vc, tables, lens, bs, 0.125, 0, 0.0)
     for i in range(q.shape[0]):
         one = ext.paged_attention_decode(q[i:i + 1], kc, vc, tables[i:i + 1], lens[i:i + 1], bs, 0.125, 0, 0.0)

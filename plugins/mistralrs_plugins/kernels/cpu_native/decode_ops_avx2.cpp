@@ -12,6 +12,7 @@
 // own query, keys and values: never on the batch or the thread count. Without the torch reference's gather,
 // masks and dispatches, one layer's decode attention takes microseconds instead of ~0.4 ms.
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -24,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../thread_pool.h"
@@ -178,99 +180,148 @@ struct Params {
   float scale, softcap;
 };
 
-// Scores of GB query rows (qf, stride D) against one key row kr -> out[a * ld] (times nothing: qf is pre-scaled).
-// GB is a compile-time constant so that the accumulators stay in registers.
-template <int GB, typename T>
-void qk_rows(const float* qf, int64_t D, const T* kr, float* out, int64_t ld, float softcap) {
-  __m256 a[GB];
-  for (int t = 0; t < GB; ++t) a[t] = _mm256_setzero_ps();
-  for (int64_t d = 0; d < D; d += 8) {
-    const __m256 kv = load8(kr + d, D - d);
-    for (int t = 0; t < GB; ++t) a[t] = _mm256_fmadd_ps(load8(qf + t * D + d, D - d), kv, a[t]);
-  }
-  for (int t = 0; t < GB; ++t) {
-    float s = hsum8(a[t]);
-    if (softcap > 0.0f) s = softcap * std::tanh(s / softcap);
-    out[t * ld] = s;
-  }
+constexpr int64_t kChunk = 256;  // keys per work item; chunk c of a sequence holds its positions [c * kChunk, ..)
+constexpr int64_t kKeyBlock = 8;  // keys widened together (one vector of scores per query row)
+
+inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
+
+// The 8 sums of a[0..7] (one vector per key), as one vector: lane j = the sum of a[j]'s lanes, by a fixed tree.
+inline __m256 hsum8x8(const __m256* a) {
+  const __m256 b0 = _mm256_hadd_ps(a[0], a[1]), b1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 b2 = _mm256_hadd_ps(a[4], a[5]), b3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 c0 = _mm256_hadd_ps(b0, b1), c1 = _mm256_hadd_ps(b2, b3);  // [k0..3 | k0..3], [k4..7 | k4..7]
+  return _mm256_add_ps(_mm256_permute2f128_ps(c0, c1, 0x20), _mm256_permute2f128_ps(c0, c1, 0x31));
 }
 
-// acc[a * Dv + 0 : 16] = sum_j P[a * n + j] V_j[0 : 16] for GB rows (V_j at v + slots[j] * vs0; `left` dims
-// of V remain from there): each 16 dims of a value row are widened once for all the head's query rows.
-template <int GB, typename T>
-void pv_rows(const float* P, int64_t n, const T* v, const int64_t* slots, int64_t vs0, int64_t left, float* acc,
-             int64_t Dv) {
-  __m256 a[GB][2];
-  for (int r = 0; r < GB; ++r) a[r][0] = a[r][1] = _mm256_setzero_ps();
+// Head dims in the kernel's order: each group of 16 as its 8 even elements, then its 8 odd ones (the order in
+// which one 256-bit load of 16 bf16 values widens with a shift and a mask). Dot products do not care; outputs
+// are put back in order at the end. Element i of a padded row of `width` (a multiple of 16) -> its position:
+inline int64_t permuted(int64_t i) { return (i & ~int64_t(15)) + ((i & 1) << 3) + ((i & 15) >> 1); }
+
+// Row r (dim elements) widened to fp32 in the permuted order into d (width, zero-padded).
+inline void widen_row(const c10::BFloat16* r, int64_t dim, int64_t width, float* d) {
+  const __m256i odd = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  int64_t i = 0;
+  for (; i + 16 <= dim; i += 16) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + i));
+    _mm256_storeu_ps(d + i, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
+    _mm256_storeu_ps(d + i + 8, _mm256_castsi256_ps(_mm256_and_si256(v, odd)));
+  }
+  if (i < width) {
+    std::memset(d + i, 0, static_cast<size_t>(width - i) * 4);
+    for (int64_t t = i; t < dim; ++t) d[permuted(t)] = static_cast<float>(r[t]);
+  }
+}
+inline void widen_row(const float* r, int64_t dim, int64_t width, float* d) {
+  std::memset(d, 0, static_cast<size_t>(width) * 4);
+  for (int64_t t = 0; t < dim; ++t) d[permuted(t)] = r[t];
+}
+
+// Rows `n` (<= 8) of the cache at slots[0..n), heads [h0, h1), widened into dst [h1 - h0][8][width] (missing
+// keys zero).
+template <typename T>
+void widen_keys(const T* cache, int64_t s0, int64_t s1, const int64_t* slots, int64_t n, int64_t h0, int64_t h1,
+                int64_t dim, int64_t width, float* dst) {
+  for (int64_t h = h0; h < h1; ++h)
+    for (int64_t j = 0; j < kKeyBlock; ++j) {
+      float* d = dst + ((h - h0) * kKeyBlock + j) * width;
+      if (j < n)
+        widen_row(cache + slots[j] * s0 + h * s1, dim, width, d);
+      else
+        std::memset(d, 0, static_cast<size_t>(width) * 4);
+    }
+}
+
+// out[0 : 8 NV] += sum_j p[j] v[j * ld + 0 : 8 NV] over the n keys in order (NV vectors in registers).
+template <int NV>
+void pv_dims(const float* p, int64_t n, const float* v, int64_t ld, float* out) {
+  __m256 a[NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < NV; ++i) a[i] = _mm256_loadu_ps(out + 8 * i);
   for (int64_t j = 0; j < n; ++j) {
-    const T* vr = v + slots[j] * vs0;
-    const __m256 v0 = load8(vr, left), v1 = left > 8 ? load8(vr + 8, left - 8) : _mm256_setzero_ps();
-    for (int r = 0; r < GB; ++r) {
-      const __m256 pw = _mm256_set1_ps(P[r * n + j]);
-      a[r][0] = _mm256_fmadd_ps(pw, v0, a[r][0]);
-      a[r][1] = _mm256_fmadd_ps(pw, v1, a[r][1]);
+    const __m256 pw = _mm256_set1_ps(p[j]);
+#pragma GCC unroll 8
+    for (int i = 0; i < NV; ++i) a[i] = _mm256_fmadd_ps(pw, _mm256_loadu_ps(v + j * ld + 8 * i), a[i]);
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < NV; ++i) _mm256_storeu_ps(out + 8 * i, a[i]);
+}
+using PvFn = void (*)(const float*, int64_t, const float*, int64_t, float*);
+
+// Chunk `c` of sequence `q` (its Hq query rows, pre-scaled into qf [Hq][width]) against its keys [k0, k1): the
+// scores, a softmax within the chunk, and P @ V. Per query row: m (the chunk's largest score), l (the sum of
+// exp(score - m)) and acc [Dv] (the sum of exp(score - m) V) into part [Hq][Dvp + 2]. Keys are read 8 slots at a
+// time across all KV heads (the rows are contiguous in the cache); every sum runs over the keys in order.
+template <typename T>
+void attend_chunk(const float* qf, const T* kc, const T* vc, const int64_t* table, int64_t k0, int64_t k1,
+                  int64_t h0, int64_t h1, const Params& p, float* part, std::vector<float>& scratch) {
+  const int64_t G = p.G, Hq = p.Hq, Hk = h1 - h0, bs = p.block_size, q0 = h0 * G, q1 = h1 * G;
+  const int64_t Dp = round16(p.D), Dvp = round16(p.Dv), n = k1 - k0, np = (n + 7) / 8 * 8;
+  scratch.resize(static_cast<size_t>(Hq * np + Hk * kKeyBlock * std::max(Dp, Dvp)));
+  float* sc = scratch.data();  // [Hq][np] scores, then exp(score - m)
+  float* kw = sc + Hq * np;    // [Hk][8][Dp] widened keys (then values: [Hk][8][Dvp])
+  int64_t slots[kKeyBlock];
+  for (int64_t j0 = 0; j0 < n; j0 += kKeyBlock) {
+    const int64_t nk = std::min(kKeyBlock, n - j0);
+    for (int64_t j = 0; j < nk; ++j) {
+      const int64_t pos = k0 + j0 + j;
+      slots[j] = table[pos / bs] * bs + pos % bs;
+    }
+    widen_keys(kc, p.k_s0, p.k_s1, slots, nk, h0, h1, p.D, Dp, kw);
+    for (int64_t hq = q0; hq < q1; ++hq) {
+      const float* kh = kw + (hq / G - h0) * kKeyBlock * Dp;
+      const float* qr = qf + hq * Dp;
+      __m256 a[kKeyBlock];
+#pragma GCC unroll 8
+      for (int j = 0; j < kKeyBlock; ++j) a[j] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < Dp; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(qr + d);
+#pragma GCC unroll 8
+        for (int j = 0; j < kKeyBlock; ++j) a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kh + j * Dp + d), a[j]);
+      }
+      _mm256_storeu_ps(sc + hq * np + j0, hsum8x8(a));
     }
   }
-  for (int r = 0; r < GB; ++r) {
-    store8(acc + r * Dv, a[r][0], left);
-    if (left > 8) store8(acc + r * Dv + 8, a[r][1], left - 8);
-  }
-}
-
-// One sequence and KV head: its G query rows against keys [start, len) of the sequence, written to out [G, Dv].
-template <typename T>
-void attend_head(const T* q, const T* kc, const T* vc, const int64_t* table, int64_t len, int64_t h,
-                 const Params& p, T* out, std::vector<float>& scratch, std::vector<int64_t>& slots) {
-  const int64_t G = p.G, D = p.D, Dv = p.Dv, bs = p.block_size;
-  const int64_t start = (p.window > 0 && len > p.window) ? len - p.window : 0;
-  const int64_t n = len - start;
-  scratch.resize(static_cast<size_t>(G * (D + n + Dv)));
-  slots.resize(static_cast<size_t>(n));
-  float* qf = scratch.data();      // [G, D] scaled queries
-  float* sc = qf + G * D;          // [G, n] scores, then probabilities
-  float* acc = sc + G * n;         // [G, Dv]
-  for (int64_t j = 0; j < n; ++j) {
-    const int64_t pos = start + j;
-    slots[j] = table[pos / bs] * bs + pos % bs;
-  }
-  for (int64_t g = 0; g < G; ++g) {
-    const T* qr = q + (h * G + g) * p.q_s1;
-    for (int64_t d = 0; d < D; d += 8) store8(qf + g * D + d, _mm256_mul_ps(load8(qr + d, D - d), _mm256_set1_ps(p.scale)), D - d);
-  }
-  using QkFn = void (*)(const float*, int64_t, const T*, float*, int64_t, float);
-  static constexpr QkFn kQk[5] = {nullptr, &qk_rows<1, T>, &qk_rows<2, T>, &qk_rows<3, T>, &qk_rows<4, T>};
-  for (int64_t j = 0; j < n; ++j) {
-    const T* kr = kc + slots[j] * p.k_s0 + h * p.k_s1;
-    for (int64_t g0 = 0; g0 < G; g0 += 4)
-      kQk[std::min<int64_t>(4, G - g0)](qf + g0 * D, D, kr, sc + g0 * n + j, n, p.softcap);
-  }
-  for (int64_t g = 0; g < G; ++g) {  // softmax of the row
-    float* s = sc + g * n;
+  // Softmax within the chunk (the keys past n are not scores: excluded).
+  for (int64_t hq = q0; hq < q1; ++hq) {
+    float* s = sc + hq * np;
+    if (p.softcap > 0.0f)
+      for (int64_t j = 0; j < n; ++j) s[j] = p.softcap * std::tanh(s[j] / p.softcap);
     float mx = -INFINITY;
     for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
-    __m256 tot = _mm256_setzero_ps();
     const __m256 mv = _mm256_set1_ps(mx);
-    for (int64_t j = 0; j < n; j += 8) {
-      const __m256 e = exp8(_mm256_sub_ps(load8(s + j, n - j), mv));
+    __m256 tot = _mm256_setzero_ps();
+    for (int64_t j = 0; j < np; j += 8) {
       const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - j)),
                                                                  _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-      const __m256 ek = _mm256_and_ps(e, keep);
-      tot = _mm256_add_ps(tot, ek);
-      store8(s + j, ek, n - j);
+      const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv)), keep);
+      tot = _mm256_add_ps(tot, e);
+      _mm256_storeu_ps(s + j, e);
     }
-    const __m256 inv = _mm256_set1_ps(1.0f / hsum8(tot));
-    for (int64_t j = 0; j < n; j += 8) store8(s + j, _mm256_mul_ps(load8(s + j, n - j), inv), n - j);
+    float* out = part + hq * (Dvp + 2);
+    out[Dvp] = mx;
+    out[Dvp + 1] = hsum8(tot);
+    std::memset(out, 0, static_cast<size_t>(Dvp) * 4);
   }
-  // P @ V: 16 dims of up to 4 rows at a time in registers, keys in order
-  using PvFn = void (*)(const float*, int64_t, const T*, const int64_t*, int64_t, int64_t, float*, int64_t);
-  static constexpr PvFn kPv[5] = {nullptr, &pv_rows<1, T>, &pv_rows<2, T>, &pv_rows<3, T>, &pv_rows<4, T>};
-  const T* vh = vc + h * p.v_s1;
-  for (int64_t g0 = 0; g0 < G; g0 += 4)
-    for (int64_t d0 = 0; d0 < Dv; d0 += 16)
-      kPv[std::min<int64_t>(4, G - g0)](sc + g0 * n, n, vh + d0, slots.data(), p.v_s0, Dv - d0, acc + g0 * Dv + d0,
-                                        Dv);
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t d = 0; d < Dv; d += 8) store8(out + g * Dv + d, load8(acc + g * Dv + d, Dv - d), Dv - d);
+  // P @ V: per query row, its Dv sums in registers (8 dims at a time, up to 64), the keys in order.
+  for (int64_t j0 = 0; j0 < n; j0 += kKeyBlock) {
+    const int64_t nk = std::min(kKeyBlock, n - j0);
+    for (int64_t j = 0; j < nk; ++j) {
+      const int64_t pos = k0 + j0 + j;
+      slots[j] = table[pos / bs] * bs + pos % bs;
+    }
+    widen_keys(vc, p.v_s0, p.v_s1, slots, nk, h0, h1, p.Dv, Dvp, kw);
+    for (int64_t hq = q0; hq < q1; ++hq) {
+      const float* vh = kw + (hq / G - h0) * kKeyBlock * Dvp;
+      const float* pr = sc + hq * np + j0;
+      float* out = part + hq * (Dvp + 2);
+      for (int64_t d0 = 0; d0 < Dvp; d0 += 64) {
+        static constexpr PvFn kPv[9] = {nullptr, &pv_dims<1>, &pv_dims<2>, &pv_dims<3>, &pv_dims<4>,
+                                        &pv_dims<5>, &pv_dims<6>, &pv_dims<7>, &pv_dims<8>};
+        kPv[std::min<int64_t>(8, (Dvp - d0) / 8)](pr, nk, vh + d0, Dvp, out + d0);
+      }
+    }
+  }
 }
 
 at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -287,25 +338,82 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
   const int64_t* lp = lens.data_ptr<int64_t>();
   for (int64_t i = 0; i < S; ++i) check_table(op, tp + i * width, width, lp[i], block_size, k_cache.size(0), i);
   at::Tensor out = at::empty({S, Hq, Dv}, q.options());
+  if (S == 0 || Hq == 0) return out;
   const Params p{Hq, Hk, D, Dv, Hq / Hk, block_size, window, q.stride(0), q.stride(1), k_cache.stride(0),
                  k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), static_cast<float>(scale),
                  static_cast<float>(softcap)};
+  const int64_t Dp = round16(D), Dvp = round16(Dv);
+  // Work items: (sequence, chunk of kChunk key positions). The chunks are fixed by position, so a row's result
+  // depends only on its own query, keys and values: not on the batch or the thread count.
+  std::vector<int64_t> first(S + 1, 0), kstart(S);
+  for (int64_t i = 0; i < S; ++i) {
+    kstart[i] = (window > 0 && lp[i] > window) ? lp[i] - window : 0;
+    first[i + 1] = first[i] + (lp[i] - 1) / kChunk - kstart[i] / kChunk + 1;
+  }
+  const int64_t items = first[S];
+  std::vector<float> qf(static_cast<size_t>(S * Hq * Dp), 0.0f);  // scaled queries, zero-padded
+  std::vector<float> part(static_cast<size_t>(items * Hq * (Dvp + 2)));
+  std::vector<int64_t> seq_of(items);
+  for (int64_t i = 0; i < S; ++i)
+    for (int64_t it = first[i]; it < first[i + 1]; ++it) seq_of[it] = i;
   auto run = [&](auto* qp, auto* kp, auto* vp, auto* op_) {
+    for (int64_t i = 0; i < S; ++i)
+      for (int64_t hq = 0; hq < Hq; ++hq) {
+        float* qr = qf.data() + (i * Hq + hq) * Dp;
+        widen_row(qp + i * p.q_s0 + hq * p.q_s1, D, Dp, qr);
+        for (int64_t d = 0; d < Dp; d += 8) _mm256_storeu_ps(qr + d, _mm256_mul_ps(_mm256_loadu_ps(qr + d),
+                                                                                  _mm256_set1_ps(p.scale)));
+      }
+    // Few chunks (batch-1 decode of a short context): each also split into groups of KV heads, so that every
+    // thread gets work. Heads are independent: the split changes no result.
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    int64_t split = 1;
+    while (split < Hk && items * split < 2 * threads) ++split;
+    while (Hk % split) ++split;
+    const int64_t per = Hk / split;
     auto work = [&](int64_t i0, int64_t i1) {
-      std::vector<float> scratch;
-      std::vector<int64_t> slot_buf;
-      for (int64_t it = i0; it < i1; ++it) {
-        const int64_t i = it / Hk, h = it % Hk;
-        attend_head(qp + i * p.q_s0, kp, vp, tp + i * width, lp[i], h, p, op_ + (i * Hq + h * p.G) * Dv, scratch,
-                    slot_buf);
+      static thread_local std::vector<float> scratch;  // reused across calls
+      for (int64_t w = i0; w < i1; ++w) {
+        const int64_t it = w / split, h0 = (w % split) * per;
+        const int64_t i = seq_of[it], c = kstart[i] / kChunk + (it - first[i]);
+        const int64_t k0 = std::max(kstart[i], c * kChunk), k1 = std::min(lp[i], (c + 1) * kChunk);
+        attend_chunk(qf.data() + i * Hq * Dp, kp, vp, tp + i * width, k0, k1, h0, h0 + per, p,
+                     part.data() + it * Hq * (Dvp + 2), scratch);
       }
     };
     int64_t keys = 0;
-    for (int64_t i = 0; i < S; ++i) keys += lp[i];
-    if (keys * Hk < 1024)
-      work(0, S * Hk);
+    for (int64_t i = 0; i < S; ++i) keys += lp[i] - kstart[i];
+    if (keys * Hk < 1024 || items * split == 1)
+      work(0, items * split);
     else
-      mistralrs_pool::parallel_for(0, S * Hk, 1, work);
+      mistralrs_pool::parallel_for(0, items * split, 1, work);
+    // Combine each row's chunks in order: out = sum_c exp(m_c - M) acc_c / sum_c exp(m_c - M) l_c.
+    for (int64_t i = 0; i < S; ++i)
+      for (int64_t hq = 0; hq < Hq; ++hq) {
+        float M = -INFINITY;
+        for (int64_t it = first[i]; it < first[i + 1]; ++it) M = std::max(M, part[(it * Hq + hq) * (Dvp + 2) + Dvp]);
+        float acc[1024], L = 0.0f;
+        float* o = Dvp <= 1024 ? acc : nullptr;
+        std::vector<float> big;
+        if (!o) {
+          big.resize(Dvp);
+          o = big.data();
+        }
+        std::memset(o, 0, static_cast<size_t>(Dvp) * 4);
+        for (int64_t it = first[i]; it < first[i + 1]; ++it) {
+          const float* pc = part.data() + (it * Hq + hq) * (Dvp + 2);
+          const float f = first[i + 1] - first[i] == 1 ? 1.0f : std::exp(pc[Dvp] - M);
+          L += f * pc[Dvp + 1];
+          const __m256 fv = _mm256_set1_ps(f);
+          for (int64_t d = 0; d < Dvp; d += 8)
+            _mm256_storeu_ps(o + d, _mm256_fmadd_ps(fv, _mm256_loadu_ps(pc + d), _mm256_loadu_ps(o + d)));
+        }
+        const __m256 inv = _mm256_set1_ps(1.0f / L);
+        for (int64_t d = 0; d < Dvp; d += 8) _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_loadu_ps(o + d), inv));
+        auto* dst = op_ + i * Hq * Dv + hq * Dv;
+        using OutT = std::remove_reference_t<decltype(*dst)>;
+        for (int64_t d = 0; d < Dv; ++d) dst[d] = static_cast<OutT>(o[permuted(d)]);
+      }
   };
   if (q.scalar_type() == at::kFloat)
     run(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), out.data_ptr<float>());
