@@ -6,11 +6,12 @@
 //   rotary(x, cos, sin, rotary_dim, interleaved) rotary embedding of the first rotary_dim dims of each head
 //   paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, window, softcap)
 //
-// paged_attention_decode reads K/V in place through the block tables (no gather copy): a work item is one
-// (sequence, KV head): the scores of that head's query heads against the visible keys (fp32 dot products),
-// a softmax per row, then P @ V accumulated in fp32, keys front to back. A row's result depends only on its
-// own query, keys and values: never on the batch or the thread count. Without the torch reference's gather,
-// masks and dispatches, one layer's decode attention takes microseconds instead of ~0.4 ms.
+// paged_attention_decode reads K/V in place through the block tables (no gather copy), flash-decoding style: a
+// work item is a chunk of kChunk key positions of one sequence (fixed by position) and all its KV heads (or a
+// group of them, when there are few chunks), reading whole cache rows; per query row the chunk's scores (fp32
+// dot products), a softmax within the chunk and P @ V in fp32, keys front to back; then each row's chunks are
+// combined in order. A row's result depends only on its own query, keys and values: never on the batch, the
+// head split or the thread count.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
