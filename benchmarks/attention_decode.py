@@ -38,9 +38,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from mistralrs.nn import torch_ops
-    from mistralrs_plugins.kernels.cpu_native import ops
-
-    from mistralrs_plugins.kernels.cpu_native import has_avx512_bf16
+    from mistralrs_plugins.kernels.cpu_native import has_avx512_bf16, ops
 
     kernel = args.kernel if args.kernel != "auto" else ("avx512" if has_avx512_bf16() else "avx2")
     native = ops.paged_attention_decode if kernel == "avx512" else ops.paged_attention_decode_avx2

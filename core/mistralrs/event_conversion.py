@@ -93,8 +93,9 @@ class ChatStream:
         if not chunks:
             # A choice's first tokens may release no text yet (an incomplete UTF-8 sequence, a parser holding
             # it back): its role chunk goes now, so the stream starts when generation does.
-            i = getattr(event, "index", None)
-            if type(event).__name__ != "TokenDelta" or i in self.started or not 0 <= i < self.n:
+            i = getattr(event, "index", -1)
+            if type(event).__name__ != "TokenDelta" or not isinstance(i, int) or i in self.started \
+                    or not 0 <= i < self.n:
                 return chunks
             chunks = [ChatCompletionChunkResponse(id=self.id, created=self.created, model=self.model,
                                                   choices=[ChunkChoice(index=i, delta=Delta(role=self._role(i)))])]
