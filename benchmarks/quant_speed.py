@@ -92,6 +92,15 @@ class NotAvailable(Exception):
 # machine
 
 
+def write_model_dir(model_dir: Path) -> None:
+    """The dummy model our side loads: CONFIG and the demo tokenizer (enough: both engines get token ids)."""
+    from mistralrs.demo import demo_model_dir
+
+    (model_dir / "config.json").write_text(json.dumps(CONFIG))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model_dir / name).write_bytes((demo_model_dir() / name).read_bytes())
+
+
 def machine_info() -> dict:
     cpu, flags = platform.processor() or "unknown", []
     try:
@@ -672,12 +681,7 @@ def main() -> int:
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp)
-        (model_dir / "config.json").write_text(json.dumps(CONFIG))
-        # The demo tokenizer is enough: both engines are fed token ids.
-        from mistralrs.demo import demo_model_dir
-
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            (model_dir / name).write_bytes((demo_model_dir() / name).read_bytes())
+        write_model_dir(model_dir)
         for qtype in types:
             agg = qtype in aggregate_types
             print(f"== {qtype}", flush=True)
