@@ -218,11 +218,13 @@ inline void widen_row(const float* r, int64_t dim, int64_t width, float* d) {
   for (int64_t t = 0; t < dim; ++t) d[permuted(t)] = r[t];
 }
 
-// Rows `n` (<= 8) of the cache at slots[0..n), heads [h0, h1), widened into dst [h1 - h0][8][width] (missing
-// keys zero).
+// The cache rows of positions [pos, pos + n) (n <= 8, found through the block table), heads [h0, h1), widened
+// into dst [h1 - h0][8][width] (missing keys zero).
 template <typename T>
-void widen_keys(const T* cache, int64_t s0, int64_t s1, const int64_t* slots, int64_t n, int64_t h0, int64_t h1,
-                int64_t dim, int64_t width, float* dst) {
+void widen_keys(const T* cache, int64_t s0, int64_t s1, const int64_t* table, int64_t bs, int64_t pos, int64_t n,
+                int64_t h0, int64_t h1, int64_t dim, int64_t width, float* dst) {
+  int64_t slots[kKeyBlock];
+  for (int64_t j = 0; j < n; ++j) slots[j] = table[(pos + j) / bs] * bs + (pos + j) % bs;
   for (int64_t h = h0; h < h1; ++h)
     for (int64_t j = 0; j < kKeyBlock; ++j) {
       float* d = dst + ((h - h0) * kKeyBlock + j) * width;
@@ -261,14 +263,8 @@ void attend_chunk(const float* qf, const T* kc, const T* vc, const int64_t* tabl
   scratch.resize(static_cast<size_t>(Hq * np + Hk * kKeyBlock * std::max(Dp, Dvp)));
   float* sc = scratch.data();  // [Hq][np] scores, then exp(score - m)
   float* kw = sc + Hq * np;    // [Hk][8][Dp] widened keys (then values: [Hk][8][Dvp])
-  int64_t slots[kKeyBlock];
   for (int64_t j0 = 0; j0 < n; j0 += kKeyBlock) {
-    const int64_t nk = std::min(kKeyBlock, n - j0);
-    for (int64_t j = 0; j < nk; ++j) {
-      const int64_t pos = k0 + j0 + j;
-      slots[j] = table[pos / bs] * bs + pos % bs;
-    }
-    widen_keys(kc, p.k_s0, p.k_s1, slots, nk, h0, h1, p.D, Dp, kw);
+    widen_keys(kc, p.k_s0, p.k_s1, table, bs, k0 + j0, std::min(kKeyBlock, n - j0), h0, h1, p.D, Dp, kw);
     for (int64_t hq = q0; hq < q1; ++hq) {
       const float* kh = kw + (hq / G - h0) * kKeyBlock * Dp;
       const float* qr = qf + hq * Dp;
@@ -307,11 +303,7 @@ void attend_chunk(const float* qf, const T* kc, const T* vc, const int64_t* tabl
   // P @ V: per query row, its Dv sums in registers (8 dims at a time, up to 64), the keys in order.
   for (int64_t j0 = 0; j0 < n; j0 += kKeyBlock) {
     const int64_t nk = std::min(kKeyBlock, n - j0);
-    for (int64_t j = 0; j < nk; ++j) {
-      const int64_t pos = k0 + j0 + j;
-      slots[j] = table[pos / bs] * bs + pos % bs;
-    }
-    widen_keys(vc, p.v_s0, p.v_s1, slots, nk, h0, h1, p.Dv, Dvp, kw);
+    widen_keys(vc, p.v_s0, p.v_s1, table, bs, k0 + j0, nk, h0, h1, p.Dv, Dvp, kw);
     for (int64_t hq = q0; hq < q1; ++hq) {
       const float* vh = kw + (hq / G - h0) * kKeyBlock * Dvp;
       const float* pr = sc + hq * np + j0;
