@@ -23,7 +23,7 @@ from pathlib import Path
 HQ, HK, D, BLOCK = 32, 8, 64, 32
 
 
-def bench_case(new: int, ctx: int, g, passes: int) -> dict:  # type: ignore[no-untyped-def]
+def bench_case(new: int, ctx: int, g, passes: int, kernel: str = "avx512") -> dict:  # type: ignore[no-untyped-def]
     """One prompt chunk of `new` tokens over `ctx` cached ones: both paths timed, the row of the results."""
     import torch
 
@@ -39,8 +39,10 @@ def bench_case(new: int, ctx: int, g, passes: int) -> dict:  # type: ignore[no-u
     tables = torch.randperm(blocks, generator=g)[:width].view(1, width)
     q = torch.randn(new, HQ, D, generator=g).to(torch.bfloat16)
 
+    prefill = ops.paged_attention_prefill if kernel == "avx512" else ops.paged_attention_prefill_avx2
+
     def native() -> torch.Tensor:
-        return ops.paged_attention_prefill(q, k_cache, v_cache, tables, [length], [0, new], BLOCK, scale)
+        return prefill(q, k_cache, v_cache, tables, [length], [0, new], BLOCK, scale)
 
     def query_blocks() -> torch.Tensor:
         pos = torch.arange(length)
@@ -75,31 +77,35 @@ def main() -> int:
     ap.add_argument("--cases", default="128:0,512:0,2048:0,256:1024",
                     help="comma-separated NEW:CONTEXT (new tokens over cached context)")
     ap.add_argument("--passes", type=int, default=5)
-    ap.add_argument("--out", default="benchmarks/results/attention_prefill.json")
+    ap.add_argument("--kernel", choices=("auto", "avx512", "avx2"), default="auto",
+                    help="the AVX-512 library, or the AVX2 one (auto: the one this CPU registers)")
+    ap.add_argument("--out", default=None, help="default benchmarks/results/attention_prefill[_avx2].json")
     args = ap.parse_args()
 
     import torch
 
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from mistralrs_plugins.kernels.cpu_native import ops
+    from mistralrs_plugins.kernels.cpu_native import has_avx512_bf16, ops
 
-    if ops.extension() is None:
-        print(f"native kernels unavailable: {ops.status()['failed']}", file=sys.stderr)
+    kernel = args.kernel if args.kernel != "auto" else ("avx512" if has_avx512_bf16() else "avx2")
+    if (ops.extension() if kernel == "avx512" else ops._native_avx2()) is None:
+        print(f"the {kernel} kernels are unavailable on this machine", file=sys.stderr)
         return 1
+    out_path = args.out or f"benchmarks/results/attention_prefill{'_avx2' if kernel == 'avx2' else ''}.json"
     cases = [tuple(int(v) for v in c.split(":")) for c in args.cases.split(",")]
     g = torch.Generator().manual_seed(0)
     rows = []
     for new, ctx in cases:
-        row = bench_case(new, ctx, g, args.passes)
+        row = bench_case(new, ctx, g, args.passes, kernel)
         rows.append(row)
         print(f"new {new:5d} context {ctx:5d}   native {row['native_ms']:8.2f} ms {row['native_gflop_per_s']:6.1f} "
               f"GFLOP/s   query blocks {row['query_blocks_ms']:8.2f} ms {row['query_blocks_gflop_per_s']:6.1f} "
               f"GFLOP/s   {row['speedup']:4.2f}x   (max |diff| {row['max_abs_diff']:.2g})")
     out = {"shape": {"query_heads": HQ, "kv_heads": HK, "head_dim": D, "block_size": BLOCK, "dtype": "bfloat16"},
-           "threads": args.threads, "results": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+           "kernel": kernel, "threads": args.threads, "results": rows}
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(out_path).write_text(json.dumps(out, indent=2) + "\n")
     return 0
 
 

@@ -1,6 +1,7 @@
-"""The AVX2 library of the cpu_native plugin (``decode_ops_avx2.cpp``): rms_norm, silu_and_mul, rotary and
-paged_attention_decode for CPUs with AVX2 but without AVX-512-BF16, against the torch references on fresh random
-inputs, batch and thread-count invariance of the attention rows, registration. The library is built directly
+"""The AVX2 library of the cpu_native plugin (``decode_ops_avx2.cpp``): rms_norm, silu_and_mul, rotary,
+paged_attention_decode and paged_attention_prefill for CPUs with AVX2 but without AVX-512-BF16, against the torch
+references on fresh random inputs, batch and thread-count invariance of the attention rows, prefill rows equal to
+decode's, registration. The library is built directly
 (it runs on any AVX2 CPU), so these tests exercise it on AVX-512 machines too."""
 
 from __future__ import annotations
@@ -85,6 +86,51 @@ def test_long_contexts_over_several_key_chunks(ext, dtype, window, gen):
     _close(got, want, dtype)
 
 
+def _prefill_case(dtype, gen, seqs, d=64, dv=64, hq=8, hk=2, bs=16):
+    """Sequences of (seq_len, new tokens) over one cache: q for the new tokens, tables, lens, query_start_loc."""
+    width = max(-(-sl // bs) for sl, _ in seqs)
+    q, kc, vc, tables, _, bs = _attention_case(dtype, gen, d, dv, hq, hk, bs, lens=[sl for sl, _ in seqs],
+                                               blocks=len(seqs) * width + 4, width=width)
+    starts = [0]
+    for _, n in seqs:
+        starts.append(starts[-1] + n)
+    q = torch.randn(starts[-1], hq, d, generator=gen).to(dtype)
+    return q, kc, vc, tables, torch.tensor([sl for sl, _ in seqs]), torch.tensor(starts), bs
+
+
+PREFILL_SEQS = [(37, 37), (300, 40), (5, 5), (600, 600)]  # whole prompts, a chunk over cached context
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window,softcap", [(None, None), (100, None), (None, 20.0)])
+@pytest.mark.parametrize("d,dv,hq,hk", [(64, 64, 8, 2), (72, 40, 6, 3)])
+def test_paged_attention_prefill_matches_the_reference(ext, dtype, window, softcap, d, dv, hq, hk, gen):
+    q, kc, vc, tables, lens, starts, bs = _prefill_case(dtype, gen, PREFILL_SEQS, d, dv, hq, hk)
+    got = ext.paged_attention_prefill(q, kc, vc, tables, lens, starts, bs, d ** -0.5, window or 0, softcap or 0.0)
+    want = torch_ops.paged_attention_prefill(q, kc, vc, tables, lens, starts, bs, d ** -0.5, window, softcap)
+    _close(got, want, dtype)
+
+
+@pytest.mark.parametrize("window", [None, 100, 290])
+def test_prefill_rows_are_what_decode_gives_them(ext, window, gen):
+    """Each new token's attention is bit-identical to decode's for that token, however its prompt is chunked
+    or batched (windows that start inside a chunk of keys included)."""
+    q, kc, vc, tables, lens, starts, bs = _prefill_case(torch.bfloat16, gen, PREFILL_SEQS)
+    out = ext.paged_attention_prefill(q, kc, vc, tables, lens, starts, bs, 0.125, window or 0, 0.0)
+    for i, (sl, n) in enumerate(PREFILL_SEQS):
+        rows = torch.arange(int(starts[i]), int(starts[i + 1]))
+        alone = ext.paged_attention_decode(q[rows], kc, vc, tables[i].expand(n, -1), torch.arange(sl - n + 1, sl + 1),
+                                           bs, 0.125, window or 0, 0.0)
+        assert torch.equal(out[rows], alone)
+    # the last prompt as two chunks: its first 270 tokens, then 330 more over them
+    i0 = int(starts[3])
+    first = ext.paged_attention_prefill(q[i0:i0 + 270], kc, vc, tables[3:], torch.tensor([270]),
+                                        torch.tensor([0, 270]), bs, 0.125, window or 0, 0.0)
+    second = ext.paged_attention_prefill(q[i0 + 270:i0 + 600], kc, vc, tables[3:], torch.tensor([600]),
+                                         torch.tensor([0, 330]), bs, 0.125, window or 0, 0.0)
+    assert torch.equal(torch.cat([first, second]), out[i0:i0 + 600])
+
+
 def test_attention_rows_do_not_depend_on_the_batch_or_threads(ext, gen):
     q, kc, vc, tables, lens, bs = _attention_case(torch.bfloat16, gen, lens=(5, 200, 90, 300, 31, 64, 1000),
                                                   blocks=96, width=72)
@@ -113,7 +159,8 @@ def test_registered_for_avx2_cpus_without_avx512_bf16(monkeypatch):
     specs = []
     cpu_native.register_kernels(specs.append)
     avx2 = [s for s in specs if s.name == "avx2"]
-    assert [s.op for s in avx2] == ["rms_norm", "silu_and_mul", "rotary", "paged_attention_decode"]
+    assert [s.op for s in avx2] == ["rms_norm", "silu_and_mul", "rotary", "paged_attention_decode",
+                                   "paged_attention_prefill"]
     for spec in avx2:
         assert spec.priority == cpu_native.AVX2_PRIORITY and 0 < spec.priority < 10
         assert spec.impl == f"mistralrs_plugins.kernels.cpu_native.ops:{spec.op}_avx2"

@@ -15,7 +15,8 @@ Ops (all named ``avx512_bf16``; they claim ``cpu`` only on x86 with the ``avx512
 ``amx_bf16`` too): the same op on AMX tiles (``linear_amx.cpp``), for layers whose K and N are multiples of 32;
 the OS's permission for AMX tile data is asked once, and without it every call is the AVX-512-BF16 kernel.
 
-``rms_norm``, ``silu_and_mul``, ``rotary`` and ``paged_attention_decode`` named ``avx2`` (priority 5: above the
+``rms_norm``, ``silu_and_mul``, ``rotary``, ``paged_attention_decode`` and ``paged_attention_prefill`` named
+``avx2`` (priority 5: above the
 torch reference; claim ``cpu`` only on x86 with avx2/fma/f16c and without avx512_bf16): the same ops from a
 library of their own (``decode_ops_avx2.cpp``), so that AVX2 CPUs skip the torch reference's many small ops
 (its decode attention gathers K/V and takes ~0.4 ms a layer).
@@ -82,6 +83,8 @@ AVX2_OPS = {
     "silu_and_mul": "AVX2 SwiGLU silu(gate) * up (bf16/fp32)",
     "rotary": "AVX2 rotary embedding (bf16/fp32, NeoX or GPT-J pairs, partial rotary)",
     "paged_attention_decode": "AVX2 decode attention reading the paged KV cache in place (bf16/fp32)",
+    "paged_attention_prefill": "AVX2 prefill attention: each new token a row of the decode kernel (causal, "
+                               "paged KV read in place; bf16/fp32)",
 }
 
 

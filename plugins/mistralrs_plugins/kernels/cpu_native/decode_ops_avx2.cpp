@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <climits>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -183,6 +184,7 @@ struct Params {
 
 constexpr int64_t kChunk = 256;  // keys per work item; chunk c of a sequence holds its positions [c * kChunk, ..)
 constexpr int64_t kKeyBlock = 8;  // keys widened together (one vector of scores per query row)
+constexpr int64_t kGroupTokens = 8;  // prefill: consecutive query tokens per work item (they share the widened keys)
 
 inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 
@@ -251,113 +253,144 @@ void pv_dims(const float* p, int64_t n, const float* v, int64_t ld, float* out) 
 }
 using PvFn = void (*)(const float*, int64_t, const float*, int64_t, float*);
 
-// Chunk `c` of sequence `q` (its Hq query rows, pre-scaled into qf [Hq][width]) against its keys [k0, k1): the
-// scores, a softmax within the chunk, and P @ V. Per query row: m (the chunk's largest score), l (the sum of
-// exp(score - m)) and acc [Dv] (the sum of exp(score - m) V) into part [Hq][Dvp + 2]. Keys are read 8 slots at a
-// time across all KV heads (the rows are contiguous in the cache); every sum runs over the keys in order.
+// The rows of one work item: R consecutive query tokens of a sequence (one block table), each with Hq heads
+// (pre-scaled, permuted, zero-padded into qf [R][Hq][Dp]), and for each token the key positions it attends to
+// within the item's chunk: [ka[r], ke[r]) inside [k0, k1) (empty: the token does not reach this chunk).
+struct Rows {
+  const float* qf;
+  int64_t R;
+  const int64_t* ka;
+  const int64_t* ke;
+};
+
+// Chunk [k0, k1) of a sequence against its rows: per (token, query head) the chunk's scores (fp32 dot products),
+// a softmax within the chunk and P @ V. Per row: m (its largest score here), l (the sum of exp(score - m), in key
+// order) and acc [Dv] (the sum of exp(score - m) V, in key order) into part [R][Hq][Dvp + 2]. Keys are read 8
+// slots at a time across the item's KV heads (the rows are contiguous in the cache). A row's arithmetic depends
+// only on its own query and key range: keys outside its range get exactly zero weight, whatever else the item
+// holds, so a token computes alone (decode) what it computes among the others of its prompt (prefill).
 template <typename T>
-void attend_chunk(const float* qf, const T* kc, const T* vc, const int64_t* table, int64_t k0, int64_t k1,
+void attend_chunk(const Rows& rows, const T* kc, const T* vc, const int64_t* table, int64_t k0, int64_t k1,
                   int64_t h0, int64_t h1, const Params& p, float* part, std::vector<float>& scratch) {
-  const int64_t G = p.G, Hq = p.Hq, Hk = h1 - h0, bs = p.block_size, q0 = h0 * G, q1 = h1 * G;
+  const int64_t G = p.G, Hq = p.Hq, Hk = h1 - h0, bs = p.block_size, q0 = h0 * G, q1 = h1 * G, R = rows.R;
   const int64_t Dp = round16(p.D), Dvp = round16(p.Dv), n = k1 - k0, np = (n + 7) / 8 * 8;
-  scratch.resize(static_cast<size_t>(Hq * np + Hk * kKeyBlock * std::max(Dp, Dvp)));
-  float* sc = scratch.data();  // [Hq][np] scores, then exp(score - m)
-  float* kw = sc + Hq * np;    // [Hk][8][Dp] widened keys (then values: [Hk][8][Dvp])
+  scratch.resize(static_cast<size_t>(R * Hq * np + Hk * kKeyBlock * std::max(Dp, Dvp)));
+  float* sc = scratch.data();      // [R][Hq][np] scores, then weights
+  float* kw = sc + R * Hq * np;    // [Hk][8][Dp] widened keys (then values: [Hk][8][Dvp])
   for (int64_t j0 = 0; j0 < n; j0 += kKeyBlock) {
     widen_keys(kc, p.k_s0, p.k_s1, table, bs, k0 + j0, std::min(kKeyBlock, n - j0), h0, h1, p.D, Dp, kw);
-    for (int64_t hq = q0; hq < q1; ++hq) {
-      const float* kh = kw + (hq / G - h0) * kKeyBlock * Dp;
-      const float* qr = qf + hq * Dp;
-      __m256 a[kKeyBlock];
+    for (int64_t r = 0; r < R; ++r) {
+      if (rows.ke[r] <= k0 + j0 || rows.ka[r] >= k0 + j0 + kKeyBlock) continue;  // no key of this block
+      for (int64_t hq = q0; hq < q1; ++hq) {
+        const float* kh = kw + (hq / G - h0) * kKeyBlock * Dp;
+        const float* qr = rows.qf + (r * Hq + hq) * Dp;
+        __m256 a[kKeyBlock];
 #pragma GCC unroll 8
-      for (int j = 0; j < kKeyBlock; ++j) a[j] = _mm256_setzero_ps();
-      for (int64_t d = 0; d < Dp; d += 8) {
-        const __m256 qv = _mm256_loadu_ps(qr + d);
+        for (int j = 0; j < kKeyBlock; ++j) a[j] = _mm256_setzero_ps();
+        for (int64_t d = 0; d < Dp; d += 8) {
+          const __m256 qv = _mm256_loadu_ps(qr + d);
 #pragma GCC unroll 8
-        for (int j = 0; j < kKeyBlock; ++j) a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kh + j * Dp + d), a[j]);
+          for (int j = 0; j < kKeyBlock; ++j) a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kh + j * Dp + d), a[j]);
+        }
+        _mm256_storeu_ps(sc + (r * Hq + hq) * np + j0, hsum8x8(a));
       }
-      _mm256_storeu_ps(sc + hq * np + j0, hsum8x8(a));
     }
   }
-  // Softmax within the chunk (the keys past n are not scores: excluded).
-  for (int64_t hq = q0; hq < q1; ++hq) {
-    float* s = sc + hq * np;
-    if (p.softcap > 0.0f)
-      for (int64_t j = 0; j < n; ++j) s[j] = p.softcap * std::tanh(s[j] / p.softcap);
-    float mx = -INFINITY;
-    for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
-    const __m256 mv = _mm256_set1_ps(mx);
-    __m256 tot = _mm256_setzero_ps();
-    for (int64_t j = 0; j < np; j += 8) {
-      const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - j)),
-                                                                 _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-      const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv)), keep);
-      tot = _mm256_add_ps(tot, e);
-      _mm256_storeu_ps(s + j, e);
+  // Softmax within the chunk over each row's own keys (every other weight exactly 0).
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t a0 = std::max<int64_t>(0, rows.ka[r] - k0), a1 = std::min(n, rows.ke[r] - k0);
+    for (int64_t hq = q0; hq < q1; ++hq) {
+      float* s = sc + (r * Hq + hq) * np;
+      float* out = part + (r * Hq + hq) * (Dvp + 2);
+      std::memset(out, 0, static_cast<size_t>(Dvp + 2) * 4);
+      if (a1 <= a0) {
+        std::memset(s, 0, static_cast<size_t>(np) * 4);
+        continue;
+      }
+      if (p.softcap > 0.0f)
+        for (int64_t j = a0; j < a1; ++j) s[j] = p.softcap * std::tanh(s[j] / p.softcap);
+      float mx = -INFINITY;
+      for (int64_t j = a0; j < a1; ++j) mx = std::max(mx, s[j]);
+      const __m256 mv = _mm256_set1_ps(mx);
+      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      for (int64_t j = 0; j < np; j += 8) {
+        const __m256i idx = _mm256_add_epi32(lane, _mm256_set1_epi32(static_cast<int>(j)));
+        const __m256i in = _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(a0)), idx),
+                                               _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(a1)), idx));
+        _mm256_storeu_ps(s + j, _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv)),
+                                              _mm256_castsi256_ps(in)));
+      }
+      float l = 0.0f;  // in key order: the same sum wherever the row's keys sit in the chunk's vectors
+      for (int64_t j = a0; j < a1; ++j) l += s[j];
+      out[Dvp] = mx;
+      out[Dvp + 1] = l;
     }
-    float* out = part + hq * (Dvp + 2);
-    out[Dvp] = mx;
-    out[Dvp + 1] = hsum8(tot);
-    std::memset(out, 0, static_cast<size_t>(Dvp) * 4);
   }
-  // P @ V: per query row, its Dv sums in registers (8 dims at a time, up to 64), the keys in order.
+  // P @ V: per row, its Dv sums in registers (8 dims at a time, up to 64), the keys in order.
   for (int64_t j0 = 0; j0 < n; j0 += kKeyBlock) {
     const int64_t nk = std::min(kKeyBlock, n - j0);
     widen_keys(vc, p.v_s0, p.v_s1, table, bs, k0 + j0, nk, h0, h1, p.Dv, Dvp, kw);
-    for (int64_t hq = q0; hq < q1; ++hq) {
-      const float* vh = kw + (hq / G - h0) * kKeyBlock * Dvp;
-      const float* pr = sc + hq * np + j0;
-      float* out = part + hq * (Dvp + 2);
-      for (int64_t d0 = 0; d0 < Dvp; d0 += 64) {
-        static constexpr PvFn kPv[9] = {nullptr, &pv_dims<1>, &pv_dims<2>, &pv_dims<3>, &pv_dims<4>,
-                                        &pv_dims<5>, &pv_dims<6>, &pv_dims<7>, &pv_dims<8>};
-        kPv[std::min<int64_t>(8, (Dvp - d0) / 8)](pr, nk, vh + d0, Dvp, out + d0);
+    for (int64_t r = 0; r < R; ++r) {
+      if (rows.ke[r] <= k0 + j0 || rows.ka[r] >= k0 + j0 + kKeyBlock) continue;  // only zero weights here
+      for (int64_t hq = q0; hq < q1; ++hq) {
+        const float* vh = kw + (hq / G - h0) * kKeyBlock * Dvp;
+        const float* pr = sc + (r * Hq + hq) * np + j0;
+        float* out = part + (r * Hq + hq) * (Dvp + 2);
+        for (int64_t d0 = 0; d0 < Dvp; d0 += 64) {
+          static constexpr PvFn kPv[9] = {nullptr, &pv_dims<1>, &pv_dims<2>, &pv_dims<3>, &pv_dims<4>,
+                                          &pv_dims<5>, &pv_dims<6>, &pv_dims<7>, &pv_dims<8>};
+          kPv[std::min<int64_t>(8, (Dvp - d0) / 8)](pr, nk, vh + d0, Dvp, out + d0);
+        }
       }
     }
   }
 }
 
-at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                  const at::Tensor& block_tables, const at::Tensor& seq_lens, int64_t block_size,
-                                  double scale, int64_t window, double softcap) {
-  constexpr const char* op = "paged_attention_decode";
-  const std::array<int64_t, 5> shape = check_attention(op, q, k_cache, v_cache, block_size);
-  const int64_t S = shape[0], Hq = shape[1], D = shape[2], Hk = shape[3], Dv = shape[4];
-  at::Tensor tables = block_tables.to(at::kLong).contiguous(), lens = seq_lens.to(at::kLong).contiguous();
-  TORCH_CHECK(tables.dim() == 2 && tables.size(0) == S && lens.numel() == S, op,
-              ": block_tables [S, W] and seq_lens [S] must match q's S");
-  const int64_t width = tables.size(1);
-  const int64_t* tp = tables.data_ptr<int64_t>();
-  const int64_t* lp = lens.data_ptr<int64_t>();
-  for (int64_t i = 0; i < S; ++i) check_table(op, tp + i * width, width, lp[i], block_size, k_cache.size(0), i);
-  at::Tensor out = at::empty({S, Hq, Dv}, q.options());
-  if (S == 0 || Hq == 0) return out;
+// A group of query tokens: rows [row, row + ntok) of q, consecutive tokens of sequence `seq`; token t attends to
+// key positions [max(0, len - window), len) with len = lens[row + t].
+struct TokenGroup {
+  int64_t seq, row, ntok, c0, c1;  // the chunks [c0, c1) some token of the group reaches
+};
+
+// Runs the query rows (row s of q: table of its sequence, lens[s] keys) in `groups` into a new [T, Hq, Dv] tensor.
+at::Tensor attend_groups(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                         const std::array<int64_t, 5>& shape, const int64_t* tables, int64_t width, const int64_t* lens,
+                         std::vector<TokenGroup>& groups, int64_t block_size, double scale, int64_t window,
+                         double softcap) {
+  const auto [T, Hq, D, Hk, Dv] = shape;
+  at::Tensor out = at::empty({T, Hq, Dv}, q.options());
+  if (T == 0 || Hq == 0 || groups.empty()) return out;
   const Params p{Hq, Hk, D, Dv, Hq / Hk, block_size, window, q.stride(0), q.stride(1), k_cache.stride(0),
                  k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), static_cast<float>(scale),
                  static_cast<float>(softcap)};
-  const int64_t Dp = round16(D), Dvp = round16(Dv);
-  // Work items: (sequence, chunk of kChunk key positions). The chunks are fixed by position, so a row's result
-  // depends only on its own query, keys and values: not on the batch or the thread count.
-  std::vector<int64_t> first(S + 1, 0), kstart(S);
-  for (int64_t i = 0; i < S; ++i) {
-    kstart[i] = (window > 0 && lp[i] > window) ? lp[i] - window : 0;
-    first[i + 1] = first[i] + (lp[i] - 1) / kChunk - kstart[i] / kChunk + 1;
+  const int64_t Dp = round16(D), Dvp = round16(Dv), row_floats = Hq * (Dvp + 2);
+  auto start_of = [&](int64_t len) { return window > 0 && len > window ? len - window : 0; };
+  // Work items: (group, chunk), chunks fixed by key position, so a row's result depends only on its own query,
+  // keys and values: not on the batch, the grouping, the head split or the thread count.
+  std::vector<int64_t> first(groups.size() + 1, 0), base(groups.size() + 1, 0);  // items; part floats
+  for (size_t g = 0; g < groups.size(); ++g) {
+    first[g + 1] = first[g] + groups[g].c1 - groups[g].c0;
+    base[g + 1] = base[g] + (groups[g].c1 - groups[g].c0) * groups[g].ntok * row_floats;
   }
-  const int64_t items = first[S];
-  std::vector<float> qf(static_cast<size_t>(S * Hq * Dp), 0.0f);  // scaled queries, zero-padded
-  std::vector<float> part(static_cast<size_t>(items * Hq * (Dvp + 2)));
-  std::vector<int64_t> seq_of(items);
-  for (int64_t i = 0; i < S; ++i)
-    for (int64_t it = first[i]; it < first[i + 1]; ++it) seq_of[it] = i;
+  const int64_t items = first.back();
+  std::vector<int64_t> group_of(static_cast<size_t>(items));
+  for (size_t g = 0; g < groups.size(); ++g)
+    for (int64_t it = first[g]; it < first[g + 1]; ++it) group_of[it] = static_cast<int64_t>(g);
+  std::vector<float> qf(static_cast<size_t>(T * Hq * Dp));
+  // Per item, its tokens' rows: [ntok][Hq][Dvp + 2] (acc, m, l).
+  std::vector<float> part(static_cast<size_t>(base.back()));
+  auto item_part = [&](int64_t gi, int64_t c) {
+    return part.data() + base[gi] + (c - groups[gi].c0) * groups[gi].ntok * row_floats;
+  };
   auto run = [&](auto* qp, auto* kp, auto* vp, auto* op_) {
-    for (int64_t i = 0; i < S; ++i)
+    for (int64_t t = 0; t < T; ++t)
       for (int64_t hq = 0; hq < Hq; ++hq) {
-        float* qr = qf.data() + (i * Hq + hq) * Dp;
-        widen_row(qp + i * p.q_s0 + hq * p.q_s1, D, Dp, qr);
-        for (int64_t d = 0; d < Dp; d += 8) _mm256_storeu_ps(qr + d, _mm256_mul_ps(_mm256_loadu_ps(qr + d),
-                                                                                  _mm256_set1_ps(p.scale)));
+        float* qr = qf.data() + (t * Hq + hq) * Dp;
+        widen_row(qp + t * p.q_s0 + hq * p.q_s1, D, Dp, qr);
+        for (int64_t d = 0; d < Dp; d += 8)
+          _mm256_storeu_ps(qr + d, _mm256_mul_ps(_mm256_loadu_ps(qr + d), _mm256_set1_ps(p.scale)));
       }
-    // Few chunks (batch-1 decode of a short context): each also split into groups of KV heads, so that every
+    // Few items (batch-1 decode of a short context): each also split into groups of KV heads, so that every
     // thread gets work. Heads are independent: the split changes no result.
     const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
     int64_t split = 1;
@@ -367,46 +400,57 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
     auto work = [&](int64_t i0, int64_t i1) {
       static thread_local std::vector<float> scratch;  // reused across calls
       for (int64_t w = i0; w < i1; ++w) {
-        const int64_t it = w / split, h0 = (w % split) * per;
-        const int64_t i = seq_of[it], c = kstart[i] / kChunk + (it - first[i]);
-        const int64_t k0 = std::max(kstart[i], c * kChunk), k1 = std::min(lp[i], (c + 1) * kChunk);
-        attend_chunk(qf.data() + i * Hq * Dp, kp, vp, tp + i * width, k0, k1, h0, h0 + per, p,
-                     part.data() + it * Hq * (Dvp + 2), scratch);
+        const int64_t it = w / split, h0 = (w % split) * per, gi = group_of[it];
+        const TokenGroup& g = groups[gi];
+        const int64_t c = g.c0 + (it - first[gi]);
+        int64_t ka[kGroupTokens], ke[kGroupTokens], k1 = c * kChunk;
+        for (int64_t t = 0; t < g.ntok; ++t) {
+          const int64_t len = lens[g.row + t];
+          ka[t] = std::max(start_of(len), c * kChunk);
+          ke[t] = std::min(len, (c + 1) * kChunk);
+          if (ke[t] <= ka[t]) ka[t] = ke[t] = c * kChunk;  // not reached
+          k1 = std::max(k1, ke[t]);
+        }
+        int64_t k0 = k1;
+        for (int64_t t = 0; t < g.ntok; ++t)
+          if (ke[t] > ka[t]) k0 = std::min(k0, ka[t]);
+        const Rows rows{qf.data() + g.row * Hq * Dp, g.ntok, ka, ke};
+        attend_chunk(rows, kp, vp, tables + g.seq * width, k0, k1, h0, h0 + per, p, item_part(gi, c), scratch);
       }
     };
     int64_t keys = 0;
-    for (int64_t i = 0; i < S; ++i) keys += lp[i] - kstart[i];
+    for (int64_t t = 0; t < T; ++t) keys += lens[t] - start_of(lens[t]);
     if (keys * Hk < 1024 || items * split == 1)
       work(0, items * split);
     else
       mistralrs_pool::parallel_for(0, items * split, 1, work);
     // Combine each row's chunks in order: out = sum_c exp(m_c - M) acc_c / sum_c exp(m_c - M) l_c.
-    for (int64_t i = 0; i < S; ++i)
-      for (int64_t hq = 0; hq < Hq; ++hq) {
-        float M = -INFINITY;
-        for (int64_t it = first[i]; it < first[i + 1]; ++it) M = std::max(M, part[(it * Hq + hq) * (Dvp + 2) + Dvp]);
-        float acc[1024], L = 0.0f;
-        float* o = Dvp <= 1024 ? acc : nullptr;
-        std::vector<float> big;
-        if (!o) {
-          big.resize(Dvp);
-          o = big.data();
+    std::vector<float> o(static_cast<size_t>(Dvp));
+    for (size_t gi = 0; gi < groups.size(); ++gi) {
+      const TokenGroup& g = groups[gi];
+      for (int64_t t = 0; t < g.ntok; ++t) {
+        const int64_t len = lens[g.row + t];
+        const int64_t ca = start_of(len) / kChunk, cb = (len - 1) / kChunk + 1;  // the token's chunks
+        for (int64_t hq = 0; hq < Hq; ++hq) {
+          auto at_chunk = [&](int64_t c) { return item_part(static_cast<int64_t>(gi), c) + (t * Hq + hq) * (Dvp + 2); };
+          float M = -INFINITY, L = 0.0f;
+          for (int64_t c = ca; c < cb; ++c) M = std::max(M, at_chunk(c)[Dvp]);
+          std::fill(o.begin(), o.end(), 0.0f);
+          for (int64_t c = ca; c < cb; ++c) {
+            const float* pc = at_chunk(c);
+            const float f = cb - ca == 1 ? 1.0f : std::exp(pc[Dvp] - M);
+            L += f * pc[Dvp + 1];
+            const __m256 fv = _mm256_set1_ps(f);
+            for (int64_t d = 0; d < Dvp; d += 8)
+              _mm256_storeu_ps(o.data() + d, _mm256_fmadd_ps(fv, _mm256_loadu_ps(pc + d), _mm256_loadu_ps(o.data() + d)));
+          }
+          const float inv = 1.0f / L;
+          auto* dst = op_ + (g.row + t) * Hq * Dv + hq * Dv;
+          using OutT = std::remove_reference_t<decltype(*dst)>;
+          for (int64_t d = 0; d < Dv; ++d) dst[d] = static_cast<OutT>(o[permuted(d)] * inv);
         }
-        std::memset(o, 0, static_cast<size_t>(Dvp) * 4);
-        for (int64_t it = first[i]; it < first[i + 1]; ++it) {
-          const float* pc = part.data() + (it * Hq + hq) * (Dvp + 2);
-          const float f = first[i + 1] - first[i] == 1 ? 1.0f : std::exp(pc[Dvp] - M);
-          L += f * pc[Dvp + 1];
-          const __m256 fv = _mm256_set1_ps(f);
-          for (int64_t d = 0; d < Dvp; d += 8)
-            _mm256_storeu_ps(o + d, _mm256_fmadd_ps(fv, _mm256_loadu_ps(pc + d), _mm256_loadu_ps(o + d)));
-        }
-        const __m256 inv = _mm256_set1_ps(1.0f / L);
-        for (int64_t d = 0; d < Dvp; d += 8) _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_loadu_ps(o + d), inv));
-        auto* dst = op_ + i * Hq * Dv + hq * Dv;
-        using OutT = std::remove_reference_t<decltype(*dst)>;
-        for (int64_t d = 0; d < Dv; ++d) dst[d] = static_cast<OutT>(o[permuted(d)]);
       }
+    }
   };
   if (q.scalar_type() == at::kFloat)
     run(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), out.data_ptr<float>());
@@ -414,6 +458,73 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
     run(q.data_ptr<c10::BFloat16>(), k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>(),
         out.data_ptr<c10::BFloat16>());
   return out;
+}
+
+// The chunks [c0, c1) tokens with key counts lens[0 .. ntok) reach.
+void group_chunks(TokenGroup& g, const int64_t* lens, int64_t window) {
+  g.c0 = INT64_MAX;
+  g.c1 = 0;
+  for (int64_t t = 0; t < g.ntok; ++t) {
+    const int64_t len = lens[g.row + t], start = window > 0 && len > window ? len - window : 0;
+    g.c0 = std::min(g.c0, start / kChunk);
+    g.c1 = std::max(g.c1, (len - 1) / kChunk + 1);
+  }
+}
+
+at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& seq_lens, int64_t block_size,
+                                  double scale, int64_t window, double softcap) {
+  constexpr const char* op = "paged_attention_decode";
+  const std::array<int64_t, 5> shape = check_attention(op, q, k_cache, v_cache, block_size);
+  const int64_t S = shape[0];
+  at::Tensor tables = block_tables.to(at::kLong).contiguous(), lens = seq_lens.to(at::kLong).contiguous();
+  TORCH_CHECK(tables.dim() == 2 && tables.size(0) == S && lens.numel() == S, op,
+              ": block_tables [S, W] and seq_lens [S] must match q's S");
+  const int64_t width = tables.size(1);
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  std::vector<TokenGroup> groups(static_cast<size_t>(S));
+  for (int64_t i = 0; i < S; ++i) {
+    check_table(op, tp + i * width, width, lp[i], block_size, k_cache.size(0), i);
+    groups[i] = {i, i, 1, 0, 0};
+    group_chunks(groups[i], lp, window);
+  }
+  return attend_groups(q, k_cache, v_cache, shape, tp, width, lp, groups, block_size, scale, window, softcap);
+}
+
+// The new tokens of prefill chunks (already written to the cache): token j of sequence i's n new tokens is the
+// last of the first seq_lens[i] - n + j + 1 keys (causal attention), computed as decode computes that row.
+at::Tensor paged_attention_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                   const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                                   const at::Tensor& query_start_loc, int64_t block_size, double scale,
+                                   int64_t window, double softcap) {
+  constexpr const char* op = "paged_attention_prefill";
+  const std::array<int64_t, 5> shape = check_attention(op, q, k_cache, v_cache, block_size);
+  const int64_t T = shape[0];
+  at::Tensor tables = block_tables.to(at::kLong).contiguous();
+  at::Tensor lens = seq_lens.to(at::kLong).contiguous();
+  at::Tensor starts = query_start_loc.to(at::kLong).contiguous();
+  TORCH_CHECK(tables.dim() == 2 && lens.dim() == 1 && tables.size(0) == lens.size(0) &&
+                  starts.numel() == lens.numel() + 1, op,
+              ": block_tables [S, W], seq_lens [S] and query_start_loc [S + 1] must agree");
+  const int64_t S = lens.numel(), width = tables.size(1);
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  const int64_t* sp = starts.data_ptr<int64_t>();
+  TORCH_CHECK(sp[0] == 0 && sp[S] == T, op, ": query_start_loc must run from 0 to q's ", T, " rows");
+  std::vector<int64_t> row_lens(static_cast<size_t>(T));
+  std::vector<TokenGroup> groups;
+  for (int64_t i = 0; i < S; ++i) {
+    const int64_t n = sp[i + 1] - sp[i];
+    TORCH_CHECK(n >= 0 && n <= lp[i], op, ": sequence ", i, " has ", n, " new tokens but seq_lens[", i, "] = ", lp[i]);
+    if (n == 0) continue;
+    check_table(op, tp + i * width, width, lp[i], block_size, k_cache.size(0), i);
+    for (int64_t j = 0; j < n; ++j) row_lens[sp[i] + j] = lp[i] - n + j + 1;
+    for (int64_t j = 0; j < n; j += kGroupTokens) groups.push_back({i, sp[i] + j, std::min(kGroupTokens, n - j), 0, 0});
+  }
+  for (TokenGroup& g : groups) group_chunks(g, row_lens.data(), window);
+  return attend_groups(q, k_cache, v_cache, shape, tp, width, row_lens.data(), groups, block_size, scale, window,
+                       softcap);
 }
 
 }  // namespace
@@ -425,6 +536,9 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def(
       "paged_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
       "int block_size, float scale, int window=0, float softcap=0.0) -> Tensor");
+  m.def(
+      "paged_attention_prefill(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
+      "Tensor query_start_loc, int block_size, float scale, int window=0, float softcap=0.0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
@@ -432,4 +546,5 @@ TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
   m.impl("silu_and_mul", &silu_and_mul);
   m.impl("rotary", &rotary);
   m.impl("paged_attention_decode", &paged_attention_decode);
+  m.impl("paged_attention_prefill", &paged_attention_prefill);
 }

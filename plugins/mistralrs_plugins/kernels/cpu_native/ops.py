@@ -112,6 +112,7 @@ class NativeOpsAvx2:
         self.silu_and_mul = ns.silu_and_mul.default
         self.rotary = ns.rotary.default
         self.paged_attention_decode = ns.paged_attention_decode.default
+        self.paged_attention_prefill = ns.paged_attention_prefill.default
 
 
 def build_avx2(verbose: bool = False) -> NativeOpsAvx2:
@@ -279,12 +280,12 @@ def _index_tensor(values) -> torch.Tensor:  # type: ignore[no-untyped-def]
 def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, seq_lens, query_start_loc, block_size: int,  # type: ignore[no-untyped-def]
                             scale: float, sliding_window: int | None = None, softcap: float | None = None,
-                            sinks: torch.Tensor | None = None) -> torch.Tensor:
+                            sinks: torch.Tensor | None = None, *, native=None) -> torch.Tensor:  # type: ignore[no-untyped-def]
     """`torch_ops.paged_attention_prefill` with each new token a row of the decode kernel (its own length:
     causal), reading K/V in place; a token's result is the one decode would give it. fp8 caches and
     attention sinks use the reference."""
     if _native_attention(q, k_cache, v_cache, sinks) and _plain_cpu(q, k_cache, v_cache, block_tables):
-        ext = _native()
+        ext = (native or _native)()
         if ext is not None:
             return ext.paged_attention_prefill(q, k_cache, v_cache, block_tables, _index_tensor(seq_lens),
                                                _index_tensor(query_start_loc), int(block_size), float(scale),
@@ -313,3 +314,11 @@ def paged_attention_decode_avx2(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
                                 sinks: torch.Tensor | None = None) -> torch.Tensor:
     return paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, sliding_window,
                                   softcap, sinks, native=_native_avx2)
+
+
+def paged_attention_prefill_avx2(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                 block_tables: torch.Tensor, seq_lens, query_start_loc, block_size: int,  # type: ignore[no-untyped-def]
+                                 scale: float, sliding_window: int | None = None, softcap: float | None = None,
+                                 sinks: torch.Tensor | None = None) -> torch.Tensor:
+    return paged_attention_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, block_size, scale,
+                                   sliding_window, softcap, sinks, native=_native_avx2)
