@@ -278,12 +278,14 @@ def test_paged_backend_prefill_kernel_matches_reference(window, softcap, sinks):
 
     shape = KVCacheShape(num_layers=1, num_kv_heads=2, head_dim=8, num_blocks=32, block_size=4, dtype=torch.float32)
     paged = PagedBackend(shape)
-    # On CPU only cpu_native's kernel (AVX-512-BF16 machines) claims the op; otherwise the per-sequence path.
+    # On CPU cpu_native's kernels claim the op (AVX-512-BF16 machines, or its AVX2 library on AVX2 ones);
+    # otherwise the per-sequence path.
     from mistralrs_plugins.kernels import cpu_native
     from mistralrs_plugins.kernels.cpu_native import ops as native_ops
 
-    supported = cpu_native.supports_avx512_bf16()
-    assert paged.prefill_kernel is (native_ops.paged_attention_prefill if supported else None)
+    expected = (native_ops.paged_attention_prefill if cpu_native.supports_avx512_bf16()
+                else native_ops.paged_attention_prefill_avx2 if cpu_native.supports_avx2_only() else None)
+    assert paged.prefill_kernel is expected
     calls = []
     paged.prefill_kernel = lambda *a, **kw: calls.append(len(a[5]) - 1) or torch_ops.paged_attention_prefill(*a, **kw)
     s = torch.randn(4) if sinks else None
