@@ -201,39 +201,44 @@ inline __m256 hsum8x8(const __m256* a) {
 // are put back in order at the end. Element i of a padded row of `width` (a multiple of 16) -> its position:
 inline int64_t permuted(int64_t i) { return (i & ~int64_t(15)) + ((i & 1) << 3) + ((i & 15) >> 1); }
 
-// Row r (dim elements) widened to fp32 in the permuted order into d (width, zero-padded).
-inline void widen_row(const c10::BFloat16* r, int64_t dim, int64_t width, float* d) {
+// Row r (dim elements) widened to fp32 in the permuted order into d (width, zero-padded), its groups of 8 values
+// `stride` floats apart (8: one contiguous row).
+inline void widen_row(const c10::BFloat16* r, int64_t dim, int64_t width, float* d, int64_t stride = 8) {
   const __m256i odd = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
   int64_t i = 0;
   for (; i + 16 <= dim; i += 16) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + i));
-    _mm256_storeu_ps(d + i, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
-    _mm256_storeu_ps(d + i + 8, _mm256_castsi256_ps(_mm256_and_si256(v, odd)));
+    _mm256_storeu_ps(d + i / 8 * stride, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
+    _mm256_storeu_ps(d + (i / 8 + 1) * stride, _mm256_castsi256_ps(_mm256_and_si256(v, odd)));
   }
   if (i < width) {
-    std::memset(d + i, 0, static_cast<size_t>(width - i) * 4);
-    for (int64_t t = i; t < dim; ++t) d[permuted(t)] = static_cast<float>(r[t]);
+    for (int64_t c = i / 8; c < width / 8; ++c) _mm256_storeu_ps(d + c * stride, _mm256_setzero_ps());
+    for (int64_t t = i; t < dim; ++t) d[permuted(t) / 8 * stride + permuted(t) % 8] = static_cast<float>(r[t]);
   }
 }
-inline void widen_row(const float* r, int64_t dim, int64_t width, float* d) {
-  std::memset(d, 0, static_cast<size_t>(width) * 4);
-  for (int64_t t = 0; t < dim; ++t) d[permuted(t)] = r[t];
+inline void widen_row(const float* r, int64_t dim, int64_t width, float* d, int64_t stride = 8) {
+  for (int64_t c = 0; c < width / 8; ++c) _mm256_storeu_ps(d + c * stride, _mm256_setzero_ps());
+  for (int64_t t = 0; t < dim; ++t) d[permuted(t) / 8 * stride + permuted(t) % 8] = r[t];
 }
 
 // The cache rows of positions [pos, pos + n) (n <= 8, found through the block table), heads [h0, h1), widened
-// into dst [h1 - h0][8][width] (missing keys zero).
+// (missing keys zero) into dst, per head 8 rows of `width`: row-major [8][width] (values), or with `interleave`
+// [width / 8][8 keys][8] (keys: the 8 keys' groups of 8 dims next to each other, so that the dot products walk
+// one pointer with constant offsets).
 template <typename T>
 void widen_keys(const T* cache, int64_t s0, int64_t s1, const int64_t* table, int64_t bs, int64_t pos, int64_t n,
-                int64_t h0, int64_t h1, int64_t dim, int64_t width, float* dst) {
+                int64_t h0, int64_t h1, int64_t dim, int64_t width, float* dst, bool interleave) {
   int64_t slots[kKeyBlock];
   for (int64_t j = 0; j < n; ++j) slots[j] = table[(pos + j) / bs] * bs + (pos + j) % bs;
+  const int64_t stride = interleave ? 8 * kKeyBlock : 8;
   for (int64_t h = h0; h < h1; ++h)
     for (int64_t j = 0; j < kKeyBlock; ++j) {
-      float* d = dst + ((h - h0) * kKeyBlock + j) * width;
-      if (j < n)
-        widen_row(cache + slots[j] * s0 + h * s1, dim, width, d);
-      else
-        std::memset(d, 0, static_cast<size_t>(width) * 4);
+      float* d = dst + (h - h0) * kKeyBlock * width + (interleave ? 8 * j : j * width);
+      if (j < n) {
+        widen_row(cache + slots[j] * s0 + h * s1, dim, width, d, stride);
+      } else {
+        for (int64_t c = 0; c < width / 8; ++c) _mm256_storeu_ps(d + c * stride, _mm256_setzero_ps());
+      }
     }
 }
 
@@ -263,7 +268,7 @@ struct Rows {
   const int64_t* ke;
 };
 
-// Chunk [k0, k1) of a sequence against its rows: per (token, query head) the chunk's scores (fp32 dot products),
+// Chunk [k0, k1) of a sequence (k0 a multiple of 8) against its rows: per (token, query head) the chunk's scores (fp32 dot products),
 // a softmax within the chunk and P @ V. Per row: m (its largest score here), l (the sum of exp(score - m), in key
 // order) and acc [Dv] (the sum of exp(score - m) V, in key order) into part [R][Hq][Dvp + 2]. Keys are read 8
 // slots at a time across the item's KV heads (the rows are contiguous in the cache). A row's arithmetic depends
@@ -276,9 +281,9 @@ void attend_chunk(const Rows& rows, const T* kc, const T* vc, const int64_t* tab
   const int64_t Dp = round16(p.D), Dvp = round16(p.Dv), n = k1 - k0, np = (n + 7) / 8 * 8;
   scratch.resize(static_cast<size_t>(R * Hq * np + Hk * kKeyBlock * std::max(Dp, Dvp)));
   float* sc = scratch.data();      // [R][Hq][np] scores, then weights
-  float* kw = sc + R * Hq * np;    // [Hk][8][Dp] widened keys (then values: [Hk][8][Dvp])
+  float* kw = sc + R * Hq * np;    // [Hk][Dp / 8][8][8] widened keys (then values: [Hk][8][Dvp])
   for (int64_t j0 = 0; j0 < n; j0 += kKeyBlock) {
-    widen_keys(kc, p.k_s0, p.k_s1, table, bs, k0 + j0, std::min(kKeyBlock, n - j0), h0, h1, p.D, Dp, kw);
+    widen_keys(kc, p.k_s0, p.k_s1, table, bs, k0 + j0, std::min(kKeyBlock, n - j0), h0, h1, p.D, Dp, kw, true);
     for (int64_t r = 0; r < R; ++r) {
       if (rows.ke[r] <= k0 + j0 || rows.ka[r] >= k0 + j0 + kKeyBlock) continue;  // no key of this block
       for (int64_t hq = q0; hq < q1; ++hq) {
@@ -289,8 +294,9 @@ void attend_chunk(const Rows& rows, const T* kc, const T* vc, const int64_t* tab
         for (int j = 0; j < kKeyBlock; ++j) a[j] = _mm256_setzero_ps();
         for (int64_t d = 0; d < Dp; d += 8) {
           const __m256 qv = _mm256_loadu_ps(qr + d);
+          const float* kd = kh + d * kKeyBlock;
 #pragma GCC unroll 8
-          for (int j = 0; j < kKeyBlock; ++j) a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kh + j * Dp + d), a[j]);
+          for (int j = 0; j < kKeyBlock; ++j) a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kd + 8 * j), a[j]);
         }
         _mm256_storeu_ps(sc + (r * Hq + hq) * np + j0, hsum8x8(a));
       }
@@ -313,23 +319,23 @@ void attend_chunk(const Rows& rows, const T* kc, const T* vc, const int64_t* tab
       for (int64_t j = a0; j < a1; ++j) mx = std::max(mx, s[j]);
       const __m256 mv = _mm256_set1_ps(mx);
       const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-      for (int64_t j = 0; j < np; j += 8) {
+      __m256 tot = _mm256_setzero_ps();  // lane = key position mod 8 (k0 is a multiple of 8): the same sums
+      for (int64_t j = 0; j < np; j += 8) {  // whatever else the item holds
         const __m256i idx = _mm256_add_epi32(lane, _mm256_set1_epi32(static_cast<int>(j)));
         const __m256i in = _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(a0)), idx),
                                                _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(a1)), idx));
-        _mm256_storeu_ps(s + j, _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv)),
-                                              _mm256_castsi256_ps(in)));
+        const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv)), _mm256_castsi256_ps(in));
+        tot = _mm256_add_ps(tot, e);
+        _mm256_storeu_ps(s + j, e);
       }
-      float l = 0.0f;  // in key order: the same sum wherever the row's keys sit in the chunk's vectors
-      for (int64_t j = a0; j < a1; ++j) l += s[j];
       out[Dvp] = mx;
-      out[Dvp + 1] = l;
+      out[Dvp + 1] = hsum8(tot);
     }
   }
   // P @ V: per row, its Dv sums in registers (8 dims at a time, up to 64), the keys in order.
   for (int64_t j0 = 0; j0 < n; j0 += kKeyBlock) {
     const int64_t nk = std::min(kKeyBlock, n - j0);
-    widen_keys(vc, p.v_s0, p.v_s1, table, bs, k0 + j0, nk, h0, h1, p.Dv, Dvp, kw);
+    widen_keys(vc, p.v_s0, p.v_s1, table, bs, k0 + j0, nk, h0, h1, p.Dv, Dvp, kw, false);
     for (int64_t r = 0; r < R; ++r) {
       if (rows.ke[r] <= k0 + j0 || rows.ka[r] >= k0 + j0 + kKeyBlock) continue;  // only zero weights here
       for (int64_t hq = q0; hq < q1; ++hq) {
@@ -414,6 +420,7 @@ at::Tensor attend_groups(const at::Tensor& q, const at::Tensor& k_cache, const a
         int64_t k0 = k1;
         for (int64_t t = 0; t < g.ntok; ++t)
           if (ke[t] > ka[t]) k0 = std::min(k0, ka[t]);
+        k0 = k0 / kKeyBlock * kKeyBlock;  // key blocks (and softmax lanes) at positions that are multiples of 8
         const Rows rows{qf.data() + g.row * Hq * Dp, g.ntok, ka, ke};
         attend_chunk(rows, kp, vp, tables + g.seq * width, k0, k1, h0, h0 + per, p, item_part(gi, c), scratch);
       }
