@@ -268,9 +268,10 @@ struct Rows {
   const int64_t* ke;
 };
 
-// Chunk [k0, k1) of a sequence (k0 a multiple of 8) against its rows: per (token, query head) the chunk's scores (fp32 dot products),
-// a softmax within the chunk and P @ V. Per row: m (its largest score here), l (the sum of exp(score - m), in key
-// order) and acc [Dv] (the sum of exp(score - m) V, in key order) into part [R][Hq][Dvp + 2]. Keys are read 8
+// Chunk [k0, k1) of a sequence (k0 a multiple of 8) against its rows: per (token, query head) the chunk's scores
+// (fp32 dot products), a softmax within the chunk and P @ V. Per row: m (its largest score here), l (the sum of
+// exp(score - m): 8 lanes by key position mod 8, then a fixed tree) and acc [Dv] (the sum of exp(score - m) V, in
+// key order) into part [R][Hq][Dvp + 2]. Keys are read 8
 // slots at a time across the item's KV heads (the rows are contiguous in the cache). A row's arithmetic depends
 // only on its own query and key range: keys outside its range get exactly zero weight, whatever else the item
 // holds, so a token computes alone (decode) what it computes among the others of its prompt (prefill).
