@@ -448,8 +448,10 @@ class Engine:
             check = seq.stopper.feed(delta)
             delta, stopped = check.text, check.stopped
         seq.text += delta
-        # best_of candidates stay hidden: the winners are sent whole when all are done.
-        if (delta or lp is not None) and not req.ranks_candidates:
+        # Every token is an event, also one whose text is held back (an incomplete UTF-8 sequence, a possible
+        # stop string): streams start and token metrics count when generation does. best_of candidates stay
+        # hidden: the winners are sent whole when all are done.
+        if not req.ranks_candidates:
             state.handle._put(TokenDelta(seq.index, delta, (token,), (lp,) if lp and req.reports_logprobs else ()))
         if stopped:
             self._finish(seq, "stop", stop_reason=seq.stopper.stop_string)
