@@ -50,6 +50,9 @@ _request_ids: Iterator[int] = itertools.count()
 
 @attrs.frozen
 class TokenDelta:
+    """One generated token of a choice (`token_ids`) and the text it released: possibly "", when the
+    detokenizer or a stop string holds text back (it comes with a later token, or at the end with no ids)."""
+
     index: int  # choice index
     text: str
     token_ids: tuple[int, ...]
