@@ -569,17 +569,9 @@ at::Tensor paged_attention_prefill(const at::Tensor& q, const at::Tensor& k_cach
   constexpr const char* op = "paged_attention_prefill";
   const auto shape = check_attention(op, q, k_cache, v_cache, block_size);
   const int64_t T = shape[0];
-  at::Tensor tables = block_tables.to(at::kLong).contiguous();
-  at::Tensor lens = seq_lens.to(at::kLong).contiguous();
-  at::Tensor starts = query_start_loc.to(at::kLong).contiguous();
-  TORCH_CHECK(tables.dim() == 2 && lens.dim() == 1 && tables.size(0) == lens.size(0) &&
-                  starts.numel() == lens.numel() + 1, op,
-              ": block_tables [S, W], seq_lens [S] and query_start_loc [S + 1] must agree");
-  const int64_t S = lens.numel(), width = tables.size(1);
-  const int64_t* lp = lens.data_ptr<int64_t>();
-  const int64_t* tp = tables.data_ptr<int64_t>();
-  const int64_t* sp = starts.data_ptr<int64_t>();
-  TORCH_CHECK(sp[0] == 0 && sp[S] == T, op, ": query_start_loc must run from 0 to q's ", T, " rows");
+  const PrefillArgs a = prefill_args(op, block_tables, seq_lens, query_start_loc, T, block_size, k_cache.size(0));
+  const int64_t S = a.S, width = a.width;
+  const int64_t *lp = a.lp, *tp = a.tp, *sp = a.sp;
   std::vector<const int64_t*> rows(static_cast<size_t>(T));
   std::vector<int64_t> row_lens(static_cast<size_t>(T));
   std::vector<RowGroup> groups;
@@ -589,9 +581,7 @@ at::Tensor paged_attention_prefill(const at::Tensor& q, const at::Tensor& k_cach
   const bool shared = q.scalar_type() == at::kBFloat16 && shape[2] % 32 == 0;
   for (int64_t i = 0; i < S; ++i) {
     const int64_t n = sp[i + 1] - sp[i];
-    TORCH_CHECK(n >= 0 && n <= lp[i], op, ": sequence ", i, " has ", n, " new tokens but seq_lens[", i, "] = ", lp[i]);
     if (n == 0) continue;
-    check_table(op, tp + i * width, width, lp[i], block_size, k_cache.size(0), i);
     for (int64_t j = 0; j < n; ++j) {
       rows[sp[i] + j] = tp + i * width;
       row_lens[sp[i] + j] = lp[i] - n + j + 1;

@@ -101,3 +101,36 @@ void check_table(const char* op, const int64_t* table, int64_t width, int64_t le
                 " is outside the cache");
 }
 
+// paged_attention_prefill's block tables, seq_lens and query_start_loc as int64, checked against q's T rows and
+// the cache (each sequence's table where it has new tokens).
+struct PrefillArgs {
+  at::Tensor tables, lens, starts;
+  int64_t S = 0, width = 0;
+  const int64_t* tp = nullptr;
+  const int64_t* lp = nullptr;
+  const int64_t* sp = nullptr;
+};
+PrefillArgs prefill_args(const char* op, const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                         const at::Tensor& query_start_loc, int64_t T, int64_t block_size, int64_t slots) {
+  PrefillArgs a;
+  a.tables = block_tables.to(at::kLong).contiguous();
+  a.lens = seq_lens.to(at::kLong).contiguous();
+  a.starts = query_start_loc.to(at::kLong).contiguous();
+  TORCH_CHECK(a.tables.dim() == 2 && a.lens.dim() == 1 && a.tables.size(0) == a.lens.size(0) &&
+                  a.starts.numel() == a.lens.numel() + 1, op,
+              ": block_tables [S, W], seq_lens [S] and query_start_loc [S + 1] must agree");
+  a.S = a.lens.numel();
+  a.width = a.tables.size(1);
+  a.lp = a.lens.data_ptr<int64_t>();
+  a.tp = a.tables.data_ptr<int64_t>();
+  a.sp = a.starts.data_ptr<int64_t>();
+  TORCH_CHECK(a.sp[0] == 0 && a.sp[a.S] == T, op, ": query_start_loc must run from 0 to q's ", T, " rows");
+  for (int64_t i = 0; i < a.S; ++i) {
+    const int64_t n = a.sp[i + 1] - a.sp[i];
+    TORCH_CHECK(n >= 0 && n <= a.lp[i], op, ": sequence ", i, " has ", n, " new tokens but seq_lens[", i, "] = ",
+                a.lp[i]);
+    if (n > 0) check_table(op, a.tp + i * a.width, a.width, a.lp[i], block_size, slots, i);
+  }
+  return a;
+}
+

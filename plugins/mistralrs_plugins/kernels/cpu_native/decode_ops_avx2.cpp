@@ -509,29 +509,18 @@ at::Tensor paged_attention_prefill(const at::Tensor& q, const at::Tensor& k_cach
   constexpr const char* op = "paged_attention_prefill";
   const std::array<int64_t, 5> shape = check_attention(op, q, k_cache, v_cache, block_size);
   const int64_t T = shape[0];
-  at::Tensor tables = block_tables.to(at::kLong).contiguous();
-  at::Tensor lens = seq_lens.to(at::kLong).contiguous();
-  at::Tensor starts = query_start_loc.to(at::kLong).contiguous();
-  TORCH_CHECK(tables.dim() == 2 && lens.dim() == 1 && tables.size(0) == lens.size(0) &&
-                  starts.numel() == lens.numel() + 1, op,
-              ": block_tables [S, W], seq_lens [S] and query_start_loc [S + 1] must agree");
-  const int64_t S = lens.numel(), width = tables.size(1);
-  const int64_t* lp = lens.data_ptr<int64_t>();
-  const int64_t* tp = tables.data_ptr<int64_t>();
-  const int64_t* sp = starts.data_ptr<int64_t>();
-  TORCH_CHECK(sp[0] == 0 && sp[S] == T, op, ": query_start_loc must run from 0 to q's ", T, " rows");
+  const PrefillArgs a = prefill_args(op, block_tables, seq_lens, query_start_loc, T, block_size, k_cache.size(0));
+  const int64_t *lp = a.lp, *sp = a.sp;
   std::vector<int64_t> row_lens(static_cast<size_t>(T));
   std::vector<TokenGroup> groups;
-  for (int64_t i = 0; i < S; ++i) {
+  for (int64_t i = 0; i < a.S; ++i) {
     const int64_t n = sp[i + 1] - sp[i];
-    TORCH_CHECK(n >= 0 && n <= lp[i], op, ": sequence ", i, " has ", n, " new tokens but seq_lens[", i, "] = ", lp[i]);
     if (n == 0) continue;
-    check_table(op, tp + i * width, width, lp[i], block_size, k_cache.size(0), i);
     for (int64_t j = 0; j < n; ++j) row_lens[sp[i] + j] = lp[i] - n + j + 1;
     for (int64_t j = 0; j < n; j += kGroupTokens) groups.push_back({i, sp[i] + j, std::min(kGroupTokens, n - j), 0, 0});
   }
   for (TokenGroup& g : groups) group_chunks(g, row_lens.data(), window);
-  return attend_groups(q, k_cache, v_cache, shape, tp, width, row_lens.data(), groups, block_size, scale, window,
+  return attend_groups(q, k_cache, v_cache, shape, a.tp, a.width, row_lens.data(), groups, block_size, scale, window,
                        softcap);
 }
 
