@@ -525,64 +525,68 @@ def test_results_do_not_depend_on_the_thread_count(native, name, isa, rng):
     assert torch.equal(two[0], two[2][:1]) and torch.equal(two[1], two[2][:3])
 
 
-# -- q4_0 interleaved by 8 rows (the AVX2 tiles' other layout) ----------------------------------------------
+# -- q4_0 and q4_K interleaved by 8 rows (the AVX2 tiles' other layout) ---------------------------------------
 
-IL_SHAPES = [(8, 32), (16, 96), (40, 256), (136, 1024), (24, 4096)]
-
-
-def interleaved_q4_0(x: torch.Tensor, qw: torch.Tensor, bias: torch.Tensor | None = None, *,
-                     out_f32: bool = False) -> torch.Tensor:
-    return ops.qmatmul_q4_0(x, interleave.interleave("q4_0", qw), bias, out_f32=out_f32)
+IL_SHAPES = {"q4_0": [(8, 32), (16, 96), (40, 256), (136, 1024), (24, 4096)],
+             "q4k": [(8, 256), (16, 512), (40, 256), (136, 1024), (24, 4096)]}
+IL_TYPES = sorted(interleave.TYPES)
 
 
-def test_the_avx2_q4_0_kernel_asks_for_its_layout():
-    assert ops.qmatmul_q4_0.interleave == interleave.ROWS
-    assert not hasattr(ops.qmatmul_q4_0_vnni, "interleave") and not hasattr(ops.qmatmul_q8_0, "interleave")
+def test_the_avx2_kernels_ask_for_their_layout():
+    assert IL_TYPES == ["q4_0", "q4k"]
+    for name in IL_TYPES:
+        assert kernel(name, "avx2").interleave == interleave.ROWS
+        assert not hasattr(kernel(name, "vnni"), "interleave")
+    assert not hasattr(ops.qmatmul_q8_0, "interleave") and not hasattr(ops.qmatmul_q6k, "interleave")
 
 
 @requires_avx2
-@pytest.mark.parametrize("n,k", IL_SHAPES)
-def test_interleaved_q4_0_matches_the_exact_emulation(native, n, k, rng):
+@pytest.mark.parametrize("name,n,k", [(name, n, k) for name in IL_TYPES for n, k in IL_SHAPES[name]])
+def test_interleaved_matches_the_exact_emulation(native, name, n, k, rng):
     """GEMV (1..4 rows of x) and GEMM tiles (4 rows of x and their tails) on W interleaved by 8 rows agree with
     llama.cpp's arithmetic done exactly, to fp32 rounding."""
-    qw = random_qweight("q4_0", n, k, rng)
+    qw = random_qweight(name, n, k, rng)
+    il = interleave.interleave(name, qw)
     x = randn(rng, max(ROWS), k)
-    exact, mag = emulate("q4_0", x, qw)
+    exact, mag = emulate(name, x, qw)
     for m in ROWS:
-        y = interleaved_q4_0(x[:m], qw, out_f32=True)
+        y = kernel(name, "avx2")(x[:m], il, out_f32=True)
         assert y.shape == (m, n)
-        _check_exact(y, x[:m], qw, "q4_0", emulated=(exact[:m], mag[:m]))
+        _check_exact(y, x[:m], qw, name, emulated=(exact[:m], mag[:m]))
 
 
 @requires_avx2
+@pytest.mark.parametrize("name", IL_TYPES)
 @pytest.mark.parametrize("out_f32", [False, True])
-def test_interleaved_q4_0_rows_do_not_depend_on_the_batch_or_threads(native, out_f32, rng):
-    qw = interleave.interleave("q4_0", random_qweight("q4_0", 72, 512, rng))
+def test_interleaved_rows_do_not_depend_on_the_batch_or_threads(native, name, out_f32, rng):
+    fn = kernel(name, "avx2")
+    qw = interleave.interleave(name, random_qweight(name, 72, 512, rng))
     b = randn(rng, 72)
     x = randn(rng, 300, 512)
-    full = ops.qmatmul_q4_0(x, qw, b, out_f32=out_f32)
-    alone = torch.cat([ops.qmatmul_q4_0(x[i:i + 1], qw, b, out_f32=out_f32) for i in range(300)])
+    full = fn(x, qw, b, out_f32=out_f32)
+    alone = torch.cat([fn(x[i:i + 1], qw, b, out_f32=out_f32) for i in range(300)])
     assert torch.equal(full, alone)
     for m in (2, 3, 4, 5, 9, 33):
         for start in (0, 7, 300 - m):
-            assert torch.equal(ops.qmatmul_q4_0(x[start:start + m], qw, b, out_f32=out_f32), full[start:start + m])
+            assert torch.equal(fn(x[start:start + m], qw, b, out_f32=out_f32), full[start:start + m])
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = ops.qmatmul_q4_0(x, qw, b, out_f32=out_f32)
+        one = fn(x, qw, b, out_f32=out_f32)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, full)
 
 
 @requires_avx2
-def test_interleaved_q4_0_inputs_the_kernel_does_not_take_give_the_references_result(native, rng):
+@pytest.mark.parametrize("name", IL_TYPES)
+def test_interleaved_inputs_the_kernel_does_not_take_give_the_references_result(native, name, rng):
     """fp16 activations and autograd go to the reference, which takes the interleaved layout too."""
-    qw = random_qweight("q4_0", 16, 256, rng)
-    il = interleave.interleave("q4_0", qw)
-    ref = ops.reference("qmatmul_q4_0")
+    qw = random_qweight(name, 16, 256, rng)
+    il = interleave.interleave(name, qw)
+    ref = ops.reference(f"qmatmul_{name}")
     for x in (randn(rng, 3, 256).half(), randn(rng, 3, 256).requires_grad_()):
-        assert torch.equal(ops.qmatmul_q4_0(x, il), ref(x, qw))
+        assert torch.equal(kernel(name, "avx2")(x, il), ref(x, qw))
 
 
 # -- fallbacks ----------------------------------------------------------------------------------------

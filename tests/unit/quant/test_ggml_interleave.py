@@ -36,6 +36,25 @@ def test_layout_round_trips_and_is_group_local():
     assert not interleave.can_interleave("q4_0", 20) and not interleave.can_interleave("q8_0", 24)
 
 
+def test_q4k_layout_round_trips_every_bit_pattern_and_is_group_local():
+    """q4_K's layout decodes the packed 6-bit scales and mins; random bytes (every scale bit pattern) come back."""
+    q = torch.randint(0, 256, (24, 2 * 144), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    il = interleave.interleave("q4k", q)
+    assert il.shape == (3, 2 * 1184) and interleave.row_bytes("q4k", 512) == 2 * 1184
+    assert torch.equal(interleave.deinterleave("q4k", il), q)
+    blk = q[8 + 5, 144:288]  # group 1, row 5, block 1
+    grp = il[1, 1184:]
+    assert torch.equal(grp[10:12], blk[0:2]) and torch.equal(grp[16 + 10:16 + 12], blk[2:4])  # d, dmin
+    s = blk[4:16].long()
+    scale6 = (s[8 + 2] & 15) | ((s[2] >> 6) << 4)  # scale 6 (llama.cpp's get_scale_min_k4)
+    min3 = s[7] & 63
+    assert grp[32 + 8 * 6 + 5] == scale6 and grp[96 + 16 * 1 + 2 * 5 + 1] == min3
+    assert torch.equal(grp[160 + 256 * 2 + 32 * 3 + 4 * 5:][:4], blk[16 + 32 * 2 + 4 * 3:][:4])  # chunk 2, quad 3
+    assert torch.equal(interleave.interleave("q4k", q[8:24]), il[1:])
+    rows = torch.tensor([[3, 17], [8, 23]])
+    assert torch.equal(interleave.deinterleave_rows("q4k", il, rows), q[rows.reshape(-1)])
+
+
 def _layer(n: int, k: int, monkeypatch, kernel) -> tuple[Linear, torch.Tensor]:
     """A q4_0 layer loaded from a float weight, with `kernel` as the device's qmatmul_q4_0."""
     monkeypatch.setattr(ggml_method, "lookup_kernel",
@@ -94,7 +113,7 @@ def test_interleaved_layers_fuse_into_an_interleaved_layer(monkeypatch):
     assert fuse_rows([a, c]) is None
 
 
-@pytest.mark.parametrize("qtype", ["q8_0", "q4k"])
+@pytest.mark.parametrize("qtype", ["q8_0", "q6k"])
 def test_other_types_have_no_interleaved_layout(qtype):
     with pytest.raises(ValueError, match="no interleaved layout"):
         interleave.interleave(qtype, torch.zeros(8, 34, dtype=torch.uint8))

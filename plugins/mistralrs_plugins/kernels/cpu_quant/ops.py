@@ -36,6 +36,7 @@ from mistralrs_plugins.kernels.native_build import cache_root, native_disabled  
 # The formats whose AVX2 tiles also take W interleaved by INTERLEAVE rows (that module's layout).
 from mistralrs_plugins.quant.ggml.interleave import ROWS as INTERLEAVE
 from mistralrs_plugins.quant.ggml.interleave import TYPES as INTERLEAVED
+from mistralrs_plugins.quant.ggml.interleave import row_bytes as interleave_row_bytes
 
 SOURCES = ("qmatmul.cpp", "qmatmul_avx512.cpp", "linear_bf16.cpp")
 HEADERS = ("avx2_common.h", "qmatmul.h", "../thread_pool.h")
@@ -115,11 +116,11 @@ _X_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _kernel_takes(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None, elems: int,
-                  nbytes: int, rows: int = 1) -> bool:
+                  row_bytes: int, rows: int = 1) -> bool:
     """Whether the kernel computes this call (cheap checks only: this runs for every decode matmul). `rows`:
-    W's rows per row of `qweight` (8: interleaved, quant/ggml/interleave.py)."""
+    W's rows per row of `qweight` (8: interleaved, quant/ggml/interleave.py), of `row_bytes` bytes."""
     k = x.shape[-1] if x.dim() else 0
-    return k != 0 and k % elems == 0 and qweight.dim() == 2 and qweight.shape[1] == k // elems * nbytes * rows and \
+    return k != 0 and k % elems == 0 and qweight.dim() == 2 and qweight.shape[1] == row_bytes and \
         _operands_take(x, qweight, bias, rows)
 
 
@@ -145,10 +146,13 @@ def _operands_take(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | 
 def _qmatmul(name: str, x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None,
              out_f32: bool, vnni: bool = False) -> torch.Tensor:
     elems, nbytes, _act, qtype = FORMATS[name]
-    # W interleaved by INTERLEAVE rows (the AVX2 q4_0 tiles), else canonical
-    rows = INTERLEAVE if not vnni and name in INTERLEAVED and x.dim() and \
-        qweight.dim() == 2 and qweight.shape[-1] != x.shape[-1] // elems * nbytes else 1
-    if _kernel_takes(x, qweight, bias, elems, nbytes, rows) and (not vnni or has_avx512_vnni()):
+    k = x.shape[-1] if x.dim() else 0
+    row_bytes = k // elems * nbytes
+    rows = 1
+    # W interleaved by INTERLEAVE rows (the AVX2 q4_0 and q4_K tiles), else canonical
+    if not vnni and name in INTERLEAVED and qweight.dim() == 2 and qweight.shape[-1] != row_bytes:
+        rows, row_bytes = INTERLEAVE, interleave_row_bytes(name, k)
+    if _kernel_takes(x, qweight, bias, elems, row_bytes, rows) and (not vnni or has_avx512_vnni()):
         ext = _native()
         if ext is not None:
             op = ext.qmatmul_vnni if vnni else ext.qmatmul
@@ -180,8 +184,12 @@ def qmatmul_q8_0(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | No
 
 def qmatmul_q4k(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None = None, *,
                 out_f32: bool = False) -> torch.Tensor:
-    """``x @ dequant(W).T + b`` for q4_K weights (x quantized to q8_K per row, int8 dot products)."""
+    """``x @ dequant(W).T + b`` for q4_K weights (x quantized to q8_K per row, int8 dot products). W canonical or
+    interleaved by 8 rows, which this kernel asks for (as `qmatmul_q4_0`)."""
     return _qmatmul("q4k", x, qweight, bias, out_f32)
+
+
+qmatmul_q4k.interleave = INTERLEAVE  # type: ignore[attr-defined]
 
 
 def qmatmul_q5k(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None = None, *,

@@ -468,6 +468,69 @@ void tile_q4_0x8(const Act& a, int64_t m0, const uint8_t* const* w, float* out) 
     _mm256_storeu_ps(out + (m * NG + g) * kInterleave, acc[m][g]);
 }
 
+// q4_K interleaved by 8 rows (quant/ggml/interleave.py: per block and group, the 8 rows' d and dmin, their
+// decoded 6-bit scales by sub-block, their mins in pairs, then chunk j's quads t: row r's quant bytes 32j + 4t ..
+// at 4r). Lanes are rows of W, as in tile_q4_0x8. Per sub-block (the low or high nibbles of chunk j): 8 maddubs
+// with the activations' matching 4 bytes broadcast, added in int16 (at most 8 * 2 * 15 * 127 = 30480: no
+// overflow), madd with the row's scale in both int16 lanes of its pair gives scale * (q . y) exactly in int32;
+// sumi is their sum over the 8 sub-blocks; msum = sum over sub-blocks of min * bsum32 (madd of the mins' pairs with
+// the activations' pairs of sums). An output's arithmetic: acc = fmadd(fp32(d) * d_x, float(sumi), acc), then acc =
+// fnmadd(fp32(dmin) * d_x, float(msum), acc), per block, in block order, from 0; no horizontal sum. The same in
+// every tile, so a row's result does not depend on the batch.
+template <int MR, int NG>
+void tile_q4_Kx8(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
+  constexpr int64_t kGB = interleaved_block_bytes(kQ4_K);
+  constexpr int64_t kPrefetchBlocks = 2;
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const int64_t nb = a.nb, K = a.K;
+  __m256 acc[MR][NG];
+  UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int g = 0; g < NG; ++g) acc[m][g] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    UNROLL for (int g = 0; g < NG; ++g) {
+      const uint8_t* p = w[g] + b * kGB;
+      if constexpr (MR <= 2) {  // decode reads W from DRAM: the block after next, all its lines
+        UNROLL for (int l = 0; l < 19; ++l)
+          _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBlocks * kGB + 64 * l), _MM_HINT_T0);
+      }
+      __m256i sumi[MR];
+      UNROLL for (int m = 0; m < MR; ++m) sumi[m] = _mm256_setzero_si256();
+      UNROLL for (int j = 0; j < 4; ++j) {
+        UNROLL for (int half = 0; half < 2; ++half) {  // low nibbles: sub-block 2j; high: 2j + 1
+          __m256i acc16[MR];
+          UNROLL for (int t = 0; t < 8; ++t) {
+            const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 160 + 256 * j + 32 * t));
+            const __m256i q = half ? _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4) : _mm256_and_si256(raw, m4);
+            UNROLL for (int m = 0; m < MR; ++m) {
+              const int32_t* y = reinterpret_cast<const int32_t*>(a.qs + (m0 + m) * K + b * kQKK + 64 * j + 32 * half);
+              const __m256i p16 = _mm256_maddubs_epi16(q, _mm256_set1_epi32(y[t]));
+              acc16[m] = t == 0 ? p16 : _mm256_add_epi16(acc16[m], p16);
+            }
+          }
+          const __m128i s8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 32 + 8 * (2 * j + half)));
+          const __m256i sc = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(s8, s8));  // row r's scale in int16 2r, 2r + 1
+          UNROLL for (int m = 0; m < MR; ++m) sumi[m] = _mm256_add_epi32(sumi[m], _mm256_madd_epi16(acc16[m], sc));
+        }
+      }
+      const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      const __m256 dmw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
+      __m256i mins[4];  // pair q: row r's mins 2q, 2q + 1 in int16 2r, 2r + 1
+      UNROLL for (int q = 0; q < 4; ++q)
+        mins[q] = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 96 + 16 * q)));
+      UNROLL for (int m = 0; m < MR; ++m) {
+        const int64_t ab = (m0 + m) * nb + b;
+        const int32_t* bs = reinterpret_cast<const int32_t*>(a.bs32 + ab * 8);  // the sums of 32, in pairs
+        __m256i ms = _mm256_madd_epi16(mins[0], _mm256_set1_epi32(bs[0]));
+        UNROLL for (int q = 1; q < 4; ++q) ms = _mm256_add_epi32(ms, _mm256_madd_epi16(mins[q], _mm256_set1_epi32(bs[q])));
+        const __m256 dx = _mm256_set1_ps(a.d[ab]);
+        acc[m][g] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(sumi[m]), acc[m][g]);
+        acc[m][g] = _mm256_fnmadd_ps(_mm256_mul_ps(dmw, dx), _mm256_cvtepi32_ps(ms), acc[m][g]);
+      }
+    }
+  }
+  UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int g = 0; g < NG; ++g)
+    _mm256_storeu_ps(out + (m * NG + g) * kInterleave, acc[m][g]);
+}
+
 // ---- driver -----------------------------------------------------------------------------------------
 
 constexpr int kGemvRows = 4;  // AVX2: M up to this: one pass over W with all rows in the tile
@@ -509,9 +572,19 @@ Tile tile_fn(int64_t t, int64_t mr, int64_t /*K*/) {
 static_assert(kGemmRows <= kMaxTileRowsOfX && kGemvRows <= kMaxTileRowsOfX, "tile_fn has tiles of up to 6 rows");
 
 // Interleaved q4_0: groups of 8 rows of W per tile; the GEMV takes several (independent accumulators, and one
-// stream through W each), the GEMM one (its unpacked group is 8 registers, used by every row of x).
+// stream through W each), the GEMM one (its unpacked group is 8 registers, used by every row of x). Interleaved
+// q4_K alike (its GEMV, DRAM-bound with two threads, was as fast with one group or two, with or without prefetching
+// further ahead, within this VM's noise; one thread: +20% on the canonical tile).
 constexpr int kInterleavedGemmRows = 4;
-Tile interleaved_fn(int64_t /*qtype: q4_0*/, int64_t mr) {
+Tile interleaved_fn(int64_t qtype, int64_t mr) {
+  if (qtype == kQ4_K) {
+    switch (mr) {
+      case 1: return {&tile_q4_Kx8<1, 2>, 2};
+      case 2: return {&tile_q4_Kx8<2, 1>, 1};
+      case 3: return {&tile_q4_Kx8<3, 1>, 1};
+      default: return {&tile_q4_Kx8<4, 1>, 1};
+    }
+  }
   switch (mr) {
     case 1: return {&tile_q4_0x8<1, 2>, 2};
     case 2: return {&tile_q4_0x8<2, 1>, 1};
@@ -658,7 +731,7 @@ void vnni_layout_row(int64_t qtype, const Act& a, int64_t r, int8_t* vq, uint8_t
 }
 
 // Quantize every row of x (fp32 or bf16, row stride ldx) to 8-bit blocks; `vnni`: also the AVX-512 VNNI layout;
-// `interleaved`: for the interleaved q4_0 tiles (-8 * sum(y) per block, c32).
+// `interleaved`: for the interleaved tiles (q4_0: -8 * sum(y) per block, c32).
 template <typename InT>
 Act quantize_rows(const InT* x, int64_t ldx, int64_t M, int64_t K, int64_t qtype, ActBuffers& buf, bool vnni = false,
                   bool interleaved = false) {
@@ -669,7 +742,7 @@ Act quantize_rows(const InT* x, int64_t ldx, int64_t M, int64_t K, int64_t qtype
   buf.qs.reset(new int8_t[M * K]);
   buf.d.reset(new float[M * a.nb]);
   if (qtype == kQ4_0 && !vnni && !interleaved) buf.c.reset(new int16_t[M * a.nb * 8]);
-  if (interleaved) buf.c32.reset(new int32_t[M * a.nb]);
+  if (interleaved && qtype == kQ4_0) buf.c32.reset(new int32_t[M * a.nb]);
   if (is_affine(qtype) && !vnni) buf.ys.reset(new float[M * a.nb]);
   if (kq) {
     buf.bs16.reset(new int16_t[M * a.nb * 16]);
@@ -761,9 +834,9 @@ at::Tensor qmatmul_with(const Kernels& kern, const at::Tensor& x, const at::Tens
     row_bytes = (K + kAffineSB - 1) / kAffineSB * affine_sb_bytes(qtype, pairs);
   } else {
     row_bytes = K / be * block_bytes(qtype);
-    // [N / 8, 8 * row_bytes]: q4_0 interleaved by 8 rows (quant/ggml/interleave.py)
-    interleaved = qtype == kQ4_0 && kern.interleaved != nullptr && row_bytes > 0 &&
-                  qweight.size(1) == kInterleave * row_bytes;
+    // [N / 8, nb * group block bytes]: q4_0 or q4_K interleaved by 8 rows (quant/ggml/interleave.py)
+    const int64_t ib = interleaved_block_bytes(qtype);
+    interleaved = ib > 0 && kern.interleaved != nullptr && row_bytes > 0 && qweight.size(1) == K / be * ib;
   }
   TORCH_CHECK(interleaved || qweight.size(1) == row_bytes, "qmatmul: qweight has ", qweight.size(1),
               " bytes per row, expected ", row_bytes, " for K = ", K);

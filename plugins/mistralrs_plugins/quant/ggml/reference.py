@@ -1,7 +1,7 @@
 """The torch reference of every ``qmatmul_<type>`` op: dequantize the blocks, matmul in fp32.
 
 ``qmatmul_<type>(x[M, K], qweight uint8[N, row_bytes], bias[N] | None, *, out_f32=False)``
-(or, for the types of `interleave.TYPES`, the interleaved [N / 8, 8 * row_bytes]) returns ``x @ W.T + b`` in x's dtype (fp32 with `out_f32`). Correct for every type and slow
+(or, for the types of `interleave.TYPES`, the interleaved [N / 8, interleave.row_bytes(K)]) returns ``x @ W.T + b`` in x's dtype (fp32 with `out_f32`). Correct for every type and slow
 (it dequantizes the whole weight per call); native kernels replace it where they run. The
 dequantize-only GGUF types (i-quants, TQ1_0/TQ2_0, MXFP4) have only this path. Also the reference of
 ``moe_experts_ggml`` (a mixture's experts of GGML blocks, stacked).
@@ -27,8 +27,9 @@ def in_features(name: str, qweight: torch.Tensor) -> int:
 def _make(name: str) -> Callable[..., torch.Tensor]:
     def qmatmul(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None = None, *,
                 out_f32: bool = False) -> torch.Tensor:
-        if qweight.dim() == 2 and in_features(name, qweight) == x.shape[-1] * interleave.ROWS and \
-                name in interleave.TYPES:  # a layer kept interleaved for a kernel that did not take this call
+        if name in interleave.TYPES and qweight.dim() == 2 and x.dim() and \
+                qweight.shape[-1] == interleave.row_bytes(name, x.shape[-1]) != 0:
+            # a layer kept interleaved for a kernel that did not take this call
             qweight = interleave.deinterleave(name, qweight)
         w = dequantize(name, qweight, in_features(name, qweight))
         y = F.linear(x.float(), w, None if bias is None else bias.float())
