@@ -443,22 +443,21 @@ void tile_q4_0x8(const Act& a, int64_t m0, const uint8_t* const* w, float* out) 
     UNROLL for (int g = 0; g < NG; ++g) {
       const uint8_t* p = w[g] + b * 144;
       const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-      __m256i q[8];  // q[k]: elements 4k..4k+3 (k < 4) or 16+4(k-4).. (k >= 4) of the 8 rows
-      UNROLL for (int k = 0; k < 4; ++k) {
-        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16 + 32 * k));
-        q[k] = _mm256_and_si256(raw, m4);
-        q[4 + k] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+      __m256i s16[MR];
+      // chunk k (k < 4: low nibbles, elements 4k..4k+3; k >= 4: high, 16+4(k-4)..) against the activations'
+      // int32 k, one chain of int16 adds per row of x (exact: no overflow, so the order does not matter)
+      UNROLL for (int k = 0; k < 8; ++k) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16 + 32 * (k & 3)));
+        const __m256i q = k < 4 ? _mm256_and_si256(raw, m4) : _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+        UNROLL for (int m = 0; m < MR; ++m) {
+          const int32_t* y = reinterpret_cast<const int32_t*>(a.qs + (m0 + m) * K + b * kQK);
+          const __m256i p16 = _mm256_maddubs_epi16(q, _mm256_set1_epi32(y[k]));
+          s16[m] = k == 0 ? p16 : keep(_mm256_add_epi16(s16[m], p16));
+        }
       }
       UNROLL for (int m = 0; m < MR; ++m) {
-        const int32_t* y = reinterpret_cast<const int32_t*>(a.qs + (m0 + m) * K + b * kQK);
-        __m256i p16[8];
-        UNROLL for (int k = 0; k < 8; ++k)  // q[k] holds elements 4k..4k+3: the activations' int32 k
-          p16[k] = _mm256_maddubs_epi16(q[k], _mm256_set1_epi32(y[k]));
-        const __m256i s16 = _mm256_add_epi16(
-            _mm256_add_epi16(_mm256_add_epi16(p16[0], p16[1]), _mm256_add_epi16(p16[2], p16[3])),
-            _mm256_add_epi16(_mm256_add_epi16(p16[4], p16[5]), _mm256_add_epi16(p16[6], p16[7])));
         const int64_t ab = (m0 + m) * nb + b;
-        const __m256i i32 = _mm256_add_epi32(_mm256_madd_epi16(s16, ones), _mm256_set1_epi32(a.c32[ab]));
+        const __m256i i32 = _mm256_add_epi32(_mm256_madd_epi16(s16[m], ones), _mm256_set1_epi32(a.c32[ab]));
         const __m256 dd = _mm256_mul_ps(dw, _mm256_set1_ps(a.d[ab]));
         acc[m][g] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(i32), acc[m][g]);
       }
@@ -503,12 +502,12 @@ void tile_q4_Kx8(const Act& a, int64_t m0, const uint8_t* const* w, float* out) 
             UNROLL for (int m = 0; m < MR; ++m) {
               const int32_t* y = reinterpret_cast<const int32_t*>(a.qs + (m0 + m) * K + b * kQKK + 64 * j + 32 * half);
               const __m256i p16 = _mm256_maddubs_epi16(q, _mm256_set1_epi32(y[t]));
-              acc16[m] = t == 0 ? p16 : _mm256_add_epi16(acc16[m], p16);
+              acc16[m] = t == 0 ? p16 : keep(_mm256_add_epi16(acc16[m], p16));
             }
           }
           const __m128i s8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 32 + 8 * (2 * j + half)));
           const __m256i sc = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(s8, s8));  // row r's scale in int16 2r, 2r + 1
-          UNROLL for (int m = 0; m < MR; ++m) sumi[m] = _mm256_add_epi32(sumi[m], _mm256_madd_epi16(acc16[m], sc));
+          UNROLL for (int m = 0; m < MR; ++m) sumi[m] = keep(_mm256_add_epi32(sumi[m], _mm256_madd_epi16(acc16[m], sc)));
         }
       }
       const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
