@@ -81,6 +81,13 @@ inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(r);
 }
 
+inline float hmax8(__m256 v) {
+  __m128 r = _mm_max_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+  r = _mm_max_ps(r, _mm_movehl_ps(r, r));
+  r = _mm_max_ss(r, _mm_movehdup_ps(r));
+  return _mm_cvtss_f32(r);
+}
+
 // exp(x) for fp32 lanes, as decode_ops.cpp's exp512: x = n ln2 + r, e^r by the Cephes expf polynomial, times 2^n
 // (built in the exponent bits); inputs below -87.3 give 0.
 inline __m256 exp8(__m256 x) {
@@ -184,6 +191,7 @@ struct Params {
 
 constexpr int64_t kChunk = 256;  // keys per work item; chunk c of a sequence holds its positions [c * kChunk, ..)
 constexpr int64_t kKeyBlock = 8;  // keys widened together (one vector of scores per query row)
+constexpr int64_t kSuperKeys = 64;  // keys widened per KV head before its query rows go by (a multiple of 8)
 constexpr int64_t kGroupTokens = 8;  // prefill: consecutive query tokens per work item (they share the widened keys)
 
 inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
@@ -222,24 +230,34 @@ inline void widen_row(const float* r, int64_t dim, int64_t width, float* d, int6
 }
 
 // The cache rows of positions [pos, pos + n) (n <= 8, found through the block table), heads [h0, h1), widened
-// (missing keys zero) into dst, per head 8 rows of `width`: row-major [8][width] (values), or with `interleave`
-// [width / 8][8 keys][8] (keys: the 8 keys' groups of 8 dims next to each other, so that the dot products walk
-// one pointer with constant offsets).
+// (missing keys zero) into dst, per head (head_stride floats apart) 8 rows of `width`: row-major [8][width]
+// (values), or with `interleave` [width / 8][8 keys][8] (keys: the 8 keys' groups of 8 dims next to each other, so
+// that the dot products walk one pointer with constant offsets).
 template <typename T>
 void widen_keys(const T* cache, int64_t s0, int64_t s1, const int64_t* table, int64_t bs, int64_t pos, int64_t n,
-                int64_t h0, int64_t h1, int64_t dim, int64_t width, float* dst, bool interleave) {
+                int64_t h0, int64_t h1, int64_t dim, int64_t width, float* dst, bool interleave, int64_t head_stride) {
   int64_t slots[kKeyBlock];
   for (int64_t j = 0; j < n; ++j) slots[j] = table[(pos + j) / bs] * bs + (pos + j) % bs;
   const int64_t stride = interleave ? 8 * kKeyBlock : 8;
   for (int64_t h = h0; h < h1; ++h)
     for (int64_t j = 0; j < kKeyBlock; ++j) {
-      float* d = dst + (h - h0) * kKeyBlock * width + (interleave ? 8 * j : j * width);
+      float* d = dst + (h - h0) * head_stride + (interleave ? 8 * j : j * width);
       if (j < n) {
         widen_row(cache + slots[j] * s0 + h * s1, dim, width, d, stride);
       } else {
         for (int64_t c = 0; c < width / 8; ++c) _mm256_storeu_ps(d + c * stride, _mm256_setzero_ps());
       }
     }
+}
+
+// The largest of s[a0 .. a1) (a1 > a0; exact, so the order does not matter).
+inline float max_of(const float* s, int64_t a0, int64_t a1) {
+  __m256 m = _mm256_set1_ps(-INFINITY);
+  int64_t j = a0;
+  for (; j + 8 <= a1; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + j));
+  float mx = hmax8(m);
+  for (; j < a1; ++j) mx = std::max(mx, s[j]);
+  return mx;
 }
 
 // out[0 : 8 NV] += sum_j p[j] v[j * ld + 0 : 8 NV] over the n keys in order (NV vectors in registers).
@@ -258,6 +276,33 @@ void pv_dims(const float* p, int64_t n, const float* v, int64_t ld, float* out) 
 }
 using PvFn = void (*)(const float*, int64_t, const float*, int64_t, float*);
 
+// pv_dims for two rows (weights p0, p1; outputs o0, o1) over the same values: each loaded vector of V serves both
+// rows (the loads, not the fmadds, bound pv_dims), each output's chain the same as pv_dims's.
+template <int NV>
+void pv_dims2(const float* p0, const float* p1, int64_t n, const float* v, int64_t ld, float* o0, float* o1) {
+  __m256 a[NV], b[NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < NV; ++i) {
+    a[i] = _mm256_loadu_ps(o0 + 8 * i);
+    b[i] = _mm256_loadu_ps(o1 + 8 * i);
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const __m256 w0 = _mm256_set1_ps(p0[j]), w1 = _mm256_set1_ps(p1[j]);
+#pragma GCC unroll 8
+    for (int i = 0; i < NV; ++i) {
+      const __m256 vv = _mm256_loadu_ps(v + j * ld + 8 * i);
+      a[i] = _mm256_fmadd_ps(w0, vv, a[i]);
+      b[i] = _mm256_fmadd_ps(w1, vv, b[i]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < NV; ++i) {
+    _mm256_storeu_ps(o0 + 8 * i, a[i]);
+    _mm256_storeu_ps(o1 + 8 * i, b[i]);
+  }
+}
+using Pv2Fn = void (*)(const float*, const float*, int64_t, const float*, int64_t, float*, float*);
+
 // The rows of one work item: R consecutive query tokens of a sequence (one block table), each with Hq heads
 // (pre-scaled, permuted, zero-padded into qf [R][Hq][Dp]), and for each token the key positions it attends to
 // within the item's chunk: [ka[r], ke[r]) inside [k0, k1) (empty: the token does not reach this chunk).
@@ -271,57 +316,73 @@ struct Rows {
 // Chunk [k0, k1) of a sequence (k0 a multiple of 8) against its rows: per (token, query head) the chunk's scores
 // (fp32 dot products), a softmax within the chunk and P @ V. Per row: m (its largest score here), l (the sum of
 // exp(score - m): 8 lanes by key position mod 8, then a fixed tree) and acc [Dv] (the sum of exp(score - m) V, in
-// key order) into part [R][Hq][Dvp + 2]. Keys are read 8
-// slots at a time across the item's KV heads (the rows are contiguous in the cache). A row's arithmetic depends
+// key order) into part [R][Hq][Dvp + 2]. Keys (then values) are widened kSuperKeys at a time for all the item's KV
+// heads (16 KB a head at head dim 64: it stays in L1 while the head's query rows go by), so that P @ V keeps its
+// sums in registers across a super-block and the cache is read row by row.
+// A row computes the 8-key blocks that hold some key of its range [ka, ke), no others. Its arithmetic depends
 // only on its own query and key range: keys outside its range get exactly zero weight, whatever else the item
 // holds, so a token computes alone (decode) what it computes among the others of its prompt (prefill).
 template <typename T>
 void attend_chunk(const Rows& rows, const T* kc, const T* vc, const int64_t* table, int64_t k0, int64_t k1,
                   int64_t h0, int64_t h1, const Params& p, float* part, std::vector<float>& scratch) {
-  const int64_t G = p.G, Hq = p.Hq, Hk = h1 - h0, bs = p.block_size, q0 = h0 * G, q1 = h1 * G, R = rows.R;
+  const int64_t G = p.G, Hq = p.Hq, bs = p.block_size, R = rows.R;
   const int64_t Dp = round16(p.D), Dvp = round16(p.Dv), n = k1 - k0, np = (n + 7) / 8 * 8;
-  scratch.resize(static_cast<size_t>(R * Hq * np + Hk * kKeyBlock * std::max(Dp, Dvp)));
+  const int64_t hs = kSuperKeys * std::max(Dp, Dvp);  // floats per KV head of widened keys or values
+  scratch.resize(static_cast<size_t>(R * Hq * np + (h1 - h0) * hs));
   float* sc = scratch.data();      // [R][Hq][np] scores, then weights
-  float* kw = sc + R * Hq * np;    // [Hk][Dp / 8][8][8] widened keys (then values: [Hk][8][Dvp])
-  for (int64_t j0 = 0; j0 < n; j0 += kKeyBlock) {
-    widen_keys(kc, p.k_s0, p.k_s1, table, bs, k0 + j0, std::min(kKeyBlock, n - j0), h0, h1, p.D, Dp, kw, true);
-    for (int64_t r = 0; r < R; ++r) {
-      if (rows.ke[r] <= k0 + j0 || rows.ka[r] >= k0 + j0 + kKeyBlock) continue;  // no key of this block
-      for (int64_t hq = q0; hq < q1; ++hq) {
-        const float* kh = kw + (hq / G - h0) * kKeyBlock * Dp;
-        const float* qr = rows.qf + (r * Hq + hq) * Dp;
-        __m256 a[kKeyBlock];
+  float* kw = sc + R * Hq * np;    // per head: [kSuperKeys / 8][Dp / 8][8][8] widened keys (values: [kSuperKeys][Dvp])
+  // The keys [b0, b1) (relative to k0, multiples of 8 but for b1 = n) of the blocks row r computes, within [s0, s1).
+  auto blocks = [&](int64_t r, int64_t s0, int64_t s1, int64_t& b0, int64_t& b1) {
+    b0 = std::max(s0, (rows.ka[r] - k0) / kKeyBlock * kKeyBlock);
+    b1 = std::min(s1, (rows.ke[r] - k0 + kKeyBlock - 1) / kKeyBlock * kKeyBlock);
+    if (rows.ke[r] <= rows.ka[r]) b1 = b0;  // not reached
+  };
+  // Scores: the keys of a super-block widened for all the item's KV heads (read from the cache row by row), then
+  // each head's query rows.
+  for (int64_t s0 = 0; s0 < n; s0 += kSuperKeys) {
+    const int64_t s1 = std::min(n, s0 + kSuperKeys);
+    for (int64_t j0 = s0; j0 < s1; j0 += kKeyBlock)
+      widen_keys(kc, p.k_s0, p.k_s1, table, bs, k0 + j0, std::min(kKeyBlock, s1 - j0), h0, h1, p.D, Dp,
+                 kw + (j0 - s0) * Dp, true, hs);
+    for (int64_t h = h0; h < h1; ++h) {
+      for (int64_t r = 0; r < R; ++r) {
+        int64_t b0, b1;
+        blocks(r, s0, s1, b0, b1);
+        for (int64_t hq = h * G; hq < (h + 1) * G; ++hq) {
+          const float* qr = rows.qf + (r * Hq + hq) * Dp;
+          for (int64_t j0 = b0; j0 < b1; j0 += kKeyBlock) {
+            const float* kh = kw + (h - h0) * hs + (j0 - s0) * Dp;
+            __m256 a[kKeyBlock];
 #pragma GCC unroll 8
-        for (int j = 0; j < kKeyBlock; ++j) a[j] = _mm256_setzero_ps();
-        for (int64_t d = 0; d < Dp; d += 8) {
-          const __m256 qv = _mm256_loadu_ps(qr + d);
-          const float* kd = kh + d * kKeyBlock;
+            for (int j = 0; j < kKeyBlock; ++j) a[j] = _mm256_setzero_ps();
+            for (int64_t d = 0; d < Dp; d += 8) {
+              const __m256 qv = _mm256_loadu_ps(qr + d);
+              const float* kd = kh + d * kKeyBlock;
 #pragma GCC unroll 8
-          for (int j = 0; j < kKeyBlock; ++j) a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kd + 8 * j), a[j]);
+              for (int j = 0; j < kKeyBlock; ++j) a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kd + 8 * j), a[j]);
+            }
+            _mm256_storeu_ps(sc + (r * Hq + hq) * np + j0, hsum8x8(a));
+          }
         }
-        _mm256_storeu_ps(sc + (r * Hq + hq) * np + j0, hsum8x8(a));
       }
     }
   }
   // Softmax within the chunk over each row's own keys (every other weight exactly 0).
   for (int64_t r = 0; r < R; ++r) {
     const int64_t a0 = std::max<int64_t>(0, rows.ka[r] - k0), a1 = std::min(n, rows.ke[r] - k0);
-    for (int64_t hq = q0; hq < q1; ++hq) {
+    for (int64_t hq = h0 * G; hq < h1 * G; ++hq) {
       float* s = sc + (r * Hq + hq) * np;
       float* out = part + (r * Hq + hq) * (Dvp + 2);
       std::memset(out, 0, static_cast<size_t>(Dvp + 2) * 4);
-      if (a1 <= a0) {
-        std::memset(s, 0, static_cast<size_t>(np) * 4);
-        continue;
-      }
+      if (a1 <= a0) continue;
       if (p.softcap > 0.0f)
         for (int64_t j = a0; j < a1; ++j) s[j] = p.softcap * std::tanh(s[j] / p.softcap);
-      float mx = -INFINITY;
-      for (int64_t j = a0; j < a1; ++j) mx = std::max(mx, s[j]);
+      const float mx = max_of(s, a0, a1);
       const __m256 mv = _mm256_set1_ps(mx);
       const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
       __m256 tot = _mm256_setzero_ps();  // lane = key position mod 8 (k0 is a multiple of 8): the same sums
-      for (int64_t j = 0; j < np; j += 8) {  // whatever else the item holds
+      const int64_t e0 = a0 / 8 * 8, e1 = (a1 + 7) / 8 * 8;  // whatever else the item holds
+      for (int64_t j = e0; j < e1; j += 8) {
         const __m256i idx = _mm256_add_epi32(lane, _mm256_set1_epi32(static_cast<int>(j)));
         const __m256i in = _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(a0)), idx),
                                                _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(a1)), idx));
@@ -333,20 +394,36 @@ void attend_chunk(const Rows& rows, const T* kc, const T* vc, const int64_t* tab
       out[Dvp + 1] = hsum8(tot);
     }
   }
-  // P @ V: per row, its Dv sums in registers (8 dims at a time, up to 64), the keys in order.
-  for (int64_t j0 = 0; j0 < n; j0 += kKeyBlock) {
-    const int64_t nk = std::min(kKeyBlock, n - j0);
-    widen_keys(vc, p.v_s0, p.v_s1, table, bs, k0 + j0, nk, h0, h1, p.Dv, Dvp, kw, false);
-    for (int64_t r = 0; r < R; ++r) {
-      if (rows.ke[r] <= k0 + j0 || rows.ka[r] >= k0 + j0 + kKeyBlock) continue;  // only zero weights here
-      for (int64_t hq = q0; hq < q1; ++hq) {
-        const float* vh = kw + (hq / G - h0) * kKeyBlock * Dvp;
-        const float* pr = sc + (r * Hq + hq) * np + j0;
-        float* out = part + (r * Hq + hq) * (Dvp + 2);
-        for (int64_t d0 = 0; d0 < Dvp; d0 += 64) {
-          static constexpr PvFn kPv[9] = {nullptr, &pv_dims<1>, &pv_dims<2>, &pv_dims<3>, &pv_dims<4>,
-                                          &pv_dims<5>, &pv_dims<6>, &pv_dims<7>, &pv_dims<8>};
-          kPv[std::min<int64_t>(8, (Dvp - d0) / 8)](pr, nk, vh + d0, Dvp, out + d0);
+  // P @ V: per row (two query heads at a time), its sums in registers across a super-block's keys, in order.
+  for (int64_t s0 = 0; s0 < n; s0 += kSuperKeys) {
+    const int64_t s1 = std::min(n, s0 + kSuperKeys);
+    for (int64_t j0 = s0; j0 < s1; j0 += kKeyBlock)
+      widen_keys(vc, p.v_s0, p.v_s1, table, bs, k0 + j0, std::min(kKeyBlock, s1 - j0), h0, h1, p.Dv, Dvp,
+                 kw + (j0 - s0) * Dvp, false, hs);
+    for (int64_t h = h0; h < h1; ++h) {
+      for (int64_t r = 0; r < R; ++r) {
+        int64_t b0, b1;
+        blocks(r, s0, s1, b0, b1);
+        if (b1 <= b0) continue;
+        const float* vh = kw + (h - h0) * hs + (b0 - s0) * Dvp;
+        for (int64_t hq = h * G; hq < (h + 1) * G;) {
+          const float* pr = sc + (r * Hq + hq) * np + b0;
+          float* out = part + (r * Hq + hq) * (Dvp + 2);
+          if (hq + 1 < (h + 1) * G) {  // two query heads: each loaded vector of V serves both
+            for (int64_t d0 = 0; d0 < Dvp; d0 += 32) {
+              static constexpr Pv2Fn kPv2[5] = {nullptr, &pv_dims2<1>, &pv_dims2<2>, &pv_dims2<3>, &pv_dims2<4>};
+              kPv2[std::min<int64_t>(4, (Dvp - d0) / 8)](pr, pr + np, b1 - b0, vh + d0, Dvp, out + d0,
+                                                         out + Dvp + 2 + d0);
+            }
+            hq += 2;
+            continue;
+          }
+          for (int64_t d0 = 0; d0 < Dvp; d0 += 64) {
+            static constexpr PvFn kPv[9] = {nullptr, &pv_dims<1>, &pv_dims<2>, &pv_dims<3>, &pv_dims<4>,
+                                            &pv_dims<5>, &pv_dims<6>, &pv_dims<7>, &pv_dims<8>};
+            kPv[std::min<int64_t>(8, (Dvp - d0) / 8)](pr, b1 - b0, vh + d0, Dvp, out + d0);
+          }
+          ++hq;
         }
       }
     }
@@ -389,14 +466,24 @@ at::Tensor attend_groups(const at::Tensor& q, const at::Tensor& k_cache, const a
   auto item_part = [&](int64_t gi, int64_t c) {
     return part.data() + base[gi] + (c - groups[gi].c0) * groups[gi].ntok * row_floats;
   };
+  // Per-token work before and after the items (query widening, the chunks' combination) runs on the pool too
+  // when there are many tokens (a prefill): serial, it was ~15% of a 512-token prompt's time on 2 threads.
+  auto per_token = [&](auto&& fn) {
+    if (T >= 16)
+      mistralrs_pool::parallel_for(0, T, 1, fn);
+    else
+      fn(0, T);
+  };
   auto run = [&](auto* qp, auto* kp, auto* vp, auto* op_) {
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t hq = 0; hq < Hq; ++hq) {
-        float* qr = qf.data() + (t * Hq + hq) * Dp;
-        widen_row(qp + t * p.q_s0 + hq * p.q_s1, D, Dp, qr);
-        for (int64_t d = 0; d < Dp; d += 8)
-          _mm256_storeu_ps(qr + d, _mm256_mul_ps(_mm256_loadu_ps(qr + d), _mm256_set1_ps(p.scale)));
-      }
+    per_token([&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t)
+        for (int64_t hq = 0; hq < Hq; ++hq) {
+          float* qr = qf.data() + (t * Hq + hq) * Dp;
+          widen_row(qp + t * p.q_s0 + hq * p.q_s1, D, Dp, qr);
+          for (int64_t d = 0; d < Dp; d += 8)
+            _mm256_storeu_ps(qr + d, _mm256_mul_ps(_mm256_loadu_ps(qr + d), _mm256_set1_ps(p.scale)));
+        }
+    });
     // Few items (batch-1 decode of a short context): each also split into groups of KV heads, so that every
     // thread gets work. Heads are independent: the split changes no result.
     const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
@@ -433,10 +520,15 @@ at::Tensor attend_groups(const at::Tensor& q, const at::Tensor& k_cache, const a
     else
       mistralrs_pool::parallel_for(0, items * split, 1, work);
     // Combine each row's chunks in order: out = sum_c exp(m_c - M) acc_c / sum_c exp(m_c - M) l_c.
-    std::vector<float> o(static_cast<size_t>(Dvp));
-    for (size_t gi = 0; gi < groups.size(); ++gi) {
-      const TokenGroup& g = groups[gi];
-      for (int64_t t = 0; t < g.ntok; ++t) {
+    std::vector<int64_t> group_at(static_cast<size_t>(T));  // the group of each query row
+    for (size_t gi = 0; gi < groups.size(); ++gi)
+      for (int64_t t = 0; t < groups[gi].ntok; ++t) group_at[groups[gi].row + t] = static_cast<int64_t>(gi);
+    per_token([&](int64_t r0, int64_t r1) {
+      std::vector<float> o(static_cast<size_t>(Dvp));
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t gi = group_at[r];
+        const TokenGroup& g = groups[gi];
+        const int64_t t = r - g.row;
         const int64_t len = lens[g.row + t];
         const int64_t ca = start_of(len) / kChunk, cb = (len - 1) / kChunk + 1;  // the token's chunks
         for (int64_t hq = 0; hq < Hq; ++hq) {
@@ -455,10 +547,18 @@ at::Tensor attend_groups(const at::Tensor& q, const at::Tensor& k_cache, const a
           const float inv = 1.0f / L;
           auto* dst = op_ + (g.row + t) * Hq * Dv + hq * Dv;
           using OutT = std::remove_reference_t<decltype(*dst)>;
-          for (int64_t d = 0; d < Dv; ++d) dst[d] = static_cast<OutT>(o[permuted(d)] * inv);
+          const __m256 iv = _mm256_set1_ps(inv);
+          int64_t d = 0;
+          for (; d + 16 <= Dv; d += 16) {  // back in order: each 16 dims are 8 even ones, then 8 odd ones
+            const __m256 ev = _mm256_loadu_ps(o.data() + d), od = _mm256_loadu_ps(o.data() + d + 8);
+            const __m256 lo = _mm256_unpacklo_ps(ev, od), hi = _mm256_unpackhi_ps(ev, od);
+            store8(dst + d, _mm256_mul_ps(_mm256_permute2f128_ps(lo, hi, 0x20), iv), 8);
+            store8(dst + d + 8, _mm256_mul_ps(_mm256_permute2f128_ps(lo, hi, 0x31), iv), 8);
+          }
+          for (; d < Dv; ++d) dst[d] = static_cast<OutT>(o[permuted(d)] * inv);
         }
       }
-    }
+    });
   };
   if (q.scalar_type() == at::kFloat)
     run(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), out.data_ptr<float>());
