@@ -525,15 +525,16 @@ def test_results_do_not_depend_on_the_thread_count(native, name, isa, rng):
     assert torch.equal(two[0], two[2][:1]) and torch.equal(two[1], two[2][:3])
 
 
-# -- q4_0 and q4_K interleaved by 8 rows (the AVX2 tiles' other layout) ---------------------------------------
+# -- q4_0, q4_K and q5_K interleaved by 8 rows (the AVX2 tiles' other layout) --------------------------------
 
 IL_SHAPES = {"q4_0": [(8, 32), (16, 96), (40, 256), (136, 1024), (24, 4096)],
-             "q4k": [(8, 256), (16, 512), (40, 256), (136, 1024), (24, 4096)]}
+             "q4k": [(8, 256), (16, 512), (40, 256), (136, 1024), (24, 4096)],
+             "q5k": [(8, 256), (40, 512), (136, 1024)]}
 IL_TYPES = sorted(interleave.TYPES)
 
 
 def test_the_avx2_kernels_ask_for_their_layout():
-    assert IL_TYPES == ["q4_0", "q4k"]
+    assert IL_TYPES == ["q4_0", "q4k", "q5k"]
     for name in IL_TYPES:
         assert kernel(name, "avx2").interleave == interleave.ROWS
         assert not hasattr(kernel(name, "vnni"), "interleave")

@@ -36,6 +36,15 @@ def test_layout_round_trips_and_is_group_local():
     assert not interleave.can_interleave("q4_0", 20) and not interleave.can_interleave("q8_0", 24)
 
 
+def test_q5k_layout_keeps_the_high_bits_by_quad():
+    q = torch.randint(0, 256, (16, 2 * 176), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    il = interleave.interleave("q5k", q)
+    assert il.shape == (2, 2 * 1440) and torch.equal(interleave.deinterleave("q5k", il), q)
+    blk, grp = q[8 + 6, 176:], il[1, 1440:]  # group 1, row 6, block 1
+    assert torch.equal(grp[160 + 32 * 5 + 4 * 6:][:4], blk[16 + 20:16 + 24])  # qh bytes 20..23
+    assert torch.equal(grp[416 + 256 * 3 + 32 * 7 + 4 * 6:][:4], blk[48 + 32 * 3 + 28:48 + 32 * 3 + 32])  # chunk 3, quad 7
+
+
 def test_q4k_layout_round_trips_every_bit_pattern_and_is_group_local():
     """q4_K's layout decodes the packed 6-bit scales and mins; random bytes (every scale bit pattern) come back."""
     q = torch.randint(0, 256, (24, 2 * 144), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))

@@ -149,7 +149,7 @@ def _qmatmul(name: str, x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tens
     k = x.shape[-1] if x.dim() else 0
     row_bytes = k // elems * nbytes
     rows = 1
-    # W interleaved by INTERLEAVE rows (the AVX2 q4_0 and q4_K tiles), else canonical
+    # W interleaved by INTERLEAVE rows (the AVX2 q4_0, q4_K and q5_K tiles), else canonical
     if not vnni and name in INTERLEAVED and qweight.dim() == 2 and qweight.shape[-1] != row_bytes:
         rows, row_bytes = INTERLEAVE, interleave_row_bytes(name, k)
     if _kernel_takes(x, qweight, bias, elems, row_bytes, rows) and (not vnni or has_avx512_vnni()):
@@ -194,8 +194,12 @@ qmatmul_q4k.interleave = INTERLEAVE  # type: ignore[attr-defined]
 
 def qmatmul_q5k(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None = None, *,
                 out_f32: bool = False) -> torch.Tensor:
-    """``x @ dequant(W).T + b`` for q5_K weights (x quantized to q8_K per row, int8 dot products)."""
+    """``x @ dequant(W).T + b`` for q5_K weights (x quantized to q8_K per row, int8 dot products). W canonical or
+    interleaved by 8 rows, which this kernel asks for (as `qmatmul_q4_0`)."""
     return _qmatmul("q5k", x, qweight, bias, out_f32)
+
+
+qmatmul_q5k.interleave = INTERLEAVE  # type: ignore[attr-defined]
 
 
 def qmatmul_q6k(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None = None, *,

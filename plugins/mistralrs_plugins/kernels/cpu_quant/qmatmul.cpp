@@ -467,18 +467,22 @@ void tile_q4_0x8(const Act& a, int64_t m0, const uint8_t* const* w, float* out) 
     _mm256_storeu_ps(out + (m * NG + g) * kInterleave, acc[m][g]);
 }
 
-// q4_K interleaved by 8 rows (quant/ggml/interleave.py: per block and group, the 8 rows' d and dmin, their
-// decoded 6-bit scales by sub-block, their mins in pairs, then chunk j's quads t: row r's quant bytes 32j + 4t ..
-// at 4r). Lanes are rows of W, as in tile_q4_0x8. Per sub-block (the low or high nibbles of chunk j): 8 maddubs
-// with the activations' matching 4 bytes broadcast, added in int16 (at most 8 * 2 * 15 * 127 = 30480: no
-// overflow), madd with the row's scale in both int16 lanes of its pair gives scale * (q . y) exactly in int32;
-// sumi is their sum over the 8 sub-blocks; msum = sum over sub-blocks of min * bsum32 (madd of the mins' pairs with
-// the activations' pairs of sums). An output's arithmetic: acc = fmadd(fp32(d) * d_x, float(sumi), acc), then acc =
-// fnmadd(fp32(dmin) * d_x, float(msum), acc), per block, in block order, from 0; no horizontal sum. The same in
-// every tile, so a row's result does not depend on the batch.
-template <int MR, int NG>
-void tile_q4_Kx8(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
-  constexpr int64_t kGB = interleaved_block_bytes(kQ4_K);
+// q4_K (HB = false) and q5_K (HB = true) interleaved by 8 rows (quant/ggml/interleave.py: per block and group, the
+// 8 rows' d and dmin, their decoded 6-bit scales by sub-block, their mins in pairs, q5_K's high bits by quad, then
+// chunk j's quads t: row r's quant bytes 32j + 4t .. at 4r). Lanes are rows of W, as in tile_q4_0x8. Per
+// sub-block (the low or high nibbles of chunk j, q5_K's fifth bit ORed in): maddubs with the activations' matching
+// 4 bytes broadcast, added in int16 (q4_K: 8 of them, at most 8 * 2 * 15 * 127 = 30480; q5_K: 4, at most 4 * 2 *
+// 31 * 127 = 31496: no overflow), madd with the row's scale in both int16 lanes of its pair gives scale * (q . y)
+// exactly in int32; sumi is their sum over the sub-blocks; msum = sum over sub-blocks of min * bsum32 (madd of the
+// mins' pairs with the activations' pairs of sums). An output's arithmetic: acc = fmadd(fp32(d) * d_x,
+// float(sumi), acc), then acc = fnmadd(fp32(dmin) * d_x, float(msum), acc), per block, in block order, from 0; no
+// horizontal sum. The same in every tile, so a row's result does not depend on the batch.
+template <int MR, int NG, bool HB>
+void tile_q45_Kx8(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
+  constexpr int64_t kGB = interleaved_block_bytes(HB ? kQ5_K : kQ4_K);
+  constexpr int64_t kQs = HB ? 416 : 160;  // the quants' offset in a group's block
+  constexpr int kRun = HB ? 4 : 8;         // quads added in int16 before each madd
+  const __m256i hbit = _mm256_set1_epi8(0x10);
   constexpr int64_t kPrefetchBlocks = 2;
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   const int64_t nb = a.nb, K = a.K;
@@ -488,26 +492,33 @@ void tile_q4_Kx8(const Act& a, int64_t m0, const uint8_t* const* w, float* out) 
     UNROLL for (int g = 0; g < NG; ++g) {
       const uint8_t* p = w[g] + b * kGB;
       if constexpr (MR <= 2) {  // decode reads W from DRAM: the block after next, all its lines
-        UNROLL for (int l = 0; l < 19; ++l)
+        UNROLL for (int l = 0; l < (kGB + 63) / 64 + 1; ++l)
           _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBlocks * kGB + 64 * l), _MM_HINT_T0);
       }
       __m256i sumi[MR];
       UNROLL for (int m = 0; m < MR; ++m) sumi[m] = _mm256_setzero_si256();
       UNROLL for (int j = 0; j < 4; ++j) {
         UNROLL for (int half = 0; half < 2; ++half) {  // low nibbles: sub-block 2j; high: 2j + 1
+          const __m128i s8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 32 + 8 * (2 * j + half)));
+          const __m256i sc = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(s8, s8));  // row r's scale in int16 2r, 2r + 1
           __m256i acc16[MR];
           UNROLL for (int t = 0; t < 8; ++t) {
-            const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 160 + 256 * j + 32 * t));
-            const __m256i q = half ? _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4) : _mm256_and_si256(raw, m4);
+            const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + kQs + 256 * j + 32 * t));
+            __m256i q = half ? _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4) : _mm256_and_si256(raw, m4);
+            if constexpr (HB) {  // bit 2j + half of the quad's qh bytes, moved to bit 4
+              const int bit = 2 * j + half;
+              const __m256i hr = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 160 + 32 * t));
+              const __m256i hs = bit <= 4 ? _mm256_slli_epi16(hr, 4 - bit) : _mm256_srli_epi16(hr, bit - 4);
+              q = _mm256_or_si256(q, _mm256_and_si256(hs, hbit));
+            }
             UNROLL for (int m = 0; m < MR; ++m) {
               const int32_t* y = reinterpret_cast<const int32_t*>(a.qs + (m0 + m) * K + b * kQKK + 64 * j + 32 * half);
               const __m256i p16 = _mm256_maddubs_epi16(q, _mm256_set1_epi32(y[t]));
-              acc16[m] = t == 0 ? p16 : keep(_mm256_add_epi16(acc16[m], p16));
+              acc16[m] = t % kRun == 0 ? p16 : keep(_mm256_add_epi16(acc16[m], p16));
+              if (t % kRun == kRun - 1)
+                sumi[m] = keep(_mm256_add_epi32(sumi[m], _mm256_madd_epi16(acc16[m], sc)));
             }
           }
-          const __m128i s8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 32 + 8 * (2 * j + half)));
-          const __m256i sc = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(s8, s8));  // row r's scale in int16 2r, 2r + 1
-          UNROLL for (int m = 0; m < MR; ++m) sumi[m] = keep(_mm256_add_epi32(sumi[m], _mm256_madd_epi16(acc16[m], sc)));
         }
       }
       const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -572,16 +583,17 @@ static_assert(kGemmRows <= kMaxTileRowsOfX && kGemvRows <= kMaxTileRowsOfX, "til
 
 // Interleaved q4_0: groups of 8 rows of W per tile; the GEMV takes several (independent accumulators, and one
 // stream through W each), the GEMM one (its unpacked group is 8 registers, used by every row of x). Interleaved
-// q4_K alike (its GEMV, DRAM-bound with two threads, was as fast with one group or two, with or without prefetching
+// q4_K and q5_K alike (q4_K's GEMV, DRAM-bound with two threads, was as fast with one group or two, with or without prefetching
 // further ahead, within this VM's noise; one thread: +20% on the canonical tile).
 constexpr int kInterleavedGemmRows = 4;
 Tile interleaved_fn(int64_t qtype, int64_t mr) {
-  if (qtype == kQ4_K) {
+  if (qtype == kQ4_K || qtype == kQ5_K) {
+    const bool hb = qtype == kQ5_K;
     switch (mr) {
-      case 1: return {&tile_q4_Kx8<1, 2>, 2};
-      case 2: return {&tile_q4_Kx8<2, 1>, 1};
-      case 3: return {&tile_q4_Kx8<3, 1>, 1};
-      default: return {&tile_q4_Kx8<4, 1>, 1};
+      case 1: return hb ? Tile{&tile_q45_Kx8<1, 2, true>, 2} : Tile{&tile_q45_Kx8<1, 2, false>, 2};
+      case 2: return hb ? Tile{&tile_q45_Kx8<2, 1, true>, 1} : Tile{&tile_q45_Kx8<2, 1, false>, 1};
+      case 3: return hb ? Tile{&tile_q45_Kx8<3, 1, true>, 1} : Tile{&tile_q45_Kx8<3, 1, false>, 1};
+      default: return hb ? Tile{&tile_q45_Kx8<4, 1, true>, 1} : Tile{&tile_q45_Kx8<4, 1, false>, 1};
     }
   }
   switch (mr) {

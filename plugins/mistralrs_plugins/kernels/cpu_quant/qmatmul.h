@@ -140,7 +140,9 @@ struct Kernels {
 
 constexpr int64_t kInterleave = 8;  // rows of W per group of the interleaved layout
 // Bytes per block of a group of the interleaved layout (interleave.py's GROUP_BLOCK_BYTES); 0: no such layout.
-constexpr int64_t interleaved_block_bytes(int64_t t) { return t == kQ4_0 ? 144 : t == kQ4_K ? 1184 : 0; }
+constexpr int64_t interleaved_block_bytes(int64_t t) {
+  return t == kQ4_0 ? 144 : t == kQ4_K ? 1184 : t == kQ5_K ? 1440 : 0;
+}
 
 constexpr int kMaxTileRowsOfX = 16;  // the largest mr any instruction set's tile() takes
 constexpr int kMaxGroup = 8;        // rows of W per tile call, at most

@@ -18,6 +18,9 @@ Layouts: uint8 [N / 8, nb * GROUP_BLOCK_BYTES[type]]; row g holds rows 8g .. 8g 
   (32 bytes: row r at 4r; low nibbles are elements 64j + 4t .., sub-block 2j, high nibbles sub-block 2j + 1).
   Decoding the 12 packed scale bytes is a bijection (96 bits hold the 16 6-bit values), so the round trip is
   exact; 32 bytes a block more than the canonical 8 x 144 (2.8%) buy a tile that reads scales directly.
+- q5k, 1440 bytes per block: as q4k, with the high-bit bytes after the mins: for t = 0..7 the 8 rows' bytes
+  4t .. 4t + 3 of ``qh`` (256 bytes: row r at 4r; bit 2j of byte l is element 64j + l's fifth bit, bit 2j + 1
+  element 64j + 32 + l's), then the quants from byte 416.
 
 The shape tells the layouts apart: canonical is [N, row_bytes]. Each group of 8 rows is transformed on its
 own, so a group-aligned slice or concatenation of interleaved tensors is the interleaved form of those rows
@@ -30,9 +33,9 @@ import torch
 
 ROWS = 8
 # Bytes per block of a group of ROWS rows, for the types that have an interleaved layout.
-GROUP_BLOCK_BYTES = {"q4_0": 144, "q4k": 1184}
+GROUP_BLOCK_BYTES = {"q4_0": 144, "q4k": 1184, "q5k": 1440}
 TYPES = frozenset(GROUP_BLOCK_BYTES)
-_CANONICAL = {"q4_0": (32, 18), "q4k": (256, 144)}  # elements and bytes per block
+_CANONICAL = {"q4_0": (32, 18), "q4k": (256, 144), "q5k": (256, 176)}  # elements and bytes per block
 
 
 def can_interleave(qtype: str, out_features: int) -> bool:
@@ -84,10 +87,13 @@ def interleave(qtype: str, qweight: torch.Tensor) -> torch.Tensor:
         parts = [scales, quants]
     else:
         sc, mn = _k_scales_mins(blocks[..., 4:16])  # [G, nb, 8 rows, 8]
+        qs = 16 if qtype == "q4k" else 48
         parts = [blocks[..., 0:2].reshape(g, nb, 16), blocks[..., 2:4].reshape(g, nb, 16),
                  sc.transpose(2, 3).reshape(g, nb, 64),
-                 mn.reshape(g, nb, ROWS, 4, 2).transpose(2, 3).reshape(g, nb, 64),
-                 blocks[..., 16:].reshape(g, nb, ROWS, 4, 8, 4).permute(0, 1, 3, 4, 2, 5).reshape(g, nb, 1024)]
+                 mn.reshape(g, nb, ROWS, 4, 2).transpose(2, 3).reshape(g, nb, 64)]
+        if qtype == "q5k":
+            parts.append(blocks[..., 16:48].reshape(g, nb, ROWS, 8, 4).transpose(2, 3).reshape(g, nb, 256))
+        parts.append(blocks[..., qs:].reshape(g, nb, ROWS, 4, 8, 4).permute(0, 1, 3, 4, 2, 5).reshape(g, nb, 1024))
     return torch.cat(parts, dim=-1).reshape(g, nb * GROUP_BLOCK_BYTES[qtype]).contiguous()
 
 
@@ -104,9 +110,12 @@ def deinterleave(qtype: str, packed: torch.Tensor) -> torch.Tensor:
     else:
         sc = blocks[..., 32:96].reshape(g, nb, 8, ROWS).transpose(2, 3)
         mn = blocks[..., 96:160].reshape(g, nb, 4, ROWS, 2).transpose(2, 3).reshape(g, nb, ROWS, 8)
+        qs = 160 if qtype == "q4k" else 416
         parts = [blocks[..., 0:16].reshape(g, nb, ROWS, 2), blocks[..., 16:32].reshape(g, nb, ROWS, 2),
-                 _k_pack(sc, mn),
-                 blocks[..., 160:].reshape(g, nb, 4, 8, ROWS, 4).permute(0, 1, 4, 2, 3, 5).reshape(g, nb, ROWS, 128)]
+                 _k_pack(sc, mn)]
+        if qtype == "q5k":
+            parts.append(blocks[..., 160:416].reshape(g, nb, 8, ROWS, 4).transpose(2, 3).reshape(g, nb, ROWS, 32))
+        parts.append(blocks[..., qs:].reshape(g, nb, 4, 8, ROWS, 4).permute(0, 1, 4, 2, 3, 5).reshape(g, nb, ROWS, 128))
     rows = torch.cat(parts, dim=-1).transpose(1, 2)  # [G, 8, nb, bb]
     return rows.reshape(g * ROWS, nb * _CANONICAL[qtype][1]).contiguous()
 
