@@ -337,13 +337,18 @@ void attend_chunk(const Rows& rows, const T* kc, const T* vc, const int64_t* tab
     b1 = std::min(s1, (rows.ke[r] - k0 + kKeyBlock - 1) / kKeyBlock * kKeyBlock);
     if (rows.ke[r] <= rows.ka[r]) b1 = b0;  // not reached
   };
+  // The cache rows of keys [s0, s1) (a super-block), all the item's KV heads, widened into kw.
+  auto widen_super = [&](const T* cache, int64_t st0, int64_t st1, int64_t dim, int64_t width, int64_t s0, int64_t s1,
+                         bool keys) {
+    for (int64_t j0 = s0; j0 < s1; j0 += kKeyBlock)
+      widen_keys(cache, st0, st1, table, bs, k0 + j0, std::min(kKeyBlock, s1 - j0), h0, h1, dim, width,
+                 kw + (j0 - s0) * width, keys, hs);
+  };
   // Scores: the keys of a super-block widened for all the item's KV heads (read from the cache row by row), then
   // each head's query rows.
   for (int64_t s0 = 0; s0 < n; s0 += kSuperKeys) {
     const int64_t s1 = std::min(n, s0 + kSuperKeys);
-    for (int64_t j0 = s0; j0 < s1; j0 += kKeyBlock)
-      widen_keys(kc, p.k_s0, p.k_s1, table, bs, k0 + j0, std::min(kKeyBlock, s1 - j0), h0, h1, p.D, Dp,
-                 kw + (j0 - s0) * Dp, true, hs);
+    widen_super(kc, p.k_s0, p.k_s1, p.D, Dp, s0, s1, true);
     for (int64_t h = h0; h < h1; ++h) {
       for (int64_t r = 0; r < R; ++r) {
         int64_t b0, b1;
@@ -397,9 +402,7 @@ void attend_chunk(const Rows& rows, const T* kc, const T* vc, const int64_t* tab
   // P @ V: per row (two query heads at a time), its sums in registers across a super-block's keys, in order.
   for (int64_t s0 = 0; s0 < n; s0 += kSuperKeys) {
     const int64_t s1 = std::min(n, s0 + kSuperKeys);
-    for (int64_t j0 = s0; j0 < s1; j0 += kKeyBlock)
-      widen_keys(vc, p.v_s0, p.v_s1, table, bs, k0 + j0, std::min(kKeyBlock, s1 - j0), h0, h1, p.Dv, Dvp,
-                 kw + (j0 - s0) * Dvp, false, hs);
+    widen_super(vc, p.v_s0, p.v_s1, p.Dv, Dvp, s0, s1, false);
     for (int64_t h = h0; h < h1; ++h) {
       for (int64_t r = 0; r < R; ++r) {
         int64_t b0, b1;
