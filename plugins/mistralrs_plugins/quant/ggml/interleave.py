@@ -86,15 +86,28 @@ def interleave(qtype: str, qweight: torch.Tensor) -> torch.Tensor:
         quants = blocks[..., 2:].reshape(g, nb, ROWS, 4, 4).transpose(2, 3).reshape(g, nb, 16 * ROWS)
         parts = [scales, quants]
     else:
-        sc, mn = _k_scales_mins(blocks[..., 4:16])  # [G, nb, 8 rows, 8]
-        qs = 16 if qtype == "q4k" else 48
-        parts = [blocks[..., 0:2].reshape(g, nb, 16), blocks[..., 2:4].reshape(g, nb, 16),
-                 sc.transpose(2, 3).reshape(g, nb, 64),
-                 mn.reshape(g, nb, ROWS, 4, 2).transpose(2, 3).reshape(g, nb, 64)]
-        if qtype == "q5k":
-            parts.append(blocks[..., 16:48].reshape(g, nb, ROWS, 8, 4).transpose(2, 3).reshape(g, nb, 256))
-        parts.append(blocks[..., qs:].reshape(g, nb, ROWS, 4, 8, 4).permute(0, 1, 3, 4, 2, 5).reshape(g, nb, 1024))
+        return _interleave_k(qtype, qweight.contiguous(), g, nb)
     return torch.cat(parts, dim=-1).reshape(g, nb * GROUP_BLOCK_BYTES[qtype]).contiguous()
+
+
+def _interleave_k(qtype: str, qweight: torch.Tensor, g: int, nb: int) -> torch.Tensor:
+    """`interleave` for q4k/q5k, written into one tensor; the quads moved as int32 (a model's load runs this on
+    every such layer: byte-wise permutes took 10x as long)."""
+    bb, gb = _CANONICAL[qtype][1], GROUP_BLOCK_BYTES[qtype]
+    out = torch.empty(g, nb, gb, dtype=torch.uint8, device=qweight.device)
+    halves = qweight.view(torch.int16).reshape(g, ROWS, nb, bb // 2)
+    out[..., 0:16].view(torch.int16).copy_(halves[..., 0].transpose(1, 2))  # d
+    out[..., 16:32].view(torch.int16).copy_(halves[..., 1].transpose(1, 2))  # dmin
+    sc, mn = _k_scales_mins(qweight.reshape(g, ROWS, nb, bb)[..., 4:16])  # [G, 8 rows, nb, 8]
+    out[..., 32:96].copy_(sc.permute(0, 2, 3, 1).reshape(g, nb, 64))
+    out[..., 96:160].copy_(mn.reshape(g, ROWS, nb, 4, 2).permute(0, 2, 3, 1, 4).reshape(g, nb, 64))
+    words = qweight.view(torch.int32).reshape(g, ROWS, nb, bb // 4)
+    qs = 4 if qtype == "q4k" else 12  # the quants' first word in a block
+    if qtype == "q5k":  # qh by quad
+        out[..., 160:416].view(torch.int32).copy_(words[..., 4:12].permute(0, 2, 3, 1).reshape(g, nb, 64))
+    out[..., gb - 1024:].view(torch.int32).copy_(
+        words[..., qs:].reshape(g, ROWS, nb, 4, 8).permute(0, 2, 3, 4, 1).reshape(g, nb, 256))
+    return out.reshape(g, nb * gb)
 
 
 def deinterleave(qtype: str, packed: torch.Tensor) -> torch.Tensor:
