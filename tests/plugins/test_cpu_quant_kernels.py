@@ -525,42 +525,69 @@ def test_results_do_not_depend_on_the_thread_count(native, name, isa, rng):
     assert torch.equal(two[0], two[2][:1]) and torch.equal(two[1], two[2][:3])
 
 
-# -- q4_0, q4_K and q5_K interleaved by 8 rows (the AVX2 tiles' other layout) --------------------------------
+# -- q4_0, q4_K and q5_K interleaved by 8 rows (the other layout of both instruction sets' tiles) ---------------
 
 IL_SHAPES = {"q4_0": [(8, 32), (16, 96), (40, 256), (136, 1024), (24, 4096)],
              "q4k": [(8, 256), (16, 512), (40, 256), (136, 1024), (24, 4096)],
              "q5k": [(8, 256), (40, 512), (136, 1024)]}
 IL_TYPES = sorted(interleave.TYPES)
+# "emulated": the VNNI interleaved tiles with vpdpbusd emulated by AVX2 instructions (their logic, on any CPU)
+IL_ISAS = [*ISAS, pytest.param("emulated", id="emulated")]
 
 
-def test_the_avx2_kernels_ask_for_their_layout():
+def il_kernel(name: str, isa: str):
+    if isa != "emulated":
+        return kernel(name, isa)
+    qtype = cpu_quant.FORMATS[name][3]
+
+    def fn(x, qweight, bias=None, *, out_f32=False):
+        return ops.extension().qmatmul_vnni_emulated(x, qweight, bias, qtype, out_f32)
+    return fn
+
+
+def test_the_kernels_ask_for_their_layout():
     assert IL_TYPES == ["q4_0", "q4k", "q5k"]
     for name in IL_TYPES:
         assert kernel(name, "avx2").interleave == interleave.ROWS
-        assert not hasattr(kernel(name, "vnni"), "interleave")
-    assert not hasattr(ops.qmatmul_q8_0, "interleave") and not hasattr(ops.qmatmul_q6k, "interleave")
+        assert kernel(name, "vnni").interleave == interleave.ROWS
+    for name in ("q8_0", "q6k"):
+        assert not hasattr(kernel(name, "avx2"), "interleave") and not hasattr(kernel(name, "vnni"), "interleave")
 
 
 @requires_avx2
+@pytest.mark.parametrize("isa", IL_ISAS)
 @pytest.mark.parametrize("name,n,k", [(name, n, k) for name in IL_TYPES for n, k in IL_SHAPES[name]])
-def test_interleaved_matches_the_exact_emulation(native, name, n, k, rng):
-    """GEMV (1..4 rows of x) and GEMM tiles (4 rows of x and their tails) on W interleaved by 8 rows agree with
-    llama.cpp's arithmetic done exactly, to fp32 rounding."""
+def test_interleaved_matches_the_exact_emulation(native, name, n, k, isa, rng):
+    """GEMV (1..4 rows of x) and GEMM tiles (4 or 8 rows of x and their tails) on W interleaved by 8 rows agree
+    with llama.cpp's arithmetic done exactly, to fp32 rounding."""
     qw = random_qweight(name, n, k, rng)
     il = interleave.interleave(name, qw)
     x = randn(rng, max(ROWS), k)
     exact, mag = emulate(name, x, qw)
     for m in ROWS:
-        y = kernel(name, "avx2")(x[:m], il, out_f32=True)
+        y = il_kernel(name, isa)(x[:m], il, out_f32=True)
         assert y.shape == (m, n)
         _check_exact(y, x[:m], qw, name, emulated=(exact[:m], mag[:m]))
 
 
 @requires_avx2
+@pytest.mark.parametrize("isa", [isa for isa in IL_ISAS if isa.values[0] != "avx2"])
+@pytest.mark.parametrize("name", IL_TYPES)
+def test_interleaved_vnni_tiles_are_the_avx2_results_bit_for_bit(native, name, isa, rng):
+    """The VNNI tiles form the same integers as the AVX2 ones (vpdpbusd instead of int16 runs) and share the float
+    arithmetic, GEMV and GEMM tiles alike."""
+    qw = interleave.interleave(name, random_qweight(name, 40, 1024, rng))
+    x = randn(rng, 33, 1024)
+    for m in (1, 2, 4, 7, 16, 33):
+        assert torch.equal(il_kernel(name, isa)(x[:m], qw, out_f32=True), kernel(name, "avx2")(x[:m], qw, out_f32=True))
+
+
+@requires_avx2
+@pytest.mark.parametrize("isa", IL_ISAS)
 @pytest.mark.parametrize("name", IL_TYPES)
 @pytest.mark.parametrize("out_f32", [False, True])
-def test_interleaved_rows_do_not_depend_on_the_batch_or_threads(native, name, out_f32, rng):
-    fn = kernel(name, "avx2")
+def test_interleaved_rows_do_not_depend_on_the_batch_or_threads(native, name, out_f32, isa, rng):
+    fn = il_kernel(name, isa)
     qw = interleave.interleave(name, random_qweight(name, 72, 512, rng))
     b = randn(rng, 72)
     x = randn(rng, 300, 512)
@@ -580,14 +607,15 @@ def test_interleaved_rows_do_not_depend_on_the_batch_or_threads(native, name, ou
 
 
 @requires_avx2
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("name", IL_TYPES)
-def test_interleaved_inputs_the_kernel_does_not_take_give_the_references_result(native, name, rng):
+def test_interleaved_inputs_the_kernel_does_not_take_give_the_references_result(native, name, isa, rng):
     """fp16 activations and autograd go to the reference, which takes the interleaved layout too."""
     qw = random_qweight(name, 16, 256, rng)
     il = interleave.interleave(name, qw)
     ref = ops.reference(f"qmatmul_{name}")
     for x in (randn(rng, 3, 256).half(), randn(rng, 3, 256).requires_grad_()):
-        assert torch.equal(kernel(name, "avx2")(x, il), ref(x, qw))
+        assert torch.equal(kernel(name, isa)(x, il), ref(x, qw))
 
 
 # -- fallbacks ----------------------------------------------------------------------------------------

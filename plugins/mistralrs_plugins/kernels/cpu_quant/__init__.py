@@ -17,6 +17,8 @@ has avx512f, avx512bw, avx512vl and avx512_vnni): the same extension and activat
 ``vpdpbusd`` tiles (``qmatmul_avx512.cpp``, compiled for AVX-512 by a pragma and called only on such CPUs, so
 the one library still loads on AVX2-only CPUs). The k-quants give the AVX2 results bit for bit; q4_0/q8_0 agree
 with them to fp32 rounding (another float accumulation order), and are batch-invariant in the same way.
+q4_0, q4_K and q5_K layers are kept interleaved by 8 rows for both (``quant/ggml/interleave.py``; the ops carry
+``interleave = 8``), where the two instruction sets' tiles give the same results bit for bit.
 
 ``qmatmul_affine`` (both instruction sets, same names and priorities): ``(x, packed, bias, *, bits, pairs,
 out_f32=False)`` for the affine group layout of ``quant/affine/layout.py`` (``w = s * q + b``, 4- or 8-bit
@@ -96,7 +98,7 @@ def register_kernels(register):
             devices=("cpu",),
             priority=VNNI_PRIORITY,
             supports=supports_avx512_vnni,
-            description=(f"AVX-512 VNNI {name} x {act} int8 GEMV/GEMM (vpdpbusd on the canonical blocks), "
+            description=(f"AVX-512 VNNI {name} x {act} int8 GEMV/GEMM (vpdpbusd), "
                          "batch-invariant; built on first use"),
         ))
     register(KernelSpec(

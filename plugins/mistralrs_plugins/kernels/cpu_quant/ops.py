@@ -39,7 +39,7 @@ from mistralrs_plugins.quant.ggml.interleave import TYPES as INTERLEAVED
 from mistralrs_plugins.quant.ggml.interleave import row_bytes as interleave_row_bytes
 
 SOURCES = ("qmatmul.cpp", "qmatmul_avx512.cpp", "linear_bf16.cpp")
-HEADERS = ("avx2_common.h", "qmatmul.h", "../thread_pool.h")
+HEADERS = ("avx2_common.h", "qmatmul.h", "qmatmul_interleaved.h", "../thread_pool.h")
 CFLAGS = ("-O3", "-DNDEBUG", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 WHAT = "native quantized CPU kernels"  # in the spinner, the log and the warning
@@ -62,6 +62,8 @@ class QuantOps:
         ns = getattr(torch.ops, namespace)
         self.qmatmul = ns.qmatmul.default  # (x, qweight, bias, qtype, out_f32)
         self.qmatmul_vnni = ns.qmatmul_vnni.default  # the same with the AVX-512 VNNI tiles (raises without them)
+        # interleaved W: the VNNI tiles' arithmetic emulated with AVX2 (their results bit for bit; for tests)
+        self.qmatmul_vnni_emulated = ns.qmatmul_vnni_emulated.default
         self.quantize_act = ns.quantize_act.default  # (x fp32 [M, K], k_blocks) -> (qs, d, bsums16)
         self.linear_bf16 = ns.linear_bf16.default  # (x [M, K], weight bf16 [N, K], bias, out_f32)
         self.qmatmul_affine = ns.qmatmul_affine.default  # (x, packed, bias, bits, pairs, vnni, out_f32)
@@ -149,8 +151,8 @@ def _qmatmul(name: str, x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tens
     k = x.shape[-1] if x.dim() else 0
     row_bytes = k // elems * nbytes
     rows = 1
-    # W interleaved by INTERLEAVE rows (the AVX2 q4_0, q4_K and q5_K tiles), else canonical
-    if not vnni and name in INTERLEAVED and qweight.dim() == 2 and qweight.shape[-1] != row_bytes:
+    # W interleaved by INTERLEAVE rows (the q4_0, q4_K and q5_K tiles of both instruction sets), else canonical
+    if name in INTERLEAVED and qweight.dim() == 2 and qweight.shape[-1] != row_bytes:
         rows, row_bytes = INTERLEAVE, interleave_row_bytes(name, k)
     if _kernel_takes(x, qweight, bias, elems, row_bytes, rows) and (not vnni or has_avx512_vnni()):
         ext = _native()
@@ -210,8 +212,12 @@ def qmatmul_q6k(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | Non
 
 def qmatmul_q4_0_vnni(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None = None, *,
                       out_f32: bool = False) -> torch.Tensor:
-    """`qmatmul_q4_0` with the AVX-512 VNNI tiles (the reference on CPUs without them)."""
+    """`qmatmul_q4_0` with the AVX-512 VNNI tiles (the reference on CPUs without them). W canonical or interleaved
+    by 8 rows, which it asks for; on interleaved W the results are `qmatmul_q4_0`'s bit for bit."""
     return _qmatmul("q4_0", x, qweight, bias, out_f32, vnni=True)
+
+
+qmatmul_q4_0_vnni.interleave = INTERLEAVE  # type: ignore[attr-defined]
 
 
 def qmatmul_q8_0_vnni(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -222,14 +228,22 @@ def qmatmul_q8_0_vnni(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor
 
 def qmatmul_q4k_vnni(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None = None, *,
                      out_f32: bool = False) -> torch.Tensor:
-    """`qmatmul_q4k` with the AVX-512 VNNI tiles (bit-identical to it; the reference on CPUs without them)."""
+    """`qmatmul_q4k` with the AVX-512 VNNI tiles (bit-identical to it; the reference on CPUs without them). W
+    canonical or interleaved by 8 rows, which it asks for."""
     return _qmatmul("q4k", x, qweight, bias, out_f32, vnni=True)
+
+
+qmatmul_q4k_vnni.interleave = INTERLEAVE  # type: ignore[attr-defined]
 
 
 def qmatmul_q5k_vnni(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None = None, *,
                      out_f32: bool = False) -> torch.Tensor:
-    """`qmatmul_q5k` with the AVX-512 VNNI tiles (bit-identical to it; the reference on CPUs without them)."""
+    """`qmatmul_q5k` with the AVX-512 VNNI tiles (bit-identical to it; the reference on CPUs without them). W
+    canonical or interleaved by 8 rows, which it asks for."""
     return _qmatmul("q5k", x, qweight, bias, out_f32, vnni=True)
+
+
+qmatmul_q5k_vnni.interleave = INTERLEAVE  # type: ignore[attr-defined]
 
 
 def qmatmul_q6k_vnni(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None = None, *,

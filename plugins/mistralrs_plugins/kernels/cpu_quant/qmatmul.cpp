@@ -36,7 +36,8 @@
 // Instruction sets: this file has the AVX2 tiles, the activation quantization and the driver (run) and
 // registers the ops; qmatmul_avx512.cpp has the AVX-512 VNNI tiles (vpdpbusd), which the op qmatmul_vnni runs
 // through the same driver and quantization (plus a regrouped copy of the quantized activations, struct Act in
-// qmatmul.h), after checking the CPU at run time. The shared types are in qmatmul.h.
+// qmatmul.h), after checking the CPU at run time. The shared types are in qmatmul.h. The tiles for W interleaved by
+// 8 rows are one template for both (qmatmul_interleaved.h), compiled into each unit for its instruction set.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -53,6 +54,7 @@
 #include <memory>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include "qmatmul.h"
 #include "../thread_pool.h"
@@ -159,13 +161,25 @@ void quantize_row_q8_K(const float* x, int64_t K, int8_t* qs, float* d, int16_t*
 // the other rows in the tile: every vector operation below is lane-wise per output, and each output's
 // lanes are reduced by the same fixed tree.
 
-// An opaque identity: keeps the compiler from reassociating integer sums across it (GCC otherwise turns a
-// tile's per-row chains of adds into wide trees of partial sums, which spill).
-template <typename V>
-ALWAYS_INLINE inline V keep(V v) {
-  asm("" : "+x"(v));
-  return v;
-}
+// The tiles for W interleaved by 8 rows (with AVX2's integer arithmetic, and the VNNI tiles' emulated for tests)
+// and keep(), which the tiles below use too.
+#include "qmatmul_interleaved.h"
+
+// AVX2's integer arithmetic for the interleaved tiles: maddubs, runs added in int16, madd.
+struct Avx2Int16 {
+  static constexpr bool kVnni = false;
+  static constexpr int kGemmRows = 4;  // rows of x per GEMM tile (16 vector registers)
+};
+
+// The VNNI tiles' arithmetic (qmatmul_avx512.cpp) with vpdpbusd emulated, for testing them on CPUs without it:
+// exact for the interleaved tiles' quants (pairs of products of at most 5-bit unsigned values fit in int16).
+struct EmulatedVnni {
+  static constexpr bool kVnni = true;
+  static constexpr int kGemmRows = kVnniInterleavedGemmRows;
+  ALWAYS_INLINE static __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+  }
+};
 
 // 16 bytes of each, one per 128-bit half.
 ALWAYS_INLINE inline __m256i load_pair(const uint8_t* lo, const uint8_t* hi) {
@@ -423,124 +437,6 @@ void tile_affine(const Act& a, int64_t m0, const uint8_t* const* w, float* out) 
   UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int r = 0; r < NR; ++r) out[m * NR + r] = hsum8(acc[m][r]) + accb[m][r];
 }
 
-// q4_0 interleaved by 8 rows (quant/ggml/interleave.py): the 8 lanes of a vector are 8 rows of W, so a block's
-// scaling, conversion and fmadd serve 8 outputs at once (the canonical tiles above spend them on 2). Per block and
-// group: chunk k (32 bytes, 4 per row) holds each row's elements 4k..4k+3 in its low nibbles and 16+4k..16+4k+3 in
-// its high ones; maddubs with the activations' matching 4 bytes broadcast gives each row 2 int16 partial sums,
-// the 8 chunks' are added in int16 (each is at most 2 * 15 * 127 = 3810 in magnitude, 8 of them 30480: no
-// overflow), madd with ones gives the row's int32 dot product of its nibbles, and adding -8 * sum(y) (c32) makes it
-// the exact integer dot product of (q - 8) and y. An output's arithmetic: acc = fmadd(fp32(d_w) * d_x,
-// float(that integer), acc) per block, in block order, from 0; no horizontal sum. The same in every tile (MR rows
-// of x share the unpacked W), so a row's result does not depend on the batch.
-template <int MR, int NG>
-void tile_q4_0x8(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
-  const __m256i m4 = _mm256_set1_epi8(0x0F);
-  const __m256i ones = _mm256_set1_epi16(1);
-  const int64_t nb = a.nb, K = a.K;
-  __m256 acc[MR][NG];
-  UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int g = 0; g < NG; ++g) acc[m][g] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    UNROLL for (int g = 0; g < NG; ++g) {
-      const uint8_t* p = w[g] + b * 144;
-      const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-      __m256i s16[MR];
-      // chunk k (k < 4: low nibbles, elements 4k..4k+3; k >= 4: high, 16+4(k-4)..) against the activations'
-      // int32 k, one chain of int16 adds per row of x (exact: no overflow, so the order does not matter)
-      UNROLL for (int k = 0; k < 8; ++k) {
-        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16 + 32 * (k & 3)));
-        const __m256i q = k < 4 ? _mm256_and_si256(raw, m4) : _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
-        UNROLL for (int m = 0; m < MR; ++m) {
-          const int32_t* y = reinterpret_cast<const int32_t*>(a.qs + (m0 + m) * K + b * kQK);
-          const __m256i p16 = _mm256_maddubs_epi16(q, _mm256_set1_epi32(y[k]));
-          s16[m] = k == 0 ? p16 : keep(_mm256_add_epi16(s16[m], p16));
-        }
-      }
-      UNROLL for (int m = 0; m < MR; ++m) {
-        const int64_t ab = (m0 + m) * nb + b;
-        const __m256i i32 = _mm256_add_epi32(_mm256_madd_epi16(s16[m], ones), _mm256_set1_epi32(a.c32[ab]));
-        const __m256 dd = _mm256_mul_ps(dw, _mm256_set1_ps(a.d[ab]));
-        acc[m][g] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(i32), acc[m][g]);
-      }
-    }
-  }
-  UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int g = 0; g < NG; ++g)
-    _mm256_storeu_ps(out + (m * NG + g) * kInterleave, acc[m][g]);
-}
-
-// q4_K (HB = false) and q5_K (HB = true) interleaved by 8 rows (quant/ggml/interleave.py: per block and group, the
-// 8 rows' d and dmin, their decoded 6-bit scales by sub-block, their mins in pairs, q5_K's high bits by quad, then
-// chunk j's quads t: row r's quant bytes 32j + 4t .. at 4r). Lanes are rows of W, as in tile_q4_0x8. Per
-// sub-block (the low or high nibbles of chunk j, q5_K's fifth bit ORed in): maddubs with the activations' matching
-// 4 bytes broadcast, added in int16 (q4_K: 8 of them, at most 8 * 2 * 15 * 127 = 30480; q5_K: 4, at most 4 * 2 *
-// 31 * 127 = 31496: no overflow), madd with the row's scale in both int16 lanes of its pair gives scale * (q . y)
-// exactly in int32; sumi is their sum over the sub-blocks; msum = sum over sub-blocks of min * bsum32 (madd of the
-// mins' pairs with the activations' pairs of sums). An output's arithmetic: acc = fmadd(fp32(d) * d_x,
-// float(sumi), acc), then acc = fnmadd(fp32(dmin) * d_x, float(msum), acc), per block, in block order, from 0; no
-// horizontal sum. The same in every tile, so a row's result does not depend on the batch.
-template <int MR, int NG, bool HB>
-void tile_q45_Kx8(const Act& a, int64_t m0, const uint8_t* const* w, float* out) {
-  constexpr int64_t kGB = interleaved_block_bytes(HB ? kQ5_K : kQ4_K);
-  constexpr int64_t kQs = HB ? 416 : 160;  // the quants' offset in a group's block
-  constexpr int kRun = HB ? 4 : 8;         // quads added in int16 before each madd
-  const __m256i hbit = _mm256_set1_epi8(0x10);
-  constexpr int64_t kPrefetchBlocks = 2;
-  const __m256i m4 = _mm256_set1_epi8(0x0F);
-  const int64_t nb = a.nb, K = a.K;
-  __m256 acc[MR][NG];
-  UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int g = 0; g < NG; ++g) acc[m][g] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    UNROLL for (int g = 0; g < NG; ++g) {
-      const uint8_t* p = w[g] + b * kGB;
-      if constexpr (MR <= 2) {  // decode reads W from DRAM: the block after next, all its lines
-        UNROLL for (int l = 0; l < (kGB + 63) / 64 + 1; ++l)
-          _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBlocks * kGB + 64 * l), _MM_HINT_T0);
-      }
-      __m256i sumi[MR];
-      UNROLL for (int m = 0; m < MR; ++m) sumi[m] = _mm256_setzero_si256();
-      UNROLL for (int j = 0; j < 4; ++j) {
-        UNROLL for (int half = 0; half < 2; ++half) {  // low nibbles: sub-block 2j; high: 2j + 1
-          const __m128i s8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 32 + 8 * (2 * j + half)));
-          const __m256i sc = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(s8, s8));  // row r's scale in int16 2r, 2r + 1
-          __m256i acc16[MR];
-          UNROLL for (int t = 0; t < 8; ++t) {
-            const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + kQs + 256 * j + 32 * t));
-            __m256i q = half ? _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4) : _mm256_and_si256(raw, m4);
-            if constexpr (HB) {  // bit 2j + half of the quad's qh bytes, moved to bit 4
-              const int bit = 2 * j + half;
-              const __m256i hr = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 160 + 32 * t));
-              const __m256i hs = bit <= 4 ? _mm256_slli_epi16(hr, 4 - bit) : _mm256_srli_epi16(hr, bit - 4);
-              q = _mm256_or_si256(q, _mm256_and_si256(hs, hbit));
-            }
-            UNROLL for (int m = 0; m < MR; ++m) {
-              const int32_t* y = reinterpret_cast<const int32_t*>(a.qs + (m0 + m) * K + b * kQKK + 64 * j + 32 * half);
-              const __m256i p16 = _mm256_maddubs_epi16(q, _mm256_set1_epi32(y[t]));
-              acc16[m] = t % kRun == 0 ? p16 : keep(_mm256_add_epi16(acc16[m], p16));
-              if (t % kRun == kRun - 1)
-                sumi[m] = keep(_mm256_add_epi32(sumi[m], _mm256_madd_epi16(acc16[m], sc)));
-            }
-          }
-        }
-      }
-      const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-      const __m256 dmw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
-      __m256i mins[4];  // pair q: row r's mins 2q, 2q + 1 in int16 2r, 2r + 1
-      UNROLL for (int q = 0; q < 4; ++q)
-        mins[q] = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 96 + 16 * q)));
-      UNROLL for (int m = 0; m < MR; ++m) {
-        const int64_t ab = (m0 + m) * nb + b;
-        const int32_t* bs = reinterpret_cast<const int32_t*>(a.bs32 + ab * 8);  // the sums of 32, in pairs
-        __m256i ms = _mm256_madd_epi16(mins[0], _mm256_set1_epi32(bs[0]));
-        UNROLL for (int q = 1; q < 4; ++q) ms = _mm256_add_epi32(ms, _mm256_madd_epi16(mins[q], _mm256_set1_epi32(bs[q])));
-        const __m256 dx = _mm256_set1_ps(a.d[ab]);
-        acc[m][g] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(sumi[m]), acc[m][g]);
-        acc[m][g] = _mm256_fnmadd_ps(_mm256_mul_ps(dmw, dx), _mm256_cvtepi32_ps(ms), acc[m][g]);
-      }
-    }
-  }
-  UNROLL for (int m = 0; m < MR; ++m) UNROLL for (int g = 0; g < NG; ++g)
-    _mm256_storeu_ps(out + (m * NG + g) * kInterleave, acc[m][g]);
-}
-
 // ---- driver -----------------------------------------------------------------------------------------
 
 constexpr int kGemvRows = 4;  // AVX2: M up to this: one pass over W with all rows in the tile
@@ -581,32 +477,13 @@ Tile tile_fn(int64_t t, int64_t mr, int64_t /*K*/) {
 }
 static_assert(kGemmRows <= kMaxTileRowsOfX && kGemvRows <= kMaxTileRowsOfX, "tile_fn has tiles of up to 6 rows");
 
-// Interleaved q4_0: groups of 8 rows of W per tile; the GEMV takes several (independent accumulators, and one
-// stream through W each), the GEMM one (its unpacked group is 8 registers, used by every row of x). Interleaved
-// q4_K and q5_K alike (q4_K's GEMV, DRAM-bound with two threads, was as fast with one group or two, with or without prefetching
-// further ahead, within this VM's noise; one thread: +20% on the canonical tile).
-constexpr int kInterleavedGemmRows = 4;
-Tile interleaved_fn(int64_t qtype, int64_t mr) {
-  if (qtype == kQ4_K || qtype == kQ5_K) {
-    const bool hb = qtype == kQ5_K;
-    switch (mr) {
-      case 1: return hb ? Tile{&tile_q45_Kx8<1, 2, true>, 2} : Tile{&tile_q45_Kx8<1, 2, false>, 2};
-      case 2: return hb ? Tile{&tile_q45_Kx8<2, 1, true>, 1} : Tile{&tile_q45_Kx8<2, 1, false>, 1};
-      case 3: return hb ? Tile{&tile_q45_Kx8<3, 1, true>, 1} : Tile{&tile_q45_Kx8<3, 1, false>, 1};
-      default: return hb ? Tile{&tile_q45_Kx8<4, 1, true>, 1} : Tile{&tile_q45_Kx8<4, 1, false>, 1};
-    }
-  }
-  switch (mr) {
-    case 1: return {&tile_q4_0x8<1, 2>, 2};
-    case 2: return {&tile_q4_0x8<2, 1>, 1};
-    case 3: return {&tile_q4_0x8<3, 1>, 1};
-    default: return {&tile_q4_0x8<4, 1>, 1};
-  }
-}
-static_assert(kInterleavedGemmRows <= kGemvRows, "interleaved_fn has tiles of up to 4 rows of x");
-
 constexpr Kernels kAvx2{&tile_fn, kGemvRows, {kGemmRows, kGemmRows, kGemmRows, kGemmRows, kGemmRows, kGemmRows, kGemmRows},
-                        false, &interleaved_fn, kInterleavedGemmRows};
+                        false, &interleaved_tiles<Avx2Int16>, Avx2Int16::kGemmRows};
+// The AVX2 path with the VNNI interleaved tiles' arithmetic emulated (qmatmul_vnni_emulated, for tests).
+constexpr Kernels kAvx2EmulatedVnni{&tile_fn, kGemvRows, {kGemmRows, kGemmRows, kGemmRows, kGemmRows, kGemmRows, kGemmRows, kGemmRows},
+                                    false, &interleaved_tiles<EmulatedVnni>, EmulatedVnni::kGemmRows};
+static_assert(kGemvRows <= Avx2Int16::kGemmRows && kGemvRows <= EmulatedVnni::kGemmRows,
+              "the interleaved tiles go up to the GEMV's rows of x");
 
 ALWAYS_INLINE inline void store_out(float* y, float v) { *y = v; }
 ALWAYS_INLINE inline void store_out(at::BFloat16* y, float v) { *y = c10::BFloat16(v); }
@@ -869,9 +746,10 @@ at::Tensor qmatmul_with(const Kernels& kern, const at::Tensor& x, const at::Tens
     return y.zero_();
   }
   ActBuffers buf;
+  const bool vnni_layout = kern.vnni && !interleaved;  // (the interleaved tiles read the plain rows)
   Act act = xc.scalar_type() == at::kFloat
-                ? quantize_rows(xc.data_ptr<float>(), xc.stride(0), M, K, qtype, buf, kern.vnni, interleaved)
-                : quantize_rows(xc.data_ptr<at::BFloat16>(), xc.stride(0), M, K, qtype, buf, kern.vnni, interleaved);
+                ? quantize_rows(xc.data_ptr<float>(), xc.stride(0), M, K, qtype, buf, vnni_layout, interleaved)
+                : quantize_rows(xc.data_ptr<at::BFloat16>(), xc.stride(0), M, K, qtype, buf, vnni_layout, interleaved);
   act.pairs = pairs;
   const uint8_t* w = qweight.data_ptr<uint8_t>();
   const int64_t ldw = qweight.size(1);
@@ -886,6 +764,14 @@ at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& qweight, const std::op
                    int64_t qtype, bool out_f32) {
   TORCH_CHECK(!is_affine(qtype), "qmatmul: the affine types go through qmatmul_affine");
   return qmatmul_with(kAvx2, x, qweight, bias, qtype, out_f32);
+}
+
+// As qmatmul, with the VNNI interleaved tiles' arithmetic emulated by AVX2 instructions (bit for bit the VNNI
+// results): tests check those tiles' logic with it on CPUs without VNNI. Canonical W takes the AVX2 tiles.
+at::Tensor qmatmul_vnni_emulated(const at::Tensor& x, const at::Tensor& qweight, const std::optional<at::Tensor>& bias,
+                                 int64_t qtype, bool out_f32) {
+  TORCH_CHECK(!is_affine(qtype), "qmatmul_vnni_emulated: the affine types go through qmatmul_affine");
+  return qmatmul_with(kAvx2EmulatedVnni, x, qweight, bias, qtype, out_f32);
 }
 
 // What the AVX-512 VNNI tiles need (checked here, at run time: the library itself loads on any AVX2 CPU).
@@ -941,6 +827,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act(const at::Tensor& x,
 TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def("qmatmul(Tensor x, Tensor qweight, Tensor? bias, int qtype, bool out_f32=False) -> Tensor");
   m.def("qmatmul_vnni(Tensor x, Tensor qweight, Tensor? bias, int qtype, bool out_f32=False) -> Tensor");
+  m.def("qmatmul_vnni_emulated(Tensor x, Tensor qweight, Tensor? bias, int qtype, bool out_f32=False) -> Tensor");
   m.def("quantize_act(Tensor x, bool k_blocks) -> (Tensor, Tensor, Tensor)");
   m.def("qmatmul_affine(Tensor x, Tensor packed, Tensor? bias, int bits, int pairs, bool vnni, bool out_f32=False) -> Tensor");
 }
@@ -948,6 +835,7 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
 TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
   m.impl("qmatmul", &qmatmul);
   m.impl("qmatmul_vnni", &qmatmul_vnni);
+  m.impl("qmatmul_vnni_emulated", &qmatmul_vnni_emulated);
   m.impl("quantize_act", &quantize_act);
   m.impl("qmatmul_affine", &qmatmul_affine);
 }

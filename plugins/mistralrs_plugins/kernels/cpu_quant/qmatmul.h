@@ -144,6 +144,9 @@ constexpr int64_t interleaved_block_bytes(int64_t t) {
   return t == kQ4_0 ? 144 : t == kQ4_K ? 1184 : t == kQ5_K ? 1440 : 0;
 }
 
+// Rows of x per GEMM tile of the VNNI interleaved tiles (their 32 vector registers hold 8 rows' sums).
+constexpr int kVnniInterleavedGemmRows = 8;
+
 constexpr int kMaxTileRowsOfX = 16;  // the largest mr any instruction set's tile() takes
 constexpr int kMaxGroup = 8;        // rows of W per tile call, at most
 constexpr int kMaxUnitGroups = 4;   // groups of interleaved rows per tile call, at most

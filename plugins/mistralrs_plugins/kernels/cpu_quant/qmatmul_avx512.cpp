@@ -27,6 +27,9 @@
 //   fmadd with two rows of W per accumulator, the activation loads), and the sub-block scales are spread with
 //   vpshufb rather than vpermw.
 //
+// - W interleaved by 8 rows (q4_0, q4_K, q5_K): the template of qmatmul_interleaved.h with 256-bit vpdpbusd (the
+//   AVX2 unit's results bit for bit); they read the plain quantized rows, not the VNNI layout below.
+//
 // The activations come in the VNNI layout of qmatmul.h (struct Act): group-major and 64-byte aligned, so a
 // tile reaches all its rows of x through one pointer per group (GCC otherwise runs out of general registers
 // and moves pointers through vector registers) and no load splits a cache line (which cost 20% alone).
@@ -49,6 +52,15 @@
 namespace {
 
 using namespace cpu_quant;
+
+// The tiles for W interleaved by 8 rows (shared with the AVX2 unit, compiled here for AVX-512), with vpdpbusd.
+#include "qmatmul_interleaved.h"
+
+struct Vnni {
+  static constexpr bool kVnni = true;
+  static constexpr int kGemmRows = kVnniInterleavedGemmRows;
+  ALWAYS_INLINE static __m256i dpbusd(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbusd_epi32(acc, u, s); }
+};
 
 ALWAYS_INLINE inline float hsum16(__m512 v) {
   return hsum8(_mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
@@ -679,6 +691,8 @@ Tile tile_fn(int64_t t, int64_t mr, int64_t K) {
   if (t == kQ8_0 && mr == 1 && K <= 4096) return {&tile_q0<1, 4, false>, 4};
   return tile_fn_of(t, mr, std::make_integer_sequence<int, kGemmRowsK>{});
 }
+static_assert(kGemvRows <= kVnniInterleavedGemmRows && kVnniInterleavedGemmRows <= kMaxTileRowsOfX,
+              "the interleaved tiles go up to the GEMV's rows of x");
 static_assert(kGemmRowsQ4 <= kMaxTileRowsOfX && kGemmRowsQ0 <= kMaxTileRowsOfX && kGemmRowsK <= kMaxTileRowsOfX && kGemvRows <= kMaxTileRowsOfX,
               "the driver's output buffer holds kMaxTileRowsOfX rows");
 
@@ -688,7 +702,7 @@ namespace cpu_quant {
 
 Kernels avx512_vnni_kernels() {
   return {&tile_fn, kGemvRows, {kGemmRowsQ4, kGemmRowsQ4, kGemmRowsK, kGemmRowsK, kGemmRowsK, kGemmRowsQ0, kGemmRowsQ0},
-          true};
+          true, &interleaved_tiles<Vnni>, Vnni::kGemmRows};
 }
 
 }  // namespace cpu_quant
