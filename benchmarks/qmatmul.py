@@ -13,12 +13,16 @@ machine noise hits both alike; the median pass is reported. From the decode time
 of one Llama-3.2-1B token (16 layers + lm_head, every matrix of the one type) and the tokens/s that
 bounds. A float32 ``sum`` over 1 GiB gives the host's plain read bandwidth for comparison.
 
+Weights are in the layout the kernel asks for: q4_0, q4_K and q5_K interleaved by 8 rows (the ops carry
+``interleave``; ``quant/ggml/interleave.py``), the rest canonical. ``--compare-layouts`` also times the same
+kernel on the canonical bytes in the same alternating passes (``canonical_*`` fields, ``interleaved_speedup``).
+
 Prefill (M = 512, ``--prefill-rows``): GFLOP/s on the gate/up and down shapes, against bf16 F.linear
 (a lower bound for "dequantize, then bf16 matmul") and, when the GGML quantizer plugin is installed,
 its torch reference (dequantize, then fp32 matmul).
 
     python benchmarks/qmatmul.py [--threads 2] [--types q4_0,q8_0,q4k,q5k,q6k] [--isa auto|avx2|vnni]
-        [--out benchmarks/results/qmatmul.json]
+        [--compare-layouts] [--out benchmarks/results/qmatmul.json]
 """
 
 from __future__ import annotations
@@ -85,6 +89,8 @@ def main() -> int:
     ap.add_argument("--prefill-passes", type=int, default=3)
     ap.add_argument("--min-bytes", type=float, default=256e6, help="weight bytes cycled per pass (> LLC)")
     ap.add_argument("--isa", choices=("auto", "avx2", "vnni"), default="auto")
+    ap.add_argument("--compare-layouts", action="store_true",
+                    help="also time the interleaving types on canonical bytes, in the same passes")
     ap.add_argument("--out", default="benchmarks/results/qmatmul.json")
     args = ap.parse_args()
 
@@ -111,9 +117,21 @@ def main() -> int:
     types = [s.strip() for s in args.types.split(",") if s.strip()]
     kernels = {name: getattr(ops, f"qmatmul_{name}" + ("_vnni" if isa == "vnni" else "")) for name in types}
     try:
-        from mistralrs_plugins.quant.ggml import reference
+        from mistralrs_plugins.quant.ggml import interleave, reference
     except Exception:  # noqa: BLE001 - the GGML quantizer plugin is optional here
-        reference = None
+        interleave = reference = None
+
+    def interleaves(name: str, n: int) -> bool:
+        """Whether the kernel asks for `name` weights of `n` rows interleaved."""
+        return interleave is not None and getattr(kernels[name], "interleave", None) == interleave.ROWS \
+            and interleave.can_interleave(name, n)
+
+    def layout(name: str, qw):
+        """The kernel's layout of canonical bytes `qw`."""
+        return interleave.interleave(name, qw) if interleaves(name, qw.shape[0]) else qw
+
+    def compared(name: str, qw) -> bool:
+        return args.compare_layouts and interleaves(name, qw.shape[0])
 
     big = torch.ones(256 * 1024 * 1024, dtype=torch.float32)
     big.sum()
@@ -138,17 +156,23 @@ def main() -> int:
         for name in types:
             elems, nbytes, _act, _q = FORMATS[name]
             qbytes = n * (k // elems) * nbytes
-            qws = [random_qweight(torch, name, n, k, g) for _ in range(max(1, math.ceil(args.min_bytes / qbytes)))]
+            canon = [random_qweight(torch, name, n, k, g) for _ in range(max(1, math.ceil(args.min_bytes / qbytes)))]
+            qws = [layout(name, w) for w in canon]
+            both = compared(name, canon[0])
+            if not both:
+                del canon
             for m in rows_list:
                 x = torch.randn(m, k, generator=g).to(torch.bfloat16)
                 fn = kernels[name]
+                impls = {"native": [(lambda w=w, fn=fn, x=x: fn(x, w)) for w in qws],
+                         "torch": [(lambda w=w, x=x: F.linear(x, w)) for w in bf16_w]}
+                if both:
+                    impls["canonical"] = [(lambda w=w, fn=fn, x=x: fn(x, w)) for w in canon]
                 with torch.inference_mode():
-                    med = timed_passes({
-                        "native": [(lambda w=w, fn=fn, x=x: fn(x, w)) for w in qws],
-                        "torch": [(lambda w=w, x=x: F.linear(x, w)) for w in bf16_w],
-                    }, args.passes)
+                    med = timed_passes(impls, args.passes)
                 row = {
                     "matrix": mname, "N": n, "K": k, "M": m, "type": name, "per_token": count,
+                    "layout": "interleaved" if qws[0].shape[0] != n else "canonical",
                     "weight_bytes": qbytes, "native_us": med["native"] * 1e6,
                     "native_gb_per_s": qbytes / med["native"] / 1e9,
                     "native_best_us": med["native_best"] * 1e6,
@@ -158,11 +182,17 @@ def main() -> int:
                     "torch_bf16_best_gb_per_s": bf16_bytes / med["torch_best"] / 1e9,
                     "speedup_vs_bf16": med["torch"] / med["native"],
                 }
+                if both:
+                    row.update({"canonical_us": med["canonical"] * 1e6,
+                                "canonical_gb_per_s": qbytes / med["canonical"] / 1e9,
+                                "interleaved_speedup": med["canonical"] / med["native"]})
                 decode.append(row)
                 print(f"        {mname:18}{f'{n}x{k}':>12}{m:>3}{name:>6}{row['native_us']:9.0f}"
                       f"{row['native_gb_per_s']:7.1f}{row['native_best_gb_per_s']:6.1f}   "
                       f"{row['torch_bf16_us']:17.0f}{row['torch_bf16_gb_per_s']:7.1f}"
-                      f"{row['torch_bf16_best_gb_per_s']:6.1f}{row['speedup_vs_bf16']:8.1f}x")
+                      f"{row['torch_bf16_best_gb_per_s']:6.1f}{row['speedup_vs_bf16']:8.1f}x"
+                      + (f"   canonical {row['canonical_gb_per_s']:.1f} GB/s: interleaved "
+                         f"{row['interleaved_speedup']:.2f}x" if both else ""))
             del qws
         del bf16_w
 
@@ -195,12 +225,16 @@ def main() -> int:
             with torch.inference_mode():
                 torch_s = timed_passes({"t": [lambda x=x, w=w: F.linear(x, w)]}, args.prefill_passes)["t"]
             for name in types:
-                qw = random_qweight(torch, name, n, k, g)
+                cw = random_qweight(torch, name, n, k, g)
+                qw = layout(name, cw)
                 fn = kernels[name]
                 impls = {"native": [lambda fn=fn, x=x, qw=qw: fn(x, qw)]}
+                both = compared(name, cw)
+                if both:
+                    impls["canonical"] = [lambda fn=fn, x=x, cw=cw: fn(x, cw)]
                 ref_fn = getattr(reference, f"qmatmul_{name}", None) if reference is not None else None
                 if ref_fn is not None:
-                    impls["reference"] = [lambda ref_fn=ref_fn, x=x, qw=qw: ref_fn(x, qw)]
+                    impls["reference"] = [lambda ref_fn=ref_fn, x=x, cw=cw: ref_fn(x, cw)]
                 try:
                     with torch.inference_mode():
                         med = timed_passes(impls, args.prefill_passes)
@@ -214,11 +248,17 @@ def main() -> int:
                     "torch_bf16_ms": torch_s * 1e3, "torch_bf16_gflop_per_s": flops / torch_s / 1e9,
                     "reference_gflop_per_s": flops / med["reference"] / 1e9 if "reference" in med else None,
                     "speedup_vs_bf16": torch_s / med["native"],
+                    "layout": "interleaved" if qw is not cw else "canonical",
                 }
+                if both:
+                    row.update({"canonical_gflop_per_s": flops / med["canonical"] / 1e9,
+                                "interleaved_speedup": med["canonical"] / med["native"]})
                 prefill.append(row)
                 ref_txt = f"{row['reference_gflop_per_s']:11.1f}" if row["reference_gflop_per_s"] else f"{'-':>11}"
                 print(f"  {mname:18}{f'{n}x{k}':>12}{name:>6}{row['native_gflop_per_s']:9.1f}"
-                      f"{row['torch_bf16_gflop_per_s']:15.1f}{ref_txt}{row['speedup_vs_bf16']:8.1f}x")
+                      f"{row['torch_bf16_gflop_per_s']:15.1f}{ref_txt}{row['speedup_vs_bf16']:8.1f}x"
+                      + (f"   canonical {row['canonical_gflop_per_s']:.1f}: interleaved "
+                         f"{row['interleaved_speedup']:.2f}x" if both else ""))
 
     out = {
         "threads": args.threads,
