@@ -242,6 +242,19 @@ def _shared_param_groups(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
+def _to_empty(module: nn.Module, device: Any, recurse: bool = True) -> None:
+    """``module.to_empty(device=device)``, without its ``empty_like`` of each meta tensor (a Python
+    meta function, ~2 ms a tensor: 0.3 s of a 1B model's load) where a plain ``empty`` does."""
+    import torch
+
+    def empty(t: torch.Tensor) -> torch.Tensor:
+        if t.is_contiguous():
+            return torch.empty(t.shape, dtype=t.dtype, device=device)
+        return torch.empty_like(t, device=device)
+
+    module._apply(empty, recurse=recurse)
+
+
 def materialize(model: nn.Module, device: Any, device_of: Callable[[str], Any] | None = None) -> None:
     """Meta tensors -> uninitialised storage on `device` (``to_empty``), or on ``device_of(module
     name)`` per module (a device map, `device_placement.device_of`). Buffers that were real
@@ -259,10 +272,10 @@ def materialize(model: nn.Module, device: Any, device_of: Callable[[str], Any] |
         for module in model.modules() for name, p in module._parameters.items() if p is not None and p.__dict__
     }
     if device_of is None:
-        model.to_empty(device=device)
+        _to_empty(model, device)
     else:
         for mod_name, module in model.named_modules(remove_duplicate=False):
-            module.to_empty(device=device_of(mod_name), recurse=False)
+            _to_empty(module, device_of(mod_name), recurse=False)
     for module in model.modules():
         for name, p in module._parameters.items():
             extra = attributes.get((id(module), name))

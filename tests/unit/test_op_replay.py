@@ -4,6 +4,9 @@ refuses the capture instead of being baked in."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -97,3 +100,14 @@ def test_tensors_made_outside_the_dispatcher_refuse_the_capture():
     first, _ = record(lambda: x * 2)
     again, _ = record(lambda: x + 2)
     assert "was aten.mul.Tensor once and aten.add.Tensor" in same_step(first, again)
+
+
+def test_recording_does_not_import_dynamo():
+    """torch would wrap a dispatch mode in torch._dynamo.disable, whose first call imports torch._dynamo
+    (1.5-2 s at every load): the recorder opts out."""
+    code = ("import sys, torch\nfrom mistralrs.engine.op_replay import record\n"
+            "ops, y = record(lambda: torch.ones(3) * 2)\n"
+            "assert ops and float(y.sum()) == 6.0\n"
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False"

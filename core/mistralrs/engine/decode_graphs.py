@@ -139,10 +139,6 @@ class DecodeGraphs:
         if pad_block is None and self.sizes != list(range(1, max_seqs + 1)):
             raise ValueError("padded batch sizes need a pad block")
         self.make_graph = make_graph or (self._cuda_graph if self.device.type == "cuda" else self._cpu_graph)
-        if make_graph is None and self.device.type == "cpu":
-            from mistralrs.engine.op_replay import warm_up
-
-            warm_up()
         self._pool: Any = None
         self.graphs: dict[int, _Captured] = {}
         self.disabled: str | None = None

@@ -81,6 +81,12 @@ class _Op:
 class _Recorder(TorchDispatchMode):
     """Runs every op and keeps it (function, arguments, result)."""
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # Otherwise torch wraps __torch_dispatch__ in torch._dynamo.disable, whose first call imports
+        # torch._dynamo (1.5-2 s at load); nothing here runs under torch.compile.
+        return False
+
     def __init__(self) -> None:
         super().__init__()
         self.ops: list[_Op] = []
@@ -102,12 +108,6 @@ def record(fn: Callable[[], Any]) -> tuple[list[_Op], Any]:
     with torch.inference_mode(), rec:
         result = fn()
     return rec.ops, result
-
-
-def warm_up() -> None:
-    """The first dispatch mode of a process imports torch._dynamo (about 1.5 s): pay it at load, not in
-    the first request's first decode step."""
-    record(lambda: torch.zeros(()))
 
 
 def _constants(ops: list[_Op]) -> list[torch.Tensor]:
