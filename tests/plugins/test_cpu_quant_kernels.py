@@ -607,6 +607,21 @@ def test_interleaved_rows_do_not_depend_on_the_batch_or_threads(native, name, ou
 
 
 @requires_avx2
+@pytest.mark.parametrize("isa", IL_ISAS)
+@pytest.mark.parametrize("name", IL_TYPES)
+def test_interleaved_bf16_outputs_are_the_fp32_ones_rounded(native, name, isa, rng):
+    """Outputs in x's dtype (bf16) are the fp32 outputs plus bias, rounded to nearest even (the vectorized store)."""
+    fn = il_kernel(name, isa)
+    qw = interleave.interleave(name, random_qweight(name, 40, 512, rng))
+    x = randn(rng, 9, 512).bfloat16()
+    for b in (None, randn(rng, 40), randn(rng, 40).bfloat16()):
+        for m in (1, 4, 9):
+            y = fn(x[:m], qw, b)
+            assert y.dtype == torch.bfloat16
+            assert torch.equal(y, fn(x[:m], qw, b, out_f32=True).to(torch.bfloat16))
+
+
+@requires_avx2
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("name", IL_TYPES)
 def test_interleaved_inputs_the_kernel_does_not_take_give_the_references_result(native, name, isa, rng):
