@@ -56,6 +56,34 @@ def test_rotary(ext, dtype, interleaved, d, rd, gen):
     _close(ext.rotary(x, cos, sin, rd, interleaved), torch_ops.rotary(x, cos, sin, rd, interleaved), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_sized_per_token_ops_run_rows_in_parallel_with_the_same_bits(ext, dtype, gen):
+    """Prefill-sized inputs go over the pool by rows: each row is what it is alone, on any thread count."""
+    x = torch.randn(300, 2048, generator=gen).to(dtype)
+    w = torch.randn(2048, generator=gen).to(dtype)
+    g = (torch.randn(300, 2 * 1024, generator=gen) * 4).to(dtype)
+    q = torch.randn(300, 16, 64, generator=gen).to(dtype)
+    cos, sin = torch.randn(300, 32, generator=gen), torch.randn(300, 32, generator=gen)
+    calls = [lambda: ext.rms_norm(x, w, 1e-5, False), lambda: ext.silu_and_mul(g),
+             lambda: ext.rotary(q, cos, sin, 64, False)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        many = [call() for call in calls]
+        torch.set_num_threads(1)
+        one = [call() for call in calls]
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(many, one, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(many[0][7:8], ext.rms_norm(x[7:8], w, 1e-5, False))
+    assert torch.equal(many[1][7:8], ext.silu_and_mul(g[7:8]))
+    assert torch.equal(many[2][7:8], ext.rotary(q[7:8], cos[7:8], sin[7:8], 64, False))
+    _close(many[0], torch_ops.rms_norm(x, w, 1e-5, False), dtype)
+    _close(many[1], torch_ops.silu_and_mul(g), dtype)
+    _close(many[2], torch_ops.rotary(q, cos, sin, 64, False), dtype)
+
+
 def _attention_case(dtype, gen, d=64, dv=64, hq=8, hk=2, bs=16, lens=(1, 17, 80, 300), blocks=64, width=20):
     slots = blocks * bs
     kc = torch.randn(slots, hk, d, generator=gen).to(dtype)

@@ -114,38 +114,48 @@ inline __m256 exp8(__m256 x) {
 }
 
 // ---- rms_norm, silu_and_mul, rotary ---------------------------------------------------------------------
+// As decode_ops.cpp's: rows in chunks of kSerialElements over the kernels' pool, so a decode step's tensors run on
+// the calling thread and a prefill's are shared (a row's arithmetic is the same on any thread).
+
+constexpr int64_t kSerialElements = 1 << 18;
 
 template <typename T, typename W>
 void rms_norm_rows(const T* x, int64_t ldx, const W* w, float w_offset, T* y, int64_t rows, int64_t H, float eps) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* xr = x + r * ldx;
-    T* yr = y + r * H;
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t i = 0; i < H; i += 8) {
-      const __m256 v = load8(xr + i, H - i);
-      acc = _mm256_fmadd_ps(v, v, acc);
+  const int64_t grain = std::max<int64_t>(1, kSerialElements / std::max<int64_t>(1, H));
+  mistralrs_pool::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * ldx;
+      T* yr = y + r * H;
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t i = 0; i < H; i += 8) {
+        const __m256 v = load8(xr + i, H - i);
+        acc = _mm256_fmadd_ps(v, v, acc);
+      }
+      const __m256 s = _mm256_set1_ps(1.0f / std::sqrt(hsum8(acc) / static_cast<float>(H) + eps));
+      const __m256 off = _mm256_set1_ps(w_offset);
+      for (int64_t i = 0; i < H; i += 8)
+        store8(yr + i, _mm256_mul_ps(_mm256_mul_ps(load8(xr + i, H - i), s), _mm256_add_ps(load8(w + i, H - i), off)),
+               H - i);
     }
-    const __m256 s = _mm256_set1_ps(1.0f / std::sqrt(hsum8(acc) / static_cast<float>(H) + eps));
-    const __m256 off = _mm256_set1_ps(w_offset);
-    for (int64_t i = 0; i < H; i += 8)
-      store8(yr + i, _mm256_mul_ps(_mm256_mul_ps(load8(xr + i, H - i), s), _mm256_add_ps(load8(w + i, H - i), off)),
-             H - i);
-  }
+  });
 }
 
 template <typename T>
 void silu_mul_rows(const T* x, T* y, int64_t rows, int64_t I) {
   const __m256 one = _mm256_set1_ps(1.0f);
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* g = x + r * 2 * I;
-    const T* u = g + I;
-    T* yr = y + r * I;
-    for (int64_t i = 0; i < I; i += 8) {
-      const __m256 gv = load8(g + i, I - i);
-      const __m256 s = _mm256_div_ps(gv, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
-      store8(yr + i, _mm256_mul_ps(s, load8(u + i, I - i)), I - i);
+  const int64_t grain = std::max<int64_t>(1, kSerialElements / std::max<int64_t>(1, I));
+  mistralrs_pool::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* g = x + r * 2 * I;
+      const T* u = g + I;
+      T* yr = y + r * I;
+      for (int64_t i = 0; i < I; i += 8) {
+        const __m256 gv = load8(g + i, I - i);
+        const __m256 s = _mm256_div_ps(gv, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
+        store8(yr + i, _mm256_mul_ps(s, load8(u + i, I - i)), I - i);
+      }
     }
-  }
+  });
 }
 
 // NeoX halves (x1 = x[:rd/2], x2 = x[rd/2:rd]) or GPT-J interleaved pairs; the other dims are copied.
@@ -153,30 +163,33 @@ template <typename T>
 void rotary_rows(const T* x, int64_t xs0, int64_t xs1, const float* cs, const float* sn, T* y, int64_t Tn, int64_t H,
                  int64_t D, int64_t rd, bool interleaved) {
   const int64_t half = rd / 2;
-  for (int64_t t = 0; t < Tn; ++t) {
-    const float* c = cs + t * half;
-    const float* s = sn + t * half;
-    for (int64_t h = 0; h < H; ++h) {
-      const T* xr = x + t * xs0 + h * xs1;
-      T* yr = y + (t * H + h) * D;
-      if (!interleaved) {
-        for (int64_t i = 0; i < half; i += 8) {
-          const int64_t n = half - i;
-          const __m256 x1 = load8(xr + i, n), x2 = load8(xr + half + i, n);
-          const __m256 cv = load8(c + i, n), sv = load8(s + i, n);
-          store8(yr + i, _mm256_sub_ps(_mm256_mul_ps(x1, cv), _mm256_mul_ps(x2, sv)), n);
-          store8(yr + half + i, _mm256_add_ps(_mm256_mul_ps(x2, cv), _mm256_mul_ps(x1, sv)), n);
+  const int64_t grain = std::max<int64_t>(1, kSerialElements / std::max<int64_t>(1, H * D));
+  mistralrs_pool::parallel_for(0, Tn, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* c = cs + t * half;
+      const float* s = sn + t * half;
+      for (int64_t h = 0; h < H; ++h) {
+        const T* xr = x + t * xs0 + h * xs1;
+        T* yr = y + (t * H + h) * D;
+        if (!interleaved) {
+          for (int64_t i = 0; i < half; i += 8) {
+            const int64_t n = half - i;
+            const __m256 x1 = load8(xr + i, n), x2 = load8(xr + half + i, n);
+            const __m256 cv = load8(c + i, n), sv = load8(s + i, n);
+            store8(yr + i, _mm256_sub_ps(_mm256_mul_ps(x1, cv), _mm256_mul_ps(x2, sv)), n);
+            store8(yr + half + i, _mm256_add_ps(_mm256_mul_ps(x2, cv), _mm256_mul_ps(x1, sv)), n);
+          }
+        } else {
+          for (int64_t i = 0; i < half; ++i) {
+            const float a = static_cast<float>(xr[2 * i]), b = static_cast<float>(xr[2 * i + 1]);
+            yr[2 * i] = static_cast<T>(a * c[i] - b * s[i]);
+            yr[2 * i + 1] = static_cast<T>(b * c[i] + a * s[i]);
+          }
         }
-      } else {
-        for (int64_t i = 0; i < half; ++i) {
-          const float a = static_cast<float>(xr[2 * i]), b = static_cast<float>(xr[2 * i + 1]);
-          yr[2 * i] = static_cast<T>(a * c[i] - b * s[i]);
-          yr[2 * i + 1] = static_cast<T>(b * c[i] + a * s[i]);
-        }
+        for (int64_t i = rd; i < D; ++i) yr[i] = xr[i];
       }
-      for (int64_t i = rd; i < D; ++i) yr[i] = xr[i];
     }
-  }
+  });
 }
 
 #include "decode_ops_api.h"
