@@ -583,6 +583,41 @@ def test_interleaved_vnni_tiles_are_the_avx2_results_bit_for_bit(native, name, i
 
 
 @requires_avx2
+@pytest.mark.parametrize("name", IL_TYPES)
+def test_the_avx_vnni_op_gives_the_avx2_results_bit_for_bit(native, name, rng):
+    """`qmatmul_avxvnni` (AVX-VNNI in the interleaved tiles where the CPU has it, else the AVX2 ones)."""
+    ext = ops.extension()
+    qtype = cpu_quant.FORMATS[name][3]
+    il = interleave.interleave(name, random_qweight(name, 40, 1024, rng))
+    canonical = random_qweight(name, 16, 1024, rng)
+    x = randn(rng, 9, 1024)
+    b = randn(rng, 40)
+    for m in (1, 2, 3, 4, 5, 9):
+        assert torch.equal(ext.qmatmul_avxvnni(x[:m], il, b, qtype, True), ext.qmatmul(x[:m], il, b, qtype, True))
+        assert torch.equal(ext.qmatmul_avxvnni(x[:m], canonical, None, qtype, False),
+                           ext.qmatmul(x[:m], canonical, None, qtype, False))
+
+
+@requires_avx2
+def test_interleaved_weights_take_the_avx_vnni_op_where_the_cpu_has_it(native, monkeypatch, rng):
+    calls = []
+
+    class Spy:
+        def __getattr__(self, op):
+            real = getattr(ops.extension(), op)
+            return lambda *a: (calls.append(op), real(*a))[1]
+
+    monkeypatch.setattr(ops, "_native", lambda: Spy())
+    qw = random_qweight("q4k", 16, 256, rng)
+    x = randn(rng, 2, 256)
+    for avx_vnni in (False, True):
+        monkeypatch.setattr(ops, "has_avx_vnni", lambda avx_vnni=avx_vnni: avx_vnni)
+        ops.qmatmul_q4k(x, interleave.interleave("q4k", qw))
+        ops.qmatmul_q4k(x, qw)
+    assert calls == ["qmatmul", "qmatmul", "qmatmul_avxvnni", "qmatmul"]
+
+
+@requires_avx2
 @pytest.mark.parametrize("isa", IL_ISAS)
 @pytest.mark.parametrize("name", IL_TYPES)
 @pytest.mark.parametrize("out_f32", [False, True])

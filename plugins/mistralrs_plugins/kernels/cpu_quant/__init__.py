@@ -18,7 +18,8 @@ has avx512f, avx512bw, avx512vl and avx512_vnni): the same extension and activat
 the one library still loads on AVX2-only CPUs). The k-quants give the AVX2 results bit for bit; q4_0/q8_0 agree
 with them to fp32 rounding (another float accumulation order), and are batch-invariant in the same way.
 q4_0, q4_K and q5_K layers are kept interleaved by 8 rows for both (``quant/ggml/interleave.py``; the ops carry
-``interleave = 8``), where the two instruction sets' tiles give the same results bit for bit.
+``interleave = 8``), where the two instruction sets' tiles give the same results bit for bit; on AVX2 CPUs with
+AVX-VNNI (``avx_vnni``, no AVX-512) the AVX2 ops run those tiles with its ``vpdpbusd``, again bit for bit.
 
 ``qmatmul_affine`` (both instruction sets, same names and priorities): ``(x, packed, bias, *, bits, pairs,
 out_f32=False)`` for the affine group layout of ``quant/affine/layout.py`` (``w = s * q + b``, 4- or 8-bit
@@ -42,7 +43,7 @@ from mistralrs import hookimpl
 from mistralrs.specs import KernelSpec
 from mistralrs_plugins.kernels.native_build import DISABLE_ENV, cpu_flags, is_x86_64, native_disabled
 
-__all__ = ["DISABLE_ENV", "FORMATS", "LINEAR_BF16_PRIORITY", "VNNI_PRIORITY", "has_avx2", "has_avx512_vnni",
+__all__ = ["DISABLE_ENV", "FORMATS", "LINEAR_BF16_PRIORITY", "VNNI_PRIORITY", "has_avx2", "has_avx512_vnni", "has_avx_vnni",
            "register_kernels", "supports_avx2", "supports_avx512_vnni"]
 
 # op suffix -> (block elements, block bytes, activation blocks, C++ qtype id)
@@ -72,6 +73,12 @@ def supports_avx2(device: str = "cpu", **_context: object) -> bool:
 def has_avx512_vnni() -> bool:
     """has_avx2() and the AVX-512 subsets the VNNI tiles are compiled for (f, bw, vl, vnni)."""
     return has_avx2() and {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= cpu_flags()
+
+
+def has_avx_vnni() -> bool:
+    """has_avx2() and AVX-VNNI (VEX ``vpdpbusd``, Intel client cores from Alder Lake on), which the AVX2 ops'
+    interleaved tiles use where it is (the same results bit for bit)."""
+    return has_avx2() and "avx_vnni" in cpu_flags()
 
 
 def supports_avx512_vnni(device: str = "cpu", **_context: object) -> bool:

@@ -29,7 +29,7 @@ import torch
 from mistralrs.nn import torch_ops
 from mistralrs.nn.kernels import lookup_reference
 from mistralrs_plugins.kernels import native_build
-from mistralrs_plugins.kernels.cpu_quant import FORMATS, has_avx2, has_avx512_vnni
+from mistralrs_plugins.kernels.cpu_quant import FORMATS, has_avx2, has_avx512_vnni, has_avx_vnni
 from mistralrs_plugins.kernels.native_build import NativeKernelWarning as NativeKernelWarning  # re-export
 from mistralrs_plugins.kernels.native_build import cache_root, native_disabled  # looked up here (tests patch)
 
@@ -38,7 +38,7 @@ from mistralrs_plugins.quant.ggml.interleave import ROWS as INTERLEAVE
 from mistralrs_plugins.quant.ggml.interleave import TYPES as INTERLEAVED
 from mistralrs_plugins.quant.ggml.interleave import row_bytes as interleave_row_bytes
 
-SOURCES = ("qmatmul.cpp", "qmatmul_avx512.cpp", "linear_bf16.cpp")
+SOURCES = ("qmatmul.cpp", "qmatmul_avx512.cpp", "qmatmul_avxvnni.cpp", "linear_bf16.cpp")
 HEADERS = ("avx2_common.h", "qmatmul.h", "qmatmul_interleaved.h", "../thread_pool.h")
 CFLAGS = ("-O3", "-DNDEBUG", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
@@ -62,6 +62,8 @@ class QuantOps:
         ns = getattr(torch.ops, namespace)
         self.qmatmul = ns.qmatmul.default  # (x, qweight, bias, qtype, out_f32)
         self.qmatmul_vnni = ns.qmatmul_vnni.default  # the same with the AVX-512 VNNI tiles (raises without them)
+        # qmatmul with AVX-VNNI in the interleaved tiles where the CPU has it (the same results bit for bit)
+        self.qmatmul_avxvnni = ns.qmatmul_avxvnni.default
         # interleaved W: the VNNI tiles' arithmetic emulated with AVX2 (their results bit for bit; for tests)
         self.qmatmul_vnni_emulated = ns.qmatmul_vnni_emulated.default
         self.quantize_act = ns.quantize_act.default  # (x fp32 [M, K], k_blocks) -> (qs, d, bsums16)
@@ -157,7 +159,7 @@ def _qmatmul(name: str, x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tens
     if _kernel_takes(x, qweight, bias, elems, row_bytes, rows) and (not vnni or has_avx512_vnni()):
         ext = _native()
         if ext is not None:
-            op = ext.qmatmul_vnni if vnni else ext.qmatmul
+            op = ext.qmatmul_vnni if vnni else ext.qmatmul_avxvnni if rows > 1 and has_avx_vnni() else ext.qmatmul
             if x.dim() == 2:
                 return op(x, qweight, bias, qtype, out_f32)
             shape = x.shape

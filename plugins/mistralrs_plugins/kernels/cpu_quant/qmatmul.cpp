@@ -787,6 +787,20 @@ at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& qweight, const std::op
   return qmatmul_with(kAvx2, x, qweight, bias, qtype, out_f32);
 }
 
+// As qmatmul, with the interleaved tiles' integer dot products by AVX-VNNI's vpdpbusd where the CPU has it (and the
+// compiler had it: qmatmul_avxvnni.cpp), else exactly qmatmul: the results are the same bit for bit either way.
+at::Tensor qmatmul_avxvnni(const at::Tensor& x, const at::Tensor& qweight, const std::optional<at::Tensor>& bias,
+                           int64_t qtype, bool out_f32) {
+  TORCH_CHECK(!is_affine(qtype), "qmatmul_avxvnni: the affine types go through qmatmul_affine");
+  static const Kernels kern = [] {
+    Kernels k = kAvx2;
+    const InterleavedTiles tiles = avxvnni_interleaved_tiles();
+    if (tiles != nullptr) k.interleaved = tiles;
+    return k;
+  }();
+  return qmatmul_with(kern, x, qweight, bias, qtype, out_f32);
+}
+
 // As qmatmul, with the VNNI interleaved tiles' arithmetic emulated by AVX2 instructions (bit for bit the VNNI
 // results): tests check those tiles' logic with it on CPUs without VNNI. Canonical W takes the AVX2 tiles.
 at::Tensor qmatmul_vnni_emulated(const at::Tensor& x, const at::Tensor& qweight, const std::optional<at::Tensor>& bias,
@@ -848,6 +862,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act(const at::Tensor& x,
 TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def("qmatmul(Tensor x, Tensor qweight, Tensor? bias, int qtype, bool out_f32=False) -> Tensor");
   m.def("qmatmul_vnni(Tensor x, Tensor qweight, Tensor? bias, int qtype, bool out_f32=False) -> Tensor");
+  m.def("qmatmul_avxvnni(Tensor x, Tensor qweight, Tensor? bias, int qtype, bool out_f32=False) -> Tensor");
   m.def("qmatmul_vnni_emulated(Tensor x, Tensor qweight, Tensor? bias, int qtype, bool out_f32=False) -> Tensor");
   m.def("quantize_act(Tensor x, bool k_blocks) -> (Tensor, Tensor, Tensor)");
   m.def("qmatmul_affine(Tensor x, Tensor packed, Tensor? bias, int bits, int pairs, bool vnni, bool out_f32=False) -> Tensor");
@@ -856,6 +871,7 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
 TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
   m.impl("qmatmul", &qmatmul);
   m.impl("qmatmul_vnni", &qmatmul_vnni);
+  m.impl("qmatmul_avxvnni", &qmatmul_avxvnni);
   m.impl("qmatmul_vnni_emulated", &qmatmul_vnni_emulated);
   m.impl("quantize_act", &quantize_act);
   m.impl("qmatmul_affine", &qmatmul_affine);

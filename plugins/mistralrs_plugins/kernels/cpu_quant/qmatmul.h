@@ -134,7 +134,7 @@ struct Kernels {
   int gemv_rows;
   int gemm_rows[kNumQTypes];
   bool vnni;
-  Tile (*interleaved)(int64_t qtype, int64_t mr) = nullptr;
+  Tile (*interleaved)(int64_t qtype, int64_t mr) = nullptr;  // an InterleavedTiles
   int interleaved_gemm_rows = 0;
 };
 
@@ -153,5 +153,9 @@ constexpr int kMaxUnitGroups = 4;   // groups of interleaved rows per tile call,
 
 // qmatmul_avx512.cpp: the AVX-512 VNNI tiles. Only call them where cpu_has_avx512_vnni() is true.
 Kernels avx512_vnni_kernels();
+
+// qmatmul_avxvnni.cpp: the interleaved tiles with AVX-VNNI; nullptr where the CPU or the compiler lacks it.
+using InterleavedTiles = Tile (*)(int64_t qtype, int64_t mr);
+InterleavedTiles avxvnni_interleaved_tiles();
 
 }  // namespace cpu_quant
