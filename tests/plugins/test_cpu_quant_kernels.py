@@ -584,6 +584,30 @@ def test_interleaved_vnni_tiles_are_the_avx2_results_bit_for_bit(native, name, i
 
 @requires_avx2
 @pytest.mark.parametrize("name", IL_TYPES)
+def test_the_native_interleave_is_the_layouts_bytes(native, name, rng):
+    """`ggml_interleave` (C++, at load) writes what `interleave.interleave` (the layout's definition) does."""
+    from mistralrs.nn.kernels import lookup_kernel
+
+    assert lookup_kernel("ggml_interleave", "cpu") is ops.ggml_interleave
+    threads = torch.get_num_threads()
+    try:
+        for n, k in ((8, 256), (40, 512), (1024, 2048)):
+            qw = random_qweight(name, n, k, rng)
+            want = interleave.interleave(name, qw)
+            for t in (1, 2):
+                torch.set_num_threads(t)
+                got = ops.ggml_interleave(name, qw)
+                assert got.shape == want.shape and torch.equal(got, want)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(interleave.deinterleave(name, ops.ggml_interleave(name, qw)), qw)
+    # what it does not take is the reference's: rows not a multiple of 8 (its error), another type
+    with pytest.raises(ValueError):
+        ops.ggml_interleave("q8_0", random_qweight("q8_0", 8, 64, rng))
+
+
+@requires_avx2
+@pytest.mark.parametrize("name", IL_TYPES)
 def test_the_avx_vnni_op_gives_the_avx2_results_bit_for_bit(native, name, rng):
     """`qmatmul_avxvnni` (AVX-VNNI in the interleaved tiles where the CPU has it, else the AVX2 ones)."""
     ext = ops.extension()

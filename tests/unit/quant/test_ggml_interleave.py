@@ -66,8 +66,8 @@ def test_q4k_layout_round_trips_every_bit_pattern_and_is_group_local():
 
 def _layer(n: int, k: int, monkeypatch, kernel) -> tuple[Linear, torch.Tensor]:
     """A q4_0 layer loaded from a float weight, with `kernel` as the device's qmatmul_q4_0."""
-    monkeypatch.setattr(ggml_method, "lookup_kernel",
-                        lambda op, device=None: kernel if op == "qmatmul_q4_0" else _quantizer)
+    ops = {"qmatmul_q4_0": kernel, "ggml_interleave": interleave.interleave, "ggml_quantize": _quantizer}
+    monkeypatch.setattr(ggml_method, "lookup_kernel", lambda op, device=None: ops[op])
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k))
     layer = Linear(k, n, quant_method=GgmlLinearMethod("q4_0"))
     layer.weight.weight_loader(layer.weight, w)

@@ -109,6 +109,16 @@ def register_kernels(register):
                          "batch-invariant; built on first use"),
         ))
     register(KernelSpec(
+        name="native",
+        op="ggml_interleave",
+        impl="mistralrs_plugins.kernels.cpu_quant.ops:ggml_interleave",
+        devices=("cpu",),
+        priority=10,
+        supports=supports_avx2,
+        description="canonical GGML blocks -> interleaved by 8 rows (q4_0, q4_K, q5_K; the tiles' layout), groups on "
+                    "the kernels' pool; built on first use",
+    ))
+    register(KernelSpec(
         name="avx2_q8",
         op="qmatmul_affine",
         impl="mistralrs_plugins.kernels.cpu_quant.ops:qmatmul_affine",

@@ -859,12 +859,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act(const at::Tensor& x,
 
 }  // namespace
 
+namespace cpu_quant {
+at::Tensor ggml_interleave(const at::Tensor& canonical, int64_t qtype);  // interleave.cpp
+}  // namespace cpu_quant
+
 TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def("qmatmul(Tensor x, Tensor qweight, Tensor? bias, int qtype, bool out_f32=False) -> Tensor");
   m.def("qmatmul_vnni(Tensor x, Tensor qweight, Tensor? bias, int qtype, bool out_f32=False) -> Tensor");
   m.def("qmatmul_avxvnni(Tensor x, Tensor qweight, Tensor? bias, int qtype, bool out_f32=False) -> Tensor");
   m.def("qmatmul_vnni_emulated(Tensor x, Tensor qweight, Tensor? bias, int qtype, bool out_f32=False) -> Tensor");
   m.def("quantize_act(Tensor x, bool k_blocks) -> (Tensor, Tensor, Tensor)");
+  m.def("ggml_interleave(Tensor canonical, int qtype) -> Tensor");
   m.def("qmatmul_affine(Tensor x, Tensor packed, Tensor? bias, int bits, int pairs, bool vnni, bool out_f32=False) -> Tensor");
 }
 
@@ -874,5 +879,6 @@ TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
   m.impl("qmatmul_avxvnni", &qmatmul_avxvnni);
   m.impl("qmatmul_vnni_emulated", &qmatmul_vnni_emulated);
   m.impl("quantize_act", &quantize_act);
+  m.impl("ggml_interleave", &cpu_quant::ggml_interleave);
   m.impl("qmatmul_affine", &qmatmul_affine);
 }

@@ -143,6 +143,15 @@ def register_kernels(register):
     ))
     register(KernelSpec(
         name="torch",
+        op="ggml_interleave",
+        impl="mistralrs_plugins.quant.ggml.interleave:interleave",
+        devices=("cpu", "cuda", "mps"),
+        priority=0,
+        reference=True,
+        description="torch reference: interleave(qtype, canonical blocks) -> blocks of 8 rows side by side",
+    ))
+    register(KernelSpec(
+        name="torch",
         op="ggml_quantize",
         impl="mistralrs_plugins.quant.ggml.formats:quantize",
         devices=("cpu", "cuda", "mps"),

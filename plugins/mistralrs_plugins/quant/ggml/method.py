@@ -77,8 +77,8 @@ class GgmlLinearMethod(QuantizedLinearMethod):
                 or interleave.is_interleaved(qweight, layer.out_features):
             return
         rows = getattr(self._matmul_kernel(qweight), "interleave", None)
-        if rows == interleave.ROWS:
-            layer._buffers["qweight"] = interleave.interleave(self.qtype, qweight)
+        if rows == interleave.ROWS:  # the op ggml_interleave: a native one where registered (seconds on a 7B model)
+            layer._buffers["qweight"] = lookup_kernel("ggml_interleave", qweight.device)(self.qtype, qweight)
 
     def canonical(self, layer: Linear) -> torch.Tensor:
         """The layer's block bytes [out, row bytes] (deinterleaved, a copy, when kept interleaved)."""
