@@ -108,6 +108,14 @@ def test_layers_stay_canonical_where_the_kernel_does_not_ask_or_rows_do_not_grou
     assert torch.equal(layer.qweight, canonical)
 
 
+def test_no_repack_keeps_llama_cpps_block_order(monkeypatch):
+    monkeypatch.setenv(ggml_method.NO_REPACK_ENV, "1")
+    layer, canonical = _layer(24, 96, monkeypatch, _asking_kernel)
+    assert torch.equal(layer.qweight, canonical)
+    x = torch.randn(5, 96)
+    assert torch.allclose(layer(x), reference_q4_0(x, canonical), atol=1e-5)
+
+
 def test_interleaved_layers_fuse_into_an_interleaved_layer(monkeypatch):
     a, qa = _layer(16, 64, monkeypatch, _asking_kernel)
     b, qb = _layer(8, 64, monkeypatch, _asking_kernel)

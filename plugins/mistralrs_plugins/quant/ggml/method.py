@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -27,6 +28,10 @@ IMPORTANCE_TYPES = frozenset({"q2k", "q3k", "q4k", "q5k", "q6k", "q4_0", "q4_1",
 _UQFF_SUFFIXES = ("weight", "weight.dtype", "weight.shape")
 _FLOAT_IDS = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}
 _NAME_OF_ID = {type_id: name for name, type_id in GGML_TYPE_IDS.items()}
+
+# Keep every layer in llama.cpp's block order even where the kernel asks for the interleaved layout (llama.cpp's
+# --no-repack): the canonical tiles run instead, to compare the two on a CPU or to rule the layout out.
+NO_REPACK_ENV = "MISTRALRS_NO_REPACK"
 
 
 class GgmlLinearMethod(QuantizedLinearMethod):
@@ -74,7 +79,8 @@ class GgmlLinearMethod(QuantizedLinearMethod):
         super().process_after_loading(layer)
         qweight = layer._buffers.get("qweight")
         if qweight is None or qweight.is_meta or not interleave.can_interleave(self.qtype, layer.out_features) \
-                or interleave.is_interleaved(qweight, layer.out_features):
+                or interleave.is_interleaved(qweight, layer.out_features) \
+                or os.environ.get(NO_REPACK_ENV, "") not in ("", "0"):
             return
         rows = getattr(self._matmul_kernel(qweight), "interleave", None)
         if rows == interleave.ROWS:  # the op ggml_interleave: a native one where registered (seconds on a 7B model)
