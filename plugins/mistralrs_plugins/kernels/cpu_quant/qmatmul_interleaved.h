@@ -100,10 +100,14 @@ void tile_q45_Kx8(const Act& a, int64_t m0, const uint8_t* const* w, float* out)
   for (int64_t b = 0; b < nb; ++b) {
     UNROLL for (int g = 0; g < NG; ++g) {
       const uint8_t* p = w[g] + b * kGB;
-      // The groups share the activations' broadcasts: an opaque pointer per group keeps GCC from computing the
-      // 64 of them once and spilling them for the next group (a store and reload where a broadcast load does).
-      const int8_t* qs = a.qs;
-      if constexpr (NG > 1) asm("" : "+r"(qs));
+      // Each row of x's activations for this block, one pointer (the broadcasts are constant offsets from it). With
+      // two groups it is opaque per group: GCC otherwise computes the 64 broadcasts (or their 64 addresses) once
+      // and spills them for the next group, a store and a reload where a broadcast load does.
+      const int8_t* yrow[MR];
+      UNROLL for (int m = 0; m < MR; ++m) {
+        yrow[m] = a.qs + (m0 + m) * K + b * kQKK;
+        if constexpr (NG > 1) asm("" : "+r"(yrow[m]));
+      }
       if constexpr (MR <= 2) {  // decode reads W from DRAM: the block after next, all its lines
         UNROLL for (int l = 0; l < (kGB + 63) / 64 + 1; ++l)
           _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBlocks * kGB + 64 * l), _MM_HINT_T0);
@@ -126,7 +130,7 @@ void tile_q45_Kx8(const Act& a, int64_t m0, const uint8_t* const* w, float* out)
               q = _mm256_or_si256(q, _mm256_and_si256(hs, hbit));
             }
             UNROLL for (int m = 0; m < MR; ++m) {
-              const int32_t* y = reinterpret_cast<const int32_t*>(qs + (m0 + m) * K + b * kQKK + 64 * j + 32 * half);
+              const int32_t* y = reinterpret_cast<const int32_t*>(yrow[m] + 64 * j + 32 * half);
               const __m256i yb = _mm256_set1_epi32(y[t]);
               if constexpr (P::kVnni) {
                 part[m] = keep(P::dpbusd(t == 0 ? _mm256_setzero_si256() : part[m], q, yb));
